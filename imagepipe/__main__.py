@@ -1,0 +1,3 @@
+from imagepipe.cli.app import run
+
+run()

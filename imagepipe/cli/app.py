@@ -1,0 +1,97 @@
+"""The `imagepipe` command: global options, subcommand registration, error handling.
+
+Each command group lives in its own module under imagepipe/cli/ and is registered here.
+User-facing errors (ImagepipeError) become one line on stderr and a documented exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+from imagepipe import __version__
+from imagepipe.errors import ImagepipeError
+from imagepipe.log import setup_logging
+
+app = typer.Typer(
+    name="imagepipe",
+    help="Build desktop images with Packer, version them, and keep warm pools of desktops.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@dataclass
+class Globals:
+    """Options given before the subcommand; read by every command."""
+
+    config: Path | None = None
+
+
+GLOBALS = Globals()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"imagepipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="Settings file (else $IMAGEPIPE_CONFIG, ./imagepipe.yml, "
+        "/etc/imagepipe/imagepipe.yml, built-in defaults).", envvar="IMAGEPIPE_CONFIG",
+    ),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error."),
+    log_format: str = typer.Option("text", "--log-format", help="text (key=value) or json."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """imagepipe: images → versions → warm pools of desktops behind one address."""
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter("expected text or json", param_hint="--log-format")
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise typer.BadParameter("expected debug, info, warning or error", param_hint="--log-level")
+    GLOBALS.config = config
+    setup_logging(log_level, log_format)
+
+
+def _register() -> None:
+    # Imported here, not at module top, so `imagepipe --help` stays fast and each group
+    # lives in its own file.
+    from imagepipe.cli import build, demo, images, keep, pools, simulate, status
+
+    app.add_typer(pools.app, name="pools")
+    app.add_typer(images.app, name="images")
+    app.command(name="build")(build.build)
+    app.command(name="simulate")(simulate.simulate)
+    app.command(name="keep")(keep.keep)
+    app.command(name="status")(status.status)
+    app.command(name="demo")(demo.demo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point. Returns the exit code (0 ok, 2 bad input, 3 environment, 4 failed)."""
+    _register()
+    try:
+        app(args=argv, prog_name="imagepipe")
+    except ImagepipeError as exc:
+        typer.echo(f"imagepipe: error: {exc}", err=True)
+        return exc.exit_code
+    except SystemExit as exc:  # typer always ends with one; usage errors give 2
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except KeyboardInterrupt:
+        typer.echo("imagepipe: interrupted", err=True)
+        return 130
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""One exception hierarchy; the CLI turns each into one line on stderr and an exit code.
+
+Exit codes (documented in the README):
+  2  bad input or configuration: nothing was changed
+  3  the environment is missing something (a program, a daemon, a permission)
+  4  an operation failed while running
+"""
+
+from __future__ import annotations
+
+EXIT_BAD_INPUT = 2
+EXIT_ENVIRONMENT = 3
+EXIT_FAILED = 4
+
+
+class ImagepipeError(Exception):
+    """Root of every error imagepipe raises on purpose."""
+
+    exit_code = EXIT_FAILED
+
+
+class BadInputError(ImagepipeError):
+    """The user asked for something impossible or misspelt; nothing was changed."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class ConfigError(BadInputError):
+    """A configuration file is wrong. The message names file, line and key."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 key: str | None = None) -> None:
+        where = ""
+        if file:
+            where = file if line is None else f"{file}:{line}"
+        parts = [p for p in (where, key) if p]
+        prefix = ": ".join(parts)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.file = file
+        self.line = line
+        self.key = key
+        self.detail = message
+
+
+class EnvironmentMissingError(ImagepipeError):
+    """A program, daemon or permission imagepipe needs is not there."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
+class OperationFailedError(ImagepipeError):
+    """Something imagepipe tried did not work."""
+
+    exit_code = EXIT_FAILED
+
+
+class CommandError(OperationFailedError):
+    """An external program exited non-zero. Carries argv, exit code and stderr."""
+
+    def __init__(self, argv: list[str], returncode: int, stderr: str) -> None:
+        tail = stderr.strip().splitlines()[-1] if stderr.strip() else "no error output"
+        super().__init__(f"{argv[0]} exited with {returncode}: {tail}")
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+# --- hypervisor errors: typed so the executor knows what to retry -----------------------
+
+
+class HypervisorError(OperationFailedError):
+    """Base of errors raised by a hypervisor adapter."""
+
+
+class CloneNotFoundError(HypervisorError):
+    """The clone (or base image) does not exist. Final: never retried."""
+
+
+class BusyError(HypervisorError):
+    """The object is locked or busy right now. Transient: retry with backoff."""
+
+
+class InvalidStateError(HypervisorError):
+    """The operation does not fit the object's current state (e.g. start a running VM)."""
+
+
+class FatalHypervisorError(HypervisorError):
+    """The hypervisor refused in a way retrying will not fix."""
+
+
+# --- balancer errors ---------------------------------------------------------------------
+
+
+class BalancerError(OperationFailedError):
+    """Base of errors raised by a balancer adapter."""
+
+
+class BackendNotFoundError(BalancerError):
+    """The balancer has no such backend."""

@@ -1,0 +1,93 @@
+"""The hypervisor port: what the keeper needs from libvirt or VirtualBox, and nothing more.
+
+Adapters translate to the real system and never leak its types. Errors are typed
+(imagepipe.errors): CloneNotFoundError (final), BusyError (retry), InvalidStateError,
+FatalHypervisorError. Every mutating call is idempotent: creating a clone that already
+exists with the same metadata, deleting one that is gone, starting one that runs — succeed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from imagepipe.pool.model import BaseImage, CloneInfo, CloneSpec, Endpoint, GuestSession
+
+
+class EventKind(StrEnum):
+    SESSION_CONNECTED = "session_connected"
+    SESSION_DISCONNECTED = "session_disconnected"
+    STATE_CHANGED = "state_changed"
+    AGENT_CHANGED = "agent_changed"  # guest agent came up or went away
+
+
+@dataclass(frozen=True)
+class HypervisorEvent:
+    kind: EventKind
+    clone: str
+    at: float  # seconds since the epoch
+    client: str | None = None  # for session events: the client's address
+    detail: str = ""
+
+
+class Subscription(Protocol):
+    def close(self) -> None:
+        """Stop delivering events."""
+
+
+class Hypervisor(Protocol):
+    """One host's hypervisor, restricted to the clones imagepipe made."""
+
+    def list_clones(self) -> list[CloneInfo]:
+        """Every clone this tool made (identified by its metadata), in one inventory call."""
+        ...
+
+    def base_ready(self, base: BaseImage) -> bool:
+        """Whether clones can be made from this base now: complete and powered off."""
+        ...
+
+    def create_clone(self, spec: CloneSpec) -> CloneInfo:
+        """Make a linked or full clone of spec.base, with metadata; do not start it."""
+        ...
+
+    def start(self, name: str) -> None:
+        """Power on. Starting a running clone succeeds."""
+        ...
+
+    def stop(self, name: str, timeout: float) -> None:
+        """Shut down gracefully; power off hard after `timeout` seconds."""
+        ...
+
+    def reset(self, name: str) -> None:
+        """Back to the clean state (power off, discard every change since the base), start."""
+        ...
+
+    def suspend(self, name: str) -> None:
+        """Suspend a running clone."""
+        ...
+
+    def resume(self, name: str) -> None:
+        """Resume a suspended clone."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Power off and remove the clone and its own disks. A missing clone succeeds."""
+        ...
+
+    def display(self, name: str) -> Endpoint | None:
+        """Where a remote-desktop client connects to this clone (VNC/RDP), if anywhere."""
+        ...
+
+    def sessions(self, name: str) -> GuestSession:
+        """Who is connected to and logged in on this clone right now."""
+        ...
+
+    def subscribe(self, callback: Callable[[HypervisorEvent], None]) -> Subscription:
+        """Call `callback` (from any thread) on session and state events until closed."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and threads."""
+        ...

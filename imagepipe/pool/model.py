@@ -1,0 +1,351 @@
+"""Domain types of a pool: what is wanted (PoolSpec), what exists (Observed), what is
+remembered (PoolRecord), and what to do about the difference (Action).
+
+Plain frozen dataclasses: no I/O, no adapter types. The planner reads these and returns
+Actions; adapters produce CloneInfo/Backend; the store persists PoolRecord.
+
+Times are float seconds since the epoch (UTC), always passed in, never read from a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+# --------------------------------------------------------------------------------------
+# What is wanted
+# --------------------------------------------------------------------------------------
+
+
+class CloneMode(StrEnum):
+    LINKED = "linked"  # copy-on-write overlay on the base image
+    FULL = "full"  # an independent copy of the base disk
+
+
+class OnLogoff(StrEnum):
+    RESET = "reset"  # restore the clean snapshot: the next user never sees this session
+    KEEP = "keep"  # persistent desktop: leave it as the user left it
+    DELETE = "delete"  # remove the clone; the pool makes a fresh one if it needs one
+
+
+class Standby(StrEnum):
+    NONE = "none"  # idle surplus clones are deleted after shrink_after
+    SUSPEND = "suspend"  # idle surplus clones are suspended instead, and resumed on demand
+
+
+@dataclass(frozen=True)
+class ScheduleRule:
+    """Between start and end (minutes after local midnight) on the given weekdays
+    (0 = Monday), keep `free` ready clones instead of the pool's default."""
+
+    days: frozenset[int]
+    start_minute: int
+    end_minute: int
+    free: int
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """A validated pool, in plain values (config.py builds it from a pool file)."""
+
+    name: str
+    image: str
+    channel: str | None = "latest"  # exactly one of channel / version is set
+    version: int | None = None
+    clone: CloneMode = CloneMode.LINKED
+    initial: int = 1
+    free: int = 1
+    max: int = 5
+    cpus: int = 1
+    memory: int = 256 * 1024**2  # bytes
+    port_first: int = 5900
+    port_last: int = 5999
+    display_address: str = "127.0.0.1"
+    on_logoff: OnLogoff = OnLogoff.RESET
+    recycle_after: float = 60.0
+    disconnect_timeout: float = 8 * 3600.0
+    shrink_after: float = 2 * 3600.0
+    standby: Standby = Standby.NONE
+    schedule: tuple[ScheduleRule, ...] = ()
+    timezone: str = "UTC"
+    assignments: Mapping[str, int] = field(default_factory=dict)  # user -> slot
+    boot_timeout: float = 300.0  # a clone not ready this long after start has failed
+    max_failures: int = 5  # consecutive failures that open the pool's circuit breaker
+    retry_backoff: float = 10.0  # first retry delay; doubles per consecutive failure
+    breaker_cooldown: float = 600.0  # how long an open breaker stops new clones
+    drain_deadline: float | None = None  # rollout: force old clones off after this long
+    source: str = ""  # the file this pool came from, for messages
+
+    def clone_name(self, slot: int) -> str:
+        return f"{self.name}-{slot}"
+
+    def port_for(self, slot: int) -> int:
+        return self.port_first + slot
+
+    @property
+    def slots(self) -> int:
+        """How many clones the port range has room for."""
+        return self.port_last - self.port_first + 1
+
+
+# --------------------------------------------------------------------------------------
+# What exists (observed from the hypervisor and the balancer)
+# --------------------------------------------------------------------------------------
+
+
+class Power(StrEnum):
+    RUNNING = "running"
+    SHUTOFF = "shutoff"
+    SUSPENDED = "suspended"  # paused or saved to disk
+    CRASHED = "crashed"
+    OTHER = "other"  # starting, stopping, blocked: transitional
+
+
+@dataclass(frozen=True)
+class CloneInfo:
+    """One clone as the hypervisor reports it. Pool, image, version and slot come from
+    the clone's own metadata, so they survive a lost state store."""
+
+    name: str
+    pool: str
+    slot: int
+    image: str
+    version: int
+    power: Power
+    display: Endpoint | None = None
+    ready: bool = False  # booted and answering (guest agent, or display up)
+
+
+@dataclass(frozen=True)
+class GuestSession:
+    """Who is on a clone right now."""
+
+    client: str | None = None  # remote-display client address; None = nobody connected
+    connected_since: float | None = None
+    users: tuple[str, ...] = ()  # users logged in inside the guest, where the guest says
+
+    @property
+    def connected(self) -> bool:
+        return self.client is not None
+
+    @property
+    def active(self) -> bool:
+        """Somebody is connected or logged in."""
+        return self.client is not None or bool(self.users)
+
+
+class BackendState(StrEnum):
+    READY = "ready"  # takes new connections
+    DRAIN = "drain"  # keeps its connections, gets no new ones
+    MAINT = "maint"  # out of service
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One desktop as the load balancer has it."""
+
+    name: str
+    address: Endpoint
+    state: BackendState
+    connections: int = 0
+
+
+@dataclass(frozen=True)
+class ObservedClone:
+    info: CloneInfo
+    session: GuestSession = GuestSession()
+    backend: Backend | None = None
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything observe() learned about one pool in one pass."""
+
+    clones: tuple[ObservedClone, ...] = ()
+    orphan_backends: tuple[Backend, ...] = ()  # balancer entries of this pool with no clone
+    target_version: int | None = None  # what the pool's channel/version resolves to now
+    base_ready: bool = False  # the target version's base can be cloned from (powered off)
+
+    def by_name(self) -> dict[str, ObservedClone]:
+        return {c.name: c for c in self.clones}
+
+
+# --------------------------------------------------------------------------------------
+# What is remembered (the store): what the hypervisor cannot tell
+# --------------------------------------------------------------------------------------
+
+
+class CloneState(StrEnum):
+    CREATING = "creating"  # create action issued, clone not yet (fully) there
+    BOOTING = "booting"  # running, not yet ready
+    FREE = "free"  # ready, no session, in the balancer
+    IN_USE = "in_use"  # a client is connected and/or a user is logged in
+    DISCONNECTED = "disconnected"  # user logged in, client gone: in use until the timeout
+    RECYCLING = "recycling"  # session ended; waiting recycle_after, then reset/delete
+    SUSPENDED = "suspended"  # idle surplus, suspended (standby: suspend)
+    RETIRING = "retiring"  # old version: no new users, removed when its session ends
+    DELETING = "deleting"  # delete issued
+    FAILED = "failed"  # an action on it failed; retried with backoff
+    STOPPED = "stopped"  # powered off and kept (persistent desktop)
+
+
+@dataclass(frozen=True)
+class CloneRecord:
+    name: str
+    slot: int
+    version: int
+    state: CloneState
+    since: float  # when it entered `state`
+    session_ended_at: float | None = None  # logoff / power-off / disconnect moment
+    last_user: str | None = None
+    failures: int = 0  # consecutive failed actions on this clone
+    retry_at: float | None = None  # not before this time
+
+
+@dataclass(frozen=True)
+class PoolRecord:
+    pool: str
+    clones: Mapping[str, CloneRecord] = field(default_factory=dict)
+    target_version: int | None = None  # rollout target; None = not decided yet
+    failures: int = 0  # consecutive failed creates in this pool
+    breaker_open_until: float | None = None
+
+
+# --------------------------------------------------------------------------------------
+# What to do
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    """A registered image version, as a hypervisor needs it to make clones."""
+
+    image: str
+    version: int
+    directory: Path  # the version's folder in the image store (read-only)
+    disk: str | None = None  # file name of the base disk in `directory` (libvirt)
+    kernel: str | None = None  # direct kernel boot (tiny image)
+    initrd: str | None = None
+    cmdline: str | None = None
+    vm: str | None = None  # VirtualBox base VM name or uuid
+    snapshot: str | None = None  # VirtualBox snapshot the clones are linked to
+
+
+@dataclass(frozen=True)
+class CloneSpec:
+    """Everything a hypervisor needs to make one clone."""
+
+    name: str
+    pool: str
+    slot: int
+    base: BaseImage
+    mode: CloneMode
+    cpus: int
+    memory: int  # bytes
+    display: Endpoint
+
+
+@dataclass(frozen=True, kw_only=True)
+class Action:
+    """Something the executor does. Every action is idempotent.
+
+    Keyword-only: CreateClone(pool="lab", clone="lab-3", slot=3, ...). Pool-level actions
+    (RecordPool) leave `clone` empty.
+    """
+
+    pool: str
+    clone: str = ""
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
+
+
+@dataclass(frozen=True, kw_only=True)
+class CreateClone(Action):
+    slot: int
+    version: int
+    display: Endpoint
+
+
+@dataclass(frozen=True, kw_only=True)
+class StartClone(Action):
+    """Power the clone on."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StopClone(Action):
+    graceful_timeout: float = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResetClone(Action):
+    """Restore the clean state and start again."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SuspendClone(Action):
+    """Suspend an idle clone (standby: suspend)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumeClone(Action):
+    """Resume a suspended clone."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeleteClone(Action):
+    """Power off and remove the clone with its disks."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BalancerEnable(Action):
+    """Add the clone to the balancer, or set it ready again (cancels a drain)."""
+
+    address: Endpoint
+
+
+@dataclass(frozen=True, kw_only=True)
+class BalancerDrain(Action):
+    """No new connections; existing ones stay."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BalancerRemove(Action):
+    """Remove the backend (only done when it has no connections)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecordClone(Action):
+    """Write this clone's record to the store (state transitions and timers)."""
+
+    record: CloneRecord
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForgetClone(Action):
+    """Drop the clone's record: it is gone from the hypervisor."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecordPool(Action):
+    """Write pool-level memory: rollout target, failure count, breaker."""
+
+    target_version: int | None
+    failures: int
+    breaker_open_until: float | None

@@ -1,0 +1,52 @@
+"""Shared test helpers.
+
+`require(condition, reason)`: a test that needs a real component (Packer, libvirt/QEMU,
+HAProxy) skips with the reason locally, but fails in CI, where IMAGEPIPE_REQUIRE_REAL=1 and
+every component is installed by the project's own scripts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+REQUIRE_REAL = os.environ.get("IMAGEPIPE_REQUIRE_REAL") == "1"
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip (locally) or fail (CI) when a real component is missing."""
+    if condition:
+        return
+    if REQUIRE_REAL:
+        pytest.fail(f"real component missing in CI: {reason}")
+    pytest.skip(reason)
+
+
+def require_program(name: str) -> str:
+    path = shutil.which(name)
+    require(path is not None, f"{name} is not installed (run ./install.sh)")
+    assert path is not None
+    return path
+
+
+def libvirt_available(uri: str = "qemu:///system") -> bool:
+    if shutil.which("virsh") is None:
+        return False
+    probe = subprocess.run(
+        ["virsh", "-c", uri, "version"], capture_output=True, text=True, timeout=20, check=False
+    )
+    return probe.returncode == 0
+
+
+@pytest.fixture
+def require_libvirt() -> str:
+    uri = os.environ.get("IMAGEPIPE_TEST_LIBVIRT_URI", "qemu:///system")
+    require(libvirt_available(uri), f"libvirtd does not answer on {uri} (run ./install.sh)")
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        require(False, "libvirt-python is not installed (pip install -e .[libvirt])")
+    return uri
