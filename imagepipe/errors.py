@@ -28,8 +28,14 @@ class BadInputError(ImagepipeError):
 class ConfigError(BadInputError):
     """A configuration file is wrong. The message names file, line and key."""
 
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
-                 key: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        key: str | None = None,
+    ) -> None:
         where = ""
         if file:
             where = file if line is None else f"{file}:{line}"

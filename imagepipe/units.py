@@ -34,9 +34,7 @@ def parse_duration(value: str | int | float) -> float:
         total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
         pos = match.end()
     if pos != len(text) or not text:
-        raise ValueError(
-            f"expected a duration such as 90s, 1m, 2h, 1h30m or 1d, got {value!r}"
-        )
+        raise ValueError(f"expected a duration such as 90s, 1m, 2h, 1h30m or 1d, got {value!r}")
     return total
 
 
@@ -58,7 +56,7 @@ def format_duration(seconds: float) -> str:
     """The shortest exact-enough form: 90 -> "1m30s", 7200 -> "2h", 0.5 -> "0.5s"."""
     if seconds < 60 and seconds != int(seconds):
         return f"{seconds:.1f}s"
-    rest = int(round(seconds))
+    rest = round(seconds)
     if rest == 0:
         return "0s"
     parts = []

@@ -44,8 +44,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     config: Path | None = typer.Option(
-        None, "--config", "-c", help="Settings file (else $IMAGEPIPE_CONFIG, ./imagepipe.yml, "
-        "/etc/imagepipe/imagepipe.yml, built-in defaults).", envvar="IMAGEPIPE_CONFIG",
+        None,
+        "--config",
+        "-c",
+        help="Settings file (else $IMAGEPIPE_CONFIG, ./imagepipe.yml, "
+        "/etc/imagepipe/imagepipe.yml, built-in defaults).",
+        envvar="IMAGEPIPE_CONFIG",
     ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error."),
     log_format: str = typer.Option("text", "--log-format", help="text (key=value) or json."),

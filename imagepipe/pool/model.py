@@ -224,6 +224,7 @@ class PoolRecord:
     target_version: int | None = None  # rollout target; None = not decided yet
     failures: int = 0  # consecutive failed creates in this pool
     breaker_open_until: float | None = None
+    rollout_started_at: float | None = None  # when clones of another version began retiring
 
 
 # --------------------------------------------------------------------------------------
@@ -349,3 +350,4 @@ class RecordPool(Action):
     target_version: int | None
     failures: int
     breaker_open_until: float | None
+    rollout_started_at: float | None = None
