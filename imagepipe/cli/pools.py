@@ -1,0 +1,124 @@
+"""`imagepipe pools check`: validate pool files and show what each pool will be."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from imagepipe.cli.app import GLOBALS
+from imagepipe.config import load_pools, load_settings
+from imagepipe.errors import BadInputError
+from imagepipe.pool.model import PoolSpec
+from imagepipe.units import format_duration, format_size
+
+app = typer.Typer(help="Pool files: validate them.", no_args_is_help=True)
+
+_DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+@app.callback()
+def pools() -> None:
+    """Pool files (pools/*.yml): one pool of desktops per file."""
+    # A callback makes `pools` a command group, so `check` keeps its name.
+
+
+@app.command()
+def check(
+    paths: list[Path] | None = typer.Argument(
+        None, help="Pool files or folders of *.yml (default: the settings' pools_dir)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the pools as a JSON list."),
+) -> None:
+    """Validate pool files and print one summary line per pool.
+
+    Exit code 2 with file:line: key and what was expected when a file is wrong.
+    """
+    targets = list(paths) if paths else [load_settings(GLOBALS.config).pools_dir]
+    specs = load_pools(targets)
+    if not specs:
+        where = ", ".join(str(p) for p in targets)
+        raise BadInputError(f"no pool files (*.yml) in {where}")
+    if as_json:
+        typer.echo(json.dumps([pool_json(s) for s in specs], indent=2, sort_keys=True))
+    else:
+        for line in summary_lines(specs):
+            typer.echo(line)
+
+
+def summary_lines(specs: Sequence[PoolSpec]) -> list[str]:
+    """`lab  image tiny@latest  linked  initial 2 free 2 max 4  ports 5900-5903  recycle 1m`"""
+    width = max(len(s.name) for s in specs)
+    lines = []
+    for spec in specs:
+        ref = spec.channel if spec.version is None else f"v{spec.version}"
+        parts = [
+            spec.name.ljust(width),
+            f"image {spec.image}@{ref}",
+            spec.clone.value,
+            f"initial {spec.initial} free {spec.free} max {spec.max}",
+            f"ports {spec.port_first}-{spec.port_first + spec.max - 1}",
+            f"recycle {format_duration(spec.recycle_after)}",
+        ]
+        if spec.schedule:
+            parts.append(f"schedule {len(spec.schedule)} rule(s) {spec.timezone}")
+        if spec.assignments:
+            parts.append(f"assigned {len(spec.assignments)}")
+        if spec.standby.value != "none":
+            parts.append(f"standby {spec.standby.value}")
+        lines.append("  ".join(parts))
+    return lines
+
+
+def pool_json(spec: PoolSpec) -> dict[str, Any]:
+    """A stable JSON form of a pool: seconds for durations, bytes for sizes."""
+    return {
+        "name": spec.name,
+        "source": spec.source,
+        "image": spec.image,
+        "channel": spec.channel,
+        "version": spec.version,
+        "clone": spec.clone.value,
+        "size": {"initial": spec.initial, "free": spec.free, "max": spec.max},
+        "machine": {
+            "cpus": spec.cpus,
+            "memory": spec.memory,
+            "memory_human": format_size(spec.memory),
+        },
+        "display": {
+            "port_first": spec.port_first,
+            "port_last": spec.port_last,
+            "address": spec.display_address,
+        },
+        "sessions": {
+            "on_logoff": spec.on_logoff.value,
+            "recycle_after": spec.recycle_after,
+            "disconnect_timeout": spec.disconnect_timeout,
+        },
+        "idle": {"shrink_after": spec.shrink_after, "standby": spec.standby.value},
+        "timezone": spec.timezone,
+        "schedule": [
+            {
+                "days": [_DAY_NAMES[d] for d in sorted(rule.days)],
+                "from": _clock(rule.start_minute),
+                "to": _clock(rule.end_minute),
+                "free": rule.free,
+            }
+            for rule in spec.schedule
+        ],
+        "assignments": dict(sorted(spec.assignments.items())),
+        "failures": {
+            "max": spec.max_failures,
+            "backoff": spec.retry_backoff,
+            "cooldown": spec.breaker_cooldown,
+        },
+        "boot_timeout": spec.boot_timeout,
+        "rollout": {"drain_deadline": spec.drain_deadline},
+    }
+
+
+def _clock(minute: int) -> str:
+    return f"{minute // 60:02d}:{minute % 60:02d}"

@@ -1,0 +1,498 @@
+"""The state store: what the hypervisor cannot tell, in SQLite (WAL mode).
+
+Holds clone records (state and timers), pool records (rollout target, failures, breaker)
+and a journal of actions: begun before an action starts, ended when it ends, so a crash
+leaves the unfinished ones in journal_open(). The store decides nothing; it persists.
+
+Readers (`imagepipe status`, through open_readonly) never block the keeper: WAL lets one
+writer and any number of readers work at once. Writes are short IMMEDIATE transactions.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from imagepipe.errors import EnvironmentMissingError, OperationFailedError
+from imagepipe.log import fields
+from imagepipe.pool.codec import CodecError, action_from_json, action_to_json
+from imagepipe.pool.model import (
+    Action,
+    CloneRecord,
+    CloneState,
+    ForgetClone,
+    PoolRecord,
+    RecordClone,
+    RecordPool,
+)
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 10_000
+HISTORY_LIMIT = 10_000  # finished journal rows kept for `status` / history
+_PRUNE_EVERY = 100  # journal_end calls between two prunes
+
+# Ordered schema migrations: MIGRATIONS[i] takes a database from version i to i + 1.
+# Append only; never edit a released entry.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: clone and pool records, the journal
+    """
+    CREATE TABLE clones (
+        pool TEXT NOT NULL,
+        name TEXT NOT NULL,
+        slot INTEGER NOT NULL,
+        version INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        since REAL NOT NULL,
+        session_ended_at REAL,
+        last_user TEXT,
+        failures INTEGER NOT NULL DEFAULT 0,
+        retry_at REAL,
+        PRIMARY KEY (pool, name)
+    );
+    CREATE TABLE pools (
+        pool TEXT PRIMARY KEY,
+        target_version INTEGER,
+        failures INTEGER NOT NULL DEFAULT 0,
+        breaker_open_until REAL
+    );
+    CREATE TABLE journal (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        pool TEXT NOT NULL,
+        clone TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        action TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        ok INTEGER,
+        error TEXT
+    );
+    """,
+    # 2: indexes for journal_open and per-pool history
+    """
+    CREATE INDEX journal_open_idx ON journal (id) WHERE ended_at IS NULL;
+    CREATE INDEX journal_pool_idx ON journal (pool, id);
+    """,
+    # 3: when a rollout began retiring the old version's clones (drain deadline)
+    """
+    ALTER TABLE pools ADD COLUMN rollout_started_at REAL;
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class _Unchanged(Enum):
+    """save_pool(rollout_started_at=UNCHANGED): keep what the store has."""
+
+    UNCHANGED = "unchanged"
+
+
+UNCHANGED = _Unchanged.UNCHANGED
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """An action that was begun and not (yet) ended."""
+
+    id: int
+    action: Action
+    started_at: float
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    """One journal row, finished or not, for status and history."""
+
+    id: int
+    pool: str
+    clone: str
+    kind: str
+    action: Action | None  # None when written by a newer imagepipe and unreadable here
+    started_at: float
+    ended_at: float | None
+    ok: bool | None
+    error: str | None
+
+
+class Store:
+    """SQLite state store. Thread-safe: one connection, used under a lock."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        history_limit: int = HISTORY_LIMIT,
+        _readonly: bool = False,
+    ) -> None:
+        self.path = path
+        self.readonly = _readonly
+        self.history_limit = history_limit
+        self._lock = threading.Lock()
+        self._ends = 0
+        self._db = self._connect()
+        try:
+            self._check_schema()
+        except BaseException:
+            self._db.close()
+            raise
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> Store:
+        """A reader that never blocks the keeper (for `status`).
+
+        A missing database reads as empty: the keeper has not run yet.
+        """
+        return cls(path, _readonly=True)
+
+    # --- connection and schema ---------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            if self.readonly:
+                if not self.path.exists():
+                    db = sqlite3.connect(":memory:", check_same_thread=False)
+                    db.executescript(
+                        "".join(MIGRATIONS)
+                        + "CREATE TABLE schema_version (version INTEGER NOT NULL);"
+                        + f"INSERT INTO schema_version VALUES ({SCHEMA_VERSION});"
+                    )
+                else:
+                    uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                    db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(self.path, check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+            db.isolation_level = None  # explicit transactions only
+            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            return db
+        except sqlite3.DatabaseError as exc:
+            if not isinstance(exc, sqlite3.OperationalError):
+                raise _not_a_database(self.path, exc) from exc
+            raise _cannot_open(self.path, exc) from exc
+        except (sqlite3.Error, OSError) as exc:
+            raise _cannot_open(self.path, exc) from exc
+
+    def _check_schema(self) -> None:
+        try:
+            current = self._schema_version()
+        except sqlite3.DatabaseError as exc:
+            raise _not_a_database(self.path, exc) from exc
+        if current > SCHEMA_VERSION:
+            raise EnvironmentMissingError(
+                f"the state database {self.path} has schema version {current}, written by a "
+                f"newer imagepipe (this one knows up to {SCHEMA_VERSION}); upgrade imagepipe "
+                "or point state_db at another file"
+            )
+        if current == SCHEMA_VERSION:
+            return
+        if self.readonly:
+            raise EnvironmentMissingError(
+                f"the state database {self.path} has the old schema version {current}; "
+                "start `imagepipe keep` once to upgrade it"
+            )
+        with self._write() as db:
+            current = self._schema_version()  # another process may have migrated meanwhile
+            for version in range(current, SCHEMA_VERSION):
+                for statement in _statements(MIGRATIONS[version]):
+                    db.execute(statement)
+            db.execute("DELETE FROM schema_version")
+            db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+        if current < SCHEMA_VERSION:
+            log.info(
+                "state database migrated",
+                extra=fields(path=str(self.path), old=current, new=SCHEMA_VERSION),
+            )
+
+    def _schema_version(self) -> int:
+        db = self._db
+        has_table = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'"
+        ).fetchone()
+        if has_table is None:
+            if self.readonly:
+                return 0
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            return 0
+        row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        if self.readonly:
+            raise OperationFailedError(f"the state database {self.path} was opened read-only")
+        with self._lock, self._sqlite_errors():
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._sqlite_errors():
+            db = self._db
+            db.execute("BEGIN")
+            try:
+                yield db
+            finally:
+                db.execute("COMMIT")
+
+    @contextmanager
+    def _sqlite_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise OperationFailedError(f"state database {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- records ------------------------------------------------------------------------
+
+    def load_pool(self, pool: str) -> PoolRecord:
+        """The pool's record with its clones; an empty record if the pool is unknown."""
+        with self._read() as db:
+            row = db.execute(
+                "SELECT target_version, failures, breaker_open_until, rollout_started_at "
+                "FROM pools WHERE pool = ?",
+                (pool,),
+            ).fetchone()
+            clones = db.execute(
+                "SELECT name, slot, version, state, since, session_ended_at, last_user, "
+                "failures, retry_at FROM clones WHERE pool = ? ORDER BY slot, name",
+                (pool,),
+            ).fetchall()
+        records = {
+            name: CloneRecord(
+                name=name,
+                slot=slot,
+                version=version,
+                state=CloneState(state),
+                since=since,
+                session_ended_at=ended,
+                last_user=user,
+                failures=failures,
+                retry_at=retry_at,
+            )
+            for name, slot, version, state, since, ended, user, failures, retry_at in clones
+        }
+        if row is None:
+            return PoolRecord(pool=pool, clones=records)
+        return PoolRecord(
+            pool=pool,
+            clones=records,
+            target_version=row[0],
+            failures=row[1],
+            breaker_open_until=row[2],
+            rollout_started_at=row[3],
+        )
+
+    def pools(self) -> list[str]:
+        """Every pool the store has a record or a clone of."""
+        with self._read() as db:
+            rows = db.execute("SELECT pool FROM pools UNION SELECT pool FROM clones").fetchall()
+        return sorted(row[0] for row in rows)
+
+    def apply(self, pool: str, actions: Sequence[Action]) -> None:
+        """Write the record actions (RecordClone, ForgetClone, RecordPool) in one
+        transaction; other actions are not the store's business and are skipped."""
+        for action in actions:
+            if isinstance(action, RecordClone | ForgetClone | RecordPool) and action.pool != pool:
+                raise ValueError(f"{action.kind} for pool {action.pool!r} applied to {pool!r}")
+        with self._write() as db:
+            for action in actions:
+                if isinstance(action, RecordClone):
+                    _upsert_clone(db, pool, action.record)
+                elif isinstance(action, ForgetClone):
+                    _delete_clone(db, pool, action.clone)
+                elif isinstance(action, RecordPool):
+                    _upsert_pool(
+                        db,
+                        pool,
+                        action.target_version,
+                        action.failures,
+                        action.breaker_open_until,
+                        action.rollout_started_at,
+                    )
+
+    def save_clone(self, pool: str, record: CloneRecord) -> None:
+        with self._write() as db:
+            _upsert_clone(db, pool, record)
+
+    def forget_clone(self, pool: str, name: str) -> None:
+        with self._write() as db:
+            _delete_clone(db, pool, name)
+
+    def save_pool(
+        self,
+        pool: str,
+        *,
+        target_version: int | None,
+        failures: int,
+        breaker_open_until: float | None,
+        rollout_started_at: float | _Unchanged | None = UNCHANGED,
+    ) -> None:
+        """Write the pool's record; rollout_started_at is kept unless given."""
+        with self._write() as db:
+            _upsert_pool(db, pool, target_version, failures, breaker_open_until, rollout_started_at)
+
+    # --- journal ------------------------------------------------------------------------
+
+    def journal_begin(self, action: Action, now: float) -> int:
+        """Record that `action` is about to start; returns the entry id for journal_end."""
+        text = action_to_json(action)
+        with self._write() as db:
+            cursor = db.execute(
+                "INSERT INTO journal (pool, clone, kind, action, started_at) VALUES (?,?,?,?,?)",
+                (action.pool, action.clone, action.kind, text, now),
+            )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def journal_end(self, entry_id: int, *, ok: bool, error: str | None, now: float) -> None:
+        """Record how the action ended. Every so often, prune old finished entries."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE journal SET ended_at = ?, ok = ?, error = ? WHERE id = ?",
+                (now, int(ok), error, entry_id),
+            )
+            self._ends += 1
+            if self._ends % _PRUNE_EVERY == 0:
+                self._prune(db)
+
+    def prune(self) -> int:
+        """Drop finished journal entries beyond history_limit; returns how many."""
+        with self._write() as db:
+            return self._prune(db)
+
+    def _prune(self, db: sqlite3.Connection) -> int:
+        cursor = db.execute(
+            "DELETE FROM journal WHERE ended_at IS NOT NULL AND id <= ("
+            " SELECT id FROM journal WHERE ended_at IS NOT NULL"
+            " ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (self.history_limit,),
+        )
+        return cursor.rowcount
+
+    def journal_open(self) -> list[JournalEntry]:
+        """Actions begun and never ended (the keeper crashed or was killed), oldest first.
+
+        Entries this version cannot read are logged and left out.
+        """
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT id, action, started_at FROM journal WHERE ended_at IS NULL ORDER BY id"
+            ).fetchall()
+        entries = []
+        for entry_id, text, started_at in rows:
+            try:
+                entries.append(JournalEntry(entry_id, action_from_json(text), started_at))
+            except CodecError as exc:
+                log.warning(
+                    "unreadable journal entry skipped", extra=fields(id=entry_id, error=exc)
+                )
+        return entries
+
+    def journal_recent(self, pool: str | None, limit: int) -> list[JournalRecord]:
+        """The newest `limit` journal entries (of one pool, or all), newest first."""
+        query = "SELECT id, pool, clone, kind, action, started_at, ended_at, ok, error FROM journal"
+        args: tuple[object, ...] = (limit,)
+        if pool is not None:
+            query += " WHERE pool = ?"
+            args = (pool, limit)
+        with self._read() as db:
+            rows = db.execute(query + " ORDER BY id DESC LIMIT ?", args).fetchall()
+        return [
+            JournalRecord(
+                id=entry_id,
+                pool=row_pool,
+                clone=clone,
+                kind=kind,
+                action=_try_decode(text),
+                started_at=started,
+                ended_at=ended,
+                ok=None if ok is None else bool(ok),
+                error=error,
+            )
+            for entry_id, row_pool, clone, kind, text, started, ended, ok, error in rows
+        ]
+
+
+def _cannot_open(path: Path, exc: Exception) -> EnvironmentMissingError:
+    return EnvironmentMissingError(
+        f"cannot open the state database {path}: {exc}; check that its folder exists and is "
+        "writable (settings key state_db)"
+    )
+
+
+def _not_a_database(path: Path, exc: Exception) -> EnvironmentMissingError:
+    return EnvironmentMissingError(
+        f"{path} is not an imagepipe state database ({exc}); point the settings key state_db "
+        "at another file"
+    )
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _try_decode(text: str) -> Action | None:
+    try:
+        return action_from_json(text)
+    except CodecError:
+        return None
+
+
+def _upsert_clone(db: sqlite3.Connection, pool: str, record: CloneRecord) -> None:
+    db.execute(
+        "INSERT OR REPLACE INTO clones (pool, name, slot, version, state, since, "
+        "session_ended_at, last_user, failures, retry_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (
+            pool,
+            record.name,
+            record.slot,
+            record.version,
+            record.state.value,
+            record.since,
+            record.session_ended_at,
+            record.last_user,
+            record.failures,
+            record.retry_at,
+        ),
+    )
+
+
+def _delete_clone(db: sqlite3.Connection, pool: str, name: str) -> None:
+    db.execute("DELETE FROM clones WHERE pool = ? AND name = ?", (pool, name))
+
+
+def _upsert_pool(
+    db: sqlite3.Connection,
+    pool: str,
+    target_version: int | None,
+    failures: int,
+    breaker_open_until: float | None,
+    rollout_started_at: float | _Unchanged | None,
+) -> None:
+    db.execute(
+        "INSERT INTO pools (pool, target_version, failures, breaker_open_until) VALUES (?,?,?,?) "
+        "ON CONFLICT (pool) DO UPDATE SET target_version = excluded.target_version, "
+        "failures = excluded.failures, breaker_open_until = excluded.breaker_open_until",
+        (pool, target_version, failures, breaker_open_until),
+    )
+    if not isinstance(rollout_started_at, _Unchanged):
+        db.execute(
+            "UPDATE pools SET rollout_started_at = ? WHERE pool = ?", (rollout_started_at, pool)
+        )
