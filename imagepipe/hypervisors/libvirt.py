@@ -1,0 +1,532 @@
+"""The libvirt/QEMU hypervisor adapter: clones are domains `<pool>-<slot>` on qcow2 overlays.
+
+    hv = LibvirtHypervisor("qemu:///system", state_dir=Path("/var/lib/imagepipe/libvirt"))
+
+Each clone's pool, image, version and slot live in the domain's <metadata> (namespace
+https://imagepipe.dev/xmlns/clone/1), so list_clones() rebuilds everything from the host.
+Disks and the console/agent sockets live under state_dir. Sessions come from libvirt graphics
+events and, after a restart, from QEMU's `query-vnc`; logged-in users from the guest agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from imagepipe.errors import (
+    BusyError,
+    CloneNotFoundError,
+    EnvironmentMissingError,
+    FatalHypervisorError,
+    HypervisorError,
+    InvalidStateError,
+)
+from imagepipe.hypervisors.base import HypervisorEvent, Subscription
+from imagepipe.hypervisors.libvirt_disks import disk_usable, make_clone_disk
+from imagepipe.hypervisors.libvirt_events import EventHub, ensure_event_loop
+from imagepipe.hypervisors.libvirt_xml import (
+    CloneMetadata,
+    DomainFacts,
+    DomainPlan,
+    check_name,
+    domain_xml,
+    parse_domain,
+    parse_guest_users,
+    parse_vnc_clients,
+)
+from imagepipe.log import fields
+from imagepipe.pool.model import BaseImage, CloneInfo, CloneSpec, Endpoint, GuestSession, Power
+
+log = logging.getLogger(__name__)
+
+# libvirt error codes (virErrorNumber, stable ABI)
+ERR_NO_DOMAIN = 42
+ERR_OPERATION_INVALID = 55
+ERR_OPERATION_TIMEOUT = 68
+ERR_AGENT_UNRESPONSIVE = 86
+ERR_RESOURCE_BUSY = 87
+# virDomainState
+STATE_RUNNING, STATE_BLOCKED, STATE_PAUSED, STATE_SHUTDOWN, STATE_SHUTOFF = 1, 2, 3, 4, 5
+STATE_CRASHED, STATE_PMSUSPENDED = 6, 7
+_POWER = {
+    STATE_RUNNING: Power.RUNNING,
+    STATE_BLOCKED: Power.RUNNING,
+    STATE_PAUSED: Power.SUSPENDED,
+    STATE_PMSUSPENDED: Power.SUSPENDED,
+    STATE_SHUTOFF: Power.SHUTOFF,
+    STATE_CRASHED: Power.CRASHED,
+}
+AGENT_TIMEOUT = 2  # seconds libvirt waits for the guest agent (ping, users)
+UNIX_PATH_MAX = 107
+
+
+def error_for(code: int, message: str, subject: str) -> HypervisorError:
+    """The imagepipe error for a libvirt error code: what the executor may retry."""
+    text = f"{subject}: {message}"
+    if code == ERR_NO_DOMAIN:
+        return CloneNotFoundError(f"{subject} does not exist on this host")
+    if code in (ERR_OPERATION_TIMEOUT, ERR_RESOURCE_BUSY) or "state change lock" in message:
+        return BusyError(f"{text} (libvirt is busy with this domain; retry later)")
+    if code == ERR_OPERATION_INVALID:
+        return InvalidStateError(text)
+    return FatalHypervisorError(text)
+
+
+def power_of(state: int) -> Power:
+    return _POWER.get(state, Power.OTHER)
+
+
+def _import_libvirt() -> tuple[Any, Any]:
+    try:
+        libvirt = importlib.import_module("libvirt")
+        libvirt_qemu = importlib.import_module("libvirt_qemu")
+    except ImportError as exc:
+        raise EnvironmentMissingError(
+            "libvirt-python is not installed: pip install 'imagepipe[libvirt]' (needs "
+            "libvirt-dev and pkg-config; ./install.sh does it)"
+        ) from exc
+    # libvirt prints every error to stderr by default; ours are raised as typed errors
+    libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+    return libvirt, libvirt_qemu
+
+
+def _ignore_libvirt_error(_opaque: Any, error: Any) -> None:
+    """libvirt's error callback: errors reach us as exceptions, so only log at debug."""
+    log.debug("libvirt reported an error", extra=fields(error=str(error)))
+
+
+class LibvirtHypervisor:
+    """imagepipe.hypervisors.base.Hypervisor on libvirt + QEMU (domain type qemu: TCG)."""
+
+    def __init__(
+        self,
+        uri: str = "qemu:///system",
+        *,
+        state_dir: Path,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._libvirt, self._libvirt_qemu = _import_libvirt()
+        self.uri = uri
+        self.state_dir = Path(state_dir).absolute()
+        self._clock = clock
+        self._lock = threading.RLock()  # guards the connection
+        self._hub = EventHub(clock)
+        self._facts: dict[str, DomainFacts] = {}  # domain UUID -> parsed XML
+        self._agent_timeout_set: set[tuple[str, int]] = set()  # (clone, domain id)
+        self._callback_ids: list[int] = []
+        ensure_event_loop(self._libvirt)
+        self._conn: Any = None
+        self._connect()
+
+    # -- connection and events ----------------------------------------------------------
+
+    def _connect(self) -> Any:
+        lv = self._libvirt
+        try:
+            conn = lv.open(self.uri)
+        except lv.libvirtError as exc:
+            raise EnvironmentMissingError(
+                f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}; start "
+                "libvirtd (./install.sh or scripts/setup-host.sh does it) or set hypervisor.uri"
+            ) from exc
+        with contextlib.suppress(lv.libvirtError):
+            conn.setKeepAlive(5, 3)
+        self._callback_ids = self._hub.register(lv, conn)
+        self._conn = conn
+        return conn
+
+    def _connection(self) -> Any:
+        with self._lock:
+            conn = self._conn
+            if conn is not None:
+                try:
+                    if conn.isAlive():
+                        return conn
+                except self._libvirt.libvirtError:
+                    pass
+                log.warning("libvirt connection lost; reconnecting", extra=fields(uri=self.uri))
+            # events may have been missed while disconnected: forget what they told us
+            self._agent_timeout_set.clear()
+            self._hub.forget_all()
+            return self._connect()
+
+    def subscribe(self, callback: Callable[[HypervisorEvent], None]) -> Subscription:
+        return self._hub.subscribe(callback)
+
+    def close(self) -> None:
+        self._hub.close()
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        for callback_id in self._callback_ids:
+            with contextlib.suppress(self._libvirt.libvirtError):
+                conn.domainEventDeregisterAny(callback_id)
+        with contextlib.suppress(self._libvirt.libvirtError):
+            conn.close()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _translate(self, subject: str) -> Iterator[None]:
+        try:
+            yield
+        except self._libvirt.libvirtError as exc:
+            raise error_for(
+                exc.get_error_code() or 0, exc.get_error_message() or str(exc), subject
+            ) from exc
+
+    def _domain(self, name: str) -> Any:
+        check_name(name)
+        with self._translate(f"clone {name}"):
+            return self._connection().lookupByName(name)
+
+    def _facts_of(self, dom: Any) -> DomainFacts:
+        uuid = dom.UUIDString()
+        facts = self._facts.get(uuid)
+        if facts is None:
+            with self._translate(f"clone {dom.name()}"):
+                facts = parse_domain(dom.XMLDesc(0))
+            self._facts[uuid] = facts
+        if facts.metadata is not None:
+            self._hub.adopt(facts.name)
+        return facts
+
+    def _our_domain(self, name: str) -> tuple[Any, CloneMetadata]:
+        dom = self._domain(name)
+        meta = self._facts_of(dom).metadata
+        if meta is None:
+            raise CloneNotFoundError(f"domain {name} exists but imagepipe did not make it")
+        return dom, meta
+
+    def _state(self, dom: Any, name: str) -> int:
+        with self._translate(f"clone {name}"):
+            return int(dom.state()[0])
+
+    def disk_path(self, name: str) -> Path:
+        return self.state_dir / "disks" / f"{check_name(name)}.qcow2"
+
+    def console_path(self, name: str) -> Path:
+        """Unix socket of the clone's serial console (for tests and the demo)."""
+        return self.state_dir / "sockets" / f"{check_name(name)}.console"
+
+    def agent_path(self, name: str) -> Path:
+        return self.state_dir / "sockets" / f"{check_name(name)}.agent"
+
+    def _info(
+        self, name: str, meta: CloneMetadata, state: int, facts: DomainFacts, dom: Any
+    ) -> CloneInfo:
+        power = power_of(state)
+        ready = power is Power.RUNNING and self._agent_ready(name, dom)
+        return CloneInfo(
+            name=name,
+            pool=meta.pool,
+            slot=meta.slot,
+            image=meta.image,
+            version=meta.version,
+            power=power,
+            display=facts.display,
+            ready=ready,
+        )
+
+    def _prepare_agent(self, name: str, dom: Any) -> None:
+        """Give libvirt a short guest agent timeout (its default is to wait forever)."""
+        key = (name, int(dom.ID()))
+        if key in self._agent_timeout_set:
+            return
+        dom.agentSetResponseTimeout(AGENT_TIMEOUT)
+        self._agent_timeout_set.add(key)
+
+    def _agent_ready(self, name: str, dom: Any) -> bool:
+        """From agent lifecycle events; when none was seen (a restart), ask with guest-ping."""
+        known = self._hub.agent_up(name)
+        if known is not None:
+            return known
+        try:
+            self._prepare_agent(name, dom)
+            self._libvirt_qemu.qemuAgentCommand(dom, '{"execute":"guest-ping"}', AGENT_TIMEOUT, 0)
+        except self._libvirt.libvirtError:
+            return False
+        self._hub.set_agent_up(name, True)
+        return True
+
+    def _port_free(self, display: Endpoint) -> bool:
+        family = socket.AF_INET6 if ":" in display.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((display.host, display.port))
+            except OSError:
+                return False
+        return True
+
+    def _refuse_busy_port(self, name: str, display: Endpoint | None) -> None:
+        if display is not None and not self._port_free(display):
+            raise FatalHypervisorError(
+                f"clone {name}: VNC port {display} is already in use by another program; "
+                "stop it or give the pool a free port range (port_first/port_last)"
+            )
+
+    # -- the port ------------------------------------------------------------------------
+
+    def list_clones(self) -> list[CloneInfo]:
+        conn = self._connection()
+        with self._translate(f"libvirt at {self.uri}"):
+            stats = conn.getAllDomainStats(self._libvirt.VIR_DOMAIN_STATS_STATE, 0)
+        clones: list[CloneInfo] = []
+        for dom, values in stats:
+            try:
+                facts = self._facts_of(dom)
+            except CloneNotFoundError:
+                continue  # undefined between the two calls
+            if facts.metadata is None:
+                continue
+            state = int(values.get("state.state", 0))
+            clones.append(self._info(facts.name, facts.metadata, state, facts, dom))
+        live = {dom.UUIDString() for dom, _ in stats}
+        for uuid in set(self._facts) - live:
+            del self._facts[uuid]
+        return sorted(clones, key=lambda c: (c.pool, c.slot))
+
+    def base_ready(self, base: BaseImage) -> bool:
+        if base.disk is None:
+            return False
+        for extra in (base.kernel, base.initrd):
+            if extra is not None and not (base.directory / extra).is_file():
+                return False
+        return disk_usable(base.directory / base.disk)
+
+    def create_clone(self, spec: CloneSpec) -> CloneInfo:
+        name = check_name(spec.name)
+        if spec.base.disk is None:
+            raise FatalHypervisorError(
+                f"image {spec.base.image} v{spec.base.version} has no disk for libvirt; "
+                "its image.yml must name artifact.disk"
+            )
+        base_disk = (spec.base.directory / spec.base.disk).absolute()
+        meta = CloneMetadata(
+            spec.pool, spec.base.image, spec.base.version, spec.slot, spec.mode, base_disk
+        )
+        existing = self._existing(name)
+        if existing is not None:
+            return self._existing_clone(name, meta, *existing)
+        for path in (self.console_path(name), self.agent_path(name)):
+            if len(str(path)) > UNIX_PATH_MAX:
+                raise FatalHypervisorError(
+                    f"state_dir {self.state_dir} is too long for unix sockets ({path}); "
+                    "use a shorter directory"
+                )
+        self._refuse_busy_port(name, spec.display)
+        make_clone_disk(base_disk, self.disk_path(name), spec.mode)
+        self.console_path(name).parent.mkdir(parents=True, exist_ok=True)
+        plan = DomainPlan(
+            name=name,
+            metadata=meta,
+            memory_kib=max(spec.memory // 1024, 65536),
+            cpus=spec.cpus,
+            disk=self.disk_path(name),
+            kernel=self._base_file(spec.base, spec.base.kernel),
+            initrd=self._base_file(spec.base, spec.base.initrd),
+            cmdline=spec.base.cmdline,
+            display=spec.display,
+            console_socket=self.console_path(name),
+            agent_socket=self.agent_path(name),
+        )
+        with self._translate(f"clone {name}"):
+            dom = self._connection().defineXML(domain_xml(plan))
+        facts = self._facts_of(dom)
+        log.info("clone created", extra=fields(pool=spec.pool, clone=name, action="create"))
+        return self._info(name, meta, STATE_SHUTOFF, facts, dom)
+
+    def _existing(self, name: str) -> tuple[Any, DomainFacts] | None:
+        try:
+            dom = self._domain(name)
+        except CloneNotFoundError:
+            return None
+        return dom, self._facts_of(dom)
+
+    def _existing_clone(
+        self, name: str, meta: CloneMetadata, dom: Any, facts: DomainFacts
+    ) -> CloneInfo:
+        """create_clone of a clone that exists: fine when it is the same clone, else refused."""
+        have = facts.metadata
+        if have is None:
+            raise FatalHypervisorError(
+                f"a domain named {name} exists and imagepipe did not make it; rename or "
+                "remove it, or change the pool name"
+            )
+        if (have.pool, have.image, have.version, have.slot) != (
+            meta.pool,
+            meta.image,
+            meta.version,
+            meta.slot,
+        ):
+            raise FatalHypervisorError(
+                f"clone {name} already exists for {have.image} v{have.version} (pool "
+                f"{have.pool}, slot {have.slot}); delete it before creating it for "
+                f"{meta.image} v{meta.version}"
+            )
+        return self._info(name, have, self._state(dom, name), facts, dom)
+
+    def _base_file(self, base: BaseImage, file: str | None) -> Path | None:
+        if file is None:
+            return None
+        path = (base.directory / file).absolute()
+        if not path.is_file():
+            raise CloneNotFoundError(
+                f"image {base.image} v{base.version} is missing {path}: rebuild the version"
+            )
+        return path
+
+    def start(self, name: str) -> None:
+        dom, meta = self._our_domain(name)
+        if self._state(dom, name) in (STATE_RUNNING, STATE_BLOCKED, STATE_PAUSED):
+            return
+        if not self.disk_path(name).exists():
+            make_clone_disk(meta.base_disk, self.disk_path(name), meta.mode)
+        self._refuse_busy_port(name, self._facts_of(dom).display)
+        with self._translate(f"clone {name}"):
+            dom.create()
+        log.info("clone started", extra=fields(pool=meta.pool, clone=name, action="start"))
+
+    def stop(self, name: str, timeout: float) -> None:
+        dom, meta = self._our_domain(name)
+        state = self._state(dom, name)
+        if state == STATE_SHUTOFF:
+            return
+        lv = self._libvirt
+        if state in (STATE_RUNNING, STATE_BLOCKED):
+            # the guest agent when it answers, else the ACPI power button
+            agent = self._agent_ready(name, dom)
+            try:
+                if agent:
+                    self._prepare_agent(name, dom)
+                dom.shutdownFlags(
+                    lv.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT
+                    if agent
+                    else lv.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
+                )
+            except lv.libvirtError as exc:
+                log.info(
+                    "graceful shutdown refused; powering off",
+                    extra=fields(clone=name, error=exc.get_error_message()),
+                )
+        if not self._wait_shutoff(dom, name, timeout if state != STATE_PAUSED else 0.0):
+            self._destroy(dom, name)
+        log.info("clone stopped", extra=fields(pool=meta.pool, clone=name, action="stop"))
+
+    def _wait_shutoff(self, dom: Any, name: str, timeout: float) -> bool:
+        """Wait for the power-off (woken by lifecycle events); False after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while self._state(dom, name) != STATE_SHUTOFF:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._hub.wait_for_change(min(left, 0.5))
+        return True
+
+    def _destroy(self, dom: Any, name: str) -> None:
+        try:
+            dom.destroy()
+        except self._libvirt.libvirtError as exc:
+            if exc.get_error_code() == ERR_OPERATION_INVALID:  # already shut off
+                return
+            raise error_for(exc.get_error_code() or 0, exc.get_error_message(), name) from exc
+
+    def reset(self, name: str) -> None:
+        dom, meta = self._our_domain(name)
+        if self._state(dom, name) != STATE_SHUTOFF:
+            self._destroy(dom, name)
+        make_clone_disk(meta.base_disk, self.disk_path(name), meta.mode)
+        self._hub.forget(name)
+        self.start(name)
+        log.info("clone reset", extra=fields(pool=meta.pool, clone=name, action="reset"))
+
+    def suspend(self, name: str) -> None:
+        dom, _ = self._our_domain(name)
+        state = self._state(dom, name)
+        if state == STATE_PAUSED:
+            return
+        if state not in (STATE_RUNNING, STATE_BLOCKED):
+            raise InvalidStateError(f"clone {name} is not running, so it cannot be suspended")
+        with self._translate(f"clone {name}"):
+            dom.suspend()
+
+    def resume(self, name: str) -> None:
+        dom, _ = self._our_domain(name)
+        state = self._state(dom, name)
+        if state in (STATE_RUNNING, STATE_BLOCKED):
+            return
+        if state != STATE_PAUSED:
+            raise InvalidStateError(f"clone {name} is not suspended, so it cannot be resumed")
+        with self._translate(f"clone {name}"):
+            dom.resume()
+
+    def delete(self, name: str) -> None:
+        check_name(name)
+        existing = self._existing(name)
+        if existing is not None:
+            dom, facts = existing
+            if facts.metadata is None:
+                raise FatalHypervisorError(
+                    f"domain {name} was not made by imagepipe; refusing to delete it"
+                )
+            if self._state(dom, name) != STATE_SHUTOFF:
+                self._destroy(dom, name)
+            lv = self._libvirt
+            flags = (
+                lv.VIR_DOMAIN_UNDEFINE_NVRAM
+                | lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                | lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            )
+            try:
+                dom.undefineFlags(flags)
+            except lv.libvirtError as exc:
+                if exc.get_error_code() != ERR_NO_DOMAIN:
+                    raise error_for(
+                        exc.get_error_code() or 0, exc.get_error_message(), name
+                    ) from exc
+        for path in (self.disk_path(name), self.console_path(name), self.agent_path(name)):
+            path.unlink(missing_ok=True)
+        self._hub.forget(name, disown=True)
+        log.info("clone deleted", extra=fields(clone=name, action="delete"))
+
+    def display(self, name: str) -> Endpoint | None:
+        dom, _ = self._our_domain(name)
+        return self._facts_of(dom).display
+
+    def sessions(self, name: str) -> GuestSession:
+        dom, _ = self._our_domain(name)
+        state = self._state(dom, name)
+        if state not in (STATE_RUNNING, STATE_BLOCKED, STATE_PAUSED):
+            return GuestSession()
+        clients = self._vnc_clients(dom, name)
+        users = self._users(dom, name) if state != STATE_PAUSED else ()
+        first, since = self._hub.vnc_clients_now(name, clients)
+        return GuestSession(client=first, connected_since=since, users=users)
+
+    def _vnc_clients(self, dom: Any, name: str) -> tuple[str, ...]:
+        with self._translate(f"clone {name}"):
+            reply = self._libvirt_qemu.qemuMonitorCommand(dom, '{"execute":"query-vnc"}', 0)
+        return parse_vnc_clients(str(reply))
+
+    def _users(self, dom: Any, name: str) -> tuple[str, ...]:
+        """Users logged in, from the guest agent; no agent means no users, not an error."""
+        lv = self._libvirt
+        try:
+            self._prepare_agent(name, dom)
+            info = dom.guestInfo(lv.VIR_DOMAIN_GUEST_INFO_USERS, 0)
+        except lv.libvirtError as exc:
+            log.debug(
+                "guest agent did not list users",
+                extra=fields(clone=name, error=exc.get_error_message()),
+            )
+            return ()
+        return parse_guest_users(dict(info))

@@ -1,0 +1,215 @@
+"""Pure helpers of the libvirt adapter: domain XML in and out, QEMU monitor/agent replies.
+
+No libvirt import and no I/O here, so every rule is unit-tested without a daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagepipe.errors import FatalHypervisorError
+from imagepipe.pool.model import CloneMode, Endpoint
+
+NAMESPACE = "https://imagepipe.dev/xmlns/clone/1"
+METADATA_KEY = "imagepipe"
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def check_name(name: str) -> str:
+    """A clone name is also a file name under state_dir: refuse anything path-like."""
+    if not _NAME.match(name):
+        raise FatalHypervisorError(
+            f"clone name {name!r} is not usable: use letters, digits, '.', '_' and '-' "
+            "(at most 63 characters, not starting with a symbol)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class CloneMetadata:
+    """What imagepipe stores in a domain's <metadata>, so the host alone tells the story."""
+
+    pool: str
+    image: str
+    version: int
+    slot: int
+    mode: CloneMode
+    base_disk: Path  # the registered image's disk the clone was made from
+
+
+@dataclass(frozen=True)
+class DomainPlan:
+    """Everything needed to write one clone's domain XML."""
+
+    name: str
+    metadata: CloneMetadata
+    memory_kib: int
+    cpus: int
+    disk: Path
+    kernel: Path | None
+    initrd: Path | None
+    cmdline: str | None
+    display: Endpoint
+    console_socket: Path
+    agent_socket: Path
+
+
+@dataclass(frozen=True)
+class DomainFacts:
+    """What imagepipe reads back from a domain's XML."""
+
+    name: str
+    metadata: CloneMetadata | None  # None: not made by imagepipe
+    display: Endpoint | None
+    disk: Path | None
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    element = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        element.text = text
+    return element
+
+
+def metadata_element(meta: CloneMetadata) -> ET.Element:
+    return ET.Element(
+        f"{{{NAMESPACE}}}clone",
+        {
+            "pool": meta.pool,
+            "image": meta.image,
+            "version": str(meta.version),
+            "slot": str(meta.slot),
+            "mode": meta.mode.value,
+            "base": str(meta.base_disk),
+        },
+    )
+
+
+def domain_xml(plan: DomainPlan) -> str:
+    """libvirt domain XML for a TCG guest: direct kernel boot, qcow2 disk, VNC on a fixed
+    port, serial console and guest agent on unix sockets."""
+    ET.register_namespace(METADATA_KEY, NAMESPACE)
+    root = ET.Element("domain", {"type": "qemu"})
+    _sub(root, "name", plan.name)
+    _sub(root, "metadata").append(metadata_element(plan.metadata))
+    _sub(root, "memory", str(plan.memory_kib), unit="KiB")
+    _sub(root, "vcpu", str(plan.cpus))
+    os_ = _sub(root, "os")
+    _sub(os_, "type", "hvm", arch="x86_64", machine="pc")
+    if plan.kernel is not None:
+        _sub(os_, "kernel", str(plan.kernel))
+        if plan.initrd is not None:
+            _sub(os_, "initrd", str(plan.initrd))
+        if plan.cmdline:
+            _sub(os_, "cmdline", plan.cmdline)
+    else:
+        _sub(os_, "boot", dev="hd")
+    _sub(_sub(root, "features"), "acpi")
+    _sub(root, "clock", offset="utc")
+    _sub(root, "on_poweroff", "destroy")
+    _sub(root, "on_reboot", "restart")
+    _sub(root, "on_crash", "destroy")
+    devices = _sub(root, "devices")
+    disk = _sub(devices, "disk", type="file", device="disk")
+    _sub(disk, "driver", name="qemu", type="qcow2")
+    _sub(disk, "source", file=str(plan.disk))
+    _sub(disk, "target", dev="vda", bus="virtio")
+    serial = _sub(devices, "serial", type="unix")
+    _sub(serial, "source", mode="bind", path=str(plan.console_socket))
+    _sub(serial, "target", port="0")
+    channel = _sub(devices, "channel", type="unix")
+    _sub(channel, "source", mode="bind", path=str(plan.agent_socket))
+    _sub(channel, "target", type="virtio", name=AGENT_CHANNEL)
+    graphics = _sub(
+        devices,
+        "graphics",
+        type="vnc",
+        port=str(plan.display.port),
+        autoport="no",
+        listen=plan.display.host,
+    )
+    _sub(graphics, "listen", type="address", address=plan.display.host)
+    _sub(_sub(devices, "video"), "model", type="vga")
+    _sub(devices, "memballoon", model="none")
+    return ET.tostring(root, encoding="unicode")
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def parse_metadata(element: ET.Element | None) -> CloneMetadata | None:
+    """Our metadata element, or None when it is missing or not ours (never raises)."""
+    if element is None:
+        return None
+    version = _int(element.get("version"))
+    slot = _int(element.get("slot"))
+    pool, image, base = element.get("pool"), element.get("image"), element.get("base")
+    try:
+        mode = CloneMode(element.get("mode", CloneMode.LINKED.value))
+    except ValueError:
+        return None
+    if not pool or not image or not base or version is None or slot is None:
+        return None
+    return CloneMetadata(pool, image, version, slot, mode, Path(base))
+
+
+def parse_domain(xml: str) -> DomainFacts:
+    """Name, imagepipe metadata, VNC endpoint and disk of a domain's XML."""
+    root = ET.fromstring(xml)
+    name = root.findtext("name", default="")
+    meta = parse_metadata(root.find(f"metadata/{{{NAMESPACE}}}clone"))
+    display: Endpoint | None = None
+    graphics = root.find("devices/graphics[@type='vnc']")
+    if graphics is not None:
+        port = _int(graphics.get("port"))
+        listen = graphics.find("listen[@type='address']")
+        host = listen.get("address") if listen is not None else graphics.get("listen")
+        if port is not None and port > 0:
+            display = Endpoint(host or "127.0.0.1", port)
+    disk: Path | None = None
+    source = root.find("devices/disk[@device='disk']/source")
+    if source is not None and source.get("file"):
+        disk = Path(source.get("file", ""))
+    return DomainFacts(name=name, metadata=meta, display=display, disk=disk)
+
+
+def format_address(host: str, port: str | int) -> str:
+    """host:port, with IPv6 hosts in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_vnc_clients(reply: str) -> tuple[str, ...]:
+    """Client addresses from a QMP `query-vnc` reply (libvirt_qemu.qemuMonitorCommand)."""
+    try:
+        doc = json.loads(reply)
+    except json.JSONDecodeError as exc:
+        raise FatalHypervisorError(
+            f"QEMU answered query-vnc with something not JSON: {exc}"
+        ) from exc
+    info = doc.get("return") if isinstance(doc, dict) else None
+    if not isinstance(info, dict):
+        return ()
+    clients = info.get("clients") or []
+    out: list[str] = []
+    for client in clients:
+        if isinstance(client, dict) and "host" in client:
+            out.append(format_address(str(client["host"]), str(client.get("service", "0"))))
+    return tuple(out)
+
+
+def parse_guest_users(info: dict[str, object]) -> tuple[str, ...]:
+    """User names from libvirt's getGuestInfo(VIR_DOMAIN_GUEST_INFO_USERS) typed parameters."""
+    count = info.get("user.count", 0)
+    if not isinstance(count, int):
+        return ()
+    users = [info.get(f"user.{i}.name") for i in range(count)]
+    return tuple(sorted({u for u in users if isinstance(u, str) and u}))

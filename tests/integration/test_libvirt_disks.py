@@ -1,0 +1,97 @@
+"""Clone disks with the real qemu-img: overlays, full copies, and base readiness."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from imagepipe.errors import CloneNotFoundError, EnvironmentMissingError
+from imagepipe.hypervisors.libvirt_disks import disk_usable, make_clone_disk
+from imagepipe.pool.model import CloneMode
+from tests.conftest import require, require_program
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    require_program("qemu-img")
+    path = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M"], check=True)
+    return path
+
+
+def info(path: Path) -> dict[str, object]:
+    out = subprocess.run(
+        ["qemu-img", "info", "--output=json", "-U", str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    doc: dict[str, object] = json.loads(out)
+    return doc
+
+
+def test_a_linked_clone_disk_is_an_overlay_on_the_base(base: Path, tmp_path: Path) -> None:
+    target = tmp_path / "disks" / "lab-1.qcow2"
+    make_clone_disk(base, target, CloneMode.LINKED)
+    assert info(target)["backing-filename"] == str(base.resolve())
+    assert not target.with_name("lab-1.qcow2.partial").exists()
+
+
+def test_a_full_clone_disk_stands_alone(base: Path, tmp_path: Path) -> None:
+    target = tmp_path / "lab-2.qcow2"
+    make_clone_disk(base, target, CloneMode.FULL)
+    assert "backing-filename" not in info(target)
+
+
+def test_a_clone_of_a_missing_base_names_the_missing_file(tmp_path: Path) -> None:
+    require_program("qemu-img")
+    with pytest.raises(CloneNotFoundError, match=r"gone\.qcow2"):
+        make_clone_disk(tmp_path / "gone.qcow2", tmp_path / "x.qcow2", CloneMode.LINKED)
+
+
+def test_a_base_that_a_running_qemu_writes_is_not_ready_until_it_lets_go(base: Path) -> None:
+    require_program("qemu-io")
+    assert disk_usable(base)
+    writer = subprocess.Popen(
+        ["qemu-io", "-f", "qcow2", str(base)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        opened = False
+        for _ in range(50):  # qemu-io takes the write lock right after it starts
+            if not disk_usable(base):
+                opened = True
+                break
+            subprocess.run(["sleep", "0.1"], check=True)
+        require(opened, "qemu-io did not lock the image (no OFD lock support?)")
+    finally:
+        assert writer.stdin is not None
+        writer.stdin.close()
+        writer.wait(timeout=10)
+    assert disk_usable(base)
+
+
+def test_a_truncated_or_missing_base_is_not_ready(tmp_path: Path) -> None:
+    require_program("qemu-img")
+    broken = tmp_path / "broken.qcow2"
+    broken.write_bytes(b"QFI\xfb\x00\x00\x00\x03")  # a qcow2 header cut short
+    assert not disk_usable(broken)
+    assert not disk_usable(tmp_path / "missing.qcow2")
+
+
+def test_a_libvirt_that_does_not_answer_is_an_environment_error_naming_the_uri(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("libvirt")
+    from imagepipe.hypervisors.libvirt import LibvirtHypervisor
+
+    uri = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
+    with pytest.raises(EnvironmentMissingError, match=r"nonexistent.*install\.sh"):
+        LibvirtHypervisor(uri, state_dir=tmp_path)

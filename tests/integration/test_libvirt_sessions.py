@@ -1,0 +1,235 @@
+"""Sessions, readiness and clean resets on a real libvirt clone of the tiny guest.
+
+One clone is booted for the module (TCG boot is a few seconds) and reused by every test;
+the last test powers it off from inside the guest.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from imagepipe.hypervisors.base import EventKind, HypervisorEvent
+from imagepipe.hypervisors.libvirt import LibvirtHypervisor
+from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power
+from tests.contract.hypervisor_suite import free_port
+from tests.guest import SerialConsole, VncClient, tiny_base_image
+
+pytestmark = pytest.mark.real
+
+BOOT_TIMEOUT = 90.0
+
+
+class EventLog:
+    """Collects events from the adapter's event thread."""
+
+    def __init__(self) -> None:
+        self._events: list[HypervisorEvent] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, event: HypervisorEvent) -> None:
+        with self._cond:
+            self._events.append(event)
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._events.clear()
+
+    def wait_for(
+        self, match: Callable[[HypervisorEvent], bool], timeout: float = 20.0
+    ) -> HypervisorEvent:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = next((e for e in self._events if match(e)), None)
+                if found is not None:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no matching event; got {self._events}")
+                self._cond.wait(left)
+
+
+def wait_until(check: Callable[[], bool], timeout: float = BOOT_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.2)
+
+
+@dataclass
+class Desktop:
+    hv: LibvirtHypervisor
+    name: str
+    display: Endpoint
+    events: EventLog
+    uri: str
+    state_dir: Path
+    base: BaseImage
+
+    def running_and_ready(self) -> bool:
+        info = next(c for c in self.hv.list_clones() if c.name == self.name)
+        return info.power is Power.RUNNING and info.ready
+
+    def console(self) -> SerialConsole:
+        return SerialConsole(self.hv.console_path(self.name), timeout=BOOT_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def desktop(require_libvirt_module: str) -> Iterator[Desktop]:
+    work = Path(tempfile.mkdtemp(prefix="ips-", dir="/tmp"))
+    hv = LibvirtHypervisor(require_libvirt_module, state_dir=work / "state")
+    pool = "se" + secrets.token_hex(3)
+    events = EventLog()
+    subscription = hv.subscribe(events)
+    try:
+        base = tiny_base_image(work / "tiny-v1")
+        spec = CloneSpec(
+            name=f"{pool}-1",
+            pool=pool,
+            slot=1,
+            base=base,
+            mode=CloneMode.LINKED,
+            cpus=1,
+            memory=256 * 1024**2,
+            display=Endpoint("127.0.0.1", free_port()),
+        )
+        hv.create_clone(spec)
+        hv.start(spec.name)
+        d = Desktop(
+            hv, spec.name, spec.display, events, require_libvirt_module, work / "state", base
+        )
+        wait_until(d.running_and_ready)
+        yield d
+    finally:
+        subscription.close()
+        for clone in hv.list_clones():
+            if clone.pool == pool:
+                hv.delete(clone.name)
+        hv.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def require_libvirt_module() -> str:
+    # the conftest fixture is function-scoped; the module's clone needs the same check once
+    import os
+
+    from tests.conftest import libvirt_available, require
+
+    uri = os.environ.get("IMAGEPIPE_TEST_LIBVIRT_URI", "qemu:///system")
+    require(libvirt_available(uri), f"libvirtd does not answer on {uri} (run ./install.sh)")
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        require(False, "libvirt-python is not installed (pip install -e .[libvirt])")
+    return uri
+
+
+def test_the_base_stays_ready_for_new_clones_while_linked_clones_run(desktop: Desktop) -> None:
+    assert desktop.hv.base_ready(desktop.base) is True
+
+
+def test_a_vnc_client_makes_a_session_with_its_address_until_it_disconnects(
+    desktop: Desktop,
+) -> None:
+    client = VncClient(desktop.display.host, desktop.display.port)
+    try:
+        assert client.handshake().startswith("QEMU")
+        connected = desktop.events.wait_for(
+            lambda e: e.kind is EventKind.SESSION_CONNECTED and e.client == client.address
+        )
+        session = desktop.hv.sessions(desktop.name)
+        assert connected.clone == desktop.name
+        assert session.client == client.address and session.connected_since is not None
+    finally:
+        client.close()
+    desktop.events.wait_for(
+        lambda e: e.kind is EventKind.SESSION_DISCONNECTED and e.client == client.address
+    )
+    assert desktop.hv.sessions(desktop.name).client is None
+
+
+def test_logging_in_on_the_console_makes_the_user_a_session_until_logout(
+    desktop: Desktop,
+) -> None:
+    with desktop.console() as console:
+        console.login("alice")
+        logged_in = desktop.hv.sessions(desktop.name)
+        console.logout()
+        logged_out = desktop.hv.sessions(desktop.name)
+    assert logged_in.users == ("alice",) and logged_in.active
+    assert logged_out.users == () and not logged_out.active
+
+
+def test_a_restarted_keeper_learns_current_sessions_and_readiness_without_events(
+    desktop: Desktop,
+) -> None:
+    client = VncClient(desktop.display.host, desktop.display.port)
+    fresh = LibvirtHypervisor(desktop.uri, state_dir=desktop.state_dir)
+    try:
+        client.handshake()
+        with desktop.console() as console:
+            console.login("bob")
+            session = fresh.sessions(desktop.name)
+            info = next(c for c in fresh.list_clones() if c.name == desktop.name)
+            console.logout()
+    finally:
+        client.close()
+        fresh.close()
+    assert session.client == client.address
+    assert session.users == ("bob",)
+    assert info.ready is True
+
+
+def test_reset_gives_the_next_user_a_clean_disk(desktop: Desktop) -> None:
+    with desktop.console() as console:
+        console.login("carol")
+        console.run("echo secret > /home/carol/note && sync")
+        before = console.run("cat /home/carol/note")
+        console.logout()
+    desktop.hv.reset(desktop.name)
+    wait_until(desktop.running_and_ready)
+    with desktop.console() as console:
+        console.login("dave")
+        after = console.run("ls /home; cat /home/carol/note 2>&1")
+        console.logout()
+    assert before == "secret"
+    assert "carol" not in after.split() and "No such file" in after
+
+
+def test_poweroff_inside_the_guest_is_a_state_change_to_shutoff(desktop: Desktop) -> None:
+    with desktop.console() as console:
+        console.login("erin")
+        desktop.events.clear()
+        console.send_line("poweroff")
+        desktop.events.wait_for(
+            lambda e: e.kind is EventKind.STATE_CHANGED and e.detail.startswith("stopped"),
+            timeout=30.0,
+        )
+    info = next(c for c in desktop.hv.list_clones() if c.name == desktop.name)
+    assert info.power is Power.SHUTOFF and not info.ready
+
+
+def test_stop_shuts_a_ready_guest_down_gracefully_through_its_agent(desktop: Desktop) -> None:
+    desktop.hv.start(desktop.name)
+    wait_until(desktop.running_and_ready)
+    desktop.events.clear()
+    started = time.monotonic()
+    desktop.hv.stop(desktop.name, timeout=30.0)
+    took = time.monotonic() - started
+    stopped = desktop.events.wait_for(
+        lambda e: e.kind is EventKind.STATE_CHANGED and e.detail.startswith("stopped")
+    )
+    assert stopped.detail == "stopped/0"  # VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN, not destroyed
+    assert took < 30.0

@@ -1,0 +1,170 @@
+"""The libvirt adapter's pure parts: domain XML, QEMU replies, events, error mapping.
+
+No daemon needed: these run everywhere, fast.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from imagepipe.errors import (
+    BusyError,
+    CloneNotFoundError,
+    FatalHypervisorError,
+    InvalidStateError,
+)
+from imagepipe.hypervisors.base import EventKind
+from imagepipe.hypervisors.libvirt import error_for, power_of
+from imagepipe.hypervisors.libvirt_events import agent_event, graphics_event, lifecycle_event
+from imagepipe.hypervisors.libvirt_xml import (
+    AGENT_CHANNEL,
+    CloneMetadata,
+    DomainPlan,
+    check_name,
+    domain_xml,
+    parse_domain,
+    parse_guest_users,
+    parse_vnc_clients,
+)
+from imagepipe.pool.model import CloneMode, Endpoint, Power
+
+META = CloneMetadata("lab", "tiny", 3, 2, CloneMode.LINKED, Path("/images/tiny/3/disk.qcow2"))
+
+
+def plan(**changes: object) -> DomainPlan:
+    values: dict[str, object] = {
+        "name": "lab-2",
+        "metadata": META,
+        "memory_kib": 262144,
+        "cpus": 1,
+        "disk": Path("/state/disks/lab-2.qcow2"),
+        "kernel": Path("/images/tiny/3/vmlinuz"),
+        "initrd": Path("/images/tiny/3/initrd.img"),
+        "cmdline": "console=ttyS0 imagepipe.mode=desktop",
+        "display": Endpoint("127.0.0.1", 5902),
+        "console_socket": Path("/state/sockets/lab-2.console"),
+        "agent_socket": Path("/state/sockets/lab-2.agent"),
+    }
+    values.update(changes)
+    return DomainPlan(**values)  # type: ignore[arg-type]
+
+
+def test_domain_xml_round_trips_name_metadata_display_and_disk() -> None:
+    facts = parse_domain(domain_xml(plan()))
+    assert facts.name == "lab-2"
+    assert facts.metadata == META
+    assert facts.display == Endpoint("127.0.0.1", 5902)
+    assert facts.disk == Path("/state/disks/lab-2.qcow2")
+
+
+def test_domain_xml_is_a_tcg_guest_with_kernel_boot_agent_channel_and_fixed_vnc_port() -> None:
+    root = ET.fromstring(domain_xml(plan()))
+    assert root.get("type") == "qemu"
+    assert root.findtext("os/kernel") == "/images/tiny/3/vmlinuz"
+    assert root.findtext("os/cmdline") == "console=ttyS0 imagepipe.mode=desktop"
+    channel = root.find("devices/channel/target")
+    assert channel is not None and channel.get("name") == AGENT_CHANNEL
+    graphics = root.find("devices/graphics")
+    assert graphics is not None
+    assert (graphics.get("port"), graphics.get("autoport")) == ("5902", "no")
+    serial = root.find("devices/serial/source")
+    assert serial is not None and serial.get("path") == "/state/sockets/lab-2.console"
+
+
+def test_a_disk_boot_domain_without_kernel_boots_from_its_disk() -> None:
+    root = ET.fromstring(domain_xml(plan(kernel=None, initrd=None, cmdline=None)))
+    assert root.find("os/kernel") is None
+    boot = root.find("os/boot")
+    assert boot is not None and boot.get("dev") == "hd"
+
+
+def test_a_domain_without_imagepipe_metadata_is_not_ours() -> None:
+    facts = parse_domain("<domain type='kvm'><name>someone-else</name></domain>")
+    assert facts.metadata is None and facts.display is None
+
+
+def test_metadata_with_a_broken_version_is_not_taken_for_ours() -> None:
+    xml = domain_xml(plan()).replace('version="3"', 'version="three"')
+    assert parse_domain(xml).metadata is None
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "", "-x", "x" * 64])
+def test_clone_names_that_could_escape_the_state_dir_are_refused(name: str) -> None:
+    with pytest.raises(FatalHypervisorError, match="not usable"):
+        check_name(name)
+
+
+def test_query_vnc_reply_lists_client_addresses() -> None:
+    reply = (
+        '{"return": {"enabled": true, "host": "127.0.0.1", "service": "5902", "clients": ['
+        '{"host": "127.0.0.1", "service": "50944", "family": "ipv4", "websocket": false},'
+        '{"host": "::1", "service": "40000", "family": "ipv6", "websocket": false}]}}'
+    )
+    assert parse_vnc_clients(reply) == ("127.0.0.1:50944", "[::1]:40000")
+
+
+def test_query_vnc_without_clients_is_no_session() -> None:
+    assert parse_vnc_clients('{"return": {"enabled": true}}') == ()
+
+
+def test_guest_users_come_from_libvirt_typed_parameters() -> None:
+    info: dict[str, object] = {
+        "user.count": 2,
+        "user.0.name": "bob",
+        "user.0.login-time": 1700000000000,
+        "user.1.name": "alice",
+    }
+    assert parse_guest_users(info) == ("alice", "bob")
+    assert parse_guest_users({}) == ()
+
+
+def test_graphics_phases_become_session_events_with_the_client_address() -> None:
+    remote = {"family": 0, "node": "10.0.0.7", "service": "51000"}
+    connect = graphics_event("lab-2", 0, remote, 10.0)
+    initialize = graphics_event("lab-2", 1, remote, 10.1)
+    disconnect = graphics_event("lab-2", 2, remote, 20.0)
+    assert connect is not None and connect.kind is EventKind.SESSION_CONNECTED
+    assert connect.client == "10.0.0.7:51000"
+    assert initialize is not None and initialize.kind is EventKind.SESSION_CONNECTED
+    assert disconnect is not None and disconnect.kind is EventKind.SESSION_DISCONNECTED
+    assert graphics_event("lab-2", 7, remote, 1.0) is None
+
+
+def test_lifecycle_and_agent_events_name_what_happened() -> None:
+    assert lifecycle_event("lab-2", 5, 1, 1.0).detail == "stopped/1"
+    assert lifecycle_event("lab-2", 2, 0, 1.0).kind is EventKind.STATE_CHANGED
+    assert agent_event("lab-2", 1, 1.0).detail == "connected"
+    assert agent_event("lab-2", 2, 1.0).detail == "disconnected"
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "expected"),
+    [
+        (42, "Domain not found", CloneNotFoundError),
+        (68, "Timed out during operation: cannot acquire state change lock", BusyError),
+        (87, "resource busy", BusyError),
+        (1, "cannot acquire state change lock (held by monitor=remoteDispatch)", BusyError),
+        (55, "Requested operation is not valid: domain is not running", InvalidStateError),
+        (1, "internal error: process exited while connecting to monitor", FatalHypervisorError),
+    ],
+)
+def test_libvirt_errors_map_to_what_the_executor_may_retry(
+    code: int, message: str, expected: type[Exception]
+) -> None:
+    error = error_for(code, message, "clone lab-2")
+    assert type(error) is expected
+    assert "lab-2" in str(error)
+
+
+def test_libvirt_states_map_to_power() -> None:
+    assert [power_of(s) for s in (1, 3, 5, 6, 7, 4)] == [
+        Power.RUNNING,
+        Power.SUSPENDED,
+        Power.SHUTOFF,
+        Power.CRASHED,
+        Power.SUSPENDED,
+        Power.OTHER,
+    ]
