@@ -1,0 +1,111 @@
+"""The haproxy.cfg imagepipe writes: one TCP frontend, one backend `desktops` filled at run time.
+
+Pure: renders text from plain values. The adapter writes it and starts HAProxy with it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagepipe.errors import BadInputError
+from imagepipe.pool.model import Endpoint
+
+FRONTEND = "desktops_in"
+BACKEND = "desktops"
+BALANCE_ALGORITHMS = ("leastconn", "first")
+
+
+@dataclass(frozen=True)
+class HAProxyConfig:
+    """What goes into haproxy.cfg. Timeouts are HAProxy time strings ("5s", "24h")."""
+
+    bind: Endpoint
+    admin_socket: Path
+    balance: str = "leastconn"
+    max_connections: int = 4096  # for the whole process
+    connect_timeout: str = "5s"  # a desktop that does not accept within this is skipped
+    session_timeout: str = "24h"  # idle limit of a remote-desktop session, both sides
+    queue_timeout: str = "60s"  # how long a client waits for a free desktop
+    fin_timeout: str = "30s"  # half-closed connections
+
+
+def parse_bind(bind: str) -> Endpoint:
+    """ "127.0.0.1:5999", "[::1]:5999" or "0.0.0.0:3389" into an Endpoint; BadInputError else."""
+    host, sep, port_text = bind.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    hint = 'write it as "address:port", e.g. "127.0.0.1:5999" or "[::1]:5999"'
+    if not sep or not host or not port_text.isdigit():
+        raise BadInputError(f"balancer bind {bind!r} is not an address and port: {hint}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise BadInputError(
+            f"balancer bind {bind!r}: {host!r} is not an IP address: {hint}"
+        ) from None
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise BadInputError(f"balancer bind {bind!r}: port must be between 1 and 65535: {hint}")
+    return Endpoint(host, port)
+
+
+def check_balance(balance: str) -> str:
+    if balance not in BALANCE_ALGORITHMS:
+        choices = " or ".join(BALANCE_ALGORITHMS)
+        raise BadInputError(f"balancer balance {balance!r} is not supported: use {choices}")
+    return balance
+
+
+def format_address(address: Endpoint) -> str:
+    """host:port as HAProxy writes it: IPv6 hosts in brackets."""
+    host = address.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{address.port}"
+
+
+def _quote_path(path: Path) -> str:
+    text = str(path)
+    if any(c in text for c in " \t\n\"'#\\"):
+        raise BadInputError(
+            f"HAProxy admin socket path {text!r} has spaces, quotes or '#': choose a plain path"
+        )
+    return text
+
+
+def render_config(cfg: HAProxyConfig) -> str:
+    """The complete haproxy.cfg. Servers are not listed: they are added at run time."""
+    check_balance(cfg.balance)
+    lines = [
+        "# Written by imagepipe; changes are overwritten. Desktops are added at run time",
+        "# through the admin socket (add server / set server state / del server).",
+        "global",
+        f"    maxconn {cfg.max_connections}",
+        f"    stats socket {_quote_path(cfg.admin_socket)} mode 600 level admin"
+        " expose-fd listeners",
+        "    stats timeout 30s",
+        "",
+        "defaults",
+        "    mode tcp",
+        "    option clitcpka",
+        "    option srvtcpka",
+        "    option redispatch",
+        "    retries 2",
+        f"    timeout connect {cfg.connect_timeout}",
+        f"    timeout client {cfg.session_timeout}",
+        f"    timeout server {cfg.session_timeout}",
+        f"    timeout queue {cfg.queue_timeout}",
+        f"    timeout client-fin {cfg.fin_timeout}",
+        f"    timeout server-fin {cfg.fin_timeout}",
+        "",
+        f"frontend {FRONTEND}",
+        f"    bind {format_address(cfg.bind)}",
+        f"    default_backend {BACKEND}",
+        "",
+        f"backend {BACKEND}",
+        f"    balance {cfg.balance}",
+        "",
+    ]
+    return "\n".join(lines)
