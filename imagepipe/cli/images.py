@@ -1,0 +1,217 @@
+"""`imagepipe images …`: the registered versions of each image, and their channels."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from imagepipe.cli.app import GLOBALS
+from imagepipe.config import load_pools, load_settings
+from imagepipe.errors import BadInputError
+from imagepipe.images.prune import choose, load_pool_records, versions_in_use
+from imagepipe.images.records import VersionRecord
+from imagepipe.images.registry import Registry
+from imagepipe.units import format_size
+
+app = typer.Typer(help="Registered image versions and channels.", no_args_is_help=True)
+
+_JSON = typer.Option(False, "--json", help="Print JSON.")
+
+
+@app.callback()
+def images() -> None:
+    """Registered image versions (a git repository) and channels such as latest and stable."""
+
+
+def _registry() -> Registry:
+    settings = load_settings(GLOBALS.config)
+    registry = Registry(settings.registry, settings.image_store)
+    registry.check_readable()
+    return registry
+
+
+def _known(registry: Registry, image: str) -> None:
+    if image not in registry.images():
+        known = ", ".join(registry.images()) or "none yet"
+        raise BadInputError(f"unknown image {image!r} (registered images: {known})")
+
+
+def _channels_of(registry: Registry, image: str) -> dict[int, list[str]]:
+    by_version: dict[int, list[str]] = {}
+    for name, history in sorted(registry.channels(image).items()):
+        by_version.setdefault(history[-1].version, []).append(name)
+    return by_version
+
+
+def _doc(record: VersionRecord, channels: list[str]) -> dict[str, Any]:
+    return {**record.model_dump(mode="json"), "channels": channels}
+
+
+@app.command("list")
+def list_(
+    image: str | None = typer.Argument(None, help="Only this image."),
+    as_json: bool = _JSON,
+) -> None:
+    """Every version of every image (or of IMAGE), with status and channels."""
+    registry = _registry()
+    names = [image] if image else registry.images()
+    if image:
+        _known(registry, image)
+    docs = []
+    table = Table("image", "version", "status", "channels", "created", "size", "fingerprint")
+    for name in names:
+        channels = _channels_of(registry, name)
+        for record in registry.versions(name):
+            on = channels.get(record.version, [])
+            docs.append(_doc(record, on))
+            size = sum(a.size for a in record.artifacts)
+            table.add_row(
+                name,
+                f"v{record.version}",
+                record.status.value,
+                ",".join(on),
+                record.created_at,
+                format_size(size),
+                record.fingerprint[:12],
+            )
+    if as_json:
+        typer.echo(json.dumps(docs, indent=2))
+    elif not docs:
+        typer.echo("no versions registered yet (imagepipe build IMAGE)")
+    else:
+        Console().print(table)
+
+
+@app.command()
+def show(
+    ref: str = typer.Argument(..., help="IMAGE, IMAGE@7, IMAGE@v7 or IMAGE@CHANNEL."),
+    as_json: bool = _JSON,
+) -> None:
+    """One version in full: provenance, artifacts with checksums, boot information."""
+    registry = _registry()
+    image, _, which = ref.partition("@")
+    _known(registry, image)
+    record = registry.resolve(image, which or None)
+    doc = _doc(record, _channels_of(registry, image).get(record.version, []))
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    for key in (
+        "image",
+        "version",
+        "status",
+        "status_reason",
+        "channels",
+        "created_at",
+        "fingerprint",
+        "builder",
+        "packer_version",
+        "source_commit",
+        "source_dirty",
+        "parent",
+        "directory",
+        "disk",
+        "kernel",
+        "initrd",
+        "cmdline",
+        "vm",
+        "snapshot",
+    ):
+        if doc.get(key) not in (None, [], ""):
+            typer.echo(f"{key:15} {doc[key]}")
+    for artifact in record.artifacts:
+        typer.echo(
+            f"{'artifact':15} {artifact.name}  {format_size(artifact.size)}  "
+            f"sha256:{artifact.sha256}"
+        )
+
+
+@app.command()
+def promote(
+    image: str = typer.Argument(...),
+    version: str = typer.Argument(..., help="7 or v7."),
+    channel: str = typer.Option(..., "--channel", help="e.g. stable."),
+    as_json: bool = _JSON,
+) -> None:
+    """Point CHANNEL of IMAGE at VERSION (pools on that channel roll out to it)."""
+    registry = _registry()
+    _known(registry, image)
+    record = registry.promote(image, registry.resolve(image, version).version, channel)
+    _moved(image, channel, record, as_json)
+
+
+@app.command()
+def rollback(
+    image: str = typer.Argument(...),
+    channel: str = typer.Option(..., "--channel"),
+    as_json: bool = _JSON,
+) -> None:
+    """Point CHANNEL back at the version it held before its current one."""
+    registry = _registry()
+    _known(registry, image)
+    _moved(image, channel, registry.rollback(image, channel), as_json)
+
+
+@app.command()
+def revoke(
+    image: str = typer.Argument(...),
+    version: str = typer.Argument(...),
+    reason: str = typer.Option(..., "--reason", help="Why, for the record."),
+    as_json: bool = _JSON,
+) -> None:
+    """Mark VERSION unusable; channels on it move back to their previous version."""
+    registry = _registry()
+    _known(registry, image)
+    record = registry.revoke(image, registry.resolve(image, version).version, reason)
+    if as_json:
+        typer.echo(json.dumps(_doc(record, [])))
+    else:
+        typer.echo(f"revoked {record.label}: {reason}")
+
+
+@app.command()
+def prune(
+    keep: int = typer.Option(..., "--keep", help="Newest active versions to keep per image."),
+    image: str | None = typer.Argument(None, help="Only this image."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would go."),
+    as_json: bool = _JSON,
+) -> None:
+    """Remove old versions' artifacts from the image store. Never one a channel, a pool or a
+    running clone uses."""
+    settings = load_settings(GLOBALS.config)
+    registry = Registry(settings.registry, settings.image_store)
+    registry.check_readable()
+    if image:
+        _known(registry, image)
+    pools = load_pools([settings.pools_dir]) if settings.pools_dir.exists() else []
+    records = load_pool_records(settings.state_db, pools)
+    docs = []
+    for name in [image] if image else registry.images():
+        used = versions_in_use(registry, name, pools, records)
+        for choice in choose(registry.versions(name), registry.channels(name), used, keep):
+            if choice.remove and not dry_run:
+                registry.prune(name, choice.record.version, f"prune --keep {keep}")
+            docs.append(
+                {
+                    "image": name,
+                    "version": choice.record.version,
+                    "removed": choice.remove and not dry_run,
+                    "reason": choice.reason,
+                }
+            )
+            if not as_json:
+                verb = ("would remove" if dry_run else "removed") if choice.remove else "kept"
+                typer.echo(f"{verb} {name} v{choice.record.version} ({choice.reason})")
+    if as_json:
+        typer.echo(json.dumps(docs, indent=2))
+
+
+def _moved(image: str, channel: str, record: VersionRecord, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps({"image": image, "channel": channel, "version": record.version}))
+    else:
+        typer.echo(f"{image} {channel} -> v{record.version}")

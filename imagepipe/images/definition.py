@@ -1,0 +1,203 @@
+"""`packer/<image>/image.yml`: what an image is, validated, with file:line errors.
+
+description: Tiny busybox desktop for tests and the demo
+builder: qemu                      # the Packer builder type
+template: tiny.pkr.hcl.j2          # main Packer template (rendered by Jinja2)
+render: [Autounattend.xml.j2]      # other templates, rendered next to it
+copy: [scripts]                    # plain files or folders copied into the build directory
+prepare: guest/build-guest.sh      # run as [script, <build dir>/guest-out] before Packer
+requires: [qemu-system-x86_64]     # programs the build needs on this host
+variables: {memory: 256}           # defaults; --var/--var-file override, unknown names fail
+secrets: {admin_password: IMAGEPIPE_WIN10_ADMIN_PASSWORD}   # name -> environment variable
+registers_as: win10                # default: the folder name
+parent: {image: win10, channel: latest}   # update builds: the version they start from
+artifact:
+  files: [output/disk.qcow2, guest-out/vmlinuz, guest-out/initrd.img]
+  disk: disk.qcow2
+  kernel: vmlinuz
+  initrd: initrd.img
+  cmdline: "console=ttyS0 imagepipe.mode=desktop"
+  vm: "[= vm_name =]"             # VirtualBox base VM (rendered like a template)
+  snapshot: "v[= image_version =]"
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from imagepipe.errors import BadInputError, ConfigError
+
+DEFINITION_FILE = "image.yml"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+ScalarValue = str | int | float | bool
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ParentRef(_Model):
+    """The registered version an update build starts from."""
+
+    image: str
+    channel: str = "latest"
+
+
+class ArtifactSpec(_Model):
+    """Which build outputs become the version, and how a hypervisor boots them."""
+
+    files: tuple[str, ...] = ()  # globs in the build directory; may be empty for a VM
+    disk: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    vm: str | None = None
+    snapshot: str | None = None
+
+
+class ImageDefinition(_Model):
+    """A validated image.yml (plus where it came from)."""
+
+    description: str
+    builder: str
+    template: str
+    render: tuple[str, ...] = ()
+    copy_files: tuple[str, ...] = Field(default=(), alias="copy")
+    prepare: str | None = None
+    requires: tuple[str, ...] = ()
+    variables: dict[str, ScalarValue] = Field(default_factory=dict)
+    secrets: dict[str, str] = Field(default_factory=dict)
+    registers_as: str | None = None
+    # How `packer validate` runs on a host without `requires` (e.g. CI without VirtualBox):
+    # virtualbox-vm asks VBoxManage about the VM while validating, so it needs syntax-only.
+    validate_without_requires: Literal["full", "syntax-only"] = "full"
+    parent: ParentRef | None = None
+    artifact: ArtifactSpec
+
+    @field_validator("template", "render")
+    @classmethod
+    def _templates_end_in_j2(cls, value: Any) -> Any:
+        names = (value,) if isinstance(value, str) else value
+        for name in names:
+            if not name.endswith(".j2"):
+                raise ValueError(f"template {name!r} must end in .j2")
+        return value
+
+    @field_validator("variables", "secrets")
+    @classmethod
+    def _names_are_identifiers(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not _VARIABLE.match(name):
+                raise ValueError(
+                    f"variable name {name!r} must be a letter or _ then letters, digits, _"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _artifact_is_something(self) -> ImageDefinition:
+        if not self.artifact.files and not self.artifact.vm:
+            raise ValueError("artifact needs files (a disk) or a vm (a VirtualBox base VM)")
+        return self
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        return (self.template, *self.render)
+
+    def output_name(self, template: str) -> str:
+        """The rendered file's name: the template's, without `.j2`."""
+        return template.removesuffix(".j2")
+
+
+class Image(BaseModel):
+    """An image folder: its name, where it lives, and its definition."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    folder: Path
+    definition: ImageDefinition
+
+    @property
+    def registers_as(self) -> str:
+        return self.definition.registers_as or self.name
+
+    @property
+    def definition_file(self) -> Path:
+        return self.folder / DEFINITION_FILE
+
+
+def list_images(packer_dir: Path) -> list[str]:
+    """Names of the image folders (those holding an image.yml), sorted."""
+    if not packer_dir.is_dir():
+        return []
+    return sorted(p.parent.name for p in packer_dir.glob(f"*/{DEFINITION_FILE}"))
+
+
+def load_image(packer_dir: Path, name: str) -> Image:
+    """Load and validate `packer_dir/<name>/image.yml`. BadInputError when unknown or wrong."""
+    if not _NAME.match(name):
+        raise BadInputError(f"{name!r} is not an image name (lowercase letters, digits, . _ -)")
+    folder = packer_dir / name
+    path = folder / DEFINITION_FILE
+    if not path.is_file():
+        known = ", ".join(list_images(packer_dir)) or "none"
+        raise BadInputError(f"unknown image {name!r} in {packer_dir} (images: {known})")
+    definition = parse_definition(path.read_text(encoding="utf-8"), str(path))
+    for template in definition.templates:
+        if not (folder / template).is_file():
+            raise ConfigError(f"template {template} does not exist", file=str(path), key="template")
+    if definition.prepare and not (folder / definition.prepare).is_file():
+        raise ConfigError(
+            f"prepare script {definition.prepare} does not exist", file=str(path), key="prepare"
+        )
+    return Image(name=name, folder=folder, definition=definition)
+
+
+def parse_definition(text: str, source: str) -> ImageDefinition:
+    """Validate image.yml text; errors name source:line and the key."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", exc)
+        raise ConfigError(f"not valid YAML: {problem}", file=source, line=line) from None
+    if not isinstance(data, dict):
+        raise ConfigError("expected a mapping of settings (description, builder, ...)", file=source)
+    try:
+        return ImageDefinition.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = tuple(error["loc"])
+        key = ".".join(str(part) for part in loc) or None
+        line = _line_of(node, loc)
+        raise ConfigError(error["msg"], file=source, line=line, key=key) from None
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the deepest YAML node along `loc` (the key path of an error)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == str(part)), None)
+            key_node = next((k for k, _ in node.value if k.value == str(part)), None)
+            if match is None:
+                return line
+            line = key_node.start_mark.line + 1 if key_node is not None else line
+            node = match
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                return line
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line

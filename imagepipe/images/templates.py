@@ -1,0 +1,118 @@
+"""Render an image's Jinja2 templates into a build directory.
+
+Delimiters are chosen not to clash with Packer's `{{ .Name }}`, HCL's `${var.x}` or nested
+lists `[["-m", "256"]]`:  `[= variable =]`, `[% if x %]…[% endif %]`, `[# comment #]`.
+Undefined variables are errors naming the template file and line (StrictUndefined).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import jinja2
+
+from imagepipe.errors import BadInputError
+from imagepipe.images.definition import Image
+
+
+@dataclass(frozen=True)
+class RenderedFile:
+    """A file placed in the build directory: its relative path and content checksum."""
+
+    path: str
+    sha256: str
+
+
+def make_environment(folder: Path) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(folder)),
+        undefined=jinja2.StrictUndefined,
+        variable_start_string="[=",
+        variable_end_string="=]",
+        block_start_string="[%",
+        block_end_string="%]",
+        comment_start_string="[#",
+        comment_end_string="#]",
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def render_text(image: Image, template: str, context: Mapping[str, Any]) -> str:
+    """One template of `image`, rendered. BadInputError names file:line on any mistake."""
+    env = make_environment(image.folder)
+    path = image.folder / template
+    try:
+        return env.get_template(template).render(**context)
+    except jinja2.TemplateSyntaxError as exc:
+        raise BadInputError(f"{path}:{exc.lineno}: template syntax error: {exc.message}") from None
+    except jinja2.UndefinedError as exc:
+        line = _template_line(sys.exc_info()[2], path)
+        where = f"{path}:{line}" if line else str(path)
+        known = ", ".join(sorted(context)) or "none"
+        raise BadInputError(f"{where}: {exc.message} (variables: {known})") from None
+
+
+def render_string(text: str, context: Mapping[str, Any], source: str) -> str:
+    """A short string from image.yml (e.g. artifact.vm), rendered with the same rules."""
+    env = make_environment(Path("."))
+    try:
+        return env.from_string(text).render(**context)
+    except jinja2.TemplateError as exc:
+        raise BadInputError(f"{source}: cannot render {text!r}: {exc}") from None
+
+
+def render_image(image: Image, context: Mapping[str, Any], build_dir: Path) -> list[RenderedFile]:
+    """Render every template and copy every plain file of `image` into `build_dir`."""
+    files: list[RenderedFile] = []
+    for template in image.definition.templates:
+        text = render_text(image, template, context)
+        target = build_dir / image.definition.output_name(template)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+        os.chmod(target, 0o600)  # rendered files may hold secrets (Autounattend.xml)
+        files.append(RenderedFile(target.relative_to(build_dir).as_posix(), _sha(text.encode())))
+    for name in image.definition.copy_files:
+        source = image.folder / name
+        if not source.exists():
+            raise BadInputError(f"{image.definition_file}: copy: {name} does not exist")
+        for path in sorted(source.rglob("*")) if source.is_dir() else [source]:
+            if path.is_file():
+                relative = path.relative_to(image.folder)
+                target = build_dir / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+                files.append(RenderedFile(relative.as_posix(), _sha(path.read_bytes())))
+    return sorted(files, key=lambda f: f.path)
+
+
+def rendered_digests(image: Image, context: Mapping[str, Any]) -> list[RenderedFile]:
+    """Checksums of the rendered templates without writing anything (for fingerprints)."""
+    return [
+        RenderedFile(image.definition.output_name(t), _sha(render_text(image, t, context).encode()))
+        for t in image.definition.templates
+    ]
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _template_line(tb: TracebackType | None, path: Path) -> int | None:
+    """Jinja2 rewrites tracebacks so template frames carry the template's file and line."""
+    line = None
+    wanted = os.path.realpath(path)
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if filename == str(path) or os.path.realpath(filename) == wanted:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line

@@ -1,0 +1,99 @@
+"""image.yml validation and template rendering: mistakes name the file and the line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imagepipe.errors import BadInputError, ConfigError
+from imagepipe.images.definition import list_images, load_image, parse_definition
+from imagepipe.images.templates import render_image
+
+REPO_PACKER = Path(__file__).resolve().parents[2] / "packer"
+
+GOOD = """\
+description: test image
+builder: "null"
+template: main.pkr.hcl.j2
+variables:
+  memory: 256
+artifact:
+  files: [out.txt]
+"""
+
+
+def _image(tmp_path: Path, yml: str, template: str) -> Path:
+    folder = tmp_path / "packer" / "demo"
+    folder.mkdir(parents=True)
+    (folder / "image.yml").write_text(yml)
+    (folder / "main.pkr.hcl.j2").write_text(template)
+    return tmp_path / "packer"
+
+
+def test_a_wrong_key_in_image_yml_names_file_line_and_key() -> None:
+    text = GOOD.replace("  files: [out.txt]", "  files: [out.txt]\n  colour: red")
+    with pytest.raises(ConfigError) as err:
+        parse_definition(text, "packer/demo/image.yml")
+    assert str(err.value).startswith("packer/demo/image.yml:8: artifact.colour:")
+
+
+def test_a_template_not_ending_in_j2_is_refused_with_its_line() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_definition(GOOD.replace("main.pkr.hcl.j2", "main.pkr.hcl"), "image.yml")
+    assert "image.yml:3: template" in str(err.value)
+    assert "must end in .j2" in str(err.value)
+
+
+def test_broken_yaml_gives_its_line() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_definition("description: [unclosed\nbuilder: x\n", "image.yml")
+    assert "image.yml:" in str(err.value)
+    assert "not valid YAML" in str(err.value)
+
+
+def test_unknown_image_lists_the_images_there_are(tmp_path: Path) -> None:
+    packer_dir = _image(tmp_path, GOOD, "x")
+    with pytest.raises(BadInputError, match=r"unknown image 'nope' .*images: demo"):
+        load_image(packer_dir, "nope")
+
+
+def test_a_misspelt_variable_names_the_template_and_line(tmp_path: Path) -> None:
+    packer_dir = _image(tmp_path, GOOD, 'source "null" "x" {\n  memory = [= memroy =]\n}\n')
+    image = load_image(packer_dir, "demo")
+    with pytest.raises(BadInputError) as err:
+        render_image(image, {"memory": 256}, tmp_path / "build")
+    message = str(err.value)
+    assert f"{packer_dir / 'demo' / 'main.pkr.hcl.j2'}:2:" in message
+    assert "'memroy' is undefined" in message
+
+
+def test_template_syntax_errors_name_the_line(tmp_path: Path) -> None:
+    packer_dir = _image(tmp_path, GOOD, "a\nb\n[% if memory %]\nno end\n")
+    image = load_image(packer_dir, "demo")
+    with pytest.raises(BadInputError, match=r"main.pkr.hcl.j2:\d+: template syntax error"):
+        render_image(image, {"memory": 1}, tmp_path / "build")
+
+
+def test_packer_syntax_passes_through_rendering_untouched(tmp_path: Path) -> None:
+    template = (
+        'qemuargs = [["-m", "[= memory =]M"]]\n'
+        'vm = "{{ .Name }}"\n'
+        'x = "${var.image_version}"\n'
+        "[# a comment that disappears #]\n"
+    )
+    packer_dir = _image(tmp_path, GOOD, template)
+    build = tmp_path / "build"
+    [rendered] = render_image(load_image(packer_dir, "demo"), {"memory": 512}, build)
+    assert rendered.path == "main.pkr.hcl"
+    assert (build / "main.pkr.hcl").read_text() == (
+        'qemuargs = [["-m", "512M"]]\nvm = "{{ .Name }}"\nx = "${var.image_version}"\n\n'
+    )
+
+
+def test_the_shipped_images_are_valid() -> None:
+    assert {"tiny", "win10", "win10-update"} <= set(list_images(REPO_PACKER))
+    for name in ("tiny", "win10", "win10-update"):
+        image = load_image(REPO_PACKER, name)
+        assert image.definition.description
+    assert load_image(REPO_PACKER, "win10-update").registers_as == "win10"
