@@ -1,0 +1,1 @@
+"""Capacity simulator: a working day of logins against the real planner, in seconds."""
