@@ -1,0 +1,181 @@
+"""`imagepipe demo`: from nothing to a pool of desktops behind one address, on this host.
+
+Builds (or reuses) the `tiny` image, writes a demo settings file and a demo pool under the
+demo directory, and runs the keeper with HAProxy on 127.0.0.1:5999.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from imagepipe.cli.app import GLOBALS
+from imagepipe.cli.keep import fail_if_failed, make_keeper, stop_on_signals
+from imagepipe.config import Settings, load_pool_file, load_settings
+from imagepipe.errors import EnvironmentMissingError, OperationFailedError
+from imagepipe.images.build import build_image
+from imagepipe.images.progress import PlainProgress
+from imagepipe.pool.keeper import Keeper
+from imagepipe.pool.model import BackendState, PoolSpec
+from imagepipe.pool.wiring import build_runtime
+
+DEFAULT_DIR = Path("/var/lib/imagepipe/demo")
+POOL = "demo"
+BIND = "127.0.0.1:5999"
+READY_TIMEOUT = 600.0  # seconds --no-keep waits for the pool to be ready
+POLL = 1.0
+
+POOL_FILE = f"""\
+# The demo pool: 3 ready desktops of the tiny image, at most 5, recycled 1m after logoff.
+name: {POOL}
+image: tiny
+channel: latest
+size:
+  initial: 3
+  free: 3
+  max: 5
+machine:
+  cpus: 1
+  memory: 256M
+display:
+  port_range: 5900-5904
+  address: 127.0.0.1
+sessions:
+  on_logoff: reset
+  recycle_after: 1m
+"""
+
+
+@dataclass(frozen=True)
+class DemoFiles:
+    directory: Path
+    settings: Path
+    pool: Path
+
+
+def demo(
+    directory: Path = typer.Option(
+        DEFAULT_DIR, "--dir", help="Where the demo keeps its settings, state, images and pool."
+    ),
+    no_keep: bool = typer.Option(
+        False, "--no-keep", help="Exit once the pool is ready instead of keeping it."
+    ),
+) -> None:
+    """Build the tiny image, start a demo pool of 3 desktops behind 127.0.0.1:5999, and keep
+    it until Ctrl-C (the desktops keep running afterwards)."""
+    console = Console(stderr=True, soft_wrap=True)
+    base = load_settings(GLOBALS.config)
+    files = write_demo_files(directory.absolute(), base)
+    settings = load_settings(files.settings)
+    spec = load_pool_file(files.pool)
+    console.print(f"demo settings: {files.settings}")
+    result = build_image(settings, "tiny", progress=PlainProgress())
+    console.print(result.message)
+    runtime = build_runtime(settings)
+    try:
+        keeper = make_keeper(runtime, [spec])
+        if no_keep:
+            wait_until_ready(keeper, spec, console)
+            _print_howto(console, files, keeping=False)
+            return
+        _print_howto(console, files, keeping=True)
+        with stop_on_signals(keeper):
+            keeper.run()
+        console.print(removal_hint(settings, files))
+    finally:
+        runtime.close()
+
+
+def write_demo_files(directory: Path, base: Settings) -> DemoFiles:
+    """The demo's settings file and pool file; existing ones are kept as they are."""
+    pools = directory / "pools"
+    try:
+        pools.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EnvironmentMissingError(
+            f"cannot create {pools}: {exc.strerror}; run as root or pass --dir"
+        ) from exc
+    settings_file = directory / "imagepipe.yml"
+    pool_file = pools / f"{POOL}.yml"
+    if not settings_file.exists():
+        settings_file.write_text(
+            "# imagepipe demo settings (written by `imagepipe demo`)\n"
+            "pools_dir: pools\n"
+            f"packer_dir: {base.packer_dir.absolute()}\n"
+            "state_db: state.db\n"
+            "registry: registry\n"
+            "image_store: images\n"
+            "run_dir: run\n"
+            "hypervisor:\n"
+            f"  driver: {base.hypervisor.driver}\n"
+            f"  uri: {base.hypervisor.uri}\n"
+            "balancer:\n"
+            "  driver: haproxy\n"
+            f"  bind: {BIND}\n"
+            "keeper:\n"
+            "  tick: 2s\n"
+        )
+    if not pool_file.exists():
+        pool_file.write_text(POOL_FILE)
+    return DemoFiles(directory=directory, settings=settings_file, pool=pool_file)
+
+
+def pool_ready(keeper: Keeper, spec: PoolSpec) -> int:
+    """How many of the pool's desktops are booted, free and ready in the balancer."""
+    report = keeper.run_pass()
+    fail_if_failed(report)
+    observed = report.observation.pools.get(spec.name)
+    if observed is None:
+        return 0
+    return sum(
+        1
+        for c in observed.clones
+        if c.info.ready
+        and not c.session.active
+        and c.backend is not None
+        and c.backend.state is BackendState.READY
+    )
+
+
+def wait_until_ready(keeper: Keeper, spec: PoolSpec, console: Console) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    shown = -1
+    while True:
+        ready = pool_ready(keeper, spec)
+        if ready != shown:
+            console.print(f"{ready}/{spec.free} desktops ready")
+            shown = ready
+        if ready >= spec.free:
+            return
+        if time.monotonic() > deadline:
+            raise OperationFailedError(
+                f"the demo pool had {ready} of {spec.free} desktops ready after "
+                f"{READY_TIMEOUT:.0f}s; see `imagepipe status` and the keeper log above"
+            )
+        time.sleep(POLL)
+
+
+def removal_hint(settings: Settings, files: DemoFiles) -> str:
+    virsh = f"virsh -c {settings.hypervisor.uri}"
+    return (
+        "Stopped. The desktops and HAProxy keep running; `imagepipe demo` keeps them again.\n"
+        "To remove everything the demo made:\n"
+        f"  for d in $({virsh} list --all --name | grep '^{POOL}-'); do "
+        f'{virsh} destroy "$d"; {virsh} undefine "$d"; done\n'
+        f'  kill "$(cat {settings.run_dir / "haproxy.pid"})"\n'
+        f"  rm -rf {files.directory}"
+    )
+
+
+def _print_howto(console: Console, files: DemoFiles, *, keeping: bool) -> None:
+    console.print(
+        f"\nThe demo pool is up. Connect any VNC viewer to {BIND} (e.g. `vncviewer {BIND}`);\n"
+        "each connection gets its own desktop.\n"
+        f"Watch it:  imagepipe --config {files.settings} status --watch"
+    )
+    if keeping:
+        console.print("Keeping the pool; Ctrl-C stops the keeper (the desktops keep running).")

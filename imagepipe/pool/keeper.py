@@ -1,0 +1,217 @@
+"""The keeper: observe → plan → execute, for every pool, again and again.
+
+Level-triggered: each pass reconciles everything the hypervisor and the balancer report
+with what the pools want; hypervisor events (a client connects, a guest powers off) only
+make the next pass come sooner, so a missed event costs one tick, never correctness.
+
+On start it finishes or undoes what a previous keeper left half done (the journal), and it
+adopts clones the store does not know (a lost or older store): the planner rebuilds their
+records from the clones' own metadata and their observed sessions, so a clone in use is
+never mistaken for a free one. stop() (SIGTERM, Ctrl-C) starts no new action, lets the
+actions in flight finish, and returns; running desktops keep running.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from imagepipe.balancers.base import Balancer
+from imagepipe.errors import ImagepipeError
+from imagepipe.hypervisors.base import Hypervisor, HypervisorEvent
+from imagepipe.log import fields
+from imagepipe.pool.executor import Clock, ExecutionReport, Executor, ExecutorSettings
+from imagepipe.pool.model import Action, BaseImage, Observed, PoolRecord, PoolSpec
+from imagepipe.pool.observe import HostObservation, Images, observe
+from imagepipe.pool.planner import plan
+from imagepipe.pool.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KeeperOptions:
+    tick: float = 5.0  # seconds between passes when nothing happens
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)
+
+
+@dataclass(frozen=True)
+class PassReport:
+    at: float
+    actions: tuple[Action, ...] = ()
+    execution: ExecutionReport = field(default_factory=ExecutionReport)
+    observation: HostObservation = field(default_factory=HostObservation)
+    adopted: tuple[str, ...] = ()  # clones whose records were rebuilt from metadata
+    not_planned: Mapping[str, str] = field(default_factory=dict)  # pool -> why
+
+    @property
+    def ok(self) -> bool:
+        return self.execution.ok and not self.not_planned
+
+
+class Keeper:
+    def __init__(
+        self,
+        *,
+        hypervisor: Hypervisor,
+        balancer: Balancer,
+        store: Store,
+        images: Images,
+        specs: Sequence[PoolSpec],
+        clock: Clock,
+        settings: KeeperOptions = KeeperOptions(),
+        other_pools: Sequence[str] = (),
+    ) -> None:
+        """`specs`: the pools to keep. `other_pools`: configured pools another keeper looks
+        after (`keep --pool`); their clones are left alone and not reported as strays."""
+        self.hypervisor = hypervisor
+        self.balancer = balancer
+        self.store = store
+        self.images = images
+        self.specs = {s.name: s for s in specs}
+        self.other_pools = tuple(other_pools)
+        self.clock = clock
+        self.settings = settings
+        self.executor = Executor(hypervisor, balancer, store, self._base, clock, settings.executor)
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._recovered = False
+        self._strays_reported: set[str] = set()
+
+    # ---- control ---------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop soon: no new actions; those in flight finish; desktops keep running.
+        Safe to call from a signal handler or another thread."""
+        self._stopping.set()
+        self.executor.stop()
+        self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def wake(self) -> None:
+        """Make the next pass start now."""
+        self._wake.set()
+
+    def run(self) -> None:
+        """Pass after pass until stop(); woken early by hypervisor events."""
+        subscription = self.hypervisor.subscribe(self._on_event)
+        log.info(
+            "keeper started",
+            extra=fields(pools=",".join(self.specs) or "none", tick=self.settings.tick),
+        )
+        try:
+            while not self.stopping:
+                self._wake.clear()
+                try:
+                    self.run_pass()
+                except ImagepipeError as exc:
+                    log.error("pass failed; retrying next tick", extra=fields(error=str(exc)))
+                if not self.stopping:
+                    self._wake.wait(self.settings.tick)
+        finally:
+            subscription.close()
+            log.info("keeper stopped; running desktops keep running")
+
+    # ---- one pass --------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Finish or undo what a previous keeper left open (run once, before the first pass)."""
+        self.executor.recover()
+        self._recovered = True
+
+    def run_pass(self) -> PassReport:
+        if not self._recovered:
+            self.recover()
+        now = self.clock.now()
+        self._ensure_frontend()
+        host = observe(
+            self.hypervisor,
+            self.balancer,
+            self.images,
+            list(self.specs.values()),
+            also_configured=self.other_pools,
+        )
+        self._report_strays(host)
+        actions: list[Action] = []
+        adopted: list[str] = []
+        not_planned = dict(host.unobservable)
+        for spec in self.specs.values():
+            observed = host.pools.get(spec.name)
+            if observed is None:
+                continue
+            record = self.store.load_pool(spec.name)
+            adopted += self._adopted(spec, observed, record)
+            actions += plan(spec, observed, record, now)
+        if self.stopping:
+            return PassReport(at=now, observation=host, adopted=tuple(adopted))
+        execution = self.executor.run(self.specs, actions)
+        log.debug(
+            "pass done",
+            extra=fields(
+                pools=len(self.specs),
+                actions=len(actions),
+                failed=len(execution.failed),
+                skipped=len(execution.skipped),
+                adopted=len(adopted) or None,
+            ),
+        )
+        return PassReport(
+            at=now,
+            actions=tuple(actions),
+            execution=execution,
+            observation=host,
+            adopted=tuple(adopted),
+            not_planned=not_planned,
+        )
+
+    def _adopted(self, spec: PoolSpec, observed: Observed, record: PoolRecord) -> list[str]:
+        """Clones the store does not know (a lost or older store). The planner rebuilds
+        their records from the clones' metadata and observed sessions in this same pass
+        (a clone somebody is on comes back as in use, never as free)."""
+        missing = [c for c in observed.clones if c.name not in record.clones]
+        for clone in missing:
+            log.info(
+                "adopting a clone the store did not know",
+                extra=fields(
+                    pool=spec.name,
+                    clone=clone.name,
+                    version=clone.info.version,
+                    power=clone.info.power,
+                    in_use=clone.session.active,
+                ),
+            )
+        return [c.name for c in missing]
+
+    def _ensure_frontend(self) -> None:
+        """The shared address must listen (a crashed or restarted balancer comes back);
+        idempotent, so every pass checks it. A failure is logged; the pass goes on."""
+        try:
+            self.balancer.ensure_frontend()
+        except ImagepipeError as exc:
+            log.error("balancer not available", extra=fields(error=str(exc)))
+
+    def _report_strays(self, host: HostObservation) -> None:
+        """Clones of pools that are no longer configured: said once, never deleted."""
+        for stray in host.stray_clones:
+            if stray.name not in self._strays_reported:
+                self._strays_reported.add(stray.name)
+                log.warning(
+                    "clone of a pool that is not configured; left alone "
+                    "(delete it, or add the pool back)",
+                    extra=fields(pool=stray.pool, clone=stray.name),
+                )
+
+    def _base(self, image: str, version: int) -> BaseImage:
+        return self.images.resolve(image, version).base_image()
+
+    def _on_event(self, event: HypervisorEvent) -> None:
+        log.debug(
+            "hypervisor event",
+            extra=fields(clone=event.clone, kind=event.kind, client=event.client),
+        )
+        self._wake.set()

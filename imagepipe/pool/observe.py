@@ -1,0 +1,174 @@
+"""observe(): what really exists, per pool, in one pass.
+
+One inventory call to the hypervisor (list_clones), one session query per running clone,
+one list of the balancer's backends, and the registry's answer to "which version should this
+pool run". The hypervisor is the truth for what exists; clones carry their pool in their own
+metadata, so clones of pools that are no longer configured are reported (never deleted
+silently), and so are balancer entries that belong to no clone.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from imagepipe.balancers.base import Balancer
+from imagepipe.errors import CloneNotFoundError, ImagepipeError
+from imagepipe.hypervisors.base import Hypervisor
+from imagepipe.log import fields
+from imagepipe.pool.model import (
+    Backend,
+    BaseImage,
+    CloneInfo,
+    GuestSession,
+    Observed,
+    ObservedClone,
+    PoolSpec,
+    Power,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ImageVersion(Protocol):
+    """What observe needs of a registered version (imagepipe.images.registry.VersionRecord)."""
+
+    @property
+    def version(self) -> int: ...
+
+    def base_image(self) -> BaseImage: ...
+
+
+class Images(Protocol):
+    """What observe needs of the registry (imagepipe.images.registry.Registry)."""
+
+    def resolve(self, image: str, ref: str | int | None = None) -> ImageVersion: ...
+
+
+@dataclass(frozen=True)
+class HostObservation:
+    """One pass's view of the host."""
+
+    pools: Mapping[str, Observed] = field(default_factory=dict)
+    # pools that could not be observed safely this pass (the keeper does not plan them)
+    unobservable: Mapping[str, str] = field(default_factory=dict)
+    notes: Mapping[str, str] = field(default_factory=dict)  # pool -> e.g. image not found
+    stray_clones: tuple[CloneInfo, ...] = ()  # clones of pools that are not configured
+    stray_backends: tuple[Backend, ...] = ()  # backends of no configured pool and no clone
+    balancer_error: str | None = None
+
+
+def belongs_to(pool: str, name: str) -> bool:
+    """Whether a clone or backend name has this pool's `<pool>-<slot>` form."""
+    return re.fullmatch(re.escape(pool) + r"-\d+", name) is not None
+
+
+def target_version(images: Images, spec: PoolSpec) -> ImageVersion:
+    """The version the pool should run now: its pinned version, else its channel's."""
+    ref: str | int | None = spec.version if spec.version is not None else spec.channel
+    return images.resolve(spec.image, ref)
+
+
+def observe(
+    hypervisor: Hypervisor,
+    balancer: Balancer,
+    images: Images,
+    specs: Sequence[PoolSpec],
+    *,
+    also_configured: Collection[str] = (),
+) -> HostObservation:
+    """`specs`: the pools to observe. `also_configured`: pools that exist in the
+    configuration but are not looked after here (`keep --pool`); their clones are not strays."""
+    clones = hypervisor.list_clones()
+    balancer_error = None
+    try:
+        backends = balancer.list_backends()
+    except ImagepipeError as exc:
+        balancer_error = str(exc)
+        backends = []
+        log.warning("cannot read the balancer", extra=fields(error=balancer_error))
+    by_backend = {b.name: b for b in backends}
+    configured = {s.name for s in specs} | set(also_configured)
+    pools: dict[str, Observed] = {}
+    unobservable: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    ready_cache: dict[tuple[str, int], bool] = {}
+    for spec in specs:
+        mine = [c for c in clones if c.pool == spec.name]
+        try:
+            observed = _observe_clones(hypervisor, mine, by_backend)
+        except ImagepipeError as exc:
+            unobservable[spec.name] = f"cannot read sessions: {exc}"
+            log.warning(
+                "pool not planned this pass: its sessions cannot be read",
+                extra=fields(pool=spec.name, error=str(exc)),
+            )
+            continue
+        names = {c.info.name for c in observed}
+        orphans = tuple(
+            b for b in backends if belongs_to(spec.name, b.name) and b.name not in names
+        )
+        version, ready, note = _target(hypervisor, images, spec, ready_cache)
+        if note:
+            notes[spec.name] = note
+        pools[spec.name] = Observed(
+            clones=tuple(observed),
+            orphan_backends=orphans,
+            target_version=version,
+            base_ready=ready,
+        )
+    strays = tuple(c for c in clones if c.pool not in configured)
+    clone_names = {c.name for c in clones}
+    stray_backends = tuple(
+        b
+        for b in backends
+        if b.name not in clone_names and not any(belongs_to(p, b.name) for p in configured)
+    )
+    return HostObservation(
+        pools=pools,
+        unobservable=unobservable,
+        notes=notes,
+        stray_clones=strays,
+        stray_backends=stray_backends,
+        balancer_error=balancer_error,
+    )
+
+
+def _observe_clones(
+    hypervisor: Hypervisor, clones: Sequence[CloneInfo], backends: Mapping[str, Backend]
+) -> list[ObservedClone]:
+    observed = []
+    for info in clones:
+        session = GuestSession()
+        if info.power is Power.RUNNING:
+            try:
+                session = hypervisor.sessions(info.name)
+            except CloneNotFoundError:
+                continue  # deleted between the inventory and now: it does not exist
+        observed.append(ObservedClone(info=info, session=session, backend=backends.get(info.name)))
+    return observed
+
+
+def _target(
+    hypervisor: Hypervisor,
+    images: Images,
+    spec: PoolSpec,
+    ready_cache: dict[tuple[str, int], bool],
+) -> tuple[int | None, bool, str | None]:
+    try:
+        version = target_version(images, spec)
+    except ImagepipeError as exc:
+        return None, False, str(exc)
+    key = (spec.image, version.version)
+    if key not in ready_cache:
+        try:
+            ready_cache[key] = hypervisor.base_ready(version.base_image())
+        except ImagepipeError as exc:
+            ready_cache[key] = False
+            return version.version, False, f"base of {spec.image} v{version.version}: {exc}"
+    ready = ready_cache[key]
+    note = None if ready else f"base of {spec.image} v{version.version} is not ready to clone"
+    return version.version, ready, note

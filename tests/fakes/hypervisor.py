@@ -1,0 +1,407 @@
+"""FakeHypervisor: an in-memory hypervisor that behaves like the real ones.
+
+Stateful and honest: it keeps clones with their power state, display, session and "dirty"
+disk; it raises the same typed errors the adapters raise (CloneNotFoundError for a missing
+clone, InvalidStateError for suspending a powered-off one, ...); and it delivers events through
+subscribe(). Test controls drive what a user or the guest would do:
+
+    hv = FakeHypervisor(clock=lambda: now)
+    hv.add_base(base)                       # a registered, powered-off base image
+    hv.boot_ticks = 2                       # a started clone is ready after two tick() calls
+    hv.fail_next("create_clone", BusyError("locked"))
+    hv.connect("lab-0", "10.0.0.7")         # a VNC client connects
+    hv.login("lab-0", "alice"); hv.logout("lab-0", "alice")
+    hv.power_off_inside("lab-0")            # the user shut the desktop down
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from imagepipe.errors import (
+    BadInputError,
+    CloneNotFoundError,
+    HypervisorError,
+    InvalidStateError,
+)
+from imagepipe.hypervisors.base import EventKind, HypervisorEvent
+from imagepipe.pool.model import (
+    BaseImage,
+    CloneInfo,
+    CloneSpec,
+    Endpoint,
+    GuestSession,
+    Power,
+)
+
+
+@dataclass
+class _Clone:
+    spec: CloneSpec
+    power: Power = Power.SHUTOFF
+    boot_ticks_left: int = 0
+    session: GuestSession = field(default_factory=GuestSession)
+    dirty: bool = False  # changes since the base (a user's traces)
+
+
+@dataclass
+class _Subscription:
+    owner: FakeHypervisor
+    callback: Callable[[HypervisorEvent], None]
+    open: bool = True
+
+    def close(self) -> None:
+        self.open = False
+        self.owner._unsubscribe(self)
+
+
+@dataclass
+class FakeHypervisor:
+    """Implements imagepipe.hypervisors.base.Hypervisor in memory."""
+
+    clock: Callable[[], float] = field(default=lambda: 0.0)
+    boot_ticks: int = 0  # tick() calls between start and ready; 0 = ready at once
+    clones: dict[str, _Clone] = field(default_factory=dict)
+    bases: dict[tuple[str, int], bool] = field(default_factory=dict)  # -> powered off
+    calls: list[tuple[str, str]] = field(default_factory=list)  # (operation, clone name)
+    closed: bool = False
+    _failures: dict[str, deque[HypervisorError]] = field(default_factory=lambda: defaultdict(deque))
+    _blockers: dict[str, threading.Event] = field(default_factory=dict)
+    _subs: list[_Subscription] = field(default_factory=list)
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+
+    # ---- test controls ---------------------------------------------------------------
+
+    def add_base(self, base: BaseImage, *, powered_off: bool = True) -> None:
+        """Register a base image; clones can be made from it while it is powered off."""
+        self.bases[(base.image, base.version)] = powered_off
+
+    def fail_next(self, operation: str, error: HypervisorError, times: int = 1) -> None:
+        """Make the next `times` calls of `operation` (e.g. "create_clone") raise `error`."""
+        for _ in range(times):
+            self._failures[operation].append(error)
+
+    def block(self, operation: str) -> threading.Event:
+        """Make `operation` wait until the returned event is set (for timeout tests)."""
+        gate = threading.Event()
+        self._blockers[operation] = gate
+        return gate
+
+    def tick(self) -> None:
+        """Time passes inside the guests: booting clones get closer to ready."""
+        with self._lock:
+            for name, clone in self.clones.items():
+                if clone.power is Power.RUNNING and clone.boot_ticks_left > 0:
+                    clone.boot_ticks_left -= 1
+                    if clone.boot_ticks_left == 0:
+                        self._emit(EventKind.AGENT_CHANGED, name, detail="up")
+
+    def connect(self, name: str, client: str) -> None:
+        """A remote-desktop client connects to the clone's display."""
+        with self._lock:
+            clone = self._running(name)
+            clone.session = replace(clone.session, client=client, connected_since=self.clock())
+            clone.dirty = True
+        self._emit(EventKind.SESSION_CONNECTED, name, client=client)
+
+    def disconnect(self, name: str) -> None:
+        """The remote-desktop client goes away (the user may still be logged in)."""
+        with self._lock:
+            clone = self._get(name)
+            client = clone.session.client
+            clone.session = replace(clone.session, client=None, connected_since=None)
+        self._emit(EventKind.SESSION_DISCONNECTED, name, client=client)
+
+    def login(self, name: str, user: str) -> None:
+        with self._lock:
+            clone = self._running(name)
+            clone.session = replace(clone.session, users=(*clone.session.users, user))
+            clone.dirty = True
+        self._emit(EventKind.AGENT_CHANGED, name, detail=f"login {user}")
+
+    def logout(self, name: str, user: str) -> None:
+        with self._lock:
+            clone = self._get(name)
+            users = tuple(u for u in clone.session.users if u != user)
+            clone.session = replace(clone.session, users=users)
+        self._emit(EventKind.AGENT_CHANGED, name, detail=f"logout {user}")
+
+    def power_off_inside(self, name: str) -> None:
+        """The guest shuts itself down: every session ends."""
+        with self._lock:
+            clone = self._get(name)
+            clone.power = Power.SHUTOFF
+            clone.session = GuestSession()
+        self._emit(EventKind.STATE_CHANGED, name, detail="shutoff")
+
+    def remove_behind_our_back(self, name: str) -> None:
+        """Someone deleted the clone with another tool."""
+        with self._lock:
+            self.clones.pop(name, None)
+
+    def count(self, operation: str) -> int:
+        return sum(1 for op, _ in self.calls if op == operation)
+
+    # ---- the Hypervisor port ---------------------------------------------------------
+
+    def list_clones(self) -> list[CloneInfo]:
+        self._enter("list_clones", "")
+        with self._lock:
+            return [self._info(c) for c in sorted(self.clones.values(), key=lambda c: c.spec.name)]
+
+    def base_ready(self, base: BaseImage) -> bool:
+        self._enter("base_ready", base.image)
+        return self.bases.get((base.image, base.version), False)
+
+    def create_clone(self, spec: CloneSpec) -> CloneInfo:
+        self._enter("create_clone", spec.name)
+        with self._lock:
+            existing = self.clones.get(spec.name)
+            if existing is not None:
+                if _same_identity(existing.spec, spec):
+                    return self._info(existing)
+                raise InvalidStateError(
+                    f"a clone named {spec.name} already exists with other metadata "
+                    f"(pool {existing.spec.pool}, version {existing.spec.base.version}); "
+                    "delete it first"
+                )
+            key = (spec.base.image, spec.base.version)
+            if key not in self.bases:
+                raise CloneNotFoundError(
+                    f"base image {spec.base.image} v{spec.base.version} does not exist"
+                )
+            if not self.bases[key]:
+                raise InvalidStateError(
+                    f"base image {spec.base.image} v{spec.base.version} is running; "
+                    "clones are made only from a powered-off base"
+                )
+            for other in self.clones.values():
+                if other.spec.display == spec.display:
+                    raise InvalidStateError(
+                        f"display {spec.display} is already used by {other.spec.name}"
+                    )
+            clone = _Clone(spec=spec)
+            self.clones[spec.name] = clone
+            return self._info(clone)
+
+    def start(self, name: str) -> None:
+        self._enter("start", name)
+        with self._lock:
+            clone = self._get(name)
+            if clone.power is Power.RUNNING:
+                return
+            if clone.power is Power.SUSPENDED:
+                raise InvalidStateError(f"{name} is suspended; resume it instead of starting it")
+            clone.power = Power.RUNNING
+            clone.boot_ticks_left = self.boot_ticks
+        self._emit(EventKind.STATE_CHANGED, name, detail="running")
+
+    def stop(self, name: str, timeout: float) -> None:
+        self._enter("stop", name)
+        with self._lock:
+            clone = self._get(name)
+            if clone.power is Power.SHUTOFF:
+                return
+            clone.power = Power.SHUTOFF
+            clone.session = GuestSession()
+        self._emit(EventKind.STATE_CHANGED, name, detail="shutoff")
+
+    def reset(self, name: str) -> None:
+        self._enter("reset", name)
+        with self._lock:
+            clone = self._get(name)
+            clone.dirty = False
+            clone.session = GuestSession()
+            clone.power = Power.RUNNING
+            clone.boot_ticks_left = self.boot_ticks
+        self._emit(EventKind.STATE_CHANGED, name, detail="reset")
+
+    def suspend(self, name: str) -> None:
+        self._enter("suspend", name)
+        with self._lock:
+            clone = self._get(name)
+            if clone.power is Power.SUSPENDED:
+                return
+            if clone.power is not Power.RUNNING:
+                raise InvalidStateError(f"{name} is {clone.power}; only a running clone suspends")
+            clone.power = Power.SUSPENDED
+        self._emit(EventKind.STATE_CHANGED, name, detail="suspended")
+
+    def resume(self, name: str) -> None:
+        self._enter("resume", name)
+        with self._lock:
+            clone = self._get(name)
+            if clone.power is Power.RUNNING:
+                return
+            if clone.power is not Power.SUSPENDED:
+                raise InvalidStateError(f"{name} is {clone.power}, not suspended; start it instead")
+            clone.power = Power.RUNNING
+        self._emit(EventKind.STATE_CHANGED, name, detail="running")
+
+    def delete(self, name: str) -> None:
+        self._enter("delete", name)
+        with self._lock:
+            if self.clones.pop(name, None) is None:
+                return
+        self._emit(EventKind.STATE_CHANGED, name, detail="deleted")
+
+    def display(self, name: str) -> Endpoint | None:
+        self._enter("display", name)
+        with self._lock:
+            return self._get(name).spec.display
+
+    def sessions(self, name: str) -> GuestSession:
+        self._enter("sessions", name)
+        with self._lock:
+            clone = self._get(name)
+            return clone.session if clone.power is Power.RUNNING else GuestSession()
+
+    def subscribe(self, callback: Callable[[HypervisorEvent], None]) -> _Subscription:
+        sub = _Subscription(owner=self, callback=callback)
+        with self._lock:
+            self._subs.append(sub)
+        return sub
+
+    def close(self) -> None:
+        with self._lock:
+            for sub in list(self._subs):
+                sub.open = False
+            self._subs.clear()
+            self.closed = True
+
+    # ---- internals -------------------------------------------------------------------
+
+    def _enter(self, operation: str, name: str) -> None:
+        with self._lock:
+            self.calls.append((operation, name))
+            queue = self._failures.get(operation)
+            error = queue.popleft() if queue else None
+            gate = self._blockers.pop(operation, None)
+        if gate is not None:
+            gate.wait()
+        if error is not None:
+            raise error
+
+    def _get(self, name: str) -> _Clone:
+        clone = self.clones.get(name)
+        if clone is None:
+            raise CloneNotFoundError(f"no clone named {name}")
+        return clone
+
+    def _running(self, name: str) -> _Clone:
+        clone = self._get(name)
+        if clone.power is not Power.RUNNING:
+            raise InvalidStateError(f"{name} is {clone.power}; nobody can use it")
+        return clone
+
+    def _info(self, clone: _Clone) -> CloneInfo:
+        spec = clone.spec
+        running = clone.power is Power.RUNNING
+        return CloneInfo(
+            name=spec.name,
+            pool=spec.pool,
+            slot=spec.slot,
+            image=spec.base.image,
+            version=spec.base.version,
+            power=clone.power,
+            display=spec.display,
+            ready=running and clone.boot_ticks_left == 0,
+        )
+
+    def _emit(
+        self, kind: EventKind, name: str, *, client: str | None = None, detail: str = ""
+    ) -> None:
+        event = HypervisorEvent(
+            kind=kind, clone=name, at=self.clock(), client=client, detail=detail
+        )
+        with self._lock:
+            subs = [s for s in self._subs if s.open]
+        for sub in subs:
+            sub.callback(event)
+
+    def _unsubscribe(self, sub: _Subscription) -> None:
+        with self._lock:
+            if sub in self._subs:
+                self._subs.remove(sub)
+
+    def is_dirty(self, name: str) -> bool:
+        """Whether the clone carries changes a user made since its last reset."""
+        return self._get(name).dirty
+
+
+def _same_identity(a: CloneSpec, b: CloneSpec) -> bool:
+    return (a.pool, a.slot, a.base.image, a.base.version) == (
+        b.pool,
+        b.slot,
+        b.base.image,
+        b.base.version,
+    )
+
+
+# ---- companions for keeper tests: a clock that never sleeps, a registry in memory --------
+
+
+@dataclass
+class FakeClock:
+    """imagepipe.pool.executor.Clock: sleep() moves time forward instead of waiting."""
+
+    time: float = 1_700_000_000.0
+    slept: list[float] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def now(self) -> float:
+        with self._lock:
+            return self.time
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.slept.append(seconds)
+            self.time += seconds
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.time += seconds
+
+
+@dataclass(frozen=True)
+class FakeVersion:
+    image: str
+    version: int
+
+    def base_image(self) -> BaseImage:
+        return BaseImage(
+            image=self.image,
+            version=self.version,
+            directory=Path("/var/lib/imagepipe/images") / self.image / f"v{self.version}",
+            disk="disk.qcow2",
+        )
+
+
+@dataclass
+class FakeImages:
+    """The registry's resolve(): images with versions and channels, in memory."""
+
+    channels: dict[tuple[str, str], int] = field(default_factory=dict)
+    versions: dict[str, set[int]] = field(default_factory=dict)
+
+    def publish(self, image: str, version: int, channel: str = "latest") -> BaseImage:
+        self.versions.setdefault(image, set()).add(version)
+        self.channels[(image, channel)] = version
+        return FakeVersion(image, version).base_image()
+
+    def resolve(self, image: str, ref: str | int | None = None) -> FakeVersion:
+        known = self.versions.get(image)
+        if not known:
+            raise BadInputError(f"image {image!r} has no registered versions")
+        if isinstance(ref, int):
+            if ref not in known:
+                raise BadInputError(f"{image} has no version {ref}")
+            return FakeVersion(image, ref)
+        channel = ref or "latest"
+        if (image, channel) not in self.channels:
+            raise BadInputError(f"{image} has no channel {channel!r}")
+        return FakeVersion(image, self.channels[(image, channel)])

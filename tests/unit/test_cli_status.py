@@ -1,0 +1,140 @@
+"""`imagepipe status`: the JSON document scripts rely on, and the table people read."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imagepipe.cli import status as status_cli
+from imagepipe.cli.app import main
+from imagepipe.config import load_pool_file
+from imagepipe.pool.keeper import Keeper
+from imagepipe.pool.store import Store
+from tests.fakes.balancer import FakeBalancer
+from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
+
+POOL_FILE = """\
+name: lab
+image: tiny
+size: {initial: 2, free: 2, max: 4}
+display: {port_range: 5900-5903}
+"""
+
+POOL_KEYS = {
+    "name", "image", "version", "target_free", "free", "in_use", "total", "max",
+    "failures", "breaker_open_until", "note", "clones",
+}  # fmt: skip
+CLONE_KEYS = {
+    "name", "slot", "version", "state", "power", "display", "balancer", "connections",
+    "client", "users", "since", "failures",
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """main() points the root logger at the (captured, then closed) stderr; undo that."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    monkeypatch.setenv("COLUMNS", "160")
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, FakeHypervisor]:
+    """A settings file, a pool, and a host where the keeper made the pool ready and one
+    user is on lab-0."""
+    (tmp_path / "pools").mkdir()
+    (tmp_path / "pools" / "lab.yml").write_text(POOL_FILE)
+    settings = tmp_path / "imagepipe.yml"
+    settings.write_text("pools_dir: pools\nstate_db: state.db\nrun_dir: run\n")
+    clock = FakeClock()
+    hv = FakeHypervisor(clock=clock.now)
+    images = FakeImages()
+    hv.add_base(images.publish("tiny", 1))
+    lb = FakeBalancer()
+    spec = load_pool_file(tmp_path / "pools" / "lab.yml")
+    store = Store(tmp_path / "state.db")
+    keeper = Keeper(
+        hypervisor=hv, balancer=lb, store=store, images=images, specs=[spec], clock=clock
+    )
+    for _ in range(4):
+        keeper.run_pass()
+    lb.connect("lab-0")
+    hv.connect("lab-0", "192.0.2.10")
+    hv.login("lab-0", "alice")
+    for _ in range(4):
+        keeper.run_pass()
+    store.close()
+    monkeypatch.setattr(status_cli, "build_hypervisor", lambda settings: hv)
+    monkeypatch.setattr(status_cli, "build_balancer", lambda settings, manage: lb.reopen())
+    monkeypatch.setattr(status_cli, "Registry", lambda path, store: images)
+    return settings, hv
+
+
+def test_status_json_describes_every_pool_and_desktop_with_a_stable_schema(
+    host: tuple[Path, FakeHypervisor], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, _ = host
+
+    code = main(["--config", str(settings), "status", "--json"])
+
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"schema", "generated_at", "pools", "stray_clones", "balancer_error"}
+    assert doc["schema"] == "imagepipe.status/1"
+    (pool,) = doc["pools"]
+    assert set(pool) == POOL_KEYS
+    assert (pool["name"], pool["image"], pool["version"]) == ("lab", "tiny", 1)
+    assert (pool["free"], pool["in_use"], pool["total"], pool["target_free"]) == (2, 1, 3, 2)
+    clones = {c["name"]: c for c in pool["clones"]}
+    assert all(set(c) == CLONE_KEYS for c in clones.values())
+    alice = clones["lab-0"]
+    assert alice["state"] == "in_use"
+    assert alice["client"] == "192.0.2.10" and alice["users"] == ["alice"]
+    assert alice["balancer"] == "drain" and alice["connections"] == 1
+    assert alice["display"] == "127.0.0.1:5900" and alice["power"] == "running"
+    assert clones["lab-1"]["state"] == "free" and clones["lab-1"]["balancer"] == "ready"
+
+
+def test_status_reports_clones_of_pools_that_are_not_configured(
+    host: tuple[Path, FakeHypervisor], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, hv = host
+    (settings.parent / "pools" / "lab.yml").unlink()
+    (settings.parent / "pools" / "other.yml").write_text(
+        POOL_FILE.replace("lab", "other").replace("5900-5903", "6000-6003")
+    )
+
+    assert main(["--config", str(settings), "status", "--json"]) == 0
+
+    doc = json.loads(capsys.readouterr().out)
+    assert sorted(s["name"] for s in doc["stray_clones"]) == sorted(hv.clones)
+    assert doc["pools"][0]["clones"] == []
+
+
+def test_status_table_shows_sizes_and_who_is_on_which_desktop(
+    host: tuple[Path, FakeHypervisor], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, _ = host
+
+    assert main(["--config", str(settings), "status", "lab"]) == 0
+
+    out = capsys.readouterr().out
+    assert "free 2/2" in out and "in use 1" in out and "total 3/4" in out
+    assert "alice@192.0.2.10" in out
+    assert "lab-1" in out and "ready" in out
+
+
+def test_status_of_an_unknown_pool_is_a_clear_error(
+    host: tuple[Path, FakeHypervisor], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, _ = host
+
+    assert main(["--config", str(settings), "status", "nope"]) == 2
+    assert "no pool named nope" in capsys.readouterr().err
