@@ -21,4 +21,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[$extras]"
   touch "$stamp"
 fi
+# `imagepipe` on PATH for administrators, with bash completion.
+ln -sf "$(pwd)/.venv/bin/imagepipe" /usr/local/bin/imagepipe
+if [ -d /etc/bash_completion.d ] || mkdir -p /etc/bash_completion.d; then
+  cp completions/imagepipe.bash /etc/bash_completion.d/imagepipe
+fi
 echo "install: imagepipe $(.venv/bin/imagepipe --version | cut -d' ' -f2) in $(pwd)/.venv (extras: $extras)"

@@ -7,9 +7,11 @@ every component is installed by the project's own scripts.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 
 import pytest
 
@@ -50,3 +52,15 @@ def require_libvirt() -> str:
     except ImportError:
         require(False, "libvirt-python is not installed (pip install -e .[libvirt])")
     return uri
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """`imagepipe.cli.app.main()` points the root logger at the current stderr; under pytest
+    that is a capture that closes after the test. Put the root logger back afterwards so a
+    later test never logs into a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -1,4 +1,4 @@
-"""One example per pool rule of the planner (docs/pool-lifecycle.md)."""
+"""One example per pool rule of the planner (README.md, "Pool lifecycle")."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+complete --command imagepipe --no-files --arguments "(env _IMAGEPIPE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) imagepipe)" --condition "env _IMAGEPIPE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) imagepipe"
