@@ -8,6 +8,7 @@ it only talks to an HAProxy someone else runs.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -194,11 +195,9 @@ class HAProxyBalancer:
 
     def _write_config(self, text: str) -> bool:
         """Write haproxy.cfg atomically; True when its content changed."""
-        try:
+        with contextlib.suppress(FileNotFoundError):
             if self.config_path.read_text() == text:
                 return False
-        except FileNotFoundError:
-            pass
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.config_path.with_name(f".{self.config_path.name}.{os.getpid()}.tmp")
         tmp.write_text(text)
@@ -225,10 +224,8 @@ class HAProxyBalancer:
 def _resolve(address: Endpoint) -> Endpoint:
     """HAProxy's dynamic servers do not resolve names: give it an IP address."""
     host = address.host.strip("[]")
-    try:
+    with contextlib.suppress(ValueError):
         return Endpoint(str(ipaddress.ip_address(host)), address.port)
-    except ValueError:
-        pass
     try:
         infos = socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:

@@ -146,11 +146,9 @@ class LibvirtHypervisor:
         with self._lock:
             conn = self._conn
             if conn is not None:
-                try:
+                with contextlib.suppress(self._libvirt.libvirtError):
                     if conn.isAlive():
                         return conn
-                except self._libvirt.libvirtError:
-                    pass
                 log.warning("libvirt connection lost; reconnecting", extra=fields(uri=self.uri))
             # events may have been missed while disconnected: forget what they told us
             self._agent_timeout_set.clear()
