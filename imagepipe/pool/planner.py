@@ -2,13 +2,19 @@
 
     plan(spec, observed, record, now) -> list[Action]
 
-Pure: no I/O, no clock, no randomness. Every rule of a pool lives here; docs/pool-lifecycle.md
+Pure: no I/O, no clock, no randomness. Every rule of a pool lives here; README.md ("Pool lifecycle")
 describes them in words and draws the state diagram. One pass is linear in the number of
 clones: each clone is advanced once (`_advance`), then the pool as a whole grows, resumes or
 shrinks (`_resize`), then balancer actions follow from each clone's new state.
 
 Actions for one clone are listed in the order they must run (take it out of the balancer,
 act on the hypervisor, put it in the balancer, remember the new record).
+
+plan() runs on every keeper pass (and thousands of times per simulated day) over every
+clone, so the hot paths are written for speed without changing a single decision: most
+clones in a busy pool are quiet (in use by the same user, free and serving, suspended), and
+plan() tells them apart up front and skips the per-clone work that would end in "keep the
+record, do nothing". benchmarks/bench_planner.py measures it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from imagepipe.pool.model import (
     BalancerDrain,
     BalancerEnable,
     BalancerRemove,
+    CloneInfo,
     CloneRecord,
     CloneState,
     CreateClone,
@@ -50,8 +57,26 @@ from imagepipe.pool.model import (
 
 CLONE_RETRIES = 3  # failed attempts on one clone before it is deleted and replaced
 
-_SESSION_STATES = (CloneState.IN_USE, CloneState.DISCONNECTED, CloneState.RETIRING)
 _COMING_STATES = (CloneState.CREATING, CloneState.BOOTING)
+
+# plan() runs every pass over every clone: module-level names for the enum members it tests
+# are several times cheaper to read than `CloneState.FREE` (a class attribute lookup).
+_CREATING = CloneState.CREATING
+_BOOTING = CloneState.BOOTING
+_FREE = CloneState.FREE
+_IN_USE = CloneState.IN_USE
+_DISCONNECTED = CloneState.DISCONNECTED
+_RECYCLING = CloneState.RECYCLING
+_SUSPENDED = CloneState.SUSPENDED
+_RETIRING = CloneState.RETIRING
+_DELETING = CloneState.DELETING
+_FAILED = CloneState.FAILED
+_STOPPED = CloneState.STOPPED
+_RUNNING = Power.RUNNING
+_SHUTOFF = Power.SHUTOFF
+_POWER_SUSPENDED = Power.SUSPENDED
+_CRASHED = Power.CRASHED
+_READY = BackendState.READY
 
 
 # --------------------------------------------------------------------------------------
@@ -137,12 +162,12 @@ class _Context:
         return self.spec.on_logoff is OnLogoff.KEEP or slot in self.assigned
 
 
-@dataclass(frozen=True)
-class _Step:
-    record: CloneRecord | None  # None: forget the clone
-    actions: tuple[Action, ...] = ()  # hypervisor actions, in order
-    failed: bool = False  # the clone failed in this pass (pool failure count)
-    became_ready: bool = False  # a new or reset clone came up (pool failures reset)
+# One clone's step: (next record, or None to forget the clone; its hypervisor actions in
+# order; it failed in this pass (pool failure count); a new or reset clone came up (pool
+# failures reset)). A plain tuple, not a dataclass: _advance runs for every clone on every
+# pass, and building a tuple costs a fraction of a frozen dataclass.
+_Step = tuple[CloneRecord | None, tuple[Action, ...], bool, bool]
+_NO_ACTIONS: tuple[Action, ...] = ()
 
 
 def _enter(
@@ -155,6 +180,10 @@ def _enter(
         return rec  # the common case, kept cheap: plan() runs often over many clones
     since = rec.since if rec.state is state else ctx.now
     return replace(rec, slot=slot, version=version, state=state, since=since)
+
+
+def _to(ctx: _Context, rec: CloneRecord | None, info: CloneInfo, state: CloneState) -> CloneRecord:
+    return _enter(ctx, rec, info.name, info.slot, info.version, state)
 
 
 def _ended(rec: CloneRecord, at: float | None) -> CloneRecord:
@@ -173,74 +202,101 @@ def _healthy(rec: CloneRecord) -> CloneRecord:
     return replace(rec, session_ended_at=None, failures=0, retry_at=None)
 
 
+def _delete(ctx: _Context, rec: CloneRecord | None, info: CloneInfo) -> _Step:
+    delete = DeleteClone(pool=ctx.spec.name, clone=info.name)
+    return _to(ctx, rec, info, _DELETING), (delete,), False, False
+
+
 def _advance(ctx: _Context, oc: ObservedClone, rec: CloneRecord | None) -> _Step:
     """The next record of an observed clone, and what to do to it."""
-    spec, now, info = ctx.spec, ctx.now, oc.info
-    pool, name = spec.name, info.name
-    old = ctx.target is not None and info.version != ctx.target
+    info, session, target = oc.info, oc.session, ctx.target
+    old = target is not None and info.version != target
     state = rec.state if rec is not None else None
 
-    def to(new: CloneState) -> CloneRecord:
-        return _enter(ctx, rec, name, info.slot, info.version, new)
-
-    def delete() -> _Step:
-        return _Step(to(CloneState.DELETING), (DeleteClone(pool=pool, clone=name),))
-
-    if session_live(spec, oc.session, rec, now):
-        if old or state is CloneState.RETIRING:
+    client = session.client
+    if client is not None or (session.users and session_live(ctx.spec, session, rec, ctx.now)):
+        if old or state is _RETIRING:
             if ctx.drain_deadline_passed:
-                return delete()
-            return _Step(_ended(to(CloneState.RETIRING), None))
-        if oc.session.client is None:
-            return _Step(_ended(to(CloneState.DISCONNECTED), None))
-        last = oc.session.users[0] if oc.session.users else (rec.last_user if rec else None)
-        return _Step(_in_use(to(CloneState.IN_USE), last))
+                return _delete(ctx, rec, info)
+            return _ended(_to(ctx, rec, info, _RETIRING), None), _NO_ACTIONS, False, False
+        if client is None:
+            return _ended(_to(ctx, rec, info, _DISCONNECTED), None), _NO_ACTIONS, False, False
+        users = session.users
+        last = users[0] if users else (rec.last_user if rec else None)
+        if (  # still in use by the same user: the record stays as it is
+            state is _IN_USE
+            and rec is not None
+            and rec.last_user == last
+            and rec.session_ended_at is None
+            and rec.slot == info.slot
+            and rec.version == info.version
+        ):
+            return rec, _NO_ACTIONS, False, False
+        return _in_use(_to(ctx, rec, info, _IN_USE), last), _NO_ACTIONS, False, False
 
-    if state is CloneState.DELETING and rec is not None:
+    power = info.power
+    if not old and rec is not None and rec.slot == info.slot and rec.version == info.version:
+        # the common quiet cases, which the rules below would reach with the same answer
+        if state is _SUSPENDED and power is _POWER_SUSPENDED:
+            return rec, _NO_ACTIONS, False, False  # stays suspended
+        if (
+            state is _FREE
+            and power is _RUNNING
+            and info.ready
+            and rec.session_ended_at is None
+            and rec.failures == 0
+            and rec.retry_at is None
+        ):
+            return rec, _NO_ACTIONS, False, False  # free and healthy
+
+    spec, now = ctx.spec, ctx.now
+    if state is _DELETING and rec is not None:
         if now - rec.since >= spec.boot_timeout:  # the delete got lost: issue it again
-            return _Step(replace(rec, since=now), (DeleteClone(pool=pool, clone=name),))
-        return _Step(rec)
+            again = DeleteClone(pool=spec.name, clone=info.name)
+            return replace(rec, since=now), (again,), False, False
+        return rec, _NO_ACTIONS, False, False
 
-    if state in _SESSION_STATES and rec is not None:  # the session just ended
-        if old or state is CloneState.RETIRING:
-            return delete()
+    if (state is _IN_USE or state is _DISCONNECTED or state is _RETIRING) and rec is not None:
+        # the session just ended
+        if old or state is _RETIRING:
+            return _delete(ctx, rec, info)
         ended = now
-        if state is CloneState.DISCONNECTED:
+        if state is _DISCONNECTED:
             ended = rec.since + spec.disconnect_timeout
-        rec = _ended(to(CloneState.RECYCLING), ended)
-        state = CloneState.RECYCLING
+        rec = _ended(_to(ctx, rec, info, _RECYCLING), ended)
+        state = _RECYCLING
 
-    if state is CloneState.FAILED and rec is not None:
+    if state is _FAILED and rec is not None:
         if (rec.retry_at is not None and now < rec.retry_at) or ctx.breaker_open:
-            return _Step(rec)
+            return rec, _NO_ACTIONS, False, False
         if old or rec.failures >= CLONE_RETRIES:
-            return delete()
-        nxt = replace(to(CloneState.BOOTING), retry_at=None)
-        return _Step(nxt, (ResetClone(pool=pool, clone=name),))
+            return _delete(ctx, rec, info)
+        nxt = replace(_to(ctx, rec, info, _BOOTING), retry_at=None)
+        return nxt, (ResetClone(pool=spec.name, clone=info.name),), False, False
 
     if old:
-        return delete()
+        return _delete(ctx, rec, info)
 
-    if info.power is Power.CRASHED:
-        base = rec or to(CloneState.FAILED)
-        return _Step(record_failure(spec, base, now), failed=True)
+    if power is _CRASHED:
+        base = rec or _to(ctx, rec, info, _FAILED)
+        return record_failure(spec, base, now), _NO_ACTIONS, True, False
 
-    if state is CloneState.RECYCLING and rec is not None:
+    if state is _RECYCLING and rec is not None:
         return _recycle(ctx, oc, rec)
 
-    if info.power is Power.SUSPENDED:
-        return _Step(to(CloneState.SUSPENDED))
+    if power is _POWER_SUSPENDED:
+        return _to(ctx, rec, info, _SUSPENDED), _NO_ACTIONS, False, False
 
-    if info.power is Power.SHUTOFF:
+    if power is _SHUTOFF:
         return _powered_off(ctx, oc, rec)
 
-    booting_since = rec.since if state in _COMING_STATES and rec is not None else now
-    if info.power is Power.RUNNING and info.ready:
+    if power is _RUNNING and info.ready:
         fresh = state in _COMING_STATES or state is None
-        return _Step(_healthy(to(CloneState.FREE)), became_ready=fresh)
+        return _healthy(_to(ctx, rec, info, _FREE)), _NO_ACTIONS, False, fresh
+    booting_since = rec.since if state in _COMING_STATES and rec is not None else now
     if now - booting_since >= spec.boot_timeout:
-        return _Step(record_failure(spec, to(CloneState.BOOTING), now), failed=True)
-    return _Step(to(CloneState.BOOTING))
+        return record_failure(spec, _to(ctx, rec, info, _BOOTING), now), _NO_ACTIONS, True, False
+    return _to(ctx, rec, info, _BOOTING), _NO_ACTIONS, False, False
 
 
 def _powered_off(ctx: _Context, oc: ObservedClone, rec: CloneRecord | None) -> _Step:
@@ -248,21 +304,19 @@ def _powered_off(ctx: _Context, oc: ObservedClone, rec: CloneRecord | None) -> _
     pool, name = spec.name, info.name
     state = rec.state if rec is not None else None
 
-    def to(new: CloneState) -> CloneRecord:
-        return _enter(ctx, rec, name, info.slot, info.version, new)
-
-    if state is CloneState.CREATING:  # made, not started yet
-        return _Step(to(CloneState.BOOTING), (StartClone(pool=pool, clone=name),))
-    if state is CloneState.BOOTING and rec is not None:  # a start or reset is on its way
+    if state is _CREATING:  # made, not started yet
+        return _to(ctx, rec, info, _BOOTING), (StartClone(pool=pool, clone=name),), False, False
+    if state is _BOOTING and rec is not None:  # a start or reset is on its way
         if now - rec.since >= spec.boot_timeout:
-            return _Step(record_failure(spec, rec, now), failed=True)
-        return _Step(rec)
+            return record_failure(spec, rec, now), _NO_ACTIONS, True, False
+        return rec, _NO_ACTIONS, False, False
     if ctx.persistent(info.slot):
-        stopped = to(CloneState.STOPPED)
+        stopped = _to(ctx, rec, info, _STOPPED)
         if now - stopped.since >= spec.recycle_after:
-            return _Step(to(CloneState.BOOTING), (StartClone(pool=pool, clone=name),))
-        return _Step(stopped)
-    return _recycle(ctx, oc, _ended(to(CloneState.RECYCLING), now))
+            start = StartClone(pool=pool, clone=name)
+            return _to(ctx, rec, info, _BOOTING), (start,), False, False
+        return stopped, _NO_ACTIONS, False, False
+    return _recycle(ctx, oc, _ended(_to(ctx, rec, info, _RECYCLING), now))
 
 
 def _recycle(ctx: _Context, oc: ObservedClone, rec: CloneRecord) -> _Step:
@@ -273,32 +327,31 @@ def _recycle(ctx: _Context, oc: ObservedClone, rec: CloneRecord) -> _Step:
     pool, name = spec.name, info.name
     ended = rec.session_ended_at if rec.session_ended_at is not None else rec.since
     if now - ended < spec.recycle_after:
-        return _Step(rec)
+        return rec, _NO_ACTIONS, False, False
     if ctx.persistent(info.slot):
-        if info.power is Power.SHUTOFF:
-            nxt = _enter(ctx, rec, name, info.slot, info.version, CloneState.BOOTING)
-            return _Step(nxt, (StartClone(pool=pool, clone=name),))
-        ready = info.power is Power.RUNNING and info.ready
-        state = CloneState.FREE if ready else CloneState.BOOTING
-        nxt = _enter(ctx, rec, name, info.slot, info.version, state)
-        return _Step(_ended(nxt, None))
+        if info.power is _SHUTOFF:
+            nxt = _to(ctx, rec, info, _BOOTING)
+            return nxt, (StartClone(pool=pool, clone=name),), False, False
+        ready = info.power is _RUNNING and info.ready
+        nxt = _to(ctx, rec, info, _FREE if ready else _BOOTING)
+        return _ended(nxt, None), _NO_ACTIONS, False, False
     if spec.on_logoff is OnLogoff.DELETE:
-        nxt = _enter(ctx, rec, name, info.slot, info.version, CloneState.DELETING)
-        return _Step(nxt, (DeleteClone(pool=pool, clone=name),))
-    nxt = _enter(ctx, rec, name, info.slot, info.version, CloneState.BOOTING)
-    return _Step(_ended(nxt, None), (ResetClone(pool=pool, clone=name),))
+        nxt = _to(ctx, rec, info, _DELETING)
+        return nxt, (DeleteClone(pool=pool, clone=name),), False, False
+    nxt = _to(ctx, rec, info, _BOOTING)
+    return _ended(nxt, None), (ResetClone(pool=pool, clone=name),), False, False
 
 
 def _advance_missing(ctx: _Context, rec: CloneRecord) -> _Step:
     """A remembered clone the hypervisor does not have (any more, or not yet)."""
     spec, now = ctx.spec, ctx.now
-    if rec.state is CloneState.CREATING:
+    if rec.state is _CREATING:
         if now - rec.since < spec.boot_timeout:
-            return _Step(rec)  # the create is in flight: never issue it twice
-        return _Step(record_failure(spec, rec, now), failed=True)
-    if rec.state is CloneState.FAILED and rec.retry_at is not None:
-        return _Step(rec)  # a failed create waiting for its retry (see _resize)
-    return _Step(None)
+            return rec, _NO_ACTIONS, False, False  # the create is in flight: never issue it twice
+        return record_failure(spec, rec, now), _NO_ACTIONS, True, False
+    if rec.state is _FAILED and rec.retry_at is not None:
+        return rec, _NO_ACTIONS, False, False  # a failed create waiting for its retry (_resize)
+    return None, _NO_ACTIONS, False, False
 
 
 def classify(
@@ -323,13 +376,13 @@ def classify(
         drain_deadline_passed=False,
     )
     if observed_clone is not None:
-        step = _advance(ctx, observed_clone, record)
+        nxt = _advance(ctx, observed_clone, record)[0]
     elif record is not None:
-        step = _advance_missing(ctx, record)
+        nxt = _advance_missing(ctx, record)[0]
     else:
         raise BadInputError("classify needs an observed clone or a record of one")
-    if step.record is not None:
-        return step.record.state
+    if nxt is not None:
+        return nxt.state
     assert record is not None
     return record.state
 
@@ -346,32 +399,44 @@ class _Pass:
     ctx: _Context
     observed: Mapping[str, ObservedClone]
     records: dict[str, CloneRecord] = field(default_factory=dict)
-    actions: dict[str, list[Action]] = field(default_factory=dict)
-    order: list[str] = field(default_factory=list)
+    # every clone the pass has decided about, in the order it was first decided about
+    actions: dict[str, tuple[Action, ...]] = field(default_factory=dict)
+    # Settled clones (name -> slot): in use by the same user, of the target version, out of
+    # the balancer, their record as it was. Nothing can happen to them in this pass, so they
+    # skip records/actions; _resize only counts them (see _settled in plan()).
+    settled: dict[str, int] = field(default_factory=dict)
+    unsettled: bool = False  # _resize decided about a settled clone after all: plan again
+    # Quiet clones: free and serving, or suspended; kept as they are with nothing to output
+    # unless _resize decides about them (a shrink, a resume).
+    quiet: set[str] = field(default_factory=set)
 
     def set(self, name: str, record: CloneRecord | None, actions: tuple[Action, ...]) -> None:
-        if name not in self.actions:
-            self.order.append(name)
-            self.actions[name] = []
+        if name in self.settled:
+            self.unsettled = True
+        self.quiet.discard(name)
+        self.actions[name] = self.actions.get(name, _NO_ACTIONS) + actions
         if record is None:
             self.records.pop(name, None)
         else:
             self.records[name] = record
-        self.actions[name].extend(actions)
 
 
 def _rollout_started(
-    record: PoolRecord, target: int | None, observed: Observed, now: float
+    record: PoolRecord, target: int | None, old_exists: bool, now: float
 ) -> float | None:
-    old_exists = target is not None and (
-        any(c.info.version != target for c in observed.clones)
-        or any(r.version != target for r in record.clones.values())
-    )
-    if not old_exists:
+    """`old_exists`: a clone or record of a version other than `target` (not None)."""
+    if target is None or not old_exists:
         return None
     if record.target_version != target or record.rollout_started_at is None:
         return now
     return record.rollout_started_at
+
+
+def _old_exists(record: PoolRecord, target: int | None, observed: Observed) -> bool:
+    return target is not None and (
+        any(c.info.version != target for c in observed.clones)
+        or any(r.version != target for r in record.clones.values())
+    )
 
 
 def _free_slots(spec: PoolSpec, used: set[int], reserved: frozenset[int]) -> Iterator[int]:
@@ -403,50 +468,55 @@ def _resize(p: _Pass, base_ready: bool, breaker_open: bool) -> None:
     spec, now, target = ctx.spec, ctx.now, ctx.target
     if target is None:
         return
-    ready_free = coming = counted = alive = running = 0
+    ready_free = coming = 0
     shrinkable: list[CloneRecord] = []
     suspended: list[CloneRecord] = []
     retries: list[CloneRecord] = []
-    used: set[int] = set()
+    used: set[int] = set(p.settled.values())
+    counted = alive = running = len(p.settled)  # in use: alive and running, never shared-free
+    observed, decided, assigned = p.observed, p.actions, ctx.assigned
+    shrink_after, use = spec.shrink_after, used.add
     for name, rec in p.records.items():
-        used.add(rec.slot)
-        exists = name in p.observed
-        if not exists and rec.state is CloneState.FAILED and now >= (rec.retry_at or now):
-            retries.append(rec)  # a failed create, due for another attempt
-        if rec.version != target:
-            continue
-        shared = rec.slot not in ctx.assigned
-        if not exists:  # a create in flight, or a failed one waiting for its retry
-            if rec.state is CloneState.CREATING or (
-                rec.state is CloneState.FAILED and rec not in retries
+        state = rec.state
+        use(rec.slot)
+        if name not in observed:  # a create in flight, or a failed one
+            if state is _FAILED and now >= (rec.retry_at or now):
+                retries.append(rec)  # due for another attempt
+            if rec.version == target and (
+                state is _CREATING or (state is _FAILED and rec not in retries)
             ):
                 counted += 1
                 alive += 1
-                coming += shared
+                coming += rec.slot not in assigned
+            continue
+        if rec.version != target:
             continue
         counted += 1
-        if rec.state is not CloneState.DELETING:
+        if state is _FREE:
             alive += 1
-            running += rec.state is not CloneState.SUSPENDED
-        if not shared:
-            continue
-        if rec.state is CloneState.FREE:
-            ready_free += 1
-            if now - rec.since >= spec.shrink_after:
-                shrinkable.append(rec)
-        elif rec.state in _COMING_STATES:
-            coming += 1
-        elif (
-            rec.state is CloneState.SUSPENDED
-            and not p.actions.get(name)
-            and p.observed[name].info.power is Power.SUSPENDED
-        ):
-            suspended.append(rec)
+            running += 1
+            if rec.slot not in assigned:
+                ready_free += 1
+                if now - rec.since >= shrink_after:
+                    shrinkable.append(rec)
+        elif state is _SUSPENDED:
+            alive += 1
+            if (
+                rec.slot not in assigned
+                and not decided.get(name)
+                and observed[name].info.power is _POWER_SUSPENDED
+            ):
+                suspended.append(rec)
+        elif state is not _DELETING:
+            alive += 1
+            running += 1
+            if (state is _BOOTING or state is _CREATING) and rec.slot not in assigned:
+                coming += 1
 
     wanted_free = free_target(spec, now)
     need = max(wanted_free - ready_free - coming, spec.initial - alive, 0)
 
-    for rec in sorted(suspended, key=lambda r: r.slot)[:need]:
+    for rec in sorted(suspended, key=lambda r: r.slot)[:need] if need > 0 else ():
         p.set(
             rec.name,
             _enter(ctx, rec, rec.name, rec.slot, rec.version, CloneState.BOOTING),
@@ -490,35 +560,35 @@ def _resize(p: _Pass, base_ready: bool, breaker_open: bool) -> None:
         p.set(victim.name, nxt, (DeleteClone(pool=spec.name, clone=victim.name),))
 
 
+_NO_BALANCER: tuple[tuple[Action, ...], tuple[Action, ...]] = ((), ())
+
+
 def _balancer(
-    ctx: _Context, oc: ObservedClone, rec: CloneRecord | None, hyper: list[Action]
-) -> tuple[list[Action], list[Action]]:
+    ctx: _Context, oc: ObservedClone, rec: CloneRecord | None, hyper: tuple[Action, ...]
+) -> tuple[tuple[Action, ...], tuple[Action, ...]]:
     """(take-out actions before the hypervisor's, put-in actions after) for one clone."""
-    pool, name, backend = ctx.spec.name, oc.name, oc.backend
-    state = rec.state if rec is not None else CloneState.DELETING
-    serving = (
-        state is CloneState.FREE
-        and oc.info.version == ctx.target
-        and oc.info.slot not in ctx.assigned
+    backend = oc.backend
+    state = rec.state if rec is not None else _DELETING
+    info = oc.info
+    if (
+        state is _FREE
         and not hyper
-    )
-    if serving:
-        if backend is None or backend.state is not BackendState.READY:
-            address = oc.info.display or Endpoint(
-                ctx.spec.display_address, ctx.spec.port_for(oc.info.slot)
-            )
-            return [], [BalancerEnable(pool=pool, clone=name, address=address)]
-        return [], []
+        and info.version == ctx.target
+        and info.slot not in ctx.assigned
+    ):
+        if backend is None or backend.state is not _READY:  # serving: in the balancer
+            spec = ctx.spec
+            address = info.display or Endpoint(spec.display_address, spec.port_for(info.slot))
+            return (), (BalancerEnable(pool=spec.name, clone=info.name, address=address),)
+        return _NO_BALANCER
     if backend is None:
-        return [], []
-    leaving = state is CloneState.DELETING or (
-        bool(hyper) and any(isinstance(a, ResetClone) for a in hyper)
-    )
+        return _NO_BALANCER
+    leaving = state is _DELETING or (bool(hyper) and any(isinstance(a, ResetClone) for a in hyper))
     if leaving and backend.connections == 0:
-        return [BalancerRemove(pool=pool, clone=name)], []
-    if backend.state is BackendState.READY:
-        return [BalancerDrain(pool=pool, clone=name)], []
-    return [], []
+        return (BalancerRemove(pool=ctx.spec.name, clone=info.name),), ()
+    if backend.state is _READY:
+        return (BalancerDrain(pool=ctx.spec.name, clone=info.name),), ()
+    return _NO_BALANCER
 
 
 def _pool_memory(
@@ -538,12 +608,28 @@ def _pool_memory(
 
 
 def plan(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float) -> list[Action]:
-    """Everything to do now to move the pool towards its spec (see docs/pool-lifecycle.md)."""
+    """Everything to do now to move the pool towards its spec (see "Pool lifecycle" in README.md)."""
+    planned = _plan(spec, observed, record, now, settle=True)
+    if planned is None:
+        planned = _plan(spec, observed, record, now, settle=False)
+        assert planned is not None  # with nothing settled, nothing can come unsettled
+    return planned
+
+
+def _plan(
+    spec: PoolSpec, observed: Observed, record: PoolRecord, now: float, *, settle: bool
+) -> list[Action] | None:
+    """plan(). With `settle`, quiet clones skip the per-clone work: settled ones (in use)
+    are only counted, quiet ones (free, suspended) only handed to _resize. None: _resize
+    decided about a settled clone after all (only possible when a clone's name is not its
+    slot's name): plan again without settling."""
     target = observed.target_version
     if target is None:
         target = record.target_version
-    started = _rollout_started(record, target, observed, now)
     deadline = spec.drain_deadline
+    started: float | None = None
+    if deadline is not None:  # the drain deadline needs the rollout's start before any clone
+        started = _rollout_started(record, target, _old_exists(record, target, observed), now)
     ctx = _Context(
         spec=spec,
         now=now,
@@ -554,37 +640,109 @@ def plan(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float) -> 
         and started is not None
         and now - started >= deadline,
     )
-    by_name = {c.name: c for c in observed.clones}
+    remembered = record.clones
+    by_name = {c.info.name: c for c in observed.clones}
     p = _Pass(ctx=ctx, observed=by_name)
+    records, decided = p.records, p.actions
     failed = ready = 0
+    old_exists = False  # a clone or record of another version than the target
+    get = remembered.get
+    twice = len(by_name) < len(observed.clones)  # a name observed twice (never, really)
+    settle = settle and not twice
+    settled, quiet, assigned = p.settled, p.quiet, ctx.assigned
     for oc in observed.clones:
-        step = _advance(ctx, oc, record.clones.get(oc.name))
-        p.set(oc.name, step.record, step.actions)
-        failed += step.failed
-        ready += step.became_ready
-    for name, rec in record.clones.items():
-        if name not in by_name:
-            step = _advance_missing(ctx, rec)
-            forget = (ForgetClone(pool=spec.name, clone=name),) if step.record is None else ()
-            p.set(name, step.record, forget)
-            failed += step.failed
+        info = oc.info
+        name = info.name
+        rec = get(name)
+        if info.version != target or (rec is not None and rec.version != target):
+            old_exists = True
+        elif settle and rec is not None and rec.slot == info.slot:
+            # The common quiet clones of the target version, told apart without the
+            # per-clone work: _advance would keep their record as it is with no action, and
+            # _balancer would have nothing to do, so they have no output.
+            state, session, backend = rec.state, oc.session, oc.backend
+            if state is _IN_USE:
+                if (
+                    session.client is not None
+                    and (backend is None or backend.state is not _READY)
+                    and rec.session_ended_at is None
+                    and (not session.users or session.users[0] == rec.last_user)
+                ):
+                    settled[name] = info.slot  # the same user's live session, drained
+                    continue
+            elif session.client is None and not session.users:
+                if state is _SUSPENDED:
+                    if info.power is _POWER_SUSPENDED and (
+                        backend is None or backend.state is not _READY
+                    ):
+                        decided[name] = _NO_ACTIONS  # suspended, out of the balancer
+                        records[name] = rec
+                        quiet.add(name)
+                        continue
+                elif (
+                    state is _FREE
+                    and info.power is _RUNNING
+                    and info.ready
+                    and rec.session_ended_at is None
+                    and rec.failures == 0
+                    and rec.retry_at is None
+                    and backend is not None
+                    and backend.state is _READY
+                    and info.slot not in assigned
+                ):
+                    decided[name] = _NO_ACTIONS  # free, healthy, serving
+                    records[name] = rec
+                    quiet.add(name)
+                    continue
+        nxt, hyper, step_failed, became_ready = _advance(ctx, oc, rec)
+        if twice and name in decided:  # observed twice: decide as one clone
+            p.set(name, nxt, hyper)
+        else:
+            decided[name] = hyper
+            if nxt is not None:
+                records[name] = nxt
+        if step_failed:
+            failed += 1
+        if became_ready:
+            ready += 1
+    if not remembered.keys() <= by_name.keys():  # remembered clones the hypervisor lacks
+        for name, rec in remembered.items():
+            if rec.version != target:
+                old_exists = True
+            if name not in by_name:
+                nxt, _, step_failed, _ = _advance_missing(ctx, rec)
+                forget = (ForgetClone(pool=spec.name, clone=name),) if nxt is None else _NO_ACTIONS
+                p.set(name, nxt, forget)
+                failed += step_failed
+    if deadline is None:
+        started = _rollout_started(record, target, old_exists, now)
 
     failures, until = _pool_memory(spec, record, failed, ready, now)
     breaker_open = until is not None and now < until
     _resize(p, observed.base_ready, breaker_open)
+    if p.unsettled:
+        return None
 
     out: list[Action] = []
-    for name in p.order:
-        hyper = p.actions[name]
-        nxt = p.records.get(name)
+    for name, hyper in decided.items():
+        if name in quiet:
+            continue
+        nxt = records.get(name)
         seen = by_name.get(name)
-        before, after = _balancer(ctx, seen, nxt, hyper) if seen is not None else ([], [])
-        out += before
-        out += hyper
-        out += after
-        prev = record.clones.get(name)
-        if nxt is not None and nxt is not prev and nxt != prev:
-            out.append(RecordClone(pool=spec.name, clone=name, record=nxt))
+        if seen is not None:
+            before, after = _balancer(ctx, seen, nxt, hyper)
+            if before:
+                out += before
+            if hyper:
+                out += hyper
+            if after:
+                out += after
+        elif hyper:
+            out += hyper
+        if nxt is not None:
+            prev = get(name)
+            if nxt is not prev and nxt != prev:
+                out.append(RecordClone(pool=spec.name, clone=name, record=nxt))
     for backend in observed.orphan_backends:
         if backend.connections == 0:
             out.append(BalancerRemove(pool=spec.name, clone=backend.name))
@@ -622,18 +780,18 @@ def next_timer(spec: PoolSpec, record: PoolRecord, now: float) -> float | None:
 
     for rec in record.clones.values():
         state = rec.state
-        if state is CloneState.RECYCLING:
+        if state is _RECYCLING:
             ended = rec.session_ended_at if rec.session_ended_at is not None else rec.since
             consider(ended + spec.recycle_after)
-        elif state is CloneState.STOPPED:
+        elif state is _STOPPED:
             consider(rec.since + spec.recycle_after)
-        elif state is CloneState.DISCONNECTED:
+        elif state is _DISCONNECTED:
             consider(rec.since + spec.disconnect_timeout)
-        elif state is CloneState.FREE:
+        elif state is _FREE:
             consider(rec.since + spec.shrink_after)
-        elif state in (CloneState.CREATING, CloneState.BOOTING, CloneState.DELETING):
+        elif state is _CREATING or state is _BOOTING or state is _DELETING:
             consider(rec.since + spec.boot_timeout)
-        elif state is CloneState.FAILED:
+        elif state is _FAILED:
             consider(rec.retry_at)
     consider(record.breaker_open_until)
     if spec.drain_deadline is not None and record.rollout_started_at is not None:

@@ -204,20 +204,22 @@ class _Day:
     def apply(self, action: Action, now: float) -> None:
         """The effect of a finished hypervisor operation (a missing clone: nothing)."""
         if isinstance(action, CreateClone):
-            self.world.clones[action.clone] = SimClone(
-                name=action.clone,
-                slot=action.slot,
-                version=action.version,
-                display=action.display,
+            self.world.add(
+                SimClone(
+                    name=action.clone,
+                    slot=action.slot,
+                    version=action.version,
+                    display=action.display,
+                )
             )
             self.peak = max(self.peak, len(self.world.clones))
             return
         clone = self.world.clones.get(action.clone)
         if clone is None:
             return
-        clone.changed()
+        self.world.touch(clone)
         if isinstance(action, DeleteClone):
-            del self.world.clones[action.clone]
+            self.world.remove(action.clone)
         elif isinstance(action, StartClone | ResetClone):
             clone.user = None if isinstance(action, ResetClone) else clone.user
             self.power(clone, Power.RUNNING)
@@ -248,11 +250,7 @@ class _Day:
     def serve(self, now: float) -> None:
         if not self.waiting:
             return
-        free = sorted(
-            (c for c in self.world.clones.values() if self.world.takes_users(c)),
-            key=lambda c: c.slot,
-        )
-        for clone in free:
+        for clone in self.world.takers():
             if not self.waiting:
                 return
             waiting = self.waiting.popleft()
@@ -262,7 +260,7 @@ class _Day:
 
     def log_in(self, clone: SimClone, login: Login, now: float) -> None:
         clone.user = login.user
-        clone.changed()
+        self.world.touch(clone)
         self.push(
             now + login.length, _Kind.LOGOFF, clone=clone.name, token=clone.boot_id, login=login
         )
@@ -274,16 +272,13 @@ class _Day:
             return
         if clone.user == login.user:
             clone.user = None
-            clone.changed()
+            self.world.touch(clone)
 
     def booted(self, event: _Event) -> None:
         clone = self.world.clones.get(event.clone)
         if clone is not None and clone.boot_id == event.token and clone.power is Power.RUNNING:
             clone.ready = True
-            clone.changed()
-
-    def idle(self) -> int:
-        return sum(1 for c in self.world.clones.values() if c.idle)
+            self.world.touch(clone)
 
 
 def day_epoch(spec: PoolSpec) -> float:
@@ -340,7 +335,7 @@ def simulate_day(
             day.keeper_pass(now)
             day.serve(now)
             last_pass, dirty, deferred = now, False, False
-        idle_now = day.idle()
+        idle_now = day.world.idle()
     for waiting in day.waiting:
         day.waits.append(end - waiting.since)
     return SimResult(

@@ -64,13 +64,15 @@ class OriginalPolicy:
     ) -> list[Action]:
         fixed = replace(spec, schedule=(), standby=Standby.NONE)
         actions = plan(fixed, observed, record, now)
-        building = any(
-            r.state in (CloneState.CREATING, CloneState.BOOTING) for r in record.clones.values()
-        )
+        coming = _COMING
+        building = any(r.state in coming for r in record.clones.values())
         created = [a.clone for a in actions if isinstance(a, CreateClone)]
         dropped = set(created if building else created[1:])
         kept = [a for a in actions if a.clone not in dropped or not _is_create(a)]
         return kept + _shrink_all(fixed, record, kept, now)
+
+
+_COMING = frozenset((CloneState.CREATING, CloneState.BOOTING))
 
 
 def _is_create(action: Action) -> bool:
@@ -83,13 +85,12 @@ def _shrink_all(
     spec: PoolSpec, record: PoolRecord, planned: list[Action], now: float
 ) -> list[Action]:
     """Every free clone idle past shrink_after beyond the free size goes in one pass."""
-    free = [
-        r
-        for r in record.clones.values()
-        if r.state is CloneState.FREE and r.slot not in spec.assignments.values()
-    ]
+    assigned, state_free = set(spec.assignments.values()), CloneState.FREE
+    free = [r for r in record.clones.values() if r.state is state_free and r.slot not in assigned]
     touched = {a.clone for a in planned}
     surplus = len(free) - spec.free - sum(1 for r in free if r.name in touched)
+    if surplus <= 0:
+        return []
     idle = sorted(
         (r for r in free if now - r.since >= spec.shrink_after and r.name not in touched),
         key=lambda r: (r.since, -r.slot),

@@ -7,6 +7,7 @@ gives the planner exactly the types the real observe() gives it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 from imagepipe.pool.model import (
     Backend,
@@ -54,6 +55,10 @@ class Latencies:
 
 @dataclass
 class SimClone:
+    """One simulated clone. Whoever changes its power, readiness or user calls
+    World.touch(clone) (before anything is asked of the world again): the world keeps what
+    the keeper and the balancer see of it up to date from those calls."""
+
     name: str
     slot: int
     version: int
@@ -62,36 +67,30 @@ class SimClone:
     user: str | None = None  # the logged-in, connected user
     boot_id: int = 0  # bumps on every power change, so a stale "booted" event is ignored
     display: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 0))
-    _observed: ObservedClone | None = None
-
-    def changed(self) -> None:
-        self._observed = None
 
     def observe(self, pool: str, backend_state: BackendState | None) -> ObservedClone:
-        if self._observed is None:
-            info = CloneInfo(
+        info = CloneInfo(
+            name=self.name,
+            pool=pool,
+            slot=self.slot,
+            image="sim",
+            version=self.version,
+            power=self.power,
+            display=self.display,
+            ready=self.ready,
+        )
+        session = GuestSession()
+        if self.user is not None:
+            session = GuestSession(client="10.0.0.1", users=(self.user,))
+        backend = None
+        if backend_state is not None:
+            backend = Backend(
                 name=self.name,
-                pool=pool,
-                slot=self.slot,
-                image="sim",
-                version=self.version,
-                power=self.power,
-                display=self.display,
-                ready=self.ready,
+                address=self.display,
+                state=backend_state,
+                connections=int(self.user is not None),
             )
-            session = GuestSession()
-            if self.user is not None:
-                session = GuestSession(client="10.0.0.1", users=(self.user,))
-            backend = None
-            if backend_state is not None:
-                backend = Backend(
-                    name=self.name,
-                    address=self.display,
-                    state=backend_state,
-                    connections=int(self.user is not None),
-                )
-            self._observed = ObservedClone(info=info, session=session, backend=backend)
-        return self._observed
+        return ObservedClone(info=info, session=session, backend=backend)
 
     @property
     def idle(self) -> bool:
@@ -101,24 +100,68 @@ class SimClone:
 
 @dataclass
 class World:
-    """The host and the balancer. A backend outlives its clone (an orphan) until removed."""
+    """The host and the balancer. A backend outlives its clone (an orphan) until removed.
+
+    A keeper pass observes every clone, and the simulation asks after every event how many
+    clones are idle and which ones take users; with hundreds of clones and thousands of
+    passes, rebuilding those from scratch dominated a simulated day. So the world keeps them
+    up to date incrementally: every change to a clone goes through add, remove, touch or
+    set_backend, which mark the clone stale, and a stale clone is looked at again (once)
+    the next time any of them is asked for. Same answers as a full scan, in the same order.
+    """
 
     pool: str
     version: int = 1
-    clones: dict[str, SimClone] = field(default_factory=dict)
-    backends: dict[str, BackendState] = field(default_factory=dict)
+    clones: dict[str, SimClone] = field(default_factory=dict)  # read-only outside World
+    backends: dict[str, BackendState] = field(default_factory=dict)  # read-only outside World
+    # each clone's last observation (None: changed since), in the order of `clones`
+    _observed: dict[str, ObservedClone | None] = field(default_factory=dict, init=False)
+    _snapshot: tuple[ObservedClone, ...] | None = field(default=None, init=False)
+    _orphans: tuple[Backend, ...] | None = field(default=None, init=False)
+    _unseen: set[str] = field(default_factory=set, init=False)  # changed since observed
+    _stale: set[str] = field(default_factory=set, init=False)  # changed since idle/takers
+    _idle: set[str] = field(default_factory=set, init=False)  # running, nobody on it
+    _takers: set[str] = field(default_factory=set, init=False)  # the balancer sends users
+
+    def add(self, clone: SimClone) -> None:
+        self.clones[clone.name] = clone
+        self._observed[clone.name] = None
+        self._snapshot = self._orphans = None
+        self._unseen.add(clone.name)
+        self._stale.add(clone.name)
+
+    def remove(self, name: str) -> None:
+        del self.clones[name]
+        del self._observed[name]
+        self._snapshot = self._orphans = None
+        self._unseen.discard(name)
+        self._stale.add(name)
+
+    def touch(self, clone: SimClone) -> None:
+        """`clone` changed (or is about to, before anything is asked of the world)."""
+        self._observed[clone.name] = None
+        self._snapshot = None
+        self._unseen.add(clone.name)
+        self._stale.add(clone.name)
 
     def observe(self) -> Observed:
-        orphans = tuple(
-            Backend(name=name, address=Endpoint("127.0.0.1", 0), state=state)
-            for name, state in self.backends.items()
-            if name not in self.clones
-        )
+        if self._snapshot is None:
+            observed = self._observed
+            for name in self._unseen:
+                observed[name] = self.clones[name].observe(self.pool, self.backends.get(name))
+            self._unseen.clear()
+            self._snapshot = cast(tuple[ObservedClone, ...], tuple(observed.values()))
+        if self._orphans is None and self.backends.keys() <= self.clones.keys():
+            self._orphans = ()  # the usual case, cheaper to tell than to scan for
+        if self._orphans is None:
+            self._orphans = tuple(
+                Backend(name=name, address=Endpoint("127.0.0.1", 0), state=state)
+                for name, state in self.backends.items()
+                if name not in self.clones
+            )
         return Observed(
-            clones=tuple(
-                c.observe(self.pool, self.backends.get(c.name)) for c in self.clones.values()
-            ),
-            orphan_backends=orphans,
+            clones=self._snapshot,
+            orphan_backends=self._orphans,
             target_version=self.version,
             base_ready=True,
         )
@@ -128,9 +171,10 @@ class World:
             self.backends.pop(name, None)
         else:
             self.backends[name] = state
+        self._orphans = None
         clone = self.clones.get(name)
         if clone is not None:
-            clone.changed()
+            self.touch(clone)
 
     def takes_users(self, clone: SimClone) -> bool:
         """The balancer would send a new user here."""
@@ -139,3 +183,26 @@ class World:
             and clone.ready
             and self.backends.get(clone.name) is BackendState.READY
         )
+
+    def _refresh(self) -> None:
+        for name in self._stale:
+            clone = self.clones.get(name)
+            if clone is not None and clone.idle:
+                self._idle.add(name)
+            else:
+                self._idle.discard(name)
+            if clone is not None and self.takes_users(clone):
+                self._takers.add(name)
+            else:
+                self._takers.discard(name)
+        self._stale.clear()
+
+    def idle(self) -> int:
+        """How many clones are running with nobody on them."""
+        self._refresh()
+        return len(self._idle)
+
+    def takers(self) -> list[SimClone]:
+        """The clones the balancer would send a new user to, by slot."""
+        self._refresh()
+        return sorted((self.clones[name] for name in self._takers), key=lambda c: c.slot)
