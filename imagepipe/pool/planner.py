@@ -261,8 +261,8 @@ def _advance(ctx: _Context, oc: ObservedClone, rec: CloneRecord | None) -> _Step
         if old or state is _RETIRING:
             return _delete(ctx, rec, info)
         ended = now
-        if state is _DISCONNECTED:
-            ended = rec.since + spec.disconnect_timeout
+        if state is _DISCONNECTED:  # logged off, or the disconnect timed out: whichever came first
+            ended = min(now, rec.since + spec.disconnect_timeout)
         rec = _ended(_to(ctx, rec, info, _RECYCLING), ended)
         state = _RECYCLING
 
@@ -608,7 +608,7 @@ def _pool_memory(
 
 
 def plan(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float) -> list[Action]:
-    """Everything to do now to move the pool towards its spec (see "Pool lifecycle" in README.md)."""
+    """Everything to do now to move the pool towards its spec ("Pool lifecycle", README.md)."""
     planned = _plan(spec, observed, record, now, settle=True)
     if planned is None:
         planned = _plan(spec, observed, record, now, settle=False)

@@ -220,6 +220,18 @@ def test_disconnected_user_keeps_desktop_until_timeout_then_it_is_recycled() -> 
     assert of(ResetClone, after) == [ResetClone(pool="lab", clone="lab-0")]
 
 
+def test_logoff_while_disconnected_recycles_after_recycle_after_not_disconnect_timeout() -> None:
+    disc = rec(0, CloneState.DISCONNECTED, T0 + 10, last_user="ann")
+    logged_off = observed(clone(0, backend=BackendState.DRAIN), clone(1))
+    actions = plan(SPEC, logged_off, pool(disc, rec(1, CloneState.FREE)), T0 + 100)
+    recycling = records_of(actions)["lab-0"]
+    assert recycling.state is CloneState.RECYCLING and recycling.session_ended_at == T0 + 100
+    due = plan(
+        SPEC, logged_off, pool(recycling, rec(1, CloneState.FREE)), T0 + 100 + SPEC.recycle_after
+    )
+    assert of(ResetClone, due) == [ResetClone(pool="lab", clone="lab-0")]
+
+
 def test_user_returning_during_recycle_delay_keeps_the_desktop() -> None:
     record = pool(rec(0, CloneState.RECYCLING, session_ended_at=T0), rec(1, CloneState.FREE))
     actions = plan(SPEC, observed(clone(0, session=USER), clone(1)), record, T0 + 120)
