@@ -23,12 +23,27 @@ from imagepipe.errors import ImagepipeError
 from imagepipe.hypervisors.base import Hypervisor, HypervisorEvent
 from imagepipe.log import fields
 from imagepipe.pool.executor import Clock, ExecutionReport, Executor, ExecutorSettings
-from imagepipe.pool.model import Action, BaseImage, Observed, PoolRecord, PoolSpec
+from imagepipe.pool.model import (
+    Action,
+    BaseImage,
+    ForgetClone,
+    Observed,
+    PoolRecord,
+    PoolSpec,
+    RecordClone,
+    RecordPool,
+)
 from imagepipe.pool.observe import HostObservation, Images, observe
-from imagepipe.pool.planner import plan
+from imagepipe.pool.planner import next_timer, plan
 from imagepipe.pool.store import Store
 
 log = logging.getLogger(__name__)
+
+FOLLOW_UP = 0.5  # seconds before the pass that follows one which changed the host
+TIMER_SLACK = 0.05  # wake just after a timer falls due, not just before
+QUICK_PASSES = 10  # at most this many quick passes in a row, so a plan that never settles
+# (say, a balancer that accepts a change but never shows it) costs a tick, not a busy loop
+_MEMORY = (RecordClone, ForgetClone, RecordPool)  # actions that only write the store
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,7 @@ class Keeper:
         self._stopping = threading.Event()
         self._recovered = False
         self._strays_reported: set[str] = set()
+        self._quick_passes = 0  # quick passes in a row (see next_wait)
 
     # ---- control ---------------------------------------------------------------------
 
@@ -108,14 +124,37 @@ class Keeper:
             while not self.stopping:
                 self._wake.clear()
                 try:
-                    self.run_pass()
+                    report: PassReport | None = self.run_pass()
                 except ImagepipeError as exc:
                     log.error("pass failed; retrying next tick", extra=fields(error=str(exc)))
+                    report = None
                 if not self.stopping:
-                    self._wake.wait(self.settings.tick)
+                    wait = self.settings.tick if report is None else self.next_wait(report)
+                    self._wake.wait(wait)
         finally:
             subscription.close()
             log.info("keeper stopped; running desktops keep running")
+
+    def next_wait(self, report: PassReport) -> float:
+        """How long to sleep after this pass unless an event comes first.
+
+        A pass that changed something on the host is followed almost at once: a clone it
+        created is started, one it started is put in the balancer, without waiting a tick.
+        Otherwise sleep until the soonest planner timer (a recycle, disconnect, shrink or
+        retry falling due), and never longer than a tick. Failed actions never cause a quick
+        pass: their retry is timed by the planner's backoff."""
+        changed = any(o.ok and not isinstance(o.action, _MEMORY) for o in report.execution.outcomes)
+        if changed and self._quick_passes < QUICK_PASSES:
+            self._quick_passes += 1
+            return min(FOLLOW_UP, self.settings.tick)
+        self._quick_passes = 0
+        now = self.clock.now()
+        wait = self.settings.tick
+        for spec in self.specs.values():
+            due = next_timer(spec, self.store.load_pool(spec.name), now)
+            if due is not None:
+                wait = min(wait, due - now + TIMER_SLACK)
+        return max(wait, 0.0)
 
     # ---- one pass --------------------------------------------------------------------
 

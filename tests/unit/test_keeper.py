@@ -23,6 +23,7 @@ from imagepipe.pool.model import (
     PoolSpec,
     Power,
     RecordClone,
+    ResetClone,
 )
 from imagepipe.pool.store import Store
 from tests.fakes.balancer import FakeBalancer
@@ -391,3 +392,45 @@ def test_a_keeper_for_one_pool_leaves_the_other_configured_pools_alone(world: Wo
 
     assert report.observation.stray_clones == ()
     assert world.hv.count("delete") == 0
+
+
+def test_a_pass_that_changed_something_is_followed_at_once_not_after_a_tick(
+    world: World,
+) -> None:
+    keeper = world.keeper()
+    first = keeper.run_pass()  # creates the clones; starting them is the next pass's work
+    assert any(isinstance(a, CreateClone) for a in first.actions)
+    assert keeper.next_wait(first) < 1.0 < keeper.settings.tick
+
+
+def test_the_keeper_sleeps_only_until_the_next_recycle_is_due(world: World) -> None:
+    keeper = world.keeper()
+    settle(keeper)
+    name = use(world)
+    settle(keeper)
+    leave(world, name)
+    settle(keeper)  # the session's end is recorded; the reset waits for recycle_after
+    assert world.states()[name] is CloneState.RECYCLING
+    world.clock.advance(LAB.recycle_after - 2.0)
+    quiet = keeper.run_pass()
+    assert quiet.execution.outcomes == ()
+    wait = keeper.next_wait(quiet)
+    assert 2.0 <= wait < 3.0 < keeper.settings.tick
+    world.clock.advance(wait)
+    assert any(isinstance(a, ResetClone) for a in keeper.run_pass().actions)
+
+
+def test_a_converged_pool_waits_a_whole_tick(world: World) -> None:
+    keeper = world.keeper()
+    settle(keeper)
+    assert keeper.next_wait(keeper.run_pass()) == keeper.settings.tick
+
+
+def test_quick_passes_are_bounded_so_a_plan_that_never_settles_waits_a_tick(
+    world: World,
+) -> None:
+    keeper = world.keeper()
+    busy = keeper.run_pass()  # it changed the host
+    waits = [keeper.next_wait(busy) for _ in range(12)]
+    assert waits[:10] == [0.5] * 10
+    assert waits[10] == keeper.settings.tick
