@@ -82,6 +82,11 @@ def render_config(cfg: HAProxyConfig) -> str:
         "# Written by imagepipe; changes are overwritten. Desktops are added at run time",
         "# through the admin socket (add server / set server state / del server).",
         "global",
+        # One thread: with HAProxy's default of one per CPU, two threads can both hand the
+        # same `maxconn 1` desktop a connection when users arrive at the same instant (seen
+        # here, and haproxy/haproxy#2743). Remote-desktop sessions are few and long; one
+        # thread carries thousands of them.
+        "    nbthread 1",
         f"    maxconn {cfg.max_connections}",
         f"    stats socket {_quote_path(cfg.admin_socket)} mode 600 level admin"
         " expose-fd listeners",

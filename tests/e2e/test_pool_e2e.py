@@ -100,6 +100,13 @@ class Host:
         self.keeper = None
         return code
 
+    def haproxy(self, command: str) -> str:
+        """Ask the pool's HAProxy directly, for failure messages."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(self.root / "run" / "haproxy.sock"))
+            sock.sendall(command.encode() + b"\n")
+            return sock.makefile().read()
+
     def keeper_output(self) -> str:
         return self.keeper_log.read_text(errors="replace")[-6000:] if self.keeper_log else ""
 
@@ -212,7 +219,11 @@ def test_pool_fills_and_each_vnc_client_gets_its_own_desktop(host: Host) -> None
     try:
         desktop_a = desktop_of(first)
         desktop_b = desktop_of(second)
-        assert desktop_a != desktop_b, "two concurrent users landed on the same desktop"
+        assert desktop_a != desktop_b, (
+            f"two concurrent users landed on the same desktop {desktop_a}\n"
+            f"haproxy: {host.haproxy('show servers state desktops')}\n"
+            f"keeper log:\n{host.keeper_output()}"
+        )
         assert {desktop_a, desktop_b} <= {c["name"] for c in pool["clones"]}
 
         pool = host.wait_for(

@@ -299,3 +299,40 @@ def test_a_waiting_client_gets_the_desktop_when_its_user_leaves(
     waiting.sock.settimeout(WAIT)
     assert waiting.sock.recv(16) == f"{real_harness.desktop(0).port}\n".encode()
     waiting.close()
+
+
+def test_users_arriving_at_the_same_instant_never_share_a_desktop(
+    real_harness: RealHarness,
+) -> None:
+    """A morning rush: clients that connect at the same moment must each get a desktop of
+    their own. (With HAProxy's default of one thread per CPU, two threads could both hand
+    the same maxconn-1 server a connection: up to 1 round in 30 shared a desktop here.)"""
+    ROUNDS = 200
+    balancer = real_harness.new_adapter()
+    balancer.ensure_frontend()
+    balancer.enable("lab-0", real_harness.desktop(0))
+    balancer.enable("lab-1", real_harness.desktop(1))
+    shared = 0
+    for _ in range(ROUNDS):
+        start = threading.Barrier(2)
+        clients: list[Client] = []
+
+        def arrive(start: threading.Barrier, clients: list[Client]) -> None:
+            start.wait()
+            clients.append(real_harness.connect())
+
+        arrivals = [threading.Thread(target=arrive, args=(start, clients)) for _ in range(2)]
+        for t in arrivals:
+            t.start()
+        for t in arrivals:
+            t.join()
+        first, second = clients
+        if first.landed_on is not None and first.landed_on == second.landed_on:
+            shared += 1
+        first.close()
+        second.close()
+        real_harness.eventually(
+            lambda: all(b.connections == 0 for b in balancer.list_backends()),
+            "both desktops free again",
+        )
+    assert shared == 0, f"two users got the same desktop in {shared} of {ROUNDS} rounds"
