@@ -1,0 +1,393 @@
+"""A throwaway imagepipe installation on this host, for benchmarks on real libvirt/QEMU and
+HAProxy: one temp workspace with a registry holding the `tiny` image (built once), and any
+number of installations in it, each with its own settings, state, HAProxy and one pool.
+
+    with Workspace.create() as ws:
+        ws.build_tiny()
+        lab = ws.installation("boot", pool_yaml, bind_port=free_port())
+        lab.start_keeper()
+        lab.wait_ready(1, timeout=300)
+        ...
+        lab.teardown()          # keeper, domains, HAProxy; the workspace removes the files
+
+Everything a run makes (domains, HAProxy processes, files) is removed by `teardown` /
+`Workspace.close`, also after a failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from imagepipe.balancers.haproxy import HAProxyBalancer
+from imagepipe.errors import ImagepipeError
+from imagepipe.pool.model import Backend, BackendState
+
+ROOT = Path(__file__).resolve().parents[1]
+URI = "qemu:///system"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+POLL = 0.2  # seconds between balancer polls: cheap (one admin-socket round trip)
+
+
+class BenchError(RuntimeError):
+    """A benchmark step failed; the message says which and shows the keeper's last output."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def virsh(*args: str) -> str:
+    done = subprocess.run(
+        ["virsh", "-c", URI, *args], capture_output=True, text=True, check=False, timeout=120
+    )
+    return done.stdout
+
+
+def domains(prefix: str) -> list[str]:
+    return sorted(n for n in virsh("list", "--all", "--name").split() if n.startswith(prefix))
+
+
+def running_domain_count() -> int:
+    return len(virsh("list", "--name").split())
+
+
+def domain_id(name: str) -> str:
+    """libvirt's id of a running domain; it changes every time the domain is started."""
+    return virsh("domid", name).strip()
+
+
+def destroy_domains(prefix: str) -> None:
+    for name in domains(prefix):
+        virsh("destroy", name)
+        virsh("undefine", name, "--nvram")
+
+
+# -- CPU time from /proc ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    pid: int
+    ppid: int
+    comm: str
+    own: float  # user + sys of the process (all threads), seconds
+    children: float  # user + sys of its exited, waited-for children, seconds
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    comm = text[text.index("(") + 1 : text.rindex(")")]
+    rest = text[text.rindex(")") + 2 :].split()  # rest[0] is field 3 (state)
+    utime, stime, cutime, cstime = (int(v) for v in rest[11:15])
+    return ProcStat(
+        pid=pid,
+        ppid=int(rest[1]),
+        comm=comm,
+        own=(utime + stime) / CLK_TCK,
+        children=(cutime + cstime) / CLK_TCK,
+    )
+
+
+def all_procs() -> list[ProcStat]:
+    found = (proc_stat(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit())
+    return [s for s in found if s is not None]
+
+
+def tree_cpu(pid: int, *, exclude_prefix: str = "qemu-system") -> float:
+    """CPU seconds of a process, its exited children, and its live descendants (except those
+    whose command starts with `exclude_prefix`)."""
+    procs = all_procs()
+    by_parent: dict[int, list[ProcStat]] = {}
+    for p in procs:
+        by_parent.setdefault(p.ppid, []).append(p)
+    top = next((p for p in procs if p.pid == pid), None)
+    if top is None:
+        raise BenchError(f"process {pid} is gone")
+    total = 0.0
+    todo = [top]
+    while todo:
+        p = todo.pop()
+        if p.comm.startswith(exclude_prefix):
+            continue
+        total += p.own + p.children
+        todo.extend(by_parent.get(p.pid, []))
+    return total
+
+
+def pid_cpu(pid: int) -> float | None:
+    stat = proc_stat(pid)
+    return None if stat is None else stat.own + stat.children
+
+
+def pids_named(name: str) -> list[int]:
+    return [p.pid for p in all_procs() if p.comm == name]
+
+
+def run_cli(config: Path, *args: str, timeout: float = 900) -> str:
+    """Run `imagepipe --config CONFIG ARGS…`; return its output, raise BenchError on failure."""
+    done = subprocess.run(
+        [sys.executable, "-m", "imagepipe", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+    )
+    if done.returncode != 0:
+        raise BenchError(
+            f"imagepipe {' '.join(args)} exited {done.returncode}\n"
+            f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        )
+    return done.stdout
+
+
+# -- installations ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolFile:
+    name: str
+    free: int
+    max: int
+    ports: tuple[int, int]
+    memory: str = "128M"
+    recycle_after: str = "2s"
+    boot_timeout: str = "10m"
+
+    def text(self) -> str:
+        return (
+            f"name: {self.name}\nimage: tiny\nchannel: latest\n"
+            f"size: {{initial: {self.free}, free: {self.free}, max: {self.max}}}\n"
+            f"machine: {{cpus: 1, memory: {self.memory}}}\n"
+            f"display: {{port_range: {self.ports[0]}-{self.ports[1]}, address: 127.0.0.1}}\n"
+            f"sessions: {{on_logoff: reset, recycle_after: {self.recycle_after}}}\n"
+            f"boot_timeout: {self.boot_timeout}\n"
+        )
+
+
+@dataclass
+class Installation:
+    """Settings, state, run dir and one pool; `imagepipe keep` runs as a subprocess."""
+
+    root: Path
+    config: Path
+    pool: PoolFile
+    bind_port: int
+    keeper: subprocess.Popen[bytes] | None = None
+    keeper_started: float = 0.0  # time.monotonic() just before the keeper was started
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.root / "keeper.log"
+        self.balancer = HAProxyBalancer(
+            bind=f"127.0.0.1:{self.bind_port}",
+            admin_socket=self.root / "run" / "haproxy.sock",
+            config_path=self.root / "run" / "haproxy.cfg",
+            pid_file=self.root / "run" / "haproxy.pid",
+            manage=False,
+            timeout=2.0,
+        )
+
+    def cli(self, *args: str, timeout: float = 900) -> str:
+        return run_cli(self.config, *args, timeout=timeout)
+
+    def status(self) -> dict[str, Any]:
+        doc = json.loads(self.cli("status", "--json"))
+        pool: dict[str, Any] = next(p for p in doc["pools"] if p["name"] == self.pool.name)
+        return pool
+
+    def start_keeper(self) -> None:
+        if self.keeper is not None:
+            raise BenchError("the keeper is already running")
+        with self.log_path.open("ab") as out:
+            self.keeper_started = time.monotonic()
+            self.keeper = subprocess.Popen(
+                [sys.executable, "-m", "imagepipe", "--config", str(self.config), "keep"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
+                start_new_session=True,  # Ctrl-C reaches us only; we stop it in order
+            )
+
+    def stop_keeper(self) -> None:
+        if self.keeper is None:
+            return
+        if self.keeper.poll() is None:
+            self.keeper.send_signal(signal.SIGTERM)
+            try:
+                self.keeper.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.keeper.kill()
+                self.keeper.wait(timeout=30)
+        self.keeper = None
+
+    def keeper_tail(self) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            return self.log_path.read_text(errors="replace")[-3000:]
+        return ""
+
+    def check_keeper(self, doing: str) -> None:
+        if self.keeper is not None and self.keeper.poll() is not None:
+            raise BenchError(f"the keeper exited while {doing}:\n{self.keeper_tail()}")
+
+    def backends(self) -> list[Backend]:
+        """This pool's backends in HAProxy; none while HAProxy is not up yet."""
+        try:
+            found = self.balancer.list_backends()
+        except ImagepipeError:
+            return []
+        return [b for b in found if b.name.startswith(f"{self.pool.name}-")]
+
+    def ready_names(self) -> set[str]:
+        """Desktops that take new users: free clones are the only ones the keeper enables."""
+        return {b.name for b in self.backends() if b.state is BackendState.READY}
+
+    def wait_until(self, doing: str, done: Any, timeout: float) -> float:
+        """Poll `done()` every POLL s until true; return time.monotonic() when it was."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if done():
+                return time.monotonic()
+            self.check_keeper(doing)
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"timed out after {timeout:.0f} s {doing}; keeper log:\n{self.keeper_tail()}"
+                )
+            time.sleep(POLL)
+
+    def wait_ready(self, count: int, timeout: float) -> list[float]:
+        """Wait until `count` desktops are ready in the balancer; return, for each, the
+        seconds from the keeper's start to the moment it was first seen ready."""
+        seen: dict[str, float] = {}
+
+        def enough() -> bool:
+            now = time.monotonic()
+            for name in self.ready_names():
+                seen.setdefault(name, now - self.keeper_started)
+            return len(seen) >= count
+
+        self.wait_until(f"waiting for {count} ready desktop(s)", enough, timeout)
+        return sorted(seen.values())[:count]
+
+    def console_path(self, clone: str) -> Path:
+        return self.root / "state" / "clones" / "sockets" / f"{clone}.console"
+
+    def haproxy_pid(self) -> int | None:
+        with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
+            return int((self.root / "run" / "haproxy.pid").read_text().split()[0])
+        return None
+
+    def teardown(self) -> None:
+        """Stop the keeper, remove the pool's domains and stop its HAProxy."""
+        self.stop_keeper()
+        destroy_domains(f"{self.pool.name}-")
+        pid = self.haproxy_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+
+@dataclass
+class Workspace:
+    """A short temp dir under /tmp (QEMU's unix socket paths must stay under 108 chars)
+    holding the shared registry and image store, and every installation made in it."""
+
+    root: Path
+    token: str
+    installations: list[Installation] = field(default_factory=list)
+
+    @classmethod
+    def create(cls) -> Workspace:
+        root = Path(tempfile.mkdtemp(prefix="ipk-", dir="/tmp"))
+        return cls(root=root, token=secrets.token_hex(2))
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(
+        self,
+        _type: type[BaseException] | None,
+        _value: BaseException | None,
+        _tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def pool_name(self, role: str) -> str:
+        return f"bench-{self.token}-{role}"
+
+    def settings_text(self, home: Path, bind_port: int, tick: str, parallel: int) -> str:
+        return (
+            f"pools_dir: {home / 'pools'}\n"
+            f"packer_dir: {ROOT / 'packer'}\n"
+            f"state_db: {home / 'state' / 'state.db'}\n"
+            f"registry: {self.root / 'registry'}\n"
+            f"image_store: {self.root / 'images'}\n"
+            f"run_dir: {home / 'run'}\n"
+            f"hypervisor: {{driver: libvirt, uri: '{URI}'}}\n"
+            f"balancer: {{driver: haproxy, bind: '127.0.0.1:{bind_port}', manage: true}}\n"
+            f"keeper: {{tick: {tick}, parallel: {parallel}}}\n"
+        )
+
+    def build_tiny(self) -> float:
+        """`imagepipe build tiny` into this workspace's registry; returns its seconds."""
+        home = self.root / "build"
+        (home / "pools").mkdir(parents=True)
+        config = home / "imagepipe.yml"
+        config.write_text(self.settings_text(home, free_port(), "5s", 1))
+        started = time.monotonic()
+        run_cli(config, "build", "tiny")
+        return time.monotonic() - started
+
+    def installation(
+        self, role: str, pool: PoolFile, bind_port: int, tick: str, parallel: int
+    ) -> Installation:
+        home = self.root / role
+        (home / "pools").mkdir(parents=True)
+        config = home / "imagepipe.yml"
+        config.write_text(self.settings_text(home, bind_port, tick, parallel))
+        (home / "pools" / f"{pool.name}.yml").write_text(pool.text())
+        made = Installation(root=home, config=config, pool=pool, bind_port=bind_port)
+        self.installations.append(made)
+        return made
+
+    def close(self) -> None:
+        for inst in reversed(self.installations):
+            try:
+                inst.teardown()
+            except (OSError, subprocess.SubprocessError, BenchError) as exc:
+                print(f"cleanup of {inst.pool.name} failed: {exc}", file=sys.stderr)
+        for path in sorted(self.root.rglob("*"), reverse=True):
+            if path.is_dir() and not path.is_symlink():
+                with contextlib.suppress(OSError):
+                    path.chmod(0o755)
+        shutil.rmtree(self.root, ignore_errors=True)

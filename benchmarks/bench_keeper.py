@@ -1,0 +1,339 @@
+"""How fast `imagepipe keep` fills and recycles a pool, and what the keeper costs when idle.
+
+    .venv/bin/python benchmarks/bench_keeper.py [--desktops 20] [--overhead-minutes 5]
+
+Real libvirt/QEMU (TCG) desktops of the `tiny` image behind a real HAProxy, all measured in
+the same run (the image is built once into a temp registry):
+  1. boot: keeper start → 1 free desktop READY in the balancer (a pool of 1, alone)
+  2. fill: keeper start → 4 free desktops READY (free=4, max=4, keeper.parallel 4), against
+     boot; with 2 cores and CPU-bound TCG boots the best possible ratio is about 4 / 2
+  3. recycle: a VNC client through HAProxy, console login, `exit` and the client leaves →
+     the same desktop reset, free and READY again, minus recycle_after (2 s), against boot
+     (median and max of --samples)
+  4. overhead: CPU time (user+sys) of the `imagepipe keep` process and its children (QEMU
+     excluded) with --desktops idle desktops of 128M, over a window after the pool converged.
+     Goal: under 1 % of one core.
+Readiness is read from HAProxy's admin socket every 0.2 s, so the figures have that resolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from _host import (
+    BenchError,
+    Installation,
+    PoolFile,
+    Workspace,
+    domain_id,
+    free_port,
+    pid_cpu,
+    pids_named,
+    port_in_use,
+    running_domain_count,
+    tree_cpu,
+)
+
+from imagepipe.units import parse_duration
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.guest import SerialConsole, VncClient  # the repository root is not on sys.path
+
+BOOT_PORTS = (6100, 6103)
+FILL_PORTS = (6110, 6113)
+IDLE_FIRST_PORT = 6120
+LAST_PORT = 6199
+FILL = 4
+RECYCLE_AFTER = 2.0  # seconds
+GUEST_MEMORY_MB = 128
+QEMU_OVERHEAD_MB = 80  # what one TCG QEMU process takes on top of the guest's memory
+
+
+@dataclass(frozen=True)
+class Options:
+    desktops: int
+    overhead_minutes: float
+    samples: int
+    tick: str
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    keeper_s: float
+    window_s: float
+    haproxy_s: float | None
+    libvirtd_s: float | None
+
+    def per_hour(self, seconds: float) -> float:
+        return seconds * 3600.0 / self.window_s
+
+    def percent_of_core(self, seconds: float) -> float:
+        return seconds * 100.0 / self.window_s
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds used so far: the keeper with its children, and for reference HAProxy and
+    libvirtd (None when not found)."""
+
+    at: float  # time.monotonic()
+    keeper: float
+    haproxy: float | None
+    libvirtd: float | None
+
+    @classmethod
+    def take(cls, keeper: int, haproxy: int | None, libvirtd: int | None) -> CpuSample:
+        return cls(time.monotonic(), tree_cpu(keeper), _cpu(haproxy), _cpu(libvirtd))
+
+
+def parse_args() -> Options:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--desktops", type=int, default=20, help="idle desktops for overhead")
+    parser.add_argument("--overhead-minutes", type=float, default=5.0, help="measuring window")
+    parser.add_argument("--samples", type=int, default=3, help="recycle samples")
+    parser.add_argument("--tick", default="5s", help="keeper.tick (default: the product's 5s)")
+    args = parser.parse_args()
+    options = Options(args.desktops, args.overhead_minutes, args.samples, args.tick)
+    last = IDLE_FIRST_PORT + options.desktops - 1
+    if options.desktops < 1 or last > LAST_PORT:
+        parser.error(f"--desktops must be 1 to {LAST_PORT - IDLE_FIRST_PORT + 1}")
+    if options.overhead_minutes <= 0 or options.samples < 1:
+        parser.error("--overhead-minutes must be > 0 and --samples >= 1")
+    return options
+
+
+def check_host(options: Options) -> None:
+    """Refuse what would fail later (ports taken, not enough memory); warn about load."""
+    ports = [*range(BOOT_PORTS[0], BOOT_PORTS[1] + 1), *range(FILL_PORTS[0], FILL_PORTS[1] + 1)]
+    ports += range(IDLE_FIRST_PORT, IDLE_FIRST_PORT + options.desktops)
+    taken = [p for p in ports if port_in_use(p)]
+    if taken:
+        sys.exit(f"ports {taken} on 127.0.0.1 are in use; the benchmark needs 6100-6199 free")
+    available_mb = next(
+        int(line.split()[1]) // 1024
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemAvailable:")
+    )
+    need_mb = options.desktops * (GUEST_MEMORY_MB + QEMU_OVERHEAD_MB)
+    if need_mb > available_mb * 0.8:
+        sys.exit(
+            f"{options.desktops} desktops need about {need_mb} MB, {available_mb} MB are "
+            "available: lower --desktops"
+        )
+    others = subprocess.run(
+        ["pgrep", "-af", "pytest"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    load = os.getloadavg()[0]
+    print(
+        f"host: {os.cpu_count()} cores, load {load:.2f}, {running_domain_count()} other "
+        f"running domain(s), {available_mb} MB available"
+    )
+    if others:
+        print(f"WARNING: test runs are going, figures may be disturbed:\n{others}")
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def measure_boot(ws: Workspace, options: Options) -> tuple[Installation, float]:
+    pool = PoolFile(ws.pool_name("boot"), free=1, max=1, ports=BOOT_PORTS)
+    inst = ws.installation("boot", pool, free_port(), options.tick, parallel=4)
+    inst.start_keeper()
+    (boot,) = inst.wait_ready(1, timeout=300)
+    clone = inst.status()["clones"][0]
+    if clone["state"] != "free":
+        raise BenchError(f"the ready desktop is {clone['state']}, not free")
+    say(f"boot: keeper start -> 1 free ready desktop    {boot:7.2f} s")
+    return inst, boot
+
+
+def recycle_once(inst: Installation, clone: str, user: str) -> float:
+    """A user's session as a remote-desktop user has it: a VNC client through HAProxy lands on
+    the desktop, the user logs in (serial console), the keeper drains the desktop; the user
+    runs `exit` and the client goes away. Returns the seconds from then until the desktop is
+    reset, free and READY again, minus recycle_after.
+
+    The client is kept on purpose: a console login with no display client is `disconnected`
+    to the planner, and a logoff from that state waits for disconnect_timeout (8 h) instead
+    of recycle_after."""
+    inst.wait_until(f"waiting for {clone}", lambda: clone in inst.ready_names(), 300)
+    started_as = domain_id(clone)
+    client = VncClient("127.0.0.1", inst.bind_port, timeout=30)
+    try:
+        landed = client.handshake().removeprefix("QEMU (").removesuffix(")")
+        if landed != clone:
+            raise BenchError(f"the VNC client landed on {landed}, not {clone}")
+        with SerialConsole(inst.console_path(clone), timeout=60) as console:
+            console.login(user)
+            inst.wait_until(
+                f"waiting for the keeper to see {user} on {clone}",
+                lambda: clone not in inst.ready_names() and _user_seen(inst, clone, user),
+                120,
+            )
+            console.logout()
+    finally:
+        client.close()
+    logged_off = time.monotonic()
+    back = inst.wait_until(
+        f"waiting for {clone} to be recycled", lambda: clone in inst.ready_names(), 300
+    )
+    if domain_id(clone) == started_as:
+        raise BenchError(f"{clone} came back without a reset (same libvirt domain id)")
+    return back - logged_off - RECYCLE_AFTER
+
+
+def _user_seen(inst: Installation, clone: str, user: str) -> bool:
+    found = [c for c in inst.status()["clones"] if c["name"] == clone]
+    return bool(found) and found[0]["state"] == "in_use" and user in found[0]["users"]
+
+
+def measure_recycle(inst: Installation, options: Options) -> list[float]:
+    clone = f"{inst.pool.name}-0"
+    samples = []
+    for i in range(options.samples):
+        latency = recycle_once(inst, clone, f"user{i}")
+        say(f"recycle sample {i + 1}: logoff -> ready again - recycle_after {latency:7.2f} s")
+        samples.append(latency)
+    return samples
+
+
+def measure_fill(ws: Workspace, options: Options) -> list[float]:
+    pool = PoolFile(ws.pool_name("fill"), free=FILL, max=FILL, ports=FILL_PORTS)
+    inst = ws.installation("fill", pool, free_port(), options.tick, parallel=4)
+    inst.start_keeper()
+    times = inst.wait_ready(FILL, timeout=600)
+    say("fill: keeper start -> k-th free ready desktop " + "  ".join(f"{t:.2f}" for t in times))
+    inst.teardown()
+    return times
+
+
+def measure_overhead(ws: Workspace, options: Options) -> CpuUse:
+    n = options.desktops
+    pool = PoolFile(
+        ws.pool_name("idle"),
+        free=n,
+        max=n,
+        ports=(IDLE_FIRST_PORT, IDLE_FIRST_PORT + n - 1),
+        boot_timeout="2m",  # a guest that hangs while booting is reset, not waited for
+    )
+    inst = ws.installation("idle", pool, free_port(), options.tick, parallel=4)
+    inst.start_keeper()
+    deadline = time.monotonic() + 60 + 10 * n
+    while len(ready := inst.ready_names()) < n and time.monotonic() < deadline:
+        inst.check_keeper("filling the idle pool")
+        time.sleep(1.0)
+    took = time.monotonic() - inst.keeper_started
+    say(f"idle pool: {len(ready)} of {n} desktops ready {took:.1f} s after keeper start")
+    if len(ready) < n:
+        say(
+            "WARNING: measuring anyway; the keeper keeps retrying the others "
+            f"(boot_timeout {pool.boot_timeout}), which is part of what it costs"
+        )
+    time.sleep(3 * parse_duration(options.tick))  # let the last actions' passes finish
+    keeper = inst.keeper
+    if keeper is None:
+        raise BenchError("the keeper is not running")
+    haproxy = inst.haproxy_pid()
+    libvirtd = next(iter(pids_named("libvirtd")), None)
+    window = options.overhead_minutes * 60.0
+    say(f"measuring keeper CPU for {window:.0f} s with {n} idle desktops…")
+    start = CpuSample.take(keeper.pid, haproxy, libvirtd)
+    while (left := window - (time.monotonic() - start.at)) > 0:
+        time.sleep(min(5.0, left) + 0.01)
+        inst.check_keeper("measuring its CPU time")
+    end = CpuSample.take(keeper.pid, haproxy, libvirtd)
+    still = len(inst.ready_names())
+    if still != n:
+        say(f"WARNING: {still} of {n} desktops ready at the end of the window")
+    return CpuUse(
+        keeper_s=end.keeper - start.keeper,
+        window_s=end.at - start.at,
+        haproxy_s=_delta(start.haproxy, end.haproxy),
+        libvirtd_s=_delta(start.libvirtd, end.libvirtd),
+    )
+
+
+def _cpu(pid: int | None) -> float | None:
+    return None if pid is None else pid_cpu(pid)
+
+
+def _delta(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else b - a
+
+
+def report(
+    options: Options, build_s: float, boot: float, fill: list[float], recycle: list[float]
+) -> None:
+    cores = os.cpu_count() or 1
+    say("")
+    say(f"== results (keeper.tick {options.tick}, TCG, {cores} cores; tiny build {build_s:.0f} s)")
+    say(f"boot of one desktop (keeper start -> 1 free ready)     {boot:7.2f} s")
+    say(f"fill {FILL} free ready (parallel 4)                        {fill[-1]:7.2f} s")
+    say(f"  ratio fill / boot                                    {fill[-1] / boot:7.2f}")
+    say(
+        f"  ideal ratio on {cores} cores (CPU-bound boots, {FILL}/{cores})       "
+        f"{max(1.0, FILL / cores):7.2f}   (1 sequential: {FILL:.2f})"
+    )
+    med, worst = statistics.median(recycle), max(recycle)
+    say(
+        f"recycle (logoff -> free+READY) - recycle_after {RECYCLE_AFTER:.0f}s  "
+        f"median {med:7.2f} s  max {worst:7.2f} s  ({len(recycle)} samples)"
+    )
+    say(f"  ratio median / boot                                  {med / boot:7.2f}")
+    say(f"  ratio max / boot                                     {worst / boot:7.2f}")
+
+
+def report_cpu(options: Options, cpu: CpuUse) -> None:
+    say(
+        f"keeper CPU, {options.desktops} idle desktops, {cpu.window_s:.0f} s window      "
+        f"{cpu.per_hour(cpu.keeper_s):7.1f} CPU s/h = "
+        f"{cpu.percent_of_core(cpu.keeper_s):.3f} % of one core (goal < 1 %)"
+    )
+    for name, used in (("haproxy", cpu.haproxy_s), ("libvirtd (whole host)", cpu.libvirtd_s)):
+        if used is not None:
+            say(
+                f"  for reference, not counted: {name:22} {cpu.per_hour(used):7.1f} CPU s/h = "
+                f"{cpu.percent_of_core(used):.3f} %"
+            )
+
+
+def interrupted(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> None:
+    options = parse_args()
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+    check_host(options)
+    try:
+        with Workspace.create() as ws:
+            say(f"workspace {ws.root}, pools bench-{ws.token}-*")
+            build_s = ws.build_tiny()
+            say(f"built tiny in {build_s:.1f} s")
+            boot_inst, boot = measure_boot(ws, options)
+            recycle = measure_recycle(boot_inst, options)
+            boot_inst.teardown()
+            fill = measure_fill(ws, options)
+            cpu = measure_overhead(ws, options)
+            report(options, build_s, boot, fill, recycle)
+            report_cpu(options, cpu)
+            say("cleaning up…")
+    except BenchError as exc:
+        sys.exit(f"benchmark failed: {exc}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted; everything the benchmark made was removed")
+
+
+if __name__ == "__main__":
+    main()
