@@ -17,8 +17,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.imagepipe-installed-$extras"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[$extras]"
+  log=.venv/install.log
+  if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+         .venv/bin/python -m pip install -q -e ".[$extras]"; } > "$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    echo "install: pip failed; full output in $(pwd)/$log" >&2
+    exit 3
+  fi
   touch "$stamp"
 fi
 # `imagepipe` on PATH for administrators, with bash completion.
