@@ -89,6 +89,11 @@ def fail_if_failed(report: PassReport) -> None:
     if report.not_planned:
         pool, why = next(iter(report.not_planned.items()))
         raise OperationFailedError(f"pool {pool} was not reconciled: {why}")
+    for pool, why in report.notes.items():
+        observed = report.observation.pools.get(pool)
+        if observed is None or observed.target_version is None:  # no version to run at all;
+            # a base that is only busy right now (being updated) is not a failure
+            raise OperationFailedError(f"pool {pool} cannot make desktops: {why}")
 
 
 class stop_on_signals:

@@ -60,6 +60,7 @@ class PassReport:
     observation: HostObservation = field(default_factory=HostObservation)
     adopted: tuple[str, ...] = ()  # clones whose records were rebuilt from metadata
     not_planned: Mapping[str, str] = field(default_factory=dict)  # pool -> why
+    notes: Mapping[str, str] = field(default_factory=dict)  # pool -> why it makes no clones
 
     @property
     def ok(self) -> bool:
@@ -95,6 +96,7 @@ class Keeper:
         self._recovered = False
         self._strays_reported: set[str] = set()
         self._quick_passes = 0  # quick passes in a row (see next_wait)
+        self._notes_reported: dict[str, str] = {}  # pool -> the reason last logged
 
     # ---- control ---------------------------------------------------------------------
 
@@ -176,6 +178,7 @@ class Keeper:
             also_configured=self.other_pools,
         )
         self._report_strays(host)
+        self._report_notes(host)
         actions: list[Action] = []
         adopted: list[str] = []
         not_planned = dict(host.unobservable)
@@ -206,6 +209,7 @@ class Keeper:
             observation=host,
             adopted=tuple(adopted),
             not_planned=not_planned,
+            notes=dict(host.notes),
         )
 
     def _adopted(self, spec: PoolSpec, observed: Observed, record: PoolRecord) -> list[str]:
@@ -233,6 +237,18 @@ class Keeper:
             self.balancer.ensure_frontend()
         except ImagepipeError as exc:
             log.error("balancer not available", extra=fields(error=str(exc)))
+
+    def _report_notes(self, host: HostObservation) -> None:
+        """Say once, not every pass, why a pool makes no desktops (its image was never built,
+        its base is running), and say when that is over."""
+        for pool, note in host.notes.items():
+            if self._notes_reported.get(pool) != note:
+                log.warning("pool cannot make desktops", extra=fields(pool=pool, reason=note))
+                self._notes_reported[pool] = note
+        for pool in [p for p in self._notes_reported if p not in host.notes]:
+            if pool in host.pools:
+                log.info("pool can make desktops again", extra=fields(pool=pool))
+                del self._notes_reported[pool]
 
     def _report_strays(self, host: HostObservation) -> None:
         """Clones of pools that are no longer configured: said once, never deleted."""

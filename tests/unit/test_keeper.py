@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -434,3 +435,21 @@ def test_quick_passes_are_bounded_so_a_plan_that_never_settles_waits_a_tick(
     waits = [keeper.next_wait(busy) for _ in range(12)]
     assert waits[:10] == [0.5] * 10
     assert waits[10] == keeper.settings.tick
+
+
+def test_a_pool_that_cannot_make_desktops_is_reported_once_and_again_when_it_can(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    world = World(store_path=tmp_path / "state.db", spec=replace(LAB, image="win10"))
+    keeper = world.keeper()
+    caplog.set_level(logging.INFO, logger="imagepipe.pool.keeper")
+
+    first, second = keeper.run_pass(), keeper.run_pass()
+
+    assert "win10" in first.notes["lab"] and second.notes == first.notes
+    warnings = [r for r in caplog.records if "cannot make desktops" in r.getMessage()]
+    assert len(warnings) == 1, "the same reason is logged once, not every pass"
+    world.hv.add_base(world.images.publish("win10", 1))
+    assert keeper.run_pass().notes == {}
+    assert any("can make desktops again" in r.getMessage() for r in caplog.records)
+    world.store.close()

@@ -84,3 +84,26 @@ def test_keep_for_an_unknown_pool_is_refused_before_anything_runs(
 
     assert "no pool named nope (configured pools: lab)" in capsys.readouterr().err
     assert hv.calls == []
+
+
+def test_keep_once_exits_4_and_says_why_when_a_pool_image_was_never_built(
+    host: tuple[Path, FakeHypervisor], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, hv = host
+    (config.parent / "pools" / "lab.yml").write_text(POOL_FILE.replace("tiny", "win10"))
+
+    assert main(["--config", str(config), "keep", "--once"]) == 4
+
+    err = capsys.readouterr().err
+    assert "pool lab cannot make desktops" in err and "win10" in err
+    assert hv.clones == {}
+
+
+def test_keep_once_succeeds_while_a_base_is_only_busy_being_updated(
+    host: tuple[Path, FakeHypervisor],
+) -> None:
+    config, hv = host
+    assert main(["--config", str(config), "keep", "--once"]) == 0
+    hv.bases[("tiny", 1)] = False  # powered on for patching: no new clones from it now
+
+    assert main(["--config", str(config), "keep", "--once"]) == 0
