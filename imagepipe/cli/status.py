@@ -229,7 +229,8 @@ def render(snapshot: HostStatus) -> Group:
             f"{pool.name}  ({pool.image} {version})  free {pool.free}/{pool.target_free}  "
             f"in use {pool.in_use}  total {pool.total}/{pool.max}"
         )
-        table = Table(title=title, title_justify="left")
+        parts.append(Text(title, style="bold"))  # not a table title: those wrap to its width
+        table = Table()
         for column in ("clone", "version", "state", "display", "balancer", "session"):
             table.add_column(column)
         for clone in pool.clones:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from imagepipe.cli import status as status_cli
 from imagepipe.cli.app import main
@@ -138,3 +139,27 @@ def test_status_of_an_unknown_pool_is_a_clear_error(
 
     assert main(["--config", str(settings), "status", "nope"]) == 2
     assert "no pool named nope" in capsys.readouterr().err
+
+
+def test_status_header_of_an_empty_pool_stays_on_one_line() -> None:
+    """A pool with no desktops yet has a narrow table; its header must not wrap to it."""
+    empty = status_cli.PoolStatus(
+        name="classroom",
+        image="win10",
+        version=None,
+        target_free=3,
+        free=0,
+        in_use=0,
+        total=0,
+        max=30,
+        failures=0,
+        breaker_open_until=None,
+        note="image 'win10' has no registered versions",
+        clones=(),
+    )
+    snapshot = status_cli.HostStatus(status_cli.SCHEMA, 0.0, (empty,), (), None)
+    console = Console(width=80, record=True)
+    console.print(status_cli.render(snapshot))
+    lines = console.export_text().splitlines()
+    header = "classroom  (win10 no version)  free 0/3  in use 0  total 0/30"
+    assert header in [line.rstrip() for line in lines]
