@@ -321,3 +321,33 @@ def test_keeper_killed_during_a_session_keeps_it_after_restart(host: Host) -> No
 
     status = json.loads(host.cli("status", "--json"))
     assert status["stray_clones"] == []
+
+
+def test_a_new_image_version_rolls_out_without_kicking_anybody_off(host: Host) -> None:
+    """Blue/green: while a user works on a v1 desktop, `imagepipe build tiny --force`
+    registers v2. Free desktops are replaced by v2 ones at once; the user's desktop gets no
+    new users, keeps its session, and is removed only after the user logs off."""
+    before = host.wait_for(f"{FREE} free desktops", lambda p: len(free_ready(p)) >= FREE)
+    old = before["version"]
+    with user_session(host, "dave") as (name, viewer, console):
+        host.cli("build", "tiny", "--force")
+        pool = host.wait_for(
+            "the pool's free desktops all on the new version",
+            lambda p: (
+                p["version"] == old + 1
+                and len(free_ready(p)) >= FREE
+                and all(c["version"] == old + 1 for c in free_ready(p))
+            ),
+        )
+        mine = clone(pool, name)
+        assert mine["version"] == old, "the user's desktop was replaced under them"
+        assert mine["state"] == "retiring" and mine["balancer"] != "ready"
+        assert "still-here" in console.run("echo still-here"), "the session was cut"
+        console.logout()
+        viewer.close()
+
+    pool = host.wait_for(
+        f"{name} removed after its user left",
+        lambda p: all(c["version"] == old + 1 for c in p["clones"]) and len(free_ready(p)) >= FREE,
+    )
+    assert pool["total"] <= MAX
