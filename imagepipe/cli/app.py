@@ -69,7 +69,7 @@ def root(
 def _register() -> None:
     # Imported here, not at module top, so `imagepipe --help` stays fast and each group
     # lives in its own file.
-    from imagepipe.cli import build, demo, images, keep, pools, simulate, status
+    from imagepipe.cli import build, demo, doctor, images, keep, pools, simulate, status
 
     app.add_typer(pools.app, name="pools")
     app.add_typer(images.app, name="images")
@@ -78,6 +78,7 @@ def _register() -> None:
     app.command(name="keep")(keep.keep)
     app.command(name="status")(status.status)
     app.command(name="demo")(demo.demo)
+    app.command(name="doctor")(doctor.doctor)
 
 
 def main(argv: list[str] | None = None) -> int:

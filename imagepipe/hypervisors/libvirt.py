@@ -83,7 +83,9 @@ def power_of(state: int) -> Power:
     return _POWER.get(state, Power.OTHER)
 
 
-def _import_libvirt() -> tuple[Any, Any]:
+def import_libvirt() -> tuple[Any, Any]:
+    """The libvirt and libvirt_qemu modules, or EnvironmentMissingError saying how to get
+    them. Imported on use, so imagepipe runs without libvirt where it is not needed."""
     try:
         libvirt = importlib.import_module("libvirt")
         libvirt_qemu = importlib.import_module("libvirt_qemu")
@@ -112,7 +114,7 @@ class LibvirtHypervisor:
         state_dir: Path,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._libvirt, self._libvirt_qemu = _import_libvirt()
+        self._libvirt, self._libvirt_qemu = import_libvirt()
         self.uri = uri
         self.state_dir = Path(state_dir).absolute()
         self._clock = clock

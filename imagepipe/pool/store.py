@@ -212,17 +212,14 @@ class Store:
             )
 
     def _schema_version(self) -> int:
-        db = self._db
-        has_table = db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'"
-        ).fetchone()
-        if has_table is None:
-            if self.readonly:
-                return 0
-            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        version = _stored_version(self._db)
+        if version is None:
+            if not self.readonly:
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+                )
             return 0
-        row = db.execute("SELECT max(version) FROM schema_version").fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
+        return version
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -435,6 +432,36 @@ def _cannot_open(path: Path, exc: Exception) -> EnvironmentMissingError:
         f"cannot open the state database {path}: {exc}; check that its folder exists and is "
         "writable (settings key state_db)"
     )
+
+
+def read_schema_version(path: Path) -> int:
+    """The schema version of an existing state database, without writing or creating any
+    file (for `imagepipe doctor`); 0 for a database from before versioning.
+
+    A read-only SQLite reader of a WAL database creates its -wal and -shm files when they are
+    missing; a cleanly closed database has everything in the main file, so it is read as
+    immutable then. EnvironmentMissingError when the file is not a state database."""
+    keeper_has_it_open = Path(f"{path}-wal").exists()
+    uri = f"{path.resolve().as_uri()}?mode=ro" + ("" if keeper_has_it_open else "&immutable=1")
+    try:
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            return _stored_version(db) or 0
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        raise _not_a_database(path, exc) from exc
+
+
+def _stored_version(db: sqlite3.Connection) -> int | None:
+    """The schema version recorded in `db`; None when it has no version table."""
+    has_table = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'"
+    ).fetchone()
+    if has_table is None:
+        return None
+    row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
 
 
 def _not_a_database(path: Path, exc: Exception) -> EnvironmentMissingError:

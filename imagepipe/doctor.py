@@ -1,0 +1,407 @@
+"""`imagepipe doctor`: is this host ready for `imagepipe keep` and `imagepipe build`?
+
+Each check is a small function returning a Check (ok, warn or FAIL, what was found, and for
+warn/FAIL what to do). The checks go through the same code the keeper and the build use
+(settings and pool loading, Packer version detection, adapter construction, the store's own
+read-only open, the registry) and change nothing on the host: no file, folder or database is
+created, nothing is migrated, no HAProxy is started, libvirt is connected to read-only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from imagepipe.balancers.haproxy import HAProxyBalancer
+from imagepipe.config import Settings, load_pools, load_settings
+from imagepipe.errors import ConfigError, EnvironmentMissingError, ImagepipeError
+from imagepipe.hypervisors.libvirt import import_libvirt
+from imagepipe.images.packer import Packer
+from imagepipe.images.registry import Registry
+from imagepipe.log import fields
+from imagepipe.pool.model import PoolSpec
+from imagepipe.pool.store import SCHEMA_VERSION, read_schema_version
+from imagepipe.pool.wiring import build_balancer, build_hypervisor, clone_state_dir
+
+log = logging.getLogger(__name__)
+
+KVM_DEVICE = Path("/dev/kvm")
+KVM_API_VERSION = 12  # the stable KVM API every kernel since 2.6.22 reports
+_KVM_GET_API_VERSION = 0xAE00  # _IO(KVMIO, 0x00)
+_KVM_CREATE_VM = 0xAE01  # _IO(KVMIO, 0x01)
+_HAPROXY_VERSION = re.compile(r"version (\S+)", re.IGNORECASE)
+INSTALL = "run ./install.sh"
+
+
+class Status(StrEnum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "FAIL"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report. `fix` says what to do; None when the check is ok."""
+
+    check: str
+    status: Status
+    detail: str
+    fix: str | None = None
+
+
+def ok(check: str, detail: str) -> Check:
+    return Check(check, Status.OK, detail)
+
+
+def warn(check: str, detail: str, fix: str) -> Check:
+    return Check(check, Status.WARN, detail, fix)
+
+
+def fail(check: str, detail: str, fix: str) -> Check:
+    return Check(check, Status.FAIL, detail, fix)
+
+
+def run_checks(config: Path | None) -> list[Check]:
+    """Every check, in a stable order. A broken settings file leaves only the checks that
+    do not depend on it (settings, packer)."""
+    settings_check, settings = check_settings(config)
+    checks = [settings_check, check_packer()]
+    if settings is not None:
+        pools_check, specs = check_pools(settings)
+        checks += [pools_check, check_hypervisor(settings)]
+        if settings.hypervisor.driver == "libvirt":
+            checks.append(check_kvm())
+        checks += [
+            check_balancer(settings),
+            check_state_db(settings),
+            check_writable_folder("run-dir", settings.run_dir, "run_dir"),
+            check_registry(settings),
+            check_writable_folder("image-store", settings.image_store, "image_store"),
+        ]
+        checks += check_pool_images(settings, specs)
+    for check in checks:
+        log.debug("doctor check", extra=fields(check=check.check, status=check.status.value))
+    return checks
+
+
+def failed(checks: Sequence[Check]) -> bool:
+    return any(c.status is Status.FAIL for c in checks)
+
+
+# --- settings and pool files -------------------------------------------------------------
+
+
+def check_settings(config: Path | None) -> tuple[Check, Settings | None]:
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        return (
+            fail(
+                "settings",
+                str(exc),
+                "fix the settings file at the line shown (imagepipe.example.yml lists every key)",
+            ),
+            None,
+        )
+    if settings.source == "defaults":
+        detail = (
+            "no settings file (--config, $IMAGEPIPE_CONFIG, ./imagepipe.yml, "
+            "/etc/imagepipe/imagepipe.yml): built-in defaults"
+        )
+        return ok("settings", detail), settings
+    return ok("settings", f"{settings.source} is valid"), settings
+
+
+def check_pools(settings: Settings) -> tuple[Check, list[PoolSpec]]:
+    folder = settings.pools_dir
+    if not folder.exists():
+        return (
+            fail(
+                "pools",
+                f"pools_dir {folder} does not exist",
+                "create it with one *.yml file per pool, or set pools_dir in the settings file",
+            ),
+            [],
+        )
+    try:
+        specs = load_pools([folder])
+    except ConfigError as exc:
+        return (
+            fail(
+                "pools",
+                str(exc),
+                "fix the pool file at the line shown; then `imagepipe pools "
+                "check` says when it is right",
+            ),
+            [],
+        )
+    if not specs:
+        return (
+            warn(
+                "pools",
+                f"no pool files (*.yml) in {folder}",
+                "add one file per pool there "
+                "(see 'Pool files' in README.md); `imagepipe keep` has nothing to keep",
+            ),
+            [],
+        )
+    names = ", ".join(s.name for s in specs)
+    return ok("pools", f"{len(specs)} pool(s) in {folder}: {names}"), specs
+
+
+# --- programs and daemons ----------------------------------------------------------------
+
+
+def check_packer(packer: Packer | None = None) -> Check:
+    try:
+        version = (packer or Packer()).version()
+    except EnvironmentMissingError as exc:
+        return fail("packer", str(exc), INSTALL)
+    except ImagepipeError as exc:
+        return fail("packer", f"packer does not report its version: {exc}", INSTALL)
+    if version.needs_init:
+        return ok("packer", f"packer {version}; `packer init` installs plugins before each build")
+    return ok("packer", f"packer {version}; plugins are built in (no `packer init` before 1.7)")
+
+
+def check_hypervisor(settings: Settings) -> Check:
+    if settings.hypervisor.driver != "libvirt":
+        try:
+            hypervisor = build_hypervisor(settings)
+        except ImagepipeError as exc:
+            return fail("hypervisor", str(exc), "set hypervisor.driver: libvirt")
+        hypervisor.close()
+        return ok("hypervisor", f"{settings.hypervisor.driver} answers")
+    return check_libvirt(settings.hypervisor.uri)
+
+
+def check_libvirt(uri: str) -> Check:
+    """Connect read-only (nothing can change) and report libvirt's and QEMU's versions."""
+    try:
+        libvirt, _qemu = import_libvirt()
+    except EnvironmentMissingError as exc:
+        return fail("hypervisor", str(exc), INSTALL)
+    try:
+        conn = libvirt.openReadOnly(uri)
+    except libvirt.libvirtError as exc:
+        return fail(
+            "hypervisor",
+            f"libvirt does not answer at {uri}: {exc.get_error_message()}",
+            "start libvirtd (./install.sh or scripts/setup-host.sh), or set hypervisor.uri",
+        )
+    try:
+        library = _libvirt_version(conn.getLibVersion())
+        driver = conn.getType()
+        hypervisor = _libvirt_version(conn.getVersion())
+    except libvirt.libvirtError as exc:
+        return fail(
+            "hypervisor",
+            f"libvirt at {uri} answers but fails: {exc.get_error_message()}",
+            "check libvirtd's log (journalctl -u libvirtd) and restart it",
+        )
+    finally:
+        conn.close()
+    return ok("hypervisor", f"libvirt {library}, {driver} {hypervisor} at {uri} (read-only)")
+
+
+def _libvirt_version(number: int) -> str:
+    """libvirt encodes versions as major * 1_000_000 + minor * 1_000 + release."""
+    return f"{number // 1_000_000}.{number // 1_000 % 1_000}.{number % 1_000}"
+
+
+def check_kvm(device: Path = KVM_DEVICE) -> Check:
+    """Whether KVM could accelerate guests. Desktops run either way (domain type qemu)."""
+    reason = kvm_unusable(device)
+    if reason is None:
+        return ok(
+            "kvm",
+            f"{device} is usable; this version runs desktops as domain type qemu (TCG)",
+        )
+    return warn(
+        "kvm",
+        f"KVM is not usable ({reason}): desktops run under TCG, software emulation, several "
+        "times slower",
+        "enable virtualization (VT-x/AMD-V, or nested virtualization for a VM) and load "
+        "kvm_intel or kvm_amd",
+    )
+
+
+def kvm_unusable(device: Path = KVM_DEVICE) -> str | None:
+    """Why KVM cannot run a guest here, or None when it can (its API answers, a VM can be
+    made). The probe VM exists only as long as its file descriptor."""
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"{device}: {exc.strerror}"
+    try:
+        api = fcntl.ioctl(fd, _KVM_GET_API_VERSION)
+        if api != KVM_API_VERSION:
+            return f"{device} speaks KVM API {api}, not {KVM_API_VERSION}"
+        vm = fcntl.ioctl(fd, _KVM_CREATE_VM, 0)
+        os.close(vm)
+    except OSError as exc:
+        return f"{device} refuses to make a virtual machine: {exc.strerror}"
+    finally:
+        os.close(fd)
+    return None
+
+
+def check_balancer(settings: Settings) -> Check:
+    try:
+        balancer = build_balancer(settings)
+    except ImagepipeError as exc:
+        return fail("balancer", str(exc), "set balancer.driver: haproxy (or none)")
+    if not isinstance(balancer, HAProxyBalancer):
+        return ok("balancer", "no balancer (driver none): users connect to each desktop's port")
+    socket = balancer.admin.path
+    if not balancer.manage:
+        if not balancer.admin.answers():
+            return fail(
+                "balancer",
+                f"no HAProxy answers on the admin socket {socket} (manage: false)",
+                "start your HAProxy with 'stats socket <path> level admin' and set "
+                "balancer.admin_socket to that path, or set balancer.manage: true",
+            )
+        reply = balancer.admin.command("show version").strip()
+        return ok("balancer", f"HAProxy {reply} answers on {socket} (manage: false)")
+    try:
+        program = balancer.process().program
+    except EnvironmentMissingError as exc:
+        return fail("balancer", str(exc), INSTALL)
+    version = haproxy_version(program)
+    if version is None:
+        return fail(
+            "balancer",
+            f"{program} -v does not report a version",
+            "reinstall haproxy (apt-get install --reinstall haproxy)",
+        )
+    running = (
+        f"running, answers on {socket}"
+        if balancer.admin.answers()
+        else "not running: `imagepipe keep` starts it"
+    )
+    return ok(
+        "balancer",
+        f"haproxy {version} at {program}, managed, bind {settings.balancer.bind}; {running}",
+    )
+
+
+def haproxy_version(program: str) -> str | None:
+    """`haproxy -v`: 'HAProxy version 2.6.12-1+deb12u1 2023/12/16 ...' -> '2.6.12-1+deb12u1'."""
+    try:
+        done = subprocess.run(
+            [program, "-v"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = _HAPROXY_VERSION.search(done.stdout)
+    return match[1] if done.returncode == 0 and match else None
+
+
+# --- files and folders -------------------------------------------------------------------
+
+
+def check_state_db(settings: Settings) -> Check:
+    path = settings.state_db
+    problem = _not_writable(path.parent)
+    if problem is not None:
+        return fail(
+            "state-db",
+            f"{problem}: the keeper keeps its state and clone disks ({clone_state_dir(settings)})"
+            " there",
+            "run as root, or set state_db in the settings file to a writable place",
+        )
+    if not path.exists():
+        return ok("state-db", f"{path} does not exist yet: `imagepipe keep` creates it")
+    try:
+        version = read_schema_version(path)
+    except ImagepipeError as exc:
+        return fail("state-db", str(exc), "point state_db at another file, or remove this one")
+    if version == SCHEMA_VERSION:
+        return ok("state-db", f"{path}: schema version {version} (current)")
+    if version < SCHEMA_VERSION:
+        return warn(
+            "state-db",
+            f"{path}: schema version {version}, older than this imagepipe's {SCHEMA_VERSION}",
+            "nothing to do: `imagepipe keep` migrates it when it starts",
+        )
+    return fail(
+        "state-db",
+        f"{path}: schema version {version} was written by a newer imagepipe (this one knows up "
+        f"to {SCHEMA_VERSION})",
+        "upgrade imagepipe, or point state_db at another file",
+    )
+
+
+def check_writable_folder(check: str, folder: Path, key: str) -> Check:
+    problem = _not_writable(folder)
+    if problem is not None:
+        return fail(check, problem, f"run as root, or set {key} in the settings file")
+    if folder.is_dir():
+        return ok(check, f"{folder} is writable")
+    return ok(check, f"{folder} does not exist yet; it will be created (its parent is writable)")
+
+
+def _not_writable(folder: Path) -> str | None:
+    """Why imagepipe could not write in `folder` (creating it and its parents first), or
+    None when it could. Only looks."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def check_registry(settings: Settings) -> Check:
+    path = settings.registry
+    if not path.exists():
+        return warn(
+            "registry",
+            f"{path} does not exist yet",
+            "nothing to do: it is created on the first `imagepipe build`",
+        )
+    registry = Registry(path, settings.image_store)
+    try:
+        registry.check_readable()
+        images = registry.images()
+    except ImagepipeError as exc:
+        return fail(
+            "registry",
+            str(exc),
+            "point registry in the settings file at the registry, or at an empty or new folder",
+        )
+    listed = ", ".join(images) if images else "no images yet"
+    return ok("registry", f"{path} is a git repository: {listed}")
+
+
+def check_pool_images(settings: Settings, specs: Sequence[PoolSpec]) -> list[Check]:
+    """Per pool: does its image (pinned version, or channel) resolve in the registry?"""
+    registry = Registry(settings.registry, settings.image_store)
+    checks = []
+    for spec in specs:
+        ref: str | int | None = spec.version if spec.version is not None else spec.channel
+        shown = f"v{spec.version}" if spec.version is not None else spec.channel
+        name = f"image:{spec.name}"
+        try:
+            record = registry.resolve(spec.image, ref)
+        except ImagepipeError as exc:
+            checks.append(
+                warn(
+                    name,
+                    f"{spec.image}@{shown} does not resolve: {exc}",
+                    f"run imagepipe build {spec.image}",
+                )
+            )
+            continue
+        checks.append(ok(name, f"{spec.image}@{shown} is v{record.version}"))
+    return checks
