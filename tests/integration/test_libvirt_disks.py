@@ -11,7 +11,7 @@ import pytest
 from imagepipe.errors import CloneNotFoundError, EnvironmentMissingError
 from imagepipe.hypervisors.libvirt_disks import disk_usable, make_clone_disk
 from imagepipe.pool.model import CloneMode
-from tests.conftest import require, require_program
+from tests.conftest import require_program
 
 pytestmark = pytest.mark.real
 
@@ -60,19 +60,19 @@ def test_a_base_that_a_running_qemu_writes_is_not_ready_until_it_lets_go(base: P
     writer = subprocess.Popen(
         ["qemu-io", "-f", "qcow2", str(base)],
         stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
+    assert writer.stdin is not None and writer.stdout is not None
     try:
-        opened = False
-        for _ in range(50):  # qemu-io takes the write lock right after it starts
-            if not disk_usable(base):
-                opened = True
-                break
-            subprocess.run(["sleep", "0.1"], check=True)
-        require(opened, "qemu-io did not lock the image (no OFD lock support?)")
+        # qemu-io answers a command only once it has the image open (and its write lock):
+        # no polling, so a busy machine cannot make this test flaky
+        writer.stdin.write(b"length\n")
+        writer.stdin.flush()
+        answer = writer.stdout.readline()
+        assert b"MiB" in answer, f"qemu-io did not open the image: {answer!r}"
+        assert not disk_usable(base), "a base a running QEMU writes was reported ready"
     finally:
-        assert writer.stdin is not None
         writer.stdin.close()
         writer.wait(timeout=10)
     assert disk_usable(base)

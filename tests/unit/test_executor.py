@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,15 @@ def bring_up(slot: int) -> list[Action]:
         StartClone(pool="lab", clone=name),
         BalancerEnable(pool="lab", clone=name, address=Endpoint("127.0.0.1", 5900 + slot)),
     ]
+
+
+def eventually(condition: Callable[[], bool], within: float = 10.0) -> None:
+    """Wait for a background thread's effect; returns as soon as it shows (a loaded CI
+    machine may need longer than a quiet one, never a fixed number of tries)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "the background work never finished"
+        threading.Event().wait(0.01)
 
 
 def test_actions_on_one_clone_run_in_order_and_are_journaled(rig: Rig) -> None:
@@ -191,10 +201,7 @@ def test_a_hung_call_times_out_and_its_clone_is_left_alone_until_it_returns(rig:
     assert meanwhile.skipped and not meanwhile.outcomes
 
     gate.set()
-    for _ in range(100):
-        if rig.hv.clones["lab-0"].power == "running":
-            break
-        threading.Event().wait(0.01)
+    eventually(lambda: rig.hv.clones["lab-0"].power == "running")
     after = executor.run(SPECS, [StartClone(pool="lab", clone="lab-0")])
     assert after.ok and after.outcomes
 
@@ -207,10 +214,7 @@ def test_stop_lets_the_action_in_flight_finish_and_starts_no_other(rig: Rig) -> 
         target=lambda: result.append(executor.run(SPECS, [create(0), create(1), create(2)]))
     )
     runner.start()
-    for _ in range(500):
-        if rig.hv.calls:
-            break
-        threading.Event().wait(0.01)
+    eventually(lambda: bool(rig.hv.calls))
 
     executor.stop()
     gate.set()
