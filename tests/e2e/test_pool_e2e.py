@@ -312,6 +312,11 @@ def test_keeper_killed_during_a_session_keeps_it_after_restart(host: Host) -> No
         names = [c["name"] for c in pool["clones"]]
         assert len(names) == len(set(names))
         assert virsh_domains(f"{POOL}-") == sorted(names), "orphan or missing domains"
+        disks = sorted(p.stem for p in (host.root / "state" / "clones" / "disks").glob("*.qcow2"))
+        assert disks == sorted(names), "orphan or missing clone disks"
+        backends = host.haproxy("show servers state desktops")
+        listed = {line.split()[3] for line in backends.splitlines()[2:] if len(line.split()) > 3}
+        assert listed == set(names), "orphan or missing balancer entries"
         assert pool["total"] == len(names) <= MAX
         # the VNC session is still alive through HAProxy: the server answers a client message
         client.sock.sendall(b"\x03\x01\x00\x00\x00\x00\x00\x10\x00\x10")  # update request
