@@ -37,19 +37,15 @@ from imagepipe.errors import ImagepipeError
 from imagepipe.pool.model import Backend, BackendState
 
 ROOT = Path(__file__).resolve().parents[1]
-URI = "qemu:///system"
+sys.path.insert(0, str(ROOT))  # the repository root is not on sys.path
+from tests.host import URI, destroy_domains, free_port  # noqa: E402
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 POLL = 0.2  # seconds between balancer polls: cheap (one admin-socket round trip)
 
 
 class BenchError(RuntimeError):
     """A benchmark step failed; the message says which and shows the keeper's last output."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def port_in_use(port: int) -> bool:
@@ -69,10 +65,6 @@ def virsh(*args: str) -> str:
     return done.stdout
 
 
-def domains(prefix: str) -> list[str]:
-    return sorted(n for n in virsh("list", "--all", "--name").split() if n.startswith(prefix))
-
-
 def running_domain_count() -> int:
     return len(virsh("list", "--name").split())
 
@@ -80,12 +72,6 @@ def running_domain_count() -> int:
 def domain_id(name: str) -> str:
     """libvirt's id of a running domain; it changes every time the domain is started."""
     return virsh("domid", name).strip()
-
-
-def destroy_domains(prefix: str) -> None:
-    for name in domains(prefix):
-        virsh("destroy", name)
-        virsh("undefine", name, "--nvram")
 
 
 # -- CPU time from /proc ---------------------------------------------------------------------

@@ -35,7 +35,6 @@ from _host import (
     PoolFile,
     Workspace,
     domain_id,
-    free_port,
     pid_cpu,
     pids_named,
     port_in_use,
@@ -47,6 +46,7 @@ from imagepipe.units import parse_duration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.guest import SerialConsole, VncClient  # the repository root is not on sys.path
+from tests.host import free_port
 
 BOOT_PORTS = (6100, 6103)
 FILL_PORTS = (6110, 6113)

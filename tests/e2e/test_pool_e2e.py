@@ -26,6 +26,7 @@ import pytest
 
 from tests.conftest import libvirt_available, require, require_program
 from tests.guest import SerialConsole, VncClient
+from tests.host import destroy_domains, domains, free_port
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -35,12 +36,6 @@ MAX = 4
 RECYCLE_AFTER = 3  # seconds
 PORTS = (5940, 5949)
 WAIT = 180.0  # TCG guests on 2 cores: generous, but a hang still fails
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -146,24 +141,6 @@ def clone(pool: dict[str, Any], name: str) -> dict[str, Any]:
     return next(c for c in pool["clones"] if c["name"] == name)
 
 
-def virsh_domains(prefix: str) -> list[str]:
-    out = subprocess.run(
-        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return sorted(n for n in out.split() if n.startswith(prefix))
-
-
-def _destroy_domains(prefix: str) -> None:
-    for name in virsh_domains(prefix):
-        subprocess.run(["virsh", "-c", "qemu:///system", "destroy", name], capture_output=True)
-        subprocess.run(
-            ["virsh", "-c", "qemu:///system", "undefine", name, "--nvram"], capture_output=True
-        )
-
-
 @pytest.fixture(scope="module")
 def host() -> Iterator[Host]:
     require_program("packer")
@@ -171,9 +148,9 @@ def host() -> Iterator[Host]:
     require(libvirt_available(), "libvirtd does not answer on qemu:///system (run ./install.sh)")
     repo = Path(__file__).resolve().parents[2]
     root = Path(tempfile.mkdtemp(prefix="ipe-e2e-", dir="/tmp"))  # short: unix socket paths
-    _destroy_domains(f"{POOL}-")
+    destroy_domains(f"{POOL}-")
     (root / "pools").mkdir()
-    bind_port = _free_port()
+    bind_port = free_port()
     config = root / "imagepipe.yml"
     config.write_text(
         f"pools_dir: {root / 'pools'}\n"
@@ -202,7 +179,7 @@ def host() -> Iterator[Host]:
     finally:
         if h.keeper is not None:
             h.stop_keeper()
-        _destroy_domains(f"{POOL}-")
+        destroy_domains(f"{POOL}-")
         pid_file = root / "run" / "haproxy.pid"
         if pid_file.exists():
             with contextlib.suppress(ProcessLookupError, ValueError):
@@ -311,7 +288,7 @@ def test_keeper_killed_during_a_session_keeps_it_after_restart(host: Host) -> No
         assert in_use["client"] is not None
         names = [c["name"] for c in pool["clones"]]
         assert len(names) == len(set(names))
-        assert virsh_domains(f"{POOL}-") == sorted(names), "orphan or missing domains"
+        assert domains(f"{POOL}-") == sorted(names), "orphan or missing domains"
         disks = sorted(p.stem for p in (host.root / "state" / "clones" / "disks").glob("*.qcow2"))
         assert disks == sorted(names), "orphan or missing clone disks"
         backends = host.haproxy("show servers state desktops")

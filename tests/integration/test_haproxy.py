@@ -27,6 +27,7 @@ from imagepipe.errors import EnvironmentMissingError
 from imagepipe.pool.model import BackendState, Endpoint
 from tests.conftest import require_program
 from tests.contract.balancer_suite import BalancerContract
+from tests.host import free_port
 
 pytestmark = pytest.mark.real
 
@@ -93,13 +94,6 @@ def gone(pid: int) -> bool:
     except OSError:
         return True
     return stat.rsplit(")", 1)[-1].split()[0] == "Z"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @dataclass
