@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from imagepipe.app.bootstrap import build_balancer, build_hypervisor, clone_state_dir
 from imagepipe.balancers.haproxy import HAProxyBalancer
 from imagepipe.config import Settings, load_pools, load_settings
 from imagepipe.errors import ConfigError, EnvironmentMissingError, ImagepipeError
@@ -28,7 +29,6 @@ from imagepipe.images.registry import Registry
 from imagepipe.log import fields
 from imagepipe.pool.model import PoolSpec
 from imagepipe.pool.store import SCHEMA_VERSION, read_schema_version
-from imagepipe.pool.wiring import build_balancer, build_hypervisor, clone_state_dir
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class HAProxyBalancer:
-    """Implements imagepipe.balancers.base.Balancer with HAProxy 2.6's runtime API."""
+    """Implements imagepipe.pool.ports.Balancer with HAProxy 2.6's runtime API."""
 
     def __init__(
         self,

@@ -7,12 +7,13 @@ User-facing errors (ImagepipeError) become one line on stderr and a documented e
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
 from imagepipe import __version__
+from imagepipe.app.bootstrap import Adapters
+from imagepipe.cli.context import CliContext
 from imagepipe.errors import ImagepipeError
 from imagepipe.log import setup_logging
 
@@ -25,16 +26,6 @@ app = typer.Typer(
 )
 
 
-@dataclass
-class Globals:
-    """Options given before the subcommand; read by every command."""
-
-    config: Path | None = None
-
-
-GLOBALS = Globals()
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"imagepipe {__version__}")
@@ -43,6 +34,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
+    ctx: typer.Context,
     config: Path | None = typer.Option(
         None,
         "--config",
@@ -62,7 +54,7 @@ def root(
         raise typer.BadParameter("expected text or json", param_hint="--log-format")
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise typer.BadParameter("expected debug, info, warning or error", param_hint="--log-level")
-    GLOBALS.config = config
+    ctx.ensure_object(CliContext).config = config
     setup_logging(log_level, log_format)
 
 
@@ -81,11 +73,15 @@ def _register() -> None:
     app.command(name="doctor")(doctor.doctor)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point. Returns the exit code (0 ok, 2 bad input, 3 environment, 4 failed)."""
+def main(argv: list[str] | None = None, adapters: Adapters | None = None) -> int:
+    """Console entry point. Returns the exit code (0 ok, 2 bad input, 3 environment, 4 failed).
+
+    `adapters` replaces the configured hypervisor, balancer, images or clock (tests, embedders).
+    """
     _register()
+    obj = CliContext(adapters=adapters or Adapters())
     try:
-        app(args=argv, prog_name="imagepipe")
+        app(args=argv, prog_name="imagepipe", obj=obj)
     except ImagepipeError as exc:
         typer.echo(f"imagepipe: error: {exc}", err=True)
         return exc.exit_code

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import typer
 
-from imagepipe.cli.app import GLOBALS
-from imagepipe.config import load_settings
+from imagepipe.cli.context import cli_context
 from imagepipe.errors import EXIT_ENVIRONMENT, EXIT_FAILED, BadInputError
 from imagepipe.images.build import (
     BuildResult,
@@ -25,6 +24,7 @@ from imagepipe.images.variables import parse_assignments
 
 
 def build(
+    ctx: typer.Context,
     image: str | None = typer.Argument(None, help="Image folder under packer/, e.g. tiny."),
     var: list[str] | None = typer.Option(None, "--var", help="NAME=VALUE, repeatable."),
     var_file: list[Path] | None = typer.Option(
@@ -50,7 +50,7 @@ def build(
     4 the build failed; 130 interrupted. With --changed: 4 if any image failed, else 3 if any
     image cannot be built here (unless --skip-unavailable), else 0.
     """
-    settings = load_settings(GLOBALS.config)
+    settings = cli_context(ctx).settings()
     with _progress(as_json) as progress:
         if changed:
             if image or var or var_file or only or force or dry_run:

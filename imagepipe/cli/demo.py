@@ -13,15 +13,14 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from imagepipe.cli.app import GLOBALS
-from imagepipe.cli.keep import fail_if_failed, make_keeper, stop_on_signals
+from imagepipe.app.keeping import fail_if_failed, stop_on_signals
+from imagepipe.cli.context import cli_context
 from imagepipe.config import Settings, load_pool_file, load_settings
 from imagepipe.errors import EnvironmentMissingError, OperationFailedError
 from imagepipe.images.build import build_image
 from imagepipe.images.progress import PlainProgress
 from imagepipe.pool.keeper import Keeper
 from imagepipe.pool.model import BackendState, PoolSpec
-from imagepipe.pool.wiring import build_runtime
 
 DEFAULT_DIR = Path("/var/lib/imagepipe/demo")
 POOL = "demo"
@@ -58,6 +57,7 @@ class DemoFiles:
 
 
 def demo(
+    ctx: typer.Context,
     directory: Path = typer.Option(
         DEFAULT_DIR, "--dir", help="Where the demo keeps its settings, state, images and pool."
     ),
@@ -68,16 +68,17 @@ def demo(
     """Build the tiny image, start a demo pool of 3 desktops behind 127.0.0.1:5999, and keep
     it until Ctrl-C (the desktops keep running afterwards)."""
     console = Console(stderr=True, soft_wrap=True)
-    base = load_settings(GLOBALS.config)
+    cli = cli_context(ctx)
+    base = cli.settings()
     files = write_demo_files(directory.absolute(), base)
     settings = load_settings(files.settings)
     spec = load_pool_file(files.pool)
     console.print(f"demo settings: {files.settings}")
     result = build_image(settings, "tiny", progress=PlainProgress())
     console.print(result.message)
-    runtime = build_runtime(settings)
+    runtime = cli.runtime(settings)
     try:
-        keeper = make_keeper(runtime, [spec])
+        keeper = runtime.keeper([spec])
         if no_keep:
             wait_until_ready(keeper, spec, console)
             _print_howto(console, files, keeping=False)

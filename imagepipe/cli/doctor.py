@@ -12,12 +12,13 @@ from dataclasses import asdict
 
 import typer
 
-from imagepipe.cli.app import GLOBALS
+from imagepipe.cli.context import cli_context
 from imagepipe.doctor import Check, Status, failed, run_checks
 from imagepipe.errors import EXIT_ENVIRONMENT
 
 
 def doctor(
+    ctx: typer.Context,
     as_json: bool = typer.Option(
         False, "--json", help="Print a JSON list of {check, status, detail, fix}."
     ),
@@ -27,7 +28,7 @@ def doctor(
 
     Exit code 0 when nothing failed (warnings allowed), 3 when something is missing.
     """
-    checks = run_checks(GLOBALS.config)
+    checks = run_checks(cli_context(ctx).config)
     typer.echo(to_json(checks) if as_json else render(checks))
     if failed(checks):
         raise typer.Exit(code=EXIT_ENVIRONMENT)

@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from imagepipe.cli.app import GLOBALS
-from imagepipe.config import load_pools, load_settings
+from imagepipe.cli.context import cli_context
+from imagepipe.config import load_pools
 from imagepipe.errors import BadInputError
 from imagepipe.images.prune import choose, load_pool_records, versions_in_use
 from imagepipe.images.records import VersionRecord
@@ -27,8 +27,8 @@ def images() -> None:
     """Registered image versions (a git repository) and channels such as latest and stable."""
 
 
-def _registry() -> Registry:
-    settings = load_settings(GLOBALS.config)
+def _registry(ctx: typer.Context) -> Registry:
+    settings = cli_context(ctx).settings()
     registry = Registry(settings.registry, settings.image_store)
     registry.check_readable()
     return registry
@@ -53,11 +53,12 @@ def _doc(record: VersionRecord, channels: list[str]) -> dict[str, Any]:
 
 @app.command("list")
 def list_(
+    ctx: typer.Context,
     image: str | None = typer.Argument(None, help="Only this image."),
     as_json: bool = _JSON,
 ) -> None:
     """Every version of every image (or of IMAGE), with status and channels."""
-    registry = _registry()
+    registry = _registry(ctx)
     names = [image] if image else registry.images()
     if image:
         _known(registry, image)
@@ -88,11 +89,12 @@ def list_(
 
 @app.command()
 def show(
+    ctx: typer.Context,
     ref: str = typer.Argument(..., help="IMAGE, IMAGE@7, IMAGE@v7 or IMAGE@CHANNEL."),
     as_json: bool = _JSON,
 ) -> None:
     """One version in full: provenance, artifacts with checksums, boot information."""
-    registry = _registry()
+    registry = _registry(ctx)
     image, _, which = ref.partition("@")
     _known(registry, image)
     record = registry.resolve(image, which or None)
@@ -132,13 +134,14 @@ def show(
 
 @app.command()
 def promote(
+    ctx: typer.Context,
     image: str = typer.Argument(...),
     version: str = typer.Argument(..., help="7 or v7."),
     channel: str = typer.Option(..., "--channel", help="e.g. stable."),
     as_json: bool = _JSON,
 ) -> None:
     """Point CHANNEL of IMAGE at VERSION (pools on that channel roll out to it)."""
-    registry = _registry()
+    registry = _registry(ctx)
     _known(registry, image)
     record = registry.promote(image, registry.resolve(image, version).version, channel)
     _moved(image, channel, record, as_json)
@@ -146,25 +149,27 @@ def promote(
 
 @app.command()
 def rollback(
+    ctx: typer.Context,
     image: str = typer.Argument(...),
     channel: str = typer.Option(..., "--channel"),
     as_json: bool = _JSON,
 ) -> None:
     """Point CHANNEL back at the version it held before its current one."""
-    registry = _registry()
+    registry = _registry(ctx)
     _known(registry, image)
     _moved(image, channel, registry.rollback(image, channel), as_json)
 
 
 @app.command()
 def revoke(
+    ctx: typer.Context,
     image: str = typer.Argument(...),
     version: str = typer.Argument(...),
     reason: str = typer.Option(..., "--reason", help="Why, for the record."),
     as_json: bool = _JSON,
 ) -> None:
     """Mark VERSION unusable; channels on it move back to their previous version."""
-    registry = _registry()
+    registry = _registry(ctx)
     _known(registry, image)
     record = registry.revoke(image, registry.resolve(image, version).version, reason)
     if as_json:
@@ -175,6 +180,7 @@ def revoke(
 
 @app.command()
 def prune(
+    ctx: typer.Context,
     keep: int = typer.Option(..., "--keep", help="Newest active versions to keep per image."),
     image: str | None = typer.Argument(None, help="Only this image."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would go."),
@@ -182,7 +188,7 @@ def prune(
 ) -> None:
     """Remove old versions' artifacts from the image store. Never one a channel, a pool or a
     running clone uses."""
-    settings = load_settings(GLOBALS.config)
+    settings = cli_context(ctx).settings()
     registry = Registry(settings.registry, settings.image_store)
     registry.check_readable()
     if image:

@@ -9,8 +9,8 @@ from typing import Any
 
 import typer
 
-from imagepipe.cli.app import GLOBALS
-from imagepipe.config import load_pools, load_settings
+from imagepipe.cli.context import cli_context
+from imagepipe.config import load_pools
 from imagepipe.errors import BadInputError
 from imagepipe.pool.model import PoolSpec
 from imagepipe.units import format_duration, format_size
@@ -28,6 +28,7 @@ def pools() -> None:
 
 @app.command()
 def check(
+    ctx: typer.Context,
     paths: list[Path] | None = typer.Argument(
         None, help="Pool files or folders of *.yml (default: the settings' pools_dir)."
     ),
@@ -37,7 +38,7 @@ def check(
 
     Exit code 2 with file:line: key and what was expected when a file is wrong.
     """
-    targets = list(paths) if paths else [load_settings(GLOBALS.config).pools_dir]
+    targets = list(paths) if paths else [cli_context(ctx).settings().pools_dir]
     specs = load_pools(targets)
     if not specs:
         where = ", ".join(str(p) for p in targets)

@@ -28,7 +28,6 @@ from imagepipe.errors import (
     HypervisorError,
     InvalidStateError,
 )
-from imagepipe.hypervisors.base import HypervisorEvent, Subscription
 from imagepipe.hypervisors.libvirt_disks import disk_usable, make_clone_disk
 from imagepipe.hypervisors.libvirt_events import EventHub, ensure_event_loop
 from imagepipe.hypervisors.libvirt_xml import (
@@ -43,6 +42,7 @@ from imagepipe.hypervisors.libvirt_xml import (
 )
 from imagepipe.log import fields
 from imagepipe.pool.model import BaseImage, CloneInfo, CloneSpec, Endpoint, GuestSession, Power
+from imagepipe.pool.ports import HypervisorEvent, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _ignore_libvirt_error(_opaque: Any, error: Any) -> None:
 
 
 class LibvirtHypervisor:
-    """imagepipe.hypervisors.base.Hypervisor on libvirt + QEMU (domain type qemu: TCG)."""
+    """imagepipe.pool.ports.Hypervisor on libvirt + QEMU (domain type qemu: TCG)."""
 
     def __init__(
         self,

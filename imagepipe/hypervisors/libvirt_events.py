@@ -11,9 +11,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from imagepipe.hypervisors.base import EventKind, HypervisorEvent
 from imagepipe.hypervisors.libvirt_xml import format_address
 from imagepipe.log import fields
+from imagepipe.pool.ports import EventKind, HypervisorEvent
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
-from imagepipe.balancers.base import Balancer
 from imagepipe.errors import (
     BackendNotFoundError,
     BusyError,
@@ -33,7 +31,6 @@ from imagepipe.errors import (
     ImagepipeError,
     OperationFailedError,
 )
-from imagepipe.hypervisors.base import Hypervisor
 from imagepipe.log import fields
 from imagepipe.pool.model import (
     Action,
@@ -55,24 +52,13 @@ from imagepipe.pool.model import (
     SuspendClone,
 )
 from imagepipe.pool.planner import record_failure
+from imagepipe.pool.ports import Balancer, Clock, Hypervisor
 from imagepipe.pool.store import Store
 
 log = logging.getLogger(__name__)
 
 RECORD_ACTIONS = (RecordClone, ForgetClone, RecordPool)
 BaseResolver = Callable[[str, int], BaseImage]  # (image, version) -> the base to clone from
-
-
-class Clock(Protocol):
-    """Time, injected so tests never sleep."""
-
-    def now(self) -> float:
-        """Seconds since the epoch."""
-        ...
-
-    def sleep(self, seconds: float) -> None:
-        """Wait (a fake clock just moves its time forward)."""
-        ...
 
 
 class SystemClock:

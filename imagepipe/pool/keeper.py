@@ -18,11 +18,9 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from imagepipe.balancers.base import Balancer
 from imagepipe.errors import ImagepipeError
-from imagepipe.hypervisors.base import Hypervisor, HypervisorEvent
 from imagepipe.log import fields
-from imagepipe.pool.executor import Clock, ExecutionReport, Executor, ExecutorSettings
+from imagepipe.pool.executor import ExecutionReport, Executor, ExecutorSettings
 from imagepipe.pool.model import (
     Action,
     BaseImage,
@@ -33,8 +31,9 @@ from imagepipe.pool.model import (
     RecordClone,
     RecordPool,
 )
-from imagepipe.pool.observe import HostObservation, Images, observe
+from imagepipe.pool.observe import HostObservation, observe
 from imagepipe.pool.planner import next_timer, plan
+from imagepipe.pool.ports import Balancer, Clock, Hypervisor, HypervisorEvent, Images
 from imagepipe.pool.store import Store
 
 log = logging.getLogger(__name__)

@@ -13,15 +13,11 @@ import logging
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from imagepipe.balancers.base import Balancer
 from imagepipe.errors import CloneNotFoundError, ImagepipeError
-from imagepipe.hypervisors.base import Hypervisor
 from imagepipe.log import fields
 from imagepipe.pool.model import (
     Backend,
-    BaseImage,
     CloneInfo,
     GuestSession,
     Observed,
@@ -29,23 +25,9 @@ from imagepipe.pool.model import (
     PoolSpec,
     Power,
 )
+from imagepipe.pool.ports import Balancer, Hypervisor, Images, ImageVersion
 
 log = logging.getLogger(__name__)
-
-
-class ImageVersion(Protocol):
-    """What observe needs of a registered version (imagepipe.images.registry.VersionRecord)."""
-
-    @property
-    def version(self) -> int: ...
-
-    def base_image(self) -> BaseImage: ...
-
-
-class Images(Protocol):
-    """What observe needs of the registry (imagepipe.images.registry.Registry)."""
-
-    def resolve(self, image: str, ref: str | int | None = None) -> ImageVersion: ...
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from typing import Protocol
 
 import pytest
 
-from imagepipe.balancers.base import Balancer
 from imagepipe.errors import BackendNotFoundError, BalancerError
 from imagepipe.pool.model import Backend, BackendState, Endpoint
+from imagepipe.pool.ports import Balancer
 
 
 class ClientConnection(Protocol):

@@ -1,4 +1,4 @@
-"""The contract every Hypervisor adapter keeps (imagepipe.hypervisors.base).
+"""The contract every Hypervisor adapter keeps (imagepipe.pool.ports).
 
 Subclass `HypervisorContract` in a test module and provide two fixtures:
 
@@ -22,8 +22,8 @@ from collections.abc import Callable
 import pytest
 
 from imagepipe.errors import CloneNotFoundError, InvalidStateError
-from imagepipe.hypervisors.base import Hypervisor, HypervisorEvent
 from imagepipe.pool.model import BaseImage, CloneInfo, CloneMode, CloneSpec, Endpoint, Power
+from imagepipe.pool.ports import Hypervisor, HypervisorEvent
 
 MiB = 1024**2
 

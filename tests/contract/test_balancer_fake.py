@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from imagepipe.balancers.base import Balancer
 from imagepipe.errors import BalancerError
 from imagepipe.pool.model import Backend, BackendState, Endpoint
+from imagepipe.pool.ports import Balancer
 from tests.contract.balancer_suite import BalancerContract
 from tests.fakes.balancer import FakeBalancer
 

@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 
 from imagepipe.errors import BusyError, CloneNotFoundError, InvalidStateError
-from imagepipe.hypervisors.base import EventKind, Hypervisor, HypervisorEvent
 from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power
+from imagepipe.pool.ports import EventKind, Hypervisor, HypervisorEvent
 from tests.contract.hypervisor_suite import HypervisorContract
 from tests.fakes.hypervisor import FakeHypervisor, FakeImages
 

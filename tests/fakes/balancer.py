@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from imagepipe.balancers.base import Balancer
 from imagepipe.errors import BackendNotFoundError, BalancerError
 from imagepipe.pool.model import Backend, BackendState, Endpoint
+from imagepipe.pool.ports import Balancer
 
 MAXCONN = 1
 

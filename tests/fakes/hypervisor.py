@@ -28,7 +28,6 @@ from imagepipe.errors import (
     HypervisorError,
     InvalidStateError,
 )
-from imagepipe.hypervisors.base import EventKind, HypervisorEvent
 from imagepipe.pool.model import (
     BaseImage,
     CloneInfo,
@@ -37,6 +36,7 @@ from imagepipe.pool.model import (
     GuestSession,
     Power,
 )
+from imagepipe.pool.ports import EventKind, HypervisorEvent
 
 
 @dataclass
@@ -61,7 +61,7 @@ class _Subscription:
 
 @dataclass
 class FakeHypervisor:
-    """Implements imagepipe.hypervisors.base.Hypervisor in memory."""
+    """Implements imagepipe.pool.ports.Hypervisor in memory."""
 
     clock: Callable[[], float] = field(default=lambda: 0.0)
     boot_ticks: int = 0  # tick() calls between start and ready; 0 = ready at once

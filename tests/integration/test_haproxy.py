@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.balancers.base import Balancer
 from imagepipe.balancers.haproxy import HAProxyBalancer
 from imagepipe.errors import EnvironmentMissingError
 from imagepipe.pool.model import BackendState, Endpoint
+from imagepipe.pool.ports import Balancer
 from tests.conftest import require_program
 from tests.contract.balancer_suite import BalancerContract
 from tests.host import free_port

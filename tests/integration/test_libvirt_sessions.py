@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.hypervisors.base import EventKind, HypervisorEvent
 from imagepipe.hypervisors.libvirt import LibvirtHypervisor
 from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power
+from imagepipe.pool.ports import EventKind, HypervisorEvent
 from tests.contract.hypervisor_suite import free_port
 from tests.guest import SerialConsole, VncClient, tiny_base_image
 

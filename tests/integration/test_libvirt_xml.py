@@ -16,7 +16,6 @@ from imagepipe.errors import (
     FatalHypervisorError,
     InvalidStateError,
 )
-from imagepipe.hypervisors.base import EventKind
 from imagepipe.hypervisors.libvirt import error_for, power_of
 from imagepipe.hypervisors.libvirt_events import agent_event, graphics_event, lifecycle_event
 from imagepipe.hypervisors.libvirt_xml import (
@@ -30,6 +29,7 @@ from imagepipe.hypervisors.libvirt_xml import (
     parse_vnc_clients,
 )
 from imagepipe.pool.model import CloneMode, Endpoint, Power
+from imagepipe.pool.ports import EventKind
 
 META = CloneMetadata("lab", "tiny", 3, 2, CloneMode.LINKED, Path("/images/tiny/3/disk.qcow2"))
 

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from imagepipe.cli import pools
-from imagepipe.cli.app import GLOBALS
+from imagepipe.cli.context import CliContext
 from imagepipe.errors import EXIT_BAD_INPUT, ConfigError, ImagepipeError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,8 +36,8 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def run(*args: str) -> tuple[int, str, BaseException | None]:
-    result = CliRunner().invoke(pools.app, list(args))
+def run(*args: str, config: Path | None = None) -> tuple[int, str, BaseException | None]:
+    result = CliRunner().invoke(pools.app, list(args), obj=CliContext(config=config))
     error = result.exception if not isinstance(result.exception, SystemExit) else None
     return result.exit_code, result.output, error
 
@@ -79,15 +79,12 @@ def test_check_json_writes_schedules_in_the_pool_file_form() -> None:
     assert room["version"] is None and room["rollout"] == {"drain_deadline": 28800.0}
 
 
-def test_check_without_paths_uses_the_settings_pools_dir(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_check_without_paths_uses_the_settings_pools_dir(workdir: Path) -> None:
     (workdir / "conf").mkdir()
     (workdir / "conf" / "imagepipe.yml").write_text("pools_dir: ../mine\n")
     (workdir / "mine").mkdir()
     (workdir / "mine" / "x.yml").write_text("name: x\nimage: tiny\n")
-    monkeypatch.setattr(GLOBALS, "config", workdir / "conf" / "imagepipe.yml")
-    code, output, _ = run("check")
+    code, output, _ = run("check", config=workdir / "conf" / "imagepipe.yml")
     assert code == 0
     assert output.startswith("x  image tiny@latest  linked  initial 1 free 1 max 5")
 

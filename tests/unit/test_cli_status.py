@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from imagepipe.cli import status as status_cli
+from imagepipe.app.bootstrap import Adapters
+from imagepipe.app.status import SCHEMA, HostStatus, PoolStatus
 from imagepipe.cli.app import main
+from imagepipe.cli.status import render
 from imagepipe.config import load_pool_file
 from imagepipe.pool.keeper import Keeper
 from imagepipe.pool.store import Store
@@ -47,7 +49,7 @@ def _keep_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.fixture
-def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, FakeHypervisor]:
+def host(tmp_path: Path) -> tuple[Path, FakeHypervisor, Adapters]:
     """A settings file, a pool, and a host where the keeper made the pool ready and one
     user is on lab-0."""
     (tmp_path / "pools").mkdir()
@@ -72,18 +74,15 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, FakeHyp
     for _ in range(4):
         keeper.run_pass()
     store.close()
-    monkeypatch.setattr(status_cli, "build_hypervisor", lambda settings: hv)
-    monkeypatch.setattr(status_cli, "build_balancer", lambda settings, manage: lb.reopen())
-    monkeypatch.setattr(status_cli, "Registry", lambda path, store: images)
-    return settings, hv
+    return settings, hv, Adapters(hypervisor=hv, balancer=lb.reopen(), images=images, clock=clock)
 
 
 def test_status_json_describes_every_pool_and_desktop_with_a_stable_schema(
-    host: tuple[Path, FakeHypervisor], capsys: pytest.CaptureFixture[str]
+    host: tuple[Path, FakeHypervisor, Adapters], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    settings, _ = host
+    settings, _, adapters = host
 
-    code = main(["--config", str(settings), "status", "--json"])
+    code = main(["--config", str(settings), "status", "--json"], adapters)
 
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
@@ -104,15 +103,15 @@ def test_status_json_describes_every_pool_and_desktop_with_a_stable_schema(
 
 
 def test_status_reports_clones_of_pools_that_are_not_configured(
-    host: tuple[Path, FakeHypervisor], capsys: pytest.CaptureFixture[str]
+    host: tuple[Path, FakeHypervisor, Adapters], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    settings, hv = host
+    settings, hv, adapters = host
     (settings.parent / "pools" / "lab.yml").unlink()
     (settings.parent / "pools" / "other.yml").write_text(
         POOL_FILE.replace("lab", "other").replace("5900-5903", "6000-6003")
     )
 
-    assert main(["--config", str(settings), "status", "--json"]) == 0
+    assert main(["--config", str(settings), "status", "--json"], adapters) == 0
 
     doc = json.loads(capsys.readouterr().out)
     assert sorted(s["name"] for s in doc["stray_clones"]) == sorted(hv.clones)
@@ -120,11 +119,11 @@ def test_status_reports_clones_of_pools_that_are_not_configured(
 
 
 def test_status_table_shows_sizes_and_who_is_on_which_desktop(
-    host: tuple[Path, FakeHypervisor], capsys: pytest.CaptureFixture[str]
+    host: tuple[Path, FakeHypervisor, Adapters], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    settings, _ = host
+    settings, _, adapters = host
 
-    assert main(["--config", str(settings), "status", "lab"]) == 0
+    assert main(["--config", str(settings), "status", "lab"], adapters) == 0
 
     out = capsys.readouterr().out
     assert "free 2/2" in out and "in use 1" in out and "total 3/4" in out
@@ -133,17 +132,17 @@ def test_status_table_shows_sizes_and_who_is_on_which_desktop(
 
 
 def test_status_of_an_unknown_pool_is_a_clear_error(
-    host: tuple[Path, FakeHypervisor], capsys: pytest.CaptureFixture[str]
+    host: tuple[Path, FakeHypervisor, Adapters], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    settings, _ = host
+    settings, _, adapters = host
 
-    assert main(["--config", str(settings), "status", "nope"]) == 2
+    assert main(["--config", str(settings), "status", "nope"], adapters) == 2
     assert "no pool named nope" in capsys.readouterr().err
 
 
 def test_status_header_of_an_empty_pool_stays_on_one_line() -> None:
     """A pool with no desktops yet has a narrow table; its header must not wrap to it."""
-    empty = status_cli.PoolStatus(
+    empty = PoolStatus(
         name="classroom",
         image="win10",
         version=None,
@@ -157,9 +156,9 @@ def test_status_header_of_an_empty_pool_stays_on_one_line() -> None:
         note="image 'win10' has no registered versions",
         clones=(),
     )
-    snapshot = status_cli.HostStatus(status_cli.SCHEMA, 0.0, (empty,), (), None)
+    snapshot = HostStatus(SCHEMA, 0.0, (empty,), (), None)
     console = Console(width=80, record=True)
-    console.print(status_cli.render(snapshot))
+    console.print(render(snapshot))
     lines = console.export_text().splitlines()
     header = "classroom  (win10 no version)  free 0/3  in use 0  total 0/30"
     assert header in [line.rstrip() for line in lines]

@@ -8,12 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.cli import keep as keep_cli
+from imagepipe.app.bootstrap import Adapters
 from imagepipe.cli.app import main
-from imagepipe.config import Settings
 from imagepipe.errors import FatalHypervisorError
-from imagepipe.pool.store import Store
-from imagepipe.pool.wiring import Runtime
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeHypervisor, FakeImages
 
@@ -35,7 +32,7 @@ def _keep_logging() -> Iterator[None]:
 
 
 @pytest.fixture
-def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, FakeHypervisor]:
+def host(tmp_path: Path) -> tuple[Path, FakeHypervisor, Adapters]:
     (tmp_path / "pools").mkdir()
     (tmp_path / "pools" / "lab.yml").write_text(POOL_FILE)
     config = tmp_path / "imagepipe.yml"
@@ -45,54 +42,49 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, FakeHyp
     hv.add_base(images.publish("tiny", 1))
     lb = FakeBalancer()
 
-    def build_runtime(settings: Settings) -> Runtime:
-        store = Store(settings.state_db)
-        return Runtime(settings, hv, lb.reopen(), store, images)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(keep_cli, "build_runtime", build_runtime)
-    return config, hv
+    return config, hv, Adapters(hypervisor=hv, balancer=lb, images=images)
 
 
 def test_keep_once_makes_the_clones_the_pool_needs_and_exits_0(
-    host: tuple[Path, FakeHypervisor],
+    host: tuple[Path, FakeHypervisor, Adapters],
 ) -> None:
-    config, hv = host
+    config, hv, adapters = host
 
-    assert main(["--config", str(config), "keep", "--once"]) == 0
+    assert main(["--config", str(config), "keep", "--once"], adapters) == 0
 
     assert sorted(hv.clones) == ["lab-0", "lab-1"]
 
 
 def test_keep_once_exits_4_and_names_the_failure_when_an_action_fails(
-    host: tuple[Path, FakeHypervisor], capsys: pytest.CaptureFixture[str]
+    host: tuple[Path, FakeHypervisor, Adapters], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config, hv = host
+    config, hv, adapters = host
     hv.fail_next("create_clone", FatalHypervisorError("no space left on device"))
 
-    assert main(["--config", str(config), "keep", "--once"]) == 4
+    assert main(["--config", str(config), "keep", "--once"], adapters) == 4
 
     err = capsys.readouterr().err
     assert "1 of 2 actions failed" in err and "no space left on device" in err
 
 
 def test_keep_for_an_unknown_pool_is_refused_before_anything_runs(
-    host: tuple[Path, FakeHypervisor], capsys: pytest.CaptureFixture[str]
+    host: tuple[Path, FakeHypervisor, Adapters], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config, hv = host
+    config, hv, adapters = host
 
-    assert main(["--config", str(config), "keep", "--pool", "nope", "--once"]) == 2
+    assert main(["--config", str(config), "keep", "--pool", "nope", "--once"], adapters) == 2
 
     assert "no pool named nope (configured pools: lab)" in capsys.readouterr().err
     assert hv.calls == []
 
 
 def test_keep_once_exits_4_and_says_why_when_a_pool_image_was_never_built(
-    host: tuple[Path, FakeHypervisor], capsys: pytest.CaptureFixture[str]
+    host: tuple[Path, FakeHypervisor, Adapters], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config, hv = host
+    config, hv, adapters = host
     (config.parent / "pools" / "lab.yml").write_text(POOL_FILE.replace("tiny", "win10"))
 
-    assert main(["--config", str(config), "keep", "--once"]) == 4
+    assert main(["--config", str(config), "keep", "--once"], adapters) == 4
 
     err = capsys.readouterr().err
     assert "pool lab cannot make desktops" in err and "win10" in err
@@ -100,10 +92,10 @@ def test_keep_once_exits_4_and_says_why_when_a_pool_image_was_never_built(
 
 
 def test_keep_once_succeeds_while_a_base_is_only_busy_being_updated(
-    host: tuple[Path, FakeHypervisor],
+    host: tuple[Path, FakeHypervisor, Adapters],
 ) -> None:
-    config, hv = host
-    assert main(["--config", str(config), "keep", "--once"]) == 0
+    config, hv, adapters = host
+    assert main(["--config", str(config), "keep", "--once"], adapters) == 0
     hv.bases[("tiny", 1)] = False  # powered on for patching: no new clones from it now
 
-    assert main(["--config", str(config), "keep", "--once"]) == 0
+    assert main(["--config", str(config), "keep", "--once"], adapters) == 0

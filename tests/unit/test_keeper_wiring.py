@@ -1,4 +1,4 @@
-"""build_runtime and its builders: the configured adapters, or a clear error."""
+"""bootstrap (the composition root) and its builders: the configured adapters, or a clear error."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from imagepipe.app.bootstrap import bootstrap, build_balancer, build_hypervisor
+from imagepipe.balancers.null import NullBalancer
 from imagepipe.config import BalancerSettings, HypervisorSettings, Settings
 from imagepipe.errors import EnvironmentMissingError
 from imagepipe.pool.model import Endpoint
-from imagepipe.pool.wiring import NullBalancer, build_balancer, build_hypervisor, build_runtime
 
 
 def settings(tmp_path: Path, **changes: object) -> Settings:
@@ -46,10 +47,10 @@ def test_virtualbox_says_how_to_get_a_working_hypervisor(tmp_path: Path) -> None
         build_hypervisor(settings(tmp_path, hypervisor=cfg))
 
 
-def test_build_runtime_makes_its_folders_and_reports_a_missing_hypervisor(
+def test_bootstrap_makes_its_folders_and_reports_a_missing_hypervisor(
     tmp_path: Path,
 ) -> None:
     cfg = HypervisorSettings(driver="virtualbox")
     with pytest.raises(EnvironmentMissingError):
-        build_runtime(settings(tmp_path, hypervisor=cfg))
+        bootstrap(settings(tmp_path, hypervisor=cfg))
     assert (tmp_path / "state").is_dir() and (tmp_path / "run").is_dir()

@@ -1,9 +1,16 @@
-"""The hypervisor port: what the keeper needs from libvirt or VirtualBox, and nothing more.
+"""The core's ports: what the pool core needs from the world, declared on the core's side.
 
-Adapters translate to the real system and never leak its types. Errors are typed
-(imagepipe.errors): CloneNotFoundError (final), BusyError (retry), InvalidStateError,
-FatalHypervisorError. Every mutating call is idempotent: creating a clone that already
-exists with the same metadata, deleting one that is gone, starting one that runs — succeed.
+Adapters (imagepipe.hypervisors.*, imagepipe.balancers.*, imagepipe.images.registry) implement
+these protocols; the core imports only this module, never an adapter. Every adapter of a port
+passes that port's contract suite (tests/contract/).
+
+Hypervisor errors are typed (imagepipe.errors): CloneNotFoundError (final), BusyError (retry),
+InvalidStateError, FatalHypervisorError. Every mutating call is idempotent: creating a clone
+that already exists with the same metadata, deleting one that is gone, starting one that
+runs — succeed.
+
+Balancer: one backend per clone, named after the clone. Drain state lives in the balancer
+itself and is read back from it, so it survives a keeper restart.
 """
 
 from __future__ import annotations
@@ -13,7 +20,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from imagepipe.pool.model import BaseImage, CloneInfo, CloneSpec, Endpoint, GuestSession
+from imagepipe.pool.model import (
+    Backend,
+    BaseImage,
+    CloneInfo,
+    CloneSpec,
+    Endpoint,
+    GuestSession,
+)
 
 
 class EventKind(StrEnum):
@@ -90,4 +104,58 @@ class Hypervisor(Protocol):
 
     def close(self) -> None:
         """Release connections and threads."""
+        ...
+
+
+class Balancer(Protocol):
+    def ensure_frontend(self) -> None:
+        """Make sure the shared address exists and listens (idempotent)."""
+        ...
+
+    def list_backends(self) -> list[Backend]:
+        """Every backend with its state and current connection count."""
+        ...
+
+    def enable(self, name: str, address: Endpoint) -> None:
+        """Add the backend, or set it ready if it exists (this cancels a drain)."""
+        ...
+
+    def drain(self, name: str) -> None:
+        """No new connections; existing ones stay. Draining twice is harmless."""
+        ...
+
+    def remove(self, name: str) -> None:
+        """Remove the backend. Refuses (BalancerError) while it has connections, unless it
+        is already gone, which succeeds."""
+        ...
+
+    def close(self) -> None:
+        """Release sockets; a supervised balancer process keeps running."""
+        ...
+
+
+class ImageVersion(Protocol):
+    """What observe needs of a registered version (imagepipe.images.registry.VersionRecord)."""
+
+    @property
+    def version(self) -> int: ...
+
+    def base_image(self) -> BaseImage: ...
+
+
+class Images(Protocol):
+    """What observe needs of the registry (imagepipe.images.registry.Registry)."""
+
+    def resolve(self, image: str, ref: str | int | None = None) -> ImageVersion: ...
+
+
+class Clock(Protocol):
+    """Time, injected so tests never sleep."""
+
+    def now(self) -> float:
+        """Seconds since the epoch."""
+        ...
+
+    def sleep(self, seconds: float) -> None:
+        """Wait (a fake clock just moves its time forward)."""
         ...

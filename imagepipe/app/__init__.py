@@ -1,0 +1,1 @@
+"""The application layer: the composition root (bootstrap) and the use cases the CLI renders."""

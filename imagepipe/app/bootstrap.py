@@ -1,0 +1,205 @@
+"""The composition root: the one place that turns settings into adapters.
+
+    runtime = bootstrap(settings)                      # the configured adapters
+    runtime = bootstrap(settings, hypervisor=fake)     # tests, benchmarks: inject any of them
+    try: ...
+    finally: runtime.close()
+
+The CLI, the demo, the tests and the benchmarks all build their runtime here; nothing else
+imports an adapter module. Adapters are imported lazily so a missing optional dependency
+(libvirt-python, pyvbox) is a clear EnvironmentMissingError, not an ImportError at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imagepipe.balancers.null import NullBalancer
+from imagepipe.config import Settings
+from imagepipe.errors import EnvironmentMissingError, ImagepipeError
+from imagepipe.images.registry import Registry
+from imagepipe.log import fields
+from imagepipe.pool.executor import ExecutorSettings
+from imagepipe.pool.keeper import Keeper, KeeperOptions
+from imagepipe.pool.model import PoolSpec
+from imagepipe.pool.ports import Balancer, Clock, Hypervisor, Images
+from imagepipe.pool.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class SystemClock:
+    """The real clock (imagepipe.pool.ports.Clock)."""
+
+    def now(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """Adapters to use instead of the ones the settings name: the seam for tests, the
+    benchmarks and anything that embeds imagepipe. None = build from the settings."""
+
+    hypervisor: Hypervisor | None = None
+    balancer: Balancer | None = None
+    images: Images | None = None
+    clock: Clock | None = None
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    hypervisor: Hypervisor
+    balancer: Balancer
+    store: Store
+    images: Images
+    clock: Clock = field(default_factory=SystemClock)
+    # the adapters bootstrap built (and so closes); injected ones belong to their caller
+    owned: frozenset[str] = frozenset({"hypervisor", "balancer"})
+
+    @property
+    def registry(self) -> Images:  # the name the keeper's callers used before
+        return self.images
+
+    def keeper(self, specs: Sequence[PoolSpec], *, other_pools: Sequence[str] = ()) -> Keeper:
+        """A keeper for these pools on this runtime's adapters."""
+        return Keeper(
+            hypervisor=self.hypervisor,
+            balancer=self.balancer,
+            store=self.store,
+            images=self.images,
+            specs=specs,
+            clock=self.clock,
+            settings=keeper_options(self.settings),
+            other_pools=other_pools,
+        )
+
+    def close(self) -> None:
+        """Release every adapter; a managed HAProxy and running desktops keep running."""
+        for name, closer in (
+            ("balancer", self.balancer.close),
+            ("hypervisor", self.hypervisor.close),
+            ("store", self.store.close),
+        ):
+            if name != "store" and name not in self.owned:
+                continue
+            try:
+                closer()
+            except ImagepipeError as exc:
+                log.warning("could not close cleanly", extra=fields(part=name, error=str(exc)))
+
+
+def keeper_options(settings: Settings) -> KeeperOptions:
+    cfg = settings.keeper
+    return KeeperOptions(
+        tick=cfg.tick,
+        executor=ExecutorSettings(parallel=cfg.parallel, action_timeout=cfg.action_timeout),
+    )
+
+
+def clone_state_dir(settings: Settings) -> Path:
+    """Where clone overlays and console sockets live: beside the state database."""
+    return settings.state_db.parent / "clones"
+
+
+def build_hypervisor(settings: Settings) -> Hypervisor:
+    driver = settings.hypervisor.driver
+    if driver == "libvirt":
+        try:
+            from imagepipe.hypervisors.libvirt import LibvirtHypervisor
+        except ImportError as exc:
+            raise EnvironmentMissingError(
+                f"the libvirt hypervisor needs libvirt-python ({exc}); "
+                "install it with: pip install 'imagepipe[libvirt]'"
+            ) from exc
+        return LibvirtHypervisor(settings.hypervisor.uri, state_dir=clone_state_dir(settings))
+    raise EnvironmentMissingError(
+        f"hypervisor driver {driver!r} is not available in this version of imagepipe; "
+        "set hypervisor.driver: libvirt in the settings file"
+    )
+
+
+def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balancer:
+    """The configured balancer; `manage=False` never starts or reloads HAProxy (for status)."""
+    cfg = settings.balancer
+    if cfg.driver == "none":
+        return NullBalancer()
+    if cfg.driver == "haproxy":
+        from imagepipe.balancers.haproxy import HAProxyBalancer
+
+        return HAProxyBalancer(
+            bind=cfg.bind,
+            admin_socket=settings.admin_socket_path,
+            config_path=settings.run_dir / "haproxy.cfg",
+            pid_file=settings.run_dir / "haproxy.pid",
+            manage=cfg.manage if manage is None else manage and cfg.manage,
+            balance=cfg.balance,
+        )
+    raise EnvironmentMissingError(
+        f"balancer driver {cfg.driver!r} is not available on this host; "
+        "set balancer.driver: haproxy (or none) in the settings file"
+    )
+
+
+def build_images(settings: Settings) -> Registry:
+    return Registry(settings.registry, settings.image_store)
+
+
+def bootstrap(
+    settings: Settings,
+    adapters: Adapters = Adapters(),
+    *,
+    manage_balancer: bool | None = None,
+) -> Runtime:
+    """Every adapter the keeper needs (the injected ones, else the configured ones), or a
+    clear error about what is missing. Nothing is left open when it fails."""
+    store = open_store(settings)
+    opened: list[Hypervisor | Balancer] = []
+    try:
+        hypervisor = adapters.hypervisor or build_hypervisor(settings)
+        if adapters.hypervisor is None:
+            opened.append(hypervisor)
+        balancer = adapters.balancer or build_balancer(settings, manage=manage_balancer)
+    except BaseException:
+        for adapter in opened:
+            adapter.close()
+        store.close()
+        raise
+    return Runtime(
+        settings=settings,
+        hypervisor=hypervisor,
+        balancer=balancer,
+        store=store,
+        images=adapters.images or build_images(settings),
+        clock=adapters.clock or SystemClock(),
+        owned=frozenset(
+            name
+            for name, given in (
+                ("hypervisor", adapters.hypervisor),
+                ("balancer", adapters.balancer),
+            )
+            if given is None
+        ),
+    )
+
+
+def open_store(settings: Settings) -> Store:
+    try:
+        settings.state_db.parent.mkdir(parents=True, exist_ok=True)
+        settings.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EnvironmentMissingError(
+            f"cannot create {settings.state_db.parent} or {settings.run_dir}: {exc.strerror}; "
+            "run as root or set state_db and run_dir in the settings file"
+        ) from exc
+    return Store(settings.state_db)

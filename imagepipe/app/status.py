@@ -1,0 +1,228 @@
+"""The status read model: each pool and desktop as the keeper sees it, for `imagepipe status`.
+
+One live observation of the host (the hypervisor is the truth for what exists) joined with the
+store's records (read-only: what cannot be observed). A desktop the store remembers but the host
+does not have is reported as `missing`, never as free, and the pool's counts add up: free +
+in use + other = total desktops that exist. States are the planner's own, computed with the
+same rollout target the keeper uses, so status shows exactly what the keeper acts on.
+`to_json` is the stable document for scripts (schema "imagepipe.status/1", docs/keeper.md).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+from imagepipe.app.bootstrap import Adapters, build_balancer, build_hypervisor, build_images
+from imagepipe.config import Settings
+from imagepipe.pool.model import (
+    CloneRecord,
+    CloneState,
+    Observed,
+    ObservedClone,
+    PoolRecord,
+    PoolSpec,
+)
+from imagepipe.pool.observe import HostObservation, observe
+from imagepipe.pool.planner import classify, free_target
+from imagepipe.pool.store import Store
+
+SCHEMA = "imagepipe.status/1"
+IN_USE = (CloneState.IN_USE, CloneState.DISCONNECTED)
+MISSING = "missing"  # remembered by the store, not on the host
+
+
+@dataclass(frozen=True)
+class CloneStatus:
+    name: str
+    slot: int
+    version: int | None
+    state: str  # planner.classify: free, in_use, booting, recycling, ...
+    power: str | None  # running, shutoff, ...; None when the clone does not exist (yet)
+    display: str | None  # host:port a remote-desktop client connects to
+    balancer: str | None  # ready, drain, maint; None = not in the balancer
+    connections: int
+    client: str | None  # remote-display client address
+    users: tuple[str, ...]
+    since: float | None  # connected since (epoch seconds)
+    failures: int
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    name: str
+    image: str
+    version: int | None  # the version the pool runs now (channel or pin resolved)
+    target_free: int
+    free: int
+    in_use: int
+    total: int
+    max: int
+    failures: int
+    breaker_open_until: float | None
+    note: str | None  # why the pool cannot make clones or was not observed
+    clones: tuple[CloneStatus, ...]
+
+
+@dataclass(frozen=True)
+class StrayClone:
+    name: str
+    pool: str
+    version: int
+    power: str
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    schema: str
+    generated_at: float
+    pools: tuple[PoolStatus, ...]
+    stray_clones: tuple[StrayClone, ...]
+    balancer_error: str | None
+
+
+def collect(
+    settings: Settings, specs: Sequence[PoolSpec], adapters: Adapters = Adapters()
+) -> HostStatus:
+    """One live observation plus the store's records (read-only). Never starts or reloads a
+    balancer, never writes the store."""
+    hypervisor = adapters.hypervisor or build_hypervisor(settings)
+    try:
+        balancer = adapters.balancer or build_balancer(settings, manage=False)
+        try:
+            images = adapters.images or build_images(settings)
+            host = observe(hypervisor, balancer, images, specs)
+            records = _records(settings, specs)
+        finally:
+            if adapters.balancer is None:
+                balancer.close()
+    finally:
+        if adapters.hypervisor is None:
+            hypervisor.close()
+    now = adapters.clock.now() if adapters.clock else time.time()
+    return build_status(specs, host, records, now)
+
+
+def _records(settings: Settings, specs: Sequence[PoolSpec]) -> dict[str, PoolRecord]:
+    if not settings.state_db.exists():
+        return {}
+    store = Store.open_readonly(settings.state_db)
+    try:
+        return {s.name: store.load_pool(s.name) for s in specs}
+    finally:
+        store.close()
+
+
+def build_status(
+    specs: Sequence[PoolSpec],
+    host: HostObservation,
+    records: Mapping[str, PoolRecord],
+    now: float,
+) -> HostStatus:
+    pools = []
+    for spec in specs:
+        record = records.get(spec.name, PoolRecord(pool=spec.name))
+        observed = host.pools.get(spec.name, Observed())
+        note = host.unobservable.get(spec.name) or host.notes.get(spec.name)
+        pools.append(pool_status(spec, observed, record, note, now))
+    strays = tuple(
+        StrayClone(name=c.name, pool=c.pool, version=c.version, power=str(c.power))
+        for c in host.stray_clones
+    )
+    return HostStatus(
+        schema=SCHEMA,
+        generated_at=now,
+        pools=tuple(pools),
+        stray_clones=strays,
+        balancer_error=host.balancer_error,
+    )
+
+
+def pool_status(
+    spec: PoolSpec, observed: Observed, record: PoolRecord, note: str | None, now: float
+) -> PoolStatus:
+    seen = observed.by_name()
+    target = observed.target_version
+    if target is None:
+        target = record.target_version
+    names = sorted(set(seen) | set(record.clones), key=lambda n: _slot_of(n, seen, record))
+    clones = tuple(
+        clone_status(spec, seen.get(n), record.clones.get(n), now, target) for n in names
+    )
+    existing = [c for c in clones if c.power is not None]  # what the host has
+    return PoolStatus(
+        name=spec.name,
+        image=spec.image,
+        version=observed.target_version,
+        target_free=free_target(spec, now),
+        free=sum(1 for c in existing if c.state == CloneState.FREE),
+        in_use=sum(1 for c in existing if c.state in IN_USE),
+        total=len(existing),
+        max=spec.max,
+        failures=record.failures,
+        breaker_open_until=record.breaker_open_until,
+        note=note,
+        clones=clones,
+    )
+
+
+def clone_status(
+    spec: PoolSpec,
+    seen: ObservedClone | None,
+    record: CloneRecord | None,
+    now: float,
+    target_version: int | None = None,
+) -> CloneStatus:
+    """One desktop. `target_version` is the version the pool rolls towards (as in the
+    keeper's pass), so a desktop of an older version shows as retiring, not in use."""
+    if seen is None:
+        return _missing(record)
+    state = classify(spec, seen, record, now, target_version=target_version)
+    backend = seen.backend
+    session = seen.session
+    return CloneStatus(
+        name=seen.name,
+        slot=seen.info.slot,
+        version=seen.info.version,
+        state=str(state),
+        power=str(seen.info.power),
+        display=str(seen.info.display) if seen.info.display else None,
+        balancer=str(backend.state) if backend else None,
+        connections=backend.connections if backend else 0,
+        client=session.client,
+        users=session.users,
+        since=session.connected_since,
+        failures=record.failures if record else 0,
+    )
+
+
+def _missing(record: CloneRecord | None) -> CloneStatus:
+    """A desktop the store remembers and the host does not have: being created, or gone
+    (deleted by hand, a host rebuilt). Either way no desktop anybody can use yet."""
+    assert record is not None
+    return CloneStatus(
+        name=record.name,
+        slot=record.slot,
+        version=record.version,
+        state=str(CloneState.CREATING) if record.state is CloneState.CREATING else MISSING,
+        power=None,
+        display=None,
+        balancer=None,
+        connections=0,
+        client=None,
+        users=(),
+        since=None,
+        failures=record.failures,
+    )
+
+
+def _slot_of(name: str, seen: Mapping[str, ObservedClone], record: PoolRecord) -> int:
+    if name in seen:
+        return seen[name].info.slot
+    return record.clones[name].slot
+
+
+def to_json(snapshot: HostStatus) -> str:
+    return json.dumps(asdict(snapshot), indent=2, sort_keys=False)
