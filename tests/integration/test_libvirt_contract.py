@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from imagepipe.hypervisors.libvirt import LibvirtHypervisor
-from imagepipe.pool.model import BaseImage
-from tests.contract.hypervisor_suite import HypervisorContract
+from imagepipe.hypervisors.libvirt import LibvirtHypervisor, power_of
+from imagepipe.pool.model import BaseImage, Power
+from tests.contract.hypervisor_suite import ForeignVM, HypervisorContract
 from tests.guest import tiny_base_image
 
 pytestmark = pytest.mark.real
@@ -30,7 +33,49 @@ def tiny_base(workdir: Path) -> BaseImage:
     return tiny_base_image(workdir / "tiny-v1")
 
 
+FOREIGN_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <description>made by the imagepipe contract suite, without imagepipe metadata</description>
+  <memory unit='MiB'>32</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64'>hvm</type></os>
+</domain>"""
+
+
+@dataclass(frozen=True)
+class LibvirtForeignVM:
+    """A plain libvirt domain defined with the libvirt API, not by imagepipe."""
+
+    conn: Any
+    name: str
+
+    def power(self) -> Power | None:
+        import libvirt
+
+        try:
+            return power_of(int(self.conn.lookupByName(self.name).state()[0]))
+        except libvirt.libvirtError:
+            return None
+
+
 class TestLibvirtHypervisor(HypervisorContract):
+    @pytest.fixture
+    def foreign_vm(self, require_libvirt: str, contract_pool: str) -> Iterator[ForeignVM]:
+        import libvirt
+
+        conn = libvirt.open(require_libvirt)
+        name = f"{contract_pool}-7"
+        dom = conn.defineXML(FOREIGN_XML.format(name=name))
+        try:
+            yield LibvirtForeignVM(conn, name)
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                if dom.isActive():
+                    dom.destroy()
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.undefine()
+            conn.close()
+
     @pytest.fixture
     def base_image(self, require_libvirt: str, tiny_base: BaseImage) -> BaseImage:
         return tiny_base
