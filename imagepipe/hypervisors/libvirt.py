@@ -344,6 +344,12 @@ class LibvirtHypervisor:
                 f"image {spec.base.image} v{spec.base.version} has no base disk {base_disk}: "
                 "rebuild the version (imagepipe build) or retire it"
             )
+        if not disk_usable(base_disk):
+            raise InvalidStateError(
+                f"base image {spec.base.image} v{spec.base.version} is running or incomplete "
+                f"({base_disk} is locked by a VM or not a disk image); clones are made only "
+                "from a powered-off base: wait for the build or stop the base VM"
+            )
         for path in (self.console_path(name), self.agent_path(name)):
             if len(str(path)) > UNIX_PATH_MAX:
                 raise FatalHypervisorError(

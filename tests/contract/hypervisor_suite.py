@@ -11,6 +11,9 @@ Subclass `HypervisorContract` in a test module and provide three fixtures:
         def foreign_vm(self, contract_pool) -> Iterator[ForeignVM]: ...
             # a powered-off VM named f"{contract_pool}-7" that imagepipe did not make
             # (no imagepipe metadata); remove it afterwards
+        @pytest.fixture
+        def base_in_use(self, base_image) -> BaseInUse: ...
+            # a context manager: base_image is running (a VM writes it) inside the block
 
 Optionally override `contract_pool` (the pool name every clone of a test uses; unique per
 test by default so a real host never sees a collision), `occupy_display` (by default a real
@@ -71,6 +74,7 @@ class ForeignVM(Protocol):
 
 
 OccupyDisplay = Callable[[Endpoint], AbstractContextManager[None]]
+BaseInUse = Callable[[], AbstractContextManager[None]]
 
 # every call of the port that names one clone, with the arguments the suite uses
 NAMED_OPERATIONS = ["start", "stop", "reset", "suspend", "resume", "delete", "display", "sessions"]
@@ -117,6 +121,13 @@ class HypervisorContract:
         raise NotImplementedError(
             "a contract test class must provide the foreign_vm fixture: a powered-off VM "
             f"named {contract_pool}-7 without imagepipe metadata"
+        )
+
+    @pytest.fixture
+    def base_in_use(self) -> BaseInUse:
+        raise NotImplementedError(
+            "a contract test class must provide the base_in_use fixture: a context manager "
+            "inside which base_image is running (a VM holds its disk for writing)"
         )
 
     @pytest.fixture
@@ -421,6 +432,37 @@ class HypervisorContract:
         with pytest.raises(BaseMissingError, match=f"v{missing_base.version}"):
             hypervisor.create_clone(spec)
         assert self._listed(hypervisor, spec.name) is None
+
+    def test_a_clone_is_made_while_another_clone_of_the_same_base_runs(
+        self, hypervisor: Hypervisor, make_spec: Callable[..., CloneSpec], base_image: BaseImage
+    ) -> None:
+        first, second = make_spec(slot=1), make_spec(slot=2)
+        hypervisor.create_clone(first)
+        hypervisor.start(first.name)
+        assert hypervisor.base_ready(base_image) is True
+        hypervisor.create_clone(second)
+        hypervisor.start(second.name)
+        assert {c.name: c.power for c in hypervisor.list_clones() if c.pool == first.pool} == {
+            first.name: Power.RUNNING,
+            second.name: Power.RUNNING,
+        }
+
+    def test_a_running_base_is_not_ready_and_no_clone_is_made_from_it(
+        self,
+        hypervisor: Hypervisor,
+        make_spec: Callable[..., CloneSpec],
+        base_image: BaseImage,
+        base_in_use: BaseInUse,
+    ) -> None:
+        spec = make_spec()
+        with base_in_use():
+            assert hypervisor.base_ready(base_image) is False
+            with pytest.raises(
+                InvalidStateError, match=f"{base_image.image} v{base_image.version}"
+            ):
+                hypervisor.create_clone(spec)
+        assert self._listed(hypervisor, spec.name) is None
+        assert hypervisor.base_ready(base_image) is True
 
     # -- display ports ------------------------------------------------------------------------
 

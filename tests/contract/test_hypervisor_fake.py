@@ -17,7 +17,12 @@ from imagepipe.errors import (
 )
 from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power
 from imagepipe.pool.ports import EventKind, Hypervisor, HypervisorEvent
-from tests.contract.hypervisor_suite import ForeignVM, HypervisorContract, OccupyDisplay
+from tests.contract.hypervisor_suite import (
+    BaseInUse,
+    ForeignVM,
+    HypervisorContract,
+    OccupyDisplay,
+)
 from tests.fakes.hypervisor import FakeHypervisor, FakeImages
 
 BASE = FakeImages().publish("tiny", 1)
@@ -56,6 +61,18 @@ class TestFakeHypervisor(HypervisorContract):
     def foreign_vm(self, fake_hv: FakeHypervisor, contract_pool: str) -> ForeignVM:
         fake_hv.add_foreign(f"{contract_pool}-7")
         return FakeForeignVM(fake_hv, f"{contract_pool}-7")
+
+    @pytest.fixture
+    def base_in_use(self, fake_hv: FakeHypervisor) -> BaseInUse:
+        @contextlib.contextmanager
+        def running() -> Iterator[None]:
+            fake_hv.add_base(BASE, powered_off=False)
+            try:
+                yield
+            finally:
+                fake_hv.add_base(BASE)
+
+        return running
 
     @pytest.fixture
     def occupy_display(self, fake_hv: FakeHypervisor) -> OccupyDisplay:

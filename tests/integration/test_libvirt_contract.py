@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +15,10 @@ from typing import Any
 import pytest
 
 from imagepipe.hypervisors.libvirt import LibvirtHypervisor, power_of
+from imagepipe.hypervisors.libvirt_disks import disk_usable
 from imagepipe.pool.model import BaseImage, Power
-from tests.contract.hypervisor_suite import ForeignVM, HypervisorContract
+from tests.conftest import require_program
+from tests.contract.hypervisor_suite import BaseInUse, ForeignVM, HypervisorContract
 from tests.guest import tiny_base_image
 
 pytestmark = pytest.mark.real
@@ -58,7 +62,33 @@ class LibvirtForeignVM:
             return None
 
 
+@contextlib.contextmanager
+def writer_on(disk: Path) -> Iterator[None]:
+    """A QEMU process (qemu-io) holds the disk open for writing, as a running base VM does."""
+    qemu_io = require_program("qemu-io")
+    writer = subprocess.Popen(
+        [qemu_io, "-f", "qcow2", str(disk), "-c", "sleep 120000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while disk_usable(disk):
+            assert time.monotonic() < deadline, "qemu-io never locked the base disk"
+            time.sleep(0.05)
+        yield
+    finally:
+        writer.kill()
+        writer.wait()
+
+
 class TestLibvirtHypervisor(HypervisorContract):
+    @pytest.fixture
+    def base_in_use(self, base_image: BaseImage) -> BaseInUse:
+        assert base_image.disk is not None
+        disk = base_image.directory / base_image.disk
+        return lambda: writer_on(disk)
+
     @pytest.fixture
     def foreign_vm(self, require_libvirt: str, contract_pool: str) -> Iterator[ForeignVM]:
         import libvirt
