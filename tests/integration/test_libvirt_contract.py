@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 
+from imagepipe.errors import BaseMissingError
 from imagepipe.hypervisors.libvirt import LibvirtHypervisor, power_of
 from imagepipe.hypervisors.libvirt_disks import disk_usable
-from imagepipe.pool.model import BaseImage, Power
+from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power
 from tests.conftest import require_program
 from tests.contract.hypervisor_suite import BaseInUse, ForeignVM, HypervisorContract
 from tests.guest import tiny_base_image
+from tests.host import free_port
 
 pytestmark = pytest.mark.real
 
@@ -125,3 +127,26 @@ class TestLibvirtHypervisor(HypervisorContract):
             hv.close()
             assert leftovers == []
             assert not list((workdir / "state" / "disks").glob(f"{contract_pool}-*"))
+
+    def test_a_linked_clone_whose_base_disk_is_gone_neither_starts_nor_resets(
+        self, hypervisor: LibvirtHypervisor, contract_pool: str, workdir: Path
+    ) -> None:
+        base = tiny_base_image(workdir / f"{contract_pool}-base", version=2)
+        spec = CloneSpec(
+            name=f"{contract_pool}-1",
+            pool=contract_pool,
+            slot=1,
+            base=base,
+            mode=CloneMode.LINKED,
+            cpus=1,
+            memory=128 * 1024**2,
+            display=Endpoint("127.0.0.1", free_port()),
+        )
+        hypervisor.create_clone(spec)
+        (base.directory / "disk.qcow2").unlink()
+
+        for operation in (hypervisor.start, hypervisor.reset):
+            with pytest.raises(BaseMissingError, match=r"tiny v2 is gone .*disk\.qcow2"):
+                operation(spec.name)
+        (listed,) = [c for c in hypervisor.list_clones() if c.name == spec.name]
+        assert listed.power is Power.SHUTOFF
