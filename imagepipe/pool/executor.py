@@ -8,7 +8,8 @@
   so a crash mid-action is visible on restart; recover() finishes or undoes those entries.
 - BusyError is retried with exponential backoff, a bounded number of times, and each retry is
   explained in the log. CloneNotFoundError is final (for a delete it means success). An action
-  that fails stops the rest of its clone's actions for this pass.
+  that fails stops the rest of its clone's actions for this pass. NotOurCloneError and
+  BaseMissingError are never success, not even for a stop or a delete.
 - A failed hypervisor action marks the clone FAILED with failures/retry_at
   (planner.record_failure); a failed create or start also bumps the pool's failures and opens
   its circuit breaker at spec.max_failures. The planner decides what comes next.
