@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from imagepipe import doctor
 from imagepipe.balancers.ipvs import IPVSBalancer
 from imagepipe.balancers.ipvs_parse import (
     Forward,
@@ -27,6 +28,8 @@ from imagepipe.balancers.ipvs_parse import (
     parse_thresholds,
     render_names,
 )
+from imagepipe.config import BalancerSettings, Settings
+from imagepipe.doctor import Status
 from imagepipe.pool.model import Backend, BackendState, Endpoint
 from imagepipe.pool.ports import Balancer
 from tests.conftest import require, require_program
@@ -331,3 +334,19 @@ def test_a_service_changed_or_flushed_behind_our_back_is_put_back(harness: IPVSH
     client = harness.connect()
     assert client.landed_on == harness.desktop(0)
     client.close()
+
+
+def test_doctor_finds_the_director_ready(harness: IPVSHarness) -> None:
+    settings = Settings(
+        balancer=BalancerSettings(
+            driver="ipvs", vip=harness.director.vip.host, port=harness.director.vip.port
+        )
+    )
+    harness.new_adapter().ensure_frontend()
+
+    checks = doctor.check_ipvs(settings, harness.director.runner)
+
+    assert [(c.check, c.status) for c in checks] == [
+        (name, Status.OK)
+        for name in ("ipvs-module", "ipvsadm", "ipvs-vip", "ipvs-sysctls", "ipvs-forwarding")
+    ], checks
