@@ -30,10 +30,15 @@ from imagepipe.balancers.ipvs_parse import (
 )
 from imagepipe.config import BalancerSettings, Settings
 from imagepipe.doctor import Status
-from imagepipe.pool.model import Backend, BackendState, Endpoint
+from imagepipe.pool.executor import ExecutorSettings
+from imagepipe.pool.keeper import Keeper, KeeperOptions
+from imagepipe.pool.model import Backend, BackendState, Endpoint, PoolSpec, RecordClone
 from imagepipe.pool.ports import Balancer
+from imagepipe.pool.store import Store
 from tests.conftest import require, require_program
 from tests.contract.balancer_suite import BalancerContract, by_name
+from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
+from tests.host import free_port
 from tests.ipvs_director import Director, build_director
 
 pytestmark = pytest.mark.real
@@ -350,3 +355,122 @@ def test_doctor_finds_the_director_ready(harness: IPVSHarness) -> None:
         (name, Status.OK)
         for name in ("ipvs-module", "ipvsadm", "ipvs-vip", "ipvs-sysctls", "ipvs-forwarding")
     ], checks
+
+
+# -- the keeper on a real IPVS kernel ------------------------------------------------------
+
+
+def consecutive_desktops(harness: IPVSHarness, count: int) -> int:
+    """Desktops listening on `count` consecutive loopback ports (a pool's port range);
+    returns the first port."""
+    for _ in range(50):
+        first = free_port()
+        listeners: list[socket.socket] = []
+        try:
+            for port in range(first, first + count):
+                listeners.append(socket.create_server(("127.0.0.1", port)))
+        except OSError:
+            for s in listeners:
+                s.close()
+            continue
+        for s in listeners:
+            desktop = Desktop.__new__(Desktop)
+            desktop.listener, desktop.port, desktop._stopped = s, s.getsockname()[1], False
+            threading.Thread(target=desktop._accept, daemon=True).start()
+            harness.desktops.append(desktop)
+        return first
+    raise AssertionError("no free consecutive ports on 127.0.0.1")
+
+
+def settle(keeper: Keeper, passes: int = 8) -> None:
+    """Run passes until one has nothing to do for the hypervisor or the balancer."""
+    for _ in range(passes):
+        report = keeper.run_pass()
+        assert report.ok, report
+        if not [a for a in report.actions if not isinstance(a, RecordClone)]:
+            return
+    raise AssertionError(f"no convergence after {passes} passes: {report.actions}")
+
+
+def test_the_keeper_runs_a_pool_on_ipvs_from_empty_to_recycled(
+    harness: IPVSHarness, tmp_path: Path
+) -> None:
+    """Real kernel, real sessions; the desktops' hypervisor is the in-memory fake."""
+    started = time.monotonic()
+    first = consecutive_desktops(harness, 3)
+    spec = PoolSpec(
+        name="lab",
+        image="tiny",
+        initial=2,
+        free=2,
+        max=3,
+        port_first=first,
+        port_last=first + 2,
+        display_address=harness.director.desktop_host,
+        recycle_after=60.0,
+    )
+    clock, images = FakeClock(), FakeImages()
+    hv = FakeHypervisor(clock=clock.now)
+    hv.add_base(images.publish("tiny", 1))
+    store = Store(tmp_path / "state.db")
+
+    def keeper(balancer: IPVSBalancer) -> Keeper:
+        return Keeper(
+            hypervisor=hv,
+            balancer=balancer,
+            store=store,
+            images=images,
+            specs=[spec],
+            clock=clock,
+            settings=KeeperOptions(tick=5.0, executor=ExecutorSettings()),
+        )
+
+    def kernel_state(balancer: IPVSBalancer) -> dict[str, BackendState]:
+        return {b.name: b.state for b in balancer.list_backends()}
+
+    balancer = harness.new_adapter()
+    settle(keeper(balancer))
+    assert kernel_state(balancer) == {"lab-0": BackendState.READY, "lab-1": BackendState.READY}
+
+    # a user arrives through the VIP; the keeper drains that desktop and adds a free one
+    user = harness.connect()
+    assert user.landed_on is not None
+    taken = next(b.name for b in balancer.list_backends() if b.address == user.landed_on)
+    hv.connect(taken, "10.0.2.2")
+    hv.login(taken, "alice")
+    settle(keeper(balancer))
+    assert kernel_state(balancer)[taken] is BackendState.DRAIN
+    assert sorted(kernel_state(balancer)) == ["lab-0", "lab-1", "lab-2"]
+
+    # behind the keeper's back: a free desktop deleted, a leftover of the pool added
+    free = next(n for n, s in kernel_state(balancer).items() if s is BackendState.READY)
+    vip = format_endpoint(harness.director.vip)
+    address = by_name(balancer)[free].address
+    harness.director.run("ipvsadm", "-d", "-t", vip, "-r", str(address))
+    balancer.enable("lab-9", harness.desktop(3))  # a clone that is long gone
+    assert sorted(kernel_state(balancer)) == sorted({"lab-0", "lab-1", "lab-2", "lab-9"} - {free})
+
+    # a restarted keeper reads everything back and puts the kernel right, both ways
+    restarted = harness.new_adapter()
+    settle(keeper(restarted))
+    assert kernel_state(restarted) == {
+        "lab-0": kernel_state(restarted)["lab-0"],
+        "lab-1": kernel_state(restarted)["lab-1"],
+        "lab-2": BackendState.READY,
+    }
+    assert kernel_state(restarted)[taken] is BackendState.DRAIN
+    assert user.alive()
+
+    # disconnected but logged in: the desktop stays; logged off: recycled, back in at once
+    user.close()
+    hv.disconnect(taken)
+    settle(keeper(restarted))
+    assert kernel_state(restarted)[taken] is BackendState.DRAIN
+    hv.logout(taken, "alice")
+    settle(keeper(restarted))
+    clock.advance(spec.recycle_after + 1)
+    settle(keeper(restarted))
+    assert hv.count("reset") == 1
+    assert kernel_state(restarted)[taken] is BackendState.READY
+    store.close()
+    print(f"keeper scenario on IPVS: {time.monotonic() - started:.1f} s")
