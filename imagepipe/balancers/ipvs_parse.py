@@ -31,7 +31,14 @@ class Forward(StrEnum):
         return {"masq": "-m", "droute": "-g", "ipip": "-i"}[self.value]
 
 
-_LIST_FORWARD = {"Masq": Forward.MASQ, "Route": Forward.DROUTE, "Tunnel": Forward.TUNNEL}
+# "Local": the real server is an address of the director itself; IPVS delivers locally
+# whatever method was asked for, and -S lists it as -m.
+_LIST_FORWARD = {
+    "Masq": Forward.MASQ,
+    "Local": Forward.MASQ,
+    "Route": Forward.DROUTE,
+    "Tunnel": Forward.TUNNEL,
+}
 _SAVE_FORWARD = {"-m": Forward.MASQ, "-g": Forward.DROUTE, "-i": Forward.TUNNEL}
 
 

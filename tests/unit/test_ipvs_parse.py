@@ -136,3 +136,14 @@ def test_addresses_compare_however_they_are_spelt() -> None:
     assert same_endpoint(Endpoint("fd00::2", 1), Endpoint("fd00:0::2", 1))
     assert not same_endpoint(Endpoint("10.0.3.2", 1), Endpoint("10.0.3.2", 2))
     assert format_endpoint(Endpoint("fd00::2", 1)) == "[fd00::2]:1"
+
+
+def test_a_real_server_on_the_director_itself_is_listed_as_local_and_read_as_masq() -> None:
+    text = (
+        "TCP  10.0.2.100:3389 wlc\n"
+        "  -> 10.0.2.15:5901                Local   1      0          0         \n"
+    )
+
+    (service,) = parse_list(text)
+
+    assert service.real_servers == (RealServer(Endpoint("10.0.2.15", 5901), Forward.MASQ, 1, 0, 0),)
