@@ -18,6 +18,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import threading
 from dataclasses import dataclass
 
 from imagepipe.balancers.ipvs_parse import (
@@ -94,6 +95,7 @@ class IPVSBalancer:
         self.runner: CommandRunner = runner or LocalRunner()
         self._service = ["-t", format_endpoint(self.vip)]
         self._closed = False
+        self._lock = threading.Lock()  # one read-modify-write of the names file at a time
 
     # -- Balancer port ---------------------------------------------------------------------
 
@@ -138,6 +140,10 @@ class IPVSBalancer:
 
     def enable(self, name: str, address: Endpoint) -> None:
         self._check_open()
+        with self._lock:  # the executor runs actions on different clones at once
+            self._enable(name, address)
+
+    def _enable(self, name: str, address: Endpoint) -> None:
         _check_name(name)
         target = self._real_address(address)
         names = self._read_names()
@@ -175,6 +181,10 @@ class IPVSBalancer:
 
     def drain(self, name: str) -> None:
         self._check_open()
+        with self._lock:  # the executor runs actions on different clones at once
+            self._drain(name)
+
+    def _drain(self, name: str) -> None:
         entry = self._find(name)
         if entry is None:
             raise BackendNotFoundError(f"no backend {name} in IPVS service {self.vip}")
@@ -184,6 +194,10 @@ class IPVSBalancer:
 
     def remove(self, name: str) -> None:
         self._check_open()
+        with self._lock:  # the executor runs actions on different clones at once
+            self._remove(name)
+
+    def _remove(self, name: str) -> None:
         _check_name(name)
         names = self._read_names()
         entry = next((e for e in self._entries(names) if e.name == name), None)

@@ -2,7 +2,6 @@
 
     parse_list(text)        `ipvsadm -L -n --exact`: services, real servers, weights, counts
     parse_thresholds(text)  `ipvsadm -L -n --exact --thresholds`: upper/lower thresholds
-    parse_save(text)        `ipvsadm -S -n`: the rules as ipvsadm would restore them
     parse_names / render_names: the `name address:port` lines naming imagepipe's real servers
 
 No I/O: tested on output recorded from a real IPVS kernel (tests/unit/data/ipvs/).
@@ -39,7 +38,6 @@ _LIST_FORWARD = {
     "Route": Forward.DROUTE,
     "Tunnel": Forward.TUNNEL,
 }
-_SAVE_FORWARD = {"-m": Forward.MASQ, "-g": Forward.DROUTE, "-i": Forward.TUNNEL}
 
 
 @dataclass(frozen=True)
@@ -161,71 +159,6 @@ def parse_thresholds(text: str) -> list[Thresholds]:
             raise BalancerError(f"unexpected thresholds in ipvsadm output: {line!r}")
         out.append(Thresholds(parse_endpoint(address), int(upper), int(lower)))
     return out
-
-
-@dataclass(frozen=True)
-class SavedRule:
-    """One line of `ipvsadm -S -n`: a service (-A) or a real server (-a)."""
-
-    kind: str  # "service" or "server"
-    protocol: str  # "-t", "-u", "--sctp-service" or "-f"
-    service: str  # the service address as written
-    scheduler: str = ""
-    persistence: int = 0
-    server: Endpoint | None = None
-    forward: Forward | None = None
-    weight: int | None = None
-
-
-def parse_save(text: str) -> list[SavedRule]:
-    rules: list[SavedRule] = []
-    for line in text.splitlines():
-        words = line.split()
-        if not words:
-            continue
-        if words[0] not in ("-A", "-a") or len(words) < 3:
-            raise BalancerError(f"unexpected line in `ipvsadm -S -n` output: {line!r}")
-        opts = _options(words[3:], line)
-        if words[0] == "-A":
-            persistence = opts.get("-p", "0")
-            rules.append(
-                SavedRule(
-                    "service",
-                    words[1],
-                    words[2],
-                    scheduler=opts.get("-s", ""),
-                    persistence=int(persistence) if persistence.isdigit() else 0,
-                )
-            )
-            continue
-        forward = next((f for flag, f in _SAVE_FORWARD.items() if flag in opts), None)
-        rules.append(
-            SavedRule(
-                "server",
-                words[1],
-                words[2],
-                server=parse_endpoint(opts.get("-r", "")),
-                forward=forward,
-                weight=int(opts["-w"]) if opts.get("-w", "").isdigit() else None,
-            )
-        )
-    return rules
-
-
-def _options(words: list[str], line: str) -> dict[str, str]:
-    opts: dict[str, str] = {}
-    i = 0
-    while i < len(words):
-        word = words[i]
-        if not word.startswith("-"):
-            raise BalancerError(f"unexpected word {word!r} in `ipvsadm -S -n` line: {line!r}")
-        if i + 1 < len(words) and not words[i + 1].startswith("-"):
-            opts[word] = words[i + 1]
-            i += 2
-        else:
-            opts[word] = ""
-            i += 1
-    return opts
 
 
 # -- the names file ---------------------------------------------------------------------------

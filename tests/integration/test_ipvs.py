@@ -474,3 +474,21 @@ def test_the_keeper_runs_a_pool_on_ipvs_from_empty_to_recycled(
     assert kernel_state(restarted)[taken] is BackendState.READY
     store.close()
     print(f"keeper scenario on IPVS: {time.monotonic() - started:.1f} s")
+
+
+def test_desktops_enabled_at_the_same_time_all_keep_their_names(harness: IPVSHarness) -> None:
+    """The executor runs actions on different clones at once; no name may be lost."""
+    balancer = harness.new_adapter()
+    balancer.ensure_frontend()
+    threads = [
+        threading.Thread(target=balancer.enable, args=(f"lab-{i}", harness.desktop(i)))
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert {b.name: b.address for b in balancer.list_backends()} == {
+        f"lab-{i}": harness.desktop(i) for i in range(4)
+    }

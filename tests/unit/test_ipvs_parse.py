@@ -10,13 +10,11 @@ import pytest
 from imagepipe.balancers.ipvs_parse import (
     Forward,
     RealServer,
-    SavedRule,
     Thresholds,
     VirtualService,
     format_endpoint,
     parse_list,
     parse_names,
-    parse_save,
     parse_thresholds,
     render_names,
     same_endpoint,
@@ -82,29 +80,11 @@ def test_thresholds_show_the_upper_limit_of_one_user_per_desktop() -> None:
     ]
 
 
-def test_the_saved_rules_read_back_services_and_servers() -> None:
-    rules = parse_save(recorded("save.txt"))
-
-    assert rules[:2] == [
-        SavedRule("service", "-t", "10.0.2.100:3389", scheduler="wlc", persistence=300),
-        SavedRule(
-            "server",
-            "-t",
-            "10.0.2.100:3389",
-            server=Endpoint("10.0.3.2", 5902),
-            forward=Forward.MASQ,
-            weight=0,
-        ),
-    ]
-    assert [r.kind for r in rules].count("service") == 5
-    assert rules[-1] == SavedRule("service", "-f", "7", scheduler="sh")
-
-
 def test_an_unexpected_line_is_an_error_that_quotes_it() -> None:
     with pytest.raises(BalancerError, match=r"unexpected line .*'  -> garbage'"):
         parse_list("TCP  10.0.2.100:3389 wlc\n  -> garbage\n")
-    with pytest.raises(BalancerError, match="unexpected line"):
-        parse_save("ipvsadm: something\n")
+    with pytest.raises(BalancerError, match=r"unexpected thresholds .*'  -> 10\.0\.3\.2:5900  one"):
+        parse_thresholds("  -> 10.0.3.2:5900  one  0  0  0\n")
 
 
 def test_a_persistent_service_with_a_netmask_keeps_its_timeout() -> None:
