@@ -48,7 +48,11 @@ class DirectorFiles:
 
 def build_director(outdir: Path) -> DirectorFiles:
     """Run build-director.sh into outdir (cached in $IMAGEPIPE_CACHE after the first run)."""
-    subprocess.run([str(BUILD_DIRECTOR), str(outdir)], check=True, capture_output=True, timeout=900)
+    done = subprocess.run(
+        [str(BUILD_DIRECTOR), str(outdir)], capture_output=True, text=True, timeout=900, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"build-director.sh exited {done.returncode}: {done.stderr.strip()}")
     return DirectorFiles(outdir / "vmlinuz", outdir / "initrd.img")
 
 
