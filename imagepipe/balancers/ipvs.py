@@ -227,12 +227,6 @@ class IPVSBalancer:
         """Nothing stays open between calls; the kernel keeps the table."""
         self._closed = True
 
-    # -- for doctor and tests --------------------------------------------------------------
-
-    def service(self) -> VirtualService | None:
-        """The virtual service as the kernel has it, or None."""
-        return self._read_service()
-
     # -- internals -------------------------------------------------------------------------
 
     def _service_options(self) -> list[str]:
