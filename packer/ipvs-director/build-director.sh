@@ -153,8 +153,16 @@ if [ ! -f "$built/initrd.img" ]; then
   (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) | gzip -6 >"$work/out/initrd.img"
   rm -rf "$built"
   mv "$work/out" "$built"
-  # Older builds are not needed any more.
+  # Older builds, and packages this build did not use, are not needed any more.
   find "$cache" -mindepth 1 -maxdepth 1 -type d -name 'build-*' ! -name "build-$key" -exec rm -rf {} +
+  for deb in "$debdir"/*.deb; do
+    used=
+    for spec in "${pkgs[@]}"; do
+      p=${spec%%=*} v=${spec#*=}
+      case "$(basename "$deb")" in "${p}_${v//:/%3a}_"*) used=1 ;; esac
+    done
+    [ -n "$used" ] || rm -f "$deb"
+  done
 fi
 
 cp "$built/vmlinuz" "$outdir/vmlinuz"
