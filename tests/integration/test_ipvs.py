@@ -44,7 +44,7 @@ from tests.ipvs_director import Director, build_director
 pytestmark = pytest.mark.real
 
 WAIT = 5.0  # seconds the emulated machine gets to settle a count
-GREETING_WAIT = 1.5  # how long a client waits for its desktop's greeting
+GREETING_WAIT = 3.0  # a client with no greeting by then got no desktop (IPVS dropped its SYN)
 NAMES = "/var/lib/imagepipe/ipvs-test.names"
 
 
@@ -116,8 +116,9 @@ class IPVSHarness:
         return Endpoint(self.director.desktop_host, self.desktops[index].port)
 
     def connect(self) -> Client:
-        """A client; landed_on None when IPVS had no desktop for it (it refuses: IPVS
-        cannot queue a connection the way HAProxy does)."""
+        """A client; landed_on None when IPVS had no desktop for it. IPVS cannot queue a
+        connection the way HAProxy does: it answers the SYN with ICMP port unreachable,
+        which QEMU's user network does not pass on, so the client just hears nothing."""
         front = self.director.frontend
         sock = socket.create_connection((front.host, front.port), timeout=WAIT)
         sock.settimeout(GREETING_WAIT)
