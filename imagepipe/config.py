@@ -231,8 +231,28 @@ class BalancerSettings(_Section):
     admin_socket: Annotated[Path | None, BeforeValidator(_optional_path)] = None
     manage: StrictBool = True
     balance: Literal["leastconn", "first"] = "leastconn"
-    vip: Annotated[str | None, BeforeValidator(_optional_vip)] = None
+    vip: Annotated[str | None, BeforeValidator(lambda v: _ipvs_vip(v))] = None
     port: Annotated[StrictInt, Field(ge=1, le=65535)] = 3389
+    # ipvs (README "IPVS"): how the kernel picks, reaches and keeps a user's desktop
+    scheduler: Literal[
+        "wlc", "lc", "rr", "wrr", "sed", "nq", "sh", "dh", "lblc", "lblcr", "fo", "ovf", "mh"
+    ] = "wlc"  # fmt: skip
+    forward: Literal["masq", "droute"] = "masq"  # NAT, or direct routing on the same L2
+    persistence: Annotated[Duration, Field(le=31 * 86400)] = 0.0  # ipvsadm -p; 0 = off
+    ipvs_names_file: Annotated[Path | None, BeforeValidator(_optional_path)] = None
+    ipvs_sysctls: StrictBool = True  # set net.ipv4.vs.expire_nodest_conn / _quiescent_template
+
+
+def _ipvs_vip(value: object) -> str | None:
+    """balancer.vip is an IPv4 or IPv6 address (replaces _optional_vip, which refused IPv6)."""
+    import ipaddress
+
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(str(value).strip("[]")))
+    except ValueError:
+        raise ValueError(f"expected an IP address such as 10.0.0.10, got {value!r}") from None
 
 
 class KeeperSettings(_Section):

@@ -21,6 +21,9 @@ from pathlib import Path
 
 from imagepipe.app.bootstrap import build_balancer, build_hypervisor, clone_state_dir
 from imagepipe.balancers.haproxy import HAProxyBalancer
+from imagepipe.balancers.ipvs import SYSCTLS, IPVSBalancer
+from imagepipe.balancers.ipvs_parse import format_endpoint
+from imagepipe.balancers.ipvs_runner import CommandResult, CommandRunner, LocalRunner
 from imagepipe.config import Settings, load_pools, load_settings
 from imagepipe.errors import ConfigError, EnvironmentMissingError, ImagepipeError
 from imagepipe.hypervisors.libvirt import import_libvirt
@@ -78,8 +81,10 @@ def run_checks(config: Path | None) -> list[Check]:
         checks += [pools_check, check_hypervisor(settings)]
         if settings.hypervisor.driver == "libvirt":
             checks.append(check_kvm())
+        checks.append(check_balancer(settings))
+        if settings.balancer.driver == "ipvs":
+            checks += check_ipvs(settings)
         checks += [
-            check_balancer(settings),
             check_state_db(settings),
             check_writable_folder("run-dir", settings.run_dir, "run_dir"),
             check_registry(settings),
@@ -258,6 +263,13 @@ def check_balancer(settings: Settings) -> Check:
         balancer = build_balancer(settings)
     except ImagepipeError as exc:
         return fail("balancer", str(exc), "set balancer.driver: haproxy (or none)")
+    if isinstance(balancer, IPVSBalancer):
+        return ok(
+            "balancer",
+            f"ipvs: virtual service {format_endpoint(balancer.vip)}, scheduler "
+            f"{balancer.scheduler}, forward {balancer.forward.value}, persistence "
+            f"{balancer.persistence or 'off'}",
+        )
     if not isinstance(balancer, HAProxyBalancer):
         return ok("balancer", "no balancer (driver none): users connect to each desktop's port")
     socket = balancer.admin.path
@@ -405,3 +417,106 @@ def check_pool_images(settings: Settings, specs: Sequence[PoolSpec]) -> list[Che
             continue
         checks.append(ok(name, f"{spec.image}@{shown} is v{record.version}"))
     return checks
+
+
+# --- ipvs ----------------------------------------------------------------------------------
+
+
+def check_ipvs(settings: Settings, runner: CommandRunner | None = None) -> list[Check]:
+    """The IPVS director: kernel module, ipvsadm, the VIP on an interface, the sysctls.
+    Read-only: nothing is loaded (no ipvsadm call, which would load ip_vs) or set."""
+    run = _Probe(runner or LocalRunner(timeout=10))
+    cfg = settings.balancer
+    return [
+        check_ipvs_module(run),
+        check_ipvsadm(run),
+        check_ipvs_vip(run, cfg.vip or ""),
+        check_ipvs_sysctls(run, managed=cfg.ipvs_sysctls),
+        check_ipvs_forwarding(run, cfg.forward),
+    ]
+
+
+def check_ipvs_module(run: CommandRunner) -> Check:
+    if run.run(["cat", "/proc/net/ip_vs"]).ok:
+        return ok("ipvs-module", "ip_vs is loaded")
+    if run.run(["modprobe", "-n", "-q", "ip_vs"]).ok:
+        return ok("ipvs-module", "ip_vs is not loaded but loadable: ipvsadm loads it at start")
+    return fail(
+        "ipvs-module",
+        "this kernel has no ip_vs module",
+        "boot a kernel with CONFIG_IP_VS (Debian's linux-image-amd64 or -cloud-amd64 has it), "
+        "or set balancer.driver: haproxy",
+    )
+
+
+def check_ipvsadm(run: CommandRunner) -> Check:
+    found = run.run(["sh", "-c", "command -v ipvsadm"])
+    if found.ok and found.stdout.strip():
+        return ok("ipvsadm", f"ipvsadm at {found.stdout.strip()}")
+    return fail("ipvsadm", "ipvsadm is not installed", "apt-get install ipvsadm")
+
+
+def check_ipvs_vip(run: CommandRunner, vip: str) -> Check:
+    listed = run.run(["ip", "-o", "addr", "show"])
+    configured = {
+        words[3].split("/")[0]: words[1]
+        for words in (line.split() for line in listed.stdout.splitlines())
+        if len(words) > 3 and words[2] in ("inet", "inet6")
+    }
+    if vip in configured:
+        return ok("ipvs-vip", f"{vip} is on {configured[vip]}")
+    return fail(
+        "ipvs-vip",
+        f"the VIP {vip} is on no interface of the director",
+        f"ip addr add {vip}/32 dev eth0 (and in /etc/network/interfaces so it survives a "
+        "reboot), or point balancer.vip at an address the director has",
+    )
+
+
+def check_ipvs_sysctls(run: CommandRunner, *, managed: bool) -> Check:
+    keys = list(SYSCTLS)
+    read = run.run(["sysctl", "-n", *keys])
+    values = read.stdout.split()
+    wrong = [f"{k}={v}" for k, v in zip(keys, values, strict=False) if v != SYSCTLS[k]]
+    if read.ok and len(values) == len(keys) and not wrong:
+        return ok("ipvs-sysctls", ", ".join(f"{k}={v}" for k, v in SYSCTLS.items()))
+    wanted = " ".join(f"{k}={v}" for k, v in SYSCTLS.items())
+    found = ", ".join(wrong) if read.ok else "not readable (ip_vs not loaded yet)"
+    if managed:
+        return ok("ipvs-sysctls", f"{found}: the keeper sets {wanted} at start")
+    return fail(
+        "ipvs-sysctls",
+        f"{found}; drained desktops and removed ones need {wanted}",
+        f"sysctl -w {wanted} (and in /etc/sysctl.d/), or set balancer.ipvs_sysctls: true",
+    )
+
+
+def check_ipvs_forwarding(run: CommandRunner, forward: str) -> Check:
+    if forward != "masq":
+        return ok(
+            "ipvs-forwarding",
+            "droute: each desktop needs the VIP on its loopback with arp_ignore=1 and "
+            "arp_announce=2 (not checkable from the director)",
+        )
+    value = run.run(["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip()
+    if value == "1":
+        return ok("ipvs-forwarding", "masq: net.ipv4.ip_forward=1")
+    return fail(
+        "ipvs-forwarding",
+        f"masq needs the director to forward packets, but net.ipv4.ip_forward={value or '?'}",
+        "sysctl -w net.ipv4.ip_forward=1 (and in /etc/sysctl.d/); the desktops' default "
+        "route must point at the director",
+    )
+
+
+class _Probe:
+    """A runner for looking only: a program that is missing is an answer (exit 127)."""
+
+    def __init__(self, runner: CommandRunner) -> None:
+        self.runner = runner
+
+    def run(self, argv: Sequence[str], *, stdin: str | None = None) -> CommandResult:
+        try:
+            return self.runner.run(argv, stdin=stdin)
+        except ImagepipeError as exc:
+            return CommandResult(tuple(argv), 127, "", str(exc))

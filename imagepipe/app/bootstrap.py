@@ -20,7 +20,7 @@ from pathlib import Path
 
 from imagepipe.balancers.null import NullBalancer
 from imagepipe.config import Settings
-from imagepipe.errors import EnvironmentMissingError, ImagepipeError
+from imagepipe.errors import BadInputError, EnvironmentMissingError, ImagepipeError
 from imagepipe.images.registry import Registry
 from imagepipe.log import fields
 from imagepipe.pool.executor import ExecutorSettings
@@ -144,6 +144,21 @@ def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balance
             pid_file=settings.run_dir / "haproxy.pid",
             manage=cfg.manage if manage is None else manage and cfg.manage,
             balance=cfg.balance,
+        )
+    if cfg.driver == "ipvs":
+        from imagepipe.balancers.ipvs import IPVSBalancer
+        from imagepipe.balancers.ipvs_parse import Forward
+
+        if cfg.vip is None:
+            raise BadInputError("balancer.driver ipvs needs balancer.vip (the users' address)")
+        return IPVSBalancer(
+            vip=cfg.vip,
+            port=cfg.port,
+            scheduler=cfg.scheduler,
+            forward=Forward(cfg.forward),
+            persistence=round(cfg.persistence),
+            names_file=str(cfg.ipvs_names_file) if cfg.ipvs_names_file else None,
+            set_sysctls=cfg.ipvs_sysctls,
         )
     raise EnvironmentMissingError(
         f"balancer driver {cfg.driver!r} is not available on this host; "

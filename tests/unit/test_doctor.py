@@ -169,14 +169,14 @@ def test_without_a_kvm_device_guests_run_under_tcg_which_is_a_warning(tmp_path: 
     assert "TCG" in check.detail and "No such file" in check.detail
 
 
-def test_balancer_none_is_ok_and_ipvs_fails(tmp_path: Path) -> None:
+def test_balancer_none_is_ok_and_ipvs_names_its_virtual_service(tmp_path: Path) -> None:
     none = doctor.check_balancer(settings(tmp_path, balancer=BalancerSettings(driver="none")))
     ipvs = doctor.check_balancer(
         settings(tmp_path, balancer=BalancerSettings(driver="ipvs", vip="10.0.0.1"))
     )
 
     assert none.status is Status.OK and "no balancer" in none.detail
-    assert ipvs.status is Status.FAIL and "not available on this host" in ipvs.detail
+    assert ipvs.status is Status.OK and "virtual service 10.0.0.1:3389" in ipvs.detail
 
 
 def test_managed_haproxy_missing_fails_and_says_to_install_it(
@@ -363,7 +363,7 @@ def test_pool_image_resolves_once_built_and_warns_to_build_it_before(tmp_path: P
 def test_json_is_a_stable_list_and_a_fail_exits_3(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = write_settings(tmp_path, "balancer: {driver: ipvs, vip: 10.0.0.1}\n")
+    config = write_settings(tmp_path, "balancer: {manage: false, admin_socket: none.sock}\n")
 
     code = doctor_cli(config, "--json", capsys=capsys)
 
@@ -371,7 +371,7 @@ def test_json_is_a_stable_list_and_a_fail_exits_3(
     assert code[0] == 3
     assert all(sorted(item) == ["check", "detail", "fix", "status"] for item in report)
     [balancer] = [item for item in report if item["check"] == "balancer"]
-    assert balancer["status"] == "FAIL" and balancer["fix"].startswith("set balancer.driver")
+    assert balancer["status"] == "FAIL" and balancer["fix"].startswith("start your HAProxy")
     assert all(item["fix"] is None for item in report if item["status"] == "ok")
 
 
