@@ -34,7 +34,13 @@ from imagepipe.balancers.ipvs_parse import (
     stray_name,
 )
 from imagepipe.balancers.ipvs_runner import CommandResult, CommandRunner, LocalRunner
-from imagepipe.errors import BackendNotFoundError, BalancerError, EnvironmentMissingError
+from imagepipe.errors import (
+    BackendInUseError,
+    BackendNotFoundError,
+    BadInputError,
+    BalancerError,
+    EnvironmentMissingError,
+)
 from imagepipe.log import fields
 from imagepipe.pool.model import Backend, BackendState, Endpoint
 
@@ -185,6 +191,7 @@ class IPVSBalancer:
             self._drain(name)
 
     def _drain(self, name: str) -> None:
+        _check_name(name)
         entry = self._find(name)
         if entry is None:
             raise BackendNotFoundError(f"no backend {name} in IPVS service {self.vip}")
@@ -206,7 +213,7 @@ class IPVSBalancer:
                 self._write_names(names, self._entries(names), drop={name})
             return
         if entry.server.active:
-            raise BalancerError(
+            raise BackendInUseError(
                 f"backend {name} still has {entry.server.active} connection(s): drain it and "
                 "remove it once they have ended"
             )
@@ -215,7 +222,7 @@ class IPVSBalancer:
             again = self._find(name)
             if again is not None and again.server.active:
                 self._set_weight(entry.server, entry.server.weight)
-                raise BalancerError(
+                raise BackendInUseError(
                     f"backend {name} got a connection while being removed: it stays ready; "
                     "remove it once the connection has ended"
                 )
@@ -366,8 +373,8 @@ def default_names_file(vip: Endpoint) -> str:
 
 
 def _check_name(name: str) -> None:
-    if not NAME.match(name):
-        raise BalancerError(
+    if not NAME.fullmatch(name):
+        raise BadInputError(
             f"backend name {name!r}: use letters, digits, '.', '_' and '-' (at most 63)"
         )
 

@@ -173,7 +173,7 @@ def parse_names(text: str) -> dict[str, Endpoint]:
         words = line.split("#", 1)[0].split()
         if not words:
             continue
-        if len(words) != 2 or not NAME.match(words[0]):
+        if len(words) != 2 or not NAME.fullmatch(words[0]):
             raise BalancerError(
                 f"backend names file line {number}: expected `name address:port`, got {line!r}"
             )
