@@ -1,0 +1,252 @@
+"""The VirtualBox adapter over the simulated vboxapi: what a user of the pool sees, and the
+pyvbox defects it works around."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imagepipe.errors import BusyError, FatalHypervisorError
+from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
+from imagepipe.hypervisors.virtualbox_events import EventHub
+from imagepipe.hypervisors.virtualbox_facts import version_api
+from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power
+from imagepipe.pool.ports import EventKind, HypervisorEvent
+from tests import vboxsim
+from tests.host import free_port
+from tests.vboxsim.api import Host, Session
+from tests.vboxsim.fixtures import base_vm, blank_disk
+
+MiB = 1024**2
+
+
+@pytest.fixture(params=["6.1.50", "7.0.14"])
+def sim(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Host]:
+    host = vboxsim.start(tmp_path / "vbox", version=request.param)
+    yield host
+    vboxsim.stop(host)
+
+
+@pytest.fixture
+def base(sim: Host, tmp_path: Path) -> BaseImage:
+    return base_vm(sim, blank_disk(tmp_path / "img" / "disk.qcow2"))
+
+
+@pytest.fixture
+def hv(sim: Host) -> Iterator[VirtualBoxHypervisor]:
+    adapter = VirtualBoxHypervisor(stop_poll=0.05)
+    yield adapter
+    adapter.close()
+
+
+def spec(base: BaseImage, slot: int = 0, port: int | None = None) -> CloneSpec:
+    return CloneSpec(
+        name=f"lab-{slot}",
+        pool="lab",
+        slot=slot,
+        base=base,
+        mode=CloneMode.LINKED,
+        cpus=2,
+        memory=256 * MiB,
+        display=Endpoint("127.0.0.1", port or free_port()),
+    )
+
+
+def wait_for(events: list[HypervisorEvent], kind: EventKind, seen: threading.Event) -> None:
+    assert seen.wait(10), f"no {kind} event; got {events}"
+
+
+def test_pyvbox_launch_vm_process_default_environment_is_refused_so_start_passes_a_list(
+    sim: Host, base: BaseImage, hv: VirtualBoxHypervisor
+) -> None:
+    import virtualbox
+
+    hv.create_clone(spec(base))
+    machine = virtualbox.VirtualBox().find_machine("lab-0")
+    with pytest.raises(TypeError):
+        machine.launch_vm_process(virtualbox.Session(), "headless")
+    hv.start("lab-0")
+    assert [c.power for c in hv.list_clones()] == [Power.RUNNING]
+
+
+def test_pyvbox_events_are_truthy_even_when_empty_so_the_listener_checks_the_event(
+    sim: Host,
+) -> None:
+    from virtualbox import library
+
+    assert bool(library.IEvent(None)) is True  # Python 3 ignores its __nonzero__
+    calls: list[HypervisorEvent] = []
+
+    class Source:
+        polls = 0
+
+        def get_event(self, listener: object, timeout: int) -> object:
+            self.polls += 1
+            if self.polls > 3:
+                raise library.VBoxError()
+            return library.IEvent(None)
+
+        def event_processed(self, listener: object, event: object) -> None:
+            raise AssertionError("an empty poll is not an event to acknowledge")
+
+        def unregister_listener(self, listener: object) -> None:
+            pass
+
+    hub = EventHub(version_api("6.1.50"), lambda machine_id: "lab-0")
+    hub.subscribe(calls.append)
+    hub._run(library, Source(), object())
+    assert calls == []
+
+
+def test_pyvbox_prints_running_as_an_alias_so_states_are_compared_by_value(
+    sim: Host, base: BaseImage, hv: VirtualBoxHypervisor
+) -> None:
+    import virtualbox
+
+    hv.create_clone(spec(base))
+    hv.start("lab-0")
+    state = virtualbox.VirtualBox().find_machine("lab-0").state
+    assert str(state) in ("FirstOnline", "Paused")  # 6.1: alias; 7.0: a wrong 6.1 name
+    assert hv.list_clones()[0].power is Power.RUNNING
+
+
+def test_a_clone_is_a_linked_clone_in_the_pools_group_with_vrde_memory_and_cpus(
+    sim: Host, base: BaseImage, hv: VirtualBoxHypervisor
+) -> None:
+    wanted = spec(base, slot=3)
+    hv.create_clone(wanted)
+    data = sim.by_name("lab-3")
+    base_data = sim.by_name(base.vm or "")
+    assert data.groups == ["/imagepipe/lab"]
+    assert (data.memory_mb, data.cpus, data.vrde_enabled) == (256, 2, True)
+    assert data.vrde_properties["TCP/Ports"] == str(wanted.display.port)
+    assert data.disk is not None and data.disk.base is base_data.snapshots[0].medium.base
+    assert [s.name for s in data.snapshots] == ["imagepipe-clean"]
+
+
+def test_a_machine_locked_by_another_session_is_busy_and_retried(
+    sim: Host, base: BaseImage, hv: VirtualBoxHypervisor
+) -> None:
+    hv.create_clone(spec(base))
+    import virtualbox
+
+    other = virtualbox.Session()
+    virtualbox.VirtualBox().find_machine("lab-0").lock_machine(
+        other, virtualbox.library.LockType.write
+    )
+    with pytest.raises(BusyError):
+        hv.start("lab-0")
+    other.unlock_machine()
+    hv.start("lab-0")
+
+
+def test_the_base_is_ready_only_powered_off_unlocked_and_with_its_snapshot(
+    sim: Host, base: BaseImage, hv: VirtualBoxHypervisor
+) -> None:
+    assert hv.base_ready(base) is True
+    session = Session()
+    sim.vbox.findMachine(base.vm or "").lockMachine(session, 2)
+    assert hv.base_ready(base) is False
+    session.unlockMachine()
+    assert hv.base_ready(BaseImage("tiny", 1, base.directory, vm=base.vm, snapshot="nope")) is False
+    assert (
+        hv.base_ready(BaseImage("tiny", 1, base.directory, vm="missing", snapshot="clean")) is False
+    )
+    progress = sim.vbox.findMachine(base.vm or "").launchVMProcess(Session(), "headless", [])
+    progress.waitForCompletion(-1)
+    assert hv.base_ready(base) is False
+
+
+def test_two_clones_never_share_a_vrde_port(
+    sim: Host, base: BaseImage, hv: VirtualBoxHypervisor
+) -> None:
+    port = free_port()
+    hv.create_clone(spec(base, slot=0, port=port))
+    with pytest.raises(FatalHypervisorError, match="already used by clone lab-0"):
+        hv.create_clone(spec(base, slot=1, port=port))
+
+
+def test_logins_and_vrde_clients_arrive_as_events_and_show_in_sessions(
+    sim: Host, base: BaseImage, hv: VirtualBoxHypervisor
+) -> None:
+    hv.create_clone(spec(base))
+    hv.start("lab-0")
+    events: list[HypervisorEvent] = []
+    seen = {kind: threading.Event() for kind in EventKind}
+
+    def record(event: HypervisorEvent) -> None:
+        events.append(event)
+        seen[event.kind].set()
+
+    hv.subscribe(record)
+    data = sim.by_name("lab-0")
+    sim.guest_users(data, [])
+    sim.guest_users(data, ["alice"])
+    sim.vrde_client(data, "10.0.0.7")
+    wait_for(events, EventKind.SESSION_CONNECTED, seen[EventKind.SESSION_CONNECTED])
+    session = hv.sessions("lab-0")
+    assert session.users == ("alice",) and session.client == "10.0.0.7"
+    assert hv.list_clones()[0].ready is True
+    sim.vrde_client(data, None)
+    wait_for(events, EventKind.SESSION_DISCONNECTED, seen[EventKind.SESSION_DISCONNECTED])
+    assert hv.sessions("lab-0").client is None
+
+
+def test_a_restarted_adapter_rebuilds_clones_and_sessions_from_virtualbox(
+    sim: Host, base: BaseImage, hv: VirtualBoxHypervisor
+) -> None:
+    hv.create_clone(spec(base, slot=2))
+    hv.start("lab-2")
+    data = sim.by_name("lab-2")
+    sim.guest_users(data, ["bob"])
+    sim.vrde_client(data, "10.0.0.9")
+    hv.close()
+    again = VirtualBoxHypervisor()
+    try:
+        (clone,) = again.list_clones()
+        assert (clone.pool, clone.slot, clone.image, clone.version) == ("lab", 2, "tiny", 1)
+        session = again.sessions("lab-2")
+        assert session.users == ("bob",) and session.client == "10.0.0.9"
+        assert session.connected_since is not None
+    finally:
+        again.close()
+
+
+def test_reset_discards_the_users_changes_and_runs_again(
+    sim: Host, base: BaseImage, hv: VirtualBoxHypervisor
+) -> None:
+    hv.create_clone(spec(base))
+    hv.start("lab-0")
+    data = sim.by_name("lab-0")
+    used = data.disk
+    assert used is not None
+    Path(used.location).write_bytes(b"the previous user's files")
+    hv.reset("lab-0")
+    assert data.disk is not None and data.disk.location != used.location
+    assert not Path(used.location).exists()
+    assert hv.list_clones()[0].power is Power.RUNNING
+
+
+def test_suspend_saves_the_state_and_resume_restores_it(
+    sim: Host, base: BaseImage, hv: VirtualBoxHypervisor
+) -> None:
+    hv.create_clone(spec(base))
+    hv.start("lab-0")
+    hv.suspend("lab-0")
+    assert sim.by_name("lab-0").state == "Saved"
+    hv.resume("lab-0")
+    assert sim.by_name("lab-0").state == "Running"
+
+
+def test_delete_leaves_no_differencing_disk_behind(
+    sim: Host, base: BaseImage, hv: VirtualBoxHypervisor, tmp_path: Path
+) -> None:
+    hv.create_clone(spec(base))
+    hv.start("lab-0")
+    hv.reset("lab-0")
+    hv.delete("lab-0")
+    left = [p for p in (tmp_path / "vbox").rglob("*.qcow2") if "imagepipe-tiny" not in str(p)]
+    assert left == []
