@@ -123,9 +123,13 @@ def build_hypervisor(settings: Settings) -> Hypervisor:
                 "install it with: pip install 'imagepipe[libvirt]'"
             ) from exc
         return LibvirtHypervisor(settings.hypervisor.uri, state_dir=clone_state_dir(settings))
+    if driver == "virtualbox":
+        from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
+
+        return VirtualBoxHypervisor()  # EnvironmentMissingError without pyvbox/vboxapi
     raise EnvironmentMissingError(
         f"hypervisor driver {driver!r} is not available in this version of imagepipe; "
-        "set hypervisor.driver: libvirt in the settings file"
+        "set hypervisor.driver: libvirt or virtualbox in the settings file"
     )
 
 

@@ -250,3 +250,15 @@ def test_delete_leaves_no_differencing_disk_behind(
     hv.delete("lab-0")
     left = [p for p in (tmp_path / "vbox").rglob("*.qcow2") if "imagepipe-tiny" not in str(p)]
     assert left == []
+
+
+def test_the_virtualbox_driver_setting_builds_the_virtualbox_adapter(sim: Host) -> None:
+    from imagepipe.app.bootstrap import build_hypervisor
+    from imagepipe.config import HypervisorSettings, Settings
+
+    hypervisor = build_hypervisor(Settings(hypervisor=HypervisorSettings(driver="virtualbox")))
+    try:
+        assert isinstance(hypervisor, VirtualBoxHypervisor)
+        assert hypervisor.api.version == sim.version
+    finally:
+        hypervisor.close()
