@@ -918,9 +918,14 @@ class Host:
             path = data.settings_file.parent / "Snapshots" / f"{data.id}.sav"
             path.parent.mkdir(parents=True, exist_ok=True)
             assert process is not None
-            process.save(path)
             with self.lock:
-                data.saved_state = path
+                data.saved_state = path  # the VM process ends as it finishes saving
+            try:
+                process.save(path)
+            except Exception:
+                with self.lock:
+                    data.saved_state = None
+                raise
             self.process_ended(data, True)
 
         return Progress(f"Saving the state of {data.name}", work)
