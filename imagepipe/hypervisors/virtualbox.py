@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from imagepipe.errors import (
@@ -492,9 +493,9 @@ class VirtualBoxHypervisor:
 
     # -- images --------------------------------------------------------------------------------
 
-    def describe_vm(self, vm: str) -> tuple[str, str]:
-        """(name, current snapshot name) of a VM to register as an image version; refuses a
-        VM without a snapshot (clones are linked to one)."""
+    def describe_vm(self, vm: str) -> VmSnapshot:
+        """The VM and its current snapshot, to register as an image version; refuses a VM
+        without a snapshot (clones are linked to one)."""
         machine = self._find(vm)
         if machine is None:
             raise CloneNotFoundError(f"VirtualBox has no machine named {vm}")
@@ -505,4 +506,21 @@ class VirtualBoxHypervisor:
                     f"VM {vm} has no snapshot: power it off and take one (VBoxManage snapshot "
                     f"{vm} take clean) before importing it"
                 )
-            return str(machine.name), str(current.name)
+            return VmSnapshot(
+                vm=str(machine.name),
+                vm_id=str(machine.id_p),
+                snapshot=str(current.id_p),
+                snapshot_name=str(current.name),
+            )
+
+
+@dataclass(frozen=True)
+class VmSnapshot:
+    vm: str
+    vm_id: str
+    snapshot: str  # id: a later snapshot with the same name is another version
+    snapshot_name: str
+
+    @property
+    def fingerprint(self) -> str:
+        return f"virtualbox-vm:{self.vm_id}:{self.snapshot}"

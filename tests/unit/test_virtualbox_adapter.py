@@ -262,3 +262,39 @@ def test_the_virtualbox_driver_setting_builds_the_virtualbox_adapter(sim: Host) 
         assert hypervisor.api.version == sim.version
     finally:
         hypervisor.close()
+
+
+def test_images_import_from_vm_registers_the_vms_snapshot_once(
+    sim: Host, base: BaseImage, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from imagepipe.cli import app as app_module
+    from imagepipe.images.registry import Registry
+
+    config = tmp_path / "imagepipe.yml"
+    config.write_text(
+        f"registry: {tmp_path / 'registry'}\nimage_store: {tmp_path / 'images'}\n"
+        f"pools_dir: {tmp_path / 'pools'}\nstate_db: {tmp_path / 'state.db'}\n"
+        "hypervisor: {driver: virtualbox}\n"
+    )
+    argv = ["--config", str(config), "images", "import", "win10", "--from-vm", base.vm or ""]
+    assert app_module.main(argv) == 0
+    assert app_module.main(argv) == 0
+    (record,) = Registry(tmp_path / "registry", tmp_path / "images").versions("win10")
+    snapshot = sim.by_name(base.vm or "").snapshots[0]
+    assert (record.vm, record.snapshot) == (base.vm, snapshot.id)
+    hv = VirtualBoxHypervisor()
+    try:
+        assert hv.base_ready(record.base_image()) is True
+    finally:
+        hv.close()
+    assert "win10 v1: VM imagepipe-tiny-v1, snapshot clean" in capsys.readouterr().out
+
+
+def test_importing_a_vm_without_a_snapshot_says_how_to_take_one(sim: Host, tmp_path: Path) -> None:
+    sim.create_base_vm("bare", blank_disk(tmp_path / "bare.qcow2"), snapshot=None)
+    hv = VirtualBoxHypervisor()
+    try:
+        with pytest.raises(FatalHypervisorError, match="VBoxManage snapshot bare take"):
+            hv.describe_vm("bare")
+    finally:
+        hv.close()
