@@ -184,7 +184,13 @@ def check_hypervisor(settings: Settings) -> Check:
         try:
             hypervisor = build_hypervisor(settings)
         except ImagepipeError as exc:
-            return fail("hypervisor", str(exc), "set hypervisor.driver: libvirt")
+            fix = "set hypervisor.driver: libvirt"
+            if settings.hypervisor.driver == "virtualbox":
+                fix = (
+                    "install VirtualBox 6.1 or 7.x with its SDK, pip install "
+                    "'imagepipe[virtualbox]', and run imagepipe as the user owning the VMs"
+                )
+            return fail("hypervisor", str(exc), fix)
         hypervisor.close()
         return ok("hypervisor", f"{settings.hypervisor.driver} answers")
     return check_libvirt(settings.hypervisor.uri)
