@@ -90,3 +90,29 @@ class TestRealVirtualBox(HypervisorContract):
         hv = VirtualBoxHypervisor()
         yield hv
         assert _cleanup(hv, contract_pool) == []
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[vboxsim.Server]:
+    with vboxsim.Server(tmp_path_factory.mktemp("vboxsvc")) as server:
+        yield server
+
+
+class TestSimulatedVirtualBoxInItsOwnProcess(HypervisorContract):
+    """The same contract through the simulated VBoxSVC process that E2E keepers share."""
+
+    @pytest.fixture
+    def base_image(self, server: vboxsim.Server, tmp_path: Path) -> BaseImage:
+        disk = blank_disk(tmp_path / "images" / "tiny-v1" / "disk.qcow2")
+        name = f"imagepipe-{tmp_path.name[-12:]}-v1"
+        server.host.create_base_vm(name, disk, snapshot="clean")
+        return BaseImage(image="tiny", version=1, directory=disk.parent, vm=name, snapshot="clean")
+
+    @pytest.fixture
+    def hypervisor(
+        self, server: vboxsim.Server, contract_pool: str, monkeypatch: pytest.MonkeyPatch
+    ) -> Iterator[VirtualBoxHypervisor]:
+        monkeypatch.setenv("IMAGEPIPE_VBOXSIM_SOCKET", str(server.socket))
+        hv = VirtualBoxHypervisor(stop_poll=0.05)
+        yield hv
+        assert _cleanup(hv, contract_pool) == []

@@ -5,13 +5,18 @@ pyvbox touches only this much of it: `VirtualBoxManager(style, params)`, its
 name)` (casting an IEvent to its specific interface) and `getBinDir()`. The API objects come
 from tests/vboxsim/api.py and talk to the simulated host `tests.vboxsim.api.HOSTS.current()`.
 Tests put tests/vboxsim on sys.path (tests.vboxsim.install()) so `import vboxapi` finds this.
+
+With $IMAGEPIPE_VBOXSIM_SOCKET set, the API objects are proxies to a simulated VBoxSVC in its
+own process (tests/vboxsim/remote.py), so a keeper process and the test share one VirtualBox.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from tests.vboxsim.api import HOSTS, Session, VirtualBox
+from tests.vboxsim.remote import connect
 
 __all__ = ["VirtualBoxManager"]
 
@@ -23,11 +28,29 @@ class VirtualBoxManager:
         self.type = style or "XPCOM"
         self.mgr = self
         self.constants = None
+        self._connections: dict[str, Any] = {}
 
-    def getVirtualBox(self) -> VirtualBox:
+    @property
+    def _remote(self) -> Any:
+        """The simulated VBoxSVC process named by $IMAGEPIPE_VBOXSIM_SOCKET, if any (read on
+        each use: pyvbox keeps one manager per process for its whole life)."""
+        path = os.environ.get("IMAGEPIPE_VBOXSIM_SOCKET")
+        if not path:
+            return None
+        if path not in self._connections:
+            self._connections[path] = connect(path)
+        return self._connections[path]
+
+    def getVirtualBox(self) -> VirtualBox | Any:
+        remote = self._remote
+        if remote is not None:
+            return _root(remote)
         return HOSTS.current().vbox
 
-    def getSessionObject(self, vbox: Any = None) -> Session:
+    def getSessionObject(self, vbox: Any = None) -> Session | Any:
+        remote = self._remote
+        if remote is not None:
+            return remote.ask("session", 0)
         HOSTS.current()
         return Session()
 
@@ -45,3 +68,10 @@ class VirtualBoxManager:
 
     def interruptWaitEvents(self) -> bool:
         return True
+
+
+def _root(remote: Any) -> Any:
+    """The server's IVirtualBox (reference 0 is the server's VirtualBox object)."""
+    from tests.vboxsim.remote import Remote
+
+    return Remote(remote, 0)
