@@ -57,7 +57,8 @@ class QemuProcess:
         if port < 5900:
             raise RuntimeError(f"VRDE port {port} is below 5900, which QEMU's VNC cannot use")
         argv = [
-            "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-nodefaults", "-no-user-config",
+            "qemu-system-x86_64", "-name", data.name, "-machine", "q35,accel=tcg",
+            "-nodefaults", "-no-user-config",
             "-m", str(max(data.memory_mb, 64)), "-smp", str(data.cpus),
             "-kernel", str(data.boot.kernel), "-initrd", str(data.boot.initrd),
             "-append", data.boot.cmdline,
