@@ -32,6 +32,7 @@ from imagepipe.errors import (
 )
 from imagepipe.hypervisors.virtualbox_events import CloneSessions, EventHub
 from imagepipe.hypervisors.virtualbox_facts import (
+    BASE_SNAPSHOT,
     CLEAN_SNAPSHOT,
     EXTRA_KEYS,
     GROUP_ROOT,
@@ -42,6 +43,7 @@ from imagepipe.hypervisors.virtualbox_facts import (
     SAVED_STATES,
     CloneMeta,
     VersionApi,
+    base_vm_name,
     check_name,
     error_for,
     parse_meta,
@@ -89,6 +91,7 @@ class VirtualBoxHypervisor:
         self._names: dict[str, str] = {}  # machine id -> clone name
         self._meta: dict[str, CloneMeta] = {}  # machine id -> metadata (never changes)
         self._lock = threading.Lock()
+        self._import_lock = threading.Lock()
         self._hub = EventHub(self.api, self._name_of)
         with self._translate("VirtualBox events"):
             self._hub.start(self._lib, self._vbox.event_source)
@@ -231,22 +234,62 @@ class VirtualBoxHypervisor:
         return None, None
 
     def base_ready(self, base: BaseImage) -> bool:
-        """The base VM exists, is powered off, no session holds it, the snapshot exists."""
-        if base.vm is None:
+        """The base VM exists (imported from the version's OVF once if need be), is powered
+        off, no session holds it, and the snapshot exists."""
+        found = self._base(base)
+        if found is None:
             return False
-        machine = self._find(base.vm)
-        if machine is None:
-            return False
+        machine, vm, snapshot = found
         try:
-            with self._translate(f"base VM {base.vm}"):
-                if self._state(machine, base.vm) != "PoweredOff":
+            with self._translate(f"base VM {vm}"):
+                if self._state(machine, vm) != "PoweredOff":
                     return False
                 if int(machine.session_state) != 1:  # SessionState.Unlocked
                     return False
-                machine.find_snapshot(base.snapshot or "")
+                machine.find_snapshot(snapshot)
         except HypervisorError:
             return False
         return True
+
+    def _base(self, base: BaseImage) -> tuple[Any, str, str] | None:
+        """(machine, name, snapshot) of a version's base VM: the VM the registry names, else
+        imagepipe-<image>-v<N>, else that VM imported now from the version's OVF."""
+        if base.vm is not None:
+            machine = self._find(base.vm)
+            if machine is not None:
+                return machine, base.vm, base.snapshot or ""
+        name = base_vm_name(base.image, base.version)
+        with self._import_lock:
+            machine = self._find(name)
+            if machine is None:
+                machine = self._import_ovf(base, name)
+            if machine is None:
+                return None
+            return machine, name, BASE_SNAPSHOT
+
+    def _import_ovf(self, base: BaseImage, name: str) -> Any | None:
+        """Import the version's OVF (a virtualbox-iso build in the image store) as `name`
+        with a snapshot clones link to. None when the version has no OVF."""
+        ovfs = sorted(base.directory.glob("*.ovf")) if base.directory.is_dir() else []
+        if not ovfs:
+            return None
+        subject = f"base VM {name} from {ovfs[0]}"
+        with self._translate(subject):
+            appliance = self._vbox.create_appliance()
+            # pyvbox's read() waits without looking at the result: check it here
+            progress = self._lib.IProgress(appliance._call("read", in_p=[str(ovfs[0])]))
+        self._wait(progress, subject)
+        with self._translate(subject):
+            appliance.interpret()
+            (description,) = appliance.virtual_system_descriptions[:1]
+            description.set_name(name)
+            progress = appliance.import_machines([])
+        self._wait(progress, subject)
+        with self._translate(subject):
+            machine = self._vbox.find_machine(name)
+        self._take_snapshot(machine, name, BASE_SNAPSHOT)
+        log.info("base VM imported", extra=fields(image=base.image, vm=name, action="import"))
+        return machine
 
     def create_clone(self, spec: CloneSpec) -> CloneInfo:
         name = check_name(spec.name)
@@ -257,17 +300,16 @@ class VirtualBoxHypervisor:
         if existing is not None:
             return self._existing_clone(existing, name, meta)
         self._refuse_taken_port(name, spec.display)
-        base_name = spec.base.vm
-        if base_name is None:
-            raise FatalHypervisorError(
-                f"image {spec.base.image} v{spec.base.version} has no VirtualBox base VM; "
-                "register it with `imagepipe images import IMAGE --from-vm VM`"
+        found = self._base(spec.base)
+        if found is None:
+            raise CloneNotFoundError(
+                f"image {spec.base.image} v{spec.base.version} has no VirtualBox base VM and "
+                "no OVF to import: rebuild it, or register a VM with `imagepipe images import "
+                f"{spec.base.image} --from-vm VM`"
             )
-        base = self._find(base_name)
-        if base is None:
-            raise CloneNotFoundError(f"base VM {base_name} of {spec.base.image} is gone")
+        base, base_name, snapshot_name = found
         with self._translate(f"base VM {base_name}"):
-            snapshot = base.find_snapshot(spec.base.snapshot or "")
+            snapshot = base.find_snapshot(snapshot_name)
             source = snapshot.machine
         group = pool_group(spec.pool)
         with self._translate(f"clone {name}"):
@@ -323,9 +365,12 @@ class VirtualBoxHypervisor:
         return self._info(machine, name, have)
 
     def _take_clean_snapshot(self, machine: Any, name: str) -> None:
-        with self._session(machine, name, LOCK_WRITE) as session, self._translate(f"clone {name}"):
-            progress, _ = session.machine.take_snapshot(CLEAN_SNAPSHOT, "", False)
-            self._wait(progress, f"clone {name}")
+        self._take_snapshot(machine, name, CLEAN_SNAPSHOT)
+
+    def _take_snapshot(self, machine: Any, name: str, snapshot: str) -> None:
+        with self._session(machine, name, LOCK_WRITE) as session, self._translate(name):
+            progress, _ = session.machine.take_snapshot(snapshot, "", False)
+            self._wait(progress, name)
 
     def _refuse_taken_port(self, name: str, display: Endpoint) -> None:
         for clone in self.list_clones():

@@ -42,6 +42,7 @@ EVENT_GUEST_PROPERTY_CHANGED = 42
 
 GROUP_ROOT = "/imagepipe"
 CLEAN_SNAPSHOT = "imagepipe-clean"
+BASE_SNAPSHOT = "imagepipe-base"  # on a base VM imported from a version's OVF
 EXTRA_PREFIX = "imagepipe/"
 PROP_USERS_LIST = "/VirtualBox/GuestInfo/OS/LoggedInUsersList"
 PROP_USERS = "/VirtualBox/GuestInfo/OS/LoggedInUsers"

@@ -298,3 +298,41 @@ def test_importing_a_vm_without_a_snapshot_says_how_to_take_one(sim: Host, tmp_p
             hv.describe_vm("bare")
     finally:
         hv.close()
+
+
+OVF = """<?xml version="1.0"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1"
+          xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1">
+  <References><File ovf:id="file1" ovf:href="win10-disk001.qcow2"/></References>
+  <DiskSection><Disk ovf:diskId="vmdisk1" ovf:fileRef="file1" ovf:capacity="16"/></DiskSection>
+  <VirtualSystem ovf:id="win10-base"><Name>win10-base</Name></VirtualSystem>
+</Envelope>
+"""
+
+
+def test_a_version_built_as_an_ovf_is_imported_once_as_its_own_base_vm(
+    sim: Host, hv: VirtualBoxHypervisor, tmp_path: Path
+) -> None:
+    version = tmp_path / "images" / "win10" / "v3"
+    blank_disk(version / "win10-disk001.qcow2")
+    (version / "win10.ovf").write_text(OVF)
+    base = BaseImage("win10", 3, version, vm="win10-base", snapshot="win10-v3")
+
+    assert hv.base_ready(base) is True
+    assert hv.base_ready(base) is True
+    imported = sim.by_name("imagepipe-win10-v3")
+    assert [s.name for s in imported.snapshots] == ["imagepipe-base"]
+    assert [m.name for m in sim.machines.values()] == ["imagepipe-win10-v3"]
+    hv.create_clone(spec(base))
+    assert [(c.name, c.image, c.version) for c in hv.list_clones()] == [("lab-0", "win10", 3)]
+
+
+def test_a_version_with_neither_a_vm_nor_an_ovf_cannot_be_cloned(
+    sim: Host, hv: VirtualBoxHypervisor, tmp_path: Path
+) -> None:
+    from imagepipe.errors import CloneNotFoundError
+
+    base = BaseImage("win10", 4, tmp_path / "empty", vm="gone", snapshot="win10-v4")
+    assert hv.base_ready(base) is False
+    with pytest.raises(CloneNotFoundError, match="--from-vm"):
+        hv.create_clone(spec(base))

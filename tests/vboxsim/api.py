@@ -1323,8 +1323,106 @@ class VirtualBox:
     def registerMachine(self, machine: Machine) -> None:
         self._host._register(machine._d)
 
+    def createAppliance(self) -> Appliance:
+        return Appliance(self._host)
+
     def openMedium(self, location: str, deviceType: int, accessMode: int, forceNewUuid: bool):  # type: ignore[no-untyped-def]
         path = Path(location)
         if not path.is_file():
             raise SimCOMError(C.VBOX_E_FILE_ERROR, f"Could not find file for the medium '{path}'")
         return self._host.open_medium(path)
+
+
+# -- OVF import ---------------------------------------------------------------------------------
+
+DESC_NAME, DESC_CPU, DESC_MEMORY, DESC_DISK = 3, 12, 13, 18
+_OVF = "{http://schemas.dmtf.org/ovf/envelope/1}"
+
+
+class VirtualSystemDescription:
+    """IVirtualSystemDescription of one VirtualSystem in an OVF: name, CPUs, memory, disk."""
+
+    def __init__(self, name: str, cpus: int, memory_mb: int, disk: Path) -> None:
+        self._types = [DESC_NAME, DESC_CPU, DESC_MEMORY, DESC_DISK]
+        self._ovf = [name, str(cpus), str(memory_mb), str(disk)]
+        self._vbox = list(self._ovf)
+        self._enabled = [True] * 4
+
+    def getDescription(self) -> tuple[list[int], list[str], list[str], list[str], list[str]]:
+        return (list(self._types), [""] * 4, list(self._ovf), list(self._vbox), [""] * 4)
+
+    def setFinalValues(
+        self, enabled: list[bool], vBoxValues: list[str], extraConfigValues: list[str]
+    ) -> None:
+        if not len(enabled) == len(vBoxValues) == len(extraConfigValues) == len(self._types):
+            raise SimCOMError(C.E_INVALIDARG, "setFinalValues needs one value per description")
+        self._enabled, self._vbox = list(enabled), list(vBoxValues)
+
+    def getValuesByType(self, type: int, which: int) -> list[str]:
+        values = self._ovf if which == 1 else self._vbox
+        return [v for t, v in zip(self._types, values, strict=True) if t == int(type)]
+
+    @property
+    def count(self) -> int:
+        return len(self._types)
+
+
+class Appliance:
+    """IAppliance: read an OVF (read/interpret), import its virtual systems as machines."""
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+        self.path = ""
+        self.virtualSystemDescriptions: list[VirtualSystemDescription] = []
+        self.machines: list[str] = []
+        self._parsed: list[VirtualSystemDescription] = []
+
+    def read(self, file: str) -> Progress:
+        self.path = file
+
+        def work() -> None:
+            import xml.etree.ElementTree as ET
+
+            try:
+                root = ET.parse(file).getroot()
+            except (OSError, ET.ParseError) as exc:
+                raise SimCOMError(C.VBOX_E_FILE_ERROR, f"Could not read OVF {file}: {exc}") from exc
+            files = {f.get(f"{_OVF}id"): f.get(f"{_OVF}href") for f in root.iter(f"{_OVF}File")}
+            disks = {
+                d.get(f"{_OVF}diskId"): files.get(d.get(f"{_OVF}fileRef"))
+                for d in root.iter(f"{_OVF}Disk")
+            }
+            for system in root.iter(f"{_OVF}VirtualSystem"):
+                name = system.get(f"{_OVF}id") or "imported"
+                href = next(iter(disks.values()), None)
+                if href is None:
+                    raise SimCOMError(C.VBOX_E_FILE_ERROR, f"OVF {file} has no disk")
+                disk = Path(file).parent / href
+                self._parsed.append(VirtualSystemDescription(name, 1, 128, disk))
+
+        return Progress(f"Reading appliance {file}", work)
+
+    def interpret(self) -> None:
+        self.virtualSystemDescriptions = list(self._parsed)
+
+    def getWarnings(self) -> list[str]:
+        return []
+
+    def importMachines(self, options: list[int]) -> Progress:
+        if not self.virtualSystemDescriptions:
+            raise SimCOMError(C.VBOX_E_INVALID_OBJECT_STATE, "interpret() the appliance first")
+
+        def work() -> None:
+            for vsd in self.virtualSystemDescriptions:
+                name, cpus, memory, disk = vsd._vbox
+                data = self._host._new_machine(name, ["/"], "Other_64")
+                data.cpus, data.memory_mb = int(cpus), int(memory)
+                data.settings_file.parent.mkdir(parents=True, exist_ok=True)
+                target = data.settings_file.parent / f"{name}-disk001.qcow2"
+                self._host._qemu_img("convert", "-q", "-O", "qcow2", disk, str(target))
+                data.disk = self._host.open_medium(target)
+                data.disk.machineIds.append(data.id)
+                self._host._register(data)
+                self.machines.append(data.id)
+
+        return Progress(f"Importing appliance {self.path}", work)
