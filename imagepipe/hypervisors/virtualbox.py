@@ -160,9 +160,10 @@ class VirtualBoxHypervisor:
 
     def _state(self, machine: Any, name: str) -> str:
         with self._translate(f"clone {name}"):
-            # compare values through the host's table: pyvbox's enum names are 6.1's and
-            # print aliases (Running prints "FirstOnline")
-            return self.api.state_name(int(machine.state))
+            # the raw value, compared through the host's table: pyvbox's MachineState is
+            # 6.1's (names print aliases, 7.x values are shifted, and 7.x's Snapshotting,
+            # 23, makes its `state` property raise ValueError)
+            return self.api.state_name(int(machine._get_attr("state")))
 
     @contextlib.contextmanager
     def _session(self, machine: Any, name: str, lock: int) -> Iterator[Any]:

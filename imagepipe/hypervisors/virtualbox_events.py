@@ -145,7 +145,8 @@ class EventHub:
             name = self.name_of(specific.machine_id)
             if name is None:
                 return
-            state = self.api.state_name(int(specific.state))  # by value: 7.x moved them
+            # the raw value: pyvbox's 6.1 enum raises on 7.x's Snapshotting (23)
+            state = self.api.state_name(int(specific._get_attr("state")))
             if state not in ("Running", "Paused", "Starting", "Restoring"):
                 self.forget(name)
             self._emit(HypervisorEvent(EventKind.STATE_CHANGED, name, time.time(), detail=state))

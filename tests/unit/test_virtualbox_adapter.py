@@ -336,3 +336,34 @@ def test_a_version_with_neither_a_vm_nor_an_ovf_cannot_be_cloned(
     assert hv.base_ready(base) is False
     with pytest.raises(CloneNotFoundError, match="--from-vm"):
         hv.create_clone(spec(base))
+
+
+def test_a_virtualbox_7_state_pyvbox_does_not_know_is_listed_not_raised(
+    tmp_path: Path,
+) -> None:
+    import virtualbox
+
+    host = vboxsim.start(tmp_path / "vbox", version="7.0.14")
+    try:
+        base = base_vm(host, blank_disk(tmp_path / "img" / "disk.qcow2"))
+        hv = VirtualBoxHypervisor(stop_poll=0.05)
+        try:
+            hv.create_clone(spec(base))
+            seen = threading.Event()
+            events: list[HypervisorEvent] = []
+
+            def record(event: HypervisorEvent) -> None:
+                events.append(event)
+                if event.detail == "Snapshotting":
+                    seen.set()
+
+            hv.subscribe(record)
+            host.set_state(host.by_name("lab-0"), "Snapshotting")  # 23 on 7.x
+            with pytest.raises(ValueError):
+                _ = virtualbox.VirtualBox().find_machine("lab-0").state
+            assert hv.list_clones()[0].power is Power.OTHER
+            assert seen.wait(10), events
+        finally:
+            hv.close()
+    finally:
+        vboxsim.stop(host)
