@@ -16,10 +16,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from imagepipe.errors import (
@@ -184,6 +186,9 @@ class VirtualBoxHypervisor:
             machines = self._vbox.machines
         for machine in machines:
             try:
+                with self._translate("machine"):
+                    if not bool(machine.accessible):  # settings file missing or unreadable
+                        continue
                 meta = self._meta_of(machine)
                 if meta is None:
                     continue
@@ -315,6 +320,8 @@ class VirtualBoxHypervisor:
         group = pool_group(spec.pool)
         with self._translate(f"clone {name}"):
             settings = self._vbox.compose_machine_filename(name, group, "", "")
+        self._remove_leftovers(Path(str(settings)).parent, name)
+        with self._translate(f"clone {name}"):
             args = self.api.create_machine_args(str(settings), name, group)
             target = self._lib.IMachine(self._vbox._call("createMachine", in_p=args))
             options = [self._lib.CloneOptions(CLONE_OPTION_LINK)]
@@ -339,6 +346,16 @@ class VirtualBoxHypervisor:
         self._take_clean_snapshot(machine, name)
         log.info("clone created", extra=fields(pool=spec.pool, clone=name, action="create"))
         return self._info(machine, name, meta)
+
+    def _remove_leftovers(self, folder: Path, name: str) -> None:
+        """A create cut short before registering leaves the clone's folder (settings, a
+        differencing disk) unregistered: remove it, so no orphan disk stays behind."""
+        if folder.is_dir() and folder.name == name and folder.parent.name:
+            log.warning(
+                "removing an unregistered clone's leftovers",
+                extra=fields(clone=name, path=str(folder), action="create"),
+            )
+            shutil.rmtree(folder)
 
     def _existing_clone(self, machine: Any, name: str, meta: CloneMeta) -> CloneInfo:
         have = self._meta_of(machine)

@@ -367,3 +367,15 @@ def test_a_virtualbox_7_state_pyvbox_does_not_know_is_listed_not_raised(
             hv.close()
     finally:
         vboxsim.stop(host)
+
+
+def test_a_create_cut_short_before_registering_leaves_no_orphan_disk(
+    sim: Host, base: BaseImage, hv: VirtualBoxHypervisor
+) -> None:
+    folder = sim.home / "imagepipe" / "lab" / "lab-0"
+    (folder / "Snapshots").mkdir(parents=True)
+    stray = blank_disk(folder / "Snapshots" / "{lost}.qcow2")
+    (folder / "lab-0.vbox").write_text("<VirtualBox/>")
+    hv.create_clone(spec(base))
+    assert not stray.exists()
+    assert [c.name for c in hv.list_clones()] == ["lab-0"]
