@@ -86,8 +86,17 @@ class VirtualBoxHypervisor:
         self._vb = import_pyvbox()
         self._lib = self._vb.library
         self._vb.library_ext.IVirtualBox.assert_version = False
+        try:
+            with self._translate("VirtualBox"):
+                self._vbox = self._vb.VirtualBox()
+        except HypervisorError:
+            raise
+        except Exception as exc:  # vboxapi's own (XPCOM/COM) error: VBoxSVC did not answer
+            raise EnvironmentMissingError(
+                f"VirtualBox does not answer ({exc}): is VirtualBox installed and does this "
+                "user own the VMs (VBoxSVC runs per user)?"
+            ) from exc
         with self._translate("VirtualBox"):
-            self._vbox = self._vb.VirtualBox()
             self.api: VersionApi = version_api(str(self._vbox.version))
         self._stop_poll = stop_poll
         self._names: dict[str, str] = {}  # machine id -> clone name

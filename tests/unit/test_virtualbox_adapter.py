@@ -379,3 +379,11 @@ def test_a_create_cut_short_before_registering_leaves_no_orphan_disk(
     hv.create_clone(spec(base))
     assert not stray.exists()
     assert [c.name for c in hv.list_clones()] == ["lab-0"]
+
+
+def test_without_a_running_vboxsvc_the_adapter_says_virtualbox_does_not_answer() -> None:
+    from imagepipe.errors import EnvironmentMissingError
+
+    vboxsim.install()
+    with pytest.raises(EnvironmentMissingError, match="VirtualBox does not answer"):
+        VirtualBoxHypervisor()
