@@ -529,6 +529,8 @@ class _Probe:
             return self.runner.run(argv, stdin=stdin)
         except ImagepipeError as exc:
             return CommandResult(tuple(argv), 127, "", str(exc))
+
+
 # --- VirtualBox (hypervisor.driver: virtualbox) ------------------------------------------
 
 VBOX_DRIVER = Path("/dev/vboxdrv")
