@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import logging
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,12 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from imagepipe.errors import (
+    BaseMissingError,
     BusyError,
     CloneNotFoundError,
+    DisplayInUseError,
     EnvironmentMissingError,
     FatalHypervisorError,
     HypervisorError,
     InvalidStateError,
+    NotOurCloneError,
 )
 from imagepipe.hypervisors.virtualbox_events import CloneSessions, EventHub
 from imagepipe.hypervisors.virtualbox_facts import (
@@ -55,14 +59,35 @@ from imagepipe.hypervisors.virtualbox_facts import (
     version_api,
 )
 from imagepipe.log import fields
-from imagepipe.pool.model import BaseImage, CloneInfo, CloneMode, CloneSpec, Endpoint, GuestSession
+from imagepipe.pool.model import (
+    BaseImage,
+    CloneInfo,
+    CloneMode,
+    CloneSpec,
+    Endpoint,
+    GuestSession,
+    Power,
+)
 from imagepipe.pool.ports import HypervisorEvent, Subscription
 
 log = logging.getLogger(__name__)
+LIVE_STATES = frozenset({"Running", "Paused", "Starting", "Restoring", "Stuck", "Saving"})
 LOCK_SHARED, LOCK_WRITE = 1, 2
 CLEANUP_DETACH_HARD_DISKS = 3
 CLONE_MODE_MACHINE_STATE = 1
 CLONE_OPTION_LINK = 1
+
+
+def port_free(display: Endpoint) -> bool:
+    """Nothing listens on the display address now (a bind probe, as VRDE will bind)."""
+    family = socket.AF_INET6 if ":" in display.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((display.host, display.port))
+        except OSError:
+            return False
+    return True
 
 
 def import_pyvbox() -> Any:
@@ -141,7 +166,10 @@ class VirtualBoxHypervisor:
             raise CloneNotFoundError(f"clone {name} does not exist in VirtualBox")
         meta = self._meta_of(machine)
         if meta is None:
-            raise CloneNotFoundError(f"machine {name} exists but imagepipe did not make it")
+            raise NotOurCloneError(
+                f"VirtualBox machine {name} was not made by imagepipe (no imagepipe extra "
+                "data); imagepipe leaves it alone: rename it or change the pool name"
+            )
         return machine, meta
 
     def _meta_of(self, machine: Any) -> CloneMeta | None:
@@ -251,20 +279,42 @@ class VirtualBoxHypervisor:
     def base_ready(self, base: BaseImage) -> bool:
         """The base VM exists (imported from the version's OVF once if need be), is powered
         off, no session holds it, and the snapshot exists."""
-        found = self._base(base)
-        if found is None:
-            return False
-        machine, vm, snapshot = found
         try:
-            with self._translate(f"base VM {vm}"):
-                if self._state(machine, vm) != "PoweredOff":
-                    return False
-                if int(machine.session_state) != 1:  # SessionState.Unlocked
-                    return False
-                machine.find_snapshot(snapshot)
-        except HypervisorError:
+            self._ready_base(base)
+        except (BaseMissingError, InvalidStateError, BusyError, CloneNotFoundError):
             return False
         return True
+
+    def _ready_base(self, base: BaseImage) -> tuple[Any, str, str]:
+        """(machine, name, snapshot) of a base clones can be made from now, or why not:
+        BaseMissingError (VM or snapshot gone), InvalidStateError (running or locked)."""
+        label = f"image {base.image} v{base.version}"
+        found = self._base(base)
+        if found is None:
+            raise BaseMissingError(
+                f"{label}: its base VM {base.vm or '(none)'} is not in VirtualBox and "
+                f"{base.directory} holds no OVF to import; rebuild it (imagepipe build "
+                f"{base.image}) or register a VM (imagepipe images import {base.image} "
+                "--from-vm VM)"
+            )
+        machine, vm, snapshot = found
+        with self._translate(f"base VM {vm}"):
+            state = self._state(machine, vm)
+            locked = int(machine.session_state) != 1  # SessionState.Unlocked
+        if state != "PoweredOff" or locked:
+            raise InvalidStateError(
+                f"{label}: base VM {vm} is {state}{' and locked by a session' if locked else ''}"
+                "; clones are made only while it is powered off with no session"
+            )
+        try:
+            with self._translate(f"base VM {vm}"):
+                machine.find_snapshot(snapshot)
+        except CloneNotFoundError as exc:
+            raise BaseMissingError(
+                f"{label}: base VM {vm} has no snapshot {snapshot}; rebuild the version or "
+                f"import the VM again (imagepipe images import {base.image} --from-vm {vm})"
+            ) from exc
+        return machine, vm, snapshot
 
     def _base(self, base: BaseImage) -> tuple[Any, str, str] | None:
         """(machine, name, snapshot) of a version's base VM: the VM the registry names, else
@@ -314,15 +364,8 @@ class VirtualBoxHypervisor:
         existing = self._find(name)
         if existing is not None:
             return self._existing_clone(existing, name, meta)
-        self._refuse_taken_port(name, spec.display)
-        found = self._base(spec.base)
-        if found is None:
-            raise CloneNotFoundError(
-                f"image {spec.base.image} v{spec.base.version} has no VirtualBox base VM and "
-                "no OVF to import: rebuild it, or register a VM with `imagepipe images import "
-                f"{spec.base.image} --from-vm VM`"
-            )
-        base, base_name, snapshot_name = found
+        base, base_name, snapshot_name = self._ready_base(spec.base)
+        self._refuse_taken_port(name, spec.display, subject=f"port {spec.display.port}")
         with self._translate(f"base VM {base_name}"):
             snapshot = base.find_snapshot(snapshot_name)
             source = snapshot.machine
@@ -369,17 +412,17 @@ class VirtualBoxHypervisor:
     def _existing_clone(self, machine: Any, name: str, meta: CloneMeta) -> CloneInfo:
         have = self._meta_of(machine)
         if have is None:
-            raise FatalHypervisorError(
+            raise NotOurCloneError(
                 f"a VirtualBox machine named {name} exists and imagepipe did not make it; "
                 "rename or remove it, or change the pool name"
             )
-        if (have.pool, have.image, have.version, have.slot) != (
-            meta.pool,
-            meta.image,
-            meta.version,
-            meta.slot,
-        ):
-            raise FatalHypervisorError(
+        if have.pool != meta.pool:
+            raise NotOurCloneError(
+                f"{name} is a clone of pool {have.pool}; pool {meta.pool} leaves it alone: "
+                "give each pool its own name"
+            )
+        if (have.image, have.version, have.slot) != (meta.image, meta.version, meta.slot):
+            raise InvalidStateError(
                 f"clone {name} already exists for {have.image} v{have.version} (pool "
                 f"{have.pool}, slot {have.slot}); delete it before creating it for "
                 f"{meta.image} v{meta.version}"
@@ -399,19 +442,38 @@ class VirtualBoxHypervisor:
             progress, _ = session.machine.take_snapshot(snapshot, "", False)
             self._wait(progress, name)
 
-    def _refuse_taken_port(self, name: str, display: Endpoint) -> None:
+    def _refuse_taken_port(self, name: str, display: Endpoint, *, subject: str) -> None:
+        """VRDE would start without listening on a taken port: refuse before (another
+        program holds it, or a running clone has it)."""
         for clone in self.list_clones():
-            if clone.name != name and clone.display == display:
-                raise FatalHypervisorError(
-                    f"clone {name}: VRDE port {display} is already used by clone {clone.name}; "
-                    "give each pool its own display.port_range"
-                )
+            if (
+                clone.name != name
+                and clone.display == display
+                and clone.power in (Power.RUNNING, Power.SUSPENDED, Power.OTHER)
+            ):
+                machine = self._find(clone.name)
+                if machine is not None and self._state(machine, clone.name) in LIVE_STATES:
+                    raise DisplayInUseError(
+                        f"clone {name}: VRDE {subject} ({display}) is used by running clone "
+                        f"{clone.name}; give each pool its own display.port_range"
+                    )
+        if not port_free(display):
+            raise DisplayInUseError(
+                f"clone {name}: VRDE {subject} ({display}) is held by another program; stop it "
+                "or give the pool a free display.port_range"
+            )
 
     def start(self, name: str) -> None:
         machine, meta = self._our(name)
         state = self._state(machine, name)
-        if state in ("Running", "Paused", "Starting", "Restoring"):
+        if state in ("Running", "Starting", "Restoring"):
             return
+        if state in SAVED_STATES or state == "Paused":
+            raise InvalidStateError(f"clone {name} is suspended ({state}): resume it instead")
+        self._launch(machine, name, meta)
+
+    def _launch(self, machine: Any, name: str, meta: CloneMeta) -> None:
+        self._refuse_taken_port(name, meta.display, subject="port")
         session = self._vb.Session()
         with self._translate(f"clone {name}"):
             # pass a list: pyvbox's default environment="" is refused with a TypeError
@@ -488,7 +550,7 @@ class VirtualBoxHypervisor:
             progress = mutable.restore_snapshot(snapshot)
             self._wait(progress, f"clone {name}")
         self._hub.forget(name)
-        self.start(name)
+        self._launch(machine, name, meta)
         log.info("clone reset", extra=fields(pool=meta.pool, clone=name, action="reset"))
 
     def suspend(self, name: str) -> None:
@@ -518,7 +580,7 @@ class VirtualBoxHypervisor:
             return
         if state not in SAVED_STATES:
             raise InvalidStateError(f"clone {name} is {state}, so it cannot be resumed")
-        self.start(name)
+        self._launch(machine, name, self._our(name)[1])
 
     def delete(self, name: str) -> None:
         check_name(name)
@@ -527,7 +589,7 @@ class VirtualBoxHypervisor:
             self._hub.forget(name)
             return
         if self._meta_of(machine) is None:
-            raise FatalHypervisorError(
+            raise NotOurCloneError(
                 f"VirtualBox machine {name} was not made by imagepipe; refusing to delete it"
             )
         self._power_down(machine, name)
@@ -552,10 +614,12 @@ class VirtualBoxHypervisor:
 
     def sessions(self, name: str) -> GuestSession:
         machine, _ = self._our(name)
-        if self._state(machine, name) not in ("Running", "Paused"):
+        state = self._state(machine, name)
+        if state not in ("Running", "Paused"):
             return GuestSession()
         facts = self._facts(machine, name)
-        return GuestSession(client=facts.client, connected_since=facts.since, users=facts.users)
+        users = facts.users if state == "Running" else ()  # a paused guest reports nobody
+        return GuestSession(client=facts.client, connected_since=facts.since, users=users)
 
     def subscribe(self, callback: Callable[[HypervisorEvent], None]) -> Subscription:
         return self._hub.subscribe(callback)

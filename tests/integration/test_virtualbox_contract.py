@@ -7,18 +7,87 @@ snapshot> pytest tests/integration/test_virtualbox_contract.py -k Real
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
-from imagepipe.pool.model import BaseImage
+from imagepipe.hypervisors.virtualbox_facts import power_of, version_api
+from imagepipe.pool.model import BaseImage, Power
 from tests import vboxsim
-from tests.contract.hypervisor_suite import HypervisorContract
+from tests.contract.hypervisor_suite import BaseInUse, HypervisorContract
 from tests.vboxsim.api import Host
 from tests.vboxsim.fixtures import base_vm, blank_disk
+
+
+class VBoxVM:
+    """A VM imagepipe did not make, through pyvbox (simulated or real VirtualBox alike)."""
+
+    def __init__(self, name: str) -> None:
+        import virtualbox
+
+        self.name = name
+        vbox = virtualbox.VirtualBox()
+        api = version_api(str(vbox.version))
+        args = api.create_machine_args("", name, "/")
+        machine = virtualbox.library.IMachine(vbox._call("createMachine", in_p=args))
+        machine.save_settings()
+        vbox.register_machine(machine)
+
+    def _machine(self) -> Any | None:
+        import virtualbox
+
+        try:
+            return virtualbox.VirtualBox().find_machine(self.name)
+        except virtualbox.library.VBoxError:
+            return None
+
+    def power(self) -> Power | None:
+        import virtualbox
+
+        machine = self._machine()
+        if machine is None:
+            return None
+        api = version_api(str(virtualbox.VirtualBox().version))
+        return power_of(api.state_name(int(machine._get_attr("state"))))
+
+    def remove(self) -> None:
+        machine = self._machine()
+        if machine is not None:
+            media = machine.unregister(_cleanup_mode())
+            machine.delete_config(media).wait_for_completion(-1)
+
+
+def _cleanup_mode() -> Any:
+    import virtualbox
+
+    return virtualbox.library.CleanupMode(3)  # DetachAllReturnHardDisksOnly
+
+
+def running(vm: str) -> BaseInUse:
+    """A context manager inside which the VM runs (as Packer's virtualbox-vm would run it)."""
+
+    @contextlib.contextmanager
+    def run() -> Iterator[None]:
+        import virtualbox
+
+        machine = virtualbox.VirtualBox().find_machine(vm)
+        session = virtualbox.Session()
+        machine.launch_vm_process(session, "headless", []).wait_for_completion(-1)
+        session.unlock_machine()
+        try:
+            yield
+        finally:
+            control = virtualbox.Session()
+            machine.lock_machine(control, virtualbox.library.LockType(1))
+            control.console.power_down().wait_for_completion(-1)
+            control.unlock_machine()
+
+    return run
 
 
 def _cleanup(hv: VirtualBoxHypervisor, pool: str) -> list[str]:
@@ -30,7 +99,19 @@ def _cleanup(hv: VirtualBoxHypervisor, pool: str) -> list[str]:
     return leftovers
 
 
-class _Simulated(HypervisorContract):
+class _Hooks(HypervisorContract):
+    @pytest.fixture
+    def foreign_vm(self, hypervisor: VirtualBoxHypervisor, contract_pool: str) -> Iterator[VBoxVM]:
+        vm = VBoxVM(f"{contract_pool}-7")
+        yield vm
+        vm.remove()
+
+    @pytest.fixture
+    def base_in_use(self, base_image: BaseImage) -> BaseInUse:
+        return running(base_image.vm or "")
+
+
+class _Simulated(_Hooks):
     version = "6.1.50"
 
     @pytest.fixture
@@ -74,7 +155,7 @@ class TestSimulatedVirtualBox71(_Simulated):
     os.environ.get("IMAGEPIPE_VIRTUALBOX") != "1",
     reason="a real VirtualBox host: set IMAGEPIPE_VIRTUALBOX=1 and IMAGEPIPE_VIRTUALBOX_BASE_VM",
 )
-class TestRealVirtualBox(HypervisorContract):
+class TestRealVirtualBox(_Hooks):
     @pytest.fixture
     def base_image(self) -> BaseImage:
         vm = os.environ["IMAGEPIPE_VIRTUALBOX_BASE_VM"]
@@ -98,7 +179,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[vboxsim.Server]
         yield server
 
 
-class TestSimulatedVirtualBoxInItsOwnProcess(HypervisorContract):
+class TestSimulatedVirtualBoxInItsOwnProcess(_Hooks):
     """The same contract through the simulated VBoxSVC process that E2E keepers share."""
 
     @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.errors import BusyError, FatalHypervisorError
+from imagepipe.errors import BusyError, DisplayInUseError, FatalHypervisorError
 from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
 from imagepipe.hypervisors.virtualbox_events import EventHub
 from imagepipe.hypervisors.virtualbox_facts import version_api
@@ -160,13 +160,24 @@ def test_the_base_is_ready_only_powered_off_unlocked_and_with_its_snapshot(
     assert hv.base_ready(base) is False
 
 
-def test_two_clones_never_share_a_vrde_port(
+def test_two_running_clones_never_share_a_vrde_port_also_after_a_restart(
     sim: Host, base: BaseImage, hv: VirtualBoxHypervisor
 ) -> None:
     port = free_port()
     hv.create_clone(spec(base, slot=0, port=port))
-    with pytest.raises(FatalHypervisorError, match="already used by clone lab-0"):
-        hv.create_clone(spec(base, slot=1, port=port))
+    hv.create_clone(spec(base, slot=1, port=port))
+    hv.start("lab-0")
+    hv.close()
+    again = VirtualBoxHypervisor()
+    try:
+        with pytest.raises(DisplayInUseError, match="used by running clone lab-0"):
+            again.start("lab-1")
+        assert {c.name: c.power for c in again.list_clones()} == {
+            "lab-0": Power.RUNNING,
+            "lab-1": Power.SHUTOFF,
+        }
+    finally:
+        again.close()
 
 
 def test_logins_and_vrde_clients_arrive_as_events_and_show_in_sessions(
@@ -330,11 +341,11 @@ def test_a_version_built_as_an_ovf_is_imported_once_as_its_own_base_vm(
 def test_a_version_with_neither_a_vm_nor_an_ovf_cannot_be_cloned(
     sim: Host, hv: VirtualBoxHypervisor, tmp_path: Path
 ) -> None:
-    from imagepipe.errors import CloneNotFoundError
+    from imagepipe.errors import BaseMissingError
 
     base = BaseImage("win10", 4, tmp_path / "empty", vm="gone", snapshot="win10-v4")
     assert hv.base_ready(base) is False
-    with pytest.raises(CloneNotFoundError, match="--from-vm"):
+    with pytest.raises(BaseMissingError, match="--from-vm"):
         hv.create_clone(spec(base))
 
 

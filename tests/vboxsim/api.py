@@ -872,8 +872,8 @@ class Host:
         if data.process_session is not None and data.write_lock is data.process_session:
             data.write_lock = None
         data.process_session = None
-        for shared in data.shared:
-            shared.state, shared.type, shared._machine = C.SESSION_UNLOCKED, 0, None
+        # the clients' remote sessions stay Locked until they unlock (VBoxManage controlvm
+        # poweroff unlocks afterwards), but no longer hold the machine
         data.shared.clear()
         data.console = None
 
