@@ -226,14 +226,10 @@ def import_(
     """Register a VirtualBox VM's current snapshot as a new version of IMAGE (its base VM:
     keep it powered off; clones link to the snapshot). Importing the same snapshot again
     changes nothing."""
-    from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
+    from imagepipe.app.bootstrap import describe_virtualbox_vm
 
     registry = _registry(ctx)
-    hypervisor = VirtualBoxHypervisor()
-    try:
-        found = hypervisor.describe_vm(from_vm)
-    finally:
-        hypervisor.close()
+    found = describe_virtualbox_vm(from_vm)
     record = registry.find_fingerprint(image, found.fingerprint) or registry.register(
         NewVersion(
             image=image,

@@ -99,7 +99,8 @@ def import_pyvbox() -> Any:
     except ImportError as exc:
         raise EnvironmentMissingError(
             f"VirtualBox's Python API is not usable ({exc}): pip install 'imagepipe[virtualbox]' "
-            "and install VirtualBox 6.1 or 7.x with its SDK (vboxapi)"
+            "and install VirtualBox 6.1 or 7.x with its SDK (vboxapi), or set "
+            "hypervisor.driver: libvirt"
         ) from exc
     return virtualbox
 
@@ -118,8 +119,9 @@ class VirtualBoxHypervisor:
             raise
         except Exception as exc:  # vboxapi's own (XPCOM/COM) error: VBoxSVC did not answer
             raise EnvironmentMissingError(
-                f"VirtualBox does not answer ({exc}): is VirtualBox installed and does this "
-                "user own the VMs (VBoxSVC runs per user)?"
+                f"VirtualBox does not answer ({exc}): install VirtualBox and run imagepipe as "
+                "the user owning the VMs (VBoxSVC runs per user), or set hypervisor.driver: "
+                "libvirt"
             ) from exc
         with self._translate("VirtualBox"):
             self.api: VersionApi = version_api(str(self._vbox.version))
