@@ -132,6 +132,12 @@ def desktop_of(client: VncClient) -> str:
     return client.handshake().removeprefix("QEMU (").removesuffix(")")
 
 
+def machine_folders(site: Site) -> list[str]:
+    """The pool's machine folders in the simulated VirtualBox (settings and disks)."""
+    folder = site.root / "vbox" / "imagepipe" / POOL
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
 def free_ready(pool: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for c in pool["clones"] if c["state"] == "free" and c["balancer"] == "ready"]
 
@@ -247,13 +253,15 @@ def test_keeper_killed_during_a_session_keeps_it_after_restart(site: Site) -> No
         assert site.stop_keeper(signal.SIGKILL) == -signal.SIGKILL
         site.start_keeper()
         pool = site.wait_for(
-            "the restarted keeper converged",
-            lambda p: len(free_ready(p)) >= FREE and clone(p, desktop)["state"] == "in_use",
+            "the restarted keeper converged, with no orphan or missing VirtualBox machine",
+            lambda p: (
+                len(free_ready(p)) >= FREE
+                and clone(p, desktop)["state"] == "in_use"
+                and machine_folders(site) == sorted(c["name"] for c in p["clones"])
+            ),
         )
         names = sorted(c["name"] for c in pool["clones"])
         assert clone(pool, desktop)["client"] is not None
-        folders = sorted(p.name for p in (site.root / "vbox" / "imagepipe" / POOL).iterdir())
-        assert folders == names, "orphan or missing VirtualBox machines"
         backends = site.haproxy("show servers state desktops")
         listed = {line.split()[3] for line in backends.splitlines()[2:] if len(line.split()) > 3}
         assert listed == set(names), "orphan or missing balancer entries"
