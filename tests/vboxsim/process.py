@@ -49,6 +49,14 @@ class QemuProcess:
         return self.dir / "console"
 
     def start(self, restore_from: Path | None) -> None:
+        try:
+            self._start(restore_from)
+        except BaseException:
+            self.kill()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def _start(self, restore_from: Path | None) -> None:
         data = self.machine
         if data.disk is None or data.boot.kernel is None:
             raise RuntimeError(f"machine {data.name} has no disk or kernel to boot")
