@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,6 +82,8 @@ def run_checks(config: Path | None) -> list[Check]:
         checks += [pools_check, check_hypervisor(settings)]
         if settings.hypervisor.driver == "libvirt":
             checks.append(check_kvm())
+        if settings.hypervisor.driver == "virtualbox":
+            checks += check_virtualbox_host() + check_virtualbox_bases(settings, specs)
         checks.append(check_balancer(settings))
         if settings.balancer.driver == "ipvs":
             checks += check_ipvs(settings)
@@ -181,7 +184,13 @@ def check_hypervisor(settings: Settings) -> Check:
         try:
             hypervisor = build_hypervisor(settings)
         except ImagepipeError as exc:
-            return fail("hypervisor", str(exc), "set hypervisor.driver: libvirt")
+            fix = "set hypervisor.driver: libvirt"
+            if settings.hypervisor.driver == "virtualbox":
+                fix = (
+                    "install VirtualBox 6.1 or 7.x with its SDK, pip install "
+                    "'imagepipe[virtualbox]', and run imagepipe as the user owning the VMs"
+                )
+            return fail("hypervisor", str(exc), fix)
         hypervisor.close()
         return ok("hypervisor", f"{settings.hypervisor.driver} answers")
     return check_libvirt(settings.hypervisor.uri)
@@ -520,3 +529,98 @@ class _Probe:
             return self.runner.run(argv, stdin=stdin)
         except ImagepipeError as exc:
             return CommandResult(tuple(argv), 127, "", str(exc))
+
+
+# --- VirtualBox (hypervisor.driver: virtualbox) ------------------------------------------
+
+VBOX_DRIVER = Path("/dev/vboxdrv")
+
+
+def _vboxmanage(*args: str) -> subprocess.CompletedProcess[str] | None:
+    program = shutil.which("VBoxManage")
+    if program is None:
+        return None
+    try:
+        return subprocess.run(
+            [program, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env={**os.environ, "LANG": "C"},
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def check_virtualbox_host(modules: Path = Path("/proc/modules")) -> list[Check]:
+    """VirtualBox and its version, the vboxdrv kernel driver, the VRDE extension pack, and
+    pyvbox + vboxapi importable; each with its fix."""
+    install = "install VirtualBox 6.1 or 7.x from https://www.virtualbox.org/wiki/Linux_Downloads"
+    done = _vboxmanage("--version")
+    if done is None or done.returncode != 0:
+        return [fail("virtualbox", "VBoxManage is not installed", install)]
+    checks = [ok("virtualbox", f"VirtualBox {done.stdout.strip()}")]
+    loaded = VBOX_DRIVER.exists() or (
+        modules.exists() and "vboxdrv " in modules.read_text(errors="replace")
+    )
+    checks.append(
+        ok("vboxdrv", "the VirtualBox kernel driver is loaded")
+        if loaded
+        else fail("vboxdrv", "the vboxdrv kernel module is not loaded", "run /sbin/vboxconfig")
+    )
+    packs = _vboxmanage("list", "extpacks")
+    text = packs.stdout if packs is not None else ""
+    checks.append(
+        ok("vrde", "the extension pack provides VRDE (remote desktop)")
+        if "Extension Pack" in text and "Usable:" in text and "true" in text
+        else fail(
+            "vrde",
+            "no usable VirtualBox Extension Pack: clones would have no remote display",
+            "VBoxManage extpack install Oracle_VM_VirtualBox_Extension_Pack-<version>"
+            ".vbox-extpack (the version of VirtualBox)",
+        )
+    )
+    try:
+        from imagepipe.hypervisors.virtualbox import import_pyvbox
+
+        import_pyvbox()
+        checks.append(ok("pyvbox", "pyvbox and VirtualBox's vboxapi import"))
+    except ImagepipeError as exc:
+        checks.append(fail("pyvbox", str(exc), "pip install 'imagepipe[virtualbox]'"))
+    return checks
+
+
+def check_virtualbox_bases(settings: Settings, specs: Sequence[PoolSpec]) -> list[Check]:
+    """Per pool: is its image version's base VM there, powered off, unlocked, snapshotted?"""
+    if not specs:
+        return []
+    try:
+        hypervisor = build_hypervisor(settings)
+    except ImagepipeError:
+        return []  # check_hypervisor already said why
+    registry = Registry(settings.registry, settings.image_store)
+    checks = []
+    try:
+        for spec in specs:
+            ref: str | int | None = spec.version if spec.version is not None else spec.channel
+            try:
+                base = registry.resolve(spec.image, ref).base_image()
+            except ImagepipeError:
+                continue  # check_pool_images reports it
+            name = f"base:{spec.name}"
+            if hypervisor.base_ready(base):
+                checks.append(ok(name, f"base VM {base.vm} is powered off with {base.snapshot}"))
+            else:
+                checks.append(
+                    warn(
+                        name,
+                        f"base VM {base.vm} of {spec.image} v{base.version} cannot be cloned "
+                        "now (missing, running, locked by a session, or without its snapshot)",
+                        f"power off {base.vm} and close its sessions, or re-import it with "
+                        f"imagepipe images import {spec.image} --from-vm VM",
+                    )
+                )
+    finally:
+        hypervisor.close()
+    return checks

@@ -152,14 +152,15 @@ def test_libvirt_versions_are_decoded_from_libvirts_numbers(
     assert closed == [True]
 
 
-def test_virtualbox_fails_with_the_reason_this_version_cannot_drive_it(tmp_path: Path) -> None:
+def test_virtualbox_without_virtualbox_on_the_host_fails_with_how_to_install_it(
+    tmp_path: Path,
+) -> None:
     check = doctor.check_hypervisor(
         settings(tmp_path, hypervisor=HypervisorSettings(driver="virtualbox"))
     )
 
     assert check.status is Status.FAIL
-    assert "'virtualbox' is not available in this version" in check.detail
-    assert check.fix == "set hypervisor.driver: libvirt"
+    assert check.fix is not None and "VirtualBox 6.1 or 7.x" in check.fix
 
 
 def test_without_a_kvm_device_guests_run_under_tcg_which_is_a_warning(tmp_path: Path) -> None:
