@@ -145,6 +145,12 @@ class Executor:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def in_flight(self, pool: str) -> frozenset[str]:
+        """Clones of `pool` whose call outlived its timeout and still runs."""
+        return frozenset(
+            clone for (p, clone), gate in self._stuck.items() if p == pool and not gate.is_set()
+        )
+
     # ---- run -------------------------------------------------------------------------
 
     def run(self, specs: Mapping[str, PoolSpec], actions: Sequence[Action]) -> ExecutionReport:
@@ -325,6 +331,8 @@ class Executor:
         error = None if done.error is None else _describe(done.error)
         ok = done.error is None
         self.store.journal_end(entry.journal_id, ok=ok, error=error, now=self.clock.now())
+        if ok and isinstance(done.action, ResetClone):
+            self.store.mark_clean(done.action.pool, done.action.clone)
         if error is not None:
             self._bookkeep_failure(specs.get(done.action.pool), done.action, error)
         self._log(done.action, ok=ok, error=error, seconds=seconds, attempts=done.attempts)
@@ -390,6 +398,7 @@ class Executor:
             if hv.sessions(name).active:
                 return "somebody is on the clone; not reset"
             hv.reset(name)
+            self.store.mark_clean(action.pool, name)
             return "repeated the reset"
         return "the next pass reconciles it"
 

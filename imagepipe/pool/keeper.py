@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from imagepipe.errors import ImagepipeError
 from imagepipe.log import fields
@@ -185,6 +185,7 @@ class Keeper:
             observed = host.pools.get(spec.name)
             if observed is None:
                 continue
+            observed = replace(observed, in_flight=self.executor.in_flight(spec.name))
             record = self.store.load_pool(spec.name)
             adopted += self._adopted(spec, observed, record)
             actions += plan(spec, observed, record, now)

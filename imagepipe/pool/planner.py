@@ -157,6 +157,7 @@ class _Context:
     assigned: frozenset[int]
     breaker_open: bool
     drain_deadline_passed: bool
+    in_flight: frozenset[str] = frozenset()
 
     def persistent(self, slot: int) -> bool:
         return self.spec.on_logoff is OnLogoff.KEEP or slot in self.assigned
@@ -174,8 +175,10 @@ def _enter(
     ctx: _Context, rec: CloneRecord | None, name: str, slot: int, version: int, state: CloneState
 ) -> CloneRecord:
     """The record after moving to `state`; `since` only moves when the state changes."""
-    if rec is None:
-        return CloneRecord(name=name, slot=slot, version=version, state=state, since=ctx.now)
+    if rec is None:  # a clone the store does not know: nobody can tell who was on it
+        return CloneRecord(
+            name=name, slot=slot, version=version, state=state, since=ctx.now, dirty=True
+        )
     if rec.state is state and rec.slot == slot and rec.version == version:
         return rec  # the common case, kept cheap: plan() runs often over many clones
     since = rec.since if rec.state is state else ctx.now
@@ -191,9 +194,22 @@ def _ended(rec: CloneRecord, at: float | None) -> CloneRecord:
 
 
 def _in_use(rec: CloneRecord, last_user: str | None) -> CloneRecord:
-    if rec.session_ended_at is None and rec.last_user == last_user:
+    if rec.session_ended_at is None and rec.last_user == last_user and rec.dirty:
         return rec
-    return replace(rec, session_ended_at=None, last_user=last_user)
+    return replace(rec, session_ended_at=None, last_user=last_user, dirty=True)
+
+
+def _used(rec: CloneRecord) -> CloneRecord:
+    """Somebody is on the clone: it must be reset before anyone else gets it."""
+    if rec.dirty and rec.session_ended_at is None:
+        return rec
+    return replace(rec, session_ended_at=None, dirty=True)
+
+
+def _reset(ctx: _Context, rec: CloneRecord | None, info: CloneInfo) -> _Step:
+    """Reset now (the record stays dirty until the executor reports the reset done)."""
+    nxt = _ended(_to(ctx, rec, info, _BOOTING), None)
+    return nxt, (ResetClone(pool=ctx.spec.name, clone=info.name),), False, False
 
 
 def _healthy(rec: CloneRecord) -> CloneRecord:
@@ -218,9 +234,9 @@ def _advance(ctx: _Context, oc: ObservedClone, rec: CloneRecord | None) -> _Step
         if old or state is _RETIRING:
             if ctx.drain_deadline_passed:
                 return _delete(ctx, rec, info)
-            return _ended(_to(ctx, rec, info, _RETIRING), None), _NO_ACTIONS, False, False
+            return _used(_to(ctx, rec, info, _RETIRING)), _NO_ACTIONS, False, False
         if client is None:
-            return _ended(_to(ctx, rec, info, _DISCONNECTED), None), _NO_ACTIONS, False, False
+            return _used(_to(ctx, rec, info, _DISCONNECTED)), _NO_ACTIONS, False, False
         users = session.users
         last = users[0] if users else (rec.last_user if rec else None)
         if (  # still in use by the same user: the record stays as it is
@@ -228,6 +244,7 @@ def _advance(ctx: _Context, oc: ObservedClone, rec: CloneRecord | None) -> _Step
             and rec is not None
             and rec.last_user == last
             and rec.session_ended_at is None
+            and rec.dirty
             and rec.slot == info.slot
             and rec.version == info.version
         ):
@@ -246,12 +263,15 @@ def _advance(ctx: _Context, oc: ObservedClone, rec: CloneRecord | None) -> _Step
             and rec.session_ended_at is None
             and rec.failures == 0
             and rec.retry_at is None
+            and not rec.dirty
         ):
             return rec, _NO_ACTIONS, False, False  # free and healthy
 
     spec, now = ctx.spec, ctx.now
+    if rec is None and not old and not ctx.persistent(info.slot):
+        return _reset(ctx, rec, info)  # unknown history, nobody on it: clean it before use
     if state is _DELETING and rec is not None:
-        if now - rec.since >= spec.boot_timeout:  # the delete got lost: issue it again
+        if info.name not in ctx.in_flight:  # the delete never ran (a crash): issue it again
             again = DeleteClone(pool=spec.name, clone=info.name)
             return replace(rec, since=now), (again,), False, False
         return rec, _NO_ACTIONS, False, False
@@ -291,6 +311,10 @@ def _advance(ctx: _Context, oc: ObservedClone, rec: CloneRecord | None) -> _Step
         return _powered_off(ctx, oc, rec)
 
     if power is _RUNNING and info.ready:
+        if rec is not None and rec.dirty and not ctx.persistent(info.slot):
+            if info.name in ctx.in_flight:
+                return rec, _NO_ACTIONS, False, False  # its reset is on its way
+            return _reset(ctx, rec, info)  # never free before its reset completed
         fresh = state in _COMING_STATES or state is None
         return _healthy(_to(ctx, rec, info, _FREE)), _NO_ACTIONS, False, fresh
     booting_since = rec.since if state in _COMING_STATES and rec is not None else now
@@ -306,10 +330,17 @@ def _powered_off(ctx: _Context, oc: ObservedClone, rec: CloneRecord | None) -> _
 
     if state is _CREATING:  # made, not started yet
         return _to(ctx, rec, info, _BOOTING), (StartClone(pool=pool, clone=name),), False, False
-    if state is _BOOTING and rec is not None:  # a start or reset is on its way
-        if now - rec.since >= spec.boot_timeout:
+    if state is _BOOTING and rec is not None:
+        if name in ctx.in_flight:  # a start or reset is on its way
+            return rec, _NO_ACTIONS, False, False
+        # The start or reset never reached the hypervisor (a crash, a stop), or the guest
+        # powered itself off at once: do it again now, a bounded number of times.
+        if rec.failures + 1 >= CLONE_RETRIES:
             return record_failure(spec, rec, now), _NO_ACTIONS, True, False
-        return rec, _NO_ACTIONS, False, False
+        again: Action = (
+            ResetClone(pool=pool, clone=name) if rec.dirty else StartClone(pool=pool, clone=name)
+        )
+        return replace(rec, since=now, failures=rec.failures + 1), (again,), False, False
     if ctx.persistent(info.slot):
         stopped = _to(ctx, rec, info, _STOPPED)
         if now - stopped.since >= spec.recycle_after:
@@ -346,6 +377,8 @@ def _advance_missing(ctx: _Context, rec: CloneRecord) -> _Step:
     """A remembered clone the hypervisor does not have (any more, or not yet)."""
     spec, now = ctx.spec, ctx.now
     if rec.state is _CREATING:
+        if rec.name not in ctx.in_flight:
+            return None, _NO_ACTIONS, False, False  # it never ran (a crash): the pool remakes it
         if now - rec.since < spec.boot_timeout:
             return rec, _NO_ACTIONS, False, False  # the create is in flight: never issue it twice
         return record_failure(spec, rec, now), _NO_ACTIONS, True, False
@@ -639,6 +672,7 @@ def _plan(
         drain_deadline_passed=deadline is not None
         and started is not None
         and now - started >= deadline,
+        in_flight=observed.in_flight,
     )
     remembered = record.clones
     by_name = {c.info.name: c for c in observed.clones}
@@ -666,6 +700,7 @@ def _plan(
                     session.client is not None
                     and (backend is None or backend.state is not _READY)
                     and rec.session_ended_at is None
+                    and rec.dirty
                     and (not session.users or session.users[0] == rec.last_user)
                 ):
                     settled[name] = info.slot  # the same user's live session, drained
@@ -686,6 +721,7 @@ def _plan(
                     and rec.session_ended_at is None
                     and rec.failures == 0
                     and rec.retry_at is None
+                    and not rec.dirty
                     and backend is not None
                     and backend.state is _READY
                     and info.slot not in assigned

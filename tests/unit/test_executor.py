@@ -254,3 +254,20 @@ def test_recovery_never_resets_a_clone_somebody_is_on(rig: Rig) -> None:
 
     assert rig.hv.count("reset") == 0
     assert rig.hv.clones["lab-0"].session.client == "10.0.0.9"
+
+
+def test_a_completed_reset_clears_the_dirty_mark_and_a_failed_one_keeps_it(rig: Rig) -> None:
+    rig.executor().run(SPECS, [*bring_up(0), *bring_up(1)])
+    for slot in (0, 1):
+        used = CloneRecord(f"lab-{slot}", slot, 1, CloneState.BOOTING, rig.clock.now(), dirty=True)
+        rig.store.save_clone("lab", used)
+    rig.hv.fail_next("reset", FatalHypervisorError("disk full"))
+
+    report = rig.executor().run(
+        SPECS, [ResetClone(pool="lab", clone="lab-0"), ResetClone(pool="lab", clone="lab-1")]
+    )
+
+    clones = rig.store.load_pool("lab").clones
+    failed = {o.action.clone for o in report.failed}
+    assert len(failed) == 1
+    assert all(clones[n].dirty == (n in failed) for n in ("lab-0", "lab-1"))
