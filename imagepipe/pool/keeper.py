@@ -32,7 +32,7 @@ from imagepipe.pool.model import (
     RecordPool,
 )
 from imagepipe.pool.observe import HostObservation, observe
-from imagepipe.pool.planner import next_timer, plan
+from imagepipe.pool.planner import failures_after, next_timer, plan
 from imagepipe.pool.ports import Balancer, Clock, Hypervisor, HypervisorEvent, Images
 from imagepipe.pool.store import Store
 
@@ -192,6 +192,7 @@ class Keeper:
         if self.stopping:
             return PassReport(at=now, observation=host, adopted=tuple(adopted))
         execution = self.executor.run(self.specs, actions)
+        self._record_failures(execution)
         log.debug(
             "pass done",
             extra=fields(
@@ -211,6 +212,33 @@ class Keeper:
             not_planned=not_planned,
             notes=dict(host.notes),
         )
+
+    def _record_failures(self, execution: ExecutionReport) -> None:
+        """The executor reports; the planner's failure policy says what the failures mean
+        (the clone's backoff or replacement, the pool's breaker); the store remembers it."""
+        failed: dict[str, list[Action]] = {}
+        for outcome in execution.failed:
+            failed.setdefault(outcome.action.pool, []).append(outcome.action)
+        now = self.clock.now()
+        for pool, actions in failed.items():
+            spec = self.specs.get(pool)
+            if spec is None:
+                continue
+            record = self.store.load_pool(pool)
+            memory = failures_after(spec, record, actions, now)
+            self.store.apply(pool, memory)
+            for opened in memory:
+                if (
+                    isinstance(opened, RecordPool)
+                    and opened.breaker_open_until is not None
+                    and record.breaker_open_until is None
+                ):
+                    log.warning(
+                        "circuit breaker open: no new clones until the cool-down ends",
+                        extra=fields(
+                            pool=pool, failures=opened.failures, cooldown=spec.breaker_cooldown
+                        ),
+                    )
 
     def _adopted(self, spec: PoolSpec, observed: Observed, record: PoolRecord) -> list[str]:
         """Clones the store does not know (a lost or older store). The planner rebuilds

@@ -164,6 +164,8 @@ class Host:
             vm = self.vms.get(name)
             if state is not BackendState.READY or vm is None or vm.slot in assigned:
                 continue
+            if vm.client is not None or vm.users:
+                continue  # its user is on it (a drain a killed pass did not do comes next)
             if self.spec.on_logoff is not OnLogoff.KEEP:
                 assert not vm.dirty, f"{name} takes new users with a previous user's traces"
 

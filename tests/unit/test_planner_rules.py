@@ -37,7 +37,14 @@ from imagepipe.pool.model import (
     StartClone,
     SuspendClone,
 )
-from imagepipe.pool.planner import classify, free_target, next_timer, plan
+from imagepipe.pool.planner import (
+    CLONE_RETRIES,
+    classify,
+    failures_after,
+    free_target,
+    next_timer,
+    plan,
+)
 
 T0 = 1_700_000_000.0
 SPEC = PoolSpec(name="lab", image="win10", initial=2, free=2, max=4)
@@ -482,3 +489,44 @@ def test_a_delete_that_never_ran_is_issued_again_at_once() -> None:
     record = pool(rec(0, CloneState.DELETING), rec(1, CloneState.FREE), rec(2, CloneState.FREE))
     actions = plan(SPEC, observed(clone(0, backend=None), clone(1), clone(2)), record, T0 + 5)
     assert of(DeleteClone, actions) == [DeleteClone(pool="lab", clone="lab-0")]
+
+
+# ---- failure policy: one place, the planner's (issue 7) -----------------------------------
+
+
+def test_the_failure_that_spends_the_retry_budget_replaces_the_clone_without_another_backoff() -> (
+    None
+):
+    worn = rec(0, CloneState.BOOTING, failures=CLONE_RETRIES - 1)
+    stuck = clone(0, ready=False, backend=None)
+    failed = records_of(
+        plan(SPEC, observed(stuck, clone(1)), pool(worn, rec(1, CloneState.FREE)), T0 + 300)
+    )["lab-0"]
+    assert failed.state is CloneState.FAILED and failed.retry_at is None
+    actions = plan(SPEC, observed(stuck, clone(1)), pool(failed, rec(1, CloneState.FREE)), T0 + 301)
+    assert of(DeleteClone, actions) == [DeleteClone(pool="lab", clone="lab-0")]
+
+
+def test_failed_actions_are_recorded_by_the_same_rules_plan_uses() -> None:
+    record = pool(rec(0, CloneState.CREATING), rec(1, CloneState.BOOTING), failures=3)
+    failed: list[Action] = [
+        CreateClone(pool="lab", clone="lab-0", slot=0, version=1, display=Endpoint("h", 1)),
+        StartClone(pool="lab", clone="lab-1"),
+        BalancerEnable(pool="lab", clone="lab-1", address=Endpoint("h", 2)),
+    ]
+    actions = failures_after(SPEC, record, failed, T0)
+    marked = records_of(actions)
+    assert {n: r.state for n, r in marked.items()} == {
+        "lab-0": CloneState.FAILED,
+        "lab-1": CloneState.FAILED,
+    }
+    assert marked["lab-0"].retry_at == T0 + SPEC.retry_backoff
+    (memory,) = of(RecordPool, actions)
+    assert memory.failures == 5  # type: ignore[attr-defined]
+    assert memory.breaker_open_until == T0 + SPEC.breaker_cooldown  # type: ignore[attr-defined]
+
+
+def test_a_failed_balancer_action_is_not_the_clones_fault() -> None:
+    record = pool(rec(0, CloneState.FREE))
+    drain = BalancerDrain(pool="lab", clone="lab-0")
+    assert failures_after(SPEC, record, [drain], T0) == []
