@@ -33,7 +33,14 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.observe import HostObservation, observe
 from imagepipe.pool.planner import failures_after, next_timer, plan
-from imagepipe.pool.ports import Balancer, Clock, Hypervisor, HypervisorEvent, Images
+from imagepipe.pool.ports import (
+    Balancer,
+    Clock,
+    EventKind,
+    Hypervisor,
+    HypervisorEvent,
+    Images,
+)
 from imagepipe.pool.store import Store
 
 log = logging.getLogger(__name__)
@@ -91,6 +98,8 @@ class Keeper:
         self.settings = settings
         self.executor = Executor(hypervisor, balancer, store, self._base, clock, settings.executor)
         self._wake = threading.Event()
+        self._touched: set[str] = set()  # clones a client connected to since the last pass
+        self._touched_lock = threading.Lock()
         self._stopping = threading.Event()
         self._recovered = False
         self._strays_reported: set[str] = set()
@@ -116,7 +125,7 @@ class Keeper:
 
     def run(self) -> None:
         """Pass after pass until stop(); woken early by hypervisor events."""
-        subscription = self.hypervisor.subscribe(self._on_event)
+        subscription = self.hypervisor.subscribe(self.on_event)
         log.info(
             "keeper started",
             extra=fields(pools=",".join(self.specs) or "none", tick=self.settings.tick),
@@ -168,6 +177,8 @@ class Keeper:
         if not self._recovered:
             self.recover()
         now = self.clock.now()
+        with self._touched_lock:
+            touched = frozenset(self._touched)
         self._ensure_frontend()
         host = observe(
             self.hypervisor,
@@ -185,13 +196,17 @@ class Keeper:
             observed = host.pools.get(spec.name)
             if observed is None:
                 continue
-            observed = replace(observed, in_flight=self.executor.in_flight(spec.name))
+            observed = replace(
+                observed, in_flight=self.executor.in_flight(spec.name), touched=touched
+            )
             record = self.store.load_pool(spec.name)
             adopted += self._adopted(spec, observed, record)
             actions += plan(spec, observed, record, now)
         if self.stopping:
             return PassReport(at=now, observation=host, adopted=tuple(adopted))
-        execution = self.executor.run(self.specs, actions)
+        execution = self.executor.run(self.specs, actions)  # records first: touched is written
+        with self._touched_lock:
+            self._touched -= touched
         self._record_failures(execution)
         log.debug(
             "pass done",
@@ -292,9 +307,15 @@ class Keeper:
     def _base(self, image: str, version: int) -> BaseImage:
         return self.images.resolve(image, version).base_image()
 
-    def _on_event(self, event: HypervisorEvent) -> None:
+    def on_event(self, event: HypervisorEvent) -> None:
+        """The hypervisor subscription's callback (any thread): wake the next pass. A client
+        that connected is remembered until a pass has written it down, so a session that
+        starts and ends between two passes still marks its desktop for reset."""
         log.debug(
             "hypervisor event",
             extra=fields(clone=event.clone, kind=event.kind, client=event.client),
         )
+        if event.kind is EventKind.SESSION_CONNECTED:
+            with self._touched_lock:
+                self._touched.add(event.clone)
         self._wake.set()

@@ -184,6 +184,9 @@ class Observed:
     # the simulator, an operation that takes time): their record's intent is not yet done
     # or undone, so the planner waits for them instead of deciding the call never happened
     in_flight: frozenset[str] = frozenset()
+    # clones a client connected to since the last pass (hypervisor events): a session the
+    # observation may have missed, so their desktops are dirty even if nobody is on them now
+    touched: frozenset[str] = frozenset()
 
     def by_name(self) -> dict[str, ObservedClone]:
         return {c.name: c for c in self.clones}

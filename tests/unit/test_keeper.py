@@ -627,3 +627,22 @@ def test_a_keeper_killed_inside_a_reset_resets_the_desktop_before_it_serves(
 
     assert not world.hv.is_dirty(taken)
     assert taken in world.free_in_balancer()
+
+
+def test_a_user_who_came_and_went_between_two_passes_still_gets_the_desktop_reset(
+    world: World,
+) -> None:
+    keeper = world.keeper()
+    settle(keeper)
+    subscription = world.hv.subscribe(keeper.on_event)  # what run() subscribes
+    taken = use(world)
+    leave(world, taken)  # all before the next pass looks: only the connect event tells
+
+    for _ in range(8):
+        keeper.run_pass()
+        no_dirty_desktop_serves(world)
+        world.clock.advance(LAB.recycle_after)
+    subscription.close()
+
+    assert not world.hv.is_dirty(taken)
+    assert taken in world.free_in_balancer()

@@ -530,3 +530,13 @@ def test_a_failed_balancer_action_is_not_the_clones_fault() -> None:
     record = pool(rec(0, CloneState.FREE))
     drain = BalancerDrain(pool="lab", clone="lab-0")
     assert failures_after(SPEC, record, [drain], T0) == []
+
+
+def test_a_free_desktop_a_client_connected_to_since_the_last_pass_is_reset_before_it_serves() -> (
+    None
+):
+    obs, record = converged()
+    actions = plan(SPEC, replace(obs, touched=frozenset({"lab-1"})), record, T0 + 60)
+    assert of(ResetClone, actions) == [ResetClone(pool="lab", clone="lab-1")]
+    assert of(BalancerRemove, actions) == [BalancerRemove(pool="lab", clone="lab-1")]
+    assert records_of(actions)["lab-1"].dirty

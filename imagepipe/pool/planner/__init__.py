@@ -52,7 +52,7 @@ from imagepipe.pool.planner.rollout_rules import (
     target_of,
 )
 from imagepipe.pool.planner.schedule import free_target
-from imagepipe.pool.planner.steps import Context
+from imagepipe.pool.planner.steps import Context, remembered
 from imagepipe.pool.planner.timers import next_timer
 
 __all__ = [
@@ -80,13 +80,14 @@ def plan(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float) -> 
         breaker_open=breaker_open(record, now),
         drain_deadline_passed=drain_deadline_passed(spec, started, now),
         in_flight=observed.in_flight,
+        touched=observed.touched,
     )
     seen = observed.by_name()
     d = Decisions(ctx=ctx, observed=seen)
     failed = came_up = 0
     for oc in observed.clones:
         name = oc.info.name
-        rec = record.clones.get(name)
+        rec = remembered(ctx, name, record.clones.get(name))
         if rec is not None and quiet(ctx, oc, rec) and name not in d.actions:
             d.keep_quiet(name, rec)
             continue
@@ -105,13 +106,13 @@ def plan(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float) -> 
     out = _in_order(d, seen, record)
     out += orphan_actions(spec.name, observed.orphan_backends)
     memory = (target, failures, until, started)
-    remembered = (
+    kept = (
         record.target_version,
         record.failures,
         record.breaker_open_until,
         record.rollout_started_at,
     )
-    if memory != remembered:
+    if memory != kept:
         out.append(
             RecordPool(
                 pool=spec.name,

@@ -26,6 +26,7 @@ class Context:
     breaker_open: bool
     drain_deadline_passed: bool
     in_flight: frozenset[str] = frozenset()  # clones with a call still running
+    touched: frozenset[str] = frozenset()  # clones a client connected to since the last pass
 
     def persistent(self, slot: int) -> bool:
         """Logoff leaves this desktop as its user left it (no reset, no balancer rules)."""
@@ -80,6 +81,13 @@ def used(rec: CloneRecord, last_user: str | None = None) -> CloneRecord:
     if rec.dirty and rec.session_ended_at is None and rec.last_user == user:
         return rec
     return replace(rec, session_ended_at=None, last_user=user, dirty=True)
+
+
+def remembered(ctx: Context, name: str, rec: CloneRecord | None) -> CloneRecord | None:
+    """The stored record, dirty if a client connected to the clone since the last pass."""
+    if rec is not None and not rec.dirty and name in ctx.touched:
+        return replace(rec, dirty=True)
+    return rec
 
 
 def healthy(rec: CloneRecord) -> CloneRecord:
