@@ -69,21 +69,48 @@ __all__ = [
 
 
 def plan(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float) -> list[Action]:
-    """Everything to do now to move the pool towards its spec ("Pool lifecycle", README.md)."""
+    """Everything to do now to move the pool towards its spec ("Pool lifecycle", README.md):
+    advance every clone once, resize the pool, then each clone's actions in order."""
+    ctx = _context(spec, observed, record, now)
+    d, failed, came_up = _advance_clones(ctx, observed, record)
+    failures, until = breaker_after(spec, record, failed, came_up, now)
+    resize(d, observed.base_ready, until is not None and now < until)
+    out = _in_order(d, record)
+    out += orphan_actions(spec.name, observed.orphan_backends)
+    memory = RecordPool(
+        pool=spec.name,
+        target_version=ctx.target,
+        failures=failures,
+        breaker_open_until=until,
+        rollout_started_at=ctx.rollout_started,
+    )
+    if _changed(memory, record):
+        out.append(memory)
+    return out
+
+
+def _context(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float) -> Context:
     target = target_of(observed, record)
     started = rollout_started(record, target, old_exists(record, target, observed), now)
-    ctx = Context(
+    return Context(
         spec=spec,
         now=now,
         target=target,
         assigned=frozenset(spec.assignments.values()),
         breaker_open=breaker_open(record, now),
+        rollout_started=started,
         drain_deadline_passed=drain_deadline_passed(spec, started, now),
         in_flight=observed.in_flight,
         touched=observed.touched,
     )
-    seen = observed.by_name()
-    d = Decisions(ctx=ctx, observed=seen)
+
+
+def _advance_clones(
+    ctx: Context, observed: Observed, record: PoolRecord
+) -> tuple[Decisions, int, int]:
+    """Every observed clone, then every remembered clone the host lacks, decided once.
+    Returns the decisions, the failures seen, and the clones that came up ready."""
+    d = Decisions(ctx=ctx, observed=observed.by_name())
     failed = came_up = 0
     for oc in observed.clones:
         name = oc.info.name
@@ -96,38 +123,32 @@ def plan(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float) -> 
         failed += step.failed
         came_up += step.came_up
     for name, rec in record.clones.items():
-        if name not in seen:
+        if name not in d.observed:
             step = advance_missing(ctx, rec)
-            forget = (ForgetClone(pool=spec.name, clone=name),) if step.record is None else ()
+            forget = (ForgetClone(pool=ctx.spec.name, clone=name),) if step.record is None else ()
             d.set(name, step.record, forget)
             failed += step.failed
-    failures, until = breaker_after(spec, record, failed, came_up, now)
-    resize(d, observed.base_ready, until is not None and now < until)
-    out = _in_order(d, seen, record)
-    out += orphan_actions(spec.name, observed.orphan_backends)
-    memory = (target, failures, until, started)
-    kept = (
+    return d, failed, came_up
+
+
+def _changed(memory: RecordPool, record: PoolRecord) -> bool:
+    return (
+        memory.target_version,
+        memory.failures,
+        memory.breaker_open_until,
+        memory.rollout_started_at,
+    ) != (
         record.target_version,
         record.failures,
         record.breaker_open_until,
         record.rollout_started_at,
     )
-    if memory != kept:
-        out.append(
-            RecordPool(
-                pool=spec.name,
-                target_version=target,
-                failures=failures,
-                breaker_open_until=until,
-                rollout_started_at=started,
-            )
-        )
-    return out
 
 
-def _in_order(d: Decisions, seen: dict[str, ObservedClone], record: PoolRecord) -> list[Action]:
+def _in_order(d: Decisions, record: PoolRecord) -> list[Action]:
     """Per clone: balancer take-out, hypervisor actions, balancer put-in, the new record."""
     out: list[Action] = []
+    seen = d.observed
     pool = d.ctx.spec.name
     for name, hyper in d.actions.items():
         if name in d.quiet:
@@ -167,6 +188,7 @@ def classify(
         target=target_version,
         assigned=frozenset(spec.assignments.values()),
         breaker_open=False,
+        rollout_started=None,
         drain_deadline_passed=False,
     )
     if observed_clone is not None:

@@ -24,6 +24,7 @@ class Context:
     target: int | None  # the version the pool runs; None = not known yet
     assigned: frozenset[int]  # reserved slots (persistent, never shared)
     breaker_open: bool
+    rollout_started: float | None  # when clones of another version began retiring
     drain_deadline_passed: bool
     in_flight: frozenset[str] = frozenset()  # clones with a call still running
     touched: frozenset[str] = frozenset()  # clones a client connected to since the last pass
