@@ -226,6 +226,7 @@ class Executor:
             self._log(action, ok=False, error=str(exc), seconds=0.0, attempts=0)
             return Outcome(action=action, ok=False, error=str(exc), attempts=0)
         journal_id = self.store.journal_begin(action, self.clock.now())
+        started = self.clock.monotonic()  # before the call can begin, so its time all counts
         finished = threading.Event()
         worker = threading.Thread(
             target=self._work,
@@ -237,7 +238,7 @@ class Executor:
         return _Running(
             action=action,
             journal_id=journal_id,
-            started=self.clock.monotonic(),
+            started=started,
             finished=finished,
         )
 

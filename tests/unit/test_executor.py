@@ -205,7 +205,9 @@ def run_until_the_clock_passes(
     soon as the hypervisor has the first call: no real waiting for a timeout."""
     result: list[ExecutionReport] = []
     calls = len(rig.hv.calls)
-    runner = threading.Thread(target=lambda: result.append(executor.run(SPECS, actions)))
+    runner = threading.Thread(
+        target=lambda: result.append(executor.run(SPECS, actions)), daemon=True
+    )
     runner.start()
     eventually(lambda: len(rig.hv.calls) > calls)
     rig.clock.advance(executor.settings.action_timeout + 1)
