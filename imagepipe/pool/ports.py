@@ -159,6 +159,10 @@ class Clock(Protocol):
         """Seconds since the epoch."""
         ...
 
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes back (for timeouts; any origin)."""
+        ...
+
     def sleep(self, seconds: float) -> None:
         """Wait (a fake clock just moves its time forward)."""
         ...

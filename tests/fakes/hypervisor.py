@@ -437,6 +437,10 @@ class FakeClock:
         with self._lock:
             return self.time
 
+    def monotonic(self) -> float:
+        with self._lock:
+            return self.time
+
     def sleep(self, seconds: float) -> None:
         with self._lock:
             self.slept.append(seconds)
