@@ -83,6 +83,7 @@ class Outcome:
     ok: bool
     error: str | None = None
     attempts: int = 1
+    seconds: float = 0.0  # how long the action ran (0 when it never started)
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,7 @@ class Executor:
             self.store.journal_end(entry.journal_id, ok=False, error=error, now=self.clock.now())
             self._bookkeep_failure(specs.get(key[0]), entry.action, error)
             self._log(entry.action, ok=False, error=error, seconds=limit, attempts=1)
-            outcomes.append(Outcome(action=entry.action, ok=False, error=error))
+            outcomes.append(Outcome(action=entry.action, ok=False, error=error, seconds=limit))
             skipped += chains.pop(key, [])
         return outcomes
 
@@ -328,7 +329,9 @@ class Executor:
         if error is not None:
             self._bookkeep_failure(specs.get(done.action.pool), done.action, error)
         self._log(done.action, ok=ok, error=error, seconds=seconds, attempts=done.attempts)
-        return Outcome(action=done.action, ok=ok, error=error, attempts=done.attempts)
+        return Outcome(
+            action=done.action, ok=ok, error=error, attempts=done.attempts, seconds=seconds
+        )
 
     # ---- recovery after a crash ------------------------------------------------------
 
