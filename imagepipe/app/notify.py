@@ -8,7 +8,9 @@ it expects pings from) and restarts the service when no `WATCHDOG=1` comes for t
 
 Outside systemd (no `$NOTIFY_SOCKET`) `from_environment` gives a notifier that does nothing.
 A failed send is logged at debug level and otherwise ignored, as sd_notify() does: systemd
-being gone must never stop the keeper.
+being gone must never stop the keeper. Sends never block either (a listener that stopped
+reading would otherwise wedge the keeper once the socket's queue is full): a message that
+cannot be queued is dropped, and the next pass sends a fresh one.
 """
 
 from __future__ import annotations
@@ -79,9 +81,8 @@ class SystemdNotifier:
             address = "\0" + address[1:]
         try:
             if self._socket is None:
-                self._socket = socket.socket(
-                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
-                )
+                kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                self._socket = socket.socket(socket.AF_UNIX, kind)
             self._socket.sendto(message, address)
         except OSError as exc:
             log.debug("systemd notify failed", extra=fields(socket=self.address, error=exc))

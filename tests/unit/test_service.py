@@ -156,6 +156,21 @@ def test_outside_systemd_the_notifier_does_nothing_and_never_fails() -> None:
     assert not gone.ready("x")  # systemd gone: logged at debug level, the keeper goes on
 
 
+def test_a_listener_that_stopped_reading_never_blocks_the_keeper(tmp_path: Path) -> None:
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    deaf.bind(str(tmp_path / "deaf.sock"))
+    try:
+        notifier = SystemdNotifier(str(tmp_path / "deaf.sock"), watchdog_usec=1_000_000)
+        began = time.monotonic()
+        sent = [notifier.watchdog() for _ in range(5000)]
+        took = time.monotonic() - began
+    finally:
+        deaf.close()
+
+    assert sent[0] and not sent[-1]  # the queue filled up: later pings were dropped
+    assert took < 5
+
+
 def test_no_watchdog_pings_when_systemd_expects_them_from_another_process() -> None:
     notifier = SystemdNotifier.from_environment(
         {"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}
