@@ -21,7 +21,8 @@ from imagepipe.app.metrics import KeeperMetrics, serve
 from imagepipe.app.notify import SystemdNotifier
 from imagepipe.app.reload import Reloader, load_keeper_config
 from imagepipe.app.service import KeeperService
-from imagepipe.pool.keeper import Keeper
+from imagepipe.app.status import CloneStatus, HostStatus, PoolStatus
+from imagepipe.pool.keeper import Keeper, PassReport
 from imagepipe.pool.model import CloneState
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
@@ -294,3 +295,45 @@ def test_a_scrape_of_the_running_keeper_shows_desktops_logins_actions_and_passes
     assert got["imagepipe_balancer_up"][()] == 1.0
     labels = {k for samples in got.values() for key in samples for k, _ in key}
     assert labels <= {"pool", "state", "version", "kind", "outcome", "found_ready", "le"}
+
+
+def _snapshot(at: float, states: dict[str, str]) -> HostStatus:
+    clones = tuple(
+        CloneStatus(
+            name=name, slot=i, version=1, state=state, power="running", display=None,
+            balancer="ready" if state == "free" else "drain", connections=0, client=None,
+            users=(), since=None, failures=0,
+        )
+        for i, (name, state) in enumerate(sorted(states.items()))
+    )  # fmt: skip
+    free = sum(1 for s in states.values() if s == "free")
+    pool = PoolStatus(
+        name="lab", image="tiny", version=1, target_free=1, free=free,
+        in_use=len(states) - free, total=len(states), max=4, failures=0,
+        breaker_open_until=None, note=None, clones=clones,
+    )  # fmt: skip
+    return HostStatus(
+        schema="imagepipe.status/1", generated_at=at, pools=(pool,), stray_clones=(),
+        balancer_error=None,
+    )  # fmt: skip
+
+
+def test_a_login_into_a_pool_with_no_free_desktop_counts_as_waiting_with_its_wait() -> None:
+    metrics = KeeperMetrics()
+    report = PassReport(at=0.0)
+    for at, states in (
+        (100.0, {"lab-0": "in_use", "lab-1": "booting"}),  # nothing free from t=100
+        (130.0, {"lab-0": "in_use", "lab-1": "booting"}),
+        (160.0, {"lab-0": "in_use", "lab-1": "in_use"}),  # somebody got lab-1 as it came up
+        (170.0, {"lab-0": "in_use", "lab-1": "in_use", "lab-2": "free"}),
+        (180.0, {"lab-0": "in_use", "lab-1": "in_use", "lab-2": "in_use"}),  # found one free
+    ):
+        metrics.record_pass(report, _snapshot(at, states), 0.01, at)
+
+    def value(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert value("imagepipe_logins_total", pool="lab", found_ready="false") == 1.0
+    assert value("imagepipe_logins_total", pool="lab", found_ready="true") == 1.0
+    assert value("imagepipe_login_wait_seconds_sum", pool="lab") == 60.0
+    assert value("imagepipe_desktops", pool="lab", state="in_use", version="1") == 3.0
