@@ -1,7 +1,9 @@
 """The keeper service on the real components: `imagepipe keep` under a NOTIFY_SOCKET with
-metrics on, libvirt/QEMU desktops of the tiny image behind a real HAProxy, a VNC user through
-HAProxy, then `imagepipe pools down`: the free desktop goes at once, the user's desktop when
-the user leaves, and the balancer entries with them."""
+metrics on, libvirt/QEMU desktops of the tiny image behind a real HAProxy. A person with a
+real VNC client library (vncdotool) through HAProxy sees the desktop's screen, logs in and
+out with the keyboard, and the keeper sees the user; then `imagepipe pools down`: the free
+desktop goes at once, the user's desktop when the user leaves, and the balancer entries with
+them."""
 
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from vncdotool import api as vnc
 
 from tests.conftest import libvirt_available, require, require_program
 from tests.guest import VncClient
@@ -127,12 +131,19 @@ def service() -> Iterator[Service]:
         f"name: {POOL}\nimage: tiny\nsize: {{initial: 1, free: 1, max: 2}}\n"
         "machine: {cpus: 1, memory: 192M}\n"
         f"display: {{port_range: {PORTS[0]}-{PORTS[1]}, address: 127.0.0.1}}\n"
-        "boot_timeout: 3m\n"
+        "sessions: {recycle_after: 2s}\nboot_timeout: 3m\n"
     )
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(root / "notify.sock"))
     s = Service(root, config, bind_port, metrics_port, notify)
     threading.Thread(target=s.listen, daemon=True).start()
+    # The guest is built into a cache of this test's own: build-guest.sh keeps one build per
+    # cache, so a guest changed here must not evict the one other test runs share.
+    cache = root / "guest-cache"
+    shared_debs = Path("/var/cache/imagepipe/guest/debs")
+    if shared_debs.is_dir():
+        shutil.copytree(shared_debs, cache / "debs")
+    os.environ["IMAGEPIPE_CACHE"] = str(cache)
     try:
         s.cli("build", "tiny")
         env = {
@@ -159,6 +170,7 @@ def service() -> Iterator[Service]:
         if pid_file.exists():
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+        os.environ.pop("IMAGEPIPE_CACHE", None)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -166,11 +178,47 @@ def free_ready(pool: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for c in pool["clones"] if c["state"] == "free" and c["balancer"] == "ready"]
 
 
-def test_ready_then_pools_down_removes_the_free_desktop_now_and_the_users_after_logoff(
-    service: Service,
+def screen(viewer: Any, path: Path) -> Image.Image:
+    viewer.captureScreen(str(path))
+    return Image.open(path).convert("L")
+
+
+def test_a_person_sees_the_desktop_and_logs_in_and_out_with_the_keyboard(
+    service: Service, tmp_path: Path
 ) -> None:
     ready = service.message("READY")
     assert ready["STATUS"].startswith(f"pools observed ({POOL}), balancer up")
+    service.wait_for("a free desktop behind HAProxy", lambda p: len(free_ready(p)) == 1)
+    viewer = vnc.connect(f"127.0.0.1::{service.bind_port}", timeout=60)
+    try:
+        before = screen(viewer, tmp_path / "before.png")
+        for key in "alice":
+            viewer.keyPress(key)
+        viewer.keyPress("enter")
+        pool = service.wait_for(
+            "alice logged in", lambda p: any(c["users"] == ["alice"] for c in p["clones"])
+        )
+        after = screen(viewer, tmp_path / "after.png")
+        for key in "exit":
+            viewer.keyPress(key)
+        viewer.keyPress("enter")
+        service.wait_for("alice logged out", lambda p: not any(c["users"] for c in p["clones"]))
+    finally:
+        viewer.disconnect()
+    shot = os.environ.get("IMAGEPIPE_SCREENSHOT")
+    if shot:  # README's picture: IMAGEPIPE_SCREENSHOT=docs/desktop.png pytest …
+        after.save(shot)
+
+    (desktop,) = [c for c in pool["clones"] if c["users"] == ["alice"]]
+    assert desktop["state"] == "in_use" and desktop["balancer"] != "ready"
+    lit = sum(1 for v in after.tobytes() if v > 64)
+    assert lit > 2000  # text on the screen, not a black one
+    assert before.tobytes() != after.tobytes()  # the typed login shows
+
+
+def test_ready_then_pools_down_removes_the_free_desktop_now_and_the_users_after_logoff(
+    service: Service,
+) -> None:
     service.wait_for("a free desktop behind HAProxy", lambda p: len(free_ready(p)) == 1)
 
     viewer = VncClient("127.0.0.1", service.bind_port, timeout=30)
