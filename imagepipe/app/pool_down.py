@@ -19,6 +19,7 @@ from imagepipe.errors import OperationFailedError
 from imagepipe.pool.keeper import Keeper
 from imagepipe.pool.model import PoolDown
 from imagepipe.pool.ports import Balancer
+from imagepipe.pool.store import Store
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,17 @@ def mark_down(settings: Settings, pool: str, *, now: bool, at: float) -> None:
     store = open_store(settings)
     try:
         store.mark_down(pool, PoolDown(since=at, now=now))
+    finally:
+        store.close()
+
+
+def known_pools(settings: Settings) -> list[str]:
+    """Pools the state store has records of (configured now or not)."""
+    if not settings.state_db.exists():
+        return []
+    store = Store.open_readonly(settings.state_db)
+    try:
+        return store.pools()
     finally:
         store.close()
 

@@ -141,11 +141,25 @@ def down(
     """Take a pool down: make no more desktops, drain it from the balancer, remove its free
     desktops at once and the others as their sessions end. The keeper does the work; follow
     it with `imagepipe status POOL`; `imagepipe pools up POOL` keeps the pool again."""
-    from imagepipe.app.pool_down import mark_down, request_down
+    from imagepipe.app.pool_down import known_pools, mark_down, request_down
     from imagepipe.app.status import collect
 
     cli = cli_context(ctx)
     settings = cli.settings()
+    specs = {s.name: s for s in load_pools([settings.pools_dir])}
+    if pool not in specs and pool in known_pools(settings):
+        # its pool file was removed: the running keeper still looks after it (growth stopped)
+        if now and not yes:
+            raise BadInputError(
+                f"{pool} has no pool file any more, so who is on its desktops cannot be shown; "
+                "add --yes to take it down now anyway (nothing changed)"
+            )
+        mark_down(settings, pool, now=now, at=time.time())
+        typer.echo(
+            f"{pool} is going down (its pool file is gone; the running keeper, which still "
+            f"looks after it since its last reload, does it); follow with `imagepipe status`."
+        )
+        return
     spec = _configured(settings.pools_dir, pool)
     (status,) = collect(settings, [spec], cli.adapters).pools
     request = request_down(status, now)

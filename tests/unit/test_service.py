@@ -22,6 +22,7 @@ from imagepipe.app.notify import SystemdNotifier
 from imagepipe.app.reload import Reloader, load_keeper_config
 from imagepipe.app.service import KeeperService
 from imagepipe.app.status import CloneStatus, HostStatus, PoolStatus
+from imagepipe.cli.app import main
 from imagepipe.pool.keeper import Keeper, PassReport
 from imagepipe.pool.model import CloneState
 from tests.fakes.balancer import FakeBalancer
@@ -337,3 +338,22 @@ def test_a_login_into_a_pool_with_no_free_desktop_counts_as_waiting_with_its_wai
     assert value("imagepipe_logins_total", pool="lab", found_ready="true") == 1.0
     assert value("imagepipe_login_wait_seconds_sum", pool="lab") == 60.0
     assert value("imagepipe_desktops", pool="lab", state="in_use", version="1") == 3.0
+
+
+def test_a_pool_whose_file_was_removed_can_still_be_taken_down(host: Host) -> None:
+    config = load_keeper_config(host.config, [])
+    service = KeeperService(SystemdNotifier(None), reloader=Reloader(host.config, [], config))
+    keeper = keeper_for(host, service)
+    for _ in range(3):
+        keeper.run_pass()
+    (host.pools / "lab.yml").unlink()
+    service.request_reload(keeper)
+    service.before_pass(keeper)
+    adapters = Adapters(hypervisor=host.hv, balancer=host.lb, clock=host.clock)
+
+    code = main(["--config", str(host.config), "pools", "down", "lab"], adapters)
+    for _ in range(3):
+        keeper.run_pass()
+
+    assert code == 0
+    assert host.hv.clones == {} and host.lb.list_backends() == []
