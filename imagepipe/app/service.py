@@ -87,13 +87,15 @@ class KeeperService:
         log.info("keeper ready", extra=fields(pools=pools))
 
     def after_pass(self, keeper: Keeper, report: PassReport | None, seconds: float) -> None:
-        self.notifier.watchdog()
+        """Metrics first, then STATUS and the watchdog ping: whoever hears the STATUS of a
+        pass can scrape that pass's metrics."""
         now = keeper.clock.now()
         snapshot = None if report is None else self._snapshot(keeper, report, now)
         if self.metrics is not None:
             self.metrics.record_pass(report, snapshot, seconds, now)
         if self.notifier.enabled:
             self.notifier.status(summary(snapshot) if snapshot else "last pass failed; retrying")
+        self.notifier.watchdog()
 
     def _snapshot(self, keeper: Keeper, report: PassReport, now: float) -> HostStatus:
         specs = list(keeper.specs.values())
