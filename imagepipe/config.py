@@ -259,6 +259,8 @@ class KeeperSettings(_Section):
     tick: PositiveDuration = 5.0
     parallel: Positive = 4
     action_timeout: PositiveDuration = 600.0
+    # host:port of the Prometheus endpoint (e.g. 127.0.0.1:9464); None = no metrics
+    metrics: Annotated[str, BeforeValidator(_host_port)] | None = None
 
 
 def _default_pools_dir() -> Path:

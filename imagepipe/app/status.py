@@ -22,6 +22,7 @@ from imagepipe.pool.model import (
     CloneState,
     Observed,
     ObservedClone,
+    PoolDown,
     PoolRecord,
     PoolSpec,
 )
@@ -64,6 +65,7 @@ class PoolStatus:
     breaker_open_until: float | None
     note: str | None  # why the pool cannot make clones or was not observed
     clones: tuple[CloneStatus, ...]
+    going_down: str | None = None  # `pools down`: "as sessions end" or "now"; None = kept
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ def collect(
         try:
             images = adapters.images or build_images(settings)
             host = observe(hypervisor, balancer, images, specs)
-            records = _records(settings, specs)
+            records, downs = _records(settings, specs)
         finally:
             if adapters.balancer is None:
                 balancer.close()
@@ -102,17 +104,28 @@ def collect(
         if adapters.hypervisor is None:
             hypervisor.close()
     now = adapters.clock.now() if adapters.clock else time.time()
-    return build_status(specs, host, records, now)
+    return build_status(specs, host, records, now, downs)
 
 
-def _records(settings: Settings, specs: Sequence[PoolSpec]) -> dict[str, PoolRecord]:
+def _records(
+    settings: Settings, specs: Sequence[PoolSpec]
+) -> tuple[dict[str, PoolRecord], dict[str, PoolDown]]:
     if not settings.state_db.exists():
-        return {}
+        return {}, {}
     store = Store.open_readonly(settings.state_db)
     try:
-        return {s.name: store.load_pool(s.name) for s in specs}
+        return load_records(store, specs)
     finally:
         store.close()
+
+
+def load_records(
+    store: Store, specs: Sequence[PoolSpec]
+) -> tuple[dict[str, PoolRecord], dict[str, PoolDown]]:
+    """The pools' records, and which of them are being taken down."""
+    records = {s.name: store.load_pool(s.name) for s in specs}
+    downs = {s.name: d for s in specs if (d := store.pool_down(s.name)) is not None}
+    return records, downs
 
 
 def build_status(
@@ -120,13 +133,15 @@ def build_status(
     host: HostObservation,
     records: Mapping[str, PoolRecord],
     now: float,
+    downs: Mapping[str, PoolDown] | None = None,
 ) -> HostStatus:
     pools = []
     for spec in specs:
         record = records.get(spec.name, PoolRecord(pool=spec.name))
         observed = host.pools.get(spec.name, Observed())
         note = host.unobservable.get(spec.name) or host.notes.get(spec.name)
-        pools.append(pool_status(spec, observed, record, note, now))
+        down = (downs or {}).get(spec.name)
+        pools.append(pool_status(spec, observed, record, note, now, down))
     strays = tuple(
         StrayClone(name=c.name, pool=c.pool, version=c.version, power=str(c.power))
         for c in host.stray_clones
@@ -141,7 +156,12 @@ def build_status(
 
 
 def pool_status(
-    spec: PoolSpec, observed: Observed, record: PoolRecord, note: str | None, now: float
+    spec: PoolSpec,
+    observed: Observed,
+    record: PoolRecord,
+    note: str | None,
+    now: float,
+    down: PoolDown | None = None,
 ) -> PoolStatus:
     seen = observed.by_name()
     target = observed.target_version
@@ -165,6 +185,7 @@ def pool_status(
         breaker_open_until=record.breaker_open_until,
         note=note,
         clones=clones,
+        going_down=None if down is None else ("now" if down.now else "as sessions end"),
     )
 
 

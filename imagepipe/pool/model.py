@@ -239,6 +239,16 @@ class PoolRecord:
     rollout_started_at: float | None = None  # when clones of another version began retiring
 
 
+@dataclass(frozen=True)
+class PoolDown:
+    """An administrator asked for the pool to be taken down (`imagepipe pools down`): make no
+    desktops, drain it, remove free desktops at once and the others as their sessions end
+    (`now`: at once, sessions or not)."""
+
+    since: float
+    now: bool = False
+
+
 # --------------------------------------------------------------------------------------
 # What to do
 # --------------------------------------------------------------------------------------
