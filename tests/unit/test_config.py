@@ -412,7 +412,7 @@ def test_no_settings_file_gives_working_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("IMAGEPIPE_CONFIG", raising=False)
-    monkeypatch.setattr(config, "SYSTEM_SETTINGS", tmp_path / "absent.yml")
+    monkeypatch.setattr(config.settings, "SYSTEM_SETTINGS", tmp_path / "absent.yml")
     settings = load_settings(None)
     assert settings.source == "defaults"
     assert settings.state_db == Path("/var/lib/imagepipe/state.db")
