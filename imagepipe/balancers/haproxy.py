@@ -190,7 +190,7 @@ class HAProxyBalancer:
             raise EnvironmentMissingError(
                 f"no HAProxy answers on {self.admin.path}: start HAProxy with "
                 f"'stats socket {self.admin.path} mode 600 level admin' in its global section, "
-                "or set balancer.haproxy.manage: true"
+                "or set balancer.manage: true in imagepipe.yml"
             ) from None
 
     def _write_config(self, text: str) -> bool:

@@ -1,4 +1,4 @@
-"""Start, reload and stop the HAProxy process imagepipe manages (balancer.haproxy.manage: true).
+"""Start, reload and stop the HAProxy process imagepipe manages (balancer.manage: true).
 
 `haproxy -f <cfg> -D -p <pidfile>`: HAProxy binds its listeners and the admin socket, then
 daemonizes, so it outlives a keeper restart. A reload hands the listening sockets over

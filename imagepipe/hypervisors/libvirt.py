@@ -271,7 +271,7 @@ class LibvirtHypervisor:
         if display is not None and not self._port_free(display):
             raise FatalHypervisorError(
                 f"clone {name}: VNC port {display} is already in use by another program; "
-                "stop it or give the pool a free port range (port_first/port_last)"
+                "stop it or give the pool a free display.port_range in its pool file"
             )
 
     # -- the port ------------------------------------------------------------------------
