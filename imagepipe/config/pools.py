@@ -21,14 +21,15 @@ from imagepipe.config.values import (
     Size,
     TimeOfDay,
     parse_days,
+    parse_image_name,
+    parse_listen_address,
     parse_optional_channel,
     parse_optional_version,
     parse_pool_name,
     parse_port_range,
     parse_timezone,
-    parse_word,
 )
-from imagepipe.config.yamlsrc import KeyPath, Located, load_file
+from imagepipe.config.yamlsrc import KeyPath, Located, load_file, path_kind
 from imagepipe.errors import ConfigError
 from imagepipe.pool.model import CloneMode, OnLogoff, PoolSpec, ScheduleRule, Standby
 from imagepipe.units import format_size
@@ -49,9 +50,7 @@ class _MachineSection(Section):
 
 class _DisplaySection(Section):
     port_range: Annotated[tuple[int, int], BeforeValidator(parse_port_range)] = (5900, 5999)
-    address: Annotated[str, BeforeValidator(parse_word("an address such as 127.0.0.1"))] = (
-        "127.0.0.1"
-    )
+    address: Annotated[str, BeforeValidator(parse_listen_address)] = "127.0.0.1"
 
 
 class _SessionsSection(Section):
@@ -86,7 +85,7 @@ class PoolFile(Section):
     """A pool file as written; pool_spec() turns it into the planner's PoolSpec."""
 
     name: Annotated[str, BeforeValidator(parse_pool_name)]
-    image: Annotated[str, BeforeValidator(parse_word("an image name such as win10 or tiny"))]
+    image: Annotated[str, BeforeValidator(parse_image_name)]
     channel: Annotated[str | None, BeforeValidator(parse_optional_channel)] = None
     version: Annotated[int | None, BeforeValidator(parse_optional_version)] = None
     clone: CloneMode = CloneMode.LINKED
@@ -156,12 +155,13 @@ def load_pools(paths: Sequence[Path]) -> list[PoolSpec]:
     (unique names, no shared ports). All errors of all files are reported at once."""
     files: list[Path] = []
     for path in paths:
-        if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix in (".yml", ".yaml"))
-        elif path.exists():
-            files.append(path)
-        else:
+        kind = path_kind(path)
+        if kind == "dir":
+            files += _pool_files_in(path)
+        elif kind == "missing":
             raise ConfigError("no such pool file or directory", file=str(path))
+        else:
+            files.append(path)
     issues: list[Issue] = []
     loaded: list[_LoadedPool] = []
     for file in files:
@@ -172,6 +172,13 @@ def load_pools(paths: Sequence[Path]) -> list[PoolSpec]:
     issues += _cross_pool_issues(loaded)
     raise_if(issues)
     return [p.spec for p in loaded]
+
+
+def _pool_files_in(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.suffix in (".yml", ".yaml"))
+    except OSError as exc:
+        raise ConfigError(f"cannot list the folder: {exc.strerror}", file=str(folder)) from None
 
 
 def _load_pool(path: Path) -> tuple[_LoadedPool | None, list[Issue]]:

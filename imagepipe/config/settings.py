@@ -7,17 +7,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 
 from imagepipe.config.errors import Issue, issue_at, raise_if, top_mapping, unknown_key, validate
 from imagepipe.config.values import (
+    FilePath,
     Positive,
     PositiveDuration,
     parse_host_port,
     parse_optional_path,
     parse_optional_vip,
+    parse_uri,
 )
-from imagepipe.config.yamlsrc import Located, load_file
+from imagepipe.config.yamlsrc import Located, expand_user, load_file, path_kind
 from imagepipe.errors import ConfigError
 
 SYSTEM_SETTINGS = Path("/etc/imagepipe/imagepipe.yml")
@@ -30,7 +32,7 @@ class Section(BaseModel):
 
 class HypervisorSettings(Section):
     driver: Literal["libvirt", "virtualbox"] = "libvirt"
-    uri: StrictStr = "qemu:///system"
+    uri: Annotated[str, BeforeValidator(parse_uri)] = "qemu:///system"
 
 
 class BalancerSettings(Section):
@@ -58,12 +60,12 @@ def _default_pools_dir() -> Path:
 class Settings(Section):
     """Global settings; every field has a default, so no file is needed."""
 
-    pools_dir: Path = Field(default_factory=_default_pools_dir)
-    packer_dir: Path = Field(default_factory=lambda: Path.cwd() / "packer")
-    state_db: Path = Path("/var/lib/imagepipe/state.db")
-    registry: Path = Path("/var/lib/imagepipe/registry")
-    image_store: Path = Path("/var/lib/imagepipe/images")
-    run_dir: Path = Path("/run/imagepipe")
+    pools_dir: FilePath = Field(default_factory=_default_pools_dir)
+    packer_dir: FilePath = Field(default_factory=lambda: Path.cwd() / "packer")
+    state_db: FilePath = Path("/var/lib/imagepipe/state.db")
+    registry: FilePath = Path("/var/lib/imagepipe/registry")
+    image_store: FilePath = Path("/var/lib/imagepipe/images")
+    run_dir: FilePath = Path("/run/imagepipe")
     hypervisor: HypervisorSettings = HypervisorSettings()
     balancer: BalancerSettings = BalancerSettings()
     keeper: KeeperSettings = KeeperSettings()
@@ -95,12 +97,15 @@ def find_settings_file(
         (environ.get("IMAGEPIPE_CONFIG"), "IMAGEPIPE_CONFIG"),
     ):
         if given:
-            path = Path(given).expanduser()
-            if not path.is_file():
+            path = expand_user(Path(given), str(given))
+            kind = path_kind(path)
+            if kind == "missing":
                 raise ConfigError(f"settings file given by {how} does not exist", file=str(path))
+            if kind != "file":
+                raise ConfigError(f"settings file given by {how} is not a file", file=str(path))
             return path
     for candidate in ((cwd or Path.cwd()) / SETTINGS_NAME, system or SYSTEM_SETTINGS):
-        if candidate.is_file():
+        if path_kind(candidate) == "file":
             return candidate
     return None
 

@@ -115,6 +115,30 @@ def check_path(path: Path, name: str) -> None:
             )
 
 
+def path_kind(path: Path, name: str | None = None) -> str:
+    """ "file", "dir", "missing" or "other" for `path`; ConfigError when the file system
+    refuses to look (a name too long, no permission on a folder on the way)."""
+    shown = _short(name if name is not None else str(path))
+    check_path(path, shown)
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as exc:
+        raise ConfigError(f"cannot look at it: {exc.strerror}", file=shown) from None
+    if stat.S_ISREG(mode):
+        return "file"
+    return "dir" if stat.S_ISDIR(mode) else "other"
+
+
+def expand_user(path: Path, name: str) -> Path:
+    """`~/x` and `~user/x` expanded; ConfigError for a user that does not exist."""
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        raise ConfigError("the home folder in this path is unknown", file=_short(name)) from None
+
+
 def read_text(path: Path, display: str | None = None, *, limit: int = MAX_FILE_BYTES) -> str:
     """The text of a small UTF-8 file, or ConfigError naming the file (and line) and why.
 

@@ -481,7 +481,7 @@ def test_the_example_settings_file_loads() -> None:
         ),
         (
             "balancer: {bind: 5999}\n",
-            "s.yml:1: balancer.bind: expected an address such as 127.0.0.1:5999, got 5999",
+            "s.yml:1: balancer.bind: expected an IP address and port such as 127.0.0.1:5999",
         ),
         (
             "balancer: {manage: maybe}\n",
