@@ -11,7 +11,10 @@ import re
 MAX_NAME = 64
 MAX_VERSION_DIGITS = 9
 
-IMAGE_RULE = f"lowercase letters, digits, '.', '_', '-', starting with a letter or digit, at most {MAX_NAME} characters"
+IMAGE_RULE = (
+    f"lowercase letters, digits, '.', '_', '-', starting with a letter or digit, at most "
+    f"{MAX_NAME} characters"
+)
 CHANNEL_RULE = (
     f"lowercase letters, digits, '_', '-', starting with a letter, at most {MAX_NAME} characters"
 )
