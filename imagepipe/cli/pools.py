@@ -44,7 +44,9 @@ def check(
         where = ", ".join(str(p) for p in targets)
         raise BadInputError(f"no pool files (*.yml) in {where}")
     if as_json:
-        typer.echo(json.dumps([pool_json(s) for s in specs], indent=2, sort_keys=True))
+        typer.echo(
+            json.dumps([pool_json(s) for s in specs], indent=2, sort_keys=True, allow_nan=False)
+        )
     else:
         for line in summary_lines(specs):
             typer.echo(line)

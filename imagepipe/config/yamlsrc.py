@@ -148,22 +148,26 @@ def read_text(path: Path, display: str | None = None, *, limit: int = MAX_FILE_B
     name = display if display is not None else str(path)
     check_path(path, name)
     try:
-        with open(path, "rb") as handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise ConfigError("not a regular file", file=_short(name))
-            if info.st_size > limit:
-                raise ConfigError(
-                    f"the file is {info.st_size} bytes; the limit is {limit} bytes", file=name
-                )
-            data = handle.read(limit + 1)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError("file not found", file=_short(name)) from None
-    except IsADirectoryError:
-        raise ConfigError("is a folder, not a file", file=_short(name)) from None
     except OSError as exc:
-        reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "error")
-        raise ConfigError(f"cannot read the file: {reason}", file=_short(name)) from None
+        raise ConfigError(f"cannot read the file: {_reason(exc)}", file=_short(name)) from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ConfigError("is a folder, not a file", file=_short(name))
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError("not a regular file", file=_short(name))
+        if info.st_size > limit:
+            raise ConfigError(
+                f"the file is {info.st_size} bytes; the limit is {limit} bytes", file=_short(name)
+            )
+        try:
+            data = handle.read(limit + 1)
+        except OSError as exc:
+            raise ConfigError(f"cannot read the file: {_reason(exc)}", file=_short(name)) from None
     if len(data) > limit:  # grew while being read
         raise ConfigError(f"the file is over the limit of {limit} bytes", file=name)
     return decode(data, name)
@@ -200,6 +204,10 @@ def load_file(path: Path, display: str | None = None) -> Located:
     """Read and parse a YAML file; `display` is the name used in messages."""
     name = display if display is not None else str(path)
     return load_text(read_text(path, name), name)
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or errno.errorcode.get(exc.errno or 0, "error")
 
 
 def _short(name: str) -> str:

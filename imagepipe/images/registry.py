@@ -94,7 +94,12 @@ class Registry:
 
     def images(self) -> list[str]:
         root = self.path / "images"
-        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        if not root.is_dir():
+            return []
+        # a folder made by hand with another name is not an image (and cannot be read as one)
+        return sorted(
+            p.name for p in root.iterdir() if p.is_dir() and names.image_error(p.name) is None
+        )
 
     def versions(self, image: str) -> list[VersionRecord]:
         """Every version of `image`, oldest first, with its current status."""
