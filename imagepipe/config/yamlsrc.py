@@ -154,7 +154,7 @@ def read_text(path: Path, display: str | None = None, *, limit: int = MAX_FILE_B
         raise ConfigError("file not found", file=_short(name)) from None
     except OSError as exc:
         raise ConfigError(f"cannot read the file: {_reason(exc)}", file=_short(name)) from None
-    with os.fdopen(fd, "rb") as handle:
+    try:
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
             raise ConfigError("is a folder, not a file", file=_short(name))
@@ -164,10 +164,11 @@ def read_text(path: Path, display: str | None = None, *, limit: int = MAX_FILE_B
             raise ConfigError(
                 f"the file is {info.st_size} bytes; the limit is {limit} bytes", file=_short(name)
             )
-        try:
-            data = handle.read(limit + 1)
-        except OSError as exc:
-            raise ConfigError(f"cannot read the file: {_reason(exc)}", file=_short(name)) from None
+        data = _read_at_most(fd, limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {_reason(exc)}", file=_short(name)) from None
+    finally:
+        os.close(fd)
     if len(data) > limit:  # grew while being read
         raise ConfigError(f"the file is over the limit of {limit} bytes", file=name)
     return decode(data, name)
@@ -204,6 +205,18 @@ def load_file(path: Path, display: str | None = None) -> Located:
     """Read and parse a YAML file; `display` is the name used in messages."""
     name = display if display is not None else str(path)
     return load_text(read_text(path, name), name)
+
+
+def _read_at_most(fd: int, size: int) -> bytes:
+    chunks: list[bytes] = []
+    left = size
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 16))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _reason(exc: OSError) -> str:
