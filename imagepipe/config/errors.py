@@ -12,6 +12,7 @@ from pydantic_core import ErrorDetails
 
 from imagepipe.config.yamlsrc import KeyPath, Located, format_path
 from imagepipe.errors import ConfigError
+from imagepipe.images.names import shown
 
 
 @dataclass(frozen=True)
@@ -139,4 +140,7 @@ def _show(value: object) -> str:
         return "a list"
     if value is None:
         return "nothing"
-    return repr(value)
+    if isinstance(value, str):
+        return shown(value)
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}… ({len(text)} characters)"

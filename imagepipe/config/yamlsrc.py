@@ -91,6 +91,8 @@ def format_path(path: KeyPath) -> str:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
+            if len(part) > 80:  # a key of thousands of characters stays one readable line
+                part = f"{part[:60]}…({len(part)} characters)"
             text += f".{part}" if text else part
     return text
 

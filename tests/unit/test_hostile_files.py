@@ -46,6 +46,8 @@ POOL_CASES = [
     ("huge-int", "size: {max: " + "9" * 5000 + "}\n", 3, "5000 characters is too large"),
     ("huge-int-key", "assignments: {" + "9" * 5000 + ": 1}\n", 3, "too large"),
     ("int-over-64-bits", "assignments: {u: " + "9" * 30 + "}\n", 3, "fit in 64 bits"),
+    ("long-text-for-a-number", "assignments: {u: '" + "9 " * 3000 + "'}\n", 3, "characters)"),
+    ("long-unknown-key", "? " + "k" * 5000 + "\n: 1\n", 3, "unknown key"),
     ("deep-mappings", "x: " + "{a: " * 1000 + "1" + "}" * 1000 + "\n", 3, "nested"),
     ("deep-lists", "x: " + "[" * 1000 + "]" * 1000 + "\n", 3, "nest"),
     ("deep-blocks", "".join("  " * i + f"k{i}:\n" for i in range(300)), 35, "nested more"),
