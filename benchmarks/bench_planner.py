@@ -69,15 +69,25 @@ def pool(n: int) -> tuple[PoolSpec, Observed, PoolRecord]:
             state,
             NOW - 30,
             session_ended_at=NOW - 30 if kind == "recycling" else None,
+            last_user="u" if session.users else None,
+            dirty=kind in ("in_use", "disconnected", "recycling"),  # users were on these
         )
+    in_flight = []
     for slot in range(n, n + n // 20):  # creates in flight
         name = spec.clone_name(slot)
         records[name] = CloneRecord(name, slot, 1, CloneState.CREATING, NOW - 5)
+        in_flight.append(name)
     orphans = tuple(
         Backend(f"gone-{i}", Endpoint("127.0.0.1", 1), BackendState.DRAIN, 1)
         for i in range(n // 50)
     )
-    observed = Observed(tuple(clones), orphans, target_version=1, base_ready=True)
+    observed = Observed(
+        tuple(clones),
+        orphans,
+        target_version=1,
+        base_ready=True,
+        in_flight=frozenset(in_flight),
+    )
     return spec, observed, PoolRecord("big", records, target_version=1)
 
 

@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ from pathlib import Path
 
 from imagepipe.app.bootstrap import build_balancer, build_hypervisor, clone_state_dir
 from imagepipe.balancers.haproxy import HAProxyBalancer
+from imagepipe.balancers.ipvs import SYSCTLS, IPVSBalancer
+from imagepipe.balancers.ipvs_parse import format_endpoint
+from imagepipe.balancers.ipvs_runner import CommandResult, CommandRunner, LocalRunner
 from imagepipe.config import Settings, load_pools, load_settings
 from imagepipe.errors import ConfigError, EnvironmentMissingError, ImagepipeError
 from imagepipe.hypervisors.libvirt import import_libvirt
@@ -78,8 +82,12 @@ def run_checks(config: Path | None) -> list[Check]:
         checks += [pools_check, check_hypervisor(settings)]
         if settings.hypervisor.driver == "libvirt":
             checks.append(check_kvm())
+        if settings.hypervisor.driver == "virtualbox":
+            checks += check_virtualbox_host() + check_virtualbox_bases(settings, specs)
+        checks.append(check_balancer(settings))
+        if settings.balancer.driver == "ipvs":
+            checks += check_ipvs(settings)
         checks += [
-            check_balancer(settings),
             check_state_db(settings),
             check_writable_folder("run-dir", settings.run_dir, "run_dir"),
             check_registry(settings),
@@ -176,7 +184,13 @@ def check_hypervisor(settings: Settings) -> Check:
         try:
             hypervisor = build_hypervisor(settings)
         except ImagepipeError as exc:
-            return fail("hypervisor", str(exc), "set hypervisor.driver: libvirt")
+            fix = "set hypervisor.driver: libvirt"
+            if settings.hypervisor.driver == "virtualbox":
+                fix = (
+                    "install VirtualBox 6.1 or 7.x with its SDK, pip install "
+                    "'imagepipe[virtualbox]', and run imagepipe as the user owning the VMs"
+                )
+            return fail("hypervisor", str(exc), fix)
         hypervisor.close()
         return ok("hypervisor", f"{settings.hypervisor.driver} answers")
     return check_libvirt(settings.hypervisor.uri)
@@ -258,6 +272,13 @@ def check_balancer(settings: Settings) -> Check:
         balancer = build_balancer(settings)
     except ImagepipeError as exc:
         return fail("balancer", str(exc), "set balancer.driver: haproxy (or none)")
+    if isinstance(balancer, IPVSBalancer):
+        return ok(
+            "balancer",
+            f"ipvs: virtual service {format_endpoint(balancer.vip)}, scheduler "
+            f"{balancer.scheduler}, forward {balancer.forward.value}, persistence "
+            f"{balancer.persistence or 'off'}",
+        )
     if not isinstance(balancer, HAProxyBalancer):
         return ok("balancer", "no balancer (driver none): users connect to each desktop's port")
     socket = balancer.admin.path
@@ -404,4 +425,202 @@ def check_pool_images(settings: Settings, specs: Sequence[PoolSpec]) -> list[Che
             )
             continue
         checks.append(ok(name, f"{spec.image}@{shown} is v{record.version}"))
+    return checks
+
+
+# --- ipvs ----------------------------------------------------------------------------------
+
+
+def check_ipvs(settings: Settings, runner: CommandRunner | None = None) -> list[Check]:
+    """The IPVS director: kernel module, ipvsadm, the VIP on an interface, the sysctls.
+    Read-only: nothing is loaded (no ipvsadm call, which would load ip_vs) or set."""
+    run = _Probe(runner or LocalRunner(timeout=10))
+    cfg = settings.balancer
+    return [
+        check_ipvs_module(run),
+        check_ipvsadm(run),
+        check_ipvs_vip(run, cfg.vip or ""),
+        check_ipvs_sysctls(run, managed=cfg.ipvs_sysctls),
+        check_ipvs_forwarding(run, cfg.forward),
+    ]
+
+
+def check_ipvs_module(run: CommandRunner) -> Check:
+    if run.run(["cat", "/proc/net/ip_vs"]).ok:
+        return ok("ipvs-module", "ip_vs is loaded")
+    if run.run(["modprobe", "-n", "-q", "ip_vs"]).ok:
+        return ok("ipvs-module", "ip_vs is not loaded but loadable: ipvsadm loads it at start")
+    return fail(
+        "ipvs-module",
+        "this kernel has no ip_vs module",
+        "boot a kernel with CONFIG_IP_VS (Debian's linux-image-amd64 or -cloud-amd64 has it), "
+        "or set balancer.driver: haproxy",
+    )
+
+
+def check_ipvsadm(run: CommandRunner) -> Check:
+    found = run.run(["sh", "-c", "command -v ipvsadm"])
+    if found.ok and found.stdout.strip():
+        return ok("ipvsadm", f"ipvsadm at {found.stdout.strip()}")
+    return fail("ipvsadm", "ipvsadm is not installed", "apt-get install ipvsadm")
+
+
+def check_ipvs_vip(run: CommandRunner, vip: str) -> Check:
+    listed = run.run(["ip", "-o", "addr", "show"])
+    configured = {
+        words[3].split("/")[0]: words[1]
+        for words in (line.split() for line in listed.stdout.splitlines())
+        if len(words) > 3 and words[2] in ("inet", "inet6")
+    }
+    if vip in configured:
+        return ok("ipvs-vip", f"{vip} is on {configured[vip]}")
+    return fail(
+        "ipvs-vip",
+        f"the VIP {vip} is on no interface of the director",
+        f"ip addr add {vip}/32 dev eth0 (and in /etc/network/interfaces so it survives a "
+        "reboot), or point balancer.vip at an address the director has",
+    )
+
+
+def check_ipvs_sysctls(run: CommandRunner, *, managed: bool) -> Check:
+    keys = list(SYSCTLS)
+    read = run.run(["sysctl", "-n", *keys])
+    values = read.stdout.split()
+    wrong = [f"{k}={v}" for k, v in zip(keys, values, strict=False) if v != SYSCTLS[k]]
+    if read.ok and len(values) == len(keys) and not wrong:
+        return ok("ipvs-sysctls", ", ".join(f"{k}={v}" for k, v in SYSCTLS.items()))
+    wanted = " ".join(f"{k}={v}" for k, v in SYSCTLS.items())
+    found = ", ".join(wrong) if read.ok else "not readable (ip_vs not loaded yet)"
+    if managed:
+        return ok("ipvs-sysctls", f"{found}: the keeper sets {wanted} at start")
+    return fail(
+        "ipvs-sysctls",
+        f"{found}; drained desktops and removed ones need {wanted}",
+        f"sysctl -w {wanted} (and in /etc/sysctl.d/), or set balancer.ipvs_sysctls: true",
+    )
+
+
+def check_ipvs_forwarding(run: CommandRunner, forward: str) -> Check:
+    if forward != "masq":
+        return ok(
+            "ipvs-forwarding",
+            "droute: each desktop needs the VIP on its loopback with arp_ignore=1 and "
+            "arp_announce=2 (not checkable from the director)",
+        )
+    value = run.run(["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip()
+    if value == "1":
+        return ok("ipvs-forwarding", "masq: net.ipv4.ip_forward=1")
+    return fail(
+        "ipvs-forwarding",
+        f"masq needs the director to forward packets, but net.ipv4.ip_forward={value or '?'}",
+        "sysctl -w net.ipv4.ip_forward=1 (and in /etc/sysctl.d/); the desktops' default "
+        "route must point at the director",
+    )
+
+
+class _Probe:
+    """A runner for looking only: a program that is missing is an answer (exit 127)."""
+
+    def __init__(self, runner: CommandRunner) -> None:
+        self.runner = runner
+
+    def run(self, argv: Sequence[str], *, stdin: str | None = None) -> CommandResult:
+        try:
+            return self.runner.run(argv, stdin=stdin)
+        except ImagepipeError as exc:
+            return CommandResult(tuple(argv), 127, "", str(exc))
+
+
+# --- VirtualBox (hypervisor.driver: virtualbox) ------------------------------------------
+
+VBOX_DRIVER = Path("/dev/vboxdrv")
+
+
+def _vboxmanage(*args: str) -> subprocess.CompletedProcess[str] | None:
+    program = shutil.which("VBoxManage")
+    if program is None:
+        return None
+    try:
+        return subprocess.run(
+            [program, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env={**os.environ, "LANG": "C"},
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def check_virtualbox_host(modules: Path = Path("/proc/modules")) -> list[Check]:
+    """VirtualBox and its version, the vboxdrv kernel driver, the VRDE extension pack, and
+    pyvbox + vboxapi importable; each with its fix."""
+    install = "install VirtualBox 6.1 or 7.x from https://www.virtualbox.org/wiki/Linux_Downloads"
+    done = _vboxmanage("--version")
+    if done is None or done.returncode != 0:
+        return [fail("virtualbox", "VBoxManage is not installed", install)]
+    checks = [ok("virtualbox", f"VirtualBox {done.stdout.strip()}")]
+    loaded = VBOX_DRIVER.exists() or (
+        modules.exists() and "vboxdrv " in modules.read_text(errors="replace")
+    )
+    checks.append(
+        ok("vboxdrv", "the VirtualBox kernel driver is loaded")
+        if loaded
+        else fail("vboxdrv", "the vboxdrv kernel module is not loaded", "run /sbin/vboxconfig")
+    )
+    packs = _vboxmanage("list", "extpacks")
+    text = packs.stdout if packs is not None else ""
+    checks.append(
+        ok("vrde", "the extension pack provides VRDE (remote desktop)")
+        if "Extension Pack" in text and "Usable:" in text and "true" in text
+        else fail(
+            "vrde",
+            "no usable VirtualBox Extension Pack: clones would have no remote display",
+            "VBoxManage extpack install Oracle_VM_VirtualBox_Extension_Pack-<version>"
+            ".vbox-extpack (the version of VirtualBox)",
+        )
+    )
+    try:
+        from imagepipe.hypervisors.virtualbox import import_pyvbox
+
+        import_pyvbox()
+        checks.append(ok("pyvbox", "pyvbox and VirtualBox's vboxapi import"))
+    except ImagepipeError as exc:
+        checks.append(fail("pyvbox", str(exc), "pip install 'imagepipe[virtualbox]'"))
+    return checks
+
+
+def check_virtualbox_bases(settings: Settings, specs: Sequence[PoolSpec]) -> list[Check]:
+    """Per pool: is its image version's base VM there, powered off, unlocked, snapshotted?"""
+    if not specs:
+        return []
+    try:
+        hypervisor = build_hypervisor(settings)
+    except ImagepipeError:
+        return []  # check_hypervisor already said why
+    registry = Registry(settings.registry, settings.image_store)
+    checks = []
+    try:
+        for spec in specs:
+            ref: str | int | None = spec.version if spec.version is not None else spec.channel
+            try:
+                base = registry.resolve(spec.image, ref).base_image()
+            except ImagepipeError:
+                continue  # check_pool_images reports it
+            name = f"base:{spec.name}"
+            if hypervisor.base_ready(base):
+                checks.append(ok(name, f"base VM {base.vm} is powered off with {base.snapshot}"))
+            else:
+                checks.append(
+                    warn(
+                        name,
+                        f"base VM {base.vm} of {spec.image} v{base.version} cannot be cloned "
+                        "now (missing, running, locked by a session, or without its snapshot)",
+                        f"power off {base.vm} and close its sessions, or re-import it with "
+                        f"imagepipe images import {spec.image} --from-vm VM",
+                    )
+                )
+    finally:
+        hypervisor.close()
     return checks

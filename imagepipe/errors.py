@@ -79,7 +79,9 @@ class HypervisorError(OperationFailedError):
 
 
 class CloneNotFoundError(HypervisorError):
-    """The clone (or base image) does not exist. Final: never retried."""
+    """No clone (domain, VM) of that name exists at all. Final: never retried; for delete
+    and stop it means the goal is already reached. Never raised for a name that exists but
+    is not imagepipe's clone (NotOurCloneError) or for a missing base (BaseMissingError)."""
 
 
 class BusyError(HypervisorError):
@@ -94,6 +96,21 @@ class FatalHypervisorError(HypervisorError):
     """The hypervisor refused in a way retrying will not fix."""
 
 
+class NotOurCloneError(FatalHypervisorError):
+    """A domain/VM of that name exists but imagepipe did not make it (no imagepipe metadata),
+    or it is another pool's clone. It is never touched, and an operation on it never counts
+    as done: not even a delete or a stop."""
+
+
+class BaseMissingError(FatalHypervisorError):
+    """The base image of a version (disk file, kernel, VM, snapshot) is gone, so no clone of
+    that version can be made or rebuilt. The message names what is missing and the fix."""
+
+
+class DisplayInUseError(FatalHypervisorError):
+    """The clone's display port (VNC/RDP) is held by another program or a running clone."""
+
+
 # --- balancer errors ---------------------------------------------------------------------
 
 
@@ -103,3 +120,7 @@ class BalancerError(OperationFailedError):
 
 class BackendNotFoundError(BalancerError):
     """The balancer has no such backend."""
+
+
+class BackendInUseError(BalancerError):
+    """The backend still has connections, so it is not removed; drain it and retry later."""

@@ -17,10 +17,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imagepipe.balancers.null import NullBalancer
 from imagepipe.config import Settings
-from imagepipe.errors import EnvironmentMissingError, ImagepipeError
+from imagepipe.errors import BadInputError, EnvironmentMissingError, ImagepipeError
 from imagepipe.images.registry import Registry
 from imagepipe.log import fields
 from imagepipe.pool.executor import ExecutorSettings
@@ -28,6 +29,9 @@ from imagepipe.pool.keeper import Keeper, KeeperOptions
 from imagepipe.pool.model import PoolSpec
 from imagepipe.pool.ports import Balancer, Clock, Hypervisor, Images
 from imagepipe.pool.store import Store
+
+if TYPE_CHECKING:
+    from imagepipe.hypervisors.virtualbox import VmSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +127,26 @@ def build_hypervisor(settings: Settings) -> Hypervisor:
                 "install it with: pip install 'imagepipe[libvirt]'"
             ) from exc
         return LibvirtHypervisor(settings.hypervisor.uri, state_dir=clone_state_dir(settings))
+    if driver == "virtualbox":
+        from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
+
+        return VirtualBoxHypervisor()  # EnvironmentMissingError without pyvbox/vboxapi
     raise EnvironmentMissingError(
         f"hypervisor driver {driver!r} is not available in this version of imagepipe; "
-        "set hypervisor.driver: libvirt in the settings file"
+        "set hypervisor.driver: libvirt or virtualbox in the settings file"
     )
+
+
+def describe_virtualbox_vm(vm: str) -> VmSnapshot:
+    """A VirtualBox VM and its current snapshot (`images import --from-vm`): connect, read,
+    close."""
+    from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
+
+    hypervisor = VirtualBoxHypervisor()
+    try:
+        return hypervisor.describe_vm(vm)
+    finally:
+        hypervisor.close()
 
 
 def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balancer:
@@ -144,6 +164,21 @@ def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balance
             pid_file=settings.run_dir / "haproxy.pid",
             manage=cfg.manage if manage is None else manage and cfg.manage,
             balance=cfg.balance,
+        )
+    if cfg.driver == "ipvs":
+        from imagepipe.balancers.ipvs import IPVSBalancer
+        from imagepipe.balancers.ipvs_parse import Forward
+
+        if cfg.vip is None:
+            raise BadInputError("balancer.driver ipvs needs balancer.vip (the users' address)")
+        return IPVSBalancer(
+            vip=cfg.vip,
+            port=cfg.port,
+            scheduler=cfg.scheduler,
+            forward=Forward(cfg.forward),
+            persistence=round(cfg.persistence),
+            names_file=str(cfg.ipvs_names_file) if cfg.ipvs_names_file else None,
+            set_sysctls=cfg.ipvs_sysctls,
         )
     raise EnvironmentMissingError(
         f"balancer driver {cfg.driver!r} is not available on this host; "

@@ -25,7 +25,7 @@ from imagepipe.balancers.haproxy_config import (
 )
 from imagepipe.balancers.haproxy_process import HAProxyProcess
 from imagepipe.balancers.haproxy_socket import AdminSocket, HAProxyDownError
-from imagepipe.errors import BalancerError, EnvironmentMissingError
+from imagepipe.errors import BackendInUseError, BalancerError, EnvironmentMissingError
 from imagepipe.log import fields
 from imagepipe.pool.model import Backend, BackendState, Endpoint
 
@@ -107,7 +107,7 @@ class HAProxyBalancer:
         if backend is None:
             return
         if backend.connections:
-            raise BalancerError(
+            raise BackendInUseError(
                 f"backend {name} still has {backend.connections} connection(s): drain it and "
                 "remove it once they have ended"
             )
@@ -118,7 +118,7 @@ class HAProxyBalancer:
         if outcome is rt.DelOutcome.BUSY:
             if backend.state is not BackendState.MAINT:
                 self._set_state(name, backend.state)
-            raise BalancerError(
+            raise BackendInUseError(
                 f"backend {name} got a connection while being removed: it stays "
                 f"{backend.state.value}; remove it once the connection has ended"
             )

@@ -84,7 +84,7 @@ class DelOutcome(StrEnum):
 
 def check_name(name: str) -> str:
     """A backend name HAProxy accepts and that cannot smuggle a second command."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise BadInputError(
             f"backend name {name!r} cannot be used with HAProxy: use letters, digits, '-', '_',"
             " '.' or ':' (at most 100)"

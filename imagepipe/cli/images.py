@@ -15,7 +15,7 @@ from imagepipe.errors import BadInputError
 from imagepipe.images.names import channel_error
 from imagepipe.images.prune import choose, load_pool_records, versions_in_use
 from imagepipe.images.records import VersionRecord
-from imagepipe.images.registry import Registry, check_image_name
+from imagepipe.images.registry import NewVersion, Registry, check_image_name
 from imagepipe.units import format_size
 
 app = typer.Typer(help="Registered image versions and channels.", no_args_is_help=True)
@@ -226,6 +226,38 @@ def _check_channel(channel: str) -> None:
     error = channel_error(channel)
     if error is not None:
         raise BadInputError(f"--channel: {error}")
+
+
+@app.command("import")
+def import_(
+    ctx: typer.Context,
+    image: str = typer.Argument(..., help="The image to add a version to."),
+    from_vm: str = typer.Option(..., "--from-vm", help="A VirtualBox VM with a snapshot."),
+    as_json: bool = _JSON,
+) -> None:
+    """Register a VirtualBox VM's current snapshot as a new version of IMAGE (its base VM:
+    keep it powered off; clones link to the snapshot). Importing the same snapshot again
+    changes nothing."""
+    from imagepipe.app.bootstrap import describe_virtualbox_vm
+
+    check_image_name(image)
+    registry = _registry(ctx)
+    found = describe_virtualbox_vm(from_vm)
+    record = registry.find_fingerprint(image, found.fingerprint) or registry.register(
+        NewVersion(
+            image=image,
+            fingerprint=found.fingerprint,
+            builder="virtualbox-vm",
+            packer_version="",
+            files=(),
+            vm=found.vm,
+            snapshot=found.snapshot,
+        )
+    )
+    if as_json:
+        typer.echo(json.dumps(_doc(record, []), sort_keys=True))
+        return
+    typer.echo(f"{record.label}: VM {found.vm}, snapshot {found.snapshot_name} ({found.snapshot})")
 
 
 def _moved(image: str, channel: str, record: VersionRecord, as_json: bool) -> None:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
 
 from imagepipe.config.errors import Issue, issue_at, raise_if, top_mapping, unknown_key, validate
 from imagepipe.config.values import (
+    Duration,
     FilePath,
     Positive,
     PositiveDuration,
@@ -44,6 +45,14 @@ class BalancerSettings(Section):
     balance: Literal["leastconn", "first"] = "leastconn"
     vip: Annotated[str | None, BeforeValidator(parse_optional_vip)] = None
     port: Annotated[StrictInt, Field(ge=1, le=65535)] = 3389
+    # ipvs (README "IPVS"): how the kernel picks, reaches and keeps a user's desktop
+    scheduler: Literal[
+        "wlc", "lc", "rr", "wrr", "sed", "nq", "sh", "dh", "lblc", "lblcr", "fo", "ovf", "mh"
+    ] = "wlc"  # fmt: skip
+    forward: Literal["masq", "droute"] = "masq"  # NAT, or direct routing on the same L2
+    persistence: Annotated[Duration, Field(le=31 * 86400)] = 0.0  # ipvsadm -p; 0 = off
+    ipvs_names_file: Annotated[Path | None, BeforeValidator(parse_optional_path)] = None
+    ipvs_sysctls: StrictBool = True  # set net.ipv4.vs.expire_nodest_conn / _quiescent_template
 
 
 class KeeperSettings(Section):

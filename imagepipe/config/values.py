@@ -92,13 +92,12 @@ def parse_optional_channel(value: object) -> str | None:
 
 
 def parse_ip_address(value: object) -> str:
+    """An IPv4 or IPv6 address (`[fd00::10]` too), ASCII, in its normal form."""
     if isinstance(value, str) and value.isascii():
         try:
-            ipaddress.ip_address(value)
+            return str(ipaddress.ip_address(value.strip("[]")))
         except ValueError:
             pass
-        else:
-            return value
     raise ValueError(f"expected an IP address such as 10.0.0.10 or fd00::10, got {shown(value)}")
 
 

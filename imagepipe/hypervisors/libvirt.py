@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from imagepipe.errors import (
+    BaseMissingError,
     BusyError,
     CloneNotFoundError,
+    DisplayInUseError,
     EnvironmentMissingError,
     FatalHypervisorError,
     HypervisorError,
     InvalidStateError,
+    NotOurCloneError,
 )
 from imagepipe.hypervisors.libvirt_disks import disk_usable, make_clone_disk
 from imagepipe.hypervisors.libvirt_events import EventHub, ensure_event_loop
@@ -41,7 +44,15 @@ from imagepipe.hypervisors.libvirt_xml import (
     parse_vnc_clients,
 )
 from imagepipe.log import fields
-from imagepipe.pool.model import BaseImage, CloneInfo, CloneSpec, Endpoint, GuestSession, Power
+from imagepipe.pool.model import (
+    BaseImage,
+    CloneInfo,
+    CloneMode,
+    CloneSpec,
+    Endpoint,
+    GuestSession,
+    Power,
+)
 from imagepipe.pool.ports import HypervisorEvent, Subscription
 
 log = logging.getLogger(__name__)
@@ -200,10 +211,12 @@ class LibvirtHypervisor:
         return facts
 
     def _our_domain(self, name: str) -> tuple[Any, CloneMetadata]:
+        """The domain and its metadata; CloneNotFoundError when no domain has that name,
+        NotOurCloneError when one has but imagepipe did not make it (it is left alone)."""
         dom = self._domain(name)
         meta = self._facts_of(dom).metadata
         if meta is None:
-            raise CloneNotFoundError(f"domain {name} exists but imagepipe did not make it")
+            raise NotOurCloneError(_not_ours(name))
         return dom, meta
 
     def _state(self, dom: Any, name: str) -> int:
@@ -269,10 +282,19 @@ class LibvirtHypervisor:
 
     def _refuse_busy_port(self, name: str, display: Endpoint | None) -> None:
         if display is not None and not self._port_free(display):
-            raise FatalHypervisorError(
-                f"clone {name}: VNC port {display} is already in use by another program; "
+            raise DisplayInUseError(
+                f"clone {name}: display port {display} is already in use by another program; "
                 "stop it or give the pool a free display.port_range in its pool file"
             )
+
+    def _make_disk(self, name: str, meta: CloneMetadata) -> None:
+        """A fresh clone disk from the base; BaseMissingError when the base disk is gone."""
+        if not meta.base_disk.is_file():
+            raise BaseMissingError(_base_gone(name, meta))
+        try:
+            make_clone_disk(meta.base_disk, self.disk_path(name), meta.mode)
+        except CloneNotFoundError as exc:  # removed between the check and qemu-img
+            raise BaseMissingError(_base_gone(name, meta)) from exc
 
     # -- the port ------------------------------------------------------------------------
 
@@ -317,14 +339,27 @@ class LibvirtHypervisor:
         existing = self._existing(name)
         if existing is not None:
             return self._existing_clone(name, meta, *existing)
+        if not base_disk.is_file():
+            raise BaseMissingError(
+                f"image {spec.base.image} v{spec.base.version} has no base disk {base_disk}: "
+                "rebuild the version (imagepipe build) or retire it"
+            )
+        if not disk_usable(base_disk):
+            raise InvalidStateError(
+                f"base image {spec.base.image} v{spec.base.version} is running or incomplete "
+                f"({base_disk} is locked by a VM or not a disk image); clones are made only "
+                "from a powered-off base: wait for the build or stop the base VM"
+            )
         for path in (self.console_path(name), self.agent_path(name)):
             if len(str(path)) > UNIX_PATH_MAX:
                 raise FatalHypervisorError(
                     f"state_dir {self.state_dir} is too long for unix sockets ({path}); "
                     "use a shorter directory"
                 )
+        kernel = self._base_file(spec.base, spec.base.kernel)
+        initrd = self._base_file(spec.base, spec.base.initrd)
         self._refuse_busy_port(name, spec.display)
-        make_clone_disk(base_disk, self.disk_path(name), spec.mode)
+        self._make_disk(name, meta)
         self.console_path(name).parent.mkdir(parents=True, exist_ok=True)
         plan = DomainPlan(
             name=name,
@@ -332,8 +367,8 @@ class LibvirtHypervisor:
             memory_kib=max(spec.memory // 1024, 65536),
             cpus=spec.cpus,
             disk=self.disk_path(name),
-            kernel=self._base_file(spec.base, spec.base.kernel),
-            initrd=self._base_file(spec.base, spec.base.initrd),
+            kernel=kernel,
+            initrd=initrd,
             cmdline=spec.base.cmdline,
             display=spec.display,
             console_socket=self.console_path(name),
@@ -358,17 +393,14 @@ class LibvirtHypervisor:
         """create_clone of a clone that exists: fine when it is the same clone, else refused."""
         have = facts.metadata
         if have is None:
-            raise FatalHypervisorError(
-                f"a domain named {name} exists and imagepipe did not make it; rename or "
-                "remove it, or change the pool name"
+            raise NotOurCloneError(_not_ours(name))
+        if have.pool != meta.pool:
+            raise NotOurCloneError(
+                f"clone {name} belongs to pool {have.pool}, not {meta.pool}; imagepipe "
+                "leaves it alone: give the pools names that do not overlap"
             )
-        if (have.pool, have.image, have.version, have.slot) != (
-            meta.pool,
-            meta.image,
-            meta.version,
-            meta.slot,
-        ):
-            raise FatalHypervisorError(
+        if (have.image, have.version, have.slot) != (meta.image, meta.version, meta.slot):
+            raise InvalidStateError(
                 f"clone {name} already exists for {have.image} v{have.version} (pool "
                 f"{have.pool}, slot {have.slot}); delete it before creating it for "
                 f"{meta.image} v{meta.version}"
@@ -380,17 +412,23 @@ class LibvirtHypervisor:
             return None
         path = (base.directory / file).absolute()
         if not path.is_file():
-            raise CloneNotFoundError(
-                f"image {base.image} v{base.version} is missing {path}: rebuild the version"
+            raise BaseMissingError(
+                f"image {base.image} v{base.version} is missing {path}: rebuild the version "
+                "(imagepipe build) or retire it"
             )
         return path
 
     def start(self, name: str) -> None:
         dom, meta = self._our_domain(name)
-        if self._state(dom, name) in (STATE_RUNNING, STATE_BLOCKED, STATE_PAUSED):
+        state = self._state(dom, name)
+        if state in (STATE_RUNNING, STATE_BLOCKED):
             return
+        if state in (STATE_PAUSED, STATE_PMSUSPENDED):
+            raise InvalidStateError(f"clone {name} is suspended; resume it instead of starting it")
         if not self.disk_path(name).exists():
-            make_clone_disk(meta.base_disk, self.disk_path(name), meta.mode)
+            self._make_disk(name, meta)
+        elif meta.mode is CloneMode.LINKED and not meta.base_disk.is_file():
+            raise BaseMissingError(_base_gone(name, meta))
         self._refuse_busy_port(name, self._facts_of(dom).display)
         with self._translate(f"clone {name}"):
             dom.create()
@@ -444,7 +482,7 @@ class LibvirtHypervisor:
         dom, meta = self._our_domain(name)
         if self._state(dom, name) != STATE_SHUTOFF:
             self._destroy(dom, name)
-        make_clone_disk(meta.base_disk, self.disk_path(name), meta.mode)
+        self._make_disk(name, meta)
         self._hub.forget(name)
         self.start(name)
         log.info("clone reset", extra=fields(pool=meta.pool, clone=name, action="reset"))
@@ -475,9 +513,7 @@ class LibvirtHypervisor:
         if existing is not None:
             dom, facts = existing
             if facts.metadata is None:
-                raise FatalHypervisorError(
-                    f"domain {name} was not made by imagepipe; refusing to delete it"
-                )
+                raise NotOurCloneError(_not_ours(name))
             if self._state(dom, name) != STATE_SHUTOFF:
                 self._destroy(dom, name)
             lv = self._libvirt
@@ -530,3 +566,18 @@ class LibvirtHypervisor:
             )
             return ()
         return parse_guest_users(dict(info))
+
+
+def _not_ours(name: str) -> str:
+    return (
+        f"domain {name} exists but imagepipe did not make it; imagepipe leaves it alone: "
+        "rename or remove it, or change the pool name"
+    )
+
+
+def _base_gone(name: str, meta: CloneMetadata) -> str:
+    return (
+        f"clone {name}: the base disk of {meta.image} v{meta.version} is gone "
+        f"({meta.base_disk}); delete the clone (the pool makes it again from the current "
+        "version) or restore the version's files"
+    )

@@ -1,6 +1,9 @@
 """Clone disks of the libvirt adapter, through qemu-img: overlays, full copies, checks.
 
 One wrapper decides success (LANG=C, typed error with the argv and stderr's last line).
+A clone disk is written as `<clone>.qcow2.partial` and renamed when complete; a partial that
+a killed process left behind is removed the next time a disk is made in its folder (or by
+remove_partial_disks), whether or not its slot is ever used again.
 """
 
 from __future__ import annotations
@@ -9,12 +12,18 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 from imagepipe.errors import CloneNotFoundError, EnvironmentMissingError, FatalHypervisorError
 from imagepipe.pool.model import CloneMode
 
 QEMU_IMG_TIMEOUT = 600.0
+PARTIAL_SUFFIX = ".partial"
+
+# partial disks this process is writing right now (a sweep must leave them alone)
+_writing: set[Path] = set()
+_writing_lock = threading.Lock()
 
 
 def _qemu_img() -> str:
@@ -74,13 +83,39 @@ def make_clone_disk(base: Path, target: Path, mode: CloneMode) -> None:
             f"base disk {base} does not exist: build or re-register the image version"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    partial.unlink(missing_ok=True)
-    fmt = disk_format(base)
-    if mode is CloneMode.LINKED:
-        run_qemu_img(
-            ["create", "-q", "-f", "qcow2", "-b", str(base.resolve()), "-F", fmt, str(partial)]
-        )
-    else:
-        run_qemu_img(["convert", "-q", "-f", fmt, "-O", "qcow2", str(base), str(partial)])
-    os.replace(partial, target)
+    partial = target.with_name(target.name + PARTIAL_SUFFIX).absolute()
+    with _writing_lock:
+        _writing.add(partial)
+    try:
+        remove_partial_disks(target.parent)
+        partial.unlink(missing_ok=True)
+        fmt = disk_format(base)
+        if mode is CloneMode.LINKED:
+            run_qemu_img(
+                ["create", "-q", "-f", "qcow2", "-b", str(base.resolve()), "-F", fmt, str(partial)]
+            )
+        else:
+            run_qemu_img(["convert", "-q", "-f", fmt, "-O", "qcow2", str(base), str(partial)])
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        with _writing_lock:
+            _writing.discard(partial)
+
+
+def remove_partial_disks(directory: Path) -> list[Path]:
+    """Remove the half-written clone disks (`*.qcow2.partial`) in `directory` that no
+    make_clone_disk of this process is writing: what a kill during `qemu-img` leaves.
+    Returns the files removed."""
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for path in sorted(directory.glob("*.qcow2" + PARTIAL_SUFFIX)):
+        with _writing_lock:
+            if path.absolute() in _writing:
+                continue
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

@@ -22,7 +22,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 def check_name(name: str) -> str:
     """A clone name is also a file name under state_dir: refuse anything path-like."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise FatalHypervisorError(
             f"clone name {name!r} is not usable: use letters, digits, '.', '_' and '-' "
             "(at most 63 characters, not starting with a symbol)"

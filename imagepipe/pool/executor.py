@@ -6,12 +6,16 @@
   at a time (the original tool cloned one at a time).
 - Every hypervisor or balancer action is journaled (journal_begin before, journal_end after),
   so a crash mid-action is visible on restart; recover() finishes or undoes those entries.
-- BusyError is retried with exponential backoff, a bounded number of times, and each retry is
-  explained in the log. CloneNotFoundError is final (for a delete it means success). An action
-  that fails stops the rest of its clone's actions for this pass.
-- A failed hypervisor action marks the clone FAILED with failures/retry_at
-  (planner.record_failure); a failed create or start also bumps the pool's failures and opens
-  its circuit breaker at spec.max_failures. The planner decides what comes next.
+- BusyError (the hypervisor is locked for a moment) is retried inside the call with
+  exponential backoff, a bounded number of times, each retry explained in the log: that is
+  how one call is made, not a decision about the clone. CloneNotFoundError is final (for a
+  delete it means success). NotOurCloneError and BaseMissingError are never success, not
+  even for a stop or a delete. An action that fails stops the rest of its clone's actions for
+  this pass.
+- The executor reports outcomes and decides nothing about them: the keeper hands the failed
+  ones to the planner (planner.failures_after: retries, the retry budget, the breaker). The
+  one fact it writes itself is a completed reset (store.mark_clean): the clone is clean.
+- Timeouts use the injected clock's monotonic(), so a fake clock can make a call time out.
 - Only the thread that calls run() touches the store; workers only talk to the adapters.
 """
 
@@ -20,7 +24,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -51,7 +54,6 @@ from imagepipe.pool.model import (
     StopClone,
     SuspendClone,
 )
-from imagepipe.pool.planner import record_failure
 from imagepipe.pool.ports import Balancer, Clock, Hypervisor
 from imagepipe.pool.store import Store
 
@@ -61,20 +63,13 @@ RECORD_ACTIONS = (RecordClone, ForgetClone, RecordPool)
 BaseResolver = Callable[[str, int], BaseImage]  # (image, version) -> the base to clone from
 
 
-class SystemClock:
-    def now(self) -> float:
-        return time.time()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-
 @dataclass(frozen=True)
 class ExecutorSettings:
     parallel: int = 4  # actions at the same time
     action_timeout: float = 600.0  # seconds one hypervisor/balancer call may take
     busy_retries: int = 3  # extra attempts after a BusyError
     busy_backoff: float = 1.0  # first retry delay; doubles per attempt
+    poll: float = 1.0  # longest real wait between two looks at the clock while calls run
 
 
 @dataclass(frozen=True)
@@ -103,7 +98,7 @@ class ExecutionReport:
 class _Running:
     action: Action
     journal_id: int
-    started: float  # time.monotonic(): guards against real hangs
+    started: float  # clock.monotonic(): guards against real hangs
     finished: threading.Event
 
 
@@ -144,6 +139,12 @@ class Executor:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    def in_flight(self, pool: str) -> frozenset[str]:
+        """Clones of `pool` whose call outlived its timeout and still runs."""
+        return frozenset(
+            clone for (p, clone), gate in self._stuck.items() if p == pool and not gate.is_set()
+        )
 
     # ---- run -------------------------------------------------------------------------
 
@@ -186,13 +187,13 @@ class Executor:
                 continue
             finished = self._next_done(done, running)
             if finished is None:
-                outcomes += self._expire(specs, running, chains, skipped)
+                outcomes += self._expire(running, chains, skipped)
                 continue
             entry = running.get(finished.key)
             if entry is None or entry.action is not finished.action:
                 continue  # a timed-out call that came back late: already reported
             del running[finished.key]
-            outcome = self._finish(specs, entry, finished)
+            outcome = self._finish(entry, finished)
             outcomes.append(outcome)
             if not outcome.ok:
                 skipped += chains.pop(finished.key)
@@ -223,10 +224,10 @@ class Executor:
                 raise OperationFailedError(f"pool {action.pool} is not configured")
             call = self._call_for(spec, action)
         except ImagepipeError as exc:
-            self._bookkeep_failure(spec, action, str(exc))
             self._log(action, ok=False, error=str(exc), seconds=0.0, attempts=0)
             return Outcome(action=action, ok=False, error=str(exc), attempts=0)
         journal_id = self.store.journal_begin(action, self.clock.now())
+        started = self.clock.monotonic()  # before the call can begin, so its time all counts
         finished = threading.Event()
         worker = threading.Thread(
             target=self._work,
@@ -236,7 +237,10 @@ class Executor:
         )
         worker.start()
         return _Running(
-            action=action, journal_id=journal_id, started=time.monotonic(), finished=finished
+            action=action,
+            journal_id=journal_id,
+            started=started,
+            finished=finished,
         )
 
     def _work(
@@ -282,7 +286,8 @@ class Executor:
         self, done: queue.Queue[_Done], running: Mapping[tuple[str, str], _Running]
     ) -> _Done | None:
         oldest = min(r.started for r in running.values())
-        wait = max(0.0, oldest + self._timeout_of_oldest(running) - time.monotonic())
+        due = oldest + self._timeout_of_oldest(running) - self.clock.monotonic()
+        wait = min(max(0.0, due), self.settings.poll)
         try:
             return done.get(timeout=wait)
         except queue.Empty:
@@ -299,13 +304,12 @@ class Executor:
 
     def _expire(
         self,
-        specs: Mapping[str, PoolSpec],
         running: dict[tuple[str, str], _Running],
         chains: dict[tuple[str, str], list[Action]],
         skipped: list[Action],
     ) -> list[Outcome]:
         outcomes = []
-        now = time.monotonic()
+        now = self.clock.monotonic()
         for key, entry in list(running.items()):
             limit = self._timeout(entry.action)
             if now - entry.started < limit:
@@ -314,19 +318,18 @@ class Executor:
             running.pop(key)
             error = f"timed out after {limit:.0f}s (the call goes on in the background)"
             self.store.journal_end(entry.journal_id, ok=False, error=error, now=self.clock.now())
-            self._bookkeep_failure(specs.get(key[0]), entry.action, error)
             self._log(entry.action, ok=False, error=error, seconds=limit, attempts=1)
             outcomes.append(Outcome(action=entry.action, ok=False, error=error))
             skipped += chains.pop(key, [])
         return outcomes
 
-    def _finish(self, specs: Mapping[str, PoolSpec], entry: _Running, done: _Done) -> Outcome:
-        seconds = time.monotonic() - entry.started
+    def _finish(self, entry: _Running, done: _Done) -> Outcome:
+        seconds = self.clock.monotonic() - entry.started
         error = None if done.error is None else _describe(done.error)
         ok = done.error is None
         self.store.journal_end(entry.journal_id, ok=ok, error=error, now=self.clock.now())
-        if error is not None:
-            self._bookkeep_failure(specs.get(done.action.pool), done.action, error)
+        if ok and isinstance(done.action, ResetClone):
+            self.store.mark_clean(done.action.pool, done.action.clone)
         self._log(done.action, ok=ok, error=error, seconds=seconds, attempts=done.attempts)
         return Outcome(action=done.action, ok=ok, error=error, attempts=done.attempts)
 
@@ -390,6 +393,7 @@ class Executor:
             if hv.sessions(name).active:
                 return "somebody is on the clone; not reset"
             hv.reset(name)
+            self.store.mark_clean(action.pool, name)
             return "repeated the reset"
         return "the next pass reconciles it"
 
@@ -432,39 +436,6 @@ class Executor:
         if isinstance(action, BalancerRemove):
             return lambda: _tolerate(BackendNotFoundError, lambda: bal.remove(name))
         raise OperationFailedError(f"the executor does not know how to do {action.kind}")
-
-    # ---- failure bookkeeping (circuit-breaker data; the planner decides) -------------
-
-    def _bookkeep_failure(self, spec: PoolSpec | None, action: Action, error: str) -> None:
-        """A failed hypervisor action marks its clone FAILED with a backoff (the planner
-        retries, resets or replaces it); a failed create or start also counts against the
-        pool and opens its circuit breaker at spec.max_failures. A failed balancer action
-        is not the clone's fault: the next pass simply tries again."""
-        if spec is None or action.kind.startswith("Balancer"):
-            return
-        now = self.clock.now()
-        record = self.store.load_pool(action.pool)
-        clone = record.clones.get(action.clone)
-        if clone is not None:
-            self.store.save_clone(action.pool, record_failure(spec, clone, now))
-        if not isinstance(action, CreateClone | StartClone):
-            return
-        failures = record.failures + 1
-        breaker = record.breaker_open_until
-        if breaker is None and failures >= spec.max_failures:
-            breaker = now + spec.breaker_cooldown
-            log.warning(
-                "circuit breaker open: no new clones until the cool-down ends",
-                extra=fields(pool=action.pool, failures=failures, cooldown=spec.breaker_cooldown),
-            )
-        memory = RecordPool(
-            pool=action.pool,
-            target_version=record.target_version,
-            failures=failures,
-            breaker_open_until=breaker,
-            rollout_started_at=record.rollout_started_at,
-        )
-        self.store.apply(action.pool, [memory])
 
     def _log(
         self, action: Action, *, ok: bool, error: str | None, seconds: float, attempts: int

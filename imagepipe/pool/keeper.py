@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from imagepipe.errors import ImagepipeError
 from imagepipe.log import fields
@@ -32,8 +32,15 @@ from imagepipe.pool.model import (
     RecordPool,
 )
 from imagepipe.pool.observe import HostObservation, observe
-from imagepipe.pool.planner import next_timer, plan
-from imagepipe.pool.ports import Balancer, Clock, Hypervisor, HypervisorEvent, Images
+from imagepipe.pool.planner import failures_after, next_timer, plan
+from imagepipe.pool.ports import (
+    Balancer,
+    Clock,
+    EventKind,
+    Hypervisor,
+    HypervisorEvent,
+    Images,
+)
 from imagepipe.pool.store import Store
 
 log = logging.getLogger(__name__)
@@ -91,6 +98,8 @@ class Keeper:
         self.settings = settings
         self.executor = Executor(hypervisor, balancer, store, self._base, clock, settings.executor)
         self._wake = threading.Event()
+        self._touched: set[str] = set()  # clones a client connected to since the last pass
+        self._touched_lock = threading.Lock()
         self._stopping = threading.Event()
         self._recovered = False
         self._strays_reported: set[str] = set()
@@ -116,7 +125,7 @@ class Keeper:
 
     def run(self) -> None:
         """Pass after pass until stop(); woken early by hypervisor events."""
-        subscription = self.hypervisor.subscribe(self._on_event)
+        subscription = self.hypervisor.subscribe(self.on_event)
         log.info(
             "keeper started",
             extra=fields(pools=",".join(self.specs) or "none", tick=self.settings.tick),
@@ -168,6 +177,8 @@ class Keeper:
         if not self._recovered:
             self.recover()
         now = self.clock.now()
+        with self._touched_lock:
+            touched = frozenset(self._touched)
         self._ensure_frontend()
         host = observe(
             self.hypervisor,
@@ -185,12 +196,18 @@ class Keeper:
             observed = host.pools.get(spec.name)
             if observed is None:
                 continue
+            observed = replace(
+                observed, in_flight=self.executor.in_flight(spec.name), touched=touched
+            )
             record = self.store.load_pool(spec.name)
             adopted += self._adopted(spec, observed, record)
             actions += plan(spec, observed, record, now)
         if self.stopping:
             return PassReport(at=now, observation=host, adopted=tuple(adopted))
-        execution = self.executor.run(self.specs, actions)
+        execution = self.executor.run(self.specs, actions)  # records first: touched is written
+        with self._touched_lock:
+            self._touched -= touched
+        self._record_failures(execution)
         log.debug(
             "pass done",
             extra=fields(
@@ -210,6 +227,33 @@ class Keeper:
             not_planned=not_planned,
             notes=dict(host.notes),
         )
+
+    def _record_failures(self, execution: ExecutionReport) -> None:
+        """The executor reports; the planner's failure policy says what the failures mean
+        (the clone's backoff or replacement, the pool's breaker); the store remembers it."""
+        failed: dict[str, list[Action]] = {}
+        for outcome in execution.failed:
+            failed.setdefault(outcome.action.pool, []).append(outcome.action)
+        now = self.clock.now()
+        for pool, actions in failed.items():
+            spec = self.specs.get(pool)
+            if spec is None:
+                continue
+            record = self.store.load_pool(pool)
+            memory = failures_after(spec, record, actions, now)
+            self.store.apply(pool, memory)
+            for opened in memory:
+                if (
+                    isinstance(opened, RecordPool)
+                    and opened.breaker_open_until is not None
+                    and record.breaker_open_until is None
+                ):
+                    log.warning(
+                        "circuit breaker open: no new clones until the cool-down ends",
+                        extra=fields(
+                            pool=pool, failures=opened.failures, cooldown=spec.breaker_cooldown
+                        ),
+                    )
 
     def _adopted(self, spec: PoolSpec, observed: Observed, record: PoolRecord) -> list[str]:
         """Clones the store does not know (a lost or older store). The planner rebuilds
@@ -263,9 +307,15 @@ class Keeper:
     def _base(self, image: str, version: int) -> BaseImage:
         return self.images.resolve(image, version).base_image()
 
-    def _on_event(self, event: HypervisorEvent) -> None:
+    def on_event(self, event: HypervisorEvent) -> None:
+        """The hypervisor subscription's callback (any thread): wake the next pass. A client
+        that connected is remembered until a pass has written it down, so a session that
+        starts and ends between two passes still marks its desktop for reset."""
         log.debug(
             "hypervisor event",
             extra=fields(clone=event.clone, kind=event.kind, client=event.client),
         )
+        if event.kind is EventKind.SESSION_CONNECTED:
+            with self._touched_lock:
+                self._touched.add(event.clone)
         self._wake.set()

@@ -180,6 +180,13 @@ class Observed:
     orphan_backends: tuple[Backend, ...] = ()  # balancer entries of this pool with no clone
     target_version: int | None = None  # what the pool's channel/version resolves to now
     base_ready: bool = False  # the target version's base can be cloned from (powered off)
+    # clones with a hypervisor call still running (a call that outlived its timeout, or, in
+    # the simulator, an operation that takes time): their record's intent is not yet done
+    # or undone, so the planner waits for them instead of deciding the call never happened
+    in_flight: frozenset[str] = frozenset()
+    # clones a client connected to since the last pass (hypervisor events): a session the
+    # observation may have missed, so their desktops are dirty even if nobody is on them now
+    touched: frozenset[str] = frozenset()
 
     def by_name(self) -> dict[str, ObservedClone]:
         return {c.name: c for c in self.clones}
@@ -215,6 +222,11 @@ class CloneRecord:
     last_user: str | None = None
     failures: int = 0  # consecutive failed actions on this clone
     retry_at: float | None = None  # not before this time
+    # Somebody has been on this clone (or nobody knows: it was adopted without a record)
+    # since its disk was last made clean. Set as soon as a session is observed, written to
+    # the store before any other action of that pass, cleared only when a reset (or a fresh
+    # create) has completed. A dirty clone never becomes free or enters the balancer.
+    dirty: bool = False
 
 
 @dataclass(frozen=True)

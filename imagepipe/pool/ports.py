@@ -4,10 +4,12 @@ Adapters (imagepipe.hypervisors.*, imagepipe.balancers.*, imagepipe.images.regis
 these protocols; the core imports only this module, never an adapter. Every adapter of a port
 passes that port's contract suite (tests/contract/).
 
-Hypervisor errors are typed (imagepipe.errors): CloneNotFoundError (final), BusyError (retry),
-InvalidStateError, FatalHypervisorError. Every mutating call is idempotent: creating a clone
-that already exists with the same metadata, deleting one that is gone, starting one that
-runs — succeed.
+Hypervisor errors are typed (imagepipe.errors): CloneNotFoundError (no VM of that name: final),
+BusyError (retry), InvalidStateError, FatalHypervisorError and its kinds NotOurCloneError (a VM
+imagepipe did not make, or another pool's: never touched, never success), BaseMissingError,
+DisplayInUseError. Every mutating call is idempotent: creating a clone that already exists with
+the same metadata, deleting one that is gone, starting one that runs — succeed. The table per
+method is in docs/contracts.md; tests/contract/ pins it for every adapter.
 
 Balancer: one backend per clone, named after the clone. Drain state lives in the balancer
 itself and is read back from it, so it survives a keeper restart.
@@ -67,7 +69,7 @@ class Hypervisor(Protocol):
         ...
 
     def start(self, name: str) -> None:
-        """Power on. Starting a running clone succeeds."""
+        """Power on. Starting a running clone succeeds; a suspended one is InvalidStateError."""
         ...
 
     def stop(self, name: str, timeout: float) -> None:
@@ -121,12 +123,13 @@ class Balancer(Protocol):
         ...
 
     def drain(self, name: str) -> None:
-        """No new connections; existing ones stay. Draining twice is harmless."""
+        """No new connections; existing ones stay. Draining twice is harmless; a backend the
+        balancer does not have is BackendNotFoundError."""
         ...
 
     def remove(self, name: str) -> None:
-        """Remove the backend. Refuses (BalancerError) while it has connections, unless it
-        is already gone, which succeeds."""
+        """Remove the backend. Refuses (BackendInUseError) while it has connections, unless
+        it is already gone, which succeeds."""
         ...
 
     def close(self) -> None:
@@ -154,6 +157,10 @@ class Clock(Protocol):
 
     def now(self) -> float:
         """Seconds since the epoch."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes back (for timeouts; any origin)."""
         ...
 
     def sleep(self, seconds: float) -> None:

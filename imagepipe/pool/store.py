@@ -83,6 +83,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE pools ADD COLUMN rollout_started_at REAL;
     """,
+    # 4: the dirty-until-reset mark. Records written before it existed do not say whether
+    # a user was on the clone since its last reset: every state but a clean one counts as
+    # dirty (at worst one extra reset), so an upgrade never hands out a used desktop.
+    """
+    ALTER TABLE clones ADD COLUMN dirty INTEGER NOT NULL DEFAULT 0;
+    UPDATE clones SET dirty = 1 WHERE state NOT IN ('creating', 'free', 'suspended', 'deleting');
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -268,7 +275,7 @@ class Store:
             ).fetchone()
             clones = db.execute(
                 "SELECT name, slot, version, state, since, session_ended_at, last_user, "
-                "failures, retry_at FROM clones WHERE pool = ? ORDER BY slot, name",
+                "failures, retry_at, dirty FROM clones WHERE pool = ? ORDER BY slot, name",
                 (pool,),
             ).fetchall()
         records = {
@@ -282,8 +289,9 @@ class Store:
                 last_user=user,
                 failures=failures,
                 retry_at=retry_at,
+                dirty=bool(dirty),
             )
-            for name, slot, version, state, since, ended, user, failures, retry_at in clones
+            for name, slot, version, state, since, ended, user, failures, retry_at, dirty in clones
         }
         if row is None:
             return PoolRecord(pool=pool, clones=records)
@@ -327,6 +335,11 @@ class Store:
     def save_clone(self, pool: str, record: CloneRecord) -> None:
         with self._write() as db:
             _upsert_clone(db, pool, record)
+
+    def mark_clean(self, pool: str, name: str) -> None:
+        """A reset of the clone has completed: nothing of a previous user is left on it."""
+        with self._write() as db:
+            db.execute("UPDATE clones SET dirty = 0 WHERE pool = ? AND name = ?", (pool, name))
 
     def forget_clone(self, pool: str, name: str) -> None:
         with self._write() as db:
@@ -485,7 +498,7 @@ def _try_decode(text: str) -> Action | None:
 def _upsert_clone(db: sqlite3.Connection, pool: str, record: CloneRecord) -> None:
     db.execute(
         "INSERT OR REPLACE INTO clones (pool, name, slot, version, state, since, "
-        "session_ended_at, last_user, failures, retry_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        "session_ended_at, last_user, failures, retry_at, dirty) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
         (
             pool,
             record.name,
@@ -497,6 +510,7 @@ def _upsert_clone(db: sqlite3.Connection, pool: str, record: CloneRecord) -> Non
             record.last_user,
             record.failures,
             record.retry_at,
+            int(record.dirty),
         ),
     )
 

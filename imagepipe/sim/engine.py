@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import IntEnum
 from zoneinfo import ZoneInfo
@@ -128,7 +128,8 @@ class _Day:
             breaker_open_until=pool.breaker_open_until if pool else None,
             rollout_started_at=pool.rollout_started_at if pool else None,
         )
-        actions = self.policy.plan(self.spec, self.world.observe(), record, self.epoch + now)
+        observed = replace(self.world.observe(), in_flight=frozenset(self.busy))
+        actions = self.policy.plan(self.spec, observed, record, self.epoch + now)
         self.quiet_until = now
         if not actions:
             wake = next_timer(self.spec, record, self.epoch + now)
@@ -221,7 +222,11 @@ class _Day:
         if isinstance(action, DeleteClone):
             self.world.remove(action.clone)
         elif isinstance(action, StartClone | ResetClone):
-            clone.user = None if isinstance(action, ResetClone) else clone.user
+            if isinstance(action, ResetClone):  # what the executor tells the store
+                clone.user = None
+                kept = self.records.get(action.clone)
+                if kept is not None and kept.dirty:
+                    self.records[action.clone] = replace(kept, dirty=False)
             self.power(clone, Power.RUNNING)
             self.push(
                 now + self.settings.latencies.boot,

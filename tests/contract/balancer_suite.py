@@ -6,6 +6,13 @@ Use it by subclassing `BalancerContract` in a `Test...` class that provides two 
 - `harness`: a `BalancerHarness` for that balancer: desktop addresses that accept
   connections, clients that connect through the frontend, and a way to add a backend
   behind imagepipe's back.
+
+Errors every adapter raises for the same case (docs/contracts.md has the table):
+BackendNotFoundError for drain of a backend the balancer does not have (enable adds it, remove
+succeeds), BackendInUseError for remove while clients are connected (nothing changes),
+BadInputError for a backend name that could smuggle a command (nothing changes), BalancerError
+for any call on a closed adapter. Enable cancels a drain; drain, enable and remove are
+idempotent.
 """
 
 from __future__ import annotations
@@ -15,7 +22,12 @@ from typing import Protocol
 
 import pytest
 
-from imagepipe.errors import BackendNotFoundError, BalancerError
+from imagepipe.errors import (
+    BackendInUseError,
+    BackendNotFoundError,
+    BadInputError,
+    BalancerError,
+)
 from imagepipe.pool.model import Backend, BackendState, Endpoint
 from imagepipe.pool.ports import Balancer
 
@@ -159,9 +171,34 @@ class BalancerContract:
         balancer.drain("lab-1")
         assert by_name(balancer)["lab-1"].state is BackendState.DRAIN
 
-    def test_draining_a_missing_backend_says_it_is_missing(self, balancer: Balancer) -> None:
-        with pytest.raises(BackendNotFoundError):
+    def test_draining_a_missing_backend_says_it_is_missing_and_adds_nothing(
+        self, balancer: Balancer
+    ) -> None:
+        with pytest.raises(BackendNotFoundError, match="lab-9"):
             balancer.drain("lab-9")
+        assert balancer.list_backends() == []
+
+    def test_draining_a_removed_backend_says_it_is_missing(
+        self, balancer: Balancer, harness: BalancerHarness
+    ) -> None:
+        balancer.enable("lab-1", harness.desktop(0))
+        balancer.remove("lab-1")
+        with pytest.raises(BackendNotFoundError, match="lab-1"):
+            balancer.drain("lab-1")
+        assert balancer.list_backends() == []
+
+    def test_enabling_a_drained_backend_keeps_its_open_connection(
+        self, balancer: Balancer, harness: BalancerHarness
+    ) -> None:
+        balancer.enable("lab-1", harness.desktop(0))
+        client = harness.connect()
+        balancer.drain("lab-1")
+        balancer.enable("lab-1", harness.desktop(0))
+        assert balancer.list_backends() == [
+            Backend("lab-1", harness.desktop(0), BackendState.READY, 1)
+        ]
+        assert client.alive()
+        client.close()
 
     def test_enabling_a_drained_backend_makes_it_ready_again(
         self, balancer: Balancer, harness: BalancerHarness
@@ -203,7 +240,7 @@ class BalancerContract:
         balancer.enable("lab-1", harness.desktop(0))
         client = harness.connect()
         balancer.drain("lab-1")
-        with pytest.raises(BalancerError, match="connection"):
+        with pytest.raises(BackendInUseError, match="connection"):
             balancer.remove("lab-1")
         assert balancer.list_backends() == [
             Backend("lab-1", harness.desktop(0), BackendState.DRAIN, 1)
@@ -216,9 +253,77 @@ class BalancerContract:
         balancer.remove("lab-1")
         assert balancer.list_backends() == []
 
+    def test_removing_a_ready_backend_with_a_live_connection_is_refused(
+        self, balancer: Balancer, harness: BalancerHarness
+    ) -> None:
+        balancer.enable("lab-1", harness.desktop(0))
+        client = harness.connect()
+        with pytest.raises(BackendInUseError, match="lab-1"):
+            balancer.remove("lab-1")
+        assert balancer.list_backends() == [
+            Backend("lab-1", harness.desktop(0), BackendState.READY, 1)
+        ]
+        assert client.alive()
+        client.close()
+
     def test_removing_a_missing_backend_succeeds(self, balancer: Balancer) -> None:
         balancer.remove("lab-9")
         assert balancer.list_backends() == []
+
+    def test_removing_twice_succeeds(self, balancer: Balancer, harness: BalancerHarness) -> None:
+        balancer.enable("lab-1", harness.desktop(0))
+        balancer.remove("lab-1")
+        balancer.remove("lab-1")
+        assert balancer.list_backends() == []
+
+    def test_a_removed_backend_enabled_again_is_ready_and_takes_clients(
+        self, balancer: Balancer, harness: BalancerHarness
+    ) -> None:
+        balancer.enable("lab-1", harness.desktop(0))
+        balancer.drain("lab-1")
+        balancer.remove("lab-1")
+        balancer.enable("lab-1", harness.desktop(1))
+        assert balancer.list_backends() == [
+            Backend("lab-1", harness.desktop(1), BackendState.READY, 0)
+        ]
+        client = harness.connect()
+        assert client.landed_on == harness.desktop(1)
+        client.close()
+
+    @pytest.mark.parametrize(
+        "name", ["lab 1", "lab-1\nshow info", "lab-1\n", "", "lab/1", "a" * 101]
+    )
+    @pytest.mark.parametrize("operation", ["enable", "drain", "remove"])
+    def test_a_backend_name_that_could_smuggle_a_command_is_refused(
+        self, balancer: Balancer, harness: BalancerHarness, name: str, operation: str
+    ) -> None:
+        balancer.enable("lab-1", harness.desktop(0))
+        before = balancer.list_backends()
+        calls: dict[str, Callable[[], None]] = {
+            "enable": lambda: balancer.enable(name, harness.desktop(1)),
+            "drain": lambda: balancer.drain(name),
+            "remove": lambda: balancer.remove(name),
+        }
+        with pytest.raises(BadInputError):
+            calls[operation]()
+        assert balancer.list_backends() == before
+
+    @pytest.mark.parametrize("operation", ["list", "enable", "drain", "remove", "frontend"])
+    def test_a_closed_adapter_refuses_every_call(
+        self, balancer: Balancer, harness: BalancerHarness, operation: str
+    ) -> None:
+        balancer.enable("lab-1", harness.desktop(0))
+        balancer.close()
+        calls: dict[str, Callable[[], object]] = {
+            "list": balancer.list_backends,
+            "enable": lambda: balancer.enable("lab-2", harness.desktop(1)),
+            "drain": lambda: balancer.drain("lab-1"),
+            "remove": lambda: balancer.remove("lab-1"),
+            "frontend": balancer.ensure_frontend,
+        }
+        with pytest.raises(BalancerError, match="closed"):
+            calls[operation]()
+        assert {b.name for b in harness.reopen().list_backends()} == {"lab-1"}
 
     def test_a_backend_added_behind_our_back_is_listed_and_can_be_removed(
         self, balancer: Balancer, harness: BalancerHarness

@@ -1,8 +1,11 @@
 """FakeBalancer: a stateful, honest stand-in for HAProxy.
 
-It keeps backends, their states and connections the way HAProxy does, and refuses what HAProxy
-refuses: removing a backend with connections, draining one that does not exist, connecting to
-a backend that is not ready or already has its one user (maxconn 1), anything while "down".
+It keeps backends, their states and connections the way HAProxy does, and raises what the
+HAProxy adapter raises for the same case (the contract suite, tests/contract/balancer_suite.py,
+pins each one): BackendInUseError for removing a backend with connections,
+BackendNotFoundError for draining one that does not exist, BadInputError for a name HAProxy
+would not take, BalancerError once closed or while "down"; it refuses connecting to a backend
+that is not ready or already has its one user (maxconn 1).
 
 Helpers for tests: `connect(name)` / `disconnect(name)` put a user on or off a backend,
 `route()` sends a new client through the frontend (least connections, maxconn 1),
@@ -13,13 +16,16 @@ restart), and `calls` records what was asked.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-from imagepipe.errors import BackendNotFoundError, BalancerError
+from imagepipe.errors import BackendInUseError, BackendNotFoundError, BadInputError, BalancerError
 from imagepipe.pool.model import Backend, BackendState, Endpoint
 from imagepipe.pool.ports import Balancer
 
 MAXCONN = 1
+# the names the HAProxy adapter accepts (imagepipe.balancers.haproxy_runtime.check_name)
+_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 
 
 @dataclass
@@ -77,6 +83,7 @@ class FakeBalancer:
 
     def enable(self, name: str, address: Endpoint) -> None:
         self._check_up()
+        _check_name(name)
         self.calls.append(("enable", name, str(address)))
         server = self._servers.get(name)
         if server is None:
@@ -87,17 +94,19 @@ class FakeBalancer:
 
     def drain(self, name: str) -> None:
         self._check_up()
+        _check_name(name)
         self.calls.append(("drain", name))
         self._get(name).state = BackendState.DRAIN
 
     def remove(self, name: str) -> None:
         self._check_up()
+        _check_name(name)
         self.calls.append(("remove", name))
         server = self._servers.get(name)
         if server is None:
             return
         if server.connections:
-            raise BalancerError(
+            raise BackendInUseError(
                 f"backend {name} still has {server.connections} connection(s): drain it and "
                 "remove it once they have ended"
             )
@@ -169,6 +178,14 @@ class FakeBalancer:
         self._check_open()
         if not self.running:
             raise BalancerError("the balancer is not running: call ensure_frontend()")
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.fullmatch(name):
+        raise BadInputError(
+            f"backend name {name!r} cannot be used with HAProxy: use letters, digits, '-', '_',"
+            " '.' or ':' (at most 100)"
+        )
 
 
 def _conforms(balancer: FakeBalancer) -> Balancer:

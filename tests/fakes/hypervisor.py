@@ -1,12 +1,18 @@
 """FakeHypervisor: an in-memory hypervisor that behaves like the real ones.
 
 Stateful and honest: it keeps clones with their power state, display, session and "dirty"
-disk; it raises the same typed errors the adapters raise (CloneNotFoundError for a missing
-clone, InvalidStateError for suspending a powered-off one, ...); and it delivers events through
-subscribe(). Test controls drive what a user or the guest would do:
+disk; it raises the same typed errors the adapters raise for the same case (the contract
+suite, tests/contract/hypervisor_suite.py, pins each one): CloneNotFoundError for a name no VM
+has, NotOurCloneError for a VM imagepipe did not make or another pool's clone,
+InvalidStateError for a power state that does not fit, BaseMissingError for a base that is
+gone, DisplayInUseError for a display port another program or a running clone holds. It
+delivers events through subscribe(). Test controls drive what a user or the guest would do:
 
     hv = FakeHypervisor(clock=lambda: now)
     hv.add_base(base)                       # a registered, powered-off base image
+    hv.remove_base(base)                    # its files are gone
+    hv.add_foreign("lab-3")                 # a VM with that name that imagepipe did not make
+    hv.occupy(Endpoint("127.0.0.1", 5901))  # another program listens on that display port
     hv.boot_ticks = 2                       # a started clone is ready after two tick() calls
     hv.fail_next("create_clone", BusyError("locked"))
     hv.connect("lab-0", "10.0.0.7")         # a VNC client connects
@@ -24,13 +30,17 @@ from pathlib import Path
 
 from imagepipe.errors import (
     BadInputError,
+    BaseMissingError,
     CloneNotFoundError,
+    DisplayInUseError,
     HypervisorError,
     InvalidStateError,
+    NotOurCloneError,
 )
 from imagepipe.pool.model import (
     BaseImage,
     CloneInfo,
+    CloneMode,
     CloneSpec,
     Endpoint,
     GuestSession,
@@ -68,6 +78,8 @@ class FakeHypervisor:
     clones: dict[str, _Clone] = field(default_factory=dict)
     bases: dict[tuple[str, int], bool] = field(default_factory=dict)  # -> powered off
     calls: list[tuple[str, str]] = field(default_factory=list)  # (operation, clone name)
+    foreign: dict[str, Power] = field(default_factory=dict)  # VMs imagepipe did not make
+    occupied: set[Endpoint] = field(default_factory=set)  # ports other programs listen on
     closed: bool = False
     _failures: dict[str, deque[HypervisorError]] = field(default_factory=lambda: defaultdict(deque))
     _blockers: dict[str, threading.Event] = field(default_factory=dict)
@@ -79,6 +91,21 @@ class FakeHypervisor:
     def add_base(self, base: BaseImage, *, powered_off: bool = True) -> None:
         """Register a base image; clones can be made from it while it is powered off."""
         self.bases[(base.image, base.version)] = powered_off
+
+    def remove_base(self, base: BaseImage) -> None:
+        """The base image's files are deleted: no clone of that version can be made."""
+        self.bases.pop((base.image, base.version), None)
+
+    def add_foreign(self, name: str, power: Power = Power.SHUTOFF) -> None:
+        """A VM named `name` that imagepipe did not make (no imagepipe metadata)."""
+        self.foreign[name] = power
+
+    def occupy(self, display: Endpoint) -> None:
+        """Another program listens on this display port."""
+        self.occupied.add(display)
+
+    def release(self, display: Endpoint) -> None:
+        self.occupied.discard(display)
 
     def fail_next(self, operation: str, error: HypervisorError, times: int = 1) -> None:
         """Make the next `times` calls of `operation` (e.g. "create_clone") raise `error`."""
@@ -160,33 +187,63 @@ class FakeHypervisor:
     def create_clone(self, spec: CloneSpec) -> CloneInfo:
         self._enter("create_clone", spec.name)
         with self._lock:
+            if spec.name in self.foreign:
+                raise NotOurCloneError(_not_ours(spec.name))
             existing = self.clones.get(spec.name)
             if existing is not None:
-                if _same_identity(existing.spec, spec):
-                    return self._info(existing)
-                raise InvalidStateError(
-                    f"a clone named {spec.name} already exists with other metadata "
-                    f"(pool {existing.spec.pool}, version {existing.spec.base.version}); "
-                    "delete it first"
-                )
+                return self._existing_clone(existing, spec)
             key = (spec.base.image, spec.base.version)
             if key not in self.bases:
-                raise CloneNotFoundError(
-                    f"base image {spec.base.image} v{spec.base.version} does not exist"
+                raise BaseMissingError(
+                    f"image {spec.base.image} v{spec.base.version} has no base disk in "
+                    f"{spec.base.directory}: rebuild the version or retire it"
                 )
             if not self.bases[key]:
                 raise InvalidStateError(
                     f"base image {spec.base.image} v{spec.base.version} is running; "
                     "clones are made only from a powered-off base"
                 )
-            for other in self.clones.values():
-                if other.spec.display == spec.display:
-                    raise InvalidStateError(
-                        f"display {spec.display} is already used by {other.spec.name}"
-                    )
+            self._refuse_taken_display(spec.name, spec.display)
             clone = _Clone(spec=spec)
             self.clones[spec.name] = clone
             return self._info(clone)
+
+    def _existing_clone(self, existing: _Clone, spec: CloneSpec) -> CloneInfo:
+        """create_clone of a name that exists: fine when it is the same clone (libvirt's
+        rules: another pool's clone is not ours; this pool's of another version conflicts)."""
+        have = existing.spec
+        if _same_identity(have, spec):
+            return self._info(existing)
+        if have.pool != spec.pool:
+            raise NotOurCloneError(
+                f"clone {spec.name} belongs to pool {have.pool}, not {spec.pool}; imagepipe "
+                "leaves it alone: give the pools names that do not overlap"
+            )
+        raise InvalidStateError(
+            f"clone {spec.name} already exists for {have.base.image} v{have.base.version} "
+            f"(pool {have.pool}, slot {have.slot}); delete it before creating it for "
+            f"{spec.base.image} v{spec.base.version}"
+        )
+
+    def _check_base_of(self, clone: _Clone) -> None:
+        base = clone.spec.base
+        if (base.image, base.version) not in self.bases:
+            raise BaseMissingError(
+                f"clone {clone.spec.name}: the base of {base.image} v{base.version} is gone "
+                f"from {base.directory}; delete the clone (the pool makes it again from the "
+                "current version) or restore the version's files"
+            )
+
+    def _refuse_taken_display(self, name: str, display: Endpoint) -> None:
+        held = display in self.occupied or any(
+            c.spec.display == display and c.power is not Power.SHUTOFF and c.spec.name != name
+            for c in self.clones.values()
+        )
+        if held:
+            raise DisplayInUseError(
+                f"clone {name}: display port {display} is already in use by another program; "
+                "stop it or give the pool a free display.port_range in its pool file"
+            )
 
     def start(self, name: str) -> None:
         self._enter("start", name)
@@ -195,7 +252,12 @@ class FakeHypervisor:
             if clone.power is Power.RUNNING:
                 return
             if clone.power is Power.SUSPENDED:
-                raise InvalidStateError(f"{name} is suspended; resume it instead of starting it")
+                raise InvalidStateError(
+                    f"clone {name} is suspended; resume it instead of starting it"
+                )
+            if clone.spec.mode is CloneMode.LINKED:
+                self._check_base_of(clone)
+            self._refuse_taken_display(name, clone.spec.display)
             clone.power = Power.RUNNING
             clone.boot_ticks_left = self.boot_ticks
         self._emit(EventKind.STATE_CHANGED, name, detail="running")
@@ -214,8 +276,12 @@ class FakeHypervisor:
         self._enter("reset", name)
         with self._lock:
             clone = self._get(name)
-            clone.dirty = False
+            # like libvirt: power off, then a fresh disk from the base, then start
+            clone.power = Power.SHUTOFF
             clone.session = GuestSession()
+            self._check_base_of(clone)
+            clone.dirty = False
+            self._refuse_taken_display(name, clone.spec.display)
             clone.power = Power.RUNNING
             clone.boot_ticks_left = self.boot_ticks
         self._emit(EventKind.STATE_CHANGED, name, detail="reset")
@@ -245,6 +311,8 @@ class FakeHypervisor:
     def delete(self, name: str) -> None:
         self._enter("delete", name)
         with self._lock:
+            if name in self.foreign:
+                raise NotOurCloneError(_not_ours(name))
             if self.clones.pop(name, None) is None:
                 return
         self._emit(EventKind.STATE_CHANGED, name, detail="deleted")
@@ -258,6 +326,9 @@ class FakeHypervisor:
         self._enter("sessions", name)
         with self._lock:
             clone = self._get(name)
+            if clone.power is Power.SUSPENDED:
+                # the display still holds its client; the paused guest's agent lists nobody
+                return replace(clone.session, users=())
             return clone.session if clone.power is Power.RUNNING else GuestSession()
 
     def subscribe(self, callback: Callable[[HypervisorEvent], None]) -> _Subscription:
@@ -289,7 +360,9 @@ class FakeHypervisor:
     def _get(self, name: str) -> _Clone:
         clone = self.clones.get(name)
         if clone is None:
-            raise CloneNotFoundError(f"no clone named {name}")
+            if name in self.foreign:
+                raise NotOurCloneError(_not_ours(name))
+            raise CloneNotFoundError(f"clone {name} does not exist on this host")
         return clone
 
     def _running(self, name: str) -> _Clone:
@@ -333,6 +406,13 @@ class FakeHypervisor:
         return self._get(name).dirty
 
 
+def _not_ours(name: str) -> str:
+    return (
+        f"domain {name} exists but imagepipe did not make it; imagepipe leaves it alone: "
+        "rename or remove it, or change the pool name"
+    )
+
+
 def _same_identity(a: CloneSpec, b: CloneSpec) -> bool:
     return (a.pool, a.slot, a.base.image, a.base.version) == (
         b.pool,
@@ -354,6 +434,10 @@ class FakeClock:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def now(self) -> float:
+        with self._lock:
+            return self.time
+
+    def monotonic(self) -> float:
         with self._lock:
             return self.time
 

@@ -266,8 +266,9 @@ def test_unmanaged_haproxy_without_a_socket_says_how_to_fix_it(
     real_harness: RealHarness,
 ) -> None:
     balancer = real_harness.new_adapter(manage=False)
-    with pytest.raises(EnvironmentMissingError, match=r"stats socket .* level admin"):
+    with pytest.raises(EnvironmentMissingError, match=r"stats socket .* level admin") as error:
         balancer.ensure_frontend()
+    assert "set balancer.manage: true" in str(error.value)  # a settings key that exists
     assert not (real_harness.workdir / "haproxy.pid").exists()  # nothing was started
 
 

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from imagepipe.hypervisors.libvirt import LibvirtHypervisor
-from imagepipe.pool.model import BaseImage
-from tests.contract.hypervisor_suite import HypervisorContract
+from imagepipe.errors import BaseMissingError
+from imagepipe.hypervisors.libvirt import LibvirtHypervisor, power_of
+from imagepipe.hypervisors.libvirt_disks import disk_usable
+from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power
+from tests.conftest import require_program
+from tests.contract.hypervisor_suite import BaseInUse, ForeignVM, HypervisorContract
 from tests.guest import tiny_base_image
+from tests.host import free_port
 
 pytestmark = pytest.mark.real
 
@@ -30,7 +39,75 @@ def tiny_base(workdir: Path) -> BaseImage:
     return tiny_base_image(workdir / "tiny-v1")
 
 
+FOREIGN_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <description>made by the imagepipe contract suite, without imagepipe metadata</description>
+  <memory unit='MiB'>32</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64'>hvm</type></os>
+</domain>"""
+
+
+@dataclass(frozen=True)
+class LibvirtForeignVM:
+    """A plain libvirt domain defined with the libvirt API, not by imagepipe."""
+
+    conn: Any
+    name: str
+
+    def power(self) -> Power | None:
+        import libvirt
+
+        try:
+            return power_of(int(self.conn.lookupByName(self.name).state()[0]))
+        except libvirt.libvirtError:
+            return None
+
+
+@contextlib.contextmanager
+def writer_on(disk: Path) -> Iterator[None]:
+    """A QEMU process (qemu-io) holds the disk open for writing, as a running base VM does."""
+    qemu_io = require_program("qemu-io")
+    writer = subprocess.Popen(
+        [qemu_io, "-f", "qcow2", str(disk), "-c", "sleep 120000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while disk_usable(disk):
+            assert time.monotonic() < deadline, "qemu-io never locked the base disk"
+            time.sleep(0.05)
+        yield
+    finally:
+        writer.kill()
+        writer.wait()
+
+
 class TestLibvirtHypervisor(HypervisorContract):
+    @pytest.fixture
+    def base_in_use(self, base_image: BaseImage) -> BaseInUse:
+        assert base_image.disk is not None
+        disk = base_image.directory / base_image.disk
+        return lambda: writer_on(disk)
+
+    @pytest.fixture
+    def foreign_vm(self, require_libvirt: str, contract_pool: str) -> Iterator[ForeignVM]:
+        import libvirt
+
+        conn = libvirt.open(require_libvirt)
+        name = f"{contract_pool}-7"
+        dom = conn.defineXML(FOREIGN_XML.format(name=name))
+        try:
+            yield LibvirtForeignVM(conn, name)
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                if dom.isActive():
+                    dom.destroy()
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.undefine()
+            conn.close()
+
     @pytest.fixture
     def base_image(self, require_libvirt: str, tiny_base: BaseImage) -> BaseImage:
         return tiny_base
@@ -50,3 +127,26 @@ class TestLibvirtHypervisor(HypervisorContract):
             hv.close()
             assert leftovers == []
             assert not list((workdir / "state" / "disks").glob(f"{contract_pool}-*"))
+
+    def test_a_linked_clone_whose_base_disk_is_gone_neither_starts_nor_resets(
+        self, hypervisor: LibvirtHypervisor, contract_pool: str, workdir: Path
+    ) -> None:
+        base = tiny_base_image(workdir / f"{contract_pool}-base", version=2)
+        spec = CloneSpec(
+            name=f"{contract_pool}-1",
+            pool=contract_pool,
+            slot=1,
+            base=base,
+            mode=CloneMode.LINKED,
+            cpus=1,
+            memory=128 * 1024**2,
+            display=Endpoint("127.0.0.1", free_port()),
+        )
+        hypervisor.create_clone(spec)
+        (base.directory / "disk.qcow2").unlink()
+
+        for operation in (hypervisor.start, hypervisor.reset):
+            with pytest.raises(BaseMissingError, match=r"tiny v2 is gone .*disk\.qcow2"):
+                operation(spec.name)
+        (listed,) = [c for c in hypervisor.list_clones() if c.name == spec.name]
+        assert listed.power is Power.SHUTOFF

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.errors import CloneNotFoundError, EnvironmentMissingError
-from imagepipe.hypervisors.libvirt_disks import disk_usable, make_clone_disk
+from imagepipe.errors import CloneNotFoundError, EnvironmentMissingError, FatalHypervisorError
+from imagepipe.hypervisors.libvirt_disks import disk_usable, make_clone_disk, remove_partial_disks
 from imagepipe.pool.model import CloneMode
 from tests.conftest import require_program
 
@@ -40,6 +40,47 @@ def test_a_linked_clone_disk_is_an_overlay_on_the_base(base: Path, tmp_path: Pat
     make_clone_disk(base, target, CloneMode.LINKED)
     assert info(target)["backing-filename"] == str(base.resolve())
     assert not target.with_name("lab-1.qcow2.partial").exists()
+
+
+def test_a_half_written_disk_left_by_a_kill_is_removed_when_the_next_disk_is_made(
+    base: Path, tmp_path: Path
+) -> None:
+    disks = tmp_path / "disks"
+    disks.mkdir()
+    # what kill -9 during `qemu-img create` of lab-3 leaves: its .partial, never renamed
+    left = disks / "lab-3.qcow2.partial"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(left), "16M"], check=True)
+
+    make_clone_disk(base, disks / "lab-0.qcow2", CloneMode.LINKED)  # another slot
+
+    assert sorted(p.name for p in disks.iterdir()) == ["lab-0.qcow2"]
+
+
+def test_the_sweep_removes_only_partial_disks(base: Path, tmp_path: Path) -> None:
+    make_clone_disk(base, tmp_path / "lab-0.qcow2", CloneMode.LINKED)
+    (tmp_path / "lab-1.qcow2.partial").write_bytes(b"QFI\xfb")
+    (tmp_path / "notes.partial").write_text("not a clone disk")
+
+    removed = remove_partial_disks(tmp_path)
+
+    assert [p.name for p in removed] == ["lab-1.qcow2.partial"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "base.qcow2",
+        "lab-0.qcow2",
+        "notes.partial",
+    ]
+    assert info(tmp_path / "lab-0.qcow2")["format"] == "qcow2"
+    assert remove_partial_disks(tmp_path / "nowhere") == []
+
+
+def test_a_failed_qemu_img_leaves_no_partial_disk(tmp_path: Path) -> None:
+    require_program("qemu-img")
+    broken = tmp_path / "broken.qcow2"
+    broken.write_bytes(b"QFI\xfb\x00\x00\x00\x03")  # a qcow2 header cut short
+    target = tmp_path / "disks" / "lab-4.qcow2"
+    with pytest.raises(FatalHypervisorError):
+        make_clone_disk(broken, target, CloneMode.FULL)
+    assert list(target.parent.iterdir()) == []
 
 
 def test_a_full_clone_disk_stands_alone(base: Path, tmp_path: Path) -> None:

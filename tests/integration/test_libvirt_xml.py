@@ -91,7 +91,7 @@ def test_metadata_with_a_broken_version_is_not_taken_for_ours() -> None:
     assert parse_domain(xml).metadata is None
 
 
-@pytest.mark.parametrize("name", ["../etc", "a/b", "", "-x", "x" * 64])
+@pytest.mark.parametrize("name", ["../etc", "a/b", "", "-x", "x" * 64, "lab-1\n"])
 def test_clone_names_that_could_escape_the_state_dir_are_refused(name: str) -> None:
     with pytest.raises(FatalHypervisorError, match="not usable"):
         check_name(name)

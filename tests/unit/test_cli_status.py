@@ -162,3 +162,56 @@ def test_status_header_of_an_empty_pool_stays_on_one_line() -> None:
     lines = console.export_text().splitlines()
     header = "classroom  (win10 no version)  free 0/3  in use 0  total 0/30"
     assert header in [line.rstrip() for line in lines]
+
+
+def test_status_reports_desktops_the_host_no_longer_has_as_missing_not_free(
+    host: tuple[Path, FakeHypervisor, Adapters], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Domains deleted by hand (or a host rebuilt): the store still remembers them, but the
+    hypervisor is the truth for what exists. None of them may be counted as free."""
+    settings, hv, adapters = host
+    for name in list(hv.clones):
+        hv.remove_behind_our_back(name)
+
+    assert main(["--config", str(settings), "status", "--json"], adapters) == 0
+
+    (pool,) = json.loads(capsys.readouterr().out)["pools"]
+    assert (pool["free"], pool["in_use"], pool["total"]) == (0, 0, 0)
+    assert {c["name"]: c["state"] for c in pool["clones"]} == {
+        "lab-0": "missing",
+        "lab-1": "missing",
+        "lab-2": "missing",
+    }
+    assert all(c["power"] is None and c["balancer"] is None for c in pool["clones"])
+
+
+def test_status_table_counts_add_up_when_desktops_are_missing(
+    host: tuple[Path, FakeHypervisor, Adapters], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, hv, adapters = host
+    hv.remove_behind_our_back("lab-1")
+
+    assert main(["--config", str(settings), "status", "--json"], adapters) == 0
+
+    (pool,) = json.loads(capsys.readouterr().out)["pools"]
+    existing = [c for c in pool["clones"] if c["state"] != "missing"]
+    assert pool["total"] == len(existing) == 2
+    assert pool["free"] + pool["in_use"] <= pool["total"]
+    assert [c["name"] for c in pool["clones"] if c["state"] == "missing"] == ["lab-1"]
+
+
+def test_status_shows_an_old_version_desktop_in_use_as_retiring_during_a_rollout(
+    host: tuple[Path, FakeHypervisor, Adapters], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new version on the pool's channel starts a rollout: alice's v1 desktop takes no new
+    user and goes when she logs off. Status must say so, exactly as the keeper acts on it."""
+    settings, hv, adapters = host
+    assert adapters.images is not None
+    hv.add_base(adapters.images.publish("tiny", 2))  # type: ignore[attr-defined]
+
+    assert main(["--config", str(settings), "status", "--json"], adapters) == 0
+
+    (pool,) = json.loads(capsys.readouterr().out)["pools"]
+    assert pool["version"] == 2
+    alice = next(c for c in pool["clones"] if c["name"] == "lab-0")
+    assert (alice["version"], alice["state"], alice["users"]) == (1, "retiring", ["alice"])

@@ -152,14 +152,15 @@ def test_libvirt_versions_are_decoded_from_libvirts_numbers(
     assert closed == [True]
 
 
-def test_virtualbox_fails_with_the_reason_this_version_cannot_drive_it(tmp_path: Path) -> None:
+def test_virtualbox_without_virtualbox_on_the_host_fails_with_how_to_install_it(
+    tmp_path: Path,
+) -> None:
     check = doctor.check_hypervisor(
         settings(tmp_path, hypervisor=HypervisorSettings(driver="virtualbox"))
     )
 
     assert check.status is Status.FAIL
-    assert "'virtualbox' is not available in this version" in check.detail
-    assert check.fix == "set hypervisor.driver: libvirt"
+    assert check.fix is not None and "VirtualBox 6.1 or 7.x" in check.fix
 
 
 def test_without_a_kvm_device_guests_run_under_tcg_which_is_a_warning(tmp_path: Path) -> None:
@@ -169,14 +170,14 @@ def test_without_a_kvm_device_guests_run_under_tcg_which_is_a_warning(tmp_path: 
     assert "TCG" in check.detail and "No such file" in check.detail
 
 
-def test_balancer_none_is_ok_and_ipvs_fails(tmp_path: Path) -> None:
+def test_balancer_none_is_ok_and_ipvs_names_its_virtual_service(tmp_path: Path) -> None:
     none = doctor.check_balancer(settings(tmp_path, balancer=BalancerSettings(driver="none")))
     ipvs = doctor.check_balancer(
         settings(tmp_path, balancer=BalancerSettings(driver="ipvs", vip="10.0.0.1"))
     )
 
     assert none.status is Status.OK and "no balancer" in none.detail
-    assert ipvs.status is Status.FAIL and "not available on this host" in ipvs.detail
+    assert ipvs.status is Status.OK and "virtual service 10.0.0.1:3389" in ipvs.detail
 
 
 def test_managed_haproxy_missing_fails_and_says_to_install_it(
@@ -363,7 +364,7 @@ def test_pool_image_resolves_once_built_and_warns_to_build_it_before(tmp_path: P
 def test_json_is_a_stable_list_and_a_fail_exits_3(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = write_settings(tmp_path, "balancer: {driver: ipvs, vip: 10.0.0.1}\n")
+    config = write_settings(tmp_path, "balancer: {manage: false, admin_socket: none.sock}\n")
 
     code = doctor_cli(config, "--json", capsys=capsys)
 
@@ -371,7 +372,7 @@ def test_json_is_a_stable_list_and_a_fail_exits_3(
     assert code[0] == 3
     assert all(sorted(item) == ["check", "detail", "fix", "status"] for item in report)
     [balancer] = [item for item in report if item["check"] == "balancer"]
-    assert balancer["status"] == "FAIL" and balancer["fix"].startswith("set balancer.driver")
+    assert balancer["status"] == "FAIL" and balancer["fix"].startswith("start your HAProxy")
     assert all(item["fix"] is None for item in report if item["status"] == "ok")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from imagepipe.errors import BusyError, FatalHypervisorError
-from imagepipe.pool.executor import Executor, ExecutorSettings
+from imagepipe.pool.executor import ExecutionReport, Executor, ExecutorSettings
 from imagepipe.pool.model import (
     Action,
     BalancerEnable,
@@ -27,6 +27,7 @@ from imagepipe.pool.model import (
     ResetClone,
     StartClone,
 )
+from imagepipe.pool.planner import failures_after
 from imagepipe.pool.store import Store
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
@@ -177,11 +178,18 @@ def test_a_missing_clone_is_final_except_that_deleting_it_succeeds(rig: Rig) -> 
     assert "lab-6" in (outcomes["StartClone"].error or "")
 
 
-def test_a_failed_create_marks_the_clone_failed_and_counts_against_the_pool(rig: Rig) -> None:
+def test_a_failed_create_is_reported_and_the_failure_policy_counts_it_against_the_pool(
+    rig: Rig,
+) -> None:
     now = rig.clock.now()
     rig.hv.fail_next("create_clone", FatalHypervisorError("no space left on device"), times=2)
 
-    rig.executor().run(SPECS, [creating(0, now), create(0), creating(1, now), create(1)])
+    report = rig.executor().run(SPECS, [creating(0, now), create(0), creating(1, now), create(1)])
+    assert [o.action for o in report.failed] == [create(0), create(1)]
+    assert rig.store.load_pool("lab").failures == 0, "the executor reports, it does not decide"
+    # what the keeper does with the report: the planner's failure policy, written down
+    failed = [o.action for o in report.failed]
+    rig.store.apply("lab", failures_after(LAB, rig.store.load_pool("lab"), failed, now))
 
     record = rig.store.load_pool("lab")
     assert {c.state for c in record.clones.values()} == {CloneState.FAILED}
@@ -190,12 +198,30 @@ def test_a_failed_create_marks_the_clone_failed_and_counts_against_the_pool(rig:
     assert record.breaker_open_until == now + LAB.breaker_cooldown
 
 
+def run_until_the_clock_passes(
+    rig: Rig, executor: Executor, actions: list[Action]
+) -> ExecutionReport:
+    """Run `actions` while the fake clock is moved past the executor's action timeout as
+    soon as the hypervisor has the first call: no real waiting for a timeout."""
+    result: list[ExecutionReport] = []
+    calls = len(rig.hv.calls)
+    runner = threading.Thread(
+        target=lambda: result.append(executor.run(SPECS, actions)), daemon=True
+    )
+    runner.start()
+    eventually(lambda: len(rig.hv.calls) > calls)
+    rig.clock.advance(executor.settings.action_timeout + 1)
+    runner.join(10)
+    (report,) = result
+    return report
+
+
 def test_a_hung_call_times_out_and_its_clone_is_left_alone_until_it_returns(rig: Rig) -> None:
-    executor = rig.executor(action_timeout=0.05)
+    executor = rig.executor(action_timeout=30.0, poll=0.01)
     executor.run(SPECS, [create(0)])
     gate = rig.hv.block("start")
 
-    hung = executor.run(SPECS, [StartClone(pool="lab", clone="lab-0")])
+    hung = run_until_the_clock_passes(rig, executor, [StartClone(pool="lab", clone="lab-0")])
     assert not hung.ok and "timed out" in (hung.failed[0].error or "")
     meanwhile = executor.run(SPECS, [StartClone(pool="lab", clone="lab-0")])
     assert meanwhile.skipped and not meanwhile.outcomes
@@ -254,3 +280,34 @@ def test_recovery_never_resets_a_clone_somebody_is_on(rig: Rig) -> None:
 
     assert rig.hv.count("reset") == 0
     assert rig.hv.clones["lab-0"].session.client == "10.0.0.9"
+
+
+def test_a_completed_reset_clears_the_dirty_mark_and_a_failed_one_keeps_it(rig: Rig) -> None:
+    rig.executor().run(SPECS, [*bring_up(0), *bring_up(1)])
+    for slot in (0, 1):
+        used = CloneRecord(f"lab-{slot}", slot, 1, CloneState.BOOTING, rig.clock.now(), dirty=True)
+        rig.store.save_clone("lab", used)
+    rig.hv.fail_next("reset", FatalHypervisorError("disk full"))
+
+    report = rig.executor().run(
+        SPECS, [ResetClone(pool="lab", clone="lab-0"), ResetClone(pool="lab", clone="lab-1")]
+    )
+
+    clones = rig.store.load_pool("lab").clones
+    failed = {o.action.clone for o in report.failed}
+    assert len(failed) == 1
+    assert all(clones[n].dirty == (n in failed) for n in ("lab-0", "lab-1"))
+
+
+def test_a_timeout_follows_the_injected_clock_not_the_wall_clock(rig: Rig) -> None:
+    executor = rig.executor(action_timeout=600.0, poll=0.01)
+    gate = rig.hv.block("create_clone")
+    started = time.monotonic()
+
+    report = run_until_the_clock_passes(rig, executor, [create(0)])
+
+    assert "timed out after 600s" in (report.failed[0].error or "")
+    assert time.monotonic() - started < 60, "the executor waited for real time"
+    assert executor.in_flight("lab") == frozenset({"lab-0"})
+    gate.set()
+    eventually(lambda: executor.in_flight("lab") == frozenset())

@@ -14,18 +14,25 @@ from imagepipe.errors import BusyError, FatalHypervisorError
 from imagepipe.pool.executor import ExecutorSettings
 from imagepipe.pool.keeper import Keeper, KeeperOptions, PassReport
 from imagepipe.pool.model import (
+    Action,
     BackendState,
+    BalancerRemove,
     CloneMode,
     CloneSpec,
     CloneState,
     CreateClone,
     DeleteClone,
     Endpoint,
+    ForgetClone,
     PoolSpec,
     Power,
     RecordClone,
+    RecordPool,
     ResetClone,
+    StartClone,
 )
+from imagepipe.pool.observe import observe
+from imagepipe.pool.planner import plan
 from imagepipe.pool.store import Store
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
@@ -269,7 +276,11 @@ def test_a_lost_store_is_rebuilt_from_clone_metadata_without_touching_the_user(
         for c in world.hv.calls[calls_before:]
         if c[0] not in ("list_clones", "sessions", "base_ready")
     ]
-    assert mutations == [], "adopting clones must not create, reset or delete any"
+    free = sorted(n for n in world.hv.clones if n != in_use)
+    assert sorted(mutations) == [("reset", n) for n in free], (
+        "adopting clones creates and deletes none and never touches the one in use; the "
+        "others' history is unknown, so each is reset once before it serves"
+    )
     assert len(world.free_in_balancer()) == 2
 
 
@@ -453,3 +464,185 @@ def test_a_pool_that_cannot_make_desktops_is_reported_once_and_again_when_it_can
     assert keeper.run_pass().notes == {}
     assert any("can make desktops again" in r.getMessage() for r in caplog.records)
     world.store.close()
+
+
+# ---- crashes: kill -9 at a chosen moment, then a new keeper on the same store and host ----
+
+
+def crash_after(world: World, kind: type[Action]) -> list[Action]:
+    """One pass of a keeper that is killed right after its first `kind` action: the records
+    it wrote first and the host calls up to that one happened; nothing after. Returns the
+    actions the killed keeper had planned."""
+    specs = {world.spec.name: world.spec}
+    host = observe(world.hv, world.lb, world.images, [world.spec])
+    planned = plan(world.spec, host.pools["lab"], world.store.load_pool("lab"), world.clock.now())
+    calls = [a for a in planned if not isinstance(a, RecordClone | ForgetClone | RecordPool)]
+    cut = next(i for i, a in enumerate(calls) if isinstance(a, kind))
+    done = [a for a in planned if isinstance(a, RecordClone | ForgetClone | RecordPool)]
+    world.keeper().executor.run(specs, done + calls[: cut + 1])
+    return planned
+
+
+def crash_inside(world: World, kind: type[Action]) -> None:
+    """One pass of a keeper killed inside its first `kind` call, before the hypervisor got
+    the request: records written, earlier calls done, that call journaled, nothing more."""
+    specs = {world.spec.name: world.spec}
+    host = observe(world.hv, world.lb, world.images, [world.spec])
+    planned = plan(world.spec, host.pools["lab"], world.store.load_pool("lab"), world.clock.now())
+    calls = [a for a in planned if not isinstance(a, RecordClone | ForgetClone | RecordPool)]
+    cut = next(i for i, a in enumerate(calls) if isinstance(a, kind))
+    done = [a for a in planned if isinstance(a, RecordClone | ForgetClone | RecordPool)]
+    world.keeper().executor.run(specs, done + calls[:cut])
+    world.store.journal_begin(calls[cut], world.clock.now())
+
+
+def restart(world: World) -> Keeper:
+    """The store reopened from its file; the host (hypervisor, balancer) as the crash left it."""
+    world.store.close()
+    world.store = Store(world.store_path)
+    return world.keeper()
+
+
+def no_dirty_desktop_serves(world: World) -> None:
+    for name in world.free_in_balancer():
+        assert not world.hv.is_dirty(name), f"{name} serves with a previous user's traces"
+
+
+def test_a_keeper_killed_after_taking_a_logged_off_desktop_out_of_the_balancer_resets_it_before_anyone_gets_it(  # noqa: E501
+    world: World,
+) -> None:
+    keeper = world.keeper()
+    settle(keeper)
+    taken = use(world)
+    settle(keeper)
+    leave(world, taken)
+    settle(keeper)
+    world.clock.advance(LAB.recycle_after + 1)
+
+    planned = crash_after(world, BalancerRemove)
+
+    assert ResetClone(pool="lab", clone=taken) in planned
+    assert taken not in [b.name for b in world.lb.list_backends()]
+    assert world.hv.count("reset") == 0 and world.hv.is_dirty(taken)
+
+    second = restart(world)
+    for _ in range(8):
+        second.run_pass()
+        no_dirty_desktop_serves(world)
+    assert world.hv.count("reset") == 1
+    assert not world.hv.is_dirty(taken)
+    assert taken in world.free_in_balancer()
+    assert world.states()[taken] is CloneState.FREE
+
+
+def test_a_desktop_stays_marked_for_reset_across_any_number_of_crashes_until_a_reset_completes(
+    world: World,
+) -> None:
+    keeper = world.keeper()
+    settle(keeper)
+    taken = use(world)
+    settle(keeper)
+    leave(world, taken)
+    settle(keeper)
+    world.clock.advance(LAB.recycle_after + 1)
+    crash_after(world, BalancerRemove)
+    world.hv.fail_next("reset", FatalHypervisorError("disk full"))
+
+    restart(world).run_pass()  # the reset fails
+    restart(world).run_pass()  # a crash again, before the retry
+    world.clock.advance(LAB.retry_backoff * 4)
+    for _ in range(8):
+        restart(world).run_pass()
+        no_dirty_desktop_serves(world)
+
+    assert not world.hv.is_dirty(taken)
+    assert taken in world.free_in_balancer()
+
+
+def test_a_desktop_of_unknown_history_is_reset_before_it_serves_and_one_in_use_is_left_alone(
+    world: World, tmp_path: Path
+) -> None:
+    settle(world.keeper())
+    in_use = use(world)
+    settle(world.keeper())
+    free = [n for n in world.hv.clones if n != in_use]
+    for name in free:
+        world.hv.clones[name].dirty = True  # nobody can tell what happened on them
+    world.store.close()
+    world.store = Store(tmp_path / "lost-state.db")
+
+    for _ in range(8):
+        world.keeper().run_pass()
+        no_dirty_desktop_serves(world)
+
+    assert ("reset", in_use) not in world.hv.calls
+    assert world.hv.clones[in_use].session.client == "10.0.0.7"
+    assert all(("reset", name) in world.hv.calls for name in free)
+    assert len(world.free_in_balancer()) == 2
+
+
+def test_a_keeper_killed_inside_a_create_makes_the_desktop_again_without_waiting_boot_timeout(
+    world: World,
+) -> None:
+    crash_inside(world, CreateClone)
+    assert world.states() == {"lab-0": CloneState.CREATING, "lab-1": CloneState.CREATING}
+    assert "lab-0" not in world.hv.clones
+
+    settle(restart(world))  # the clock stands still: no timeout can help
+
+    assert sorted(world.free_in_balancer()) == ["lab-0", "lab-1"]
+    assert world.store.journal_open() == []
+
+
+def test_a_keeper_killed_inside_a_start_starts_the_desktop_without_waiting_boot_timeout(
+    world: World,
+) -> None:
+    world.keeper().run_pass()  # makes the clones
+    crash_inside(world, StartClone)
+    assert world.hv.clones["lab-0"].power is Power.SHUTOFF
+    assert world.states()["lab-0"] is CloneState.BOOTING
+
+    settle(restart(world))
+
+    assert sorted(world.free_in_balancer()) == ["lab-0", "lab-1"]
+    assert world.hv.count("reset") == 0, "a fresh clone needs a start, not a reset"
+
+
+def test_a_keeper_killed_inside_a_reset_resets_the_desktop_before_it_serves(
+    world: World,
+) -> None:
+    keeper = world.keeper()
+    settle(keeper)
+    taken = use(world)
+    settle(keeper)
+    leave(world, taken)
+    settle(keeper)
+    world.clock.advance(LAB.recycle_after + 1)
+    crash_inside(world, ResetClone)
+
+    second = restart(world)
+    for _ in range(8):
+        second.run_pass()
+        no_dirty_desktop_serves(world)
+
+    assert not world.hv.is_dirty(taken)
+    assert taken in world.free_in_balancer()
+
+
+def test_a_user_who_came_and_went_between_two_passes_still_gets_the_desktop_reset(
+    world: World,
+) -> None:
+    keeper = world.keeper()
+    settle(keeper)
+    subscription = world.hv.subscribe(keeper.on_event)  # what run() subscribes
+    taken = use(world)
+    leave(world, taken)  # all before the next pass looks: only the connect event tells
+
+    for _ in range(8):
+        keeper.run_pass()
+        no_dirty_desktop_serves(world)
+        world.clock.advance(LAB.recycle_after)
+    subscription.close()
+
+    assert not world.hv.is_dirty(taken)
+    assert taken in world.free_in_balancer()

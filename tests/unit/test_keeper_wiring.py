@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from imagepipe.app.bootstrap import bootstrap, build_balancer, build_hypervisor
+from imagepipe.balancers.ipvs import IPVSBalancer
 from imagepipe.balancers.null import NullBalancer
 from imagepipe.config import BalancerSettings, HypervisorSettings, Settings
 from imagepipe.errors import EnvironmentMissingError
@@ -35,10 +36,11 @@ def test_balancer_none_accepts_everything_and_reports_nothing(tmp_path: Path) ->
     assert balancer.list_backends() == []
 
 
-def test_ipvs_says_it_is_not_available_on_this_host(tmp_path: Path) -> None:
+def test_ipvs_builds_the_ipvs_adapter_on_its_vip(tmp_path: Path) -> None:
     cfg = BalancerSettings(driver="ipvs", vip="10.0.0.1")
-    with pytest.raises(EnvironmentMissingError, match="not available on this host"):
-        build_balancer(settings(tmp_path, balancer=cfg))
+    balancer = build_balancer(settings(tmp_path, balancer=cfg))
+    assert isinstance(balancer, IPVSBalancer)
+    assert balancer.vip == Endpoint("10.0.0.1", 3389)
 
 
 def test_virtualbox_says_how_to_get_a_working_hypervisor(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from imagepipe.pool.model import (
@@ -55,6 +55,7 @@ class Vm:
     ready: bool = False
     client: str | None = None
     users: tuple[str, ...] = ()
+    dirty: bool = False  # a user's traces on its disk since the last reset or create
 
 
 @dataclass
@@ -99,12 +100,22 @@ class Host:
             rollout_started_at=p.rollout_started_at if p else None,
         )
 
-    def step(self) -> list[Action]:
+    def step(self, killed_after: int | None = None) -> list[Action]:
+        """One keeper pass. `killed_after`: the keeper dies (kill -9) after that many host
+        calls; like the executor, it wrote the pass's records before any call."""
         observed, record = self.observe(), self.record()
         actions = plan(self.spec, observed, record, self.now)
         check_invariants(self, observed, record, actions)
-        for action in actions:
+        memory = (RecordClone, ForgetClone, RecordPool)
+        calls = [a for a in actions if not isinstance(a, memory)]
+        if killed_after is not None:
+            calls = calls[:killed_after]
+        for action in [a for a in actions if isinstance(a, memory)] + calls:
             self.apply(action)
+        self.check_no_dirty_desktop_serves()
+        if killed_after is not None:
+            self.after_shrink = None  # the pass did not finish
+            return actions
         if self.after_shrink is not None:
             assert self.free_ready() >= self.after_shrink, "shrink went below the free target"
             self.after_shrink = None
@@ -119,7 +130,7 @@ class Host:
         elif isinstance(a, RecordPool):
             self.pool = a
         elif isinstance(a, CreateClone):
-            self.vms[a.clone] = Vm(a.slot, a.version)
+            self.vms.setdefault(a.clone, Vm(a.slot, a.version))
         elif isinstance(a, BalancerEnable):
             self.backends[a.clone] = BackendState.READY
         elif isinstance(a, BalancerDrain):
@@ -135,6 +146,10 @@ class Host:
             vm.power, vm.ready = Power.RUNNING, True
         elif isinstance(a, ResetClone):
             vm.power, vm.ready, vm.client, vm.users = Power.RUNNING, True, None, ()
+            vm.dirty = False
+            kept = self.records.get(a.clone)
+            if kept is not None:  # what the executor tells the store once a reset is done
+                self.records[a.clone] = replace(kept, dirty=False)
         elif isinstance(a, SuspendClone | StopClone):
             vm.power, vm.ready, vm.client, vm.users = (
                 Power.SUSPENDED if isinstance(a, SuspendClone) else Power.SHUTOFF,
@@ -142,6 +157,17 @@ class Host:
                 None,
                 (),
             )
+
+    def check_no_dirty_desktop_serves(self) -> None:
+        assigned = set(self.spec.assignments.values())
+        for name, state in self.backends.items():
+            vm = self.vms.get(name)
+            if state is not BackendState.READY or vm is None or vm.slot in assigned:
+                continue
+            if vm.client is not None or vm.users:
+                continue  # its user is on it (a drain a killed pass did not do comes next)
+            if self.spec.on_logoff is not OnLogoff.KEEP:
+                assert not vm.dirty, f"{name} takes new users with a previous user's traces"
 
     def free_ready(self) -> int:
         return sum(
@@ -185,7 +211,10 @@ def check_invariants(
     pending = {
         n
         for n, r in record.clones.items()
-        if r.state is CloneState.CREATING and r.version == host.target and n not in by_name
+        if r.state is CloneState.CREATING
+        and r.version == host.target
+        and n not in by_name
+        and n in observed.in_flight
     }
     existing = {n for n, vm in host.vms.items() if vm.version == host.target}
     assert len(existing | pending | creating) <= spec.max
@@ -223,7 +252,19 @@ specs = st.builds(
 events = st.lists(
     st.tuples(
         st.sampled_from(
-            ["tick", "login", "disconnect", "logoff", "poweroff", "crash", "rollout", "base"]
+            [
+                "tick",
+                "login",
+                "disconnect",
+                "logoff",
+                "poweroff",
+                "crash",
+                "rollout",
+                "base",
+                "kill",
+                "kill",
+                "lose-store",
+            ]
         ),
         st.integers(0, 7),
         st.sampled_from([0.0, 1.0, 30.0, 120.0, 700.0]),
@@ -233,6 +274,7 @@ events = st.lists(
 
 
 def run_events(host: Host, script: list[tuple[str, int, float]]) -> None:
+    kill: int | None = None
     for kind, pick, dt in script:
         host.now += dt
         names = sorted(host.vms)
@@ -240,7 +282,7 @@ def run_events(host: Host, script: list[tuple[str, int, float]]) -> None:
         if kind == "login" and vm is not None and vm.power is Power.RUNNING:
             name = names[pick % len(names)]
             if host.backends.get(name) is BackendState.READY and vm.client is None:
-                vm.client, vm.users = "10.0.0.1", (f"u{pick}",)
+                vm.client, vm.users, vm.dirty = "10.0.0.1", (f"u{pick}",), True
         elif kind == "disconnect" and vm is not None:
             vm.client = None
         elif kind == "logoff" and vm is not None:
@@ -253,11 +295,38 @@ def run_events(host: Host, script: list[tuple[str, int, float]]) -> None:
             host.target += 1
         elif kind == "base":
             host.base_ready = not host.base_ready
-        host.step()
+        elif kind == "kill":  # the keeper dies part-way through the next pass
+            kill = pick % 4
+            continue
+        elif kind == "lose-store":  # the state database is gone; the host is as it was
+            host.records.clear()
+            host.pool = None
+        host.step(killed_after=kill)
+        kill = None
+
+
+# The keeper killed right after it took a logged-off desktop out of the balancer, before
+# the reset (issue 14): the desktop must not come back to the balancer with its traces.
+KILLED_BEFORE_RESET = [
+    ("tick", 0, 0.0),
+    ("tick", 0, 0.0),
+    ("tick", 0, 0.0),
+    ("login", 0, 1.0),
+    ("tick", 0, 1.0),
+    ("kill", 1, 0.0),
+    ("logoff", 0, 1.0),
+    ("tick", 0, 1.0),
+    ("tick", 0, 1.0),
+]
+SMALL = PoolSpec(name="lab", image="img", initial=2, free=2, max=4, recycle_after=0.0)
 
 
 @settings(max_examples=150, deadline=None)
 @given(spec=specs, script=events)
+@example(spec=SMALL, script=KILLED_BEFORE_RESET)
+@example(
+    spec=SMALL, script=[*KILLED_BEFORE_RESET[:5], ("lose-store", 0, 0.0), *KILLED_BEFORE_RESET[6:]]
+)
 def test_invariants_hold_over_random_days(
     spec: PoolSpec, script: list[tuple[str, int, float]]
 ) -> None:

@@ -37,7 +37,14 @@ from imagepipe.pool.model import (
     StartClone,
     SuspendClone,
 )
-from imagepipe.pool.planner import classify, free_target, next_timer, plan
+from imagepipe.pool.planner import (
+    CLONE_RETRIES,
+    classify,
+    failures_after,
+    free_target,
+    next_timer,
+    plan,
+)
 
 T0 = 1_700_000_000.0
 SPEC = PoolSpec(name="lab", image="win10", initial=2, free=2, max=4)
@@ -77,8 +84,9 @@ def observed(
     target: int = 1,
     base_ready: bool = True,
     orphans: Sequence[Backend] = (),
+    in_flight: Sequence[str] = (),
 ) -> Observed:
-    return Observed(tuple(clones), tuple(orphans), target, base_ready)
+    return Observed(tuple(clones), tuple(orphans), target, base_ready, frozenset(in_flight))
 
 
 def of(kind: type[Action], actions: list[Action]) -> list[Action]:
@@ -118,13 +126,15 @@ def test_empty_pool_creates_initial_clones_on_lowest_slots_with_their_ports() ->
 def test_replanning_while_create_in_flight_does_not_create_twice() -> None:
     first = plan(SPEC, observed(), pool(), T0)
     record = pool(*records_of(first).values(), failures=0)
-    again = plan(SPEC, observed(), replace(record, target_version=1), T0 + 5)
+    in_flight = observed(in_flight=["lab-0", "lab-1"])
+    again = plan(SPEC, in_flight, replace(record, target_version=1), T0 + 5)
     assert of(CreateClone, again) == []
 
 
 def test_create_that_never_shows_up_is_failed_and_retried_with_backoff() -> None:
     record = pool(rec(0, CloneState.CREATING), rec(1, CloneState.CREATING))
-    actions = plan(SPEC, observed(), record, T0 + SPEC.boot_timeout)
+    hung = observed(in_flight=["lab-0", "lab-1"])
+    actions = plan(SPEC, hung, record, T0 + SPEC.boot_timeout)
     failed = records_of(actions)
     assert failed["lab-0"].state is CloneState.FAILED
     assert failed["lab-0"].retry_at == T0 + SPEC.boot_timeout + SPEC.retry_backoff
@@ -156,6 +166,7 @@ def test_never_exceeds_max_counting_clones_being_created() -> None:
     spec = replace(SPEC, max=3)
     obs = observed(clone(0, session=USER), clone(1, session=USER))
     record = pool(rec(0, CloneState.IN_USE), rec(1, CloneState.IN_USE), rec(2, CloneState.CREATING))
+    obs = replace(obs, in_flight=frozenset({"lab-2"}))
     assert of(CreateClone, plan(spec, obs, record, T0 + 1)) == []
 
 
@@ -312,7 +323,7 @@ def test_circuit_breaker_stops_creating_after_max_failures_until_cooldown() -> N
 
 def test_breaker_opens_when_failures_reach_max() -> None:
     record = pool(rec(0, CloneState.CREATING), failures=SPEC.max_failures - 1)
-    actions = plan(SPEC, observed(), record, T0 + SPEC.boot_timeout)
+    actions = plan(SPEC, observed(in_flight=["lab-0"]), record, T0 + SPEC.boot_timeout)
     memory = of(RecordPool, actions)[0]
     assert memory.breaker_open_until == T0 + SPEC.boot_timeout + SPEC.breaker_cooldown  # type: ignore[attr-defined]
     assert of(CreateClone, actions) == []
@@ -382,7 +393,9 @@ def test_crashed_clone_is_marked_failed() -> None:
 
 def test_classify_reports_states_for_status() -> None:
     assert classify(SPEC, clone(0, session=USER), None, T0) is CloneState.IN_USE
-    assert classify(SPEC, clone(0), None, T0) is CloneState.FREE
+    assert classify(SPEC, clone(0), rec(0, CloneState.FREE), T0) is CloneState.FREE
+    # no record: nobody can tell who was on it, so the keeper resets it before it serves
+    assert classify(SPEC, clone(0), None, T0) is CloneState.BOOTING
     assert classify(SPEC, clone(0), None, T0, target_version=2) is CloneState.DELETING
     assert classify(SPEC, None, rec(0, CloneState.CREATING), T0) is CloneState.CREATING
 
@@ -390,3 +403,140 @@ def test_classify_reports_states_for_status() -> None:
 def test_next_timer_names_the_next_recycle() -> None:
     record = pool(rec(0, CloneState.RECYCLING, session_ended_at=T0), rec(1, CloneState.FREE))
     assert next_timer(SPEC, record, T0 + 1) == T0 + SPEC.recycle_after
+
+
+# ---- dirty until reset (issue 14): the next user never sees the previous user's session ----
+
+
+def test_a_session_marks_the_desktop_dirty_in_the_pass_that_first_sees_it() -> None:
+    obs = observed(clone(0, session=USER), clone(1))
+    actions = plan(SPEC, obs, pool(rec(0, CloneState.FREE), rec(1, CloneState.FREE)), T0)
+    assert records_of(actions)["lab-0"].dirty
+    assert not records_of(actions).get("lab-1", rec(1, CloneState.FREE)).dirty
+
+
+def test_a_dirty_desktop_that_looks_free_is_reset_and_never_enters_the_balancer() -> None:
+    # what a keeper killed between "out of the balancer" and "reset" leaves behind
+    record = pool(rec(0, CloneState.BOOTING, dirty=True, last_user="ann"), rec(1, CloneState.FREE))
+    actions = plan(SPEC, observed(clone(0, backend=None), clone(1)), record, T0 + 90)
+    assert of(ResetClone, actions) == [ResetClone(pool="lab", clone="lab-0")]
+    assert of(BalancerEnable, actions) == []
+    assert records_of(actions).get("lab-0", record.clones["lab-0"]).dirty
+
+
+def test_a_dirty_desktop_whose_reset_is_still_running_is_left_to_it() -> None:
+    record = pool(rec(0, CloneState.BOOTING, dirty=True), rec(1, CloneState.FREE))
+    obs = replace(observed(clone(0, backend=None), clone(1)), in_flight=frozenset({"lab-0"}))
+    assert plan(SPEC, obs, record, T0 + 90) == []
+
+
+def test_a_desktop_of_unknown_history_is_reset_unless_somebody_is_on_it() -> None:
+    actions = plan(SPEC, observed(clone(0), clone(1, session=USER)), pool(), T0)
+    assert of(ResetClone, actions) == [ResetClone(pool="lab", clone="lab-0")]
+    assert of(BalancerRemove, actions) == [BalancerRemove(pool="lab", clone="lab-0")]
+    assert records_of(actions)["lab-1"].state is CloneState.IN_USE
+    assert records_of(actions)["lab-1"].dirty
+
+
+def test_a_persistent_desktop_goes_back_to_its_user_without_a_reset() -> None:
+    spec = replace(SPEC, on_logoff=OnLogoff.KEEP)
+    record = pool(rec(0, CloneState.BOOTING, dirty=True), rec(1, CloneState.FREE))
+    actions = plan(spec, observed(clone(0, backend=None), clone(1)), record, T0 + 90)
+    assert of(ResetClone, actions) == []
+    assert records_of(actions)["lab-0"].state is CloneState.FREE
+
+
+# ---- crash recovery from what the host shows (issue 14) ----------------------------------
+
+
+def test_a_create_that_never_ran_is_made_again_at_once_not_after_boot_timeout() -> None:
+    record = pool(rec(0, CloneState.CREATING), rec(1, CloneState.FREE))
+    actions = plan(SPEC, observed(clone(1)), record, T0 + 5)
+    assert [a.clone for a in of(CreateClone, actions)] == ["lab-0"]
+    assert records_of(actions)["lab-0"].state is CloneState.CREATING
+
+
+def test_a_start_that_never_ran_is_issued_again_at_once() -> None:
+    record = pool(rec(0, CloneState.BOOTING), rec(1, CloneState.FREE))
+    stopped = clone(0, power=Power.SHUTOFF, ready=False, backend=None)
+    actions = plan(SPEC, observed(stopped, clone(1)), record, T0 + 5)
+    assert of(StartClone, actions) == [StartClone(pool="lab", clone="lab-0")]
+
+
+def test_a_reset_that_never_ran_is_issued_again_not_a_bare_start() -> None:
+    record = pool(rec(0, CloneState.BOOTING, dirty=True), rec(1, CloneState.FREE))
+    stopped = clone(0, power=Power.SHUTOFF, ready=False, backend=None)
+    actions = plan(SPEC, observed(stopped, clone(1)), record, T0 + 5)
+    assert of(ResetClone, actions) == [ResetClone(pool="lab", clone="lab-0")]
+    assert of(StartClone, actions) == []
+
+
+def test_a_guest_that_keeps_powering_itself_off_is_failed_after_a_few_starts() -> None:
+    stopped = clone(0, power=Power.SHUTOFF, ready=False, backend=None)
+    record = pool(rec(0, CloneState.BOOTING), rec(1, CloneState.FREE))
+    starts = 0
+    for step in range(6):
+        actions = plan(SPEC, observed(stopped, clone(1)), record, T0 + step)
+        starts += len(of(StartClone, actions))
+        record = replace(record, clones={**record.clones, **records_of(actions)})
+        if record.clones["lab-0"].state is CloneState.FAILED:
+            break
+    assert record.clones["lab-0"].state is CloneState.FAILED
+    assert 1 <= starts < 3
+
+
+def test_a_delete_that_never_ran_is_issued_again_at_once() -> None:
+    record = pool(rec(0, CloneState.DELETING), rec(1, CloneState.FREE), rec(2, CloneState.FREE))
+    actions = plan(SPEC, observed(clone(0, backend=None), clone(1), clone(2)), record, T0 + 5)
+    assert of(DeleteClone, actions) == [DeleteClone(pool="lab", clone="lab-0")]
+
+
+# ---- failure policy: one place, the planner's (issue 7) -----------------------------------
+
+
+def test_the_failure_that_spends_the_retry_budget_replaces_the_clone_without_another_backoff() -> (
+    None
+):
+    worn = rec(0, CloneState.BOOTING, failures=CLONE_RETRIES - 1)
+    stuck = clone(0, ready=False, backend=None)
+    failed = records_of(
+        plan(SPEC, observed(stuck, clone(1)), pool(worn, rec(1, CloneState.FREE)), T0 + 300)
+    )["lab-0"]
+    assert failed.state is CloneState.FAILED and failed.retry_at is None
+    actions = plan(SPEC, observed(stuck, clone(1)), pool(failed, rec(1, CloneState.FREE)), T0 + 301)
+    assert of(DeleteClone, actions) == [DeleteClone(pool="lab", clone="lab-0")]
+
+
+def test_failed_actions_are_recorded_by_the_same_rules_plan_uses() -> None:
+    record = pool(rec(0, CloneState.CREATING), rec(1, CloneState.BOOTING), failures=3)
+    failed: list[Action] = [
+        CreateClone(pool="lab", clone="lab-0", slot=0, version=1, display=Endpoint("h", 1)),
+        StartClone(pool="lab", clone="lab-1"),
+        BalancerEnable(pool="lab", clone="lab-1", address=Endpoint("h", 2)),
+    ]
+    actions = failures_after(SPEC, record, failed, T0)
+    marked = records_of(actions)
+    assert {n: r.state for n, r in marked.items()} == {
+        "lab-0": CloneState.FAILED,
+        "lab-1": CloneState.FAILED,
+    }
+    assert marked["lab-0"].retry_at == T0 + SPEC.retry_backoff
+    (memory,) = of(RecordPool, actions)
+    assert memory.failures == 5  # type: ignore[attr-defined]
+    assert memory.breaker_open_until == T0 + SPEC.breaker_cooldown  # type: ignore[attr-defined]
+
+
+def test_a_failed_balancer_action_is_not_the_clones_fault() -> None:
+    record = pool(rec(0, CloneState.FREE))
+    drain = BalancerDrain(pool="lab", clone="lab-0")
+    assert failures_after(SPEC, record, [drain], T0) == []
+
+
+def test_a_free_desktop_a_client_connected_to_since_the_last_pass_is_reset_before_it_serves() -> (
+    None
+):
+    obs, record = converged()
+    actions = plan(SPEC, replace(obs, touched=frozenset({"lab-1"})), record, T0 + 60)
+    assert of(ResetClone, actions) == [ResetClone(pool="lab", clone="lab-1")]
+    assert of(BalancerRemove, actions) == [BalancerRemove(pool="lab", clone="lab-1")]
+    assert records_of(actions)["lab-1"].dirty

@@ -265,6 +265,46 @@ def test_a_database_from_an_older_version_is_migrated_keeping_its_records(db: Pa
     check.close()
 
 
+def test_an_upgrade_marks_every_desktop_that_may_have_had_a_user_for_reset(db: Path) -> None:
+    db.parent.mkdir(parents=True)
+    old = sqlite3.connect(db)
+    for script in MIGRATIONS[:3]:
+        old.executescript(script)
+    old.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    old.execute("INSERT INTO schema_version VALUES (3)")
+    for slot, state in enumerate(["in_use", "recycling", "booting", "free", "creating"]):
+        old.execute(
+            "INSERT INTO clones (pool, name, slot, version, state, since) "
+            f"VALUES ('lab', 'lab-{slot}', {slot}, 1, '{state}', 5.0)"
+        )
+    old.commit()
+    old.close()
+
+    store = Store(db)
+    dirty = {n: r.dirty for n, r in store.load_pool("lab").clones.items()}
+    assert dirty == {
+        "lab-0": True,
+        "lab-1": True,
+        "lab-2": True,  # a reset may have been under way: one more reset, never none
+        "lab-3": False,
+        "lab-4": False,
+    }
+    store.close()
+
+
+def test_the_dirty_mark_survives_a_restart_until_a_reset_clears_it(db: Path) -> None:
+    store = Store(db)
+    store.save_clone("lab", clone("lab-0", 0, state=CloneState.BOOTING, dirty=True))
+    store.close()
+    store = Store(db)
+    assert store.load_pool("lab").clones["lab-0"].dirty
+    store.mark_clean("lab", "lab-0")
+    store.mark_clean("lab", "lab-9")  # a clone without a record: nothing to do
+    assert not store.load_pool("lab").clones["lab-0"].dirty
+    assert set(store.load_pool("lab").clones) == {"lab-0"}
+    store.close()
+
+
 def test_a_database_from_a_newer_version_is_refused(db: Path) -> None:
     Store(db).close()
     newer = sqlite3.connect(db)

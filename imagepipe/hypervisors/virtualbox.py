@@ -1,0 +1,664 @@
+"""The VirtualBox hypervisor adapter through pyvbox (PyPI `virtualbox`) and VirtualBox's
+`vboxapi`: clones are machines `<pool>-<slot>` in group /imagepipe/<pool>.
+
+    hv = VirtualBoxHypervisor()
+
+A clone is a linked clone of its image version's snapshot on the base VM (CloneOptions.Link),
+or a full clone for `clone: full`, with a snapshot `imagepipe-clean` taken right after cloning;
+reset restores it. Pool, image, version, slot, mode and display live in the machine's extra
+data (imagepipe/...), so list_clones() rebuilds everything from VirtualBox. VRDE listens on
+the pool's port; sessions come from one passive event listener (virtualbox_events.py). No guest
+password is used anywhere. Version differences (6.1 / 7.0 / 7.1) are in virtualbox_facts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imagepipe.errors import (
+    BaseMissingError,
+    BusyError,
+    CloneNotFoundError,
+    DisplayInUseError,
+    EnvironmentMissingError,
+    FatalHypervisorError,
+    HypervisorError,
+    InvalidStateError,
+    NotOurCloneError,
+)
+from imagepipe.hypervisors.virtualbox_events import CloneSessions, EventHub
+from imagepipe.hypervisors.virtualbox_facts import (
+    BASE_SNAPSHOT,
+    CLEAN_SNAPSHOT,
+    EXTRA_KEYS,
+    GROUP_ROOT,
+    OFF_STATES,
+    PROP_NO_USERS,
+    PROP_USERS,
+    PROP_USERS_LIST,
+    SAVED_STATES,
+    CloneMeta,
+    VersionApi,
+    base_vm_name,
+    check_name,
+    error_for,
+    parse_meta,
+    parse_users,
+    pool_group,
+    power_of,
+    version_api,
+)
+from imagepipe.log import fields
+from imagepipe.pool.model import (
+    BaseImage,
+    CloneInfo,
+    CloneMode,
+    CloneSpec,
+    Endpoint,
+    GuestSession,
+    Power,
+)
+from imagepipe.pool.ports import HypervisorEvent, Subscription
+
+log = logging.getLogger(__name__)
+LIVE_STATES = frozenset({"Running", "Paused", "Starting", "Restoring", "Stuck", "Saving"})
+LOCK_SHARED, LOCK_WRITE = 1, 2
+CLEANUP_DETACH_HARD_DISKS = 3
+CLONE_MODE_MACHINE_STATE = 1
+CLONE_OPTION_LINK = 1
+
+
+def port_free(display: Endpoint) -> bool:
+    """Nothing listens on the display address now (a bind probe, as VRDE will bind)."""
+    family = socket.AF_INET6 if ":" in display.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((display.host, display.port))
+        except OSError:
+            return False
+    return True
+
+
+def import_pyvbox() -> Any:
+    """The `virtualbox` package, or EnvironmentMissingError saying how to get it."""
+    try:
+        virtualbox = importlib.import_module("virtualbox")
+        with virtualbox.import_vboxapi():
+            pass
+    except ImportError as exc:
+        raise EnvironmentMissingError(
+            f"VirtualBox's Python API is not usable ({exc}): pip install 'imagepipe[virtualbox]' "
+            "and install VirtualBox 6.1 or 7.x with its SDK (vboxapi), or set "
+            "hypervisor.driver: libvirt"
+        ) from exc
+    return virtualbox
+
+
+class VirtualBoxHypervisor:
+    """imagepipe.pool.ports.Hypervisor on VirtualBox 6.1 / 7.x through pyvbox."""
+
+    def __init__(self, *, stop_poll: float = 0.2) -> None:
+        self._vb = import_pyvbox()
+        self._lib = self._vb.library
+        self._vb.library_ext.IVirtualBox.assert_version = False
+        try:
+            with self._translate("VirtualBox"):
+                self._vbox = self._vb.VirtualBox()
+        except HypervisorError:
+            raise
+        except Exception as exc:  # vboxapi's own (XPCOM/COM) error: VBoxSVC did not answer
+            raise EnvironmentMissingError(
+                f"VirtualBox does not answer ({exc}): install VirtualBox and run imagepipe as "
+                "the user owning the VMs (VBoxSVC runs per user), or set hypervisor.driver: "
+                "libvirt"
+            ) from exc
+        with self._translate("VirtualBox"):
+            self.api: VersionApi = version_api(str(self._vbox.version))
+        self._stop_poll = stop_poll
+        self._names: dict[str, str] = {}  # machine id -> clone name
+        self._meta: dict[str, CloneMeta] = {}  # machine id -> metadata (never changes)
+        self._lock = threading.Lock()
+        self._import_lock = threading.Lock()
+        self._hub = EventHub(self.api, self._name_of)
+        with self._translate("VirtualBox events"):
+            self._hub.start(self._lib, self._vbox.event_source)
+        log.info("VirtualBox connected", extra=fields(version=self.api.version))
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _translate(self, subject: str) -> Iterator[None]:
+        try:
+            yield
+        except HypervisorError:
+            raise
+        except self._lib.VBoxError as exc:
+            raise error_for(int(exc.value), str(exc.msg), subject) from exc
+
+    def _wait(self, progress: Any, subject: str) -> None:
+        """Wait for an IProgress; its failure is in resultCode, never raised by the wait."""
+        with self._translate(subject):
+            progress.wait_for_completion(-1)
+            code = int(progress.result_code)
+            if code != 0:
+                info = progress.error_info
+                raise error_for(code, str(info.text) if info else "failed", subject)
+
+    def _find(self, name: str) -> Any | None:
+        try:
+            with self._translate(f"clone {name}"):
+                return self._vbox.find_machine(check_name(name))
+        except CloneNotFoundError:
+            return None
+
+    def _our(self, name: str) -> tuple[Any, CloneMeta]:
+        machine = self._find(name)
+        if machine is None:
+            raise CloneNotFoundError(f"clone {name} does not exist in VirtualBox")
+        meta = self._meta_of(machine)
+        if meta is None:
+            raise NotOurCloneError(
+                f"VirtualBox machine {name} was not made by imagepipe (no imagepipe extra "
+                "data); imagepipe leaves it alone: rename it or change the pool name"
+            )
+        return machine, meta
+
+    def _meta_of(self, machine: Any) -> CloneMeta | None:
+        with self._translate("machine"):
+            machine_id = str(machine.id_p)
+            if machine_id in self._meta:
+                return self._meta[machine_id]
+            if not any(str(g).startswith(GROUP_ROOT + "/") for g in machine.groups):
+                return None
+            meta = parse_meta({k: str(machine.get_extra_data(k)) for k in EXTRA_KEYS})
+            if meta is not None:
+                with self._lock:
+                    self._meta[machine_id] = meta
+                    self._names[machine_id] = str(machine.name)
+            return meta
+
+    def _name_of(self, machine_id: str) -> str | None:
+        with self._lock:
+            if machine_id in self._names:
+                return self._names[machine_id]
+        try:
+            with self._translate("machine"):
+                machine = self._vbox.find_machine(machine_id)
+        except HypervisorError:
+            return None
+        return str(machine.name) if self._meta_of(machine) is not None else None
+
+    def _state(self, machine: Any, name: str) -> str:
+        with self._translate(f"clone {name}"):
+            # the raw value, compared through the host's table: pyvbox's MachineState is
+            # 6.1's (names print aliases, 7.x values are shifted, and 7.x's Snapshotting,
+            # 23, makes its `state` property raise ValueError)
+            return self.api.state_name(int(machine._get_attr("state")))
+
+    @contextlib.contextmanager
+    def _session(self, machine: Any, name: str, lock: int) -> Iterator[Any]:
+        session = self._vb.Session()
+        with self._translate(f"clone {name}"):
+            machine.lock_machine(session, self._lib.LockType(lock))
+        try:
+            yield session
+        finally:
+            with contextlib.suppress(self._lib.VBoxError):
+                session.unlock_machine()
+
+    # -- the port ------------------------------------------------------------------------------
+
+    def list_clones(self) -> list[CloneInfo]:
+        clones: list[CloneInfo] = []
+        with self._translate("VirtualBox"):
+            machines = self._vbox.machines
+        for machine in machines:
+            try:
+                with self._translate("machine"):
+                    if not bool(machine.accessible):  # settings file missing or unreadable
+                        continue
+                meta = self._meta_of(machine)
+                if meta is None:
+                    continue
+                name = str(machine.name)
+                clones.append(self._info(machine, name, meta))
+            except CloneNotFoundError:
+                continue  # unregistered between the two calls
+        return sorted(clones, key=lambda c: (c.pool, c.slot))
+
+    def _info(self, machine: Any, name: str, meta: CloneMeta) -> CloneInfo:
+        power = power_of(self._state(machine, name))
+        ready = power.value == "running" and self._facts(machine, name).agent
+        return CloneInfo(
+            name=name,
+            pool=meta.pool,
+            slot=meta.slot,
+            image=meta.image,
+            version=meta.version,
+            power=power,
+            display=meta.display,
+            ready=ready,
+        )
+
+    def _facts(self, machine: Any, name: str) -> CloneSessions:
+        """From the event cache; read once from the properties after a restart."""
+        known = self._hub.known(name)
+        if known is not None:
+            return known
+        with self._translate(f"clone {name}"):
+            users_list = str(machine.get_guest_property_value(PROP_USERS_LIST))
+            count = str(machine.get_guest_property_value(PROP_USERS))
+            agent = bool(str(machine.get_guest_property_value(PROP_NO_USERS)))
+        client, since = self._vrde_client(machine, name)
+        facts = CloneSessions(parse_users(users_list, count), agent, client, since)
+        self._hub.seed(name, facts)
+        return self._hub.known(name) or facts
+
+    def _vrde_client(self, machine: Any, name: str) -> tuple[str | None, float | None]:
+        """VRDEServerInfo of the running VM, through a shared session on it."""
+        if self._state(machine, name) not in ("Running", "Paused"):
+            return None, None
+        try:
+            with self._session(machine, name, LOCK_SHARED) as session:
+                info = session.console.vrde_server_info
+                if bool(info.active) and str(info.client_ip):
+                    return str(info.client_ip), int(info.begin_time) / 1000
+        except (BusyError, InvalidStateError):
+            pass
+        return None, None
+
+    def base_ready(self, base: BaseImage) -> bool:
+        """The base VM exists (imported from the version's OVF once if need be), is powered
+        off, no session holds it, and the snapshot exists."""
+        try:
+            self._ready_base(base)
+        except (BaseMissingError, InvalidStateError, BusyError, CloneNotFoundError):
+            return False
+        return True
+
+    def _ready_base(self, base: BaseImage) -> tuple[Any, str, str]:
+        """(machine, name, snapshot) of a base clones can be made from now, or why not:
+        BaseMissingError (VM or snapshot gone), InvalidStateError (running or locked)."""
+        label = f"image {base.image} v{base.version}"
+        found = self._base(base)
+        if found is None:
+            raise BaseMissingError(
+                f"{label}: its base VM {base.vm or '(none)'} is not in VirtualBox and "
+                f"{base.directory} holds no OVF to import; rebuild it (imagepipe build "
+                f"{base.image}) or register a VM (imagepipe images import {base.image} "
+                "--from-vm VM)"
+            )
+        machine, vm, snapshot = found
+        with self._translate(f"base VM {vm}"):
+            state = self._state(machine, vm)
+            locked = int(machine.session_state) != 1  # SessionState.Unlocked
+        if state != "PoweredOff" or locked:
+            raise InvalidStateError(
+                f"{label}: base VM {vm} is {state}{' and locked by a session' if locked else ''}"
+                "; clones are made only while it is powered off with no session"
+            )
+        try:
+            with self._translate(f"base VM {vm}"):
+                machine.find_snapshot(snapshot)
+        except CloneNotFoundError as exc:
+            raise BaseMissingError(
+                f"{label}: base VM {vm} has no snapshot {snapshot}; rebuild the version or "
+                f"import the VM again (imagepipe images import {base.image} --from-vm {vm})"
+            ) from exc
+        return machine, vm, snapshot
+
+    def _base(self, base: BaseImage) -> tuple[Any, str, str] | None:
+        """(machine, name, snapshot) of a version's base VM: the VM the registry names, else
+        imagepipe-<image>-v<N>, else that VM imported now from the version's OVF."""
+        if base.vm is not None:
+            machine = self._find(base.vm)
+            if machine is not None:
+                return machine, base.vm, base.snapshot or ""
+        name = base_vm_name(base.image, base.version)
+        with self._import_lock:
+            machine = self._find(name)
+            if machine is None:
+                machine = self._import_ovf(base, name)
+            if machine is None:
+                return None
+            return machine, name, BASE_SNAPSHOT
+
+    def _import_ovf(self, base: BaseImage, name: str) -> Any | None:
+        """Import the version's OVF (a virtualbox-iso build in the image store) as `name`
+        with a snapshot clones link to. None when the version has no OVF."""
+        ovfs = sorted(base.directory.glob("*.ovf")) if base.directory.is_dir() else []
+        if not ovfs:
+            return None
+        subject = f"base VM {name} from {ovfs[0]}"
+        with self._translate(subject):
+            appliance = self._vbox.create_appliance()
+            # pyvbox's read() waits without looking at the result: check it here
+            progress = self._lib.IProgress(appliance._call("read", in_p=[str(ovfs[0])]))
+        self._wait(progress, subject)
+        with self._translate(subject):
+            appliance.interpret()
+            (description,) = appliance.virtual_system_descriptions[:1]
+            description.set_name(name)
+            progress = appliance.import_machines([])
+        self._wait(progress, subject)
+        with self._translate(subject):
+            machine = self._vbox.find_machine(name)
+        self._take_snapshot(machine, name, BASE_SNAPSHOT)
+        log.info("base VM imported", extra=fields(image=base.image, vm=name, action="import"))
+        return machine
+
+    def create_clone(self, spec: CloneSpec) -> CloneInfo:
+        name = check_name(spec.name)
+        meta = CloneMeta(
+            spec.pool, spec.base.image, spec.base.version, spec.slot, spec.mode, spec.display
+        )
+        existing = self._find(name)
+        if existing is not None:
+            return self._existing_clone(existing, name, meta)
+        base, base_name, snapshot_name = self._ready_base(spec.base)
+        self._refuse_taken_port(name, spec.display, subject=f"port {spec.display.port}")
+        with self._translate(f"base VM {base_name}"):
+            snapshot = base.find_snapshot(snapshot_name)
+            source = snapshot.machine
+        group = pool_group(spec.pool)
+        with self._translate(f"clone {name}"):
+            settings = self._vbox.compose_machine_filename(name, group, "", "")
+        self._remove_leftovers(Path(str(settings)).parent, name)
+        with self._translate(f"clone {name}"):
+            args = self.api.create_machine_args(str(settings), name, group)
+            target = self._lib.IMachine(self._vbox._call("createMachine", in_p=args))
+            options = [self._lib.CloneOptions(CLONE_OPTION_LINK)]
+            if spec.mode is CloneMode.FULL:
+                options = []
+            progress = source.clone_to(
+                target, self._lib.CloneMode(CLONE_MODE_MACHINE_STATE), options
+            )
+        self._wait(progress, f"clone {name}")
+        with self._translate(f"clone {name}"):
+            target.memory_size = max(spec.memory // 1024**2, 4)
+            target.cpu_count = spec.cpus
+            vrde = target.vrde_server
+            vrde.enabled = True
+            vrde.set_vrde_property("TCP/Ports", str(spec.display.port))
+            vrde.set_vrde_property("TCP/Address", spec.display.host)
+            for key, value in meta.extra_data().items():
+                target.set_extra_data(key, value)
+            target.save_settings()
+            self._vbox.register_machine(target)
+            machine = self._vbox.find_machine(name)
+        self._take_clean_snapshot(machine, name)
+        log.info("clone created", extra=fields(pool=spec.pool, clone=name, action="create"))
+        return self._info(machine, name, meta)
+
+    def _remove_leftovers(self, folder: Path, name: str) -> None:
+        """A create cut short before registering leaves the clone's folder (settings, a
+        differencing disk) unregistered: remove it, so no orphan disk stays behind."""
+        if folder.is_dir() and folder.name == name and folder.parent.name:
+            log.warning(
+                "removing an unregistered clone's leftovers",
+                extra=fields(clone=name, path=str(folder), action="create"),
+            )
+            shutil.rmtree(folder)
+
+    def _existing_clone(self, machine: Any, name: str, meta: CloneMeta) -> CloneInfo:
+        have = self._meta_of(machine)
+        if have is None:
+            raise NotOurCloneError(
+                f"a VirtualBox machine named {name} exists and imagepipe did not make it; "
+                "rename or remove it, or change the pool name"
+            )
+        if have.pool != meta.pool:
+            raise NotOurCloneError(
+                f"{name} is a clone of pool {have.pool}; pool {meta.pool} leaves it alone: "
+                "give each pool its own name"
+            )
+        if (have.image, have.version, have.slot) != (meta.image, meta.version, meta.slot):
+            raise InvalidStateError(
+                f"clone {name} already exists for {have.image} v{have.version} (pool "
+                f"{have.pool}, slot {have.slot}); delete it before creating it for "
+                f"{meta.image} v{meta.version}"
+            )
+        try:
+            with self._translate(f"clone {name}"):
+                machine.find_snapshot(CLEAN_SNAPSHOT)
+        except CloneNotFoundError:  # a create cut short after registering: finish it
+            self._take_clean_snapshot(machine, name)
+        return self._info(machine, name, have)
+
+    def _take_clean_snapshot(self, machine: Any, name: str) -> None:
+        self._take_snapshot(machine, name, CLEAN_SNAPSHOT)
+
+    def _take_snapshot(self, machine: Any, name: str, snapshot: str) -> None:
+        with self._session(machine, name, LOCK_WRITE) as session, self._translate(name):
+            progress, _ = session.machine.take_snapshot(snapshot, "", False)
+            self._wait(progress, name)
+
+    def _refuse_taken_port(self, name: str, display: Endpoint, *, subject: str) -> None:
+        """VRDE would start without listening on a taken port: refuse before (another
+        program holds it, or a running clone has it)."""
+        for clone in self.list_clones():
+            if (
+                clone.name != name
+                and clone.display == display
+                and clone.power in (Power.RUNNING, Power.SUSPENDED, Power.OTHER)
+            ):
+                machine = self._find(clone.name)
+                if machine is not None and self._state(machine, clone.name) in LIVE_STATES:
+                    raise DisplayInUseError(
+                        f"clone {name}: VRDE {subject} ({display}) is used by running clone "
+                        f"{clone.name}; give each pool its own display.port_range"
+                    )
+        if not port_free(display):
+            raise DisplayInUseError(
+                f"clone {name}: VRDE {subject} ({display}) is held by another program; stop it "
+                "or give the pool a free display.port_range"
+            )
+
+    def start(self, name: str) -> None:
+        machine, meta = self._our(name)
+        state = self._state(machine, name)
+        if state in ("Running", "Starting", "Restoring"):
+            return
+        if state in SAVED_STATES or state == "Paused":
+            raise InvalidStateError(f"clone {name} is suspended ({state}): resume it instead")
+        self._launch(machine, name, meta)
+
+    def _launch(self, machine: Any, name: str, meta: CloneMeta) -> None:
+        self._refuse_taken_port(name, meta.display, subject="port")
+        session = self._vb.Session()
+        with self._translate(f"clone {name}"):
+            # pass a list: pyvbox's default environment="" is refused with a TypeError
+            progress = machine.launch_vm_process(session, "headless", [])
+        try:
+            self._wait(progress, f"clone {name}")
+        finally:
+            with contextlib.suppress(self._lib.VBoxError):
+                session.unlock_machine()
+        log.info("clone started", extra=fields(pool=meta.pool, clone=name, action="start"))
+
+    def stop(self, name: str, timeout: float) -> None:
+        machine, meta = self._our(name)
+        state = self._state(machine, name)
+        if state in OFF_STATES:
+            return
+        if state in SAVED_STATES:
+            with (
+                self._session(machine, name, LOCK_WRITE) as session,
+                self._translate(f"clone {name}"),
+            ):
+                session.machine.discard_saved_state(True)
+            return
+        if state == "Running":
+            with (
+                self._session(machine, name, LOCK_SHARED) as session,
+                self._translate(f"clone {name}"),
+            ):
+                session.console.power_button()
+            if self._wait_off(machine, name, timeout):
+                log.info("clone stopped", extra=fields(pool=meta.pool, clone=name, action="stop"))
+                return
+        self._power_down(machine, name)
+        log.info("clone powered off", extra=fields(pool=meta.pool, clone=name, action="stop"))
+
+    def _wait_off(self, machine: Any, name: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self._state(machine, name) not in OFF_STATES:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._hub.wait_for_change(min(left, self._stop_poll))
+        return True
+
+    def _power_down(self, machine: Any, name: str) -> None:
+        state = self._state(machine, name)
+        if state in OFF_STATES:
+            return
+        if state in SAVED_STATES:
+            with (
+                self._session(machine, name, LOCK_WRITE) as session,
+                self._translate(f"clone {name}"),
+            ):
+                session.machine.discard_saved_state(True)
+            return
+        try:
+            with (
+                self._session(machine, name, LOCK_SHARED) as session,
+                self._translate(f"clone {name}"),
+            ):
+                progress = session.console.power_down()
+                self._wait(progress, f"clone {name}")
+        except InvalidStateError:
+            if self._state(machine, name) not in OFF_STATES:
+                raise
+
+    def reset(self, name: str) -> None:
+        machine, meta = self._our(name)
+        self._power_down(machine, name)
+        self._wait_off(machine, name, 30.0)
+        with self._session(machine, name, LOCK_WRITE) as session, self._translate(f"clone {name}"):
+            mutable = session.machine
+            snapshot = mutable.find_snapshot(CLEAN_SNAPSHOT)
+            progress = mutable.restore_snapshot(snapshot)
+            self._wait(progress, f"clone {name}")
+        self._hub.forget(name)
+        self._launch(machine, name, meta)
+        log.info("clone reset", extra=fields(pool=meta.pool, clone=name, action="reset"))
+
+    def suspend(self, name: str) -> None:
+        """Save the machine's state to disk (VirtualBox's suspend, like the original tool)."""
+        machine, meta = self._our(name)
+        state = self._state(machine, name)
+        if state in SAVED_STATES:
+            return
+        if state not in ("Running", "Paused"):
+            raise InvalidStateError(f"clone {name} is {state}, so it cannot be suspended")
+        with self._session(machine, name, LOCK_SHARED) as session, self._translate(f"clone {name}"):
+            progress = session.machine.save_state()
+            self._wait(progress, f"clone {name}")
+        log.info("clone suspended", extra=fields(pool=meta.pool, clone=name, action="suspend"))
+
+    def resume(self, name: str) -> None:
+        machine, _ = self._our(name)
+        state = self._state(machine, name)
+        if state == "Running":
+            return
+        if state == "Paused":
+            with (
+                self._session(machine, name, LOCK_SHARED) as session,
+                self._translate(f"clone {name}"),
+            ):
+                session.console.resume()
+            return
+        if state not in SAVED_STATES:
+            raise InvalidStateError(f"clone {name} is {state}, so it cannot be resumed")
+        self._launch(machine, name, self._our(name)[1])
+
+    def delete(self, name: str) -> None:
+        check_name(name)
+        machine = self._find(name)
+        if machine is None:
+            self._hub.forget(name)
+            return
+        if self._meta_of(machine) is None:
+            raise NotOurCloneError(
+                f"VirtualBox machine {name} was not made by imagepipe; refusing to delete it"
+            )
+        self._power_down(machine, name)
+        self._wait_off(machine, name, 30.0)
+        try:
+            with self._translate(f"clone {name}"):
+                media = machine.unregister(self._lib.CleanupMode(CLEANUP_DETACH_HARD_DISKS))
+                progress = machine.delete_config(media)
+            self._wait(progress, f"clone {name}")
+        except CloneNotFoundError:
+            pass  # unregistered by somebody else meanwhile
+        with self._lock:
+            machine_id = next((k for k, v in self._names.items() if v == name), None)
+            if machine_id is not None:
+                self._names.pop(machine_id, None)
+                self._meta.pop(machine_id, None)
+        self._hub.forget(name)
+        log.info("clone deleted", extra=fields(clone=name, action="delete"))
+
+    def display(self, name: str) -> Endpoint | None:
+        return self._our(name)[1].display
+
+    def sessions(self, name: str) -> GuestSession:
+        machine, _ = self._our(name)
+        state = self._state(machine, name)
+        if state not in ("Running", "Paused"):
+            return GuestSession()
+        facts = self._facts(machine, name)
+        users = facts.users if state == "Running" else ()  # a paused guest reports nobody
+        return GuestSession(client=facts.client, connected_since=facts.since, users=users)
+
+    def subscribe(self, callback: Callable[[HypervisorEvent], None]) -> Subscription:
+        return self._hub.subscribe(callback)
+
+    def close(self) -> None:
+        self._hub.stop()
+
+    # -- images --------------------------------------------------------------------------------
+
+    def describe_vm(self, vm: str) -> VmSnapshot:
+        """The VM and its current snapshot, to register as an image version; refuses a VM
+        without a snapshot (clones are linked to one)."""
+        machine = self._find(vm)
+        if machine is None:
+            raise CloneNotFoundError(f"VirtualBox has no machine named {vm}")
+        with self._translate(f"VM {vm}"):
+            current = machine.current_snapshot
+            if getattr(current, "_i", None) is None:
+                raise FatalHypervisorError(
+                    f"VM {vm} has no snapshot: power it off and take one (VBoxManage snapshot "
+                    f"{vm} take clean) before importing it"
+                )
+            return VmSnapshot(
+                vm=str(machine.name),
+                vm_id=str(machine.id_p),
+                snapshot=str(current.id_p),
+                snapshot_name=str(current.name),
+            )
+
+
+@dataclass(frozen=True)
+class VmSnapshot:
+    vm: str
+    vm_id: str
+    snapshot: str  # id: a later snapshot with the same name is another version
+    snapshot_name: str
+
+    @property
+    def fingerprint(self) -> str:
+        return f"virtualbox-vm:{self.vm_id}:{self.snapshot}"

@@ -1,0 +1,203 @@
+"""The pool planner: what to do about the difference between wanted and observed.
+
+    plan(spec, observed, record, now) -> list[Action]
+
+Pure: no I/O, no clock, no randomness. README.md ("Pool lifecycle") states the rules in
+words; each module here holds one group of them:
+
+    clones.py          one clone: quiet, in use, recycle, reset, failed, booting, ...
+    resize.py          the pool: count, grow (resume before create), shrink
+    rollout_rules.py   which version, when the rollout started, the drain deadline
+    balancer_rules.py  who serves, who is drained or removed, orphan backends
+    failures.py        retries with backoff, the retry budget, the circuit breaker
+    schedule.py        the free target after the pool's schedule
+    timers.py          when plan() could next answer differently
+
+A pass plans once and is linear in the number of clones: every clone is advanced once,
+then the pool is resized, then each clone's balancer actions follow from its new state.
+Actions for one clone are listed in the order they must run (take it out of the balancer,
+act on the hypervisor, put it in the balancer, remember the new record).
+"""
+
+from __future__ import annotations
+
+from imagepipe.errors import BadInputError
+from imagepipe.pool.model import (
+    Action,
+    CloneRecord,
+    CloneState,
+    ForgetClone,
+    Observed,
+    ObservedClone,
+    PoolRecord,
+    PoolSpec,
+    RecordClone,
+    RecordPool,
+)
+from imagepipe.pool.planner.balancer_rules import balancer_actions, orphan_actions
+from imagepipe.pool.planner.clones import advance, advance_missing, quiet, session_live
+from imagepipe.pool.planner.failures import (
+    CLONE_RETRIES,
+    breaker_after,
+    breaker_open,
+    failures_after,
+    record_failure,
+    retry_delay,
+)
+from imagepipe.pool.planner.resize import Decisions, resize
+from imagepipe.pool.planner.rollout_rules import (
+    drain_deadline_passed,
+    old_exists,
+    rollout_started,
+    target_of,
+)
+from imagepipe.pool.planner.schedule import free_target
+from imagepipe.pool.planner.steps import Context, remembered
+from imagepipe.pool.planner.timers import next_timer
+
+__all__ = [
+    "CLONE_RETRIES",
+    "classify",
+    "failures_after",
+    "free_target",
+    "next_timer",
+    "plan",
+    "record_failure",
+    "retry_delay",
+    "session_live",
+]
+
+
+def plan(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float) -> list[Action]:
+    """Everything to do now to move the pool towards its spec ("Pool lifecycle", README.md):
+    advance every clone once, resize the pool, then each clone's actions in order."""
+    ctx = _context(spec, observed, record, now)
+    d, failed, came_up = _advance_clones(ctx, observed, record)
+    failures, until = breaker_after(spec, record, failed, came_up, now)
+    resize(d, observed.base_ready, until is not None and now < until)
+    out = _in_order(d, record)
+    out += orphan_actions(spec.name, observed.orphan_backends)
+    memory = RecordPool(
+        pool=spec.name,
+        target_version=ctx.target,
+        failures=failures,
+        breaker_open_until=until,
+        rollout_started_at=ctx.rollout_started,
+    )
+    if _changed(memory, record):
+        out.append(memory)
+    return out
+
+
+def _context(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float) -> Context:
+    target = target_of(observed, record)
+    started = rollout_started(record, target, old_exists(record, target, observed), now)
+    return Context(
+        spec=spec,
+        now=now,
+        target=target,
+        assigned=frozenset(spec.assignments.values()),
+        breaker_open=breaker_open(record, now),
+        rollout_started=started,
+        drain_deadline_passed=drain_deadline_passed(spec, started, now),
+        in_flight=observed.in_flight,
+        touched=observed.touched,
+    )
+
+
+def _advance_clones(
+    ctx: Context, observed: Observed, record: PoolRecord
+) -> tuple[Decisions, int, int]:
+    """Every observed clone, then every remembered clone the host lacks, decided once.
+    Returns the decisions, the failures seen, and the clones that came up ready."""
+    d = Decisions(ctx=ctx, observed=observed.by_name())
+    failed = came_up = 0
+    for oc in observed.clones:
+        name = oc.info.name
+        rec = remembered(ctx, name, record.clones.get(name))
+        if rec is not None and quiet(ctx, oc, rec) and name not in d.actions:
+            d.keep_quiet(name, rec)
+            continue
+        step = advance(ctx, oc, rec)
+        d.set(name, step.record, step.actions)
+        failed += step.failed
+        came_up += step.came_up
+    for name, rec in record.clones.items():
+        if name not in d.observed:
+            step = advance_missing(ctx, rec)
+            forget = (ForgetClone(pool=ctx.spec.name, clone=name),) if step.record is None else ()
+            d.set(name, step.record, forget)
+            failed += step.failed
+    return d, failed, came_up
+
+
+def _changed(memory: RecordPool, record: PoolRecord) -> bool:
+    return (
+        memory.target_version,
+        memory.failures,
+        memory.breaker_open_until,
+        memory.rollout_started_at,
+    ) != (
+        record.target_version,
+        record.failures,
+        record.breaker_open_until,
+        record.rollout_started_at,
+    )
+
+
+def _in_order(d: Decisions, record: PoolRecord) -> list[Action]:
+    """Per clone: balancer take-out, hypervisor actions, balancer put-in, the new record."""
+    out: list[Action] = []
+    seen = d.observed
+    pool = d.ctx.spec.name
+    for name, hyper in d.actions.items():
+        if name in d.quiet:
+            continue
+        nxt = d.records.get(name)
+        oc = seen.get(name)
+        if oc is not None:
+            before, after = balancer_actions(d.ctx, oc, nxt, hyper)
+            out += before
+            out += hyper
+            out += after
+        else:
+            out += hyper
+        if nxt is not None:
+            prev = record.clones.get(name)
+            if nxt is not prev and nxt != prev:
+                out.append(RecordClone(pool=pool, clone=name, record=nxt))
+    return out
+
+
+def classify(
+    spec: PoolSpec,
+    observed_clone: ObservedClone | None,
+    record: CloneRecord | None,
+    now: float,
+    *,
+    target_version: int | None = None,
+) -> CloneState:
+    """The state the planner gives this clone at `now` (for `status`).
+
+    Without `target_version` no rollout is assumed. A clone that is gone and forgotten
+    reports its last remembered state.
+    """
+    ctx = Context(
+        spec=spec,
+        now=now,
+        target=target_version,
+        assigned=frozenset(spec.assignments.values()),
+        breaker_open=False,
+        rollout_started=None,
+        drain_deadline_passed=False,
+    )
+    if observed_clone is not None:
+        nxt = advance(ctx, observed_clone, record).record
+    elif record is not None:
+        nxt = advance_missing(ctx, record).record
+    else:
+        raise BadInputError("classify needs an observed clone or a record of one")
+    if nxt is not None:
+        return nxt.state
+    assert record is not None
+    return record.state

@@ -1,0 +1,66 @@
+"""Balancer rules: free clones of the target version serve; every other clone is drained,
+and removed once it has no connections and is being deleted or reset; orphan backends go."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from imagepipe.pool.model import (
+    Action,
+    Backend,
+    BackendState,
+    BalancerDrain,
+    BalancerEnable,
+    BalancerRemove,
+    CloneRecord,
+    CloneState,
+    Endpoint,
+    ObservedClone,
+    ResetClone,
+)
+from imagepipe.pool.planner.steps import Context
+
+NOTHING: tuple[tuple[Action, ...], tuple[Action, ...]] = ((), ())
+
+
+def balancer_actions(
+    ctx: Context, oc: ObservedClone, rec: CloneRecord | None, hyper: tuple[Action, ...]
+) -> tuple[tuple[Action, ...], tuple[Action, ...]]:
+    """(take-out actions before the clone's hypervisor actions, put-in actions after)."""
+    backend, info = oc.backend, oc.info
+    state = rec.state if rec is not None else CloneState.DELETING
+    serves = (
+        state is CloneState.FREE
+        and not hyper
+        and info.version == ctx.target
+        and info.slot not in ctx.assigned
+        and rec is not None
+        and (not rec.dirty or ctx.persistent(info.slot))  # a dirty shared clone never serves
+    )
+    pool = ctx.spec.name
+    if serves:
+        if backend is None or backend.state is not BackendState.READY:
+            address = info.display or Endpoint(
+                ctx.spec.display_address, ctx.spec.port_for(info.slot)
+            )
+            return (), (BalancerEnable(pool=pool, clone=info.name, address=address),)
+        return NOTHING
+    if backend is None:
+        return NOTHING
+    leaving = state is CloneState.DELETING or any(isinstance(a, ResetClone) for a in hyper)
+    if leaving and backend.connections == 0:
+        return (BalancerRemove(pool=pool, clone=info.name),), ()
+    if backend.state is BackendState.READY:
+        return (BalancerDrain(pool=pool, clone=info.name),), ()
+    return NOTHING
+
+
+def orphan_actions(pool: str, orphans: Sequence[Backend]) -> list[Action]:
+    """Backends of this pool with no clone: removed when idle, drained until then."""
+    out: list[Action] = []
+    for backend in orphans:
+        if backend.connections == 0:
+            out.append(BalancerRemove(pool=pool, clone=backend.name))
+        elif backend.state is BackendState.READY:
+            out.append(BalancerDrain(pool=pool, clone=backend.name))
+    return out

@@ -1,0 +1,101 @@
+"""Failure policy, in one place: what a failed action or boot means for its clone (retry with
+backoff, or give up and replace it) and for its pool (the circuit breaker).
+
+The executor only reports outcomes; the keeper hands the failed ones to failures_after(),
+and plan() uses the same rules for the failures it sees itself (a boot that timed out, a
+crashed guest). The retry budget is checked when a failure is recorded: the failure that
+spends it marks the clone for replacement at once, not after one more backoff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from imagepipe.pool.model import (
+    Action,
+    CloneRecord,
+    CloneState,
+    CreateClone,
+    PoolRecord,
+    PoolSpec,
+    RecordClone,
+    RecordPool,
+    StartClone,
+)
+
+CLONE_RETRIES = 3  # failed attempts on one clone before it is deleted and replaced
+
+
+def retry_delay(spec: PoolSpec, failures: int) -> float:
+    """Backoff before the next attempt: retry_backoff, doubling per consecutive failure."""
+    return float(spec.retry_backoff * 2 ** max(failures - 1, 0))
+
+
+def record_failure(spec: PoolSpec, record: CloneRecord, now: float) -> CloneRecord:
+    """The record of a clone whose action just failed: FAILED, one more failure, and the
+    moment of its next attempt; none when this failure spent the retry budget."""
+    failures = record.failures + 1
+    retry_at = None if failures >= CLONE_RETRIES else now + retry_delay(spec, failures)
+    return replace(record, state=CloneState.FAILED, since=now, failures=failures, retry_at=retry_at)
+
+
+def gave_up(record: CloneRecord) -> bool:
+    """The clone spent its retry budget: it is deleted (or forgotten) and replaced."""
+    return record.failures >= CLONE_RETRIES
+
+
+def breaker_after(
+    spec: PoolSpec, record: PoolRecord, failed: int, came_up: int, now: float
+) -> tuple[int, float | None]:
+    """The pool's (consecutive failures, breaker open until) after `failed` failures and
+    `came_up` clones coming up ready. `max_failures` consecutive failures open the breaker
+    for `breaker_cooldown`; after it the pool is half-open: one more failure reopens it."""
+    failures, until = record.failures, record.breaker_open_until
+    if until is not None and now >= until:
+        until = None
+        failures = min(failures, max(spec.max_failures - 1, 0))
+    if came_up:
+        failures = 0
+    failures += failed
+    if until is None and failed and failures >= spec.max_failures:
+        until = now + spec.breaker_cooldown
+    return failures, until
+
+
+def breaker_open(record: PoolRecord, now: float) -> bool:
+    return record.breaker_open_until is not None and now < record.breaker_open_until
+
+
+def counts_against_pool(action: Action) -> bool:
+    """A failed create or start says something about the pool (its base, its host)."""
+    return isinstance(action, CreateClone | StartClone)
+
+
+def failures_after(
+    spec: PoolSpec, record: PoolRecord, failed: Sequence[Action], now: float
+) -> list[Action]:
+    """The records to write for the hypervisor actions that failed in a pass. A failed
+    balancer action is not the clone's fault: the next pass simply tries again."""
+    out: list[Action] = []
+    against_pool = 0
+    for action in failed:
+        if action.kind.startswith("Balancer") or action.pool != spec.name:
+            continue
+        clone = record.clones.get(action.clone)
+        if clone is not None:
+            failed_clone = record_failure(spec, clone, now)
+            out.append(RecordClone(pool=spec.name, clone=action.clone, record=failed_clone))
+        against_pool += counts_against_pool(action)
+    if against_pool:
+        failures, until = breaker_after(spec, record, against_pool, 0, now)
+        out.append(
+            RecordPool(
+                pool=spec.name,
+                target_version=record.target_version,
+                failures=failures,
+                breaker_open_until=until,
+                rollout_started_at=record.rollout_started_at,
+            )
+        )
+    return out

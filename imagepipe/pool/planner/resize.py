@@ -1,0 +1,201 @@
+"""Resizing a pool, once its clones are decided: count what it has, grow (resume before
+create, retry failed creates, fill assigned slots, then the lowest free slots), shrink one
+idle clone per pass. Only clones of the target version count."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from imagepipe.pool.model import (
+    Action,
+    CloneRecord,
+    CloneState,
+    CreateClone,
+    DeleteClone,
+    Endpoint,
+    ForgetClone,
+    ObservedClone,
+    Power,
+    ResumeClone,
+    Standby,
+    SuspendClone,
+)
+from imagepipe.pool.planner.failures import gave_up
+from imagepipe.pool.planner.schedule import free_target
+from imagepipe.pool.planner.steps import Context, moved
+
+
+@dataclass
+class Decisions:
+    """What one pass has decided so far, clone by clone, in the order first decided."""
+
+    ctx: Context
+    observed: Mapping[str, ObservedClone]
+    records: dict[str, CloneRecord] = field(default_factory=dict)
+    actions: dict[str, tuple[Action, ...]] = field(default_factory=dict)
+    quiet: set[str] = field(default_factory=set)  # kept as they are, with nothing to output
+
+    def keep_quiet(self, name: str, record: CloneRecord) -> None:
+        """A quiet clone (clones.quiet): counted by resize, no output unless resize acts."""
+        self.records[name] = record
+        self.actions[name] = ()
+        self.quiet.add(name)
+
+    def set(self, name: str, record: CloneRecord | None, actions: tuple[Action, ...]) -> None:
+        self.quiet.discard(name)
+        self.actions[name] = self.actions.get(name, ()) + actions
+        if record is None:
+            self.records.pop(name, None)
+        else:
+            self.records[name] = record
+
+
+@dataclass
+class Census:
+    """The pool's clones of the target version, as this pass leaves them."""
+
+    ready_free: int = 0  # free, ready, shared
+    coming: int = 0  # shared clones being created or booting
+    counted: int = 0  # towards max (creates in flight and deletes included)
+    alive: int = 0  # towards initial
+    running: int = 0  # alive and not suspended
+    used_slots: set[int] = field(default_factory=set)  # slots any clone or record holds
+    shrinkable: list[CloneRecord] = field(default_factory=list)  # idle past shrink_after
+    suspended: list[CloneRecord] = field(default_factory=list)  # can be resumed
+    retries: list[CloneRecord] = field(default_factory=list)  # failed creates, due again
+
+
+def resize(d: Decisions, base_ready: bool, breaker_open: bool) -> None:
+    """Reach `initial`, keep the free target (resume before create), shrink one step."""
+    if d.ctx.target is None:
+        return
+    census = count(d)
+    wanted = free_target(d.ctx.spec, d.ctx.now)
+    need = max(wanted - census.ready_free - census.coming, d.ctx.spec.initial - census.alive, 0)
+    need = grow(d, census, need, can_create=base_ready and not breaker_open)
+    if need == 0:
+        shrink(d, census, wanted)
+
+
+def count(d: Decisions) -> Census:
+    ctx = d.ctx
+    spec, now, target, assigned = ctx.spec, ctx.now, ctx.target, ctx.assigned
+    c = Census()
+    for name, rec in d.records.items():
+        state, shared = rec.state, rec.slot not in assigned
+        c.used_slots.add(rec.slot)
+        if name not in d.observed:  # a create in flight, or a failed one
+            due = state is CloneState.FAILED and now >= (rec.retry_at or now)
+            if due:
+                c.retries.append(rec)
+            if rec.version == target and (
+                state is CloneState.CREATING or (state is CloneState.FAILED and not due)
+            ):
+                c.counted += 1
+                c.alive += 1
+                c.coming += shared
+            continue
+        if rec.version != target:
+            continue
+        c.counted += 1
+        if state is CloneState.FREE:
+            c.alive += 1
+            c.running += 1
+            if shared:
+                c.ready_free += 1
+                if now - rec.since >= spec.shrink_after:
+                    c.shrinkable.append(rec)
+        elif state is CloneState.SUSPENDED:
+            c.alive += 1
+            if (
+                shared
+                and not d.actions.get(name)
+                and d.observed[name].info.power is Power.SUSPENDED
+            ):
+                c.suspended.append(rec)
+        elif state is not CloneState.DELETING:
+            c.alive += 1
+            c.running += 1
+            if shared and (state is CloneState.BOOTING or state is CloneState.CREATING):
+                c.coming += 1
+    return c
+
+
+def grow(d: Decisions, census: Census, need: int, *, can_create: bool) -> int:
+    """Resume suspended clones first, then retry failed creates, make the assigned slots'
+    clones, and new clones in the lowest free slots. Returns how many are still needed."""
+    ctx = d.ctx
+    spec = ctx.spec
+    for rec in sorted(census.suspended, key=lambda r: r.slot)[: max(need, 0)]:
+        resume = ResumeClone(pool=spec.name, clone=rec.name)
+        d.set(rec.name, moved(ctx, rec, CloneState.BOOTING), (resume,))
+        need -= 1
+    room = spec.max - census.counted
+    used = census.used_slots
+    for rec in sorted(census.retries, key=lambda r: r.slot):
+        reserved = rec.slot in ctx.assigned
+        if gave_up(rec) or not (reserved or need > 0):
+            d.set(rec.name, None, (ForgetClone(pool=spec.name, clone=rec.name),))
+        elif can_create and room > 0:
+            _create(d, rec.slot, rec.failures)
+            room -= 1
+            need -= not reserved
+    if not can_create:
+        return need
+    for slot in sorted(ctx.assigned):
+        if room > 0 and slot not in used and slot < spec.slots:
+            _create(d, slot)
+            used.add(slot)
+            room -= 1
+    free_slots = _free_slots(spec.slots, used, ctx.assigned)
+    while need > 0 and room > 0:
+        free_slot = next(free_slots, None)
+        if free_slot is None:
+            break
+        _create(d, free_slot)
+        need -= 1
+        room -= 1
+    return need
+
+
+def shrink(d: Decisions, census: Census, wanted_free: int) -> None:
+    """One idle surplus clone per pass, the one idle longest: deleted, or suspended with
+    standby: suspend. Never below the free target or below `initial` running clones."""
+    spec = d.ctx.spec
+    if (
+        not census.shrinkable
+        or census.ready_free - 1 < wanted_free
+        or census.running - 1 < spec.initial
+    ):
+        return
+    victim = min(census.shrinkable, key=lambda r: (r.since, -r.slot))
+    if spec.standby is Standby.SUSPEND:
+        suspend = SuspendClone(pool=spec.name, clone=victim.name)
+        d.set(victim.name, moved(d.ctx, victim, CloneState.SUSPENDED), (suspend,))
+    else:
+        delete = DeleteClone(pool=spec.name, clone=victim.name)
+        d.set(victim.name, moved(d.ctx, victim, CloneState.DELETING), (delete,))
+
+
+def _free_slots(slots: int, used: set[int], reserved: frozenset[int]) -> Iterator[int]:
+    for slot in range(slots):
+        if slot not in used and slot not in reserved:
+            yield slot
+
+
+def _create(d: Decisions, slot: int, failures: int = 0) -> None:
+    spec, now, target = d.ctx.spec, d.ctx.now, d.ctx.target
+    assert target is not None
+    name = spec.clone_name(slot)
+    rec = CloneRecord(
+        name=name,
+        slot=slot,
+        version=target,
+        state=CloneState.CREATING,
+        since=now,
+        failures=failures,
+    )
+    display = Endpoint(spec.display_address, spec.port_for(slot))
+    create = CreateClone(pool=spec.name, clone=name, slot=slot, version=target, display=display)
+    d.set(name, rec, (create,))

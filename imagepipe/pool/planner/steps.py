@@ -1,0 +1,97 @@
+"""What the per-clone rules share: the pass's context, a clone's step, record transitions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+from imagepipe.pool.model import (
+    Action,
+    CloneInfo,
+    CloneRecord,
+    CloneState,
+    OnLogoff,
+    PoolSpec,
+)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every rule of one pass may read."""
+
+    spec: PoolSpec
+    now: float
+    target: int | None  # the version the pool runs; None = not known yet
+    assigned: frozenset[int]  # reserved slots (persistent, never shared)
+    breaker_open: bool
+    rollout_started: float | None  # when clones of another version began retiring
+    drain_deadline_passed: bool
+    in_flight: frozenset[str] = frozenset()  # clones with a call still running
+    touched: frozenset[str] = frozenset()  # clones a client connected to since the last pass
+
+    def persistent(self, slot: int) -> bool:
+        """Logoff leaves this desktop as its user left it (no reset, no balancer rules)."""
+        return self.spec.on_logoff is OnLogoff.KEEP or slot in self.assigned
+
+    def old(self, info: CloneInfo) -> bool:
+        """A clone of another version than the target (a rollout retires it)."""
+        return self.target is not None and info.version != self.target
+
+
+class Step(NamedTuple):
+    """One clone's decision in one pass."""
+
+    record: CloneRecord | None  # the next record; None = forget the clone
+    actions: tuple[Action, ...] = ()  # hypervisor actions, in the order they run
+    failed: bool = False  # a failure seen this pass (counts against the pool)
+    came_up: bool = False  # a new or reset clone became ready (clears the pool's count)
+
+
+def enter(ctx: Context, rec: CloneRecord | None, info: CloneInfo, state: CloneState) -> CloneRecord:
+    """The record after moving to `state`; `since` only moves when the state changes. A
+    clone the store has no record of has unknown history: its new record is dirty."""
+    if rec is None:
+        return CloneRecord(
+            name=info.name,
+            slot=info.slot,
+            version=info.version,
+            state=state,
+            since=ctx.now,
+            dirty=True,
+        )
+    if rec.state is state and rec.slot == info.slot and rec.version == info.version:
+        return rec
+    since = rec.since if rec.state is state else ctx.now
+    return replace(rec, slot=info.slot, version=info.version, state=state, since=since)
+
+
+def moved(ctx: Context, rec: CloneRecord, state: CloneState) -> CloneRecord:
+    """A remembered clone's record moved to `state` (same slot and version)."""
+    if rec.state is state:
+        return rec
+    return replace(rec, state=state, since=ctx.now)
+
+
+def ended(rec: CloneRecord, at: float | None) -> CloneRecord:
+    return rec if rec.session_ended_at == at else replace(rec, session_ended_at=at)
+
+
+def used(rec: CloneRecord, last_user: str | None = None) -> CloneRecord:
+    """Somebody is on the clone: it must be reset before anyone else gets it."""
+    user = last_user if last_user is not None else rec.last_user
+    if rec.dirty and rec.session_ended_at is None and rec.last_user == user:
+        return rec
+    return replace(rec, session_ended_at=None, last_user=user, dirty=True)
+
+
+def remembered(ctx: Context, name: str, rec: CloneRecord | None) -> CloneRecord | None:
+    """The stored record, dirty if a client connected to the clone since the last pass."""
+    if rec is not None and not rec.dirty and name in ctx.touched:
+        return replace(rec, dirty=True)
+    return rec
+
+
+def healthy(rec: CloneRecord) -> CloneRecord:
+    if rec.session_ended_at is None and rec.failures == 0 and rec.retry_at is None:
+        return rec
+    return replace(rec, session_ended_at=None, failures=0, retry_at=None)

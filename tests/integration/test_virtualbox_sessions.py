@@ -1,0 +1,108 @@
+"""Sessions on the VirtualBox adapter with real guests: the simulated VirtualBox runs each
+machine as a QEMU guest of the tiny image, VNC on the VRDE port, users from its agent."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
+from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power
+from imagepipe.pool.ports import EventKind, HypervisorEvent
+from tests import vboxsim
+from tests.conftest import require_program
+from tests.guest import SerialConsole, VncClient, tiny_base_image
+from tests.host import free_port
+from tests.vboxsim.api import Boot, Host
+from tests.vboxsim.process import QemuProcess
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="ipvb-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def sim(workdir: Path) -> Iterator[Host]:
+    require_program("qemu-system-x86_64")
+    host = vboxsim.start(workdir / "vbox", version="7.0.14", process_factory=QemuProcess)
+    yield host
+    vboxsim.stop(host)
+
+
+@pytest.fixture
+def base(sim: Host, workdir: Path) -> BaseImage:
+    tiny = tiny_base_image(workdir / "tiny-v1")
+    d = tiny.directory
+    boot = Boot(d / (tiny.kernel or ""), d / (tiny.initrd or ""), tiny.cmdline or "")
+    name = "imagepipe-tiny-v1"
+    sim.create_base_vm(name, d / (tiny.disk or ""), boot=boot, snapshot="clean")
+    return BaseImage("tiny", 1, d, vm=name, snapshot="clean")
+
+
+@pytest.fixture
+def hv(sim: Host) -> Iterator[VirtualBoxHypervisor]:
+    adapter = VirtualBoxHypervisor()
+    yield adapter
+    for clone in adapter.list_clones():
+        adapter.delete(clone.name)
+    adapter.close()
+
+
+def test_a_login_a_vnc_client_and_a_reset_to_a_clean_disk_on_a_real_guest(
+    sim: Host, base: BaseImage, hv: VirtualBoxHypervisor
+) -> None:
+    port = free_port()
+    while port < 5900:
+        port = free_port()
+    spec = CloneSpec("vbt-0", "vbt", 0, base, CloneMode.LINKED, 1, 128 * 1024**2,
+                     Endpoint("127.0.0.1", port))  # fmt: skip
+    hv.create_clone(spec)
+    seen: dict[EventKind, threading.Event] = {k: threading.Event() for k in EventKind}
+    got: list[HypervisorEvent] = []
+
+    def record(event: HypervisorEvent) -> None:
+        got.append(event)
+        seen[event.kind].set()
+
+    hv.subscribe(record)
+    hv.start("vbt-0")
+    process = sim.by_name("vbt-0").process
+    assert isinstance(process, QemuProcess)
+    with SerialConsole(process.console_path, timeout=120) as console:
+        console.login("alice")
+        console.run("echo secret > /home/alice/note")
+        seen[EventKind.AGENT_CHANGED].clear()
+        assert _until(lambda: hv.sessions("vbt-0").users == ("alice",), seen, got)
+        client = VncClient("127.0.0.1", port)
+        client.handshake()
+        assert seen[EventKind.SESSION_CONNECTED].wait(30), got
+        assert hv.sessions("vbt-0").client == "127.0.0.1"
+        client.close()
+        assert seen[EventKind.SESSION_DISCONNECTED].wait(30), got
+    assert hv.list_clones()[0].ready is True
+    hv.reset("vbt-0")
+    process = sim.by_name("vbt-0").process
+    assert isinstance(process, QemuProcess)
+    with SerialConsole(process.console_path, timeout=120) as console:
+        console.login("bob")
+        assert "No such file" in console.run("cat /home/alice/note 2>&1")
+    assert hv.list_clones()[0].power is Power.RUNNING
+
+
+def _until(check, seen, got) -> bool:  # type: ignore[no-untyped-def]
+    for _ in range(30):
+        if check():
+            return True
+        seen[EventKind.AGENT_CHANGED].wait(2)
+        seen[EventKind.AGENT_CHANGED].clear()
+    return False

@@ -1,0 +1,29 @@
+"""Helpers for tests running imagepipe on the simulated VirtualBox."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from imagepipe.pool.model import BaseImage
+from tests.vboxsim.api import Boot, Host
+
+
+def blank_disk(path: Path, size_mb: int = 16) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(path), f"{size_mb}M"],
+        check=True,
+        timeout=60,
+    )
+    return path
+
+
+def base_vm(
+    host: Host, disk: Path, *, image: str = "tiny", version: int = 1, boot: Boot | None = None
+) -> BaseImage:
+    """A base VM imagepipe-<image>-v<N> with a `clean` snapshot, as a registered version
+    built by virtualbox-iso and imported would have."""
+    name = f"imagepipe-{image}-v{version}"
+    host.create_base_vm(name, disk, boot=boot, snapshot="clean")
+    return BaseImage(image=image, version=version, directory=disk.parent, vm=name, snapshot="clean")

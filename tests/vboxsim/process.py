@@ -1,0 +1,222 @@
+"""Running machines of the simulated VirtualBox as real QEMU guests (what VBoxHeadless is).
+
+A launched machine boots the tiny image under QEMU (TCG): its disk is the machine's current
+differencing medium (a qcow2 overlay), its VNC display listens on the machine's VRDE port
+(TCP/Address:TCP/Ports), and:
+
+- QMP's VNC_CONNECTED / VNC_DISCONNECTED events drive the VRDE server's state
+  (Host.vrde_client: VRDEServerInfo, OnVRDEServerInfoChanged, /VirtualBox/HostInfo/VRDP/*);
+- the guest agent's guest-get-users, polled once a second (as VBoxService in a guest does),
+  feeds /VirtualBox/GuestInfo/OS/LoggedInUsers[List] (Host.guest_users);
+- saveState migrates the guest's state to the saved-state file and the next launch restores
+  it (-incoming); the power button is ACPI (system_powerdown); powerDown ends QEMU.
+
+    host = vboxsim.start(home, process_factory=QemuProcess)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.vboxsim.api import Host, MachineData
+
+AGENT_PORT = "org.qemu.guest_agent.0"
+
+
+class QemuProcess:
+    def __init__(self, host: Host, machine: MachineData) -> None:
+        self.host, self.machine = host, machine
+        self.dir = Path(tempfile.mkdtemp(prefix="vbs-", dir="/tmp"))  # short: unix sockets
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._qmp: socket.socket | None = None
+        self._replies: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._cmd_lock = threading.Lock()
+        self._quit = threading.Event()
+        self._guest_shutdown = False
+
+    @property
+    def console_path(self) -> Path:
+        return self.dir / "console"
+
+    def start(self, restore_from: Path | None) -> None:
+        try:
+            self._start(restore_from)
+        except BaseException:
+            self.kill()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def _start(self, restore_from: Path | None) -> None:
+        data = self.machine
+        if data.disk is None or data.boot.kernel is None:
+            raise RuntimeError(f"machine {data.name} has no disk or kernel to boot")
+        address = data.vrde_properties.get("TCP/Address", "127.0.0.1") or "127.0.0.1"
+        port = int(data.vrde_properties.get("TCP/Ports", "5900"))
+        if port < 5900:
+            raise RuntimeError(f"VRDE port {port} is below 5900, which QEMU's VNC cannot use")
+        argv = [
+            "qemu-system-x86_64", "-name", data.name, "-machine", "q35,accel=tcg",
+            "-nodefaults", "-no-user-config",
+            "-m", str(max(data.memory_mb, 64)), "-smp", str(data.cpus),
+            "-kernel", str(data.boot.kernel), "-initrd", str(data.boot.initrd),
+            "-append", data.boot.cmdline,
+            "-drive", f"file={data.disk.location},if=virtio,format=qcow2",
+            "-chardev", f"socket,id=con,path={self.console_path},server=on,wait=off",
+            "-serial", "chardev:con",
+            "-device", "virtio-serial",
+            "-chardev", f"socket,id=qga,path={self.dir / 'agent'},server=on,wait=off",
+            "-device", f"virtserialport,chardev=qga,name={AGENT_PORT}",
+            "-qmp", f"unix:{self.dir / 'qmp'},server=on,wait=off",
+            "-vnc", f"{address}:{port - 5900}", "-vga", "std", "-display", "none",
+        ]  # fmt: skip
+        if restore_from is not None:
+            argv += ["-incoming", f"exec:cat {restore_from}"]
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self._qmp = self._connect(self.dir / "qmp")
+        self._qmp.sendall(b'{"execute":"qmp_capabilities"}\n')
+        threading.Thread(target=self._read_qmp, daemon=True).start()
+        self._replies.get(timeout=30)
+        if restore_from is not None:
+            self._wait_migration("inmigrate")
+            self.command("cont")
+            restore_from.unlink(missing_ok=True)
+        threading.Thread(target=self._watch, daemon=True).start()
+        threading.Thread(target=self._poll_agent, daemon=True).start()
+
+    def _connect(self, path: Path) -> socket.socket:
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"QEMU exited: {err.strip()[-400:]}")
+            sock = socket.socket(socket.AF_UNIX)
+            try:
+                sock.connect(str(path))
+                return sock
+            except OSError:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _read_qmp(self) -> None:
+        assert self._qmp is not None
+        with contextlib.suppress(OSError):  # QEMU exited
+            for line in self._qmp.makefile("rb"):
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    continue
+                if "event" in message:
+                    self._event(message)
+                elif "return" in message or "error" in message:
+                    self._replies.put(message)
+
+    def _event(self, message: dict[str, Any]) -> None:
+        name = message["event"]
+        client = message.get("data", {}).get("client", {})
+        if name == "VNC_INITIALIZED":
+            self.host.vrde_client(self.machine, client.get("host"))
+        elif name == "VNC_DISCONNECTED":
+            self.host.vrde_client(self.machine, None)
+        elif name == "SHUTDOWN" and message.get("data", {}).get("guest"):
+            self._guest_shutdown = True
+
+    def command(self, execute: str, **arguments: Any) -> dict[str, Any]:
+        with self._cmd_lock:
+            if self._qmp is None:
+                return {}
+            request = {"execute": execute, **({"arguments": arguments} if arguments else {})}
+            try:
+                self._qmp.sendall(json.dumps(request).encode() + b"\n")
+                return self._replies.get(timeout=30)
+            except (OSError, queue.Empty):
+                return {}
+
+    def _wait_migration(self, running: str) -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            status = self.command("query-migrate").get("return", {}).get("status")
+            if status == "completed" or (running == "inmigrate" and status is None):
+                status_reply = self.command("query-status").get("return", {})
+                if status_reply.get("status") != "inmigrate":
+                    return
+            if status == "failed":
+                raise RuntimeError("QEMU could not save or restore the machine's state")
+            time.sleep(0.1)
+        raise RuntimeError("QEMU took too long to save or restore the machine's state")
+
+    def _watch(self) -> None:
+        assert self.proc is not None
+        self.proc.wait()
+        self._quit.set()
+        self.host.process_ended(self.machine, self._guest_shutdown)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _poll_agent(self) -> None:
+        """What VBoxService does in a real guest: report the logged-in users."""
+        sync = 0
+        while not self._quit.wait(1.0):
+            try:
+                with socket.socket(socket.AF_UNIX) as agent:
+                    agent.settimeout(2)
+                    agent.connect(str(self.dir / "agent"))
+                    reader = agent.makefile("rb")
+                    while not self._quit.is_set():
+                        sync += 1
+                        agent.sendall(
+                            b'\xff{"execute":"guest-sync","arguments":{"id":%d}}\n' % sync
+                        )
+                        while json.loads(reader.readline().strip(b"\xff")).get("return") != sync:
+                            pass
+                        agent.sendall(b'{"execute":"guest-get-users"}\n')
+                        reply = json.loads(reader.readline())
+                        users = sorted({u["user"] for u in reply.get("return", [])})
+                        self.host.guest_users(self.machine, users)
+                        if self._quit.wait(1.0):
+                            return
+            except (OSError, ValueError):
+                continue
+
+    def power_button(self) -> None:
+        self.command("system_powerdown")
+
+    def kill(self) -> None:
+        self._quit.set()
+        if self.proc is not None and self.proc.poll() is None:
+            self.command("quit")
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def pause(self) -> None:
+        self.command("stop")
+
+    def resume(self) -> None:
+        self.command("cont")
+
+    def save(self, path: Path) -> None:
+        self.command("stop")
+        self.command("migrate", uri=f"exec:cat > {path}")
+        self._wait_migration("active")
+        self._guest_shutdown = True
+        self.kill()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.kill()
