@@ -12,7 +12,7 @@ from rich.table import Table
 from imagepipe.cli.context import cli_context
 from imagepipe.config import load_pools
 from imagepipe.errors import BadInputError
-from imagepipe.images.names import channel_error
+from imagepipe.images.names import channel_error, shown
 from imagepipe.images.prune import choose, load_pool_records, versions_in_use
 from imagepipe.images.records import VersionRecord
 from imagepipe.images.registry import NewVersion, Registry, check_image_name
@@ -222,6 +222,16 @@ def prune(
         typer.echo(json.dumps(docs, indent=2))
 
 
+def _check_vm_name(vm: str) -> None:
+    """A VirtualBox VM name or UUID: 1 to 255 characters, no control characters."""
+    if not vm.strip():
+        raise BadInputError("--from-vm: the VM name is empty")
+    if len(vm) > 255 or not vm.isprintable():
+        raise BadInputError(
+            f"--from-vm: {shown(vm)} is not a VM name (1 to 255 printable characters)"
+        )
+
+
 def _check_channel(channel: str) -> None:
     error = channel_error(channel)
     if error is not None:
@@ -241,6 +251,7 @@ def import_(
     from imagepipe.app.bootstrap import describe_virtualbox_vm
 
     check_image_name(image)
+    _check_vm_name(from_vm)
     registry = _registry(ctx)
     found = describe_virtualbox_vm(from_vm)
     record = registry.find_fingerprint(image, found.fingerprint) or registry.register(

@@ -84,6 +84,10 @@ def registry_head(site: Path) -> str:
         (["images", "show", "t" * 5000], "not an image name"),
         (["images", "prune", "--keep", "1", ""], "the image name is empty"),
         (["images", "prune", "--keep", "-1"], "--keep must be 0 or more"),
+        (["images", "import", "tiny", "--from-vm", ""], "the VM name is empty"),
+        (["images", "import", "tiny", "--from-vm", "v\x1b[2J"], "not a VM name"),
+        (["images", "import", "tiny", "--from-vm", "v" * 5000], "not a VM name"),
+        (["images", "import", "Tiny", "--from-vm", "base"], "not an image name"),
         (["build", "", "--dry-run"], "the image name is empty"),
         (["build", "Tiny", "--dry-run"], "not an image name"),
         (
