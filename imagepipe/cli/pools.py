@@ -12,8 +12,9 @@ from typing import Any
 import typer
 
 from imagepipe.cli.context import cli_context
-from imagepipe.config import load_pools
-from imagepipe.errors import BadInputError
+from imagepipe.config import Settings, load_pools
+from imagepipe.config.yamlsrc import path_kind
+from imagepipe.errors import BadInputError, ConfigError
 from imagepipe.pool.model import PoolSpec
 from imagepipe.units import format_duration, format_size
 
@@ -40,16 +41,30 @@ def check(
 
     Exit code 2 with file:line: key and what was expected when a file is wrong.
     """
-    targets = list(paths) if paths else [cli_context(ctx).settings().pools_dir]
+    targets = list(paths) if paths else [_pools_dir(cli_context(ctx).settings())]
     specs = load_pools(targets)
     if not specs:
         where = ", ".join(str(p) for p in targets)
-        raise BadInputError(f"no pool files (*.yml) in {where}")
+        raise BadInputError(f"{where}: no pool files (*.yml) in this folder")
     if as_json:
-        typer.echo(json.dumps([pool_json(s) for s in specs], indent=2, sort_keys=True))
+        typer.echo(
+            json.dumps([pool_json(s) for s in specs], indent=2, sort_keys=True, allow_nan=False)
+        )
     else:
         for line in summary_lines(specs):
             typer.echo(line)
+
+
+def _pools_dir(settings: Settings) -> Path:
+    """The settings' pools_dir; a missing one is named with the settings file that gave it."""
+    if path_kind(settings.pools_dir) == "missing":
+        given = settings.source if settings.source != "defaults" else None
+        raise ConfigError(
+            f"{settings.pools_dir} does not exist; create it or point pools_dir elsewhere",
+            file=given,
+            key="pools_dir",
+        )
+    return settings.pools_dir
 
 
 def summary_lines(specs: Sequence[PoolSpec]) -> list[str]:

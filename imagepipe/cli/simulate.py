@@ -19,6 +19,9 @@ from imagepipe.sim.trace import load_trace
 from imagepipe.sim.world import Latencies
 from imagepipe.units import format_duration
 
+MAX_USERS = 100_000  # bounds the time and memory one simulated day takes
+MAX_PARALLEL = 1000
+
 
 def simulate(
     pool_file: Path = typer.Argument(..., help="The pool file to simulate (pools/*.yml)."),
@@ -51,8 +54,10 @@ def simulate(
         raise BadInputError("give exactly one of --trace FILE or --profile NAME")
     if compare is not None and compare != "original":
         raise BadInputError(f"--compare knows only 'original', got {compare!r}")
-    if parallel < 1:
-        raise BadInputError(f"--parallel must be at least 1, got {parallel}")
+    if not 1 <= parallel <= MAX_PARALLEL:
+        raise BadInputError(f"--parallel must be between 1 and {MAX_PARALLEL}, got {parallel}")
+    if not 1 <= users <= MAX_USERS:
+        raise BadInputError(f"--users must be between 1 and {MAX_USERS}, got {users}")
     try:
         latencies = Latencies.parse(latency or [])
     except ValueError as exc:
