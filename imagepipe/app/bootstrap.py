@@ -27,7 +27,7 @@ from imagepipe.log import fields
 from imagepipe.pool.executor import ExecutorSettings
 from imagepipe.pool.keeper import Keeper, KeeperOptions
 from imagepipe.pool.model import PoolSpec
-from imagepipe.pool.ports import Balancer, Clock, Hypervisor, Images
+from imagepipe.pool.ports import Balancer, Channels, Clock, Hypervisor, Images
 from imagepipe.pool.store import Store
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ class Runtime:
             clock=self.clock,
             settings=keeper_options(self.settings),
             other_pools=other_pools,
+            channels=self.images if isinstance(self.images, Channels) else None,
         )
 
     def close(self) -> None:

@@ -68,7 +68,7 @@ def _register() -> None:
     if _registered:
         return
     _registered.append(True)
-    from imagepipe.cli import build, demo, doctor, images, keep, pools, simulate, status
+    from imagepipe.cli import build, demo, doctor, images, keep, pools, rollout, simulate, status
 
     app.add_typer(pools.app, name="pools")
     app.add_typer(images.app, name="images")
@@ -76,6 +76,7 @@ def _register() -> None:
     app.command(name="simulate")(simulate.simulate)
     app.command(name="keep")(keep.keep)
     app.command(name="status")(status.status)
+    app.command(name="rollout")(rollout.rollout)
     app.command(name="demo")(demo.demo)
     app.command(name="doctor")(doctor.doctor)
 

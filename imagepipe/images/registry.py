@@ -227,6 +227,31 @@ class Registry:
             self._commit(repo, f"{image}: {channel} -> v{version}")
         return record
 
+    # ---------------------------------------------------------------- rollouts (Channels port)
+
+    def channel_version(self, image: str, channel: str) -> int | None:
+        return self._state(image).current(channel)
+
+    def newest_version(self, image: str) -> int:
+        usable = [r.version for r in self.versions(image) if r.usable]
+        if not usable:
+            known = ", ".join(self.images()) or "none yet"
+            raise BadInputError(f"image {image!r} has no usable version (images: {known})")
+        return max(usable)
+
+    def move_channel(self, image: str, channel: str, version: int, by: str) -> None:
+        """Point `channel` at `version` for a rollout; `by` says who and why (the history)."""
+        if not _CHANNEL.match(channel):
+            raise BadInputError(f"{channel!r} is not a channel name (lowercase letters, digits, -)")
+        with self._writing() as repo:
+            record = self.resolve(image, version)
+            if not record.usable:
+                raise BadInputError(f"{record.label} is {record.status}: roll out another version")
+            if self._state(image).current(channel) == version:
+                return
+            self._write_state(image, _move(self._state(image), channel, version, by))
+            self._commit(repo, f"{image}: {channel} -> v{version} ({by})")
+
     def rollback(self, image: str, channel: str) -> VersionRecord:
         """Point `channel` back at the newest usable version it held before its current one."""
         with self._writing() as repo:

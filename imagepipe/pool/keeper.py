@@ -37,12 +37,14 @@ from imagepipe.pool.observe import HostObservation, observe
 from imagepipe.pool.planner import failures_after, next_timer, plan
 from imagepipe.pool.ports import (
     Balancer,
+    Channels,
     Clock,
     EventKind,
     Hypervisor,
     HypervisorEvent,
     Images,
 )
+from imagepipe.pool.rollouts import Notifier, RolloutDriver
 from imagepipe.pool.store import Store
 from imagepipe.pool.teardown import plan_down
 
@@ -113,9 +115,11 @@ class Keeper:
         settings: KeeperOptions = KeeperOptions(),
         other_pools: Sequence[str] = (),
         hooks: KeeperHooks | None = None,
+        channels: Channels | None = None,
     ) -> None:
         """`specs`: the pools to keep. `other_pools`: configured pools another keeper looks
-        after (`keep --pool`); their clones are left alone and not reported as strays."""
+        after (`keep --pool`); their clones are left alone and not reported as strays.
+        `channels`: the registry's channels, for a rollout's automatic rollback."""
         self.hypervisor = hypervisor
         self.balancer = balancer
         self.store = store
@@ -125,6 +129,12 @@ class Keeper:
         self.clock = clock
         self.settings = settings
         self.executor = Executor(hypervisor, balancer, store, self._base, clock, settings.executor)
+        self.rollouts = RolloutDriver(
+            store,
+            tick=settings.tick,
+            channels=channels,
+            notifier=hypervisor if isinstance(hypervisor, Notifier) else None,
+        )
         self._wake = threading.Event()
         self._touched: set[str] = set()  # clones a client connected to since the last pass
         self._touched_lock = threading.Lock()
@@ -202,9 +212,12 @@ class Keeper:
         now = self.clock.now()
         wait = self.settings.tick
         for spec in self.specs.values():
-            due = next_timer(spec, self.store.load_pool(spec.name), now)
+            due = next_timer(spec, self.rollouts.record(spec, self.store.load_pool(spec.name)), now)
             if due is not None:
                 wait = min(wait, due - now + TIMER_SLACK)
+        due = self.rollouts.next_due(now)
+        if due is not None:
+            wait = min(wait, due - now + TIMER_SLACK)
         return max(wait, 0.0)
 
     # ---- one pass --------------------------------------------------------------------
@@ -218,6 +231,8 @@ class Keeper:
         if not self._recovered:
             self.recover()
         now = self.clock.now()
+        self.rollouts.beat(now)
+        self.rollouts.load()
         with self._touched_lock:
             touched = frozenset(self._touched)
         self._ensure_frontend()
@@ -241,7 +256,7 @@ class Keeper:
             observed = replace(
                 observed, in_flight=self.executor.in_flight(spec.name), touched=touched
             )
-            record = self.store.load_pool(spec.name)
+            record = self.rollouts.record(spec, self.store.load_pool(spec.name))
             down = self.store.pool_down(spec.name)
             if down is not None:  # being taken down: its own rule (pool/teardown.py)
                 actions += plan_down(spec, observed, record, down, now)
@@ -254,6 +269,7 @@ class Keeper:
         with self._touched_lock:
             self._touched -= touched
         self._record_failures(execution)
+        self.rollouts.after_pass(self.specs, host, self.clock.now())
         log.debug(
             "pass done",
             extra=fields(

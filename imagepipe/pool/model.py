@@ -230,6 +230,19 @@ class CloneRecord:
 
 
 @dataclass(frozen=True)
+class RolloutPolicy:
+    """How a pool moves onto `to_version`: an active `imagepipe rollout` (its row in the
+    store). Without one, a version change retires old clones the plain way."""
+
+    rollout: int  # the rollout's id
+    to_version: int
+    surge: int  # clones allowed above `max` while both versions run (old free ones held)
+    canary: int | None = None  # at most this many new-version clones until the canary passed
+    paused: bool = False  # no new-version creates, no old free clone released
+    deadline_at: float | None = None  # old clones still in use are ended at this moment
+
+
+@dataclass(frozen=True)
 class PoolRecord:
     pool: str
     clones: Mapping[str, CloneRecord] = field(default_factory=dict)
@@ -237,6 +250,7 @@ class PoolRecord:
     failures: int = 0  # consecutive failed creates in this pool
     breaker_open_until: float | None = None
     rollout_started_at: float | None = None  # when clones of another version began retiring
+    rollout: RolloutPolicy | None = None  # an active `imagepipe rollout` of this pool
 
 
 @dataclass(frozen=True)

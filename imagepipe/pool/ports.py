@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from imagepipe.pool.model import (
     Backend,
@@ -165,4 +165,22 @@ class Clock(Protocol):
 
     def sleep(self, seconds: float) -> None:
         """Wait (a fake clock just moves its time forward)."""
+        ...
+
+
+@runtime_checkable
+class Channels(Protocol):
+    """The registry's channels, as rollouts need them (imagepipe.images.registry.Registry):
+    a rollout moves the channel its pools follow, so `images` and `rollout` never disagree."""
+
+    def channel_version(self, image: str, channel: str) -> int | None:
+        """The version `channel` of `image` points at; None when there is no such channel."""
+        ...
+
+    def newest_version(self, image: str) -> int:
+        """The newest usable (not revoked, not pruned) version of `image`."""
+        ...
+
+    def move_channel(self, image: str, channel: str, version: int, by: str) -> None:
+        """Point `channel` at `version`, recording who/why in `by`."""
         ...

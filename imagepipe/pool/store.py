@@ -15,7 +15,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 
@@ -31,6 +31,13 @@ from imagepipe.pool.model import (
     PoolRecord,
     RecordClone,
     RecordPool,
+)
+from imagepipe.pool.rollout_records import (
+    Heartbeat,
+    Rollout,
+    RolloutState,
+    rollout_from_json,
+    rollout_to_json,
 )
 
 log = logging.getLogger(__name__)
@@ -97,6 +104,25 @@ MIGRATIONS: tuple[str, ...] = (
         pool TEXT PRIMARY KEY,
         since REAL NOT NULL,
         now INTEGER NOT NULL DEFAULT 0
+    );
+    """,
+    # 6: rollouts (`imagepipe rollout`): intent, state and progress, executed by the keeper;
+    # the keeper's heartbeat, so the CLI can tell whether a keeper runs
+    """
+    CREATE TABLE rollouts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        image TEXT NOT NULL,
+        body TEXT NOT NULL,
+        state TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX rollouts_image_idx ON rollouts (image, id);
+    CREATE TABLE keeper_heartbeat (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        at REAL NOT NULL,
+        pid INTEGER NOT NULL,
+        host TEXT NOT NULL,
+        tick REAL NOT NULL
     );
     """,
 )
@@ -445,6 +471,67 @@ class Store:
                     "unreadable journal entry skipped", extra=fields(id=entry_id, error=exc)
                 )
         return entries
+
+    # --- rollouts and the keeper's heartbeat ------------------------------------------
+
+    def add_rollout(self, rollout: Rollout) -> Rollout:
+        """Write a new rollout; returns it with its id."""
+        with self._write() as db:
+            cursor = db.execute(
+                "INSERT INTO rollouts (image, body, state, created_at) VALUES (?,?,?,?)",
+                (rollout.image, "{}", rollout.state.value, rollout.created_at),
+            )
+            assert cursor.lastrowid is not None
+            saved = replace(rollout, id=cursor.lastrowid)
+            db.execute(
+                "UPDATE rollouts SET body = ? WHERE id = ?", (rollout_to_json(saved), saved.id)
+            )
+        return saved
+
+    def save_rollout(self, rollout: Rollout) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE rollouts SET body = ?, state = ? WHERE id = ?",
+                (rollout_to_json(rollout), rollout.state.value, rollout.id),
+            )
+
+    def rollout(self, rollout_id: int) -> Rollout | None:
+        with self._read() as db:
+            row = db.execute("SELECT body FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+        return None if row is None else rollout_from_json(row[0])
+
+    def rollouts(
+        self, image: str | None = None, *, active: bool = False, limit: int = 1000
+    ) -> list[Rollout]:
+        """Rollouts, newest first (of one image; only the active ones)."""
+        query, args = "SELECT body FROM rollouts", []
+        where = []
+        if image is not None:
+            where.append("image = ?")
+            args.append(image)
+        if active:
+            states = [s.value for s in RolloutState if s.active]
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args += states
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        with self._read() as db:
+            rows = db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [rollout_from_json(row[0]) for row in rows]
+
+    def beat(self, heartbeat: Heartbeat) -> None:
+        """The keeper is alive: written at the start of every pass."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO keeper_heartbeat (id, at, pid, host, tick) "
+                "VALUES (1,?,?,?,?)",
+                (heartbeat.at, heartbeat.pid, heartbeat.host, heartbeat.tick),
+            )
+
+    def heartbeat(self) -> Heartbeat | None:
+        with self._read() as db:
+            row = db.execute("SELECT at, pid, host, tick FROM keeper_heartbeat").fetchone()
+        return None if row is None else Heartbeat(at=row[0], pid=row[1], host=row[2], tick=row[3])
 
     def journal_recent(self, pool: str | None, limit: int) -> list[JournalRecord]:
         """The newest `limit` journal entries (of one pool, or all), newest first."""

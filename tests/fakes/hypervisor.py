@@ -80,6 +80,8 @@ class FakeHypervisor:
     calls: list[tuple[str, str]] = field(default_factory=list)  # (operation, clone name)
     foreign: dict[str, Power] = field(default_factory=dict)  # VMs imagepipe did not make
     occupied: set[Endpoint] = field(default_factory=set)  # ports other programs listen on
+    never_ready: set[tuple[str, int]] = field(default_factory=set)  # broken versions' guests
+    notices: list[tuple[str, str]] = field(default_factory=list)  # notify_users (clone, text)
     closed: bool = False
     _failures: dict[str, deque[HypervisorError]] = field(default_factory=lambda: defaultdict(deque))
     _blockers: dict[str, threading.Event] = field(default_factory=dict)
@@ -317,6 +319,13 @@ class FakeHypervisor:
                 return
         self._emit(EventKind.STATE_CHANGED, name, detail="deleted")
 
+    def notify_users(self, name: str, text: str) -> None:
+        """Show `text` inside the running clone (the deadline warning)."""
+        self._enter("notify_users", name)
+        with self._lock:
+            self._running(name)
+            self.notices.append((name, text))
+
     def display(self, name: str) -> Endpoint | None:
         self._enter("display", name)
         with self._lock:
@@ -382,7 +391,9 @@ class FakeHypervisor:
             version=spec.base.version,
             power=clone.power,
             display=spec.display,
-            ready=running and clone.boot_ticks_left == 0,
+            ready=running
+            and clone.boot_ticks_left == 0
+            and (spec.base.image, spec.base.version) not in self.never_ready,
         )
 
     def _emit(
@@ -471,6 +482,7 @@ class FakeImages:
 
     channels: dict[tuple[str, str], int] = field(default_factory=dict)
     versions: dict[str, set[int]] = field(default_factory=dict)
+    moves: list[tuple[str, str, int, str]] = field(default_factory=list)  # move_channel calls
 
     def publish(self, image: str, version: int, channel: str = "latest") -> BaseImage:
         self.versions.setdefault(image, set()).add(version)
@@ -489,3 +501,18 @@ class FakeImages:
         if (image, channel) not in self.channels:
             raise BadInputError(f"{image} has no channel {channel!r}")
         return FakeVersion(image, self.channels[(image, channel)])
+
+    # the Channels port (rollouts)
+    def channel_version(self, image: str, channel: str) -> int | None:
+        return self.channels.get((image, channel))
+
+    def newest_version(self, image: str) -> int:
+        known = self.versions.get(image)
+        if not known:
+            raise BadInputError(f"image {image!r} has no registered versions")
+        return max(known)
+
+    def move_channel(self, image: str, channel: str, version: int, by: str) -> None:
+        self.resolve(image, version)
+        self.channels[(image, channel)] = version
+        self.moves.append((image, channel, version, by))

@@ -7,7 +7,8 @@ words; each module here holds one group of them:
 
     clones.py          one clone: quiet, in use, recycle, reset, failed, booting, ...
     resize.py          the pool: count, grow (resume before create), shrink
-    rollout_rules.py   which version, when the rollout started, the drain deadline
+    rollout_rules.py   which version, when the rollout started, the drain deadline, and
+                       an active rollout's blue/green pacing (surge, canary, pause)
     balancer_rules.py  who serves, who is drained or removed, orphan backends
     failures.py        retries with backoff, the retry budget, the circuit breaker
     schedule.py        the free target after the pool's schedule
@@ -48,6 +49,8 @@ from imagepipe.pool.planner.resize import Decisions, resize
 from imagepipe.pool.planner.rollout_rules import (
     drain_deadline_passed,
     old_exists,
+    pace,
+    policy_of,
     rollout_started,
     target_of,
 )
@@ -75,6 +78,7 @@ def plan(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float) -> 
     d, failed, came_up = _advance_clones(ctx, observed, record)
     failures, until = breaker_after(spec, record, failed, came_up, now)
     resize(d, observed.base_ready, until is not None and now < until)
+    pace(d, record)
     out = _in_order(d, record)
     out += orphan_actions(spec.name, observed.orphan_backends)
     memory = RecordPool(
@@ -92,6 +96,7 @@ def plan(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float) -> 
 def _context(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float) -> Context:
     target = target_of(observed, record)
     started = rollout_started(record, target, old_exists(record, target, observed), now)
+    policy = policy_of(record, target)
     return Context(
         spec=spec,
         now=now,
@@ -99,9 +104,10 @@ def _context(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float)
         assigned=frozenset(spec.assignments.values()),
         breaker_open=breaker_open(record, now),
         rollout_started=started,
-        drain_deadline_passed=drain_deadline_passed(spec, started, now),
+        drain_deadline_passed=drain_deadline_passed(spec, started, now, policy),
         in_flight=observed.in_flight,
         touched=observed.touched,
+        rollout=policy,
     )
 
 

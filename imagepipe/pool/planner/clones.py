@@ -25,6 +25,7 @@ from imagepipe.pool.model import (
     StartClone,
 )
 from imagepipe.pool.planner.failures import gave_up, record_failure
+from imagepipe.pool.planner.rollout_rules import holds
 from imagepipe.pool.planner.steps import Context, Step, ended, enter, healthy, used
 
 CREATING = CloneState.CREATING
@@ -137,6 +138,8 @@ def _without_session(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -
     if rec.state is FAILED:
         return _failed(ctx, oc, rec)
     if old:
+        if holds(ctx, oc, rec):  # keeps serving until a new desktop can take its place
+            return Step(rec)
         return _delete(ctx, rec, oc)
     if info.power is Power.CRASHED:
         return Step(record_failure(spec, rec, now), failed=True)

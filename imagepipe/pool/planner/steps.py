@@ -12,6 +12,7 @@ from imagepipe.pool.model import (
     CloneState,
     OnLogoff,
     PoolSpec,
+    RolloutPolicy,
 )
 
 
@@ -28,6 +29,7 @@ class Context:
     drain_deadline_passed: bool
     in_flight: frozenset[str] = frozenset()  # clones with a call still running
     touched: frozenset[str] = frozenset()  # clones a client connected to since the last pass
+    rollout: RolloutPolicy | None = None  # an active rollout onto the target version
 
     def persistent(self, slot: int) -> bool:
         """Logoff leaves this desktop as its user left it (no reset, no balancer rules)."""

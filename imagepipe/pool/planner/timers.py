@@ -34,6 +34,8 @@ def next_timer(spec: PoolSpec, record: PoolRecord, now: float) -> float | None:
     consider(record.breaker_open_until)
     if spec.drain_deadline is not None and record.rollout_started_at is not None:
         consider(record.rollout_started_at + spec.drain_deadline)
+    if record.rollout is not None:
+        consider(record.rollout.deadline_at)
     if spec.schedule:
         consider(now - now % 60.0 + 60.0)
     return soonest
