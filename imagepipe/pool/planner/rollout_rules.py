@@ -7,7 +7,8 @@ their session ends, or at the deadline) are in clones.py. With an active rollout
 serving until new ones are ready to take their place (`holds`, then `pace` after resize):
 
 - new desktops are made and ready before free old ones go, so the count of ready free
-  desktops never drops below the free target (or what the pool had, when it had less);
+  desktops never drops below the free target (or what the pool had, when it had less, or
+  what `max` leaves beside the new version's desktops in use);
 - the pool may hold `surge` clones above `max` for this (old free ones still serving);
 - a canary allows only N new-version clones until it passed; a paused rollout makes no
   new clones and lets no old free one go;
@@ -33,6 +34,15 @@ from imagepipe.pool.model import (
 from imagepipe.pool.planner.resize import Decisions
 from imagepipe.pool.planner.schedule import free_target
 from imagepipe.pool.planner.steps import Context, moved
+
+# new-version clones that cannot become free soon: somebody is on them, or they are leaving
+BUSY = (
+    CloneState.IN_USE,
+    CloneState.DISCONNECTED,
+    CloneState.RECYCLING,
+    CloneState.RETIRING,
+    CloneState.STOPPED,
+)
 
 
 def target_of(observed: Observed, record: PoolRecord) -> int | None:
@@ -86,7 +96,7 @@ def holds(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> bool:
         ctx.rollout is not None
         and rec is not None
         and rec.state is CloneState.FREE
-        and not rec.dirty
+        and (not rec.dirty or ctx.persistent(info.slot))  # persistent desktops serve as left
         and rec.failures == 0
         and rec.retry_at is None
         and info.power is Power.RUNNING
@@ -119,11 +129,22 @@ def pace(d: Decisions, record: PoolRecord) -> None:
     _limit_creates(d, record, policy, len(held))
     if policy.paused:
         return
-    wanted = free_target(ctx.spec, ctx.now)
-    going = max(0, min(len(held), new_ready_free(d) + len(held) - wanted))
+    going = max(0, min(len(held), new_ready_free(d) + len(held) - floor(d)))
     for rec in held[:going]:
         delete = DeleteClone(pool=ctx.spec.name, clone=rec.name)
         d.set(rec.name, moved(ctx, rec, CloneState.DELETING), (delete,))
+
+
+def floor(d: Decisions) -> int:
+    """Free desktops an active rollout keeps: the free target, or as many as the new version
+    can still offer within `max` beside its desktops in use."""
+    ctx = d.ctx
+    busy = sum(
+        1
+        for rec in d.records.values()
+        if rec.version == ctx.target and rec.state in BUSY and rec.slot not in ctx.assigned
+    )
+    return min(free_target(ctx.spec, ctx.now), max(0, ctx.spec.max - busy))
 
 
 def new_ready_free(d: Decisions) -> int:
