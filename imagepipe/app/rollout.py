@@ -303,39 +303,48 @@ class Rollouts:
         return active[0]
 
     def pause(self, image: str) -> Rollout:
-        rollout = replace(self.active(image), paused=True, state=RolloutState.PAUSED)
-        self.store.save_rollout(
-            replace(rollout, reason=f"paused: `imagepipe rollout resume {image}` goes on")
+        why = f"paused: `imagepipe rollout resume {image}` goes on"
+        return self._change(
+            image, lambda r: replace(r, paused=True, state=RolloutState.PAUSED, reason=why)
         )
-        return rollout
+
+    def _change(self, image: str, change: Callable[[Rollout], Rollout]) -> Rollout:
+        """Change the active rollout of IMAGE in one transaction with the keeper's writes."""
+        active = self.active(image)
+        result = self.store.update_rollout(active.id, lambda r: change(r) if r.active else r)
+        if result is None or not result[0].active:
+            raise BadInputError(f"rollout #{active.id} of {image} has just ended")
+        return result[1]
 
     def resume(self, image: str) -> Rollout:
         """Go on after a pause, or end the canary's wait (also after a canary failure)."""
-        rollout = self.active(image)
-        passed = rollout.canary is not None and rollout.canary_ready_at is not None
-        rollout = replace(
-            rollout,
-            paused=False,
-            canary_passed=rollout.canary_passed or passed,
-            canary_failed=False,
-            state=RolloutState.IN_PROGRESS,
-            reason="resumed",
+        return self._change(
+            image,
+            lambda r: replace(
+                r,
+                paused=False,
+                canary_passed=r.canary is not None,
+                canary_failed=False,
+                state=RolloutState.IN_PROGRESS,
+                reason="resumed",
+            ),
         )
-        self.store.save_rollout(rollout)
-        return rollout
 
     def cancel(self, specs: Sequence[PoolSpec], image: str, *, by: str) -> Rollout:
         """Stop the active rollout; its pools go back to the version they ran, blue/green."""
-        rollout = self.active(image)
+        self.active(image)
         self.require_keeper()
-        ended = replace(
-            rollout,
-            state=RolloutState.CANCELLED,
-            reason=f"cancelled by {by}: back to v{rollout.from_version}",
-            finished_at=self.clock.now(),
-            paused=False,
+        now = self.clock.now()
+        ended = self._change(
+            image,
+            lambda r: replace(
+                r,
+                state=RolloutState.CANCELLED,
+                reason=f"cancelled by {by}: back to v{r.from_version}",
+                finished_at=now,
+                paused=False,
+            ),
         )
-        self.store.save_rollout(ended)
         return self._reverse(specs, ended, by)
 
     def undo(self, specs: Sequence[PoolSpec], image: str, *, by: str) -> Rollout:

@@ -22,7 +22,7 @@ from imagepipe.errors import ImagepipeError
 from imagepipe.log import fields
 from imagepipe.pool.model import CloneState, PoolRecord, PoolSpec
 from imagepipe.pool.observe import HostObservation
-from imagepipe.pool.planner.rollout_progress import PoolView, judge
+from imagepipe.pool.planner.rollout_progress import PoolView, Verdict, judge
 from imagepipe.pool.ports import Channels
 from imagepipe.pool.rollout_records import Heartbeat, Rollout
 from imagepipe.pool.store import Store
@@ -106,26 +106,37 @@ class RolloutDriver:
             ]
             if not views:
                 continue
-            current = self.store.rollout(rollout.id)  # the CLI may have paused or cancelled it
-            if current is None or not current.active:
-                continue
-            verdict = judge(current, views, now)
-            nxt = verdict.rollout
-            if verdict.warnings:
-                self._warn(nxt, views, now)
-            if verdict.move_back:
-                self._roll_back(nxt, views)
-            if nxt.state is not current.state:
-                log.info(
-                    "rollout " + nxt.state.label,
-                    extra=fields(
-                        rollout=nxt.id, image=nxt.image, to=f"v{nxt.to_version}", reason=nxt.reason
-                    ),
-                )
-            if nxt != current:
-                self.store.save_rollout(nxt)
+            nxt = self._judge(rollout.id, views, now)
+            if nxt is not None:
                 changed.append(nxt)
         return changed
+
+    def _judge(self, rollout_id: int, views: list[PoolView], now: float) -> Rollout | None:
+        """Judge one rollout and act on the verdict; the rollout if it changed."""
+        verdicts: list[Verdict] = []
+
+        def judged(current: Rollout) -> Rollout:
+            verdicts.append(judge(current, views, now))  # an ended one comes back unchanged
+            return verdicts[-1].rollout
+
+        # one transaction: a pause or cancel the CLI writes meanwhile is never lost
+        result = self.store.update_rollout(rollout_id, judged)
+        if result is None or not verdicts:
+            return None
+        current, nxt = result
+        verdict = verdicts[-1]
+        if verdict.warnings:
+            self._warn(nxt, views, now)
+        if verdict.move_back:
+            self._roll_back(nxt, views)
+        if nxt.state is not current.state:
+            log.info(
+                "rollout " + nxt.state.label,
+                extra=fields(
+                    rollout=nxt.id, image=nxt.image, to=f"v{nxt.to_version}", reason=nxt.reason
+                ),
+            )
+        return None if nxt == current else nxt
 
     def _roll_back(self, rollout: Rollout, views: Sequence[PoolView]) -> None:
         """The new version's desktops failed: the channel goes back, the pools' failure

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -494,6 +494,24 @@ class Store:
                 "UPDATE rollouts SET body = ?, state = ? WHERE id = ?",
                 (rollout_to_json(rollout), rollout.state.value, rollout.id),
             )
+
+    def update_rollout(
+        self, rollout_id: int, change: Callable[[Rollout], Rollout]
+    ) -> tuple[Rollout, Rollout] | None:
+        """Read, change and write one rollout in one transaction (the keeper and the CLI
+        both change rollouts: neither loses the other's change). Returns (before, after)."""
+        with self._write() as db:
+            row = db.execute("SELECT body FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+            if row is None:
+                return None
+            before = rollout_from_json(row[0])
+            after = change(before)
+            if after != before:
+                db.execute(
+                    "UPDATE rollouts SET body = ?, state = ? WHERE id = ?",
+                    (rollout_to_json(after), after.state.value, rollout_id),
+                )
+        return before, after
 
     def rollout(self, rollout_id: int) -> Rollout | None:
         with self._read() as db:
