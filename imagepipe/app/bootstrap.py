@@ -165,6 +165,8 @@ def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balance
             pid_file=settings.run_dir / "haproxy.pid",
             manage=cfg.manage if manage is None else manage and cfg.manage,
             balance=cfg.balance,
+            persist=cfg.persist,
+            persist_expire=cfg.persist_expire,
         )
     if cfg.driver == "ipvs":
         from imagepipe.balancers.ipvs import IPVSBalancer

@@ -20,6 +20,7 @@ from imagepipe.balancers import haproxy_runtime as rt
 from imagepipe.balancers.haproxy_config import (
     HAProxyConfig,
     check_balance,
+    check_persist,
     parse_bind,
     render_config,
 )
@@ -44,6 +45,8 @@ class HAProxyBalancer:
         pid_file: Path,
         manage: bool,
         balance: str = "leastconn",
+        persist: str = "none",
+        persist_expire: float = 8 * 3600.0,
         program: str | None = None,
         timeout: float = 5.0,
     ) -> None:
@@ -51,6 +54,8 @@ class HAProxyBalancer:
             bind=parse_bind(bind),
             admin_socket=admin_socket.absolute(),
             balance=check_balance(balance),
+            persist=check_persist(persist),
+            persist_expire=f"{max(1, round(persist_expire))}s",
         )
         self.config_path = config_path.absolute()
         self.manage = manage

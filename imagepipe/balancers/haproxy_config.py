@@ -15,6 +15,11 @@ from imagepipe.pool.model import Endpoint
 FRONTEND = "desktops_in"
 BACKEND = "desktops"
 BALANCE_ALGORITHMS = ("leastconn", "first")
+# How a returning user reaches the desktop that holds their session, also while it drains
+# (HAProxy sends a drained server the connections its persistence picks, no new ones):
+# none; source = a stick table on the client address (VNC, any protocol); rdp-cookie = a
+# stick table on the user name an RDP client sends (`Cookie: mstshash=alice`).
+PERSISTENCE = ("none", "source", "rdp-cookie")
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,8 @@ class HAProxyConfig:
     session_timeout: str = "24h"  # idle limit of a remote-desktop session, both sides
     queue_timeout: str = "60s"  # how long a client waits for a free desktop
     fin_timeout: str = "30s"  # half-closed connections
+    persist: str = "none"  # PERSISTENCE
+    persist_expire: str = "8h"  # a returning user is sent back within this long
 
 
 def parse_bind(bind: str) -> Endpoint:
@@ -58,6 +65,31 @@ def check_balance(balance: str) -> str:
     return balance
 
 
+def check_persist(persist: str) -> str:
+    if persist not in PERSISTENCE:
+        raise BadInputError(
+            f"balancer persist {persist!r} is not supported: use {', '.join(PERSISTENCE)}"
+        )
+    return persist
+
+
+def persistence_lines(persist: str, expire: str) -> list[str]:
+    """The backend's stick table: which desktop a client (address or RDP user) was on."""
+    if persist == "source":
+        return [
+            f"    stick-table type ip size 100k expire {expire}",
+            "    stick on src",
+        ]
+    if persist == "rdp-cookie":
+        return [
+            "    tcp-request inspect-delay 5s",
+            "    tcp-request content accept if RDP_COOKIE",
+            f"    stick-table type string len 64 size 100k expire {expire}",
+            "    stick on rdp_cookie(mstshash)",
+        ]
+    return []
+
+
 def format_address(address: Endpoint) -> str:
     """host:port as HAProxy writes it: IPv6 hosts in brackets."""
     host = address.host
@@ -78,6 +110,7 @@ def _quote_path(path: Path) -> str:
 def render_config(cfg: HAProxyConfig) -> str:
     """The complete haproxy.cfg. Servers are not listed: they are added at run time."""
     check_balance(cfg.balance)
+    check_persist(cfg.persist)
     lines = [
         "# Written by imagepipe; changes are overwritten. Desktops are added at run time",
         "# through the admin socket (add server / set server state / del server).",
@@ -111,6 +144,7 @@ def render_config(cfg: HAProxyConfig) -> str:
         "",
         f"backend {BACKEND}",
         f"    balance {cfg.balance}",
+        *persistence_lines(cfg.persist, cfg.persist_expire),
         "",
     ]
     return "\n".join(lines)
