@@ -33,6 +33,7 @@ from imagepipe.errors import (
 )
 from imagepipe.hypervisors.libvirt_disks import disk_usable, make_clone_disk
 from imagepipe.hypervisors.libvirt_events import EventHub, ensure_event_loop
+from imagepipe.hypervisors.libvirt_notify import notify_command
 from imagepipe.hypervisors.libvirt_xml import (
     CloneMetadata,
     DomainFacts,
@@ -547,6 +548,15 @@ class LibvirtHypervisor:
         users = self._users(dom, name) if state != STATE_PAUSED else ()
         first, since = self._hub.vnc_clients_now(name, clients)
         return GuestSession(client=first, connected_since=since, users=users)
+
+    def notify_users(self, name: str, text: str) -> None:
+        """Show `text` inside the running desktop (the guest agent's imagepipe-notify)."""
+        dom, _ = self._our_domain(name)
+        if self._state(dom, name) != STATE_RUNNING:
+            raise InvalidStateError(f"clone {name} is not running: nobody can see a message")
+        self._prepare_agent(name, dom)
+        with self._translate(f"clone {name}"):
+            self._libvirt_qemu.qemuAgentCommand(dom, notify_command(text), AGENT_TIMEOUT, 0)
 
     def _vnc_clients(self, dom: Any, name: str) -> tuple[str, ...]:
         with self._translate(f"clone {name}"):

@@ -43,8 +43,9 @@ from imagepipe.pool.ports import (
     Hypervisor,
     HypervisorEvent,
     Images,
+    Notifier,
 )
-from imagepipe.pool.rollouts import Notifier, RolloutDriver
+from imagepipe.pool.rollouts import RolloutDriver
 from imagepipe.pool.store import Store
 from imagepipe.pool.teardown import plan_down
 

@@ -109,6 +109,19 @@ class Hypervisor(Protocol):
         ...
 
 
+@runtime_checkable
+class Notifier(Protocol):
+    """A hypervisor that can show a message to the user of a desktop (a rollout's deadline
+    warning). Optional: the keeper logs the warning where the hypervisor cannot show it.
+    libvirt: the guest agent's imagepipe-notify; the fakes record it."""
+
+    def notify_users(self, name: str, text: str) -> None:
+        """Show `text` inside the running clone. CloneNotFoundError when it does not exist,
+        NotOurCloneError for a VM imagepipe did not make, InvalidStateError when it is not
+        running."""
+        ...
+
+
 class Balancer(Protocol):
     def ensure_frontend(self) -> None:
         """Make sure the shared address exists and listens (idempotent)."""

@@ -16,25 +16,17 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Protocol, runtime_checkable
 
 from imagepipe.errors import ImagepipeError
 from imagepipe.log import fields
 from imagepipe.pool.model import CloneState, PoolRecord, PoolSpec
 from imagepipe.pool.observe import HostObservation
 from imagepipe.pool.planner.rollout_progress import PoolView, Verdict, judge
-from imagepipe.pool.ports import Channels
+from imagepipe.pool.ports import Channels, Notifier
 from imagepipe.pool.rollout_records import Heartbeat, Rollout
 from imagepipe.pool.store import Store
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class Notifier(Protocol):
-    """A hypervisor that can show a message inside a desktop (the deadline warning)."""
-
-    def notify_users(self, name: str, text: str) -> None: ...
 
 
 def warning_text(rollout: Rollout, now: float) -> str:

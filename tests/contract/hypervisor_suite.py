@@ -50,7 +50,7 @@ from imagepipe.errors import (
     NotOurCloneError,
 )
 from imagepipe.pool.model import BaseImage, CloneInfo, CloneMode, CloneSpec, Endpoint, Power
-from imagepipe.pool.ports import Hypervisor, HypervisorEvent
+from imagepipe.pool.ports import Hypervisor, HypervisorEvent, Notifier
 
 MiB = 1024**2
 
@@ -373,6 +373,35 @@ class HypervisorContract:
                 continue
             with pytest.raises(CloneNotFoundError):
                 call(hypervisor, operation, spec.name)
+
+    # -- messages to the user (optional port: Notifier) -----------------------------------
+
+    @staticmethod
+    def _notifier(hv: Hypervisor) -> Notifier:
+        if not isinstance(hv, Notifier):
+            pytest.skip("this adapter cannot show a message inside a desktop (Notifier)")
+        return hv
+
+    def test_a_message_to_a_missing_clone_raises_clone_not_found(
+        self, hypervisor: Hypervisor, contract_pool: str
+    ) -> None:
+        with pytest.raises(CloneNotFoundError):
+            self._notifier(hypervisor).notify_users(f"{contract_pool}-98", "hello")
+
+    def test_a_message_to_a_powered_off_clone_is_refused_as_invalid_state(
+        self, hypervisor: Hypervisor, make_spec: Callable[..., CloneSpec]
+    ) -> None:
+        notifier = self._notifier(hypervisor)
+        spec = make_spec()
+        hypervisor.create_clone(spec)
+        with pytest.raises(InvalidStateError):
+            notifier.notify_users(spec.name, "hello")
+
+    def test_a_message_to_a_vm_imagepipe_did_not_make_is_refused(
+        self, hypervisor: Hypervisor, foreign_vm: ForeignVM
+    ) -> None:
+        with pytest.raises(NotOurCloneError, match=foreign_vm.name):
+            self._notifier(hypervisor).notify_users(foreign_vm.name, "hello")
 
     # -- names imagepipe does not own --------------------------------------------------------
 

@@ -8,7 +8,9 @@
  *
  * Commands: guest-ping, guest-sync, guest-sync-delimited (reply preceded by the 0xFF
  * sentinel), guest-info, guest-get-users (from /run/users/<name>, written by the serial
- * login; the file holds the login time), guest-shutdown (no reply, like qemu-ga).
+ * login; the file holds the login time), guest-shutdown (no reply, like qemu-ga),
+ * imagepipe-notify {"text": "..."} (a message to the user: written to the console and the
+ * screen, and kept in /run/imagepipe-notice).
  * Anything else gets {"error":{"class":"CommandNotFound",...}}. A 0xFF byte from the host
  * discards any partial command, as in qemu-ga.
  *
@@ -30,10 +32,11 @@
 #define MAX_COMMAND 65536
 #define USERS_DIR "/run/users"
 #define VERSION "imagepipe-tiny-1"
+#define NOTICE_FILE "/run/imagepipe-notice"
 
 static const char *const supported[] = {
     "guest-ping", "guest-sync", "guest-sync-delimited", "guest-info",
-    "guest-get-users", "guest-shutdown",
+    "guest-get-users", "guest-shutdown", "imagepipe-notify",
 };
 
 static void pause_ms(long ms)
@@ -243,6 +246,35 @@ static void shutdown_guest(const char *command)
         kill(1, SIGUSR2);
 }
 
+/* Show a message to whoever is on the desktop: its console (serial) and its screen. */
+static void notify_reply(struct buf *out, const char *command)
+{
+    static const char *const ttys[] = {"/dev/console", "/dev/tty0", "/dev/tty1"};
+    const char *arguments = find_value(command, "arguments");
+    char text[1024], line[1200];
+    size_t i;
+    FILE *f;
+
+    if (!arguments || !string_value(find_value(arguments, "text"), text, sizeof text)) {
+        error_reply(out, "GenericError", "Parameter 'text' is missing (plain text, no quotes)");
+        return;
+    }
+    snprintf(line, sizeof line, "\r\n*** imagepipe: %s ***\r\n", text);
+    for (i = 0; i < sizeof ttys / sizeof ttys[0]; i++) {
+        int fd = open(ttys[i], O_WRONLY | O_NOCTTY | O_NONBLOCK);
+        if (fd >= 0) {
+            write_all(fd, line, strlen(line));
+            close(fd);
+        }
+    }
+    f = fopen(NOTICE_FILE, "a");
+    if (f) {
+        fprintf(f, "%s\n", text);
+        fclose(f);
+    }
+    buf_add(out, "{\"return\": {}}\n");
+}
+
 /* Handle one complete JSON object; write the reply (if any) to fd. */
 static void handle(int fd, const char *command)
 {
@@ -270,6 +302,8 @@ static void handle(int fd, const char *command)
         users_reply(&out);
     } else if (strcmp(name, "guest-shutdown") == 0) {
         shutdown_guest(command);
+    } else if (strcmp(name, "imagepipe-notify") == 0) {
+        notify_reply(&out, command);
     } else {
         char desc[256];
         snprintf(desc, sizeof desc, "The command %s has not been found", name);
