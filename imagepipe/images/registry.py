@@ -241,8 +241,7 @@ class Registry:
 
     def move_channel(self, image: str, channel: str, version: int, by: str) -> None:
         """Point `channel` at `version` for a rollout; `by` says who and why (the history)."""
-        if not _CHANNEL.match(channel):
-            raise BadInputError(f"{channel!r} is not a channel name (lowercase letters, digits, -)")
+        _check_channel(channel)
         with self._writing() as repo:
             record = self.resolve(image, version)
             if not record.usable:

@@ -13,6 +13,7 @@ from imagepipe.pool.model import (
     Action,
     BackendState,
     BalancerEnable,
+    CloneState,
     CreateClone,
     DeleteClone,
     ForgetClone,
@@ -55,6 +56,7 @@ class RollingHost(Host):
             1
             for name, vm in self.vms.items()
             if name in self.records
+            and self.records[name].state is CloneState.FREE  # not a used, dirty one
             and vm.ready
             and vm.client is None
             and not vm.users
@@ -83,7 +85,8 @@ class RollingHost(Host):
                 and name in self.records
                 and self.records[name].state in BUSY
             )
-            floor = min(before, wanted, self.spec.max - busy)
+            shared = self.spec.max - len(self.spec.assignments)
+            floor = min(before, wanted, shared - busy)
             assert self.serving() >= floor, "a rollout pass left fewer free desktops"
             old_free = sum(
                 1

@@ -144,7 +144,8 @@ def floor(d: Decisions) -> int:
         for rec in d.records.values()
         if rec.version == ctx.target and rec.state in BUSY and rec.slot not in ctx.assigned
     )
-    return min(free_target(ctx.spec, ctx.now), max(0, ctx.spec.max - busy))
+    shared = ctx.spec.max - len(ctx.assigned)  # assigned slots' desktops never serve
+    return min(free_target(ctx.spec, ctx.now), max(0, shared - busy))
 
 
 def new_ready_free(d: Decisions) -> int:
