@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from imagepipe.app.bootstrap import Adapters, build_balancer, build_hypervisor, build_images
 from imagepipe.config import Settings
@@ -25,6 +25,7 @@ from imagepipe.pool.model import (
     PoolDown,
     PoolRecord,
     PoolSpec,
+    RolloutPolicy,
 )
 from imagepipe.pool.observe import HostObservation, observe
 from imagepipe.pool.planner import classify, free_target
@@ -123,7 +124,12 @@ def load_records(
     store: Store, specs: Sequence[PoolSpec]
 ) -> tuple[dict[str, PoolRecord], dict[str, PoolDown]]:
     """The pools' records, and which of them are being taken down."""
+    active = {p: r for r in reversed(store.rollouts(active=True)) for p in r.pools}
     records = {s.name: store.load_pool(s.name) for s in specs}
+    for spec in specs:  # an active rollout holds old free desktops: they show as free
+        if spec.name in active:
+            policy = active[spec.name].policy(spec)
+            records[spec.name] = replace(records[spec.name], rollout=policy)
     downs = {s.name: d for s in specs if (d := store.pool_down(s.name)) is not None}
     return records, downs
 
@@ -169,7 +175,8 @@ def pool_status(
         target = record.target_version
     names = sorted(set(seen) | set(record.clones), key=lambda n: _slot_of(n, seen, record))
     clones = tuple(
-        clone_status(spec, seen.get(n), record.clones.get(n), now, target) for n in names
+        clone_status(spec, seen.get(n), record.clones.get(n), now, target, record.rollout)
+        for n in names
     )
     existing = [c for c in clones if c.power is not None]  # what the host has
     return PoolStatus(
@@ -195,12 +202,13 @@ def clone_status(
     record: CloneRecord | None,
     now: float,
     target_version: int | None = None,
+    rollout: RolloutPolicy | None = None,
 ) -> CloneStatus:
     """One desktop. `target_version` is the version the pool rolls towards (as in the
     keeper's pass), so a desktop of an older version shows as retiring, not in use."""
     if seen is None:
         return _missing(record)
-    state = classify(spec, seen, record, now, target_version=target_version)
+    state = classify(spec, seen, record, now, target_version=target_version, rollout=rollout)
     backend = seen.backend
     session = seen.session
     return CloneStatus(

@@ -34,6 +34,7 @@ from imagepipe.pool.model import (
     PoolSpec,
     RecordClone,
     RecordPool,
+    RolloutPolicy,
 )
 from imagepipe.pool.planner.balancer_rules import balancer_actions, orphan_actions
 from imagepipe.pool.planner.clones import advance, advance_missing, quiet, session_live
@@ -182,10 +183,12 @@ def classify(
     now: float,
     *,
     target_version: int | None = None,
+    rollout: RolloutPolicy | None = None,
 ) -> CloneState:
     """The state the planner gives this clone at `now` (for `status`).
 
-    Without `target_version` no rollout is assumed. A clone that is gone and forgotten
+    Without `target_version` no rollout is assumed; `rollout` is an active rollout's policy
+    (old free desktops it still holds show as free). A clone that is gone and forgotten
     reports its last remembered state.
     """
     ctx = Context(
@@ -196,6 +199,7 @@ def classify(
         breaker_open=False,
         rollout_started=None,
         drain_deadline_passed=False,
+        rollout=rollout if rollout is not None and rollout.to_version == target_version else None,
     )
     if observed_clone is not None:
         nxt = advance(ctx, observed_clone, record).record
