@@ -79,7 +79,7 @@ def rollout(
     verb, image = _verb(words)
     specs = load_pools([settings.pools_dir])
     rollouts = Rollouts.open(settings, cli.adapters)
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     try:
         if verb == "status":
             code = _status(rollouts, image, as_json, watch, all_, console)
@@ -258,7 +258,10 @@ def _print_plans(plans: list[PoolPlan], as_json: bool, console: Console) -> None
         typer.echo(json.dumps([asdict(p) for p in plans], sort_keys=True))
         return
     for p in plans:
-        olds = ",".join(f"v{v}" for v in p.from_versions) or "nothing old"
+        if not p.from_versions:
+            console.print(f"{p.pool}: already on v{p.to_version}: nothing to do")
+            continue
+        olds = ",".join(f"v{v}" for v in p.from_versions)
         end = (
             f"sessions ended at {clock_text(p.forced_end_at)}"
             if p.forced_end_at is not None

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from imagepipe.pool.model import (
+    BackendState,
     CloneRecord,
     CloneState,
     CreateClone,
@@ -149,18 +150,23 @@ def floor(d: Decisions) -> int:
 
 
 def new_ready_free(d: Decisions) -> int:
-    """Ready, clean, shared clones of the target version after this pass's decisions."""
+    """Clones of the target version that already serve: free, clean, shared, and ready in
+    the balancer (an old free clone goes only once its replacement takes users)."""
     ctx = d.ctx
-    return sum(
-        1
-        for name, rec in d.records.items()
-        if rec.version == ctx.target
-        and rec.state is CloneState.FREE
-        and not rec.dirty
-        and rec.slot not in ctx.assigned
-        and name in d.observed
-        and not d.actions.get(name)
-    )
+    count = 0
+    for name, rec in d.records.items():
+        seen = d.observed.get(name)
+        count += (
+            rec.version == ctx.target
+            and rec.state is CloneState.FREE
+            and (not rec.dirty or ctx.persistent(rec.slot))
+            and rec.slot not in ctx.assigned
+            and seen is not None
+            and seen.backend is not None
+            and seen.backend.state is BackendState.READY
+            and not d.actions.get(name)
+        )
+    return count
 
 
 def _limit_creates(d: Decisions, record: PoolRecord, policy: RolloutPolicy, held: int) -> None:
