@@ -107,11 +107,15 @@ class Rollouts:
                 "(systemctl start imagepipe-keep, or imagepipe keep) and try again"
             )
         now = self.clock.now()
-        if now - beat.at <= max(3 * beat.tick, 30.0):
-            return None
-        if beat.host == socket.gethostname() and _pid_alive(beat.pid):
-            return None  # alive, in a long pass
         ago = round(now - beat.at)
+        start = "start it (systemctl start imagepipe-keep, or imagepipe keep)"
+        if beat.pid == 0:
+            return f"no keeper is running: it stopped {ago} s ago; {start}"
+        if beat.host == socket.gethostname():  # this host: its process is the truth
+            if _pid_alive(beat.pid):
+                return None
+        elif now - beat.at <= max(3 * beat.tick, 30.0):
+            return None
         return (
             f"no keeper is running: its last pass was {ago} s ago (pid {beat.pid} on "
             f"{beat.host}); start it (systemctl start imagepipe-keep, or imagepipe keep)"
@@ -394,13 +398,14 @@ class Rollouts:
     def follow(
         self, rollout_id: int, stop: Callable[[], bool] = lambda: False
     ) -> Iterator[Rollout]:
-        """The rollout each time it changes, until it ended (the last one yielded)."""
+        """The rollout each time it changes (the keeper's pass time aside), until it ended
+        (the last one yielded)."""
         seen: Rollout | None = None
         while True:
             current = self.store.rollout(rollout_id)
             if current is None:
                 raise BadInputError(f"no rollout #{rollout_id}")
-            if current != seen:
+            if seen is None or replace(current, updated_at=None) != replace(seen, updated_at=None):
                 seen = current
                 yield current
             if not current.active or stop():

@@ -175,13 +175,15 @@ def _follow(rollouts: Rollouts, rollout: Rollout, as_json: bool, console: Consol
     """Print each change until the rollout ends; exit with its code. Ctrl-C (130) leaves it
     going: it belongs to the keeper."""
     last = rollout
+    shown = _lines(rollout)
     try:
         for current in rollouts.follow(rollout.id):
             last = current
             if as_json:
                 typer.echo(to_json_line(current))
-            else:
-                console.print(_lines(current))
+            elif _lines(current) != shown:
+                shown = _lines(current)
+                console.print(shown)
     except KeyboardInterrupt:
         if not as_json:
             console.print(

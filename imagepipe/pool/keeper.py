@@ -13,6 +13,7 @@ actions in flight finish, and returns; running desktops keep running.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -195,6 +196,8 @@ class Keeper:
                     self._wake.wait(wait)
         finally:
             subscription.close()
+            with contextlib.suppress(ImagepipeError):
+                self.rollouts.stopped(self.clock.now())
             log.info("keeper stopped; running desktops keep running")
 
     def next_wait(self, report: PassReport) -> float:

@@ -57,6 +57,10 @@ class RolloutDriver:
             Heartbeat(at=now, pid=os.getpid(), host=socket.gethostname(), tick=self.tick)
         )
 
+    def stopped(self, now: float) -> None:
+        """The keeper stops cleanly: `rollout` must not count on it any more."""
+        self.store.beat(Heartbeat(at=now, pid=0, host=socket.gethostname(), tick=self.tick))
+
     def load(self) -> None:
         """Read the active rollouts (once per pass)."""
         self._active = {}

@@ -3,6 +3,7 @@ planner, rollout driver and rollout use cases (imagepipe/app/rollout.py)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -327,6 +328,19 @@ def test_a_keeper_that_stopped_long_ago_counts_as_not_running(world: World) -> N
     world.store.beat(replace(beat, pid=2**22 + 12345, host="elsewhere"))
 
     with pytest.raises(EnvironmentMissingError, match="no keeper is running: its last pass"):
+        world.rollouts.start([LAB], Request(image="tiny"), by="admin")
+
+
+def test_a_keeper_that_stopped_cleanly_counts_as_not_running_at_once(world: World) -> None:
+    keeper = world.keeper()
+    settle(world, keeper)
+    world.build(2)
+    runner = threading.Thread(target=keeper.run)
+    runner.start()
+    keeper.stop()
+    runner.join(timeout=10)
+
+    with pytest.raises(EnvironmentMissingError, match="no keeper is running: it stopped 0 s ago"):
         world.rollouts.start([LAB], Request(image="tiny"), by="admin")
 
 
