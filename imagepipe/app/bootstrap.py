@@ -31,6 +31,7 @@ from imagepipe.pool.ports import Balancer, Channels, Clock, Hypervisor, Images
 from imagepipe.pool.store import Store
 
 if TYPE_CHECKING:
+    from imagepipe.hypervisors.libvirt_import import DomainImporter
     from imagepipe.hypervisors.virtualbox import VmSnapshot
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,13 @@ def describe_virtualbox_vm(vm: str) -> VmSnapshot:
         return hypervisor.describe_vm(vm)
     finally:
         hypervisor.close()
+
+
+def domain_importer(settings: Settings) -> DomainImporter:
+    """A libvirt connection for `images import --from-domain` (app/image_import.py)."""
+    from imagepipe.hypervisors.libvirt_import import DomainImporter
+
+    return DomainImporter(settings.hypervisor.uri)
 
 
 def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balancer:

@@ -242,15 +242,25 @@ def _check_channel(channel: str) -> None:
 def import_(
     ctx: typer.Context,
     image: str = typer.Argument(..., help="The image to add a version to."),
-    from_vm: str = typer.Option(..., "--from-vm", help="A VirtualBox VM with a snapshot."),
+    from_vm: str | None = typer.Option(None, "--from-vm", help="A VirtualBox VM with a snapshot."),
+    from_domain: str | None = typer.Option(
+        None, "--from-domain", help="A powered-off libvirt domain (its disk is frozen)."
+    ),
     as_json: bool = _JSON,
 ) -> None:
-    """Register a VirtualBox VM's current snapshot as a new version of IMAGE (its base VM:
-    keep it powered off; clones link to the snapshot). Importing the same snapshot again
-    changes nothing."""
+    """Register a VirtualBox VM's current snapshot (--from-vm), or a powered-off libvirt
+    domain's disk (--from-domain: frozen into the image store; the domain goes on on a new
+    overlay), as a new version of IMAGE. Keep the base powered off: while it runs, no desktop
+    is made from the version. Importing the same snapshot or disk again changes nothing."""
+    check_image_name(image)
+    if (from_vm is None) == (from_domain is None):
+        raise BadInputError("give --from-vm VM (VirtualBox) or --from-domain DOMAIN (libvirt)")
+    if from_domain is not None:
+        _import_domain(ctx, image, from_domain, as_json)
+        return
+    assert from_vm is not None
     from imagepipe.app.bootstrap import describe_virtualbox_vm
 
-    check_image_name(image)
     _check_vm_name(from_vm)
     registry = _registry(ctx)
     found = describe_virtualbox_vm(from_vm)
@@ -269,6 +279,24 @@ def import_(
         typer.echo(json.dumps(_doc(record, []), sort_keys=True))
         return
     typer.echo(f"{record.label}: VM {found.vm}, snapshot {found.snapshot_name} ({found.snapshot})")
+
+
+def _import_domain(ctx: typer.Context, image: str, domain: str, as_json: bool) -> None:
+    from imagepipe.app.image_import import import_domain
+
+    _check_vm_name(domain)
+    imported = import_domain(cli_context(ctx).settings(), _registry(ctx), image, domain)
+    record = imported.record
+    if as_json:
+        doc = {**_doc(record, []), "overlay": str(imported.overlay) if imported.overlay else None}
+        typer.echo(json.dumps(doc, sort_keys=True))
+    elif imported.overlay is None:
+        typer.echo(f"{record.label}: domain {domain}'s disk is already this version")
+    else:
+        typer.echo(
+            f"{record.label}: domain {domain}'s disk, frozen in {record.directory}; the domain "
+            f"goes on on {imported.overlay}"
+        )
 
 
 def _moved(image: str, channel: str, record: VersionRecord, as_json: bool) -> None:

@@ -319,12 +319,20 @@ class LibvirtHypervisor:
         return sorted(clones, key=lambda c: (c.pool, c.slot))
 
     def base_ready(self, base: BaseImage) -> bool:
-        if base.disk is None:
+        if base.disk is None or (base.vm is not None and self._base_domain_runs(base.vm)):
             return False
         for extra in (base.kernel, base.initrd):
             if extra is not None and not (base.directory / extra).is_file():
                 return False
         return disk_usable(base.directory / base.disk)
+
+    def _base_domain_runs(self, name: str) -> bool:
+        """A version imported from a domain (libvirt_import.py) is not ready while it runs."""
+        try:
+            with self._translate(f"domain {name}"):
+                return int(self._connection().lookupByName(name).state()[0]) != STATE_SHUTOFF
+        except CloneNotFoundError:
+            return False
 
     def create_clone(self, spec: CloneSpec) -> CloneInfo:
         name = check_name(spec.name)
