@@ -340,3 +340,80 @@ def test_a_broken_version_rolls_back_by_itself_and_free_desktops_stay(host: Host
         also=never_below_free,
     )
     assert len(free_ready(pool)) >= FREE
+
+
+GOLDEN_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>128</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 imagepipe.mode=desktop</cmdline>
+  </os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>"""
+
+
+def test_a_version_imported_from_a_running_domain_waits_until_it_is_powered_off(
+    host: Host,
+) -> None:
+    """An administrator's golden domain: imported while off, then started again to patch it.
+    The rollout to its version waits and says why; once the domain is off, it proceeds."""
+    from imagepipe.images.registry import Registry
+
+    before = host.wait_for(f"{FREE} free desktops", lambda p: len(free_ready(p)) >= FREE)
+    current = Registry(host.root / "registry", host.root / "images").resolve(
+        "tiny", before["version"]
+    )
+    golden = host.root / "golden"
+    golden.mkdir()
+    for name in ("disk.qcow2", "vmlinuz", "initrd.img"):
+        shutil.copy(Path(current.directory) / name, golden / name)
+        (golden / name).chmod(0o644)
+    domain = f"{POOL}golden"
+    xml = golden / "domain.xml"
+    xml.write_text(
+        GOLDEN_XML.format(
+            name=domain,
+            kernel=golden / "vmlinuz",
+            initrd=golden / "initrd.img",
+            disk=golden / "disk.qcow2",
+        )
+    )
+    subprocess.run(
+        ["virsh", "-c", "qemu:///system", "define", str(xml)], check=True, capture_output=True
+    )
+    try:
+        doc = json.loads(host.cli("images", "import", "tiny", "--from-domain", domain, "--json"))
+        imported = doc["version"]
+        subprocess.run(
+            ["virsh", "-c", "qemu:///system", "start", domain], check=True, capture_output=True
+        )
+
+        follower = host.rollout("tiny", "--to", str(imported))
+        deadline = time.monotonic() + WAIT
+        while True:
+            (newest,) = host.history()[:1]
+            if newest["state"] == "waiting_for_base":
+                break
+            assert time.monotonic() < deadline, f"the rollout did not wait for the base: {newest}"
+            time.sleep(1.0)
+        assert f"v{imported}" in newest["reason"] and "not ready" in newest["reason"]
+        assert all(c["version"] != imported for c in host.status()["clones"])
+
+        subprocess.run(
+            ["virsh", "-c", "qemu:///system", "destroy", domain], check=True, capture_output=True
+        )
+        code, lines = finished(follower)
+        assert code == 0 and lines[-1]["state"] == "done"
+        assert all(c["version"] == imported for c in host.status()["clones"])
+    finally:
+        destroy_domains(domain)
