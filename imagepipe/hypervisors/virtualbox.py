@@ -73,6 +73,7 @@ from imagepipe.pool.ports import HypervisorEvent, Subscription
 log = logging.getLogger(__name__)
 LIVE_STATES = frozenset({"Running", "Paused", "Starting", "Restoring", "Stuck", "Saving"})
 LOCK_SHARED, LOCK_WRITE = 1, 2
+NOTICE_PROPERTY = "/imagepipe/notice"  # notify_users: a rollout's deadline warning
 CLEANUP_DETACH_HARD_DISKS = 3
 CLONE_MODE_MACHINE_STATE = 1
 CLONE_OPTION_LINK = 1
@@ -622,6 +623,15 @@ class VirtualBoxHypervisor:
         facts = self._facts(machine, name)
         users = facts.users if state == "Running" else ()  # a paused guest reports nobody
         return GuestSession(client=facts.client, connected_since=facts.since, users=users)
+
+    def notify_users(self, name: str, text: str) -> None:
+        """A message to the desktop's user: the transient guest property /imagepipe/notice
+        (a watcher in the image shows it: `VBoxControl guestproperty wait /imagepipe/notice`)."""
+        machine, _ = self._our(name)
+        if self._state(machine, name) != "Running":
+            raise InvalidStateError(f"clone {name} is not running: nobody can see a message")
+        with self._session(machine, name, LOCK_SHARED) as session, self._translate(name):
+            session.machine.set_guest_property(NOTICE_PROPERTY, text, "TRANSIENT,RDONLYGUEST")
 
     def subscribe(self, callback: Callable[[HypervisorEvent], None]) -> Subscription:
         return self._hub.subscribe(callback)
