@@ -402,3 +402,22 @@ def test_dry_run_says_what_would_happen_and_changes_nothing(world: World) -> Non
     assert world.store.rollouts() == []
     assert sorted(world.versions().values()) == [1, 1, 1]
     assert [state for state in CloneState if state is CloneState.RETIRING]  # enum exists
+
+
+def test_a_breaker_that_was_open_before_the_rollout_does_not_roll_it_back(world: World) -> None:
+    keeper = world.keeper()
+    settle(world, keeper)
+    record = world.store.load_pool("lab")
+    world.store.save_pool(
+        "lab",
+        target_version=record.target_version,
+        failures=3,
+        breaker_open_until=world.clock.now() + 100.0,
+    )
+    world.build(2)
+    world.rollouts.start([LAB], Request(image="tiny"), by="admin")
+
+    run(world, keeper, 3)
+
+    assert world.rollout().state is RolloutState.IN_PROGRESS
+    assert world.images.channels[("tiny", "stable")] == 2

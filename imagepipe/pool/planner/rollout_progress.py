@@ -91,10 +91,12 @@ def judge(rollout: Rollout, views: Sequence[PoolView], now: float) -> Verdict:
         other = moved[0].observed.target_version
         why = f"channel {r.channel} of {r.image} was moved to v{other} outside this rollout"
         return Verdict(_ended(r, RolloutState.FAILED, why, now))
-    broken = [
+    broken = [  # a breaker that opened during this rollout: the new version's desktops failed
         v
         for v in views
-        if v.record.breaker_open_until is not None and now < v.record.breaker_open_until
+        if (until := v.record.breaker_open_until) is not None
+        and now < until
+        and until - v.spec.breaker_cooldown >= r.created_at
     ]
     if broken:
         v = broken[0]
