@@ -181,12 +181,13 @@ def _limit_creates(d: Decisions, record: PoolRecord, policy: RolloutPolicy, held
     )
     if not created:
         return
+    made_now = set(created)
     existing = sum(
         1
         for name, rec in d.records.items()
         if rec.version == ctx.target
         and rec.state is not CloneState.DELETING
-        and name not in created
+        and name not in made_now
     )
     cap = ctx.spec.max + policy.surge - held
     if policy.canary is not None:
