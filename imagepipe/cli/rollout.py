@@ -251,6 +251,7 @@ def _lines(r: Rollout) -> str:
             f"  {p.pool}: new {p.new_ready} ready, {p.new_booting} starting, {p.new_in_use} in "
             f"use · old {p.old_free} free, {p.old_in_use} in use (draining), "
             f"{p.old_leaving} leaving, {p.old_removed} removed"
+            + (f" · waiting: {p.waiting}" if p.waiting else "")
         )
     return "\n".join(lines)
 

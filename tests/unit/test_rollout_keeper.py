@@ -421,3 +421,23 @@ def test_a_breaker_that_was_open_before_the_rollout_does_not_roll_it_back(world:
 
     assert world.rollout().state is RolloutState.IN_PROGRESS
     assert world.images.channels[("tiny", "stable")] == 2
+
+
+def test_a_rollout_waits_while_the_new_base_runs_and_says_why(world: World) -> None:
+    keeper = world.keeper()
+    settle(world, keeper)
+    world.build(2)
+    base = FakeVersion("tiny", 2).base_image()
+    world.hv.add_base(base, powered_off=False)  # an update is writing it
+    world.rollouts.start([LAB], Request(image="tiny"), by="admin")
+
+    run(world, keeper, 5, floor=2)
+
+    r = world.rollout()
+    assert r.state is RolloutState.WAITING_FOR_BASE
+    assert r.reason == "base of tiny v2 is not ready to clone"
+    assert r.progress[0].waiting == r.reason
+    assert sorted(world.versions().values()) == [1, 1]
+    world.hv.add_base(base)  # powered off
+    run(world, keeper, 10, floor=2)
+    assert world.rollout().state is RolloutState.DONE

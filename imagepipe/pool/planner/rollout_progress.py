@@ -73,6 +73,7 @@ def progress(rollout: Rollout, view: PoolView) -> PoolProgress:
         old_leaving=old_leaving,
         old_at_start=before.old_at_start if before is not None else old_now,
         failures=view.record.failures,
+        waiting=None if view.observed.base_ready else view.note or "the new base is not ready",
     )
 
 
