@@ -196,8 +196,8 @@ def host() -> Iterator[Host]:
         "machine: {cpus: 1, memory: 192M}\n"
         f"display: {{port_range: {PORTS[0]}-{PORTS[1]}, address: 127.0.0.1}}\n"
         "sessions: {on_logoff: reset, recycle_after: 2s}\n"
-        "failures: {max: 2, backoff: 1s, cooldown: 10m}\n"
-        "boot_timeout: 60s\n"
+        "failures: {max: 2, backoff: 1s, cooldown: 1m}\n"
+        "boot_timeout: 120s\n"
     )
     h = Host(root=root, config=config, bind_port=bind_port)
     try:
@@ -399,14 +399,10 @@ def test_a_version_imported_from_a_running_domain_waits_until_it_is_powered_off(
         )
 
         follower = host.rollout("tiny", "--to", str(imported))
-        deadline = time.monotonic() + WAIT
-        while True:
-            (newest,) = host.history()[:1]
-            if newest["state"] == "waiting_for_base":
-                break
-            assert time.monotonic() < deadline, f"the rollout did not wait for the base: {newest}"
-            time.sleep(1.0)
-        assert f"v{imported}" in newest["reason"] and "not ready" in newest["reason"]
+        waiting = wait_rollout(
+            host, "the wait for the base", lambda r: r["state"] == "waiting_for_base"
+        )
+        assert f"v{imported}" in waiting["reason"] and "not ready" in waiting["reason"]
         assert all(c["version"] != imported for c in host.status()["clones"])
 
         subprocess.run(
@@ -417,3 +413,54 @@ def test_a_version_imported_from_a_running_domain_waits_until_it_is_powered_off(
         assert all(c["version"] == imported for c in host.status()["clones"])
     finally:
         destroy_domains(domain)
+
+
+def newest(host: Host) -> dict[str, Any]:
+    """The newest rollout of tiny ({} before the first one is written)."""
+    history = host.history()
+    return history[0] if history else {}
+
+
+def wait_rollout(host: Host, what: str, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    deadline = time.monotonic() + WAIT
+    while True:
+        doc = newest(host)
+        if doc and check(doc):
+            return doc
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {doc}"
+        time.sleep(1.0)
+
+
+def test_canary_pause_resume_undo_and_cancel(host: Host) -> None:
+    start = host.wait_for(f"{FREE} free desktops", lambda p: len(free_ready(p)) >= FREE)["version"]
+    doc = json.loads(host.cli("build", "tiny", "--force", "--json").splitlines()[-1])
+    new = doc["version"]
+
+    follower = host.rollout("tiny", "--to", str(new), "--canary", "1", "--bake", "15s")
+    wait_rollout(host, "the canary", lambda r: r["state"] == "canary" and r["canary_ready_at"])
+    host.cli("rollout", "pause", "tiny")
+    time.sleep(20)  # longer than the bake: a paused rollout does not go on by itself
+    paused = newest(host)
+    assert paused["state"] == "paused"
+    assert sum(1 for c in host.status()["clones"] if c["version"] == new) == 1
+    host.cli("rollout", "resume", "tiny")
+    code, lines = finished(follower)
+    assert code == 0 and lines[-1]["state"] == "done", lines[-3:]
+    host.wait_for(f"all on v{new}", lambda p: all(c["version"] == new for c in p["clones"]))
+
+    host.cli("rollout", "undo", "tiny")
+    back = wait_rollout(host, "the undo", lambda r: r["state"] == "done")
+    assert (back["from_version"], back["to_version"]) == (new, start)
+    host.wait_for(f"all on v{start}", lambda p: all(c["version"] == start for c in p["clones"]))
+
+    follower = host.rollout("tiny", "--to", str(new), "--canary", "1")
+    wait_rollout(host, "the canary", lambda r: r["state"] == "canary")
+    host.cli("rollout", "cancel", "tiny")
+    code, lines = finished(follower)
+    assert code == 4 and lines[-1]["state"] == "cancelled"
+    wait_rollout(host, "the way back", lambda r: r["state"] == "done" and r["to_version"] == start)
+    host.wait_for(
+        f"all on v{start} again",
+        lambda p: all(c["version"] == start for c in p["clones"]) and len(free_ready(p)) >= FREE,
+        also=None,
+    )
