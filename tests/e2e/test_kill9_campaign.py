@@ -13,6 +13,9 @@ real host:
 - the state database passes `PRAGMA integrity_check`;
 - a desktop somebody used is reset before the next user gets it (bob's file is gone).
 
+Then parts die under a running keeper: HAProxy is killed (restarted, every backend back) and a
+desktop's QEMU is killed under its user (the session is over, the desktop is recycled).
+
 CI profile: KILLS kills (default 3, about a minute and a half). Long profile by hand:
 IMAGEPIPE_KILL9_KILLS=40 IMAGEPIPE_KILL9_SEED=7 pytest tests/e2e/test_kill9_campaign.py -s
 """
@@ -278,7 +281,57 @@ class Campaign:
                 self.one_kill(alice)
         finally:
             alice.leave()
+        self.component_crashes()
         return self.result
+
+    def component_crashes(self) -> None:
+        """Parts dying under a running keeper: HAProxy (the keeper restarts it and puts every
+        backend back), a desktop's QEMU under its user (the session is over: the desktop is
+        recycled). The keeper itself keeps running."""
+        host = self.host
+        self.kill += 1
+        self.moment = "haproxy killed"
+        pid = int((host.root / "run" / "haproxy.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+        self.result.kills.append(self.moment)
+        self.healed()
+
+        self.kill += 1
+        self.moment = "qemu killed"
+        dave = arrive(host, "dave")
+        qemu = int(Path(f"/run/libvirt/qemu/{dave.desktop}.pid").read_text().strip())
+        os.kill(qemu, signal.SIGKILL)
+        self.result.kills.append(self.moment)
+        try:
+            host.wait_until(
+                f"{dave.desktop}'s session reported over",
+                lambda: host.states().get(dave.desktop) not in ("in_use", "disconnected"),
+                timeout=CONVERGE,
+            )
+            over = True
+        except TimeoutError:
+            over = False
+        self.check(
+            "component_crash_healed", over, f"{dave.desktop} still in use after its QEMU died"
+        )
+        dave.leave()
+        self.healed()
+
+    def healed(self) -> None:
+        host = self.host
+        started = time.monotonic()
+        try:
+            host.wait_until(
+                f"{FREE} free desktops", lambda: len(host.free_ready()) >= FREE, timeout=CONVERGE
+            )
+            ok, detail = True, ""
+        except TimeoutError as exc:
+            ok, detail = False, str(exc).splitlines()[0]
+            host.wait_until(f"{FREE} free desktops (late)", lambda: len(host.free_ready()) >= FREE)
+        self.check("component_crash_healed", ok, detail)
+        self.result.converge_seconds.append(time.monotonic() - started)
+        self.check_accounts()
+        self.check("store_integrity", host.integrity() == "ok", f"integrity: {host.integrity()}")
 
     def one_kill(self, alice: User) -> None:
         host = self.host
@@ -451,10 +504,17 @@ def campaign() -> Iterator[Result]:
 def test_kill9_never_cuts_a_session_orphans_anything_or_corrupts_the_state(
     campaign: Result,
 ) -> None:
-    assert len(campaign.kills) == KILLS
+    assert len(campaign.kills) == KILLS + 2
     safety = ("live_session_untouched", "nothing_orphaned", "max_respected", "store_integrity")
     assert all(campaign.checks.get(i, 0) > 0 for i in safety)
     assert campaign.of(*safety) == []
+
+
+def test_haproxy_or_a_desktops_qemu_killed_under_the_keeper_is_healed_within_a_minute(
+    campaign: Result,
+) -> None:
+    assert campaign.checks.get("component_crash_healed", 0) >= 2
+    assert campaign.of("component_crash_healed") == []
 
 
 # A kill lands at a moment of the real host's timing, so whether one hits the narrow window
