@@ -152,8 +152,8 @@ class Stats:
         if self.recovery_passes:
             p, s = sorted(self.recovery_passes), sorted(self.recovery_seconds)
             lines.append(
-                f"recovery after a crash: passes median {p[len(p) // 2]} max {p[-1]}; "
-                f"simulated seconds median {s[len(s) // 2]:.1f} max {s[-1]:.1f}"
+                f"healed after a crash ({len(p)} times): passes median {p[len(p) // 2]} "
+                f"max {p[-1]}; simulated seconds median {s[len(s) // 2]:.1f} max {s[-1]:.1f}"
             )
         return "\n".join(lines)
 
@@ -273,6 +273,8 @@ class Day:
             passes += 1
             self._pass()
             if self._free_ready() >= self._want():
+                self.stats.recovery_passes.append(passes)
+                self.stats.recovery_seconds.append(self.clock.now() - started)
                 break
             if passes >= RECOVERY_PASSES:
                 self._violate(
@@ -282,8 +284,6 @@ class Day:
                     f"records {self._records()}",
                 )
                 break
-        self.stats.recovery_passes.append(passes)
-        self.stats.recovery_seconds.append(self.clock.now() - started)
         self.injector.quiet = False
 
     # ---- a pass ----------------------------------------------------------------------
