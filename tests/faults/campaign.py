@@ -272,14 +272,14 @@ class Day:
         while True:
             passes += 1
             self._pass()
-            if self._free_ready() >= self._want():
+            if self.free_ready() >= self.want():
                 self.stats.recovery_passes.append(passes)
                 self.stats.recovery_seconds.append(self.clock.now() - started)
                 break
             if passes >= RECOVERY_PASSES:
                 self._violate(
                     "converges_after_crash",
-                    f"{self._free_ready()} of {self._want()} free desktops "
+                    f"{self.free_ready()} of {self.want()} free desktops "
                     f"{passes} passes ({self.clock.now() - started:.0f}s) after the restart; "
                     f"records {self._records()}",
                 )
@@ -421,7 +421,7 @@ class Day:
         self.step += 1
         for _ in range(SETTLE_PASSES):
             report = self._pass()
-            if report is not None and _settled(report) and self._free_ready() >= self._want():
+            if report is not None and _settled(report) and self.free_ready() >= self.want():
                 break
         else:
             self.stats.checks["converges_after_crash"] += 1
@@ -515,10 +515,10 @@ class Day:
                 offered.add(name)
         return offered
 
-    def _free_ready(self) -> int:
+    def free_ready(self) -> int:
         return len(self._offered())
 
-    def _want(self) -> int:
+    def want(self) -> int:
         """The free target, less what max leaves no room for: desktops in use, and used
         ones waiting for their reset."""
         offered = self._offered()
