@@ -173,6 +173,7 @@ class Profile:
     crashes: int = 3  # crashes per day (if the targeted call happens often enough)
     steps: int = 40  # user events per day
     parallel: int = 1  # executor workers (1 = every seed replays exactly)
+    rollout_at: int | None = None  # the step at which version 2 of the image is published
 
 
 class Day:
@@ -402,6 +403,9 @@ class Day:
                 self.step = step
                 self.stats.steps += 1
                 self._arm_crash()
+                if step == self.profile.rollout_at:
+                    self.hv.add_base(self.images.publish(self.spec.image, 2))
+                    _trace(f"step {step}: version 2 published")
                 self._user_event()
                 self._pass()
             self._end_of_day()
@@ -454,8 +458,14 @@ class Day:
     def _check_step(self) -> None:
         clones = [c for c in self.hv.clones.values() if c.spec.pool == self.spec.name]
         self.stats.checks["max_respected"] += 1
-        if len(clones) > self.spec.max:
-            self._violate("max_respected", f"{len(clones)} clones, max {self.spec.max}")
+        # during a rollout, old-version desktops somebody is on may go over max (blue/green)
+        target = max(self.images.versions[self.spec.image])
+        counted = [c for c in clones if c.spec.base.version == target or not c.session.active]
+        if len(counted) > self.spec.max:
+            self._violate(
+                "max_respected",
+                f"{len(counted)} clones (not counting old ones in use), max {self.spec.max}",
+            )
         self.stats.checks["unique_slots"] += 1
         slots = Counter(c.spec.slot for c in clones)
         ports = Counter(c.spec.display.port for c in clones)
@@ -574,6 +584,7 @@ PROFILES: dict[str, Profile] = {
         f"fault-{kind.value}": Profile(faults=frozenset({kind}), fault_rate=0.08)
         for kind in FaultKind
     },
+    "rollout": Profile(crash_targets=CRASH_TARGETS, rollout_at=15, crashes=4),
     "mixed": Profile(
         faults=frozenset(FaultKind) - {FaultKind.HANG, FaultKind.TIMEOUT},
         fault_rate=0.05,

@@ -143,3 +143,23 @@ def test_under_any_kind_of_fault_a_used_desktop_is_reset_before_the_next_user(ki
 
     assert checked(stats, "used_desktop_reset_first") > 0
     assert violations(stats, "used_desktop_reset_first") == []
+
+
+# ---- a rollout to a new image version, with kills inside any of its steps ----------------
+
+
+def test_a_rollout_with_kills_inside_its_steps_never_cuts_a_session_or_exceeds_max() -> None:
+    stats = campaign("rollout")
+
+    assert stats.injected, "no kill happened during the rollout days"
+    assert violations(stats, *SAFETY) == []
+
+
+@pytest.mark.xfail(strict=True, reason=BUG1)
+def test_a_rollout_with_kills_inside_its_steps_never_hands_out_a_used_desktop() -> None:
+    assert violations(campaign("rollout"), "used_desktop_reset_first") == []
+
+
+@pytest.mark.xfail(strict=True, reason=f"{BUG2}; {BUG3}")
+def test_a_rollout_with_kills_inside_its_steps_is_whole_again_within_a_few_passes() -> None:
+    assert violations(campaign("rollout"), "converges_after_crash", "nothing_orphaned") == []
