@@ -39,7 +39,7 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from imagepipe.app.bootstrap import Adapters, Runtime, bootstrap
@@ -600,13 +600,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile", action="append", choices=sorted(PROFILES))
     parser.add_argument("--show", type=int, default=3, help="violations shown per invariant")
     parser.add_argument("--trace", action="store_true", help="the keeper's log and each step")
+    parser.add_argument(
+        "--parallel", type=int, default=1, help="executor workers (above 1 a seed may not replay)"
+    )
     args = parser.parse_args(argv)
     setup_logging("info" if args.trace else "error")
     if args.trace:
         TRACE.append(True)
     found = 0
     for name in args.profile or sorted(PROFILES):
-        stats = run_campaign(PROFILES[name], range(args.seed, args.seed + args.rounds))
+        profile = replace(PROFILES[name], parallel=args.parallel)
+        stats = run_campaign(profile, range(args.seed, args.seed + args.rounds))
         print(f"== {name}\n{stats.summary()}")
         shown: Counter[str] = Counter()
         for violation in stats.violations:
