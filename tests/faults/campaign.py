@@ -604,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--parallel", type=int, default=1, help="executor workers (above 1 a seed may not replay)"
     )
     args = parser.parse_args(argv)
-    setup_logging("info" if args.trace else "error")
+    setup_logging("info" if args.trace else "critical")  # the figures, not the log
     if args.trace:
         TRACE.append(True)
     found = 0
