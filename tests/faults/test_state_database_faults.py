@@ -30,11 +30,15 @@ pytestmark = pytest.mark.real
 def small_disk() -> Iterator[Path]:
     require(os.geteuid() == 0, "mounting a small tmpfs for the state database needs root")
     mountpoint = Path(tempfile.mkdtemp(prefix="ipf-db-"))
-    subprocess.run(
+    mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "ipf-db", str(mountpoint)],
-        check=True,
+        check=False,
         capture_output=True,
+        text=True,
     )
+    if mounted.returncode != 0:
+        mountpoint.rmdir()
+        require(False, f"cannot mount a small tmpfs: {mounted.stderr.strip()}")
     try:
         yield mountpoint
     finally:
