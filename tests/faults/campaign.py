@@ -65,7 +65,7 @@ from tests.faults.injector import (
     FaultKind,
     KeeperCrash,
 )
-from tests.faults.ports import FaultyBalancer, FaultyHypervisor
+from tests.faults.ports import FaultyBalancer, FaultyHypervisor, FaultyImages
 
 RECOVERY_PASSES = 10  # a crash must be healed within this many passes of the new keeper
 SETTLE_PASSES = 60  # a day's end: passes (with timers) before the pool must be settled
@@ -174,6 +174,7 @@ class Profile:
     steps: int = 40  # user events per day
     parallel: int = 1  # executor workers (1 = every seed replays exactly)
     rollout_at: int | None = None  # the step at which version 2 of the image is published
+    fault_operations: tuple[str, ...] = ()  # only these calls get faults; () = every call
 
 
 class Day:
@@ -210,6 +211,7 @@ class Day:
             kinds=profile.faults,
             rate=profile.fault_rate,
             late_by=ACTION_TIMEOUT * 1.5,
+            operations=profile.fault_operations,
             guard=self._guard,
         )
         self.runtime, self.keeper = self._boot()
@@ -220,7 +222,7 @@ class Day:
         adapters = Adapters(
             hypervisor=FaultyHypervisor(self.hv, self.injector),
             balancer=FaultyBalancer(FakeBalancer(self.lb_state), self.injector),
-            images=self.images,
+            images=FaultyImages(self.images, self.injector),
             clock=self.clock,
         )
         runtime = bootstrap(self.settings, adapters)
@@ -584,6 +586,9 @@ PROFILES: dict[str, Profile] = {
         f"fault-{kind.value}": Profile(faults=frozenset({kind}), fault_rate=0.08)
         for kind in FaultKind
     },
+    "fault-registry": Profile(
+        faults=frozenset({FaultKind.FATAL}), fault_rate=0.5, fault_operations=("resolve",)
+    ),
     "rollout": Profile(crash_targets=CRASH_TARGETS, rollout_at=15, crashes=4),
     "mixed": Profile(
         faults=frozenset(FaultKind) - {FaultKind.HANG, FaultKind.TIMEOUT},

@@ -34,7 +34,13 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from imagepipe.errors import BalancerError, BusyError, FatalHypervisorError, InvalidStateError
+from imagepipe.errors import (
+    BalancerError,
+    BusyError,
+    FatalHypervisorError,
+    InvalidStateError,
+    OperationFailedError,
+)
 
 
 class FaultKind(StrEnum):
@@ -57,6 +63,7 @@ HYPERVISOR_ACTIONS = ("create_clone", "start", "stop", "reset", "suspend", "resu
 HYPERVISOR_READS = ("list_clones", "sessions", "base_ready", "display")
 BALANCER_ACTIONS = ("enable", "drain", "remove")
 BALANCER_READS = ("list_backends", "ensure_frontend")
+REGISTRY_READS = ("resolve",)
 CRASHABLE = ("create_clone", "start", "reset", "delete", "stop", *BALANCER_ACTIONS)
 _READ_KINDS = frozenset({FaultKind.BUSY, FaultKind.FATAL})
 
@@ -96,6 +103,7 @@ class FaultInjector:
     hang_limit: float = 30.0  # seconds a HANG waits at most (real time; a safety net)
     late_by: float = 0.0  # seconds a TIMEOUT answers after the call is done (real time)
     quiet: bool = False  # no faults (crashes still happen)
+    operations: Collection[str] = ()  # only these calls get faults; empty = every call
     guard: Callable[[str, str], None] | None = None  # called before a mutating call
     injected: list[Injected] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)  # calls per operation
@@ -118,6 +126,7 @@ class FaultInjector:
             hang_limit=self.hang_limit,
             late_by=self.late_by,
             quiet=self.quiet,
+            operations=self.operations,
             guard=self.guard,
             injected=self.injected,
             counts=Counter(),
@@ -201,6 +210,8 @@ class FaultInjector:
                 return crash.point, None
             if self.quiet or not self.kinds or self.rng.random() >= self.rate:
                 return None, None
+            if self.operations and operation not in self.operations:
+                return None, None
             allowed = [k for k in self.kinds if _applies(k, operation, mutating)]
             if not allowed:
                 return None, None
@@ -236,6 +247,8 @@ def _applies(kind: FaultKind, operation: str, mutating: bool) -> bool:
 def fault_error(operation: str, name: str, kind: FaultKind) -> Exception:
     """The typed error a real adapter raises for this kind of failure."""
     what = f"{operation} {name}".strip()
+    if operation in REGISTRY_READS:
+        return OperationFailedError(f"injected: registry {name}: permission denied")
     balancer = operation in BALANCER_ACTIONS or operation in BALANCER_READS
     if kind is FaultKind.BUSY:
         message = f"injected: {what}: the object is locked by another client"

@@ -12,7 +12,14 @@ from collections.abc import Callable
 from typing import TypeVar, cast
 
 from imagepipe.pool.model import Backend, BaseImage, CloneInfo, CloneSpec, Endpoint, GuestSession
-from imagepipe.pool.ports import Balancer, Hypervisor, HypervisorEvent, Subscription
+from imagepipe.pool.ports import (
+    Balancer,
+    Hypervisor,
+    HypervisorEvent,
+    Images,
+    ImageVersion,
+    Subscription,
+)
 from tests.faults.injector import FaultInjector
 
 T = TypeVar("T")
@@ -99,5 +106,24 @@ class FaultyBalancer:
         self.inner.close()
 
 
-def _conforms(hv: FaultyHypervisor, lb: FaultyBalancer) -> tuple[Hypervisor, Balancer]:
-    return hv, lb  # mypy checks that the wrappers have the ports' shapes
+class FaultyImages:
+    """Implements imagepipe.pool.ports.Images around `inner`: the registry's files become
+    unreadable (a fault on resolve)."""
+
+    def __init__(self, inner: Images, injector: FaultInjector) -> None:
+        self.inner = inner
+        self.injector = injector
+
+    def resolve(self, image: str, ref: str | int | None = None) -> ImageVersion:
+        return cast(
+            ImageVersion,
+            self.injector.call(
+                "resolve", image, lambda: self.inner.resolve(image, ref), mutating=False
+            ),
+        )
+
+
+def _conforms(
+    hv: FaultyHypervisor, lb: FaultyBalancer, images: FaultyImages
+) -> tuple[Hypervisor, Balancer, Images]:
+    return hv, lb, images  # mypy checks that the wrappers have the ports' shapes

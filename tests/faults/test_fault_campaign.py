@@ -145,6 +145,14 @@ def test_under_any_kind_of_fault_a_used_desktop_is_reset_before_the_next_user(ki
     assert violations(stats, "used_desktop_reset_first") == []
 
 
+def test_an_unreadable_registry_never_cuts_a_session_and_the_pool_settles_whole() -> None:
+    stats = campaign("fault-registry")
+
+    assert stats.injected["fatal"] > 0
+    invariants = (*SAFETY, "used_desktop_reset_first", "nothing_orphaned")
+    assert violations(stats, *invariants) == []
+
+
 # ---- a rollout to a new image version, with kills inside any of its steps ----------------
 
 
