@@ -352,8 +352,9 @@ class Campaign:
             state = "creating" if self.moment == "create" else "booting"
             deadline = time.monotonic() + 30
             while not host.records(state) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            time.sleep(self.rng.uniform(0.0, 0.3))
+                time.sleep(0.005)
+            # at once (before libvirt has it, with luck), or a little later (while it works)
+            time.sleep(self.rng.choice((0.0, self.rng.uniform(0.0, 0.3))))
         else:
             time.sleep(self.rng.uniform(0.0, 3.0))
         host.kill_keeper()
