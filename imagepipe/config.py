@@ -35,7 +35,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from imagepipe.errors import ConfigError
-from imagepipe.pool.model import CloneMode, OnLogoff, PoolSpec, ScheduleRule, Standby
+from imagepipe.pool.model import CloneMode, OnLogoff, PoolSpec, ScheduleRule, Standby, StartMode
 from imagepipe.units import format_size, parse_duration, parse_size
 from imagepipe.yamlsrc import KeyPath, Located, format_path, load_file
 
@@ -400,6 +400,7 @@ class PoolFile(_Section):
     channel: Annotated[str | None, BeforeValidator(_optional_channel)] = None
     version: Annotated[int | None, BeforeValidator(_optional_version)] = None
     clone: CloneMode = CloneMode.LINKED
+    start: StartMode = StartMode.RESTORE
     size: _SizeSection = _SizeSection()
     machine: _MachineSection = _MachineSection()
     display: _DisplaySection = _DisplaySection()
@@ -419,6 +420,7 @@ class PoolFile(_Section):
             channel=None if self.version is not None else (self.channel or "latest"),
             version=self.version,
             clone=self.clone,
+            start=self.start,
             initial=self.size.initial,
             free=self.size.free,
             max=self.size.max,
