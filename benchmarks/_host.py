@@ -168,10 +168,11 @@ class PoolFile:
     memory: str = "128M"
     recycle_after: str = "2s"
     boot_timeout: str = "10m"
+    start: str = "restore"  # boot, or restore from the version's warm parent
 
     def text(self) -> str:
         return (
-            f"name: {self.name}\nimage: tiny\nchannel: latest\n"
+            f"name: {self.name}\nimage: tiny\nchannel: latest\nstart: {self.start}\n"
             f"size: {{initial: {self.free}, free: {self.free}, max: {self.max}}}\n"
             f"machine: {{cpus: 1, memory: {self.memory}}}\n"
             f"display: {{port_range: {self.ports[0]}-{self.ports[1]}, address: 127.0.0.1}}\n"
@@ -287,6 +288,22 @@ class Installation:
 
     def console_path(self, clone: str) -> Path:
         return self.root / "state" / "clones" / "sockets" / f"{clone}.console"
+
+    @property
+    def warm_dir(self) -> Path:
+        """Where the libvirt adapter keeps this installation's warm parents."""
+        return self.root / "state" / "clones" / "warm"
+
+    def logged_seconds(self, event: str) -> list[float]:
+        """The `seconds=` field of every keeper log line with this event text."""
+        found = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if event in line:
+                for part in line.split():
+                    if part.startswith("seconds="):
+                        with contextlib.suppress(ValueError):
+                            found.append(float(part.removeprefix("seconds=")))
+        return found
 
     def haproxy_pid(self) -> int | None:
         with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
