@@ -46,6 +46,7 @@ from _host import (
     pid_cpu,
     pids_named,
     port_in_use,
+    reap_delay,
     running_domain_count,
     tree_cpu,
 )
@@ -158,6 +159,10 @@ def check_host(options: Options) -> None:
     print(
         f"host: {os.cpu_count()} cores, load {load:.2f}, {running_domain_count()} other "
         f"running domain(s), {available_mb} MB available"
+    )
+    print(
+        f"host: PID 1 reaps an exited process after {reap_delay():.2f} s (libvirt's destroy "
+        "waits for it, so every reset pays it, in both start modes)"
     )
     if others:
         print(f"WARNING: test runs are going, figures may be disturbed:\n{others}")
