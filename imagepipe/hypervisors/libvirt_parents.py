@@ -227,6 +227,10 @@ class WarmParents:
                 )
                 return
             except lv.libvirtError:
+                if not _active(dom, lv):
+                    raise SaveImageError(
+                        f"the guest of {key} powered off before its agent answered"
+                    ) from None
                 if time.monotonic() > deadline:
                     raise SaveImageError(
                         f"the guest of {key} did not answer its agent within {BOOT_TIMEOUT:.0f} s"
@@ -279,6 +283,14 @@ def read_header(path: Path) -> SaveHeader:
         head = handle.read(HEADER_SIZE)
         head += handle.read(data_length(head))
     return parse_save_header(head)
+
+
+def _active(dom: Any, lv: Any) -> bool:
+    """The transient parent still runs (once it powers off, libvirt forgets it)."""
+    try:
+        return bool(dom.isActive())
+    except lv.libvirtError:
+        return False
 
 
 def _free_port() -> int:

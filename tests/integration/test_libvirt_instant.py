@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,22 @@ def test_a_desktop_stopped_and_started_again_boots_on_its_own_disk(
     with SerialConsole(hypervisor.console_path(spec.name)) as console:
         console.login("alice")
         assert console.run("cat /home/alice/note") == "kept"
+
+
+def test_when_no_warm_parent_can_be_made_desktops_boot_and_it_is_said_once(
+    hypervisor: LibvirtHypervisor,
+    make_spec: Callable[..., CloneSpec],
+    caplog: pytest.LogCaptureFixture,
+    workdir: Path,
+) -> None:
+    # a version whose guest powers off instead of answering: no parent can be saved from it
+    broken = tiny_base_image(workdir / "tiny-v7", version=7)
+    broken = replace(broken, cmdline="console=ttyS0 quiet imagepipe.mode=build")
+    caplog.set_level(logging.WARNING, logger="imagepipe")
+    first, second = (replace(make_spec(slot), base=broken) for slot in (1, 2))
+    for spec in (first, second):
+        hypervisor.create_clone(spec)
+        assert not hypervisor.saved_state_path(spec.name).exists()
+    said = [r.getMessage() for r in caplog.records if "boot instead" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "no warm parent for tiny v7" in said[0] and "powered off" in said[0]
