@@ -357,16 +357,17 @@ class LibvirtHypervisor:
             qemu_version=qemu_version,
         )
 
-    def _parent_of(self, name: str, meta: CloneMetadata) -> WarmParent | None:
-        """The warm parent a clone restores from, when it still fits this host."""
+    def _parent_of(self, dom: Any, name: str, meta: CloneMetadata) -> WarmParent | None:
+        """The warm parent a clone restores from, when it (still) fits this host; the clone's
+        own saved state is written now when the parent was made after the clone."""
         if meta.start is not StartMode.RESTORE or meta.warm is None:
             return None
         parent = self._warm.load(meta.warm)
         if parent is None:
             self._warm.say_once(
-                f"gone:{meta.warm}",
-                f"the warm parent of {meta.image} v{meta.version} ({meta.warm}) is gone; its "
-                "desktops boot instead (the pool's next new desktops make a new one)",
+                f"make:{meta.warm}",
+                f"no warm parent of {meta.image} v{meta.version} ({meta.warm}); its desktops "
+                "boot instead (the pool's next new desktop makes it)",
             )
             return None
         if (parent.libvirt_version, parent.qemu_version) != self._host_versions():
@@ -377,8 +378,11 @@ class LibvirtHypervisor:
             )
             return None
         if not self.saved_state_path(name).is_file():
-            return None
-        return parent
+            display = self._facts_of(dom).display
+            if display is None:
+                return None
+            self._write_saved_state(dom, name, meta, parent, display)
+        return parent if self.saved_state_path(name).is_file() else None
 
     def _write_saved_state(
         self, dom: Any, name: str, meta: CloneMetadata, parent: WarmParent, display: Endpoint
@@ -547,9 +551,9 @@ class LibvirtHypervisor:
             files = [base_disk, *(f for f in (kernel, initrd) if f is not None)]
             key = self._warm_key(spec, memory_kib, files)
             parent = self._warm.ensure(key, domain_xml(plan), base_disk)
-            if parent is not None:
-                meta = replace(meta, warm=parent.key.name)
-                plan = replace(plan, metadata=meta)
+            # the key even without a parent: a reset restores once a later create made it
+            meta = replace(meta, warm=key.name)
+            plan = replace(plan, metadata=meta)
         self._make_disk(name, meta, parent)
         with self._translate(f"clone {name}"):
             dom = self._connection().defineXML(domain_xml(plan))
@@ -610,7 +614,7 @@ class LibvirtHypervisor:
             raise BaseMissingError(_base_gone(name, meta))
         self._refuse_busy_port(name, self._facts_of(dom).display)
         if self._pristine_path(name).exists():
-            if self._parent_of(name, meta) is not None and self._restore(dom, name, meta):
+            if self._parent_of(dom, name, meta) is not None and self._restore(dom, name, meta):
                 return
             self._make_disk(name, meta)  # the parent's disk without its memory: boot the base
         self._facts.pop(dom.UUIDString(), None)
@@ -667,7 +671,7 @@ class LibvirtHypervisor:
         dom, meta = self._our_domain(name)
         if self._state(dom, name) != STATE_SHUTOFF:
             self._destroy(dom, name)
-        self._make_disk(name, meta, self._parent_of(name, meta))
+        self._make_disk(name, meta, self._parent_of(dom, name, meta))
         self._hub.forget(name)
         self.start(name)
         log.info("clone reset", extra=fields(pool=meta.pool, clone=name, action="reset"))

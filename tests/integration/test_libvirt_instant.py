@@ -202,3 +202,26 @@ def test_when_no_warm_parent_can_be_made_desktops_boot_and_it_is_said_once(
     said = [r.getMessage() for r in caplog.records if "boot instead" in r.getMessage()]
     assert len(said) == 1, said
     assert "no warm parent for tiny v7" in said[0] and "powered off" in said[0]
+
+
+def test_a_desktop_whose_parent_is_gone_boots_and_restores_again_once_it_is_remade(
+    hypervisor: LibvirtHypervisor,
+    make_spec: Callable[..., CloneSpec],
+    caplog: pytest.LogCaptureFixture,
+    workdir: Path,
+) -> None:
+    first = make_spec(1)
+    hypervisor.create_clone(first)
+    for parent in (workdir / "state" / "warm").glob("ipw-*"):
+        if parent.is_dir():
+            shutil.rmtree(parent)
+    hypervisor.saved_state_path(first.name).unlink()
+    caplog.set_level(logging.WARNING, logger="imagepipe")
+
+    hypervisor.reset(first.name)
+    assert wait_ready(hypervisor, first.name).started_by is StartMode.BOOT
+    assert any("boot instead" in r.getMessage() for r in caplog.records)
+
+    hypervisor.create_clone(make_spec(2))  # the version's next desktop makes the parent again
+    hypervisor.reset(first.name)
+    assert wait_ready(hypervisor, first.name).started_by is StartMode.RESTORE
