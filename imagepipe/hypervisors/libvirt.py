@@ -377,7 +377,7 @@ class LibvirtHypervisor:
                 "libvirt/QEMU version; its desktops boot instead until the pool recreates them",
             )
             return None
-        if not self.saved_state_path(name).is_file():
+        if not _newer(self.saved_state_path(name), parent.memory):  # none, or an older parent's
             display = self._facts_of(dom).display
             if display is None:
                 return None
@@ -761,6 +761,14 @@ class LibvirtHypervisor:
             )
             return ()
         return parse_guest_users(dict(info))
+
+
+def _newer(path: Path, than: Path) -> bool:
+    """`path` exists and was written after `than` (False when either is missing)."""
+    try:
+        return path.stat().st_mtime_ns > than.stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
 
 
 def _not_ours(name: str) -> str:

@@ -215,7 +215,6 @@ def test_a_desktop_whose_parent_is_gone_boots_and_restores_again_once_it_is_rema
     for parent in (workdir / "state" / "warm").glob("ipw-*"):
         if parent.is_dir():
             shutil.rmtree(parent)
-    hypervisor.saved_state_path(first.name).unlink()
     caplog.set_level(logging.WARNING, logger="imagepipe")
 
     hypervisor.reset(first.name)
@@ -223,5 +222,8 @@ def test_a_desktop_whose_parent_is_gone_boots_and_restores_again_once_it_is_rema
     assert any("boot instead" in r.getMessage() for r in caplog.records)
 
     hypervisor.create_clone(make_spec(2))  # the version's next desktop makes the parent again
-    hypervisor.reset(first.name)
+    hypervisor.reset(first.name)  # its saved state came from the old parent: written again
     assert wait_ready(hypervisor, first.name).started_by is StartMode.RESTORE
+    with SerialConsole(hypervisor.console_path(first.name)) as console:
+        console.login("alice")
+        assert console.run("echo ok > /home/alice/note; sync; cat /home/alice/note") == "ok"
