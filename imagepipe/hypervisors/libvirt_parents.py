@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT = 300.0  # seconds a parent may take to boot until its agent answers
 RETRY_AFTER = 600.0  # seconds before a parent that failed is tried again
+PRUNE_EVERY = 60.0  # seconds between looks for parents of versions that are gone
 AGENT_TIMEOUT = 2
 
 
@@ -90,6 +91,7 @@ class WarmParents:
         self._locks: dict[str, threading.Lock] = {}
         self._failed: dict[str, float] = {}  # key name -> monotonic time of the failure
         self._said: set[str] = set()  # fallback reasons already logged
+        self._pruned_at = -PRUNE_EVERY
 
     # -- finding and making parents ---------------------------------------------------------
 
@@ -119,6 +121,7 @@ class WarmParents:
     def ensure(self, key: WarmKey, clone_xml: str, base_disk: Path) -> WarmParent | None:
         """The warm parent for `key`, made now when there is none (boot until the guest agent
         answers, save). None when it cannot be made: said once in the log; the caller boots."""
+        self.prune()
         parent = self.load(key.name)
         if parent is not None:
             return parent
@@ -185,6 +188,7 @@ class WarmParents:
             "cpus": key.cpus,
             "memory_kib": key.memory_kib,
             "fingerprint": key.fingerprint,
+            "base": str(base_disk),
             "libvirt": int(conn.getLibVersion()),
             "qemu": int(conn.getVersion()),
             "made_at": time.time(),
@@ -198,6 +202,31 @@ class WarmParents:
         if parent is None:
             raise SaveImageError(f"the warm parent in {final} is incomplete after saving")
         return parent
+
+    def prune(self) -> list[str]:
+        """Remove the parents whose version's base disk is gone (the version was pruned or
+        rebuilt): no desktop can start from them any more. At most once a minute; returns
+        the names removed."""
+        now = time.monotonic()
+        with self._guard:
+            if now - self._pruned_at < PRUNE_EVERY:
+                return []
+            self._pruned_at = now
+        removed = []
+        for manifest in sorted(self.root.glob("ipw-*/parent.json")):
+            try:
+                base = Path(json.loads(manifest.read_text())["base"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # an older layout or being written: leave it
+            if base.exists():
+                continue
+            name = manifest.parent.name
+            with self._lock_for(name), self._file_lock(name):
+                shutil.rmtree(manifest.parent, ignore_errors=True)
+            (self.root / f"{name}.lock").unlink(missing_ok=True)
+            removed.append(name)
+            log.info("warm parent removed", extra=fields(parent=name, base=str(base)))
+        return removed
 
     def _socket(self, name: str, kind: str) -> Path:
         return self.sockets / f"{name}.{kind}"

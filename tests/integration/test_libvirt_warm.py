@@ -3,6 +3,7 @@ clone restores with. No daemon needed: these run everywhere, fast."""
 
 from __future__ import annotations
 
+import json
 import struct
 import xml.etree.ElementTree as ET
 from dataclasses import replace
@@ -264,3 +265,20 @@ def plan(**changes: object) -> DomainPlan:
         agent_socket=Path("/state/sockets/lab-2.agent"),
     )
     return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_warm_parents_of_versions_whose_base_disk_is_gone_are_removed(tmp_path: Path) -> None:
+    from imagepipe.hypervisors.libvirt_parents import WarmParents
+
+    kept_base, gone_base = tmp_path / "v1" / "disk.qcow2", tmp_path / "v2" / "disk.qcow2"
+    for base, name in ((kept_base, "ipw-kept"), (gone_base, "ipw-gone")):
+        base.parent.mkdir()
+        base.write_bytes(b"")
+        parent = tmp_path / "state" / "warm" / name
+        parent.mkdir(parents=True)
+        (parent / "parent.json").write_text(json.dumps({"base": str(base)}))
+    gone_base.unlink()  # v2 was pruned from the image store
+
+    parents = WarmParents(None, None, lambda: None, tmp_path / "state")
+    assert parents.prune() == ["ipw-gone"]
+    assert sorted(p.name for p in (tmp_path / "state" / "warm").iterdir()) == ["ipw-kept"]
