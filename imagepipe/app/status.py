@@ -49,6 +49,7 @@ class CloneStatus:
     users: tuple[str, ...]
     since: float | None  # connected since (epoch seconds)
     failures: int
+    started_by: str | None = None  # restore (instant desktop) or boot; None: not running
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ def clone_status(
         users=session.users,
         since=session.connected_since,
         failures=record.failures if record else 0,
+        started_by=str(seen.info.started_by) if seen.info.started_by else None,
     )
 
 

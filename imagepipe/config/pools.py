@@ -31,7 +31,7 @@ from imagepipe.config.values import (
 )
 from imagepipe.config.yamlsrc import KeyPath, Located, load_file, path_kind
 from imagepipe.errors import ConfigError
-from imagepipe.pool.model import CloneMode, OnLogoff, PoolSpec, ScheduleRule, Standby
+from imagepipe.pool.model import CloneMode, OnLogoff, PoolSpec, ScheduleRule, Standby, StartMode
 from imagepipe.units import format_size
 
 MIN_MEMORY = 32 * 1024**2
@@ -89,6 +89,7 @@ class PoolFile(Section):
     channel: Annotated[str | None, BeforeValidator(parse_optional_channel)] = None
     version: Annotated[int | None, BeforeValidator(parse_optional_version)] = None
     clone: CloneMode = CloneMode.LINKED
+    start: StartMode = StartMode.RESTORE
     size: _SizeSection = _SizeSection()
     machine: _MachineSection = _MachineSection()
     display: _DisplaySection = _DisplaySection()
@@ -108,6 +109,7 @@ class PoolFile(Section):
             channel=None if self.version is not None else (self.channel or "latest"),
             version=self.version,
             clone=self.clone,
+            start=self.start,
             initial=self.size.initial,
             free=self.size.free,
             max=self.size.max,

@@ -30,6 +30,11 @@ class OnLogoff(StrEnum):
     DELETE = "delete"  # remove the clone; the pool makes a fresh one if it needs one
 
 
+class StartMode(StrEnum):
+    BOOT = "boot"  # a new or recycled clone boots its guest from scratch
+    RESTORE = "restore"  # it restores the saved state of a warm parent (instant desktops)
+
+
 class Standby(StrEnum):
     NONE = "none"  # idle surplus clones are deleted after shrink_after
     SUSPEND = "suspend"  # idle surplus clones are suspended instead, and resumed on demand
@@ -64,6 +69,7 @@ class PoolSpec:
     channel: str | None = "latest"  # exactly one of channel / version is set
     version: int | None = None
     clone: CloneMode = CloneMode.LINKED
+    start: StartMode = StartMode.RESTORE  # where the hypervisor can; else it boots
     initial: int = 1
     free: int = 1
     max: int = 5
@@ -125,6 +131,7 @@ class CloneInfo:
     power: Power
     display: Endpoint | None = None
     ready: bool = False  # booted and answering (guest agent, or display up)
+    started_by: StartMode | None = None  # how the running guest started; None: not running
 
 
 @dataclass(frozen=True)
@@ -281,6 +288,7 @@ class CloneSpec:
     cpus: int
     memory: int  # bytes
     display: Endpoint
+    start: StartMode = StartMode.RESTORE  # restore from a warm parent where the adapter can
 
 
 @dataclass(frozen=True, kw_only=True)
