@@ -102,6 +102,7 @@ def _context(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float)
         drain_deadline_passed=drain_deadline_passed(spec, started, now),
         in_flight=observed.in_flight,
         touched=observed.touched,
+        arrivals=record.arrivals,
     )
 
 
