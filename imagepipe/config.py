@@ -35,7 +35,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from imagepipe.errors import ConfigError
-from imagepipe.pool.model import CloneMode, OnLogoff, PoolSpec, ScheduleRule, Standby
+from imagepipe.pool.model import CloneMode, LearnSpec, OnLogoff, PoolSpec, ScheduleRule, Standby
 from imagepipe.units import format_size, parse_duration, parse_size
 from imagepipe.yamlsrc import KeyPath, Located, format_path, load_file
 
@@ -412,6 +412,20 @@ class _RolloutSection(_Section):
     drain_deadline: OptionalDuration = None
 
 
+class _LearnSection(_Section):
+    """Learned warm-up: free desktops for the logins expected soon, learned by time of week."""
+
+    enabled: StrictBool = False
+    lead: PositiveDuration = 600.0
+    shrink_after: Duration = 300.0
+    min_free: Count | None = None
+
+    def spec(self) -> LearnSpec | None:
+        if not self.enabled:
+            return None
+        return LearnSpec(lead=self.lead, shrink_after=self.shrink_after, min_free=self.min_free)
+
+
 class PoolFile(_Section):
     """A pool file as written; pool_spec() turns it into the planner's PoolSpec."""
 
@@ -426,6 +440,7 @@ class PoolFile(_Section):
     sessions: _SessionsSection = _SessionsSection()
     idle: _IdleSection = _IdleSection()
     schedule: list[_ScheduleRule] = []
+    learn: _LearnSection = _LearnSection()
     timezone: Annotated[StrictStr, AfterValidator(_timezone)] = "UTC"
     assignments: dict[str, StrictInt] = {}
     failures: _FailuresSection = _FailuresSection()
@@ -456,6 +471,7 @@ class PoolFile(_Section):
                 ScheduleRule(days=r.days, start_minute=r.from_, end_minute=r.to, free=r.free)
                 for r in self.schedule
             ),
+            learn=self.learn.spec(),
             timezone=self.timezone,
             assignments=dict(self.assignments),
             boot_timeout=self.boot_timeout,
@@ -561,6 +577,8 @@ def _pool_issues(pool: PoolFile, doc: Located) -> list[Issue]:
             if common and rule.from_ < prior.to and prior.from_ < rule.to:
                 day = _DAYS[min(common)]
                 add(("schedule", index), f"overlaps schedule[{other}] on {day}")
+    if pool.learn.min_free is not None and pool.learn.min_free > size.max:
+        add(("learn", "min_free"), f"min_free {pool.learn.min_free} is more than size.max")
     owners: dict[int, str] = {}
     for user, slot in pool.assignments.items():
         if not 0 <= slot < size.max:
