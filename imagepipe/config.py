@@ -577,8 +577,12 @@ def _pool_issues(pool: PoolFile, doc: Located) -> list[Issue]:
             if common and rule.from_ < prior.to and prior.from_ < rule.to:
                 day = _DAYS[min(common)]
                 add(("schedule", index), f"overlaps schedule[{other}] on {day}")
-    if pool.learn.min_free is not None and pool.learn.min_free > size.max:
-        add(("learn", "min_free"), f"min_free {pool.learn.min_free} is more than size.max")
+    if pool.learn.min_free is not None and pool.learn.min_free > size.free:
+        add(
+            ("learn", "min_free"),
+            f"min_free {pool.learn.min_free} is more than size.free {size.free}: it only "
+            "allows fewer free desktops in quiet hours",
+        )
     owners: dict[int, str] = {}
     for user, slot in pool.assignments.items():
         if not 0 <= slot < size.max:

@@ -53,7 +53,7 @@ class LearnSpec:
 
     lead: float = 600.0  # look this far ahead (seconds)
     shrink_after: float = 300.0  # surplus over the learned target idle this long goes
-    min_free: int | None = None  # the fewest free desktops kept; None: never below `free`
+    min_free: int | None = None  # allows fewer free than `free` when quiet; None: never
 
 
 @dataclass(frozen=True)

@@ -119,11 +119,11 @@ def learned_free(spec: PoolSpec, arrivals: Arrivals, now: float, floor: int) -> 
 
 def floor_free(spec: PoolSpec, scheduled: int | None) -> int:
     """The fewest free desktops learning may keep: a schedule rule's free where one applies,
-    else learn.min_free where the administrator set it, else size.free."""
+    else size.free, or learn.min_free where the administrator allows fewer."""
     if scheduled is not None:
         return scheduled
     if spec.learn is not None and spec.learn.min_free is not None:
-        return spec.learn.min_free
+        return min(spec.learn.min_free, spec.free)
     return spec.free
 
 
