@@ -416,7 +416,7 @@ class _LearnSection(_Section):
     """Learned warm-up: free desktops for the logins expected soon, learned by time of week."""
 
     enabled: StrictBool = False
-    lead: PositiveDuration = 600.0
+    lead: Annotated[float, BeforeValidator(_duration), Field(gt=0, le=86400)] = 600.0
     shrink_after: Duration = 300.0
     min_free: Count | None = None
 

@@ -89,3 +89,10 @@ def test_min_free_above_free_is_rejected_naming_the_key(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"lab.yml:4.*learn.min_free.*size.free 2"):
         load_pool_file(path)
+
+
+def test_a_lead_longer_than_a_day_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "lab.yml"
+    path.write_text("name: lab\nimage: win10\nlearn: {enabled: true, lead: 2d}\n")
+    with pytest.raises(ConfigError, match=r"learn.lead"):
+        load_pool_file(path)

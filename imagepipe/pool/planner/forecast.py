@@ -111,7 +111,7 @@ def _week_index(arrivals: Arrivals, timezone: str, at: float) -> int:
 
 def learned_free(spec: PoolSpec, arrivals: Arrivals, now: float, floor: int) -> int:
     """Free desktops for the logins expected within the lead, between floor and max."""
-    lead = spec.learn.lead if spec.learn is not None else 0.0
+    lead = min(spec.learn.lead, 86400.0) if spec.learn is not None else 0.0
     mean = expected_logins(arrivals, spec.timezone, now, now + lead)
     wanted = math.ceil(mean + math.sqrt(mean) - 1e-9) if mean > 0 else 0
     return max(0, min(max(wanted, floor), spec.max))
