@@ -3,16 +3,22 @@ pool's keeper plans with what the days before taught."""
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from imagepipe.app.bootstrap import Adapters
+from imagepipe.cli.app import main
 from imagepipe.config import load_pool_file
 from imagepipe.errors import ConfigError
 from imagepipe.pool.model import CloneState, LearnSpec
 from imagepipe.pool.planner.forecast import BUCKET, HISTORY_DAYS, day_and_bucket
 from imagepipe.pool.store import Store
+from tests.fakes.balancer import FakeBalancer
+from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
 from tests.unit.test_keeper import LAB, World, settle, use
 
 
@@ -96,3 +102,34 @@ def test_a_lead_longer_than_a_day_is_rejected(tmp_path: Path) -> None:
     path.write_text("name: lab\nimage: win10\nlearn: {enabled: true, lead: 2d}\n")
     with pytest.raises(ConfigError, match=r"learn.lead"):
         load_pool_file(path)
+
+
+def test_status_shows_the_learned_free_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "pools").mkdir()
+    (tmp_path / "pools" / "lab.yml").write_text(
+        "name: lab\nimage: tiny\nsize: {initial: 0, free: 2, max: 10}\n"
+        "display: {port_range: 5900-5909}\nlearn: {enabled: true}\n"
+    )
+    settings = tmp_path / "imagepipe.yml"
+    settings.write_text("pools_dir: pools\nstate_db: state.db\nrun_dir: run\n")
+    clock = FakeClock()
+    day, bucket = day_and_bucket(clock.now(), "UTC")
+    store = Store(tmp_path / "state.db")
+    store.record_logins("lab", day - 1, bucket + 1, 6, seconds=BUCKET, keep_days=HISTORY_DAYS)
+    store.close()
+    hv = FakeHypervisor(clock=clock.now)
+    images = FakeImages()
+    hv.add_base(images.publish("tiny", 1))
+    adapters = Adapters(hypervisor=hv, balancer=FakeBalancer(), images=images, clock=clock)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        code = main(["--config", str(settings), "status", "--json"], adapters)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert code == 0
+    (pool,) = json.loads(capsys.readouterr().out)["pools"]
+    assert pool["target_free"] == 9  # 6 expected within the lead, + sqrt(6), rounded up
