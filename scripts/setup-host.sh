@@ -13,6 +13,7 @@ packages=(
   packer qemu-system-x86 qemu-utils
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
   haproxy git busybox-static cpio e2fsprogs
+  systemd passwd shellcheck
 )
 missing=()
 for p in "${packages[@]}"; do

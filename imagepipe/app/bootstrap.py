@@ -238,3 +238,13 @@ def open_store(settings: Settings) -> Store:
             "run as root or set state_db and run_dir in the settings file"
         ) from exc
     return Store(settings.state_db)
+
+
+def stop_managed_balancer(balancer: Balancer) -> bool:
+    """Stop the HAProxy imagepipe started (the demo's); False when there is none to stop."""
+    from imagepipe.balancers.haproxy import HAProxyBalancer
+
+    if not isinstance(balancer, HAProxyBalancer) or not balancer.manage:
+        return False
+    balancer.shutdown()
+    return True

@@ -22,6 +22,7 @@ from imagepipe.pool.model import (
     CloneState,
     Observed,
     ObservedClone,
+    PoolDown,
     PoolRecord,
     PoolSpec,
 )
@@ -65,6 +66,7 @@ class PoolStatus:
     breaker_open_until: float | None
     note: str | None  # why the pool cannot make clones or was not observed
     clones: tuple[CloneStatus, ...]
+    going_down: str | None = None  # `pools down`: "as sessions end" or "now"; None = kept
 
 
 @dataclass(frozen=True)
@@ -96,35 +98,44 @@ def collect(
             images = adapters.images or build_images(settings)
             host = observe(hypervisor, balancer, images, specs)
             now = adapters.clock.now() if adapters.clock else time.time()
-            records = _records(settings, specs, now)
+            records, downs = _records(settings, specs, now)
         finally:
             if adapters.balancer is None:
                 balancer.close()
     finally:
         if adapters.hypervisor is None:
             hypervisor.close()
-    return build_status(specs, host, records, now)
+    return build_status(specs, host, records, now, downs)
 
 
-def _records(settings: Settings, specs: Sequence[PoolSpec], now: float) -> dict[str, PoolRecord]:
-    """The store's records; a learning pool's with what its login history taught, so
-    target_free is the keeper's."""
+def _records(
+    settings: Settings, specs: Sequence[PoolSpec], now: float
+) -> tuple[dict[str, PoolRecord], dict[str, PoolDown]]:
     if not settings.state_db.exists():
-        return {}
+        return {}, {}
     store = Store.open_readonly(settings.state_db)
     try:
-        records = {}
-        for spec in specs:
-            record = store.load_pool(spec.name)
-            if spec.learn is not None:
-                day, _ = day_and_bucket(now, spec.timezone)
-                since = day - HISTORY_DAYS
-                history = store.login_history(spec.name, seconds=BUCKET, since_day=since)
-                record = replace(record, arrivals=learn(history, day))
-            records[spec.name] = record
-        return records
+        return load_records(store, specs, now)
     finally:
         store.close()
+
+
+def load_records(
+    store: Store, specs: Sequence[PoolSpec], now: float
+) -> tuple[dict[str, PoolRecord], dict[str, PoolDown]]:
+    """The pools' records, and which of them are being taken down. A learning pool's record
+    carries what its login history taught, so its target_free is the keeper's."""
+    records = {}
+    for spec in specs:
+        record = store.load_pool(spec.name)
+        if spec.learn is not None:
+            day, _ = day_and_bucket(now, spec.timezone)
+            since = day - HISTORY_DAYS
+            history = store.login_history(spec.name, seconds=BUCKET, since_day=since)
+            record = replace(record, arrivals=learn(history, day))
+        records[spec.name] = record
+    downs = {s.name: d for s in specs if (d := store.pool_down(s.name)) is not None}
+    return records, downs
 
 
 def build_status(
@@ -132,13 +143,15 @@ def build_status(
     host: HostObservation,
     records: Mapping[str, PoolRecord],
     now: float,
+    downs: Mapping[str, PoolDown] | None = None,
 ) -> HostStatus:
     pools = []
     for spec in specs:
         record = records.get(spec.name, PoolRecord(pool=spec.name))
         observed = host.pools.get(spec.name, Observed())
         note = host.unobservable.get(spec.name) or host.notes.get(spec.name)
-        pools.append(pool_status(spec, observed, record, note, now))
+        down = (downs or {}).get(spec.name)
+        pools.append(pool_status(spec, observed, record, note, now, down))
     strays = tuple(
         StrayClone(name=c.name, pool=c.pool, version=c.version, power=str(c.power))
         for c in host.stray_clones
@@ -153,7 +166,12 @@ def build_status(
 
 
 def pool_status(
-    spec: PoolSpec, observed: Observed, record: PoolRecord, note: str | None, now: float
+    spec: PoolSpec,
+    observed: Observed,
+    record: PoolRecord,
+    note: str | None,
+    now: float,
+    down: PoolDown | None = None,
 ) -> PoolStatus:
     seen = observed.by_name()
     target = observed.target_version
@@ -177,6 +195,7 @@ def pool_status(
         breaker_open_until=record.breaker_open_until,
         note=note,
         clones=clones,
+        going_down=None if down is None else ("now" if down.now else "as sessions end"),
     )
 
 

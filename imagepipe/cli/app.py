@@ -58,9 +58,16 @@ def root(
     setup_logging(log_level, log_format)
 
 
+_registered: list[bool] = []
+
+
 def _register() -> None:
     # Imported here, not at module top, so `imagepipe --help` stays fast and each group
-    # lives in its own file.
+    # lives in its own file. Once per process: main() called again (tests, embedders) must
+    # not add every group again, or each call gets slower than the one before.
+    if _registered:
+        return
+    _registered.append(True)
     from imagepipe.cli import build, demo, doctor, images, keep, pools, simulate, status
 
     app.add_typer(pools.app, name="pools")

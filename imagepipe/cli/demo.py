@@ -13,10 +13,12 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from imagepipe.app.bootstrap import stop_managed_balancer
 from imagepipe.app.keeping import fail_if_failed, stop_on_signals
-from imagepipe.cli.context import cli_context
+from imagepipe.app.pool_down import drive_down, mark_down
+from imagepipe.cli.context import CliContext, cli_context
 from imagepipe.config import Settings, load_pool_file, load_settings
-from imagepipe.errors import EnvironmentMissingError, OperationFailedError
+from imagepipe.errors import BadInputError, EnvironmentMissingError, OperationFailedError
 from imagepipe.images.build import build_image
 from imagepipe.images.progress import PlainProgress
 from imagepipe.pool.keeper import Keeper
@@ -64,11 +66,17 @@ def demo(
     no_keep: bool = typer.Option(
         False, "--no-keep", help="Exit once the pool is ready instead of keeping it."
     ),
+    down: bool = typer.Option(
+        False, "--down", help="Remove the demo: its desktops (in use or not), and its HAProxy."
+    ),
 ) -> None:
     """Build the tiny image, start a demo pool of 3 desktops behind 127.0.0.1:5999, and keep
-    it until Ctrl-C (the desktops keep running afterwards)."""
+    it until Ctrl-C (the desktops keep running afterwards). `--down` removes it all again."""
     console = Console(stderr=True, soft_wrap=True)
     cli = cli_context(ctx)
+    if down:
+        take_demo_down(cli, directory.absolute(), console)
+        return
     base = cli.settings()
     files = write_demo_files(directory.absolute(), base)
     settings = load_settings(files.settings)
@@ -78,6 +86,8 @@ def demo(
     console.print(result.message)
     runtime = cli.runtime(settings)
     try:
+        if runtime.store.clear_down(POOL):
+            console.print("the demo pool had been taken down; keeping it again")
         keeper = runtime.keeper([spec])
         if no_keep:
             wait_until_ready(keeper, spec, console)
@@ -86,9 +96,36 @@ def demo(
         _print_howto(console, files, keeping=True)
         with stop_on_signals(keeper):
             keeper.run()
-        console.print(removal_hint(settings, files))
+        console.print(
+            "Stopped. The desktops and HAProxy keep running; `imagepipe demo` keeps them "
+            "again, `imagepipe demo --down` removes them."
+        )
     finally:
         runtime.close()
+
+
+def take_demo_down(cli: CliContext, directory: Path, console: Console) -> None:
+    """Every desktop of the demo pool deleted (sessions or not), its balancer entries
+    removed, the demo's HAProxy stopped. The files under `directory` stay (images, state)."""
+    files = DemoFiles(directory, directory / "imagepipe.yml", directory / "pools" / f"{POOL}.yml")
+    if not files.settings.is_file() or not files.pool.is_file():
+        raise BadInputError(f"no demo in {directory} (no {files.settings}); nothing to take down")
+    settings = load_settings(files.settings)
+    spec = load_pool_file(files.pool)
+    mark_down(settings, POOL, now=True, at=time.time())
+    runtime = cli.runtime(settings)
+    try:
+        keeper = runtime.keeper([spec])
+        passes = drive_down(keeper, POOL, timeout=READY_TIMEOUT)
+        console.print(f"the demo's desktops and balancer entries are removed ({passes} passes)")
+        if stop_managed_balancer(runtime.balancer):
+            console.print(f"the demo's HAProxy on {BIND} is stopped")
+    finally:
+        runtime.close()
+    console.print(
+        f"The demo is down. Its image, registry and state stay in {directory} "
+        f"(`rm -rf {directory}` removes them); `imagepipe demo` starts it again."
+    )
 
 
 def write_demo_files(directory: Path, base: Settings) -> DemoFiles:
@@ -158,18 +195,6 @@ def wait_until_ready(keeper: Keeper, spec: PoolSpec, console: Console) -> None:
                 f"{READY_TIMEOUT:.0f}s; see `imagepipe status` and the keeper log above"
             )
         time.sleep(POLL)
-
-
-def removal_hint(settings: Settings, files: DemoFiles) -> str:
-    virsh = f"virsh -c {settings.hypervisor.uri}"
-    return (
-        "Stopped. The desktops and HAProxy keep running; `imagepipe demo` keeps them again.\n"
-        "To remove everything the demo made:\n"
-        f"  for d in $({virsh} list --all --name | grep '^{POOL}-'); do "
-        f'{virsh} destroy "$d"; {virsh} undefine "$d"; done\n'
-        f'  kill "$(cat {settings.run_dir / "haproxy.pid"})"\n'
-        f"  rm -rf {files.directory}"
-    )
 
 
 def _print_howto(console: Console, files: DemoFiles, *, keeping: bool) -> None:

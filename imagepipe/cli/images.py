@@ -12,9 +12,10 @@ from rich.table import Table
 from imagepipe.cli.context import cli_context
 from imagepipe.config import load_pools
 from imagepipe.errors import BadInputError
+from imagepipe.images.names import channel_error, shown
 from imagepipe.images.prune import choose, load_pool_records, versions_in_use
 from imagepipe.images.records import VersionRecord
-from imagepipe.images.registry import NewVersion, Registry
+from imagepipe.images.registry import NewVersion, Registry, check_image_name
 from imagepipe.units import format_size
 
 app = typer.Typer(help="Registered image versions and channels.", no_args_is_help=True)
@@ -35,6 +36,7 @@ def _registry(ctx: typer.Context) -> Registry:
 
 
 def _known(registry: Registry, image: str) -> None:
+    check_image_name(image)  # before any file is looked at: "" is not "all images"
     if image not in registry.images():
         known = ", ".join(registry.images()) or "none yet"
         raise BadInputError(f"unknown image {image!r} (registered images: {known})")
@@ -59,9 +61,9 @@ def list_(
 ) -> None:
     """Every version of every image (or of IMAGE), with status and channels."""
     registry = _registry(ctx)
-    names = [image] if image else registry.images()
-    if image:
+    if image is not None:
         _known(registry, image)
+    names = [image] if image is not None else registry.images()
     docs = []
     table = Table("image", "version", "status", "channels", "created", "size", "fingerprint")
     for name in names:
@@ -143,6 +145,7 @@ def promote(
     """Point CHANNEL of IMAGE at VERSION (pools on that channel roll out to it)."""
     registry = _registry(ctx)
     _known(registry, image)
+    _check_channel(channel)
     record = registry.promote(image, registry.resolve(image, version).version, channel)
     _moved(image, channel, record, as_json)
 
@@ -157,6 +160,7 @@ def rollback(
     """Point CHANNEL back at the version it held before its current one."""
     registry = _registry(ctx)
     _known(registry, image)
+    _check_channel(channel)
     _moved(image, channel, registry.rollback(image, channel), as_json)
 
 
@@ -188,15 +192,17 @@ def prune(
 ) -> None:
     """Remove old versions' artifacts from the image store. Never one a channel, a pool or a
     running clone uses."""
+    if keep < 0:
+        raise BadInputError(f"--keep must be 0 or more, got {keep}")
     settings = cli_context(ctx).settings()
     registry = Registry(settings.registry, settings.image_store)
     registry.check_readable()
-    if image:
+    if image is not None:
         _known(registry, image)
     pools = load_pools([settings.pools_dir]) if settings.pools_dir.exists() else []
     records = load_pool_records(settings.state_db, pools)
     docs = []
-    for name in [image] if image else registry.images():
+    for name in [image] if image is not None else registry.images():
         used = versions_in_use(registry, name, pools, records)
         for choice in choose(registry.versions(name), registry.channels(name), used, keep):
             if choice.remove and not dry_run:
@@ -216,6 +222,22 @@ def prune(
         typer.echo(json.dumps(docs, indent=2))
 
 
+def _check_vm_name(vm: str) -> None:
+    """A VirtualBox VM name or UUID: 1 to 255 characters, no control characters."""
+    if not vm.strip():
+        raise BadInputError("--from-vm: the VM name is empty")
+    if len(vm) > 255 or not vm.isprintable():
+        raise BadInputError(
+            f"--from-vm: {shown(vm)} is not a VM name (1 to 255 printable characters)"
+        )
+
+
+def _check_channel(channel: str) -> None:
+    error = channel_error(channel)
+    if error is not None:
+        raise BadInputError(f"--channel: {error}")
+
+
 @app.command("import")
 def import_(
     ctx: typer.Context,
@@ -228,6 +250,8 @@ def import_(
     changes nothing."""
     from imagepipe.app.bootstrap import describe_virtualbox_vm
 
+    check_image_name(image)
+    _check_vm_name(from_vm)
     registry = _registry(ctx)
     found = describe_virtualbox_vm(from_vm)
     record = registry.find_fingerprint(image, found.fingerprint) or registry.register(

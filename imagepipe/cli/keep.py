@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import typer
 
-from imagepipe.app.keeping import fail_if_failed, select_pools, stop_on_signals
+from imagepipe.app.keeping import fail_if_failed
+from imagepipe.app.metrics import KeeperMetrics, serve
+from imagepipe.app.notify import SystemdNotifier
+from imagepipe.app.reload import Reloader, load_keeper_config
+from imagepipe.app.service import KeeperService, service_signals
 from imagepipe.cli.context import cli_context
-from imagepipe.config import load_pools
 
 
 def keep(
@@ -19,20 +22,32 @@ def keep(
     ),
 ) -> None:
     """Keep the pools' desktops ready: make, boot, recycle and remove clones, and keep the
-    load balancer in step. Stops cleanly on SIGTERM or Ctrl-C; desktops keep running."""
+    load balancer in step. Stops cleanly on SIGTERM or Ctrl-C (desktops keep running);
+    SIGHUP re-reads the settings and pool files. Under systemd (Type=notify) it reports
+    READY, STATUS and watchdog pings; with keeper.metrics set it serves Prometheus metrics."""
     cli = cli_context(ctx)
-    settings = cli.settings()
-    configured = load_pools([settings.pools_dir])
-    specs = select_pools(configured, pool)
-    others = [s.name for s in configured if s not in specs]
-    runtime = cli.runtime(settings)
+    config = load_keeper_config(cli.config, pool)
+    runtime = cli.runtime(config.settings)
     try:
-        keeper = runtime.keeper(specs, other_pools=others)
+        keeper = runtime.keeper(list(config.specs), other_pools=config.other_pools)
         if once:
             report = keeper.run_pass()
             fail_if_failed(report)
             return
-        with stop_on_signals(keeper):
-            keeper.run()
+        address = config.settings.keeper.metrics
+        metrics = KeeperMetrics() if address else None
+        server = serve(metrics, address) if metrics is not None and address else None
+        notifier = SystemdNotifier.from_environment()
+        service = KeeperService(
+            notifier, metrics=metrics, reloader=Reloader(cli.config, pool, config)
+        )
+        keeper.hooks = service
+        try:
+            with service_signals(keeper, service):
+                keeper.run()
+        finally:
+            if server is not None:
+                server.shutdown()
+            notifier.close()
     finally:
         runtime.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,8 +12,9 @@ from typing import Any
 import typer
 
 from imagepipe.cli.context import cli_context
-from imagepipe.config import load_pools
-from imagepipe.errors import BadInputError
+from imagepipe.config import Settings, load_pools
+from imagepipe.config.yamlsrc import path_kind
+from imagepipe.errors import BadInputError, ConfigError
 from imagepipe.pool.model import PoolSpec
 from imagepipe.units import format_duration, format_size
 
@@ -38,16 +41,30 @@ def check(
 
     Exit code 2 with file:line: key and what was expected when a file is wrong.
     """
-    targets = list(paths) if paths else [cli_context(ctx).settings().pools_dir]
+    targets = list(paths) if paths else [_pools_dir(cli_context(ctx).settings())]
     specs = load_pools(targets)
     if not specs:
         where = ", ".join(str(p) for p in targets)
-        raise BadInputError(f"no pool files (*.yml) in {where}")
+        raise BadInputError(f"{where}: no pool files (*.yml) in this folder")
     if as_json:
-        typer.echo(json.dumps([pool_json(s) for s in specs], indent=2, sort_keys=True))
+        typer.echo(
+            json.dumps([pool_json(s) for s in specs], indent=2, sort_keys=True, allow_nan=False)
+        )
     else:
         for line in summary_lines(specs):
             typer.echo(line)
+
+
+def _pools_dir(settings: Settings) -> Path:
+    """The settings' pools_dir; a missing one is named with the settings file that gave it."""
+    if path_kind(settings.pools_dir) == "missing":
+        given = settings.source if settings.source != "defaults" else None
+        raise ConfigError(
+            f"{settings.pools_dir} does not exist; create it or point pools_dir elsewhere",
+            file=given,
+            key="pools_dir",
+        )
+    return settings.pools_dir
 
 
 def summary_lines(specs: Sequence[PoolSpec]) -> list[str]:
@@ -123,3 +140,91 @@ def pool_json(spec: PoolSpec) -> dict[str, Any]:
 
 def _clock(minute: int) -> str:
     return f"{minute // 60:02d}:{minute % 60:02d}"
+
+
+# ---- taking a pool down (imagepipe/app/pool_down.py) ------------------------------------
+
+
+def down(
+    ctx: typer.Context,
+    pool: str = typer.Argument(..., help="The pool to take down."),
+    now: bool = typer.Option(
+        False, "--now", help="Remove desktops in use too, at once: their users are cut off."
+    ),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before --now cuts users off."),
+) -> None:
+    """Take a pool down: make no more desktops, drain it from the balancer, remove its free
+    desktops at once and the others as their sessions end. The keeper does the work; follow
+    it with `imagepipe status POOL`; `imagepipe pools up POOL` keeps the pool again."""
+    from imagepipe.app.pool_down import known_pools, mark_down, request_down
+    from imagepipe.app.status import collect
+
+    cli = cli_context(ctx)
+    settings = cli.settings()
+    specs = {s.name: s for s in load_pools([settings.pools_dir])}
+    if pool not in specs and pool in known_pools(settings):
+        # its pool file was removed: the running keeper still looks after it (growth stopped)
+        if now and not yes:
+            raise BadInputError(
+                f"{pool} has no pool file any more, so who is on its desktops cannot be shown; "
+                "add --yes to take it down now anyway (nothing changed)"
+            )
+        mark_down(settings, pool, now=now, at=time.time())
+        typer.echo(
+            f"{pool} is going down (its pool file is gone; the running keeper, which still "
+            f"looks after it since its last reload, does it); follow with `imagepipe status`."
+        )
+        return
+    spec = _configured(settings.pools_dir, pool)
+    (status,) = collect(settings, [spec], cli.adapters).pools
+    request = request_down(status, now)
+    if now and request.in_use and not yes:
+        who = ", ".join(request.users)
+        typer.echo(
+            f"warning: --now removes {request.in_use} desktop(s) of {pool} in use ({who}): "
+            "their users are cut off and lose what they did not save",
+            err=True,
+        )
+        if not sys.stdin.isatty():
+            raise BadInputError(
+                "not taken down (nothing changed): add --yes to cut those users off "
+                "without being asked"
+            )
+        if not typer.confirm("Take the pool down now?", err=True):
+            raise BadInputError("not taken down (nothing changed)")
+    mark_down(settings, pool, now=now, at=time.time())
+    later = (
+        "" if now or not request.in_use else (f", {request.in_use} in use as their sessions end")
+    )
+    removed = request.free + (request.in_use if now else 0)
+    typer.echo(
+        f"{pool} is going down: {removed} desktop(s) removed now{later}, balancer entries "
+        f"removed. The keeper does it; follow with `imagepipe status {pool}`."
+    )
+
+
+def up(
+    ctx: typer.Context,
+    pool: str = typer.Argument(..., help="The pool to keep again."),
+) -> None:
+    """Keep a pool that `pools down` was taking down: the keeper makes its desktops again."""
+    from imagepipe.app.pool_down import mark_up
+
+    settings = cli_context(ctx).settings()
+    _configured(settings.pools_dir, pool)
+    if mark_up(settings, pool):
+        typer.echo(f"{pool} is kept again")
+    else:
+        typer.echo(f"{pool} was not going down; nothing changed")
+
+
+def _configured(pools_dir: Path, pool: str) -> PoolSpec:
+    specs = {s.name: s for s in load_pools([pools_dir])}
+    if pool not in specs:
+        names = ", ".join(sorted(specs)) or "none"
+        raise BadInputError(f"no pool named {pool} in {pools_dir} (configured pools: {names})")
+    return specs[pool]
+
+
+app.command(name="down")(down)
+app.command(name="up")(up)

@@ -19,6 +19,10 @@ from imagepipe.sim.trace import Login, load_trace
 from imagepipe.sim.world import Latencies, Start
 from imagepipe.units import format_duration
 
+MAX_USERS = 100_000  # bounds the time and memory one simulated day takes
+MAX_PARALLEL = 1000
+MAX_DAYS = 28  # four weeks: what the learned warm-up looks back on
+
 
 def simulate(
     pool_file: Path = typer.Argument(..., help="The pool file to simulate (pools/*.yml)."),
@@ -62,10 +66,12 @@ def simulate(
     for name in compare or []:
         if name not in COMPARISONS:
             raise BadInputError(f"--compare knows {', '.join(COMPARISONS)}; got {name!r}")
-    if parallel < 1:
-        raise BadInputError(f"--parallel must be at least 1, got {parallel}")
-    if days < 1:
-        raise BadInputError(f"--days must be at least 1, got {days}")
+    if not 1 <= parallel <= MAX_PARALLEL:
+        raise BadInputError(f"--parallel must be between 1 and {MAX_PARALLEL}, got {parallel}")
+    if not 1 <= users <= MAX_USERS:
+        raise BadInputError(f"--users must be between 1 and {MAX_USERS}, got {users}")
+    if not 1 <= days <= MAX_DAYS:
+        raise BadInputError(f"--days must be between 1 and {MAX_DAYS}, got {days}")
     try:
         latencies = Latencies.parse(latency or [])
     except ValueError as exc:

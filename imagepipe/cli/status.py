@@ -14,9 +14,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from imagepipe.app.pool_down import progress
 from imagepipe.app.status import CloneStatus, HostStatus, collect, to_json
 from imagepipe.cli.context import cli_context
-from imagepipe.config import load_pools
+from imagepipe.config import Settings, load_pools, load_settings
 from imagepipe.errors import BadInputError
 
 WATCH_EVERY = 2.0
@@ -30,7 +31,7 @@ def status(
 ) -> None:
     """Show each pool's sizes and each desktop's state, display, balancer state and session."""
     cli = cli_context(ctx)
-    settings = cli.settings()
+    settings = _demo_if_nothing_else(cli.settings())
     specs = load_pools([settings.pools_dir])
     if pool is not None:
         specs = [s for s in specs if s.name == pool]
@@ -51,6 +52,17 @@ def status(
                 time.sleep(WATCH_EVERY)
     except KeyboardInterrupt:
         return
+
+
+def _demo_if_nothing_else(settings: Settings) -> Settings:
+    """No settings file anywhere but `imagepipe demo` ran: show the demo's pools (and say so)."""
+    from imagepipe.cli.demo import DEFAULT_DIR
+
+    demo = DEFAULT_DIR / "imagepipe.yml"
+    if settings.source != "defaults" or not demo.is_file():
+        return settings
+    typer.echo(f"no settings file found; showing the demo's ({demo})", err=True)
+    return load_settings(demo)
 
 
 def render(snapshot: HostStatus) -> Group:
@@ -86,6 +98,9 @@ def render(snapshot: HostStatus) -> Group:
             )
         if pool.note:
             parts.append(Text(f"  {pool.name}: {pool.note}", style="yellow"))
+        going = progress(pool)
+        if going:
+            parts.append(Text(f"  {going}", style="yellow"))
     for stray in snapshot.stray_clones:
         parts.append(
             Text(

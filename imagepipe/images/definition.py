@@ -27,14 +27,14 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from imagepipe.config.yamlsrc import load_text, path_kind, read_text
 from imagepipe.errors import BadInputError, ConfigError
+from imagepipe.images import names
 
 DEFINITION_FILE = "image.yml"
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 ScalarValue = str | int | float | bool
 
@@ -48,6 +48,23 @@ class ParentRef(_Model):
 
     image: str
     channel: str = "latest"
+
+    @field_validator("image")
+    @classmethod
+    def _image_name(cls, value: str) -> str:
+        return _registry_name(value, names.image_error)
+
+    @field_validator("channel")
+    @classmethod
+    def _channel_name(cls, value: str) -> str:
+        return _registry_name(value, names.channel_error)
+
+
+def _registry_name(value: str, rule: Any) -> str:
+    error = rule(value)
+    if error is not None:
+        raise ValueError(error)
+    return value
 
 
 class ArtifactSpec(_Model):
@@ -81,6 +98,11 @@ class ImageDefinition(_Model):
     parent: ParentRef | None = None
     artifact: ArtifactSpec
 
+    @field_validator("registers_as")
+    @classmethod
+    def _registers_as_image_name(cls, value: str | None) -> str | None:
+        return None if value is None else _registry_name(value, names.image_error)
+
     @field_validator("template", "render")
     @classmethod
     def _templates_end_in_j2(cls, value: Any) -> Any:
@@ -94,7 +116,7 @@ class ImageDefinition(_Model):
     @classmethod
     def _names_are_identifiers(cls, value: dict[str, Any]) -> dict[str, Any]:
         for name in value:
-            if not _VARIABLE.match(name):
+            if not _VARIABLE.fullmatch(name):
                 raise ValueError(
                     f"variable name {name!r} must be a letter or _ then letters, digits, _"
                 )
@@ -142,14 +164,15 @@ def list_images(packer_dir: Path) -> list[str]:
 
 def load_image(packer_dir: Path, name: str) -> Image:
     """Load and validate `packer_dir/<name>/image.yml`. BadInputError when unknown or wrong."""
-    if not _NAME.match(name):
-        raise BadInputError(f"{name!r} is not an image name (lowercase letters, digits, . _ -)")
+    error = names.image_error(name)
+    if error is not None:
+        raise BadInputError(error)
     folder = packer_dir / name
     path = folder / DEFINITION_FILE
-    if not path.is_file():
+    if path_kind(path) != "file":
         known = ", ".join(list_images(packer_dir)) or "none"
         raise BadInputError(f"unknown image {name!r} in {packer_dir} (images: {known})")
-    definition = parse_definition(path.read_text(encoding="utf-8"), str(path))
+    definition = parse_definition(read_text(path), str(path))
     for template in definition.templates:
         if not (folder / template).is_file():
             raise ConfigError(f"template {template} does not exist", file=str(path), key="template")
@@ -161,43 +184,16 @@ def load_image(packer_dir: Path, name: str) -> Image:
 
 
 def parse_definition(text: str, source: str) -> ImageDefinition:
-    """Validate image.yml text; errors name source:line and the key."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", exc)
-        raise ConfigError(f"not valid YAML: {problem}", file=source, line=line) from None
-    if not isinstance(data, dict):
+    """Validate image.yml text; errors name source:line and the key. The YAML is read with
+    the configuration reader's limits (size, depth, aliases, tags: see config/yamlsrc.py)."""
+    doc = load_text(text, source)
+    if not isinstance(doc.data, dict):
         raise ConfigError("expected a mapping of settings (description, builder, ...)", file=source)
     try:
-        return ImageDefinition.model_validate(data)
+        return ImageDefinition.model_validate(doc.data)
     except ValidationError as exc:
         error = exc.errors()[0]
-        loc = tuple(error["loc"])
+        loc: tuple[str | int, ...] = tuple(error["loc"])
         key = ".".join(str(part) for part in loc) or None
-        line = _line_of(node, loc)
-        raise ConfigError(error["msg"], file=source, line=line, key=key) from None
-
-
-def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    """1-based line of the deepest YAML node along `loc` (the key path of an error)."""
-    line = node.start_mark.line + 1 if node is not None else None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = next((v for k, v in node.value if k.value == str(part)), None)
-            key_node = next((k for k, _ in node.value if k.value == str(part)), None)
-            if match is None:
-                return line
-            line = key_node.start_mark.line + 1 if key_node is not None else line
-            node = match
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            if part >= len(node.value):
-                return line
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            return line
-    return line
+        message = str(error.get("ctx", {}).get("error", error["msg"]))
+        raise ConfigError(message, file=source, line=doc.line_of(loc), key=key) from None

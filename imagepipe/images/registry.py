@@ -26,7 +26,9 @@ import git
 from filelock import FileLock
 from pydantic import ValidationError
 
-from imagepipe.errors import BadInputError, OperationFailedError
+from imagepipe.config.yamlsrc import read_text
+from imagepipe.errors import BadInputError, ConfigError, OperationFailedError
+from imagepipe.images import names
 from imagepipe.images.checksum import sha256_file
 from imagepipe.images.records import (
     ArtifactFile,
@@ -43,8 +45,7 @@ from imagepipe.log import fields
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
-_CHANNEL = re.compile(r"^[a-z][a-z0-9_-]*$")
-_VERSION_REF = re.compile(r"^v?(\d+)$")
+MAX_REGISTRY_FILE = 1024 * 1024  # a record is ~2 KiB; state.json grows by ~100 B per move
 _ACTOR = git.Actor("imagepipe", "imagepipe@localhost")
 
 
@@ -69,17 +70,36 @@ class NewVersion:
     variables: tuple[tuple[str, ScalarValue], ...] = ()
 
 
+@dataclass(frozen=True)
+class _Cached:
+    """A parsed registry file and the stat signature it was parsed from."""
+
+    signature: tuple[int, int, int, int]  # inode, size, mtime_ns, ctime_ns
+    value: VersionRecord | ImageState
+
+
 class Registry:
+    """Reads are cached per file by (inode, size, mtime, ctime): a keeper pass that resolves
+    every pool's image stats the files but parses only those another process changed (the
+    registry replaces files atomically, so a change always gives a new inode)."""
+
     def __init__(self, path: Path, store_dir: Path) -> None:
         self.path = path
         self.store_dir = store_dir
         self._lock = FileLock(str(path.parent / f".{path.name}.lock"))
+        self._cache: dict[Path, _Cached] = {}
+        self.parsed = 0  # files parsed (not served from the cache), for tests and metrics
 
     # ---------------------------------------------------------------- reading
 
     def images(self) -> list[str]:
         root = self.path / "images"
-        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        if not root.is_dir():
+            return []
+        # a folder made by hand with another name is not an image (and cannot be read as one)
+        return sorted(
+            p.name for p in root.iterdir() if p.is_dir() and names.image_error(p.name) is None
+        )
 
     def versions(self, image: str) -> list[VersionRecord]:
         """Every version of `image`, oldest first, with its current status."""
@@ -146,7 +166,7 @@ class Registry:
 
     def register(self, new: NewVersion) -> VersionRecord:
         """Move the artifacts into the store, write the record, move `latest`, commit, tag."""
-        _check_name(new.image)
+        check_image_name(new.image)
         artifacts = []
         for path in new.files:
             if not path.is_file():
@@ -195,8 +215,7 @@ class Registry:
         return record
 
     def promote(self, image: str, version: int, channel: str) -> VersionRecord:
-        if not _CHANNEL.match(channel):
-            raise BadInputError(f"{channel!r} is not a channel name (lowercase letters, digits, -)")
+        _check_channel(channel)
         with self._writing() as repo:
             record = self.resolve(image, version)
             if not record.usable:
@@ -259,7 +278,7 @@ class Registry:
     # ---------------------------------------------------------------- internals
 
     def _image_dir(self, image: str) -> Path:
-        _check_name(image)
+        check_image_name(image)
         return self.path / "images" / image
 
     def _record_path(self, image: str, version: int) -> Path:
@@ -290,21 +309,42 @@ class Registry:
 
     def _state(self, image: str) -> ImageState:
         path = self._image_dir(image) / "state.json"
-        if not path.exists():
-            return ImageState()
-        try:
-            return ImageState.model_validate(_read_json(path))
-        except ValidationError as exc:
-            raise BadInputError(f"registry file {path} is corrupt: {_first_error(exc)}") from None
+        state = self._read(path, ImageState, missing_ok=True)
+        assert state is None or isinstance(state, ImageState)
+        return state or ImageState()
 
     def _write_state(self, image: str, state: ImageState) -> None:
         _write_json(self._image_dir(image) / "state.json", state.model_dump(mode="json"))
 
     def _read_record(self, path: Path) -> VersionRecord:
+        record = self._read(path, VersionRecord, missing_ok=False)
+        assert isinstance(record, VersionRecord)
+        return record
+
+    def _read(
+        self, path: Path, model: type[VersionRecord] | type[ImageState], *, missing_ok: bool
+    ) -> VersionRecord | ImageState | None:
+        """A registry file, parsed once per change (see the class docstring)."""
         try:
-            return VersionRecord.model_validate(_read_json(path))
+            info = path.stat()
+        except FileNotFoundError:
+            if missing_ok:
+                self._cache.pop(path, None)
+                return None
+            raise BadInputError(f"registry file {path} disappeared while reading") from None
+        except OSError as exc:
+            raise BadInputError(f"registry file {path} is unreadable: {exc.strerror}") from None
+        signature = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        cached = self._cache.get(path)
+        if cached is not None and cached.signature == signature:
+            return cached.value
+        try:
+            value = model.model_validate(_read_json(path))
         except ValidationError as exc:
             raise BadInputError(f"registry file {path} is corrupt: {_first_error(exc)}") from None
+        self.parsed += 1
+        self._cache[path] = _Cached(signature, value)
+        return value
 
     @contextmanager
     def _writing(self) -> Iterator[git.Repo]:
@@ -342,17 +382,30 @@ class Registry:
 
 
 def _version_number(ref: str) -> int | None:
-    match = _VERSION_REF.match(ref)
-    return int(match[1]) if match else None
+    try:
+        number = names.version_number(ref)
+    except ValueError as exc:
+        raise BadInputError(str(exc)) from None
+    if number is None:
+        _check_channel(ref)
+    return number
+
+
+def _check_channel(channel: str) -> None:
+    error = names.channel_error(channel)
+    if error is not None:
+        raise BadInputError(error)
 
 
 def _numbers(versions: dict[int, VersionRecord]) -> str:
     return ", ".join(f"v{n}" for n in sorted(versions))
 
 
-def _check_name(image: str) -> None:
-    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", image):
-        raise BadInputError(f"{image!r} is not an image name (lowercase letters, digits, . _ -)")
+def check_image_name(image: str) -> None:
+    """BadInputError unless `image` follows the registry's naming rule."""
+    error = names.image_error(image)
+    if error is not None:
+        raise BadInputError(error)
 
 
 def _move(state: ImageState, channel: str, version: int, by: str) -> ImageState:
@@ -367,14 +420,27 @@ def _tag_message(record: VersionRecord) -> str:
 
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
-    return f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
+    return f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"[:200]
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def _read_json(path: Path) -> Any:
+    """A registry file's JSON: at most MAX_REGISTRY_FILE bytes of UTF-8, finite numbers,
+    nested no deeper than the records are; BadInputError naming the file otherwise."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"registry file {path} is corrupt or unreadable: {exc}") from None
+        text = read_text(path, limit=MAX_REGISTRY_FILE)
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except ConfigError as exc:
+        raise BadInputError(f"registry file {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise BadInputError(f"registry file {path} is corrupt: {reason}") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"registry file {path} is corrupt: expected a JSON object")
+    return data
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -7,17 +7,27 @@ image.yml, so they appear in no argv, no log and no registry record.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import yaml
-
-from imagepipe.errors import BadInputError
+from imagepipe.config.yamlsrc import load_file
+from imagepipe.errors import BadInputError, ConfigError
 from imagepipe.images.definition import Image
+from imagepipe.images.names import shown
 from imagepipe.images.records import ScalarValue
 
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_INT = re.compile(r"[-+]?[0-9]{1,18}")
+_FLOAT = re.compile(r"[-+]?(?:[0-9]{1,18}(?:\.[0-9]{0,18})?|\.[0-9]{1,18})(?:[eE][-+]?[0-9]{1,3})?")
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
 SECRET_PLACEHOLDER = "<secret:{name}>"
+
+
+MAX_VALUE = 4096  # characters of one variable's value
 
 
 def parse_assignments(pairs: Sequence[str]) -> dict[str, str]:
@@ -25,9 +35,14 @@ def parse_assignments(pairs: Sequence[str]) -> dict[str, str]:
     result: dict[str, str] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep or not name.strip():
-            raise BadInputError(f"--var {pair!r}: expected NAME=VALUE, e.g. --var memory=512")
-        result[name.strip()] = value
+        name = name.strip()
+        if not sep or not name:
+            raise BadInputError(f"--var {shown(pair)}: expected NAME=VALUE, e.g. --var memory=512")
+        if not _NAME.fullmatch(name):
+            raise BadInputError(
+                f"--var {shown(name)}: a variable name is a letter or _ then letters, digits, _"
+            )
+        result[name] = value
     return result
 
 
@@ -57,15 +72,19 @@ def resolve_secrets(image: Image, *, placeholders: bool) -> dict[str, str]:
 
 
 def _read_var_file(path: Path) -> dict[str, object]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise BadInputError(f"--var-file {path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise BadInputError(f"--var-file {path}: not valid YAML or JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadInputError(f"--var-file {path}: expected a mapping of NAME: VALUE")
-    return {str(k): v for k, v in data.items()}
+    """A YAML (or JSON) mapping of NAME: VALUE, read with the configuration reader's limits."""
+    doc = load_file(path)  # ConfigError names the file and line
+    if not isinstance(doc.data, dict):
+        raise ConfigError("expected a mapping of NAME: VALUE", file=str(path))
+    for name, value in doc.data.items():
+        if isinstance(value, dict | list) or value is None:
+            raise ConfigError(
+                "expected a single value (text, number, true or false)",
+                file=str(path),
+                line=doc.line_of((name,)),
+                key=name,
+            )
+    return dict(doc.data)
 
 
 def _checked(image: Image, given: Mapping[str, object], source: str) -> dict[str, ScalarValue]:
@@ -87,6 +106,13 @@ def _checked(image: Image, given: Mapping[str, object], source: str) -> dict[str
 
 def _coerce(name: str, value: object, default: ScalarValue, source: str) -> ScalarValue:
     text = str(value).strip()
+    if len(text) > MAX_VALUE:
+        raise BadInputError(f"{source}: {name}: at most {MAX_VALUE} characters, got {len(text)}")
+    bad = _CONTROL.search(text)
+    if bad is not None:
+        raise BadInputError(
+            f"{source}: {name}: control character U+{ord(bad.group()):04X} is not allowed"
+        )
     try:
         if isinstance(default, bool):
             if isinstance(value, bool):
@@ -97,9 +123,20 @@ def _coerce(name: str, value: object, default: ScalarValue, source: str) -> Scal
                 return False
             raise ValueError
         if isinstance(default, int):
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if not _INT.fullmatch(text):  # ASCII digits only, and no 5000-digit numbers
+                raise ValueError
             return int(text)
         if isinstance(default, float):
-            return float(text)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            if not _FLOAT.fullmatch(text):  # no inf, nan or other scripts' digits
+                raise ValueError
+            number = float(text)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
     except ValueError:
         kind = type(default).__name__
         raise BadInputError(f"{source}: {name}={value!r}: expected a {kind}") from None

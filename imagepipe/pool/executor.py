@@ -78,6 +78,7 @@ class Outcome:
     ok: bool
     error: str | None = None
     attempts: int = 1
+    seconds: float = 0.0  # how long the action ran (0 when it never started)
 
 
 @dataclass(frozen=True)
@@ -319,7 +320,7 @@ class Executor:
             error = f"timed out after {limit:.0f}s (the call goes on in the background)"
             self.store.journal_end(entry.journal_id, ok=False, error=error, now=self.clock.now())
             self._log(entry.action, ok=False, error=error, seconds=limit, attempts=1)
-            outcomes.append(Outcome(action=entry.action, ok=False, error=error))
+            outcomes.append(Outcome(action=entry.action, ok=False, error=error, seconds=limit))
             skipped += chains.pop(key, [])
         return outcomes
 
@@ -331,7 +332,9 @@ class Executor:
         if ok and isinstance(done.action, ResetClone):
             self.store.mark_clean(done.action.pool, done.action.clone)
         self._log(done.action, ok=ok, error=error, seconds=seconds, attempts=done.attempts)
-        return Outcome(action=done.action, ok=ok, error=error, attempts=done.attempts)
+        return Outcome(
+            action=done.action, ok=ok, error=error, attempts=done.attempts, seconds=seconds
+        )
 
     # ---- recovery after a crash ------------------------------------------------------
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from imagepipe.errors import ImagepipeError
 from imagepipe.log import fields
@@ -50,6 +52,7 @@ from imagepipe.pool.ports import (
     Images,
 )
 from imagepipe.pool.store import Store
+from imagepipe.pool.teardown import plan_down
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,30 @@ class PassReport:
         return self.execution.ok and not self.not_planned
 
 
+class KeeperHooks(Protocol):
+    """What a service around the keeper does between passes (systemd notify, reload,
+    metrics: imagepipe/app/service.py). Called from the keeper's own loop."""
+
+    def before_pass(self, keeper: Keeper) -> None: ...
+
+    def observed(self, keeper: Keeper, host: HostObservation) -> None:
+        """The pass has observed the host (before it plans and acts)."""
+
+    def after_pass(self, keeper: Keeper, report: PassReport | None, seconds: float) -> None:
+        """`report` None: the pass failed as a whole (logged). `seconds`: how long it took."""
+
+
+class NoHooks:
+    def before_pass(self, keeper: Keeper) -> None:
+        pass
+
+    def observed(self, keeper: Keeper, host: HostObservation) -> None:
+        pass
+
+    def after_pass(self, keeper: Keeper, report: PassReport | None, seconds: float) -> None:
+        pass
+
+
 class Keeper:
     def __init__(
         self,
@@ -93,6 +120,7 @@ class Keeper:
         clock: Clock,
         settings: KeeperOptions = KeeperOptions(),
         other_pools: Sequence[str] = (),
+        hooks: KeeperHooks | None = None,
     ) -> None:
         """`specs`: the pools to keep. `other_pools`: configured pools another keeper looks
         after (`keep --pool`); their clones are left alone and not reported as strays."""
@@ -113,6 +141,7 @@ class Keeper:
         self._strays_reported: set[str] = set()
         self._quick_passes = 0  # quick passes in a row (see next_wait)
         self._notes_reported: dict[str, str] = {}  # pool -> the reason last logged
+        self.hooks: KeeperHooks = hooks or NoHooks()
         self._learned: dict[str, tuple[int, Arrivals | None]] = {}  # pool -> (day, arrivals)
 
     # ---- control ---------------------------------------------------------------------
@@ -132,6 +161,15 @@ class Keeper:
         """Make the next pass start now."""
         self._wake.set()
 
+    def reconfigure(
+        self, specs: Sequence[PoolSpec], other_pools: Sequence[str], settings: KeeperOptions
+    ) -> None:
+        """Keep these pools from the next pass on (a reload); call between passes."""
+        self.specs = {s.name: s for s in specs}
+        self.other_pools = tuple(other_pools)
+        self.settings = settings
+        self.executor.settings = settings.executor
+
     def run(self) -> None:
         """Pass after pass until stop(); woken early by hypervisor events."""
         subscription = self.hypervisor.subscribe(self.on_event)
@@ -142,11 +180,14 @@ class Keeper:
         try:
             while not self.stopping:
                 self._wake.clear()
+                self.hooks.before_pass(self)
+                began = time.monotonic()
                 try:
                     report: PassReport | None = self.run_pass()
                 except ImagepipeError as exc:
                     log.error("pass failed; retrying next tick", extra=fields(error=str(exc)))
                     report = None
+                self.hooks.after_pass(self, report, time.monotonic() - began)
                 if not self.stopping:
                     wait = self.settings.tick if report is None else self.next_wait(report)
                     self._wake.wait(wait)
@@ -196,11 +237,12 @@ class Keeper:
             list(self.specs.values()),
             also_configured=self.other_pools,
         )
+        self.hooks.observed(self, host)
         self._report_strays(host)
         self._report_notes(host)
         actions: list[Action] = []
         adopted: list[str] = []
-        arrived: dict[str, int] = {}
+        arrived: dict[str, tuple[int, str]] = {}  # pool -> (logins, its timezone)
         not_planned = dict(host.unobservable)
         for spec in self.specs.values():
             observed = host.pools.get(spec.name)
@@ -210,9 +252,13 @@ class Keeper:
                 observed, in_flight=self.executor.in_flight(spec.name), touched=touched
             )
             record = self._record(spec, now)
+            down = self.store.pool_down(spec.name)
+            if down is not None:  # being taken down: its own rule (pool/teardown.py)
+                actions += plan_down(spec, observed, record, down, now)
+                continue
             adopted += self._adopted(spec, observed, record)
             planned = plan(spec, observed, record, now)
-            arrived[spec.name] = logins_in(record, planned)
+            arrived[spec.name] = (logins_in(record, planned), spec.timezone)
             actions += planned
         if self.stopping:
             return PassReport(at=now, observation=host, adopted=tuple(adopted))
@@ -262,12 +308,12 @@ class Keeper:
                 )
         return replace(record, arrivals=learned[1])
 
-    def _record_logins(self, arrived: Mapping[str, int], now: float) -> None:
+    def _record_logins(self, arrived: Mapping[str, tuple[int, str]], now: float) -> None:
         """Every pool's logins go into its history, so learning has something to start
         from the day it is turned on."""
-        for pool, logins in arrived.items():
+        for pool, (logins, timezone) in arrived.items():
             if logins:
-                day, bucket = day_and_bucket(now, self.specs[pool].timezone)
+                day, bucket = day_and_bucket(now, timezone)
                 self.store.record_logins(
                     pool, day, bucket, logins, seconds=BUCKET, keep_days=HISTORY_DAYS
                 )

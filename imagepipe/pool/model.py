@@ -270,6 +270,16 @@ class LoginHistory:
     days: Mapping[int, Mapping[int, int]] = field(default_factory=dict)  # day -> bucket -> n
 
 
+@dataclass(frozen=True)
+class PoolDown:
+    """An administrator asked for the pool to be taken down (`imagepipe pools down`): make no
+    desktops, drain it, remove free desktops at once and the others as their sessions end
+    (`now`: at once, sessions or not)."""
+
+    since: float
+    now: bool = False
+
+
 # --------------------------------------------------------------------------------------
 # What to do
 # --------------------------------------------------------------------------------------

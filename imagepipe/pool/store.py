@@ -28,6 +28,7 @@ from imagepipe.pool.model import (
     CloneState,
     ForgetClone,
     LoginHistory,
+    PoolDown,
     PoolRecord,
     RecordClone,
     RecordPool,
@@ -91,8 +92,16 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE clones ADD COLUMN dirty INTEGER NOT NULL DEFAULT 0;
     UPDATE clones SET dirty = 1 WHERE state NOT IN ('creating', 'free', 'suspended', 'deleting');
     """,
-    # login history (learned warm-up): logins per pool, local day (date ordinal) and bucket
-    # of the day (`bucket` seconds long). One row per bucket that saw a login: compact.
+    # 5: pools an administrator is taking down (`imagepipe pools down`)
+    """
+    CREATE TABLE pools_down (
+        pool TEXT PRIMARY KEY,
+        since REAL NOT NULL,
+        now INTEGER NOT NULL DEFAULT 0
+    );
+    """,
+    # 6: login history (learned warm-up): logins per pool, local day (date ordinal) and
+    # bucket of the day (`seconds` long). One row per bucket that saw a login: compact.
     """
     CREATE TABLE login_history (
         pool TEXT NOT NULL,
@@ -401,6 +410,28 @@ class Store:
         for day, bucket, logins in rows:
             days.setdefault(day, {})[bucket] = logins
         return LoginHistory(bucket=seconds, days=days)
+
+    # --- pools being taken down ---------------------------------------------------------
+
+    def mark_down(self, pool: str, down: PoolDown) -> None:
+        """Remember that the pool is to be taken down; a second call can only add `now`."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO pools_down (pool, since, now) VALUES (?,?,?) ON CONFLICT (pool) "
+                "DO UPDATE SET now = max(now, excluded.now)",
+                (pool, down.since, int(down.now)),
+            )
+
+    def pool_down(self, pool: str) -> PoolDown | None:
+        """The pool's take-down request, or None when the pool is to be kept."""
+        with self._read() as db:
+            row = db.execute("SELECT since, now FROM pools_down WHERE pool = ?", (pool,)).fetchone()
+        return None if row is None else PoolDown(since=row[0], now=bool(row[1]))
+
+    def clear_down(self, pool: str) -> bool:
+        """Keep the pool again; True when it had been marked down."""
+        with self._write() as db:
+            return db.execute("DELETE FROM pools_down WHERE pool = ?", (pool,)).rowcount > 0
 
     # --- journal ------------------------------------------------------------------------
 

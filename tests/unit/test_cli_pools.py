@@ -101,7 +101,7 @@ def test_check_refuses_a_broken_pool_file_naming_file_line_and_key(workdir: Path
 def test_check_refuses_an_empty_pools_folder(workdir: Path) -> None:
     _, _, error = run("check", "pools")
     assert isinstance(error, ImagepipeError)
-    assert str(error) == "no pool files (*.yml) in pools"
+    assert str(error) == "pools: no pool files (*.yml) in this folder"
     assert error.exit_code == EXIT_BAD_INPUT
 
 

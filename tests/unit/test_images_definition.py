@@ -49,7 +49,7 @@ def test_broken_yaml_gives_its_line() -> None:
     with pytest.raises(ConfigError) as err:
         parse_definition("description: [unclosed\nbuilder: x\n", "image.yml")
     assert "image.yml:" in str(err.value)
-    assert "not valid YAML" in str(err.value)
+    assert "malformed YAML" in str(err.value)
 
 
 def test_unknown_image_lists_the_images_there_are(tmp_path: Path) -> None:

@@ -1,0 +1,121 @@
+"""Reloading the keeper's configuration (SIGHUP, `systemctl reload imagepipe-keep`).
+
+The settings file and the pool files are read and validated again. All or nothing: when any
+file fails validation, the reload is refused with one log line naming the file, the line and
+the key, and the keeper keeps its last good configuration. A pool whose file was removed is
+not dropped: its desktops are not deleted without a command (`imagepipe pools down`), so the
+keeper goes on looking after its sessions with growth stopped (`frozen`): no new desktop, no
+idle desktop removed, free desktops stay in the balancer.
+
+What a reload changes: the pools, `keeper.tick`, `keeper.parallel`, `keeper.action_timeout`.
+A change of anything else (drivers, addresses, paths, metrics) is logged as needing a
+restart and not applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from imagepipe.app.keeping import select_pools
+from imagepipe.config import Settings, load_pools, load_settings
+from imagepipe.errors import ImagepipeError
+from imagepipe.log import fields
+from imagepipe.pool.model import PoolSpec
+
+log = logging.getLogger(__name__)
+
+RELOADABLE = ("pools_dir", "keeper")  # settings a reload applies; the rest needs a restart
+
+
+@dataclass(frozen=True)
+class KeeperConfig:
+    """What the keeper runs with: settings, the pools it keeps, the ones it leaves alone."""
+
+    settings: Settings
+    specs: tuple[PoolSpec, ...]
+    other_pools: tuple[str, ...]
+    frozen: tuple[str, ...] = ()  # pools whose file is gone: kept with growth stopped
+
+
+def load_keeper_config(
+    config: Path | None, wanted: Sequence[str], previous: KeeperConfig | None = None
+) -> KeeperConfig:
+    """Settings and pools, validated (ConfigError otherwise). With `previous` (a reload),
+    pools it kept whose file is gone are kept frozen, and only RELOADABLE settings change."""
+    settings = load_settings(config)
+    if previous is not None:
+        settings = _reloadable(previous.settings, settings)
+    configured = load_pools([settings.pools_dir])
+    names = {s.name for s in configured}
+    gone = [] if previous is None else [s for s in previous.specs if s.name not in names]
+    specs = select_pools(configured, [w for w in wanted if w not in {g.name for g in gone}])
+    others = [s.name for s in configured if s not in specs]
+    return KeeperConfig(
+        settings=settings,
+        specs=(*specs, *(frozen(g) for g in gone)),
+        other_pools=tuple(others),
+        frozen=tuple(g.name for g in gone),
+    )
+
+
+def frozen(spec: PoolSpec) -> PoolSpec:
+    """The pool with growth stopped: no desktop made (free and initial 0, no schedule), none
+    removed for idling (shrink_after never); sessions, recycling and the balancer go on."""
+    return replace(spec, initial=0, free=0, schedule=(), shrink_after=math.inf)
+
+
+def _reloadable(old: Settings, new: Settings) -> Settings:
+    """`new` with what a reload cannot change put back to `old`, said once in the log."""
+    changed = [
+        name
+        for name in type(old).model_fields
+        if name not in (*RELOADABLE, "source") and getattr(old, name) != getattr(new, name)
+    ]
+    if changed:
+        log.warning(
+            "settings changed that need a restart; not applied",
+            extra=fields(keys=",".join(changed), restart="systemctl restart imagepipe-keep"),
+        )
+    kept = {name: getattr(old, name) for name in changed}
+    return new.model_copy(update=kept) if kept else new
+
+
+class Reloader:
+    """Applies a reload to a running keeper; keeps the last good configuration."""
+
+    def __init__(self, config: Path | None, wanted: Sequence[str], current: KeeperConfig) -> None:
+        self.config = config
+        self.wanted = tuple(wanted)
+        self.current = current
+
+    def reload(self) -> KeeperConfig | None:
+        """The new configuration, or None (logged) when a file fails validation."""
+        try:
+            new = load_keeper_config(self.config, self.wanted, self.current)
+        except ImagepipeError as exc:
+            first = str(exc).splitlines()[0]
+            log.error(
+                "reload refused; keeping the last good configuration",
+                extra=fields(error=first),
+            )
+            return None
+        for name in new.frozen:
+            if name not in self.current.frozen:
+                log.warning(
+                    "pool file removed: the pool makes no more desktops; its desktops stay "
+                    "until `imagepipe pools down` removes them",
+                    extra=fields(pool=name),
+                )
+        log.info(
+            "configuration reloaded",
+            extra=fields(
+                pools=",".join(s.name for s in new.specs) or "none",
+                tick=new.settings.keeper.tick,
+            ),
+        )
+        self.current = new
+        return new

@@ -1,0 +1,301 @@
+"""Pool files (pools/*.yml): one pool each, checked alone and against each other."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, BeforeValidator, Field, StrictBool, StrictInt, StrictStr
+
+from imagepipe.config.errors import Issue, issue_at, raise_if, top_mapping, validate
+from imagepipe.config.settings import Section
+from imagepipe.config.values import (
+    DAY_NAMES,
+    Count,
+    Duration,
+    OptionalDuration,
+    Positive,
+    PositiveDuration,
+    Size,
+    TimeOfDay,
+    parse_days,
+    parse_image_name,
+    parse_listen_address,
+    parse_optional_channel,
+    parse_optional_version,
+    parse_pool_name,
+    parse_port_range,
+    parse_timezone,
+)
+from imagepipe.config.yamlsrc import KeyPath, Located, load_file, path_kind
+from imagepipe.errors import ConfigError
+from imagepipe.pool.model import CloneMode, LearnSpec, OnLogoff, PoolSpec, ScheduleRule, Standby
+from imagepipe.units import format_size
+
+MIN_MEMORY = 32 * 1024**2
+
+
+class _SizeSection(Section):
+    initial: Count = 1
+    free: Count = 1
+    max: Positive = 5
+
+
+class _MachineSection(Section):
+    cpus: Annotated[StrictInt, Field(ge=1, le=256)] = 1
+    memory: Size = 256 * 1024**2
+
+
+class _DisplaySection(Section):
+    port_range: Annotated[tuple[int, int], BeforeValidator(parse_port_range)] = (5900, 5999)
+    address: Annotated[str, BeforeValidator(parse_listen_address)] = "127.0.0.1"
+
+
+class _SessionsSection(Section):
+    on_logoff: OnLogoff = OnLogoff.RESET
+    recycle_after: Duration = 60.0
+    disconnect_timeout: Duration = 8 * 3600.0
+
+
+class _IdleSection(Section):
+    shrink_after: Duration = 2 * 3600.0
+    standby: Standby = Standby.NONE
+
+
+class _ScheduleRule(Section):
+    days: Annotated[frozenset[int], BeforeValidator(parse_days)]
+    from_: TimeOfDay = Field(alias="from")
+    to: TimeOfDay
+    free: Count
+
+
+class _FailuresSection(Section):
+    max: Positive = 5
+    backoff: Duration = 10.0
+    cooldown: Duration = 600.0
+
+
+class _RolloutSection(Section):
+    drain_deadline: OptionalDuration = None
+
+
+class _LearnSection(Section):
+    """Learned warm-up: free desktops for the logins expected soon, learned by time of week."""
+
+    enabled: StrictBool = False
+    lead: Annotated[PositiveDuration, Field(le=86400)] = 600.0
+    shrink_after: Duration = 300.0
+    min_free: Count | None = None
+
+    def spec(self) -> LearnSpec | None:
+        if not self.enabled:
+            return None
+        return LearnSpec(lead=self.lead, shrink_after=self.shrink_after, min_free=self.min_free)
+
+
+class PoolFile(Section):
+    """A pool file as written; pool_spec() turns it into the planner's PoolSpec."""
+
+    name: Annotated[str, BeforeValidator(parse_pool_name)]
+    image: Annotated[str, BeforeValidator(parse_image_name)]
+    channel: Annotated[str | None, BeforeValidator(parse_optional_channel)] = None
+    version: Annotated[int | None, BeforeValidator(parse_optional_version)] = None
+    clone: CloneMode = CloneMode.LINKED
+    size: _SizeSection = _SizeSection()
+    machine: _MachineSection = _MachineSection()
+    display: _DisplaySection = _DisplaySection()
+    sessions: _SessionsSection = _SessionsSection()
+    idle: _IdleSection = _IdleSection()
+    schedule: list[_ScheduleRule] = Field(default_factory=list)
+    learn: _LearnSection = _LearnSection()
+    timezone: Annotated[StrictStr, AfterValidator(parse_timezone)] = "UTC"
+    assignments: dict[str, StrictInt] = Field(default_factory=dict)
+    failures: _FailuresSection = _FailuresSection()
+    boot_timeout: PositiveDuration = 300.0
+    rollout: _RolloutSection = _RolloutSection()
+
+    def pool_spec(self, source: str) -> PoolSpec:
+        return PoolSpec(
+            name=self.name,
+            image=self.image,
+            channel=None if self.version is not None else (self.channel or "latest"),
+            version=self.version,
+            clone=self.clone,
+            initial=self.size.initial,
+            free=self.size.free,
+            max=self.size.max,
+            cpus=self.machine.cpus,
+            memory=self.machine.memory,
+            port_first=self.display.port_range[0],
+            port_last=self.display.port_range[1],
+            display_address=self.display.address,
+            on_logoff=self.sessions.on_logoff,
+            recycle_after=self.sessions.recycle_after,
+            disconnect_timeout=self.sessions.disconnect_timeout,
+            shrink_after=self.idle.shrink_after,
+            standby=self.idle.standby,
+            schedule=tuple(
+                ScheduleRule(days=r.days, start_minute=r.from_, end_minute=r.to, free=r.free)
+                for r in self.schedule
+            ),
+            learn=self.learn.spec(),
+            timezone=self.timezone,
+            assignments=dict(self.assignments),
+            boot_timeout=self.boot_timeout,
+            max_failures=self.failures.max,
+            retry_backoff=self.failures.backoff,
+            breaker_cooldown=self.failures.cooldown,
+            drain_deadline=self.rollout.drain_deadline,
+            source=source,
+        )
+
+
+@dataclass(frozen=True)
+class _LoadedPool:
+    spec: PoolSpec
+    doc: Located
+
+
+def load_pool_file(path: Path) -> PoolSpec:
+    """One pool file, validated on its own."""
+    loaded, issues = _load_pool(path)
+    raise_if(issues)
+    assert loaded is not None
+    return loaded.spec
+
+
+def load_pools(paths: Sequence[Path]) -> list[PoolSpec]:
+    """Pool files and directories of *.yml / *.yaml, validated alone and together
+    (unique names, no shared ports). All errors of all files are reported at once."""
+    files: list[Path] = []
+    for path in paths:
+        kind = path_kind(path)
+        if kind == "dir":
+            files += _pool_files_in(path)
+        elif kind == "missing":
+            raise ConfigError("no such pool file or directory", file=str(path))
+        else:
+            files.append(path)
+    issues: list[Issue] = []
+    loaded: list[_LoadedPool] = []
+    for file in files:
+        pool, file_issues = _load_pool(file)
+        issues += file_issues
+        if pool is not None:
+            loaded.append(pool)
+    issues += _cross_pool_issues(loaded)
+    raise_if(issues)
+    return [p.spec for p in loaded]
+
+
+def _pool_files_in(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.suffix in (".yml", ".yaml"))
+    except OSError as exc:
+        raise ConfigError(f"cannot list the folder: {exc.strerror}", file=str(folder)) from None
+
+
+def _load_pool(path: Path) -> tuple[_LoadedPool | None, list[Issue]]:
+    try:
+        doc = load_file(path)
+    except ConfigError as exc:
+        return None, [Issue(exc.file or str(path), exc.line or 1, exc.key or "", exc.detail)]
+    issues: list[Issue] = []
+    pool = validate(PoolFile, top_mapping(doc, issues), doc, issues)
+    if pool is None:
+        return None, issues
+    issues += _pool_issues(pool, doc)
+    if issues:
+        return None, issues
+    return _LoadedPool(pool.pool_spec(doc.file), doc), []
+
+
+def _pool_issues(pool: PoolFile, doc: Located) -> list[Issue]:
+    """Checks that need several keys of one pool."""
+    issues: list[Issue] = []
+
+    def add(path: KeyPath, message: str) -> None:
+        issues.append(issue_at(doc, path, message))
+
+    if pool.channel is not None and pool.version is not None:
+        add(("version",), "give either channel or version, not both")
+    size = pool.size
+    if size.initial > size.max:
+        add(("size", "initial"), f"initial {size.initial} is more than size.max {size.max}")
+    if size.free > size.max:
+        add(("size", "free"), f"free {size.free} is more than size.max {size.max}")
+    first, last = pool.display.port_range
+    room = last - first + 1
+    if size.max > room:
+        add(
+            ("size", "max"),
+            f"max {size.max} does not fit display.port_range {first}-{last}, which has room "
+            f"for {room} desktops; widen the port range or lower size.max",
+        )
+    if pool.machine.memory < MIN_MEMORY:
+        add(
+            ("machine", "memory"),
+            f"{pool.machine.memory} bytes is too little memory (at least "
+            f"{format_size(MIN_MEMORY)}); write units, e.g. 512M or 4G",
+        )
+    for index, rule in enumerate(pool.schedule):
+        if rule.from_ >= rule.to:
+            add(
+                ("schedule", index, "to"),
+                "must be later than 'from' (split a rule that crosses midnight in two)",
+            )
+        if rule.free > size.max:
+            add(("schedule", index, "free"), f"free {rule.free} is more than size.max {size.max}")
+        for other in range(index):
+            prior = pool.schedule[other]
+            common = rule.days & prior.days
+            if common and rule.from_ < prior.to and prior.from_ < rule.to:
+                day = DAY_NAMES[min(common)]
+                add(("schedule", index), f"overlaps schedule[{other}] on {day}")
+    if pool.learn.min_free is not None and pool.learn.min_free > size.free:
+        add(
+            ("learn", "min_free"),
+            f"min_free {pool.learn.min_free} is more than size.free {size.free}: it only "
+            "allows fewer free desktops in quiet hours",
+        )
+    owners: dict[int, str] = {}
+    for user, slot in pool.assignments.items():
+        if not 0 <= slot < size.max:
+            add(
+                ("assignments", user),
+                f"slot {slot} is outside the pool: slots are 0 to {size.max - 1} (size.max "
+                f"{size.max})",
+            )
+        elif slot in owners:
+            add(("assignments", user), f"slot {slot} is already assigned to {owners[slot]!r}")
+        else:
+            owners[slot] = user
+    return issues
+
+
+def _cross_pool_issues(pools: Sequence[_LoadedPool]) -> list[Issue]:
+    issues: list[Issue] = []
+    for index, pool in enumerate(pools):
+        spec = pool.spec
+        for prior in pools[:index]:
+            other = prior.spec
+            where = f"{prior.doc.file}:{prior.doc.line_of(('name',))}"
+            if spec.name == other.name:
+                issues.append(
+                    issue_at(
+                        pool.doc, ("name",), f"pool {spec.name!r} is already defined in {where}"
+                    )
+                )
+            elif spec.port_first <= other.port_last and other.port_first <= spec.port_last:
+                issues.append(
+                    issue_at(
+                        pool.doc,
+                        ("display", "port_range"),
+                        f"ports {spec.port_first}-{spec.port_last} overlap pool {other.name!r} "
+                        f"({other.port_first}-{other.port_last}, {where}); give each pool "
+                        "its own range",
+                    )
+                )
+    return issues

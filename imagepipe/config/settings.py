@@ -1,0 +1,168 @@
+"""Settings (imagepipe.yml): where they are found, what they hold, how they are checked."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
+
+from imagepipe.config.errors import Issue, issue_at, raise_if, top_mapping, unknown_key, validate
+from imagepipe.config.values import (
+    Duration,
+    FilePath,
+    Positive,
+    PositiveDuration,
+    parse_host_port,
+    parse_optional_path,
+    parse_optional_vip,
+    parse_uri,
+)
+from imagepipe.config.yamlsrc import Located, expand_user, load_file, path_kind
+from imagepipe.errors import ConfigError
+
+SYSTEM_SETTINGS = Path("/etc/imagepipe/imagepipe.yml")
+SETTINGS_NAME = "imagepipe.yml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HypervisorSettings(Section):
+    driver: Literal["libvirt", "virtualbox"] = "libvirt"
+    uri: Annotated[str, BeforeValidator(parse_uri)] = "qemu:///system"
+
+
+class BalancerSettings(Section):
+    driver: Literal["haproxy", "ipvs", "none"] = "haproxy"
+    bind: Annotated[str, BeforeValidator(parse_host_port)] = "127.0.0.1:5999"
+    # None: load_settings fills in run_dir/haproxy.sock
+    admin_socket: Annotated[Path | None, BeforeValidator(parse_optional_path)] = None
+    manage: StrictBool = True
+    balance: Literal["leastconn", "first"] = "leastconn"
+    vip: Annotated[str | None, BeforeValidator(parse_optional_vip)] = None
+    port: Annotated[StrictInt, Field(ge=1, le=65535)] = 3389
+    # ipvs (README "IPVS"): how the kernel picks, reaches and keeps a user's desktop
+    scheduler: Literal[
+        "wlc", "lc", "rr", "wrr", "sed", "nq", "sh", "dh", "lblc", "lblcr", "fo", "ovf", "mh"
+    ] = "wlc"  # fmt: skip
+    forward: Literal["masq", "droute"] = "masq"  # NAT, or direct routing on the same L2
+    persistence: Annotated[Duration, Field(le=31 * 86400)] = 0.0  # ipvsadm -p; 0 = off
+    ipvs_names_file: Annotated[Path | None, BeforeValidator(parse_optional_path)] = None
+    ipvs_sysctls: StrictBool = True  # set net.ipv4.vs.expire_nodest_conn / _quiescent_template
+
+
+class KeeperSettings(Section):
+    tick: PositiveDuration = 5.0
+    parallel: Positive = 4
+    action_timeout: PositiveDuration = 600.0
+    # host:port of the Prometheus endpoint (e.g. 127.0.0.1:9464); None = no metrics
+    metrics: Annotated[str, BeforeValidator(parse_host_port)] | None = None
+
+
+def _default_pools_dir() -> Path:
+    local = Path.cwd() / "pools"
+    return local if local.is_dir() else Path("/etc/imagepipe/pools")
+
+
+class Settings(Section):
+    """Global settings; every field has a default, so no file is needed."""
+
+    pools_dir: FilePath = Field(default_factory=_default_pools_dir)
+    packer_dir: FilePath = Field(default_factory=lambda: Path.cwd() / "packer")
+    state_db: FilePath = Path("/var/lib/imagepipe/state.db")
+    registry: FilePath = Path("/var/lib/imagepipe/registry")
+    image_store: FilePath = Path("/var/lib/imagepipe/images")
+    run_dir: FilePath = Path("/run/imagepipe")
+    hypervisor: HypervisorSettings = HypervisorSettings()
+    balancer: BalancerSettings = BalancerSettings()
+    keeper: KeeperSettings = KeeperSettings()
+    source: str = "defaults"
+
+    @property
+    def admin_socket_path(self) -> Path:
+        """HAProxy's admin socket: balancer.admin_socket, else run_dir/haproxy.sock."""
+        return self.balancer.admin_socket or self.run_dir / "haproxy.sock"
+
+
+_PATH_FIELDS = ("pools_dir", "packer_dir", "state_db", "registry", "image_store", "run_dir")
+
+
+def find_settings_file(
+    explicit: Path | None,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    system: Path | None = None,
+) -> Path | None:
+    """--config, $IMAGEPIPE_CONFIG, ./imagepipe.yml, /etc/imagepipe/imagepipe.yml; None = defaults.
+
+    A file named explicitly (option or variable) must exist.
+    """
+    environ = os.environ if env is None else env
+    for given, how in (
+        (explicit, "--config"),
+        (environ.get("IMAGEPIPE_CONFIG"), "IMAGEPIPE_CONFIG"),
+    ):
+        if given:
+            path = expand_user(Path(given), str(given))
+            kind = path_kind(path)
+            if kind == "missing":
+                raise ConfigError(f"settings file given by {how} does not exist", file=str(path))
+            if kind != "file":
+                raise ConfigError(f"settings file given by {how} is not a file", file=str(path))
+            return path
+    for candidate in ((cwd or Path.cwd()) / SETTINGS_NAME, system or SYSTEM_SETTINGS):
+        if path_kind(candidate) == "file":
+            return candidate
+    return None
+
+
+def load_settings(explicit: Path | None = None) -> Settings:
+    """The settings from the first file found (see find_settings_file), else the defaults."""
+    path = find_settings_file(explicit)
+    if path is None:
+        settings = Settings()
+    else:
+        settings = parse_settings(load_file(path), base=path.resolve().parent)
+    if settings.balancer.admin_socket is None:
+        balancer = settings.balancer.model_copy(update={"admin_socket": settings.admin_socket_path})
+        settings = settings.model_copy(update={"balancer": balancer})
+    return settings
+
+
+def parse_settings(doc: Located, *, base: Path) -> Settings:
+    """Validate a parsed settings file; relative paths are taken from `base`."""
+    issues: list[Issue] = []
+    raw = top_mapping(doc, issues)
+    if isinstance(raw, dict) and "source" in raw:
+        issues.append(unknown_key(doc, ("source",), Settings))
+        raw = {k: v for k, v in raw.items() if k != "source"}
+    settings = validate(Settings, raw, doc, issues)
+    if settings is not None:
+        balancer = settings.balancer
+        if balancer.driver == "ipvs" and balancer.vip is None:
+            issues.append(
+                issue_at(
+                    doc,
+                    ("balancer", "driver"),
+                    "the ipvs balancer needs balancer.vip (the virtual address users connect to)",
+                )
+            )
+    raise_if(issues)
+    assert settings is not None
+    update: dict[str, Any] = {"source": doc.file}
+    for name in _PATH_FIELDS:
+        update[name] = _resolve(getattr(settings, name), base)
+    if settings.balancer.admin_socket is not None:
+        socket = _resolve(settings.balancer.admin_socket, base)
+        update["balancer"] = settings.balancer.model_copy(update={"admin_socket": socket})
+    return settings.model_copy(update=update)
+
+
+def _resolve(path: Path, base: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else base / path
