@@ -244,3 +244,28 @@ def test_an_empty_learning_pool_never_plans_more_desktops_than_max(
         now = at(MONDAY, 0) + bucket * BUCKET - 300.0  # a rush (or a quiet time) ahead
         actions = plan(LAB, Observed(target_version=1, base_ready=True), record, now)
         assert sum(isinstance(a, CreateClone) for a in actions) <= LAB.max
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(0, 12),
+    st.dictionaries(st.integers(0, WEEK_BUCKETS - 1), st.floats(0, 30.0), max_size=20),
+    st.integers(0, WEEK_BUCKETS - 1),
+    st.one_of(st.none(), st.integers(0, 2)),
+)
+def test_a_learning_pool_never_shrinks_below_its_floor(
+    free: int, busy: dict[int, float], bucket: int, min_free: int | None
+) -> None:
+    spec = replace(LAB, learn=replace(LEARN, min_free=min_free))
+    now = at(MONDAY, 0) + bucket * BUCKET
+    clones = [_free_clone(slot, now - 7200.0) for slot in range(free)]
+    observed = Observed(clones=tuple(c for c, _ in clones), target_version=1, base_ready=True)
+    arrivals = Arrivals(BUCKET, tuple(busy.get(i, 0.0) for i in range(WEEK_BUCKETS)))
+    record = PoolRecord(
+        pool="lab", clones={r.name: r for _, r in clones}, target_version=1, arrivals=arrivals
+    )
+    actions = plan(spec, observed, record, now)
+    deleted = sum(isinstance(a, DeleteClone) for a in actions)
+    floor = spec.free if min_free is None else min(min_free, spec.free)
+    assert free - deleted >= min(free, floor)
+    assert free - deleted >= min(free, free_target(spec, now, arrivals))
