@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from imagepipe.app.bootstrap import Adapters, build_balancer, build_hypervisor, build_images
 from imagepipe.config import Settings
@@ -28,6 +28,7 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.observe import HostObservation, observe
 from imagepipe.pool.planner import classify, free_target
+from imagepipe.pool.planner.forecast import BUCKET, HISTORY_DAYS, day_and_bucket, learn
 from imagepipe.pool.store import Store
 
 SCHEMA = "imagepipe.status/1"
@@ -97,34 +98,43 @@ def collect(
         try:
             images = adapters.images or build_images(settings)
             host = observe(hypervisor, balancer, images, specs)
-            records, downs = _records(settings, specs)
+            now = adapters.clock.now() if adapters.clock else time.time()
+            records, downs = _records(settings, specs, now)
         finally:
             if adapters.balancer is None:
                 balancer.close()
     finally:
         if adapters.hypervisor is None:
             hypervisor.close()
-    now = adapters.clock.now() if adapters.clock else time.time()
     return build_status(specs, host, records, now, downs)
 
 
 def _records(
-    settings: Settings, specs: Sequence[PoolSpec]
+    settings: Settings, specs: Sequence[PoolSpec], now: float
 ) -> tuple[dict[str, PoolRecord], dict[str, PoolDown]]:
     if not settings.state_db.exists():
         return {}, {}
     store = Store.open_readonly(settings.state_db)
     try:
-        return load_records(store, specs)
+        return load_records(store, specs, now)
     finally:
         store.close()
 
 
 def load_records(
-    store: Store, specs: Sequence[PoolSpec]
+    store: Store, specs: Sequence[PoolSpec], now: float
 ) -> tuple[dict[str, PoolRecord], dict[str, PoolDown]]:
-    """The pools' records, and which of them are being taken down."""
-    records = {s.name: store.load_pool(s.name) for s in specs}
+    """The pools' records, and which of them are being taken down. A learning pool's record
+    carries what its login history taught, so its target_free is the keeper's."""
+    records = {}
+    for spec in specs:
+        record = store.load_pool(spec.name)
+        if spec.learn is not None:
+            day, _ = day_and_bucket(now, spec.timezone)
+            since = day - HISTORY_DAYS
+            history = store.login_history(spec.name, seconds=BUCKET, since_day=since)
+            record = replace(record, arrivals=learn(history, day))
+        records[spec.name] = record
     downs = {s.name: d for s in specs if (d := store.pool_down(s.name)) is not None}
     return records, downs
 
@@ -177,7 +187,7 @@ def pool_status(
         name=spec.name,
         image=spec.image,
         version=observed.target_version,
-        target_free=free_target(spec, now),
+        target_free=free_target(spec, now, record.arrivals),
         free=sum(1 for c in existing if c.state == CloneState.FREE),
         in_use=sum(1 for c in existing if c.state in IN_USE),
         total=len(existing),

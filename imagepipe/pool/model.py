@@ -52,6 +52,16 @@ class ScheduleRule:
 
 
 @dataclass(frozen=True)
+class LearnSpec:
+    """Learned warm-up (pool key `learn`): keep free the desktops for the logins expected
+    within `lead`, learned from the logins of past days by time of week."""
+
+    lead: float = 600.0  # look this far ahead (seconds)
+    shrink_after: float = 300.0  # surplus over the learned target idle this long goes
+    min_free: int | None = None  # allows fewer free than `free` when quiet; None: never
+
+
+@dataclass(frozen=True)
 class Endpoint:
     host: str
     port: int
@@ -84,6 +94,7 @@ class PoolSpec:
     shrink_after: float = 2 * 3600.0
     standby: Standby = Standby.NONE
     schedule: tuple[ScheduleRule, ...] = ()
+    learn: LearnSpec | None = None  # learned warm-up; None: the free target is fixed
     timezone: str = "UTC"
     assignments: Mapping[str, int] = field(default_factory=dict)  # user -> slot
     boot_timeout: float = 300.0  # a clone not ready this long after start has failed
@@ -244,6 +255,26 @@ class PoolRecord:
     failures: int = 0  # consecutive failed creates in this pool
     breaker_open_until: float | None = None
     rollout_started_at: float | None = None  # when clones of another version began retiring
+    # expected logins by time of week, learned from the store's login history (the keeper
+    # fills it for pools with `learn`; None: nothing learned yet)
+    arrivals: Arrivals | None = None
+
+
+@dataclass(frozen=True)
+class Arrivals:
+    """Expected logins per time-of-week bucket, learned from past days (planner/forecast.py):
+    `expected[i]` for the i-th `bucket`-second stretch after Monday 00:00 local time."""
+
+    bucket: float
+    expected: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LoginHistory:
+    """Logins a pool saw, per local day (date ordinal) and per bucket of that day."""
+
+    bucket: float
+    days: Mapping[int, Mapping[int, int]] = field(default_factory=dict)  # day -> bucket -> n
 
 
 @dataclass(frozen=True)

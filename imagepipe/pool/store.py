@@ -27,6 +27,7 @@ from imagepipe.pool.model import (
     CloneRecord,
     CloneState,
     ForgetClone,
+    LoginHistory,
     PoolDown,
     PoolRecord,
     RecordClone,
@@ -97,6 +98,18 @@ MIGRATIONS: tuple[str, ...] = (
         pool TEXT PRIMARY KEY,
         since REAL NOT NULL,
         now INTEGER NOT NULL DEFAULT 0
+    );
+    """,
+    # 6: login history (learned warm-up): logins per pool, local day (date ordinal) and
+    # bucket of the day (`seconds` long). One row per bucket that saw a login: compact.
+    """
+    CREATE TABLE login_history (
+        pool TEXT NOT NULL,
+        day INTEGER NOT NULL,
+        bucket INTEGER NOT NULL,
+        seconds REAL NOT NULL,
+        logins INTEGER NOT NULL,
+        PRIMARY KEY (pool, day, seconds, bucket)
     );
     """,
 )
@@ -366,6 +379,37 @@ class Store:
         """Write the pool's record; rollout_started_at is kept unless given."""
         with self._write() as db:
             _upsert_pool(db, pool, target_version, failures, breaker_open_until, rollout_started_at)
+
+    # --- login history (learned warm-up) ---------------------------------------------------
+
+    def record_logins(
+        self, pool: str, day: int, bucket: int, logins: int, *, seconds: float, keep_days: int
+    ) -> None:
+        """Add `logins` arrivals to the pool's `bucket` (of `seconds`) of local `day`, and
+        forget the pool's days older than `keep_days` before it."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO login_history (pool, day, bucket, seconds, logins) "
+                "VALUES (?,?,?,?,?) ON CONFLICT (pool, day, seconds, bucket) "
+                "DO UPDATE SET logins = logins + excluded.logins",
+                (pool, day, bucket, seconds, logins),
+            )
+            db.execute(
+                "DELETE FROM login_history WHERE pool = ? AND day < ?", (pool, day - keep_days)
+            )
+
+    def login_history(self, pool: str, *, seconds: float, since_day: int) -> LoginHistory:
+        """The pool's recorded logins per day (from `since_day` on) and bucket of `seconds`."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT day, bucket, logins FROM login_history "
+                "WHERE pool = ? AND seconds = ? AND day >= ?",
+                (pool, seconds, since_day),
+            ).fetchall()
+        days: dict[int, dict[int, int]] = {}
+        for day, bucket, logins in rows:
+            days.setdefault(day, {})[bucket] = logins
+        return LoginHistory(bucket=seconds, days=days)
 
     # --- pools being taken down ---------------------------------------------------------
 

@@ -7,6 +7,7 @@ gives the planner exactly the types the real observe() gives it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import cast
 
 from imagepipe.pool.model import (
@@ -22,10 +23,19 @@ from imagepipe.pool.model import (
 from imagepipe.units import parse_duration
 
 
+class Start(StrEnum):
+    """How a new or recycled desktop comes up in the simulation."""
+
+    BOOT = "boot"  # start (or reset), then the guest boots
+    RESTORE = "restore"  # restore the warm parent's saved state: ready when the call returns
+
+
 @dataclass(frozen=True)
 class Latencies:
     """Seconds each operation takes on one host (linked clones). `boot` runs after a start,
-    reset or create-and-start without holding an executor worker."""
+    reset or create-and-start without holding an executor worker. With start: restore, a
+    start or reset is one `restore` call (it holds a worker) and the desktop is ready when it
+    returns; the warm parent they restore is made once, `boot` + `save` after the start."""
 
     clone: float = 4.0
     start: float = 1.0
@@ -35,6 +45,8 @@ class Latencies:
     suspend: float = 5.0
     resume: float = 5.0
     stop: float = 10.0
+    restore: float = 0.8
+    save: float = 5.0
 
     @classmethod
     def parse(cls, items: list[str]) -> Latencies:

@@ -10,7 +10,8 @@ words; each module here holds one group of them:
     rollout_rules.py   which version, when the rollout started, the drain deadline
     balancer_rules.py  who serves, who is drained or removed, orphan backends
     failures.py        retries with backoff, the retry budget, the circuit breaker
-    schedule.py        the free target after the pool's schedule
+    schedule.py        the free target after the pool's schedule (and learned warm-up)
+    forecast.py        learned warm-up: logins to expect by time of week, from past days
     timers.py          when plan() could next answer differently
 
 A pass plans once and is linear in the number of clones: every clone is advanced once,
@@ -102,6 +103,7 @@ def _context(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float)
         drain_deadline_passed=drain_deadline_passed(spec, started, now),
         in_flight=observed.in_flight,
         touched=observed.touched,
+        arrivals=record.arrivals,
     )
 
 

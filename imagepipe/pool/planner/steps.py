@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 from imagepipe.pool.model import (
     Action,
+    Arrivals,
     CloneInfo,
     CloneRecord,
     CloneState,
@@ -28,6 +29,7 @@ class Context:
     drain_deadline_passed: bool
     in_flight: frozenset[str] = frozenset()  # clones with a call still running
     touched: frozenset[str] = frozenset()  # clones a client connected to since the last pass
+    arrivals: Arrivals | None = None  # logins expected by time of week (learned warm-up)
 
     def persistent(self, slot: int) -> bool:
         """Logoff leaves this desktop as its user left it (no reset, no balancer rules)."""
