@@ -7,7 +7,6 @@ gives the planner exactly the types the real observe() gives it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import cast
 
 from imagepipe.pool.model import (
@@ -19,15 +18,12 @@ from imagepipe.pool.model import (
     Observed,
     ObservedClone,
     Power,
+    StartMode,
 )
 from imagepipe.units import parse_duration
 
-
-class Start(StrEnum):
-    """How a new or recycled desktop comes up in the simulation."""
-
-    BOOT = "boot"  # start (or reset), then the guest boots
-    RESTORE = "restore"  # restore the warm parent's saved state: ready when the call returns
+# How a new or recycled desktop comes up: the pool file's `start` (boot | restore).
+Start = StartMode
 
 
 @dataclass(frozen=True)
