@@ -185,12 +185,7 @@ class Store:
         try:
             if self.readonly:
                 if not self.path.exists():
-                    db = sqlite3.connect(":memory:", check_same_thread=False)
-                    db.executescript(
-                        "".join(MIGRATIONS)
-                        + "CREATE TABLE schema_version (version INTEGER NOT NULL);"
-                        + f"INSERT INTO schema_version VALUES ({SCHEMA_VERSION});"
-                    )
+                    db = _empty_database()
                 else:
                     uri = f"{self.path.resolve().as_uri()}?mode=ro"
                     db = sqlite3.connect(uri, uri=True, check_same_thread=False)
@@ -221,6 +216,12 @@ class Store:
                 "or point state_db at another file"
             )
         if current == SCHEMA_VERSION:
+            return
+        if self.readonly and current == 0 and not _has_table(self._db, "clones"):
+            # The keeper is making this database right now (its first start): it reads as
+            # empty, as a missing one does, not as an old schema to upgrade.
+            self._db.close()
+            self._db = _empty_database()
             return
         if self.readonly:
             raise EnvironmentMissingError(
@@ -539,6 +540,26 @@ def read_schema_version(path: Path) -> int:
             db.close()
     except sqlite3.DatabaseError as exc:
         raise _not_a_database(path, exc) from exc
+
+
+def _empty_database() -> sqlite3.Connection:
+    """An in-memory database of the current schema: what a reader sees before the keeper
+    has made the real one."""
+    db = sqlite3.connect(":memory:", check_same_thread=False)
+    db.executescript(
+        "".join(MIGRATIONS)
+        + "CREATE TABLE schema_version (version INTEGER NOT NULL);"
+        + f"INSERT INTO schema_version VALUES ({SCHEMA_VERSION});"
+    )
+    db.isolation_level = None  # explicit transactions only, as for the real database
+    return db
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    found = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)
+    ).fetchone()
+    return found is not None
 
 
 def _stored_version(db: sqlite3.Connection) -> int | None:
