@@ -1,6 +1,7 @@
 """How fast `imagepipe keep` fills and recycles a pool, and what the keeper costs when idle.
 
     .venv/bin/python benchmarks/bench_keeper.py [--desktops 20] [--overhead-minutes 5]
+                                                [--modes boot,restore]
 
 Real libvirt/QEMU (TCG) desktops of the `tiny` image behind a real HAProxy, all measured in
 the same run (the image is built once into a temp registry):
@@ -13,6 +14,12 @@ the same run (the image is built once into a temp registry):
   4. overhead: CPU time (user+sys) of the `imagepipe keep` process and its children (QEMU
      excluded) with --desktops idle desktops of 128M, over a window after the pool converged.
      Goal: under 1 % of one core.
+Steps 1-3 run once per start mode (`boot`, and `restore`: instant desktops restored from the
+version's warm parent), side by side. In restore mode step 1 includes making the warm parent
+(the first desktop of a version on a host pays it once); step 2 starts with the parent made
+(copied from step 1's installation), as a pool has it after its version's first desktop.
+The issue's goals, against one cold boot (boot mode's step 1): recycle - recycle_after
+<= 0.3 x boot; fill of 4 <= 1.0 x boot. --overhead-minutes 0 skips step 4.
 Readiness is read from HAProxy's admin socket every 0.2 s, so the figures have that resolution.
 """
 
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -38,6 +46,7 @@ from _host import (
     pid_cpu,
     pids_named,
     port_in_use,
+    reap_delay,
     running_domain_count,
     tree_cpu,
 )
@@ -64,6 +73,16 @@ class Options:
     overhead_minutes: float
     samples: int
     tick: str
+    modes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModeResult:
+    boot: float  # keeper start -> 1 free ready desktop
+    fill: list[float]  # keeper start -> k-th free ready desktop
+    recycle: list[float]  # logoff -> ready again, minus recycle_after
+    parent_s: list[float]  # seconds the keeper logged making warm parents
+    restore_s: list[float]  # seconds the keeper logged per restore call
 
 
 @dataclass(frozen=True)
@@ -101,13 +120,17 @@ def parse_args() -> Options:
     parser.add_argument("--overhead-minutes", type=float, default=5.0, help="measuring window")
     parser.add_argument("--samples", type=int, default=3, help="recycle samples")
     parser.add_argument("--tick", default="5s", help="keeper.tick (default: the product's 5s)")
+    parser.add_argument("--modes", default="boot,restore", help="start modes to measure")
     args = parser.parse_args()
-    options = Options(args.desktops, args.overhead_minutes, args.samples, args.tick)
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if not modes or any(m not in ("boot", "restore") for m in modes):
+        parser.error("--modes is a comma-separated list of boot and restore")
+    options = Options(args.desktops, args.overhead_minutes, args.samples, args.tick, modes)
     last = IDLE_FIRST_PORT + options.desktops - 1
     if options.desktops < 1 or last > LAST_PORT:
         parser.error(f"--desktops must be 1 to {LAST_PORT - IDLE_FIRST_PORT + 1}")
-    if options.overhead_minutes <= 0 or options.samples < 1:
-        parser.error("--overhead-minutes must be > 0 and --samples >= 1")
+    if options.overhead_minutes < 0 or options.samples < 1:
+        parser.error("--overhead-minutes must be >= 0 and --samples >= 1")
     return options
 
 
@@ -137,6 +160,10 @@ def check_host(options: Options) -> None:
         f"host: {os.cpu_count()} cores, load {load:.2f}, {running_domain_count()} other "
         f"running domain(s), {available_mb} MB available"
     )
+    print(
+        f"host: PID 1 reaps an exited process after {reap_delay():.2f} s (libvirt's destroy "
+        "waits for it, so every reset pays it, in both start modes)"
+    )
     if others:
         print(f"WARNING: test runs are going, figures may be disturbed:\n{others}")
 
@@ -145,15 +172,17 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def measure_boot(ws: Workspace, options: Options) -> tuple[Installation, float]:
-    pool = PoolFile(ws.pool_name("boot"), free=1, max=1, ports=BOOT_PORTS)
-    inst = ws.installation("boot", pool, free_port(), options.tick, parallel=4)
+def measure_boot(ws: Workspace, options: Options, mode: str) -> tuple[Installation, float]:
+    pool = PoolFile(ws.pool_name(f"one-{mode}"), free=1, max=1, ports=BOOT_PORTS, start=mode)
+    inst = ws.installation(f"one-{mode}", pool, free_port(), options.tick, parallel=4)
     inst.start_keeper()
     (boot,) = inst.wait_ready(1, timeout=300)
     clone = inst.status()["clones"][0]
     if clone["state"] != "free":
         raise BenchError(f"the ready desktop is {clone['state']}, not free")
-    say(f"boot: keeper start -> 1 free ready desktop    {boot:7.2f} s")
+    if clone.get("started_by") != mode:
+        raise BenchError(f"the desktop started by {clone.get('started_by')}, not {mode}")
+    say(f"[{mode}] one: keeper start -> 1 free ready desktop    {boot:7.2f} s")
     return inst, boot
 
 
@@ -202,19 +231,32 @@ def measure_recycle(inst: Installation, options: Options) -> list[float]:
     samples = []
     for i in range(options.samples):
         latency = recycle_once(inst, clone, f"user{i}")
-        say(f"recycle sample {i + 1}: logoff -> ready again - recycle_after {latency:7.2f} s")
+        say(
+            f"[{inst.pool.start}] recycle sample {i + 1}: logoff -> ready again - "
+            f"recycle_after {latency:7.2f} s"
+        )
         samples.append(latency)
     return samples
 
 
-def measure_fill(ws: Workspace, options: Options) -> list[float]:
-    pool = PoolFile(ws.pool_name("fill"), free=FILL, max=FILL, ports=FILL_PORTS)
-    inst = ws.installation("fill", pool, free_port(), options.tick, parallel=4)
+def measure_fill(
+    ws: Workspace, options: Options, mode: str, warm: Path | None
+) -> tuple[list[float], list[float]]:
+    """Fill times, and the restore call times the keeper logged."""
+    pool = PoolFile(ws.pool_name(f"fill-{mode}"), free=FILL, max=FILL, ports=FILL_PORTS, start=mode)
+    inst = ws.installation(f"fill-{mode}", pool, free_port(), options.tick, parallel=4)
+    if warm is not None and warm.is_dir():
+        # the version's warm parent, as the pool has it after its first desktop
+        shutil.copytree(warm, inst.warm_dir, ignore=shutil.ignore_patterns("*.lock", "*.partial"))
     inst.start_keeper()
     times = inst.wait_ready(FILL, timeout=600)
-    say("fill: keeper start -> k-th free ready desktop " + "  ".join(f"{t:.2f}" for t in times))
+    say(
+        f"[{mode}] fill: keeper start -> k-th free ready desktop "
+        + "  ".join(f"{t:.2f}" for t in times)
+    )
+    restores = inst.logged_seconds("clone restored")
     inst.teardown()
-    return times
+    return times, restores
 
 
 def measure_overhead(ws: Workspace, options: Options) -> CpuUse:
@@ -225,6 +267,7 @@ def measure_overhead(ws: Workspace, options: Options) -> CpuUse:
         max=n,
         ports=(IDLE_FIRST_PORT, IDLE_FIRST_PORT + n - 1),
         boot_timeout="2m",  # a guest that hangs while booting is reset, not waited for
+        start=options.modes[-1],
     )
     inst = ws.installation("idle", pool, free_port(), options.tick, parallel=4)
     inst.start_keeper()
@@ -271,26 +314,46 @@ def _delta(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else b - a
 
 
-def report(
-    options: Options, build_s: float, boot: float, fill: list[float], recycle: list[float]
-) -> None:
+def report(options: Options, build_s: float, results: dict[str, ModeResult]) -> None:
     cores = os.cpu_count() or 1
+    modes = list(results)
     say("")
     say(f"== results (keeper.tick {options.tick}, TCG, {cores} cores; tiny build {build_s:.0f} s)")
-    say(f"boot of one desktop (keeper start -> 1 free ready)     {boot:7.2f} s")
-    say(f"fill {FILL} free ready (parallel 4)                        {fill[-1]:7.2f} s")
-    say(f"  ratio fill / boot                                    {fill[-1] / boot:7.2f}")
-    say(
-        f"  ideal ratio on {cores} cores (CPU-bound boots, {FILL}/{cores})       "
-        f"{max(1.0, FILL / cores):7.2f}   (1 sequential: {FILL:.2f})"
+    say(f"{'':52}" + "".join(f"{m:>12}" for m in modes))
+
+    def row(label: str, values: list[float | None], unit: str = " s") -> None:
+        cells = "".join(
+            f"{'-':>12}" if v is None else f"{v:>{12 - len(unit)}.2f}{unit}" for v in values
+        )
+        say(f"{label:52}{cells}")
+
+    row("one desktop (keeper start -> 1 free ready)", [results[m].boot for m in modes])
+    row(f"fill {FILL} free ready (parallel 4)", [results[m].fill[-1] for m in modes])
+    row("recycle - recycle_after, median", [statistics.median(results[m].recycle) for m in modes])
+    row("recycle - recycle_after, max", [max(results[m].recycle) for m in modes])
+    row(
+        "  making the warm parent (keeper log)",
+        [max(results[m].parent_s) if results[m].parent_s else None for m in modes],
     )
-    med, worst = statistics.median(recycle), max(recycle)
-    say(
-        f"recycle (logoff -> free+READY) - recycle_after {RECYCLE_AFTER:.0f}s  "
-        f"median {med:7.2f} s  max {worst:7.2f} s  ({len(recycle)} samples)"
+    row(
+        "  one restore call, median (keeper log)",
+        [statistics.median(results[m].restore_s) if results[m].restore_s else None for m in modes],
     )
-    say(f"  ratio median / boot                                  {med / boot:7.2f}")
-    say(f"  ratio max / boot                                     {worst / boot:7.2f}")
+    if "boot" not in results:
+        return
+    cold = results["boot"].boot
+    say(f"ratios against one cold boot ({cold:.2f} s):")
+    row(f"  fill of {FILL} / boot (goal <= 1.0)", [results[m].fill[-1] / cold for m in modes], "")
+    row(
+        "  recycle median / boot (goal <= 0.3)",
+        [statistics.median(results[m].recycle) / cold for m in modes],
+        "",
+    )
+    row("  recycle max / boot", [max(results[m].recycle) / cold for m in modes], "")
+    say(
+        f"  (boot mode: ideal fill ratio on {cores} cores with CPU-bound boots "
+        f"{max(1.0, FILL / cores):.2f}; 1 sequential: {FILL:.2f})"
+    )
 
 
 def report_cpu(options: Options, cpu: CpuUse) -> None:
@@ -321,13 +384,20 @@ def main() -> None:
             say(f"workspace {ws.root}, pools bench-{ws.token}-*")
             build_s = ws.build_tiny()
             say(f"built tiny in {build_s:.1f} s")
-            boot_inst, boot = measure_boot(ws, options)
-            recycle = measure_recycle(boot_inst, options)
-            boot_inst.teardown()
-            fill = measure_fill(ws, options)
-            cpu = measure_overhead(ws, options)
-            report(options, build_s, boot, fill, recycle)
-            report_cpu(options, cpu)
+            results: dict[str, ModeResult] = {}
+            for mode in options.modes:
+                one, boot = measure_boot(ws, options, mode)
+                recycle = measure_recycle(one, options)
+                parents = one.logged_seconds("warm parent made")
+                restores = one.logged_seconds("clone restored")
+                one.teardown()
+                warm = one.warm_dir if mode == "restore" else None
+                fill, fill_restores = measure_fill(ws, options, mode, warm)
+                results[mode] = ModeResult(boot, fill, recycle, parents, restores + fill_restores)
+            cpu = measure_overhead(ws, options) if options.overhead_minutes > 0 else None
+            report(options, build_s, results)
+            if cpu is not None:
+                report_cpu(options, cpu)
             say("cleaning up…")
     except BenchError as exc:
         sys.exit(f"benchmark failed: {exc}")

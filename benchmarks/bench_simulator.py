@@ -1,24 +1,34 @@
 """imagepipe's planner vs the original tool's policy on the same morning storm.
 
-    .venv/bin/python benchmarks/bench_simulator.py [USERS]
+    .venv/bin/python benchmarks/bench_simulator.py [USERS] [DAYS]
 
-A 30-seat classroom pool (initial 5, free 3, 10 free on weekday mornings) and USERS
-(default 100) people arriving around 08:30 with the default latencies (clone 4s, boot 30s,
-reset 15s). Prints the instant-login share and p95 wait of both, their ratio, how long
-each simulated day took to compute, its planner passes and the cost of one pass (keeper,
-planner and executor together); then the same for a 500-user day (target: under 3 s each).
+Speed: a classroom pool (initial 5, free 3, USERS/5 free on weekday mornings, standby
+suspend) and USERS (default 100) people arriving around 08:30 with the default latencies
+(clone 4s, boot 30s, reset 15s). Prints the instant-login share and p95 wait of both, their
+ratio, how long each simulated day took to compute, its planner passes and the cost of one
+pass (keeper, planner and executor together); then the same for a 500-user day (target:
+under 3 s each).
+
+Sizing (issue 13): a plain pool file (initial 2, free 2, max USERS + 20, no schedule) over
+DAYS (default 5) morning storms, Monday to Friday, one seed per day. On the same logins:
+the original tool's policy, the plain pool, the hand-written schedule above, and the plain
+pool with `learn: {enabled: true}`, each booting (30 s) and restoring (0.8 s) desktops.
+Prints the last day (the pool has learned from the days before it) and the goal: >= 99.5 %
+of logins find a ready desktop, with fewer idle desktop-hours than the original policy.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 
-from imagepipe.pool.model import PoolSpec, ScheduleRule, Standby
-from imagepipe.sim.engine import SimSettings, simulate_day
+from imagepipe.pool.model import LearnSpec, PoolSpec, ScheduleRule, Standby
+from imagepipe.sim.engine import SimSettings, simulate, simulate_day
 from imagepipe.sim.policies import POLICIES
 from imagepipe.sim.profiles import make_profile
 from imagepipe.sim.report import SimResult
+from imagepipe.sim.world import Start
 from imagepipe.units import format_duration
 
 
@@ -65,10 +75,67 @@ def run(pool: PoolSpec, users: int) -> None:
     )
 
 
+def plain(max_size: int) -> PoolSpec:
+    """A pool file without schedule: size {initial: 2, free: 2, max: max_size}."""
+    return PoolSpec(
+        name="lab",
+        image="win10",
+        initial=2,
+        free=2,
+        max=max_size,
+        port_first=20000,
+        port_last=20000 + 2 * max_size,
+    )
+
+
+def sizing(users: int, days: int) -> None:
+    week = [make_profile("morning-storm", users, 1 + day) for day in range(days)]
+    pool = plain(users + 20)
+    learned = replace(pool, learn=LearnSpec())
+    scheduled = spec(max_size=users + 20, morning_free=max(10, users // 5))
+    columns = [
+        ("original", pool, "original", Start.BOOT),
+        ("plain", pool, "imagepipe", Start.BOOT),
+        ("schedule", scheduled, "imagepipe", Start.BOOT),
+        ("learned", learned, "imagepipe", Start.BOOT),
+        ("plain restore", pool, "imagepipe", Start.RESTORE),
+        ("schedule restore", scheduled, "imagepipe", Start.RESTORE),
+        ("learned restore", learned, "imagepipe", Start.RESTORE),
+    ]
+    print(f"\nsizing: {users} users, {days} days of morning storm, plain pool max {pool.max}:")
+    print(
+        f"{'pool':>17} {'instant':>8} {'p95 wait':>9} {'idle d-h':>9} {'peak':>5} "
+        f"{'by day: instant / idle d-h':<40} {'took':>6}"
+    )
+    last: dict[str, SimResult] = {}
+    for label, pool_spec, policy, start in columns:
+        began = time.perf_counter()
+        result = simulate(pool_spec, week, POLICIES[policy], SimSettings(start=start), label)
+        took = time.perf_counter() - began
+        day = last[label] = result.last_day
+        by_day = " ".join(f"{d.instant_share:.0%}/{d.idle_desktop_hours:.0f}" for d in result.days)
+        print(
+            f"{label:>17} {day.instant_share:>8.1%} {format_duration(day.wait(0.95)):>9} "
+            f"{day.idle_desktop_hours:>9.1f} {day.peak_clones:>5} {by_day:<40} {took:>5.1f}s"
+        )
+    original = last["original"].idle_desktop_hours
+    for label in ("learned", "learned restore"):
+        day = last[label]
+        goal = day.instant_share >= 0.995 and day.idle_desktop_hours < original
+        print(
+            f"{label}: last day {day.instant_share:.1%} ready at once (goal >= 99.5 %), "
+            f"idle desktop-hours {day.idle_desktop_hours / original:.2f}x the original's "
+            f"(goal < 1): {'met' if goal else 'NOT met'}"
+        )
+
+
 def main() -> None:
     users = int(sys.argv[1]) if len(sys.argv) > 1 else 100
+    days = int(sys.argv[2]) if len(sys.argv) > 2 else 5
     run(spec(max_size=users + 20, morning_free=max(10, users // 5)), users)
     run(spec(max_size=600, morning_free=100), 500)
+    sizing(users, days)
+    sizing(500, days)
 
 
 if __name__ == "__main__":

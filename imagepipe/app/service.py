@@ -99,7 +99,7 @@ class KeeperService:
 
     def _snapshot(self, keeper: Keeper, report: PassReport, now: float) -> HostStatus:
         specs = list(keeper.specs.values())
-        records, downs = load_records(keeper.store, specs)
+        records, downs = load_records(keeper.store, specs, now)
         return build_status(specs, report.observation, records, now, downs)
 
 

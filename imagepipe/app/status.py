@@ -29,6 +29,7 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.observe import HostObservation, observe
 from imagepipe.pool.planner import classify, free_target
+from imagepipe.pool.planner.forecast import BUCKET, HISTORY_DAYS, day_and_bucket, learn
 from imagepipe.pool.store import Store
 
 SCHEMA = "imagepipe.status/1"
@@ -50,6 +51,7 @@ class CloneStatus:
     users: tuple[str, ...]
     since: float | None  # connected since (epoch seconds)
     failures: int
+    started_by: str | None = None  # restore (instant desktop) or boot; None: not running
 
 
 @dataclass(frozen=True)
@@ -97,39 +99,47 @@ def collect(
         try:
             images = adapters.images or build_images(settings)
             host = observe(hypervisor, balancer, images, specs)
-            records, downs = _records(settings, specs)
+            now = adapters.clock.now() if adapters.clock else time.time()
+            records, downs = _records(settings, specs, now)
         finally:
             if adapters.balancer is None:
                 balancer.close()
     finally:
         if adapters.hypervisor is None:
             hypervisor.close()
-    now = adapters.clock.now() if adapters.clock else time.time()
     return build_status(specs, host, records, now, downs)
 
 
 def _records(
-    settings: Settings, specs: Sequence[PoolSpec]
+    settings: Settings, specs: Sequence[PoolSpec], now: float
 ) -> tuple[dict[str, PoolRecord], dict[str, PoolDown]]:
     if not settings.state_db.exists():
         return {}, {}
     store = Store.open_readonly(settings.state_db)
     try:
-        return load_records(store, specs)
+        return load_records(store, specs, now)
     finally:
         store.close()
 
 
 def load_records(
-    store: Store, specs: Sequence[PoolSpec]
+    store: Store, specs: Sequence[PoolSpec], now: float
 ) -> tuple[dict[str, PoolRecord], dict[str, PoolDown]]:
-    """The pools' records, and which of them are being taken down."""
+    """The pools' records, and which of them are being taken down. A learning pool's record
+    carries what its login history taught, so its target_free is the keeper's; a pool an
+    active rollout moves carries its policy (the old free desktops it holds show as free)."""
     active = {p: r for r in reversed(store.rollouts(active=True)) for p in r.pools}
-    records = {s.name: store.load_pool(s.name) for s in specs}
-    for spec in specs:  # an active rollout holds old free desktops: they show as free
+    records = {}
+    for spec in specs:
+        record = store.load_pool(spec.name)
+        if spec.learn is not None:
+            day, _ = day_and_bucket(now, spec.timezone)
+            since = day - HISTORY_DAYS
+            history = store.login_history(spec.name, seconds=BUCKET, since_day=since)
+            record = replace(record, arrivals=learn(history, day))
         if spec.name in active:
-            policy = active[spec.name].policy(spec)
-            records[spec.name] = replace(records[spec.name], rollout=policy)
+            record = replace(record, rollout=active[spec.name].policy(spec))
+        records[spec.name] = record
     downs = {s.name: d for s in specs if (d := store.pool_down(s.name)) is not None}
     return records, downs
 
@@ -183,7 +193,7 @@ def pool_status(
         name=spec.name,
         image=spec.image,
         version=observed.target_version,
-        target_free=free_target(spec, now),
+        target_free=free_target(spec, now, record.arrivals),
         free=sum(1 for c in existing if c.state == CloneState.FREE),
         in_use=sum(1 for c in existing if c.state in IN_USE),
         total=len(existing),
@@ -224,6 +234,7 @@ def clone_status(
         users=session.users,
         since=session.connected_since,
         failures=record.failures if record else 0,
+        started_by=str(seen.info.started_by) if seen.info.started_by else None,
     )
 
 

@@ -1,4 +1,4 @@
-"""`imagepipe simulate`: a working day of logins against the real planner, in seconds."""
+"""`imagepipe simulate`: days of logins against the real planner, in seconds."""
 
 from __future__ import annotations
 
@@ -11,16 +11,17 @@ from rich.table import Table
 
 from imagepipe.config import load_pool_file
 from imagepipe.errors import BadInputError
-from imagepipe.sim.engine import SimSettings, simulate_day
-from imagepipe.sim.policies import POLICIES
+from imagepipe.sim.compare import COMPARISONS, compare_runs
+from imagepipe.sim.engine import SimSettings
 from imagepipe.sim.profiles import PROFILES, make_profile
-from imagepipe.sim.report import SimResult
-from imagepipe.sim.trace import load_trace
-from imagepipe.sim.world import Latencies
+from imagepipe.sim.report import SimResult, SimRun
+from imagepipe.sim.trace import Login, load_trace
+from imagepipe.sim.world import Latencies, Start
 from imagepipe.units import format_duration
 
 MAX_USERS = 100_000  # bounds the time and memory one simulated day takes
 MAX_PARALLEL = 1000
+MAX_DAYS = 28  # four weeks: what the learned warm-up looks back on
 
 
 def simulate(
@@ -32,51 +33,72 @@ def simulate(
         None, "--profile", help=f"Built-in day instead of a trace: {', '.join(PROFILES)}."
     ),
     users: int = typer.Option(100, "--users", help="Users in the profile."),
-    seed: int = typer.Option(1, "--seed", help="Same seed, same day."),
-    compare: str | None = typer.Option(
-        None, "--compare", help="Also run another policy on the same logins: original."
+    seed: int = typer.Option(1, "--seed", help="Same seed, same days."),
+    days: int = typer.Option(
+        1, "--days", help="Days to replay back to back (a learning pool needs past days)."
+    ),
+    start: Start = typer.Option(
+        Start.BOOT, "--start", help="How new and recycled desktops come up: boot or restore."
+    ),
+    compare: list[str] | None = typer.Option(
+        None,
+        "--compare",
+        help="Repeatable: also run on the same logins the original tool's policy (original), "
+        "the pool started the other way (boot, restore), or with learning on or off "
+        "(learned, fixed).",
     ),
     parallel: int = typer.Option(4, "--parallel", help="Hypervisor operations at a time."),
     latency: list[str] | None = typer.Option(
         None,
         "--latency",
-        help="NAME=DURATION, repeatable: clone, start, boot, reset, "
-        "delete, suspend, resume, stop (defaults 4s, 1s, 30s, 15s, 3s, 5s, 5s, 10s).",
+        help="NAME=DURATION, repeatable: clone, start, boot, reset, delete, suspend, resume, "
+        "stop, restore, save (defaults 4s, 1s, 30s, 15s, 3s, 5s, 5s, 10s, 0.8s, 5s).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
-    """Simulate a day of logins on POOL_FILE with the real planner and report how long users
+    """Simulate days of logins on POOL_FILE with the real planner and report how long users
     waited, how many desktops sat idle, and how many operations it took.
 
     Exit codes: 0 simulated; 2 bad pool file, trace or option.
     """
     if (trace is None) == (profile is None):
         raise BadInputError("give exactly one of --trace FILE or --profile NAME")
-    if compare is not None and compare != "original":
-        raise BadInputError(f"--compare knows only 'original', got {compare!r}")
+    for name in compare or []:
+        if name not in COMPARISONS:
+            raise BadInputError(f"--compare knows {', '.join(COMPARISONS)}; got {name!r}")
     if not 1 <= parallel <= MAX_PARALLEL:
         raise BadInputError(f"--parallel must be between 1 and {MAX_PARALLEL}, got {parallel}")
     if not 1 <= users <= MAX_USERS:
         raise BadInputError(f"--users must be between 1 and {MAX_USERS}, got {users}")
+    if not 1 <= days <= MAX_DAYS:
+        raise BadInputError(f"--days must be between 1 and {MAX_DAYS}, got {days}")
     try:
         latencies = Latencies.parse(latency or [])
     except ValueError as exc:
         raise BadInputError(f"--latency: {exc}") from None
     spec = load_pool_file(pool_file)
-    logins = load_trace(trace) if trace is not None else make_profile(str(profile), users, seed)
-    settings = SimSettings(latencies=latencies, parallel=parallel)
-    results = [simulate_day(spec, logins, POLICIES["imagepipe"], settings)]
-    if compare is not None:
-        results.append(simulate_day(spec, logins, POLICIES[compare], settings))
+    if trace is not None:
+        logins = load_trace(trace)
+        schedule: list[list[Login]] = [logins for _ in range(days)]
+    else:
+        schedule = [make_profile(str(profile), users, seed + day) for day in range(days)]
+    settings = SimSettings(latencies=latencies, parallel=parallel, start=start)
+    runs = compare_runs(spec, schedule, settings, compare or [])
     if as_json:
-        typer.echo(json.dumps({"pool": spec.name, "results": [r.to_json() for r in results]}))
+        out = {"pool": spec.name, "days": days, "results": [run.to_json() for run in runs]}
+        typer.echo(json.dumps(out))
         return
-    Console().print(render(spec.name, results))
+    Console().print(render(spec.name, runs))
 
 
-def render(pool: str, results: list[SimResult]) -> Table:
-    table = Table(title=f"simulated day of pool {pool}")
+def render(pool: str, runs: list[SimRun]) -> Table:
+    days = len(runs[0].days)
+    title = f"simulated day of pool {pool}"
+    if days > 1:
+        title = f"pool {pool}: the last of {days} simulated days"
+    table = Table(title=title)
     table.add_column("")
+    results: list[SimResult] = [run.last_day for run in runs]
     for result in results:
         table.add_column(result.policy, justify="right")
 
@@ -94,4 +116,10 @@ def render(pool: str, results: list[SimResult]) -> Table:
     kinds = sorted({kind for r in results for kind in r.operations})
     for kind in kinds:
         row(f"ops {kind}", [str(r.operations.get(kind, 0)) for r in results])
+    if days > 1:
+        row("ready, day by day", [" ".join(f"{d.instant_share:.0%}" for d in r.days) for r in runs])
+        row(
+            "idle d-h, day by day",
+            [" ".join(f"{d.idle_desktop_hours:.0f}" for d in r.days) for r in runs],
+        )
     return table

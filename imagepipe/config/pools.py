@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, BeforeValidator, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, BeforeValidator, Field, StrictBool, StrictInt, StrictStr
 
 from imagepipe.config.errors import Issue, issue_at, raise_if, top_mapping, validate
 from imagepipe.config.settings import Section
@@ -31,7 +31,15 @@ from imagepipe.config.values import (
 )
 from imagepipe.config.yamlsrc import KeyPath, Located, load_file, path_kind
 from imagepipe.errors import ConfigError
-from imagepipe.pool.model import CloneMode, OnLogoff, PoolSpec, ScheduleRule, Standby
+from imagepipe.pool.model import (
+    CloneMode,
+    LearnSpec,
+    OnLogoff,
+    PoolSpec,
+    ScheduleRule,
+    Standby,
+    StartMode,
+)
 from imagepipe.units import format_size
 
 MIN_MEMORY = 32 * 1024**2
@@ -81,6 +89,20 @@ class _RolloutSection(Section):
     drain_deadline: OptionalDuration = None
 
 
+class _LearnSection(Section):
+    """Learned warm-up: free desktops for the logins expected soon, learned by time of week."""
+
+    enabled: StrictBool = False
+    lead: Annotated[PositiveDuration, Field(le=86400)] = 600.0
+    shrink_after: Duration = 300.0
+    min_free: Count | None = None
+
+    def spec(self) -> LearnSpec | None:
+        if not self.enabled:
+            return None
+        return LearnSpec(lead=self.lead, shrink_after=self.shrink_after, min_free=self.min_free)
+
+
 class PoolFile(Section):
     """A pool file as written; pool_spec() turns it into the planner's PoolSpec."""
 
@@ -89,12 +111,14 @@ class PoolFile(Section):
     channel: Annotated[str | None, BeforeValidator(parse_optional_channel)] = None
     version: Annotated[int | None, BeforeValidator(parse_optional_version)] = None
     clone: CloneMode = CloneMode.LINKED
+    start: StartMode = StartMode.RESTORE
     size: _SizeSection = _SizeSection()
     machine: _MachineSection = _MachineSection()
     display: _DisplaySection = _DisplaySection()
     sessions: _SessionsSection = _SessionsSection()
     idle: _IdleSection = _IdleSection()
     schedule: list[_ScheduleRule] = Field(default_factory=list)
+    learn: _LearnSection = _LearnSection()
     timezone: Annotated[StrictStr, AfterValidator(parse_timezone)] = "UTC"
     assignments: dict[str, StrictInt] = Field(default_factory=dict)
     failures: _FailuresSection = _FailuresSection()
@@ -108,6 +132,7 @@ class PoolFile(Section):
             channel=None if self.version is not None else (self.channel or "latest"),
             version=self.version,
             clone=self.clone,
+            start=self.start,
             initial=self.size.initial,
             free=self.size.free,
             max=self.size.max,
@@ -125,6 +150,7 @@ class PoolFile(Section):
                 ScheduleRule(days=r.days, start_minute=r.from_, end_minute=r.to, free=r.free)
                 for r in self.schedule
             ),
+            learn=self.learn.spec(),
             timezone=self.timezone,
             assignments=dict(self.assignments),
             boot_timeout=self.boot_timeout,
@@ -238,6 +264,12 @@ def _pool_issues(pool: PoolFile, doc: Located) -> list[Issue]:
             if common and rule.from_ < prior.to and prior.from_ < rule.to:
                 day = DAY_NAMES[min(common)]
                 add(("schedule", index), f"overlaps schedule[{other}] on {day}")
+    if pool.learn.min_free is not None and pool.learn.min_free > size.free:
+        add(
+            ("learn", "min_free"),
+            f"min_free {pool.learn.min_free} is more than size.free {size.free}: it only "
+            "allows fewer free desktops in quiet hours",
+        )
     owners: dict[int, str] = {}
     for user, slot in pool.assignments.items():
         if not 0 <= slot < size.max:

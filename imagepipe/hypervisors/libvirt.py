@@ -6,17 +6,25 @@ Each clone's pool, image, version and slot live in the domain's <metadata> (name
 https://imagepipe.dev/xmlns/clone/1), so list_clones() rebuilds everything from the host.
 Disks and the console/agent sockets live under state_dir. Sessions come from libvirt graphics
 events and, after a restart, from QEMU's `query-vnc`; logged-in users from the guest agent.
+
+Instant desktops (CloneSpec.start = restore): the first clone of an image version and machine
+shape makes a warm parent (libvirt_parents.py); the clone's disk is an overlay on the parent's
+frozen disk and it starts by restoring its own copy of the parent's saved state
+(state_dir/saves/<name>.save), then the guest agent is told the time and the clone's name.
+A reset restores again onto a fresh overlay. Whenever that cannot be done, the clone boots.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +42,8 @@ from imagepipe.errors import (
 from imagepipe.hypervisors.libvirt_disks import disk_usable, make_clone_disk
 from imagepipe.hypervisors.libvirt_events import EventHub, ensure_event_loop
 from imagepipe.hypervisors.libvirt_notify import notify_command
+from imagepipe.hypervisors.libvirt_parents import WarmParent, WarmParents
+from imagepipe.hypervisors.libvirt_warm import FileStamp, RestoreIdentity, WarmKey, warm_key
 from imagepipe.hypervisors.libvirt_xml import (
     CloneMetadata,
     DomainFacts,
@@ -53,6 +63,7 @@ from imagepipe.pool.model import (
     Endpoint,
     GuestSession,
     Power,
+    StartMode,
 )
 from imagepipe.pool.ports import HypervisorEvent, Subscription
 
@@ -76,6 +87,7 @@ _POWER = {
     STATE_CRASHED: Power.CRASHED,
 }
 AGENT_TIMEOUT = 2  # seconds libvirt waits for the guest agent (ping, users)
+PREP_TIMEOUT = 5.0  # seconds a restored guest's agent may take to reconnect
 UNIX_PATH_MAX = 107
 
 
@@ -138,6 +150,9 @@ class LibvirtHypervisor:
         ensure_event_loop(self._libvirt)
         self._conn: Any = None
         self._connect()
+        self._warm = WarmParents(
+            self._libvirt, self._libvirt_qemu, self._connection, self.state_dir
+        )
 
     # -- connection and events ----------------------------------------------------------
 
@@ -234,11 +249,23 @@ class LibvirtHypervisor:
     def agent_path(self, name: str) -> Path:
         return self.state_dir / "sockets" / f"{check_name(name)}.agent"
 
+    def saved_state_path(self, name: str) -> Path:
+        """The clone's own copy of its warm parent's saved state (instant desktops)."""
+        return self.state_dir / "saves" / f"{check_name(name)}.save"
+
+    def _pristine_path(self, name: str) -> Path:
+        """Present while the clone's disk is a fresh overlay on its warm parent's disk that no
+        guest has run on: only then may the parent's memory be restored onto it."""
+        return self.state_dir / "saves" / f"{check_name(name)}.pristine"
+
     def _info(
         self, name: str, meta: CloneMetadata, state: int, facts: DomainFacts, dom: Any
     ) -> CloneInfo:
         power = power_of(state)
         ready = power is Power.RUNNING and self._agent_ready(name, dom)
+        started_by = None
+        if power in (Power.RUNNING, Power.SUSPENDED):
+            started_by = StartMode.RESTORE if facts.restored else StartMode.BOOT
         return CloneInfo(
             name=name,
             pool=meta.pool,
@@ -248,6 +275,7 @@ class LibvirtHypervisor:
             power=power,
             display=facts.display,
             ready=ready,
+            started_by=started_by,
         )
 
     def _prepare_agent(self, name: str, dom: Any) -> None:
@@ -288,14 +316,152 @@ class LibvirtHypervisor:
                 "stop it or give the pool a free display.port_range in its pool file"
             )
 
-    def _make_disk(self, name: str, meta: CloneMetadata) -> None:
-        """A fresh clone disk from the base; BaseMissingError when the base disk is gone."""
+    def _make_disk(self, name: str, meta: CloneMetadata, parent: WarmParent | None = None) -> None:
+        """A fresh clone disk from the base, or from the warm parent's frozen disk (then the
+        clone is pristine: its parent's memory may be restored onto it); BaseMissingError
+        when the base disk is gone."""
         if not meta.base_disk.is_file():
             raise BaseMissingError(_base_gone(name, meta))
+        pristine = self._pristine_path(name)
+        pristine.unlink(missing_ok=True)
         try:
-            make_clone_disk(meta.base_disk, self.disk_path(name), meta.mode)
+            make_clone_disk(
+                parent.disk if parent else meta.base_disk, self.disk_path(name), meta.mode
+            )
         except CloneNotFoundError as exc:  # removed between the check and qemu-img
             raise BaseMissingError(_base_gone(name, meta)) from exc
+        if parent is not None:
+            pristine.parent.mkdir(parents=True, exist_ok=True)
+            pristine.touch()
+
+    # -- instant desktops ------------------------------------------------------------------
+
+    def _host_versions(self) -> tuple[int, int]:
+        conn = self._connection()
+        with self._translate(f"libvirt at {self.uri}"):
+            return int(conn.getLibVersion()), int(conn.getVersion())
+
+    def _warm_key(self, spec: CloneSpec, memory_kib: int, files: list[Path]) -> WarmKey:
+        libvirt_version, qemu_version = self._host_versions()
+        stamps = []
+        for path in files:
+            stat = path.stat()
+            stamps.append(FileStamp(path, stat.st_size, stat.st_mtime_ns))
+        return warm_key(
+            image=spec.base.image,
+            version=spec.base.version,
+            cpus=spec.cpus,
+            memory_kib=memory_kib,
+            files=stamps,
+            cmdline=spec.base.cmdline,
+            libvirt_version=libvirt_version,
+            qemu_version=qemu_version,
+        )
+
+    def _parent_of(self, dom: Any, name: str, meta: CloneMetadata) -> WarmParent | None:
+        """The warm parent a clone restores from, when it (still) fits this host; the clone's
+        own saved state is written now when the parent was made after the clone."""
+        if meta.start is not StartMode.RESTORE or meta.warm is None:
+            return None
+        parent = self._warm.load(meta.warm)
+        if parent is None:
+            self._warm.say_once(
+                f"make:{meta.warm}",
+                f"no warm parent of {meta.image} v{meta.version} ({meta.warm}); its desktops "
+                "boot instead (the pool's next new desktop makes it)",
+            )
+            return None
+        if (parent.libvirt_version, parent.qemu_version) != self._host_versions():
+            self._warm.say_once(
+                f"versions:{meta.warm}",
+                f"the warm parent of {meta.image} v{meta.version} was saved by another "
+                "libvirt/QEMU version; its desktops boot instead until the pool recreates them",
+            )
+            return None
+        if not _newer(self.saved_state_path(name), parent.memory):  # none, or an older parent's
+            display = self._facts_of(dom).display
+            if display is None:
+                return None
+            self._write_saved_state(dom, name, meta, parent, display)
+        return parent if self.saved_state_path(name).is_file() else None
+
+    def _write_saved_state(
+        self, dom: Any, name: str, meta: CloneMetadata, parent: WarmParent, display: Endpoint
+    ) -> None:
+        who = RestoreIdentity(
+            name=name,
+            uuid=dom.UUIDString(),
+            metadata=meta,
+            disk=self.disk_path(name),
+            console_socket=self.console_path(name),
+            agent_socket=self.agent_path(name),
+            display=display,
+        )
+        try:
+            self._warm.write_clone_state(parent, who, self.saved_state_path(name))
+        except (HypervisorError, OSError) as exc:
+            self.saved_state_path(name).unlink(missing_ok=True)
+            self._warm.say_once(
+                f"state:{parent.key.name}",
+                f"cannot write the saved state of {name} from the warm parent of "
+                f"{meta.image} v{meta.version}; desktops boot instead: {exc}",
+            )
+
+    def _restore(self, dom: Any, name: str, meta: CloneMetadata) -> bool:
+        """Restore the clone from its saved state; False (said once in the log) when libvirt
+        refuses, and the caller boots it."""
+        lv = self._libvirt
+        started = time.monotonic()
+        try:
+            self._connection().restoreFlags(
+                str(self.saved_state_path(name)), None, lv.VIR_DOMAIN_SAVE_RUNNING
+            )
+        except lv.libvirtError as exc:
+            self._warm.say_once(
+                f"restore:{meta.warm}",
+                f"restoring {name} from the warm parent of {meta.image} v{meta.version} "
+                f"failed; its desktops boot instead: {exc.get_error_message()}",
+            )
+            if self._state(dom, name) != STATE_SHUTOFF:
+                self._destroy(dom, name)
+            return False
+        self._pristine_path(name).unlink(missing_ok=True)
+        self._facts.pop(dom.UUIDString(), None)
+        self._clone_prep(dom, name)
+        log.info(
+            "clone restored",
+            extra=fields(
+                pool=meta.pool,
+                clone=name,
+                action="restore",
+                seconds=round(time.monotonic() - started, 2),
+            ),
+        )
+        return True
+
+    def _clone_prep(self, dom: Any, name: str) -> None:
+        """Tell the restored guest the time (it wakes at the parent's) and its name. libvirt
+        reconnects to the guest agent just after a restore: wait a little for it."""
+        lv = self._libvirt
+        command = {"execute": "imagepipe-set-identity", "arguments": {"hostname": name}}
+        deadline = time.monotonic() + PREP_TIMEOUT
+        while True:
+            try:
+                self._prepare_agent(name, dom)
+                now = time.time()
+                dom.setTime({"seconds": int(now), "nseconds": int((now % 1) * 1e9)}, 0)
+                self._libvirt_qemu.qemuAgentCommand(dom, json.dumps(command), AGENT_TIMEOUT, 0)
+                return
+            except lv.libvirtError as exc:
+                if exc.get_error_code() == ERR_AGENT_UNRESPONSIVE and time.monotonic() < deadline:
+                    self._hub.wait_for_change(0.05)
+                    continue
+                self._warm.say_once(
+                    "prep",
+                    f"a restored guest did not take the time and its name ({name}): "
+                    f"{exc.get_error_message()}",
+                )
+                return
 
     # -- the port ------------------------------------------------------------------------
 
@@ -343,7 +509,13 @@ class LibvirtHypervisor:
             )
         base_disk = (spec.base.directory / spec.base.disk).absolute()
         meta = CloneMetadata(
-            spec.pool, spec.base.image, spec.base.version, spec.slot, spec.mode, base_disk
+            spec.pool,
+            spec.base.image,
+            spec.base.version,
+            spec.slot,
+            spec.mode,
+            base_disk,
+            start=spec.start,
         )
         existing = self._existing(name)
         if existing is not None:
@@ -368,12 +540,12 @@ class LibvirtHypervisor:
         kernel = self._base_file(spec.base, spec.base.kernel)
         initrd = self._base_file(spec.base, spec.base.initrd)
         self._refuse_busy_port(name, spec.display)
-        self._make_disk(name, meta)
         self.console_path(name).parent.mkdir(parents=True, exist_ok=True)
+        memory_kib = max(spec.memory // 1024, 65536)
         plan = DomainPlan(
             name=name,
             metadata=meta,
-            memory_kib=max(spec.memory // 1024, 65536),
+            memory_kib=memory_kib,
             cpus=spec.cpus,
             disk=self.disk_path(name),
             kernel=kernel,
@@ -383,8 +555,19 @@ class LibvirtHypervisor:
             console_socket=self.console_path(name),
             agent_socket=self.agent_path(name),
         )
+        parent = None
+        if spec.start is StartMode.RESTORE:
+            files = [base_disk, *(f for f in (kernel, initrd) if f is not None)]
+            key = self._warm_key(spec, memory_kib, files)
+            parent = self._warm.ensure(key, domain_xml(plan), base_disk)
+            # the key even without a parent: a reset restores once a later create made it
+            meta = replace(meta, warm=key.name)
+            plan = replace(plan, metadata=meta)
+        self._make_disk(name, meta, parent)
         with self._translate(f"clone {name}"):
             dom = self._connection().defineXML(domain_xml(plan))
+        if parent is not None:
+            self._write_saved_state(dom, name, meta, parent, spec.display)
         facts = self._facts_of(dom)
         log.info("clone created", extra=fields(pool=spec.pool, clone=name, action="create"))
         return self._info(name, meta, STATE_SHUTOFF, facts, dom)
@@ -439,6 +622,11 @@ class LibvirtHypervisor:
         elif meta.mode is CloneMode.LINKED and not meta.base_disk.is_file():
             raise BaseMissingError(_base_gone(name, meta))
         self._refuse_busy_port(name, self._facts_of(dom).display)
+        if self._pristine_path(name).exists():
+            if self._parent_of(dom, name, meta) is not None and self._restore(dom, name, meta):
+                return
+            self._make_disk(name, meta)  # the parent's disk without its memory: boot the base
+        self._facts.pop(dom.UUIDString(), None)
         with self._translate(f"clone {name}"):
             dom.create()
         log.info("clone started", extra=fields(pool=meta.pool, clone=name, action="start"))
@@ -467,6 +655,7 @@ class LibvirtHypervisor:
                 )
         if not self._wait_shutoff(dom, name, timeout if state != STATE_PAUSED else 0.0):
             self._destroy(dom, name)
+        self._facts.pop(dom.UUIDString(), None)
         log.info("clone stopped", extra=fields(pool=meta.pool, clone=name, action="stop"))
 
     def _wait_shutoff(self, dom: Any, name: str, timeout: float) -> bool:
@@ -491,7 +680,7 @@ class LibvirtHypervisor:
         dom, meta = self._our_domain(name)
         if self._state(dom, name) != STATE_SHUTOFF:
             self._destroy(dom, name)
-        self._make_disk(name, meta)
+        self._make_disk(name, meta, self._parent_of(dom, name, meta))
         self._hub.forget(name)
         self.start(name)
         log.info("clone reset", extra=fields(pool=meta.pool, clone=name, action="reset"))
@@ -538,7 +727,13 @@ class LibvirtHypervisor:
                     raise error_for(
                         exc.get_error_code() or 0, exc.get_error_message(), name
                     ) from exc
-        for path in (self.disk_path(name), self.console_path(name), self.agent_path(name)):
+        for path in (
+            self.disk_path(name),
+            self.console_path(name),
+            self.agent_path(name),
+            self.saved_state_path(name),
+            self._pristine_path(name),
+        ):
             path.unlink(missing_ok=True)
         self._hub.forget(name, disown=True)
         log.info("clone deleted", extra=fields(clone=name, action="delete"))
@@ -584,6 +779,14 @@ class LibvirtHypervisor:
             )
             return ()
         return parse_guest_users(dict(info))
+
+
+def _newer(path: Path, than: Path) -> bool:
+    """`path` exists and was written after `than` (False when either is missing)."""
+    try:
+        return path.stat().st_mtime_ns > than.stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
 
 
 def _not_ours(name: str) -> str:

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagepipe.errors import FatalHypervisorError
-from imagepipe.pool.model import CloneMode, Endpoint
+from imagepipe.pool.model import CloneMode, Endpoint, StartMode
 
 NAMESPACE = "https://imagepipe.dev/xmlns/clone/1"
 METADATA_KEY = "imagepipe"
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
+STARTED = "started"  # metadata attribute only a restored domain's live XML carries
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -40,6 +41,8 @@ class CloneMetadata:
     slot: int
     mode: CloneMode
     base_disk: Path  # the registered image's disk the clone was made from
+    start: StartMode = StartMode.BOOT  # what the pool asked for (restore: instant desktop)
+    warm: str | None = None  # fingerprint of the warm parent its saved state comes from
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class DomainFacts:
     metadata: CloneMetadata | None  # None: not made by imagepipe
     display: Endpoint | None
     disk: Path | None
+    restored: bool = False  # the running guest was restored from a warm parent
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -77,17 +81,18 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
 
 
 def metadata_element(meta: CloneMetadata) -> ET.Element:
-    return ET.Element(
-        f"{{{NAMESPACE}}}clone",
-        {
-            "pool": meta.pool,
-            "image": meta.image,
-            "version": str(meta.version),
-            "slot": str(meta.slot),
-            "mode": meta.mode.value,
-            "base": str(meta.base_disk),
-        },
-    )
+    attrs = {
+        "pool": meta.pool,
+        "image": meta.image,
+        "version": str(meta.version),
+        "slot": str(meta.slot),
+        "mode": meta.mode.value,
+        "base": str(meta.base_disk),
+        "start": meta.start.value,
+    }
+    if meta.warm is not None:
+        attrs["warm"] = meta.warm
+    return ET.Element(f"{{{NAMESPACE}}}clone", attrs)
 
 
 def domain_xml(plan: DomainPlan) -> str:
@@ -155,18 +160,21 @@ def parse_metadata(element: ET.Element | None) -> CloneMetadata | None:
     pool, image, base = element.get("pool"), element.get("image"), element.get("base")
     try:
         mode = CloneMode(element.get("mode", CloneMode.LINKED.value))
+        start = StartMode(element.get("start", StartMode.BOOT.value))
     except ValueError:
         return None
     if not pool or not image or not base or version is None or slot is None:
         return None
-    return CloneMetadata(pool, image, version, slot, mode, Path(base))
+    return CloneMetadata(pool, image, version, slot, mode, Path(base), start, element.get("warm"))
 
 
 def parse_domain(xml: str) -> DomainFacts:
     """Name, imagepipe metadata, VNC endpoint and disk of a domain's XML."""
     root = ET.fromstring(xml)
     name = root.findtext("name", default="")
-    meta = parse_metadata(root.find(f"metadata/{{{NAMESPACE}}}clone"))
+    element = root.find(f"metadata/{{{NAMESPACE}}}clone")
+    meta = parse_metadata(element)
+    restored = element is not None and element.get(STARTED) == StartMode.RESTORE.value
     display: Endpoint | None = None
     graphics = root.find("devices/graphics[@type='vnc']")
     if graphics is not None:
@@ -179,7 +187,7 @@ def parse_domain(xml: str) -> DomainFacts:
     source = root.find("devices/disk[@device='disk']/source")
     if source is not None and source.get("file"):
         disk = Path(source.get("file", ""))
-    return DomainFacts(name=name, metadata=meta, display=display, disk=disk)
+    return DomainFacts(name=name, metadata=meta, display=display, disk=disk, restored=restored)
 
 
 def format_address(host: str, port: str | int) -> str:

@@ -416,6 +416,7 @@ class Executor:
                 cpus=spec.cpus,
                 memory=spec.memory,
                 display=action.display,
+                start=spec.start,
             )
             return lambda: _discard(hv.create_clone(clone_spec))
         if isinstance(action, StartClone):

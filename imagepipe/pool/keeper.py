@@ -26,6 +26,7 @@ from imagepipe.log import fields
 from imagepipe.pool.executor import ExecutionReport, Executor, ExecutorSettings
 from imagepipe.pool.model import (
     Action,
+    Arrivals,
     BaseImage,
     ForgetClone,
     Observed,
@@ -36,6 +37,13 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.observe import HostObservation, observe
 from imagepipe.pool.planner import failures_after, next_timer, plan
+from imagepipe.pool.planner.forecast import (
+    BUCKET,
+    HISTORY_DAYS,
+    day_and_bucket,
+    learn,
+    logins_in,
+)
 from imagepipe.pool.ports import (
     Balancer,
     Channels,
@@ -146,6 +154,7 @@ class Keeper:
         self._quick_passes = 0  # quick passes in a row (see next_wait)
         self._notes_reported: dict[str, str] = {}  # pool -> the reason last logged
         self.hooks: KeeperHooks = hooks or NoHooks()
+        self._learned: dict[str, tuple[int, Arrivals | None]] = {}  # pool -> (day, arrivals)
 
     # ---- control ---------------------------------------------------------------------
 
@@ -216,7 +225,7 @@ class Keeper:
         now = self.clock.now()
         wait = self.settings.tick
         for spec in self.specs.values():
-            due = next_timer(spec, self.rollouts.record(spec, self.store.load_pool(spec.name)), now)
+            due = next_timer(spec, self.rollouts.record(spec, self._record(spec, now)), now)
             if due is not None:
                 wait = min(wait, due - now + TIMER_SLACK)
         due = self.rollouts.next_due(now)
@@ -252,6 +261,7 @@ class Keeper:
         self._report_notes(host)
         actions: list[Action] = []
         adopted: list[str] = []
+        arrived: dict[str, tuple[int, str]] = {}  # pool -> (logins, its timezone)
         not_planned = dict(host.unobservable)
         for spec in self.specs.values():
             observed = host.pools.get(spec.name)
@@ -260,19 +270,22 @@ class Keeper:
             observed = replace(
                 observed, in_flight=self.executor.in_flight(spec.name), touched=touched
             )
-            record = self.rollouts.record(spec, self.store.load_pool(spec.name))
+            record = self.rollouts.record(spec, self._record(spec, now))
             down = self.store.pool_down(spec.name)
             if down is not None:  # being taken down: its own rule (pool/teardown.py)
                 actions += plan_down(spec, observed, record, down, now)
                 continue
             adopted += self._adopted(spec, observed, record)
-            actions += plan(spec, observed, record, now)
+            planned = plan(spec, observed, record, now)
+            arrived[spec.name] = (logins_in(record, planned), spec.timezone)
+            actions += planned
         if self.stopping:
             return PassReport(at=now, observation=host, adopted=tuple(adopted))
         execution = self.executor.run(self.specs, actions)  # records first: touched is written
         with self._touched_lock:
             self._touched -= touched
         self._record_failures(execution)
+        self._record_logins(arrived, now)
         self.rollouts.after_pass(self.specs, host, self.clock.now())
         log.debug(
             "pass done",
@@ -293,6 +306,37 @@ class Keeper:
             not_planned=not_planned,
             notes=dict(host.notes),
         )
+
+    def _record(self, spec: PoolSpec, now: float) -> PoolRecord:
+        """The pool's record; for a pool that learns, with what its login history taught
+        (learned once a day: only the days before today count)."""
+        record = self.store.load_pool(spec.name)
+        if spec.learn is None:
+            return record
+        day, _ = day_and_bucket(now, spec.timezone)
+        learned = self._learned.get(spec.name)
+        if learned is None or learned[0] != day:
+            history = self.store.login_history(
+                spec.name, seconds=BUCKET, since_day=day - HISTORY_DAYS
+            )
+            learned = (day, learn(history, day))
+            self._learned[spec.name] = learned
+            if learned[1] is not None:
+                log.info(
+                    "learned the logins to expect",
+                    extra=fields(pool=spec.name, days=len(history.days)),
+                )
+        return replace(record, arrivals=learned[1])
+
+    def _record_logins(self, arrived: Mapping[str, tuple[int, str]], now: float) -> None:
+        """Every pool's logins go into its history, so learning has something to start
+        from the day it is turned on."""
+        for pool, (logins, timezone) in arrived.items():
+            if logins:
+                day, bucket = day_and_bucket(now, timezone)
+                self.store.record_logins(
+                    pool, day, bucket, logins, seconds=BUCKET, keep_days=HISTORY_DAYS
+                )
 
     def _record_failures(self, execution: ExecutionReport) -> None:
         """The executor reports; the planner's failure policy says what the failures mean

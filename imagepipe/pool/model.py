@@ -30,6 +30,11 @@ class OnLogoff(StrEnum):
     DELETE = "delete"  # remove the clone; the pool makes a fresh one if it needs one
 
 
+class StartMode(StrEnum):
+    BOOT = "boot"  # a new or recycled clone boots its guest from scratch
+    RESTORE = "restore"  # it restores the saved state of a warm parent (instant desktops)
+
+
 class Standby(StrEnum):
     NONE = "none"  # idle surplus clones are deleted after shrink_after
     SUSPEND = "suspend"  # idle surplus clones are suspended instead, and resumed on demand
@@ -44,6 +49,16 @@ class ScheduleRule:
     start_minute: int
     end_minute: int
     free: int
+
+
+@dataclass(frozen=True)
+class LearnSpec:
+    """Learned warm-up (pool key `learn`): keep free the desktops for the logins expected
+    within `lead`, learned from the logins of past days by time of week."""
+
+    lead: float = 600.0  # look this far ahead (seconds)
+    shrink_after: float = 300.0  # surplus over the learned target idle this long goes
+    min_free: int | None = None  # allows fewer free than `free` when quiet; None: never
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,7 @@ class PoolSpec:
     channel: str | None = "latest"  # exactly one of channel / version is set
     version: int | None = None
     clone: CloneMode = CloneMode.LINKED
+    start: StartMode = StartMode.RESTORE  # where the hypervisor can; else it boots
     initial: int = 1
     free: int = 1
     max: int = 5
@@ -78,6 +94,7 @@ class PoolSpec:
     shrink_after: float = 2 * 3600.0
     standby: Standby = Standby.NONE
     schedule: tuple[ScheduleRule, ...] = ()
+    learn: LearnSpec | None = None  # learned warm-up; None: the free target is fixed
     timezone: str = "UTC"
     assignments: Mapping[str, int] = field(default_factory=dict)  # user -> slot
     boot_timeout: float = 300.0  # a clone not ready this long after start has failed
@@ -125,6 +142,7 @@ class CloneInfo:
     power: Power
     display: Endpoint | None = None
     ready: bool = False  # booted and answering (guest agent, or display up)
+    started_by: StartMode | None = None  # how the running guest started; None: not running
 
 
 @dataclass(frozen=True)
@@ -251,6 +269,26 @@ class PoolRecord:
     breaker_open_until: float | None = None
     rollout_started_at: float | None = None  # when clones of another version began retiring
     rollout: RolloutPolicy | None = None  # an active `imagepipe rollout` of this pool
+    # expected logins by time of week, learned from the store's login history (the keeper
+    # fills it for pools with `learn`; None: nothing learned yet)
+    arrivals: Arrivals | None = None
+
+
+@dataclass(frozen=True)
+class Arrivals:
+    """Expected logins per time-of-week bucket, learned from past days (planner/forecast.py):
+    `expected[i]` for the i-th `bucket`-second stretch after Monday 00:00 local time."""
+
+    bucket: float
+    expected: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LoginHistory:
+    """Logins a pool saw, per local day (date ordinal) and per bucket of that day."""
+
+    bucket: float
+    days: Mapping[int, Mapping[int, int]] = field(default_factory=dict)  # day -> bucket -> n
 
 
 @dataclass(frozen=True)
@@ -295,6 +333,7 @@ class CloneSpec:
     cpus: int
     memory: int  # bytes
     display: Endpoint
+    start: StartMode = StartMode.RESTORE  # restore from a warm parent where the adapter can
 
 
 @dataclass(frozen=True, kw_only=True)

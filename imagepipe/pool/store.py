@@ -27,6 +27,7 @@ from imagepipe.pool.model import (
     CloneRecord,
     CloneState,
     ForgetClone,
+    LoginHistory,
     PoolDown,
     PoolRecord,
     RecordClone,
@@ -106,7 +107,19 @@ MIGRATIONS: tuple[str, ...] = (
         now INTEGER NOT NULL DEFAULT 0
     );
     """,
-    # 6: rollouts (`imagepipe rollout`): intent, state and progress, executed by the keeper;
+    # 6: login history (learned warm-up): logins per pool, local day (date ordinal) and
+    # bucket of the day (`seconds` long). One row per bucket that saw a login: compact.
+    """
+    CREATE TABLE login_history (
+        pool TEXT NOT NULL,
+        day INTEGER NOT NULL,
+        bucket INTEGER NOT NULL,
+        seconds REAL NOT NULL,
+        logins INTEGER NOT NULL,
+        PRIMARY KEY (pool, day, seconds, bucket)
+    );
+    """,
+    # 7: rollouts (`imagepipe rollout`): intent, state and progress, executed by the keeper;
     # the keeper's heartbeat, so the CLI can tell whether a keeper runs
     """
     CREATE TABLE rollouts (
@@ -198,12 +211,7 @@ class Store:
         try:
             if self.readonly:
                 if not self.path.exists():
-                    db = sqlite3.connect(":memory:", check_same_thread=False)
-                    db.executescript(
-                        "".join(MIGRATIONS)
-                        + "CREATE TABLE schema_version (version INTEGER NOT NULL);"
-                        + f"INSERT INTO schema_version VALUES ({SCHEMA_VERSION});"
-                    )
+                    db = _empty_database()
                 else:
                     uri = f"{self.path.resolve().as_uri()}?mode=ro"
                     db = sqlite3.connect(uri, uri=True, check_same_thread=False)
@@ -234,6 +242,12 @@ class Store:
                 "or point state_db at another file"
             )
         if current == SCHEMA_VERSION:
+            return
+        if self.readonly and current == 0 and not _has_table(self._db, "clones"):
+            # The keeper is making this database right now (its first start): it reads as
+            # empty, as a missing one does, not as an old schema to upgrade.
+            self._db.close()
+            self._db = _empty_database()
             return
         if self.readonly:
             raise EnvironmentMissingError(
@@ -392,6 +406,37 @@ class Store:
         """Write the pool's record; rollout_started_at is kept unless given."""
         with self._write() as db:
             _upsert_pool(db, pool, target_version, failures, breaker_open_until, rollout_started_at)
+
+    # --- login history (learned warm-up) ---------------------------------------------------
+
+    def record_logins(
+        self, pool: str, day: int, bucket: int, logins: int, *, seconds: float, keep_days: int
+    ) -> None:
+        """Add `logins` arrivals to the pool's `bucket` (of `seconds`) of local `day`, and
+        forget the pool's days older than `keep_days` before it."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO login_history (pool, day, bucket, seconds, logins) "
+                "VALUES (?,?,?,?,?) ON CONFLICT (pool, day, seconds, bucket) "
+                "DO UPDATE SET logins = logins + excluded.logins",
+                (pool, day, bucket, seconds, logins),
+            )
+            db.execute(
+                "DELETE FROM login_history WHERE pool = ? AND day < ?", (pool, day - keep_days)
+            )
+
+    def login_history(self, pool: str, *, seconds: float, since_day: int) -> LoginHistory:
+        """The pool's recorded logins per day (from `since_day` on) and bucket of `seconds`."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT day, bucket, logins FROM login_history "
+                "WHERE pool = ? AND seconds = ? AND day >= ?",
+                (pool, seconds, since_day),
+            ).fetchall()
+        days: dict[int, dict[int, int]] = {}
+        for day, bucket, logins in rows:
+            days.setdefault(day, {})[bucket] = logins
+        return LoginHistory(bucket=seconds, days=days)
 
     # --- pools being taken down ---------------------------------------------------------
 
@@ -600,6 +645,26 @@ def read_schema_version(path: Path) -> int:
             db.close()
     except sqlite3.DatabaseError as exc:
         raise _not_a_database(path, exc) from exc
+
+
+def _empty_database() -> sqlite3.Connection:
+    """An in-memory database of the current schema: what a reader sees before the keeper
+    has made the real one."""
+    db = sqlite3.connect(":memory:", check_same_thread=False)
+    db.executescript(
+        "".join(MIGRATIONS)
+        + "CREATE TABLE schema_version (version INTEGER NOT NULL);"
+        + f"INSERT INTO schema_version VALUES ({SCHEMA_VERSION});"
+    )
+    db.isolation_level = None  # explicit transactions only, as for the real database
+    return db
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    found = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)
+    ).fetchone()
+    return found is not None
 
 
 def _stored_version(db: sqlite3.Connection) -> int | None:

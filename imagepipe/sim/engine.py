@@ -1,9 +1,13 @@
-"""Discrete-event simulation of a day: logins, the keeper's passes, and the executor.
+"""Discrete-event simulation of days: logins, the keeper's passes, and the executor.
 
 The keeper plans on every event (a login, a logoff, an operation finishing, a clone coming
 up) and on a periodic tick, like `imagepipe keep`. The executor runs each clone's actions
 in order, at most `parallel` hypervisor operations at a time; balancer and record actions
 take no time. Time is kept here and injected into the planner: nothing sleeps.
+
+Several days run back to back on the same host (the clones of one evening are there the next
+morning). Like the keeper, the simulation records every login by time of week and, for a
+pool that learns, hands the planner what the past days taught (planner/forecast.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 from imagepipe.pool.model import (
     Action,
+    Arrivals,
     BackendState,
     BalancerDrain,
     BalancerEnable,
@@ -25,6 +30,7 @@ from imagepipe.pool.model import (
     CreateClone,
     DeleteClone,
     ForgetClone,
+    LoginHistory,
     PoolRecord,
     PoolSpec,
     Power,
@@ -37,10 +43,11 @@ from imagepipe.pool.model import (
     SuspendClone,
 )
 from imagepipe.pool.planner import next_timer
+from imagepipe.pool.planner.forecast import BUCKET, day_and_bucket, learn, logins_in
 from imagepipe.sim.policies import Policy
-from imagepipe.sim.report import SimResult
+from imagepipe.sim.report import SimResult, SimRun
 from imagepipe.sim.trace import Login
-from imagepipe.sim.world import Latencies, SimClone, World
+from imagepipe.sim.world import Latencies, SimClone, Start, World
 
 DAY = 86400.0
 
@@ -52,6 +59,7 @@ class SimSettings:
     tick: float = 15.0  # seconds between periodic keeper passes
     pass_gap: float = 2.0  # at least this long between passes: events in between are batched
     version: int = 1  # the image version the pool's channel resolves to
+    start: Start = Start.BOOT  # how new and recycled desktops come up
 
 
 class _Kind(IntEnum):  # order within one instant: finished work first, then users
@@ -71,6 +79,8 @@ class _Event:
     clone: str = ""
     token: int = 0
     action: Action | None = None
+    restored: bool = False  # a start or reset that restores the warm parent
+    day: int = 0  # the simulated day a login belongs to
 
     def __lt__(self, other: _Event) -> bool:
         return (self.at, self.kind, self.seq) < (other.at, other.kind, other.seq)
@@ -80,6 +90,21 @@ class _Event:
 class _Waiting:
     login: Login
     since: float
+    day: int
+
+
+@dataclass
+class _Stats:
+    """What one simulated day measured (logins by the day they arrive)."""
+
+    logins: int = 0
+    waits: list[float] = field(default_factory=list)
+    instant: int = 0
+    never_served: int = 0
+    idle_seconds: float = 0.0
+    peak: int = 0
+    operations: Counter[str] = field(default_factory=Counter)
+    passes: int = 0
 
 
 @dataclass
@@ -98,12 +123,15 @@ class _Day:
     rest: dict[str, list[Action]] = field(default_factory=dict)  # after the running operation
     workers: int = 0
     waiting: deque[_Waiting] = field(default_factory=deque)
-    waits: list[float] = field(default_factory=list)
-    instant: int = 0
-    operations: Counter[str] = field(default_factory=Counter)
-    passes: int = 0
-    peak: int = 0
+    stats: list[_Stats] = field(default_factory=lambda: [_Stats()])
     quiet_until: float = 0.0  # after a pass with nothing to do: no timer fires before this
+    history: dict[int, dict[int, int]] = field(default_factory=dict)  # day -> bucket -> n
+    arrivals: Arrivals | None = None  # what the history taught, for the day `learned_on`
+    learned_on: int | None = None
+    parent_ready: float = float("inf")  # when the warm parent can be restored (start: restore)
+
+    def today(self, now: float) -> _Stats:
+        return self.stats[min(max(int(now // DAY), 0), len(self.stats) - 1)]
 
     # ---- events ----------------------------------------------------------------------
 
@@ -118,8 +146,13 @@ class _Day:
     # ---- the keeper ------------------------------------------------------------------
 
     def keeper_pass(self, now: float) -> None:
-        self.passes += 1
+        self.today(now).passes += 1
         pool = self.pool
+        at = self.epoch + now
+        day, bucket = day_and_bucket(at, self.spec.timezone)
+        if self.spec.learn is not None and day != self.learned_on:
+            self.arrivals = learn(LoginHistory(BUCKET, self.history), day)
+            self.learned_on = day
         record = PoolRecord(
             pool=self.spec.name,
             clones=self.records,
@@ -127,9 +160,14 @@ class _Day:
             failures=pool.failures if pool else 0,
             breaker_open_until=pool.breaker_open_until if pool else None,
             rollout_started_at=pool.rollout_started_at if pool else None,
+            arrivals=self.arrivals,
         )
         observed = replace(self.world.observe(), in_flight=frozenset(self.busy))
-        actions = self.policy.plan(self.spec, observed, record, self.epoch + now)
+        actions = self.policy.plan(self.spec, observed, record, at)
+        arrived = logins_in(record, actions)  # what the keeper writes to the store
+        if arrived:
+            counts = self.history.setdefault(day, {})
+            counts[bucket] = counts.get(bucket, 0) + arrived
         self.quiet_until = now
         if not actions:
             wake = next_timer(self.spec, record, self.epoch + now)
@@ -153,7 +191,7 @@ class _Day:
 
     def advance_chain(self, clone: str, chain: list[Action], now: float) -> None:
         while chain and isinstance(chain[0], BalancerEnable | BalancerDrain | BalancerRemove):
-            self.balancer(chain.pop(0))
+            self.balancer(chain.pop(0), now)
         if not chain:
             self.busy.discard(clone)
             return
@@ -162,14 +200,24 @@ class _Day:
             return
         self.workers += 1
         action = chain.pop(0)
-        self.push(now + self.duration(action), _Kind.DONE, action=action, clone=clone)
+        restored = self.restores(action, now)
+        took = self.settings.latencies.restore if restored else self.duration(action)
+        self.push(now + took, _Kind.DONE, action=action, clone=clone, restored=restored)
         if chain:
             self.rest[clone] = chain
 
-    def finish(self, action: Action, now: float) -> None:
+    def restores(self, action: Action, now: float) -> bool:
+        """A start or reset restores the warm parent (start: restore, once it exists)."""
+        return (
+            self.settings.start is Start.RESTORE
+            and isinstance(action, StartClone | ResetClone)
+            and now >= self.parent_ready
+        )
+
+    def finish(self, action: Action, now: float, restored: bool = False) -> None:
         self.workers -= 1
-        self.operations[action.kind] += 1
-        self.apply(action, now)
+        self.today(now).operations[action.kind] += 1
+        self.apply(action, now, restored)
         rest = self.rest.pop(action.clone, None)
         if rest is None:
             self.busy.discard(action.clone)
@@ -192,8 +240,8 @@ class _Day:
         }
         return durations.get(type(action), 0.0)
 
-    def balancer(self, action: Action) -> None:
-        self.operations[action.kind] += 1
+    def balancer(self, action: Action, now: float) -> None:
+        self.today(now).operations[action.kind] += 1
         if isinstance(action, BalancerEnable):
             self.world.set_backend(action.clone, BackendState.READY)
         elif isinstance(action, BalancerDrain):
@@ -202,7 +250,7 @@ class _Day:
         else:
             self.world.set_backend(action.clone, None)
 
-    def apply(self, action: Action, now: float) -> None:
+    def apply(self, action: Action, now: float, restored: bool = False) -> None:
         """The effect of a finished hypervisor operation (a missing clone: nothing)."""
         if isinstance(action, CreateClone):
             self.world.add(
@@ -213,7 +261,8 @@ class _Day:
                     display=action.display,
                 )
             )
-            self.peak = max(self.peak, len(self.world.clones))
+            stats = self.today(now)
+            stats.peak = max(stats.peak, len(self.world.clones))
             return
         clone = self.world.clones.get(action.clone)
         if clone is None:
@@ -228,6 +277,9 @@ class _Day:
                 if kept is not None and kept.dirty:
                     self.records[action.clone] = replace(kept, dirty=False)
             self.power(clone, Power.RUNNING)
+            if restored:  # the restored guest runs on from where its parent was ready
+                clone.ready = True
+                return
             self.push(
                 now + self.settings.latencies.boot,
                 _Kind.BOOTED,
@@ -259,8 +311,9 @@ class _Day:
             if not self.waiting:
                 return
             waiting = self.waiting.popleft()
-            self.waits.append(now - waiting.since)
-            self.instant += now == waiting.since
+            stats = self.stats[waiting.day]
+            stats.waits.append(now - waiting.since)
+            stats.instant += now == waiting.since
             self.log_in(clone, waiting.login, now)
 
     def log_in(self, clone: SimClone, login: Login, now: float) -> None:
@@ -295,63 +348,110 @@ def simulate_day(
     spec: PoolSpec, logins: list[Login], policy: Policy, settings: SimSettings = SimSettings()
 ) -> SimResult:
     """Run one day (longer if sessions run past midnight) and measure it."""
-    day = _Day(
+    return simulate(spec, [logins], policy, settings).total
+
+
+def simulate(
+    spec: PoolSpec,
+    days: list[list[Login]],
+    policy: Policy,
+    settings: SimSettings = SimSettings(),
+    label: str | None = None,
+) -> SimRun:
+    """Run the days back to back, day i's logins `i` days after the first midnight (a Monday),
+    and measure each day and all of them."""
+    if not days:
+        raise ValueError("simulate needs at least one day of logins")
+    run = _Day(
         spec=spec,
         policy=policy,
         settings=settings,
         epoch=day_epoch(spec),
         world=World(pool=spec.name, version=settings.version),
+        stats=[_Stats() for _ in days],
     )
-    end = max([DAY] + [login.at + login.length + 3600.0 for login in logins])
-    for login in logins:
-        day.push(login.at, _Kind.LOGIN, login=login)
+    if settings.start is Start.RESTORE:  # the keeper makes the version's warm parent first
+        lat = settings.latencies
+        run.parent_ready = lat.start + lat.boot + lat.save
+    end = float(len(days)) * DAY
+    for index, logins in enumerate(days):
+        run.stats[index].logins = len(logins)
+        for login in logins:
+            at = index * DAY + login.at
+            end = max(end, at + login.length + 3600.0)
+            run.push(at, _Kind.LOGIN, login=login, day=index)
     ticks = int(end // settings.tick)
     for i in range(ticks + 1):
-        day.push(i * settings.tick, _Kind.TICK)
-    idle_seconds = 0.0
+        run.push(i * settings.tick, _Kind.TICK)
     idle_now = 0
     last = 0.0
     last_pass = -settings.pass_gap
     dirty = False
     deferred = False
-    while day.events and day.events[0].at <= end:
-        now = day.events[0].at
-        idle_seconds += idle_now * (now - last)
+    while run.events and run.events[0].at <= end:
+        now = run.events[0].at
+        _count_idle(run, idle_now, last, now)
         last = now
         woken = False
-        while day.events and day.events[0].at == now:
-            event = heapq.heappop(day.events)
+        while run.events and run.events[0].at == now:
+            event = heapq.heappop(run.events)
             woken = woken or event.kind is not _Kind.TICK
             if event.kind is _Kind.DONE and event.action is not None:
-                day.finish(event.action, now)
+                run.finish(event.action, now, event.restored)
             elif event.kind is _Kind.BOOTED:
-                day.booted(event)
+                run.booted(event)
             elif event.kind is _Kind.LOGOFF:
-                day.log_off(event)
+                run.log_off(event)
             elif event.kind is _Kind.LOGIN and event.login is not None:
-                day.waiting.append(_Waiting(event.login, now))
-        day.serve(now)
+                run.waiting.append(_Waiting(event.login, now, event.day))
+        run.serve(now)
         dirty = dirty or woken
         if now < last_pass + settings.pass_gap:
             if dirty and not deferred:
-                day.push(last_pass + settings.pass_gap, _Kind.TICK)
+                run.push(last_pass + settings.pass_gap, _Kind.TICK)
                 deferred = True
-        elif dirty or now >= day.quiet_until:  # else nothing can change: skip the tick
-            day.keeper_pass(now)
-            day.serve(now)
+        elif dirty or now >= run.quiet_until:  # else nothing can change: skip the tick
+            run.keeper_pass(now)
+            run.serve(now)
             last_pass, dirty, deferred = now, False, False
-        idle_now = day.world.idle()
-    for waiting in day.waiting:
-        day.waits.append(end - waiting.since)
+        idle_now = run.world.idle()
+        stats = run.today(now)
+        stats.peak = max(stats.peak, len(run.world.clones))
+    _count_idle(run, idle_now, last, end)
+    for waiting in run.waiting:
+        run.stats[waiting.day].waits.append(end - waiting.since)
+        run.stats[waiting.day].never_served += 1
+    name = label or policy.name
+    last_day = len(days) - 1
+    results = tuple(
+        _result(name, [stats], DAY if i < last_day else end - i * DAY)
+        for i, stats in enumerate(run.stats)
+    )
+    return SimRun(policy=name, days=results, total=_result(name, run.stats, end))
+
+
+def _count_idle(run: _Day, idle: int, since: float, until: float) -> None:
+    """Idle desktop-seconds from `since` to `until`, on the days they fall in."""
+    while since < until:
+        day = min(int(since // DAY), len(run.stats) - 1)
+        edge = until if day == len(run.stats) - 1 else min(until, (day + 1) * DAY)
+        run.stats[day].idle_seconds += idle * (edge - since)
+        since = edge
+
+
+def _result(policy: str, stats: list[_Stats], seconds: float) -> SimResult:
+    operations: Counter[str] = Counter()
+    for day in stats:
+        operations.update(day.operations)
     return SimResult(
-        policy=policy.name,
-        logins=len(logins),
-        instant=day.instant,
-        waits=tuple(sorted(day.waits)),
-        never_served=len(day.waiting),
-        idle_desktop_hours=idle_seconds / 3600.0,
-        peak_clones=day.peak,
-        operations=dict(day.operations),
-        simulated_seconds=end,
-        passes=day.passes,
+        policy=policy,
+        logins=sum(day.logins for day in stats),
+        instant=sum(day.instant for day in stats),
+        waits=tuple(sorted(w for day in stats for w in day.waits)),
+        never_served=sum(day.never_served for day in stats),
+        idle_desktop_hours=sum(day.idle_seconds for day in stats) / 3600.0,
+        peak_clones=max(day.peak for day in stats),
+        operations=dict(operations),
+        simulated_seconds=seconds,
+        passes=sum(day.passes for day in stats),
     )

@@ -52,7 +52,8 @@ class ImagepipePolicy:
 
 @dataclass(frozen=True)
 class OriginalPolicy:
-    """Behaves like the original daemon: a fixed free size (no schedule, no standby), one
+    """Behaves like the original daemon: a fixed free size (no schedule, no standby, no
+    learning), one
     clone at a time (the next clone starts after the previous one is up; one worker), and a
     shrink that cuts every idle surplus clone at once."""
 
@@ -62,7 +63,7 @@ class OriginalPolicy:
     def plan(
         self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float
     ) -> list[Action]:
-        fixed = replace(spec, schedule=(), standby=Standby.NONE)
+        fixed = replace(spec, schedule=(), standby=Standby.NONE, learn=None)
         actions = plan(fixed, observed, record, now)
         coming = _COMING
         building = any(r.state in coming for r in record.clones.values())

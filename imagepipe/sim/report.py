@@ -57,3 +57,27 @@ class SimResult:
             "operations": dict(sorted(self.operations.items())),
             "planner_passes": self.passes,
         }
+
+
+@dataclass(frozen=True)
+class SimRun:
+    """Several simulated days of one policy: each day (logins by the day they arrive, idle
+    time by the day it falls in; the last day runs until its sessions end) and all of them."""
+
+    policy: str
+    days: tuple[SimResult, ...]
+    total: SimResult
+
+    @property
+    def last_day(self) -> SimResult:
+        return self.days[-1]
+
+    def to_json(self) -> dict[str, object]:
+        """The whole run's figures (as one day's were), its day count, the last day apart
+        (what a pool that learned from the days before does) and every day."""
+        return {
+            **self.total.to_json(),
+            "days": len(self.days),
+            "last_day": self.last_day.to_json(),
+            "per_day": [day.to_json() for day in self.days],
+        }

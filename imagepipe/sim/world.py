@@ -18,14 +18,20 @@ from imagepipe.pool.model import (
     Observed,
     ObservedClone,
     Power,
+    StartMode,
 )
 from imagepipe.units import parse_duration
+
+# How a new or recycled desktop comes up: the pool file's `start` (boot | restore).
+Start = StartMode
 
 
 @dataclass(frozen=True)
 class Latencies:
     """Seconds each operation takes on one host (linked clones). `boot` runs after a start,
-    reset or create-and-start without holding an executor worker."""
+    reset or create-and-start without holding an executor worker. With start: restore, a
+    start or reset is one `restore` call (it holds a worker) and the desktop is ready when it
+    returns; the warm parent they restore is made once, `boot` + `save` after the start."""
 
     clone: float = 4.0
     start: float = 1.0
@@ -35,6 +41,8 @@ class Latencies:
     suspend: float = 5.0
     resume: float = 5.0
     stop: float = 10.0
+    restore: float = 0.8
+    save: float = 5.0
 
     @classmethod
     def parse(cls, items: list[str]) -> Latencies:

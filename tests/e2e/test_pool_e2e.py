@@ -2,7 +2,8 @@
 (libvirt + QEMU desktops behind HAProxy), `imagepipe status --json`, driven as a user would:
 through the CLI, a VNC client on the HAProxy address and the desktops' serial consoles.
 
-One image build and one keeper per module; each test leaves the pool converged for the next.
+One image build and one keeper per start mode (`restore`: instant desktops restored from a
+warm parent; `boot`); each test leaves the pool converged for the next.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Host:
     root: Path
     config: Path
     bind_port: int
+    start: str = "restore"  # the pool's start mode: restore (instant desktops) or boot
     keeper: subprocess.Popen[bytes] | None = None
     keeper_log: Path | None = None
 
@@ -141,8 +143,9 @@ def clone(pool: dict[str, Any], name: str) -> dict[str, Any]:
     return next(c for c in pool["clones"] if c["name"] == name)
 
 
-@pytest.fixture(scope="module")
-def host() -> Iterator[Host]:
+@pytest.fixture(scope="module", params=["restore", "boot"])
+def host(request: pytest.FixtureRequest) -> Iterator[Host]:
+    start = str(request.param)
     require_program("packer")
     require_program("haproxy")
     require(libvirt_available(), "libvirtd does not answer on qemu:///system (run ./install.sh)")
@@ -164,14 +167,14 @@ def host() -> Iterator[Host]:
         "keeper: {tick: 1s, parallel: 4}\n"
     )
     (root / "pools" / f"{POOL}.yml").write_text(
-        f"name: {POOL}\nimage: tiny\nchannel: latest\n"
+        f"name: {POOL}\nimage: tiny\nchannel: latest\nstart: {start}\n"
         f"size: {{initial: {FREE}, free: {FREE}, max: {MAX}}}\n"
         "machine: {cpus: 1, memory: 192M}\n"
         f"display: {{port_range: {PORTS[0]}-{PORTS[1]}, address: 127.0.0.1}}\n"
         f"sessions: {{on_logoff: reset, recycle_after: {RECYCLE_AFTER}s}}\n"
         "boot_timeout: 2m\n"
     )
-    h = Host(root=root, config=config, bind_port=bind_port)
+    h = Host(root=root, config=config, bind_port=bind_port, start=start)
     try:
         h.cli("build", "tiny")
         h.start_keeper()
@@ -249,6 +252,7 @@ def test_logoff_resets_the_desktop_and_the_next_user_gets_a_clean_disk(host: Hos
         lambda p: clone(p, name)["state"] == "free" and clone(p, name)["balancer"] == "ready",
     )
     assert time.monotonic() - logged_off >= RECYCLE_AFTER, "reset before recycle_after"
+    assert clone(host.status(), name)["started_by"] == host.start
     with host.console(name) as console:
         console.login("bob")
         listing = console.run("ls -a /home; cat /home/secret 2>&1 || true")

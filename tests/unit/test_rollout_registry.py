@@ -70,7 +70,7 @@ def test_status_shows_the_old_free_desktops_a_rollout_holds_as_free(tmp_path: Pa
     images.channels[("tiny", "stable")] = 2
     keeper.run_pass()
 
-    records, _ = load_records(store, [spec])
+    records, _ = load_records(store, [spec], clock.now())
     observed = observe(hv, lb, images, [spec]).pools.get("lab", Observed())
     pool = pool_status(spec, observed, records["lab"], None, clock.now())
 

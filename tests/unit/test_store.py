@@ -334,6 +334,41 @@ def test_a_reader_sees_an_empty_store_before_the_keeper_ever_ran(db: Path) -> No
     assert not db.exists()
 
 
+@pytest.mark.parametrize("made_so_far", ["empty file", "version table, no row yet"])
+def test_a_reader_sees_an_empty_store_while_the_keeper_is_creating_it(
+    db: Path, made_so_far: str
+) -> None:
+    """`status` right as the keeper starts for the first time: the file exists, its schema
+    does not yet. That is a store that is being made, not an old one to upgrade."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    if made_so_far == "empty file":
+        db.touch()
+    else:
+        raw = sqlite3.connect(db)
+        raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        raw.commit()
+        raw.close()
+
+    reader = Store.open_readonly(db)
+
+    assert reader.pools() == [] and reader.load_pool("lab").clones == {}
+    reader.close()
+    writer = Store(db)  # the keeper then finishes making it
+    writer.save_clone("lab", clone())
+    writer.close()
+    assert set(Store.open_readonly(db).load_pool("lab").clones) == {"lab-1"}
+
+
+def test_a_reader_of_a_real_old_schema_is_told_to_upgrade(db: Path) -> None:
+    Store(db).close()
+    old = sqlite3.connect(db)
+    old.execute("UPDATE schema_version SET version = 1")
+    old.commit()
+    old.close()
+    with pytest.raises(EnvironmentMissingError, match="old schema version 1"):
+        Store.open_readonly(db)
+
+
 def test_a_reader_cannot_write(db: Path) -> None:
     Store(db).close()
     reader = Store.open_readonly(db)

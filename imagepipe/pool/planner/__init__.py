@@ -11,7 +11,8 @@ words; each module here holds one group of them:
                        an active rollout's blue/green pacing (surge, canary, pause)
     balancer_rules.py  who serves, who is drained or removed, orphan backends
     failures.py        retries with backoff, the retry budget, the circuit breaker
-    schedule.py        the free target after the pool's schedule
+    schedule.py        the free target after the pool's schedule (and learned warm-up)
+    forecast.py        learned warm-up: logins to expect by time of week, from past days
     timers.py          when plan() could next answer differently
 
 A pass plans once and is linear in the number of clones: every clone is advanced once,
@@ -109,6 +110,7 @@ def _context(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float)
         in_flight=observed.in_flight,
         touched=observed.touched,
         rollout=policy,
+        arrivals=record.arrivals,
     )
 
 

@@ -22,6 +22,7 @@ from imagepipe.pool.model import (
     SuspendClone,
 )
 from imagepipe.pool.planner.failures import gave_up
+from imagepipe.pool.planner.forecast import shrink_after
 from imagepipe.pool.planner.schedule import free_target
 from imagepipe.pool.planner.steps import Context, moved
 
@@ -71,7 +72,7 @@ def resize(d: Decisions, base_ready: bool, breaker_open: bool) -> None:
     if d.ctx.target is None:
         return
     census = count(d)
-    wanted = free_target(d.ctx.spec, d.ctx.now)
+    wanted = free_target(d.ctx.spec, d.ctx.now, d.ctx.arrivals)
     need = max(wanted - census.ready_free - census.coming, d.ctx.spec.initial - census.alive, 0)
     need = grow(d, census, need, can_create=base_ready and not breaker_open)
     if need == 0:
@@ -82,6 +83,7 @@ def count(d: Decisions) -> Census:
     ctx = d.ctx
     spec, now, target, assigned = ctx.spec, ctx.now, ctx.target, ctx.assigned
     c = Census()
+    idle_for = shrink_after(spec, ctx.arrivals)
     for name, rec in d.records.items():
         state, shared = rec.state, rec.slot not in assigned
         c.used_slots.add(rec.slot)
@@ -104,7 +106,7 @@ def count(d: Decisions) -> Census:
             c.running += 1
             if shared:
                 c.ready_free += 1
-                if now - rec.since >= spec.shrink_after:
+                if now - rec.since >= idle_for:
                     c.shrinkable.append(rec)
         elif state is CloneState.SUSPENDED:
             c.alive += 1

@@ -1,28 +1,33 @@
-"""The free target: how many free ready clones a pool wants now, after its schedule."""
+"""The free target: how many free ready clones a pool wants now, after its schedule and,
+for a pool that learns, after the logins expected soon (forecast.py)."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from functools import lru_cache
-from zoneinfo import ZoneInfo
 
-from imagepipe.pool.model import PoolSpec
-
-
-@lru_cache(maxsize=64)
-def _zone(name: str) -> ZoneInfo:
-    return ZoneInfo(name)
+from imagepipe.pool.model import Arrivals, PoolSpec
+from imagepipe.pool.planner.forecast import floor_free, learned_free, zone
 
 
-def free_target(spec: PoolSpec, now: float) -> int:
-    """How many free ready clones the pool wants at `now`, after its schedule.
+def free_target(spec: PoolSpec, now: float, arrivals: Arrivals | None = None) -> int:
+    """How many free ready clones the pool wants at `now`.
 
     The first schedule rule whose weekday and time window (in spec.timezone) contain `now`
-    wins; a window whose end is before its start runs past midnight.
+    wins; a window whose end is before its start runs past midnight. A pool with `learn`
+    and `arrivals` learned keeps enough for the logins expected within `learn.lead`, never
+    fewer than the rule's free (or size.free, or learn.min_free) and never more than max.
     """
+    scheduled = scheduled_free(spec, now)
+    if spec.learn is None or arrivals is None:
+        return spec.free if scheduled is None else scheduled
+    return learned_free(spec, arrivals, now, floor_free(spec, scheduled))
+
+
+def scheduled_free(spec: PoolSpec, now: float) -> int | None:
+    """The free size of the schedule rule in force at `now`; None when none is."""
     if not spec.schedule:
-        return spec.free
-    local = datetime.fromtimestamp(now, _zone(spec.timezone))
+        return None
+    local = datetime.fromtimestamp(now, zone(spec.timezone))
     minute = local.hour * 60 + local.minute
     for rule in spec.schedule:
         if rule.start_minute <= rule.end_minute:
@@ -33,4 +38,4 @@ def free_target(spec: PoolSpec, now: float) -> int:
             day = local.weekday() if minute >= rule.start_minute else (local.weekday() - 1) % 7
         if inside and day in rule.days:
             return rule.free
-    return spec.free
+    return None

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 from imagepipe.pool.model import (
     Action,
+    Arrivals,
     CloneInfo,
     CloneRecord,
     CloneState,
@@ -30,6 +31,7 @@ class Context:
     in_flight: frozenset[str] = frozenset()  # clones with a call still running
     touched: frozenset[str] = frozenset()  # clones a client connected to since the last pass
     rollout: RolloutPolicy | None = None  # an active rollout onto the target version
+    arrivals: Arrivals | None = None  # logins expected by time of week (learned warm-up)
 
     def persistent(self, slot: int) -> bool:
         """Logoff leaves this desktop as its user left it (no reset, no balancer rules)."""

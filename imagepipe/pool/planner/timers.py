@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from imagepipe.pool.model import CloneState, PoolRecord, PoolSpec
+from imagepipe.pool.planner.forecast import learning, next_bucket, shrink_after
 
 
 def next_timer(spec: PoolSpec, record: PoolRecord, now: float) -> float | None:
     """The next moment after `now` at which plan() could answer differently without any new
     observation (a recycle, disconnect, shrink, boot or retry timer, the breaker, the drain
-    deadline, a schedule minute). The keeper may sleep until then or until an event."""
+    deadline, a schedule minute, a learned bucket). The keeper may sleep until then or until
+    an event."""
     soonest: float | None = None
+    idle_for = shrink_after(spec, record.arrivals)
 
     def consider(at: float | None) -> None:
         nonlocal soonest
@@ -26,7 +29,7 @@ def next_timer(spec: PoolSpec, record: PoolRecord, now: float) -> float | None:
         elif state is CloneState.DISCONNECTED:
             consider(rec.since + spec.disconnect_timeout)
         elif state is CloneState.FREE:
-            consider(rec.since + spec.shrink_after)
+            consider(rec.since + idle_for)
         elif state in (CloneState.CREATING, CloneState.BOOTING, CloneState.DELETING):
             consider(rec.since + spec.boot_timeout)
         elif state is CloneState.FAILED:
@@ -38,4 +41,6 @@ def next_timer(spec: PoolSpec, record: PoolRecord, now: float) -> float | None:
         consider(record.rollout.deadline_at)
     if spec.schedule:
         consider(now - now % 60.0 + 60.0)
+    if record.arrivals is not None and learning(spec, record.arrivals):
+        consider(next_bucket(record.arrivals, now))
     return soonest

@@ -9,6 +9,9 @@
  * Commands: guest-ping, guest-sync, guest-sync-delimited (reply preceded by the 0xFF
  * sentinel), guest-info, guest-get-users (from /run/users/<name>, written by the serial
  * login; the file holds the login time), guest-shutdown (no reply, like qemu-ga),
+ * guest-set-time ({"time": ns since the epoch}, as libvirt's virDomainSetTime sends it) and
+ * imagepipe-set-identity ({"hostname": NAME}): after a clone is restored from a warm
+ * parent's saved memory, imagepipe tells the guest who it is and what time it is;
  * imagepipe-notify {"text": "..."} (a message to the user: written to the console and the
  * screen, and kept in /run/imagepipe-notice).
  * Anything else gets {"error":{"class":"CommandNotFound",...}}. A 0xFF byte from the host
@@ -36,7 +39,8 @@
 
 static const char *const supported[] = {
     "guest-ping", "guest-sync", "guest-sync-delimited", "guest-info",
-    "guest-get-users", "guest-shutdown", "imagepipe-notify",
+    "guest-get-users", "guest-shutdown", "guest-set-time", "imagepipe-set-identity",
+    "imagepipe-notify",
 };
 
 static void pause_ms(long ms)
@@ -275,6 +279,50 @@ static void notify_reply(struct buf *out, const char *command)
     buf_add(out, "{\"return\": {}}\n");
 }
 
+static void set_time_reply(struct buf *out, const char *command)
+{
+    char ns[32];
+    const char *arguments = find_value(command, "arguments");
+    struct timespec ts;
+    long long value;
+
+    if (!arguments || !integer_value(find_value(arguments, "time"), ns, sizeof ns)) {
+        error_reply(out, "GenericError", "Parameter 'time' is missing");
+        return;
+    }
+    value = strtoll(ns, NULL, 10);
+    ts.tv_sec = (time_t)(value / 1000000000LL);
+    ts.tv_nsec = (long)(value % 1000000000LL);
+    if (value < 0 || clock_settime(CLOCK_REALTIME, &ts) != 0) {
+        error_reply(out, "GenericError", "Failed to set the time");
+        return;
+    }
+    buf_add(out, "{\"return\": {}}\n");
+}
+
+static void set_identity_reply(struct buf *out, const char *command)
+{
+    char name[64];
+    const char *arguments = find_value(command, "arguments");
+    const char *c;
+
+    if (!arguments || !string_value(find_value(arguments, "hostname"), name, sizeof name)
+        || !name[0]) {
+        error_reply(out, "GenericError", "Parameter 'hostname' is missing");
+        return;
+    }
+    for (c = name; *c; c++)
+        if (!isalnum((unsigned char)*c) && *c != '.' && *c != '-' && *c != '_') {
+            error_reply(out, "GenericError", "Parameter 'hostname' is not a host name");
+            return;
+        }
+    if (sethostname(name, strlen(name)) != 0) {
+        error_reply(out, "GenericError", "Failed to set the host name");
+        return;
+    }
+    buf_add(out, "{\"return\": {}}\n");
+}
+
 /* Handle one complete JSON object; write the reply (if any) to fd. */
 static void handle(int fd, const char *command)
 {
@@ -302,6 +350,10 @@ static void handle(int fd, const char *command)
         users_reply(&out);
     } else if (strcmp(name, "guest-shutdown") == 0) {
         shutdown_guest(command);
+    } else if (strcmp(name, "guest-set-time") == 0) {
+        set_time_reply(&out, command);
+    } else if (strcmp(name, "imagepipe-set-identity") == 0) {
+        set_identity_reply(&out, command);
     } else if (strcmp(name, "imagepipe-notify") == 0) {
         notify_reply(&out, command);
     } else {

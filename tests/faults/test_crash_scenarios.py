@@ -1,0 +1,106 @@
+"""The issue 14 bugs, each as one scripted day: a named moment of a kill -9, and what the
+next keeper does. These fail on the code they were found on (strict xfail): when a fix
+lands, the test passes, and its mark must go."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imagepipe.pool.model import CloneState, Power
+from tests.faults.campaign import Day, Profile
+from tests.faults.injector import CrashAt, CrashPoint
+from tests.faults.test_fault_campaign import BUG1, BUG2, BUG3
+
+
+@pytest.fixture
+def day(tmp_path: Path) -> Iterator[Day]:
+    d = Day(seed=0, profile=Profile(), workdir=tmp_path)
+    d.start()
+    yield d
+    d.close()
+
+
+def records(day: Day, state: CloneState) -> list[str]:
+    """Clones the new keeper's store holds in this state (after its recovery)."""
+    pool = day.runtime.store.load_pool(day.spec.name)
+    return sorted(r.name for r in pool.clones.values() if r.state is state)
+
+
+def found(day: Day, invariant: str) -> list[str]:
+    return [str(v) for v in day.stats.violations if v.invariant == invariant]
+
+
+@pytest.mark.xfail(strict=True, reason=BUG1)
+def test_a_keeper_killed_right_after_the_balancer_removal_still_resets_the_desktop(
+    day: Day,
+) -> None:
+    desktop = day.arrive("alice")
+    assert desktop is not None
+    day.run_pass()
+    day.logout("alice")
+    day.run_pass()
+    day.clock.advance(day.spec.recycle_after + 1)
+    day.kill_at(CrashAt("remove", occurrence=1, point=CrashPoint.AFTER))
+
+    for _ in range(4):
+        day.run_pass()  # the kill, the new keeper, and its next passes
+
+    assert ("crash-after", desktop) in [(i.kind, i.name) for i in day.injector.injected]
+    assert found(day, "used_desktop_reset_first") == []
+    offered = desktop in day.lb_state.servers
+    assert not (offered and day.hv.clones[desktop].dirty), (
+        "alice's disk is offered to the next user"
+    )
+
+
+@pytest.mark.xfail(strict=True, reason=BUG2)
+def test_a_keeper_killed_before_its_create_reached_the_hypervisor_refills_the_pool_at_once(
+    day: Day,
+) -> None:
+    day.kill_at(CrashAt("create_clone", occurrence=1, point=CrashPoint.BEFORE))
+    for user in ("alice", "bob"):  # the pool needs new desktops
+        day.arrive(user)
+        day.run_pass()
+
+    assert day.stats.recovery_passes, "the keeper was never killed"
+    never_made = [n for n in records(day, CloneState.CREATING) if n not in day.hv.clones]
+    assert never_made == [], "a create nobody is doing blocks its slot"
+    assert found(day, "converges_after_crash") == []
+
+
+@pytest.mark.xfail(strict=True, reason=BUG3)
+def test_a_keeper_killed_before_its_start_reached_the_hypervisor_boots_the_clone_at_once(
+    day: Day,
+) -> None:
+    day.kill_at(CrashAt("start", occurrence=1, point=CrashPoint.BEFORE))
+    for user in ("alice", "bob"):
+        day.arrive(user)
+        day.run_pass()
+
+    assert day.stats.recovery_passes, "the keeper was never killed"
+    shut_off = [
+        name
+        for name in records(day, CloneState.BOOTING)
+        if day.hv.clones[name].power is Power.SHUTOFF
+    ]
+    assert shut_off == [], "a clone the keeper calls booting was never started"
+
+
+def test_a_keeper_killed_right_after_a_delete_leaves_nothing_behind(day: Day) -> None:
+    day.kill_at(CrashAt("delete", occurrence=1, point=CrashPoint.AFTER))
+    desktop = day.arrive("alice")
+    assert desktop is not None
+    day.run_pass()
+    day.logout("alice")
+    day.clock.advance(day.spec.recycle_after + 1)
+    for _ in range(3):
+        day.run_pass()  # alice's desktop is reset: one free desktop too many
+    day.clock.advance(day.spec.shrink_after + 1)
+    for _ in range(6):
+        day.run_pass()  # the idle surplus is deleted, and the keeper killed right after
+
+    assert day.stats.recovery_passes, "the keeper was never killed"
+    assert day.stats.violations == []
