@@ -298,16 +298,19 @@ def test_deadline_warns_inside_the_desktop_then_ends_the_session(host: Host) -> 
 
 
 def register_broken_version(host: Host) -> int:
-    """A version whose guest never comes up (no init: the kernel panics and waits)."""
+    """A version whose desktops cannot boot: its kernel is not a kernel (QEMU refuses to
+    start them), the rest is the current version's."""
     from imagepipe.images.registry import NewVersion, Registry
 
     registry = Registry(host.root / "registry", host.root / "images")
     good = registry.resolve("tiny", "latest")
     work = Path(tempfile.mkdtemp(dir=host.root))
     files = []
-    for name in ("disk.qcow2", "vmlinuz", "initrd.img"):
+    for name in ("disk.qcow2", "initrd.img"):
         shutil.copy(Path(good.directory) / name, work / name)
         files.append(work / name)
+    (work / "vmlinuz").write_bytes(bytes(4096))
+    files.append(work / "vmlinuz")
     record = registry.register(
         NewVersion(
             image="tiny",
@@ -318,7 +321,7 @@ def register_broken_version(host: Host) -> int:
             disk="disk.qcow2",
             kernel="vmlinuz",
             initrd="initrd.img",
-            cmdline="console=ttyS0 rdinit=/no-such-init panic=0",
+            cmdline="console=ttyS0 imagepipe.mode=desktop",
         )
     )
     return record.version

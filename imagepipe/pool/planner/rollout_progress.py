@@ -109,7 +109,7 @@ def judge(rollout: Rollout, views: Sequence[PoolView], now: float) -> Verdict:
     warnings = _due_warnings(r, now)
     if warnings:
         r = replace(r, warned=(*r.warned, *warnings))
-    if all(p.old_left == 0 for p in pools):
+    if all(p.old_left == 0 and p.new_booting == 0 for p in pools):
         return Verdict(_ended(r, RolloutState.DONE, None, now), warnings=warnings)
     if r.paused:
         why = f"paused: `imagepipe rollout resume {r.image}` goes on"
