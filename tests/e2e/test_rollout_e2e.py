@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.real, pytest.mark.slow]
 POOL = "roll"
 FREE = 2
 MAX = 3
-PORTS = (5970, 5979)
+PORTS = (6380, 6389)  # not used by any other test module
 WAIT = 240.0  # TCG guests on 2 shared cores
 
 
@@ -60,6 +60,7 @@ class Host:
     bind_port: int
     keeper: subprocess.Popen[bytes] | None = None
     keeper_log: Path | None = None
+    followers: list[subprocess.Popen[str]] = field(default_factory=list)
 
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "imagepipe", "--config", str(self.config), *args]
@@ -77,12 +78,14 @@ class Host:
 
     def rollout(self, *args: str) -> subprocess.Popen[str]:
         """`imagepipe rollout … --wait --json` in the background, as CI runs it."""
-        return subprocess.Popen(
+        follower = subprocess.Popen(
             self.command("rollout", *args, "--wait", "--json"),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
+        self.followers.append(follower)
+        return follower
 
     def start_keeper(self) -> None:
         self.keeper_log = self.root / f"keeper-{time.monotonic_ns()}.log"
@@ -206,6 +209,10 @@ def host() -> Iterator[Host]:
         h.start_keeper()
         yield h
     finally:
+        for follower in h.followers:  # a failed test may leave one following
+            if follower.poll() is None:
+                follower.kill()
+                follower.wait(timeout=30)
         if h.keeper is not None:
             h.keeper.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
