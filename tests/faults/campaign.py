@@ -56,6 +56,7 @@ from imagepipe.pool.model import (
     RecordPool,
 )
 from imagepipe.pool.planner import free_target
+from imagepipe.pool.ports import Subscription
 from tests.fakes.balancer import FakeBalancer, FakeBalancerState
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
 from tests.faults.injector import (
@@ -69,7 +70,9 @@ from tests.faults.ports import FaultyBalancer, FaultyHypervisor, FaultyImages
 
 RECOVERY_PASSES = 10  # a crash must be healed within this many passes of the new keeper
 SETTLE_PASSES = 60  # a day's end: passes (with timers) before the pool must be settled
-ACTION_TIMEOUT = 0.2  # real seconds: what a TIMEOUT or HANG fault costs
+ACTION_TIMEOUT = 60.0  # simulated seconds the keeper gives one call
+LATE_BY = ACTION_TIMEOUT + 1.0  # simulated seconds a TIMEOUT or HANG fault takes
+POLL = 0.002  # real seconds between the executor's looks at the (fake) clock
 INVARIANTS = (
     "live_session_untouched",
     "used_desktop_reset_first",
@@ -177,13 +180,6 @@ class Profile:
     fault_operations: tuple[str, ...] = ()  # only these calls get faults; () = every call
 
 
-def _action_timeout(profile: Profile) -> float:
-    """Short only where a fault needs it: elsewhere a host too busy to answer a fake call in
-    ACTION_TIMEOUT would add timeouts the seed did not ask for."""
-    slow = {FaultKind.TIMEOUT, FaultKind.HANG}
-    return ACTION_TIMEOUT if slow & set(profile.faults) else 60.0
-
-
 class Day:
     """One simulated day on a fresh fake host (one round)."""
 
@@ -205,7 +201,7 @@ class Day:
             image_store=workdir / "images",
             pools_dir=workdir / "pools",
             keeper=KeeperSettings(
-                tick=5.0, parallel=profile.parallel, action_timeout=_action_timeout(profile)
+                tick=5.0, parallel=profile.parallel, action_timeout=ACTION_TIMEOUT
             ),
         )
         self.snapshot = workdir / "state" / "at-crash.db"
@@ -217,15 +213,19 @@ class Day:
             rng=random.Random(seed * 7919 + 1),
             kinds=profile.faults,
             rate=profile.fault_rate,
-            late_by=ACTION_TIMEOUT + 0.05,
+            late_by=LATE_BY,
+            advance=self.clock.advance,
             operations=profile.fault_operations,
             guard=self._guard,
         )
-        self.runtime, self.keeper = self._boot()
+        self.runtime, self.keeper, self.subscription = self._boot()
 
     # ---- the keeper's life -----------------------------------------------------------
 
-    def _boot(self) -> tuple[Runtime, Keeper]:
+    def _boot(self) -> tuple[Runtime, Keeper, Subscription]:
+        """A keeper as `imagepipe keep` starts it: through the composition root, subscribed
+        to the hypervisor's events (Keeper.run; here the day drives the passes itself). Its
+        executor looks at the fake clock often, so a slow call times out at once."""
         adapters = Adapters(
             hypervisor=FaultyHypervisor(self.hv, self.injector),
             balancer=FaultyBalancer(FakeBalancer(self.lb_state), self.injector),
@@ -233,7 +233,12 @@ class Day:
             clock=self.clock,
         )
         runtime = bootstrap(self.settings, adapters)
-        return runtime, runtime.keeper([self.spec])
+        keeper = runtime.keeper([self.spec])
+        options = keeper.settings
+        keeper.reconfigure(
+            [self.spec], (), replace(options, executor=replace(options.executor, poll=POLL))
+        )
+        return runtime, keeper, runtime.hypervisor.subscribe(keeper.on_event)
 
     def kill_at(self, crash: CrashAt) -> None:
         """Kill the keeper at that call; the next pass that reaches it dies there."""
@@ -264,6 +269,7 @@ class Day:
         """Drop the dead keeper; a new one starts on the database as it was at the crash."""
         self.crashes_left -= 1
         self.injector.release_hangs()
+        self.subscription.close()
         self.runtime.close()
         db = self.settings.state_db
         for leftover in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
@@ -271,7 +277,7 @@ class Day:
         shutil.move(self.snapshot, db)
         self._check_integrity()
         self.injector = self.injector.successor()
-        self.runtime, self.keeper = self._boot()
+        self.runtime, self.keeper, self.subscription = self._boot()
         self._recover()
 
     def _recover(self) -> None:
@@ -403,6 +409,7 @@ class Day:
 
     def close(self) -> None:
         self.injector.release_hangs()
+        self.subscription.close()
         self.runtime.close()
 
     def run(self) -> Stats:

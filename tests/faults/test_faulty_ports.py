@@ -9,7 +9,6 @@ import random
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,8 @@ from imagepipe.errors import (
 )
 from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power
 from imagepipe.pool.ports import Balancer, Hypervisor
+from tests.contract import test_hypervisor_fake as fake_contract
 from tests.contract.balancer_suite import BalancerContract
-from tests.contract.hypervisor_suite import HypervisorContract
 from tests.contract.test_balancer_fake import FakeHarness
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeHypervisor, FakeImages
@@ -72,17 +71,13 @@ def fake() -> FakeHypervisor:
 # ---- transparent when no fault is scheduled ---------------------------------------------
 
 
-class TestQuietFaultyHypervisorOverTheFake(HypervisorContract):
-    @pytest.fixture
-    def hypervisor(self) -> Iterator[Hypervisor]:
-        inner = FakeHypervisor()
-        inner.add_base(BASE)
-        yield FaultyHypervisor(inner, quiet())
-        inner.close()
+class TestQuietFaultyHypervisorOverTheFake(fake_contract.TestFakeHypervisor):
+    """The fake's own contract class (its base, foreign VM, running base and occupied
+    display fixtures act on the wrapped fake), with the port under test wrapped."""
 
     @pytest.fixture
-    def base_image(self) -> BaseImage:
-        return BASE
+    def hypervisor(self, fake_hv: FakeHypervisor) -> Hypervisor:
+        return FaultyHypervisor(fake_hv, quiet())
 
 
 class TestQuietFaultyBalancerOverTheFake(BalancerContract):
