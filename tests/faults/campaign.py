@@ -13,7 +13,8 @@ Checked after every step (and counted per invariant):
 - live_session_untouched: no reset, delete, stop or suspend reaches a desktop a client is
   connected to or a user is logged in on; every user the day logged in still is.
 - used_desktop_reset_first: a desktop a user used (the fake's dirty disk) is never enabled in
-  the balancer before its reset: the next user never sees the previous user's files.
+  the balancer before its reset, and none is left offered after a pass that planned the
+  pool: the next user never sees the previous user's files.
 - max_respected: never more than `max` clones.
 - unique_slots: no two clones, and no two records, share a slot or a display.
 - converges_after_crash: within RECOVERY_PASSES passes of the new keeper (no faults) the pool
@@ -324,6 +325,8 @@ class Day:
             self.stats.injected[self.injector.injected[-1].kind + "@" + self._crash_op()] += 1
             self._restart()
             return None
+        if report is not None:
+            self._check_offered(report)
         self.hv.tick()
         wait = self.keeper.next_wait(report) if report is not None else 5.0
         self.clock.advance(max(wait, 0.5))
@@ -469,6 +472,23 @@ class Day:
                     "used_desktop_reset_first",
                     f"{name} put in the balancer as ready with the previous user's disk "
                     f"(never reset since its last user); records {self._records()}",
+                )
+
+    def _check_offered(self, report: PassReport) -> None:
+        """After a pass that planned the pool, with the balancer read and nothing done to the
+        desktop refused, no desktop the balancer offers has a previous user's disk (one that
+        was never put in again, because it never left, included)."""
+        if self.spec.name in report.not_planned or report.observation.balancer_error:
+            return
+        refused = {o.action.clone for o in report.execution.failed}
+        refused |= {a.clone for a in report.execution.skipped}
+        self.stats.checks["used_desktop_reset_first"] += 1
+        for name in sorted(self._offered() - refused):
+            if self.hv.clones[name].dirty:
+                self._violate(
+                    "used_desktop_reset_first",
+                    f"{name} offered by the balancer with the previous user's disk after a "
+                    f"pass that planned the pool; records {self._records()}",
                 )
 
     def _check_step(self) -> None:
