@@ -6,7 +6,12 @@ balancer, log in, disconnect, come back, log out; after every user event the kee
 pass, through FaultyHypervisor / FaultyBalancer. A crash drops the keeper mid-pass at a chosen
 call (inside create, start, reset, delete, or a balancer enable/drain/remove, before or after
 the system did it): the state database as it was at that instant is what the next keeper gets,
-built by bootstrap on the same store file with the same fakes reopened.
+built by bootstrap on the same store file with the same fakes reopened. Like `imagepipe keep`,
+each keeper is subscribed to the hypervisor's events (a client connecting).
+
+Time is the fake clock's only: a TIMEOUT or HANG fault moves it past the keeper's action
+timeout and holds the call until the pass is over, so the executor gives up on the call as it
+would after a minute, at no real cost; with --parallel 1 every seed replays exactly.
 
 Checked after every step (and counted per invariant):
 
@@ -444,7 +449,12 @@ class Day:
         self.step += 1
         for _ in range(SETTLE_PASSES):
             report = self._pass()
-            if report is not None and _settled(report) and self.free_ready() >= self.want():
+            if (
+                report is not None
+                and _settled(report)
+                and not self._retries_pending()
+                and self.free_ready() >= self.want()
+            ):
                 break
         else:
             self.stats.checks["converges_after_crash"] += 1
@@ -574,6 +584,11 @@ class Day:
             if c.session.active or (c.dirty and name not in offered)
         )
         return min(free_target(self.spec, self.clock.now()), self.spec.max - used)
+
+    def _retries_pending(self) -> bool:
+        """A failed record waits for its retry (README "Failures"): not settled yet."""
+        pool = self.runtime.store.load_pool(self.spec.name)
+        return any(r.retry_at is not None for r in pool.clones.values())
 
     def _records(self) -> str:
         pool = self.runtime.store.load_pool(self.spec.name)

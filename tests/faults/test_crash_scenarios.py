@@ -11,7 +11,7 @@ import pytest
 from imagepipe.errors import BusyError
 from imagepipe.pool.model import CloneState, Power
 from tests.faults.campaign import Day, Profile
-from tests.faults.injector import CrashAt, CrashPoint
+from tests.faults.injector import CrashAt, CrashPoint, FaultKind
 
 
 @pytest.fixture
@@ -118,3 +118,31 @@ def test_a_session_the_keeper_could_not_read_still_gets_its_desktop_reset(day: D
 
     assert found(day, "used_desktop_reset_first") == []
     assert desktop in day.lb_state.servers and not day.hv.clones[desktop].dirty
+
+
+def test_a_delete_that_answered_too_late_leaves_no_record_once_its_retry_falls_due(
+    day: Day,
+) -> None:
+    """The hypervisor deleted the surplus desktop but answered after the action timeout: the
+    failed record waits for its retry (README "Failures"), then, the desktop being gone and
+    not needed, it is forgotten."""
+    desktop = day.arrive("alice")
+    assert desktop is not None
+    day.run_pass()
+    day.logout("alice")
+    day.clock.advance(day.spec.recycle_after + 1)
+    for _ in range(3):
+        day.run_pass()  # alice's desktop is reset: one free desktop too many
+    day.clock.advance(day.spec.shrink_after + 1)
+    day.injector.kinds, day.injector.rate = {FaultKind.TIMEOUT}, 1.0
+    day.injector.operations = ("delete",)
+    for _ in range(3):
+        day.run_pass()  # the idle surplus is deleted; the answer comes too late
+    day.injector.quiet = True
+    for _ in range(3):
+        day.run_pass()
+
+    assert [i.kind for i in day.injector.injected] == ["timeout"]
+    gone = day.injector.injected[0].name
+    assert gone not in day.hv.clones
+    assert gone not in day.runtime.store.load_pool(day.spec.name).clones
