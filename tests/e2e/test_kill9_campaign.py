@@ -17,7 +17,8 @@ real host:
 Then parts die under a running keeper: HAProxy is killed (restarted, every backend back) and a
 desktop's QEMU is killed under its user (the session is over, the desktop is recycled).
 
-CI profile: KILLS keeper kills (default 2) and the two component kills, about 1.5 minutes.
+CI profile: KILLS keeper kills (default 2) and the two component kills, about a minute
+(55 s on the 2-core TCG host).
 Long profile by hand:
 
     IMAGEPIPE_KILL9_KILLS=40 IMAGEPIPE_KILL9_SEED=7 pytest tests/e2e/test_kill9_campaign.py -s
