@@ -5,10 +5,12 @@ system does when it fails that way."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,7 +37,9 @@ from tests.faults.injector import (
     KeeperCrash,
 )
 from tests.faults.ports import FaultyBalancer, FaultyHypervisor
+from tests.integration import test_libvirt_contract as libvirt_contract
 from tests.integration.test_haproxy import RealHarness, real_harness  # noqa: F401 (fixture)
+from tests.integration.test_libvirt_contract import tiny_base, workdir  # noqa: F401 (fixtures)
 
 BASE = FakeImages().publish("tiny", 1)
 
@@ -78,6 +82,36 @@ class TestQuietFaultyHypervisorOverTheFake(fake_contract.TestFakeHypervisor):
     @pytest.fixture
     def hypervisor(self, fake_hv: FakeHypervisor) -> Hypervisor:
         return FaultyHypervisor(fake_hv, quiet())
+
+
+@pytest.mark.real
+@pytest.mark.slow
+@pytest.mark.skipif(
+    "IMAGEPIPE_FAULT_ROUNDS" not in os.environ,
+    reason="long profile only (IMAGEPIPE_FAULT_ROUNDS=N): a minute of TCG guests that repeats "
+    "tests/integration/test_libvirt_contract.py through a wrapper the fake's contract proves",
+)
+class TestQuietFaultyHypervisorOverLibvirt(libvirt_contract.TestLibvirtHypervisor):
+    """The real libvirt contract class (its tiny base, foreign domain, running base), with
+    the port under test wrapped."""
+
+    @pytest.fixture
+    def hypervisor(
+        self,
+        require_libvirt: str,
+        workdir: Path,  # noqa: F811
+        contract_pool: str,
+    ) -> Iterator[Hypervisor]:
+        from imagepipe.hypervisors.libvirt import LibvirtHypervisor
+
+        inner = LibvirtHypervisor(require_libvirt, state_dir=workdir / "state")
+        try:
+            yield FaultyHypervisor(inner, quiet())
+        finally:
+            for clone in inner.list_clones():
+                if clone.pool == contract_pool:
+                    inner.delete(clone.name)
+            inner.close()
 
 
 class TestQuietFaultyBalancerOverTheFake(BalancerContract):
@@ -252,10 +286,10 @@ def test_over_real_libvirt_a_half_failed_create_leaves_a_real_domain_that_delete
     from imagepipe.hypervisors.libvirt import LibvirtHypervisor
     from tests.guest import tiny_base_image
 
-    workdir = Path(tempfile.mkdtemp(prefix="ipf-", dir="/tmp"))  # short socket paths
-    libvirt = LibvirtHypervisor(require_libvirt, state_dir=workdir / "state")
+    root = Path(tempfile.mkdtemp(prefix="ipf-", dir="/tmp"))  # short socket paths
+    libvirt = LibvirtHypervisor(require_libvirt, state_dir=root / "state")
     try:
-        base = tiny_base_image(workdir / "tiny-v1")
+        base = tiny_base_image(root / "tiny-v1")
         hv = FaultyHypervisor(libvirt, only(FaultKind.HALF_CREATE))
         with pytest.raises(FatalHypervisorError):
             hv.create_clone(spec(0, base, pool="k9half"))
@@ -263,10 +297,10 @@ def test_over_real_libvirt_a_half_failed_create_leaves_a_real_domain_that_delete
         assert [c.name for c in libvirt.list_clones() if c.pool == "k9half"] == ["k9half-0"]
         libvirt.delete("k9half-0")
         assert [c.name for c in libvirt.list_clones() if c.pool == "k9half"] == []
-        assert not list((workdir / "state").rglob("k9half-*"))
+        assert not list((root / "state").rglob("k9half-*"))
     finally:
         for clone in libvirt.list_clones():
             if clone.pool == "k9half":
                 libvirt.delete(clone.name)
         libvirt.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
