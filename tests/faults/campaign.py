@@ -643,7 +643,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "rollout": Profile(crash_targets=CRASH_TARGETS, rollout_at=15, crashes=4),
     "mixed": Profile(
-        faults=frozenset(FaultKind) - {FaultKind.HANG, FaultKind.TIMEOUT},
+        faults=frozenset(FaultKind),
         fault_rate=0.05,
         crash_targets=CRASH_TARGETS,
     ),

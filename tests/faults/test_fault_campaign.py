@@ -12,7 +12,14 @@ from functools import cache
 
 import pytest
 
-from tests.faults.campaign import CRASH_TARGETS, PROFILES, Stats, rounds_from_env, run_campaign
+from tests.faults.campaign import (
+    CRASH_TARGETS,
+    INVARIANTS,
+    PROFILES,
+    Stats,
+    rounds_from_env,
+    run_campaign,
+)
 from tests.faults.injector import FaultKind
 
 ROUNDS = rounds_from_env(8)
@@ -111,3 +118,15 @@ def test_a_rollout_with_kills_inside_its_steps_never_hands_out_a_used_desktop() 
 
 def test_a_rollout_with_kills_inside_its_steps_is_whole_again_within_a_few_passes() -> None:
     assert violations(campaign("rollout"), "converges_after_crash", "nothing_orphaned") == []
+
+
+# ---- every kind of fault and kills inside every kind of action, on the same days ---------
+
+
+def test_faults_of_every_kind_and_kills_together_break_no_promise() -> None:
+    stats = campaign("mixed")
+
+    assert {k.value for k in FaultKind} <= set(stats.injected), "a fault kind never happened"
+    assert any(k.startswith("crash") for k in stats.injected), "no kill happened"
+    assert checked(stats, *INVARIANTS) > 0
+    assert stats.violations == []
