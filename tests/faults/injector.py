@@ -12,14 +12,14 @@ Faults (what a refusing or slow hypervisor or balancer does):
 - FATAL: the call fails for good (FatalHypervisorError / BalancerError).
 - TIMEOUT: the system does the work but answers later than the keeper's action timeout.
 - HANG: the call never reaches the system and does not return until release_hangs().
+- HALF_CREATE: create_clone leaves the clone defined on the host and then fails, as a create
+  that died half-way (the clone exists; nobody was told).
 
 Slow faults cost no real time when the injector is given the fake clock (`advance`): the
 call moves the clock `late_by` seconds on (past the keeper's action timeout, so the executor
 gives up on it at its next look at the clock) and then does not return until
 release_hangs() (the harness calls it after the pass). Without a clock, a TIMEOUT answers
 `late_by` real seconds late and a HANG waits for release_hangs().
-- HALF_CREATE: create_clone leaves the clone defined on the host and then fails, as a create
-  that died half-way (the clone exists; nobody was told).
 
 A crash is a `kill -9` of the keeper at a chosen call: BEFORE the request reaches the system
 (the keeper journaled it and died) or AFTER the system did it (the keeper died before hearing
