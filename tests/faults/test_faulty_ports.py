@@ -5,7 +5,6 @@ system does when it fails that way."""
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import shutil
 import tempfile
@@ -86,8 +85,8 @@ class TestQuietFaultyHypervisorOverTheFake(fake_contract.TestFakeHypervisor):
 
 @pytest.mark.real
 @pytest.mark.slow
-@pytest.mark.skipif(
-    "IMAGEPIPE_FAULT_ROUNDS" not in os.environ,
+@pytest.mark.opt_in(
+    "IMAGEPIPE_FAULT_ROUNDS",
     reason="long profile only (IMAGEPIPE_FAULT_ROUNDS=N): a minute of TCG guests that repeats "
     "tests/integration/test_libvirt_contract.py through a wrapper the fake's contract proves",
 )
