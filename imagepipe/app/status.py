@@ -239,14 +239,16 @@ def clone_status(
 
 
 def _missing(record: CloneRecord | None) -> CloneStatus:
-    """A desktop the store remembers and the host does not have: being created, or gone
-    (deleted by hand, a host rebuilt). Either way no desktop anybody can use yet."""
+    """A desktop the store remembers and the host does not have: being created, just deleted
+    (the keeper forgets it next pass), or gone behind the keeper's back (deleted by hand, a
+    host rebuilt): `missing`. None of them is a desktop anybody can use."""
     assert record is not None
+    expected = (CloneState.CREATING, CloneState.DELETING)
     return CloneStatus(
         name=record.name,
         slot=record.slot,
         version=record.version,
-        state=str(CloneState.CREATING) if record.state is CloneState.CREATING else MISSING,
+        state=str(record.state) if record.state in expected else MISSING,
         power=None,
         display=None,
         balancer=None,

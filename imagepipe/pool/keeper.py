@@ -35,7 +35,7 @@ from imagepipe.pool.model import (
     RecordClone,
     RecordPool,
 )
-from imagepipe.pool.observe import HostObservation, observe
+from imagepipe.pool.observe import HostObservation, belongs_to, observe
 from imagepipe.pool.planner import failures_after, next_timer, plan
 from imagepipe.pool.planner.forecast import (
     BUCKET,
@@ -282,8 +282,8 @@ class Keeper:
         if self.stopping:
             return PassReport(at=now, observation=host, adopted=tuple(adopted))
         execution = self.executor.run(self.specs, actions)  # records first: touched is written
-        with self._touched_lock:
-            self._touched -= touched
+        with self._touched_lock:  # forgotten only once its pool was planned (its record dirty)
+            self._touched -= {n for n in touched if any(belongs_to(p, n) for p in host.pools)}
         self._record_failures(execution)
         self._record_logins(arrived, now)
         self.rollouts.after_pass(self.specs, host, self.clock.now())

@@ -6,14 +6,20 @@ balancer, log in, disconnect, come back, log out; after every user event the kee
 pass, through FaultyHypervisor / FaultyBalancer. A crash drops the keeper mid-pass at a chosen
 call (inside create, start, reset, delete, or a balancer enable/drain/remove, before or after
 the system did it): the state database as it was at that instant is what the next keeper gets,
-built by bootstrap on the same store file with the same fakes reopened.
+built by bootstrap on the same store file with the same fakes reopened. Like `imagepipe keep`,
+each keeper is subscribed to the hypervisor's events (a client connecting).
+
+Time is the fake clock's only: a TIMEOUT or HANG fault moves it past the keeper's action
+timeout and holds the call until the pass is over, so the executor gives up on the call as it
+would after a minute, at no real cost; with --parallel 1 every seed replays exactly.
 
 Checked after every step (and counted per invariant):
 
 - live_session_untouched: no reset, delete, stop or suspend reaches a desktop a client is
   connected to or a user is logged in on; every user the day logged in still is.
 - used_desktop_reset_first: a desktop a user used (the fake's dirty disk) is never enabled in
-  the balancer before its reset: the next user never sees the previous user's files.
+  the balancer before its reset, and none is left offered after a pass that planned the
+  pool: the next user never sees the previous user's files.
 - max_respected: never more than `max` clones.
 - unique_slots: no two clones, and no two records, share a slot or a display.
 - converges_after_crash: within RECOVERY_PASSES passes of the new keeper (no faults) the pool
@@ -56,6 +62,7 @@ from imagepipe.pool.model import (
     RecordPool,
 )
 from imagepipe.pool.planner import free_target
+from imagepipe.pool.ports import Subscription
 from tests.fakes.balancer import FakeBalancer, FakeBalancerState
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
 from tests.faults.injector import (
@@ -69,7 +76,9 @@ from tests.faults.ports import FaultyBalancer, FaultyHypervisor, FaultyImages
 
 RECOVERY_PASSES = 10  # a crash must be healed within this many passes of the new keeper
 SETTLE_PASSES = 60  # a day's end: passes (with timers) before the pool must be settled
-ACTION_TIMEOUT = 0.2  # real seconds: what a TIMEOUT or HANG fault costs
+ACTION_TIMEOUT = 60.0  # simulated seconds the keeper gives one call
+LATE_BY = ACTION_TIMEOUT + 1.0  # simulated seconds a TIMEOUT or HANG fault takes
+POLL = 0.002  # real seconds between the executor's looks at the (fake) clock
 INVARIANTS = (
     "live_session_untouched",
     "used_desktop_reset_first",
@@ -177,13 +186,6 @@ class Profile:
     fault_operations: tuple[str, ...] = ()  # only these calls get faults; () = every call
 
 
-def _action_timeout(profile: Profile) -> float:
-    """Short only where a fault needs it: elsewhere a host too busy to answer a fake call in
-    ACTION_TIMEOUT would add timeouts the seed did not ask for."""
-    slow = {FaultKind.TIMEOUT, FaultKind.HANG}
-    return ACTION_TIMEOUT if slow & set(profile.faults) else 60.0
-
-
 class Day:
     """One simulated day on a fresh fake host (one round)."""
 
@@ -205,7 +207,7 @@ class Day:
             image_store=workdir / "images",
             pools_dir=workdir / "pools",
             keeper=KeeperSettings(
-                tick=5.0, parallel=profile.parallel, action_timeout=_action_timeout(profile)
+                tick=5.0, parallel=profile.parallel, action_timeout=ACTION_TIMEOUT
             ),
         )
         self.snapshot = workdir / "state" / "at-crash.db"
@@ -217,15 +219,19 @@ class Day:
             rng=random.Random(seed * 7919 + 1),
             kinds=profile.faults,
             rate=profile.fault_rate,
-            late_by=ACTION_TIMEOUT + 0.05,
+            late_by=LATE_BY,
+            advance=self.clock.advance,
             operations=profile.fault_operations,
             guard=self._guard,
         )
-        self.runtime, self.keeper = self._boot()
+        self.runtime, self.keeper, self.subscription = self._boot()
 
     # ---- the keeper's life -----------------------------------------------------------
 
-    def _boot(self) -> tuple[Runtime, Keeper]:
+    def _boot(self) -> tuple[Runtime, Keeper, Subscription]:
+        """A keeper as `imagepipe keep` starts it: through the composition root, subscribed
+        to the hypervisor's events (Keeper.run; here the day drives the passes itself). Its
+        executor looks at the fake clock often, so a slow call times out at once."""
         adapters = Adapters(
             hypervisor=FaultyHypervisor(self.hv, self.injector),
             balancer=FaultyBalancer(FakeBalancer(self.lb_state), self.injector),
@@ -233,7 +239,12 @@ class Day:
             clock=self.clock,
         )
         runtime = bootstrap(self.settings, adapters)
-        return runtime, runtime.keeper([self.spec])
+        keeper = runtime.keeper([self.spec])
+        options = keeper.settings
+        keeper.reconfigure(
+            [self.spec], (), replace(options, executor=replace(options.executor, poll=POLL))
+        )
+        return runtime, keeper, runtime.hypervisor.subscribe(keeper.on_event)
 
     def kill_at(self, crash: CrashAt) -> None:
         """Kill the keeper at that call; the next pass that reaches it dies there."""
@@ -264,6 +275,7 @@ class Day:
         """Drop the dead keeper; a new one starts on the database as it was at the crash."""
         self.crashes_left -= 1
         self.injector.release_hangs()
+        self.subscription.close()
         self.runtime.close()
         db = self.settings.state_db
         for leftover in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
@@ -271,7 +283,7 @@ class Day:
         shutil.move(self.snapshot, db)
         self._check_integrity()
         self.injector = self.injector.successor()
-        self.runtime, self.keeper = self._boot()
+        self.runtime, self.keeper, self.subscription = self._boot()
         self._recover()
 
     def _recover(self) -> None:
@@ -318,6 +330,8 @@ class Day:
             self.stats.injected[self.injector.injected[-1].kind + "@" + self._crash_op()] += 1
             self._restart()
             return None
+        if report is not None:
+            self._check_offered(report)
         self.hv.tick()
         wait = self.keeper.next_wait(report) if report is not None else 5.0
         self.clock.advance(max(wait, 0.5))
@@ -403,6 +417,7 @@ class Day:
 
     def close(self) -> None:
         self.injector.release_hangs()
+        self.subscription.close()
         self.runtime.close()
 
     def run(self) -> Stats:
@@ -434,7 +449,12 @@ class Day:
         self.step += 1
         for _ in range(SETTLE_PASSES):
             report = self._pass()
-            if report is not None and _settled(report) and self.free_ready() >= self.want():
+            if (
+                report is not None
+                and _settled(report)
+                and not self._retries_pending()
+                and self.free_ready() >= self.want()
+            ):
                 break
         else:
             self.stats.checks["converges_after_crash"] += 1
@@ -462,6 +482,23 @@ class Day:
                     "used_desktop_reset_first",
                     f"{name} put in the balancer as ready with the previous user's disk "
                     f"(never reset since its last user); records {self._records()}",
+                )
+
+    def _check_offered(self, report: PassReport) -> None:
+        """After a pass that planned the pool, with the balancer read and nothing done to the
+        desktop refused, no desktop the balancer offers has a previous user's disk (one that
+        was never put in again, because it never left, included)."""
+        if self.spec.name in report.not_planned or report.observation.balancer_error:
+            return
+        refused = {o.action.clone for o in report.execution.failed}
+        refused |= {a.clone for a in report.execution.skipped}
+        self.stats.checks["used_desktop_reset_first"] += 1
+        for name in sorted(self._offered() - refused):
+            if self.hv.clones[name].dirty:
+                self._violate(
+                    "used_desktop_reset_first",
+                    f"{name} offered by the balancer with the previous user's disk after a "
+                    f"pass that planned the pool; records {self._records()}",
                 )
 
     def _check_step(self) -> None:
@@ -548,6 +585,11 @@ class Day:
         )
         return min(free_target(self.spec, self.clock.now()), self.spec.max - used)
 
+    def _retries_pending(self) -> bool:
+        """A failed record waits for its retry (README "Failures"): not settled yet."""
+        pool = self.runtime.store.load_pool(self.spec.name)
+        return any(r.retry_at is not None for r in pool.clones.values())
+
     def _records(self) -> str:
         pool = self.runtime.store.load_pool(self.spec.name)
         return ", ".join(f"{r.name}:{r.state.value}" for r in pool.clones.values()) or "none"
@@ -601,7 +643,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "rollout": Profile(crash_targets=CRASH_TARGETS, rollout_at=15, crashes=4),
     "mixed": Profile(
-        faults=frozenset(FaultKind) - {FaultKind.HANG, FaultKind.TIMEOUT},
+        faults=frozenset(FaultKind),
         fault_rate=0.05,
         crash_targets=CRASH_TARGETS,
     ),

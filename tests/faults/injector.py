@@ -15,6 +15,12 @@ Faults (what a refusing or slow hypervisor or balancer does):
 - HALF_CREATE: create_clone leaves the clone defined on the host and then fails, as a create
   that died half-way (the clone exists; nobody was told).
 
+Slow faults cost no real time when the injector is given the fake clock (`advance`): the
+call moves the clock `late_by` seconds on (past the keeper's action timeout, so the executor
+gives up on it at its next look at the clock) and then does not return until
+release_hangs() (the harness calls it after the pass). Without a clock, a TIMEOUT answers
+`late_by` real seconds late and a HANG waits for release_hangs().
+
 A crash is a `kill -9` of the keeper at a chosen call: BEFORE the request reaches the system
 (the keeper journaled it and died) or AFTER the system did it (the keeper died before hearing
 back). At that instant `on_crash` runs (the campaign copies the state database there, which is
@@ -101,7 +107,8 @@ class FaultInjector:
     kinds: Collection[FaultKind] = ()
     rate: float = 0.0  # chance that one call gets a fault of one of `kinds`
     hang_limit: float = 30.0  # seconds a HANG waits at most (real time; a safety net)
-    late_by: float = 0.0  # seconds a TIMEOUT answers after the call is done (real time)
+    late_by: float = 0.0  # seconds a TIMEOUT answers after the call is done
+    advance: Callable[[float], None] | None = None  # the fake clock: slow faults take no time
     quiet: bool = False  # no faults (crashes still happen)
     operations: Collection[str] = ()  # only these calls get faults; empty = every call
     guard: Callable[[str, str], None] | None = None  # called before a mutating call
@@ -125,6 +132,7 @@ class FaultInjector:
             rate=self.rate,
             hang_limit=self.hang_limit,
             late_by=self.late_by,
+            advance=self.advance,
             quiet=self.quiet,
             operations=self.operations,
             guard=self.guard,
@@ -169,13 +177,7 @@ class FaultInjector:
         if crash_point is CrashPoint.BEFORE:
             self._die(operation, name, crash_point)
         if fault is FaultKind.HANG:
-            gate = self._hangs
-            self._slow_call(+1)
-            try:
-                gate.wait(self.hang_limit)
-            finally:
-                self._slow_call(-1)
-            self._check_alive()
+            self._late(released=True)
             raise fault_error(operation, name, FaultKind.HANG)
         if fault in (FaultKind.BUSY, FaultKind.INVALID, FaultKind.FATAL):
             raise fault_error(operation, name, fault)
@@ -187,13 +189,21 @@ class FaultInjector:
         if fault is FaultKind.HALF_CREATE:
             raise fault_error(operation, name, fault)
         if fault is FaultKind.TIMEOUT:
-            self._slow_call(+1)
-            try:
-                threading.Event().wait(self.late_by)
-            finally:
-                self._slow_call(-1)
-            self._check_alive()
+            self._late(released=self.advance is not None)
         return result
+
+    def _late(self, *, released: bool) -> None:
+        """A slow call: `late_by` on the fake clock, if there is one; then, `released`,
+        until release_hangs() (else `late_by` real seconds)."""
+        gate = self._hangs
+        self._slow_call(+1)
+        try:
+            if self.advance is not None:
+                self.advance(self.late_by)
+            gate.wait(self.hang_limit if released else self.late_by)
+        finally:
+            self._slow_call(-1)
+        self._check_alive()
 
     def _decide(
         self, operation: str, name: str, mutating: bool

@@ -1,6 +1,5 @@
-"""The issue 14 bugs, each as one scripted day: a named moment of a kill -9, and what the
-next keeper does. These fail on the code they were found on (strict xfail): when a fix
-lands, the test passes, and its mark must go."""
+"""The issue 14 bugs, each as one scripted day: a named moment of a kill -9 (or a failed
+read), and what the next keeper does. Each failed on the code it was found on."""
 
 from __future__ import annotations
 
@@ -9,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from imagepipe.errors import BusyError
 from imagepipe.pool.model import CloneState, Power
 from tests.faults.campaign import Day, Profile
-from tests.faults.injector import CrashAt, CrashPoint
-from tests.faults.test_fault_campaign import BUG1, BUG2, BUG3
+from tests.faults.injector import CrashAt, CrashPoint, FaultKind
 
 
 @pytest.fixture
@@ -33,7 +32,6 @@ def found(day: Day, invariant: str) -> list[str]:
     return [str(v) for v in day.stats.violations if v.invariant == invariant]
 
 
-@pytest.mark.xfail(strict=True, reason=BUG1)
 def test_a_keeper_killed_right_after_the_balancer_removal_still_resets_the_desktop(
     day: Day,
 ) -> None:
@@ -56,7 +54,6 @@ def test_a_keeper_killed_right_after_the_balancer_removal_still_resets_the_deskt
     )
 
 
-@pytest.mark.xfail(strict=True, reason=BUG2)
 def test_a_keeper_killed_before_its_create_reached_the_hypervisor_refills_the_pool_at_once(
     day: Day,
 ) -> None:
@@ -71,7 +68,6 @@ def test_a_keeper_killed_before_its_create_reached_the_hypervisor_refills_the_po
     assert found(day, "converges_after_crash") == []
 
 
-@pytest.mark.xfail(strict=True, reason=BUG3)
 def test_a_keeper_killed_before_its_start_reached_the_hypervisor_boots_the_clone_at_once(
     day: Day,
 ) -> None:
@@ -104,3 +100,49 @@ def test_a_keeper_killed_right_after_a_delete_leaves_nothing_behind(day: Day) ->
 
     assert day.stats.recovery_passes, "the keeper was never killed"
     assert day.stats.violations == []
+
+
+def test_a_session_the_keeper_could_not_read_still_gets_its_desktop_reset(day: Day) -> None:
+    """The user's whole session falls between two passes the keeper could not plan (its
+    session query failed): the client's connection event alone must get the desktop reset."""
+    desktop = day.arrive("alice")
+    assert desktop is not None
+    day.hv.fail_next("sessions", BusyError("injected: sessions: locked by another client"))
+    day.run_pass()  # the pool cannot be observed: not planned
+    day.logout("alice")
+    for _ in range(4):
+        day.run_pass()
+    day.clock.advance(day.spec.recycle_after + 1)
+    for _ in range(4):
+        day.run_pass()
+
+    assert found(day, "used_desktop_reset_first") == []
+    assert desktop in day.lb_state.servers and not day.hv.clones[desktop].dirty
+
+
+def test_a_delete_that_answered_too_late_leaves_no_record_once_its_retry_falls_due(
+    day: Day,
+) -> None:
+    """The hypervisor deleted the surplus desktop but answered after the action timeout: the
+    failed record waits for its retry (README "Failures"), then, the desktop being gone and
+    not needed, it is forgotten."""
+    desktop = day.arrive("alice")
+    assert desktop is not None
+    day.run_pass()
+    day.logout("alice")
+    day.clock.advance(day.spec.recycle_after + 1)
+    for _ in range(3):
+        day.run_pass()  # alice's desktop is reset: one free desktop too many
+    day.clock.advance(day.spec.shrink_after + 1)
+    day.injector.kinds, day.injector.rate = {FaultKind.TIMEOUT}, 1.0
+    day.injector.operations = ("delete",)
+    for _ in range(3):
+        day.run_pass()  # the idle surplus is deleted; the answer comes too late
+    day.injector.quiet = True
+    for _ in range(3):
+        day.run_pass()
+
+    assert [i.kind for i in day.injector.injected] == ["timeout"]
+    gone = day.injector.injected[0].name
+    assert gone not in day.hv.clones
+    assert gone not in day.runtime.store.load_pool(day.spec.name).clones

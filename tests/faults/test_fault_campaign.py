@@ -12,24 +12,17 @@ from functools import cache
 
 import pytest
 
-from tests.faults.campaign import CRASH_TARGETS, PROFILES, Stats, rounds_from_env, run_campaign
+from tests.faults.campaign import (
+    CRASH_TARGETS,
+    INVARIANTS,
+    PROFILES,
+    Stats,
+    rounds_from_env,
+    run_campaign,
+)
 from tests.faults.injector import FaultKind
 
 ROUNDS = rounds_from_env(8)
-
-BUG1 = (
-    "issue 14 bug 1: the reset intent is lost when the keeper dies (or the balancer refuses) "
-    "between the balancer removal and the reset: the 'booting' record brings the used desktop "
-    "back to the balancer without its reset"
-)
-BUG2 = (
-    "issue 14 bug 2: a create the dead keeper recorded but never finished leaves a 'creating' "
-    "record that blocks the slot until boot_timeout (pool one desktop short)"
-)
-BUG3 = (
-    "issue 14 bug 3: a start the dead keeper recorded but never sent leaves the clone shut off "
-    "as 'booting' until boot_timeout"
-)
 
 
 @cache
@@ -43,12 +36,6 @@ def violations(stats: Stats, *invariants: str) -> list[str]:
 
 def checked(stats: Stats, *invariants: str) -> int:
     return sum(stats.checks[i] for i in invariants)
-
-
-def _xfail(reason: str | None, value: str) -> object:
-    if reason is None:
-        return value
-    return pytest.param(value, marks=pytest.mark.xfail(strict=True, reason=reason))
 
 
 SAFETY = ("live_session_untouched", "max_respected", "unique_slots", "store_integrity")
@@ -67,20 +54,7 @@ def test_a_keeper_killed_inside_any_action_never_cuts_a_session_exceeds_max_or_d
     assert violations(stats, *SAFETY) == []
 
 
-USED_DESKTOP_AFTER_CRASH = {
-    "create_clone": None,
-    "start": None,
-    "reset": BUG1,
-    "delete": None,
-    "enable": BUG1,
-    "drain": None,
-    "remove": BUG1,
-}
-
-
-@pytest.mark.parametrize(
-    "operation", [_xfail(reason, op) for op, reason in USED_DESKTOP_AFTER_CRASH.items()]
-)
+@pytest.mark.parametrize("operation", CRASH_TARGETS)
 def test_a_keeper_killed_inside_any_action_never_hands_a_used_desktop_to_the_next_user(
     operation: str,
 ) -> None:
@@ -90,20 +64,7 @@ def test_a_keeper_killed_inside_any_action_never_hands_a_used_desktop_to_the_nex
     assert violations(stats, "used_desktop_reset_first") == []
 
 
-HEALED_AFTER_CRASH = {
-    "create_clone": BUG2,
-    "start": BUG3,
-    "reset": None,
-    "delete": None,
-    "enable": f"{BUG3} (the start planned in the same pass as the enable)",
-    "drain": f"{BUG2}; {BUG3} (the create or start planned in the same pass)",
-    "remove": None,
-}
-
-
-@pytest.mark.parametrize(
-    "operation", [_xfail(reason, op) for op, reason in HEALED_AFTER_CRASH.items()]
-)
+@pytest.mark.parametrize("operation", CRASH_TARGETS)
 def test_after_a_keeper_killed_inside_any_action_the_pool_is_whole_again_within_a_few_passes(
     operation: str,
 ) -> None:
@@ -125,19 +86,7 @@ def test_under_any_kind_of_fault_no_session_is_cut_and_the_pool_settles_whole(ki
     assert violations(stats, *invariants) == []
 
 
-USED_DESKTOP_UNDER_FAULTS = {
-    "busy": BUG1,
-    "invalid": BUG1,
-    "fatal": BUG1,
-    "timeout": BUG1,
-    "hang": BUG1,
-    "half_create": None,
-}
-
-
-@pytest.mark.parametrize(
-    "kind", [_xfail(reason, kind) for kind, reason in USED_DESKTOP_UNDER_FAULTS.items()]
-)
+@pytest.mark.parametrize("kind", [k.value for k in FaultKind])
 def test_under_any_kind_of_fault_a_used_desktop_is_reset_before_the_next_user(kind: str) -> None:
     stats = campaign(f"fault-{kind}")
 
@@ -163,11 +112,21 @@ def test_a_rollout_with_kills_inside_its_steps_never_cuts_a_session_or_exceeds_m
     assert violations(stats, *SAFETY) == []
 
 
-@pytest.mark.xfail(strict=True, reason=BUG1)
 def test_a_rollout_with_kills_inside_its_steps_never_hands_out_a_used_desktop() -> None:
     assert violations(campaign("rollout"), "used_desktop_reset_first") == []
 
 
-@pytest.mark.xfail(strict=True, reason=f"{BUG2}; {BUG3}")
 def test_a_rollout_with_kills_inside_its_steps_is_whole_again_within_a_few_passes() -> None:
     assert violations(campaign("rollout"), "converges_after_crash", "nothing_orphaned") == []
+
+
+# ---- every kind of fault and kills inside every kind of action, on the same days ---------
+
+
+def test_faults_of_every_kind_and_kills_together_break_no_promise() -> None:
+    stats = campaign("mixed")
+
+    assert {k.value for k in FaultKind} <= set(stats.injected), "a fault kind never happened"
+    assert any(k.startswith("crash") for k in stats.injected), "no kill happened"
+    assert checked(stats, *INVARIANTS) > 0
+    assert stats.violations == []

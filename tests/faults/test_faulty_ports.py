@@ -22,8 +22,8 @@ from imagepipe.errors import (
 )
 from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power
 from imagepipe.pool.ports import Balancer, Hypervisor
+from tests.contract import test_hypervisor_fake as fake_contract
 from tests.contract.balancer_suite import BalancerContract
-from tests.contract.hypervisor_suite import HypervisorContract
 from tests.contract.test_balancer_fake import FakeHarness
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeHypervisor, FakeImages
@@ -36,7 +36,9 @@ from tests.faults.injector import (
     KeeperCrash,
 )
 from tests.faults.ports import FaultyBalancer, FaultyHypervisor
+from tests.integration import test_libvirt_contract as libvirt_contract
 from tests.integration.test_haproxy import RealHarness, real_harness  # noqa: F401 (fixture)
+from tests.integration.test_libvirt_contract import tiny_base, workdir  # noqa: F401 (fixtures)
 
 BASE = FakeImages().publish("tiny", 1)
 
@@ -72,17 +74,43 @@ def fake() -> FakeHypervisor:
 # ---- transparent when no fault is scheduled ---------------------------------------------
 
 
-class TestQuietFaultyHypervisorOverTheFake(HypervisorContract):
-    @pytest.fixture
-    def hypervisor(self) -> Iterator[Hypervisor]:
-        inner = FakeHypervisor()
-        inner.add_base(BASE)
-        yield FaultyHypervisor(inner, quiet())
-        inner.close()
+class TestQuietFaultyHypervisorOverTheFake(fake_contract.TestFakeHypervisor):
+    """The fake's own contract class (its base, foreign VM, running base and occupied
+    display fixtures act on the wrapped fake), with the port under test wrapped."""
 
     @pytest.fixture
-    def base_image(self) -> BaseImage:
-        return BASE
+    def hypervisor(self, fake_hv: FakeHypervisor) -> Hypervisor:
+        return FaultyHypervisor(fake_hv, quiet())
+
+
+@pytest.mark.real
+@pytest.mark.slow
+@pytest.mark.opt_in(
+    "IMAGEPIPE_FAULT_ROUNDS",
+    reason="long profile only (IMAGEPIPE_FAULT_ROUNDS=N): a minute of TCG guests that repeats "
+    "tests/integration/test_libvirt_contract.py through a wrapper the fake's contract proves",
+)
+class TestQuietFaultyHypervisorOverLibvirt(libvirt_contract.TestLibvirtHypervisor):
+    """The real libvirt contract class (its tiny base, foreign domain, running base), with
+    the port under test wrapped."""
+
+    @pytest.fixture
+    def hypervisor(
+        self,
+        require_libvirt: str,
+        workdir: Path,  # noqa: F811
+        contract_pool: str,
+    ) -> Iterator[Hypervisor]:
+        from imagepipe.hypervisors.libvirt import LibvirtHypervisor
+
+        inner = LibvirtHypervisor(require_libvirt, state_dir=workdir / "state")
+        try:
+            yield FaultyHypervisor(inner, quiet())
+        finally:
+            for clone in inner.list_clones():
+                if clone.pool == contract_pool:
+                    inner.delete(clone.name)
+            inner.close()
 
 
 class TestQuietFaultyBalancerOverTheFake(BalancerContract):
@@ -257,10 +285,10 @@ def test_over_real_libvirt_a_half_failed_create_leaves_a_real_domain_that_delete
     from imagepipe.hypervisors.libvirt import LibvirtHypervisor
     from tests.guest import tiny_base_image
 
-    workdir = Path(tempfile.mkdtemp(prefix="ipf-", dir="/tmp"))  # short socket paths
-    libvirt = LibvirtHypervisor(require_libvirt, state_dir=workdir / "state")
+    root = Path(tempfile.mkdtemp(prefix="ipf-", dir="/tmp"))  # short socket paths
+    libvirt = LibvirtHypervisor(require_libvirt, state_dir=root / "state")
     try:
-        base = tiny_base_image(workdir / "tiny-v1")
+        base = tiny_base_image(root / "tiny-v1")
         hv = FaultyHypervisor(libvirt, only(FaultKind.HALF_CREATE))
         with pytest.raises(FatalHypervisorError):
             hv.create_clone(spec(0, base, pool="k9half"))
@@ -268,10 +296,10 @@ def test_over_real_libvirt_a_half_failed_create_leaves_a_real_domain_that_delete
         assert [c.name for c in libvirt.list_clones() if c.pool == "k9half"] == ["k9half-0"]
         libvirt.delete("k9half-0")
         assert [c.name for c in libvirt.list_clones() if c.pool == "k9half"] == []
-        assert not list((workdir / "state").rglob("k9half-*"))
+        assert not list((root / "state").rglob("k9half-*"))
     finally:
         for clone in libvirt.list_clones():
             if clone.pool == "k9half":
                 libvirt.delete(clone.name)
         libvirt.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)

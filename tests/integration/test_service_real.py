@@ -232,7 +232,10 @@ def test_ready_then_pools_down_removes_the_free_desktop_now_and_the_users_after_
             ),
         )
         service.cli("pools", "down", POOL)
-        pool = service.wait_for("only the user's desktop left", lambda p: p["total"] == 1)
+        pool = service.wait_for(
+            "only the user's desktop left",
+            lambda p: p["total"] == 1 and len(p["clones"]) == 1,  # the free one deleted, forgotten
+        )
         (left,) = pool["clones"]
         assert (left["name"], left["balancer"], pool["going_down"]) == (
             desktop,

@@ -151,8 +151,8 @@ class TestSimulatedVirtualBox71(_Simulated):
 
 
 @pytest.mark.real
-@pytest.mark.skipif(
-    os.environ.get("IMAGEPIPE_VIRTUALBOX") != "1",
+@pytest.mark.opt_in(
+    "IMAGEPIPE_VIRTUALBOX",
     reason="a real VirtualBox host: set IMAGEPIPE_VIRTUALBOX=1 and IMAGEPIPE_VIRTUALBOX_BASE_VM",
 )
 class TestRealVirtualBox(_Hooks):

@@ -646,3 +646,23 @@ def test_a_user_who_came_and_went_between_two_passes_still_gets_the_desktop_rese
 
     assert not world.hv.is_dirty(taken)
     assert taken in world.free_in_balancer()
+
+
+def test_a_connect_event_outlives_a_pass_that_could_not_read_the_sessions(world: World) -> None:
+    keeper = world.keeper()
+    settle(keeper)
+    subscription = world.hv.subscribe(keeper.on_event)  # what run() subscribes
+    taken = use(world)
+    world.hv.fail_next("sessions", BusyError("domain is locked"))
+    report = keeper.run_pass()  # the pool cannot be observed: not planned
+    leave(world, taken)
+
+    for _ in range(8):
+        keeper.run_pass()
+        no_dirty_desktop_serves(world)
+        world.clock.advance(LAB.recycle_after)
+    subscription.close()
+
+    assert "lab" in report.not_planned
+    assert not world.hv.is_dirty(taken)
+    assert taken in world.free_in_balancer()
