@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar, cast
 
+from imagepipe.errors import InvalidStateError
 from imagepipe.pool.model import Backend, BaseImage, CloneInfo, CloneSpec, Endpoint, GuestSession
 from imagepipe.pool.ports import (
     Balancer,
@@ -69,6 +70,13 @@ class FaultyHypervisor:
 
     def sessions(self, name: str) -> GuestSession:
         return self._do("sessions", name, lambda: self.inner.sessions(name), mutating=False)
+
+    def notify_users(self, name: str, text: str) -> None:
+        """The optional Notifier port, passed through (a rollout's deadline warning)."""
+        notify = getattr(self.inner, "notify_users", None)
+        if notify is None:
+            raise InvalidStateError(f"the hypervisor cannot show {name} a message")
+        self._do("notify_users", name, lambda: notify(name, text), mutating=False)
 
     def subscribe(self, callback: Callable[[HypervisorEvent], None]) -> Subscription:
         return self.inner.subscribe(callback)
