@@ -441,3 +441,18 @@ def test_a_rollout_waits_while_the_new_base_runs_and_says_why(world: World) -> N
     world.hv.add_base(base)  # powered off
     run(world, keeper, 10, floor=2)
     assert world.rollout().state is RolloutState.DONE
+
+
+def test_an_old_free_desktop_whose_agent_misses_a_pass_is_not_deleted(world: World) -> None:
+    keeper = world.keeper()
+    settle(world, keeper)
+    world.build(2)
+    world.hv.boot_ticks = 5  # the new desktops take a while
+    world.rollouts.start([LAB], Request(image="tiny"), by="admin")
+    keeper.run_pass()
+    old = [n for n, v in world.versions().items() if v == 1]
+    world.hv.clones[old[0]].boot_ticks_left = 1  # its guest agent does not answer this pass
+
+    keeper.run_pass()
+
+    assert all(name in world.hv.clones for name in old)

@@ -91,7 +91,7 @@ def drain_deadline_passed(
 
 def holds(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> bool:
     """An old clone that keeps serving while the rollout makes its replacement: free, clean,
-    healthy, ready, shared, and nobody on it."""
+    healthy, running, shared, and nobody on it."""
     info = oc.info
     return (
         ctx.rollout is not None
@@ -100,9 +100,8 @@ def holds(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> bool:
         and (not rec.dirty or ctx.persistent(info.slot))  # persistent desktops serve as left
         and rec.failures == 0
         and rec.retry_at is None
-        and info.power is Power.RUNNING
-        and info.ready
-        and info.slot not in ctx.assigned
+        and info.power is Power.RUNNING  # ready or not: a guest agent slow to answer one
+        and info.slot not in ctx.assigned  # pass (a loaded host) must not cost a desktop
         and not oc.session.active
         and info.name not in ctx.touched
     )
