@@ -91,13 +91,18 @@ def parse_optional_channel(value: object) -> str | None:
     return value
 
 
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address `text` spells, or None when it is not one."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
 def parse_ip_address(value: object) -> str:
     """An IPv4 or IPv6 address (`[fd00::10]` too), ASCII, in its normal form."""
-    if isinstance(value, str) and value.isascii():
-        try:
-            return str(ipaddress.ip_address(value.strip("[]")))
-        except ValueError:
-            pass
+    if isinstance(value, str) and value.isascii() and (ip := _ip(value.strip("[]"))) is not None:
+        return str(ip)
     raise ValueError(f"expected an IP address such as 10.0.0.10 or fd00::10, got {shown(value)}")
 
 
@@ -107,15 +112,12 @@ def parse_optional_vip(value: object) -> str | None:
 
 def parse_listen_address(value: object) -> str:
     """An IP address or an ASCII host name (QEMU resolves it when the desktop starts)."""
-    if isinstance(value, str) and value.isascii():
-        if _HOSTNAME.fullmatch(value):
-            return value
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            pass
-        else:
-            return value
+    if (
+        isinstance(value, str)
+        and value.isascii()
+        and (_HOSTNAME.fullmatch(value) or _ip(value) is not None)
+    ):
+        return value
     raise ValueError(f"expected an address such as 127.0.0.1 or ::1, got {shown(value)}")
 
 
@@ -271,13 +273,8 @@ def parse_host_port(value: object) -> str:
         host, _, port = value.rpartition(":")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-        if re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535:
-            try:
-                ipaddress.ip_address(host)
-            except ValueError:
-                pass
-            else:
-                return value
+        if re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535 and _ip(host) is not None:
+            return value
     raise ValueError(
         f'expected an IP address and port such as 127.0.0.1:5999 or "[::1]:5999", '
         f"got {shown(value)}"

@@ -95,8 +95,10 @@ def import_pyvbox() -> Any:
     """The `virtualbox` package, or EnvironmentMissingError saying how to get it."""
     try:
         virtualbox = importlib.import_module("virtualbox")
-        with virtualbox.import_vboxapi():
-            pass
+        # pyvbox finds VirtualBox's own vboxapi (also outside this virtualenv) and yields it
+        with virtualbox.import_vboxapi() as vboxapi:
+            if not hasattr(vboxapi, "VirtualBoxManager"):
+                raise ImportError(f"{vboxapi.__file__} has no VirtualBoxManager")
     except ImportError as exc:
         raise EnvironmentMissingError(
             f"VirtualBox's Python API is not usable ({exc}): pip install 'imagepipe[virtualbox]' "
