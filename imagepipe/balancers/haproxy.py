@@ -13,10 +13,10 @@ import ipaddress
 import logging
 import os
 import shutil
-import socket
 from pathlib import Path
 
 from imagepipe.balancers import haproxy_runtime as rt
+from imagepipe.balancers.addresses import resolve_ip
 from imagepipe.balancers.haproxy_config import (
     HAProxyConfig,
     check_balance,
@@ -84,7 +84,7 @@ class HAProxyBalancer:
     def enable(self, name: str, address: Endpoint) -> None:
         self._check_open()
         rt.check_name(name)
-        target = _resolve(address)
+        target = resolve_ip(address)
         current = self._find_state(name)
         if current is None:
             command = rt.add_server(name, target)
@@ -224,18 +224,6 @@ class HAProxyBalancer:
     def _check_open(self) -> None:
         if self._closed:
             raise BalancerError("the HAProxy balancer was closed; build a new one")
-
-
-def _resolve(address: Endpoint) -> Endpoint:
-    """HAProxy's dynamic servers do not resolve names: give it an IP address."""
-    host = address.host.strip("[]")
-    with contextlib.suppress(ValueError):
-        return Endpoint(str(ipaddress.ip_address(host)), address.port)
-    try:
-        infos = socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise BalancerError(f"cannot resolve desktop address {host!r}: {exc.strerror}") from None
-    return Endpoint(str(infos[0][4][0]), address.port)
 
 
 def _same(a: Endpoint, b: Endpoint) -> bool:

@@ -14,13 +14,12 @@ on a real director; in the tests, an agent inside a QEMU machine running Debian'
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
-import socket
 import threading
 from dataclasses import dataclass
 
+from imagepipe.balancers.addresses import resolve_ip
 from imagepipe.balancers.ipvs_parse import (
     NAME,
     Forward,
@@ -278,7 +277,7 @@ class IPVSBalancer:
             raise _failed(result)
 
     def _real_address(self, address: Endpoint) -> Endpoint:
-        target = _resolve(address)
+        target = resolve_ip(address)
         if self.forward is not Forward.MASQ and target.port != self.vip.port:
             raise BalancerError(
                 f"desktop {address} listens on port {target.port}, but with IPVS forwarding "
@@ -381,15 +380,3 @@ def _check_name(name: str) -> None:
 
 def _failed(result: CommandResult) -> BalancerError:
     return BalancerError(f"IPVS: {result.describe()}")
-
-
-def _resolve(address: Endpoint) -> Endpoint:
-    """IPVS takes IP addresses only."""
-    host = address.host.strip("[]")
-    with contextlib.suppress(ValueError):
-        return Endpoint(str(ipaddress.ip_address(host)), address.port)
-    try:
-        infos = socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise BalancerError(f"cannot resolve desktop address {host!r}: {exc.strerror}") from None
-    return Endpoint(str(infos[0][4][0]), address.port)

@@ -103,6 +103,17 @@ def error_for(code: int, message: str, subject: str) -> HypervisorError:
     return FatalHypervisorError(text)
 
 
+@contextlib.contextmanager
+def translated(libvirt: Any, subject: str) -> Iterator[None]:
+    """Raise libvirt's errors inside the block as imagepipe's (error_for)."""
+    try:
+        yield
+    except libvirt.libvirtError as exc:
+        raise error_for(
+            exc.get_error_code() or 0, exc.get_error_message() or str(exc), subject
+        ) from exc
+
+
 def power_of(state: int) -> Power:
     return _POWER.get(state, Power.OTHER)
 
@@ -201,14 +212,8 @@ class LibvirtHypervisor:
 
     # -- helpers -------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _translate(self, subject: str) -> Iterator[None]:
-        try:
-            yield
-        except self._libvirt.libvirtError as exc:
-            raise error_for(
-                exc.get_error_code() or 0, exc.get_error_message() or str(exc), subject
-            ) from exc
+    def _translate(self, subject: str) -> contextlib.AbstractContextManager[None]:
+        return translated(self._libvirt, subject)
 
     def _domain(self, name: str) -> Any:
         check_name(name)

@@ -18,13 +18,12 @@ import hashlib
 import os
 import shutil
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imagepipe.errors import BadInputError, InvalidStateError, OperationFailedError
-from imagepipe.hypervisors.libvirt import error_for, import_libvirt
+from imagepipe.hypervisors.libvirt import error_for, import_libvirt, translated
 from imagepipe.hypervisors.libvirt_disks import disk_format, run_qemu_img
 from imagepipe.hypervisors.libvirt_xml import NAMESPACE
 
@@ -112,14 +111,8 @@ class DomainImporter:
         with contextlib.suppress(Exception):
             self._conn.close()
 
-    @contextlib.contextmanager
-    def _translate(self, subject: str) -> Iterator[None]:
-        try:
-            yield
-        except self._libvirt.libvirtError as exc:
-            raise error_for(
-                exc.get_error_code() or 0, exc.get_error_message() or str(exc), subject
-            ) from exc
+    def _translate(self, subject: str) -> contextlib.AbstractContextManager[None]:
+        return translated(self._libvirt, subject)
 
     def _domain(self, name: str) -> Any:
         with self._translate(f"domain {name}"):
