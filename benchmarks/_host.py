@@ -74,10 +74,20 @@ def domain_id(name: str) -> str:
     return virsh("domid", name).strip()
 
 
+def qemu_reaper() -> str:
+    """Who reaps libvirt's QEMUs: they daemonize, so they are orphans of libvirtd's nearest
+    subreaper, else of PID 1. scripts/libvirtd.sh runs libvirtd under `tini -s`."""
+    for pid in pids_named("libvirtd"):
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        if parent != 1:
+            return Path(f"/proc/{parent}/comm").read_text().strip() + " (libvirtd's subreaper)"
+    return Path("/proc/1/comm").read_text().strip() + " (PID 1)"
+
+
 def reap_delay() -> float:
-    """Seconds this host's PID 1 takes to reap an orphan after it exits. QEMU runs as an
-    orphan of PID 1, and libvirt's destroy waits until it is reaped, so every reset pays
-    this; a normal init reaps at once (well under 0.01 s)."""
+    """Seconds this host's PID 1 takes to reap an orphan after it exits. libvirt's destroy
+    waits until QEMU is reaped, so where PID 1 reaps QEMU every reset pays this; a normal
+    init reaps at once (well under 0.01 s)."""
     started = subprocess.run(
         ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
         capture_output=True,

@@ -46,6 +46,7 @@ from _host import (
     pid_cpu,
     pids_named,
     port_in_use,
+    qemu_reaper,
     reap_delay,
     running_domain_count,
     tree_cpu,
@@ -161,8 +162,9 @@ def check_host(options: Options) -> None:
         f"running domain(s), {available_mb} MB available"
     )
     print(
-        f"host: PID 1 reaps an exited process after {reap_delay():.2f} s (libvirt's destroy "
-        "waits for it, so every reset pays it, in both start modes)"
+        f"host: QEMU is reaped by {qemu_reaper()}; PID 1 reaps an orphan after "
+        f"{reap_delay():.2f} s (libvirt's destroy waits for the reaping: where PID 1 reaps "
+        "QEMU, every reset pays it, in both start modes)"
     )
     if others:
         print(f"WARNING: test runs are going, figures may be disturbed:\n{others}")

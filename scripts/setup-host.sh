@@ -13,7 +13,7 @@ packages=(
   packer qemu-system-x86 qemu-utils
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
   haproxy git busybox-static cpio e2fsprogs
-  systemd passwd shellcheck
+  systemd passwd shellcheck tini
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -47,14 +47,7 @@ remember_owner = 0
 CONF
 fi
 
-if ! virsh -c qemu:///system version >/dev/null 2>&1; then
-  pgrep -x virtlogd >/dev/null || virtlogd -d
-  pgrep -x libvirtd >/dev/null || libvirtd -d
-  for _ in $(seq 1 50); do
-    virsh -c qemu:///system version >/dev/null 2>&1 && break
-    sleep 0.2
-  done
-fi
+"$(dirname "$0")/libvirtd.sh" start || true
 virsh -c qemu:///system version >/dev/null 2>&1 || {
   echo "setup-host: libvirtd did not answer on qemu:///system" >&2
   exit 3
