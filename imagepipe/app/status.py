@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, replace
 
 from imagepipe.app.bootstrap import Adapters, build_balancer, build_hypervisor, build_images
 from imagepipe.config import Settings
+from imagepipe.pool.learning import learned
 from imagepipe.pool.model import (
     CloneRecord,
     CloneState,
@@ -29,7 +30,7 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.observe import HostObservation, observe
 from imagepipe.pool.planner import classify, free_target
-from imagepipe.pool.planner.forecast import BUCKET, HISTORY_DAYS, day_and_bucket, learn
+from imagepipe.pool.planner.forecast import day_and_bucket
 from imagepipe.pool.store import Store
 
 SCHEMA = "imagepipe.status/1"
@@ -134,9 +135,7 @@ def load_records(
         record = store.load_pool(spec.name)
         if spec.learn is not None:
             day, _ = day_and_bucket(now, spec.timezone)
-            since = day - HISTORY_DAYS
-            history = store.login_history(spec.name, seconds=BUCKET, since_day=since)
-            record = replace(record, arrivals=learn(history, day))
+            record = replace(record, arrivals=learned(store, spec.name, day).arrivals)
         if spec.name in active:
             record = replace(record, rollout=active[spec.name].policy(spec))
         records[spec.name] = record

@@ -24,9 +24,9 @@ from typing import Protocol
 from imagepipe.errors import ImagepipeError
 from imagepipe.log import fields
 from imagepipe.pool.executor import ExecutionReport, Executor, ExecutorSettings
+from imagepipe.pool.learning import Learned, learned
 from imagepipe.pool.model import (
     Action,
-    Arrivals,
     BaseImage,
     ForgetClone,
     Observed,
@@ -37,13 +37,7 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.observe import HostObservation, belongs_to, observe
 from imagepipe.pool.planner import failures_after, next_timer, plan
-from imagepipe.pool.planner.forecast import (
-    BUCKET,
-    HISTORY_DAYS,
-    day_and_bucket,
-    learn,
-    logins_in,
-)
+from imagepipe.pool.planner.forecast import BUCKET, HISTORY_DAYS, day_and_bucket, logins_in
 from imagepipe.pool.ports import (
     Balancer,
     Channels,
@@ -154,7 +148,7 @@ class Keeper:
         self._quick_passes = 0  # quick passes in a row (see next_wait)
         self._notes_reported: dict[str, str] = {}  # pool -> the reason last logged
         self.hooks: KeeperHooks = hooks or NoHooks()
-        self._learned: dict[str, tuple[int, Arrivals | None]] = {}  # pool -> (day, arrivals)
+        self._learned: dict[str, tuple[int, Learned]] = {}  # pool -> (day, what it taught)
 
     # ---- control ---------------------------------------------------------------------
 
@@ -314,19 +308,16 @@ class Keeper:
         if spec.learn is None:
             return record
         day, _ = day_and_bucket(now, spec.timezone)
-        learned = self._learned.get(spec.name)
-        if learned is None or learned[0] != day:
-            history = self.store.login_history(
-                spec.name, seconds=BUCKET, since_day=day - HISTORY_DAYS
-            )
-            learned = (day, learn(history, day))
-            self._learned[spec.name] = learned
-            if learned[1] is not None:
+        known = self._learned.get(spec.name)
+        if known is None or known[0] != day:
+            known = (day, learned(self.store, spec.name, day))
+            self._learned[spec.name] = known
+            if known[1].arrivals is not None:
                 log.info(
                     "learned the logins to expect",
-                    extra=fields(pool=spec.name, days=len(history.days)),
+                    extra=fields(pool=spec.name, days=known[1].days),
                 )
-        return replace(record, arrivals=learned[1])
+        return replace(record, arrivals=known[1].arrivals)
 
     def _record_logins(self, arrived: Mapping[str, tuple[int, str]], now: float) -> None:
         """Every pool's logins go into its history, so learning has something to start
