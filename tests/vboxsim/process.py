@@ -161,10 +161,13 @@ class QemuProcess:
     def _wait_migration(self, running: str) -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"QEMU exited: {err.strip()[-400:]}")
             status = self.command("query-migrate").get("return", {}).get("status")
             if status == "completed" or (running == "inmigrate" and status is None):
                 status_reply = self.command("query-status").get("return", {})
-                if status_reply.get("status") != "inmigrate":
+                if status_reply.get("status") not in (None, "inmigrate"):
                     return
             if status == "failed":
                 raise RuntimeError("QEMU could not save or restore the machine's state")
