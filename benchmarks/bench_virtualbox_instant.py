@@ -94,9 +94,10 @@ def main() -> None:
         restored = [clone(StartMode.RESTORE) for _ in range(options.samples)]
         restore_s = statistics.median(s for _, s in restored)
         boot_resets = resets(booted)
+        infos = {c.name: c.started_by for c in hv.list_clones()}
         hv.stop(booted, 10.0)
         restore_resets = resets(restored[0][0])
-        infos = {c.name: c.started_by for c in hv.list_clones()}
+        infos |= {c.name: c.started_by for c in hv.list_clones() if c.name != booted}
         print("simulated VirtualBox 7.0 (QEMU TCG guests of tiny, 128 MiB, 1 cpu), one run:")
         print(f"  boot:    create + start -> ready          {boot_s:6.2f} s")
         print(f"  restore: first clone (makes the parent)   {first_s:6.2f} s")
