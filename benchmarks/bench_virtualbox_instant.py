@@ -27,11 +27,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
-from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, StartMode
+from imagepipe.pool.model import CloneMode, CloneSpec, Endpoint, StartMode
 from tests import vboxsim
-from tests.guest import tiny_base_image
 from tests.host import free_port
-from tests.vboxsim.api import Boot, Host
+from tests.vboxsim.api import Host
+from tests.vboxsim.fixtures import tiny_vm
 from tests.vboxsim.process import QemuProcess
 
 TIMEOUT = 180.0
@@ -62,11 +62,7 @@ def main() -> None:
     hv: VirtualBoxHypervisor | None = None
     try:
         host = vboxsim.start(work / "vbox", version="7.0.14", process_factory=QemuProcess)
-        tiny = tiny_base_image(work / "tiny-v1")
-        d = tiny.directory
-        boot = Boot(d / (tiny.kernel or ""), d / (tiny.initrd or ""), tiny.cmdline or "")
-        host.create_base_vm("imagepipe-tiny-v1", d / (tiny.disk or ""), boot=boot)
-        base = BaseImage("tiny", 1, d, vm="imagepipe-tiny-v1", snapshot="clean")
+        base = tiny_vm(host, work / "tiny-v1")
         hv = VirtualBoxHypervisor()
         slots = iter(range(100))
 

@@ -27,9 +27,10 @@ from imagepipe.pool.model import (
 )
 from tests import vboxsim
 from tests.conftest import require_program
-from tests.guest import SerialConsole, tiny_base_image
+from tests.guest import SerialConsole
 from tests.host import free_port
-from tests.vboxsim.api import Boot, Host
+from tests.vboxsim.api import Host
+from tests.vboxsim.fixtures import tiny_vm
 from tests.vboxsim.process import QemuProcess
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
@@ -52,21 +53,9 @@ def sim(workdir: Path) -> Iterator[Host]:
     vboxsim.stop(host)
 
 
-def register(
-    sim: Host, workdir: Path, *, version: int = 1, cmdline: str | None = None
-) -> BaseImage:
-    """The tiny image's version as a base VM with a snapshot, as an imported version has."""
-    tiny = tiny_base_image(workdir / f"tiny-v{version}", version=version)
-    d = tiny.directory
-    boot = Boot(d / (tiny.kernel or ""), d / (tiny.initrd or ""), cmdline or tiny.cmdline or "")
-    name = f"imagepipe-tiny-v{version}"
-    sim.create_base_vm(name, d / (tiny.disk or ""), boot=boot, snapshot="clean")
-    return BaseImage("tiny", version, d, vm=name, snapshot="clean")
-
-
 @pytest.fixture
 def base(sim: Host, workdir: Path) -> BaseImage:
-    return register(sim, workdir)
+    return tiny_vm(sim, workdir / "tiny-v1")
 
 
 @pytest.fixture
@@ -192,7 +181,9 @@ def test_when_no_warm_parent_can_be_made_desktops_boot_and_it_is_said_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # a version whose guest powers off instead of reporting: no parent can be saved from it
-    broken = register(sim, workdir, version=7, cmdline="console=ttyS0 quiet imagepipe.mode=build")
+    broken = tiny_vm(
+        sim, workdir / "tiny-v7", version=7, cmdline="console=ttyS0 quiet imagepipe.mode=build"
+    )
     caplog.set_level(logging.WARNING, logger="imagepipe")
     specs = [replace(make_spec(slot), base=broken) for slot in (1, 2)]
     for spec in specs:

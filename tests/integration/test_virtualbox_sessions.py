@@ -16,9 +16,10 @@ from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Powe
 from imagepipe.pool.ports import EventKind, HypervisorEvent
 from tests import vboxsim
 from tests.conftest import require_program
-from tests.guest import SerialConsole, VncClient, tiny_base_image
+from tests.guest import SerialConsole, VncClient
 from tests.host import free_port
-from tests.vboxsim.api import Boot, Host
+from tests.vboxsim.api import Host
+from tests.vboxsim.fixtures import tiny_vm
 from tests.vboxsim.process import QemuProcess
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
@@ -41,12 +42,7 @@ def sim(workdir: Path) -> Iterator[Host]:
 
 @pytest.fixture
 def base(sim: Host, workdir: Path) -> BaseImage:
-    tiny = tiny_base_image(workdir / "tiny-v1")
-    d = tiny.directory
-    boot = Boot(d / (tiny.kernel or ""), d / (tiny.initrd or ""), tiny.cmdline or "")
-    name = "imagepipe-tiny-v1"
-    sim.create_base_vm(name, d / (tiny.disk or ""), boot=boot, snapshot="clean")
-    return BaseImage("tiny", 1, d, vm=name, snapshot="clean")
+    return tiny_vm(sim, workdir / "tiny-v1")
 
 
 @pytest.fixture
