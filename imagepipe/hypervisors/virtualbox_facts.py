@@ -215,6 +215,8 @@ def is_session_property(name: str) -> bool:
 PARENT_GROUP = "/imagepipe-warm"  # outside GROUP_ROOT/: a parent is never listed as a clone
 PARENT_SNAPSHOT = "imagepipe-warm"  # the parent's online snapshot (memory saved) clones link to
 PARENT_KEY = EXTRA_PREFIX + "warm-parent"  # extra data on a parent: its key's fingerprint
+PARENT_IMAGE = EXTRA_PREFIX + "warm-image"  # and its image and version (to retire it)
+PARENT_VERSION = EXTRA_PREFIX + "warm-version"
 PROP_STARTED_BY = "/imagepipe/started-by"  # restore | boot: how the running guest started
 PROP_IDENTITY = "/imagepipe/identity/hostname"  # ClonePrep: the name a restored guest takes
 

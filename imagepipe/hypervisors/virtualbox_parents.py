@@ -14,6 +14,9 @@ running guest.
 
 A parent that cannot be made is said once in the log per key and tried again after
 RETRY_AFTER seconds; meanwhile desktops are cloned from the version's snapshot and boot.
+A parent pins its version's snapshot (VirtualBox keeps a disk that has children): once a newer
+version of its image has a parent and no clone links to the older one any more, the older
+parent is removed (looked at most once a minute).
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from typing import TYPE_CHECKING, Any
 from imagepipe.errors import FatalHypervisorError, HypervisorError
 from imagepipe.hypervisors.virtualbox_facts import (
     PARENT_GROUP,
+    PARENT_IMAGE,
     PARENT_KEY,
     PARENT_SNAPSHOT,
+    PARENT_VERSION,
     PROP_NO_USERS,
     RUNNING_STATES,
     WarmKey,
@@ -45,6 +50,7 @@ log = logging.getLogger(__name__)
 BOOT_TIMEOUT = 300.0  # seconds a parent may take until its Guest Additions report
 RETRY_AFTER = 600.0  # seconds before a parent that failed is tried again
 POLL = 0.1  # seconds between looks at a booting parent
+RETIRE_EVERY = 60.0  # seconds between looks for parents of older versions to remove
 CLONE_MODE_MACHINE_STATE = 1
 CLONE_OPTION_LINK = 1
 CLEANUP_DETACH_HARD_DISKS = 3
@@ -61,6 +67,7 @@ class WarmParents:
         self._locks: dict[str, threading.Lock] = {}
         self._failed: dict[str, float] = {}  # key name -> monotonic time of the failure
         self._said: set[str] = set()
+        self._retired_at = -RETIRE_EVERY
 
     def ensure(self, key: WarmKey, source: Any) -> Any | None:
         """The parent's online snapshot (an ISnapshot) for `key`, made now from `source` (the
@@ -73,6 +80,7 @@ class WarmParents:
                 self.say_once(f"make:{key.name}", f"no warm parent for {key}: {exc}")
                 return None
             if found is not None:
+                self._retire_older(key)
                 return found
             failed = self._failed.get(key.name)
             if failed is not None and time.monotonic() - failed < RETRY_AFTER:
@@ -89,6 +97,8 @@ class WarmParents:
                 )
                 return None
             self._failed.pop(key.name, None)
+            self._retired_at = -RETIRE_EVERY  # a new parent: look at the older ones now
+            self._retire_older(key)
             log.info(
                 "warm parent made",
                 extra=fields(
@@ -165,6 +175,8 @@ class WarmParents:
             target.cpu_count = key.cpus
             target.vrde_server.enabled = False  # nobody connects to a parent
             target.set_extra_data(PARENT_KEY, key.fingerprint)
+            target.set_extra_data(PARENT_IMAGE, key.image)
+            target.set_extra_data(PARENT_VERSION, str(key.version))
             target.save_settings()
             vbox.register_machine(target)
             machine = vbox.find_machine(name)
@@ -209,6 +221,57 @@ class WarmParents:
                 )
             hv._hub.wait_for_change(POLL)
 
+    def _retire_older(self, key: WarmKey) -> None:
+        """Remove the parents of older versions of the key's image that no clone links to
+        (best effort: one that cannot be removed now is looked at again later)."""
+        now = time.monotonic()
+        with self._guard:
+            if now - self._retired_at < RETIRE_EVERY:
+                return
+            self._retired_at = now
+        hv = self._hv
+        try:
+            with hv._translate("warm parents"):
+                machines = list(hv._vbox.get_machines_by_groups([PARENT_GROUP]))
+        except HypervisorError:
+            return
+        for machine in machines:
+            try:
+                with hv._translate("warm parent"):
+                    name = str(machine.name)
+                    image = str(machine.get_extra_data(PARENT_IMAGE))
+                    version = str(machine.get_extra_data(PARENT_VERSION))
+                    if image != key.image or not version.isdigit():
+                        continue
+                    if int(version) >= key.version:
+                        continue
+                with self._lock_for(name):
+                    if self._linked(machine):
+                        continue
+                    self._remove(name)
+                log.info(
+                    "warm parent removed",
+                    extra=fields(image=image, version=int(version), parent=name),
+                )
+            except HypervisorError as exc:
+                log.info("warm parent kept", extra=fields(error=str(exc)))
+
+    def _linked(self, machine: Any) -> bool:
+        """A clone links to the parent's snapshot: its disk has a differencing child other
+        than the parent's own current disk."""
+        hv = self._hv
+        with hv._translate("warm parent"):
+            try:
+                snapshot = machine.find_snapshot(PARENT_SNAPSHOT)
+            except hv._lib.VBoxError:
+                return False  # never completed: nothing can link to it
+            own = {str(a.medium.id_p) for a in _disks(machine.medium_attachments)}
+            return any(
+                str(child.id_p) not in own
+                for a in _disks(snapshot.machine.medium_attachments)
+                for child in a.medium.children
+            )
+
     def _remove(self, name: str) -> None:
         hv = self._hv
         machine = hv._find(name)
@@ -227,3 +290,8 @@ class WarmParents:
             lock = self._locks.setdefault(name, threading.Lock())
         with lock:
             yield
+
+
+def _disks(attachments: Any) -> list[Any]:
+    """The attachments that hold a medium."""
+    return [a for a in attachments if getattr(a.medium, "_i", None) is not None]

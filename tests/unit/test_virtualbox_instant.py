@@ -200,3 +200,21 @@ def _args(sim: Host, name: str) -> list[object]:
     from imagepipe.hypervisors.virtualbox_facts import version_api
 
     return version_api(sim.version).create_machine_args("", name, "/")
+
+
+@pytest.mark.parametrize("clone_left", [False, True])
+def test_a_newer_versions_parent_retires_the_older_one_once_no_clone_links_to_it(
+    sim: Host, base: BaseImage, hv: VirtualBoxHypervisor, tmp_path: Path, clone_left: bool
+) -> None:
+    hv.create_clone(spec(base, 0))
+    (old,) = parents(sim)
+    if not clone_left:
+        hv.delete("lab-0")
+    newer = base_vm(sim, blank_disk(tmp_path / "img2" / "disk.qcow2"), version=2)
+    hv.create_clone(spec(newer, 1))
+    names = {p.name for p in parents(sim)}
+    assert (old.name in names) is clone_left and len(names) == 1 + clone_left
+    if not clone_left:  # its disks went with it: the version's snapshot is free again
+        assert not Path(old.settings_file).parent.exists()
+        base_data = sim.by_name(base.vm or "")  # its snapshot's disk: only the VM's own child
+        assert base_data.snapshots[0].medium.children == [base_data.disk]

@@ -523,6 +523,8 @@ class Machine:
 
     @property
     def mediumAttachments(self) -> list[MediumAttachment]:
+        if self._snapshot is not None:  # a snapshot's machine: the disk as it was then
+            return [MediumAttachment(self._snapshot.medium)]
         return [MediumAttachment(self._d.disk)] if self._d.disk else []
 
     def __setattr__(self, name: str, value: Any) -> None:
