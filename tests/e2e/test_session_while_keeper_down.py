@@ -17,18 +17,15 @@ import shutil
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import libvirt_available, require, require_program
-from tests.guest import SerialConsole, VncClient
+from tests.e2e import test_kill9_campaign as kill9
+from tests.guest import VncClient
 from tests.host import destroy_domains, free_port
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
@@ -41,49 +38,12 @@ WAIT = 240.0  # seconds, for anything a loaded TCG host may be slow at
 RESET_WITHIN = 30.0  # seconds after the restart: the used desktop must have been reset
 
 
-@dataclass
-class Host:
-    root: Path
-    config: Path
-    bind_port: int
-    keeper: subprocess.Popen[bytes] | None = None
+class Host(kill9.Host):
+    """The kill -9 campaign's throwaway installation (keeper subprocess, CLI, consoles),
+    looking at this module's pool."""
 
-    def cli(self, *args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "imagepipe", "--config", str(self.config), *args],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        assert done.returncode == 0, f"imagepipe {' '.join(args)}: {done.stderr[-2000:]}"
-        return done.stdout
-
-    def start_keeper(self) -> None:
-        with (self.root / "keeper.log").open("ab") as out:
-            self.keeper = subprocess.Popen(
-                [sys.executable, "-m", "imagepipe", "--config", str(self.config), "keep"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-    def kill_keeper(self) -> None:
-        assert self.keeper is not None
-        self.keeper.send_signal(signal.SIGKILL)
-        self.keeper.wait(timeout=60)
-        self.keeper = None
-
-    def stop_keeper(self) -> None:
-        if self.keeper is None:
-            return
-        self.keeper.send_signal(signal.SIGTERM)
-        try:
-            self.keeper.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self.keeper.kill()
-            self.keeper.wait(timeout=30)
-        self.keeper = None
+    def states(self) -> dict[str, str]:
+        return {name: state for name, (state, _, _) in self.records().items()}
 
     def records(self) -> dict[str, tuple[str, int, int | None]]:
         """name -> (state, dirty, sessions_seen), read-only, straight from the database."""
@@ -131,24 +91,6 @@ class Host:
         with contextlib.suppress(OSError, ValueError):
             return int(Path(f"/run/libvirt/qemu/{desktop}.pid").read_text().strip())
         return None
-
-    def console(self, desktop: str) -> SerialConsole:
-        return SerialConsole(self.root / "state" / "clones" / "sockets" / f"{desktop}.console")
-
-    def log_tail(self) -> str:
-        with contextlib.suppress(FileNotFoundError):
-            return (self.root / "keeper.log").read_text(errors="replace")[-3000:]
-        return ""
-
-    def wait_until(self, what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"timed out after {timeout:.0f}s waiting for {what}; records "
-                    f"{self.records()}\nkeeper log:\n{self.log_tail()}"
-                )
-            time.sleep(0.2)
 
 
 @pytest.fixture
