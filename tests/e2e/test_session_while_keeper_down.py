@@ -34,7 +34,6 @@ POOL = "evd"  # unique to this module: domains evd-N
 PORTS = (6461, 6469)  # not used by any other test module
 FREE = 1
 MAX = 3
-WAIT = 240.0  # seconds, for anything a loaded TCG host may be slow at
 RESET_WITHIN = 30.0  # seconds after the restart: the used desktop must have been reset
 
 
