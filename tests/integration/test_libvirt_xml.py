@@ -14,6 +14,7 @@ from imagepipe.errors import (
     BusyError,
     CloneNotFoundError,
     FatalHypervisorError,
+    HypervisorUnavailableError,
     InvalidStateError,
 )
 from imagepipe.hypervisors.libvirt import error_for, power_of
@@ -155,6 +156,32 @@ def test_libvirt_errors_map_to_what_the_executor_may_retry(
     code: int, message: str, expected: type[Exception]
 ) -> None:
     error = error_for(code, message, "clone lab-2")
+    assert type(error) is expected
+    assert "lab-2" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("code", "domain", "message", "expected"),
+    [
+        (1, 7, "internal error: client socket is closed", HypervisorUnavailableError),
+        (38, 7, "Cannot recv data: Connection reset by peer", HypervisorUnavailableError),
+        (
+            38,
+            13,
+            "Failed to connect socket to '/run/libvirt/libvirt-sock'",
+            HypervisorUnavailableError,
+        ),
+        (39, 7, "RPC error", HypervisorUnavailableError),
+        (1, 10, "internal error: process exited while connecting to monitor", FatalHypervisorError),
+        (38, 10, "Unable to read from monitor: Connection reset by peer", FatalHypervisorError),
+    ],
+)
+def test_a_lost_connection_to_libvirtd_is_told_apart_from_a_failing_domain(
+    code: int, domain: int, message: str, expected: type[Exception]
+) -> None:
+    """Errors of the client's RPC layer or remote driver (virErrorDomain 7, 13) are the
+    connection, not the clone: retried, never counted against the desktop."""
+    error = error_for(code, message, "clone lab-2", domain)
     assert type(error) is expected
     assert "lab-2" in str(error)
 
