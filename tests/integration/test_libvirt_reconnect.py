@@ -14,6 +14,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -213,3 +214,35 @@ def test_a_libvirtd_that_stays_down_fails_every_call_with_one_typed_error_and_on
         hv.uri = uri
     assert "alice" in hv.sessions(name).users
     assert len(said(caplog, "libvirt connection back")) == 1
+
+
+def test_a_session_query_cut_mid_call_fails_typed_and_never_says_nobody_is_logged_in(
+    desktop: Desktop,
+) -> None:
+    hv, name = desktop.hv, desktop.name
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                users = hv.sessions(name).users
+                outcomes.append("alice" if "alice" in users else f"users {users}")
+            except HypervisorUnavailableError:
+                outcomes.append("unavailable")
+            except Exception as exc:  # anything else is a finding
+                outcomes.append(repr(exc))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        for _ in range(20):  # cut until a cut lands inside a call
+            cut_connection()
+            time.sleep(0.2)
+            if "unavailable" in outcomes:
+                break
+    finally:
+        stop.set()
+        poller.join(30)
+    assert "unavailable" in outcomes, "no cut landed inside a call"
+    assert set(outcomes) == {"alice", "unavailable"}
