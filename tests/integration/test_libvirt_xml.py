@@ -18,7 +18,12 @@ from imagepipe.errors import (
     InvalidStateError,
 )
 from imagepipe.hypervisors.libvirt import error_for, power_of
-from imagepipe.hypervisors.libvirt_events import agent_event, graphics_event, lifecycle_event
+from imagepipe.hypervisors.libvirt_events import (
+    EventHub,
+    agent_event,
+    graphics_event,
+    lifecycle_event,
+)
 from imagepipe.hypervisors.libvirt_xml import (
     AGENT_CHANNEL,
     CloneMetadata,
@@ -30,7 +35,7 @@ from imagepipe.hypervisors.libvirt_xml import (
     parse_vnc_clients,
 )
 from imagepipe.pool.model import CloneMode, Endpoint, Power
-from imagepipe.pool.ports import EventKind
+from imagepipe.pool.ports import EventKind, HypervisorEvent
 
 META = CloneMetadata("lab", "tiny", 3, 2, CloneMode.LINKED, Path("/images/tiny/3/disk.qcow2"))
 
@@ -184,6 +189,29 @@ def test_a_lost_connection_to_libvirtd_is_told_apart_from_a_failing_domain(
     error = error_for(code, message, "clone lab-2", domain)
     assert type(error) is expected
     assert "lab-2" in str(error)
+
+
+def test_after_a_reconnect_every_clone_is_reported_possibly_used_and_vnc_times_are_kept() -> None:
+    now = [10.0]
+    hub = EventHub(lambda: now[0])
+    hub.adopt("lab-1")
+    hub.adopt("lab-2")
+    events: list[HypervisorEvent] = []
+    hub.subscribe(events.append)
+    assert hub.vnc_clients_now("lab-1", ("127.0.0.1:5000",)) == ("127.0.0.1:5000", 10.0)
+    hub.set_agent_up("lab-1", True)
+    now[0] = 20.0
+
+    hub.missed_events(20.0)
+
+    assert [(e.clone, e.kind, e.client, e.detail) for e in events] == [
+        ("lab-1", EventKind.SESSION_CONNECTED, None, "unobserved"),
+        ("lab-2", EventKind.SESSION_CONNECTED, None, "unobserved"),
+    ]
+    assert hub.agent_up("lab-1") is None  # asked again
+    # the client QEMU still lists keeps its connect time; one that left is gone
+    assert hub.vnc_clients_now("lab-1", ("127.0.0.1:5000",)) == ("127.0.0.1:5000", 10.0)
+    assert hub.vnc_clients_now("lab-1", ()) == (None, None)
 
 
 def test_libvirt_states_map_to_power() -> None:
