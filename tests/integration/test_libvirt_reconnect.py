@@ -16,8 +16,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -49,6 +49,7 @@ class Desktop:
     display: Endpoint
     events: Events
     console: SerialConsole
+    spec: CloneSpec
 
 
 def our_clients() -> list[str]:
@@ -76,8 +77,10 @@ def our_clients() -> list[str]:
 
 def cut_connection() -> None:
     """libvirtd drops this process's connections, as a restart would (end of file)."""
-    clients = our_clients()
-    assert clients, "this process holds no connection to libvirtd"
+    deadline = time.monotonic() + 10
+    while not (clients := our_clients()):  # a call in another thread is reconnecting
+        assert time.monotonic() < deadline, "this process holds no connection to libvirtd"
+        time.sleep(0.05)
     for client in clients:
         subprocess.run(
             ["virt-admin", "client-disconnect", "libvirtd", client],
@@ -127,7 +130,7 @@ def desktop() -> Iterator[Desktop]:
         console = SerialConsole(hv.console_path(spec.name), timeout=60)
         console.login("alice")
         assert spec.display is not None
-        yield Desktop(hv, spec.name, spec.display, events, console)
+        yield Desktop(hv, spec.name, spec.display, events, console, spec)
     finally:
         if console is not None:
             console.close()
@@ -246,3 +249,60 @@ def test_a_session_query_cut_mid_call_fails_typed_and_never_says_nobody_is_logge
         poller.join(30)
     assert "unavailable" in outcomes, "no cut landed inside a call"
     assert set(outcomes) == {"alice", "unavailable"}
+
+
+def test_a_create_or_delete_cut_mid_call_fails_typed_and_doing_it_again_completes_it(
+    desktop: Desktop,
+) -> None:
+    """What the executor does with HypervisorUnavailableError (a BusyError): call again. The
+    second clone is never started (no boot); it is made and removed until a cut lands."""
+    hv = desktop.hv
+    spec = replace(
+        desktop.spec,
+        name=f"{desktop.spec.pool}-2",
+        slot=2,
+        display=Endpoint("127.0.0.1", free_port()),
+    )
+    cut_inside: list[str] = []
+    findings: list[str] = []
+    stop = threading.Event()
+
+    def again(what: str, call: Callable[[], object]) -> object:
+        for _ in range(50):  # the cuts come every few tenths of a second here
+            try:
+                return call()
+            except HypervisorUnavailableError:
+                cut_inside.append(what)
+            except Exception as exc:  # anything else is a finding
+                findings.append(f"{what}: {exc!r}")
+                return None
+        findings.append(f"{what}: still cut after 50 attempts")
+        return None
+
+    def names() -> list[str]:
+        return [c.name for c in hv.list_clones()]
+
+    def churn() -> None:
+        while not stop.is_set():
+            again("create", lambda: hv.create_clone(spec))
+            if spec.name not in (again("list", names) or []):
+                findings.append("create said done but the clone is not there")
+            again("delete", lambda: hv.delete(spec.name))
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        for _ in range(30):
+            cut_connection()
+            time.sleep(0.1)
+            if {"create", "delete"} & set(cut_inside):
+                break
+    finally:
+        stop.set()
+        worker.join(60)
+    hv.delete(spec.name)
+    print(f"calls cut by libvirtd and done again: {cut_inside}")
+    assert cut_inside, "no cut landed inside a create or a delete"
+    assert findings == []
+    assert spec.name not in [c.name for c in hv.list_clones()]
+    assert not hv.disk_path(spec.name).exists()
