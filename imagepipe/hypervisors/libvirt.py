@@ -23,14 +23,13 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from imagepipe.errors import (
     BaseMissingError,
-    BusyError,
     CloneNotFoundError,
     DisplayInUseError,
     EnvironmentMissingError,
@@ -41,6 +40,14 @@ from imagepipe.errors import (
     NotOurCloneError,
 )
 from imagepipe.hypervisors.libvirt_disks import disk_usable, make_clone_disk
+from imagepipe.hypervisors.libvirt_errors import (
+    ERR_AGENT_UNRESPONSIVE,
+    ERR_NO_DOMAIN,
+    ERR_OPERATION_INVALID,
+    connection_lost,
+    error_of,
+    translated,
+)
 from imagepipe.hypervisors.libvirt_events import EventHub, ensure_event_loop
 from imagepipe.hypervisors.libvirt_notify import notify_command
 from imagepipe.hypervisors.libvirt_parents import WarmParent, WarmParents
@@ -70,21 +77,6 @@ from imagepipe.pool.ports import HypervisorEvent, Subscription
 
 log = logging.getLogger(__name__)
 
-# libvirt error codes (virErrorNumber, stable ABI)
-ERR_INTERNAL = 1
-ERR_NO_CONNECT = 5
-ERR_INVALID_CONN = 6
-ERR_SYSTEM = 38
-ERR_RPC = 39
-ERR_NO_DOMAIN = 42
-ERR_OPERATION_INVALID = 55
-ERR_OPERATION_TIMEOUT = 68
-ERR_AGENT_UNRESPONSIVE = 86
-ERR_RESOURCE_BUSY = 87
-# where an error comes from (virErrorDomain): the client's RPC layer and remote driver, that
-# is the connection to libvirtd itself, not anything libvirtd did
-FROM_RPC, FROM_REMOTE = 7, 13
-_CONNECTION_ERRORS = (ERR_INTERNAL, ERR_NO_CONNECT, ERR_INVALID_CONN, ERR_SYSTEM, ERR_RPC)
 # virConnectCloseReason
 _CLOSE_REASONS = {
     0: "a connection error",
@@ -106,49 +98,6 @@ _POWER = {
 AGENT_TIMEOUT = 2  # seconds libvirt waits for the guest agent (ping, users)
 PREP_TIMEOUT = 5.0  # seconds a restored guest's agent may take to reconnect
 UNIX_PATH_MAX = 107
-
-
-def error_for(code: int, message: str, subject: str, domain: int = 0) -> HypervisorError:
-    """The imagepipe error for a libvirt error code (and the part of libvirt that raised it,
-    `domain`): what the executor may retry."""
-    text = f"{subject}: {message}"
-    if domain in (FROM_RPC, FROM_REMOTE) and code in _CONNECTION_ERRORS:
-        return HypervisorUnavailableError(
-            f"{subject}: the connection to libvirtd was lost ({message}); retried once "
-            "libvirtd answers again"
-        )
-    if code == ERR_NO_DOMAIN:
-        return CloneNotFoundError(f"{subject} does not exist on this host")
-    if code in (ERR_OPERATION_TIMEOUT, ERR_RESOURCE_BUSY) or "state change lock" in message:
-        return BusyError(f"{text} (libvirt is busy with this domain; retry later)")
-    if code == ERR_OPERATION_INVALID:
-        return InvalidStateError(text)
-    return FatalHypervisorError(text)
-
-
-@contextlib.contextmanager
-def translated(libvirt: Any, subject: str) -> Iterator[None]:
-    """Raise libvirt's errors inside the block as imagepipe's (error_for)."""
-    try:
-        yield
-    except libvirt.libvirtError as exc:
-        raise error_of(exc, subject) from exc
-
-
-def error_of(exc: Any, subject: str) -> HypervisorError:
-    """error_for() of a libvirtError."""
-    return error_for(
-        exc.get_error_code() or 0,
-        exc.get_error_message() or str(exc),
-        subject,
-        exc.get_error_domain() or 0,
-    )
-
-
-def connection_lost(exc: Any) -> bool:
-    """Whether a libvirtError says the connection to libvirtd is gone (not the domain's
-    or the guest's fault): such an error must never read as "no agent" or "no users"."""
-    return isinstance(error_of(exc, ""), HypervisorUnavailableError)
 
 
 def power_of(state: int) -> Power:

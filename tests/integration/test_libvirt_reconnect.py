@@ -306,3 +306,59 @@ def test_a_create_or_delete_cut_mid_call_fails_typed_and_doing_it_again_complete
     assert findings == []
     assert spec.name not in [c.name for c in hv.list_clones()]
     assert not hv.disk_path(spec.name).exists()
+
+
+def parent_domains() -> set[str]:
+    """Warm parents running on this host now (any test's)."""
+    out = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "list", "--name"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return {n for n in out.split() if n.startswith("ipw-")}
+
+
+def test_a_warm_parent_cut_while_it_boots_is_made_on_the_retry_and_none_is_left_running(
+    desktop: Desktop,
+) -> None:
+    """Not "no warm parent; desktops boot instead" for RETRY_AFTER (10 min), with the
+    half-made parent's QEMU left running: the create fails typed, the retry makes it."""
+    hv = desktop.hv
+    spec = replace(
+        desktop.spec,
+        name=f"{desktop.spec.pool}-3",
+        slot=3,
+        memory=160 * 1024**2,  # another machine shape: a parent of its own is made
+        display=Endpoint("127.0.0.1", free_port()),
+    )
+    others = parent_domains()
+    outcome: list[BaseException | None] = []
+
+    def create() -> None:
+        try:
+            hv.create_clone(spec)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=create)
+    worker.start()
+    try:
+        wait_until(lambda: bool(parent_domains() - others) or not worker.is_alive(), timeout=60)
+        assert worker.is_alive(), f"the parent was made before the cut: {outcome}"
+        ours = parent_domains() - others
+        time.sleep(0.5)  # booting: the adapter pings its agent
+        cut_connection()
+    finally:
+        worker.join(120)
+    try:
+        assert len(outcome) == 1 and isinstance(outcome[0], HypervisorUnavailableError), outcome
+
+        hv.create_clone(spec)  # what the executor's retry does
+
+        assert hv.saved_state_path(spec.name).is_file(), "the retry fell back to booting"
+        assert not (parent_domains() & ours), "the half-made parent still runs"
+    finally:
+        hv.delete(spec.name)

@@ -17,7 +17,8 @@ from imagepipe.errors import (
     HypervisorUnavailableError,
     InvalidStateError,
 )
-from imagepipe.hypervisors.libvirt import error_for, power_of
+from imagepipe.hypervisors.libvirt import power_of
+from imagepipe.hypervisors.libvirt_errors import error_for
 from imagepipe.hypervisors.libvirt_events import (
     EventHub,
     agent_event,
