@@ -106,3 +106,23 @@ def _until(check, seen, got) -> bool:  # type: ignore[no-untyped-def]
         seen[EventKind.AGENT_CHANGED].wait(2)
         seen[EventKind.AGENT_CHANGED].clear()
     return False
+
+
+def test_the_machines_screen_and_prompt_show_its_own_name(
+    sim: Host, base: BaseImage, hv: VirtualBoxHypervisor
+) -> None:
+    port = free_port()
+    while port < 5900:
+        port = free_port()
+    spec = CloneSpec("vbt-3", "vbt", 3, base, CloneMode.LINKED, 1, 128 * 1024**2,
+                     Endpoint("127.0.0.1", port))  # fmt: skip
+    hv.create_clone(spec)
+    hv.start(spec.name)
+    process = sim.by_name(spec.name).process
+    assert isinstance(process, QemuProcess)
+    with SerialConsole(process.console_path, timeout=120) as console:
+        assert console.prompt().endswith("vbt-3 login: ")
+        console.login("alice")
+        screen = console.screen()
+        assert "imagepipe desktop vbt-3" in screen, screen
+        assert "image tiny v1" in screen, screen
