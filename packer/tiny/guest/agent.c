@@ -12,8 +12,8 @@
  * guest-set-time ({"time": ns since the epoch}, as libvirt's virDomainSetTime sends it) and
  * imagepipe-set-identity ({"hostname": NAME}): after a clone is restored from a warm
  * parent's saved memory, imagepipe tells the guest who it is and what time it is; the login
- * loops waiting at their prompt (/run/imagepipe-prompt/<tty> holds their process ids) are
- * ended, and init starts them again, so the screen and the prompt show the new name at once;
+ * loops waiting at their prompt (/run/imagepipe-prompt/<tty> holds their process ids) get
+ * SIGUSR1 and draw the screen and the prompt again, so they show the new name at once;
  * imagepipe-notify {"text": "..."} (a message to the user: written to the console and the
  * screen, and kept in /run/imagepipe-notice).
  * Anything else gets {"error":{"class":"CommandNotFound",...}}. A 0xFF byte from the host
@@ -332,7 +332,7 @@ static pid_t waiting_login_loop(const char *file)
     return strstr(cmdline, "login-loop") ? (pid_t)pid : 0;
 }
 
-/* End the login loops waiting at their prompt: init starts them again with the new name. */
+/* Tell the login loops waiting at their prompt to draw it again, with the new name. */
 static void redraw_prompts(void)
 {
     DIR *dir = opendir(PROMPT_DIR);
@@ -347,7 +347,7 @@ static void redraw_prompts(void)
         snprintf(file, sizeof file, "%s/%s", PROMPT_DIR, entry->d_name);
         pid = waiting_login_loop(file);
         if (pid > 0)
-            kill(pid, SIGTERM);
+            kill(pid, SIGUSR1);
     }
     if (dir)
         closedir(dir);
