@@ -77,6 +77,22 @@ NOTICE_PROPERTY = "/imagepipe/notice"  # notify_users: a rollout's deadline warn
 CLEANUP_DETACH_HARD_DISKS = 3
 CLONE_MODE_MACHINE_STATE = 1
 CLONE_OPTION_LINK = 1
+FIRMWARE_BIOS = 1  # FirmwareType_BIOS; 2..5 are the EFI kinds
+
+
+def dmi_extra_data(name: str, image: str, version: int, *, efi: bool) -> dict[str, str]:
+    """Extra data that makes the machine's firmware tell its guest the machine's name in the
+    SMBIOS system table, as libvirt's <sysinfo> does: vendor `imagepipe`, product = the name,
+    version = image and version (the tiny guest shows them; /sys/class/dmi/id on Linux). An EFI
+    machine's firmware reads them under efi/0, a BIOS one under pcbios/0; `string:` keeps a
+    value of digits a string (VirtualBox refuses to start with VERR_CFGM_NOT_STRING)."""
+    device = "efi" if efi else "pcbios"
+    prefix = f"VBoxInternal/Devices/{device}/0/Config/"
+    return {
+        prefix + "DmiSystemVendor": "string:imagepipe",
+        prefix + "DmiSystemProduct": f"string:{name}",
+        prefix + "DmiSystemVersion": f"string:{image} v{version}",
+    }
 
 
 def port_free(display: Endpoint) -> bool:
@@ -397,12 +413,25 @@ class VirtualBoxHypervisor:
             vrde.set_vrde_property("TCP/Address", spec.display.host)
             for key, value in meta.extra_data().items():
                 target.set_extra_data(key, value)
+            dmi = dmi_extra_data(
+                name, spec.base.image, spec.base.version, efi=self._boots_efi(target)
+            )
+            for key, value in dmi.items():
+                target.set_extra_data(key, value)
             target.save_settings()
             self._vbox.register_machine(target)
             machine = self._vbox.find_machine(name)
         self._take_clean_snapshot(machine, name)
         log.info("clone created", extra=fields(pool=spec.pool, clone=name, action="create"))
         return self._info(machine, name, meta)
+
+    def _boots_efi(self, machine: Any) -> bool:
+        """The machine's firmware is EFI (IMachine.firmwareType; from 7.1 on it lives in
+        IMachine.firmwareSettings)."""
+        holder = machine
+        if (self.api.major, self.api.minor) >= (7, 1):
+            holder = self._lib.Interface(machine._get_attr("firmwareSettings"))
+        return int(holder._get_attr("firmwareType")) != FIRMWARE_BIOS
 
     def _remove_leftovers(self, folder: Path, name: str) -> None:
         """A create cut short before registering leaves the clone's folder (settings, a

@@ -327,6 +327,7 @@ class MachineData:
     snapshots: list[SnapshotData] = field(default_factory=list)
     current_snapshot: SnapshotData | None = None
     boot: Boot = field(default_factory=Boot)
+    firmware_type: int = C.FIRMWARE_BIOS
     write_lock: Session | None = None
     shared: list[Session] = field(default_factory=list)
     process: VMProcess | None = None
@@ -335,6 +336,17 @@ class MachineData:
     console: Console | None = None
     stopping: bool = False
     last_state_change: int = field(default_factory=_now_ms)
+
+
+class FirmwareSettings:
+    """IFirmwareSettings (VirtualBox 7.1): the machine's firmware type, read-only here."""
+
+    def __init__(self, data: MachineData) -> None:
+        self._d = data
+
+    @property
+    def firmwareType(self) -> int:
+        return self._d.firmware_type
 
 
 class VRDEServer:
@@ -493,6 +505,18 @@ class Machine:
     @property
     def VRDEServer(self) -> VRDEServer:
         return VRDEServer(self._d, self._mutable)
+
+    @property
+    def firmwareType(self) -> int:
+        if self._host.version_at_least(7, 1):
+            raise AttributeError("VirtualBox 7.1 moved IMachine.firmwareType to firmwareSettings")
+        return self._d.firmware_type
+
+    @property
+    def firmwareSettings(self) -> FirmwareSettings:
+        if not self._host.version_at_least(7, 1):
+            raise AttributeError("IMachine.firmwareSettings is new in VirtualBox 7.1")
+        return FirmwareSettings(self._d)
 
     @property
     def mediumAttachments(self) -> list[MediumAttachment]:
@@ -690,11 +714,13 @@ class Host:
         boot: Boot | None = None,
         snapshot: str | None = "clean",
         memory_mb: int = 128,
+        firmware_type: int = C.FIRMWARE_BIOS,
     ) -> MachineData:
         """A registered, powered-off VM with `disk` attached and, optionally, a snapshot."""
         with self.lock:
             data = self._new_machine(name, ["/"], "Other_64")
             data.memory_mb = memory_mb
+            data.firmware_type = firmware_type
             data.disk = self.open_medium(disk)
             data.disk.machineIds.append(data.id)
             data.boot = boot or Boot()
@@ -1038,6 +1064,7 @@ class Host:
                 target.memory_mb, target.cpus = source.memory_mb, source.cpus
                 target.boot = source.boot
                 target.os_type = source.os_type
+                target.firmware_type = source.firmware_type
             self.write_settings(target)
 
         return Progress(f"Cloning {source.name}", work)
@@ -1065,6 +1092,10 @@ class Host:
             self.machines[data.id] = data
             self.write_settings(data)
         self.event_source.fire(C.EVENT_MACHINE_REGISTERED, machineId=data.id, registered=True)
+
+    def version_at_least(self, major: int, minor: int) -> bool:
+        have = tuple(int(part) for part in self.version.split(".")[:2])
+        return have >= (major, minor)
 
     def write_settings(self, data: MachineData) -> None:
         data.settings_file.parent.mkdir(parents=True, exist_ok=True)
