@@ -216,8 +216,7 @@ class LibvirtHypervisor:
                 self._conn = None
                 self._drop(conn)
             conn = self._reconnect()
-        # events were missed while disconnected: a whole session may have come and gone
-        self._hub.missed_events(self._clock())
+        self._hub.reconnected()  # events were missed while disconnected
         return conn
 
     def _reconnect(self) -> Any:

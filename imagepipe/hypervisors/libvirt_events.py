@@ -39,7 +39,6 @@ GRAPHICS_CONNECT = 0
 GRAPHICS_INITIALIZE = 1
 GRAPHICS_DISCONNECT = 2
 AGENT_CONNECTED = 1
-UNOBSERVED = "unobserved"  # detail of the events missed_events() reports
 
 
 def ensure_event_loop(libvirt: Any) -> None:
@@ -148,20 +147,16 @@ class EventHub:
             if disown:
                 self._ours.discard(clone)
 
-    def missed_events(self, at: float) -> None:
+    def reconnected(self) -> None:
         """After a reconnect (libvirtd restarted or was down): events were missed. The guest
         agents' states are asked again. VNC clients are kept with their connect times:
-        sessions() asks QEMU who is connected now and drops the ones that left. A whole
-        session may have come and gone unseen, so every one of imagepipe's clones is reported
-        as possibly used (SESSION_CONNECTED without a client, detail "unobserved"): a free
-        desktop is reset before its next user, as after any connect the keeper did not see
-        end."""
+        sessions() asks QEMU who is connected now and drops the ones that left. A session that
+        came and went while libvirt was away is not reported from here: the keeper sees it in
+        the balancer's session counter (Backend.sessions_total), as it does after its own
+        restart, so a libvirtd restart does not reset every free desktop."""
         with self._changed:
             self._agent_up.clear()
-            clones = sorted(self._ours)
             self._changed.notify_all()
-        for clone in clones:
-            self._emit(HypervisorEvent(EventKind.SESSION_CONNECTED, clone, at, None, UNOBSERVED))
 
     def agent_up(self, clone: str) -> bool | None:
         with self._lock:

@@ -13,8 +13,7 @@ import pytest
 from imagepipe.errors import HypervisorUnavailableError
 from imagepipe.pool.keeper import Keeper, KeeperOptions, NoHooks, PassReport
 from imagepipe.pool.model import CloneState
-from imagepipe.pool.ports import EventKind, HypervisorEvent
-from tests.unit.test_keeper import LAB, World, settle, use
+from tests.unit.test_keeper import LAB, World, settle
 
 DOWN = "libvirt at qemu:///system does not answer (Connection refused)"
 
@@ -79,35 +78,5 @@ def test_a_call_cut_by_a_libvirtd_restart_is_retried_and_not_held_against_the_de
         assert {r.state for r in records} == {CloneState.FREE}
         assert all(r.failures == 0 for r in records)
         assert world.store.load_pool("lab").failures == 0
-    finally:
-        world.store.close()
-
-
-def test_after_a_reconnect_free_desktops_are_reset_before_their_next_user_and_used_ones_kept(
-    tmp_path: Path,
-) -> None:
-    """What the libvirt adapter reports after a reconnect (a session_connected event without
-    a client for every clone, detail "unobserved"): nobody saw who came and went meanwhile."""
-    world = World(store_path=tmp_path / "state.db")
-    keeper = world.keeper()
-    try:
-        settle(keeper)
-        in_use = use(world)
-        settle(keeper)
-        free = sorted(n for n in world.hv.clones if n != in_use)
-        before = world.hv.count("reset")
-
-        for name in sorted(world.hv.clones):
-            keeper.on_event(
-                HypervisorEvent(
-                    EventKind.SESSION_CONNECTED, name, world.clock.now(), None, "unobserved"
-                )
-            )
-        settle(keeper)
-
-        resets = [n for op, n in world.hv.calls if op == "reset"][before:]
-        assert sorted(resets) == free
-        assert world.store.load_pool("lab").clones[in_use].state is CloneState.IN_USE
-        assert sorted(world.free_in_balancer()) == free
     finally:
         world.store.close()
