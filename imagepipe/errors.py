@@ -88,6 +88,12 @@ class BusyError(HypervisorError):
     """The object is locked or busy right now. Transient: retry with backoff."""
 
 
+class HypervisorUnavailableError(BusyError):
+    """The hypervisor's daemon does not answer right now (libvirtd restarting or stopped):
+    the call never reached it or its answer was lost. Transient like BusyError, and never the
+    clone's fault; the adapter reconnects on the next call."""
+
+
 class InvalidStateError(HypervisorError):
     """The operation does not fit the object's current state (e.g. start a running VM)."""
 

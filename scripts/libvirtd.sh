@@ -4,6 +4,9 @@
 #
 #   scripts/libvirtd.sh start      start virtlogd and libvirtd unless libvirtd already answers
 #   scripts/libvirtd.sh restart    stop the libvirtd this script started, start it again
+#   scripts/libvirtd.sh stop       stop the libvirtd this script started (running guests keep
+#                                  running; tests/e2e/test_libvirtd_restart.py keeps it down a
+#                                  while under a keeper)
 #
 # Why tini: QEMU daemonizes, so each guest's QEMU is an orphan, and libvirt's destroy returns
 # only once that orphan is reaped. systemd reaps at once; a PID 1 that is not an init system may
@@ -52,6 +55,7 @@ stop() {
 
 case "${1:-}" in
   start) start ;;
+  stop) stop ;;
   restart) stop; start ;;
-  *) echo "usage: scripts/libvirtd.sh start|restart" >&2; exit 2 ;;
+  *) echo "usage: scripts/libvirtd.sh start|stop|restart" >&2; exit 2 ;;
 esac

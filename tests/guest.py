@@ -152,7 +152,7 @@ class SerialConsole:
                 if time.monotonic() > deadline:
                     raise
         self.send_line(user)
-        self.wait_for(f"{user}@desktop:")
+        self.wait_for(f"{user}@")  # the prompt is user@<desktop name>:dir$
         self.wait_for("$ ")
 
     def run(self, command: str, timeout: float | None = None) -> str:
@@ -164,6 +164,21 @@ class SerialConsole:
         out = self.wait_for(f"@@{k + 1}@@", timeout)
         self.wait_for("$ ", timeout)
         return out[: -len(f"@@{k + 1}@@")].replace("\r\n", "\n").strip()
+
+    def prompt(self, timeout: float | None = None) -> str:
+        """Ask for a fresh login prompt (while nobody is logged in here); return its line,
+        e.g. `lab-1 login: `."""
+        self.send_line("")
+        return self.wait_for("login: ", timeout).rsplit("\n", 1)[-1]
+
+    def screen(self) -> list[str]:
+        """The text on the desktop's screen, line by line without blank lines, as a VNC viewer
+        sees it (run while logged in here): the screen shows the active virtual console (tty1),
+        whose characters the guest's /dev/vcs1 holds, 80 a line."""
+        active = self.run("cat /sys/class/tty/tty0/active")
+        assert active == "tty1", f"the screen shows {active}, not the desktop's console tty1"
+        text = self.run("fold -w 80 /dev/vcs1")
+        return [line.strip() for line in text.splitlines() if line.strip()]
 
     def logout(self) -> None:
         self.send_line("exit")

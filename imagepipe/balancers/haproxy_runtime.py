@@ -64,6 +64,7 @@ class ServerStat:
     name: str
     current: int  # scur: sessions open right now
     queued: int  # qcur: clients waiting for this server
+    total: int = 0  # stot: sessions since the server was added (a runtime add starts at 0)
 
 
 class AddOutcome(StrEnum):
@@ -229,18 +230,30 @@ def parse_stat(reply: str) -> list[ServerStat]:
                 name=row["svname"],
                 current=int(row.get("scur") or 0),
                 queued=int(row.get("qcur") or 0),
+                total=int(row.get("stot") or 0),
             )
         )
     return stats
 
 
 def merge(states: Sequence[ServerState], stats: Sequence[ServerStat]) -> list[Backend]:
-    """One Backend per server HAProxy has, with its connections (open + queued)."""
-    counts = {s.name: s.current + s.queued for s in stats}
-    return [
-        Backend(name=s.name, address=s.address, state=s.state, connections=counts.get(s.name, 0))
-        for s in states
-    ]
+    """One Backend per server HAProxy has, with its connections (open + queued) and its
+    session counter (stot; None for a server `show stat` did not list yet: added between
+    the two commands)."""
+    by_name = {s.name: s for s in stats}
+    backends = []
+    for s in states:
+        stat = by_name.get(s.name)
+        backends.append(
+            Backend(
+                name=s.name,
+                address=s.address,
+                state=s.state,
+                connections=0 if stat is None else stat.current + stat.queued,
+                sessions_total=None if stat is None else stat.total,
+            )
+        )
+    return backends
 
 
 SHOW_INFO = "show info"

@@ -5,8 +5,15 @@ and upper threshold 1 (`-x 1`: one desktop never gets two users); drain is weigh
 sessions stay, no new user). Everything — which desktops are in, their weights, their
 connection counts — is read back from the kernel on every call, so nothing is kept only in
 this process. The kernel has no place for a name, so the names imagepipe gives its real
-servers are kept in a small file on the director (`name address:port` lines), written
+servers are kept in a small file on the director (`name address:port [base]` lines), written
 through the same runner; a real server nobody named is listed as `ipvs-<address>-<port>`.
+
+Each backend's session counter is its real server's Conns (`ipvsadm -L --stats`, a second
+call per list: `--stats` replaces the Weight and ActiveConn columns). A real server removed
+and added again while its old connections linger (TIME_WAIT, up to 2 minutes) comes back
+from the kernel's trash with its old counters; enable() therefore adds a real server at
+weight 0, reads its Conns, keeps them as the name's `base` and only then makes it ready, so
+a backend imagepipe adds counts from 0 as the Balancer port says.
 
 Every command goes through one CommandRunner (imagepipe.balancers.ipvs_runner): LocalRunner
 on a real director; in the tests, an agent inside a QEMU machine running Debian's kernel.
@@ -23,11 +30,13 @@ from imagepipe.balancers.addresses import resolve_ip
 from imagepipe.balancers.ipvs_parse import (
     NAME,
     Forward,
+    Named,
     RealServer,
     VirtualService,
     format_endpoint,
     parse_list,
-    parse_names,
+    parse_named,
+    parse_stats,
     render_names,
     same_endpoint,
     stray_name,
@@ -66,6 +75,7 @@ SYSCTLS = {
 class _Entry:
     name: str
     server: RealServer
+    base: int = 0  # the real server's Conns when imagepipe added it
 
 
 class IPVSBalancer:
@@ -133,14 +143,17 @@ class IPVSBalancer:
         InActConn (closing, TIME_WAIT) is left out: it must not keep a desktop from being
         removed for the two minutes IPVS keeps those entries."""
         self._check_open()
+        entries = self._entries()
+        conns = self._conns() if entries else {}
         return [
             Backend(
                 e.name,
                 e.server.address,
                 BackendState.DRAIN if e.server.weight == 0 else BackendState.READY,
                 e.server.active,
+                sessions_total=_since_added(conns.get(format_endpoint(e.server.address)), e.base),
             )
-            for e in self._entries()
+            for e in entries
         ]
 
     def enable(self, name: str, address: Endpoint) -> None:
@@ -159,30 +172,42 @@ class IPVSBalancer:
         here = next((e for e in entries if same_endpoint(e.server.address, target)), None)
         # The name first: a real server is never in the kernel without it (it would show up
         # as a stray for one pass).
-        self._write_names(names, entries, add=(name, target), drop={e.name for e in moved})
+        base = 0
+        if here is not None:  # its counter so far, unless it already was this backend's
+            base = here.base if here.name == name else self._conns().get(format_endpoint(target), 0)
+        names = self._write_names(
+            names, entries, add=(name, target, base), drop={e.name for e in moved}
+        )
         for old in moved:
             self._delete(old.server.address)
             log.info("backend moved", extra=fields(clone=name, old=str(old.server.address)))
-        weight = ["-w", "1", "-x", str(UPPER_THRESHOLD)]
-        if here is None:
-            added = self._run(
-                "-a", *self._service, "-r", format_endpoint(target), self.forward.flag, *weight
-            )
-            if "Service not defined" in added.stderr:
-                self.ensure_frontend()
-                added = self._run(
-                    "-a", *self._service, "-r", format_endpoint(target), self.forward.flag, *weight
-                )
-            if added.ok:
-                log.info("backend added", extra=fields(clone=name, address=str(target)))
-                return
-            if "already exists" not in added.stderr:
-                raise _failed(added)
+        if here is None and self._add_quiet(target):
+            # back from the kernel's trash with old counters? they are not this backend's
+            base = self._conns().get(format_endpoint(target), 0)
+            if base:
+                entries = self._entries(names)
+                self._write_names(names, entries, add=(name, target, base))
+            log.info("backend added", extra=fields(clone=name, address=str(target)))
         self._ipvsadm(
-            "-e", *self._service, "-r", format_endpoint(target), self.forward.flag, *weight
-        )
+            "-e", *self._service, "-r", format_endpoint(target), self.forward.flag,
+            "-w", "1", "-x", str(UPPER_THRESHOLD),
+        )  # fmt: skip
         if here is not None and here.server.weight == 0:
             log.info("backend ready", extra=fields(clone=name, was="drain"))
+
+    def _add_quiet(self, target: Endpoint) -> bool:
+        """Add the real server at weight 0 (no user yet); False when it was there already."""
+        args = ["-a", *self._service, "-r", format_endpoint(target), self.forward.flag]
+        args += ["-w", "0", "-x", str(UPPER_THRESHOLD)]
+        added = self._run(*args)
+        if "Service not defined" in added.stderr:
+            self.ensure_frontend()
+            added = self._run(*args)
+        if added.ok:
+            return True
+        if "already exists" not in added.stderr:
+            raise _failed(added)
+        return False
 
     def drain(self, name: str) -> None:
         self._check_open()
@@ -250,17 +275,30 @@ class IPVSBalancer:
         services = parse_list(result.stdout)
         return services[0] if services else None
 
-    def _entries(self, names: dict[str, Endpoint] | None = None) -> list[_Entry]:
+    def _entries(self, names: dict[str, Named] | None = None) -> list[_Entry]:
         service = self._read_service()
         if service is None:
             return []
         names = self._read_names() if names is None else names
-        by_address = {format_endpoint(a): n for n, a in names.items()}
-        entries = [
-            _Entry(by_address.get(format_endpoint(s.address)) or stray_name(s.address), s)
-            for s in service.real_servers
-        ]
+        by_address = {format_endpoint(n.address): (name, n.base) for name, n in names.items()}
+        entries = []
+        for server in service.real_servers:
+            name, base = by_address.get(format_endpoint(server.address), (None, 0))
+            entries.append(_Entry(name or stray_name(server.address), server, base))
         return sorted(entries, key=lambda e: e.name)
+
+    def _conns(self) -> dict[str, int]:
+        """Each real server's Conns (connections scheduled to it), by address."""
+        result = self._run("-L", "-n", "--exact", "--stats", *self._service)
+        if not result.ok:
+            if "No such service" in result.stderr:
+                return {}
+            raise _failed(result)
+        return {
+            format_endpoint(address): conns
+            for service in parse_stats(result.stdout)
+            for address, conns in service.real_servers
+        }
 
     def _find(self, name: str) -> _Entry | None:
         return next((e for e in self._entries() if e.name == name), None)
@@ -286,31 +324,36 @@ class IPVSBalancer:
             )
         return target
 
-    def _read_names(self) -> dict[str, Endpoint]:
+    def _read_names(self) -> dict[str, Named]:
         result = self.runner.run(["cat", self.names_file])
         if not result.ok:
             if "No such file" in result.stderr:
                 return {}
             raise _failed(result)
-        return parse_names(result.stdout)
+        return parse_named(result.stdout)
 
     def _write_names(
         self,
-        names: dict[str, Endpoint],
+        names: dict[str, Named],
         entries: list[_Entry],
         *,
-        add: tuple[str, Endpoint] | None = None,
+        add: tuple[str, Endpoint, int] | None = None,
         drop: frozenset[str] | set[str] = frozenset(),
-    ) -> None:
-        """Keep only names of real servers the kernel has (plus `add`), minus `drop`."""
+    ) -> dict[str, Named]:
+        """Keep only names of real servers the kernel has (plus `add`: name, address,
+        counter base), minus `drop`. Returns what the file now holds."""
         present = {format_endpoint(e.server.address) for e in entries}
-        kept = {n: a for n, a in names.items() if format_endpoint(a) in present and n not in drop}
+        kept = {
+            n: a
+            for n, a in names.items()
+            if format_endpoint(a.address) in present and n not in drop
+        }
         if add is not None:
-            name, address = add
-            kept = {n: a for n, a in kept.items() if not same_endpoint(a, address)}
-            kept[name] = address
+            name, address, base = add
+            kept = {n: a for n, a in kept.items() if not same_endpoint(a.address, address)}
+            kept[name] = Named(address, base)
         if kept == names:
-            return
+            return kept
         script = 'mkdir -p -- "${1%/*}" && cat >"$1.tmp" && mv -f -- "$1.tmp" "$1"'
         result = self.runner.run(
             ["sh", "-c", script, "sh", self.names_file], stdin=render_names(kept)
@@ -319,6 +362,7 @@ class IPVSBalancer:
             raise BalancerError(
                 f"cannot write the IPVS backend names file {self.names_file}: {result.describe()}"
             )
+        return kept
 
     def _ensure_sysctls(self) -> None:
         keys = list(SYSCTLS)
@@ -376,6 +420,14 @@ def _check_name(name: str) -> None:
         raise BadInputError(
             f"backend name {name!r}: use letters, digits, '.', '_' and '-' (at most 63)"
         )
+
+
+def _since_added(conns: int | None, base: int) -> int | None:
+    """A real server's sessions since imagepipe added it. Conns below the base: the kernel
+    made it afresh (the director restarted, somebody re-added it): Conns is the count."""
+    if conns is None:
+        return None
+    return conns - base if conns >= base else conns
 
 
 def _failed(result: CommandResult) -> BalancerError:

@@ -1,8 +1,10 @@
 """Pure parsers for what `ipvsadm` prints, and for the adapter's backend-names file.
 
     parse_list(text)        `ipvsadm -L -n --exact`: services, real servers, weights, counts
+    parse_stats(text)       `ipvsadm -L -n --exact --stats`: connections scheduled so far
     parse_thresholds(text)  `ipvsadm -L -n --exact --thresholds`: upper/lower thresholds
-    parse_names / render_names: the `name address:port` lines naming imagepipe's real servers
+    parse_names / render_names: the `name address:port [base]` lines naming imagepipe's real
+                            servers (base: the real server's Conns when imagepipe added it)
 
 No I/O: tested on output recorded from a real IPVS kernel (tests/unit/data/ipvs/).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -56,6 +59,28 @@ class VirtualService:
     scheduler: str
     persistence: int = 0  # seconds; 0 = not persistent
     real_servers: tuple[RealServer, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServiceStats:
+    """A virtual service's counters from `--stats`: Conns, the connections IPVS scheduled
+    (per real server: to it) since it was added. `--stats` replaces the Weight and
+    ActiveConn columns, so the state and the counters take two ipvsadm calls."""
+
+    protocol: str
+    address: Endpoint
+    conns: int
+    real_servers: tuple[tuple[Endpoint, int], ...] = ()  # (address, Conns)
+
+
+@dataclass(frozen=True)
+class Named:
+    """A line of the names file: imagepipe's name for a real server, and `base`, the real
+    server's Conns when imagepipe added it (IPVS gives a removed real server that is added
+    again within its connections' lifetime its old counters back: the base takes them off)."""
+
+    address: Endpoint
+    base: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,6 +170,38 @@ def parse_list(text: str) -> list[VirtualService]:
     return services
 
 
+_STATS = re.compile(r"^(TCP|UDP|SCTP|FWM)\s+(\S+)\s+(\d+)\s+\d+\s+\d+\s+\d+\s+\d+\s*$")
+_STATS_REAL = re.compile(r"^\s+->\s+(\S+)\s+(\d+)\s+\d+\s+\d+\s+\d+\s+\d+\s*$")
+
+
+def parse_stats(text: str) -> list[ServiceStats]:
+    """`ipvsadm -L -n --exact --stats` (optionally `-t VIP:PORT`) into typed records."""
+    services: list[ServiceStats] = []
+    current: tuple[str, Endpoint, int] | None = None
+    reals: list[tuple[Endpoint, int]] = []
+
+    def flush() -> None:
+        if current is not None:
+            services.append(ServiceStats(*current, tuple(reals)))
+
+    for line in text.splitlines():
+        if not line.strip() or _HEADER.match(line) or line.strip() == "-> RemoteAddress:Port":
+            continue
+        service = _STATS.match(line)
+        if service is not None:
+            flush()
+            protocol, address, conns = service.groups()
+            endpoint = Endpoint(address, 0) if protocol == "FWM" else parse_endpoint(address)
+            current, reals = (protocol, endpoint, int(conns)), []
+            continue
+        real = _STATS_REAL.match(line)
+        if real is None or current is None:
+            raise BalancerError(f"unexpected line in `ipvsadm -L -n --stats` output: {line!r}")
+        reals.append((parse_endpoint(real.group(1)), int(real.group(2))))
+    flush()
+    return services
+
+
 def parse_thresholds(text: str) -> list[Thresholds]:
     """Every real server's thresholds from `ipvsadm -L -n --exact --thresholds`."""
     out: list[Thresholds] = []
@@ -167,23 +224,38 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 def parse_names(text: str) -> dict[str, Endpoint]:
-    """`name address:port` lines (# comments, blank lines ignored) -> name: address."""
-    names: dict[str, Endpoint] = {}
+    """`name address:port [base]` lines (# comments, blank lines ignored) -> name: address."""
+    return {name: named.address for name, named in parse_named(text).items()}
+
+
+def parse_named(text: str) -> dict[str, Named]:
+    """`name address:port [base]` lines -> name: its address and counter base."""
+    names: dict[str, Named] = {}
     for number, line in enumerate(text.splitlines(), 1):
         words = line.split("#", 1)[0].split()
         if not words:
             continue
-        if len(words) != 2 or not NAME.fullmatch(words[0]):
+        if (
+            len(words) not in (2, 3)
+            or not NAME.fullmatch(words[0])
+            or (len(words) == 3 and not words[2].isdigit())
+        ):
             raise BalancerError(
-                f"backend names file line {number}: expected `name address:port`, got {line!r}"
+                f"backend names file line {number}: expected `name address:port`, optionally "
+                f"followed by a counter base, got {line!r}"
             )
-        names[words[0]] = parse_endpoint(words[1])
+        base = int(words[2]) if len(words) == 3 else 0
+        names[words[0]] = Named(parse_endpoint(words[1]), base)
     return names
 
 
-def render_names(names: dict[str, Endpoint]) -> str:
+def render_names(names: Mapping[str, Endpoint | Named]) -> str:
     lines = ["# imagepipe: IPVS real server -> backend name (the kernel has no place for it)"]
-    lines += [f"{name} {format_endpoint(names[name])}" for name in sorted(names)]
+    for name in sorted(names):
+        entry = names[name]
+        named = entry if isinstance(entry, Named) else Named(entry)
+        base = f" {named.base}" if named.base else ""
+        lines.append(f"{name} {format_endpoint(named.address)}{base}")
     return "\n".join(lines) + "\n"
 
 

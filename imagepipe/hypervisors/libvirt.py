@@ -23,23 +23,31 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from imagepipe.errors import (
     BaseMissingError,
-    BusyError,
     CloneNotFoundError,
     DisplayInUseError,
     EnvironmentMissingError,
     FatalHypervisorError,
     HypervisorError,
+    HypervisorUnavailableError,
     InvalidStateError,
     NotOurCloneError,
 )
 from imagepipe.hypervisors.libvirt_disks import disk_usable, make_clone_disk
+from imagepipe.hypervisors.libvirt_errors import (
+    ERR_AGENT_UNRESPONSIVE,
+    ERR_NO_DOMAIN,
+    ERR_OPERATION_INVALID,
+    connection_lost,
+    error_of,
+    translated,
+)
 from imagepipe.hypervisors.libvirt_events import EventHub, ensure_event_loop
 from imagepipe.hypervisors.libvirt_notify import notify_command
 from imagepipe.hypervisors.libvirt_parents import WarmParent, WarmParents
@@ -69,12 +77,13 @@ from imagepipe.pool.ports import HypervisorEvent, Subscription
 
 log = logging.getLogger(__name__)
 
-# libvirt error codes (virErrorNumber, stable ABI)
-ERR_NO_DOMAIN = 42
-ERR_OPERATION_INVALID = 55
-ERR_OPERATION_TIMEOUT = 68
-ERR_AGENT_UNRESPONSIVE = 86
-ERR_RESOURCE_BUSY = 87
+# virConnectCloseReason
+_CLOSE_REASONS = {
+    0: "a connection error",
+    1: "end of file: libvirtd stopped or restarted",
+    2: "keep-alive timeout: libvirtd does not answer",
+    3: "closed by this process",
+}
 # virDomainState
 STATE_RUNNING, STATE_BLOCKED, STATE_PAUSED, STATE_SHUTDOWN, STATE_SHUTOFF = 1, 2, 3, 4, 5
 STATE_CRASHED, STATE_PMSUSPENDED = 6, 7
@@ -89,29 +98,6 @@ _POWER = {
 AGENT_TIMEOUT = 2  # seconds libvirt waits for the guest agent (ping, users)
 PREP_TIMEOUT = 5.0  # seconds a restored guest's agent may take to reconnect
 UNIX_PATH_MAX = 107
-
-
-def error_for(code: int, message: str, subject: str) -> HypervisorError:
-    """The imagepipe error for a libvirt error code: what the executor may retry."""
-    text = f"{subject}: {message}"
-    if code == ERR_NO_DOMAIN:
-        return CloneNotFoundError(f"{subject} does not exist on this host")
-    if code in (ERR_OPERATION_TIMEOUT, ERR_RESOURCE_BUSY) or "state change lock" in message:
-        return BusyError(f"{text} (libvirt is busy with this domain; retry later)")
-    if code == ERR_OPERATION_INVALID:
-        return InvalidStateError(text)
-    return FatalHypervisorError(text)
-
-
-@contextlib.contextmanager
-def translated(libvirt: Any, subject: str) -> Iterator[None]:
-    """Raise libvirt's errors inside the block as imagepipe's (error_for)."""
-    try:
-        yield
-    except libvirt.libvirtError as exc:
-        raise error_for(
-            exc.get_error_code() or 0, exc.get_error_message() or str(exc), subject
-        ) from exc
 
 
 def power_of(state: int) -> Power:
@@ -158,6 +144,9 @@ class LibvirtHypervisor:
         self._facts: dict[str, DomainFacts] = {}  # domain UUID -> parsed XML
         self._agent_timeout_set: set[tuple[str, int]] = set()  # (clone, domain id)
         self._callback_ids: list[int] = []
+        # when the connection was found lost (time.monotonic()); None while it works
+        self._lost_at: float | None = None
+        self._lost_lock = threading.Lock()
         ensure_event_loop(self._libvirt)
         self._conn: Any = None
         self._connect()
@@ -167,33 +156,104 @@ class LibvirtHypervisor:
 
     # -- connection and events ----------------------------------------------------------
 
+    def _open(self) -> Any:
+        """A new connection with keep-alive, the domain event callbacks and a close callback;
+        libvirtError when libvirtd does not answer."""
+        lv = self._libvirt
+        conn = lv.open(self.uri)
+        try:
+            with contextlib.suppress(lv.libvirtError):
+                conn.setKeepAlive(5, 3)
+            self._callback_ids = self._hub.register(lv, conn)
+            conn.registerCloseCallback(self._on_close, None)
+        except lv.libvirtError:
+            with contextlib.suppress(lv.libvirtError):
+                conn.close()
+            raise
+        return conn
+
     def _connect(self) -> Any:
+        """The first connection: EnvironmentMissingError when libvirtd does not answer."""
         lv = self._libvirt
         try:
-            conn = lv.open(self.uri)
+            conn = self._open()
         except lv.libvirtError as exc:
             raise EnvironmentMissingError(
                 f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}; start "
                 "libvirtd (./install.sh or scripts/setup-host.sh does it) or set hypervisor.uri"
             ) from exc
-        with contextlib.suppress(lv.libvirtError):
-            conn.setKeepAlive(5, 3)
-        self._callback_ids = self._hub.register(lv, conn)
         self._conn = conn
         return conn
 
+    def _on_close(self, conn: Any, reason: int, _opaque: Any) -> None:
+        """libvirt's close callback (its event loop thread, at once when libvirtd stops or
+        restarts): the connection is gone; the next call reconnects."""
+        if conn is self._conn:
+            self._lost(_CLOSE_REASONS.get(reason, f"close reason {reason}"))
+
+    def _lost(self, why: str) -> None:
+        """Say once that the connection is lost, however many calls find it so."""
+        with self._lost_lock:
+            if self._lost_at is not None:
+                return
+            self._lost_at = time.monotonic()
+        log.warning(
+            "libvirt connection lost; desktops keep running, reconnecting on the next call",
+            extra=fields(uri=self.uri, reason=why),
+        )
+
     def _connection(self) -> Any:
+        """The live connection; after a loss, a new one (HypervisorUnavailableError while
+        libvirtd does not answer), with every event callback registered again, once."""
         with self._lock:
             conn = self._conn
-            if conn is not None:
+            if conn is not None and self._lost_at is None:
                 with contextlib.suppress(self._libvirt.libvirtError):
                     if conn.isAlive():
                         return conn
-                log.warning("libvirt connection lost; reconnecting", extra=fields(uri=self.uri))
-            # events may have been missed while disconnected: forget what they told us
-            self._agent_timeout_set.clear()
-            self._hub.forget_all()
-            return self._connect()
+                self._lost("the connection does not answer")
+            if conn is not None:
+                self._conn = None
+                self._drop(conn)
+            conn = self._reconnect()
+        self._hub.reconnected()  # events were missed while disconnected
+        return conn
+
+    def _reconnect(self) -> Any:
+        lv = self._libvirt
+        try:
+            conn = self._open()
+        except lv.libvirtError as exc:
+            raise HypervisorUnavailableError(
+                f"libvirt at {self.uri} does not answer ({exc.get_error_message()}); desktops "
+                "keep running and the keeper reconnects every pass: start libvirtd "
+                "(scripts/libvirtd.sh start, or systemctl start libvirtd)"
+            ) from exc
+        self._conn = conn
+        with self._lost_lock:
+            lost_at, self._lost_at = self._lost_at, None
+        self._agent_timeout_set.clear()
+        log.info(
+            "libvirt connection back; events subscribed again",
+            extra=fields(
+                uri=self.uri,
+                down=round(time.monotonic() - lost_at, 1) if lost_at is not None else None,
+            ),
+        )
+        return conn
+
+    def _drop(self, conn: Any) -> None:
+        """Let go of a connection: its callbacks are unregistered, it is closed (errors of a
+        connection that is already dead are ignored)."""
+        lv = self._libvirt
+        with contextlib.suppress(lv.libvirtError):
+            conn.unregisterCloseCallback()
+        for callback_id in self._callback_ids:
+            with contextlib.suppress(lv.libvirtError):
+                conn.domainEventDeregisterAny(callback_id)
+        self._callback_ids = []
+        with contextlib.suppress(lv.libvirtError):
+            conn.close()
 
     def subscribe(self, callback: Callable[[HypervisorEvent], None]) -> Subscription:
         return self._hub.subscribe(callback)
@@ -202,13 +262,8 @@ class LibvirtHypervisor:
         self._hub.close()
         with self._lock:
             conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        for callback_id in self._callback_ids:
-            with contextlib.suppress(self._libvirt.libvirtError):
-                conn.domainEventDeregisterAny(callback_id)
-        with contextlib.suppress(self._libvirt.libvirtError):
-            conn.close()
+            if conn is not None:
+                self._drop(conn)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -299,7 +354,9 @@ class LibvirtHypervisor:
         try:
             self._prepare_agent(name, dom)
             self._libvirt_qemu.qemuAgentCommand(dom, '{"execute":"guest-ping"}', AGENT_TIMEOUT, 0)
-        except self._libvirt.libvirtError:
+        except self._libvirt.libvirtError as exc:
+            if connection_lost(exc):  # libvirtd is gone, not the agent
+                raise error_of(exc, f"clone {name}") from exc
             return False
         self._hub.set_agent_up(name, True)
         return True
@@ -422,6 +479,8 @@ class LibvirtHypervisor:
                 str(self.saved_state_path(name)), None, lv.VIR_DOMAIN_SAVE_RUNNING
             )
         except lv.libvirtError as exc:
+            if connection_lost(exc):  # not the saved state's fault: retried
+                raise error_of(exc, f"clone {name}") from exc
             self._warm.say_once(
                 f"restore:{meta.warm}",
                 f"restoring {name} from the warm parent of {meta.image} v{meta.version} "
@@ -654,6 +713,8 @@ class LibvirtHypervisor:
                     else lv.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
                 )
             except lv.libvirtError as exc:
+                if connection_lost(exc):
+                    raise error_of(exc, f"clone {name}") from exc
                 log.info(
                     "graceful shutdown refused; powering off",
                     extra=fields(clone=name, error=exc.get_error_message()),
@@ -679,7 +740,7 @@ class LibvirtHypervisor:
         except self._libvirt.libvirtError as exc:
             if exc.get_error_code() == ERR_OPERATION_INVALID:  # already shut off
                 return
-            raise error_for(exc.get_error_code() or 0, exc.get_error_message(), name) from exc
+            raise error_of(exc, f"clone {name}") from exc
 
     def reset(self, name: str) -> None:
         dom, meta = self._our_domain(name)
@@ -729,9 +790,7 @@ class LibvirtHypervisor:
                 dom.undefineFlags(flags)
             except lv.libvirtError as exc:
                 if exc.get_error_code() != ERR_NO_DOMAIN:
-                    raise error_for(
-                        exc.get_error_code() or 0, exc.get_error_message(), name
-                    ) from exc
+                    raise error_of(exc, f"clone {name}") from exc
         for path in (
             self.disk_path(name),
             self.console_path(name),
@@ -762,8 +821,8 @@ class LibvirtHypervisor:
         dom, _ = self._our_domain(name)
         if self._state(dom, name) != STATE_RUNNING:
             raise InvalidStateError(f"clone {name} is not running: nobody can see a message")
-        self._prepare_agent(name, dom)
         with self._translate(f"clone {name}"):
+            self._prepare_agent(name, dom)
             self._libvirt_qemu.qemuAgentCommand(dom, notify_command(text), AGENT_TIMEOUT, 0)
 
     def _vnc_clients(self, dom: Any, name: str) -> tuple[str, ...]:
@@ -778,6 +837,8 @@ class LibvirtHypervisor:
             self._prepare_agent(name, dom)
             info = dom.guestInfo(lv.VIR_DOMAIN_GUEST_INFO_USERS, 0)
         except lv.libvirtError as exc:
+            if connection_lost(exc):  # libvirtd is gone: nobody can say who is logged in
+                raise error_of(exc, f"clone {name}") from exc
             log.debug(
                 "guest agent did not list users",
                 extra=fields(clone=name, error=exc.get_error_message()),

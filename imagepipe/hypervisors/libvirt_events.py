@@ -147,11 +147,16 @@ class EventHub:
             if disown:
                 self._ours.discard(clone)
 
-    def forget_all(self) -> None:
-        """After a reconnect events may have been missed: drop what they told us."""
-        with self._lock:
+    def reconnected(self) -> None:
+        """After a reconnect (libvirtd restarted or was down): events were missed. The guest
+        agents' states are asked again. VNC clients are kept with their connect times:
+        sessions() asks QEMU who is connected now and drops the ones that left. A session that
+        came and went while libvirt was away is not reported from here: the keeper sees it in
+        the balancer's session counter (Backend.sessions_total), as it does after its own
+        restart, so a libvirtd restart does not reset every free desktop."""
+        with self._changed:
             self._agent_up.clear()
-            self._vnc_since.clear()
+            self._changed.notify_all()
 
     def agent_up(self, clone: str) -> bool | None:
         with self._lock:

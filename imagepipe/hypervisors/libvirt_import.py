@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from imagepipe.errors import BadInputError, InvalidStateError, OperationFailedError
-from imagepipe.hypervisors.libvirt import error_for, import_libvirt, translated
+from imagepipe.hypervisors.libvirt import import_libvirt
 from imagepipe.hypervisors.libvirt_disks import disk_format, run_qemu_img
+from imagepipe.hypervisors.libvirt_errors import error_for, translated
 from imagepipe.hypervisors.libvirt_xml import NAMESPACE
 
 STATE_SHUTOFF = 5  # VIR_DOMAIN_SHUTOFF

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagepipe.errors import ImagepipeError
+from imagepipe.errors import HypervisorUnavailableError, ImagepipeError
 from imagepipe.hypervisors.libvirt_disks import make_clone_disk
+from imagepipe.hypervisors.libvirt_errors import connection_lost, error_of
 from imagepipe.hypervisors.libvirt_warm import (
     HEADER_SIZE,
     RestoreIdentity,
@@ -136,6 +137,12 @@ class WarmParents:
             try:
                 parent = self._make(key, clone_xml, base_disk)
             except (ImagepipeError, OSError, self._libvirt.libvirtError) as exc:
+                # libvirtd went away, not the parent: the create is retried (a retry's
+                # _remove_stale_domain powers off the half-made parent)
+                if isinstance(exc, self._libvirt.libvirtError) and connection_lost(exc):
+                    raise error_of(exc, f"warm parent of {key}") from exc
+                if isinstance(exc, HypervisorUnavailableError):
+                    raise
                 self._failed[key.name] = time.monotonic()
                 self.say_once(
                     f"make:{key.name}",
@@ -255,7 +262,9 @@ class WarmParents:
                     dom, '{"execute":"guest-ping"}', AGENT_TIMEOUT, 0
                 )
                 return
-            except lv.libvirtError:
+            except lv.libvirtError as exc:
+                if connection_lost(exc):
+                    raise
                 if not _active(dom, lv):
                     raise SaveImageError(
                         f"the guest of {key} powered off before its agent answered"

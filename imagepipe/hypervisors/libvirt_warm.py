@@ -32,6 +32,7 @@ from imagepipe.hypervisors.libvirt_xml import (
     CloneMetadata,
     metadata_element,
     parse_metadata,
+    set_smbios_identity,
 )
 from imagepipe.pool.model import Endpoint, StartMode
 
@@ -240,7 +241,7 @@ class RestoreIdentity:
 def restore_xml(saved_xml: str, who: RestoreIdentity) -> str:
     """The domain XML a clone restores with: the warm parent's saved XML (the same machine,
     devices and addresses, so QEMU accepts the state) with the clone's name, UUID, metadata
-    (marked as restored), disk, console and agent sockets and display."""
+    (marked as restored), SMBIOS identity, disk, console and agent sockets and display."""
     ET.register_namespace(METADATA_KEY, NAMESPACE)
     root = ET.fromstring(saved_xml)
     _find(root, "name").text = who.name
@@ -254,6 +255,10 @@ def restore_xml(saved_xml: str, who: RestoreIdentity) -> str:
     element = metadata_element(who.metadata)
     element.set(STARTED, StartMode.RESTORE.value)
     metadata.append(element)
+    # The restored guest's memory holds the tables the parent booted with (its name); this is
+    # what the clone says when it boots later (a fallback boot, a guest reboot); the guest
+    # agent tells the restored guest its name (ClonePrep).
+    set_smbios_identity(root, who.name, who.metadata)
     _find(root, "devices/disk[@device='disk']/source").set("file", str(who.disk))
     for tag in ("serial", "console"):
         for source in root.findall(f"devices/{tag}[@type='unix']/source"):

@@ -95,9 +95,35 @@ def metadata_element(meta: CloneMetadata) -> ET.Element:
     return ET.Element(f"{{{NAMESPACE}}}clone", attrs)
 
 
+SMBIOS_MANUFACTURER = "imagepipe"  # how the guest knows the SMBIOS product is its name
+
+
+def set_smbios_identity(root: ET.Element, name: str, meta: CloneMetadata) -> None:
+    """Tell the guest its name at boot: the SMBIOS system table (block 1) says manufacturer
+    `imagepipe`, product = the desktop's name, version = its image and version; the guest reads
+    them from /sys/class/dmi/id/{sys_vendor,product_name,product_version}. Replaces what the
+    domain XML held before (a restored clone's XML starts as its warm parent's)."""
+    for old in root.findall("sysinfo[@type='smbios']"):
+        root.remove(old)
+    sysinfo = ET.Element("sysinfo", {"type": "smbios"})
+    system = _sub(sysinfo, "system")
+    _sub(system, "entry", SMBIOS_MANUFACTURER, name="manufacturer")
+    _sub(system, "entry", name, name="product")
+    _sub(system, "entry", f"{meta.image} v{meta.version}", name="version")
+    after = root.find("vcpu")
+    index = list(root).index(after) + 1 if after is not None else len(root)
+    root.insert(index, sysinfo)
+    os_ = root.find("os")
+    if os_ is None:
+        raise FatalHypervisorError("the domain XML has no <os> element to point SMBIOS at")
+    for old in os_.findall("smbios"):
+        os_.remove(old)
+    _sub(os_, "smbios", mode="sysinfo")
+
+
 def domain_xml(plan: DomainPlan) -> str:
     """libvirt domain XML for a TCG guest: direct kernel boot, qcow2 disk, VNC on a fixed
-    port, serial console and guest agent on unix sockets."""
+    port, serial console and guest agent on unix sockets, its own name in SMBIOS."""
     ET.register_namespace(METADATA_KEY, NAMESPACE)
     root = ET.Element("domain", {"type": "qemu"})
     _sub(root, "name", plan.name)
@@ -114,6 +140,7 @@ def domain_xml(plan: DomainPlan) -> str:
             _sub(os_, "cmdline", plan.cmdline)
     else:
         _sub(os_, "boot", dev="hd")
+    set_smbios_identity(root, plan.name, plan.metadata)
     _sub(_sub(root, "features"), "acpi")
     _sub(root, "clock", offset="utc")
     _sub(root, "on_poweroff", "destroy")

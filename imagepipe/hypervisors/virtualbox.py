@@ -92,6 +92,22 @@ NOTICE_PROPERTY = "/imagepipe/notice"  # notify_users: a rollout's deadline warn
 CLEANUP_DETACH_HARD_DISKS = 3
 CLONE_MODE_MACHINE_STATE = 1
 CLONE_OPTION_LINK = 1
+FIRMWARE_BIOS = 1  # FirmwareType_BIOS; 2..5 are the EFI kinds
+
+
+def dmi_extra_data(name: str, image: str, version: int, *, efi: bool) -> dict[str, str]:
+    """Extra data that makes the machine's firmware tell its guest the machine's name in the
+    SMBIOS system table, as libvirt's <sysinfo> does: vendor `imagepipe`, product = the name,
+    version = image and version (the tiny guest shows them; /sys/class/dmi/id on Linux). An EFI
+    machine's firmware reads them under efi/0, a BIOS one under pcbios/0; `string:` keeps a
+    value of digits a string (VirtualBox refuses to start with VERR_CFGM_NOT_STRING)."""
+    device = "efi" if efi else "pcbios"
+    prefix = f"VBoxInternal/Devices/{device}/0/Config/"
+    return {
+        prefix + "DmiSystemVendor": "string:imagepipe",
+        prefix + "DmiSystemProduct": f"string:{name}",
+        prefix + "DmiSystemVersion": f"string:{image} v{version}",
+    }
 
 
 def port_free(display: Endpoint) -> bool:
@@ -426,6 +442,11 @@ class VirtualBoxHypervisor:
             vrde.set_vrde_property("TCP/Address", spec.display.host)
             for key, value in meta.extra_data().items():
                 target.set_extra_data(key, value)
+            dmi = dmi_extra_data(
+                name, spec.base.image, spec.base.version, efi=self._boots_efi(target)
+            )
+            for key, value in dmi.items():
+                target.set_extra_data(key, value)
             target.save_settings()
             self._vbox.register_machine(target)
             machine = self._vbox.find_machine(name)
@@ -451,6 +472,11 @@ class VirtualBoxHypervisor:
                 virtualbox=self.api.version,
             )
         return self._parents.ensure(key, source)
+
+    def _parent_dmi(self, target: Any, name: str, image: str, version: int) -> dict[str, str]:
+        """DMI extra data of a warm parent: its restored clones' screens show the image and
+        version from it (their name comes from ClonePrep)."""
+        return dmi_extra_data(name, image, version, efi=self._boots_efi(target))
 
     def _pristine(self, machine: Any, name: str) -> bool:
         """Saved on its clean snapshot's state file: the warm parent's memory, never run
@@ -505,6 +531,14 @@ class VirtualBoxHypervisor:
                     running.set_guest_property(PROP_IDENTITY, name, "TRANSIENT,RDONLYGUEST")
         except HypervisorError as exc:
             self._parents.say_once("prep", f"a started clone did not take its name ({name}): {exc}")
+
+    def _boots_efi(self, machine: Any) -> bool:
+        """The machine's firmware is EFI (IMachine.firmwareType; from 7.1 on it lives in
+        IMachine.firmwareSettings)."""
+        holder = machine
+        if (self.api.major, self.api.minor) >= (7, 1):
+            holder = self._lib.Interface(machine._get_attr("firmwareSettings"))
+        return int(holder._get_attr("firmwareType")) != FIRMWARE_BIOS
 
     def _remove_leftovers(self, folder: Path, name: str) -> None:
         """A create cut short before registering leaves the clone's folder (settings, a

@@ -177,6 +177,8 @@ class WarmParents:
             target.set_extra_data(PARENT_KEY, key.fingerprint)
             target.set_extra_data(PARENT_IMAGE, key.image)
             target.set_extra_data(PARENT_VERSION, str(key.version))
+            for dmi, value in hv._parent_dmi(target, name, key.image, key.version).items():
+                target.set_extra_data(dmi, value)
             target.save_settings()
             vbox.register_machine(target)
             machine = vbox.find_machine(name)

@@ -183,6 +183,7 @@ class Keeper:
             "keeper started",
             extra=fields(pools=",".join(self.specs) or "none", tick=self.settings.tick),
         )
+        failing: str | None = None  # the error every pass has failed with, said once
         try:
             while not self.stopping:
                 self._wake.clear()
@@ -191,8 +192,15 @@ class Keeper:
                 try:
                     report: PassReport | None = self.run_pass()
                 except ImagepipeError as exc:
-                    log.error("pass failed; retrying next tick", extra=fields(error=str(exc)))
-                    report = None
+                    if str(exc) == failing:
+                        log.debug("pass failed again; retrying next tick")
+                    else:
+                        log.error("pass failed; retrying next tick", extra=fields(error=str(exc)))
+                    failing, report = str(exc), None
+                else:
+                    if failing is not None:
+                        log.info("passes work again", extra=fields(after_error=failing))
+                        failing = None
                 self.hooks.after_pass(self, report, time.monotonic() - began)
                 if not self.stopping:
                     wait = self.settings.tick if report is None else self.next_wait(report)

@@ -177,6 +177,10 @@ class Backend:
     address: Endpoint
     state: BackendState
     connections: int = 0
+    # connections the balancer has passed to this backend since it was added (HAProxy's
+    # `stot`, IPVS's `Conns`): persistent evidence that somebody used the desktop, even
+    # while no keeper was watching. None: this balancer cannot tell.
+    sessions_total: int | None = None
 
 
 @dataclass(frozen=True)
@@ -245,6 +249,11 @@ class CloneRecord:
     # the store before any other action of that pass, cleared only when a reset (or a fresh
     # create) has completed. A dirty clone never becomes free or enters the balancer.
     dirty: bool = False
+    # The balancer's session counter for this clone's backend (Backend.sessions_total) as
+    # far as the keeper has accounted for it: a higher count later means somebody connected
+    # since (the record becomes dirty). Written in the same record write as that dirty mark;
+    # 0 when the keeper adds the backend; None: no baseline yet (the next pass takes one).
+    sessions_seen: int | None = None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ the same metadata, deleting one that is gone, starting one that runs — succeed
 method is in docs/contracts.md; tests/contract/ pins it for every adapter.
 
 Balancer: one backend per clone, named after the clone. Drain state lives in the balancer
-itself and is read back from it, so it survives a keeper restart.
+itself and is read back from it, so it survives a keeper restart; so does each backend's
+session counter (Backend.sessions_total), the evidence of sessions no keeper saw.
 """
 
 from __future__ import annotations
@@ -128,7 +129,11 @@ class Balancer(Protocol):
         ...
 
     def list_backends(self) -> list[Backend]:
-        """Every backend with its state and current connection count."""
+        """Every backend with its state, current connection count and `sessions_total`:
+        the connections the balancer has passed to it since it was added (HAProxy `stot`,
+        IPVS `Conns`), or None where the balancer cannot tell. The counter only grows while
+        the backend exists: enable() of an existing backend keeps it; a backend removed and
+        enabled again (or a restarted balancer) starts over at 0."""
         ...
 
     def enable(self, name: str, address: Endpoint) -> None:

@@ -138,6 +138,14 @@ MIGRATIONS: tuple[str, ...] = (
         tick REAL NOT NULL
     );
     """,
+    # 8: the balancer's session counter each clone's record has accounted for (evidence of a
+    # session while no keeper watched). Records written before it have no baseline: a free
+    # one may have had a user while the keeper was being upgraded, so it counts as dirty
+    # (at worst one reset per free desktop, once), like migration 4.
+    """
+    ALTER TABLE clones ADD COLUMN sessions_seen INTEGER;
+    UPDATE clones SET dirty = 1 WHERE state = 'free';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -324,7 +332,8 @@ class Store:
             ).fetchone()
             clones = db.execute(
                 "SELECT name, slot, version, state, since, session_ended_at, last_user, "
-                "failures, retry_at, dirty FROM clones WHERE pool = ? ORDER BY slot, name",
+                "failures, retry_at, dirty, sessions_seen FROM clones WHERE pool = ? "
+                "ORDER BY slot, name",
                 (pool,),
             ).fetchall()
         records = {
@@ -339,8 +348,21 @@ class Store:
                 failures=failures,
                 retry_at=retry_at,
                 dirty=bool(dirty),
+                sessions_seen=seen,
             )
-            for name, slot, version, state, since, ended, user, failures, retry_at, dirty in clones
+            for (
+                name,
+                slot,
+                version,
+                state,
+                since,
+                ended,
+                user,
+                failures,
+                retry_at,
+                dirty,
+                seen,
+            ) in clones
         }
         if row is None:
             return PoolRecord(pool=pool, clones=records)
@@ -699,7 +721,8 @@ def _try_decode(text: str) -> Action | None:
 def _upsert_clone(db: sqlite3.Connection, pool: str, record: CloneRecord) -> None:
     db.execute(
         "INSERT OR REPLACE INTO clones (pool, name, slot, version, state, since, "
-        "session_ended_at, last_user, failures, retry_at, dirty) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        "session_ended_at, last_user, failures, retry_at, dirty, sessions_seen) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             pool,
             record.name,
@@ -712,6 +735,7 @@ def _upsert_clone(db: sqlite3.Connection, pool: str, record: CloneRecord) -> Non
             record.failures,
             record.retry_at,
             int(record.dirty),
+            record.sessions_seen,
         ),
     )
 

@@ -12,12 +12,15 @@ BackendNotFoundError for drain of a backend the balancer does not have (enable a
 succeeds), BackendInUseError for remove while clients are connected (nothing changes),
 BadInputError for a backend name that could smuggle a command (nothing changes), BalancerError
 for any call on a closed adapter. Enable cancels a drain; drain, enable and remove are
-idempotent.
+idempotent. Each backend's `sessions_total` counts the clients the frontend passed to it
+since it was added: enable keeps it, remove and enable again starts it over at 0 (the
+keeper's evidence of sessions it did not see, README "Dirty until reset").
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
 import pytest
@@ -71,6 +74,16 @@ def by_name(balancer: Balancer) -> dict[str, Backend]:
     return {b.name: b for b in balancer.list_backends()}
 
 
+def listed(balancer: Balancer) -> list[Backend]:
+    """The backends as the cases below compare them: name, address, state, connections
+    (the session counter has cases of its own)."""
+    return [replace(b, sessions_total=None) for b in balancer.list_backends()]
+
+
+def sessions_total(balancer: Balancer, name: str) -> int | None:
+    return by_name(balancer)[name].sessions_total
+
+
 class BalancerContract:
     def test_a_new_balancer_has_no_backends(self, balancer: Balancer) -> None:
         assert balancer.list_backends() == []
@@ -84,18 +97,14 @@ class BalancerContract:
         self, balancer: Balancer, harness: BalancerHarness
     ) -> None:
         balancer.enable("lab-1", harness.desktop(0))
-        assert balancer.list_backends() == [
-            Backend("lab-1", harness.desktop(0), BackendState.READY, 0)
-        ]
+        assert listed(balancer) == [Backend("lab-1", harness.desktop(0), BackendState.READY, 0)]
 
     def test_enabling_twice_keeps_one_ready_backend(
         self, balancer: Balancer, harness: BalancerHarness
     ) -> None:
         balancer.enable("lab-1", harness.desktop(0))
         balancer.enable("lab-1", harness.desktop(0))
-        assert balancer.list_backends() == [
-            Backend("lab-1", harness.desktop(0), BackendState.READY, 0)
-        ]
+        assert listed(balancer) == [Backend("lab-1", harness.desktop(0), BackendState.READY, 0)]
 
     def test_enabling_with_a_new_address_moves_the_backend(
         self, balancer: Balancer, harness: BalancerHarness
@@ -149,9 +158,7 @@ class BalancerContract:
         balancer.enable("lab-1", harness.desktop(0))
         client = harness.connect()
         balancer.drain("lab-1")
-        assert balancer.list_backends() == [
-            Backend("lab-1", harness.desktop(0), BackendState.DRAIN, 1)
-        ]
+        assert listed(balancer) == [Backend("lab-1", harness.desktop(0), BackendState.DRAIN, 1)]
         assert client.alive()
         client.close()
 
@@ -194,9 +201,7 @@ class BalancerContract:
         client = harness.connect()
         balancer.drain("lab-1")
         balancer.enable("lab-1", harness.desktop(0))
-        assert balancer.list_backends() == [
-            Backend("lab-1", harness.desktop(0), BackendState.READY, 1)
-        ]
+        assert listed(balancer) == [Backend("lab-1", harness.desktop(0), BackendState.READY, 1)]
         assert client.alive()
         client.close()
 
@@ -242,9 +247,7 @@ class BalancerContract:
         balancer.drain("lab-1")
         with pytest.raises(BackendInUseError, match="connection"):
             balancer.remove("lab-1")
-        assert balancer.list_backends() == [
-            Backend("lab-1", harness.desktop(0), BackendState.DRAIN, 1)
-        ]
+        assert listed(balancer) == [Backend("lab-1", harness.desktop(0), BackendState.DRAIN, 1)]
         assert client.alive()
         client.close()
         harness.eventually(
@@ -260,9 +263,7 @@ class BalancerContract:
         client = harness.connect()
         with pytest.raises(BackendInUseError, match="lab-1"):
             balancer.remove("lab-1")
-        assert balancer.list_backends() == [
-            Backend("lab-1", harness.desktop(0), BackendState.READY, 1)
-        ]
+        assert listed(balancer) == [Backend("lab-1", harness.desktop(0), BackendState.READY, 1)]
         assert client.alive()
         client.close()
 
@@ -283,9 +284,7 @@ class BalancerContract:
         balancer.drain("lab-1")
         balancer.remove("lab-1")
         balancer.enable("lab-1", harness.desktop(1))
-        assert balancer.list_backends() == [
-            Backend("lab-1", harness.desktop(1), BackendState.READY, 0)
-        ]
+        assert listed(balancer) == [Backend("lab-1", harness.desktop(1), BackendState.READY, 0)]
         client = harness.connect()
         assert client.landed_on == harness.desktop(1)
         client.close()
@@ -333,3 +332,52 @@ class BalancerContract:
         assert {b.name for b in balancer.list_backends()} == {"lab-1", "stray-7"}
         balancer.remove("stray-7")
         assert [b.name for b in balancer.list_backends()] == ["lab-1"]
+
+    # ---- the session counter: evidence of sessions the keeper did not see ---------------
+
+    def test_a_client_through_the_frontend_is_counted_in_sessions_total(
+        self, balancer: Balancer, harness: BalancerHarness
+    ) -> None:
+        balancer.enable("lab-1", harness.desktop(0))
+        assert sessions_total(balancer, "lab-1") == 0
+        client = harness.connect()
+        assert client.landed_on == harness.desktop(0)
+        harness.eventually(lambda: sessions_total(balancer, "lab-1") == 1, "stot 1")
+        client.close()
+        harness.eventually(
+            lambda: by_name(balancer)["lab-1"].connections == 0, "connection count back to 0"
+        )
+        assert sessions_total(balancer, "lab-1") == 1, "a counter, not the open connections"
+
+    def test_enabling_an_existing_backend_keeps_its_session_count(
+        self, balancer: Balancer, harness: BalancerHarness
+    ) -> None:
+        balancer.enable("lab-1", harness.desktop(0))
+        client = harness.connect()
+        harness.eventually(lambda: sessions_total(balancer, "lab-1") == 1, "stot 1")
+        client.close()
+        harness.eventually(
+            lambda: by_name(balancer)["lab-1"].connections == 0, "connection count back to 0"
+        )
+        balancer.enable("lab-1", harness.desktop(0))
+        balancer.drain("lab-1")
+        balancer.enable("lab-1", harness.desktop(0))
+        balancer.close()
+        again = harness.reopen()
+        again.ensure_frontend()
+        assert sessions_total(again, "lab-1") == 1
+
+    def test_a_removed_backend_enabled_again_counts_from_zero(
+        self, balancer: Balancer, harness: BalancerHarness
+    ) -> None:
+        balancer.enable("lab-1", harness.desktop(0))
+        client = harness.connect()
+        harness.eventually(lambda: sessions_total(balancer, "lab-1") == 1, "stot 1")
+        client.close()
+        harness.eventually(
+            lambda: by_name(balancer)["lab-1"].connections == 0, "connection count back to 0"
+        )
+        balancer.drain("lab-1")
+        balancer.remove("lab-1")
+        balancer.enable("lab-1", harness.desktop(0))
+        assert sessions_total(balancer, "lab-1") == 0

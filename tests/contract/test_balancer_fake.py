@@ -98,7 +98,7 @@ def test_after_a_crash_nothing_answers_until_the_frontend_is_ensured_then_enable
     assert fake.list_backends() == []
     fake.enable("lab-1", Endpoint("192.0.2.10", 5900))
     assert fake.list_backends() == [
-        Backend("lab-1", Endpoint("192.0.2.10", 5900), BackendState.READY, 0)
+        Backend("lab-1", Endpoint("192.0.2.10", 5900), BackendState.READY, 0, sessions_total=0)
     ]
 
 

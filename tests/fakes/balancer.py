@@ -8,7 +8,8 @@ would not take, BalancerError once closed or while "down"; it refuses connecting
 that is not ready or already has its one user (maxconn 1).
 
 Helpers for tests: `connect(name)` / `disconnect(name)` put a user on or off a backend,
-`route()` sends a new client through the frontend (least connections, maxconn 1),
+`route()` sends a new client through the frontend (least connections, maxconn 1); both
+count in the backend's `sessions_total`, as HAProxy's `stot` does;
 `add_unmanaged(...)` adds a backend behind imagepipe's back, `crash()` loses every backend
 like an HAProxy restart does, `reopen()` is a new adapter on the same balancer (a keeper
 restart), and `calls` records what was asked.
@@ -33,6 +34,7 @@ class _Server:
     address: Endpoint
     state: BackendState
     connections: int = 0
+    sessions_total: int = 0  # connections passed to it since it was added (HAProxy's stot)
 
 
 @dataclass
@@ -77,7 +79,13 @@ class FakeBalancer:
     def list_backends(self) -> list[Backend]:
         self._check_up()
         return [
-            Backend(name=name, address=s.address, state=s.state, connections=s.connections)
+            Backend(
+                name=name,
+                address=s.address,
+                state=s.state,
+                connections=s.connections,
+                sessions_total=s.sessions_total,
+            )
             for name, s in sorted(self._servers.items())
         ]
 
@@ -126,6 +134,7 @@ class FakeBalancer:
         if server.connections >= MAXCONN:
             raise BalancerError(f"backend {name} already has its {MAXCONN} connection(s)")
         server.connections += 1
+        server.sessions_total += 1
 
     def disconnect(self, name: str) -> None:
         self._check_up()
@@ -147,6 +156,7 @@ class FakeBalancer:
             return None
         _, name = min(candidates)
         self._servers[name].connections += 1
+        self._servers[name].sessions_total += 1
         return name
 
     def add_unmanaged(

@@ -7,7 +7,10 @@ pass, through FaultyHypervisor / FaultyBalancer. A crash drops the keeper mid-pa
 call (inside create, start, reset, delete, or a balancer enable/drain/remove, before or after
 the system did it): the state database as it was at that instant is what the next keeper gets,
 built by bootstrap on the same store file with the same fakes reopened. Like `imagepipe keep`,
-each keeper is subscribed to the hypervisor's events (a client connecting).
+each keeper is subscribed to the hypervisor's events (a client connecting). While no keeper
+runs (between a kill and the restart, and in the `restart` profile's graceful stops) users
+may come and go through the balancer, whole sessions no keeper sees: only the balancer's
+session counter tells the next keeper about them.
 
 Time is the fake clock's only: a TIMEOUT or HANG fault moves it past the keeper's action
 timeout and holds the call until the pass is over, so the executor gives up on the call as it
@@ -184,6 +187,8 @@ class Profile:
     parallel: int = 1  # executor workers (1 = every seed replays exactly)
     rollout_at: int | None = None  # the step at which version 2 of the image is published
     fault_operations: tuple[str, ...] = ()  # only these calls get faults; () = every call
+    restarts: int = 0  # keepers stopped (and started again) per day, users visiting meanwhile
+    down_visits: float = 0.6  # chance that users come and go while no keeper runs
 
 
 class Day:
@@ -215,6 +220,12 @@ class Day:
         self.sessions: dict[str, str] = {}  # user -> clone they are logged in on
         self.connected: set[str] = set()  # users whose client is connected
         self.crashes_left = profile.crashes if profile.crash_targets else 0
+        # users who come and go while no keeper runs: their own random stream, so the rest
+        # of a seed's day stays what it was without them
+        self.down_rng = random.Random(seed * 104_729 + 3)
+        self.restart_steps = frozenset(
+            self.down_rng.sample(range(1, profile.steps + 1), min(profile.restarts, profile.steps))
+        )
         self.injector = FaultInjector(
             rng=random.Random(seed * 7919 + 1),
             kinds=profile.faults,
@@ -282,9 +293,41 @@ class Day:
             leftover.unlink(missing_ok=True)
         shutil.move(self.snapshot, db)
         self._check_integrity()
+        self._visits_while_down()
         self.injector = self.injector.successor()
         self.runtime, self.keeper, self.subscription = self._boot()
         self._recover()
+
+    def stop_keeper(self) -> None:
+        """The keeper stops (SIGTERM: an upgrade, a restart): no passes, no events, the
+        desktops stay in the balancer, so users can still log in."""
+        self.injector.release_hangs()
+        self.subscription.close()
+        self.runtime.close()
+
+    def start_keeper(self) -> None:
+        """A new keeper on the same state database and host, as `imagepipe keep` starts."""
+        self.runtime, self.keeper, self.subscription = self._boot()
+
+    def _restart_gracefully(self) -> None:
+        """The keeper is stopped between two passes, users may come and go, it starts again
+        and must heal the pool like after a kill."""
+        _trace("keeper stopped")
+        self.stop_keeper()
+        self._visits_while_down()
+        self.start_keeper()
+        self.stats.injected["restart"] += 1
+        self._recover()
+
+    def _visits_while_down(self) -> None:
+        """While no keeper runs, users may connect through the balancer, log in, work, log out
+        and disconnect: whole sessions no keeper saw (only the balancer counted them)."""
+        if self.down_rng.random() >= self.profile.down_visits:
+            return
+        idle = [u for u in USERS if u not in self.sessions]
+        for user in self.down_rng.sample(idle, min(len(idle), self.down_rng.randint(1, 2))):
+            if self.visit(user) is not None:
+                self.stats.injected["visit-while-down"] += 1
 
     def _recover(self) -> None:
         """The new keeper, with no faults, must bring the pool back to its free target."""
@@ -394,6 +437,13 @@ class Day:
         self.connected.add(user)
         return name
 
+    def visit(self, user: str) -> str | None:
+        """A whole short session: arrive through the balancer, log in, log out, disconnect."""
+        desktop = self.arrive(user)
+        if desktop is not None:
+            self.logout(user)
+        return desktop
+
     def logout(self, user: str) -> None:
         """The user logs out and closes the client."""
         clone = self.sessions.pop(user)
@@ -427,6 +477,8 @@ class Day:
                 self.step = step
                 self.stats.steps += 1
                 self._arm_crash()
+                if step in self.restart_steps:
+                    self._restart_gracefully()
                 if step == self.profile.rollout_at:
                     self.hv.add_base(self.images.publish(self.spec.image, 2))
                     _trace(f"step {step}: version 2 published")
@@ -642,6 +694,7 @@ PROFILES: dict[str, Profile] = {
         faults=frozenset({FaultKind.FATAL}), fault_rate=0.5, fault_operations=("resolve",)
     ),
     "rollout": Profile(crash_targets=CRASH_TARGETS, rollout_at=15, crashes=4),
+    "restart": Profile(restarts=4, down_visits=0.9),
     "mixed": Profile(
         faults=frozenset(FaultKind),
         fault_rate=0.05,

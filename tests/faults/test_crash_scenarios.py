@@ -4,6 +4,7 @@ read), and what the next keeper does. Each failed on the code it was found on.""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,36 @@ def test_a_delete_that_answered_too_late_leaves_no_record_once_its_retry_falls_d
     gone = day.injector.injected[0].name
     assert gone not in day.hv.clones
     assert gone not in day.runtime.store.load_pool(day.spec.name).clones
+
+
+def test_a_session_that_began_and_ended_while_the_keeper_was_stopped_gets_its_desktop_reset(
+    day: Day,
+) -> None:
+    """The keeper is stopped (an upgrade); alice logs in through the balancer, writes her
+    files, logs out. No keeper saw it: the balancer's session counter is the evidence."""
+    day.stop_keeper()
+    desktop = day.visit("alice")
+    assert desktop is not None
+    assert day.hv.clones[desktop].dirty
+    day.start_keeper()
+    day.run_pass()
+
+    assert found(day, "used_desktop_reset_first") == []
+    assert day.hv.count("reset") == 1
+    for _ in range(3):
+        day.run_pass()
+    assert desktop in day.lb_state.servers and not day.hv.clones[desktop].dirty
+
+
+def test_a_session_between_a_kill_and_the_restart_gets_its_desktop_reset(day: Day) -> None:
+    """Killed right after it put a desktop in the balancer: the record it wrote before the
+    add counts that desktop's sessions from 0, so a user in the gap is seen."""
+    day.profile = replace(day.profile, down_visits=1.0)  # somebody comes while it is dead
+    day.arrive("alice")
+    day.kill_at(CrashAt("enable", occurrence=1, point=CrashPoint.AFTER))
+    for _ in range(4):
+        day.run_pass()
+
+    assert day.stats.injected["visit-while-down"] >= 1
+    assert day.stats.recovery_passes, "the keeper was never killed"
+    assert found(day, "used_desktop_reset_first") == []

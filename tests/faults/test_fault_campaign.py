@@ -130,3 +130,27 @@ def test_faults_of_every_kind_and_kills_together_break_no_promise() -> None:
     assert any(k.startswith("crash") for k in stats.injected), "no kill happened"
     assert checked(stats, *INVARIANTS) > 0
     assert stats.violations == []
+
+
+# ---- users who come and go while no keeper runs ------------------------------------------
+
+
+def test_sessions_while_the_keeper_is_stopped_never_reach_the_next_user() -> None:
+    """The keeper is stopped (an upgrade, a restart) and started again four times a day;
+    meanwhile users log in through the balancer, work and log out. Only the balancer's
+    session counter saw them: their desktops are reset before anyone else gets them."""
+    stats = campaign("restart")
+
+    assert stats.injected["restart"] > 0 and stats.injected["visit-while-down"] > 0
+    assert checked(stats, "used_desktop_reset_first") > 0
+    assert stats.violations == []
+
+
+@pytest.mark.parametrize("operation", CRASH_TARGETS)
+def test_sessions_between_a_kill_and_the_restart_are_reset_before_the_next_user(
+    operation: str,
+) -> None:
+    stats = campaign(f"crash-{operation}")
+
+    assert stats.injected["visit-while-down"] > 0, "nobody came while the keeper was dead"
+    assert violations(stats, "used_desktop_reset_first") == []

@@ -227,3 +227,35 @@ def test_a_desktop_whose_parent_is_gone_boots_and_restores_again_once_it_is_rema
     with SerialConsole(hypervisor.console_path(first.name)) as console:
         console.login("alice")
         assert console.run("echo ok > /home/alice/note; sync; cat /home/alice/note") == "ok"
+
+
+def shown_on_screen(console: SerialConsole, text: str, timeout: float = 20.0) -> list[str]:
+    """The desktop's screen once it shows `text` (a restored guest redraws it just after it
+    learns its name); the screen as it is when the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        screen = console.screen()
+        if any(text in line for line in screen) or time.monotonic() > deadline:
+            return screen
+        time.sleep(0.5)
+
+
+def test_each_desktop_shows_its_own_name_on_its_screen_and_prompt_booted_or_restored(
+    hypervisor: LibvirtHypervisor, make_spec: Callable[..., CloneSpec]
+) -> None:
+    booted, restored = make_spec(1, start=StartMode.BOOT), make_spec(2)
+    for spec in (booted, restored):
+        hypervisor.create_clone(spec)
+        hypervisor.start(spec.name)
+    assert wait_ready(hypervisor, booted.name).started_by is StartMode.BOOT
+    assert wait_ready(hypervisor, restored.name).started_by is StartMode.RESTORE
+    for spec, other in ((booted, restored), (restored, booted)):
+        with SerialConsole(hypervisor.console_path(spec.name)) as console:
+            assert console.prompt().endswith(f"{spec.name} login: ")
+            console.login("alice")
+            screen = shown_on_screen(console, spec.name)
+            assert f"imagepipe desktop {spec.name}" in screen, screen
+            assert "image tiny v1" in screen, screen
+            shown = "\n".join(screen)
+            assert "ipw-" not in shown, f"{spec.name} shows its warm parent's name: {screen}"
+            assert other.name not in shown, screen

@@ -14,10 +14,17 @@ from imagepipe.errors import (
     BusyError,
     CloneNotFoundError,
     FatalHypervisorError,
+    HypervisorUnavailableError,
     InvalidStateError,
 )
-from imagepipe.hypervisors.libvirt import error_for, power_of
-from imagepipe.hypervisors.libvirt_events import agent_event, graphics_event, lifecycle_event
+from imagepipe.hypervisors.libvirt import power_of
+from imagepipe.hypervisors.libvirt_errors import error_for
+from imagepipe.hypervisors.libvirt_events import (
+    EventHub,
+    agent_event,
+    graphics_event,
+    lifecycle_event,
+)
 from imagepipe.hypervisors.libvirt_xml import (
     AGENT_CHANNEL,
     CloneMetadata,
@@ -29,7 +36,7 @@ from imagepipe.hypervisors.libvirt_xml import (
     parse_vnc_clients,
 )
 from imagepipe.pool.model import CloneMode, Endpoint, Power
-from imagepipe.pool.ports import EventKind
+from imagepipe.pool.ports import EventKind, HypervisorEvent
 
 META = CloneMetadata("lab", "tiny", 3, 2, CloneMode.LINKED, Path("/images/tiny/3/disk.qcow2"))
 
@@ -157,6 +164,55 @@ def test_libvirt_errors_map_to_what_the_executor_may_retry(
     error = error_for(code, message, "clone lab-2")
     assert type(error) is expected
     assert "lab-2" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("code", "domain", "message", "expected"),
+    [
+        (1, 7, "internal error: client socket is closed", HypervisorUnavailableError),
+        (38, 7, "Cannot recv data: Connection reset by peer", HypervisorUnavailableError),
+        (
+            38,
+            13,
+            "Failed to connect socket to '/run/libvirt/libvirt-sock'",
+            HypervisorUnavailableError,
+        ),
+        (39, 7, "RPC error", HypervisorUnavailableError),
+        (1, 10, "internal error: process exited while connecting to monitor", FatalHypervisorError),
+        (38, 10, "Unable to read from monitor: Connection reset by peer", FatalHypervisorError),
+    ],
+)
+def test_a_lost_connection_to_libvirtd_is_told_apart_from_a_failing_domain(
+    code: int, domain: int, message: str, expected: type[Exception]
+) -> None:
+    """Errors of the client's RPC layer or remote driver (virErrorDomain 7, 13) are the
+    connection, not the clone: retried, never counted against the desktop."""
+    error = error_for(code, message, "clone lab-2", domain)
+    assert type(error) is expected
+    assert "lab-2" in str(error)
+
+
+def test_after_a_reconnect_agents_are_asked_again_vnc_times_are_kept_and_no_reset_is_forced() -> (
+    None
+):
+    now = [10.0]
+    hub = EventHub(lambda: now[0])
+    hub.adopt("lab-1")
+    hub.adopt("lab-2")
+    events: list[HypervisorEvent] = []
+    hub.subscribe(events.append)
+    assert hub.vnc_clients_now("lab-1", ("127.0.0.1:5000",)) == ("127.0.0.1:5000", 10.0)
+    hub.set_agent_up("lab-1", True)
+    now[0] = 20.0
+
+    hub.reconnected()
+
+    # no blanket "possibly used": the balancer's counters tell who came meanwhile
+    assert events == []
+    assert hub.agent_up("lab-1") is None  # asked again
+    # the client QEMU still lists keeps its connect time; one that left is gone
+    assert hub.vnc_clients_now("lab-1", ("127.0.0.1:5000",)) == ("127.0.0.1:5000", 10.0)
+    assert hub.vnc_clients_now("lab-1", ()) == (None, None)
 
 
 def test_libvirt_states_map_to_power() -> None:

@@ -54,14 +54,20 @@ def hv(sim: Host) -> Iterator[VirtualBoxHypervisor]:
     adapter.close()
 
 
-def test_a_login_a_vnc_client_and_a_reset_to_a_clean_disk_on_a_real_guest(
-    sim: Host, base: BaseImage, hv: VirtualBoxHypervisor
-) -> None:
+def vrde_spec(base: BaseImage, slot: int) -> CloneSpec:
+    """Desktop vbt-<slot> on a free port QEMU's VNC can serve (5900 and up)."""
     port = free_port()
     while port < 5900:
         port = free_port()
-    spec = CloneSpec("vbt-0", "vbt", 0, base, CloneMode.LINKED, 1, 128 * 1024**2,
+    return CloneSpec(f"vbt-{slot}", "vbt", slot, base, CloneMode.LINKED, 1, 128 * 1024**2,
                      Endpoint("127.0.0.1", port))  # fmt: skip
+
+
+def test_a_login_a_vnc_client_and_a_reset_to_a_clean_disk_on_a_real_guest(
+    sim: Host, base: BaseImage, hv: VirtualBoxHypervisor
+) -> None:
+    spec = vrde_spec(base, 0)
+    port = spec.display.port
     hv.create_clone(spec)
     seen: dict[EventKind, threading.Event] = {k: threading.Event() for k in EventKind}
     got: list[HypervisorEvent] = []
@@ -102,3 +108,19 @@ def _until(check, seen, got) -> bool:  # type: ignore[no-untyped-def]
         seen[EventKind.AGENT_CHANGED].wait(2)
         seen[EventKind.AGENT_CHANGED].clear()
     return False
+
+
+def test_the_machines_screen_and_prompt_show_its_own_name(
+    sim: Host, base: BaseImage, hv: VirtualBoxHypervisor
+) -> None:
+    spec = vrde_spec(base, 3)
+    hv.create_clone(spec)
+    hv.start(spec.name)
+    process = sim.by_name(spec.name).process
+    assert isinstance(process, QemuProcess)
+    with SerialConsole(process.console_path, timeout=120) as console:
+        assert console.prompt().endswith("vbt-3 login: ")
+        console.login("alice")
+        screen = console.screen()
+        assert "imagepipe desktop vbt-3" in screen, screen
+        assert "image tiny v1" in screen, screen

@@ -49,7 +49,7 @@ STAT = "\n".join(
         STAT_HEADER,
         "desktops_in,FRONTEND,,,1,1,4096,1,0,0,0,0,0,,,,,OPEN,,,,,,,,,1,2,0,,,,0,1",
         "desktops,lab-1,0,0,1,1,1,1,0,0,,0,,0,0,0,0,no check,1,1,0,,,0,,,1,3,1,,1,,2,1",
-        "desktops,lab-2,1,1,0,0,1,0,0,0,,0,,0,0,0,0,DRAIN,1,1,0,,,0,,,1,3,2,,0,,2,0",
+        "desktops,lab-2,1,1,0,0,1,7,0,0,,0,,0,0,0,0,DRAIN,1,1,0,,,0,,,1,3,2,,0,,2,0",
         "desktops,BACKEND,0,0,1,1,410,1,0,0,0,0,,0,0,0,0,UP,1,1,0,,0,0,0,,1,3,0,,1,,1,1",
         "",
     ]
@@ -84,19 +84,20 @@ def test_an_unexpected_state_format_is_an_error_not_an_empty_list() -> None:
         rt.parse_servers_state(f"1\n{STATE_HEADER}\n3 desktops 1 lab-1\n")
 
 
-def test_stat_reads_open_and_queued_connections_of_desktop_servers_only() -> None:
+def test_stat_reads_open_queued_and_total_sessions_of_desktop_servers_only() -> None:
     assert rt.parse_stat(STAT) == [
-        rt.ServerStat("lab-1", current=1, queued=0),
-        rt.ServerStat("lab-2", current=0, queued=1),
+        rt.ServerStat("lab-1", current=1, queued=0, total=1),
+        rt.ServerStat("lab-2", current=0, queued=1, total=7),
     ]
 
 
-def test_backends_join_state_and_connections_by_name() -> None:
+def test_backends_join_state_connections_and_session_counter_by_name() -> None:
     states = rt.parse_servers_state(SERVERS_STATE)[:3]
     assert rt.merge(states, rt.parse_stat(STAT)) == [
-        Backend("lab-1", Endpoint("127.0.0.1", 16011), BackendState.READY, 1),
-        Backend("lab-2", Endpoint("::1", 16012), BackendState.DRAIN, 1),
-        Backend("lab-3", Endpoint("127.0.0.1", 16013), BackendState.MAINT, 0),
+        Backend("lab-1", Endpoint("127.0.0.1", 16011), BackendState.READY, 1, 1),
+        Backend("lab-2", Endpoint("::1", 16012), BackendState.DRAIN, 1, 7),
+        # added between `show servers state` and `show stat`: its counter is not known yet
+        Backend("lab-3", Endpoint("127.0.0.1", 16013), BackendState.MAINT, 0, None),
     ]
 
 

@@ -9,12 +9,16 @@ import pytest
 
 from imagepipe.balancers.ipvs_parse import (
     Forward,
+    Named,
     RealServer,
+    ServiceStats,
     Thresholds,
     VirtualService,
     format_endpoint,
     parse_list,
+    parse_named,
     parse_names,
+    parse_stats,
     parse_thresholds,
     render_names,
     same_endpoint,
@@ -127,3 +131,35 @@ def test_a_real_server_on_the_director_itself_is_listed_as_local_and_read_as_mas
     (service,) = parse_list(text)
 
     assert service.real_servers == (RealServer(Endpoint("10.0.2.15", 5901), Forward.MASQ, 1, 0, 0),)
+
+
+def test_stats_give_each_real_server_its_connections_so_far() -> None:
+    """Recorded after two clients connected to the first real server and closed."""
+    assert parse_stats(recorded("stats-service.txt")) == [
+        ServiceStats(
+            "TCP",
+            Endpoint("10.0.2.100", 3389),
+            2,
+            ((Endpoint("10.0.3.2", 33309), 2), (Endpoint("10.0.3.2", 33310), 0)),
+        )
+    ]
+    assert parse_stats(recorded("stats.txt")) == parse_stats(recorded("stats-service.txt"))
+
+
+def test_stats_of_an_empty_table_and_unexpected_lines() -> None:
+    header = recorded("stats.txt").splitlines()[:3]
+    assert parse_stats("\n".join(header) + "\n") == []
+    with pytest.raises(BalancerError, match="--stats"):
+        parse_stats(recorded("list-service.txt"))  # the listing without --stats
+
+
+def test_a_names_line_may_carry_the_counter_base_of_its_real_server() -> None:
+    names = {"lab-1": Named(Endpoint("10.0.3.2", 5900), 4), "lab-2": Named(Endpoint("::1", 1))}
+
+    text = render_names(names)
+
+    assert text.splitlines()[1:] == ["lab-1 10.0.3.2:5900 4", "lab-2 [::1]:1"]
+    assert parse_named(text) == names
+    assert parse_names(text) == {n: v.address for n, v in names.items()}
+    with pytest.raises(BalancerError, match="line 1"):
+        parse_named("lab-1 10.0.3.2:5900 many\n")

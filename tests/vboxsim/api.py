@@ -351,6 +351,7 @@ class MachineData:
     snapshots: list[SnapshotData] = field(default_factory=list)
     current_snapshot: SnapshotData | None = None
     boot: Boot = field(default_factory=Boot)
+    firmware_type: int = C.FIRMWARE_BIOS
     write_lock: Session | None = None
     shared: list[Session] = field(default_factory=list)
     process: VMProcess | None = None
@@ -359,6 +360,17 @@ class MachineData:
     console: Console | None = None
     stopping: bool = False
     last_state_change: int = field(default_factory=_now_ms)
+
+
+class FirmwareSettings:
+    """IFirmwareSettings (VirtualBox 7.1): the machine's firmware type, read-only here."""
+
+    def __init__(self, data: MachineData) -> None:
+        self._d = data
+
+    @property
+    def firmwareType(self) -> int:
+        return self._d.firmware_type
 
 
 class VRDEServer:
@@ -520,6 +532,18 @@ class Machine:
     @property
     def VRDEServer(self) -> VRDEServer:
         return VRDEServer(self._d, self._mutable)
+
+    @property
+    def firmwareType(self) -> int:
+        if self._host.version_at_least(7, 1):
+            raise AttributeError("VirtualBox 7.1 moved IMachine.firmwareType to firmwareSettings")
+        return self._d.firmware_type
+
+    @property
+    def firmwareSettings(self) -> FirmwareSettings:
+        if not self._host.version_at_least(7, 1):
+            raise AttributeError("IMachine.firmwareSettings is new in VirtualBox 7.1")
+        return FirmwareSettings(self._d)
 
     @property
     def mediumAttachments(self) -> list[MediumAttachment]:
@@ -720,11 +744,13 @@ class Host:
         boot: Boot | None = None,
         snapshot: str | None = "clean",
         memory_mb: int = 128,
+        firmware_type: int = C.FIRMWARE_BIOS,
     ) -> MachineData:
         """A registered, powered-off VM with `disk` attached and, optionally, a snapshot."""
         with self.lock:
             data = self._new_machine(name, ["/"], "Other_64")
             data.memory_mb = memory_mb
+            data.firmware_type = firmware_type
             data.disk = self.open_medium(disk)
             data.disk.machineIds.append(data.id)
             data.boot = boot or Boot()
@@ -1129,6 +1155,7 @@ class Host:
                 target.memory_mb, target.cpus = source.memory_mb, source.cpus
                 target.boot = source.boot
                 target.os_type = source.os_type
+                target.firmware_type = source.firmware_type
                 target.saved_state = copied
                 if copied is not None:  # "If the target machine has saved state we MUST
                     target.state = "Saved"  # adjust the machine state"
@@ -1159,6 +1186,10 @@ class Host:
             self.machines[data.id] = data
             self.write_settings(data)
         self.event_source.fire(C.EVENT_MACHINE_REGISTERED, machineId=data.id, registered=True)
+
+    def version_at_least(self, major: int, minor: int) -> bool:
+        have = tuple(int(part) for part in self.version.split(".")[:2])
+        return have >= (major, minor)
 
     def write_settings(self, data: MachineData) -> None:
         data.settings_file.parent.mkdir(parents=True, exist_ok=True)

@@ -35,10 +35,31 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.vboxsim import codes as C
 from tests.vboxsim.api import Host, MachineData
 
 AGENT_PORT = "org.qemu.guest_agent.0"
 IDENTITY_PROPERTY = "/imagepipe/identity/hostname"
+
+
+# The DMI system strings a machine's firmware takes from its extra data (VirtualBox's
+# VBoxInternal/Devices/<pcbios|efi>/0/Config/DmiSystem*) and QEMU's -smbios type=1 fields.
+_DMI_SYSTEM = {"DmiSystemVendor": "manufacturer", "DmiSystemProduct": "product",
+               "DmiSystemVersion": "version"}  # fmt: skip
+
+
+def smbios_args(data: MachineData) -> list[str]:
+    """QEMU's -smbios for the DMI extra data the machine's firmware (BIOS or EFI) reads, as
+    VirtualBox's firmware puts them in the SMBIOS system table; `string:` is CFGM's marker of
+    a string value."""
+    device = "pcbios" if data.firmware_type == C.FIRMWARE_BIOS else "efi"
+    fields = []
+    for key, field in _DMI_SYSTEM.items():
+        value = data.extra.get(f"VBoxInternal/Devices/{device}/0/Config/{key}")
+        if value:
+            value = value.removeprefix("string:").replace(",", ",,")
+            fields.append(f"{field}={value}")
+    return ["-smbios", ",".join(["type=1", *fields])] if fields else []
 
 
 class QemuProcess:
@@ -89,6 +110,7 @@ class QemuProcess:
             "-qmp", f"unix:{self.dir / 'qmp'},server=on,wait=off",
             "-vnc", vnc, "-vga", "std", "-display", "none",
         ]  # fmt: skip
+        argv += smbios_args(data)
         if restore_from is not None:
             argv += ["-incoming", f"exec:cat {restore_from}"]
         self.proc = subprocess.Popen(

@@ -32,7 +32,7 @@ _BY_REFERENCE = (
     api.VirtualBox, api.Machine, api.Session, api.Console, api.Progress, api.Event,
     api.EventSource, api.Listener, api.Medium, api.Snapshot, api.VRDEServer,
     api.VRDEServerInfo, api.MediumAttachment, api.ErrorInfo, api.Host, api.MachineData,
-    api.Appliance, api.VirtualSystemDescription,
+    api.Appliance, api.VirtualSystemDescription, api.FirmwareSettings,
 )  # fmt: skip
 
 

@@ -23,9 +23,12 @@ act on the hypervisor, put it in the balancer, remember the new record).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from imagepipe.errors import BadInputError
 from imagepipe.pool.model import (
     Action,
+    BalancerEnable,
     CloneRecord,
     CloneState,
     ForgetClone,
@@ -123,8 +126,9 @@ def _advance_clones(
     failed = came_up = 0
     for oc in observed.clones:
         name = oc.info.name
-        rec = remembered(ctx, name, record.clones.get(name))
-        if rec is not None and quiet(ctx, oc, rec) and name not in d.actions:
+        stored = record.clones.get(name)
+        rec = remembered(ctx, oc, stored)
+        if rec is not None and rec is stored and quiet(ctx, oc, rec) and name not in d.actions:
             d.keep_quiet(name, rec)
             continue
         step = advance(ctx, oc, rec)
@@ -166,6 +170,11 @@ def _in_order(d: Decisions, record: PoolRecord) -> list[Action]:
         oc = seen.get(name)
         if oc is not None:
             before, after = balancer_actions(d.ctx, oc, nxt, hyper)
+            if nxt is not None and oc.backend is None and _adds(after):
+                # a backend the balancer adds now counts from 0: the baseline is written
+                # before the add, so a session right after it is evidence even if the
+                # keeper dies before its next pass
+                nxt = replace(nxt, sessions_seen=0)
             out += before
             out += hyper
             out += after
@@ -176,6 +185,10 @@ def _in_order(d: Decisions, record: PoolRecord) -> list[Action]:
             if nxt is not prev and nxt != prev:
                 out.append(RecordClone(pool=pool, clone=name, record=nxt))
     return out
+
+
+def _adds(actions: tuple[Action, ...]) -> bool:
+    return any(isinstance(a, BalancerEnable) for a in actions)
 
 
 def classify(

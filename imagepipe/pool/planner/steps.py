@@ -11,6 +11,7 @@ from imagepipe.pool.model import (
     CloneInfo,
     CloneRecord,
     CloneState,
+    ObservedClone,
     OnLogoff,
     PoolSpec,
     RolloutPolicy,
@@ -88,11 +89,32 @@ def used(rec: CloneRecord, last_user: str | None = None) -> CloneRecord:
     return replace(rec, session_ended_at=None, last_user=user, dirty=True)
 
 
-def remembered(ctx: Context, name: str, rec: CloneRecord | None) -> CloneRecord | None:
-    """The stored record, dirty if a client connected to the clone since the last pass."""
-    if rec is not None and not rec.dirty and name in ctx.touched:
-        return replace(rec, dirty=True)
-    return rec
+def remembered(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> CloneRecord | None:
+    """The stored record, dirty if somebody connected to the clone since the last pass: a
+    client's connection event (ctx.touched), or the balancer's session counter past the
+    value the record accounted for (a session while no keeper watched). The record takes
+    the counter's new value in the same write as the dirty mark."""
+    if rec is None:
+        return None
+    total = oc.backend.sessions_total if oc.backend is not None else None
+    dirty = rec.dirty or oc.name in ctx.touched or connected_since(rec.sessions_seen, total)
+    seen = rec.sessions_seen if total is None else total
+    if dirty == rec.dirty and seen == rec.sessions_seen:
+        return rec
+    return replace(rec, dirty=dirty, sessions_seen=seen)
+
+
+def connected_since(seen: int | None, total: int | None) -> bool:
+    """Whether the balancer passed a connection to the backend since the record accounted
+    for `seen` of them. A count below `seen` started over (the backend was removed and added
+    again, the balancer restarted): any connection since counts, as Prometheus' increase()
+    reads a counter reset. No evidence when the balancer cannot tell (`total` None) or the
+    record has no baseline yet (`seen` None: it takes `total` as its baseline)."""
+    if seen is None or total is None:
+        return False
+    if total < seen:
+        return total > 0
+    return total > seen
 
 
 def healthy(rec: CloneRecord) -> CloneRecord:

@@ -11,7 +11,9 @@
  * login; the file holds the login time), guest-shutdown (no reply, like qemu-ga),
  * guest-set-time ({"time": ns since the epoch}, as libvirt's virDomainSetTime sends it) and
  * imagepipe-set-identity ({"hostname": NAME}): after a clone is restored from a warm
- * parent's saved memory, imagepipe tells the guest who it is and what time it is;
+ * parent's saved memory, imagepipe tells the guest who it is and what time it is; the login
+ * loops waiting at their prompt (/run/imagepipe-prompt/<tty> holds their process ids) get
+ * SIGUSR1 and draw the screen and the prompt again, so they show the new name at once;
  * imagepipe-notify {"text": "..."} (a message to the user: written to the console and the
  * screen, and kept in /run/imagepipe-notice).
  * Anything else gets {"error":{"class":"CommandNotFound",...}}. A 0xFF byte from the host
@@ -36,6 +38,7 @@
 #define USERS_DIR "/run/users"
 #define VERSION "imagepipe-tiny-1"
 #define NOTICE_FILE "/run/imagepipe-notice"
+#define PROMPT_DIR "/run/imagepipe-prompt"
 
 static const char *const supported[] = {
     "guest-ping", "guest-sync", "guest-sync-delimited", "guest-info",
@@ -300,6 +303,56 @@ static void set_time_reply(struct buf *out, const char *command)
     buf_add(out, "{\"return\": {}}\n");
 }
 
+/* The process id in file, when that process is still a login loop (not a reused id). */
+static pid_t waiting_login_loop(const char *file)
+{
+    char text[32] = "", proc[64], cmdline[256];
+    size_t n, i;
+    long pid;
+    FILE *f = fopen(file, "r");
+
+    if (!f)
+        return 0;
+    if (!fgets(text, sizeof text, f))
+        text[0] = '\0';
+    fclose(f);
+    pid = strtol(text, NULL, 10);
+    if (pid <= 1)
+        return 0;
+    snprintf(proc, sizeof proc, "/proc/%ld/cmdline", pid);
+    f = fopen(proc, "r");
+    if (!f)
+        return 0;
+    n = fread(cmdline, 1, sizeof cmdline - 1, f);
+    fclose(f);
+    for (i = 0; i < n; i++)
+        if (cmdline[i] == '\0')
+            cmdline[i] = ' ';
+    cmdline[n] = '\0';
+    return strstr(cmdline, "login-loop") ? (pid_t)pid : 0;
+}
+
+/* Tell the login loops waiting at their prompt to draw it again, with the new name. */
+static void redraw_prompts(void)
+{
+    DIR *dir = opendir(PROMPT_DIR);
+    struct dirent *entry;
+
+    while (dir && (entry = readdir(dir)) != NULL) {
+        char file[512];
+        pid_t pid;
+
+        if (entry->d_name[0] == '.')
+            continue;
+        snprintf(file, sizeof file, "%s/%s", PROMPT_DIR, entry->d_name);
+        pid = waiting_login_loop(file);
+        if (pid > 0)
+            kill(pid, SIGUSR1);
+    }
+    if (dir)
+        closedir(dir);
+}
+
 static void set_identity_reply(struct buf *out, const char *command)
 {
     char name[64];
@@ -320,6 +373,7 @@ static void set_identity_reply(struct buf *out, const char *command)
         error_reply(out, "GenericError", "Failed to set the host name");
         return;
     }
+    redraw_prompts();
     buf_add(out, "{\"return\": {}}\n");
 }
 

@@ -5,7 +5,8 @@
 #   packer/tiny/guest/build-guest.sh OUTDIR
 #
 # The result is cached under $IMAGEPIPE_CACHE (default /var/cache/imagepipe/guest), keyed by
-# the kernel package version and a hash of this folder, so a second run only copies two files.
+# the kernel package version and a hash of every file in this folder, so a second run only
+# copies two files.
 # Needs: apt-get (to download the kernel .deb), dpkg, busybox-static, gcc + libc6-dev, cpio, gzip.
 set -euo pipefail
 
@@ -47,8 +48,11 @@ else
   kver=$(apt-cache policy "$kpkg" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
   echo "$kpkg $kver" >"$resolved"
 fi
-srchash=$(cat "$here"/build-guest.sh "$here"/init "$here"/login-loop "$here"/session.sh \
-  "$here"/inittab "$here"/agent.c /bin/busybox | sha256sum | cut -c1-16)
+# Every file of this folder (names and contents) and busybox: a changed, added or removed guest
+# file is a new build, never a stale cached one.
+srchash=$(cd "$here" && for f in *; do
+  [ -f "$f" ] && printf '%s\n' "$f" && cat "$f"
+done | cat - /bin/busybox | sha256sum | cut -c1-16)
 key="$kpkg-$kver-$srchash"
 built="$cache/$key"
 
