@@ -27,21 +27,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
-from imagepipe.pool.model import CloneMode, CloneSpec, Endpoint, StartMode
+from imagepipe.pool.model import CloneMode, CloneSpec, StartMode
 from tests import vboxsim
-from tests.host import free_port
 from tests.vboxsim.api import Host
-from tests.vboxsim.fixtures import tiny_vm
+from tests.vboxsim.fixtures import tiny_vm, vnc_display
 from tests.vboxsim.process import QemuProcess
 
 TIMEOUT = 180.0
-
-
-def display() -> Endpoint:
-    port = free_port()
-    while port < 5900:  # QEMU's VNC stands in for VRDE
-        port = free_port()
-    return Endpoint("127.0.0.1", port)
 
 
 def until_ready(hv: VirtualBoxHypervisor, name: str, since: float) -> float:
@@ -69,7 +61,7 @@ def main() -> None:
         def clone(start: StartMode) -> tuple[str, float]:
             slot = next(slots)
             spec = CloneSpec(f"bvi-{slot}", "bvi", slot, base, CloneMode.LINKED, 1,
-                             128 * 1024**2, display(), start=start)  # fmt: skip
+                             128 * 1024**2, vnc_display(), start=start)  # fmt: skip
             began = time.monotonic()
             hv.create_clone(spec)
             hv.start(spec.name)

@@ -262,6 +262,8 @@ def test_keeper_killed_during_a_session_keeps_it_after_restart(site: Site) -> No
                 len(free_ready(p)) >= FREE
                 and clone(p, desktop)["state"] == "in_use"
                 and machine_folders(site) == sorted(c["name"] for c in p["clones"])
+                # a desktop the killed keeper was making is finished (or removed) too
+                and all(c["balancer"] is not None for c in p["clones"])
             ),
         )
         names = sorted(c["name"] for c in pool["clones"])

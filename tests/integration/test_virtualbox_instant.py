@@ -21,16 +21,14 @@ from imagepipe.pool.model import (
     CloneInfo,
     CloneMode,
     CloneSpec,
-    Endpoint,
     Power,
     StartMode,
 )
 from tests import vboxsim
 from tests.conftest import require_program
 from tests.guest import SerialConsole
-from tests.host import free_port
 from tests.vboxsim.api import Host
-from tests.vboxsim.fixtures import tiny_vm
+from tests.vboxsim.fixtures import tiny_vm, vnc_display
 from tests.vboxsim.process import QemuProcess
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
@@ -70,11 +68,8 @@ def hv(sim: Host) -> Iterator[VirtualBoxHypervisor]:
 @pytest.fixture
 def make_spec(base: BaseImage) -> Callable[..., CloneSpec]:
     def make(slot: int = 1, start: StartMode = StartMode.RESTORE) -> CloneSpec:
-        port = free_port()
-        while port < 5900:  # QEMU's VNC stands in for VRDE: ports from 5900
-            port = free_port()
         return CloneSpec(f"vbi-{slot}", "vbi", slot, base, CloneMode.LINKED, 1, 128 * 1024**2,
-                         Endpoint("127.0.0.1", port), start=start)  # fmt: skip
+                         vnc_display(), start=start)  # fmt: skip
 
     return make
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from imagepipe.pool.model import BaseImage
+from imagepipe.pool.model import BaseImage, Endpoint
 from tests.vboxsim.api import Boot, Host
 
 
@@ -43,3 +43,13 @@ def tiny_vm(
     name = f"imagepipe-tiny-v{version}"
     host.create_base_vm(name, d / (tiny.disk or ""), boot=boot, snapshot="clean")
     return BaseImage("tiny", version, d, vm=name, snapshot="clean")
+
+
+def vnc_display() -> Endpoint:
+    """A free loopback port QEMU's VNC, standing in for VRDE, can serve (5900 and up)."""
+    from tests.host import free_port
+
+    port = free_port()
+    while port < 5900:
+        port = free_port()
+    return Endpoint("127.0.0.1", port)
