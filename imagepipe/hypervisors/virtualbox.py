@@ -9,6 +9,15 @@ reset restores it. Pool, image, version, slot, mode and display live in the mach
 data (imagepipe/...), so list_clones() rebuilds everything from VirtualBox. VRDE listens on
 the pool's port; sessions come from one passive event listener (virtualbox_events.py). No guest
 password is used anywhere. Version differences (6.1 / 7.0 / 7.1) are in virtualbox_facts.
+
+Instant desktops (CloneSpec.start = restore): the clone is a linked clone of its version's
+warm parent's online snapshot (virtualbox_parents.py), so VirtualBox makes it Saved with a copy
+of the parent's memory; its `imagepipe-clean` snapshot, taken while Saved, shares that state
+file. `start` launches it, which resumes the parent's running guest; a reset restores the clean
+snapshot (Saved again) and launches it. Then the guest is told its name (ClonePrep) through the
+transient guest property /imagepipe/identity/hostname; its clock is set by the Guest
+Additions' VBoxService, which does it after every restore. Whenever that cannot be done, the
+clone boots, said once in the log.
 """
 
 from __future__ import annotations
@@ -43,12 +52,15 @@ from imagepipe.hypervisors.virtualbox_facts import (
     EXTRA_KEYS,
     GROUP_ROOT,
     OFF_STATES,
+    PROP_IDENTITY,
     PROP_NO_USERS,
+    PROP_STARTED_BY,
     PROP_USERS,
     PROP_USERS_LIST,
     SAVED_STATES,
     CloneMeta,
     VersionApi,
+    WarmKey,
     base_vm_name,
     check_name,
     error_for,
@@ -56,8 +68,10 @@ from imagepipe.hypervisors.virtualbox_facts import (
     parse_users,
     pool_group,
     power_of,
+    started_by,
     version_api,
 )
+from imagepipe.hypervisors.virtualbox_parents import WarmParents
 from imagepipe.log import fields
 from imagepipe.pool.model import (
     BaseImage,
@@ -67,6 +81,7 @@ from imagepipe.pool.model import (
     Endpoint,
     GuestSession,
     Power,
+    StartMode,
 )
 from imagepipe.pool.ports import HypervisorEvent, Subscription
 
@@ -127,7 +142,7 @@ def import_pyvbox() -> Any:
 class VirtualBoxHypervisor:
     """imagepipe.pool.ports.Hypervisor on VirtualBox 6.1 / 7.x through pyvbox."""
 
-    def __init__(self, *, stop_poll: float = 0.2) -> None:
+    def __init__(self, *, stop_poll: float = 0.2, parent_boot_timeout: float = 300.0) -> None:
         self._vb = import_pyvbox()
         self._lib = self._vb.library
         self._vb.library_ext.IVirtualBox.assert_version = False
@@ -150,6 +165,7 @@ class VirtualBoxHypervisor:
         self._lock = threading.Lock()
         self._import_lock = threading.Lock()
         self._hub = EventHub(self.api, self._name_of)
+        self._parents = WarmParents(self, boot_timeout=parent_boot_timeout)
         with self._translate("VirtualBox events"):
             self._hub.start(self._lib, self._vbox.event_source)
         log.info("VirtualBox connected", extra=fields(version=self.api.version))
@@ -257,8 +273,15 @@ class VirtualBoxHypervisor:
         return sorted(clones, key=lambda c: (c.pool, c.slot))
 
     def _info(self, machine: Any, name: str, meta: CloneMeta) -> CloneInfo:
-        power = power_of(self._state(machine, name))
+        state = self._state(machine, name)
+        power = power_of(state)
+        if state in SAVED_STATES and self._pristine(machine, name):
+            power = Power.SHUTOFF  # its parent's memory, never run: off, ready to start
         ready = power.value == "running" and self._facts(machine, name).agent
+        how = None
+        if power in (Power.RUNNING, Power.SUSPENDED):
+            with self._translate(f"clone {name}"):
+                how = started_by(str(machine.get_guest_property_value(PROP_STARTED_BY)))
         return CloneInfo(
             name=name,
             pool=meta.pool,
@@ -268,6 +291,7 @@ class VirtualBoxHypervisor:
             power=power,
             display=meta.display,
             ready=ready,
+            started_by=how,
         )
 
     def _facts(self, machine: Any, name: str) -> CloneSessions:
@@ -390,6 +414,10 @@ class VirtualBoxHypervisor:
         with self._translate(f"base VM {base_name}"):
             snapshot = base.find_snapshot(snapshot_name)
             source = snapshot.machine
+        parent = self._warm_parent(spec, base, snapshot, source)
+        if parent is not None:
+            with self._translate(f"clone {name}"):
+                source = parent.machine  # Saved with the parent's memory once cloned
         group = pool_group(spec.pool)
         with self._translate(f"clone {name}"):
             settings = self._vbox.compose_machine_filename(name, group, "", "")
@@ -405,8 +433,9 @@ class VirtualBoxHypervisor:
             )
         self._wait(progress, f"clone {name}")
         with self._translate(f"clone {name}"):
-            target.memory_size = max(spec.memory // 1024**2, 4)
-            target.cpu_count = spec.cpus
+            if parent is None:  # a restored clone has its parent's shape (the key holds it)
+                target.memory_size = _memory_mb(spec)
+                target.cpu_count = spec.cpus
             vrde = target.vrde_server
             vrde.enabled = True
             vrde.set_vrde_property("TCP/Ports", str(spec.display.port))
@@ -424,6 +453,84 @@ class VirtualBoxHypervisor:
         self._take_clean_snapshot(machine, name)
         log.info("clone created", extra=fields(pool=spec.pool, clone=name, action="create"))
         return self._info(machine, name, meta)
+
+    # -- instant desktops --------------------------------------------------------------------
+
+    def _warm_parent(self, spec: CloneSpec, base: Any, snapshot: Any, source: Any) -> Any | None:
+        """The online snapshot of the version's warm parent for this shape (made now, once),
+        or None: the pool boots its desktops, or no parent can be made (said once)."""
+        if spec.start is not StartMode.RESTORE:
+            return None
+        with self._translate(f"image {spec.base.image} v{spec.base.version}"):
+            key = WarmKey(
+                image=spec.base.image,
+                version=spec.base.version,
+                cpus=spec.cpus,
+                memory_mb=_memory_mb(spec),
+                base_vm_id=str(base.id_p),
+                base_snapshot_id=str(snapshot.id_p),
+                virtualbox=self.api.version,
+            )
+        return self._parents.ensure(key, source)
+
+    def _parent_dmi(self, target: Any, name: str, image: str, version: int) -> dict[str, str]:
+        """DMI extra data of a warm parent: its restored clones' screens show the image and
+        version from it (their name comes from ClonePrep)."""
+        return dmi_extra_data(name, image, version, efi=self._boots_efi(target))
+
+    def _pristine(self, machine: Any, name: str) -> bool:
+        """Saved on its clean snapshot's state file: the warm parent's memory, never run
+        since it was cloned or reset (a suspended desktop's state is a file of its own)."""
+        try:
+            with self._translate(f"clone {name}"):
+                state = str(machine.state_file_path)
+                if not state:
+                    return False
+                clean = machine.find_snapshot(CLEAN_SNAPSHOT)
+                return str(clean.machine.state_file_path) == state
+        except CloneNotFoundError:
+            return False
+
+    def _resume_clean(self, machine: Any, name: str, meta: CloneMeta) -> None:
+        """Launch a pristine clone: VirtualBox resumes its parent's guest. When that fails,
+        said once, its saved state is dropped and it boots."""
+        started = time.monotonic()
+        try:
+            self._launch(machine, name, meta, StartMode.RESTORE)
+        except (DisplayInUseError, BusyError, BaseMissingError):
+            raise
+        except HypervisorError as exc:
+            self._parents.say_once(
+                f"restore:{meta.image}:{meta.version}",
+                f"resuming {name} from the warm parent of {meta.image} v{meta.version} "
+                f"failed; its desktops boot instead: {exc}",
+            )
+            self._power_down(machine, name)  # Saved: its saved state is discarded
+            self._launch(machine, name, meta, StartMode.BOOT)
+            return
+        log.info(
+            "clone restored",
+            extra=fields(
+                pool=meta.pool,
+                clone=name,
+                action="restore",
+                seconds=round(time.monotonic() - started, 2),
+            ),
+        )
+
+    def _prep(self, session: Any, name: str, how: StartMode | None) -> None:
+        """Through the launching session, once the VM runs: how it started (for status) and,
+        after a restore, its name for the guest (ClonePrep). Said once when refused."""
+        if how is None:
+            return
+        try:
+            with self._translate(f"clone {name}"):
+                running = session.machine
+                running.set_guest_property(PROP_STARTED_BY, how.value, "RDONLYGUEST")
+                if how is StartMode.RESTORE:
+                    running.set_guest_property(PROP_IDENTITY, name, "TRANSIENT,RDONLYGUEST")
+        except HypervisorError as exc:
+            self._parents.say_once("prep", f"a started clone did not take its name ({name}): {exc}")
 
     def _boots_efi(self, machine: Any) -> bool:
         """The machine's firmware is EFI (IMachine.firmwareType; from 7.1 on it lives in
@@ -472,8 +579,10 @@ class VirtualBoxHypervisor:
         self._take_snapshot(machine, name, CLEAN_SNAPSHOT)
 
     def _take_snapshot(self, machine: Any, name: str, snapshot: str) -> None:
+        """Offline (a Saved clone's snapshot shares its state file: the parent's memory).
+        pause=true: VirtualBox refuses pause=false (a live snapshot) unless it runs."""
         with self._session(machine, name, LOCK_WRITE) as session, self._translate(name):
-            progress, _ = session.machine.take_snapshot(snapshot, "", False)
+            progress, _ = session.machine.take_snapshot(snapshot, "", True)
             self._wait(progress, name)
 
     def _refuse_taken_port(self, name: str, display: Endpoint, *, subject: str) -> None:
@@ -502,11 +611,18 @@ class VirtualBoxHypervisor:
         state = self._state(machine, name)
         if state in ("Running", "Starting", "Restoring"):
             return
+        if state in SAVED_STATES and self._pristine(machine, name):
+            self._resume_clean(machine, name, meta)
+            return
         if state in SAVED_STATES or state == "Paused":
             raise InvalidStateError(f"clone {name} is suspended ({state}): resume it instead")
-        self._launch(machine, name, meta)
+        self._launch(machine, name, meta, StartMode.BOOT)
 
-    def _launch(self, machine: Any, name: str, meta: CloneMeta) -> None:
+    def _launch(
+        self, machine: Any, name: str, meta: CloneMeta, how: StartMode | None = None
+    ) -> None:
+        """Launch headless; `how` it starts is recorded (None: resuming a suspended clone
+        keeps what it had)."""
         self._refuse_taken_port(name, meta.display, subject="port")
         session = self._vb.Session()
         with self._translate(f"clone {name}"):
@@ -514,6 +630,7 @@ class VirtualBoxHypervisor:
             progress = machine.launch_vm_process(session, "headless", [])
         try:
             self._wait(progress, f"clone {name}")
+            self._prep(session, name, how)
         finally:
             with contextlib.suppress(self._lib.VBoxError):
                 session.unlock_machine()
@@ -522,7 +639,7 @@ class VirtualBoxHypervisor:
     def stop(self, name: str, timeout: float) -> None:
         machine, meta = self._our(name)
         state = self._state(machine, name)
-        if state in OFF_STATES:
+        if state in OFF_STATES or (state in SAVED_STATES and self._pristine(machine, name)):
             return
         if state in SAVED_STATES:
             with (
@@ -584,17 +701,20 @@ class VirtualBoxHypervisor:
             progress = mutable.restore_snapshot(snapshot)
             self._wait(progress, f"clone {name}")
         self._hub.forget(name)
-        self._launch(machine, name, meta)
+        if self._state(machine, name) in SAVED_STATES:  # an online clean snapshot: resume it
+            self._resume_clean(machine, name, meta)
+        else:
+            self._launch(machine, name, meta, StartMode.BOOT)
         log.info("clone reset", extra=fields(pool=meta.pool, clone=name, action="reset"))
 
     def suspend(self, name: str) -> None:
         """Save the machine's state to disk (VirtualBox's suspend, like the original tool)."""
         machine, meta = self._our(name)
         state = self._state(machine, name)
-        if state in SAVED_STATES:
+        if state in SAVED_STATES and not self._pristine(machine, name):
             return
         if state not in ("Running", "Paused"):
-            raise InvalidStateError(f"clone {name} is {state}, so it cannot be suspended")
+            raise InvalidStateError(f"clone {name} is off ({state}), so it cannot be suspended")
         with self._session(machine, name, LOCK_SHARED) as session, self._translate(f"clone {name}"):
             progress = session.machine.save_state()
             self._wait(progress, f"clone {name}")
@@ -612,8 +732,8 @@ class VirtualBoxHypervisor:
             ):
                 session.console.resume()
             return
-        if state not in SAVED_STATES:
-            raise InvalidStateError(f"clone {name} is {state}, so it cannot be resumed")
+        if state not in SAVED_STATES or self._pristine(machine, name):
+            raise InvalidStateError(f"clone {name} is off ({state}), so it cannot be resumed")
         self._launch(machine, name, self._our(name)[1])
 
     def delete(self, name: str) -> None:
@@ -691,6 +811,10 @@ class VirtualBoxHypervisor:
                 snapshot=str(current.id_p),
                 snapshot_name=str(current.name),
             )
+
+
+def _memory_mb(spec: CloneSpec) -> int:
+    return max(spec.memory // 1024**2, 4)
 
 
 @dataclass(frozen=True)

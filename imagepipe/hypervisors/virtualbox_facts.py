@@ -14,6 +14,7 @@ calls the underlying method with the arguments the piece gives:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from imagepipe.errors import (
     HypervisorError,
     InvalidStateError,
 )
-from imagepipe.pool.model import CloneMode, Endpoint, Power
+from imagepipe.pool.model import CloneMode, Endpoint, Power, StartMode
 
 # result codes (VirtualBox.xidl <result> and the COM codes it documents)
 E_ACCESSDENIED = 0x80070005
@@ -207,3 +208,53 @@ def parse_users(users_list: str, count: str = "") -> tuple[str, ...]:
 
 def is_session_property(name: str) -> bool:
     return name.startswith(PROP_VRDP_PREFIX) or name in (PROP_USERS_LIST, PROP_USERS, PROP_NO_USERS)
+
+
+# -- instant desktops: warm parents ---------------------------------------------------------------
+
+PARENT_GROUP = "/imagepipe-warm"  # outside GROUP_ROOT/: a parent is never listed as a clone
+PARENT_SNAPSHOT = "imagepipe-warm"  # the parent's online snapshot (memory saved) clones link to
+PARENT_KEY = EXTRA_PREFIX + "warm-parent"  # extra data on a parent: its key's fingerprint
+PARENT_IMAGE = EXTRA_PREFIX + "warm-image"  # and its image and version (to retire it)
+PARENT_VERSION = EXTRA_PREFIX + "warm-version"
+PROP_STARTED_BY = "/imagepipe/started-by"  # restore | boot: how the running guest started
+PROP_IDENTITY = "/imagepipe/identity/hostname"  # ClonePrep: the name a restored guest takes
+
+
+@dataclass(frozen=True)
+class WarmKey:
+    """Which warm parent a clone can start from: the image version's base VM and snapshot
+    (by id: a rebuilt version is a new snapshot), the machine shape, and the VirtualBox
+    version that saves and restores the state."""
+
+    image: str
+    version: int
+    cpus: int
+    memory_mb: int
+    base_vm_id: str
+    base_snapshot_id: str
+    virtualbox: str
+
+    @property
+    def fingerprint(self) -> str:
+        text = "\n".join(
+            [self.image, str(self.version), str(self.cpus), str(self.memory_mb),
+             self.base_vm_id, self.base_snapshot_id, self.virtualbox]
+        )  # fmt: skip
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def name(self) -> str:
+        """The parent machine's name."""
+        return f"imagepipe-warm-{self.fingerprint[:16]}"
+
+    def __str__(self) -> str:
+        return f"{self.image} v{self.version} ({self.cpus} cpu, {self.memory_mb} MiB)"
+
+
+def started_by(value: str) -> StartMode | None:
+    """The clone's /imagepipe/started-by guest property, read back."""
+    try:
+        return StartMode(value)
+    except ValueError:
+        return None

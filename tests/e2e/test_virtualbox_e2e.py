@@ -233,14 +233,18 @@ def test_logoff_resets_the_desktop_and_the_next_user_gets_a_clean_disk(site: Sit
         console.logout()
         viewer.close()
         logged_off = time.monotonic()
-    site.wait_for(
+    pool = site.wait_for(
         f"{name} recycled and back in the balancer",
         lambda p: clone(p, name)["state"] == "free" and clone(p, name)["balancer"] == "ready",
     )
     assert time.monotonic() - logged_off >= RECYCLE_AFTER, "reset before recycle_after"
+    # instant desktops (the pool's default start: restore): the reset resumed the clean
+    # snapshot's saved state, the warm parent's memory, and the guest took its own name
+    assert clone(pool, name)["started_by"] == "restore"
     with site.console(name) as console:
         console.login("bob")
         assert "alice-was-here" not in console.run("cat /home/secret 2>&1 || true")
+        assert console.run("hostname") == name
         console.logout()
 
 
@@ -258,6 +262,8 @@ def test_keeper_killed_during_a_session_keeps_it_after_restart(site: Site) -> No
                 len(free_ready(p)) >= FREE
                 and clone(p, desktop)["state"] == "in_use"
                 and machine_folders(site) == sorted(c["name"] for c in p["clones"])
+                # a desktop the killed keeper was making is finished (or removed) too
+                and all(c["balancer"] is not None for c in p["clones"])
             ),
         )
         names = sorted(c["name"] for c in pool["clones"])

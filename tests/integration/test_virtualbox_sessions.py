@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
-from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power
+from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Power
 from imagepipe.pool.ports import EventKind, HypervisorEvent
 from tests import vboxsim
 from tests.conftest import require_program
-from tests.guest import SerialConsole, VncClient, tiny_base_image
-from tests.host import free_port
-from tests.vboxsim.api import Boot, Host
+from tests.guest import SerialConsole, VncClient
+from tests.vboxsim.api import Host
+from tests.vboxsim.fixtures import tiny_vm, vnc_display
 from tests.vboxsim.process import QemuProcess
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
@@ -41,12 +41,7 @@ def sim(workdir: Path) -> Iterator[Host]:
 
 @pytest.fixture
 def base(sim: Host, workdir: Path) -> BaseImage:
-    tiny = tiny_base_image(workdir / "tiny-v1")
-    d = tiny.directory
-    boot = Boot(d / (tiny.kernel or ""), d / (tiny.initrd or ""), tiny.cmdline or "")
-    name = "imagepipe-tiny-v1"
-    sim.create_base_vm(name, d / (tiny.disk or ""), boot=boot, snapshot="clean")
-    return BaseImage("tiny", 1, d, vm=name, snapshot="clean")
+    return tiny_vm(sim, workdir / "tiny-v1")
 
 
 @pytest.fixture
@@ -60,11 +55,8 @@ def hv(sim: Host) -> Iterator[VirtualBoxHypervisor]:
 
 def vrde_spec(base: BaseImage, slot: int) -> CloneSpec:
     """Desktop vbt-<slot> on a free port QEMU's VNC can serve (5900 and up)."""
-    port = free_port()
-    while port < 5900:
-        port = free_port()
     return CloneSpec(f"vbt-{slot}", "vbt", slot, base, CloneMode.LINKED, 1, 128 * 1024**2,
-                     Endpoint("127.0.0.1", port))  # fmt: skip
+                     vnc_display())  # fmt: skip
 
 
 def test_a_login_a_vnc_client_and_a_reset_to_a_clean_disk_on_a_real_guest(

@@ -136,6 +136,21 @@ def test_a_desktop_in_use_is_never_reset_by_its_counter_only_marked_dirty() -> N
     assert record.state is CloneState.IN_USE and record.dirty and record.sessions_seen == 9
 
 
+def test_a_client_still_connected_whose_session_the_hypervisor_has_not_reported_keeps_it() -> None:
+    """The counter rises as the balancer connects the client; the hypervisor reports the
+    session only after the display handshake. Meanwhile the desktop is not reset under the
+    user (and, dirty, serves nobody else); once the client is gone it is."""
+    connecting = desktop(0, total=3, connections=1)
+    actions = planned((connecting, free(0, seen=2)), (desktop(1, total=0), free(1, seen=0)))
+
+    assert resets(actions) == []
+    assert written(actions)["ev-0"].dirty
+    assert BalancerEnable(pool="ev", clone="ev-0", address=connecting.info.display) not in actions
+    gone = desktop(0, total=3, connections=0)
+    later = planned((gone, free(0, seen=3, dirty=True)), (desktop(1, total=0), free(1, seen=0)))
+    assert resets(later) == ["ev-0"]
+
+
 def test_a_backend_the_keeper_adds_is_counted_from_zero_before_it_is_added() -> None:
     """Closes the hole of a desktop enabled, used at once, and the keeper killed before the
     pass after the add: the baseline 0 is in the record written before the add."""

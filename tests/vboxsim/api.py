@@ -13,6 +13,13 @@ as lists, errors as SimCOMError(errno, msg). Behaviour follows VirtualBox.xidl:
   errorInfo, never raised by waitForCompletion;
 - snapshots with differencing media (real qcow2 overlays made with qemu-img); linked clones
   are differencing media on a snapshot's medium; unregister + deleteConfig removes them;
+- saved states as VirtualBox keeps them (SnapshotImpl.cpp, MachineImplCloneVM.cpp): a snapshot
+  of a running machine is online (the VM process saves its state into the snapshot's state
+  file and goes on running on a new differencing disk); a snapshot of a Saved machine shares
+  the machine's state file; restoring an online snapshot leaves the machine Saved on the
+  snapshot's state file; cloneTo(MachineState) of a snapshot with a state file copies the file
+  into the clone's Snapshots folder and the clone is Saved; a state file is deleted only when
+  neither the machine nor any of its snapshots uses it any more;
 - registration, extra data, guest properties (TRANSIENT/TRANSRESET ones vanish at power off);
 - IEventSource with passive listeners (getEvent / eventProcessed; getEvent on an unregistered
   listener -> VBOX_E_OBJECT_NOT_FOUND).
@@ -40,6 +47,8 @@ from tests.vboxsim.codes import SimCOMError
 
 ONLINE = ("Running", "Paused", "Stuck", "Starting", "Stopping", "Saving", "Restoring")
 OFFLINE = ("PoweredOff", "Saved", "Aborted", "AbortedSaved", "Teleported")
+MUTABLE = ("PoweredOff", "Aborted", "Teleported")
+SAVED = ("Saved", "AbortedSaved")
 
 
 def _now_ms() -> int:
@@ -58,20 +67,24 @@ class VMProcess(Protocol):
     def pause(self) -> None: ...
     def resume(self) -> None: ...
     def save(self, path: Path) -> None: ...
+    def snapshot(self, state: Path, disk: Path) -> None: ...
+    def guest_property(self, name: str, value: str) -> None: ...
 
 
 ProcessFactory = Callable[["Host", "MachineData"], VMProcess]
 
 
 class MemoryProcess:
-    """A VM process without a guest: the power button powers it off at once."""
+    """A VM process without a guest: the power button powers it off at once; its Guest
+    Additions report (nobody logged in) as soon as it runs."""
 
     def __init__(self, host: Host, machine: MachineData) -> None:
         self.host, self.machine = host, machine
 
     def start(self, restore_from: Path | None) -> None:
-        if restore_from is not None:
-            restore_from.unlink(missing_ok=True)
+        if restore_from is not None and not restore_from.is_file():
+            raise RuntimeError(f"saved state {restore_from} is missing")
+        self.host.guest_users(self.machine, [])
 
     def power_button(self) -> None:
         threading.Thread(target=self.host.process_ended, args=(self.machine, True)).start()
@@ -87,6 +100,12 @@ class MemoryProcess:
 
     def save(self, path: Path) -> None:
         path.write_text("saved state\n")
+
+    def snapshot(self, state: Path, disk: Path) -> None:
+        state.write_text("saved state\n")
+
+    def guest_property(self, name: str, value: str) -> None:
+        pass
 
 
 # -- progress, errors, events ---------------------------------------------------------------
@@ -269,6 +288,7 @@ class SnapshotData:
     parent: SnapshotData | None
     children: list[SnapshotData] = field(default_factory=list)
     time_stamp: int = field(default_factory=_now_ms)
+    state_file: Path | None = None  # an online snapshot's saved state (may be shared)
 
 
 class Snapshot:
@@ -276,7 +296,11 @@ class Snapshot:
         self._d = data
         self.id, self.name, self.description = data.id, data.name, data.description
         self.timeStamp = data.time_stamp
-        self.online = False
+
+    @property
+    def online(self) -> bool:
+        """Taken while running or Saved: the snapshot has a saved state."""
+        return self._d.state_file is not None
 
     @property
     def machine(self) -> Machine:
@@ -491,6 +515,9 @@ class Machine:
 
     @property
     def stateFilePath(self) -> str:
+        if self._snapshot is not None:  # a snapshot's machine: the snapshot's state file
+            state = self._snapshot.state_file
+            return str(state) if state else ""
         return str(self._d.saved_state) if self._d.saved_state else ""
 
     @property
@@ -520,6 +547,8 @@ class Machine:
 
     @property
     def mediumAttachments(self) -> list[MediumAttachment]:
+        if self._snapshot is not None:  # a snapshot's machine: the disk as it was then
+            return [MediumAttachment(self._snapshot.medium)]
         return [MediumAttachment(self._d.disk)] if self._d.disk else []
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -530,10 +559,9 @@ class Machine:
                 C.E_ACCESSDENIED,
                 f"The machine '{self._d.name}' is not mutable: lock it with a session first",
             )
-        if name in ("memorySize", "CPUCount") and self._d.state not in OFFLINE:
-            raise SimCOMError(
-                C.VBOX_E_INVALID_VM_STATE,
-                f"The machine is not mutable or saved (state is {self._d.state})",
+        if name in ("memorySize", "CPUCount") and self._d.state not in MUTABLE:
+            raise SimCOMError(  # MutableStateDep: not even Saved (the state holds the memory)
+                C.VBOX_E_INVALID_VM_STATE, f"The machine is not mutable (state is {self._d.state})"
             )
         setattr(self._d, _MUTABLE[name], list(value) if name == "groups" else value)
 
@@ -610,7 +638,7 @@ class Machine:
 
     def takeSnapshot(self, name: str, description: str, pause: bool) -> tuple[Progress, str]:
         self._require_session("takeSnapshot")
-        return self._host.take_snapshot(self._d, name, description)
+        return self._host.take_snapshot(self._d, name, description, bool(pause))
 
     def restoreSnapshot(self, snapshot: Snapshot) -> Progress:
         self._require_session("restoreSnapshot")
@@ -625,6 +653,8 @@ class Machine:
         self._host.discard_saved_state(self._d)
 
     def cloneTo(self, target: Machine, mode: int, options: list[int]) -> Progress:
+        if self._mutable:  # MachineCloneVM::start
+            raise SimCOMError(C.E_INVALIDARG, "The source machine is mutable")
         return self._host.clone_to(self._d, self._snapshot, target._d, [int(o) for o in options])
 
     def unregister(self, cleanupMode: int) -> list[Medium]:
@@ -728,7 +758,7 @@ class Host:
         if snapshot:
             session = Session()
             Machine(data, mutable=False).lockMachine(session, C.LOCK_WRITE)
-            progress, _ = session.machine.takeSnapshot(snapshot, "", False)  # type: ignore[union-attr]
+            progress, _ = session.machine.takeSnapshot(snapshot, "", True)  # type: ignore[union-attr]
             progress.waitForCompletion(-1)
             session.unlockMachine()
         return data
@@ -872,6 +902,8 @@ class Host:
                 raise SimCOMError(C.VBOX_E_VM_ERROR, f"The VM process failed: {exc}") from exc
             with self.lock:
                 data.saved_state = None
+                if restore is not None:
+                    self._release_state(data, restore)
                 session.state = C.SESSION_LOCKED
                 if data.vrde_enabled and data.console is not None:
                     port = data.vrde_properties.get("TCP/Ports", "3389")
@@ -941,8 +973,7 @@ class Host:
         self.set_state(data, "Saving")
 
         def work() -> None:
-            path = data.settings_file.parent / "Snapshots" / f"{data.id}.sav"
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path = self._state_file(data)
             assert process is not None
             with self.lock:
                 data.saved_state = path  # the VM process ends as it finishes saving
@@ -958,10 +989,25 @@ class Host:
 
     def discard_saved_state(self, data: MachineData) -> None:
         self.require_state(data, ("Saved", "AbortedSaved"), "discardSavedState")
-        if data.saved_state:
-            data.saved_state.unlink(missing_ok=True)
-        data.saved_state = None
+        with self.lock:
+            state, data.saved_state = data.saved_state, None
+            if state is not None:
+                self._release_state(data, state)
         self.set_state(data, "PoweredOff")
+
+    def _state_file(self, data: MachineData) -> Path:
+        """A new saved-state file in the machine's Snapshots folder (VirtualBox names them by
+        time: never the name of a file a snapshot may still share)."""
+        folder = data.settings_file.parent / "Snapshots"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{{{uuidlib.uuid4()}}}.sav"
+
+    def _release_state(self, data: MachineData, state: Path) -> None:
+        """SessionMachine::i_releaseSavedStateFile: delete a state file the machine no longer
+        uses unless one of its snapshots shares it."""
+        if state == data.saved_state or any(s.state_file == state for s in data.snapshots):
+            return
+        state.unlink(missing_ok=True)
 
     # snapshots and media ------------------------------------------------------------------
 
@@ -979,11 +1025,26 @@ class Host:
             self.media[str(path)] = medium
         return medium
 
-    def take_snapshot(self, data: MachineData, name: str, description: str) -> tuple[Progress, str]:
-        self.require_state(data, ("PoweredOff", "Saved", "Aborted"), "takeSnapshot")
+    def take_snapshot(
+        self, data: MachineData, name: str, description: str, pause: bool = True
+    ) -> tuple[Progress, str]:
+        """Offline (PoweredOff, Aborted), offline sharing the state file (Saved), or online
+        (Running, Paused: the VM process saves its state into the snapshot's state file and
+        runs on a new differencing disk; pause=False is a live snapshot, Running only)."""
+        if not pause and data.state != "Running":
+            raise SimCOMError(
+                C.VBOX_E_INVALID_VM_STATE,
+                "Cannot take a live snapshot of a virtual machine unless it is running.",
+            )
+        self.require_state(
+            data, ("PoweredOff", "Saved", "Aborted", "Running", "Paused"), "takeSnapshot"
+        )
         snap_id = str(uuidlib.uuid4())
         before = data.state
-        self.set_state(data, "Snapshotting")
+        online = before in ("Running", "Paused")
+        process = data.process
+        self.set_state(data, ("OnlineSnapshotting" if pause else "LiveSnapshotting") if online
+                       else "Snapshotting")  # fmt: skip
 
         def work() -> None:
             try:
@@ -991,9 +1052,25 @@ class Host:
                     raise SimCOMError(C.VBOX_E_INVALID_VM_STATE, "no hard disk to snapshot")
                 frozen = data.disk
                 new = self._differencing(frozen, data.settings_file.parent / "Snapshots")
+                state = data.saved_state if before in SAVED else None
+                if online:
+                    state = self._state_file(data)
+                    assert process is not None
+                    try:
+                        process.snapshot(state, Path(new.location))
+                    except Exception as exc:
+                        state.unlink(missing_ok=True)
+                        Path(new.location).unlink(missing_ok=True)
+                        self.forget_medium(new)
+                        raise SimCOMError(
+                            C.VBOX_E_VM_ERROR, f"Failed to save the machine state: {exc}"
+                        ) from exc
                 frozen.machineIds.remove(data.id)
                 new.machineIds.append(data.id)
-                snap = SnapshotData(snap_id, name, description, frozen, data, data.current_snapshot)
+                snap = SnapshotData(
+                    snap_id, name, description, frozen, data, data.current_snapshot,
+                    state_file=state,
+                )  # fmt: skip
                 with self.lock:
                     if data.current_snapshot is not None:
                         data.current_snapshot.children.append(snap)
@@ -1019,15 +1096,16 @@ class Host:
                     data.disk = new
                     new.machineIds.append(data.id)
                     data.current_snapshot = snap
-                    if data.saved_state:
-                        data.saved_state.unlink(missing_ok=True)
-                        data.saved_state = None
+                    previous, data.saved_state = data.saved_state, snap.state_file
+                    if previous is not None:
+                        self._release_state(data, previous)
                 if old is not None and old is not snap.medium:
                     old.machineIds.remove(data.id)
                     Path(old.location).unlink(missing_ok=True)
                     self.forget_medium(old)
             finally:
-                self.set_state(data, "PoweredOff")
+                # an online snapshot: Saved on the snapshot's (shared) state file
+                self.set_state(data, "Saved" if data.saved_state else "PoweredOff")
 
         return Progress(f"Restoring snapshot {snap.name}", work)
 
@@ -1046,6 +1124,8 @@ class Host:
         origin = snapshot.medium if snapshot is not None else source.disk
         if origin is None:
             raise SimCOMError(C.VBOX_E_OBJECT_NOT_FOUND, f"'{source.name}' has no hard disk")
+        # MachineState mode: the source's saved state becomes the clone's current state
+        state = snapshot.state_file if snapshot is not None else source.saved_state
 
         def work() -> None:
             folder = target.settings_file.parent
@@ -1058,6 +1138,17 @@ class Host:
                 disk = Medium(self, path, None)
                 with self.lock:
                     self.media[str(path)] = disk
+            copied = None
+            if state is not None:
+                copied = folder / "Snapshots" / state.name
+                copied.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    shutil.copyfile(state, copied)
+                except OSError as exc:
+                    raise SimCOMError(
+                        C.VBOX_E_IPRT_ERROR,
+                        f"Could not copy state file '{state}' to '{copied}' ({exc})",
+                    ) from exc
             with self.lock:
                 target.disk = disk
                 disk.machineIds.append(target.id)
@@ -1065,6 +1156,9 @@ class Host:
                 target.boot = source.boot
                 target.os_type = source.os_type
                 target.firmware_type = source.firmware_type
+                target.saved_state = copied
+                if copied is not None:  # "If the target machine has saved state we MUST
+                    target.state = "Saved"  # adjust the machine state"
             self.write_settings(target)
 
         return Progress(f"Cloning {source.name}", work)
@@ -1177,6 +1271,9 @@ class Host:
             flags=flags,
             fWasDeleted=not value,
         )
+        process = data.process
+        if process is not None and data.state in ONLINE:
+            process.guest_property(name, value)  # what a `guestproperty wait` in it sees
 
     # the VRDE server inside the VM process -------------------------------------------------
 

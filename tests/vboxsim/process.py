@@ -9,7 +9,14 @@ differencing medium (a qcow2 overlay), its VNC display listens on the machine's 
 - the guest agent's guest-get-users, polled once a second (as VBoxService in a guest does),
   feeds /VirtualBox/GuestInfo/OS/LoggedInUsers[List] (Host.guest_users);
 - saveState migrates the guest's state to the saved-state file and the next launch restores
-  it (-incoming); the power button is ACPI (system_powerdown); powerDown ends QEMU.
+  it (-incoming); the power button is ACPI (system_powerdown); powerDown ends QEMU;
+- an online snapshot pauses the guest, switches its disk to a new overlay
+  (blockdev-snapshot-sync), migrates its state to the snapshot's state file and resumes it;
+- what the Guest Additions' VBoxService does in a real guest: after a restore from a saved
+  state it sets the guest's clock (`--timesync-set-on-restore`, on by default), and it reports
+  the logged-in users; what a script in the image waiting on `VBoxControl guestproperty wait
+  /imagepipe/identity/*` does: it gives the guest the name set there. Both are done through
+  the tiny guest's agent (guest-set-time, imagepipe-set-identity).
 
     host = vboxsim.start(home, process_factory=QemuProcess)
 """
@@ -32,6 +39,7 @@ from tests.vboxsim import codes as C
 from tests.vboxsim.api import Host, MachineData
 
 AGENT_PORT = "org.qemu.guest_agent.0"
+IDENTITY_PROPERTY = "/imagepipe/identity/hostname"
 
 
 # The DMI system strings a machine's firmware takes from its extra data (VirtualBox's
@@ -64,6 +72,7 @@ class QemuProcess:
         self._cmd_lock = threading.Lock()
         self._quit = threading.Event()
         self._guest_shutdown = False
+        self._agent_commands: queue.Queue[dict[str, Any]] = queue.Queue()
 
     @property
     def console_path(self) -> Path:
@@ -83,22 +92,23 @@ class QemuProcess:
             raise RuntimeError(f"machine {data.name} has no disk or kernel to boot")
         address = data.vrde_properties.get("TCP/Address", "127.0.0.1") or "127.0.0.1"
         port = int(data.vrde_properties.get("TCP/Ports", "5900"))
-        if port < 5900:
+        if data.vrde_enabled and port < 5900:
             raise RuntimeError(f"VRDE port {port} is below 5900, which QEMU's VNC cannot use")
+        vnc = f"{address}:{port - 5900}" if data.vrde_enabled else "none"
         argv = [
             "qemu-system-x86_64", "-name", data.name, "-machine", "q35,accel=tcg",
             "-nodefaults", "-no-user-config",
             "-m", str(max(data.memory_mb, 64)), "-smp", str(data.cpus),
             "-kernel", str(data.boot.kernel), "-initrd", str(data.boot.initrd),
             "-append", data.boot.cmdline,
-            "-drive", f"file={data.disk.location},if=virtio,format=qcow2",
+            "-drive", f"file={data.disk.location},if=virtio,format=qcow2,id=disk0",
             "-chardev", f"socket,id=con,path={self.console_path},server=on,wait=off",
             "-serial", "chardev:con",
             "-device", "virtio-serial",
             "-chardev", f"socket,id=qga,path={self.dir / 'agent'},server=on,wait=off",
             "-device", f"virtserialport,chardev=qga,name={AGENT_PORT}",
             "-qmp", f"unix:{self.dir / 'qmp'},server=on,wait=off",
-            "-vnc", f"{address}:{port - 5900}", "-vga", "std", "-display", "none",
+            "-vnc", vnc, "-vga", "std", "-display", "none",
         ]  # fmt: skip
         argv += smbios_args(data)
         if restore_from is not None:
@@ -113,7 +123,9 @@ class QemuProcess:
         if restore_from is not None:
             self._wait_migration("inmigrate")
             self.command("cont")
-            restore_from.unlink(missing_ok=True)
+            # VBoxService --timesync-set-on-restore: the guest wakes at the saved time
+            now = time.time_ns()
+            self._agent_commands.put({"execute": "guest-set-time", "arguments": {"time": now}})
         threading.Thread(target=self._watch, daemon=True).start()
         threading.Thread(target=self._poll_agent, daemon=True).start()
 
@@ -171,10 +183,13 @@ class QemuProcess:
     def _wait_migration(self, running: str) -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"QEMU exited: {err.strip()[-400:]}")
             status = self.command("query-migrate").get("return", {}).get("status")
             if status == "completed" or (running == "inmigrate" and status is None):
                 status_reply = self.command("query-status").get("return", {})
-                if status_reply.get("status") != "inmigrate":
+                if status_reply.get("status") not in (None, "inmigrate"):
                     return
             if status == "failed":
                 raise RuntimeError("QEMU could not save or restore the machine's state")
@@ -189,9 +204,12 @@ class QemuProcess:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _poll_agent(self) -> None:
-        """What VBoxService does in a real guest: report the logged-in users."""
+        """What VBoxService does in a real guest: report the logged-in users (and pass on the
+        commands queued for the guest)."""
         sync = 0
-        while not self._quit.wait(1.0):
+        first = True
+        while first or not self._quit.wait(1.0):
+            first = False
             try:
                 with socket.socket(socket.AF_UNIX) as agent:
                     agent.settimeout(2)
@@ -204,6 +222,7 @@ class QemuProcess:
                         )
                         while json.loads(reader.readline().strip(b"\xff")).get("return") != sync:
                             pass
+                        self._send_queued(agent, reader)
                         agent.sendall(b'{"execute":"guest-get-users"}\n')
                         reply = json.loads(reader.readline())
                         users = sorted({u["user"] for u in reply.get("return", [])})
@@ -212,6 +231,41 @@ class QemuProcess:
                             return
             except (OSError, ValueError):
                 continue
+
+    def _send_queued(self, agent: socket.socket, reader: Any) -> None:
+        while True:
+            try:
+                request = self._agent_commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                agent.sendall(json.dumps(request).encode() + b"\n")
+                json.loads(reader.readline())
+            except (OSError, ValueError):
+                self._agent_commands.put(request)  # the next connection sends it
+                raise
+
+    def guest_property(self, name: str, value: str) -> None:
+        if name == IDENTITY_PROPERTY and value:
+            command = {"execute": "imagepipe-set-identity", "arguments": {"hostname": value}}
+            self._agent_commands.put(command)
+
+    def snapshot(self, state: Path, disk: Path) -> None:
+        """An online snapshot: paused, the disk switched to `disk` (an overlay on the current
+        one), the state saved to `state`, running again."""
+        was_running = self.command("query-status").get("return", {}).get("running", False)
+        self.command("stop")
+        reply = self.command(
+            "blockdev-snapshot-sync",
+            device="disk0",
+            **{"snapshot-file": str(disk), "format": "qcow2", "mode": "existing"},
+        )
+        if "error" in reply or not reply:
+            raise RuntimeError(f"QEMU could not switch to the new disk: {reply.get('error')}")
+        self.command("migrate", uri=f"exec:cat > {state}")
+        self._wait_migration("active")
+        if was_running:
+            self.command("cont")
 
     def power_button(self) -> None:
         self.command("system_powerdown")

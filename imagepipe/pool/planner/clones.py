@@ -187,6 +187,11 @@ def _ready(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> Step:
     if rec is not None and rec.dirty and not ctx.persistent(oc.info.slot):
         if oc.info.name in ctx.in_flight:
             return Step(rec)  # its reset is on its way
+        if oc.backend is not None and oc.backend.connections > 0:
+            # a client connected through the balancer that the hypervisor does not report
+            # yet (a VRDE client shows once its handshake is done): not reset under it;
+            # dirty, so it serves nobody else
+            return Step(rec)
         return _reset(ctx, rec, oc)  # never free before its reset completed
     came_up = rec is None or rec.state in COMING
     return Step(healthy(enter(ctx, rec, oc.info, FREE)), came_up=came_up)
