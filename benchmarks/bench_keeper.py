@@ -55,7 +55,6 @@ from _host import (
 from imagepipe.units import parse_duration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.guest import SerialConsole, VncClient  # the repository root is not on sys.path
 from tests.host import free_port
 
 BOOT_PORTS = (6100, 6103)
@@ -189,31 +188,13 @@ def measure_boot(ws: Workspace, options: Options, mode: str) -> tuple[Installati
 
 
 def recycle_once(inst: Installation, clone: str, user: str) -> float:
-    """A user's session as a remote-desktop user has it: a VNC client through HAProxy lands on
-    the desktop, the user logs in (serial console), the keeper drains the desktop; the user
-    runs `exit` and the client goes away. Returns the seconds from then until the desktop is
-    reset, free and READY again, minus recycle_after.
-
-    The client is kept on purpose: a console login with no display client is `disconnected`
-    to the planner, and a logoff from that state waits for disconnect_timeout (8 h) instead
-    of recycle_after."""
+    """A user's session on `clone` (Installation.session: VNC through HAProxy, console
+    login, `exit`, the client leaves). Returns the seconds from the logoff until the desktop
+    is reset, free and READY again, minus recycle_after."""
     inst.wait_until(f"waiting for {clone}", lambda: clone in inst.ready_names(), 300)
     started_as = domain_id(clone)
-    client = VncClient("127.0.0.1", inst.bind_port, timeout=30)
-    try:
-        landed = client.handshake().removeprefix("QEMU (").removesuffix(")")
-        if landed != clone:
-            raise BenchError(f"the VNC client landed on {landed}, not {clone}")
-        with SerialConsole(inst.console_path(clone), timeout=60) as console:
-            console.login(user)
-            inst.wait_until(
-                f"waiting for the keeper to see {user} on {clone}",
-                lambda: clone not in inst.ready_names() and _user_seen(inst, clone, user),
-                120,
-            )
-            console.logout()
-    finally:
-        client.close()
+    with inst.session(user, expect=clone):
+        pass
     logged_off = time.monotonic()
     back = inst.wait_until(
         f"waiting for {clone} to be recycled", lambda: clone in inst.ready_names(), 300
@@ -221,11 +202,6 @@ def recycle_once(inst: Installation, clone: str, user: str) -> float:
     if domain_id(clone) == started_as:
         raise BenchError(f"{clone} came back without a reset (same libvirt domain id)")
     return back - logged_off - RECYCLE_AFTER
-
-
-def _user_seen(inst: Installation, clone: str, user: str) -> bool:
-    found = [c for c in inst.status()["clones"] if c["name"] == clone]
-    return bool(found) and found[0]["state"] == "in_use" and user in found[0]["users"]
 
 
 def measure_recycle(inst: Installation, options: Options) -> list[float]:
