@@ -274,13 +274,15 @@ class Installation:
         pool: dict[str, Any] = next(p for p in doc["pools"] if p["name"] == self.pool.name)
         return pool
 
-    def start_keeper(self) -> None:
+    def start_keeper(self, launcher: tuple[str, ...] = ("-m", "imagepipe")) -> None:
+        """Start `imagepipe keep`; `launcher` is what Python runs with imagepipe's arguments
+        (a wrapper script instead of `-m imagepipe`, e.g. bench_soak_real's traced keeper)."""
         if self.keeper is not None:
             raise BenchError("the keeper is already running")
         with self.log_path.open("ab") as out:
             self.keeper_started = time.monotonic()
             self.keeper = subprocess.Popen(
-                [sys.executable, "-m", "imagepipe", "--config", str(self.config), "keep"],
+                [sys.executable, *launcher, "--config", str(self.config), "keep"],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

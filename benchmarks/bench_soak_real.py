@@ -24,6 +24,10 @@ recycles done, logins served, failures.
 It asserts no figure (a benchmark), but exits non-zero when the run proves nothing or found
 a fault: the keeper died, nothing was recycled, no user logged in, or something was orphaned.
 Everything it made (domains, disks, HAProxy, files) is removed at the end, also on Ctrl-C.
+
+--tracemalloc (debugging a growth) runs the keeper under tracemalloc (_traced_keeper.py: a
+snapshot every --sample seconds) and prints which lines' allocations grew from the warm-up's
+end to the end; the keeper is slower and bigger then, so its figures are not the keeper's.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -59,6 +64,7 @@ from tests.host import domains, free_port
 GUEST_MEMORY_MB = 128
 QEMU_OVERHEAD_MB = 80  # what one TCG QEMU process takes on top of the guest's memory
 MIB = 1024.0
+TRACED_KEEPER = Path(__file__).resolve().parent / "_traced_keeper.py"
 FAILED = "action failed"  # the keeper's log lines for a failed action, and a failed pass
 PASS_FAILED = "pass failed"
 
@@ -73,6 +79,7 @@ class Options:
     sample: float
     tick: str
     seed: int
+    tracemalloc: bool
 
 
 @dataclass(frozen=True)
@@ -167,6 +174,12 @@ def parse_args() -> Options:
     parser.add_argument("--sample", type=float, default=30.0, help="seconds between samples")
     parser.add_argument("--tick", default="5s", help="keeper.tick (default: the product's 5s)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="debug a growth: run the keeper under tracemalloc (slower, bigger) and print what "
+        "grew between the warm-up's end and the end, by line",
+    )
     args = parser.parse_args()
 
     def seconds_range(text: str, name: str) -> tuple[float, float]:
@@ -190,6 +203,7 @@ def parse_args() -> Options:
         sample=args.sample,
         tick=args.tick,
         seed=args.seed,
+        tracemalloc=args.tracemalloc,
     )
 
 
@@ -401,7 +415,11 @@ def soak(ws: Workspace, options: Options) -> int:
     )
     inst = ws.installation("pool", pool, free_port(), options.tick, parallel=4)
     say(f"workspace {ws.root}, pool {pool.name}, displays {pool.ports[0]}-{pool.ports[1]}")
-    inst.start_keeper()
+    snapshots = inst.root / "tracemalloc"
+    if options.tracemalloc:
+        inst.start_keeper((str(TRACED_KEEPER), str(snapshots), str(options.sample)))
+    else:
+        inst.start_keeper()
     keeper = inst.keeper
     if keeper is None:
         raise BenchError("the keeper did not start")
@@ -446,7 +464,35 @@ def soak(ws: Workspace, options: Options) -> int:
     say(f"keeper stopped (SIGTERM), exit status {keeper.returncode}")
     if keeper.returncode != 0:
         problems.append(f"the keeper exited {keeper.returncode} on SIGTERM")
-    return report(inst, options, samples, problems, load)
+    status = report(inst, options, samples, problems, load)
+    if options.tracemalloc:
+        report_growth(snapshots, options, started=time.time() - (time.monotonic() - began))
+    return status
+
+
+def report_growth(directory: Path, options: Options, started: float) -> None:
+    """What the keeper's Python heap gained from the warm-up's end to its last snapshot: the
+    lines that allocated most, and the call stacks of the top three. `started` is the
+    keeper's start in epoch seconds (snapshots are placed in time by their files' mtime)."""
+    files = sorted(directory.glob("*.snap"))
+    minutes = [(f.stat().st_mtime - started) / 60.0 for f in files]
+    first = next((i for i, m in enumerate(minutes) if m >= options.warmup), len(files))
+    if len(files) <= first + 1:
+        say(f"tracemalloc: {len(files)} snapshot(s), too few after the warm-up; run longer")
+        return
+    warm = tracemalloc.Snapshot.load(str(files[first]))
+    last = tracemalloc.Snapshot.load(str(files[-1]))
+    total = sum(t.size for t in last.traces) - sum(t.size for t in warm.traces)
+    say(
+        f"\n== tracemalloc: Python heap {total / 1024:+.1f} KiB from min {minutes[first]:.1f} "
+        f"to min {minutes[-1]:.1f} ({len(files)} snapshots); top lines:"
+    )
+    for stat in last.compare_to(warm, "lineno")[:15]:
+        say(f"  {stat.size_diff / 1024:+9.1f} KiB {stat.count_diff:+7d} blocks  {stat.traceback}")
+    for stat in last.compare_to(warm, "traceback")[:3]:
+        say(f"  {stat.size_diff / 1024:+.1f} KiB allocated from:")
+        for line in stat.traceback.format(limit=6):
+            say(f"    {line}")
 
 
 def interrupted(signum: int, _frame: FrameType | None) -> None:

@@ -157,7 +157,7 @@ class LibvirtHypervisor:
         self._hub = EventHub(clock)
         self._facts: dict[str, DomainFacts] = {}  # domain UUID -> parsed XML
         self._agent_timeout_set: set[tuple[str, int]] = set()  # (clone, domain id)
-        self._callback_ids: list[int] = []
+        self._deregister: list[Callable[[], None]] = []  # one per event callback
         ensure_event_loop(self._libvirt)
         self._conn: Any = None
         self._connect()
@@ -178,7 +178,7 @@ class LibvirtHypervisor:
             ) from exc
         with contextlib.suppress(lv.libvirtError):
             conn.setKeepAlive(5, 3)
-        self._callback_ids = self._hub.register(lv, conn)
+        self._deregister = self._hub.register(lv, self._libvirt_qemu, conn)
         self._conn = conn
         return conn
 
@@ -204,9 +204,9 @@ class LibvirtHypervisor:
             conn, self._conn = self._conn, None
         if conn is None:
             return
-        for callback_id in self._callback_ids:
+        for deregister in self._deregister:
             with contextlib.suppress(self._libvirt.libvirtError):
-                conn.domainEventDeregisterAny(callback_id)
+                deregister()
         with contextlib.suppress(self._libvirt.libvirtError):
             conn.close()
 

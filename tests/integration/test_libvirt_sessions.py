@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from tests.guest import SerialConsole, VncClient, tiny_base_image
 pytestmark = pytest.mark.real
 
 BOOT_TIMEOUT = 90.0
+SESSIONS = 40  # VNC sessions in the memory test: 120 events
 
 
 class EventLog:
@@ -158,6 +160,46 @@ def test_a_vnc_client_makes_a_session_with_its_address_until_it_disconnects(
         lambda e: e.kind is EventKind.SESSION_DISCONNECTED and e.client == client.address
     )
     assert desktop.hv.sessions(desktop.name).client is None
+
+
+def test_vnc_sessions_do_not_grow_what_the_event_thread_holds(desktop: Desktop) -> None:
+    """A keeper serves sessions for months: what libvirt's event thread allocated for a VNC
+    client's connect, initialize and disconnect events must be freed once they are handled
+    (libvirt-python's graphics callback kept ~1 KiB per event: issue 14's soak)."""
+
+    def one_session() -> None:
+        client = VncClient(desktop.display.host, desktop.display.port)
+        try:
+            client.handshake()
+        finally:
+            client.close()
+        desktop.events.wait_for(
+            lambda e: e.kind is EventKind.SESSION_DISCONNECTED and e.client == client.address
+        )
+
+    def held_by_event_thread() -> int:
+        desktop.events.clear()  # the test's own log holds every event it was sent
+        snapshot = tracemalloc.take_snapshot()
+        return sum(
+            t.size
+            for t in snapshot.traces
+            if any(f.filename.endswith("libvirt_events.py") for f in t.traceback)
+        )
+
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start(25)
+    try:
+        for _ in range(3):
+            one_session()
+        before = held_by_event_thread()
+        for _ in range(SESSIONS):
+            one_session()
+        grown = held_by_event_thread() - before
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+    assert grown < SESSIONS * 3 * 100, f"{grown} bytes more after {SESSIONS} VNC sessions"
 
 
 def test_logging_in_on_the_console_makes_the_user_a_session_until_logout(
