@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
 
 from imagepipe.balancers.haproxy import HAProxyBalancer
@@ -45,11 +45,27 @@ from tests.guest import SerialConsole, VncClient  # noqa: E402
 from tests.host import URI, destroy_domains, free_port  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+GUEST_MEMORY_MB = 128  # PoolFile's desktops
+QEMU_OVERHEAD_MB = 80  # what one TCG QEMU process takes on top of the guest's memory
 POLL = 0.2  # seconds between balancer polls: cheap (one admin-socket round trip)
 
 
 class BenchError(RuntimeError):
     """A benchmark step failed; the message says which and shows the keeper's last output."""
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP stop a benchmark as Ctrl-C does: its cleanup runs."""
+
+    def interrupted(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
 
 
 def port_in_use(port: int) -> bool:
@@ -70,6 +86,23 @@ def free_port_range(count: int, *, low: int = 20000, high: int = 30000) -> tuple
         if not any(port_in_use(p) for p in range(first, first + count)):
             return first, first + count - 1
     raise BenchError(f"no {count} consecutive free ports between {low} and {high}")
+
+
+def check_memory(desktops: int) -> int:
+    """Exit with one line if `desktops` tiny desktops would not fit in this host's available
+    memory; return the available MB."""
+    available_mb = next(
+        int(line.split()[1]) // 1024
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemAvailable:")
+    )
+    need_mb = desktops * (GUEST_MEMORY_MB + QEMU_OVERHEAD_MB)
+    if need_mb > available_mb * 0.8:
+        sys.exit(
+            f"{desktops} desktops need about {need_mb} MB, {available_mb} MB are "
+            "available: lower --desktops"
+        )
+    return available_mb
 
 
 def virsh(*args: str) -> str:

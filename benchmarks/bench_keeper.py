@@ -28,20 +28,19 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 from _host import (
     BenchError,
     Installation,
     PoolFile,
     Workspace,
+    check_memory,
     domain_id,
     pid_cpu,
     pids_named,
@@ -49,6 +48,8 @@ from _host import (
     qemu_reaper,
     reap_delay,
     running_domain_count,
+    say,
+    stop_on_signals,
     tree_cpu,
 )
 
@@ -63,8 +64,6 @@ IDLE_FIRST_PORT = 6120
 LAST_PORT = 6199
 FILL = 4
 RECYCLE_AFTER = 2.0  # seconds
-GUEST_MEMORY_MB = 128
-QEMU_OVERHEAD_MB = 80  # what one TCG QEMU process takes on top of the guest's memory
 
 
 @dataclass(frozen=True)
@@ -141,17 +140,7 @@ def check_host(options: Options) -> None:
     taken = [p for p in ports if port_in_use(p)]
     if taken:
         sys.exit(f"ports {taken} on 127.0.0.1 are in use; the benchmark needs 6100-6199 free")
-    available_mb = next(
-        int(line.split()[1]) // 1024
-        for line in Path("/proc/meminfo").read_text().splitlines()
-        if line.startswith("MemAvailable:")
-    )
-    need_mb = options.desktops * (GUEST_MEMORY_MB + QEMU_OVERHEAD_MB)
-    if need_mb > available_mb * 0.8:
-        sys.exit(
-            f"{options.desktops} desktops need about {need_mb} MB, {available_mb} MB are "
-            "available: lower --desktops"
-        )
+    available_mb = check_memory(options.desktops)
     others = subprocess.run(
         ["pgrep", "-af", "pytest"], capture_output=True, text=True, check=False
     ).stdout.strip()
@@ -167,10 +156,6 @@ def check_host(options: Options) -> None:
     )
     if others:
         print(f"WARNING: test runs are going, figures may be disturbed:\n{others}")
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
 
 
 def measure_boot(ws: Workspace, options: Options, mode: str) -> tuple[Installation, float]:
@@ -348,14 +333,9 @@ def report_cpu(options: Options, cpu: CpuUse) -> None:
             )
 
 
-def interrupted(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> None:
     options = parse_args()
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGHUP, interrupted)
+    stop_on_signals()
     check_host(options)
     try:
         with Workspace.create() as ws:

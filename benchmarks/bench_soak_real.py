@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import os
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -44,25 +43,25 @@ import time
 import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 from _host import (
     BenchError,
     Installation,
     PoolFile,
     Workspace,
+    check_memory,
     free_port_range,
     open_fds,
     pid_cpu,
     proc_status,
     running_domain_count,
+    say,
+    stop_on_signals,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.host import domains, free_port
 
-GUEST_MEMORY_MB = 128
-QEMU_OVERHEAD_MB = 80  # what one TCG QEMU process takes on top of the guest's memory
 MIB = 1024.0
 TRACED_KEEPER = Path(__file__).resolve().parent / "_traced_keeper.py"
 FAILED = "action failed"  # the keeper's log lines for a failed action, and a failed pass
@@ -207,22 +206,8 @@ def parse_args() -> Options:
     )
 
 
-def say(text: str) -> None:
-    print(text, flush=True)
-
-
 def check_host(options: Options) -> None:
-    available_mb = next(
-        int(line.split()[1]) // 1024
-        for line in Path("/proc/meminfo").read_text().splitlines()
-        if line.startswith("MemAvailable:")
-    )
-    need_mb = options.desktops * (GUEST_MEMORY_MB + QEMU_OVERHEAD_MB)
-    if need_mb > available_mb * 0.8:
-        sys.exit(
-            f"{options.desktops} desktops need about {need_mb} MB, {available_mb} MB are "
-            "available: lower --desktops"
-        )
+    available_mb = check_memory(options.desktops)
     load = os.getloadavg()
     say(
         f"host: {os.cpu_count()} cores, load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
@@ -495,14 +480,9 @@ def report_growth(directory: Path, options: Options, started: float) -> None:
             say(f"    {line}")
 
 
-def interrupted(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> None:
     options = parse_args()
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGHUP, interrupted)
+    stop_on_signals()
     check_host(options)
     try:
         with Workspace.create(prefix="soak") as ws:
