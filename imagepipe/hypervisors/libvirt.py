@@ -190,6 +190,10 @@ class LibvirtHypervisor:
                     if conn.isAlive():
                         return conn
                 log.warning("libvirt connection lost; reconnecting", extra=fields(uri=self.uri))
+                # its event callbacks hold it: without this, every libvirtd restart would
+                # keep the lost connection's socket, eventfd and memory for good
+                self._release(conn)
+                self._conn = None
             # events may have been missed while disconnected: forget what they told us
             self._agent_timeout_set.clear()
             self._hub.forget_all()
@@ -202,11 +206,15 @@ class LibvirtHypervisor:
         self._hub.close()
         with self._lock:
             conn, self._conn = self._conn, None
-        if conn is None:
-            return
+        if conn is not None:
+            self._release(conn)
+
+    def _release(self, conn: Any) -> None:
+        """Deregister the event callbacks and close `conn` (alive or lost)."""
         for deregister in self._deregister:
             with contextlib.suppress(self._libvirt.libvirtError):
                 deregister()
+        self._deregister = []
         with contextlib.suppress(self._libvirt.libvirtError):
             conn.close()
 
