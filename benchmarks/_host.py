@@ -19,17 +19,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
 
 from imagepipe.balancers.haproxy import HAProxyBalancer
@@ -38,14 +41,31 @@ from imagepipe.pool.model import Backend, BackendState
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository root is not on sys.path
+from tests.guest import SerialConsole, VncClient  # noqa: E402
 from tests.host import URI, destroy_domains, free_port  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+GUEST_MEMORY_MB = 128  # PoolFile's desktops
+QEMU_OVERHEAD_MB = 80  # what one TCG QEMU process takes on top of the guest's memory
 POLL = 0.2  # seconds between balancer polls: cheap (one admin-socket round trip)
 
 
 class BenchError(RuntimeError):
     """A benchmark step failed; the message says which and shows the keeper's last output."""
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP stop a benchmark as Ctrl-C does: its cleanup runs."""
+
+    def interrupted(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
 
 
 def port_in_use(port: int) -> bool:
@@ -56,6 +76,33 @@ def port_in_use(port: int) -> bool:
         except OSError:
             return True
     return False
+
+
+def free_port_range(count: int, *, low: int = 20000, high: int = 30000) -> tuple[int, int]:
+    """`count` consecutive free ports on 127.0.0.1, below the kernel's ephemeral range (so no
+    outgoing connection takes one later), for a pool's display port_range."""
+    for _ in range(200):
+        first = random.randrange(low, high - count)
+        if not any(port_in_use(p) for p in range(first, first + count)):
+            return first, first + count - 1
+    raise BenchError(f"no {count} consecutive free ports between {low} and {high}")
+
+
+def check_memory(desktops: int) -> int:
+    """Exit with one line if `desktops` tiny desktops would not fit in this host's available
+    memory; return the available MB."""
+    available_mb = next(
+        int(line.split()[1]) // 1024
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemAvailable:")
+    )
+    need_mb = desktops * (GUEST_MEMORY_MB + QEMU_OVERHEAD_MB)
+    if need_mb > available_mb * 0.8:
+        sys.exit(
+            f"{desktops} desktops need about {need_mb} MB, {available_mb} MB are "
+            "available: lower --desktops"
+        )
+    return available_mb
 
 
 def virsh(*args: str) -> str:
@@ -162,6 +209,26 @@ def pid_cpu(pid: int) -> float | None:
     return None if stat is None else stat.own + stat.children
 
 
+def proc_status(pid: int, key: str) -> int | None:
+    """An integer field of /proc/PID/status (VmRSS in KiB, Threads, …); None when the
+    process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    for line in text.splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    return None
+
+
+def open_fds(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
 def pids_named(name: str) -> list[int]:
     return [p.pid for p in all_procs() if p.comm == name]
 
@@ -240,13 +307,15 @@ class Installation:
         pool: dict[str, Any] = next(p for p in doc["pools"] if p["name"] == self.pool.name)
         return pool
 
-    def start_keeper(self) -> None:
+    def start_keeper(self, launcher: tuple[str, ...] = ("-m", "imagepipe")) -> None:
+        """Start `imagepipe keep`; `launcher` is what Python runs with imagepipe's arguments
+        (a wrapper script instead of `-m imagepipe`, e.g. bench_soak_real's traced keeper)."""
         if self.keeper is not None:
             raise BenchError("the keeper is already running")
         with self.log_path.open("ab") as out:
             self.keeper_started = time.monotonic()
             self.keeper = subprocess.Popen(
-                [sys.executable, "-m", "imagepipe", "--config", str(self.config), "keep"],
+                [sys.executable, *launcher, "--config", str(self.config), "keep"],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -314,6 +383,40 @@ class Installation:
         self.wait_until(f"waiting for {count} ready desktop(s)", enough, timeout)
         return sorted(seen.values())[:count]
 
+    def user_seen(self, clone: str, user: str) -> bool:
+        """`imagepipe status` shows `user` logged in on `clone`, which is in use."""
+        found = [c for c in self.status()["clones"] if c["name"] == clone]
+        return bool(found) and found[0]["state"] == "in_use" and user in found[0]["users"]
+
+    @contextlib.contextmanager
+    def session(self, user: str, *, expect: str | None = None) -> Iterator[str]:
+        """A user's session as a remote-desktop user has it: a VNC client through HAProxy
+        lands on a desktop (`expect`, when given, must be the one), the user logs in on its
+        serial console and the keeper sees them (the desktop is drained); yields the
+        desktop's name. On leaving, the user runs `exit` and the client goes away.
+
+        The client is kept on purpose: a console login with no display client is
+        `disconnected` to the planner, and a logoff from that state waits for
+        disconnect_timeout (8 h) instead of recycle_after."""
+        client = VncClient("127.0.0.1", self.bind_port, timeout=30)
+        try:
+            landed = client.handshake().removeprefix("QEMU (").removesuffix(")")
+            if expect is not None and landed != expect:
+                raise BenchError(f"the VNC client landed on {landed}, not {expect}")
+            with SerialConsole(self.console_path(landed), timeout=60) as console:
+                console.login(user)
+                try:
+                    self.wait_until(
+                        f"waiting for the keeper to see {user} on {landed}",
+                        lambda: landed not in self.ready_names() and self.user_seen(landed, user),
+                        120,
+                    )
+                    yield landed
+                finally:
+                    console.logout()
+        finally:
+            client.close()
+
     def console_path(self, clone: str) -> Path:
         return self.root / "state" / "clones" / "sockets" / f"{clone}.console"
 
@@ -332,6 +435,42 @@ class Installation:
                         with contextlib.suppress(ValueError):
                             found.append(float(part.removeprefix("seconds=")))
         return found
+
+    @property
+    def state_db(self) -> Path:
+        return self.root / "state" / "state.db"
+
+    def state_db_bytes(self) -> tuple[int, int]:
+        """The state database's size on disk, and its write-ahead log's."""
+        files = (self.state_db, self.state_db.with_name("state.db-wal"))
+        db, wal = (f.stat().st_size if f.exists() else 0 for f in files)
+        return db, wal
+
+    def records(self) -> list[str]:
+        """Names of the clones the state database remembers for this pool (read-only);
+        none before the keeper made the database."""
+        if not self.state_db.exists():
+            return []
+        db = sqlite3.connect(f"file:{self.state_db}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = db.execute("SELECT name FROM clones WHERE pool = ?", (self.pool.name,))
+            return sorted(str(r[0]) for r in rows)
+        finally:
+            db.close()
+
+    def table_rows(self, table: str) -> int:
+        if not self.state_db.exists():
+            return 0
+        db = sqlite3.connect(f"file:{self.state_db}?mode=ro", uri=True, timeout=10)
+        try:
+            return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+        finally:
+            db.close()
+
+    def disk_names(self) -> list[str]:
+        """Clones whose disk overlay the libvirt adapter holds (finished or half-made)."""
+        disks = self.root / "state" / "clones" / "disks"
+        return sorted(p.name.split(".")[0] for p in disks.glob("*.qcow2*"))
 
     def haproxy_pid(self) -> int | None:
         with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
@@ -355,12 +494,13 @@ class Workspace:
 
     root: Path
     token: str
+    prefix: str = "bench"  # pools are named PREFIX-TOKEN-ROLE
     installations: list[Installation] = field(default_factory=list)
 
     @classmethod
-    def create(cls) -> Workspace:
+    def create(cls, prefix: str = "bench") -> Workspace:
         root = Path(tempfile.mkdtemp(prefix="ipk-", dir="/tmp"))
-        return cls(root=root, token=secrets.token_hex(2))
+        return cls(root=root, token=secrets.token_hex(2), prefix=prefix)
 
     def __enter__(self) -> Workspace:
         return self
@@ -374,7 +514,7 @@ class Workspace:
         self.close()
 
     def pool_name(self, role: str) -> str:
-        return f"bench-{self.token}-{role}"
+        return f"{self.prefix}-{self.token}-{role}"
 
     def settings_text(self, home: Path, bind_port: int, tick: str, parallel: int) -> str:
         return (

@@ -28,20 +28,19 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 from _host import (
     BenchError,
     Installation,
     PoolFile,
     Workspace,
+    check_memory,
     domain_id,
     pid_cpu,
     pids_named,
@@ -49,13 +48,14 @@ from _host import (
     qemu_reaper,
     reap_delay,
     running_domain_count,
+    say,
+    stop_on_signals,
     tree_cpu,
 )
 
 from imagepipe.units import parse_duration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.guest import SerialConsole, VncClient  # the repository root is not on sys.path
 from tests.host import free_port
 
 BOOT_PORTS = (6100, 6103)
@@ -64,8 +64,6 @@ IDLE_FIRST_PORT = 6120
 LAST_PORT = 6199
 FILL = 4
 RECYCLE_AFTER = 2.0  # seconds
-GUEST_MEMORY_MB = 128
-QEMU_OVERHEAD_MB = 80  # what one TCG QEMU process takes on top of the guest's memory
 
 
 @dataclass(frozen=True)
@@ -142,17 +140,7 @@ def check_host(options: Options) -> None:
     taken = [p for p in ports if port_in_use(p)]
     if taken:
         sys.exit(f"ports {taken} on 127.0.0.1 are in use; the benchmark needs 6100-6199 free")
-    available_mb = next(
-        int(line.split()[1]) // 1024
-        for line in Path("/proc/meminfo").read_text().splitlines()
-        if line.startswith("MemAvailable:")
-    )
-    need_mb = options.desktops * (GUEST_MEMORY_MB + QEMU_OVERHEAD_MB)
-    if need_mb > available_mb * 0.8:
-        sys.exit(
-            f"{options.desktops} desktops need about {need_mb} MB, {available_mb} MB are "
-            "available: lower --desktops"
-        )
+    available_mb = check_memory(options.desktops)
     others = subprocess.run(
         ["pgrep", "-af", "pytest"], capture_output=True, text=True, check=False
     ).stdout.strip()
@@ -170,10 +158,6 @@ def check_host(options: Options) -> None:
         print(f"WARNING: test runs are going, figures may be disturbed:\n{others}")
 
 
-def say(text: str) -> None:
-    print(text, flush=True)
-
-
 def measure_boot(ws: Workspace, options: Options, mode: str) -> tuple[Installation, float]:
     pool = PoolFile(ws.pool_name(f"one-{mode}"), free=1, max=1, ports=BOOT_PORTS, start=mode)
     inst = ws.installation(f"one-{mode}", pool, free_port(), options.tick, parallel=4)
@@ -189,31 +173,13 @@ def measure_boot(ws: Workspace, options: Options, mode: str) -> tuple[Installati
 
 
 def recycle_once(inst: Installation, clone: str, user: str) -> float:
-    """A user's session as a remote-desktop user has it: a VNC client through HAProxy lands on
-    the desktop, the user logs in (serial console), the keeper drains the desktop; the user
-    runs `exit` and the client goes away. Returns the seconds from then until the desktop is
-    reset, free and READY again, minus recycle_after.
-
-    The client is kept on purpose: a console login with no display client is `disconnected`
-    to the planner, and a logoff from that state waits for disconnect_timeout (8 h) instead
-    of recycle_after."""
+    """A user's session on `clone` (Installation.session: VNC through HAProxy, console
+    login, `exit`, the client leaves). Returns the seconds from the logoff until the desktop
+    is reset, free and READY again, minus recycle_after."""
     inst.wait_until(f"waiting for {clone}", lambda: clone in inst.ready_names(), 300)
     started_as = domain_id(clone)
-    client = VncClient("127.0.0.1", inst.bind_port, timeout=30)
-    try:
-        landed = client.handshake().removeprefix("QEMU (").removesuffix(")")
-        if landed != clone:
-            raise BenchError(f"the VNC client landed on {landed}, not {clone}")
-        with SerialConsole(inst.console_path(clone), timeout=60) as console:
-            console.login(user)
-            inst.wait_until(
-                f"waiting for the keeper to see {user} on {clone}",
-                lambda: clone not in inst.ready_names() and _user_seen(inst, clone, user),
-                120,
-            )
-            console.logout()
-    finally:
-        client.close()
+    with inst.session(user, expect=clone):
+        pass
     logged_off = time.monotonic()
     back = inst.wait_until(
         f"waiting for {clone} to be recycled", lambda: clone in inst.ready_names(), 300
@@ -221,11 +187,6 @@ def recycle_once(inst: Installation, clone: str, user: str) -> float:
     if domain_id(clone) == started_as:
         raise BenchError(f"{clone} came back without a reset (same libvirt domain id)")
     return back - logged_off - RECYCLE_AFTER
-
-
-def _user_seen(inst: Installation, clone: str, user: str) -> bool:
-    found = [c for c in inst.status()["clones"] if c["name"] == clone]
-    return bool(found) and found[0]["state"] == "in_use" and user in found[0]["users"]
 
 
 def measure_recycle(inst: Installation, options: Options) -> list[float]:
@@ -372,14 +333,9 @@ def report_cpu(options: Options, cpu: CpuUse) -> None:
             )
 
 
-def interrupted(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> None:
     options = parse_args()
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGHUP, interrupted)
+    stop_on_signals()
     check_host(options)
     try:
         with Workspace.create() as ws:

@@ -143,7 +143,7 @@ class LibvirtHypervisor:
         self._hub = EventHub(clock)
         self._facts: dict[str, DomainFacts] = {}  # domain UUID -> parsed XML
         self._agent_timeout_set: set[tuple[str, int]] = set()  # (clone, domain id)
-        self._callback_ids: list[int] = []
+        self._deregister: list[Callable[[], None]] = []  # one per event callback
         # when the connection was found lost (time.monotonic()); None while it works
         self._lost_at: float | None = None
         self._lost_lock = threading.Lock()
@@ -164,7 +164,7 @@ class LibvirtHypervisor:
         try:
             with contextlib.suppress(lv.libvirtError):
                 conn.setKeepAlive(5, 3)
-            self._callback_ids = self._hub.register(lv, conn)
+            self._deregister = self._hub.register(lv, self._libvirt_qemu, conn)
             conn.registerCloseCallback(self._on_close, None)
         except lv.libvirtError:
             with contextlib.suppress(lv.libvirtError):
@@ -248,10 +248,10 @@ class LibvirtHypervisor:
         lv = self._libvirt
         with contextlib.suppress(lv.libvirtError):
             conn.unregisterCloseCallback()
-        for callback_id in self._callback_ids:
+        for deregister in self._deregister:
             with contextlib.suppress(lv.libvirtError):
-                conn.domainEventDeregisterAny(callback_id)
-        self._callback_ids = []
+                deregister()
+        self._deregister = []
         with contextlib.suppress(lv.libvirtError):
             conn.close()
 

@@ -2,10 +2,19 @@
 
 libvirt delivers domain events only to a process that registered an event loop implementation
 before opening the connection; one daemon thread runs it for the whole process.
+
+VNC clients are followed through QEMU's own VNC_CONNECTED / VNC_INITIALIZED /
+VNC_DISCONNECTED monitor events (libvirt_qemu's monitor event API), not libvirt's graphics
+event: libvirt-python's graphics callback never releases the local and remote address dicts
+and the subject list it builds (libvirt-override.c,
+libvirt_virConnectDomainEventGraphicsCallback, up to 12.8 at least), so a keeper subscribed to
+it grew about 1 KiB per VNC event for as long as it ran (benchmarks/bench_soak_real.py).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -39,6 +48,13 @@ GRAPHICS_CONNECT = 0
 GRAPHICS_INITIALIZE = 1
 GRAPHICS_DISCONNECT = 2
 AGENT_CONNECTED = 1
+# QEMU's VNC monitor events, as graphics phases
+VNC_EVENTS = "^VNC_(CONNECTED|INITIALIZED|DISCONNECTED)$"
+VNC_PHASES = {
+    "VNC_CONNECTED": GRAPHICS_CONNECT,
+    "VNC_INITIALIZED": GRAPHICS_INITIALIZE,
+    "VNC_DISCONNECTED": GRAPHICS_DISCONNECT,
+}
 
 
 def ensure_event_loop(libvirt: Any) -> None:
@@ -79,6 +95,23 @@ def graphics_event(clone: str, phase: int, remote: Any, at: float) -> Hypervisor
     return None
 
 
+def vnc_event(clone: str, name: str, details: str | None, at: float) -> HypervisorEvent | None:
+    """A QEMU VNC monitor event (its name and JSON data: {"client": {"host", "service"},
+    "server": {...}}) as graphics_event would have it from libvirt's graphics callback."""
+    phase = VNC_PHASES.get(name)
+    if phase is None:
+        return None
+    try:
+        data = json.loads(details or "{}")
+    except ValueError:
+        data = {}
+    client = data.get("client") if isinstance(data, dict) else None
+    remote = None
+    if isinstance(client, dict) and client.get("host"):
+        remote = {"node": client["host"], "service": client.get("service", "0")}
+    return graphics_event(clone, phase, remote, at)
+
+
 def agent_event(clone: str, state: int, at: float) -> HypervisorEvent:
     detail = "connected" if state == AGENT_CONNECTED else "disconnected"
     return HypervisorEvent(EventKind.AGENT_CHANGED, clone, at, detail=detail)
@@ -107,19 +140,30 @@ class EventHub:
         self._agent_up: dict[str, bool] = {}
         self._vnc_since: dict[str, dict[str, float]] = {}  # clone -> client -> first seen
 
-    def register(self, libvirt: Any, conn: Any) -> list[int]:
-        """Register the callbacks on a new connection; return their ids."""
-        return [
+    def register(self, libvirt: Any, libvirt_qemu: Any, conn: Any) -> list[Callable[[], None]]:
+        """Register the callbacks on a new connection; return one call per callback that
+        deregisters it."""
+        domain_ids = [
             conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_life, None
-            ),
-            conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS, self._on_graphics, None
             ),
             conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, self._on_agent, None
             ),
         ]
+        vnc_id = libvirt_qemu.qemuMonitorEventRegister(
+            conn,
+            None,
+            VNC_EVENTS,
+            self._on_vnc,
+            None,
+            libvirt_qemu.VIR_CONNECT_DOMAIN_QEMU_MONITOR_EVENT_REGISTER_REGEX,
+        )
+        undo: list[Callable[[], None]] = [
+            functools.partial(conn.domainEventDeregisterAny, i) for i in domain_ids
+        ]
+        undo.append(functools.partial(libvirt_qemu.qemuMonitorEventDeregister, conn, vnc_id))
+        return undo
 
     def subscribe(self, callback: Callable[[HypervisorEvent], None]) -> _Subscription:
         with self._lock:
@@ -208,18 +252,17 @@ class EventHub:
             self._changed.notify_all()
         self._emit(lifecycle_event(name, event, detail, self._clock()))
 
-    def _on_graphics(
+    def _on_vnc(
         self,
         _conn: Any,
         dom: Any,
-        phase: int,
-        _local: Any,
-        remote: Any,
-        _auth: Any,
-        _subject: Any,
+        name: str,
+        _seconds: int,
+        _micros: int,
+        details: str | None,
         _opaque: Any,
     ) -> None:
-        event = graphics_event(dom.name(), phase, remote, self._clock())
+        event = vnc_event(dom.name(), name, details, self._clock())
         if event is None:
             return
         with self._lock:

@@ -6,11 +6,14 @@ the last test powers it off from inside the guest.
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +23,14 @@ import pytest
 from imagepipe.hypervisors.libvirt import LibvirtHypervisor
 from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power
 from imagepipe.pool.ports import EventKind, HypervisorEvent
+from tests.conftest import require
 from tests.contract.hypervisor_suite import free_port
 from tests.guest import SerialConsole, VncClient, tiny_base_image
 
 pytestmark = pytest.mark.real
 
 BOOT_TIMEOUT = 90.0
+SESSIONS = 40  # VNC sessions in the memory test: 120 events
 
 
 class EventLog:
@@ -158,6 +163,84 @@ def test_a_vnc_client_makes_a_session_with_its_address_until_it_disconnects(
         lambda e: e.kind is EventKind.SESSION_DISCONNECTED and e.client == client.address
     )
     assert desktop.hv.sessions(desktop.name).client is None
+
+
+def test_vnc_sessions_do_not_grow_what_the_event_thread_holds(desktop: Desktop) -> None:
+    """A keeper serves sessions for months: what libvirt's event thread allocated for a VNC
+    client's connect, initialize and disconnect events must be freed once they are handled
+    (libvirt-python's graphics callback kept ~1 KiB per event: issue 14's soak)."""
+
+    def one_session() -> None:
+        client = VncClient(desktop.display.host, desktop.display.port)
+        try:
+            client.handshake()
+        finally:
+            client.close()
+        desktop.events.wait_for(
+            lambda e: e.kind is EventKind.SESSION_DISCONNECTED and e.client == client.address
+        )
+
+    def held_by_event_thread() -> int:
+        desktop.events.clear()  # the test's own log holds every event it was sent
+        snapshot = tracemalloc.take_snapshot()
+        return sum(
+            t.size
+            for t in snapshot.traces
+            if any(f.filename.endswith("libvirt_events.py") for f in t.traceback)
+        )
+
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start(25)
+    try:
+        for _ in range(3):
+            one_session()
+        before = held_by_event_thread()
+        for _ in range(SESSIONS):
+            one_session()
+        grown = held_by_event_thread() - before
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+    assert grown < SESSIONS * 3 * 100, f"{grown} bytes more after {SESSIONS} VNC sessions"
+
+
+def test_a_lost_libvirt_connection_is_reopened_without_keeping_the_old_one(
+    desktop: Desktop,
+) -> None:
+    """libvirtd restarts (an upgrade) must not leave the keeper one socket and eventfd more
+    each time: the lost connection is released when a new one is opened. The server drops
+    this process's client (virt-admin), as a libvirtd restart would, without restarting it."""
+    require(shutil.which("virt-admin") is not None, "virt-admin is not installed")
+    desktop.hv.list_clones()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        disconnect_this_process_from_libvirtd()
+        wait_until(lambda: not desktop.hv._conn.isAlive(), timeout=20)
+        assert any(c.name == desktop.name for c in desktop.hv.list_clones())
+    assert len(os.listdir("/proc/self/fd")) == before
+    events = desktop.events
+    client = VncClient(desktop.display.host, desktop.display.port)
+    try:
+        client.handshake()
+        events.wait_for(lambda e: e.kind is EventKind.SESSION_CONNECTED)  # re-subscribed
+    finally:
+        client.close()
+
+
+def disconnect_this_process_from_libvirtd() -> None:
+    def admin(*args: str) -> str:
+        return subprocess.run(
+            ["virt-admin", *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
+
+    listed = (line.split() for line in admin("srv-clients-list", "libvirtd").splitlines())
+    ids = [words[0] for words in listed if words and words[0].isdigit()]
+    mine = f"unix_process_id: {os.getpid()}"
+    ours = [i for i in ids if mine in " ".join(admin("client-info", "libvirtd", i).split())]
+    assert ours, "libvirtd lists no client of this process"
+    for client_id in ours:
+        admin("client-disconnect", "libvirtd", client_id)
 
 
 def test_logging_in_on_the_console_makes_the_user_a_session_until_logout(

@@ -24,6 +24,7 @@ from imagepipe.hypervisors.libvirt_events import (
     agent_event,
     graphics_event,
     lifecycle_event,
+    vnc_event,
 )
 from imagepipe.hypervisors.libvirt_xml import (
     AGENT_CHANNEL,
@@ -138,6 +139,24 @@ def test_graphics_phases_become_session_events_with_the_client_address() -> None
     assert initialize is not None and initialize.kind is EventKind.SESSION_CONNECTED
     assert disconnect is not None and disconnect.kind is EventKind.SESSION_DISCONNECTED
     assert graphics_event("lab-2", 7, remote, 1.0) is None
+
+
+def test_qemu_vnc_monitor_events_become_the_same_session_events() -> None:
+    data = (
+        '{"server": {"auth": "none", "family": "ipv4", "service": "5902", "host": "127.0.0.1",'
+        ' "websocket": false}, "client": {"family": "ipv4", "service": "51000",'
+        ' "host": "10.0.0.7", "websocket": false}}'
+    )
+    connect = vnc_event("lab-2", "VNC_CONNECTED", data, 10.0)
+    initialize = vnc_event("lab-2", "VNC_INITIALIZED", data, 10.1)
+    disconnect = vnc_event("lab-2", "VNC_DISCONNECTED", data, 20.0)
+    remote = {"family": 0, "node": "10.0.0.7", "service": "51000"}
+    assert connect == graphics_event("lab-2", 0, remote, 10.0)
+    assert initialize == graphics_event("lab-2", 1, remote, 10.1)
+    assert disconnect == graphics_event("lab-2", 2, remote, 20.0)
+    assert vnc_event("lab-2", "VNC_SOMETHING", data, 1.0) is None
+    unreadable = vnc_event("lab-2", "VNC_CONNECTED", "not json", 1.0)
+    assert unreadable is not None and unreadable.client is None
 
 
 def test_lifecycle_and_agent_events_name_what_happened() -> None:
