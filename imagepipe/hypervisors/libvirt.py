@@ -142,7 +142,9 @@ class LibvirtHypervisor:
         self._lock = threading.RLock()  # guards the connection
         self._hub = EventHub(clock)
         self._facts: dict[str, DomainFacts] = {}  # domain UUID -> parsed XML
-        self._agent_timeout_set: set[tuple[str, int]] = set()  # (clone, domain id)
+        # clone -> the domain id its agent timeout was set for: one entry per clone, not one
+        # per start (a set of (clone, id) grew by one at every reset for the keeper's life)
+        self._agent_timeout_set: dict[str, int] = {}
         self._deregister: list[Callable[[], None]] = []  # one per event callback
         # when the connection was found lost (time.monotonic()); None while it works
         self._lost_at: float | None = None
@@ -340,11 +342,11 @@ class LibvirtHypervisor:
 
     def _prepare_agent(self, name: str, dom: Any) -> None:
         """Give libvirt a short guest agent timeout (its default is to wait forever)."""
-        key = (name, int(dom.ID()))
-        if key in self._agent_timeout_set:
+        domain_id = int(dom.ID())
+        if self._agent_timeout_set.get(name) == domain_id:
             return
         dom.agentSetResponseTimeout(AGENT_TIMEOUT)
-        self._agent_timeout_set.add(key)
+        self._agent_timeout_set[name] = domain_id
 
     def _agent_ready(self, name: str, dom: Any) -> bool:
         """From agent lifecycle events; when none was seen (a restart), ask with guest-ping."""
