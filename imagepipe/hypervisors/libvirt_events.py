@@ -151,17 +151,24 @@ class EventHub:
                 None, libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, self._on_agent, None
             ),
         ]
-        vnc_id = libvirt_qemu.qemuMonitorEventRegister(
-            conn,
-            None,
-            VNC_EVENTS,
-            self._on_vnc,
-            None,
-            libvirt_qemu.VIR_CONNECT_DOMAIN_QEMU_MONITOR_EVENT_REGISTER_REGEX,
-        )
         undo: list[Callable[[], None]] = [
             functools.partial(conn.domainEventDeregisterAny, i) for i in domain_ids
         ]
+        try:
+            vnc_id = libvirt_qemu.qemuMonitorEventRegister(
+                conn,
+                None,
+                VNC_EVENTS,
+                self._on_vnc,
+                None,
+                libvirt_qemu.VIR_CONNECT_DOMAIN_QEMU_MONITOR_EVENT_REGISTER_REGEX,
+            )
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                raise
+            # a driver without QEMU (test:///) has no VNC server to follow
+            log.debug("no QEMU monitor events on this connection", extra=fields(error=str(exc)))
+            return undo
         undo.append(functools.partial(libvirt_qemu.qemuMonitorEventDeregister, conn, vnc_id))
         return undo
 

@@ -74,8 +74,9 @@ def writer_on(disk: Path) -> Iterator[None]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30  # qemu-io starts slowly on a loaded 2-core host
         while disk_usable(disk):
+            assert writer.poll() is None, f"qemu-io exited ({writer.returncode}) before locking"
             assert time.monotonic() < deadline, "qemu-io never locked the base disk"
             time.sleep(0.05)
         yield
