@@ -13,6 +13,7 @@ it grew about 1 KiB per VNC event for as long as it ran (benchmarks/bench_soak_r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -165,6 +166,9 @@ class EventHub:
             )
         except libvirt.libvirtError as exc:
             if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                for deregister in undo:  # the callbacks would keep the failed connection alive
+                    with contextlib.suppress(libvirt.libvirtError):
+                        deregister()
                 raise
             # a driver without QEMU (test:///) has no VNC server to follow
             log.debug("no QEMU monitor events on this connection", extra=fields(error=str(exc)))
