@@ -1,4 +1,4 @@
-"""Property tests of an active rollout's rules (planner/rollout_rules.py) over random days:
+"""Property tests of an active rollout's rules (pool/rollout/rules.py) over random days:
 users, power cuts, crashes, busy bases, keeper kills and new versions, on the model host of
 test_planner_properties.py, with a rollout policy on every version change."""
 
@@ -27,7 +27,7 @@ from imagepipe.pool.model import (
     SuspendClone,
 )
 from imagepipe.pool.planner import free_target, plan, session_live
-from imagepipe.pool.planner.rollout_rules import BUSY
+from imagepipe.pool.rollout.rules import BUSY
 from tests.unit.test_planner_properties import Host, events, run_events, specs
 
 
