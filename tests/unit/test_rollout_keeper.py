@@ -12,10 +12,20 @@ import pytest
 
 from imagepipe.app import rollout as use_case
 from imagepipe.app.bootstrap import Adapters
+from imagepipe.app.status import load_records
 from imagepipe.config import Settings
 from imagepipe.errors import BadInputError, EnvironmentMissingError, OperationFailedError
 from imagepipe.pool.keeper import Keeper, KeeperOptions
-from imagepipe.pool.model import BackendState, CloneState, PoolSpec, Power, RecordClone
+from imagepipe.pool.model import (
+    BackendState,
+    CloneState,
+    LearnSpec,
+    PoolSpec,
+    Power,
+    RecordClone,
+)
+from imagepipe.pool.planner import free_target
+from imagepipe.pool.planner.forecast import BUCKET, day_and_bucket
 from imagepipe.pool.rollout.control import PoolPlan, Request, RolloutControl, Started
 from imagepipe.pool.rollout.records import Rollout, RolloutState
 from imagepipe.pool.store import Store
@@ -532,3 +542,28 @@ def test_without_a_registry_to_move_the_channel_a_rollback_never_claims_it_rolle
     assert r.state.value == "rolling_back"
     assert "no registry" in (r.reason or "")
     assert world.images.channels[("tiny", "stable")] == 2
+
+
+def test_a_learning_pool_rolls_out_to_the_keepers_own_free_target(world: World) -> None:
+    """The keeper keeps the learned free target (logins expected soon); a rollout's dry run
+    says that many new desktops are made first, and the rollout never goes below it."""
+    world.spec = replace(LAB, learn=LearnSpec(lead=600.0))
+    day, bucket = day_and_bucket(world.clock.now(), world.spec.timezone)
+    for past in range(1, 8):  # a login every 5 minutes at this time of day, all last week
+        for b in range(bucket - 2, bucket + 8):
+            world.store.record_logins("lab", day - past, b, 1, seconds=BUCKET, keep_days=14)
+    keeper = world.keeper()
+    settle(world, keeper)
+    records, _ = load_records(world.store, [world.spec], world.clock.now())
+    keepers_target = free_target(world.spec, world.clock.now(), records["lab"].arrivals)
+    assert keepers_target == 4 > world.spec.free  # what the history taught
+    assert len(world.serving()) == 4
+    world.build(2)
+
+    (plan,) = world.dry_run([world.spec], Request(image="tiny"))
+    assert plan.new_desktops == keepers_target
+
+    world.start([world.spec], Request(image="tiny"), by="admin")
+    run(world, keeper, 30, floor=keepers_target)
+    assert sorted(world.versions().values()) == [2, 2, 2, 2]
+    assert world.rollout().state is RolloutState.DONE
