@@ -515,6 +515,11 @@ def test_a_rollback_whose_channel_move_fails_is_rolling_back_until_the_channel_m
     run(world, keeper, 2, floor=2)  # every pass tries again
     assert len(refused) == 3
     assert world.rollout().state.value == "rolling_back"
+    for verb in (world.rollouts.pause, world.rollouts.resume):
+        with pytest.raises(BadInputError, match="is rolling back to v1"):
+            verb("tiny")
+    with pytest.raises(BadInputError, match="is rolling back to v1"):
+        world.rollouts.cancel([LAB], "tiny", by="admin")
 
     run_until_left(world, keeper, {"rolling_back"}, passes=5)
 

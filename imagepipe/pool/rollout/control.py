@@ -252,14 +252,8 @@ class RolloutControl:
 
     def _change(self, image: str, change: Callable[[Rollout], Rollout]) -> Rollout:
         """Change the active rollout of IMAGE in one transaction with the keeper's writes.
-        A rollout that is rolling back is not paused or resumed: it only ends rolled back
-        (or cancelled)."""
-        active = self.active(image)
-        if active.state is RolloutState.ROLLING_BACK:
-            raise BadInputError(
-                f"rollout #{active.id} of {image} is rolling back to v{active.from_version}: "
-                f"wait for it, or `imagepipe rollout cancel {image}`"
-            )
+        A rollout that is rolling back is not changed: it only ends rolled back."""
+        active = self._not_rolling_back(image)
         result = self.store.update_rollout(
             active.id,
             lambda r: change(r) if r.active and r.state is not RolloutState.ROLLING_BACK else r,
@@ -268,28 +262,33 @@ class RolloutControl:
             raise BadInputError(f"rollout #{active.id} of {image} has just ended or rolls back")
         return result[1]
 
+    def _not_rolling_back(self, image: str) -> Rollout:
+        """The active rollout of IMAGE, unless it is rolling back: the keeper already moves
+        its channel back (as soon as the registry lets it) and nothing else may meanwhile."""
+        active = self.active(image)
+        if active.state is RolloutState.ROLLING_BACK:
+            raise BadInputError(
+                f"rollout #{active.id} of {image} is rolling back to v{active.from_version}: "
+                f"the keeper moves the channel back; {active.reason}"
+            )
+        return active
+
     def cancel(self, specs: Sequence[PoolSpec], image: str, *, by: str) -> Rollout:
         """Stop the active rollout; its pools go back to the version they ran, blue/green."""
-        active = self.active(image)
+        self._not_rolling_back(image)
         self.require_keeper()
         now = self.clock.now()
-        result = self.store.update_rollout(
-            active.id,
-            lambda r: (
-                replace(
-                    r,
-                    state=RolloutState.CANCELLED,
-                    reason=f"cancelled by {by}: back to v{r.from_version}",
-                    finished_at=now,
-                    paused=False,
-                )
-                if r.active
-                else r
+        ended = self._change(
+            image,
+            lambda r: replace(
+                r,
+                state=RolloutState.CANCELLED,
+                reason=f"cancelled by {by}: back to v{r.from_version}",
+                finished_at=now,
+                paused=False,
             ),
         )
-        if result is None or not result[0].active:
-            raise BadInputError(f"rollout #{active.id} of {image} has just ended")
-        return self._reverse(specs, result[1], by)
+        return self._reverse(specs, ended, by)
 
     def undo(self, specs: Sequence[PoolSpec], image: str, *, by: str) -> Rollout:
         """Back to the version before the newest rollout of IMAGE, by a rollout."""
