@@ -20,7 +20,7 @@ from typing import Any
 import jinja2
 
 from imagepipe.errors import BadInputError
-from imagepipe.images.definition import Image
+from imagepipe.images.definition import Image, copy_sources
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ def render_string(text: str, context: Mapping[str, Any], source: str) -> str:
 
 def render_image(image: Image, context: Mapping[str, Any], build_dir: Path) -> list[RenderedFile]:
     """Render every template and copy every plain file of `image` into `build_dir`."""
+    copies = copy_sources(image)  # refused before anything is written
     files: list[RenderedFile] = []
     for template in image.definition.templates:
         text = render_text(image, template, context)
@@ -80,17 +81,11 @@ def render_image(image: Image, context: Mapping[str, Any], build_dir: Path) -> l
         target.write_text(text, encoding="utf-8")
         os.chmod(target, 0o600)  # rendered files may hold secrets (Autounattend.xml)
         files.append(RenderedFile(target.relative_to(build_dir).as_posix(), _sha(text.encode())))
-    for name in image.definition.copy_files:
-        source = image.folder / name
-        if not source.exists():
-            raise BadInputError(f"{image.definition_file}: copy: {name} does not exist")
-        for path in sorted(source.rglob("*")) if source.is_dir() else [source]:
-            if path.is_file():
-                relative = path.relative_to(image.folder)
-                target = build_dir / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, target)
-                files.append(RenderedFile(relative.as_posix(), _sha(path.read_bytes())))
+    for copied in copies:
+        target = build_dir / copied.relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(copied.source, target)
+        files.append(RenderedFile(copied.relative.as_posix(), _sha(copied.source.read_bytes())))
     return sorted(files, key=lambda f: f.path)
 
 
