@@ -8,7 +8,7 @@ import pytest
 
 from imagepipe.errors import BadInputError, ConfigError
 from imagepipe.images.definition import list_images, load_image, parse_definition
-from imagepipe.images.templates import render_image
+from imagepipe.images.templates import render_image, secret_outputs
 
 REPO_PACKER = Path(__file__).resolve().parents[2] / "packer"
 
@@ -159,3 +159,18 @@ def test_a_template_outside_the_image_folder_is_refused_with_its_line(tmp_path: 
         load_image(packer_dir, "demo")
     assert str(err.value).startswith(f"{packer_dir / 'demo' / 'image.yml'}:3: template:")
     assert "outside the image folder" in str(err.value)
+
+
+def test_the_files_that_carry_a_secret_are_those_whose_templates_use_one(tmp_path: Path) -> None:
+    yml = GOOD.replace(
+        "template: main.pkr.hcl.j2\n",
+        "template: main.pkr.hcl.j2\nrender: [answer.xml.j2, part.j2, plain.txt.j2]\n"
+        "secrets: {password: X_PASSWORD}\n",
+    )
+    packer_dir = _image(tmp_path, yml, 'password = var.password\n[% include "part.j2" %]\n')
+    folder = packer_dir / "demo"
+    (folder / "answer.xml.j2").write_text("<P>[= password | e =]</P>\n")
+    (folder / "part.j2").write_text("[= password =]\n")
+    (folder / "plain.txt.j2").write_text("[= memory =]\n")
+    image = load_image(packer_dir, "demo")
+    assert secret_outputs(image) == ["main.pkr.hcl", "answer.xml", "part"]
