@@ -106,7 +106,11 @@ if [ -n "$root" ]; then
   exit 0
 fi
 
-./scripts/setup-host.sh
+if [[ ",$extras," == *,dev,* ]]; then
+  ./scripts/setup-host.sh --dev
+else
+  ./scripts/setup-host.sh
+fi
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
