@@ -14,14 +14,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from imagepipe.errors import BadInputError, OperationFailedError
+from imagepipe.private import FILE_MODE, private_dir
 
 
 @contextmanager
 def holding(path: Path, busy: Callable[[int | None], str]) -> Iterator[None]:
     """Hold the lock on `path` (owner-only, created with its folder) with this process's pid
     in it. BadInputError(busy(pid)) when another process holds it."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    private_dir(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
     try:
         if not _try_lock(fd):
             raise BadInputError(busy(_read_pid(fd)))
