@@ -141,7 +141,9 @@ def simulated_install(root: Path, packages: list[str]) -> set[str]:
     )  # fmt: skip
     assert done.returncode == 0, f"the package list does not resolve on Debian 12:\n{done.stderr}"
     brought = set(re.findall(r"^Inst (\S+)", done.stdout, flags=re.M))
-    cached.write_text("\n".join(sorted(brought)) + "\n")
+    partial = cached.with_name(f"{cached.name}.{os.getpid()}")
+    partial.write_text("\n".join(sorted(brought)) + "\n")
+    partial.replace(cached)  # a concurrent run never reads half a list
     return brought
 
 
