@@ -1,5 +1,5 @@
 """Rollouts end to end on the keeper: a FakeHypervisor and FakeBalancer, the real store,
-planner, rollout driver and rollout use cases (imagepipe/app/rollout.py)."""
+planner and rollout package (imagepipe/pool/rollout/) through the use cases (app/rollout.py)."""
 
 from __future__ import annotations
 
