@@ -37,8 +37,11 @@ def simulate(
     days: int = typer.Option(
         1, "--days", help="Days to replay back to back (a learning pool needs past days)."
     ),
-    start: Start = typer.Option(
-        Start.BOOT, "--start", help="How new and recycled desktops come up: boot or restore."
+    start: Start | None = typer.Option(
+        None,
+        "--start",
+        help="How new and recycled desktops come up: boot or restore (default: the pool "
+        "file's start).",
     ),
     compare: list[str] | None = typer.Option(
         None,

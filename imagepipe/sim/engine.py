@@ -59,7 +59,7 @@ class SimSettings:
     tick: float = 15.0  # seconds between periodic keeper passes
     pass_gap: float = 2.0  # at least this long between passes: events in between are batched
     version: int = 1  # the image version the pool's channel resolves to
-    start: Start = Start.BOOT  # how new and recycled desktops come up
+    start: Start | None = None  # how new and recycled desktops come up; None: the pool's
 
 
 class _Kind(IntEnum):  # order within one instant: finished work first, then users
@@ -206,10 +206,15 @@ class _Day:
         if chain:
             self.rest[clone] = chain
 
+    @property
+    def start(self) -> Start:
+        """How desktops come up: as the settings override, else as the pool file says."""
+        return self.spec.start if self.settings.start is None else self.settings.start
+
     def restores(self, action: Action, now: float) -> bool:
         """A start or reset restores the warm parent (start: restore, once it exists)."""
         return (
-            self.settings.start is Start.RESTORE
+            self.start is Start.RESTORE
             and isinstance(action, StartClone | ResetClone)
             and now >= self.parent_ready
         )
@@ -370,7 +375,7 @@ def simulate(
         world=World(pool=spec.name, version=settings.version),
         stats=[_Stats() for _ in days],
     )
-    if settings.start is Start.RESTORE:  # the keeper makes the version's warm parent first
+    if run.start is Start.RESTORE:  # the keeper makes the version's warm parent first
         lat = settings.latencies
         run.parent_ready = lat.start + lat.boot + lat.save
     end = float(len(days)) * DAY
