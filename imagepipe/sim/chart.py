@@ -175,6 +175,10 @@ def draw(pool: str, runs: Sequence[SimRun]) -> Figure:
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.set_ylim(bottom=0)
+    policy_axes = axes[1 : 1 + len(runs)]
+    top = max(ax.get_ylim()[1] for ax in policy_axes)
+    for ax in policy_axes:  # one scale, so the policies' panels compare at a glance
+        ax.set_ylim(0, top)
     bottom = axes[-1]
     bottom.set_xlim(when(begin), when(end))
     locator = AutoDateLocator(tz=zone, minticks=5, maxticks=14)  # type: ignore[no-untyped-call]
