@@ -84,6 +84,7 @@ def write_chart(path: Path, pool: str, runs: Sequence[SimRun]) -> None:
 def draw(pool: str, runs: Sequence[SimRun]) -> Figure:
     import matplotlib.pyplot as plt
     from matplotlib.dates import AutoDateLocator, DateFormatter
+    from matplotlib.ticker import MaxNLocator
 
     timelines = [_timeline(run) for run in runs]
     first = timelines[0]
@@ -174,7 +175,9 @@ def draw(pool: str, runs: Sequence[SimRun]) -> Figure:
 
     for ax in axes:
         ax.grid(True, alpha=0.3)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, max(ax.get_ylim()[1], 1.0))
+        if ax is not idle_ax:  # counts of logins, desktops and users: whole numbers
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     policy_axes = axes[1 : 1 + len(runs)]
     top = max(ax.get_ylim()[1] for ax in policy_axes)
     for ax in policy_axes:  # one scale, so the policies' panels compare at a glance
