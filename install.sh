@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-extras="libvirt,virtualbox"
+extras="libvirt,virtualbox,web"
 service=no
 root=""
 while [ $# -gt 0 ]; do
