@@ -14,6 +14,7 @@ packages=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
   haproxy git busybox-static cpio e2fsprogs
   systemd passwd shellcheck tini
+  novnc chromium chromium-driver  # the web entrance's page; the browser its test drives
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from imagepipe.balancers.haproxy_config import parse_bind
 from imagepipe.config import Settings
 from imagepipe.errors import BadInputError, OperationFailedError
 from imagepipe.log import fields
+from imagepipe.pool.model import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,16 @@ def web_url(settings: Settings) -> str:
     """The address a browser opens, from the settings."""
     if settings.web is None:
         raise BadInputError(f"no web entrance in {settings.source}: add web: {{bind: ...}}")
-    bind = parse_bind(settings.web.bind)
+    bind = web_bind(settings)
     host = f"[{bind.host}]" if ":" in bind.host else bind.host
     return f"{'https' if settings.web.tls else 'http'}://{host}:{bind.port}/"
+
+
+def web_bind(settings: Settings) -> Endpoint:
+    """web.bind ("127.0.0.1:6080", "[::1]:6080"; checked when the settings were read)."""
+    assert settings.web is not None
+    host, _, port = settings.web.bind.rpartition(":")
+    return Endpoint(host.removeprefix("[").removesuffix("]"), int(port))
 
 
 def serve_web(settings: Settings) -> None:
@@ -47,7 +54,7 @@ def serve_web(settings: Settings) -> None:
         )
     tls = None if web.tls is None else (web.tls.cert, web.tls.key)
     entrance = WebEntrance(
-        bind=parse_bind(web.bind), balancer=settings.web_balancer_socket, tls=tls
+        bind=web_bind(settings), balancer=settings.web_balancer_socket, tls=tls
     )
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -137,7 +144,7 @@ def _answers(settings: Settings) -> bool:
     import socket
 
     assert settings.web is not None
-    bind = parse_bind(settings.web.bind)
+    bind = web_bind(settings)
     try:
         with socket.create_connection((bind.host, bind.port), timeout=1.0):
             return True

@@ -132,3 +132,24 @@ def test_systemd_analyze_verify_does_catch_a_broken_unit(tmp_path: Path) -> None
     )
 
     assert "Failed to parse service type" in verify.stderr
+
+
+@pytest.mark.real
+def test_the_web_entrance_unit_is_installed_beside_the_keepers_and_verifies(
+    root: Path, tmp_path: Path
+) -> None:
+    analyze = require_program("systemd-analyze")
+    executable = tmp_path / "imagepipe"
+    executable.write_text("#!/bin/sh\n")
+    executable.chmod(0o755)
+    assert install(root, executable).returncode == 0
+    unit = root / "etc/systemd/system/imagepipe-web.service"
+
+    verify = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert (verify.returncode, verify.stderr.strip()) == (0, "")
+    text = unit.read_text()
+    assert f"ExecStart={executable} --config /etc/imagepipe/imagepipe.yml web" in text
+    assert "User=imagepipe" in text

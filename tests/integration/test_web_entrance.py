@@ -14,6 +14,7 @@ import base64
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import ssl
 import struct
@@ -28,10 +29,17 @@ from pathlib import Path
 
 import pytest
 
+from imagepipe.app.bootstrap import Adapters
+from imagepipe.app.web import start_web_background, web_url
 from imagepipe.balancers.haproxy import HAProxyBalancer
+from imagepipe.cli import demo as demo_cli
+from imagepipe.cli.app import main
+from imagepipe.config import load_settings
 from imagepipe.pool.model import Endpoint
 from imagepipe.web.entrance import NOVNC_DIR, WebEntrance
 from tests.conftest import require, require_program
+from tests.fakes.balancer import FakeBalancer
+from tests.fakes.hypervisor import FakeHypervisor, FakeImages
 from tests.host import free_port
 from tests.integration.test_haproxy_persistence import Desktop
 
@@ -250,3 +258,38 @@ def test_with_tls_the_page_and_the_websocket_are_served_over_https(tmp_path: Pat
             plain.settimeout(WAIT)
             with contextlib.suppress(OSError):
                 assert not plain.recv(100).startswith(b"HTTP/"), "plain HTTP answered"
+
+
+def test_the_demo_entrance_runs_in_the_background_and_demo_down_stops_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`imagepipe demo` starts `imagepipe web` in the background (it outlives the demo, as
+    HAProxy does) and `demo --down` stops it; the desktops are fakes here."""
+    require((NOVNC_DIR / "vnc.html").is_file(), "noVNC is not installed (apt-get install novnc)")
+    directory = tmp_path / "demo"
+    files = demo_cli.write_demo_files(directory, load_settings(None))
+    port = free_port()
+    files.settings.write_text(
+        files.settings.read_text().replace(demo_cli.WEB_BIND, f"127.0.0.1:{port}")
+    )
+    settings = load_settings(files.settings)
+    images = FakeImages()
+    hv = FakeHypervisor()
+    hv.add_base(images.publish("tiny", 1))
+    adapters = Adapters(hypervisor=hv, balancer=FakeBalancer(), images=images)
+    pid = start_web_background(settings, files.settings)
+    try:
+        url = web_url(settings)
+        assert url == f"http://127.0.0.1:{port}/"
+        with urllib.request.urlopen(url + "vnc.html", timeout=WAIT) as response:
+            assert response.status == 200
+
+        assert main(["demo", "--down", "--dir", str(directory)], adapters) == 0
+
+        assert f"the demo's web entrance on {url} is stopped" in capsys.readouterr().err
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), 1).close()
+        assert not (settings.run_dir / "web.pid").exists()
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
