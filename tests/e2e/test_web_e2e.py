@@ -70,6 +70,7 @@ CHROMIUM_FLAGS = (
 # more: one digit of their names, in the banner and in the prompt, is some 90 pixels.
 MATCH = 40
 PAGE_WAIT = 90.0
+TYPE_DELAY = 0.15  # seconds between keys
 FILL_WAIT = 600.0  # the first fill makes a warm parent too; TCG on a shared 2-core host
 
 
@@ -199,7 +200,9 @@ class Browser:
 
         canvas = self.driver.find_element(By.CSS_SELECTOR, "#noVNC_container canvas")
         canvas.click()  # the keyboard goes to the focused canvas
-        ActionChains(self.driver).send_keys(text).perform()
+        for key in text:  # at a typist's pace: a busy TCG guest's keyboard queue is short
+            ActionChains(self.driver).send_keys(key).perform()
+            time.sleep(TYPE_DELAY)
 
     def screenshot(self, path: Path) -> Path:
         self.driver.save_screenshot(str(path))
