@@ -53,9 +53,7 @@ def serve_web(settings: Settings) -> None:
             "(and web.tls {cert, key} for any other address)"
         )
     tls = None if web.tls is None else (web.tls.cert, web.tls.key)
-    entrance = WebEntrance(
-        bind=web_bind(settings), balancer=settings.web_balancer_socket, tls=tls
-    )
+    entrance = WebEntrance(bind=web_bind(settings), balancer=settings.web_balancer_socket, tls=tls)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         # shutdown() waits for serve_forever to return: not from its own thread
