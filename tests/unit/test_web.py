@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from imagepipe.app.web import web_url
 from imagepipe.balancers.haproxy_config import HAProxyConfig, render_config
+from imagepipe.cli import demo as demo_cli
 from imagepipe.config import load_settings
 from imagepipe.errors import BadInputError, ConfigError
 from imagepipe.pool.model import Endpoint
@@ -123,3 +127,18 @@ def test_the_proxy_header_names_the_browser_user_not_the_entrance() -> None:
 )
 def test_only_novncs_own_files_are_served(path: str, ok: bool) -> None:
     assert served(path) is ok
+
+
+def test_the_demo_has_a_loopback_entrance_and_prints_its_url_beside_the_vnc_address(
+    tmp_path: Path,
+) -> None:
+    files = demo_cli.write_demo_files(tmp_path / "demo", load_settings(None))
+    settings = load_settings(files.settings)
+    assert settings.web is not None and settings.web.tls is None
+    out = io.StringIO()
+
+    demo_cli._print_howto(Console(file=out, width=200), files, keeping=True, url=web_url(settings))
+
+    text = out.getvalue()
+    assert "VNC viewer to 127.0.0.1:5999" in text
+    assert "or open http://127.0.0.1:6080/ in a web browser" in text
