@@ -53,6 +53,14 @@ def served(path: str) -> bool:
     return any(relative == s or (s.endswith("/") and relative.startswith(s)) for s in SERVED)
 
 
+def same_origin(origin: str | None, host: str | None) -> bool:
+    """Whether a websocket comes from the entrance's own page. Browsers always send Origin
+    (scheme://host:port of the page); a client without one is not a browser page."""
+    if origin is None:
+        return True
+    return host is not None and urlsplit(origin).netloc.lower() == host.lower()
+
+
 class EntranceHandler(ProxyRequestHandler):  # type: ignore[misc]
     """websockify's proxy handler, narrowed: fixed files, one websocket path, one target."""
 
@@ -62,6 +70,15 @@ class EntranceHandler(ProxyRequestHandler):  # type: ignore[misc]
     def handle_upgrade(self) -> None:
         if urlsplit(self.path).path != WEBSOCKET_PATH:
             self.send_error(404)
+            return
+        if not same_origin(self.headers.get("Origin"), self.headers.get("Host")):
+            # another site's page in the user's browser: under `persist: source` it would be
+            # sent to the user's own desktop (cross-site websocket hijacking)
+            log.warning(
+                "web socket from another site refused",
+                extra=fields(client=self.client_address[0], origin=self.headers.get("Origin")),
+            )
+            self.send_error(403)
             return
         super().handle_upgrade()
 

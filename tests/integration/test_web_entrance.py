@@ -50,11 +50,19 @@ WAIT = 5.0
 class WebSocketUser:
     """A websocket client (RFC 6455, binary frames) from `source`, as noVNC opens one."""
 
-    def __init__(self, entrance: Endpoint, source: str, *, path: str = "/websockify") -> None:
+    def __init__(
+        self,
+        entrance: Endpoint,
+        source: str,
+        *,
+        path: str = "/websockify",
+        origin: str | None = None,
+    ) -> None:
         self.sock = socket.create_connection((entrance.host, entrance.port), WAIT, (source, 0))
         key = base64.b64encode(os.urandom(16)).decode()
+        origin_line = f"Origin: {origin}\r\n" if origin else ""
         self.sock.sendall(
-            f"GET {path} HTTP/1.1\r\nHost: {entrance.host}:{entrance.port}\r\n"
+            f"GET {path} HTTP/1.1\r\nHost: {entrance.host}:{entrance.port}\r\n{origin_line}"
             "Upgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
             "Sec-WebSocket-Protocol: binary\r\n\r\n".encode()
@@ -227,6 +235,14 @@ def test_the_page_reaches_novnc_and_the_balancer_and_nothing_else() -> None:
         elsewhere = WebSocketUser(web.address, "127.0.0.34", path="/ssh")
         assert elsewhere.status == 404
         elsewhere.close()
+        # another site's page in the user's browser (its Origin is not the entrance's)
+        hijack = WebSocketUser(web.address, "127.0.0.34", origin="https://evil.example")
+        assert hijack.status == 403
+        hijack.close()
+        own = f"http://127.0.0.1:{web.address.port}"
+        page = WebSocketUser(web.address, "127.0.0.35", origin=own)
+        assert page.status == 101 and page.desktop() in {d.name for d in web.desktops}
+        page.close()
 
 
 class NoRedirect(urllib.request.HTTPRedirectHandler):
