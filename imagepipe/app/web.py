@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from imagepipe.app.pidlock import holder, holding, stop_holder
 from imagepipe.config import Settings
 from imagepipe.errors import BadInputError, OperationFailedError
 from imagepipe.log import fields
 from imagepipe.pool.model import Endpoint
+from imagepipe.private import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,50 +55,49 @@ def serve_web(settings: Settings) -> None:
             "(and web.tls {cert, key} for any other address)"
         )
     tls = None if web.tls is None else (web.tls.cert, web.tls.key)
-    entrance = WebEntrance(bind=web_bind(settings), balancer=settings.web_balancer_socket, tls=tls)
+    with holding(pid_file(settings), _already_serving(settings)):
+        entrance = WebEntrance(
+            bind=web_bind(settings), balancer=settings.web_balancer_socket, tls=tls
+        )
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        # shutdown() waits for serve_forever to return: not from its own thread
-        threading.Thread(target=entrance.shutdown, daemon=True).start()
+        def stop(signum: int, frame: FrameType | None) -> None:
+            # shutdown() waits for serve_forever to return: not from its own thread
+            threading.Thread(target=entrance.shutdown, daemon=True).start()
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    log.info(
-        "web entrance serving",
-        extra=fields(url=entrance.url, balancer=str(settings.web_balancer_socket)),
-    )
-    try:
-        entrance.serve_forever()
-    finally:
-        entrance.server_close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        log.info(
+            "web entrance serving",
+            extra=fields(url=entrance.url, balancer=str(settings.web_balancer_socket)),
+        )
+        try:
+            entrance.serve_forever()
+        finally:
+            entrance.server_close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     log.info("web entrance stopped")
 
 
+def _already_serving(settings: Settings) -> Callable[[int | None], str]:
+    def message(pid: int | None) -> str:
+        return f"a web entrance for {settings.source} runs already (pid {pid})"
+
+    return message
+
+
 def pid_file(settings: Settings) -> Path:
+    """Locked by the running entrance, with its pid in it (imagepipe.app.pidlock)."""
     return settings.run_dir / "web.pid"
-
-
-def running_pid(settings: Settings) -> int | None:
-    """The pid of the background entrance for these settings, if it is alive."""
-    try:
-        pid = int(pid_file(settings).read_text().split()[0])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError, IndexError):
-        return None
-    ours = (
-        b"imagepipe" in cmdline and b"web" in cmdline and str(settings.source).encode() in cmdline
-    )
-    return pid if ours else None
 
 
 def start_web_background(settings: Settings, config: Path) -> int:
     """`imagepipe --config CONFIG web` in its own session, outliving the caller (as the
-    managed HAProxy does); its log is run_dir/web.log. Returns its pid."""
-    pid = running_pid(settings)
-    if pid is not None:
-        return pid
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    managed HAProxy does); its log is run_dir/web.log. Returns its pid; an entrance that
+    already runs for these settings is left as it is."""
+    running = holder(pid_file(settings))
+    if running is not None:
+        return running
+    private_dir(settings.run_dir)
     with (settings.run_dir / "web.log").open("ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "imagepipe", "--config", str(config), "web"],
@@ -105,37 +106,23 @@ def start_web_background(settings: Settings, config: Path) -> int:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    pid_file(settings).write_text(f"{process.pid}\n")
-    url = web_url(settings)
     deadline = time.monotonic() + START_TIMEOUT
     while not _answers(settings):
         if process.poll() is not None or time.monotonic() > deadline:
             with contextlib.suppress(OSError):
                 process.kill()
             raise OperationFailedError(
-                f"the web entrance did not start on {url}; see {settings.run_dir / 'web.log'}"
+                f"the web entrance did not start on {web_url(settings)}; "
+                f"see {settings.run_dir / 'web.log'}"
             )
         time.sleep(0.1)
     return process.pid
 
 
 def stop_web_background(settings: Settings) -> bool:
-    """Stop the background entrance; False when none was running."""
-    pid = running_pid(settings)
-    if pid is None:
-        return False
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                break
-        time.sleep(0.05)
-    else:
-        if Path(f"/proc/{pid}").exists():
-            os.kill(pid, signal.SIGKILL)
-    pid_file(settings).unlink(missing_ok=True)
-    return True
+    """Stop the entrance serving these settings; False when none was running."""
+    pid = stop_holder(pid_file(settings), "the web entrance", timeout=STOP_TIMEOUT)
+    return pid is not None
 
 
 def _answers(settings: Settings) -> bool:

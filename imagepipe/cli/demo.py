@@ -8,6 +8,7 @@ http://127.0.0.1:6080/ (in the background, like HAProxy).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from rich.console import Console
 
 from imagepipe.app.bootstrap import stop_managed_balancer
 from imagepipe.app.keeping import fail_if_failed, stop_on_signals
+from imagepipe.app.pidlock import holding, stop_holder
 from imagepipe.app.pool_down import drive_down, mark_down
 from imagepipe.app.web import start_web_background, stop_web_background, web_url
 from imagepipe.cli.context import CliContext, cli_context
@@ -31,6 +33,8 @@ POOL = "demo"
 BIND = "127.0.0.1:5999"
 WEB_BIND = "127.0.0.1:6080"
 READY_TIMEOUT = 600.0  # seconds --no-keep waits for the pool to be ready
+KEEPER_PID = "demo-keeper.pid"  # in the demo's run folder, locked while `imagepipe demo` runs
+STOP_TIMEOUT = 120.0  # seconds `--down` gives the demo's keeper to finish its pass and stop
 POLL = 1.0
 
 POOL_FILE = f"""\
@@ -85,6 +89,29 @@ def demo(
     settings = load_settings(files.settings)
     spec = load_pool_file(files.pool)
     console.print(f"demo settings: {files.settings}")
+    with holding(settings.run_dir / KEEPER_PID, _already_kept(files.directory)):
+        _run_demo(cli, settings, spec, files, console, no_keep=no_keep)
+
+
+def _already_kept(directory: Path) -> Callable[[int | None], str]:
+    def message(pid: int | None) -> str:
+        return (
+            f"the demo in {directory} is kept already (pid {pid}); "
+            "`imagepipe demo --down` stops it and removes the demo"
+        )
+
+    return message
+
+
+def _run_demo(
+    cli: CliContext,
+    settings: Settings,
+    spec: PoolSpec,
+    files: DemoFiles,
+    console: Console,
+    *,
+    no_keep: bool,
+) -> None:
     result = build_image(settings, "tiny", progress=PlainProgress())
     console.print(result.message)
     runtime = cli.runtime(settings)
@@ -116,6 +143,10 @@ def take_demo_down(cli: CliContext, directory: Path, console: Console) -> None:
         raise BadInputError(f"no demo in {directory} (no {files.settings}); nothing to take down")
     settings = load_settings(files.settings)
     spec = load_pool_file(files.pool)
+    # First the demo's keeper: it would bring HAProxy and desktops back after us.
+    pid = stop_holder(settings.run_dir / KEEPER_PID, "the demo's keeper", timeout=STOP_TIMEOUT)
+    if pid is not None:
+        console.print(f"the demo's keeper (pid {pid}) is stopped")
     mark_down(settings, POOL, now=True, at=time.time())
     runtime = cli.runtime(settings)
     try:

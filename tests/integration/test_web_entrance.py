@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 
 from imagepipe.app.bootstrap import Adapters
-from imagepipe.app.web import start_web_background, web_url
+from imagepipe.app.pidlock import holder
+from imagepipe.app.web import pid_file, start_web_background, web_url
 from imagepipe.balancers.haproxy import HAProxyBalancer
 from imagepipe.cli import demo as demo_cli
 from imagepipe.cli.app import main
@@ -305,7 +306,7 @@ def test_the_demo_entrance_runs_in_the_background_and_demo_down_stops_it(
         assert f"the demo's web entrance on {url} is stopped" in capsys.readouterr().err
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), 1).close()
-        assert not (settings.run_dir / "web.pid").exists()
+        assert holder(pid_file(settings)) is None, "the entrance still holds its pid file"
     finally:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
