@@ -117,8 +117,8 @@ class EntranceHandler(ProxyRequestHandler):  # type: ignore[misc]
         """Connect to the balancer, tell it who the user is, then carry the bytes."""
         client = (str(self.client_address[0]), int(self.client_address[1]))
         local = self.server.server_address
+        target = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            target = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             target.settimeout(CONNECT_TIMEOUT)
             target.connect(str(self.server.balancer))
             target.settimeout(None)
