@@ -97,6 +97,11 @@ def start_web_background(settings: Settings, config: Path) -> int:
     running = holder(pid_file(settings))
     if running is not None:
         return running
+    if _answers(settings):
+        raise OperationFailedError(
+            f"another program listens on {web_url(settings)}: stop it, or change web.bind "
+            f"in {settings.source}"
+        )
     private_dir(settings.run_dir)
     with (settings.run_dir / "web.log").open("ab") as out:
         process = subprocess.Popen(

@@ -36,6 +36,7 @@ from imagepipe.balancers.haproxy import HAProxyBalancer
 from imagepipe.cli import demo as demo_cli
 from imagepipe.cli.app import main
 from imagepipe.config import load_settings
+from imagepipe.errors import OperationFailedError
 from imagepipe.pool.model import Endpoint
 from imagepipe.web.entrance import NOVNC_DIR, WebEntrance
 from tests.conftest import require, require_program
@@ -310,3 +311,17 @@ def test_the_demo_entrance_runs_in_the_background_and_demo_down_stops_it(
     finally:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_demo_does_not_mistake_another_program_on_its_web_port_for_its_entrance(
+    tmp_path: Path,
+) -> None:
+    files = demo_cli.write_demo_files(tmp_path / "demo", load_settings(None))
+    with socket.create_server(("127.0.0.1", 0)) as other:
+        port = other.getsockname()[1]
+        files.settings.write_text(
+            files.settings.read_text().replace(demo_cli.WEB_BIND, f"127.0.0.1:{port}")
+        )
+        settings = load_settings(files.settings)
+        with pytest.raises(OperationFailedError, match="another program listens on"):
+            start_web_background(settings, files.settings)
