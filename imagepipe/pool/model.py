@@ -143,6 +143,7 @@ class CloneInfo:
     display: Endpoint | None = None
     ready: bool = False  # booted and answering (guest agent, or display up)
     started_by: StartMode | None = None  # how the running guest started; None: not running
+    host: str = ""  # the host it runs on ("": the only host)
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,29 @@ class Observed:
 
     def by_name(self) -> dict[str, ObservedClone]:
         return {c.name: c for c in self.clones}
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """One hypervisor host of a keeper (settings `hosts:`). Capacity None: no limit."""
+
+    name: str
+    uri: str  # its libvirt URI
+    address: str  # where the balancer reaches its desktops' display ports
+    max_desktops: int | None = None
+    max_memory: int | None = None  # bytes
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HostState:
+    """One host as the hypervisor sees it now (pool.ports.Hosts.hosts())."""
+
+    name: str
+    connected: bool
+    since: float | None  # when it was last connected or lost (None: unknown)
+    versions: tuple[tuple[str, int], ...] = ()  # (image, version) the host holds
+    upload: tuple[str, int, float] | None = None  # (image, version, fraction done) under way
 
 
 # --------------------------------------------------------------------------------------
@@ -343,6 +367,7 @@ class CloneSpec:
     memory: int  # bytes
     display: Endpoint
     start: StartMode = StartMode.RESTORE  # restore from a warm parent where the adapter can
+    host: str = ""  # the host to make it on ("": the only host)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -30,6 +30,7 @@ from imagepipe.pool.model import (
     CloneSpec,
     Endpoint,
     GuestSession,
+    HostState,
 )
 
 
@@ -107,6 +108,22 @@ class Hypervisor(Protocol):
 
     def close(self) -> None:
         """Release connections and threads."""
+        ...
+
+
+@runtime_checkable
+class Hosts(Protocol):
+    """A hypervisor that spans several hosts. Optional: a single-host hypervisor does not
+    implement it, and the core treats it as one host named "" that holds every version."""
+
+    def hosts(self) -> list[HostState]:
+        """Every configured host: connected or lost (since when), versions it holds, an upload
+        under way."""
+        ...
+
+    def ensure_version(self, host: str, base: BaseImage) -> bool:
+        """True when `host` holds this version; otherwise start its upload (once) and return
+        False until it is done."""
         ...
 
 
