@@ -21,6 +21,7 @@ from imagepipe.config.values import (
     Size,
     TimeOfDay,
     parse_days,
+    parse_host_selector,
     parse_image_name,
     parse_listen_address,
     parse_optional_channel,
@@ -126,6 +127,7 @@ class PoolFile(Section):
     failures: _FailuresSection = _FailuresSection()
     boot_timeout: PositiveDuration = 300.0
     rollout: _RolloutSection = _RolloutSection()
+    hosts: list[Annotated[str, BeforeValidator(parse_host_selector)]] = Field(default_factory=list)
 
     def pool_spec(self, source: str) -> PoolSpec:
         return PoolSpec(
@@ -160,6 +162,7 @@ class PoolFile(Section):
             retry_backoff=self.failures.backoff,
             breaker_cooldown=self.failures.cooldown,
             drain_deadline=self.rollout.drain_deadline,
+            hosts=tuple(self.hosts),
             source=source,
         )
 

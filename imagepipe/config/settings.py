@@ -16,13 +16,18 @@ from imagepipe.config.values import (
     FilePath,
     Positive,
     PositiveDuration,
+    SizeWithUnit,
     parse_host_port,
+    parse_ip_address,
+    parse_libvirt_uri,
     parse_optional_path,
     parse_optional_vip,
+    parse_pool_name,
     parse_uri,
 )
 from imagepipe.config.yamlsrc import Located, expand_user, load_file, path_kind
 from imagepipe.errors import ConfigError
+from imagepipe.pool.model import HostSpec
 
 SYSTEM_SETTINGS = Path("/etc/imagepipe/imagepipe.yml")
 SETTINGS_NAME = "imagepipe.yml"
@@ -35,6 +40,31 @@ class Section(BaseModel):
 class HypervisorSettings(Section):
     driver: Literal["libvirt", "virtualbox"] = "libvirt"
     uri: Annotated[str, BeforeValidator(parse_uri)] = "qemu:///system"
+
+
+class HostCapacity(Section):
+    desktops: Positive | None = None  # None: no limit
+    memory: SizeWithUnit | None = None  # memory its desktops may be given, with a unit
+
+
+class HostSettings(Section):
+    """One libvirt host of a keeper that spans several (docs/hosts.md)."""
+
+    name: Annotated[str, BeforeValidator(parse_pool_name)]
+    uri: Annotated[str, BeforeValidator(parse_libvirt_uri)]
+    address: Annotated[str, BeforeValidator(parse_ip_address)]  # the balancer reaches it here
+    capacity: HostCapacity = HostCapacity()
+    labels: list[Annotated[str, BeforeValidator(parse_pool_name)]] = Field(default_factory=list)
+
+    def host_spec(self) -> HostSpec:
+        return HostSpec(
+            name=self.name,
+            uri=self.uri,
+            address=self.address,
+            max_desktops=self.capacity.desktops,
+            max_memory=self.capacity.memory,
+            labels=tuple(self.labels),
+        )
 
 
 class BalancerSettings(Section):
@@ -94,10 +124,16 @@ class Settings(Section):
     image_store: FilePath = Path("/var/lib/imagepipe/images")
     run_dir: FilePath = Path("/run/imagepipe")
     hypervisor: HypervisorSettings = HypervisorSettings()
+    # several libvirt hosts; empty: the one host hypervisor.uri (docs/hosts.md)
+    hosts: list[HostSettings] = Field(default_factory=list)
     balancer: BalancerSettings = BalancerSettings()
     keeper: KeeperSettings = KeeperSettings()
     web: WebSettings | None = None  # None: no web entrance
     source: str = "defaults"
+
+    def host_specs(self) -> tuple[HostSpec, ...]:
+        """The configured hosts; empty for the single host `hypervisor.uri`."""
+        return tuple(h.host_spec() for h in self.hosts)
 
     @property
     def admin_socket_path(self) -> Path:
@@ -175,6 +211,7 @@ def parse_settings(doc: Located, *, base: Path) -> Settings:
                 )
             )
         issues.extend(_web_issues(settings, doc))
+        issues.extend(_host_issues(settings, doc))
     raise_if(issues)
     assert settings is not None
     update: dict[str, Any] = {"source": doc.file}
@@ -215,6 +252,37 @@ def _web_issues(settings: Settings, doc: Located) -> list[Issue]:
                 "{cert: FILE, key: FILE} or bind to 127.0.0.1",
             )
         )
+    return issues
+
+
+def _host_issues(settings: Settings, doc: Located) -> list[Issue]:
+    """Unique host names; a host list only for libvirt (VirtualBox is one host per keeper)."""
+    if not settings.hosts:
+        return []
+    if settings.hypervisor.driver == "virtualbox":
+        return [
+            issue_at(
+                doc,
+                ("hosts",),
+                "a host list needs hypervisor.driver: libvirt; VirtualBox stays one host per "
+                "keeper (pyvbox drives the local VBoxSVC): run one keeper on each VirtualBox "
+                "host, or remove 'hosts'",
+            )
+        ]
+    issues = []
+    seen: dict[str, int] = {}
+    for index, host in enumerate(settings.hosts):
+        if host.name in seen:
+            issues.append(
+                issue_at(
+                    doc,
+                    ("hosts", index, "name"),
+                    f"host {host.name!r} is already defined at hosts[{seen[host.name]}]; "
+                    "give each host its own name",
+                )
+            )
+        else:
+            seen[host.name] = index
     return issues
 
 

@@ -130,6 +130,43 @@ def parse_uri(value: object) -> str:
     )
 
 
+_LIBVIRT_URI = re.compile(
+    r"(?P<driver>[a-z][a-z0-9]*)(?:\+(?P<transport>tls|ssh|libssh|libssh2|tcp|unix|ext))?"
+    r"://(?P<server>[^/\s]*)/(?P<path>[^?\s]+)(?:\?\S*)?",
+    re.ASCII,
+)
+
+
+def parse_libvirt_uri(value: object) -> str:
+    """A libvirt connection URI: driver[+transport]://[user@][host[:port]]/path[?params]."""
+    if isinstance(value, str) and _URI.fullmatch(value) and _LIBVIRT_URI.fullmatch(value):
+        return value
+    raise ValueError(
+        "expected a libvirt URI such as qemu+tls://host1.example.org/system, "
+        f"qemu+ssh://root@host1/system or qemu:///system, got {shown(value)}"
+    )
+
+
+def parse_host_selector(value: object) -> str:
+    """A pool's host: a host's name, or `label:NAME` for every host with that label."""
+    if isinstance(value, str):
+        label = value.removeprefix("label:")
+        if _NAME.fullmatch(label):
+            return value
+    raise ValueError(
+        f"expected a host name (lab1) or a label (label:gpu) from the settings' hosts, got "
+        f"{shown(value)}"
+    )
+
+
+def parse_size_with_unit(value: object) -> int:
+    """A size that names its unit ("64G", "512M"): a bare number is refused, as it is too
+    easily meant in another unit."""
+    if isinstance(value, str) and not value.strip().isdigit():
+        return parse_size(value)
+    raise ValueError(f"expected a size with its unit such as 64G or 512M, got {shown(value)}")
+
+
 def parse_path(value: object) -> Path:
     if isinstance(value, Path):
         value = str(value)
@@ -285,6 +322,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 OptionalDuration = Annotated[float | None, BeforeValidator(parse_optional_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+SizeWithUnit = Annotated[int, BeforeValidator(parse_size_with_unit), Field(gt=0)]
 Count = Annotated[StrictInt, Field(ge=0)]
 Positive = Annotated[StrictInt, Field(ge=1)]
 TimeOfDay = Annotated[int, BeforeValidator(parse_time_of_day)]

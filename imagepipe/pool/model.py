@@ -102,6 +102,7 @@ class PoolSpec:
     retry_backoff: float = 10.0  # first retry delay; doubles per consecutive failure
     breaker_cooldown: float = 600.0  # how long an open breaker stops new clones
     drain_deadline: float | None = None  # rollout: force old clones off after this long
+    hosts: tuple[str, ...] = ()  # host names and `label:X` it may run on; empty: every host
     source: str = ""  # the file this pool came from, for messages
 
     def clone_name(self, slot: int) -> str:
@@ -109,6 +110,12 @@ class PoolSpec:
 
     def port_for(self, slot: int) -> int:
         return self.port_first + slot
+
+    def may_use(self, host: HostSpec) -> bool:
+        """Whether this pool may put desktops on `host` (pool key `hosts`)."""
+        if not self.hosts:
+            return True
+        return host.name in self.hosts or any(f"label:{x}" in self.hosts for x in host.labels)
 
     @property
     def slots(self) -> int:
@@ -210,6 +217,11 @@ class Observed:
     # clones a client connected to since the last pass (hypervisor events): a session the
     # observation may have missed, so their desktops are dirty even if nobody is on them now
     touched: frozenset[str] = frozenset()
+    # several hosts (settings `hosts:`): each host as placement sees it this pass. Empty: the
+    # one host "" that holds every version and has no capacity limit
+    hosts: tuple[HostRoom, ...] = ()
+    lost_hosts: frozenset[str] = frozenset()  # hosts the hypervisor cannot reach now
+    draining_hosts: frozenset[str] = frozenset()  # `hosts drain`: no new desktops there
 
     def by_name(self) -> dict[str, ObservedClone]:
         return {c.name: c for c in self.clones}
@@ -236,6 +248,20 @@ class HostState:
     since: float | None  # when it was last connected or lost (None: unknown)
     versions: tuple[tuple[str, int], ...] = ()  # (image, version) the host holds
     upload: tuple[str, int, float] | None = None  # (image, version, fraction done) under way
+
+
+@dataclass(frozen=True)
+class HostRoom:
+    """One host as the placement rule sees it in one pass: whether this pool may put a new
+    desktop there, and how full it is (every pool's desktops on it)."""
+
+    name: str
+    address: str  # where the balancer reaches its desktops' display ports
+    usable: bool  # connected, not draining, the pool may use it, holds the target version
+    desktops: int = 0
+    memory: int = 0  # bytes the desktops on it are given
+    max_desktops: int | None = None  # None: no limit
+    max_memory: int | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -278,6 +304,10 @@ class CloneRecord:
     # since (the record becomes dirty). Written in the same record write as that dirty mark;
     # 0 when the keeper adds the backend; None: no baseline yet (the next pass takes one).
     sessions_seen: int | None = None
+    host: str = ""  # the host the clone was made on ("": the only host)
+    # since when its host is lost (cut off, failed): the clone may still exist and be in use
+    # there, so it is never deleted, its slot, name and port never reused, until it is seen
+    lost_since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -391,6 +421,7 @@ class CreateClone(Action):
     slot: int
     version: int
     display: Endpoint
+    host: str = ""  # where placement put it ("": the only host)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -147,6 +147,16 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE clones ADD COLUMN sessions_seen INTEGER;
     UPDATE clones SET dirty = 1 WHERE state = 'free';
     """,
+    # 9: several hosts: the host each clone was made on, since when that host is lost (the
+    # clone may still exist there), and the hosts an administrator drains (`hosts drain`)
+    """
+    ALTER TABLE clones ADD COLUMN host TEXT NOT NULL DEFAULT '';
+    ALTER TABLE clones ADD COLUMN lost_since REAL;
+    CREATE TABLE hosts_draining (
+        host TEXT PRIMARY KEY,
+        since REAL NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -333,7 +343,8 @@ class Store:
             ).fetchone()
             clones = db.execute(
                 "SELECT name, slot, version, state, since, session_ended_at, last_user, "
-                "failures, retry_at, dirty, sessions_seen FROM clones WHERE pool = ? "
+                "failures, retry_at, dirty, sessions_seen, host, lost_since FROM clones "
+                "WHERE pool = ? "
                 "ORDER BY slot, name",
                 (pool,),
             ).fetchall()
@@ -350,6 +361,8 @@ class Store:
                 retry_at=retry_at,
                 dirty=bool(dirty),
                 sessions_seen=seen,
+                host=host,
+                lost_since=lost_since,
             )
             for (
                 name,
@@ -363,6 +376,8 @@ class Store:
                 retry_at,
                 dirty,
                 seen,
+                host,
+                lost_since,
             ) in clones
         }
         if row is None:
@@ -482,6 +497,29 @@ class Store:
         """Keep the pool again; True when it had been marked down."""
         with self._write() as db:
             return db.execute("DELETE FROM pools_down WHERE pool = ?", (pool,)).rowcount > 0
+
+    # --- hosts being drained ------------------------------------------------------------
+
+    def set_host_draining(self, host: str, since: float | None) -> bool:
+        """Drain `host` from `since` on (no new desktops there), or undrain it (None).
+        True when this changed something."""
+        with self._write() as db:
+            if since is None:
+                return db.execute("DELETE FROM hosts_draining WHERE host = ?", (host,)).rowcount > 0
+            return (
+                db.execute(
+                    "INSERT INTO hosts_draining (host, since) VALUES (?,?) "
+                    "ON CONFLICT (host) DO NOTHING",
+                    (host, since),
+                ).rowcount
+                > 0
+            )
+
+    def draining_hosts(self) -> dict[str, float]:
+        """The drained hosts, with since when."""
+        with self._read() as db:
+            rows = db.execute("SELECT host, since FROM hosts_draining ORDER BY host").fetchall()
+        return {host: since for host, since in rows}
 
     # --- journal ------------------------------------------------------------------------
 
@@ -736,8 +774,8 @@ def _try_decode(text: str) -> Action | None:
 def _upsert_clone(db: sqlite3.Connection, pool: str, record: CloneRecord) -> None:
     db.execute(
         "INSERT OR REPLACE INTO clones (pool, name, slot, version, state, since, "
-        "session_ended_at, last_user, failures, retry_at, dirty, sessions_seen) "
-        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        "session_ended_at, last_user, failures, retry_at, dirty, sessions_seen, host, "
+        "lost_since) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             pool,
             record.name,
@@ -751,6 +789,8 @@ def _upsert_clone(db: sqlite3.Connection, pool: str, record: CloneRecord) -> Non
             record.retry_at,
             int(record.dirty),
             record.sessions_seen,
+            record.host,
+            record.lost_since,
         ),
     )
 

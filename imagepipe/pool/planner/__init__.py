@@ -52,6 +52,7 @@ from imagepipe.pool.planner.failures import (
     record_failure,
     retry_delay,
 )
+from imagepipe.pool.planner.placement import Placer
 from imagepipe.pool.planner.resize import Decisions, resize
 from imagepipe.pool.planner.schedule import free_target
 from imagepipe.pool.planner.steps import Context, remembered
@@ -87,7 +88,7 @@ def plan(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float) -> 
     resize(d, observed.base_ready, until is not None and now < until)
     pace(d, record)
     out = _in_order(d, record)
-    out += orphan_actions(spec.name, observed.orphan_backends)
+    out += orphan_actions(spec.name, observed.orphan_backends, _unseen(ctx, record))
     memory = RecordPool(
         pool=spec.name,
         target_version=ctx.target,
@@ -116,7 +117,17 @@ def _context(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float)
         touched=observed.touched,
         rollout=policy,
         arrivals=record.arrivals,
+        placer=Placer(observed.hosts),
+        lost_hosts=observed.lost_hosts,
+        draining_hosts=observed.draining_hosts,
     )
+
+
+def _unseen(ctx: Context, record: PoolRecord) -> frozenset[str]:
+    """Clones on a lost host: their backends are drained, never removed."""
+    if not ctx.lost_hosts:
+        return frozenset()
+    return frozenset(n for n, r in record.clones.items() if r.host in ctx.lost_hosts)
 
 
 def _advance_clones(
@@ -130,6 +141,8 @@ def _advance_clones(
         name = oc.info.name
         stored = record.clones.get(name)
         rec = remembered(ctx, oc, stored)
+        if stored is not None and stored.lost_since is not None:
+            d.returned.add(name)
         if rec is not None and rec is stored and quiet(ctx, oc, rec) and name not in d.actions:
             d.keep_quiet(name, rec)
             continue
@@ -139,6 +152,10 @@ def _advance_clones(
         came_up += step.came_up
     for name, rec in record.clones.items():
         if name not in d.observed:
+            if ctx.lost(rec):  # it may exist there, in use: kept, slot and name held
+                lost = rec if rec.lost_since is not None else replace(rec, lost_since=ctx.now)
+                d.set(name, lost, ())
+                continue
             step = advance_missing(ctx, rec)
             forget = (ForgetClone(pool=ctx.spec.name, clone=name),) if step.record is None else ()
             d.set(name, step.record, forget)

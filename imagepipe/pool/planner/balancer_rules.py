@@ -3,7 +3,7 @@ and removed once it has no connections and is being deleted or reset; orphan bac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from imagepipe.pool.model import (
     Action,
@@ -55,11 +55,18 @@ def balancer_actions(
     return NOTHING
 
 
-def orphan_actions(pool: str, orphans: Sequence[Backend]) -> list[Action]:
-    """Backends of this pool with no clone: removed when idle, drained until then."""
+def orphan_actions(
+    pool: str, orphans: Sequence[Backend], unseen: Collection[str] = ()
+) -> list[Action]:
+    """Backends of this pool with no clone: removed when idle, drained until then. The
+    backend of a clone on a lost host (`unseen`) is only drained: a connection that still
+    reaches the desktop is left alone, and its session counter stays the evidence of use."""
     out: list[Action] = []
     for backend in orphans:
-        if backend.connections == 0:
+        if backend.name in unseen:
+            if backend.state is BackendState.READY:
+                out.append(BalancerDrain(pool=pool, clone=backend.name))
+        elif backend.connections == 0:
             out.append(BalancerRemove(pool=pool, clone=backend.name))
         elif backend.state is BackendState.READY:
             out.append(BalancerDrain(pool=pool, clone=backend.name))

@@ -193,6 +193,8 @@ def _ready(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> Step:
             # dirty, so it serves nobody else
             return Step(rec)
         return _reset(ctx, rec, oc)  # never free before its reset completed
+    if ctx.draining(oc.info) and not ctx.persistent(oc.info.slot):
+        return _delete(ctx, rec, oc)  # its host is drained: replaced on another host
     came_up = rec is None or rec.state in COMING
     return Step(healthy(enter(ctx, rec, oc.info, FREE)), came_up=came_up)
 
@@ -255,7 +257,7 @@ def _recycle(ctx: Context, oc: ObservedClone, rec: CloneRecord) -> Step:
             return Step(enter(ctx, rec, info, BOOTING), (StartClone(pool=pool, clone=name),))
         ready = info.power is Power.RUNNING and info.ready
         return Step(ended(enter(ctx, rec, info, FREE if ready else BOOTING), None))
-    if spec.on_logoff is OnLogoff.DELETE:
+    if spec.on_logoff is OnLogoff.DELETE or ctx.draining(info):
         return _delete(ctx, rec, oc)
     return _reset(ctx, rec, oc)
 

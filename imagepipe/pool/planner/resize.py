@@ -23,6 +23,7 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.planner.failures import gave_up
 from imagepipe.pool.planner.forecast import shrink_after
+from imagepipe.pool.planner.placement import Placer
 from imagepipe.pool.planner.steps import Context, moved
 
 
@@ -35,6 +36,7 @@ class Decisions:
     records: dict[str, CloneRecord] = field(default_factory=dict)
     actions: dict[str, tuple[Action, ...]] = field(default_factory=dict)
     quiet: set[str] = field(default_factory=set)  # kept as they are, with nothing to output
+    returned: set[str] = field(default_factory=set)  # seen again after their host was lost
 
     def keep_quiet(self, name: str, record: CloneRecord) -> None:
         """A quiet clone (clones.quiet): counted by resize, no output unless resize acts."""
@@ -64,6 +66,7 @@ class Census:
     shrinkable: list[CloneRecord] = field(default_factory=list)  # idle past shrink_after
     suspended: list[CloneRecord] = field(default_factory=list)  # can be resumed
     retries: list[CloneRecord] = field(default_factory=list)  # failed creates, due again
+    returned: list[CloneRecord] = field(default_factory=list)  # free, back from a lost host
 
 
 def resize(d: Decisions, base_ready: bool, breaker_open: bool) -> None:
@@ -75,6 +78,7 @@ def resize(d: Decisions, base_ready: bool, breaker_open: bool) -> None:
     need = max(wanted - census.ready_free - census.coming, d.ctx.spec.initial - census.alive, 0)
     need = grow(d, census, need, can_create=base_ready and not breaker_open)
     if need == 0:
+        drop_replaced(d, census, wanted)
         shrink(d, census, wanted)
 
 
@@ -86,6 +90,8 @@ def count(d: Decisions) -> Census:
     for name, rec in d.records.items():
         state, shared = rec.state, rec.slot not in assigned
         c.used_slots.add(rec.slot)
+        if ctx.lost(rec) and name not in d.observed:
+            continue  # on a lost host: its slot is held, it is not counted (replaced)
         if name not in d.observed:  # a create in flight, or a failed one
             due = state is CloneState.FAILED and now >= (rec.retry_at or now)
             if due:
@@ -105,6 +111,8 @@ def count(d: Decisions) -> Census:
             c.running += 1
             if shared:
                 c.ready_free += 1
+                if name in d.returned and not d.actions.get(name):
+                    c.returned.append(rec)
                 if now - rec.since >= idle_for:
                     c.shrinkable.append(rec)
         elif state is CloneState.SUSPENDED:
@@ -138,26 +146,39 @@ def grow(d: Decisions, census: Census, need: int, *, can_create: bool) -> int:
         reserved = rec.slot in ctx.assigned
         if gave_up(rec) or not (reserved or need > 0):
             d.set(rec.name, None, (ForgetClone(pool=spec.name, clone=rec.name),))
-        elif can_create and room > 0:
-            _create(d, rec.slot, rec.failures)
+        elif can_create and room > 0 and _create(d, rec.slot, rec.failures):
             room -= 1
             need -= not reserved
     if not can_create:
         return need
     for slot in sorted(ctx.assigned):
-        if room > 0 and slot not in used and slot < spec.slots:
-            _create(d, slot)
+        if room > 0 and slot not in used and slot < spec.slots and _create(d, slot):
             used.add(slot)
             room -= 1
     free_slots = _free_slots(spec.slots, used, ctx.assigned)
     while need > 0 and room > 0:
         free_slot = next(free_slots, None)
-        if free_slot is None:
+        if free_slot is None or not _create(d, free_slot):
             break
-        _create(d, free_slot)
         need -= 1
         room -= 1
     return need
+
+
+def drop_replaced(d: Decisions, census: Census, wanted_free: int) -> None:
+    """Free desktops back from a lost host that the pool replaced meanwhile: deleted at once
+    while the pool keeps its free target without them (or is over `max`)."""
+    spec = d.ctx.spec
+    for rec in sorted(census.returned, key=lambda r: r.slot):
+        if census.ready_free - 1 < wanted_free and census.counted <= spec.max:
+            break
+        delete = DeleteClone(pool=spec.name, clone=rec.name)
+        d.set(rec.name, moved(d.ctx, rec, CloneState.DELETING), (delete,))
+        census.ready_free -= 1
+        census.counted -= 1
+        census.running -= 1
+        if rec in census.shrinkable:
+            census.shrinkable.remove(rec)
 
 
 def shrink(d: Decisions, census: Census, wanted_free: int) -> None:
@@ -185,9 +206,14 @@ def _free_slots(slots: int, used: set[int], reserved: frozenset[int]) -> Iterato
             yield slot
 
 
-def _create(d: Decisions, slot: int, failures: int = 0) -> None:
+def _create(d: Decisions, slot: int, failures: int = 0) -> bool:
+    """Make the clone of `slot` on the host placement picks; False: no host has room."""
     spec, now, target = d.ctx.spec, d.ctx.now, d.ctx.target
     assert target is not None
+    placer = d.ctx.placer or Placer(())
+    host = placer.pick(spec.memory)
+    if host is None:
+        return False
     name = spec.clone_name(slot)
     rec = CloneRecord(
         name=name,
@@ -196,7 +222,11 @@ def _create(d: Decisions, slot: int, failures: int = 0) -> None:
         state=CloneState.CREATING,
         since=now,
         failures=failures,
+        host=host.name,
     )
-    display = Endpoint(spec.display_address, spec.port_for(slot))
-    create = CreateClone(pool=spec.name, clone=name, slot=slot, version=target, display=display)
+    display = Endpoint(host.address or spec.display_address, spec.port_for(slot))
+    create = CreateClone(
+        pool=spec.name, clone=name, slot=slot, version=target, display=display, host=host.name
+    )
     d.set(name, rec, (create,))
+    return True

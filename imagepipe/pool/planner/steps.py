@@ -17,6 +17,7 @@ from imagepipe.pool.model import (
     PoolSpec,
     RolloutPolicy,
 )
+from imagepipe.pool.planner.placement import Placer
 from imagepipe.pool.planner.schedule import free_target
 
 
@@ -35,6 +36,16 @@ class Context:
     touched: frozenset[str] = frozenset()  # clones a client connected to since the last pass
     rollout: RolloutPolicy | None = None  # an active rollout onto the target version
     arrivals: Arrivals | None = None  # logins expected by time of week (learned warm-up)
+    placer: Placer | None = None  # where new desktops go (None: the only host)
+    lost_hosts: frozenset[str] = frozenset()  # hosts the hypervisor cannot reach now
+    draining_hosts: frozenset[str] = frozenset()  # no new desktops; free ones replaced
+
+    def lost(self, rec: CloneRecord | None) -> bool:
+        """The clone's host is lost: it may still exist there, in use."""
+        return rec is not None and rec.host in self.lost_hosts
+
+    def draining(self, info: CloneInfo) -> bool:
+        return info.host in self.draining_hosts
 
     @cached_property
     def free_target(self) -> int:
@@ -71,11 +82,19 @@ def enter(ctx: Context, rec: CloneRecord | None, info: CloneInfo, state: CloneSt
             state=state,
             since=ctx.now,
             dirty=True,
+            host=info.host,
         )
-    if rec.state is state and rec.slot == info.slot and rec.version == info.version:
+    if (
+        rec.state is state
+        and rec.slot == info.slot
+        and rec.version == info.version
+        and rec.host == info.host
+    ):
         return rec
     since = rec.since if rec.state is state else ctx.now
-    return replace(rec, slot=info.slot, version=info.version, state=state, since=since)
+    return replace(
+        rec, slot=info.slot, version=info.version, state=state, since=since, host=info.host
+    )
 
 
 def moved(ctx: Context, rec: CloneRecord, state: CloneState) -> CloneRecord:
@@ -107,9 +126,10 @@ def remembered(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> Clon
     total = oc.backend.sessions_total if oc.backend is not None else None
     dirty = rec.dirty or oc.name in ctx.touched or connected_since(rec.sessions_seen, total)
     seen = rec.sessions_seen if total is None else total
-    if dirty == rec.dirty and seen == rec.sessions_seen:
+    if dirty == rec.dirty and seen == rec.sessions_seen and rec.lost_since is None:
         return rec
-    return replace(rec, dirty=dirty, sessions_seen=seen)
+    # seen again after its host was lost: tracked as any other clone from now on
+    return replace(rec, dirty=dirty, sessions_seen=seen, lost_since=None)
 
 
 def connected_since(seen: int | None, total: int | None) -> bool:
