@@ -27,7 +27,7 @@ from imagepipe.balancers.ipvs_parse import format_endpoint
 from imagepipe.balancers.ipvs_runner import CommandResult, CommandRunner, LocalRunner
 from imagepipe.config import Settings, load_pools, load_settings
 from imagepipe.errors import ConfigError, EnvironmentMissingError, ImagepipeError
-from imagepipe.hypervisors.libvirt import import_libvirt
+from imagepipe.hypervisors.libvirt.hypervisor import import_libvirt
 from imagepipe.images.packer import Packer
 from imagepipe.images.registry import Registry
 from imagepipe.log import fields
@@ -582,7 +582,7 @@ def check_virtualbox_host(modules: Path = Path("/proc/modules")) -> list[Check]:
         )
     )
     try:
-        from imagepipe.hypervisors.virtualbox import import_pyvbox
+        from imagepipe.hypervisors.virtualbox.driver import import_pyvbox
 
         import_pyvbox()
         checks.append(ok("pyvbox", "pyvbox and VirtualBox's vboxapi import"))

@@ -31,8 +31,8 @@ from imagepipe.pool.ports import Balancer, Channels, Clock, Hypervisor, Images
 from imagepipe.pool.store import Store
 
 if TYPE_CHECKING:
-    from imagepipe.hypervisors.libvirt_import import DomainImporter
-    from imagepipe.hypervisors.virtualbox import VmSnapshot
+    from imagepipe.hypervisors.libvirt.importer import DomainImporter
+    from imagepipe.hypervisors.virtualbox.hypervisor import VmSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def build_hypervisor(settings: Settings) -> Hypervisor:
     driver = settings.hypervisor.driver
     if driver == "libvirt":
         try:
-            from imagepipe.hypervisors.libvirt import LibvirtHypervisor
+            from imagepipe.hypervisors.libvirt.hypervisor import LibvirtHypervisor
         except ImportError as exc:
             raise EnvironmentMissingError(
                 f"the libvirt hypervisor needs libvirt-python ({exc}); "
@@ -130,7 +130,7 @@ def build_hypervisor(settings: Settings) -> Hypervisor:
             ) from exc
         return LibvirtHypervisor(settings.hypervisor.uri, state_dir=clone_state_dir(settings))
     if driver == "virtualbox":
-        from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
+        from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
 
         return VirtualBoxHypervisor()  # EnvironmentMissingError without pyvbox/vboxapi
     raise EnvironmentMissingError(
@@ -142,7 +142,7 @@ def build_hypervisor(settings: Settings) -> Hypervisor:
 def describe_virtualbox_vm(vm: str) -> VmSnapshot:
     """A VirtualBox VM and its current snapshot (`images import --from-vm`): connect, read,
     close."""
-    from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
+    from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
 
     hypervisor = VirtualBoxHypervisor()
     try:
@@ -153,7 +153,7 @@ def describe_virtualbox_vm(vm: str) -> VmSnapshot:
 
 def domain_importer(settings: Settings) -> DomainImporter:
     """A libvirt connection for `images import --from-domain` (app/image_import.py)."""
-    from imagepipe.hypervisors.libvirt_import import DomainImporter
+    from imagepipe.hypervisors.libvirt.importer import DomainImporter
 
     return DomainImporter(settings.hypervisor.uri)
 

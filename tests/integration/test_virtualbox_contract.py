@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
-from imagepipe.hypervisors.virtualbox_facts import power_of, version_api
+from imagepipe.hypervisors.common import power_of
+from imagepipe.hypervisors.virtualbox.facts import POWER, version_api
+from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
 from imagepipe.pool.model import BaseImage, Power
 from tests import vboxsim
 from tests.contract.hypervisor_suite import BaseInUse, HypervisorContract
@@ -53,7 +54,7 @@ class VBoxVM:
         if machine is None:
             return None
         api = version_api(str(virtualbox.VirtualBox().version))
-        return power_of(api.state_name(int(machine._get_attr("state"))))
+        return power_of(api.state_name(int(machine._get_attr("state"))), POWER)
 
     def remove(self) -> None:
         machine = self._machine()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
+from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
 from imagepipe.pool.model import (
     BaseImage,
     CloneInfo,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
+from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
 from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Power
 from imagepipe.pool.ports import EventKind, HypervisorEvent
 from tests import vboxsim

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from imagepipe.balancers.haproxy import HAProxyBalancer
 from imagepipe.config import PoolFile, Settings
 from imagepipe.errors import EnvironmentMissingError, FatalHypervisorError
-from imagepipe.hypervisors.libvirt import LibvirtHypervisor
+from imagepipe.hypervisors.libvirt.hypervisor import LibvirtHypervisor
 from imagepipe.pool.model import Endpoint
 
 
