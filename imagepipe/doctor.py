@@ -21,10 +21,10 @@ from enum import StrEnum
 from pathlib import Path
 
 from imagepipe.app.bootstrap import build_balancer, build_hypervisor, clone_state_dir
-from imagepipe.balancers.haproxy import HAProxyBalancer
-from imagepipe.balancers.ipvs import SYSCTLS, IPVSBalancer
-from imagepipe.balancers.ipvs_parse import format_endpoint
-from imagepipe.balancers.ipvs_runner import CommandResult, CommandRunner, LocalRunner
+from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
+from imagepipe.balancers.ipvs.balancer import SYSCTLS, IPVSBalancer
+from imagepipe.balancers.ipvs.parse import format_endpoint
+from imagepipe.balancers.ipvs.runner import CommandResult, CommandRunner, LocalRunner
 from imagepipe.config import Settings, load_pools, load_settings
 from imagepipe.errors import ConfigError, EnvironmentMissingError, ImagepipeError
 from imagepipe.hypervisors.libvirt.hypervisor import import_libvirt

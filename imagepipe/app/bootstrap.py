@@ -164,7 +164,7 @@ def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balance
     if cfg.driver == "none":
         return NullBalancer()
     if cfg.driver == "haproxy":
-        from imagepipe.balancers.haproxy import HAProxyBalancer
+        from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 
         return HAProxyBalancer(
             bind=cfg.bind,
@@ -177,8 +177,8 @@ def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balance
             persist_expire=cfg.persist_expire,
         )
     if cfg.driver == "ipvs":
-        from imagepipe.balancers.ipvs import IPVSBalancer
-        from imagepipe.balancers.ipvs_parse import Forward
+        from imagepipe.balancers.ipvs.balancer import IPVSBalancer
+        from imagepipe.balancers.ipvs.parse import Forward
 
         if cfg.vip is None:
             raise BadInputError("balancer.driver ipvs needs balancer.vip (the users' address)")
@@ -253,7 +253,7 @@ def open_store(settings: Settings) -> Store:
 
 def stop_managed_balancer(balancer: Balancer) -> bool:
     """Stop the HAProxy imagepipe started (the demo's); False when there is none to stop."""
-    from imagepipe.balancers.haproxy import HAProxyBalancer
+    from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 
     if not isinstance(balancer, HAProxyBalancer) or not balancer.manage:
         return False

@@ -11,9 +11,9 @@ import pytest
 
 from imagepipe import doctor
 from imagepipe.app.bootstrap import build_balancer
-from imagepipe.balancers.ipvs import IPVSBalancer
-from imagepipe.balancers.ipvs_parse import Forward
-from imagepipe.balancers.ipvs_runner import CommandResult
+from imagepipe.balancers.ipvs.balancer import IPVSBalancer
+from imagepipe.balancers.ipvs.parse import Forward
+from imagepipe.balancers.ipvs.runner import CommandResult
 from imagepipe.config import BalancerSettings, Settings
 from imagepipe.doctor import Status
 from imagepipe.errors import BadInputError, BalancerError, EnvironmentMissingError
