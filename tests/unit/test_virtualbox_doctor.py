@@ -10,6 +10,7 @@ import pytest
 
 from imagepipe import doctor
 from imagepipe.doctor import Status
+from imagepipe.hypervisors.virtualbox import checks as virtualbox_checks
 
 
 def fake_vboxmanage(folder: Path, extpacks: str) -> None:
@@ -26,7 +27,7 @@ def test_without_virtualbox_the_check_says_how_to_install_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    (check,) = doctor.check_virtualbox_host()
+    (check,) = virtualbox_checks.check_virtualbox_host()
     assert check.status is Status.FAIL and "VBoxManage is not installed" in check.detail
     assert check.fix is not None and "VirtualBox 6.1 or 7.x" in check.fix
 
@@ -38,7 +39,7 @@ def test_version_driver_extension_pack_and_pyvbox_are_each_checked(
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     modules = tmp_path / "modules"
     modules.write_text("ext4 1 0 - Live\n")
-    checks = {c.check: c for c in doctor.check_virtualbox_host(modules)}
+    checks = {c.check: c for c in virtualbox_checks.check_virtualbox_host(modules)}
     assert checks["virtualbox"].status is Status.OK
     assert "7.0.14" in checks["virtualbox"].detail
     assert checks["vboxdrv"].status is Status.FAIL
@@ -59,7 +60,7 @@ def test_a_usable_extension_pack_and_a_loaded_driver_pass(
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     modules = tmp_path / "modules"
     modules.write_text("vboxdrv 696320 2 vboxnetadp,vboxnetflt, Live 0x0 (O)\n")
-    checks = {c.check: c for c in doctor.check_virtualbox_host(modules)}
+    checks = {c.check: c for c in virtualbox_checks.check_virtualbox_host(modules)}
     assert checks["vboxdrv"].status is Status.OK
     assert checks["vrde"].status is Status.OK
 
