@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
 
 from imagepipe import doctor
-from imagepipe.doctor import Status
+from imagepipe.doctor import Status, ok
 from imagepipe.hypervisors.virtualbox import checks as virtualbox_checks
+from tests import vboxsim
 
 
 def fake_vboxmanage(folder: Path, extpacks: str) -> None:
@@ -46,7 +48,35 @@ def test_version_driver_extension_pack_and_pyvbox_are_each_checked(
     assert checks["vboxdrv"].fix == "run /sbin/vboxconfig"
     assert checks["vrde"].status is Status.FAIL
     assert "extpack install" in (checks["vrde"].fix or "")
-    assert checks["pyvbox"].status in (Status.OK, Status.FAIL)
+    assert "pyvbox" in checks
+
+
+def test_pyvbox_with_virtualboxs_vboxapi_importable_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_vboxmanage(tmp_path, "Extension Packs: 0")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.syspath_prepend(vboxsim.SIM_DIR)  # a vboxapi with VirtualBoxManager
+
+    checks = {c.check: c for c in virtualbox_checks.check_virtualbox_host(tmp_path / "none")}
+
+    assert checks["pyvbox"] == ok("pyvbox", "pyvbox and VirtualBox's vboxapi import")
+
+
+def test_pyvbox_without_virtualboxs_vboxapi_fails_and_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_vboxmanage(tmp_path, "Extension Packs: 0")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setitem(sys.modules, "vboxapi", None)  # not importable, wherever pyvbox looks
+
+    checks = {c.check: c for c in virtualbox_checks.check_virtualbox_host(tmp_path / "none")}
+
+    pyvbox = checks["pyvbox"]
+    assert pyvbox.status is Status.FAIL
+    assert "VirtualBox's Python API is not usable" in pyvbox.detail
+    assert "vboxapi" in pyvbox.detail
+    assert pyvbox.fix == "pip install 'imagepipe[virtualbox]'"
 
 
 def test_a_usable_extension_pack_and_a_loaded_driver_pass(
