@@ -2,7 +2,7 @@
 vboxapi (6.1 and 7.0 APIs), and, with IMAGEPIPE_VIRTUALBOX=1, over a real VirtualBox.
 
 Real host: IMAGEPIPE_VIRTUALBOX=1 IMAGEPIPE_VIRTUALBOX_BASE_VM=<a powered-off VM with a
-snapshot> pytest tests/integration/test_virtualbox_contract.py -k Real
+snapshot> pytest tests/integration/virtualbox/test_contract.py -k Real
 """
 
 from __future__ import annotations
