@@ -1,9 +1,11 @@
 """What every hypervisor driver shares: the clone name rule, reading a power state through a
-driver's table, and the bookkeeping of warm parents (instant desktops).
+driver's table, the display port probe, and the bookkeeping of warm parents (instant
+desktops).
 
     name = check_name(spec.name)             # the whole name, or FatalHypervisorError
     power = power_of(state, POWER)           # a driver's own table; Power.OTHER if unknown
-    key = WarmKey(image, version, cpus, memory_kib, fingerprint(parts), prefix="ipw-")
+    free = port_free(Endpoint("127.0.0.1", 5901))   # nothing listens there now
+    key = WarmKey(image, version, cpus, memory_kib, fingerprint(parts), "ipw-")
     book = WarmBook()                        # one per driver's WarmParents
     with book.lock(key.name): ...            # one build per parent at a time
     if book.waiting(key.name): boot          # failed less than RETRY_AFTER seconds ago
@@ -11,7 +13,8 @@ driver's table, and the bookkeeping of warm parents (instant desktops).
 
 How a parent is made, kept and removed is each driver's own (libvirt saves a domain into a
 folder, VirtualBox takes an online snapshot); what it is keyed by, when a failed one is tried
-again and how a fallback is said are the same for both, here. No hypervisor import, no I/O.
+again and how a fallback is said are the same for both, here. No hypervisor import; the only
+I/O is port_free's bind probe.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
@@ -28,7 +32,7 @@ from typing import TypeVar
 
 from imagepipe.errors import FatalHypervisorError
 from imagepipe.log import fields
-from imagepipe.pool.model import Power
+from imagepipe.pool.model import Endpoint, Power
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,19 @@ def check_name(name: str) -> str:
 def power_of(state: State, table: Mapping[State, Power]) -> Power:
     """The port's Power for a driver's own state (libvirt's number, VirtualBox's name)."""
     return table.get(state, Power.OTHER)
+
+
+def port_free(display: Endpoint) -> bool:
+    """Nothing listens on the display address now (a bind probe, as QEMU's VNC or VirtualBox's
+    VRDE will bind)."""
+    family = socket.AF_INET6 if ":" in display.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((display.host, display.port))
+        except OSError:
+            return False
+    return True
 
 
 def fingerprint(parts: Sequence[str]) -> str:

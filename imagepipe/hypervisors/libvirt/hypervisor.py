@@ -20,7 +20,6 @@ import contextlib
 import importlib
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from imagepipe.errors import (
     InvalidStateError,
     NotOurCloneError,
 )
-from imagepipe.hypervisors.common import WarmKey, check_name, power_of
+from imagepipe.hypervisors.common import WarmKey, check_name, port_free, power_of
 from imagepipe.hypervisors.libvirt.disks import disk_usable, make_clone_disk
 from imagepipe.hypervisors.libvirt.domain_xml import (
     CloneMetadata,
@@ -359,18 +358,8 @@ class LibvirtHypervisor:
         self._hub.set_agent_up(name, True)
         return True
 
-    def _port_free(self, display: Endpoint) -> bool:
-        family = socket.AF_INET6 if ":" in display.host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((display.host, display.port))
-            except OSError:
-                return False
-        return True
-
     def _refuse_busy_port(self, name: str, display: Endpoint | None) -> None:
-        if display is not None and not self._port_free(display):
+        if display is not None and not port_free(display):
             raise DisplayInUseError(
                 f"clone {name}: display port {display} is already in use by another program; "
                 "stop it or give the pool a free display.port_range in its pool file"

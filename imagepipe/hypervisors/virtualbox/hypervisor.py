@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -41,7 +40,7 @@ from imagepipe.errors import (
     InvalidStateError,
     NotOurCloneError,
 )
-from imagepipe.hypervisors.common import check_name, power_of
+from imagepipe.hypervisors.common import check_name, port_free, power_of
 from imagepipe.hypervisors.virtualbox.driver import (
     LOCK_SHARED,
     LOCK_WRITE,
@@ -89,18 +88,6 @@ from imagepipe.pool.ports import HypervisorEvent, Subscription
 log = logging.getLogger(__name__)
 LIVE_STATES = frozenset({"Running", "Paused", "Starting", "Restoring", "Stuck", "Saving"})
 NOTICE_PROPERTY = "/imagepipe/notice"  # notify_users: a rollout's deadline warning
-
-
-def port_free(display: Endpoint) -> bool:
-    """Nothing listens on the display address now (a bind probe, as VRDE will bind)."""
-    family = socket.AF_INET6 if ":" in display.host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((display.host, display.port))
-        except OSError:
-            return False
-    return True
 
 
 class VirtualBoxHypervisor:
