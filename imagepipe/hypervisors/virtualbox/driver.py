@@ -209,10 +209,13 @@ class VirtualBoxDriver:
             if self.state(machine, name) not in OFF_STATES:
                 raise
 
-    def clone(self, source: Any, name: str, group: str, *, linked: bool) -> Any:
+    def clone(
+        self, source: Any, name: str, group: str, *, linked: bool, subject: str | None = None
+    ) -> Any:
         """A new machine `name` in `group` cloned from `source` (a snapshot's machine, its
-        state with it), not registered yet: the caller sets it up and registers it."""
-        subject = f"clone {name}"
+        state with it), not registered yet: the caller sets it up and registers it. Errors
+        name `subject` (default: clone <name>)."""
+        subject = subject or f"clone {name}"
         with self.translate(subject):
             settings = Path(str(self.vbox.compose_machine_filename(name, group, "", "")))
         self.remove_leftovers(settings.parent, name)
@@ -226,9 +229,9 @@ class VirtualBoxDriver:
         self.wait(progress, subject)
         return target
 
-    def register(self, target: Any, name: str) -> Any:
+    def register(self, target: Any, name: str, subject: str | None = None) -> Any:
         """Save a new machine's settings and register it; the registered machine."""
-        with self.translate(f"clone {name}"):
+        with self.translate(subject or f"clone {name}"):
             target.save_settings()
             self.vbox.register_machine(target)
             return self.vbox.find_machine(name)

@@ -136,7 +136,7 @@ class WarmParents:
         subject = f"warm parent {name}"
         if self._parent(key) is not None:  # left incomplete (a crash while it was made)
             self._remove(name)
-        target = vm.clone(source, name, PARENT_GROUP, linked=True)
+        target = vm.clone(source, name, PARENT_GROUP, linked=True, subject=subject)
         with vm.translate(subject):
             target.memory_size = key.memory_mib
             target.cpu_count = key.cpus
@@ -149,7 +149,7 @@ class WarmParents:
             dmi = dmi_extra_data(name, key.image, key.version, efi=vm.boots_efi(target))
             for item, value in dmi.items():
                 target.set_extra_data(item, value)
-        machine = vm.register(target, name)
+        machine = vm.register(target, name, subject)
         vm.launch(machine, subject)
         self._wait_ready(machine, key)
         with vm.locked(machine, name, LOCK_SHARED) as control, vm.translate(subject):
