@@ -225,9 +225,7 @@ def lost_pool() -> PoolRecord:
 
 def back(*clones: ObservedClone) -> Observed:
     base = [seen(0, "h1"), seen(1, "h3"), seen(4, "h1"), seen(5, "h3")]
-    return Observed(
-        clones=(*base, *clones), target_version=1, base_ready=True, hosts=three_hosts()
-    )
+    return Observed(clones=(*base, *clones), target_version=1, base_ready=True, hosts=three_hosts())
 
 
 def test_when_the_host_returns_a_desktop_with_a_session_is_tracked_again() -> None:
