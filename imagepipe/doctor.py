@@ -33,8 +33,8 @@ from imagepipe.images.packer import Packer
 from imagepipe.images.registry import Registry
 from imagepipe.log import fields
 from imagepipe.pool.model import PoolSpec
-from imagepipe.pool.store import SCHEMA_VERSION, read_schema_version
 from imagepipe.private import DIR_MODE, FILE_MODE
+from imagepipe.stores.sqlite import SCHEMA_VERSION, read_schema_version
 
 log = logging.getLogger(__name__)
 

@@ -241,6 +241,9 @@ def bootstrap(
 
 
 def open_store(settings: Settings) -> Store:
+    """The state store the settings name, for reading and writing (made when missing)."""
+    from imagepipe.stores.sqlite import SQLiteStore
+
     try:
         private_dir(settings.state_db.parent)
         private_dir(settings.run_dir)
@@ -249,7 +252,15 @@ def open_store(settings: Settings) -> Store:
             f"cannot create {settings.state_db.parent} or {settings.run_dir}: {exc.strerror}; "
             "run as root or set state_db and run_dir in the settings file"
         ) from exc
-    return Store(settings.state_db)
+    return SQLiteStore(settings.state_db)
+
+
+def open_store_readonly(settings: Settings) -> Store:
+    """The state store for reading only (`status`, `images prune`): never blocks the keeper;
+    a state the keeper has not made yet reads as empty."""
+    from imagepipe.stores.sqlite import SQLiteStore
+
+    return SQLiteStore.open_readonly(settings.state_db)
 
 
 def stop_managed_balancer(balancer: Balancer) -> bool:

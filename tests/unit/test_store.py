@@ -26,7 +26,7 @@ from imagepipe.pool.model import (
     RecordPool,
     StartClone,
 )
-from imagepipe.pool.store import MIGRATIONS, SCHEMA_VERSION, Store
+from imagepipe.stores.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 
 
 def clone(name: str = "lab-1", slot: int = 1, **changes: Any) -> CloneRecord:
@@ -40,12 +40,12 @@ def db(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db: Path) -> Store:
-    return Store(db)
+def store(db: Path) -> SQLiteStore:
+    return SQLiteStore(db)
 
 
 def test_records_survive_a_restart(db: Path) -> None:
-    store = Store(db)
+    store = SQLiteStore(db)
     busy = clone(
         "lab-0",
         0,
@@ -60,7 +60,7 @@ def test_records_survive_a_restart(db: Path) -> None:
     store.save_pool("lab", target_version=3, failures=1, breaker_open_until=700.0)
     store.close()
 
-    again = Store(db)
+    again = SQLiteStore(db)
     assert again.load_pool("lab") == PoolRecord(
         pool="lab",
         clones={"lab-0": busy, "lab-1": clone("lab-1", 1)},
@@ -71,12 +71,12 @@ def test_records_survive_a_restart(db: Path) -> None:
     assert again.pools() == ["lab"]
 
 
-def test_an_unknown_pool_has_an_empty_record(store: Store) -> None:
+def test_an_unknown_pool_has_an_empty_record(store: SQLiteStore) -> None:
     assert store.load_pool("nope") == PoolRecord(pool="nope")
     assert store.pools() == []
 
 
-def test_apply_writes_record_actions_and_skips_the_others(store: Store) -> None:
+def test_apply_writes_record_actions_and_skips_the_others(store: SQLiteStore) -> None:
     store.save_clone("lab", clone("lab-9", 9))
     store.apply(
         "lab",
@@ -99,7 +99,7 @@ def test_apply_writes_record_actions_and_skips_the_others(store: Store) -> None:
     assert (record.target_version, record.rollout_started_at) == (4, 50.0)
 
 
-def test_apply_is_all_or_nothing(store: Store) -> None:
+def test_apply_is_all_or_nothing(store: SQLiteStore) -> None:
     too_big = clone("lab-2", 2**70)  # SQLite integers stop at 2**63
     with pytest.raises(OverflowError):
         store.apply(
@@ -112,12 +112,12 @@ def test_apply_is_all_or_nothing(store: Store) -> None:
     assert store.load_pool("lab").clones == {}
 
 
-def test_apply_refuses_a_record_of_another_pool(store: Store) -> None:
+def test_apply_refuses_a_record_of_another_pool(store: SQLiteStore) -> None:
     with pytest.raises(ValueError, match="for pool 'lab' applied to 'other'"):
         store.apply("other", [RecordClone(pool="lab", clone="lab-1", record=clone())])
 
 
-def test_saving_a_clone_replaces_its_record_and_forgetting_removes_it(store: Store) -> None:
+def test_saving_a_clone_replaces_its_record_and_forgetting_removes_it(store: SQLiteStore) -> None:
     store.save_clone("lab", clone())
     store.save_clone("lab", clone(state=CloneState.RECYCLING, since=200.0))
     assert store.load_pool("lab").clones["lab-1"].state is CloneState.RECYCLING
@@ -126,7 +126,7 @@ def test_saving_a_clone_replaces_its_record_and_forgetting_removes_it(store: Sto
     assert store.load_pool("lab").clones == {}
 
 
-def test_saving_pool_counters_keeps_the_rollout_start(store: Store) -> None:
+def test_saving_pool_counters_keeps_the_rollout_start(store: SQLiteStore) -> None:
     store.apply(
         "lab",
         [
@@ -152,7 +152,7 @@ def test_saving_pool_counters_keeps_the_rollout_start(store: Store) -> None:
     assert store.load_pool("lab").rollout_started_at is None
 
 
-def test_pools_are_listed_from_pool_and_clone_records(store: Store) -> None:
+def test_pools_are_listed_from_pool_and_clone_records(store: SQLiteStore) -> None:
     store.save_clone("b", clone("b-0", 0))
     store.save_pool("a", target_version=None, failures=0, breaker_open_until=None)
     assert store.pools() == ["a", "b"]
@@ -172,20 +172,20 @@ def create(slot: int, pool: str = "lab") -> CreateClone:
 
 
 def test_actions_unfinished_at_a_crash_are_open_after_restart(db: Path) -> None:
-    store = Store(db)
+    store = SQLiteStore(db)
     done = store.journal_begin(create(0), now=10.0)
     store.journal_begin(create(1), now=11.0)
     store.journal_end(done, ok=True, error=None, now=12.0)
     store.close()  # the keeper dies before create(1) ends
 
-    again = Store(db)
+    again = SQLiteStore(db)
     [entry] = again.journal_open()
     assert (entry.action, entry.started_at) == (create(1), 11.0)
     again.journal_end(entry.id, ok=False, error="keeper restarted", now=20.0)
     assert again.journal_open() == []
 
 
-def test_recent_history_is_newest_first_and_per_pool(store: Store) -> None:
+def test_recent_history_is_newest_first_and_per_pool(store: SQLiteStore) -> None:
     for slot in range(3):
         entry = store.journal_begin(create(slot), now=float(slot))
         store.journal_end(entry, ok=slot != 1, error="boom" if slot == 1 else None, now=slot + 0.5)
@@ -206,7 +206,7 @@ def test_recent_history_is_newest_first_and_per_pool(store: Store) -> None:
 
 
 def test_old_finished_history_is_pruned_but_open_actions_are_kept(db: Path) -> None:
-    store = Store(db, history_limit=5)
+    store = SQLiteStore(db, history_limit=5)
     unfinished = store.journal_begin(create(99), now=0.0)
     for n in range(250):
         entry = store.journal_begin(create(n % 10), now=float(n))
@@ -219,7 +219,7 @@ def test_old_finished_history_is_pruned_but_open_actions_are_kept(db: Path) -> N
     assert history[0].started_at == 249.0
 
 
-def test_the_journal_is_safe_to_use_from_several_threads(store: Store) -> None:
+def test_the_journal_is_safe_to_use_from_several_threads(store: SQLiteStore) -> None:
     ids: list[int] = []
 
     def work(worker: int) -> None:
@@ -254,7 +254,7 @@ def test_a_database_from_an_older_version_is_migrated_keeping_its_records(db: Pa
     old.commit()
     old.close()
 
-    store = Store(db)
+    store = SQLiteStore(db)
     record = store.load_pool("lab")
     assert record.clones["lab-0"].state is CloneState.IN_USE
     assert (record.target_version, record.rollout_started_at) == (1, None)
@@ -280,7 +280,7 @@ def test_an_upgrade_marks_every_desktop_that_may_have_had_a_user_for_reset(db: P
     old.commit()
     old.close()
 
-    store = Store(db)
+    store = SQLiteStore(db)
     dirty = {n: r.dirty for n, r in store.load_pool("lab").clones.items()}
     assert dirty == {
         "lab-0": True,
@@ -293,10 +293,10 @@ def test_an_upgrade_marks_every_desktop_that_may_have_had_a_user_for_reset(db: P
 
 
 def test_the_dirty_mark_survives_a_restart_until_a_reset_clears_it(db: Path) -> None:
-    store = Store(db)
+    store = SQLiteStore(db)
     store.save_clone("lab", clone("lab-0", 0, state=CloneState.BOOTING, dirty=True))
     store.close()
-    store = Store(db)
+    store = SQLiteStore(db)
     assert store.load_pool("lab").clones["lab-0"].dirty
     store.mark_clean("lab", "lab-0")
     store.mark_clean("lab", "lab-9")  # a clone without a record: nothing to do
@@ -306,30 +306,30 @@ def test_the_dirty_mark_survives_a_restart_until_a_reset_clears_it(db: Path) -> 
 
 
 def test_a_database_from_a_newer_version_is_refused(db: Path) -> None:
-    Store(db).close()
+    SQLiteStore(db).close()
     newer = sqlite3.connect(db)
     newer.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 5,))
     newer.commit()
     newer.close()
     with pytest.raises(EnvironmentMissingError, match="written by a newer imagepipe") as caught:
-        Store(db)
+        SQLiteStore(db)
     assert f"schema version {SCHEMA_VERSION + 5}" in str(caught.value)
     with pytest.raises(EnvironmentMissingError, match="newer imagepipe"):
-        Store.open_readonly(db)
+        SQLiteStore.open_readonly(db)
 
 
 def test_a_file_that_is_not_a_database_is_refused(db: Path) -> None:
     db.parent.mkdir(parents=True)
     db.write_text("these are my notes, not a database\n" * 100)
     with pytest.raises(EnvironmentMissingError, match="not an imagepipe state database"):
-        Store(db)
+        SQLiteStore(db)
 
 
 # --- readers -------------------------------------------------------------------------------
 
 
 def test_a_reader_sees_an_empty_store_before_the_keeper_ever_ran(db: Path) -> None:
-    reader = Store.open_readonly(db)
+    reader = SQLiteStore.open_readonly(db)
     assert reader.pools() == [] and reader.journal_open() == []
     assert not db.exists()
 
@@ -349,29 +349,29 @@ def test_a_reader_sees_an_empty_store_while_the_keeper_is_creating_it(
         raw.commit()
         raw.close()
 
-    reader = Store.open_readonly(db)
+    reader = SQLiteStore.open_readonly(db)
 
     assert reader.pools() == [] and reader.load_pool("lab").clones == {}
     reader.close()
-    writer = Store(db)  # the keeper then finishes making it
+    writer = SQLiteStore(db)  # the keeper then finishes making it
     writer.save_clone("lab", clone())
     writer.close()
-    assert set(Store.open_readonly(db).load_pool("lab").clones) == {"lab-1"}
+    assert set(SQLiteStore.open_readonly(db).load_pool("lab").clones) == {"lab-1"}
 
 
 def test_a_reader_of_a_real_old_schema_is_told_to_upgrade(db: Path) -> None:
-    Store(db).close()
+    SQLiteStore(db).close()
     old = sqlite3.connect(db)
     old.execute("UPDATE schema_version SET version = 1")
     old.commit()
     old.close()
     with pytest.raises(EnvironmentMissingError, match="old schema version 1"):
-        Store.open_readonly(db)
+        SQLiteStore.open_readonly(db)
 
 
 def test_a_reader_cannot_write(db: Path) -> None:
-    Store(db).close()
-    reader = Store.open_readonly(db)
+    SQLiteStore(db).close()
+    reader = SQLiteStore.open_readonly(db)
     with pytest.raises(ImagepipeError, match="opened read-only"):
         reader.save_clone("lab", clone())
 
@@ -379,16 +379,16 @@ def test_a_reader_cannot_write(db: Path) -> None:
 READER = """
 import sys, time
 from pathlib import Path
-from imagepipe.pool.store import Store
+from imagepipe.stores.sqlite import SQLiteStore
 start = time.monotonic()
-store = Store.open_readonly(Path(sys.argv[1]))
+store = SQLiteStore.open_readonly(Path(sys.argv[1]))
 record = store.load_pool("lab")
 print(record.clones["lab-1"].state.value, len(store.journal_open()), time.monotonic() - start)
 """
 
 
 def test_a_reader_in_another_process_is_not_blocked_by_a_writing_keeper(db: Path) -> None:
-    store = Store(db)
+    store = SQLiteStore(db)
     store.save_clone("lab", clone())
     store.journal_begin(create(1), now=1.0)
     keeper = sqlite3.connect(db, isolation_level=None)
@@ -410,7 +410,7 @@ def test_a_reader_in_another_process_is_not_blocked_by_a_writing_keeper(db: Path
 
 
 def test_a_long_read_does_not_block_the_keeper_writing(db: Path) -> None:
-    store = Store(db)
+    store = SQLiteStore(db)
     store.save_clone("lab", clone())
     status = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, isolation_level=None)
     status.execute("BEGIN")
@@ -424,4 +424,4 @@ def test_a_long_read_does_not_block_the_keeper_writing(db: Path) -> None:
     finally:
         status.execute("COMMIT")
         status.close()
-    assert len(Store.open_readonly(db).load_pool("lab").clones) == 2
+    assert len(SQLiteStore.open_readonly(db).load_pool("lab").clones) == 2

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from imagepipe.pool.rollout_records import Heartbeat, PoolProgress, Rollout, RolloutState
-from imagepipe.pool.store import MIGRATIONS, Store
+from imagepipe.stores.sqlite import MIGRATIONS, SQLiteStore
 
 ROLLOUT = Rollout(
     id=0,
@@ -29,11 +29,11 @@ ROLLOUT = Rollout(
 
 
 def test_a_rollout_reads_back_as_written_after_a_restart(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state.db")
+    store = SQLiteStore(tmp_path / "state.db")
     saved = store.add_rollout(ROLLOUT)
     store.close()
 
-    again = Store(tmp_path / "state.db")
+    again = SQLiteStore(tmp_path / "state.db")
     assert again.rollout(saved.id) == saved == replace(ROLLOUT, id=1)
     assert again.rollouts("tiny", active=True) == [saved]
     assert again.rollouts("other") == []
@@ -41,7 +41,7 @@ def test_a_rollout_reads_back_as_written_after_a_restart(tmp_path: Path) -> None
 
 
 def test_ended_rollouts_are_history_newest_first(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state.db")
+    store = SQLiteStore(tmp_path / "state.db")
     first = store.add_rollout(ROLLOUT)
     store.save_rollout(replace(first, state=RolloutState.DONE, finished_at=200.0))
     second = store.add_rollout(replace(ROLLOUT, from_version=2, to_version=3))
@@ -52,8 +52,8 @@ def test_ended_rollouts_are_history_newest_first(tmp_path: Path) -> None:
 
 
 def test_a_pause_written_by_the_cli_is_not_lost_to_the_keepers_write(tmp_path: Path) -> None:
-    keeper = Store(tmp_path / "state.db")
-    cli = Store(tmp_path / "state.db")
+    keeper = SQLiteStore(tmp_path / "state.db")
+    cli = SQLiteStore(tmp_path / "state.db")
     saved = keeper.add_rollout(ROLLOUT)
 
     def keeper_judges(current: Rollout) -> Rollout:
@@ -69,7 +69,7 @@ def test_a_pause_written_by_the_cli_is_not_lost_to_the_keepers_write(tmp_path: P
 
 
 def test_the_heartbeat_keeps_the_last_pass(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state.db")
+    store = SQLiteStore(tmp_path / "state.db")
     assert store.heartbeat() is None
     store.beat(Heartbeat(at=1.0, pid=10, host="h", tick=5.0))
     store.beat(Heartbeat(at=2.0, pid=10, host="h", tick=5.0))
@@ -88,7 +88,7 @@ def test_a_database_from_before_rollouts_is_upgraded_with_its_records(tmp_path: 
     old.commit()
     old.close()
 
-    store = Store(db)
+    store = SQLiteStore(db)
     assert store.load_pool("lab").target_version == 1
     assert store.rollouts() == [] and store.heartbeat() is None
     store.close()
