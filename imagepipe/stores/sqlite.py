@@ -12,45 +12,18 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
-from imagepipe.errors import EnvironmentMissingError, FencedError, OperationFailedError
+from imagepipe.errors import EnvironmentMissingError, OperationFailedError
 from imagepipe.log import fields
-from imagepipe.pool.codec import CodecError, action_from_json, action_to_json
-from imagepipe.pool.model import (
-    Action,
-    CloneRecord,
-    CloneState,
-    ForgetClone,
-    LoginHistory,
-    PoolDown,
-    PoolRecord,
-    RecordClone,
-    RecordPool,
-)
-from imagepipe.pool.rollout_records import (
-    Heartbeat,
-    Rollout,
-    RolloutState,
-    rollout_from_json,
-    rollout_to_json,
-)
-from imagepipe.pool.store import (
-    HISTORY_LIMIT,
-    UNCHANGED,
-    JournalEntry,
-    JournalRecord,
-    Lease,
-    Unchanged,
-)
+from imagepipe.pool.store import HISTORY_LIMIT
+from imagepipe.stores.sql import Connection, SQLStore, statements
 
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
-_PRUNE_EVERY = 100  # journal_end calls between two prunes
 
 # Ordered schema migrations: MIGRATIONS[i] takes a database from version i to i + 1.
 # Append only; never edit a released entry.
@@ -164,7 +137,7 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class SQLiteStore:
+class SQLiteStore(SQLStore):
     """SQLite state store. Thread-safe: one connection, used under a lock."""
 
     def __init__(
@@ -247,7 +220,7 @@ class SQLiteStore:
         with self._write() as db:
             current = self._schema_version()  # another process may have migrated meanwhile
             for version in range(current, SCHEMA_VERSION):
-                for statement in _statements(MIGRATIONS[version]):
+                for statement in statements(MIGRATIONS[version]):
                     db.execute(statement)
             db.execute("DELETE FROM schema_version")
             db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
@@ -282,8 +255,8 @@ class SQLiteStore:
             db = self._db
             db.execute("BEGIN IMMEDIATE")  # the write lock: the check and the writes are one
             try:
-                if fenced and self._fence is not None:
-                    _check_fence(db, self._fence)
+                if fenced:
+                    self._check_fence(db)
                 yield db
             except BaseException:
                 db.execute("ROLLBACK")
@@ -300,6 +273,9 @@ class SQLiteStore:
             finally:
                 db.execute("COMMIT")
 
+    def _clock(self, db: Connection, now: float) -> float:
+        return now  # one host: the keeper's clock (injected, so tests use fake ones)
+
     @contextmanager
     def _sqlite_errors(self) -> Iterator[None]:
         try:
@@ -310,376 +286,6 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-    # --- records ------------------------------------------------------------------------
-
-    def load_pool(self, pool: str) -> PoolRecord:
-        """The pool's record with its clones; an empty record if the pool is unknown."""
-        with self._read() as db:
-            row = db.execute(
-                "SELECT target_version, failures, breaker_open_until, rollout_started_at "
-                "FROM pools WHERE pool = ?",
-                (pool,),
-            ).fetchone()
-            clones = db.execute(
-                "SELECT name, slot, version, state, since, session_ended_at, last_user, "
-                "failures, retry_at, dirty, sessions_seen FROM clones WHERE pool = ? "
-                "ORDER BY slot, name",
-                (pool,),
-            ).fetchall()
-        records = {
-            name: CloneRecord(
-                name=name,
-                slot=slot,
-                version=version,
-                state=CloneState(state),
-                since=since,
-                session_ended_at=ended,
-                last_user=user,
-                failures=failures,
-                retry_at=retry_at,
-                dirty=bool(dirty),
-                sessions_seen=seen,
-            )
-            for (
-                name,
-                slot,
-                version,
-                state,
-                since,
-                ended,
-                user,
-                failures,
-                retry_at,
-                dirty,
-                seen,
-            ) in clones
-        }
-        if row is None:
-            return PoolRecord(pool=pool, clones=records)
-        return PoolRecord(
-            pool=pool,
-            clones=records,
-            target_version=row[0],
-            failures=row[1],
-            breaker_open_until=row[2],
-            rollout_started_at=row[3],
-        )
-
-    def pools(self) -> list[str]:
-        """Every pool the store has a record or a clone of."""
-        with self._read() as db:
-            rows = db.execute("SELECT pool FROM pools UNION SELECT pool FROM clones").fetchall()
-        return sorted(row[0] for row in rows)
-
-    def apply(self, pool: str, actions: Sequence[Action]) -> None:
-        """Write the record actions (RecordClone, ForgetClone, RecordPool) in one
-        transaction; other actions are not the store's business and are skipped."""
-        for action in actions:
-            if isinstance(action, RecordClone | ForgetClone | RecordPool) and action.pool != pool:
-                raise ValueError(f"{action.kind} for pool {action.pool!r} applied to {pool!r}")
-        with self._write() as db:
-            for action in actions:
-                if isinstance(action, RecordClone):
-                    _upsert_clone(db, pool, action.record)
-                elif isinstance(action, ForgetClone):
-                    _delete_clone(db, pool, action.clone)
-                elif isinstance(action, RecordPool):
-                    _upsert_pool(
-                        db,
-                        pool,
-                        action.target_version,
-                        action.failures,
-                        action.breaker_open_until,
-                        action.rollout_started_at,
-                    )
-
-    def save_clone(self, pool: str, record: CloneRecord) -> None:
-        with self._write() as db:
-            _upsert_clone(db, pool, record)
-
-    def mark_clean(self, pool: str, name: str) -> None:
-        """A reset of the clone has completed: nothing of a previous user is left on it."""
-        with self._write() as db:
-            db.execute("UPDATE clones SET dirty = 0 WHERE pool = ? AND name = ?", (pool, name))
-
-    def forget_clone(self, pool: str, name: str) -> None:
-        with self._write() as db:
-            _delete_clone(db, pool, name)
-
-    def save_pool(
-        self,
-        pool: str,
-        *,
-        target_version: int | None,
-        failures: int,
-        breaker_open_until: float | None,
-        rollout_started_at: float | Unchanged | None = UNCHANGED,
-    ) -> None:
-        """Write the pool's record; rollout_started_at is kept unless given."""
-        with self._write() as db:
-            _upsert_pool(db, pool, target_version, failures, breaker_open_until, rollout_started_at)
-
-    # --- login history (learned warm-up) ---------------------------------------------------
-
-    def record_logins(
-        self, pool: str, day: int, bucket: int, logins: int, *, seconds: float, keep_days: int
-    ) -> None:
-        """Add `logins` arrivals to the pool's `bucket` (of `seconds`) of local `day`, and
-        forget the pool's days older than `keep_days` before it."""
-        with self._write() as db:
-            db.execute(
-                "INSERT INTO login_history (pool, day, bucket, seconds, logins) "
-                "VALUES (?,?,?,?,?) ON CONFLICT (pool, day, seconds, bucket) "
-                "DO UPDATE SET logins = logins + excluded.logins",
-                (pool, day, bucket, seconds, logins),
-            )
-            db.execute(
-                "DELETE FROM login_history WHERE pool = ? AND day < ?", (pool, day - keep_days)
-            )
-
-    def login_history(self, pool: str, *, seconds: float, since_day: int) -> LoginHistory:
-        """The pool's recorded logins per day (from `since_day` on) and bucket of `seconds`."""
-        with self._read() as db:
-            rows = db.execute(
-                "SELECT day, bucket, logins FROM login_history "
-                "WHERE pool = ? AND seconds = ? AND day >= ?",
-                (pool, seconds, since_day),
-            ).fetchall()
-        days: dict[int, dict[int, int]] = {}
-        for day, bucket, logins in rows:
-            days.setdefault(day, {})[bucket] = logins
-        return LoginHistory(bucket=seconds, days=days)
-
-    # --- pools being taken down ---------------------------------------------------------
-
-    def mark_down(self, pool: str, down: PoolDown) -> None:
-        """Remember that the pool is to be taken down; a second call can only add `now`."""
-        with self._write() as db:
-            db.execute(
-                "INSERT INTO pools_down (pool, since, now) VALUES (?,?,?) ON CONFLICT (pool) "
-                "DO UPDATE SET now = max(now, excluded.now)",
-                (pool, down.since, int(down.now)),
-            )
-
-    def pool_down(self, pool: str) -> PoolDown | None:
-        """The pool's take-down request, or None when the pool is to be kept."""
-        with self._read() as db:
-            row = db.execute("SELECT since, now FROM pools_down WHERE pool = ?", (pool,)).fetchone()
-        return None if row is None else PoolDown(since=row[0], now=bool(row[1]))
-
-    def clear_down(self, pool: str) -> bool:
-        """Keep the pool again; True when it had been marked down."""
-        with self._write() as db:
-            return db.execute("DELETE FROM pools_down WHERE pool = ?", (pool,)).rowcount > 0
-
-    # --- journal ------------------------------------------------------------------------
-
-    def journal_begin(self, action: Action, now: float) -> int:
-        """Record that `action` is about to start; returns the entry id for journal_end."""
-        text = action_to_json(action)
-        with self._write() as db:
-            cursor = db.execute(
-                "INSERT INTO journal (pool, clone, kind, action, started_at) VALUES (?,?,?,?,?)",
-                (action.pool, action.clone, action.kind, text, now),
-            )
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
-
-    def journal_end(self, entry_id: int, *, ok: bool, error: str | None, now: float) -> None:
-        """Record how the action ended. Every so often, prune old finished entries."""
-        with self._write() as db:
-            db.execute(
-                "UPDATE journal SET ended_at = ?, ok = ?, error = ? WHERE id = ?",
-                (now, int(ok), error, entry_id),
-            )
-            self._ends += 1
-            if self._ends % _PRUNE_EVERY == 0:
-                self._prune(db)
-
-    def prune(self) -> int:
-        """Drop finished journal entries beyond history_limit; returns how many."""
-        with self._write() as db:
-            return self._prune(db)
-
-    def _prune(self, db: sqlite3.Connection) -> int:
-        cursor = db.execute(
-            "DELETE FROM journal WHERE ended_at IS NOT NULL AND id <= ("
-            " SELECT id FROM journal WHERE ended_at IS NOT NULL"
-            " ORDER BY id DESC LIMIT 1 OFFSET ?)",
-            (self.history_limit,),
-        )
-        return cursor.rowcount
-
-    def journal_open(self) -> list[JournalEntry]:
-        """Actions begun and never ended (the keeper crashed or was killed), oldest first.
-
-        Entries this version cannot read are logged and left out.
-        """
-        with self._read() as db:
-            rows = db.execute(
-                "SELECT id, action, started_at FROM journal WHERE ended_at IS NULL ORDER BY id"
-            ).fetchall()
-        entries = []
-        for entry_id, text, started_at in rows:
-            try:
-                entries.append(JournalEntry(entry_id, action_from_json(text), started_at))
-            except CodecError as exc:
-                log.warning(
-                    "unreadable journal entry skipped", extra=fields(id=entry_id, error=exc)
-                )
-        return entries
-
-    # --- rollouts and the keeper's heartbeat ------------------------------------------
-
-    def add_rollout(self, rollout: Rollout) -> Rollout:
-        """Write a new rollout; returns it with its id."""
-        with self._write() as db:
-            cursor = db.execute(
-                "INSERT INTO rollouts (image, body, state, created_at) VALUES (?,?,?,?)",
-                (rollout.image, "{}", rollout.state.value, rollout.created_at),
-            )
-            assert cursor.lastrowid is not None
-            saved = replace(rollout, id=cursor.lastrowid)
-            db.execute(
-                "UPDATE rollouts SET body = ? WHERE id = ?", (rollout_to_json(saved), saved.id)
-            )
-        return saved
-
-    def save_rollout(self, rollout: Rollout) -> None:
-        with self._write() as db:
-            db.execute(
-                "UPDATE rollouts SET body = ?, state = ? WHERE id = ?",
-                (rollout_to_json(rollout), rollout.state.value, rollout.id),
-            )
-
-    def update_rollout(
-        self, rollout_id: int, change: Callable[[Rollout], Rollout]
-    ) -> tuple[Rollout, Rollout] | None:
-        """Read, change and write one rollout in one transaction (the keeper and the CLI
-        both change rollouts: neither loses the other's change). Returns (before, after)."""
-        with self._write() as db:
-            row = db.execute("SELECT body FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
-            if row is None:
-                return None
-            before = rollout_from_json(row[0])
-            after = change(before)
-            if after != before:
-                db.execute(
-                    "UPDATE rollouts SET body = ?, state = ? WHERE id = ?",
-                    (rollout_to_json(after), after.state.value, rollout_id),
-                )
-        return before, after
-
-    def rollout(self, rollout_id: int) -> Rollout | None:
-        with self._read() as db:
-            row = db.execute("SELECT body FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
-        return None if row is None else rollout_from_json(row[0])
-
-    def rollouts(
-        self, image: str | None = None, *, active: bool = False, limit: int = 1000
-    ) -> list[Rollout]:
-        """Rollouts, newest first (of one image; only the active ones)."""
-        query, args = "SELECT body FROM rollouts", []
-        where = []
-        if image is not None:
-            where.append("image = ?")
-            args.append(image)
-        if active:
-            states = [s.value for s in RolloutState if s.active]
-            where.append(f"state IN ({','.join('?' * len(states))})")
-            args += states
-        if where:
-            query += " WHERE " + " AND ".join(where)
-        with self._read() as db:
-            rows = db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
-        return [rollout_from_json(row[0]) for row in rows]
-
-    def beat(self, heartbeat: Heartbeat) -> None:
-        """The keeper is alive: written at the start of every pass."""
-        with self._write() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO keeper_heartbeat (id, at, pid, host, tick) "
-                "VALUES (1,?,?,?,?)",
-                (heartbeat.at, heartbeat.pid, heartbeat.host, heartbeat.tick),
-            )
-
-    def heartbeat(self) -> Heartbeat | None:
-        with self._read() as db:
-            row = db.execute("SELECT at, pid, host, tick FROM keeper_heartbeat").fetchone()
-        return None if row is None else Heartbeat(at=row[0], pid=row[1], host=row[2], tick=row[3])
-
-    # --- the leader lease ----------------------------------------------------------------
-
-    def try_acquire(self, holder: str, ttl: float, now: float) -> int | None:
-        with self._write(fenced=False) as db:
-            row = db.execute("SELECT holder, epoch, lease_until FROM leader").fetchone()
-            if row is None:
-                db.execute("INSERT INTO leader VALUES (1, ?, 1, ?)", (holder, now + ttl))
-                return 1
-            current, epoch, until = row
-            if current == holder and until > now:
-                db.execute("UPDATE leader SET lease_until = ?", (now + ttl,))
-                return int(epoch)
-            if until > now:
-                return None
-            db.execute(
-                "UPDATE leader SET holder = ?, epoch = ?, lease_until = ?",
-                (holder, epoch + 1, now + ttl),
-            )
-            return int(epoch) + 1
-
-    def renew(self, holder: str, epoch: int, ttl: float, now: float) -> bool:
-        with self._write(fenced=False) as db:
-            cursor = db.execute(
-                "UPDATE leader SET lease_until = ? "
-                "WHERE holder = ? AND epoch = ? AND lease_until > ?",
-                (now + ttl, holder, epoch, now),
-            )
-            return cursor.rowcount == 1
-
-    def release(self, holder: str, epoch: int, now: float) -> None:
-        with self._write(fenced=False) as db:
-            db.execute(
-                "UPDATE leader SET lease_until = min(lease_until, ?) "
-                "WHERE holder = ? AND epoch = ?",
-                (now, holder, epoch),
-            )
-
-    def leader(self, now: float) -> Lease | None:
-        with self._read() as db:
-            row = db.execute("SELECT holder, epoch, lease_until FROM leader").fetchone()
-        return None if row is None else Lease(holder=row[0], epoch=row[1], until=row[2], now=now)
-
-    def journal_recent(self, pool: str | None, limit: int) -> list[JournalRecord]:
-        """The newest `limit` journal entries (of one pool, or all), newest first."""
-        query = "SELECT id, pool, clone, kind, action, started_at, ended_at, ok, error FROM journal"
-        args: tuple[object, ...] = (limit,)
-        if pool is not None:
-            query += " WHERE pool = ?"
-            args = (pool, limit)
-        with self._read() as db:
-            rows = db.execute(query + " ORDER BY id DESC LIMIT ?", args).fetchall()
-        return [
-            JournalRecord(
-                id=entry_id,
-                pool=row_pool,
-                clone=clone,
-                kind=kind,
-                action=_try_decode(text),
-                started_at=started,
-                ended_at=ended,
-                ok=None if ok is None else bool(ok),
-                error=error,
-            )
-            for entry_id, row_pool, clone, kind, text, started, ended, ok, error in rows
-        ]
-
-
-def _check_fence(db: sqlite3.Connection, epoch: int) -> None:
-    row = db.execute("SELECT epoch, holder FROM leader").fetchone()
-    if row is None or row[0] != epoch:
-        raise FencedError(epoch, None if row is None else row[0], None if row is None else row[1])
 
 
 def _cannot_open(path: Path, exc: Exception) -> EnvironmentMissingError:
@@ -758,60 +364,3 @@ def _not_a_database(path: Path, exc: Exception) -> EnvironmentMissingError:
         f"{path} is not an imagepipe state database ({exc}); point the settings key state_db "
         "at another file"
     )
-
-
-def _statements(script: str) -> list[str]:
-    return [s.strip() for s in script.split(";") if s.strip()]
-
-
-def _try_decode(text: str) -> Action | None:
-    try:
-        return action_from_json(text)
-    except CodecError:
-        return None
-
-
-def _upsert_clone(db: sqlite3.Connection, pool: str, record: CloneRecord) -> None:
-    db.execute(
-        "INSERT OR REPLACE INTO clones (pool, name, slot, version, state, since, "
-        "session_ended_at, last_user, failures, retry_at, dirty, sessions_seen) "
-        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-        (
-            pool,
-            record.name,
-            record.slot,
-            record.version,
-            record.state.value,
-            record.since,
-            record.session_ended_at,
-            record.last_user,
-            record.failures,
-            record.retry_at,
-            int(record.dirty),
-            record.sessions_seen,
-        ),
-    )
-
-
-def _delete_clone(db: sqlite3.Connection, pool: str, name: str) -> None:
-    db.execute("DELETE FROM clones WHERE pool = ? AND name = ?", (pool, name))
-
-
-def _upsert_pool(
-    db: sqlite3.Connection,
-    pool: str,
-    target_version: int | None,
-    failures: int,
-    breaker_open_until: float | None,
-    rollout_started_at: float | Unchanged | None,
-) -> None:
-    db.execute(
-        "INSERT INTO pools (pool, target_version, failures, breaker_open_until) VALUES (?,?,?,?) "
-        "ON CONFLICT (pool) DO UPDATE SET target_version = excluded.target_version, "
-        "failures = excluded.failures, breaker_open_until = excluded.breaker_open_until",
-        (pool, target_version, failures, breaker_open_until),
-    )
-    if not isinstance(rollout_started_at, Unchanged):
-        db.execute(
-            "UPDATE pools SET rollout_started_at = ? WHERE pool = ?", (rollout_started_at, pool)
-        )
