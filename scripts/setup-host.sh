@@ -57,6 +57,7 @@ packages=(
 dev_packages=(
   shellcheck    # actionlint checks the workflows' run: scripts with it
   debootstrap   # tests/integration/test_fresh_host.py: a minimal Debian 12 root
+  postgresql    # tests/postgres.py: a real server for the PostgreSQL state store's tests
 )
 if [ "$dev" = yes ]; then
   packages+=("${dev_packages[@]}")
