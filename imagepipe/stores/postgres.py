@@ -199,8 +199,13 @@ class PostgresStore(SQLStore):
         with the lock held."""
         if self._conn is not None and not self._conn.broken and not self._conn.closed:
             return self._conn
-        import psycopg
-
+        try:
+            import psycopg
+        except ImportError:
+            raise EnvironmentMissingError(
+                "the PostgreSQL state (settings key state) needs psycopg: "
+                "pip install 'imagepipe[postgresql]' (./install.sh installs it)"
+            ) from None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
