@@ -274,25 +274,29 @@ def open_store_readonly(settings: Settings) -> Store:
 
 
 def state_password(settings: Settings) -> str | None:
-    """The PostgreSQL password from state_password_file (its first line); None leaves it to
-    libpq (PGPASSWORD, ~/.pgpass or PGPASSFILE)."""
+    """The PostgreSQL password from state_password_file; None leaves it to libpq
+    (PGPASSWORD, ~/.pgpass or PGPASSFILE)."""
     path = settings.state_password_file
     if path is None:
         return None
+    return read_password_file(path, file=settings.source, key="state_password_file")
+
+
+def read_password_file(path: Path, *, file: str | None, key: str) -> str:
+    """A password file's first line. ConfigError naming `file` and `key` (where the path
+    was given) when it cannot be read or is empty; the message never holds the password."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
         raise ConfigError(
-            f"cannot read the password file {path}: {reason}",
-            file=settings.source,
-            key="state_password_file",
+            f"cannot read the password file {path}: {reason}", file=file, key=key
         ) from None
     if not lines or not lines[0].strip():
         raise ConfigError(
             f"the password file {path} is empty; its first line is the password",
-            file=settings.source,
-            key="state_password_file",
+            file=file,
+            key=key,
         )
     return lines[0].strip()
 

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from imagepipe.errors import (
+    BadInputError,
     EnvironmentMissingError,
     OperationFailedError,
     StoreUnavailableError,
@@ -319,23 +320,27 @@ class PostgresStore(SQLStore):
 
     # --- whole tables (imagepipe store copy) -------------------------------------------
 
-    def is_empty(self) -> bool:
-        """Whether no table holds a row (a target `store copy` may fill)."""
-        with self._read() as db:
-            return all(
-                db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is None for table in TABLES
-            )
-
-    def load_rows(self, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
-        """Insert copied rows into an empty table as they are (ids included), in one
-        transaction, then move the table's id sequence past them."""
-        placeholders = ",".join("?" * len(columns))
+    def import_tables(self, tables: dict[str, list[tuple[Any, ...]]]) -> None:
+        """Write copied rows as they are (ids included) into this store, in one transaction,
+        and move the id sequences past them. BadInputError, nothing written, when any table
+        of the store has a row already."""
         with self._write(fenced=False) as db:
-            for row in rows:
-                db.execute(
-                    f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})", row
+            for table in TABLES:
+                db.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+                if db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None:
+                    raise BadInputError(
+                        f"the state database {self.dsn} is not empty (table {table} has rows); "
+                        "copy into an empty database only"
+                    )
+            for table, rows in tables.items():
+                columns = TABLES[table]
+                insert = (
+                    f"INSERT INTO {table} ({', '.join(columns)}) "
+                    f"VALUES ({','.join('?' * len(columns))})"
                 )
-            if table in IDENTITY_TABLES:
+                for row in rows:
+                    db.execute(insert, row)
+            for table in IDENTITY_TABLES:
                 db.execute(
                     f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
                     f"(SELECT coalesce(max(id), 0) + 1 FROM {table}), false)"

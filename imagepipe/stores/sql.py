@@ -9,7 +9,7 @@ since the epoch (REAL / double precision), flags 0/1 integers, actions and rollo
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any, Protocol
@@ -450,12 +450,17 @@ class SQLStore:
 
     # --- whole tables (imagepipe store copy) -------------------------------------------
 
-    def table_rows(self, table: str) -> Iterator[tuple[Any, ...]]:
-        """Every row of one of TABLES, in primary-key order, columns in TABLES' order."""
-        columns = TABLES[table]
+    def table_rows(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row of every table of TABLES, read in one transaction, in key order."""
         with self._read() as db:
-            rows = db.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY 1, 2").fetchall()
-        return iter(tuple(row) for row in rows)
+            return {table: select_all(db, table) for table in TABLES}
+
+
+def select_all(db: Connection, table: str) -> list[tuple[Any, ...]]:
+    """A table's rows, columns in TABLES' order, in primary-key order."""
+    columns = ", ".join(TABLES[table])
+    rows = db.execute(f"SELECT {columns} FROM {table} ORDER BY 1, 2").fetchall()
+    return [tuple(row) for row in rows]
 
 
 def statements(script: str) -> list[str]:

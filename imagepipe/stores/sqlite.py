@@ -15,11 +15,12 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from imagepipe.errors import EnvironmentMissingError, OperationFailedError
 from imagepipe.log import fields
 from imagepipe.pool.store import HISTORY_LIMIT
-from imagepipe.stores.sql import Connection, SQLStore, statements
+from imagepipe.stores.sql import TABLES, Connection, SQLStore, select_all, statements
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +273,19 @@ class SQLiteStore(SQLStore):
                 yield db
             finally:
                 db.execute("COMMIT")
+
+    def export(self, *, wait: float) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row of every table (`store copy`), read while holding the write lock, so no
+        keeper writes meanwhile. OperationFailedError when another process holds the lock
+        for longer than `wait` seconds (a keeper is running on this file)."""
+        with self._lock:
+            self._db.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
+        try:
+            with self._write(fenced=False) as db:
+                return {table: select_all(db, table) for table in TABLES}
+        finally:
+            with self._lock:
+                self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     def _clock(self, db: Connection, now: float) -> float:
         return now  # one host: the keeper's clock (injected, so tests use fake ones)
