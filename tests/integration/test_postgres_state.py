@@ -110,6 +110,38 @@ def test_status_json_works_from_a_machine_with_only_the_settings_and_the_url(
     assert not (admin.folder / "state").exists()  # no local state was made or needed
 
 
+def test_status_of_a_database_no_keeper_has_used_yet_shows_empty_pools(
+    admin: Admin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = FakeClock()
+    adapters = Adapters(
+        hypervisor=FakeHypervisor(clock=clock.now),
+        balancer=FakeBalancer(),
+        images=FakeImages(),
+        clock=clock,
+    )
+
+    assert main(["--config", str(admin.settings), "status", "--json"], adapters) == 0
+
+    (pool,) = json.loads(capsys.readouterr().out)["pools"]
+    assert (pool["name"], pool["clones"], pool["total"]) == ("lab", [], 0)
+    store = admin.store()  # and the reader made nothing: the keeper's first start does
+    assert store.table_rows()["clones"] == []
+    store.close()
+
+
+def test_a_missing_password_file_is_named_with_the_settings_key(
+    admin: Admin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (admin.folder / "pgpass").unlink()
+
+    code = main(["--config", str(admin.settings), "status", "--json"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{admin.settings}: state_password_file: cannot read the password file" in err
+
+
 def test_a_pool_taken_down_from_an_admin_machine_is_in_the_shared_state(
     admin: Admin, capsys: pytest.CaptureFixture[str]
 ) -> None:
