@@ -270,26 +270,33 @@ class PostgresStore(SQLStore):
             raise OperationFailedError(f"state database {self.dsn}: {self._scrub(exc)}") from exc
 
     @contextmanager
-    def _write(self, *, fenced: bool = True) -> Iterator[Connection]:
+    def _write(self, *, fenced: bool = True, durable: bool = True) -> Iterator[Connection]:
         if self.readonly:
             raise OperationFailedError(f"the state database {self.dsn} was opened read-only")
         with self._transaction() as db:
+            if not durable:  # commit without waiting for the WAL flush (the heartbeat)
+                db.execute("SET LOCAL synchronous_commit TO OFF")
             if fenced:
                 self._check_fence(db)
             yield db
 
     @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self._transaction() as db:
+    def _read(self, *, snapshot: bool = False) -> Iterator[Connection]:
+        # A read of one statement is a snapshot of its own: no BEGIN and COMMIT around it
+        # (two round trips of three)
+        with self._transaction(begin=snapshot) as db:
             yield db
 
     @contextmanager
-    def _transaction(self) -> Iterator[Connection]:
+    def _transaction(self, *, begin: bool = True) -> Iterator[Connection]:
         import psycopg
 
         with self._lock:
             try:
                 conn = self._connection()
+                if not begin:
+                    yield _Qmark(conn)
+                    return
                 with conn.transaction():
                     yield _Qmark(conn)
             except psycopg.OperationalError as exc:

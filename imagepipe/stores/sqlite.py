@@ -249,7 +249,9 @@ class SQLiteStore(SQLStore):
         return handle
 
     @contextmanager
-    def _write(self, *, fenced: bool = True) -> Iterator[sqlite3.Connection]:
+    def _write(self, *, fenced: bool = True, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        # durable: every commit is as durable as synchronous=NORMAL makes it (WAL: a power
+        # cut may lose the last commits, never half of one)
         if self.readonly:
             raise OperationFailedError(f"the state database {self.path} was opened read-only")
         with self._lock, self._sqlite_errors():
@@ -265,7 +267,7 @@ class SQLiteStore(SQLStore):
             db.execute("COMMIT")
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def _read(self, *, snapshot: bool = False) -> Iterator[sqlite3.Connection]:
         with self._lock, self._sqlite_errors():
             db = self._db
             db.execute("BEGIN")
