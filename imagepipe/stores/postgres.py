@@ -221,6 +221,10 @@ class PostgresStore(SQLStore):
             ) from exc
         try:
             self._check_schema(conn)
+            # Transactions (_write) commit durably: they set synchronous_commit on for
+            # themselves. A lone statement (_statement: the heartbeat) does not wait for the
+            # WAL flush, one round trip instead of four.
+            conn.execute("SET synchronous_commit TO off")
             if self.readonly:
                 conn.read_only = True
         except BaseException:
@@ -270,14 +274,20 @@ class PostgresStore(SQLStore):
             raise OperationFailedError(f"state database {self.dsn}: {self._scrub(exc)}") from exc
 
     @contextmanager
-    def _write(self, *, fenced: bool = True, durable: bool = True) -> Iterator[Connection]:
+    def _write(self, *, fenced: bool = True) -> Iterator[Connection]:
         if self.readonly:
             raise OperationFailedError(f"the state database {self.dsn} was opened read-only")
         with self._transaction() as db:
-            if not durable:  # commit without waiting for the WAL flush (the heartbeat)
-                db.execute("SET LOCAL synchronous_commit TO OFF")
+            db.execute("SET LOCAL synchronous_commit TO on")  # see _connection
             if fenced:
                 self._check_fence(db)
+            yield db
+
+    @contextmanager
+    def _statement(self) -> Iterator[Connection]:
+        if self.readonly:
+            raise OperationFailedError(f"the state database {self.dsn} was opened read-only")
+        with self._transaction(begin=False) as db:  # the session's asynchronous commit
             yield db
 
     @contextmanager

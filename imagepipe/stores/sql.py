@@ -100,12 +100,14 @@ class SQLStore:
 
     # --- what a subclass provides ------------------------------------------------------
 
-    def _write(
-        self, *, fenced: bool = True, durable: bool = True
-    ) -> AbstractContextManager[Connection]:
-        """A write transaction; with `fenced` and a fence set, check the epoch first. A write
-        that is not `durable` may be lost if the database server crashes right after the
-        commit (never half-applied): only for what the next pass writes again anyway."""
+    def _write(self, *, fenced: bool = True) -> AbstractContextManager[Connection]:
+        """A write transaction; with `fenced` and a fence set, check the epoch first."""
+        raise NotImplementedError
+
+    def _statement(self) -> AbstractContextManager[Connection]:
+        """For one write statement that may be lost if the database server crashes right
+        after it (never half-applied): only what the next pass writes again anyway. Not
+        fenced: the statement checks the fence itself."""
         raise NotImplementedError
 
     def _read(self, *, snapshot: bool = False) -> AbstractContextManager[Connection]:
@@ -388,13 +390,27 @@ class SQLStore:
         return [rollout_from_json(row[0]) for row in rows]
 
     def beat(self, heartbeat: Heartbeat) -> None:
-        with self._write(durable=False) as db:  # written again at the next pass
-            db.execute(
-                "INSERT INTO keeper_heartbeat (id, at, pid, host, tick) VALUES (1,?,?,?,?) "
-                "ON CONFLICT (id) DO UPDATE SET at = excluded.at, pid = excluded.pid, "
-                "host = excluded.host, tick = excluded.tick",
-                (heartbeat.at, heartbeat.pid, heartbeat.host, heartbeat.tick),
+        # One statement, the fence checked in it: the heartbeat is written at every pass
+        values = (heartbeat.at, heartbeat.pid, heartbeat.host, heartbeat.tick)
+        update = (
+            "ON CONFLICT (id) DO UPDATE SET at = excluded.at, pid = excluded.pid, "
+            "host = excluded.host, tick = excluded.tick"
+        )
+        columns = "INSERT INTO keeper_heartbeat (id, at, pid, host, tick) "
+        with self._statement() as db:
+            if self._fence is None:
+                db.execute(columns + "VALUES (1,?,?,?,?) " + update, values)
+                return
+            done = db.execute(
+                columns + "SELECT 1, ?, ?, ?, ? "
+                f"WHERE (SELECT epoch FROM leader{self.LOCK_SHARE}) = ? " + update,
+                (*values, self._fence),
             )
+            if done.rowcount == 1:
+                return
+            row = db.execute("SELECT epoch, holder FROM leader").fetchone()
+        current, holder = (None, None) if row is None else (int(row[0]), str(row[1]))
+        raise FencedError(self._fence, current, holder)
 
     def heartbeat(self) -> Heartbeat | None:
         with self._read() as db:

@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -248,10 +248,13 @@ class SQLiteStore(SQLStore):
         handle._fence = epoch
         return handle
 
+    def _statement(self) -> AbstractContextManager[sqlite3.Connection]:
+        # as durable as every commit here (synchronous=NORMAL: a power cut may lose the last
+        # commits, never half of one)
+        return self._write(fenced=False)
+
     @contextmanager
-    def _write(self, *, fenced: bool = True, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        # durable: every commit is as durable as synchronous=NORMAL makes it (WAL: a power
-        # cut may lose the last commits, never half of one)
+    def _write(self, *, fenced: bool = True) -> Iterator[sqlite3.Connection]:
         if self.readonly:
             raise OperationFailedError(f"the state database {self.path} was opened read-only")
         with self._lock, self._sqlite_errors():
