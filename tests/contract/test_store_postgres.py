@@ -13,6 +13,8 @@ from imagepipe.stores.postgres import PostgresStore
 from tests.contract.store_suite import StoreContract
 from tests.postgres import PostgresServer
 
+pytestmark = pytest.mark.real
+
 
 class ServerClock:
     def now(self) -> float:

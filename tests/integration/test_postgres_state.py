@@ -27,6 +27,8 @@ from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
 from tests.postgres import PostgresServer
 
+pytestmark = pytest.mark.real
+
 POOL_FILE = """\
 name: lab
 image: tiny
