@@ -4,11 +4,9 @@ and the URL, `imagepipe store copy` from SQLite, and a password that never shows
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,15 +33,6 @@ image: tiny
 size: {initial: 2, free: 2, max: 4}
 display: {port_range: 5900-5903}
 """
-
-
-@pytest.fixture(autouse=True)
-def _keep_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @dataclass
