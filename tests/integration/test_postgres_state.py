@@ -22,8 +22,10 @@ from imagepipe.pool.rollout_records import Heartbeat, Rollout, RolloutState
 from imagepipe.stores.postgres import PostgresStore
 from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer
-from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
+from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages, FakeVersion
 from tests.postgres import PostgresServer
+from tests.unit.test_cli_rollout import POOL_FILE as ROLLOUT_POOL
+from tests.unit.test_cli_rollout import KeeperClock
 
 pytestmark = pytest.mark.real
 
@@ -131,6 +133,44 @@ def test_a_missing_password_file_is_named_with_the_settings_key(
     err = capsys.readouterr().err
     assert code == 2
     assert f"{admin.settings}: state_password_file: cannot read the password file" in err
+
+
+def test_a_rollout_started_from_an_admin_machine_is_carried_out_by_the_keeper(
+    admin: Admin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (admin.folder / "pools" / "lab.yml").write_text(ROLLOUT_POOL)
+    clock = KeeperClock()
+    hv = FakeHypervisor(clock=clock.now)
+    images = FakeImages()
+    hv.add_base(images.publish("tiny", 1, channel="stable"))
+    lb = FakeBalancer()
+    store = admin.store()  # the keeper's connection to the shared state
+    keeper = Keeper(
+        hypervisor=hv,
+        balancer=lb,
+        store=store,
+        images=images,
+        specs=[load_pool_file(admin.folder / "pools" / "lab.yml")],
+        clock=clock,
+        channels=images,
+    )
+    clock.keeper, clock.hv = keeper, hv
+    for _ in range(4):
+        keeper.run_pass()
+        hv.tick()
+    images.versions["tiny"].add(2)
+    hv.add_base(FakeVersion("tiny", 2).base_image())
+    adapters = Adapters(hypervisor=hv, balancer=lb, images=images, clock=clock)
+
+    argv = ["--config", str(admin.settings), "rollout", "tiny", "--drain", "--wait", "--json"]
+    code = main(argv, adapters)
+
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0 and lines[-1]["state"] == "done"
+    assert [r.state for r in store.rollouts("tiny")] == [RolloutState.DONE]
+    assert {c.version for c in store.load_pool("lab").clones.values()} == {2}
+    store.close()
+    assert not (admin.folder / "state").exists()
 
 
 def test_a_pool_taken_down_from_an_admin_machine_is_in_the_shared_state(
