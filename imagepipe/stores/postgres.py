@@ -178,7 +178,7 @@ class PostgresStore(SQLStore):
         self._password = password
         self._connect_timeout = connect_timeout
         self._lock = threading.Lock()
-        self._conn: Any = None
+        self._link = _Link()  # the connection, shared with fenced() handles
         with self._lock:
             self._connection()
 
@@ -198,8 +198,12 @@ class PostgresStore(SQLStore):
     def _connection(self) -> Any:
         """The open connection, made (and the schema checked) when there is none. Called
         with the lock held."""
-        if self._conn is not None and not self._conn.broken and not self._conn.closed:
-            return self._conn
+        if (
+            self._link.conn is not None
+            and not self._link.conn.broken
+            and not self._link.conn.closed
+        ):
+            return self._link.conn
         try:
             import psycopg
         except ImportError:
@@ -207,9 +211,9 @@ class PostgresStore(SQLStore):
                 "the PostgreSQL state (settings key state) needs psycopg: "
                 "pip install 'imagepipe[postgresql]' (./install.sh installs it)"
             ) from None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._link.conn is not None:
+            self._link.conn.close()
+            self._link.conn = None
         extra: dict[str, Any] = {"connect_timeout": max(1, round(self._connect_timeout))}
         if self._password is not None:
             extra["password"] = self._password
@@ -225,12 +229,12 @@ class PostgresStore(SQLStore):
             # themselves. A lone statement (_statement: the heartbeat) does not wait for the
             # WAL flush, one round trip instead of four.
             conn.execute("SET synchronous_commit TO off")
-            if self.readonly:
-                conn.read_only = True
+            if self.readonly:  # every statement, in a transaction or not
+                conn.execute("SET default_transaction_read_only TO on")
         except BaseException:
             conn.close()
             raise
-        self._conn = conn
+        self._link.conn = conn
         return conn
 
     def _check_schema(self, conn: Any) -> None:
@@ -331,9 +335,9 @@ class PostgresStore(SQLStore):
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            if self._link.conn is not None:
+                self._link.conn.close()
+                self._link.conn = None
 
     # --- whole tables (imagepipe store copy) -------------------------------------------
 
@@ -362,6 +366,12 @@ class PostgresStore(SQLStore):
                     f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
                     f"(SELECT coalesce(max(id), 0) + 1 FROM {table}), false)"
                 )
+
+
+class _Link:
+    """The store's connection, one for a store and the handles fenced() makes of it."""
+
+    conn: Any = None
 
 
 class _Qmark:
