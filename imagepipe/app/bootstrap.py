@@ -34,6 +34,7 @@ from imagepipe.private import private_dir
 if TYPE_CHECKING:
     from imagepipe.hypervisors.libvirt_import import DomainImporter
     from imagepipe.hypervisors.virtualbox import VmSnapshot
+    from imagepipe.stores.copy import CopyReport
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +273,13 @@ def open_store_readonly(settings: Settings) -> Store:
     from imagepipe.stores.sqlite import SQLiteStore
 
     return SQLiteStore.open_readonly(settings.state_db)
+
+
+def copy_state(settings: Settings, target: str, *, password: str | None, now: float) -> CopyReport:
+    """`imagepipe store copy`: the SQLite state of the settings into PostgreSQL, verified."""
+    from imagepipe.stores.copy import copy_state as copy_between
+
+    return copy_between(settings.state_db, target, password=password, now=now)
 
 
 def state_password(settings: Settings) -> str | None:
