@@ -310,11 +310,6 @@ def read_password_file(path: Path, *, file: str | None, key: str) -> str:
     return lines[0].strip()
 
 
-def describe_state(settings: Settings) -> str:
-    """Where the state is, for messages (a PostgreSQL URL never carries a password)."""
-    return settings.state if settings.state is not None else str(settings.state_db)
-
-
 def stop_managed_balancer(balancer: Balancer) -> bool:
     """Stop the HAProxy imagepipe started (the demo's); False when there is none to stop."""
     from imagepipe.balancers.haproxy import HAProxyBalancer

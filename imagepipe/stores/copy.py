@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from imagepipe.errors import BadInputError, OperationFailedError
-from imagepipe.pool.rollout_records import Heartbeat
+from imagepipe.pool.rollout.records import Heartbeat
 from imagepipe.stores.postgres import PostgresStore
 from imagepipe.stores.sqlite import SQLiteStore
 

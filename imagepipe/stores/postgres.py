@@ -188,6 +188,10 @@ class PostgresStore(SQLStore):
         tables in yet reads as empty."""
         return cls(dsn, password=password, _readonly=True)
 
+    @property
+    def location(self) -> str:
+        return self.dsn
+
     def fenced(self, epoch: int) -> PostgresStore:
         handle = copy.copy(self)
         handle._fence = epoch

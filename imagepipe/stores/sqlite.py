@@ -241,6 +241,10 @@ class SQLiteStore(SQLStore):
             return 0
         return version
 
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
     def fenced(self, epoch: int) -> SQLiteStore:
         """A handle whose writes check the leader epoch in their transaction (see
         imagepipe.pool.store.Store.fenced); it shares this one's connection and lock."""

@@ -18,7 +18,7 @@ from imagepipe.config import load_pool_file, load_settings
 from imagepipe.errors import StoreUnavailableError
 from imagepipe.pool.keeper import Keeper
 from imagepipe.pool.model import CloneRecord, CloneState, CreateClone, Endpoint, PoolDown
-from imagepipe.pool.rollout_records import Heartbeat, Rollout, RolloutState
+from imagepipe.pool.rollout.records import Heartbeat, Rollout, RolloutState
 from imagepipe.stores.postgres import PostgresStore
 from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer
