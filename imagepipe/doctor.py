@@ -369,10 +369,13 @@ def check_state_db(settings: Settings) -> Check:
 def check_shared_state(settings: Settings) -> Check:
     """The PostgreSQL state (settings key state): reachable with the password, and of a
     schema this imagepipe reads. Only reads."""
-    from imagepipe.app.bootstrap import open_store_readonly
+    from imagepipe.app.bootstrap import state_password
+    from imagepipe.stores import postgres
 
+    url = settings.state
+    assert url is not None
     try:
-        open_store_readonly(settings).close()
+        version = postgres.read_schema_version(url, password=state_password(settings))
     except ImagepipeError as exc:
         return fail(
             "state-db",
@@ -380,7 +383,23 @@ def check_shared_state(settings: Settings) -> Check:
             "check the state: URL, the password (state_password_file, PGPASSWORD or "
             "~/.pgpass) and that the database server answers",
         )
-    return ok("state-db", f"{settings.state}: reachable, schema readable by this imagepipe")
+    current = postgres.SCHEMA_VERSION
+    if version == current:
+        return ok("state-db", f"{url}: schema version {version} (current)")
+    if version == 0:
+        return ok("state-db", f"{url}: reachable, no state yet: `imagepipe keep` creates it")
+    if version < current:
+        return warn(
+            "state-db",
+            f"{url}: schema version {version}, older than this imagepipe's {current}",
+            "nothing to do: `imagepipe keep` migrates it when it starts",
+        )
+    return fail(
+        "state-db",
+        f"{url}: schema version {version} was written by a newer imagepipe (this one knows up "
+        f"to {current})",
+        "upgrade imagepipe, or point state at another database",
+    )
 
 
 def check_writable_folder(check: str, folder: Path, key: str) -> Check:
