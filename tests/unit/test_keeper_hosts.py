@@ -12,7 +12,7 @@ import pytest
 
 from imagepipe.pool.keeper import Keeper, KeeperOptions
 from imagepipe.pool.model import BackendState, CloneState, HostSpec, PoolSpec
-from imagepipe.pool.store import Store
+from imagepipe.stores.sqlite import SQLiteStore as Store
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHosts, FakeImages
 from tests.unit.test_keeper import settle
