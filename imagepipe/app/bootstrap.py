@@ -90,6 +90,7 @@ class Runtime:
             settings=keeper_options(self.settings),
             other_pools=other_pools,
             channels=self.images if isinstance(self.images, Channels) else None,
+            hosts=self.settings.host_specs(),
         )
 
     def close(self) -> None:
