@@ -271,7 +271,9 @@ class Keeper:
             also_configured=self.other_pools,
             # several hosts: read only the sessions that can have changed, in parallel
             unchanged=self._unchanged(records, touched) if self.host_specs else None,
-            parallel=self.settings.executor.parallel if self.host_specs else 1,
+            parallel=max(self.settings.executor.parallel, len(self.host_specs))
+            if self.host_specs
+            else 1,
         )
         self.hooks.observed(self, host)
         self._report_strays(host)
