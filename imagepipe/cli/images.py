@@ -12,10 +12,10 @@ from rich.table import Table
 from imagepipe.cli.context import cli_context
 from imagepipe.config import load_pools
 from imagepipe.errors import BadInputError
-from imagepipe.images.names import channel_error, shown
 from imagepipe.images.prune import choose, load_pool_records, versions_in_use
 from imagepipe.images.records import VersionRecord
 from imagepipe.images.registry import NewVersion, Registry, check_image_name
+from imagepipe.names import channel_error, shown
 from imagepipe.units import format_size
 
 app = typer.Typer(help="Registered image versions and channels.", no_args_is_help=True)

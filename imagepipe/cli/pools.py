@@ -13,10 +13,10 @@ import typer
 
 from imagepipe.cli.context import cli_context
 from imagepipe.config import Settings, load_pools
-from imagepipe.config.yamlsrc import path_kind
 from imagepipe.errors import BadInputError, ConfigError
 from imagepipe.pool.model import PoolSpec
 from imagepipe.units import format_duration, format_size
+from imagepipe.yamlsrc import path_kind
 
 app = typer.Typer(help="Pool files: validate them.", no_args_is_help=True)
 

@@ -20,8 +20,8 @@ from imagepipe.config.values import (
     parse_optional_vip,
     parse_uri,
 )
-from imagepipe.config.yamlsrc import Located, expand_user, load_file, path_kind
 from imagepipe.errors import ConfigError
+from imagepipe.yamlsrc import Located, expand_user, load_file, path_kind
 
 SYSTEM_SETTINGS = Path("/etc/imagepipe/imagepipe.yml")
 SETTINGS_NAME = "imagepipe.yml"

@@ -26,9 +26,8 @@ import git
 from filelock import FileLock
 from pydantic import ValidationError
 
-from imagepipe.config.yamlsrc import read_text
+from imagepipe import names
 from imagepipe.errors import BadInputError, ConfigError, OperationFailedError
-from imagepipe.images import names
 from imagepipe.images.checksum import sha256_file
 from imagepipe.images.records import (
     ArtifactFile,
@@ -41,6 +40,7 @@ from imagepipe.images.records import (
     now_iso,
 )
 from imagepipe.log import fields
+from imagepipe.yamlsrc import read_text
 
 log = logging.getLogger(__name__)
 
