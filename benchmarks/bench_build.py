@@ -22,15 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = """
-import sys
-from imagepipe.cli import app, build, images
-def register():
-    app.app.add_typer(images.app, name="images")
-    app.app.command(name="build")(build.build)
-app._register = register
-sys.exit(app.main(sys.argv[1:]))
-"""
+CLI = "from imagepipe.cli.app import run; run()"  # the `imagepipe` entry point
 
 
 def timed(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from imagepipe.app.bootstrap import build_balancer, build_hypervisor, clone_state_dir
+from imagepipe.app.bootstrap import Runtime, build_packer, clone_state_dir
 from imagepipe.balancers.haproxy import HAProxyBalancer
 from imagepipe.balancers.ipvs import SYSCTLS, IPVSBalancer
 from imagepipe.balancers.ipvs_parse import format_endpoint
@@ -29,9 +29,9 @@ from imagepipe.config import Settings, load_pools, load_settings
 from imagepipe.errors import ConfigError, EnvironmentMissingError, ImagepipeError
 from imagepipe.hypervisors.libvirt import import_libvirt
 from imagepipe.images.packer import Packer
-from imagepipe.images.registry import Registry
 from imagepipe.log import fields
 from imagepipe.pool.model import PoolSpec
+from imagepipe.pool.ports import Balancer
 from imagepipe.pool.store import SCHEMA_VERSION, read_schema_version
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def check_pools(settings: Settings) -> tuple[Check, list[PoolSpec]]:
 
 def check_packer(packer: Packer | None = None) -> Check:
     try:
-        version = (packer or Packer()).version()
+        version = (packer or build_packer()).version()
     except EnvironmentMissingError as exc:
         return fail("packer", str(exc), INSTALL)
     except ImagepipeError as exc:
@@ -182,7 +182,8 @@ def check_packer(packer: Packer | None = None) -> Check:
 def check_hypervisor(settings: Settings) -> Check:
     if settings.hypervisor.driver != "libvirt":
         try:
-            hypervisor = build_hypervisor(settings)
+            with Runtime(settings) as runtime:
+                _ = runtime.hypervisor  # connects; closed at the end of the `with`
         except ImagepipeError as exc:
             fix = "set hypervisor.driver: libvirt"
             if settings.hypervisor.driver == "virtualbox":
@@ -191,7 +192,6 @@ def check_hypervisor(settings: Settings) -> Check:
                     "'imagepipe[virtualbox]', and run imagepipe as the user owning the VMs"
                 )
             return fail("hypervisor", str(exc), fix)
-        hypervisor.close()
         return ok("hypervisor", f"{settings.hypervisor.driver} answers")
     return check_libvirt(settings.hypervisor.uri)
 
@@ -268,10 +268,15 @@ def kvm_unusable(device: Path = KVM_DEVICE) -> str | None:
 
 
 def check_balancer(settings: Settings) -> Check:
-    try:
-        balancer = build_balancer(settings)
-    except ImagepipeError as exc:
-        return fail("balancer", str(exc), "set balancer.driver: haproxy (or none)")
+    with Runtime(settings) as runtime:
+        try:
+            balancer = runtime.balancer
+        except ImagepipeError as exc:
+            return fail("balancer", str(exc), "set balancer.driver: haproxy (or none)")
+        return _check_balancer(settings, balancer)
+
+
+def _check_balancer(settings: Settings, balancer: Balancer) -> Check:
     if isinstance(balancer, IPVSBalancer):
         return ok(
             "balancer",
@@ -391,7 +396,8 @@ def check_registry(settings: Settings) -> Check:
             f"{path} does not exist yet",
             "nothing to do: it is created on the first `imagepipe build`",
         )
-    registry = Registry(path, settings.image_store)
+    with Runtime(settings) as runtime:
+        registry = runtime.registry
     try:
         registry.check_readable()
         images = registry.images()
@@ -407,7 +413,8 @@ def check_registry(settings: Settings) -> Check:
 
 def check_pool_images(settings: Settings, specs: Sequence[PoolSpec]) -> list[Check]:
     """Per pool: does its image (pinned version, or channel) resolve in the registry?"""
-    registry = Registry(settings.registry, settings.image_store)
+    with Runtime(settings) as runtime:
+        registry = runtime.registry
     checks = []
     for spec in specs:
         ref: str | int | None = spec.version if spec.version is not None else spec.channel
@@ -595,13 +602,13 @@ def check_virtualbox_bases(settings: Settings, specs: Sequence[PoolSpec]) -> lis
     """Per pool: is its image version's base VM there, powered off, unlocked, snapshotted?"""
     if not specs:
         return []
-    try:
-        hypervisor = build_hypervisor(settings)
-    except ImagepipeError:
-        return []  # check_hypervisor already said why
-    registry = Registry(settings.registry, settings.image_store)
     checks = []
-    try:
+    with Runtime(settings) as runtime:
+        try:
+            hypervisor = runtime.hypervisor
+        except ImagepipeError:
+            return []  # check_hypervisor already said why
+        registry = runtime.registry
         for spec in specs:
             ref: str | int | None = spec.version if spec.version is not None else spec.channel
             try:
@@ -621,6 +628,4 @@ def check_virtualbox_bases(settings: Settings, specs: Sequence[PoolSpec]) -> lis
                         f"imagepipe images import {spec.image} --from-vm VM",
                     )
                 )
-    finally:
-        hypervisor.close()
     return checks

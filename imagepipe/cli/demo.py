@@ -13,7 +13,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from imagepipe.app.bootstrap import stop_managed_balancer
 from imagepipe.app.keeping import fail_if_failed, stop_on_signals
 from imagepipe.app.pool_down import drive_down, mark_down
 from imagepipe.cli.context import CliContext, cli_context
@@ -82,10 +81,9 @@ def demo(
     settings = load_settings(files.settings)
     spec = load_pool_file(files.pool)
     console.print(f"demo settings: {files.settings}")
-    result = build_image(settings, "tiny", progress=PlainProgress())
-    console.print(result.message)
-    runtime = cli.runtime(settings)
-    try:
+    with cli.runtime(settings) as runtime:
+        result = build_image(runtime, "tiny", progress=PlainProgress())
+        console.print(result.message)
         if runtime.store.clear_down(POOL):
             console.print("the demo pool had been taken down; keeping it again")
         keeper = runtime.keeper([spec])
@@ -100,8 +98,6 @@ def demo(
             "Stopped. The desktops and HAProxy keep running; `imagepipe demo` keeps them "
             "again, `imagepipe demo --down` removes them."
         )
-    finally:
-        runtime.close()
 
 
 def take_demo_down(cli: CliContext, directory: Path, console: Console) -> None:
@@ -112,16 +108,13 @@ def take_demo_down(cli: CliContext, directory: Path, console: Console) -> None:
         raise BadInputError(f"no demo in {directory} (no {files.settings}); nothing to take down")
     settings = load_settings(files.settings)
     spec = load_pool_file(files.pool)
-    mark_down(settings, POOL, now=True, at=time.time())
-    runtime = cli.runtime(settings)
-    try:
+    with cli.runtime(settings) as runtime:
+        mark_down(runtime, POOL, now=True, at=time.time())
         keeper = runtime.keeper([spec])
         passes = drive_down(keeper, POOL, timeout=READY_TIMEOUT)
         console.print(f"the demo's desktops and balancer entries are removed ({passes} passes)")
-        if stop_managed_balancer(runtime.balancer):
+        if runtime.stop_managed_balancer():
             console.print(f"the demo's HAProxy on {BIND} is stopped")
-    finally:
-        runtime.close()
     console.print(
         f"The demo is down. Its image, registry and state stay in {directory} "
         f"(`rm -rf {directory}` removes them); `imagepipe demo` starts it again."

@@ -20,10 +20,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import git
-from filelock import FileLock
 from pydantic import ValidationError
 
 from imagepipe import names
@@ -42,11 +40,15 @@ from imagepipe.images.records import (
 from imagepipe.log import fields
 from imagepipe.yamlsrc import read_text
 
+if TYPE_CHECKING:  # GitPython and filelock are imported by the first write: reads need neither
+    import git
+    from filelock import FileLock
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 MAX_REGISTRY_FILE = 1024 * 1024  # a record is ~2 KiB; state.json grows by ~100 B per move
-_ACTOR = git.Actor("imagepipe", "imagepipe@localhost")
+ACTOR_NAME, ACTOR_EMAIL = "imagepipe", "imagepipe@localhost"
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,8 @@ class Registry:
     def __init__(self, path: Path, store_dir: Path) -> None:
         self.path = path
         self.store_dir = store_dir
-        self._lock = FileLock(str(path.parent / f".{path.name}.lock"))
         self._cache: dict[Path, _Cached] = {}
+        self._lock: FileLock | None = None  # made by the first write
         self.parsed = 0  # files parsed (not served from the cache), for tests and metrics
 
     # ---------------------------------------------------------------- reading
@@ -372,11 +374,17 @@ class Registry:
 
     @contextmanager
     def _writing(self) -> Iterator[git.Repo]:
+        if self._lock is None:
+            from filelock import FileLock
+
+            self._lock = FileLock(str(self.path.parent / f".{self.path.name}.lock"))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             yield self._open_or_create()
 
     def _open_or_create(self) -> git.Repo:
+        import git
+
         if (self.path / ".git").is_dir():
             return git.Repo(self.path)
         if self.path.exists() and any(self.path.iterdir()):
@@ -387,17 +395,21 @@ class Registry:
         self.path.mkdir(parents=True, exist_ok=True)
         repo = git.Repo.init(self.path)
         with repo.config_writer() as config:
-            config.set_value("user", "name", _ACTOR.name)
-            config.set_value("user", "email", _ACTOR.email)
+            config.set_value("user", "name", ACTOR_NAME)
+            config.set_value("user", "email", ACTOR_EMAIL)
         readme = self.path / "README"
         readme.write_text("imagepipe image registry: see `imagepipe images list`.\n")
         repo.index.add(["README"])
-        repo.index.commit("registry created", author=_ACTOR, committer=_ACTOR)
+        actor = git.Actor(ACTOR_NAME, ACTOR_EMAIL)
+        repo.index.commit("registry created", author=actor, committer=actor)
         return repo
 
     def _commit(self, repo: git.Repo, message: str) -> None:
         repo.git.add("--all", "images")
-        repo.index.commit(message, author=_ACTOR, committer=_ACTOR)
+        import git
+
+        actor = git.Actor(ACTOR_NAME, ACTOR_EMAIL)
+        repo.index.commit(message, author=actor, committer=actor)
 
     def check_readable(self) -> None:
         """BadInputError when the registry path exists but is not a registry."""
