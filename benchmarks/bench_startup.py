@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Sequence
 from pathlib import Path
+
+from bench_build import timed  # runs one command, exits with its output if it fails
 
 POOL = """\
 name: lab
@@ -30,15 +29,6 @@ image: tiny
 size: {initial: 1, free: 1, max: 2}
 display: {port_range: 5900-5901}
 """
-
-
-def timed(argv: Sequence[str]) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return elapsed
 
 
 def main() -> None:
@@ -64,11 +54,11 @@ def main() -> None:
             "imagepipe status --json": [*entry, "--config", str(config), "status", "--json"],
         }
         for argv in commands.values():  # warm the file cache and the byte-code once
-            timed(argv)
+            timed(argv, work)
         times: dict[str, list[float]] = {name: [] for name in commands}
         for _ in range(rounds):
             for name, argv in commands.items():
-                times[name].append(timed(argv))
+                times[name].append(timed(argv, work))
         floor = statistics.median(times["python -c pass"])
         for name, samples in times.items():
             median = statistics.median(samples)
