@@ -174,7 +174,12 @@ class Runtime:
 
     @property
     def packer(self) -> Packer:
-        return self._open("packer", self.adapters.packer, build_packer, closes=False)
+        return self._open(
+            "packer",
+            self.adapters.packer,
+            lambda: build_packer(packer_version_cache(self.settings)),
+            closes=False,
+        )
 
     @property
     def clock(self) -> Clock:
@@ -342,10 +347,16 @@ def build_images(settings: Settings) -> Images:
     return build_registry(settings)
 
 
-def build_packer() -> Packer:
+def build_packer(version_cache: Path | None = None) -> Packer:
+    """Packer on PATH; with `version_cache`, `packer version` is asked once per install."""
     from imagepipe.images.packer import Packer
 
-    return Packer()
+    return Packer(version_cache=version_cache)
+
+
+def packer_version_cache(settings: Settings) -> Path:
+    """In the image store, which a build writes to anyway."""
+    return settings.image_store / ".packer-version.json"
 
 
 def build_domain_importer(settings: Settings) -> DomainImporter:
