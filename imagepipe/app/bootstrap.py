@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 from imagepipe.errors import BadInputError, EnvironmentMissingError, ImagepipeError
 from imagepipe.log import fields
+from imagepipe.private import private_dir
 
 if TYPE_CHECKING:
     from imagepipe.config import Settings
@@ -369,8 +370,8 @@ def open_store(settings: Settings) -> Store:
     from imagepipe.pool.store import Store
 
     try:
-        settings.state_db.parent.mkdir(parents=True, exist_ok=True)
-        settings.run_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.state_db.parent)
+        private_dir(settings.run_dir)
     except OSError as exc:
         raise EnvironmentMissingError(
             f"cannot create {settings.state_db.parent} or {settings.run_dir}: {exc.strerror}; "

@@ -38,6 +38,7 @@ from imagepipe.images.records import (
     now_iso,
 )
 from imagepipe.log import fields
+from imagepipe.private import FILE_MODE, private_dir
 from imagepipe.yamlsrc import read_text
 
 if TYPE_CHECKING:  # GitPython and filelock are imported by the first write: reads need neither
@@ -377,8 +378,9 @@ class Registry:
         if self._lock is None:
             from filelock import FileLock
 
-            self._lock = FileLock(str(self.path.parent / f".{self.path.name}.lock"))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = str(self.path.parent / f".{self.path.name}.lock")
+            self._lock = FileLock(lock, mode=FILE_MODE)
+        private_dir(self.path.parent)
         with self._lock:
             yield self._open_or_create()
 
@@ -392,7 +394,7 @@ class Registry:
                 f"registry {self.path} is not a git repository and not empty: point "
                 "`registry:` in imagepipe.yml at an empty or new folder"
             )
-        self.path.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path)  # owner-only: git's files inside keep the umask's modes
         repo = git.Repo.init(self.path)
         with repo.config_writer() as config:
             config.set_value("user", "name", ACTOR_NAME)
