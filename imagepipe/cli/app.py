@@ -91,6 +91,12 @@ COMMANDS = {
         "Check settings, pool files, Packer, the hypervisor, the balancer, the state database "
         "and the registry on this host, without changing anything.",
     ),
+    "web": Command(
+        "imagepipe.cli.web",
+        "web",
+        "Serve desktops in the browser on web.bind: noVNC's page and a websocket whose only "
+        "target is HAProxy, which gets each browser user's address by the PROXY protocol.",
+    ),
     "pools": Command("imagepipe.cli.pools", "app", "Pool files: validate them."),
     "images": Command("imagepipe.cli.images", "app", "Registered image versions and channels."),
 }
