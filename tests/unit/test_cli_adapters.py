@@ -13,8 +13,9 @@ import pytest
 from imagepipe.app.bootstrap import Adapters
 from imagepipe.cli.app import main
 from imagepipe.images.packer import Packer, PackerVersion, RunResult
-from imagepipe.images.registry import NewVersion, Registry
+from imagepipe.images.registry import Registry
 from imagepipe.images.stream import PackerEvent, summarize
+from tests.unit.test_images_registry import _register
 
 IMAGE = """\
 description: an image whose build the fake Packer makes
@@ -65,18 +66,7 @@ def test_images_commands_work_on_an_injected_registry(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     elsewhere = Registry(tmp_path / "other" / "registry", tmp_path / "other" / "images")
-    disk = tmp_path / "disk.qcow2"
-    disk.write_text("disk")
-    elsewhere.register(
-        NewVersion(
-            image="tiny",
-            fingerprint="fp",
-            builder="qemu",
-            packer_version="1.6.6",
-            files=(disk,),
-            disk="disk.qcow2",
-        )
-    )
+    _register(elsewhere, tmp_path, "a")
     argv = ["--config", str(_settings(tmp_path)), "images", "list", "--json"]
     assert main(argv, Adapters(registry=elsewhere)) == 0
     listed = json.loads(capsys.readouterr().out)
