@@ -344,11 +344,6 @@ def build_registry(settings: Settings) -> Registry:
     return Registry(settings.registry, settings.image_store)
 
 
-def build_images(settings: Settings) -> Images:
-    """What the keeper resolves versions with: the registry."""
-    return build_registry(settings)
-
-
 def build_packer(version_cache: Path | None = None) -> Packer:
     """Packer on PATH; with `version_cache`, `packer version` is asked once per install."""
     from imagepipe.images.packer import Packer
