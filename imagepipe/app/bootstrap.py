@@ -24,20 +24,21 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
-from imagepipe.errors import BadInputError, EnvironmentMissingError, ImagepipeError
+from imagepipe.errors import BadInputError, ConfigError, EnvironmentMissingError, ImagepipeError
 from imagepipe.log import fields
 from imagepipe.private import private_dir
 
 if TYPE_CHECKING:
     from imagepipe.config import Settings
-    from imagepipe.hypervisors.libvirt_import import DomainImporter
-    from imagepipe.hypervisors.virtualbox import VmSnapshot
+    from imagepipe.hypervisors.libvirt.importer import DomainImporter
+    from imagepipe.hypervisors.virtualbox.hypervisor import VmSnapshot
     from imagepipe.images.packer import Packer
     from imagepipe.images.registry import Registry
     from imagepipe.pool.keeper import Keeper, KeeperOptions
     from imagepipe.pool.model import PoolSpec
     from imagepipe.pool.ports import Balancer, Channels, Clock, Hypervisor, Images
     from imagepipe.pool.store import Store
+    from imagepipe.stores.copy import CopyReport
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class Runtime:
         """The state store read-only, never blocking the keeper and never creating anything;
         a database that does not exist yet reads as empty."""
         return self._open(
-            "store_reader", None, lambda: open_store_reader(self.settings), closes=True
+            "store_reader", None, lambda: open_store_readonly(self.settings), closes=True
         )
 
     @property
@@ -194,7 +195,7 @@ class Runtime:
 
     def describe_virtualbox_vm(self, vm: str) -> VmSnapshot:
         """A VirtualBox VM and its current snapshot (`images import --from-vm`)."""
-        from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
+        from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
 
         hypervisor = self._open("virtualbox", None, VirtualBoxHypervisor, closes=True)
         return hypervisor.describe_vm(vm)
@@ -217,7 +218,7 @@ class Runtime:
 
     def stop_managed_balancer(self) -> bool:
         """Stop the HAProxy imagepipe started (the demo's); False when there is none to stop."""
-        from imagepipe.balancers.haproxy import HAProxyBalancer
+        from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 
         balancer = self.balancer
         if not isinstance(balancer, HAProxyBalancer) or not balancer.manage:
@@ -278,7 +279,7 @@ def build_hypervisor(settings: Settings) -> Hypervisor:
     driver = settings.hypervisor.driver
     if driver == "libvirt":
         try:
-            from imagepipe.hypervisors.libvirt import LibvirtHypervisor
+            from imagepipe.hypervisors.libvirt.hypervisor import LibvirtHypervisor
         except ImportError as exc:
             raise EnvironmentMissingError(
                 f"the libvirt hypervisor needs libvirt-python ({exc}); "
@@ -286,7 +287,7 @@ def build_hypervisor(settings: Settings) -> Hypervisor:
             ) from exc
         return LibvirtHypervisor(settings.hypervisor.uri, state_dir=clone_state_dir(settings))
     if driver == "virtualbox":
-        from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
+        from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
 
         return VirtualBoxHypervisor()  # EnvironmentMissingError without pyvbox/vboxapi
     raise EnvironmentMissingError(
@@ -303,7 +304,7 @@ def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balance
 
         return NullBalancer()
     if cfg.driver == "haproxy":
-        from imagepipe.balancers.haproxy import HAProxyBalancer
+        from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 
         return HAProxyBalancer(
             bind=cfg.bind,
@@ -317,8 +318,8 @@ def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balance
             web_socket=settings.web_balancer_socket if settings.web else None,
         )
     if cfg.driver == "ipvs":
-        from imagepipe.balancers.ipvs import IPVSBalancer
-        from imagepipe.balancers.ipvs_parse import Forward
+        from imagepipe.balancers.ipvs.balancer import IPVSBalancer
+        from imagepipe.balancers.ipvs.parse import Forward
 
         if cfg.vip is None:
             raise BadInputError("balancer.driver ipvs needs balancer.vip (the users' address)")
@@ -357,26 +358,74 @@ def packer_version_cache(settings: Settings) -> Path:
 
 
 def build_domain_importer(settings: Settings) -> DomainImporter:
-    from imagepipe.hypervisors.libvirt_import import DomainImporter
+    from imagepipe.hypervisors.libvirt.importer import DomainImporter
 
     return DomainImporter(settings.hypervisor.uri)
 
 
 def open_store(settings: Settings) -> Store:
-    from imagepipe.pool.store import Store
-
+    """The state store the settings name, for reading and writing (made when missing):
+    PostgreSQL when `state:` is set, else SQLite in state_db."""
     try:
-        private_dir(settings.state_db.parent)
+        if settings.state is None:
+            private_dir(settings.state_db.parent)
         private_dir(settings.run_dir)
     except OSError as exc:
         raise EnvironmentMissingError(
             f"cannot create {settings.state_db.parent} or {settings.run_dir}: {exc.strerror}; "
             "run as root or set state_db and run_dir in the settings file"
         ) from exc
-    return Store(settings.state_db)
+    if settings.state is not None:
+        from imagepipe.stores.postgres import PostgresStore
+
+        return PostgresStore(settings.state, password=state_password(settings))
+    from imagepipe.stores.sqlite import SQLiteStore
+
+    return SQLiteStore(settings.state_db)
 
 
-def open_store_reader(settings: Settings) -> Store:
-    from imagepipe.pool.store import Store
+def open_store_readonly(settings: Settings) -> Store:
+    """The state store for reading only (`status`, `images prune`): never blocks the keeper;
+    a state the keeper has not made yet reads as empty."""
+    if settings.state is not None:
+        from imagepipe.stores.postgres import PostgresStore
 
-    return Store.open_readonly(settings.state_db)
+        return PostgresStore.open_readonly(settings.state, password=state_password(settings))
+    from imagepipe.stores.sqlite import SQLiteStore
+
+    return SQLiteStore.open_readonly(settings.state_db)
+
+
+def copy_state(settings: Settings, target: str, *, password: str | None, now: float) -> CopyReport:
+    """`imagepipe store copy`: the SQLite state of the settings into PostgreSQL, verified."""
+    from imagepipe.stores.copy import copy_state as copy_between
+
+    return copy_between(settings.state_db, target, password=password, now=now)
+
+
+def state_password(settings: Settings) -> str | None:
+    """The PostgreSQL password from state_password_file; None leaves it to libpq
+    (PGPASSWORD, ~/.pgpass or PGPASSFILE)."""
+    path = settings.state_password_file
+    if path is None:
+        return None
+    return read_password_file(path, file=settings.source, key="state_password_file")
+
+
+def read_password_file(path: Path, *, file: str | None, key: str) -> str:
+    """A password file's first line. ConfigError naming `file` and `key` (where the path
+    was given) when it cannot be read or is empty; the message never holds the password."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise ConfigError(
+            f"cannot read the password file {path}: {reason}", file=file, key=key
+        ) from None
+    if not lines or not lines[0].strip():
+        raise ConfigError(
+            f"the password file {path} is empty; its first line is the password",
+            file=file,
+            key=key,
+        )
+    return lines[0].strip()

@@ -1,5 +1,5 @@
 """`imagepipe images import IMAGE --from-domain DOMAIN`: a libvirt golden VM's disk becomes a
-new version (imagepipe/hypervisors/libvirt_import.py does the libvirt side); `--from-vm VM`:
+new version (imagepipe/hypervisors/libvirt/importer.py does the libvirt side); `--from-vm VM`:
 a VirtualBox VM's current snapshot does (its disks stay where VirtualBox keeps them)."""
 
 from __future__ import annotations

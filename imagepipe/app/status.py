@@ -98,8 +98,6 @@ def collect(runtime: Runtime, specs: Sequence[PoolSpec]) -> HostStatus:
     balancer, and never writes the store."""
     host = observe(runtime.hypervisor, runtime.balancer, runtime.images, specs, partial=True)
     now = runtime.clock.now()
-    if not runtime.settings.state_db.exists():  # no keeper has run: nothing remembered
-        return build_status(specs, host, {}, now, {})
     records, downs = load_records(runtime.store_reader, specs, now)
     return build_status(specs, host, records, now, downs)
 

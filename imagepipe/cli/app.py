@@ -99,6 +99,7 @@ COMMANDS = {
     ),
     "pools": Command("imagepipe.cli.pools", "app", "Pool files: validate them."),
     "images": Command("imagepipe.cli.images", "app", "Registered image versions and channels."),
+    "store": Command("imagepipe.cli.store", "app", "The state store: copy it into PostgreSQL."),
 }
 
 

@@ -10,15 +10,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from imagepipe.errors import BadInputError
 from imagepipe.images.records import ChannelMove, Status, VersionRecord
 from imagepipe.images.registry import Registry
 from imagepipe.pool.model import PoolRecord, PoolSpec
-
-if TYPE_CHECKING:
-    from imagepipe.pool.store import Store
+from imagepipe.pool.store import CloneRecords
 
 
 @dataclass(frozen=True)
@@ -77,6 +74,6 @@ def versions_in_use(
     return used
 
 
-def load_pool_records(store: Store, pools: Iterable[PoolSpec]) -> dict[str, PoolRecord]:
-    """What the keeper remembers about each pool (`store` read-only: empty when it never ran)."""
+def load_pool_records(store: CloneRecords, pools: Iterable[PoolSpec]) -> dict[str, PoolRecord]:
+    """What the keeper remembers about each pool; empty records when it has never run."""
     return {spec.name: store.load_pool(spec.name) for spec in pools}
