@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 SCHEMA = "imagepipe.status/1"
 IN_USE = (CloneState.IN_USE, CloneState.DISCONNECTED)
 MISSING = "missing"  # remembered by the store, not on the host
+UNSEEN = "unseen"  # remembered on a host that is lost: it may still run there
 UNKNOWN = "unknown"  # a read this status needed failed (its session, the balancer)
 
 
@@ -55,6 +56,7 @@ class CloneStatus:
     since: float | None  # connected since (epoch seconds)
     failures: int
     started_by: str | None = None  # restore (instant desktop) or boot; None: not running
+    host: str = ""  # the host it runs on ("": the only host)
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,7 @@ def clone_status(
         since=session.connected_since,
         failures=record.failures if record else 0,
         started_by=str(seen.info.started_by) if seen.info.started_by else None,
+        host=seen.info.host,
     )
 
 
@@ -241,11 +244,14 @@ def _missing(record: CloneRecord | None) -> CloneStatus:
     host rebuilt): `missing`. None of them is a desktop anybody can use."""
     assert record is not None
     expected = (CloneState.CREATING, CloneState.DELETING)
+    state = str(record.state) if record.state in expected else MISSING
+    if record.lost_since is not None:
+        state = UNSEEN  # its host is lost: it may still run there, in use
     return CloneStatus(
         name=record.name,
         slot=record.slot,
         version=record.version,
-        state=str(record.state) if record.state in expected else MISSING,
+        state=state,
         power=None,
         display=None,
         balancer=None,
@@ -254,6 +260,7 @@ def _missing(record: CloneRecord | None) -> CloneStatus:
         users=(),
         since=None,
         failures=record.failures,
+        host=record.host,
     )
 
 

@@ -33,7 +33,7 @@ POOL_KEYS = {
 }  # fmt: skip
 CLONE_KEYS = {
     "name", "slot", "version", "state", "power", "display", "balancer", "connections",
-    "client", "users", "since", "failures", "started_by",
+    "client", "users", "since", "failures", "started_by", "host",
 }  # fmt: skip
 
 
