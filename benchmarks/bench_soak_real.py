@@ -47,8 +47,8 @@ from pathlib import Path
 from _host import (
     BenchError,
     Installation,
-    PoolFile,
     Workspace,
+    bench_pool,
     check_memory,
     free_port_range,
     open_fds,
@@ -291,7 +291,7 @@ def orphans(inst: Installation) -> list[str]:
     found = {
         "domain": set(domains(f"{inst.pool.name}-")),
         "disk": set(inst.disk_names()),
-        "balancer backend": {b.name for b in inst.backends()},
+        "balancer backend": set(inst.backends()),
     }
     problems = []
     for kind, names in found.items():
@@ -304,7 +304,7 @@ def settle(inst: Installation, desktops: int, timeout: float) -> bool:
     """Wait until every desktop is free and ready again; False if not within `timeout`."""
     try:
         inst.wait_until(
-            f"waiting for the pool to settle at {desktops} ready",
+            f"the pool to settle at {desktops} ready",
             lambda: len(inst.ready_names()) >= desktops,
             timeout,
         )
@@ -390,7 +390,7 @@ def report(
 
 def soak(ws: Workspace, options: Options) -> int:
     n = options.desktops
-    pool = PoolFile(
+    pool = bench_pool(
         ws.pool_name("pool"),
         free=n,
         max=n,
