@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -59,26 +57,6 @@ def stop_on_signals() -> None:
 
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGHUP, interrupted)
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
-def free_port_range(count: int, *, low: int = 20000, high: int = 30000) -> tuple[int, int]:
-    """`count` consecutive free ports on 127.0.0.1, below the kernel's ephemeral range (so no
-    outgoing connection takes one later), for a pool's display port_range."""
-    for _ in range(200):
-        first = random.randrange(low, high - count)
-        if not any(port_in_use(p) for p in range(first, first + count)):
-            return first, first + count - 1
-    raise BenchError(f"no {count} consecutive free ports between {low} and {high}")
 
 
 def check_memory(desktops: int) -> int:

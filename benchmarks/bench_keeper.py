@@ -44,7 +44,6 @@ from _host import (
     domain_id,
     pid_cpu,
     pids_named,
-    port_in_use,
     qemu_reaper,
     reap_delay,
     running_domain_count,
@@ -56,7 +55,7 @@ from _host import (
 from imagepipe.units import parse_duration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.host import free_port
+from tests.host import free_port, port_in_use
 
 BOOT_PORTS = (6100, 6103)
 FILL_PORTS = (6110, 6113)

@@ -50,7 +50,6 @@ from _host import (
     Workspace,
     bench_pool,
     check_memory,
-    free_port_range,
     open_fds,
     pid_cpu,
     proc_status,
@@ -60,7 +59,7 @@ from _host import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.host import domains, free_port
+from tests.host import domains, free_port, free_port_range
 
 MIB = 1024.0
 TRACED_KEEPER = Path(__file__).resolve().parent / "_traced_keeper.py"
