@@ -60,9 +60,14 @@ DOWN = 3 * TICK  # how long libvirtd stays stopped: about three keeper passes
 CONVERGE = 60.0  # seconds: back at the free target after an outage
 # domains lvr-N and display ports unique to this module
 POOL = PoolFile(
-    "lvr", FREE, MAX, (6420, 6429), memory="160M", recycle_after=f"{RECYCLE_AFTER}s",
+    "lvr",
+    FREE,
+    MAX,
+    (6420, 6429),
+    memory="160M",
+    recycle_after=f"{RECYCLE_AFTER}s",
     boot_timeout="180s",
-)  # fmt: skip
+)
 SCRIPT = REPO / "scripts" / "libvirtd.sh"
 SCRIPT_PIDFILE = Path("/run/imagepipe-libvirtd-tini.pid")
 
