@@ -1,17 +1,18 @@
 """The balancer contract and IPVS-specific behaviour against a real IPVS kernel.
 
 One director test machine (Debian's cloud kernel under QEMU, see tests/ipvs_director.py)
-boots per module; every test starts from an empty IPVS table. The adapter's runner executes
-ipvsadm inside that machine. Desktops are tiny TCP servers on this host's 127.0.0.1 (each
-greets with its port, then echoes), which the machine reaches at 10.0.3.2; clients connect
-from this host through QEMU's port forward to the VIP. Real TCP sessions, real NAT.
+boots for the integration tests (tests/integration/conftest.py); every test starts from an
+empty IPVS table. The adapter's runner executes ipvsadm inside that machine. Desktops are
+tiny TCP servers on this host's 127.0.0.1 (each greets with its port, then echoes), which
+the machine reaches at 10.0.3.2; clients connect from this host through QEMU's port forward
+to the VIP. Real TCP sessions, real NAT. What HAProxy and IPVS both do is in
+test_balancer_pairs.py.
 """
 
 from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,8 @@ pytestmark = pytest.mark.real
 
 
 @pytest.fixture
-def harness(ipvs_harness: IPVSHarness) -> Iterator[IPVSHarness]:
-    yield ipvs_harness
+def harness(ipvs_harness: IPVSHarness) -> IPVSHarness:
+    return ipvs_harness
 
 
 class TestIPVSContract(BalancerContract):
