@@ -1,0 +1,251 @@
+"""The README and docs/ say what the code does: links resolve, the commands table names commands
+and options the CLI has, the configuration reference names exactly the keys the settings and
+pool-file models accept (with their defaults), and no tracker numbers leak into product docs."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from imagepipe.cli.app import main
+from imagepipe.config.pools import PoolFile
+from imagepipe.config.settings import Settings
+from imagepipe.config.values import parse_duration, parse_port_range, parse_size
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+
+
+def _prose(text: str) -> str:
+    """The text outside fenced code blocks (code shows program output, not links)."""
+    return FENCE.sub("", text)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lowercase, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    anchors = set()
+    for line in _prose(page.read_text()).splitlines():
+        match = re.match(r"^#{1,6} (.+)$", line)
+        if not match:
+            continue
+        slug = _slug(match.group(1))
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def _section(page: Path, heading: str) -> str:
+    """The text under `heading` up to the next heading of the same or a higher level."""
+    text = page.read_text()
+    level = len(heading) - len(heading.lstrip("#"))
+    start = text.index(heading + "\n")
+    rest = text[start + len(heading) + 1 :]
+    end = re.search(rf"^#{{1,{level}}} ", rest, re.M)
+    return rest[: end.start()] if end else rest
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("|") and not line.startswith("| ---"):
+            cells = re.split(r"(?<!\\)\|", line.strip().strip("|"))
+            rows.append([c.strip() for c in cells])
+    return rows[1:]  # the header
+
+
+def _code_spans(cell: str) -> list[str]:
+    return [s.replace("\\|", "|") for s in re.findall(r"`([^`]+)`", cell)]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_relative_link_in_the_docs_reaches_a_file_and_heading_that_exist(page: Path) -> None:
+    broken = []
+    for target in LINK.findall(_prose(page.read_text())):
+        if re.match(r"^[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        path_part, _, anchor = target.partition("#")
+        dest = (page.parent / path_part).resolve() if path_part else page
+        if not dest.exists():
+            broken.append(f"{target}: no file {dest.relative_to(ROOT)}")
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            broken.append(f"{target}: no heading #{anchor} in {dest.relative_to(ROOT)}")
+    assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_the_docs_name_no_tracker_issue_numbers(page: Path) -> None:
+    found = [
+        f"line {n}: {line.strip()}"
+        for n, line in enumerate(page.read_text().splitlines(), 1)
+        # "rollout #3" is the product's own numbering of rollouts
+        if re.search(r"\bissues?\s*#?\d|(?<!rollout )(?<![\w&/])#\d+\b", line, re.I)
+    ]
+    assert not found, f"{page.relative_to(ROOT)}: " + "; ".join(found)
+
+
+def _commands_table() -> list[tuple[tuple[str, ...], list[str]]]:
+    """(command words, options) for every command the README's commands table names."""
+    found: list[tuple[tuple[str, ...], list[str]]] = []
+    words: list[str] = []
+    for row in _table_rows(_section(ROOT / "README.md", "## Commands")):
+        for span in _code_spans(row[0]):
+            tokens = span.split()
+            if tokens[0] == "imagepipe":
+                tokens = tokens[1:]
+            if not tokens[0].startswith("-"):
+                word = re.compile(r"[a-z][a-z/|-]*")
+                words = list(itertools.takewhile(word.fullmatch, tokens))
+            options = re.findall(r"(?<![\w-])--[a-z][a-z-]*", span)
+            for combo in itertools.product(*(re.split(r"[/|]", w) for w in words)):
+                found.append((combo, options))
+    return found
+
+
+def _help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main([*argv, "--help"])
+    return code, capsys.readouterr().out
+
+
+def test_every_command_and_option_in_the_readme_commands_table_exists_in_the_cli(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("TERMINAL_WIDTH", "200")
+    rows = _commands_table()
+    assert len({words for words, _ in rows}) >= 20, rows
+    missing = []
+    for words, options in rows:
+        code, out = _help(list(words), capsys)
+        if code != 0:
+            missing.append(f"imagepipe {' '.join(words)} (exit {code})")
+            continue
+        missing += [f"imagepipe {' '.join(words)} {o}" for o in options if o not in out]
+    assert not missing, missing
+
+
+def test_the_global_options_the_readme_names_exist(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    text = _section(ROOT / "README.md", "## Commands")
+    line = next(p for p in text.split("\n\n") if p.startswith("Global options"))
+    options = re.findall(r"--[a-z][a-z-]*", line)
+    assert options
+    code, out = _help([], capsys)
+    assert code == 0
+    assert [o for o in options if o not in out] == []
+
+
+def _fields(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    """Every key a file may hold: dotted names of the model's leaves, with their defaults."""
+    keys: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            nested = annotation
+            if all(f.is_required() is False for f in nested.model_fields.values()):
+                keys.update(_fields(nested, key + "."))
+                continue
+        keys[key] = field
+    return keys
+
+
+def _reference(page: str, heading: str) -> dict[str, str]:
+    """key → default cell of the reference table under `heading`."""
+    rows = _table_rows(_section(ROOT / "docs" / page, heading))
+    return {_code_spans(row[0])[0]: row[2] for row in rows}
+
+
+SETTINGS_NOT_KEYS = {"source"}  # where the settings came from; refused in a file
+
+
+def test_the_settings_reference_names_every_settings_key_and_no_other() -> None:
+    documented = set(_reference("configuration.md", "## Settings file"))
+    model = set(_fields(Settings)) - SETTINGS_NOT_KEYS
+    assert sorted(documented - model) == [], "documented but not in the settings model"
+    assert sorted(model - documented) == [], "in the settings model but not documented"
+
+
+def test_the_pool_file_reference_names_every_pool_key_and_no_other() -> None:
+    documented = set(_reference("configuration.md", "## Pool files"))
+    model = set(_fields(PoolFile))
+    assert sorted(documented - model) == [], "documented but not in the pool-file model"
+    assert sorted(model - documented) == [], "in the pool-file model but not documented"
+
+
+def _pool_channel_default() -> Any:
+    """What a pool file without `channel` or `version` follows (the field itself is None)."""
+    return PoolFile.model_validate({"name": "lab", "image": "tiny"}).pool_spec("lab.yml").channel
+
+
+EFFECTIVE_DEFAULTS = {"channel": _pool_channel_default}
+
+
+def _same_default(cell: str, default: Any) -> bool | None:
+    """Whether a reference's default cell states `default`; None: not a plain value to compare."""
+    spans = _code_spans(cell)
+    if "<" in cell:  # worked out from other keys (`<run_dir>/haproxy.sock`): not the field's own
+        return None
+    plain = re.sub(r"\s*\((?:off|none)\)$", "", cell)
+    if len(spans) != 1 or plain != f"`{spans[0]}`":
+        return None
+    text = spans[0]
+    if isinstance(default, Enum):
+        default = default.value
+    if default is None:
+        return text in ("null", "none")
+    if isinstance(default, bool):
+        return text == str(default).lower()
+    if isinstance(default, tuple):
+        return parse_port_range(text) == default
+    if isinstance(default, Path):
+        return text == str(default)
+    if isinstance(default, float):
+        return parse_duration(text) == default
+    if isinstance(default, int):
+        return (int(text) if text.isdigit() else parse_size(text)) == default
+    return bool(text == default)
+
+
+@pytest.mark.parametrize(
+    ("page", "heading", "model"),
+    [
+        ("configuration.md", "## Settings file", Settings),
+        ("configuration.md", "## Pool files", PoolFile),
+    ],
+)
+def test_the_configuration_reference_states_the_defaults_the_models_have(
+    page: str, heading: str, model: type[BaseModel]
+) -> None:
+    fields = _fields(model)
+    wrong = []
+    compared = 0
+    for key, cell in _reference(page, heading).items():
+        field = fields[key]
+        if field.is_required() or field.default_factory is not None:
+            continue
+        effective = EFFECTIVE_DEFAULTS.get(key)
+        same = _same_default(cell, effective() if effective else field.default)
+        if same is None:
+            continue
+        compared += 1
+        if not same:
+            wrong.append(f"{key}: documented {cell}, the model says {field.default!r}")
+    assert compared >= 10
+    assert not wrong, wrong
