@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.guest import SerialConsole, VncClient
-from tests.host import URI, destroy_domains, free_port
+from tests.host import URI, destroy_domains, domains, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 WAIT = 180.0  # seconds: TCG guests on 2 shared cores are slow, but a hang still fails
@@ -114,11 +114,12 @@ def write_settings(
     balancer: str = "",
     tick: str = "1s",
     parallel: int = 4,
+    settings: str = "",
 ) -> Path:
     """HOME/imagepipe.yml and HOME/pools/: state and run folder in HOME, the registry and the
     image store in `store` (default HOME; several installations may share one), a managed
     HAProxy on 127.0.0.1:`bind_port` (`balancer`: more of its settings, e.g. ", persist:
-    source"). Returns the settings file."""
+    source"); `settings`: further YAML lines. Returns the settings file."""
     store = home if store is None else store
     (home / "pools").mkdir(parents=True, exist_ok=True)
     config = home / "imagepipe.yml"
@@ -132,6 +133,7 @@ def write_settings(
         f"hypervisor: {hypervisor}\n"
         f"balancer: {{driver: haproxy, bind: '127.0.0.1:{bind_port}', manage: true{balancer}}}\n"
         f"keeper: {{tick: {tick}, parallel: {parallel}}}\n"
+        f"{settings}"
     )
     return config
 
@@ -177,6 +179,7 @@ class Installation:
         balancer: str = "",
         tick: str = "1s",
         parallel: int = 4,
+        settings: str = "",
         keeper_args: tuple[str, ...] = ("--log-level", "debug"),
         env: dict[str, str] | None = None,
         wait: float = WAIT,
@@ -202,6 +205,7 @@ class Installation:
             balancer=balancer,
             tick=tick,
             parallel=parallel,
+            settings=settings,
         )
         self.write_pool()
 
@@ -447,7 +451,8 @@ class Installation:
     # -- the end ----------------------------------------------------------------------------
 
     def teardown(self) -> None:
-        """Stop rollout followers and the keeper, remove the pool's domains, stop HAProxy."""
+        """Stop rollout followers and the keeper, remove the pool's domains (and warm parents
+        of its image store a cut run left), stop HAProxy."""
         for follower in self.followers:  # a failed test may leave one following
             if follower.poll() is None:
                 follower.kill()
@@ -455,6 +460,7 @@ class Installation:
         self.stop_keeper()
         if self.libvirt:
             destroy_domains(f"{self.pool.name}-")
+            destroy_warm_parents(self.root)
         pid = self.haproxy_pid()
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -466,6 +472,18 @@ class Installation:
             self.teardown()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def destroy_warm_parents(root: Path) -> None:
+    """The warm parents (libvirt domains ipw-<fingerprint>) of the image store in `root`, if
+    a run was cut while one was being made."""
+    for name in domains("ipw-"):
+        xml = subprocess.run(
+            ["virsh", "-c", URI, "dumpxml", name], capture_output=True, text=True, check=False
+        ).stdout
+        if str(root) in xml:
+            for args in (["destroy", name], ["undefine", name, "--nvram"]):
+                subprocess.run(["virsh", "-c", URI, *args], capture_output=True, check=False)
 
 
 # -- what status says ------------------------------------------------------------------------
