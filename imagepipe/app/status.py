@@ -20,6 +20,7 @@ from imagepipe.pool.learning import learned
 from imagepipe.pool.model import (
     CloneRecord,
     CloneState,
+    HostState,
     Observed,
     ObservedClone,
     PoolDown,
@@ -30,6 +31,7 @@ from imagepipe.pool.model import (
 from imagepipe.pool.observe import HostObservation, observe
 from imagepipe.pool.planner import classify, free_target
 from imagepipe.pool.planner.forecast import day_and_bucket
+from imagepipe.pool.ports import Hosts
 
 if TYPE_CHECKING:
     from imagepipe.pool.store import Store
@@ -92,16 +94,22 @@ class HostStatus:
     pools: tuple[PoolStatus, ...]
     stray_clones: tuple[StrayClone, ...]
     balancer_error: str | None
+    # several hosts (settings `hosts:`): each one connected or lost, since when; empty: one host
+    hosts: tuple[HostState, ...] = ()
 
 
 def collect(runtime: Runtime, specs: Sequence[PoolSpec]) -> HostStatus:
     """One live observation plus the store's records (read-only). Give a runtime whose
     balancer is not managed (`manage_balancer=False`): status never starts or reloads a
     balancer, and never writes the store."""
-    host = observe(runtime.hypervisor, runtime.balancer, runtime.images, specs, partial=True)
+    hypervisor = runtime.hypervisor
+    host = observe(hypervisor, runtime.balancer, runtime.images, specs, partial=True)
     now = runtime.clock.now()
     records, downs = load_records(runtime.store_reader, specs, now)
-    return build_status(specs, host, records, now, downs)
+    status = build_status(specs, host, records, now, downs)
+    if runtime.settings.host_specs() and isinstance(hypervisor, Hosts):
+        status = replace(status, hosts=tuple(hypervisor.hosts()))
+    return status
 
 
 def load_records(

@@ -93,14 +93,22 @@ def host_summary(snapshot: HostStatus) -> str | None:
                 row["in use"] += 1
             elif clone.state == "unseen":
                 row["unseen"] += 1
+    lost = {h.name: h.since for h in snapshot.hosts if not h.connected}
+    for name in lost:
+        counts.setdefault(name, {"free": 0, "in use": 0, "unseen": 0, "all": 0})
     if not counts:
         return None
     lines = ["hosts:"]
     for host, row in sorted(counts.items()):
-        unseen = f", {row['unseen']} unseen (host lost)" if row["unseen"] else ""
-        lines.append(
+        unseen = f", {row['unseen']} unseen" if row["unseen"] else ""
+        line = (
             f"  {host}: {row['all']} desktops, {row['free']} free, {row['in use']} in use{unseen}"
         )
+        if host in lost:
+            since = lost[host]
+            when = time.strftime("%H:%M:%S", time.localtime(since)) if since else "unknown"
+            line += f"; host lost since {when}"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -143,11 +143,18 @@ def test_status_shows_each_desktops_host_and_a_lost_hosts_desktops_as_unseen(
     keeper.run_pass()
     store.close()
     assert main(["--config", str(settings), "status", "--json"], adapters) == 0
-    (pool,) = json.loads(capsys.readouterr().out)["pools"]
+    doc = json.loads(capsys.readouterr().out)
+    assert [(h["name"], h["connected"]) for h in doc["hosts"]] == [
+        ("h1", True),
+        ("h2", True),
+        ("h3", False),
+    ]
+    assert doc["hosts"][2]["since"] is not None
+    (pool,) = doc["pools"]
     hosts = {c["name"]: (c["host"], c["state"]) for c in pool["clones"]}
     lost = [name for name, (host, _) in hosts.items() if host == "h3"]
     assert lost and all(hosts[name][1] == "unseen" for name in lost)
     assert {host for host, _ in hosts.values()} >= {"h1", "h2"}
     assert main(["--config", str(settings), "status"], adapters) == 0
     out = capsys.readouterr().out
-    assert "hosts:" in out and "h3: 1 desktops, 0 free, 0 in use, 1 unseen (host lost)" in out
+    assert "hosts:" in out and "h3: 1 desktops, 0 free, 0 in use, 1 unseen; host lost since" in out
