@@ -33,8 +33,8 @@ from imagepipe.images.packer import Packer
 from imagepipe.images.registry import Registry
 from imagepipe.log import fields
 from imagepipe.pool.model import PoolSpec
-from imagepipe.pool.store import SCHEMA_VERSION, read_schema_version
 from imagepipe.private import DIR_MODE, FILE_MODE
+from imagepipe.stores.sqlite import SCHEMA_VERSION, read_schema_version
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +333,8 @@ def haproxy_version(program: str) -> str | None:
 
 
 def check_state_db(settings: Settings) -> Check:
+    if settings.state is not None:
+        return check_shared_state(settings)
     path = settings.state_db
     problem = _not_writable(path.parent)
     if problem is not None:
@@ -364,6 +366,23 @@ def check_state_db(settings: Settings) -> Check:
     )
 
 
+def check_shared_state(settings: Settings) -> Check:
+    """The PostgreSQL state (settings key state): reachable with the password, and of a
+    schema this imagepipe reads. Only reads."""
+    from imagepipe.app.bootstrap import open_store_readonly
+
+    try:
+        open_store_readonly(settings).close()
+    except ImagepipeError as exc:
+        return fail(
+            "state-db",
+            str(exc),
+            "check the state: URL, the password (state_password_file, PGPASSWORD or "
+            "~/.pgpass) and that the database server answers",
+        )
+    return ok("state-db", f"{settings.state}: reachable, schema readable by this imagepipe")
+
+
 def check_writable_folder(check: str, folder: Path, key: str) -> Check:
     problem = _not_writable(folder)
     if problem is not None:
@@ -392,6 +411,8 @@ def check_private_modes(settings: Settings) -> Check:
     db = settings.state_db
     registry_lock = settings.registry.parent / f".{settings.registry.name}.lock"
     files = [db, db.with_name(f"{db.name}-wal"), db.with_name(f"{db.name}-shm"), registry_lock]
+    if settings.state_password_file is not None:
+        files.append(settings.state_password_file)
     folders = [db.parent, settings.run_dir, settings.registry]
     loose = [(p, FILE_MODE) for p in files if _looser(p)]
     loose += [(p, DIR_MODE) for p in folders if _looser(p)]

@@ -19,7 +19,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 
-from imagepipe.app.bootstrap import Adapters, build_balancer, build_hypervisor, build_images
+from imagepipe.app.bootstrap import (
+    Adapters,
+    build_balancer,
+    build_hypervisor,
+    build_images,
+    describe_state,
+)
 from imagepipe.app.keeping import select_pools
 from imagepipe.config import Settings
 from imagepipe.errors import BadInputError, EnvironmentMissingError
@@ -103,7 +109,8 @@ class Rollouts:
         beat = self.store.heartbeat()
         if beat is None:
             return (
-                f"no keeper has run on the state database {self.settings.state_db}: start it "
+                f"no keeper has run on the state database {describe_state(self.settings)}: "
+                "start it "
                 "(systemctl start imagepipe-keep, or imagepipe keep) and try again"
             )
         now = self.clock.now()

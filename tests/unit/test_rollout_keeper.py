@@ -17,7 +17,7 @@ from imagepipe.errors import BadInputError, EnvironmentMissingError
 from imagepipe.pool.keeper import Keeper, KeeperOptions
 from imagepipe.pool.model import BackendState, CloneState, PoolSpec, Power, RecordClone
 from imagepipe.pool.rollout_records import Rollout, RolloutState
-from imagepipe.pool.store import Store
+from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages, FakeVersion
 
@@ -45,13 +45,13 @@ class World:
     lb: FakeBalancer = field(default_factory=FakeBalancer)
     spec: PoolSpec = LAB
     hv: FakeHypervisor = field(init=False)
-    store: Store = field(init=False)
+    store: SQLiteStore = field(init=False)
     rollouts: Rollouts = field(init=False)
 
     def __post_init__(self) -> None:
         self.hv = FakeHypervisor(clock=self.clock.now)
         self.hv.add_base(self.images.publish("tiny", 1, channel="stable"))
-        self.store = Store(self.root / "state.db")
+        self.store = SQLiteStore(self.root / "state.db")
         settings = Settings(state_db=self.root / "state.db", run_dir=self.root / "run")
         self.rollouts = Rollouts(
             settings, self.store, self.images, self.images, self.clock, Adapters()
