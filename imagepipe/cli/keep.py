@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from imagepipe.app.keeping import fail_if_failed
+from imagepipe.app.leadership import Election, ElectionLoop, LeaseSettings, holder_name
 from imagepipe.app.metrics import KeeperMetrics, serve
 from imagepipe.app.notify import SystemdNotifier
 from imagepipe.app.reload import Reloader, load_keeper_config
@@ -42,10 +43,21 @@ def keep(
             notifier, metrics=metrics, reloader=Reloader(cli.config, pool, config)
         )
         keeper.hooks = service
+        loop = None
+        if config.settings.state is not None:  # a shared store: the keepers elect a leader
+            cfg = config.settings.keeper
+            lease = LeaseSettings(cfg.lease, cfg.lease_loop, cfg.lease_retry)
+            election = Election(runtime.store, holder_name(), lease, runtime.clock)
+            keeper.lead = election
+            loop = ElectionLoop(election, notifier, on_change=keeper.wake)
+            loop.start()
         try:
             with service_signals(keeper, service):
                 keeper.run()
         finally:
+            if loop is not None:
+                loop.stop()
+                loop.election.release()
             if server is not None:
                 server.shutdown()
             notifier.close()
