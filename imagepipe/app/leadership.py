@@ -80,6 +80,7 @@ class Election:
         self.role = Role.STANDBY
         self.leader: str | None = None  # who leads, as last read (None: nobody known)
         self._said: tuple[Role, str | None] | None = None  # the last state logged
+        self._unreachable = False  # the last store call failed (said once)
 
     # ---- what the keeper asks ---------------------------------------------------------
 
@@ -134,9 +135,18 @@ class Election:
         except ImagepipeError as exc:
             with self._lock:
                 self.role = Role.UNREACHABLE
-                self._say(Role.UNREACHABLE, str(exc))
+                if not self._unreachable:
+                    self._unreachable = True
+                    log.warning(
+                        "state store unreachable: changing nothing until it answers; "
+                        "desktops and the balancer keep serving",
+                        extra=fields(holder=self.holder, error=str(exc)),
+                    )
                 return self.role
         with self._lock:
+            if self._unreachable:
+                self._unreachable = False
+                log.info("state store answers again", extra=fields(holder=self.holder))
             if epoch is None:
                 self.role = Role.STANDBY
                 self.leader = current.holder if current is not None and current.held else None
@@ -147,9 +157,7 @@ class Election:
             self._act_until = sent + lease - self.settings.retry_timeout
             self.role = Role.LEADING
             self.leader = self.holder
-            if new:
-                self._said = None
-            self._say(Role.LEADING, str(epoch))
+            self._say(Role.LEADING, str(epoch), again=new)
             return self.role
 
     def release(self) -> None:
@@ -180,31 +188,24 @@ class Election:
             extra=fields(holder=self.holder, epoch=epoch, reason=why),
         )
 
-    def _say(self, role: Role, detail: str | None) -> None:
-        """Log a state once, when it begins (not at every step)."""
+    def _say(self, role: Role, detail: str | None, *, again: bool = False) -> None:
+        """Log leading or waiting once, when it begins (not at every step); `again`: a
+        new term."""
         said = self._said
-        if said is not None and said[0] is role and (role is not Role.STANDBY or said[1] == detail):
+        repeated = said is not None and said[0] is role
+        if repeated and not again and (role is Role.LEADING or (said and said[1]) == detail):
             return
-        previous = None if self._said is None else self._said[0]
         self._said = (role, detail)
         if role is Role.LEADING:
             log.info(
                 "leading: this keeper acts on the hosts",
                 extra=fields(holder=self.holder, epoch=detail, lease=self.settings.lease),
             )
-        elif role is Role.STANDBY:
+        else:
             log.info(
                 "standby: another keeper leads; waiting to take over",
                 extra=fields(holder=self.holder, leader=detail or "nobody (lease running out)"),
             )
-        else:
-            log.warning(
-                "state store unreachable: changing nothing until it answers; "
-                "desktops and the balancer keep serving",
-                extra=fields(holder=self.holder, error=detail),
-            )
-        if previous is Role.UNREACHABLE and role is not Role.UNREACHABLE:
-            log.info("state store answers again", extra=fields(holder=self.holder))
 
 
 class ElectionLoop:
