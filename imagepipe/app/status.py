@@ -87,12 +87,22 @@ class StrayClone:
 
 
 @dataclass(frozen=True)
+class LeaderStatus:
+    """Which keeper leads, when several share the state (the store's lease)."""
+
+    holder: str  # host/pid of the keeper
+    epoch: int
+    lease_left: float  # seconds; 0 or less: the lease ran out (nobody leads right now)
+
+
+@dataclass(frozen=True)
 class HostStatus:
     schema: str
     generated_at: float
     pools: tuple[PoolStatus, ...]
     stray_clones: tuple[StrayClone, ...]
     balancer_error: str | None
+    leader: LeaderStatus | None = None  # None: no keeper ever took the lease (one keeper)
 
 
 def collect(
@@ -107,24 +117,29 @@ def collect(
             images = adapters.images or build_images(settings)
             host = observe(hypervisor, balancer, images, specs)
             now = adapters.clock.now() if adapters.clock else time.time()
-            records, downs = _records(settings, specs, now)
+            records, downs, leader = _records(settings, specs, now)
         finally:
             if adapters.balancer is None:
                 balancer.close()
     finally:
         if adapters.hypervisor is None:
             hypervisor.close()
-    return build_status(specs, host, records, now, downs)
+    return replace(build_status(specs, host, records, now, downs), leader=leader)
 
 
 def _records(
     settings: Settings, specs: Sequence[PoolSpec], now: float
-) -> tuple[dict[str, PoolRecord], dict[str, PoolDown]]:
+) -> tuple[dict[str, PoolRecord], dict[str, PoolDown], LeaderStatus | None]:
     store = open_store_readonly(settings)
     try:
-        return load_records(store, specs, now)
+        records, downs = load_records(store, specs, now)
+        lease = store.leader(now)
     finally:
         store.close()
+    leader = None
+    if lease is not None:
+        leader = LeaderStatus(lease.holder, lease.epoch, round(lease.until - lease.now, 1))
+    return records, downs, leader
 
 
 def load_records(
