@@ -93,7 +93,8 @@ class Election:
             if self.clock.monotonic() < self._act_until:
                 return self._epoch
             self._drop(
-                "the lease could not be renewed in time: stopped acting before it runs out",
+                "the lease was not renewed in time (this process was paused, or the state "
+                "database did not answer): stopped acting before it may have run out",
                 Role.UNREACHABLE if self.role is Role.UNREACHABLE else Role.STANDBY,
             )
             return None
