@@ -17,13 +17,10 @@ About 2-3 minutes on the 2-core TCG host (one image build, three desktops, two f
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -40,6 +37,7 @@ from tests.e2e.harness import (
     temp_root,
     viewer,
 )
+from tests.e2e.standby import Pair, state_settings
 from tests.postgres import PostgresServer
 from tests.postgres import missing as postgres_missing
 
@@ -51,120 +49,6 @@ LEASE_SECONDS = 6.0
 OUTAGE = 12.0  # seconds PostgreSQL is stopped
 
 
-class Keeper:
-    """One more `imagepipe keep` on the installation's settings (the standby's machine)."""
-
-    def __init__(self, host: Installation, name: str) -> None:
-        self.host = host
-        self.log = host.root / f"keeper-{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                self.host.command("--log-level", "debug", "keep"),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def send(self, sig: int) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, sig)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGCONT)
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
-        self.process = None
-
-
-class Pair:
-    """The installation with two keepers on a PostgreSQL state."""
-
-    def __init__(self, host: Installation, server: PostgresServer, dsn: str) -> None:
-        self.host = host
-        self.server = server
-        self.dsn = dsn
-        self.keepers = {"a": Keeper(host, "a"), "b": Keeper(host, "b")}
-
-    def leader(self) -> dict[str, Any] | None:
-        leader: dict[str, Any] | None = self.host.status_doc().get("leader")
-        return leader if leader is not None and leader["lease_left"] > 0 else None
-
-    def leading(self) -> Keeper | None:
-        leader = self.leader()
-        if leader is None:
-            return None
-        pid = int(str(leader["holder"]).rsplit("/", 1)[1])
-        return next((k for k in self.keepers.values() if k.process and k.pid == pid), None)
-
-    def wait_leader(self, not_pid: int | None = None, timeout: float = 60.0) -> Keeper:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            keeper = self.leading()
-            if keeper is not None and keeper.pid != not_pid:
-                return keeper
-            time.sleep(0.3)
-        raise AssertionError(f"no keeper took the lease; status leader {self.leader()}")
-
-    def standby(self, leader: Keeper) -> Keeper:
-        return next(k for k in self.keepers.values() if k is not leader)
-
-    def query(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
-        import psycopg
-
-        with psycopg.connect(self.dsn, password=self.server.password) as conn:
-            return conn.execute(sql, args).fetchall()
-
-    def creates(self) -> list[str]:
-        """Every desktop a CreateClone was begun for, in order (the shared journal)."""
-        rows = self.query("SELECT clone FROM journal WHERE kind = 'CreateClone' ORDER BY id")
-        return [str(r[0]) for r in rows]
-
-    def records(self) -> list[tuple[str, int]]:
-        rows = self.query("SELECT name, slot FROM clones WHERE pool = %s", POOL.name)
-        return [(str(n), int(s)) for n, s in rows]
-
-    def journal_count(self) -> int:
-        return int(self.query("SELECT count(*) FROM journal")[0][0])
-
-    def resets(self, desktop: str) -> int:
-        """Resets of the desktop that completed (the shared journal)."""
-        rows = self.query(
-            "SELECT count(*) FROM journal WHERE kind = 'ResetClone' AND clone = %s AND ok = 1",
-            desktop,
-        )
-        return int(rows[0][0])
-
-
-def _state_settings(host: Installation, server: PostgresServer) -> str:
-    dsn = server.fresh_dsn()
-    secret = host.root / "pgpass"
-    secret.write_text(server.password + "\n")
-    secret.chmod(0o600)
-    text = host.config.read_text()
-    text = re.sub(r"keeper: \{(.*)\}", lambda m: f"keeper: {{{m.group(1)}, {LEASE}}}", text)
-    host.config.write_text(text + f"state: '{dsn}'\nstate_password_file: {secret}\n")
-    return dsn
-
-
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
     require_real_host("qemu-img", "haproxy", "packer")
@@ -172,26 +56,19 @@ def pair() -> Iterator[Pair]:
     require(why is None, why or "")
     server = PostgresServer.start()
     host = Installation(temp_root("ipe-sbk-"), POOL)
-    both = Pair(host, server, _state_settings(host, server))
+    both = Pair(host, server, state_settings(host, server, LEASE))
     try:
         host.cli("build", "tiny")
         both.keepers["a"].start()
         both.wait_leader()
         both.keepers["b"].start()
-        host.wait_until("the pool at its free target", host_converged(both))
+        host.wait_until("the pool at its free target", both.at_free_target)
         yield both
     finally:
         for keeper in both.keepers.values():
             keeper.stop()
         host.close()
         server.stop()
-
-
-def host_converged(pair: Pair) -> Any:
-    def check() -> bool:
-        return len(free_ready(pair.host.status())) >= POOL.free
-
-    return check
 
 
 def test_one_keeper_leads_and_the_other_waits_saying_so(pair: Pair) -> None:
@@ -213,7 +90,7 @@ def test_kill9_of_the_leader_the_standby_leads_and_the_pool_stays_at_its_free_ta
 ) -> None:
     leader = pair.wait_leader()
     standby = pair.standby(leader)
-    pair.host.wait_until("the pool at its free target", host_converged(pair))
+    pair.host.wait_until("the pool at its free target", pair.at_free_target)
     creates_before = pair.creates()
     killed = time.monotonic()
 
@@ -276,7 +153,7 @@ def test_sigstop_of_the_leader_past_its_lease_the_standby_leads_and_the_old_one_
 
 def test_postgresql_stopped_nothing_changes_and_the_keepers_resume(pair: Pair) -> None:
     host = pair.host
-    host.wait_until("the pool at its free target", host_converged(pair))
+    host.wait_until("the pool at its free target", pair.at_free_target)
     pair.wait_leader()
     backends = host.backends()
 
