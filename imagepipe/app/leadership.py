@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
+from imagepipe.app.metrics import KeeperMetrics
 from imagepipe.app.notify import SystemdNotifier
 from imagepipe.errors import FencedError, ImagepipeError
 from imagepipe.log import fields
@@ -219,9 +220,11 @@ class ElectionLoop:
         election: Election,
         notifier: SystemdNotifier | None = None,
         on_change: Callable[[], None] | None = None,
+        metrics: KeeperMetrics | None = None,
     ) -> None:
         self.election = election
         self.notifier = notifier
+        self.metrics = metrics
         self._on_change = on_change
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -243,6 +246,9 @@ class ElectionLoop:
             role = self.election.step()
             if self.notifier is not None:
                 self._notify(role)
+            if self.metrics is not None:
+                leading = self.election.term() is not None
+                self.metrics.record_role(leading=leading, reachable=role is not Role.UNREACHABLE)
             if role is not before and self._on_change is not None:
                 self._on_change()
             wait = settings.loop_wait

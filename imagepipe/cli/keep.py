@@ -49,7 +49,7 @@ def keep(
             lease = LeaseSettings(cfg.lease, cfg.lease_loop, cfg.lease_retry)
             election = Election(runtime.store, holder_name(), lease, runtime.clock)
             keeper.lead = election
-            loop = ElectionLoop(election, notifier, on_change=keeper.wake)
+            loop = ElectionLoop(election, notifier, on_change=keeper.wake, metrics=metrics)
             loop.start()
         try:
             with service_signals(keeper, service):

@@ -6,6 +6,7 @@ keep Patroni's rule."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -195,3 +196,38 @@ def test_lease_settings_that_keep_patronis_rule_are_taken(tmp_path: Path) -> Non
     keeper = parse_settings(load_file(path), base=tmp_path).keeper
 
     assert (keeper.lease, keeper.lease_loop, keeper.lease_retry) == (12.0, 4.0, 4.0)
+
+
+def test_the_lease_loop_pings_the_watchdog_says_who_leads_and_sets_the_metrics(
+    tmp_path: Path, store: SQLiteStore
+) -> None:
+    from imagepipe.app.bootstrap import SystemClock
+    from imagepipe.app.leadership import ElectionLoop
+    from imagepipe.app.metrics import KeeperMetrics
+    from imagepipe.app.notify import SystemdNotifier
+    from tests.unit.test_service import NotifySocket
+
+    fast = LeaseSettings(lease=3.0, loop_wait=0.05, retry_timeout=0.05)
+    listener = NotifySocket(tmp_path / "notify.sock")
+    a = Election(store, "host-a/1", fast, SystemClock())
+    a.step()
+    b = Election(store, "host-b/2", fast, SystemClock())
+    woken = threading.Event()
+    metrics = KeeperMetrics()
+    notifier = SystemdNotifier(str(listener.path), watchdog_usec=1_000_000)
+    loop = ElectionLoop(b, notifier, on_change=woken.set, metrics=metrics)
+    loop.start()
+    try:
+        seen = listener.until("READY")
+        pings = listener.until("WATCHDOG")
+    finally:
+        loop.stop()
+        listener.sock.close()
+        notifier.close()
+
+    ready = next(m for m in seen if "READY" in m)
+    assert ready["STATUS"].startswith("standby: host-a/1 leads")
+    assert pings[-1] == {"WATCHDOG": "1"}
+    assert metrics.registry.get_sample_value("imagepipe_keeper_leading") == 0
+    assert metrics.registry.get_sample_value("imagepipe_state_store_reachable") == 1
+    assert not woken.is_set()  # it was a standby from its first step: nothing to wake
