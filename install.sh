@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up imagepipe on this host: system packages and daemons (scripts/setup-host.sh), then a
-# virtual environment in .venv with imagepipe and its libvirt, VirtualBox and PostgreSQL extras.
+# virtual environment in .venv with imagepipe and its extras (libvirt, VirtualBox, web, PostgreSQL).
 #   ./install.sh              runtime
 #   ./install.sh --dev        plus the test and lint tools
 #   ./install.sh --service    plus the keeper as a systemd service: system user `imagepipe`

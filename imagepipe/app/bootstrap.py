@@ -34,6 +34,7 @@ from imagepipe.private import private_dir
 if TYPE_CHECKING:
     from imagepipe.hypervisors.libvirt_import import DomainImporter
     from imagepipe.hypervisors.virtualbox import VmSnapshot
+    from imagepipe.stores.copy import CopyReport
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +280,13 @@ def open_store_readonly(settings: Settings) -> Store:
     return SQLiteStore.open_readonly(settings.state_db)
 
 
+def copy_state(settings: Settings, target: str, *, password: str | None, now: float) -> CopyReport:
+    """`imagepipe store copy`: the SQLite state of the settings into PostgreSQL, verified."""
+    from imagepipe.stores.copy import copy_state as copy_between
+
+    return copy_between(settings.state_db, target, password=password, now=now)
+
+
 def state_password(settings: Settings) -> str | None:
     """The PostgreSQL password from state_password_file; None leaves it to libpq
     (PGPASSWORD, ~/.pgpass or PGPASSFILE)."""
@@ -305,11 +313,6 @@ def read_password_file(path: Path, *, file: str | None, key: str) -> str:
             key=key,
         )
     return lines[0].strip()
-
-
-def describe_state(settings: Settings) -> str:
-    """Where the state is, for messages (a PostgreSQL URL never carries a password)."""
-    return settings.state if settings.state is not None else str(settings.state_db)
 
 
 def stop_managed_balancer(balancer: Balancer) -> bool:

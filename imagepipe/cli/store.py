@@ -37,8 +37,7 @@ def copy(
     Stop the keeper first. Refuses while a keeper runs on the state, and a target that holds
     any state. Afterwards set `state:` to the URL in the settings and start the keeper.
     """
-    from imagepipe.app.bootstrap import read_password_file, state_password
-    from imagepipe.app.store_copy import copy_state
+    from imagepipe.app.bootstrap import copy_state, read_password_file, state_password
     from imagepipe.config.values import parse_state_dsn
 
     settings = cli_context(ctx).settings()

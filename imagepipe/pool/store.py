@@ -29,7 +29,7 @@ from enum import Enum
 from typing import Protocol
 
 from imagepipe.pool.model import Action, CloneRecord, LoginHistory, PoolDown, PoolRecord
-from imagepipe.pool.rollout_records import Heartbeat, Rollout
+from imagepipe.pool.rollout.records import Heartbeat, Rollout
 
 HISTORY_LIMIT = 10_000  # finished journal rows kept for `status` / history
 
@@ -254,6 +254,11 @@ class Leadership(Protocol):
 
 class Store(CloneRecords, Journal, Rollouts, Logins, PoolIntents, Heartbeats, Leadership, Protocol):
     """The whole state store, as the keeper holds it."""
+
+    @property
+    def location(self) -> str:
+        """Where the state is, for messages: a file, or a URL (never with a password)."""
+        ...
 
     def fenced(self, epoch: int) -> Store:
         """A handle on the same store whose every write transaction first compares `epoch`

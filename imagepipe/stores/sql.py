@@ -28,7 +28,7 @@ from imagepipe.pool.model import (
     RecordClone,
     RecordPool,
 )
-from imagepipe.pool.rollout_records import (
+from imagepipe.pool.rollout.records import (
     Heartbeat,
     Rollout,
     RolloutState,
@@ -104,7 +104,15 @@ class SQLStore:
         """A write transaction; with `fenced` and a fence set, check the epoch first."""
         raise NotImplementedError
 
-    def _read(self) -> AbstractContextManager[Connection]:
+    def _statement(self) -> AbstractContextManager[Connection]:
+        """For one write statement that may be lost if the database server crashes right
+        after it (never half-applied): only what the next pass writes again anyway. Not
+        fenced: the statement checks the fence itself."""
+        raise NotImplementedError
+
+    def _read(self, *, snapshot: bool = False) -> AbstractContextManager[Connection]:
+        """A read. Each statement sees one consistent state; with `snapshot`, all of them
+        see the same one."""
         raise NotImplementedError
 
     def _clock(self, db: Connection, now: float) -> float:
@@ -123,28 +131,29 @@ class SQLStore:
     # --- records ------------------------------------------------------------------------
 
     def load_pool(self, pool: str) -> PoolRecord:
+        # One statement (so one snapshot, also where a read is not a transaction): the
+        # pool's row, or NULLs, joined with each of its clones, or one row of NULLs.
         with self._read() as db:
-            row = db.execute(
-                "SELECT target_version, failures, breaker_open_until, rollout_started_at "
-                "FROM pools WHERE pool = ?",
-                (pool,),
-            ).fetchone()
             rows = db.execute(
-                "SELECT name, slot, version, state, since, session_ended_at, last_user, "
-                "failures, retry_at, dirty, sessions_seen FROM clones WHERE pool = ? "
-                "ORDER BY slot, name",
+                "SELECT p.failures, p.target_version, p.breaker_open_until, "
+                "p.rollout_started_at, c.name, c.slot, c.version, c.state, c.since, "
+                "c.session_ended_at, c.last_user, c.failures, c.retry_at, c.dirty, "
+                "c.sessions_seen FROM (SELECT CAST(? AS TEXT) AS pool) AS k "
+                "LEFT JOIN pools AS p ON p.pool = k.pool "
+                "LEFT JOIN clones AS c ON c.pool = k.pool ORDER BY c.slot, c.name",
                 (pool,),
             ).fetchall()
-        clones = {r[0]: _clone(r) for r in rows}
-        if row is None:
+        clones = {r[4]: _clone(r[4:]) for r in rows if r[4] is not None}
+        failures, target, breaker, rollout_started = rows[0][:4]
+        if failures is None:  # no pool row (failures is NOT NULL)
             return PoolRecord(pool=pool, clones=clones)
         return PoolRecord(
             pool=pool,
             clones=clones,
-            target_version=row[0],
-            failures=row[1],
-            breaker_open_until=row[2],
-            rollout_started_at=row[3],
+            target_version=target,
+            failures=failures,
+            breaker_open_until=breaker,
+            rollout_started_at=rollout_started,
         )
 
     def pools(self) -> list[str]:
@@ -381,13 +390,27 @@ class SQLStore:
         return [rollout_from_json(row[0]) for row in rows]
 
     def beat(self, heartbeat: Heartbeat) -> None:
-        with self._write() as db:
-            db.execute(
-                "INSERT INTO keeper_heartbeat (id, at, pid, host, tick) VALUES (1,?,?,?,?) "
-                "ON CONFLICT (id) DO UPDATE SET at = excluded.at, pid = excluded.pid, "
-                "host = excluded.host, tick = excluded.tick",
-                (heartbeat.at, heartbeat.pid, heartbeat.host, heartbeat.tick),
+        # One statement, the fence checked in it: the heartbeat is written at every pass
+        values = (heartbeat.at, heartbeat.pid, heartbeat.host, heartbeat.tick)
+        update = (
+            "ON CONFLICT (id) DO UPDATE SET at = excluded.at, pid = excluded.pid, "
+            "host = excluded.host, tick = excluded.tick"
+        )
+        columns = "INSERT INTO keeper_heartbeat (id, at, pid, host, tick) "
+        with self._statement() as db:
+            if self._fence is None:
+                db.execute(columns + "VALUES (1,?,?,?,?) " + update, values)
+                return
+            done = db.execute(
+                columns + "SELECT 1, ?, ?, ?, ? "
+                f"WHERE (SELECT epoch FROM leader{self.LOCK_SHARE}) = ? " + update,
+                (*values, self._fence),
             )
+            if done.rowcount == 1:
+                return
+            row = db.execute("SELECT epoch, holder FROM leader").fetchone()
+        current, holder = (None, None) if row is None else (int(row[0]), str(row[1]))
+        raise FencedError(self._fence, current, holder)
 
     def heartbeat(self) -> Heartbeat | None:
         with self._read() as db:
@@ -452,7 +475,7 @@ class SQLStore:
 
     def table_rows(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every row of every table of TABLES, read in one transaction, in key order."""
-        with self._read() as db:
+        with self._read(snapshot=True) as db:
             return {table: select_all(db, table) for table in TABLES}
 
 

@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -241,12 +241,21 @@ class SQLiteStore(SQLStore):
             return 0
         return version
 
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
     def fenced(self, epoch: int) -> SQLiteStore:
         """A handle whose writes check the leader epoch in their transaction (see
         imagepipe.pool.store.Store.fenced); it shares this one's connection and lock."""
         handle = copy.copy(self)
         handle._fence = epoch
         return handle
+
+    def _statement(self) -> AbstractContextManager[sqlite3.Connection]:
+        # as durable as every commit here (synchronous=NORMAL: a power cut may lose the last
+        # commits, never half of one)
+        return self._write(fenced=False)
 
     @contextmanager
     def _write(self, *, fenced: bool = True) -> Iterator[sqlite3.Connection]:
@@ -265,7 +274,7 @@ class SQLiteStore(SQLStore):
             db.execute("COMMIT")
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def _read(self, *, snapshot: bool = False) -> Iterator[sqlite3.Connection]:
         with self._lock, self._sqlite_errors():
             db = self._db
             db.execute("BEGIN")

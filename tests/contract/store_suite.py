@@ -30,7 +30,7 @@ from imagepipe.pool.model import (
     RecordPool,
     StartClone,
 )
-from imagepipe.pool.rollout_records import Heartbeat, PoolProgress, Rollout, RolloutState
+from imagepipe.pool.rollout.records import Heartbeat, PoolProgress, Rollout, RolloutState
 from imagepipe.pool.store import HISTORY_LIMIT, Store
 
 TTL = 0.5  # a lease; long enough for a test's calls, short enough to wait out

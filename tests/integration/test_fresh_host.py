@@ -65,7 +65,7 @@ PYTHON_PROGRAMS = (
 )  # fmt: skip
 # Files the build of the venv needs that are no program: pip compiles libvirt-python against
 # Python's and libvirt's headers; the guest agent is linked statically; venv bootstraps pip.
-# And noVNC's page, which the web entrance serves, and PostgreSQL's server programs, which
+# And noVNC's page, which the web entrance serves; and PostgreSQL's server programs, which
 # Debian keeps off PATH (tests/postgres.py).
 BUILD_FILES = (
     "/usr/share/novnc/vnc.html",

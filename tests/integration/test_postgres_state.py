@@ -4,11 +4,9 @@ and the URL, `imagepipe store copy` from SQLite, and a password that never shows
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,12 +18,16 @@ from imagepipe.config import load_pool_file, load_settings
 from imagepipe.errors import StoreUnavailableError
 from imagepipe.pool.keeper import Keeper
 from imagepipe.pool.model import CloneRecord, CloneState, CreateClone, Endpoint, PoolDown
-from imagepipe.pool.rollout_records import Heartbeat, Rollout, RolloutState
+from imagepipe.pool.rollout.records import Heartbeat, Rollout, RolloutState
 from imagepipe.stores.postgres import PostgresStore
 from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer
-from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
+from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages, FakeVersion
 from tests.postgres import PostgresServer
+from tests.unit.test_cli_rollout import POOL_FILE as ROLLOUT_POOL
+from tests.unit.test_cli_rollout import KeeperClock
+
+pytestmark = pytest.mark.real
 
 POOL_FILE = """\
 name: lab
@@ -33,15 +35,6 @@ image: tiny
 size: {initial: 2, free: 2, max: 4}
 display: {port_range: 5900-5903}
 """
-
-
-@pytest.fixture(autouse=True)
-def _keep_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @dataclass
@@ -108,6 +101,76 @@ def test_status_json_works_from_a_machine_with_only_the_settings_and_the_url(
     assert clones["lab-0"]["state"] == "in_use" and clones["lab-0"]["users"] == ["alice"]
     assert (pool["free"], pool["in_use"]) == (2, 1)
     assert not (admin.folder / "state").exists()  # no local state was made or needed
+
+
+def test_status_of_a_database_no_keeper_has_used_yet_shows_empty_pools(
+    admin: Admin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = FakeClock()
+    adapters = Adapters(
+        hypervisor=FakeHypervisor(clock=clock.now),
+        balancer=FakeBalancer(),
+        images=FakeImages(),
+        clock=clock,
+    )
+
+    assert main(["--config", str(admin.settings), "status", "--json"], adapters) == 0
+
+    (pool,) = json.loads(capsys.readouterr().out)["pools"]
+    assert (pool["name"], pool["clones"], pool["total"]) == ("lab", [], 0)
+    store = admin.store()  # and the reader made nothing: the keeper's first start does
+    assert store.table_rows()["clones"] == []
+    store.close()
+
+
+def test_a_missing_password_file_is_named_with_the_settings_key(
+    admin: Admin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (admin.folder / "pgpass").unlink()
+
+    code = main(["--config", str(admin.settings), "status", "--json"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{admin.settings}: state_password_file: cannot read the password file" in err
+
+
+def test_a_rollout_started_from_an_admin_machine_is_carried_out_by_the_keeper(
+    admin: Admin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (admin.folder / "pools" / "lab.yml").write_text(ROLLOUT_POOL)
+    clock = KeeperClock()
+    hv = FakeHypervisor(clock=clock.now)
+    images = FakeImages()
+    hv.add_base(images.publish("tiny", 1, channel="stable"))
+    lb = FakeBalancer()
+    store = admin.store()  # the keeper's connection to the shared state
+    keeper = Keeper(
+        hypervisor=hv,
+        balancer=lb,
+        store=store,
+        images=images,
+        specs=[load_pool_file(admin.folder / "pools" / "lab.yml")],
+        clock=clock,
+        channels=images,
+    )
+    clock.keeper, clock.hv = keeper, hv
+    for _ in range(4):
+        keeper.run_pass()
+        hv.tick()
+    images.versions["tiny"].add(2)
+    hv.add_base(FakeVersion("tiny", 2).base_image())
+    adapters = Adapters(hypervisor=hv, balancer=lb, images=images, clock=clock)
+
+    argv = ["--config", str(admin.settings), "rollout", "tiny", "--drain", "--wait", "--json"]
+    code = main(argv, adapters)
+
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0 and lines[-1]["state"] == "done"
+    assert [r.state for r in store.rollouts("tiny")] == [RolloutState.DONE]
+    assert {c.version for c in store.load_pool("lab").clones.values()} == {2}
+    store.close()
+    assert not (admin.folder / "state").exists()
 
 
 def test_a_pool_taken_down_from_an_admin_machine_is_in_the_shared_state(

@@ -8,43 +8,21 @@ import sqlite3
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from imagepipe.errors import EnvironmentMissingError, ImagepipeError
 from imagepipe.pool.model import (
-    CloneRecord,
     CloneState,
-    CreateClone,
-    Endpoint,
 )
 from imagepipe.stores.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
-
-
-def clone(name: str = "lab-1", slot: int = 1, **changes: Any) -> CloneRecord:
-    record = CloneRecord(name=name, slot=slot, version=2, state=CloneState.FREE, since=100.0)
-    return replace(record, **changes)
+from tests.contract.store_suite import clone, create
 
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
     return tmp_path / "state" / "state.db"
-
-
-# --- journal ---------------------------------------------------------------------------
-
-
-def create(slot: int, pool: str = "lab") -> CreateClone:
-    return CreateClone(
-        pool=pool,
-        clone=f"{pool}-{slot}",
-        slot=slot,
-        version=1,
-        display=Endpoint("127.0.0.1", 5900 + slot),
-    )
 
 
 # --- schema ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`imagepipe store copy --to postgresql://...`: move the SQLite state into PostgreSQL.
+"""`imagepipe store copy --to postgresql://...`: move a SQLite state into PostgreSQL.
 
 With the keeper stopped (a fresh heartbeat, or a writer holding the database, refuses), every
 table is read in one transaction holding SQLite's write lock, written into an empty PostgreSQL
@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagepipe.config import Settings
 from imagepipe.errors import BadInputError, OperationFailedError
-from imagepipe.pool.rollout_records import Heartbeat
+from imagepipe.pool.rollout.records import Heartbeat
+from imagepipe.stores.postgres import PostgresStore
+from imagepipe.stores.sqlite import SQLiteStore
 
 LOCK_WAIT = 2.0  # seconds to wait for SQLite's write lock before calling the file in use
 QUIET_TICKS = 3  # a heartbeat younger than this many keeper ticks means a keeper runs
@@ -39,12 +40,9 @@ class CopyReport:
     tables: tuple[TableCopy, ...]
 
 
-def copy_state(settings: Settings, target: str, *, password: str | None, now: float) -> CopyReport:
-    """Copy settings.state_db into the empty PostgreSQL database `target` and verify it."""
-    from imagepipe.stores.postgres import PostgresStore
-    from imagepipe.stores.sqlite import SQLiteStore
-
-    source = settings.state_db
+def copy_state(source: Path, target: str, *, password: str | None, now: float) -> CopyReport:
+    """Copy the SQLite state at `source` into the empty PostgreSQL database `target` and
+    verify it."""
     if not source.is_file():
         raise BadInputError(
             f"there is no SQLite state at {source} (settings key state_db): nothing to copy"
