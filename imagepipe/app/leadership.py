@@ -34,8 +34,10 @@ from enum import Enum
 
 from imagepipe.app.metrics import KeeperMetrics
 from imagepipe.app.notify import SystemdNotifier
-from imagepipe.errors import FencedError, ImagepipeError
+from imagepipe.config import Settings
+from imagepipe.errors import FencedError, ImagepipeError, OperationFailedError
 from imagepipe.log import fields
+from imagepipe.pool.keeper import Keeper, PassReport
 from imagepipe.pool.ports import Clock
 from imagepipe.pool.store import Leadership
 
@@ -50,6 +52,40 @@ class LeaseSettings:
     lease: float = 30.0  # how long a lease runs without a renewal
     loop_wait: float = 10.0  # seconds between two renewals (or, waiting, two tries)
     retry_timeout: float = 10.0  # how long one store call may take before it counts as failed
+
+
+def election_for(settings: Settings, store: Leadership, clock: Clock) -> Election | None:
+    """The keeper's election when its state is shared (PostgreSQL); None for the SQLite
+    state of one host, whose one keeper always acts, as before."""
+    if settings.state is None:
+        return None
+    cfg = settings.keeper
+    lease = LeaseSettings(cfg.lease, cfg.lease_loop, cfg.lease_retry)
+    return Election(store, holder_name(), lease, clock)
+
+
+def pass_once(keeper: Keeper, election: Election) -> PassReport:
+    """`keep --once` on a shared state: one pass under the lease, or none while another
+    keeper leads (two keepers must never act at once); the lease is given back after."""
+    election.step()
+    keeper.lead = election
+    try:
+        if election.term() is None:
+            who = election.leader or "another keeper"
+            raise OperationFailedError(
+                f"{who} leads the keepers of this state; --once changes nothing while it does"
+                + (
+                    " (the state database did not answer)"
+                    if election.role is Role.UNREACHABLE
+                    else ""
+                )
+            )
+        report = keeper.pass_if_leading()
+        if report is None:
+            raise OperationFailedError("this keeper's lease was lost during the pass; see the log")
+        return report
+    finally:
+        election.release()
 
 
 class Role(Enum):
@@ -244,7 +280,7 @@ class ElectionLoop:
         while not self._stop.is_set():
             before = self.election.role
             role = self.election.step()
-            if self.notifier is not None:
+            if self.notifier is not None and role is not Role.LEADING:
                 self._notify(role)
             if self.metrics is not None:
                 leading = self.election.term() is not None
@@ -257,8 +293,9 @@ class ElectionLoop:
             self._stop.wait(wait)
 
     def _notify(self, role: Role) -> None:
-        """The watchdog ping; a keeper that does not lead is ready too (systemd would fail
-        its start otherwise) and says why it changes nothing."""
+        """A keeper that does not lead: the watchdog ping (its keeper loop passes no more,
+        and a leader's passes ping themselves, so a wedged pass is still caught), and ready
+        too (systemd would fail its start otherwise), saying why it changes nothing."""
         assert self.notifier is not None
         self.notifier.watchdog()
         status = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from imagepipe.app.keeping import fail_if_failed
-from imagepipe.app.leadership import Election, ElectionLoop, LeaseSettings, holder_name
+from imagepipe.app.leadership import ElectionLoop, election_for, pass_once
 from imagepipe.app.metrics import KeeperMetrics, serve
 from imagepipe.app.notify import SystemdNotifier
 from imagepipe.app.reload import Reloader, load_keeper_config
@@ -31,8 +31,9 @@ def keep(
     runtime = cli.runtime(config.settings)
     try:
         keeper = runtime.keeper(list(config.specs), other_pools=config.other_pools)
+        election = election_for(config.settings, runtime.store, runtime.clock)
         if once:
-            report = keeper.run_pass()
+            report = keeper.run_pass() if election is None else pass_once(keeper, election)
             fail_if_failed(report)
             return
         address = config.settings.keeper.metrics
@@ -44,10 +45,7 @@ def keep(
         )
         keeper.hooks = service
         loop = None
-        if config.settings.state is not None:  # a shared store: the keepers elect a leader
-            cfg = config.settings.keeper
-            lease = LeaseSettings(cfg.lease, cfg.lease_loop, cfg.lease_retry)
-            election = Election(runtime.store, holder_name(), lease, runtime.clock)
+        if election is not None:  # a shared state: the keepers elect a leader
             keeper.lead = election
             loop = ElectionLoop(election, notifier, on_change=keeper.wake, metrics=metrics)
             loop.start()

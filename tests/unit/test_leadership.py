@@ -13,12 +13,20 @@ from typing import Any
 
 import pytest
 
-from imagepipe.app.leadership import Election, LeaseSettings, Role
+from imagepipe.app.leadership import Election, LeaseSettings, Role, pass_once
 from imagepipe.config import parse_settings
 from imagepipe.config.yamlsrc import load_file
-from imagepipe.errors import ConfigError, FencedError, StoreUnavailableError
+from imagepipe.errors import (
+    ConfigError,
+    FencedError,
+    OperationFailedError,
+    StoreUnavailableError,
+)
+from imagepipe.pool.keeper import Keeper
+from imagepipe.pool.model import PoolSpec
 from imagepipe.stores.sqlite import SQLiteStore
-from tests.fakes.hypervisor import FakeClock
+from tests.fakes.balancer import FakeBalancer
+from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
 
 LEASE = LeaseSettings(lease=30.0, loop_wait=10.0, retry_timeout=10.0)
 
@@ -231,3 +239,46 @@ def test_the_lease_loop_pings_the_watchdog_says_who_leads_and_sets_the_metrics(
     assert metrics.registry.get_sample_value("imagepipe_keeper_leading") == 0
     assert metrics.registry.get_sample_value("imagepipe_state_store_reachable") == 1
     assert not woken.is_set()  # it was a standby from its first step: nothing to wake
+
+
+def a_keeper(store: SQLiteStore, clock: FakeClock) -> tuple[Keeper, FakeHypervisor]:
+    images = FakeImages()
+    hv = FakeHypervisor(clock=clock.now)
+    hv.add_base(images.publish("tiny", 1))
+    spec = PoolSpec(name="lab", image="tiny", initial=1, free=1, max=2, port_first=7400)
+    keeper = Keeper(
+        hypervisor=hv,
+        balancer=FakeBalancer(),
+        store=store,
+        images=images,
+        specs=[spec],
+        clock=clock,
+    )
+    return keeper, hv
+
+
+def test_keep_once_while_another_keeper_leads_changes_nothing_and_says_who_leads(
+    store: SQLiteStore, clock: FakeClock
+) -> None:
+    Election(store, "host-a/1", LEASE, clock).step()
+    keeper, hv = a_keeper(store, clock)
+
+    with pytest.raises(OperationFailedError, match="host-a/1 leads the keepers"):
+        pass_once(keeper, Election(store, "host-b/2", LEASE, clock))
+
+    assert hv.clones == {}
+    lease = store.leader(clock.now())
+    assert lease is not None and lease.holder == "host-a/1" and lease.held
+
+
+def test_keep_once_with_nobody_leading_passes_under_the_lease_and_gives_it_back(
+    store: SQLiteStore, clock: FakeClock
+) -> None:
+    keeper, _ = a_keeper(store, clock)
+
+    report = pass_once(keeper, Election(store, "host-b/2", LEASE, clock))
+
+    assert report.ok
+    assert store.load_pool("lab").target_version == 1  # its pass wrote under the lease
+    lease = store.leader(clock.now())
+    assert lease is not None and lease.holder == "host-b/2" and not lease.held
