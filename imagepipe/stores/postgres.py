@@ -156,6 +156,49 @@ def password_in(dsn: str) -> bool:
     return "password" in conninfo_to_dict(dsn)
 
 
+def read_schema_version(
+    dsn: str, *, password: str | None, connect_timeout: float = CONNECT_TIMEOUT
+) -> int:
+    """The schema version of the state in the database, writing nothing (for `imagepipe
+    doctor`); 0 when no keeper has made it yet. StoreUnavailableError when the database
+    cannot be reached (the message names the URL, never the password)."""
+    import psycopg
+
+    with _connect(dsn, password, connect_timeout) as conn:
+        try:
+            conn.execute("SET default_transaction_read_only TO on")
+            return _stored_version(conn)
+        except psycopg.Error as exc:
+            raise StoreUnavailableError(f"state database {dsn}: {_scrub(exc, password)}") from exc
+
+
+def _connect(dsn: str, password: str | None, connect_timeout: float) -> Any:
+    """A new autocommit connection; the password goes to libpq as a parameter, never in a
+    connection string. StoreUnavailableError (without the password) when it fails."""
+    try:
+        import psycopg
+    except ImportError:
+        raise EnvironmentMissingError(
+            "the PostgreSQL state (settings key state) needs psycopg: "
+            "pip install 'imagepipe[postgresql]' (./install.sh installs it)"
+        ) from None
+    extra: dict[str, Any] = {"connect_timeout": max(1, round(connect_timeout))}
+    if password is not None:
+        extra["password"] = password
+    try:
+        return psycopg.connect(dsn, autocommit=True, application_name="imagepipe", **extra)
+    except psycopg.Error as exc:
+        raise StoreUnavailableError(
+            f"cannot reach the state database {dsn}: {_scrub(exc, password)}"
+        ) from exc
+
+
+def _scrub(exc: Exception, password: str | None) -> str:
+    """The error's text without the password, should a server or libpq ever echo it."""
+    text = str(exc).strip()
+    return text.replace(password, "***") if password else text
+
+
 class PostgresStore(SQLStore):
     """PostgreSQL state store. Thread-safe: one connection, used under a lock; a lost
     connection is made again on the next call (StoreUnavailableError while it cannot be)."""
@@ -208,25 +251,10 @@ class PostgresStore(SQLStore):
             and not self._link.conn.closed
         ):
             return self._link.conn
-        try:
-            import psycopg
-        except ImportError:
-            raise EnvironmentMissingError(
-                "the PostgreSQL state (settings key state) needs psycopg: "
-                "pip install 'imagepipe[postgresql]' (./install.sh installs it)"
-            ) from None
         if self._link.conn is not None:
             self._link.conn.close()
             self._link.conn = None
-        extra: dict[str, Any] = {"connect_timeout": max(1, round(self._connect_timeout))}
-        if self._password is not None:
-            extra["password"] = self._password
-        try:
-            conn = psycopg.connect(self.dsn, autocommit=True, application_name="imagepipe", **extra)
-        except psycopg.Error as exc:
-            raise StoreUnavailableError(
-                f"cannot reach the state database {self.dsn}: {self._scrub(exc)}"
-            ) from exc
+        conn = _connect(self.dsn, self._password, self._connect_timeout)
         try:
             self._check_schema(conn)
             # Transactions (_write) commit durably: they set synchronous_commit on for
@@ -331,11 +359,7 @@ class PostgresStore(SQLStore):
         return float(row[0])
 
     def _scrub(self, exc: Exception) -> str:
-        """The error's text without the password, should a server or libpq ever echo it."""
-        text = str(exc).strip()
-        if self._password:
-            text = text.replace(self._password, "***")
-        return text
+        return _scrub(exc, self._password)
 
     def close(self) -> None:
         with self._lock:

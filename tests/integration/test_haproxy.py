@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from imagepipe.balancers.haproxy import HAProxyBalancer
+from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 from imagepipe.errors import EnvironmentMissingError
 from imagepipe.pool.model import BackendState
 from tests.contract.balancer_suite import BalancerContract

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from imagepipe.balancers.haproxy import HAProxyBalancer
+from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 from imagepipe.pool.model import Endpoint
 from tests.integration import balancers
 from tests.integration.balancers import HAProxyHarness

@@ -15,6 +15,7 @@ import pytest
 from imagepipe.app.bootstrap import Adapters, open_store
 from imagepipe.cli.app import main
 from imagepipe.config import load_pool_file, load_settings
+from imagepipe.doctor import Status, check_state_db
 from imagepipe.errors import StoreUnavailableError
 from imagepipe.pool.keeper import Keeper
 from imagepipe.pool.model import CloneRecord, CloneState, CreateClone, Endpoint, PoolDown
@@ -205,6 +206,24 @@ def test_a_failed_connection_names_the_database_and_never_the_password(
     err = capsys.readouterr().err
     assert code == 4 and "password authentication failed" in err
     assert wrong not in err and postgres_server.password not in err
+
+
+def test_doctor_checks_the_shared_state_with_its_password_and_writes_nothing(
+    admin: Admin, postgres_server: PostgresServer
+) -> None:
+    settings = load_settings(admin.settings)
+    for _ in range(2):  # the first made nothing either
+        fresh = check_state_db(settings)
+        assert fresh.status is Status.OK and "no state yet" in fresh.detail
+    admin.store().close()  # a keeper's first start makes the tables
+    made = check_state_db(settings)
+    assert made.status is Status.OK and "(current)" in made.detail
+
+    (admin.folder / "pgpass").write_text("not-" + postgres_server.password + "\n")
+    refused = check_state_db(settings)
+    assert refused.status is Status.FAIL and "password authentication failed" in refused.detail
+    assert postgres_server.password not in refused.detail
+    assert refused.fix is not None and "state_password_file" in refused.fix
 
 
 def test_a_password_in_the_url_is_refused_without_showing_it(
