@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.balancers.haproxy import HAProxyBalancer
-from imagepipe.balancers.ipvs import IPVSBalancer
-from imagepipe.balancers.ipvs_parse import format_endpoint, parse_names, render_names
+from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
+from imagepipe.balancers.ipvs.balancer import IPVSBalancer
+from imagepipe.balancers.ipvs.parse import format_endpoint, parse_names, render_names
 from imagepipe.pool.model import Endpoint
 from imagepipe.pool.ports import Balancer
 from tests.conftest import require, require_program
