@@ -98,6 +98,45 @@ def test_the_docs_name_no_tracker_issue_numbers(page: Path) -> None:
     assert not found, f"{page.relative_to(ROOT)}: " + "; ".join(found)
 
 
+TOP = ("imagepipe/", "tests/", "benchmarks/", "scripts/", "packer/", "docs/", ".github/", ".ci/")
+PACKAGE = ("pool/", "app/", "cli/", "config/", "images/", "hypervisors/", "balancers/", "sim/")
+
+
+def _named_files(text: str) -> list[str]:
+    """Repository paths named in inline code: `imagepipe/pool/store.py`, `planner/forecast.py`
+    (inside the package), `bench_soak.py` (anywhere); not patterns (`test_ipvs_*.py`,
+    `<pool>.yml`) nor files on the host (`/etc/…`)."""
+    names = []
+    for span in re.findall(r"`([^`\n]+)`", _prose(text)):
+        for word in span.split():
+            word = word.rstrip(",.:;)").lstrip("(")
+            if re.search(r"[*<>{}$…]|^/|^~|://", word):
+                continue
+            word = re.sub(r":\d+$", "", word)  # file:line in an error message
+            pathlike = word.endswith("/") or re.search(r"\.\w+(?:::\w+)?$", word)
+            in_repo = bool(pathlike) and word.startswith(TOP + PACKAGE)
+            if in_repo or re.fullmatch(r"[\w.-]+\.(?:py|sh)", word):
+                names.append(word)
+    return names
+
+
+def _exists(name: str) -> bool:
+    name, _, test = name.partition("::")
+    if test:  # a test in a module: the module defines it
+        return _exists(name) and f"def {test}(" in (ROOT / name).read_text()
+    if name.startswith(TOP):
+        return (ROOT / name).exists()
+    if name.startswith(PACKAGE):
+        return (ROOT / "imagepipe" / name).exists() or (ROOT / "imagepipe/pool" / name).exists()
+    return any(ROOT.glob(f"**/{name}"))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_repository_file_the_docs_name_exists(page: Path) -> None:
+    missing = sorted({n for n in _named_files(page.read_text()) if not _exists(n)})
+    assert not missing, f"{page.relative_to(ROOT)} names files that are not there: {missing}"
+
+
 def _commands_table() -> list[tuple[tuple[str, ...], list[str]]]:
     """(command words, options) for every command the README's commands table names."""
     found: list[tuple[tuple[str, ...], list[str]]] = []
@@ -149,6 +188,53 @@ def test_the_global_options_the_readme_names_exist(
     code, out = _help([], capsys)
     assert code == 0
     assert [o for o in options if o not in out] == []
+
+
+def _command_uses() -> list[tuple[str, str, bool]]:
+    """(where, command line, typed in a shell) for every `imagepipe …` the pages show: inline
+    code, lines of shell blocks, `$ imagepipe …` lines of any block (not a screen's text)."""
+    uses: list[tuple[str, str, bool]] = []
+    for page in PAGES:
+        text = page.read_text()
+        where = page.relative_to(ROOT).as_posix()
+        for span in re.findall(r"`([^`\n]+)`", _prose(text)):
+            uses.append((where, span, False))
+        for block in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M):
+            for line in block.group(2).splitlines():
+                shell = block.group(1) in ("sh", "console") or line.startswith("$ ")
+                uses += [(where, line.removeprefix("$ "), True)] if shell else []
+    found: list[tuple[str, str, bool]] = []
+    for where, text, shell in uses:
+        for part in re.split(r";|&&|\|\||\s#\s", text):
+            match = re.match(r"\s*(?:\S*/)?imagepipe(?:\s+(?:--config|-c)\s+\S+)?\s+(.*)", part)
+            if match:
+                found.append((where, match.group(1).replace("\\|", "|"), shell))
+    return found
+
+
+def test_every_imagepipe_command_line_in_the_docs_uses_commands_and_options_that_exist(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    commands = {words for words, _ in _commands_table()}
+    helps: dict[tuple[str, ...], tuple[int, str]] = {}
+    wrong = []
+    uses = _command_uses()
+    assert len(uses) >= 50
+    for where, line, shell in uses:
+        tokens = line.split()
+        words = tuple(itertools.takewhile(re.compile(r"[a-z][a-z-]*").fullmatch, tokens[:2]))
+        command = next((words[:n] for n in (2, 1) if words[:n] in commands), None)
+        if command is None:
+            if shell and words and words[0] not in {c[0] for c in commands}:
+                wrong.append(f"{where}: imagepipe {line}: no such command")
+            continue
+        if command not in helps:
+            helps[command] = _help(list(command), capsys)
+        out = helps[command][1]
+        options = re.findall(r"(?<![\w-])--[a-z][a-z-]*", line)
+        wrong += [f"{where}: imagepipe {line}: no option {o}" for o in options if o not in out]
+    assert not wrong, wrong
 
 
 def _fields(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
@@ -249,3 +335,20 @@ def test_the_configuration_reference_states_the_defaults_the_models_have(
             wrong.append(f"{key}: documented {cell}, the model says {field.default!r}")
     assert compared >= 10
     assert not wrong, wrong
+
+
+@pytest.mark.parametrize(
+    "page",
+    [p for p in PAGES if p.name != "contracts.md"],  # that page speaks Python, not files
+    ids=lambda p: p.relative_to(ROOT).as_posix(),
+)
+def test_every_dotted_settings_or_pool_key_the_docs_name_exists(page: Path) -> None:
+    """`balancer.bind`, `size.free`: a key written anywhere is one the files accept."""
+    keys = set(_fields(Settings)) | set(_fields(PoolFile))
+    sections = {k.split(".")[0] for k in keys if "." in k}
+    wrong = set()
+    for span in re.findall(r"`([^`\n]+)`", _prose(page.read_text())):
+        for key in re.findall(r"(?<![\w./-])[a-z_]+(?:\.[a-z_]+)+(?![\w/(-])", span):
+            if key.split(".")[0] in sections and not re.search(r"\.(py|md|ya?ml)$", key):
+                wrong |= set() if key in keys else {key}
+    assert not wrong, f"{page.relative_to(ROOT)}: no such key: {sorted(wrong)}"
