@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import BaseModel
 
 from imagepipe.cli.app import main
-from imagepipe.config.pools import PoolFile
-from imagepipe.config.settings import Settings
+from imagepipe.config.pools import PoolFile, load_pool_file
+from imagepipe.config.settings import Settings, load_settings
 from imagepipe.config.values import parse_duration, parse_port_range, parse_size
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -352,3 +353,43 @@ def test_every_dotted_settings_or_pool_key_the_docs_name_exists(page: Path) -> N
             if key.split(".")[0] in sections and not re.search(r"\.(py|md|ya?ml)$", key):
                 wrong |= set() if key in keys else {key}
     assert not wrong, f"{page.relative_to(ROOT)}: no such key: {sorted(wrong)}"
+
+
+SETTINGS_TOP = set(Settings.model_fields) - SETTINGS_NOT_KEYS
+POOL_TOP = {f.alias or n for n, f in PoolFile.model_fields.items()}
+
+
+def _yaml_examples() -> list[tuple[str, str]]:
+    """(page:line, YAML) of every example made only of settings keys or only of pool keys."""
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        for m in re.finditer(r"^```ya?ml\n(.*?)^```", text, re.S | re.M):
+            top = set(yaml.safe_load(m.group(1)))
+            if top <= SETTINGS_TOP or top <= POOL_TOP:
+                where = (
+                    f"{page.relative_to(ROOT).as_posix()}:{text[: m.start()].count(chr(10)) + 2}"
+                )
+                found.append((where, m.group(1)))
+    return found
+
+
+def test_the_docs_show_settings_and_pool_file_examples() -> None:
+    assert len(_yaml_examples()) >= 4
+
+
+@pytest.mark.parametrize(("where", "example"), _yaml_examples(), ids=lambda v: v.split("\n")[0])
+def test_every_settings_or_pool_file_example_in_the_docs_is_accepted(
+    where: str, example: str, tmp_path: Path
+) -> None:
+    """A YAML example made of settings keys is a settings file imagepipe accepts; one made of
+    pool-file keys (with a name and an image added when it shows only a part) is a valid pool."""
+    top = set(yaml.safe_load(example))
+    path = tmp_path / "example.yml"
+    if top <= SETTINGS_TOP:
+        path.write_text(example)
+        load_settings(path)
+    else:
+        needed = {"name": "lab", "image": "tiny"}
+        path.write_text("".join(f"{k}: {v}\n" for k, v in needed.items() if k not in top) + example)
+        load_pool_file(path)
