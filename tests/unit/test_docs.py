@@ -393,3 +393,16 @@ def test_every_settings_or_pool_file_example_in_the_docs_is_accepted(
         needed = {"name": "lab", "image": "tiny"}
         path.write_text("".join(f"{k}: {v}\n" for k, v in needed.items() if k not in top) + example)
         load_pool_file(path)
+
+
+def test_the_metrics_the_docs_name_are_the_metrics_the_keeper_serves() -> None:
+    served = set(
+        re.findall(r'"(imagepipe_[a-z_]+)"', (ROOT / "imagepipe/app/metrics.py").read_text())
+    )
+    assert len(served) >= 10
+    named = set()
+    for page in PAGES:
+        for name in re.findall(r"\bimagepipe_[a-z_]+", page.read_text()):
+            named.add(re.sub(r"_(total|bucket|sum|count|created)$", "", name))
+    assert sorted(named - served) == [], "named in the docs, not served"
+    assert sorted(served - named) == [], "served, not in the docs"
