@@ -48,7 +48,7 @@ install_service() {
   fi
   install -d -m 0755 "$r/etc/imagepipe"
   install -d -m 0755 "$r/etc/imagepipe/pools"
-  install -d -m 0750 "$r/var/lib/imagepipe"
+  install -d -m 0700 "$r/var/lib/imagepipe"
   chroot_owner="$(awk -F: '$1 == "imagepipe" {print $3 ":" $4}' "$r/etc/passwd")"
   chown "$chroot_owner" "$r/var/lib/imagepipe"
   if [ ! -e "$r/etc/imagepipe/imagepipe.yml" ]; then
@@ -106,7 +106,11 @@ if [ -n "$root" ]; then
   exit 0
 fi
 
-./scripts/setup-host.sh
+if [[ ",$extras," == *,dev,* ]]; then
+  ./scripts/setup-host.sh --dev
+else
+  ./scripts/setup-host.sh
+fi
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv

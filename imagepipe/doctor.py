@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from imagepipe.images.registry import Registry
 from imagepipe.log import fields
 from imagepipe.pool.model import PoolSpec
 from imagepipe.pool.store import SCHEMA_VERSION, read_schema_version
+from imagepipe.private import DIR_MODE, FILE_MODE
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ def run_checks(config: Path | None) -> list[Check]:
             check_writable_folder("run-dir", settings.run_dir, "run_dir"),
             check_registry(settings),
             check_writable_folder("image-store", settings.image_store, "image_store"),
+            check_private_modes(settings),
         ]
         checks += check_pool_images(settings, specs)
     for check in checks:
@@ -381,6 +384,29 @@ def _not_writable(folder: Path) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
     return None
+
+
+def check_private_modes(settings: Settings) -> Check:
+    """The state database (who used which desktop when), its folder, the run folder and the
+    registry's working files are owner-only; warn about any that group or others can use."""
+    db = settings.state_db
+    registry_lock = settings.registry.parent / f".{settings.registry.name}.lock"
+    files = [db, db.with_name(f"{db.name}-wal"), db.with_name(f"{db.name}-shm"), registry_lock]
+    folders = [db.parent, settings.run_dir, settings.registry]
+    loose = [(p, FILE_MODE) for p in files if _looser(p)]
+    loose += [(p, DIR_MODE) for p in folders if _looser(p)]
+    if not loose:
+        return ok("private-modes", "state, run folder and registry are owner-only")
+    detail = ", ".join(f"{p} is {stat.S_IMODE(p.stat().st_mode):04o}" for p, _ in loose)
+    fix = "; ".join(f"chmod {mode:o} {p}" for p, mode in loose)
+    return warn("private-modes", f"{detail}: group or others can read them", fix)
+
+
+def _looser(path: Path) -> bool:
+    try:
+        return stat.S_IMODE(path.lstat().st_mode) & 0o077 != 0 and not path.is_symlink()
+    except OSError:
+        return False  # missing: created owner-only when needed
 
 
 def check_registry(settings: Settings) -> Check:

@@ -1,20 +1,66 @@
 #!/usr/bin/env bash
 # Install and start what imagepipe drives on this host: Packer, QEMU, libvirt, HAProxy, git,
-# and what the tiny test guest is built from. Idempotent: safe to run again.
+# what install.sh builds the venv with and what the tiny test guest is built from; `--dev`
+# adds the test tools. Idempotent: safe to run again.
 # Debian 12, as root. Leaves an already running libvirtd alone.
 set -euo pipefail
+
+dev=no
+case "${1:-}" in
+  "") ;;
+  --dev) dev=yes ;;
+  *) echo "setup-host: unknown option $1 (--dev: the test tools too)" >&2; exit 2 ;;
+esac
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup-host: run as root (it installs packages and starts libvirtd)" >&2
   exit 3
 fi
 
+# Every package imagepipe, its scripts and its build need on a fresh Debian 12, beyond what
+# `debootstrap --variant=minbase` has (the Essential and required packages). One per line,
+# grouped by what needs it; tests/integration/test_fresh_host.py resolves the list on a
+# minimal Debian 12 root and checks every program the scripts call against it.
 packages=(
-  packer qemu-system-x86 qemu-utils
-  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
-  haproxy git busybox-static cpio e2fsprogs
-  systemd passwd shellcheck tini
+  # image builds: Packer with its QEMU builder
+  packer
+  qemu-system-x86
+  qemu-utils
+  # hypervisor: libvirt's daemon and QEMU driver, virsh and virt-admin
+  libvirt-daemon
+  libvirt-daemon-driver-qemu
+  libvirt-clients
+  tini          # scripts/libvirtd.sh supervises libvirtd with it
+  procps        # pgrep / pkill in scripts/libvirtd.sh
+  # balancer and registry
+  haproxy
+  git
+  # install.sh: the venv, and libvirt-python compiled by pip against libvirt's headers
+  python3
+  python3-venv
+  python3-dev
+  gcc
+  libc6-dev
+  libvirt-dev
+  pkg-config
+  ca-certificates   # pip downloads over HTTPS
+  # the tiny test guest and the IPVS director (packer/*/build-*.sh): busybox, a static agent
+  busybox-static
+  cpio
+  e2fsprogs     # mkfs.ext2 for test disks
+  # the keeper as a service (install.sh --service) and the tests' network namespaces
+  systemd
+  passwd
+  iproute2
 )
+# ./install.sh --dev: what the tests and the checks run besides the Python tools.
+dev_packages=(
+  shellcheck    # actionlint checks the workflows' run: scripts with it
+  debootstrap   # tests/integration/test_fresh_host.py: a minimal Debian 12 root
+)
+if [ "$dev" = yes ]; then
+  packages+=("${dev_packages[@]}")
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -29,6 +29,7 @@ from imagepipe.pool.keeper import Keeper, KeeperOptions
 from imagepipe.pool.model import PoolSpec
 from imagepipe.pool.ports import Balancer, Channels, Clock, Hypervisor, Images
 from imagepipe.pool.store import Store
+from imagepipe.private import private_dir
 
 if TYPE_CHECKING:
     from imagepipe.hypervisors.libvirt_import import DomainImporter
@@ -241,8 +242,8 @@ def bootstrap(
 
 def open_store(settings: Settings) -> Store:
     try:
-        settings.state_db.parent.mkdir(parents=True, exist_ok=True)
-        settings.run_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.state_db.parent)
+        private_dir(settings.run_dir)
     except OSError as exc:
         raise EnvironmentMissingError(
             f"cannot create {settings.state_db.parent} or {settings.run_dir}: {exc.strerror}; "

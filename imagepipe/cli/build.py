@@ -33,7 +33,11 @@ def build(
     only: list[str] | None = typer.Option(None, "--only", help="Packer build name, repeatable."),
     force: bool = typer.Option(False, "--force", help="Build even when nothing changed."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Render and validate; build nothing."),
-    keep_build_dir: bool = typer.Option(False, "--keep-build-dir", help="Keep rendered files."),
+    keep_build_dir: bool = typer.Option(
+        False,
+        "--keep-build-dir",
+        help="Keep the build directory (logs, rendered files without a secret).",
+    ),
     changed: bool = typer.Option(
         False, "--changed", help="Build every image whose inputs changed (what CI runs)."
     ),

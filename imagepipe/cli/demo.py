@@ -7,6 +7,7 @@ demo directory, and runs the keeper with HAProxy on 127.0.0.1:5999.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from rich.console import Console
 
 from imagepipe.app.bootstrap import stop_managed_balancer
 from imagepipe.app.keeping import fail_if_failed, stop_on_signals
+from imagepipe.app.pidlock import holding, stop_holder
 from imagepipe.app.pool_down import drive_down, mark_down
 from imagepipe.cli.context import CliContext, cli_context
 from imagepipe.config import Settings, load_pool_file, load_settings
@@ -28,6 +30,8 @@ DEFAULT_DIR = Path("/var/lib/imagepipe/demo")
 POOL = "demo"
 BIND = "127.0.0.1:5999"
 READY_TIMEOUT = 600.0  # seconds --no-keep waits for the pool to be ready
+KEEPER_PID = "demo-keeper.pid"  # in the demo's run folder, locked while `imagepipe demo` runs
+STOP_TIMEOUT = 120.0  # seconds `--down` gives the demo's keeper to finish its pass and stop
 POLL = 1.0
 
 POOL_FILE = f"""\
@@ -82,6 +86,29 @@ def demo(
     settings = load_settings(files.settings)
     spec = load_pool_file(files.pool)
     console.print(f"demo settings: {files.settings}")
+    with holding(settings.run_dir / KEEPER_PID, _already_kept(files.directory)):
+        _run_demo(cli, settings, spec, files, console, no_keep=no_keep)
+
+
+def _already_kept(directory: Path) -> Callable[[int | None], str]:
+    def message(pid: int | None) -> str:
+        return (
+            f"the demo in {directory} is kept already (pid {pid}); "
+            "`imagepipe demo --down` stops it and removes the demo"
+        )
+
+    return message
+
+
+def _run_demo(
+    cli: CliContext,
+    settings: Settings,
+    spec: PoolSpec,
+    files: DemoFiles,
+    console: Console,
+    *,
+    no_keep: bool,
+) -> None:
     result = build_image(settings, "tiny", progress=PlainProgress())
     console.print(result.message)
     runtime = cli.runtime(settings)
@@ -112,6 +139,10 @@ def take_demo_down(cli: CliContext, directory: Path, console: Console) -> None:
         raise BadInputError(f"no demo in {directory} (no {files.settings}); nothing to take down")
     settings = load_settings(files.settings)
     spec = load_pool_file(files.pool)
+    # First the demo's keeper: it would bring HAProxy and desktops back after us.
+    pid = stop_holder(settings.run_dir / KEEPER_PID, "the demo's keeper", timeout=STOP_TIMEOUT)
+    if pid is not None:
+        console.print(f"the demo's keeper (pid {pid}) is stopped")
     mark_down(settings, POOL, now=True, at=time.time())
     runtime = cli.runtime(settings)
     try:

@@ -27,7 +27,12 @@ from imagepipe.images.records import ScalarValue, VersionRecord
 from imagepipe.images.registry import NewVersion, Registry
 from imagepipe.images.source import source_state
 from imagepipe.images.stream import PackerEvent
-from imagepipe.images.templates import render_image, render_string, rendered_digests
+from imagepipe.images.templates import (
+    render_image,
+    render_string,
+    rendered_digests,
+    secret_outputs,
+)
 from imagepipe.images.variables import resolve_secrets, resolve_variables
 from imagepipe.log import fields
 
@@ -189,6 +194,7 @@ def build_image(
         return result
     finally:
         if keep:
+            _remove_secret_files(loaded, build_dir)
             log.info("build directory kept", extra=fields(image=image, path=str(build_dir)))
         else:
             shutil.rmtree(build_dir, ignore_errors=True)
@@ -311,6 +317,18 @@ def _prepare(image: Image, build_dir: Path) -> None:
         raise BuildFailedError(
             f"{script} exited with {done.returncode}: {tail[0]} (log: {log_path})"
         )
+
+
+def _remove_secret_files(image: Image, build_dir: Path) -> None:
+    """A kept build directory keeps its logs, never a rendered file that carries a secret."""
+    for name in secret_outputs(image):
+        path = build_dir / name
+        if path.exists():
+            path.unlink()
+            log.info(
+                "rendered file with a secret removed",
+                extra=fields(image=image.name, path=str(path)),
+            )
 
 
 def _new_build_dir(image_store: Path, image: str) -> Path:

@@ -23,13 +23,15 @@ artifact:
 
 from __future__ import annotations
 
+import os
 import re
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from imagepipe.config.yamlsrc import load_text, path_kind, read_text
+from imagepipe.config.yamlsrc import format_path, load_text, path_kind, read_text
 from imagepipe.errors import BadInputError, ConfigError
 from imagepipe.images import names
 
@@ -173,14 +175,78 @@ def load_image(packer_dir: Path, name: str) -> Image:
         known = ", ".join(list_images(packer_dir)) or "none"
         raise BadInputError(f"unknown image {name!r} in {packer_dir} (images: {known})")
     definition = parse_definition(read_text(path), str(path))
-    for template in definition.templates:
+    image = Image(name=name, folder=folder, definition=definition)
+    keys: list[tuple[str | int, ...]] = [("template",)]
+    keys += [("render", i) for i in range(len(definition.render))]
+    for key, template in zip(keys, definition.templates, strict=True):
+        outside = _leaves_folder(folder, template)
+        if outside:
+            raise _entry_error(image, key, outside)
         if not (folder / template).is_file():
             raise ConfigError(f"template {template} does not exist", file=str(path), key="template")
     if definition.prepare and not (folder / definition.prepare).is_file():
         raise ConfigError(
             f"prepare script {definition.prepare} does not exist", file=str(path), key="prepare"
         )
-    return Image(name=name, folder=folder, definition=definition)
+    copy_sources(image)
+    return image
+
+
+@dataclass(frozen=True)
+class CopiedFile:
+    """A plain file `copy:` brings into the build: where it is read and where it goes."""
+
+    source: Path  # inside the image folder, links resolved
+    relative: PurePosixPath  # its place in the build directory (no `..`, not absolute)
+
+
+def copy_sources(image: Image) -> list[CopiedFile]:
+    """Every plain file the `copy:` entries bring into the build, confined to the image folder:
+    an entry that is absolute, climbs with `..`, or reaches (itself or any file or link under
+    it) outside the folder through a symbolic link is refused with image.yml's file, line and
+    key. Checked when the image is loaded and again right before copying."""
+    root = image.folder.resolve()
+    files: list[CopiedFile] = []
+    for index, name in enumerate(image.definition.copy_files):
+        key = ("copy", index)
+        outside = _leaves_folder(image.folder, name)
+        if outside:
+            raise _entry_error(image, key, outside)
+        source = image.folder / name
+        if not source.exists():
+            raise _entry_error(image, key, f"{name} does not exist")
+        found = [source]
+        if source.is_dir() and not source.is_symlink():
+            for top, dirs, names in os.walk(source):
+                dirs.sort()
+                found += [Path(top, entry) for entry in sorted(dirs + names)]
+        for path in found:
+            relative = PurePosixPath(path.relative_to(image.folder).as_posix())
+            real = path.resolve()
+            if not real.is_relative_to(root):
+                raise _entry_error(
+                    image, key, f"{relative} is a link to {real}, outside the image folder {root}"
+                )
+            if real.is_file():
+                files.append(CopiedFile(real, relative))
+    return files
+
+
+def _leaves_folder(folder: Path, name: str) -> str | None:
+    """Why `name` (a path in image.yml) is not a plain path inside the image folder, or None."""
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts:
+        return f"{name} is outside the image folder {folder} (give a path inside it, without ..)"
+    real = (folder / name).resolve()
+    if not real.is_relative_to(folder.resolve()):
+        return f"{name} leads to {real}, outside the image folder {folder.resolve()}"
+    return None
+
+
+def _entry_error(image: Image, key: tuple[str | int, ...], message: str) -> ConfigError:
+    source = str(image.definition_file)
+    line = load_text(read_text(image.definition_file), source).line_of(key)
+    return ConfigError(message, file=source, line=line, key=format_path(key))
 
 
 def parse_definition(text: str, source: str) -> ImageDefinition:

@@ -41,6 +41,7 @@ from imagepipe.images.records import (
     now_iso,
 )
 from imagepipe.log import fields
+from imagepipe.private import FILE_MODE, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Registry:
     def __init__(self, path: Path, store_dir: Path) -> None:
         self.path = path
         self.store_dir = store_dir
-        self._lock = FileLock(str(path.parent / f".{path.name}.lock"))
+        self._lock = FileLock(str(path.parent / f".{path.name}.lock"), mode=FILE_MODE)
         self._cache: dict[Path, _Cached] = {}
         self.parsed = 0  # files parsed (not served from the cache), for tests and metrics
 
@@ -372,7 +373,7 @@ class Registry:
 
     @contextmanager
     def _writing(self) -> Iterator[git.Repo]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         with self._lock:
             yield self._open_or_create()
 
@@ -384,7 +385,7 @@ class Registry:
                 f"registry {self.path} is not a git repository and not empty: point "
                 "`registry:` in imagepipe.yml at an empty or new folder"
             )
-        self.path.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path)  # owner-only: git's files inside keep the umask's modes
         repo = git.Repo.init(self.path)
         with repo.config_writer() as config:
             config.set_value("user", "name", _ACTOR.name)

@@ -18,9 +18,10 @@ from types import TracebackType
 from typing import Any
 
 import jinja2
+import jinja2.meta
 
 from imagepipe.errors import BadInputError
-from imagepipe.images.definition import Image
+from imagepipe.images.definition import Image, copy_sources
 
 
 @dataclass(frozen=True)
@@ -72,26 +73,57 @@ def render_string(text: str, context: Mapping[str, Any], source: str) -> str:
 
 def render_image(image: Image, context: Mapping[str, Any], build_dir: Path) -> list[RenderedFile]:
     """Render every template and copy every plain file of `image` into `build_dir`."""
+    copies = copy_sources(image)  # refused before anything is written
     files: list[RenderedFile] = []
     for template in image.definition.templates:
         text = render_text(image, template, context)
         target = build_dir / image.definition.output_name(template)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text, encoding="utf-8")
-        os.chmod(target, 0o600)  # rendered files may hold secrets (Autounattend.xml)
+        # Owner-only from the start: a rendered file may hold a secret (Autounattend.xml).
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(text)
         files.append(RenderedFile(target.relative_to(build_dir).as_posix(), _sha(text.encode())))
-    for name in image.definition.copy_files:
-        source = image.folder / name
-        if not source.exists():
-            raise BadInputError(f"{image.definition_file}: copy: {name} does not exist")
-        for path in sorted(source.rglob("*")) if source.is_dir() else [source]:
-            if path.is_file():
-                relative = path.relative_to(image.folder)
-                target = build_dir / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, target)
-                files.append(RenderedFile(relative.as_posix(), _sha(path.read_bytes())))
+    for copied in copies:
+        target = build_dir / copied.relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(copied.source, target)
+        files.append(RenderedFile(copied.relative.as_posix(), _sha(copied.source.read_bytes())))
     return sorted(files, key=lambda f: f.path)
+
+
+def secret_outputs(image: Image) -> list[str]:
+    """The rendered files (relative to the build directory) that carry a secret: those whose
+    template uses one of the image's `secrets:` names, itself or through a template it
+    includes, imports or extends. A build removes them whatever way it ends."""
+    secret_names = set(image.definition.secrets)
+    if not secret_names:
+        return []
+    env = make_environment(image.folder)
+    return [
+        image.definition.output_name(t)
+        for t in image.definition.templates
+        if _uses_any(env, t, secret_names, set())
+    ]
+
+
+def _uses_any(env: jinja2.Environment, template: str, wanted: set[str], seen: set[str]) -> bool:
+    if template in seen:
+        return False
+    seen.add(template)
+    assert env.loader is not None
+    try:
+        source, _, _ = env.loader.get_source(env, template)
+        tree = env.parse(source)
+    except jinja2.TemplateError:
+        return True  # cannot tell: treat as carrying a secret
+    if jinja2.meta.find_undeclared_variables(tree) & wanted:
+        return True
+    return any(
+        name is None or _uses_any(env, name, wanted, seen)
+        for name in jinja2.meta.find_referenced_templates(tree)
+    )
 
 
 def rendered_digests(image: Image, context: Mapping[str, Any]) -> list[RenderedFile]:

@@ -11,6 +11,7 @@ writer and any number of readers work at once. Writes are short IMMEDIATE transa
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -224,7 +225,7 @@ class Store:
                     uri = f"{self.path.resolve().as_uri()}?mode=ro"
                     db = sqlite3.connect(uri, uri=True, check_same_thread=False)
             else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                _create_owner_only(self.path)
                 db = sqlite3.connect(self.path, check_same_thread=False)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
@@ -667,6 +668,20 @@ def read_schema_version(path: Path) -> int:
             db.close()
     except sqlite3.DatabaseError as exc:
         raise _not_a_database(path, exc) from exc
+
+
+def _create_owner_only(path: Path) -> None:
+    """A new database file is 0600 in a 0700 folder whatever the umask: it holds who used
+    which desktop when. SQLite gives its -wal and -shm files the database file's mode."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return
+    os.fchmod(fd, 0o600)
+    os.close(fd)
 
 
 def _empty_database() -> sqlite3.Connection:

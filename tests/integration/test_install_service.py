@@ -77,7 +77,7 @@ def test_install_service_makes_user_folders_unit_and_settings_and_a_second_run_c
     assert settings.state_db == Path("/var/lib/imagepipe/state.db")
     unit = (root / UNIT).read_text()
     assert f"ExecStart={executable} --config /etc/imagepipe/imagepipe.yml keep" in unit
-    assert (root / "var/lib/imagepipe").stat().st_mode & 0o777 == 0o750
+    assert (root / "var/lib/imagepipe").stat().st_mode & 0o777 == 0o700
 
 
 @pytest.mark.real

@@ -308,3 +308,73 @@ def test_a_secret_reaches_the_build_but_no_argv_log_output_or_record(tmp_path: P
     for path in (tmp_path / "registry").rglob("*"):
         if path.is_file() and ".git" not in path.parts:
             assert secret not in path.read_text(errors="replace")
+
+
+ANSWER_IMAGE = """\
+description: an image whose answer file carries a secret
+builder: "null"
+template: main.pkr.hcl.j2
+render: [answer.xml.j2]
+secrets: {password: TEST_IMAGEPIPE_PASSWORD}
+artifact: {files: [out.txt]}
+"""
+
+ANSWER_FILE = "<Password>[= password | e =]</Password>\n"
+
+
+def _answer_image(packer_dir: Path, commands: list[str]) -> None:
+    folder = packer_dir / "answer"
+    folder.mkdir(parents=True)
+    (folder / "image.yml").write_text(ANSWER_IMAGE)
+    (folder / "answer.xml.j2").write_text(ANSWER_FILE)
+    (folder / "main.pkr.hcl.j2").write_text(NULL_TEMPLATE.format(commands=json.dumps(commands)))
+
+
+@pytest.mark.real
+@pytest.mark.parametrize(
+    ("ending", "commands", "argv", "code"),
+    [
+        ("failure", ["test -s answer.xml", "exit 3"], [], 4),
+        (
+            "success kept on request",
+            ["test -s answer.xml", "echo ok > out.txt"],
+            ["--keep-build-dir"],
+            0,
+        ),
+        ("ctrl-c", ["test -s answer.xml", "echo waiting", "sleep 60"], [], 130),
+    ],
+)
+def test_a_rendered_file_with_a_secret_is_removed_on_every_exit_and_the_logs_stay(
+    tmp_path: Path, ending: str, commands: list[str], argv: list[str], code: int
+) -> None:
+    require_program("packer")
+    _answer_image(tmp_path / "packer", commands)
+    config = _config(tmp_path, tmp_path / "packer")
+    secret = "Sw0rdfish<&>31337"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _CLI, "--config", str(config), "build", "answer", "--json", *argv],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TEST_IMAGEPIPE_PASSWORD": secret},
+    )
+    if ending == "ctrl-c":
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "waiting" in line:
+                break
+        process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    builds = tmp_path / "images" / ".builds"
+    kept = list(builds.iterdir()) if builds.is_dir() else []
+    if ending != "ctrl-c":
+        [build_dir] = kept
+        assert (build_dir / "packer.log").is_file()
+        assert (build_dir / "main.pkr.hcl").is_file()
+    for build_dir in kept:
+        assert not (build_dir / "answer.xml").exists()
+        for path in build_dir.rglob("*"):
+            if path.is_file():
+                assert "Sw0rdfish" not in path.read_text(errors="replace"), path

@@ -405,6 +405,7 @@ def test_doctor_on_this_host_passes_with_warnings_and_changes_nothing(
         "run-dir": "ok",
         "registry": "warn",
         "image-store": "ok",
+        "private-modes": "ok",
         "image:lab": "warn",
     }
     assert kvm in ("ok", "warn")  # depends on the host's /dev/kvm; never a FAIL

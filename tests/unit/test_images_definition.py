@@ -8,7 +8,7 @@ import pytest
 
 from imagepipe.errors import BadInputError, ConfigError
 from imagepipe.images.definition import list_images, load_image, parse_definition
-from imagepipe.images.templates import render_image
+from imagepipe.images.templates import render_image, secret_outputs
 
 REPO_PACKER = Path(__file__).resolve().parents[2] / "packer"
 
@@ -97,3 +97,80 @@ def test_the_shipped_images_are_valid() -> None:
         image = load_image(REPO_PACKER, name)
         assert image.definition.description
     assert load_image(REPO_PACKER, "win10-update").registers_as == "win10"
+
+
+def _copying(tmp_path: Path, entry: str) -> Path:
+    """An image whose image.yml copies `entry` (line 4); returns the packer folder."""
+    yml = GOOD.replace(
+        "template: main.pkr.hcl.j2\n", f"template: main.pkr.hcl.j2\ncopy: [{entry}]\n"
+    )
+    return _image(tmp_path, yml, "x\n")
+
+
+def test_a_copy_entry_climbing_out_of_the_image_folder_is_refused_with_file_line_and_key(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "packer" / "secret.txt").parent.mkdir(parents=True)
+    (tmp_path / "packer" / "secret.txt").write_text("not part of the image\n")
+    packer_dir = _copying(tmp_path, "../secret.txt")
+    with pytest.raises(ConfigError) as err:
+        load_image(packer_dir, "demo")
+    assert str(err.value).startswith(f"{packer_dir / 'demo' / 'image.yml'}:4: copy[0]:")
+    assert "outside the image folder" in str(err.value)
+
+
+def test_a_copy_entry_through_a_symlink_out_of_the_image_folder_is_refused(
+    tmp_path: Path,
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "key.pem").write_text("private\n")
+    packer_dir = _copying(tmp_path, "scripts")
+    (packer_dir / "demo" / "scripts").mkdir()
+    (packer_dir / "demo" / "scripts" / "ok.sh").write_text("echo ok\n")
+    (packer_dir / "demo" / "scripts" / "leak").symlink_to(outside / "key.pem")
+    with pytest.raises(ConfigError) as err:
+        load_image(packer_dir, "demo")
+    assert str(err.value).startswith(f"{packer_dir / 'demo' / 'image.yml'}:4: copy[0]:")
+    assert "scripts/leak" in str(err.value)
+
+
+def test_rendering_a_copy_entry_that_leaves_the_image_folder_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    packer_dir = _copying(tmp_path, "files")
+    (packer_dir / "demo" / "files").mkdir()
+    image = load_image(packer_dir, "demo")
+    (packer_dir / "demo" / "files").rmdir()  # swapped for a link after the check
+    (packer_dir / "demo" / "files").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.txt").write_text("x\n")
+    build = tmp_path / "build"
+    build.mkdir()
+    with pytest.raises(ConfigError, match=r"copy\[0\]: .*outside the image folder"):
+        render_image(image, {"memory": 1}, build)
+    assert list(build.rglob("*")) == []
+
+
+def test_a_template_outside_the_image_folder_is_refused_with_its_line(tmp_path: Path) -> None:
+    packer_dir = _image(tmp_path, GOOD.replace("main.pkr.hcl.j2", "../main.pkr.hcl.j2"), "x\n")
+    (packer_dir / "main.pkr.hcl.j2").write_text("x\n")
+    with pytest.raises(ConfigError) as err:
+        load_image(packer_dir, "demo")
+    assert str(err.value).startswith(f"{packer_dir / 'demo' / 'image.yml'}:3: template:")
+    assert "outside the image folder" in str(err.value)
+
+
+def test_the_files_that_carry_a_secret_are_those_whose_templates_use_one(tmp_path: Path) -> None:
+    yml = GOOD.replace(
+        "template: main.pkr.hcl.j2\n",
+        "template: main.pkr.hcl.j2\nrender: [answer.xml.j2, part.j2, plain.txt.j2]\n"
+        "secrets: {password: X_PASSWORD}\n",
+    )
+    packer_dir = _image(tmp_path, yml, 'password = var.password\n[% include "part.j2" %]\n')
+    folder = packer_dir / "demo"
+    (folder / "answer.xml.j2").write_text("<P>[= password | e =]</P>\n")
+    (folder / "part.j2").write_text("[= password =]\n")
+    (folder / "plain.txt.j2").write_text("[= memory =]\n")
+    image = load_image(packer_dir, "demo")
+    assert secret_outputs(image) == ["main.pkr.hcl", "answer.xml", "part"]

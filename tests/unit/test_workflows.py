@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from tests.conftest import require, require_program
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,3 +58,35 @@ def test_actionlint_does_catch_a_broken_workflow(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert 'label "gpu-farm" is unknown' in result.stdout
     assert '"wth"' in result.stdout
+
+
+def _jobs() -> dict[str, dict[str, object]]:
+    jobs: dict[str, dict[str, object]] = {}
+    for workflow in sorted((REPO / ".github" / "workflows").glob("*.yml")):
+        doc = yaml.safe_load(workflow.read_text())
+        for name, job in doc["jobs"].items():
+            jobs[f"{workflow.name}:{name}"] = job
+    return jobs
+
+
+def test_the_test_job_runs_on_debian_12_in_a_container_that_can_run_libvirt_and_qemu() -> None:
+    job = _jobs()["ci.yml:test"]
+    container = job.get("container")
+    assert isinstance(container, dict), "the test job runs in a container"
+    assert container["image"] == "debian:12"
+    assert "--privileged" in str(container.get("options", "")).split()
+    steps = job["steps"]
+    assert isinstance(steps, list)
+    assert any(step.get("run", "").strip() == "./.ci/run" for step in steps)
+
+
+def test_every_job_on_a_github_hosted_machine_runs_in_debian_12() -> None:
+    """The scripts support Debian 12 only; a hosted machine (Ubuntu) just hosts the container.
+    Self-hosted runners are Debian 12 machines (docs: what a self-hosted runner needs)."""
+    for name, job in _jobs().items():
+        labels = job["runs-on"]
+        hosted = "self-hosted" not in (labels if isinstance(labels, list) else [labels])
+        if hosted:
+            container = job.get("container")
+            image = container.get("image") if isinstance(container, dict) else container
+            assert image == "debian:12", f"{name} runs on {labels} outside Debian 12"
