@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-extras="libvirt,virtualbox"
+extras="libvirt,virtualbox,web"
 service=no
 root=""
 while [ $# -gt 0 ]; do
@@ -86,18 +86,21 @@ sessions: {recycle_after: 1m}
 YAML
   fi
   install -d -m 0755 "$r/etc/systemd/system"
-  sed -e "s#/opt/imagepipe/.venv/bin/imagepipe#$bin#" -e "s#/opt/imagepipe#$(pwd)#g" \
-    imagepipe/data/imagepipe-keep.service > "$r/etc/systemd/system/imagepipe-keep.service.new"
-  if cmp -s "$r/etc/systemd/system/imagepipe-keep.service.new" "$r/etc/systemd/system/imagepipe-keep.service"; then
-    rm "$r/etc/systemd/system/imagepipe-keep.service.new"
-  else
-    chmod 0644 "$r/etc/systemd/system/imagepipe-keep.service.new"
-    mv "$r/etc/systemd/system/imagepipe-keep.service.new" "$r/etc/systemd/system/imagepipe-keep.service"
-    if [ -z "$r" ] && [ -d /run/systemd/system ]; then
-      systemctl daemon-reload
+  local unit
+  for unit in imagepipe-keep.service imagepipe-web.service; do
+    sed -e "s#/opt/imagepipe/.venv/bin/imagepipe#$bin#" -e "s#/opt/imagepipe#$(pwd)#g" \
+      "imagepipe/data/$unit" > "$r/etc/systemd/system/$unit.new"
+    if cmp -s "$r/etc/systemd/system/$unit.new" "$r/etc/systemd/system/$unit"; then
+      rm "$r/etc/systemd/system/$unit.new"
+    else
+      chmod 0644 "$r/etc/systemd/system/$unit.new"
+      mv "$r/etc/systemd/system/$unit.new" "$r/etc/systemd/system/$unit"
+      if [ -z "$r" ] && [ -d /run/systemd/system ]; then
+        systemctl daemon-reload
+      fi
     fi
-  fi
-  echo "install: service imagepipe-keep installed${r:+ under $r} (user imagepipe, /etc/imagepipe);" \
+  done
+  echo "install: services imagepipe-keep and imagepipe-web installed${r:+ under $r} (user imagepipe, /etc/imagepipe);" \
     "start it with: systemctl enable --now imagepipe-keep"
 }
 

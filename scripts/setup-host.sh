@@ -35,6 +35,7 @@ packages=(
   # balancer and registry
   haproxy
   git
+  novnc         # the web entrance's page (imagepipe web serves /usr/share/novnc)
   # install.sh: the venv, and libvirt-python compiled by pip against libvirt's headers
   python3
   python3-venv
@@ -57,6 +58,8 @@ packages=(
 dev_packages=(
   shellcheck    # actionlint checks the workflows' run: scripts with it
   debootstrap   # tests/integration/test_fresh_host.py: a minimal Debian 12 root
+  chromium          # tests/e2e/test_web_e2e.py: a real browser on the web entrance
+  chromium-driver   # selenium drives it
 )
 if [ "$dev" = yes ]; then
   packages+=("${dev_packages[@]}")

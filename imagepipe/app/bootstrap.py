@@ -176,6 +176,7 @@ def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balance
             balance=cfg.balance,
             persist=cfg.persist,
             persist_expire=cfg.persist_expire,
+            web_socket=settings.web_balancer_socket if settings.web else None,
         )
     if cfg.driver == "ipvs":
         from imagepipe.balancers.ipvs import IPVSBalancer

@@ -33,6 +33,18 @@ def holding(path: Path, busy: Callable[[int | None], str]) -> Iterator[None]:
         os.close(fd)  # releases the lock; the file stays (a file without a lock is not a holder)
 
 
+def holder(path: Path) -> int | None:
+    """The pid of the process holding the lock on `path`; None when nobody holds it."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    try:
+        return None if _try_lock(fd) else _read_pid(fd)
+    finally:
+        os.close(fd)
+
+
 def stop_holder(path: Path, what: str, *, timeout: float) -> int | None:
     """SIGTERM to the process holding the lock on `path`, then wait until it let go. The pid
     it had, or None when nobody held it. OperationFailedError when it did not stop in time."""

@@ -47,6 +47,7 @@ class HAProxyBalancer:
         balance: str = "leastconn",
         persist: str = "none",
         persist_expire: float = 8 * 3600.0,
+        web_socket: Path | None = None,
         program: str | None = None,
         timeout: float = 5.0,
     ) -> None:
@@ -56,6 +57,7 @@ class HAProxyBalancer:
             balance=check_balance(balance),
             persist=check_persist(persist),
             persist_expire=f"{max(1, round(persist_expire))}s",
+            web_socket=None if web_socket is None else web_socket.absolute(),
         )
         self.config_path = config_path.absolute()
         self.manage = manage

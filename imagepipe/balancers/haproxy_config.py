@@ -14,6 +14,7 @@ from imagepipe.pool.model import Endpoint
 
 FRONTEND = "desktops_in"
 BACKEND = "desktops"
+WEB_FRONTEND = "desktops_web"
 BALANCE_ALGORITHMS = ("leastconn", "first")
 # How a returning user reaches the desktop that holds their session, also while it drains
 # (HAProxy sends a drained server the connections its persistence picks, no new ones):
@@ -36,6 +37,10 @@ class HAProxyConfig:
     fin_timeout: str = "30s"  # half-closed connections
     persist: str = "none"  # PERSISTENCE
     persist_expire: str = "8h"  # a returning user is sent back within this long
+    # A unix socket only the web entrance connects to. It sends each browser user's address
+    # first (PROXY protocol), so `persist: source` and the stick table see the user, not
+    # the entrance. None: no web entrance.
+    web_socket: Path | None = None
 
 
 def parse_bind(bind: str) -> Endpoint:
@@ -102,9 +107,22 @@ def _quote_path(path: Path) -> str:
     text = str(path)
     if any(c in text for c in " \t\n\"'#\\"):
         raise BadInputError(
-            f"HAProxy admin socket path {text!r} has spaces, quotes or '#': choose a plain path"
+            f"HAProxy socket path {text!r} has spaces, quotes or '#': choose a plain path"
         )
     return text
+
+
+def web_frontend_lines(socket: Path | None) -> list[str]:
+    """The web entrance's own frontend: same backend, the user's address from the PROXY
+    header (v1 or v2) that the entrance sends before the desktop's bytes."""
+    if socket is None:
+        return []
+    return [
+        f"frontend {WEB_FRONTEND}",
+        f"    bind unix@{_quote_path(socket)} mode 600 accept-proxy",
+        f"    default_backend {BACKEND}",
+        "",
+    ]
 
 
 def render_config(cfg: HAProxyConfig) -> str:
@@ -142,6 +160,7 @@ def render_config(cfg: HAProxyConfig) -> str:
         f"    bind {format_address(cfg.bind)}",
         f"    default_backend {BACKEND}",
         "",
+        *web_frontend_lines(cfg.web_socket),
         f"backend {BACKEND}",
         f"    balance {cfg.balance}",
         *persistence_lines(cfg.persist, cfg.persist_expire),

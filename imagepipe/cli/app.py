@@ -69,6 +69,7 @@ def _register() -> None:
         return
     _registered.append(True)
     from imagepipe.cli import build, demo, doctor, images, keep, pools, rollout, simulate, status
+    from imagepipe.cli import web as web_cli
 
     app.add_typer(pools.app, name="pools")
     app.add_typer(images.app, name="images")
@@ -79,6 +80,7 @@ def _register() -> None:
     app.command(name="rollout")(rollout.rollout)
     app.command(name="demo")(demo.demo)
     app.command(name="doctor")(doctor.doctor)
+    app.command(name="web")(web_cli.web)
 
 
 def main(argv: list[str] | None = None, adapters: Adapters | None = None) -> int:

@@ -1,7 +1,8 @@
 """`imagepipe demo`: from nothing to a pool of desktops behind one address, on this host.
 
 Builds (or reuses) the `tiny` image, writes a demo settings file and a demo pool under the
-demo directory, and runs the keeper with HAProxy on 127.0.0.1:5999.
+demo directory, and runs the keeper with HAProxy on 127.0.0.1:5999 and the web entrance on
+http://127.0.0.1:6080/ (in the background, like HAProxy).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from imagepipe.app.bootstrap import stop_managed_balancer
 from imagepipe.app.keeping import fail_if_failed, stop_on_signals
 from imagepipe.app.pidlock import holding, stop_holder
 from imagepipe.app.pool_down import drive_down, mark_down
+from imagepipe.app.web import start_web_background, stop_web_background, web_url
 from imagepipe.cli.context import CliContext, cli_context
 from imagepipe.config import Settings, load_pool_file, load_settings
 from imagepipe.errors import BadInputError, EnvironmentMissingError, OperationFailedError
@@ -29,6 +31,7 @@ from imagepipe.pool.model import BackendState, PoolSpec
 DEFAULT_DIR = Path("/var/lib/imagepipe/demo")
 POOL = "demo"
 BIND = "127.0.0.1:5999"
+WEB_BIND = "127.0.0.1:6080"
 READY_TIMEOUT = 600.0  # seconds --no-keep waits for the pool to be ready
 KEEPER_PID = "demo-keeper.pid"  # in the demo's run folder, locked while `imagepipe demo` runs
 STOP_TIMEOUT = 120.0  # seconds `--down` gives the demo's keeper to finish its pass and stop
@@ -116,16 +119,17 @@ def _run_demo(
         if runtime.store.clear_down(POOL):
             console.print("the demo pool had been taken down; keeping it again")
         keeper = runtime.keeper([spec])
+        url = _start_web(settings, files)
         if no_keep:
             wait_until_ready(keeper, spec, console)
-            _print_howto(console, files, keeping=False)
+            _print_howto(console, files, keeping=False, url=url)
             return
-        _print_howto(console, files, keeping=True)
+        _print_howto(console, files, keeping=True, url=url)
         with stop_on_signals(keeper):
             keeper.run()
         console.print(
-            "Stopped. The desktops and HAProxy keep running; `imagepipe demo` keeps them "
-            "again, `imagepipe demo --down` removes them."
+            "Stopped. The desktops, HAProxy and the web entrance keep running; `imagepipe "
+            "demo` keeps them again, `imagepipe demo --down` removes them."
         )
     finally:
         runtime.close()
@@ -151,6 +155,8 @@ def take_demo_down(cli: CliContext, directory: Path, console: Console) -> None:
         console.print(f"the demo's desktops and balancer entries are removed ({passes} passes)")
         if stop_managed_balancer(runtime.balancer):
             console.print(f"the demo's HAProxy on {BIND} is stopped")
+        if settings.web is not None and stop_web_background(settings):
+            console.print(f"the demo's web entrance on {web_url(settings)} is stopped")
     finally:
         runtime.close()
     console.print(
@@ -187,6 +193,8 @@ def write_demo_files(directory: Path, base: Settings) -> DemoFiles:
             f"  bind: {BIND}\n"
             "keeper:\n"
             "  tick: 2s\n"
+            "web:\n"
+            f"  bind: {WEB_BIND}\n"
         )
     if not pool_file.exists():
         pool_file.write_text(POOL_FILE)
@@ -228,10 +236,21 @@ def wait_until_ready(keeper: Keeper, spec: PoolSpec, console: Console) -> None:
         time.sleep(POLL)
 
 
-def _print_howto(console: Console, files: DemoFiles, *, keeping: bool) -> None:
+def _start_web(settings: Settings, files: DemoFiles) -> str | None:
+    """The web entrance in the background (a demo settings file without web: has none)."""
+    if settings.web is None:
+        return None
+    start_web_background(settings, files.settings)
+    return web_url(settings)
+
+
+def _print_howto(
+    console: Console, files: DemoFiles, *, keeping: bool, url: str | None = None
+) -> None:
+    browser = f"\nor open {url} in a web browser" if url else ""
     console.print(
-        f"\nThe demo pool is up. Connect any VNC viewer to {BIND} (e.g. `vncviewer {BIND}`);\n"
-        "each connection gets its own desktop.\n"
+        f"\nThe demo pool is up. Connect any VNC viewer to {BIND} (e.g. `vncviewer {BIND}`)"
+        f"{browser};\neach connection gets its own desktop.\n"
         f"Watch it:  imagepipe --config {files.settings} status --watch"
     )
     if keeping:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -66,6 +67,18 @@ class KeeperSettings(Section):
     metrics: Annotated[str, BeforeValidator(parse_host_port)] | None = None
 
 
+class TlsSettings(Section):
+    cert: FilePath  # PEM certificate (chain) the web entrance presents
+    key: FilePath  # its PEM private key
+
+
+class WebSettings(Section):
+    """The web entrance (docs/web.md): noVNC and a websocket proxy to the balancer."""
+
+    bind: Annotated[str, BeforeValidator(parse_host_port)]
+    tls: TlsSettings | None = None  # None: plain HTTP, allowed on a loopback address only
+
+
 def _default_pools_dir() -> Path:
     local = Path.cwd() / "pools"
     return local if local.is_dir() else Path("/etc/imagepipe/pools")
@@ -83,12 +96,18 @@ class Settings(Section):
     hypervisor: HypervisorSettings = HypervisorSettings()
     balancer: BalancerSettings = BalancerSettings()
     keeper: KeeperSettings = KeeperSettings()
+    web: WebSettings | None = None  # None: no web entrance
     source: str = "defaults"
 
     @property
     def admin_socket_path(self) -> Path:
         """HAProxy's admin socket: balancer.admin_socket, else run_dir/haproxy.sock."""
         return self.balancer.admin_socket or self.run_dir / "haproxy.sock"
+
+    @property
+    def web_balancer_socket(self) -> Path:
+        """HAProxy's bind that only the web entrance uses (PROXY protocol): run_dir/web.sock."""
+        return self.run_dir / "web.sock"
 
 
 _PATH_FIELDS = ("pools_dir", "packer_dir", "state_db", "registry", "image_store", "run_dir")
@@ -155,6 +174,7 @@ def parse_settings(doc: Located, *, base: Path) -> Settings:
                     "the ipvs balancer needs balancer.vip (the virtual address users connect to)",
                 )
             )
+        issues.extend(_web_issues(settings, doc))
     raise_if(issues)
     assert settings is not None
     update: dict[str, Any] = {"source": doc.file}
@@ -163,7 +183,39 @@ def parse_settings(doc: Located, *, base: Path) -> Settings:
     if settings.balancer.admin_socket is not None:
         socket = _resolve(settings.balancer.admin_socket, base)
         update["balancer"] = settings.balancer.model_copy(update={"admin_socket": socket})
+    if settings.web is not None and settings.web.tls is not None:
+        tls = settings.web.tls
+        resolved = TlsSettings(cert=_resolve(tls.cert, base), key=_resolve(tls.key, base))
+        update["web"] = settings.web.model_copy(update={"tls": resolved})
     return settings.model_copy(update=update)
+
+
+def _web_issues(settings: Settings, doc: Located) -> list[Issue]:
+    """Plain HTTP only on a loopback address; the entrance needs HAProxy (PROXY protocol)."""
+    web = settings.web
+    if web is None:
+        return []
+    issues = []
+    if settings.balancer.driver != "haproxy":
+        issues.append(
+            issue_at(
+                doc,
+                ("web",),
+                "the web entrance needs balancer.driver: haproxy (it hands each browser user's "
+                f"address to HAProxy with the PROXY protocol), not {settings.balancer.driver}",
+            )
+        )
+    host = web.bind.rpartition(":")[0].strip("[]")
+    if web.tls is None and not ipaddress.ip_address(host).is_loopback:
+        issues.append(
+            issue_at(
+                doc,
+                ("web", "bind"),
+                f"plain HTTP is only served on a loopback address, not {host}: add web.tls "
+                "{cert: FILE, key: FILE} or bind to 127.0.0.1",
+            )
+        )
+    return issues
 
 
 def _resolve(path: Path, base: Path) -> Path:

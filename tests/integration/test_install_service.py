@@ -94,15 +94,32 @@ def test_an_edited_settings_file_survives_a_second_install(root: Path, tmp_path:
 
 
 @pytest.mark.real
+@pytest.mark.parametrize(
+    ("unit_path", "lines"),
+    [
+        (
+            UNIT,
+            ("Type=notify", "WatchdogSec=", "ExecReload=/bin/kill -HUP $MAINPID", "User=imagepipe"),
+        ),
+        (  # the web entrance (docs/web.md), installed beside the keeper
+            "etc/systemd/system/imagepipe-web.service",
+            (
+                "ExecStart={executable} --config /etc/imagepipe/imagepipe.yml web",
+                "User=imagepipe",
+                "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+            ),
+        ),
+    ],
+)
 def test_systemd_analyze_verify_finds_nothing_wrong_with_the_installed_unit(
-    root: Path, tmp_path: Path
+    root: Path, tmp_path: Path, unit_path: str, lines: tuple[str, ...]
 ) -> None:
     analyze = require_program("systemd-analyze")
     executable = tmp_path / "imagepipe"
     executable.write_text("#!/bin/sh\n")
     executable.chmod(0o755)
     assert install(root, executable).returncode == 0
-    unit = root / UNIT
+    unit = root / unit_path
 
     verify = subprocess.run(
         [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
@@ -110,13 +127,8 @@ def test_systemd_analyze_verify_finds_nothing_wrong_with_the_installed_unit(
 
     assert (verify.returncode, verify.stderr.strip()) == (0, "")  # warnings are failures too
     text = unit.read_text()
-    for line in (
-        "Type=notify",
-        "WatchdogSec=",
-        "ExecReload=/bin/kill -HUP $MAINPID",
-        "User=imagepipe",
-    ):
-        assert line in text
+    for line in lines:
+        assert line.format(executable=executable) in text
 
 
 @pytest.mark.real
