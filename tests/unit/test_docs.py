@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,19 @@ def _fields(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
     return keys
 
 
+def _every_key(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every dotted key a file may spell, sections and the keys inside optional sections
+    (`web`, `web.bind`, `web.tls.cert`) included."""
+    keys = set()
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name)
+        keys.add(key)
+        for nested in typing.get_args(field.annotation) or (field.annotation,):
+            if isinstance(nested, type) and issubclass(nested, BaseModel):
+                keys |= _every_key(nested, key + ".")
+    return keys
+
+
 def _reference(page: str, heading: str) -> dict[str, str]:
     """key → default cell of the reference table under `heading`."""
     rows = _table_rows(_section(ROOT / "docs" / page, heading))
@@ -345,7 +359,7 @@ def test_the_configuration_reference_states_the_defaults_the_models_have(
 )
 def test_every_dotted_settings_or_pool_key_the_docs_name_exists(page: Path) -> None:
     """`balancer.bind`, `size.free`: a key written anywhere is one the files accept."""
-    keys = set(_fields(Settings)) | set(_fields(PoolFile))
+    keys = _every_key(Settings) | _every_key(PoolFile)
     sections = {k.split(".")[0] for k in keys if "." in k}
     wrong = set()
     for span in re.findall(r"`([^`\n]+)`", _prose(page.read_text())):
