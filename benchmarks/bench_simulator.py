@@ -52,7 +52,7 @@ def run(pool: PoolSpec, users: int) -> None:
     results: list[tuple[SimResult, float]] = []
     for name in ("imagepipe", "original"):
         start = time.perf_counter()
-        result = simulate_day(pool, logins, POLICIES[name], SimSettings())
+        result = simulate_day(pool, logins, POLICIES[name], SimSettings(start=Start.BOOT))
         results.append((result, time.perf_counter() - start))
     print(f"\n{users} users, {len(logins)} logins, pool max {pool.max}:")
     print(

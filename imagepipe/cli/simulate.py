@@ -37,8 +37,11 @@ def simulate(
     days: int = typer.Option(
         1, "--days", help="Days to replay back to back (a learning pool needs past days)."
     ),
-    start: Start = typer.Option(
-        Start.BOOT, "--start", help="How new and recycled desktops come up: boot or restore."
+    start: Start | None = typer.Option(
+        None,
+        "--start",
+        help="How new and recycled desktops come up: boot or restore (default: the pool "
+        "file's start).",
     ),
     compare: list[str] | None = typer.Option(
         None,
@@ -55,11 +58,19 @@ def simulate(
         "stop, restore, save (defaults 4s, 1s, 30s, 15s, 3s, 5s, 5s, 10s, 0.8s, 5s).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    chart: Path | None = typer.Option(
+        None,
+        "--chart",
+        help="Also draw the day(s) into FILE (.png, .svg or .html): arrivals, desktops in "
+        "use, free and starting, users waiting, idle desktop-hours; one panel per column. "
+        "Needs matplotlib (imagepipe[charts]).",
+    ),
 ) -> None:
     """Simulate days of logins on POOL_FILE with the real planner and report how long users
     waited, how many desktops sat idle, and how many operations it took.
 
-    Exit codes: 0 simulated; 2 bad pool file, trace or option.
+    Exit codes: 0 simulated; 2 bad pool file, trace or option; 3 --chart without
+    matplotlib.
     """
     if (trace is None) == (profile is None):
         raise BadInputError("give exactly one of --trace FILE or --profile NAME")
@@ -76,14 +87,24 @@ def simulate(
         latencies = Latencies.parse(latency or [])
     except ValueError as exc:
         raise BadInputError(f"--latency: {exc}") from None
+    if chart is not None:
+        from imagepipe.sim.chart import chart_format, require_matplotlib
+
+        chart_format(chart)
+        require_matplotlib()
     spec = load_pool_file(pool_file)
     if trace is not None:
         logins = load_trace(trace)
         schedule: list[list[Login]] = [logins for _ in range(days)]
     else:
         schedule = [make_profile(str(profile), users, seed + day) for day in range(days)]
-    settings = SimSettings(latencies=latencies, parallel=parallel, start=start)
+    sample = None if chart is None else 60.0 if days <= 7 else 300.0
+    settings = SimSettings(latencies=latencies, parallel=parallel, start=start, sample=sample)
     runs = compare_runs(spec, schedule, settings, compare or [])
+    if chart is not None:
+        from imagepipe.sim.chart import write_chart
+
+        write_chart(chart, spec.name, runs)
     if as_json:
         out = {"pool": spec.name, "days": days, "results": [run.to_json() for run in runs]}
         typer.echo(json.dumps(out))

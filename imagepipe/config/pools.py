@@ -90,9 +90,11 @@ class _RolloutSection(Section):
 
 
 class _LearnSection(Section):
-    """Learned warm-up: free desktops for the logins expected soon, learned by time of week."""
+    """Learned warm-up: free desktops for the logins expected soon, learned by time of week.
+    On unless the pool file says `enabled: false`: it only adds free desktops within `max`
+    and never keeps fewer than `size.free` (unless `min_free` allows it)."""
 
-    enabled: StrictBool = False
+    enabled: StrictBool = True
     lead: Annotated[PositiveDuration, Field(le=86400)] = 600.0
     shrink_after: Duration = 300.0
     min_free: Count | None = None

@@ -94,7 +94,7 @@ class PoolSpec:
     shrink_after: float = 2 * 3600.0
     standby: Standby = Standby.NONE
     schedule: tuple[ScheduleRule, ...] = ()
-    learn: LearnSpec | None = None  # learned warm-up; None: the free target is fixed
+    learn: LearnSpec | None = None  # learned warm-up (a pool file's default); None: fixed target
     timezone: str = "UTC"
     assignments: Mapping[str, int] = field(default_factory=dict)  # user -> slot
     boot_timeout: float = 300.0  # a clone not ready this long after start has failed

@@ -50,8 +50,10 @@ def compare_runs(
     settings: SimSettings,
     compare: list[str],
 ) -> list[SimRun]:
-    """Every column's run of the same days (settings.start: how the pool starts desktops)."""
+    """Every column's run of the same days (settings.start: how the pool starts desktops,
+    None: as its pool file says)."""
+    start = spec.start if settings.start is None else settings.start
     return [
         simulate(v.spec, days, POLICIES[v.policy], replace(settings, start=v.start), v.label)
-        for v in variants(spec, settings.start, compare)
+        for v in variants(spec, start, compare)
     ]

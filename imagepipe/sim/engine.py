@@ -27,6 +27,7 @@ from imagepipe.pool.model import (
     BalancerEnable,
     BalancerRemove,
     CloneRecord,
+    CloneState,
     CreateClone,
     DeleteClone,
     ForgetClone,
@@ -46,6 +47,7 @@ from imagepipe.pool.planner import next_timer
 from imagepipe.pool.planner.forecast import BUCKET, day_and_bucket, learn, logins_in
 from imagepipe.sim.policies import Policy
 from imagepipe.sim.report import SimResult, SimRun
+from imagepipe.sim.timeline import Sample, Timeline
 from imagepipe.sim.trace import Login
 from imagepipe.sim.world import Latencies, SimClone, Start, World
 
@@ -59,7 +61,8 @@ class SimSettings:
     tick: float = 15.0  # seconds between periodic keeper passes
     pass_gap: float = 2.0  # at least this long between passes: events in between are batched
     version: int = 1  # the image version the pool's channel resolves to
-    start: Start = Start.BOOT  # how new and recycled desktops come up
+    start: Start | None = None  # how new and recycled desktops come up; None: the pool's
+    sample: float | None = None  # record a Timeline sample this often (seconds); None: none
 
 
 class _Kind(IntEnum):  # order within one instant: finished work first, then users
@@ -129,6 +132,9 @@ class _Day:
     arrivals: Arrivals | None = None  # what the history taught, for the day `learned_on`
     learned_on: int | None = None
     parent_ready: float = float("inf")  # when the warm parent can be restored (start: restore)
+    arrived: int = 0  # logins so far (for the timeline)
+    waited: int = 0  # logins served after a wait so far (for the timeline)
+    samples: list[Sample] = field(default_factory=list)
 
     def today(self, now: float) -> _Stats:
         return self.stats[min(max(int(now // DAY), 0), len(self.stats) - 1)]
@@ -206,10 +212,15 @@ class _Day:
         if chain:
             self.rest[clone] = chain
 
+    @property
+    def start(self) -> Start:
+        """How desktops come up: as the settings override, else as the pool file says."""
+        return self.spec.start if self.settings.start is None else self.settings.start
+
     def restores(self, action: Action, now: float) -> bool:
         """A start or reset restores the warm parent (start: restore, once it exists)."""
         return (
-            self.settings.start is Start.RESTORE
+            self.start is Start.RESTORE
             and isinstance(action, StartClone | ResetClone)
             and now >= self.parent_ready
         )
@@ -314,6 +325,7 @@ class _Day:
             stats = self.stats[waiting.day]
             stats.waits.append(now - waiting.since)
             stats.instant += now == waiting.since
+            self.waited += now != waiting.since
             self.log_in(clone, waiting.login, now)
 
     def log_in(self, clone: SimClone, login: Login, now: float) -> None:
@@ -337,6 +349,28 @@ class _Day:
         if clone is not None and clone.boot_id == event.token and clone.power is Power.RUNNING:
             clone.ready = True
             self.world.touch(clone)
+
+    # ---- the timeline ----------------------------------------------------------------
+
+    def sample(self, at: float, idle_now: int, since: float) -> None:
+        """The state at `at`, unchanged since the events at `since` (idle: `idle_now`)."""
+        idle = sum(day.idle_seconds for day in self.stats) + idle_now * (at - since)
+        starting = sum(r.state in _STARTING for r in self.records.values())
+        self.samples.append(
+            Sample(
+                at=at,
+                arrived=self.arrived,
+                in_use=sum(c.user is not None for c in self.world.clones.values()),
+                free_ready=len(self.world.takers()),
+                starting=starting,
+                waiting=len(self.waiting),
+                waited=self.waited + len(self.waiting),
+                idle_hours=idle / 3600.0,
+            )
+        )
+
+
+_STARTING = (CloneState.CREATING, CloneState.BOOTING)
 
 
 def day_epoch(spec: PoolSpec) -> float:
@@ -370,7 +404,7 @@ def simulate(
         world=World(pool=spec.name, version=settings.version),
         stats=[_Stats() for _ in days],
     )
-    if settings.start is Start.RESTORE:  # the keeper makes the version's warm parent first
+    if run.start is Start.RESTORE:  # the keeper makes the version's warm parent first
         lat = settings.latencies
         run.parent_ready = lat.start + lat.boot + lat.save
     end = float(len(days)) * DAY
@@ -388,8 +422,13 @@ def simulate(
     last_pass = -settings.pass_gap
     dirty = False
     deferred = False
+    step = settings.sample
+    sample_at = 0.0 if step else float("inf")
     while run.events and run.events[0].at <= end:
         now = run.events[0].at
+        while step and sample_at < now:
+            run.sample(sample_at, idle_now, last)
+            sample_at += step
         _count_idle(run, idle_now, last, now)
         last = now
         woken = False
@@ -404,6 +443,7 @@ def simulate(
                 run.log_off(event)
             elif event.kind is _Kind.LOGIN and event.login is not None:
                 run.waiting.append(_Waiting(event.login, now, event.day))
+                run.arrived += 1
         run.serve(now)
         dirty = dirty or woken
         if now < last_pass + settings.pass_gap:
@@ -417,6 +457,9 @@ def simulate(
         idle_now = run.world.idle()
         stats = run.today(now)
         stats.peak = max(stats.peak, len(run.world.clones))
+    while step and sample_at <= end:
+        run.sample(sample_at, idle_now, last)
+        sample_at += step
     _count_idle(run, idle_now, last, end)
     for waiting in run.waiting:
         run.stats[waiting.day].waits.append(end - waiting.since)
@@ -427,7 +470,10 @@ def simulate(
         _result(name, [stats], DAY if i < last_day else end - i * DAY)
         for i, stats in enumerate(run.stats)
     )
-    return SimRun(policy=name, days=results, total=_result(name, run.stats, end))
+    timeline = None
+    if step:
+        timeline = Timeline(step, run.epoch, spec.timezone, tuple(run.samples))
+    return SimRun(policy=name, days=results, total=_result(name, run.stats, end), timeline=timeline)
 
 
 def _count_idle(run: _Day, idle: int, since: float, until: float) -> None:

@@ -6,6 +6,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from imagepipe.sim.timeline import Timeline
+
 
 def percentile(values: Sequence[float], share: float) -> float:
     """Nearest-rank percentile of sorted `values` (0 when empty)."""
@@ -67,6 +69,7 @@ class SimRun:
     policy: str
     days: tuple[SimResult, ...]
     total: SimResult
+    timeline: Timeline | None = None  # when the settings asked for samples (charts)
 
     @property
     def last_day(self) -> SimResult:

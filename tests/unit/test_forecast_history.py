@@ -85,7 +85,15 @@ def test_the_pool_file_turns_learning_on_and_tunes_it(tmp_path: Path) -> None:
     )
     assert load_pool_file(path).learn == LearnSpec(lead=900.0, shrink_after=120.0, min_free=1)
     path.write_text("name: lab\nimage: win10\nlearn: {lead: 15m}\n")
-    assert load_pool_file(path).learn is None  # tuned, but not turned on
+    assert load_pool_file(path).learn == LearnSpec(lead=900.0)  # tuned: on by default
+
+
+def test_a_pool_file_learns_unless_it_says_enabled_false(tmp_path: Path) -> None:
+    path = tmp_path / "lab.yml"
+    path.write_text("name: lab\nimage: win10\nsize: {free: 2, max: 9}\n")
+    assert load_pool_file(path).learn == LearnSpec()  # a plain pool file sizes itself
+    path.write_text("name: lab\nimage: win10\nsize: {free: 2, max: 9}\nlearn: {enabled: false}\n")
+    assert load_pool_file(path).learn is None  # an administrator who must not grow says so
 
 
 def test_min_free_above_free_is_rejected_naming_the_key(tmp_path: Path) -> None:
