@@ -45,12 +45,12 @@ class BalancerSettings(Section):
     admin_socket: Annotated[Path | None, BeforeValidator(parse_optional_path)] = None
     manage: StrictBool = True
     balance: Literal["leastconn", "first"] = "leastconn"
-    # haproxy: a returning user reaches the desktop with their session (README "Rolling out")
+    # haproxy: a returning user reaches the desktop with their session (docs/rollouts.md)
     persist: Literal["none", "source", "rdp-cookie"] = "none"
     persist_expire: PositiveDuration = 8 * 3600.0
     vip: Annotated[str | None, BeforeValidator(parse_optional_vip)] = None
     port: Annotated[StrictInt, Field(ge=1, le=65535)] = 3389
-    # ipvs (README "IPVS"): how the kernel picks, reaches and keeps a user's desktop
+    # ipvs (docs/ipvs.md): how the kernel picks, reaches and keeps a user's desktop
     scheduler: Literal[
         "wlc", "lc", "rr", "wrr", "sed", "nq", "sh", "dh", "lblc", "lblcr", "fo", "ovf", "mh"
     ] = "wlc"  # fmt: skip
