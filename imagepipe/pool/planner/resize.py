@@ -25,13 +25,6 @@ from imagepipe.pool.planner.failures import gave_up
 from imagepipe.pool.planner.forecast import shrink_after
 from imagepipe.pool.planner.steps import Context, moved
 
-BOOTING = CloneState.BOOTING
-CREATING = CloneState.CREATING
-DELETING = CloneState.DELETING
-FAILED = CloneState.FAILED
-FREE = CloneState.FREE
-SUSPENDED = CloneState.SUSPENDED
-
 
 @dataclass
 class Decisions:
@@ -88,17 +81,18 @@ def resize(d: Decisions, base_ready: bool, breaker_open: bool) -> None:
 def count(d: Decisions) -> Census:
     ctx = d.ctx
     spec, now, target, assigned = ctx.spec, ctx.now, ctx.target, ctx.assigned
-    observed, actions = d.observed, d.actions
     c = Census()
     idle_for = shrink_after(spec, ctx.arrivals)
     for name, rec in d.records.items():
         state, shared = rec.state, rec.slot not in assigned
         c.used_slots.add(rec.slot)
-        if name not in observed:  # a create in flight, or a failed one
-            due = state is FAILED and now >= (rec.retry_at or now)
+        if name not in d.observed:  # a create in flight, or a failed one
+            due = state is CloneState.FAILED and now >= (rec.retry_at or now)
             if due:
                 c.retries.append(rec)
-            if rec.version == target and (state is CREATING or (state is FAILED and not due)):
+            if rec.version == target and (
+                state is CloneState.CREATING or (state is CloneState.FAILED and not due)
+            ):
                 c.counted += 1
                 c.alive += 1
                 c.coming += shared
@@ -106,21 +100,25 @@ def count(d: Decisions) -> Census:
         if rec.version != target:
             continue
         c.counted += 1
-        if state is FREE:
+        if state is CloneState.FREE:
             c.alive += 1
             c.running += 1
             if shared:
                 c.ready_free += 1
                 if now - rec.since >= idle_for:
                     c.shrinkable.append(rec)
-        elif state is SUSPENDED:
+        elif state is CloneState.SUSPENDED:
             c.alive += 1
-            if shared and not actions.get(name) and observed[name].info.power is Power.SUSPENDED:
+            if (
+                shared
+                and not d.actions.get(name)
+                and d.observed[name].info.power is Power.SUSPENDED
+            ):
                 c.suspended.append(rec)
-        elif state is not DELETING:
+        elif state is not CloneState.DELETING:
             c.alive += 1
             c.running += 1
-            if shared and (state is BOOTING or state is CREATING):
+            if shared and (state is CloneState.BOOTING or state is CloneState.CREATING):
                 c.coming += 1
     return c
 

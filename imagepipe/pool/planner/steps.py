@@ -105,8 +105,6 @@ def remembered(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> Clon
     if rec is None:
         return None
     total = oc.backend.sessions_total if oc.backend is not None else None
-    if (total is None or total == rec.sessions_seen) and (rec.dirty or oc.name not in ctx.touched):
-        return rec  # no new evidence: the usual case, told without building anything
     dirty = rec.dirty or oc.name in ctx.touched or connected_since(rec.sessions_seen, total)
     seen = rec.sessions_seen if total is None else total
     if dirty == rec.dirty and seen == rec.sessions_seen:

@@ -67,11 +67,10 @@ def policy_of(record: PoolRecord, target: int | None) -> RolloutPolicy | None:
 
 def old_exists(record: PoolRecord, target: int | None, observed: Observed) -> bool:
     """A clone or a record of a version other than the target."""
-    if target is None:
-        return False
-    versions = {c.info.version for c in observed.clones}
-    versions.update({r.version for r in record.clones.values()})
-    return not versions <= {target}
+    return target is not None and (
+        any(c.info.version != target for c in observed.clones)
+        or any(r.version != target for r in record.clones.values())
+    )
 
 
 def rollout_started(record: PoolRecord, target: int | None, old: bool, now: float) -> float | None:
