@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from imagepipe.config import Settings
     from imagepipe.hypervisors.libvirt.importer import DomainImporter
     from imagepipe.hypervisors.virtualbox.hypervisor import VmSnapshot
+    from imagepipe.images.integrity import CheckedImages
     from imagepipe.images.packer import Packer
     from imagepipe.images.registry import Registry
     from imagepipe.pool.keeper import Keeper, KeeperOptions
@@ -163,8 +164,11 @@ class Runtime:
 
     @property
     def images(self) -> Images:
-        """What the keeper resolves image versions with."""
-        return self.adapters.images or self.registry
+        """What the keeper resolves image versions with: the registry, whose versions resolve
+        only while their files match the recorded checksums (images/integrity.py)."""
+        if self.adapters.images is not None:
+            return self.adapters.images
+        return self._open("images", None, lambda: build_checked_images(self.registry), closes=False)
 
     @property
     def channels(self) -> Channels | None:
@@ -342,7 +346,18 @@ def build_registry(settings: Settings) -> Registry:
     """The registry the settings name (Registry.check_readable says if it is not one)."""
     from imagepipe.images.registry import Registry
 
-    return Registry(settings.registry, settings.image_store)
+    return Registry(
+        settings.registry,
+        settings.image_store,
+        remote=settings.registry_remote,
+        fetch_every=settings.registry_fetch_every,
+    )
+
+
+def build_checked_images(registry: Registry) -> CheckedImages:
+    from imagepipe.images.integrity import CheckedImages
+
+    return CheckedImages(registry)
 
 
 def build_packer(version_cache: Path | None = None) -> Packer:

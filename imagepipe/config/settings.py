@@ -16,6 +16,7 @@ from imagepipe.config.values import (
     FilePath,
     Positive,
     PositiveDuration,
+    parse_git_remote,
     parse_host_port,
     parse_optional_path,
     parse_optional_vip,
@@ -95,6 +96,9 @@ class Settings(Section):
     state: Annotated[str | None, BeforeValidator(parse_state_dsn)] = None
     state_password_file: Annotated[Path | None, BeforeValidator(parse_optional_path)] = None
     registry: FilePath = Path("/var/lib/imagepipe/registry")
+    # a git URL the registry is shared through (docs/images.md); None: the registry is local
+    registry_remote: Annotated[str | None, BeforeValidator(parse_git_remote)] = None
+    registry_fetch_every: PositiveDuration = 30.0  # reads fetch the remote at most this often
     image_store: FilePath = Path("/var/lib/imagepipe/images")
     run_dir: FilePath = Path("/run/imagepipe")
     hypervisor: HypervisorSettings = HypervisorSettings()
