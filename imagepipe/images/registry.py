@@ -474,7 +474,7 @@ class Registry:
         """Fetch the remote and make the local copy its tip (unpushed local commits are the
         leftovers of failed writes: dropped). An empty remote gets the local history from the
         first write."""
-        self._git(repo, "fetch", "--prune", "--force", "origin", *_REFSPECS)
+        self._git(repo, "fetch", "--force", "origin", *_REFSPECS)
         if _rev(repo, _REMOTE_REF) is None:
             return
         repo.git.checkout("-q", "-f", "-B", BRANCH, _REMOTE_REF)
@@ -486,14 +486,13 @@ class Registry:
         previous = _origin(repo)
         _set_origin(repo, self.remote or "")
         try:
-            self._git(repo, "fetch", "--prune", "--force", "origin", *_REFSPECS)
-            head = _rev(repo, "HEAD")
-            related = head is None or _rev(repo, _REMOTE_REF) is None
-            if not related and _rev_of(repo, "merge-base", "HEAD", _REMOTE_REF) is None:
+            self._git(repo, "fetch", "--force", "origin", *_REFSPECS)
+            head, tip = _rev(repo, "HEAD"), _rev(repo, _REMOTE_REF)
+            if head is not None and tip is not None and not _is_ancestor(repo, head, tip):
                 raise BadInputError(
-                    f"registry {self.path} has a history unrelated to the remote "
-                    f"{self.remote}: point `registry:` at a new folder to use the remote's, "
-                    "or push this one to an empty remote"
+                    f"registry {self.path} has versions or moves the remote {self.remote} "
+                    "lacks: point `registry:` at a new folder to use the remote's, or push "
+                    "this one to an empty remote"
                 )
         except BaseException:
             if previous is None:
@@ -507,6 +506,8 @@ class Registry:
         import git
 
         refs = [f"HEAD:refs/heads/{BRANCH}"] + ([f"refs/tags/{tag}"] if tag else [])
+        if _rev(repo, _REMOTE_REF) is None:  # the first push: the history and all its tags
+            refs.append("refs/tags/*:refs/tags/*")
         try:
             repo.git.push("--atomic", "--porcelain", "origin", *refs, **self._git_options())
         except git.GitCommandError as exc:
@@ -699,6 +700,16 @@ def _rev_of(repo: git.Repo, *args: str) -> str | None:
         return str(repo.git.execute(["git", *args])).strip() or None
     except git.GitCommandError:
         return None
+
+
+def _is_ancestor(repo: git.Repo, commit: str, of: str) -> bool:
+    import git
+
+    try:
+        repo.git.execute(["git", "merge-base", "--is-ancestor", commit, of])
+    except git.GitCommandError:
+        return False
+    return True
 
 
 def _git_reason(exc: Exception) -> str:

@@ -12,9 +12,13 @@ from pathlib import Path
 import git
 import pytest
 
-from imagepipe.errors import OperationFailedError
+from imagepipe.errors import BadInputError, OperationFailedError
 from imagepipe.images.integrity import ArtifactChecker, ArtifactMismatchError, CheckedImages
 from imagepipe.images.registry import NewVersion, Registry
+from imagepipe.pool.model import PoolSpec
+from imagepipe.pool.observe import observe
+from tests.fakes.balancer import FakeBalancer
+from tests.fakes.hypervisor import FakeHypervisor
 
 
 class Clock:
@@ -191,3 +195,55 @@ def test_a_missing_image_file_is_refused_too(tmp_path: Path) -> None:
     (Path(record.directory) / "disk.qcow2").unlink()
     with pytest.raises(ArtifactMismatchError, match="unreadable"):
         CheckedImages(registry).resolve("tiny")
+
+
+def test_a_pool_on_a_corrupted_version_makes_no_desktop_and_says_why(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "registry", tmp_path / "images")
+    record = registry.register(_new(tmp_path, "1"))
+    images = CheckedImages(registry)
+    hypervisor = FakeHypervisor()
+    hypervisor.add_base(record.base_image())  # the hypervisor alone would clone it
+    spec = PoolSpec(
+        name="lab", image="tiny", initial=2, free=2, max=4, port_first=5900, port_last=5903
+    )
+    assert observe(hypervisor, FakeBalancer(), images, [spec]).pools["lab"].base_ready
+
+    disk = Path(record.directory) / "disk.qcow2"
+    os.chmod(disk, 0o644)
+    with disk.open("r+b") as handle:
+        handle.seek(7)
+        handle.write(b"X")
+    host = observe(hypervisor, FakeBalancer(), images, [spec])
+    assert not host.pools["lab"].base_ready
+    assert "disk.qcow2 differs from the registry" in host.notes["lab"]
+
+
+def test_a_local_registry_given_an_empty_remote_pushes_its_history_on_the_next_write(
+    tmp_path: Path,
+) -> None:
+    local = Registry(tmp_path / "a" / "registry", tmp_path / "images")
+    local.register(_new(tmp_path, "1"))
+    local.promote("tiny", 1, "stable")
+    remote = _bare(tmp_path)
+    shared = _registry(tmp_path, "a", remote)  # the same folder, now with registry_remote
+    shared.register(_new(tmp_path, "2"))
+    other = _registry(tmp_path, "b", remote)
+    assert [r.version for r in other.versions("tiny")] == [1, 2]
+    assert other.resolve("tiny", "stable").version == 1
+    assert {t.name for t in git.Repo(remote).tags} == {"tiny/v1", "tiny/v2"}
+
+
+def test_a_registry_with_a_history_unrelated_to_the_remote_is_refused_and_kept(
+    tmp_path: Path,
+) -> None:
+    remote = _bare(tmp_path)
+    _registry(tmp_path, "a", remote).register(_new(tmp_path, "1"))
+    own = Registry(tmp_path / "b" / "registry", tmp_path / "images-b")
+    own.register(_new(tmp_path, "2"))
+    head = git.Repo(own.path).head.commit.hexsha
+    with pytest.raises(BadInputError, match=r"has versions or moves the remote .* lacks"):
+        _registry(tmp_path, "b", remote, store="images-b").promote("tiny", 1, "stable")
+    repo = git.Repo(own.path)
+    assert repo.head.commit.hexsha == head
+    assert [r.name for r in repo.remotes] == []
+    assert [r.fingerprint for r in own.versions("tiny")] == ["fp-2"]
