@@ -61,6 +61,7 @@ def run_checks(config: Path | None) -> list[Check]:
             check_state_db(settings),
             check_writable_folder("run-dir", settings.run_dir, "run_dir"),
             check_registry(settings),
+            *([check_registry_remote(settings)] if settings.registry_remote else []),
             check_writable_folder("image-store", settings.image_store, "image_store"),
             check_private_modes(settings),
         ]
@@ -325,6 +326,23 @@ def check_registry(settings: Settings) -> Check:
         )
     listed = ", ".join(images) if images else "no images yet"
     return ok("registry", f"{path} is a git repository: {listed}")
+
+
+def check_registry_remote(settings: Settings) -> Check:
+    """The shared registry's remote answers (git ls-remote; nothing fetched or changed)."""
+    with Runtime(settings) as runtime:
+        registry = runtime.registry
+    try:
+        tip = registry.check_remote()
+    except ImagepipeError as exc:
+        return fail(
+            "registry-remote",
+            str(exc),
+            "check the URL in registry_remote, the network, and git's access (ssh keys in the "
+            "user's ssh configuration, or a git credential helper for https); keepers read "
+            "the last fetched state meanwhile, builds and channel moves fail",
+        )
+    return ok("registry-remote", f"{settings.registry_remote}: {tip}")
 
 
 def check_pool_images(settings: Settings, specs: Sequence[PoolSpec]) -> list[Check]:

@@ -412,12 +412,23 @@ class Registry:
             self._offline = False
             log.info("registry remote reachable again", extra=fields(remote=self.remote))
 
-    def check_remote(self) -> None:
-        """OperationFailedError unless the remote answers (doctor)."""
+    def check_remote(self) -> str:
+        """What the remote's branch points at ("empty" for a new remote); OperationFailedError
+        when it does not answer (doctor). Touches nothing local."""
+        import git
+
         if self.remote is None:
-            return
-        with self._locked():
-            self._git(self._open_or_create(), "ls-remote", "--heads", "origin")
+            return "no remote"
+        try:
+            out = git.cmd.Git().execute(
+                ["git", "ls-remote", "--heads", "--", self.remote, BRANCH], **self._git_options()
+            )
+        except git.GitCommandError as exc:
+            raise OperationFailedError(
+                f"registry remote {self.remote} unreachable: {_git_reason(exc)}"
+            ) from None
+        tip = str(out).split()[:1]
+        return f"{BRANCH} at {tip[0][:12]}" if tip else "empty (the first write fills it)"
 
     def _write(self, apply: Callable[[git.Repo], tuple[T, str | None]]) -> T:
         """Run `apply` (which commits) under the lock; with a remote, on top of the remote's

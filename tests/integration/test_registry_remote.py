@@ -81,7 +81,7 @@ def test_two_builders_racing_through_one_remote_never_get_the_same_number(
             "images" if shared_store else f"images-{builder}",
             f"{builder}{i}",
         )
-        for i in range(5)
+        for i in range(3)
         for builder in ("a", "b")
     ]
     with multiprocessing.get_context("fork").Pool(len(jobs)) as pool:

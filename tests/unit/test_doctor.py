@@ -7,6 +7,7 @@ import json
 import re
 import socket
 import sqlite3
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -340,6 +341,19 @@ def test_registry_folder_that_is_not_git_fails(tmp_path: Path) -> None:
     check = doctor.check_registry(settings(tmp_path))
 
     assert check.status is Status.FAIL and "is not a git repository" in check.detail
+
+
+def test_doctor_says_whether_the_shared_registry_remote_answers(tmp_path: Path) -> None:
+    remote = tmp_path / "shared.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(remote)], check=True)
+    check = doctor.check_registry_remote(settings(tmp_path, registry_remote=str(remote)))
+    assert check.status is Status.OK and "empty" in check.detail
+    missing = doctor.check_registry_remote(
+        settings(tmp_path, registry_remote=str(tmp_path / "gone.git"))
+    )
+    assert missing.status is Status.FAIL and "unreachable" in missing.detail
+    assert "credential helper" in (missing.fix or "")
+    assert not (tmp_path / "registry").exists()  # doctor changes nothing
 
 
 def test_pool_image_resolves_once_built_and_warns_to_build_it_before(tmp_path: Path) -> None:
