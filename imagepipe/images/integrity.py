@@ -3,12 +3,16 @@
 The image store may be shared (NFS and the like) and written by several builders, so a file
 the registry recorded may have changed since: a version whose file differs is never used
 (ArtifactMismatchError; observe reports the pool's base as not ready). A file is hashed once
-per (device, inode, size, mtime, ctime): a keeper pass does not re-read a multi-gigabyte disk.
+per (device, inode, size, mtime, ctime): a keeper pass does not re-read a multi-gigabyte disk,
+and with a cache file (beside the registry's clone, owner-only) neither does the next command.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from imagepipe.images.checksum import sha256_file
 from imagepipe.images.records import VersionRecord
 from imagepipe.images.registry import Registry
 from imagepipe.log import fields
+from imagepipe.private import FILE_MODE
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +36,14 @@ class ArtifactMismatchError(OperationFailedError):
 class ArtifactChecker:
     """Hashes each file once per change of its stat signature."""
 
+    cache_file: Path | None = None  # digests kept between processes; None: in memory only
     _digests: dict[Path, tuple[_Signature, str]] = field(default_factory=dict)
+    _loaded: bool = False
     hashed: int = 0  # files read in full, for tests and metrics
 
     def check(self, record: VersionRecord) -> None:
         """ArtifactMismatchError unless every artifact of `record` is as registered."""
+        self._load()
         for artifact in record.artifacts:
             path = Path(record.directory) / artifact.name
             try:
@@ -54,10 +62,53 @@ class ArtifactChecker:
                 digest = sha256_file(path)
                 self.hashed += 1
                 self._digests[path] = (signature, digest)
+                self._save()
             if digest != artifact.sha256:
                 self._refuse(
                     record, path, f"sha256 {digest[:16]}…, registered {artifact.sha256[:16]}…"
                 )
+
+    def _load(self) -> None:
+        """The cache file's entries; an unreadable or malformed file (or entry) is ignored:
+        the files are hashed again."""
+        if self._loaded or self.cache_file is None:
+            return
+        self._loaded = True
+        try:
+            data = json.loads(self.cache_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if not isinstance(data, dict):
+            return
+        for name, entry in data.items():
+            if (
+                isinstance(entry, list)
+                and len(entry) == 2
+                and isinstance(entry[0], list)
+                and len(entry[0]) == 5
+                and all(isinstance(n, int) for n in entry[0])
+                and isinstance(entry[1], str)
+                and re.fullmatch(r"[0-9a-f]{64}", entry[1])
+            ):
+                sig = entry[0]
+                self._digests.setdefault(
+                    Path(name), ((sig[0], sig[1], sig[2], sig[3], sig[4]), entry[1])
+                )
+
+    def _save(self) -> None:
+        """Best effort (a read-only admin machine just hashes again next time)."""
+        if self.cache_file is None:
+            return
+        data = {str(p): [list(sig), digest] for p, (sig, digest) in self._digests.items()}
+        tmp = self.cache_file.with_name(f"{self.cache_file.name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(data, handle)
+            os.replace(tmp, self.cache_file)
+        except OSError as exc:
+            log.debug("checksum cache not written", extra=fields(error=str(exc)))
+            tmp.unlink(missing_ok=True)
 
     def _refuse(self, record: VersionRecord, path: Path, detail: str) -> None:
         log.error(
@@ -76,7 +127,8 @@ class CheckedImages:
 
     def __init__(self, registry: Registry, checker: ArtifactChecker | None = None) -> None:
         self.registry = registry
-        self.checker = checker or ArtifactChecker()
+        cache = registry.path.parent / f".{registry.path.name}.sha256.json"
+        self.checker = checker or ArtifactChecker(cache_file=cache)
 
     def resolve(self, image: str, ref: str | int | None = None) -> VersionRecord:
         record = self.registry.resolve(image, ref)

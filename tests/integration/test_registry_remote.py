@@ -176,6 +176,9 @@ def test_an_image_file_with_one_byte_changed_is_never_used(tmp_path: Path) -> No
     assert keeper.resolve("tiny", "latest").version == 1
     assert keeper.resolve("tiny", "latest").version == 1
     assert keeper.checker.hashed == 1  # unchanged file: hashed once, not every pass
+    next_command = CheckedImages(keeper.registry)
+    assert next_command.resolve("tiny").version == 1
+    assert next_command.checker.hashed == 0  # nor by the next command on this machine
 
     disk = Path(record.directory) / "disk.qcow2"
     os.chmod(disk, 0o644)
