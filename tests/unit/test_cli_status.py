@@ -86,7 +86,15 @@ def test_status_json_describes_every_pool_and_desktop_with_a_stable_schema(
 
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc) == {"schema", "generated_at", "pools", "stray_clones", "balancer_error"}
+    assert set(doc) == {
+        "schema",
+        "generated_at",
+        "pools",
+        "stray_clones",
+        "balancer_error",
+        "leader",
+    }
+    assert doc["leader"] is None  # one keeper on SQLite: no lease was ever taken
     assert doc["schema"] == "imagepipe.status/1"
     (pool,) = doc["pools"]
     assert set(pool) == POOL_KEYS
