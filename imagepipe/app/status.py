@@ -21,6 +21,7 @@ from imagepipe.pool.learning import learned
 from imagepipe.pool.model import (
     CloneRecord,
     CloneState,
+    InstanceHealth,
     Observed,
     ObservedClone,
     PoolDown,
@@ -87,6 +88,7 @@ class HostStatus:
     pools: tuple[PoolStatus, ...]
     stray_clones: tuple[StrayClone, ...]
     balancer_error: str | None
+    balancer_instances: tuple[InstanceHealth, ...] = ()  # a balancer pair: each instance
 
 
 def collect(
@@ -167,6 +169,7 @@ def build_status(
         pools=tuple(pools),
         stray_clones=strays,
         balancer_error=host.balancer_error,
+        balancer_instances=host.balancer_instances,
     )
 
 

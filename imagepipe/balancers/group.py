@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import TypeVar
 
@@ -37,7 +37,7 @@ from imagepipe.errors import (
     EnvironmentMissingError,
 )
 from imagepipe.log import fields
-from imagepipe.pool.model import Backend, BackendState, Endpoint
+from imagepipe.pool.model import Backend, BackendState, Endpoint, InstanceHealth
 from imagepipe.pool.ports import Balancer
 
 log = logging.getLogger(__name__)
@@ -46,16 +46,6 @@ T = TypeVar("T")
 
 # most restrictive first: a backend one instance drains is drained everywhere
 _RESTRICTIVE = {BackendState.MAINT: 0, BackendState.DRAIN: 1, BackendState.READY: 2}
-
-
-@dataclass(frozen=True)
-class InstanceHealth:
-    """One instance as the last call saw it (`imagepipe status`)."""
-
-    name: str
-    reachable: bool
-    error: str | None = None
-    backends: int | None = None  # how many backends it holds; None when unreachable
 
 
 class _Down(Exception):
