@@ -37,6 +37,7 @@ from imagepipe.pool.store import Store
 SCHEMA = "imagepipe.status/1"
 IN_USE = (CloneState.IN_USE, CloneState.DISCONNECTED)
 MISSING = "missing"  # remembered by the store, not on the host
+UNKNOWN = "unknown"  # a read this status needed failed (its session, the balancer)
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,10 @@ class CloneStatus:
     name: str
     slot: int
     version: int | None
-    state: str  # planner.classify: free, in_use, booting, recycling, ...
+    state: str  # planner.classify: free, in_use, booting, ...; unknown: its session unread
     power: str | None  # running, shutoff, ...; None when the clone does not exist (yet)
     display: str | None  # host:port a remote-desktop client connects to
-    balancer: str | None  # ready, drain, maint; None = not in the balancer
+    balancer: str | None  # ready, drain, maint, unknown (unread); None = not in the balancer
     connections: int
     client: str | None  # remote-display client address
     users: tuple[str, ...]
@@ -71,6 +72,7 @@ class PoolStatus:
     note: str | None  # why the pool cannot make clones or was not observed
     clones: tuple[CloneStatus, ...]
     going_down: str | None = None  # `pools down`: "as sessions end" or "now"; None = kept
+    unknown: int = 0  # desktops whose state could not be read (counted in total, not free)
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ def collect(
         balancer = adapters.balancer or build_balancer(settings, manage=False)
         try:
             images = adapters.images or build_images(settings)
-            host = observe(hypervisor, balancer, images, specs)
+            host = observe(hypervisor, balancer, images, specs, partial=True)
             now = adapters.clock.now() if adapters.clock else time.time()
             records, downs = _records(settings, specs, now)
         finally:
@@ -155,10 +157,11 @@ def build_status(
     pools = []
     for spec in specs:
         record = records.get(spec.name, PoolRecord(pool=spec.name))
-        observed = host.pools.get(spec.name, Observed())
+        observed = host.pools.get(spec.name) or host.partial.get(spec.name, Observed())
         note = host.unobservable.get(spec.name) or host.notes.get(spec.name)
         down = (downs or {}).get(spec.name)
-        pools.append(pool_status(spec, observed, record, note, now, down))
+        unread = Unread(host.unread_sessions, balancer=host.balancer_error is not None)
+        pools.append(pool_status(spec, observed, record, note, now, down, unread))
     strays = tuple(
         StrayClone(name=c.name, pool=c.pool, version=c.version, power=str(c.power))
         for c in host.stray_clones
@@ -173,6 +176,14 @@ def build_status(
     )
 
 
+@dataclass(frozen=True)
+class Unread:
+    """What this status could not read: some clones' sessions, the balancer's backends."""
+
+    sessions: frozenset[str] = frozenset()
+    balancer: bool = False
+
+
 def pool_status(
     spec: PoolSpec,
     observed: Observed,
@@ -180,6 +191,7 @@ def pool_status(
     note: str | None,
     now: float,
     down: PoolDown | None = None,
+    unread: Unread = Unread(),
 ) -> PoolStatus:
     seen = observed.by_name()
     target = observed.target_version
@@ -187,7 +199,7 @@ def pool_status(
         target = record.target_version
     names = sorted(set(seen) | set(record.clones), key=lambda n: _slot_of(n, seen, record))
     clones = tuple(
-        clone_status(spec, seen.get(n), record.clones.get(n), now, target, record.rollout)
+        clone_status(spec, seen.get(n), record.clones.get(n), now, target, record.rollout, unread)
         for n in names
     )
     existing = [c for c in clones if c.power is not None]  # what the host has
@@ -205,6 +217,7 @@ def pool_status(
         note=note,
         clones=clones,
         going_down=None if down is None else ("now" if down.now else "as sessions end"),
+        unknown=sum(1 for c in existing if c.state == UNKNOWN),
     )
 
 
@@ -215,22 +228,30 @@ def clone_status(
     now: float,
     target_version: int | None = None,
     rollout: RolloutPolicy | None = None,
+    unread: Unread = Unread(),
 ) -> CloneStatus:
     """One desktop. `target_version` is the version the pool rolls towards (as in the
-    keeper's pass), so a desktop of an older version shows as retiring, not in use."""
+    keeper's pass), so a desktop of an older version shows as retiring, not in use. What
+    could not be read (`unread`) shows as unknown, never as a guess."""
     if seen is None:
         return _missing(record)
-    state = classify(spec, seen, record, now, target_version=target_version, rollout=rollout)
+    if seen.name in unread.sessions:
+        state = UNKNOWN
+    else:
+        state = str(
+            classify(spec, seen, record, now, target_version=target_version, rollout=rollout)
+        )
     backend = seen.backend
     session = seen.session
+    balancer = UNKNOWN if unread.balancer else str(backend.state) if backend else None
     return CloneStatus(
         name=seen.name,
         slot=seen.info.slot,
         version=seen.info.version,
-        state=str(state),
+        state=state,
         power=str(seen.info.power),
         display=str(seen.info.display) if seen.info.display else None,
-        balancer=str(backend.state) if backend else None,
+        balancer=balancer,
         connections=backend.connections if backend else 0,
         client=session.client,
         users=session.users,

@@ -6,34 +6,30 @@
     imagepipe rollout status [IMAGE] [--watch] [--json] [--all]
     imagepipe rollout pause|resume|cancel|undo IMAGE
 
-The running keeper executes the rollout (app/rollout.py); this command writes it and reads it.
+The running keeper executes the rollout (imagepipe/pool/rollout/); this command parses,
+calls the use case (app/rollout.py) and renders what it returns.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 
 import typer
 from rich.console import Console
 
-from imagepipe.app.rollout import (
-    VERBS,
-    WARN_BEFORE,
-    PoolPlan,
-    Request,
-    Rollouts,
-    clock_text,
-    exit_code,
-    to_json_line,
-    who,
-)
+from imagepipe.app import rollout as use_case
 from imagepipe.cli.context import cli_context
 from imagepipe.config import load_pools
 from imagepipe.errors import BadInputError
 from imagepipe.pool.model import PoolSpec
-from imagepipe.pool.rollout_records import Rollout
+from imagepipe.pool.rollout.control import WARN_BEFORE, PoolPlan, Request, RolloutControl
+from imagepipe.pool.rollout.records import Rollout, RolloutState
 from imagepipe.units import format_duration, parse_duration
+
+SCHEMA = "imagepipe.rollout/1"
+VERBS = ("status", "pause", "resume", "cancel", "undo")
 
 
 def rollout(
@@ -72,13 +68,14 @@ def rollout(
     """Move every pool of IMAGE (or the named pools) onto a new version, blue/green: new
     desktops are ready before old free ones go; old desktops in use take no new user and are
     removed when their user logs off (or at --deadline). The running keeper does the work;
-    Ctrl-C on --wait leaves the rollout going. Exit codes: 0 done (or started), 2 bad input,
-    3 no keeper running, 4 the rollout failed or was rolled back, 130 interrupted."""
+    Ctrl-C on --wait leaves the rollout going; --wait follows a rollback until the channel
+    is back on the old version. Exit codes: 0 done (or started), 2 bad input, 3 no keeper
+    running, 4 the rollout failed, was cancelled or rolled back, 130 interrupted."""
     cli = cli_context(ctx)
     settings = cli.settings()
     verb, image = _verb(words)
     specs = load_pools([settings.pools_dir])
-    rollouts = Rollouts.open(settings, cli.adapters)
+    rollouts = use_case.open_rollouts(settings, cli.adapters)
     console = Console(highlight=False, soft_wrap=True)
     try:
         if verb == "status":
@@ -112,17 +109,16 @@ def rollout(
             warn_before=_warnings(warn),
         )
         if dry_run:
-            _print_plans(rollouts.dry_run(specs, request), as_json, console)
+            plans = use_case.dry_run(rollouts, settings, cli.adapters, specs, request)
+            _print_plans(plans, as_json, console)
             return
-        started = rollouts.start(specs, request, by=who())
+        started = use_case.start(rollouts, specs, request, by=use_case.who())
         for name in started.left_alone:
             if not as_json:
                 console.print(f"pool {name} is pinned (version: in its file): left alone")
         if started.rollout is None:
             if as_json:
-                typer.echo(
-                    json.dumps({"schema": "imagepipe.rollout/1", "nothing": started.message})
-                )
+                typer.echo(json.dumps({"schema": SCHEMA, "nothing": started.message}))
             else:
                 console.print(started.message)
             return
@@ -130,7 +126,7 @@ def rollout(
         if wait:
             _follow(rollouts, started.rollout, as_json, console)
     finally:
-        rollouts.close()
+        rollouts.store.close()
 
 
 def _verb(words: list[str]) -> tuple[str, str | None]:
@@ -143,14 +139,14 @@ def _verb(words: list[str]) -> tuple[str, str | None]:
     return "start", words[0]
 
 
-def _control(rollouts: Rollouts, specs: list[PoolSpec], verb: str, image: str) -> Rollout:
+def _control(rollouts: RolloutControl, specs: list[PoolSpec], verb: str, image: str) -> Rollout:
     if verb == "pause":
         return rollouts.pause(image)
     if verb == "resume":
         return rollouts.resume(image)
     if verb == "cancel":
-        return rollouts.cancel(specs, image, by=who())
-    return rollouts.undo(specs, image, by=who())
+        return rollouts.cancel(specs, image, by=use_case.who())
+    return rollouts.undo(specs, image, by=use_case.who())
 
 
 def _duration(option: str, text: str | None) -> float | None:
@@ -171,7 +167,7 @@ def _warnings(text: str | None) -> tuple[float, ...]:
     return tuple(sorted((v for v in values if v is not None), reverse=True))
 
 
-def _follow(rollouts: Rollouts, rollout: Rollout, as_json: bool, console: Console) -> None:
+def _follow(rollouts: RolloutControl, rollout: Rollout, as_json: bool, console: Console) -> None:
     """Print each change until the rollout ends; exit with its code. Ctrl-C (130) leaves it
     going: it belongs to the keeper."""
     last = rollout
@@ -197,7 +193,7 @@ def _follow(rollouts: Rollouts, rollout: Rollout, as_json: bool, console: Consol
 
 
 def _status(
-    rollouts: Rollouts,
+    rollouts: RolloutControl,
     image: str | None,
     as_json: bool,
     watch: bool,
@@ -276,3 +272,20 @@ def _print_plans(plans: list[PoolPlan], as_json: bool, console: Console) -> None
             f"{p.wait_for_logoff} wait for a logoff; {end}"
         )
     console.print("dry run: nothing was changed")
+
+
+def to_json_line(rollout: Rollout) -> str:
+    doc = asdict(rollout)
+    doc["schema"] = SCHEMA
+    doc["state"] = rollout.state.value
+    doc["progress"] = [{**asdict(p), "old_removed": p.old_removed} for p in rollout.progress]
+    return json.dumps(doc, sort_keys=True)
+
+
+def exit_code(rollout: Rollout) -> int:
+    """`--wait`: 0 done, 4 anything else it ended in (failed, rolled back, cancelled)."""
+    return 0 if rollout.state is RolloutState.DONE else 4
+
+
+def clock_text(at: float | None) -> str:
+    return "-" if at is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))

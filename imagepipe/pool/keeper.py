@@ -48,7 +48,7 @@ from imagepipe.pool.ports import (
     Images,
     Notifier,
 )
-from imagepipe.pool.rollouts import RolloutDriver
+from imagepipe.pool.rollout.driver import RolloutDriver
 from imagepipe.pool.store import Store
 from imagepipe.pool.teardown import plan_down
 
@@ -288,7 +288,8 @@ class Keeper:
             self._touched -= {n for n in touched if any(belongs_to(p, n) for p in host.pools)}
         self._record_failures(execution)
         self._record_logins(arrived, now)
-        self.rollouts.after_pass(self.specs, host, self.clock.now())
+        later = self.clock.now()
+        self.rollouts.after_pass(self.specs, host, lambda spec: self._record(spec, later), later)
         log.debug(
             "pass done",
             extra=fields(

@@ -44,6 +44,10 @@ class HostObservation:
     balancer_error: str | None = None
     # a balancer of several instances: each one, reachable or not (else empty)
     balancer_instances: tuple[InstanceHealth, ...] = ()
+    # observe(partial=True), for `status`: what could be read of the unobservable pools
+    # (their clones; a clone in `unread_sessions` has an empty session that is not known)
+    partial: Mapping[str, Observed] = field(default_factory=dict)
+    unread_sessions: frozenset[str] = frozenset()
 
 
 def belongs_to(pool: str, name: str) -> bool:
@@ -64,9 +68,12 @@ def observe(
     specs: Sequence[PoolSpec],
     *,
     also_configured: Collection[str] = (),
+    partial: bool = False,
 ) -> HostObservation:
     """`specs`: the pools to observe. `also_configured`: pools that exist in the
-    configuration but are not looked after here (`keep --pool`); their clones are not strays."""
+    configuration but are not looked after here (`keep --pool`); their clones are not strays.
+    `partial`: a pool whose sessions cannot all be read is still unobservable (nothing may
+    be planned on it), and the rest of it is read and reported too (`status`)."""
     clones = hypervisor.list_clones()
     balancer_error = None
     try:
@@ -81,17 +88,20 @@ def observe(
     unobservable: dict[str, str] = {}
     notes: dict[str, str] = {}
     ready_cache: dict[tuple[str, int], bool] = {}
+    partly: dict[str, Observed] = {}
+    unread: set[str] = set()
     for spec in specs:
         mine = [c for c in clones if c.pool == spec.name]
-        try:
-            observed = _observe_clones(hypervisor, mine, by_backend)
-        except ImagepipeError as exc:
-            unobservable[spec.name] = f"cannot read sessions: {exc}"
+        observed, missed, error = _observe_clones(hypervisor, mine, by_backend, partial=partial)
+        if error is not None:
+            unobservable[spec.name] = f"cannot read sessions: {error}"
             log.warning(
                 "pool not planned this pass: its sessions cannot be read",
-                extra=fields(pool=spec.name, error=str(exc)),
+                extra=fields(pool=spec.name, error=str(error)),
             )
-            continue
+            if not partial:
+                continue
+            unread |= missed
         names = {c.info.name for c in observed}
         orphans = tuple(
             b for b in backends if belongs_to(spec.name, b.name) and b.name not in names
@@ -99,12 +109,16 @@ def observe(
         version, ready, note = _target(hypervisor, images, spec, ready_cache)
         if note:
             notes[spec.name] = note
-        pools[spec.name] = Observed(
+        seen = Observed(
             clones=tuple(observed),
             orphan_backends=orphans,
             target_version=version,
             base_ready=ready,
         )
+        if error is None:
+            pools[spec.name] = seen
+        else:
+            partly[spec.name] = seen
     strays = tuple(c for c in clones if c.pool not in configured)
     clone_names = {c.name for c in clones}
     stray_backends = tuple(
@@ -122,13 +136,23 @@ def observe(
         balancer_instances=(
             tuple(balancer.health()) if isinstance(balancer, BalancerInstances) else ()
         ),
+        partial=partly,
+        unread_sessions=frozenset(unread),
     )
 
 
 def _observe_clones(
-    hypervisor: Hypervisor, clones: Sequence[CloneInfo], backends: Mapping[str, Backend]
-) -> list[ObservedClone]:
+    hypervisor: Hypervisor,
+    clones: Sequence[CloneInfo],
+    backends: Mapping[str, Backend],
+    *,
+    partial: bool,
+) -> tuple[list[ObservedClone], set[str], ImagepipeError | None]:
+    """The clones with their sessions; the clones whose session could not be read, and the
+    first error. Stops at that error unless `partial`."""
     observed = []
+    missed: set[str] = set()
+    error: ImagepipeError | None = None
     for info in clones:
         session = GuestSession()
         if info.power is Power.RUNNING:
@@ -136,8 +160,13 @@ def _observe_clones(
                 session = hypervisor.sessions(info.name)
             except CloneNotFoundError:
                 continue  # deleted between the inventory and now: it does not exist
+            except ImagepipeError as exc:
+                error = error or exc
+                if not partial:
+                    break
+                missed.add(info.name)
         observed.append(ObservedClone(info=info, session=session, backend=backends.get(info.name)))
-    return observed
+    return observed, missed, error
 
 
 def _target(

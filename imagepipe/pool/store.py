@@ -34,7 +34,7 @@ from imagepipe.pool.model import (
     RecordClone,
     RecordPool,
 )
-from imagepipe.pool.rollout_records import (
+from imagepipe.pool.rollout.records import (
     Heartbeat,
     Rollout,
     RolloutState,

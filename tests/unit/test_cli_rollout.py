@@ -217,3 +217,57 @@ def test_bad_options_are_refused_before_anything_changes(
     assert "--deadline: expected a duration" in err
     assert "no rollout of tiny is in progress" in err
     assert host.store.rollouts() == []
+
+
+def test_wait_shows_rolling_back_while_the_channel_cannot_move_and_exits_4_once_it_moved(
+    host: Host, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagepipe.errors import OperationFailedError
+
+    host.build(2, broken=True)
+    move = host.images.move_channel
+    refused: list[str] = []
+
+    def refusing(image: str, channel: str, version: int, by: str) -> None:
+        if version == 1 and len(refused) < 2:
+            refused.append(by)
+            raise OperationFailedError("the registry is locked by another writer")
+        move(image, channel, version, by)
+
+    monkeypatch.setattr(host.images, "move_channel", refusing)
+
+    code = host.cli("tiny", "--wait", "--json")
+
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    states = [line["state"] for line in lines]
+    assert "rolling_back" in states
+    back = states.index("rolling_back")
+    assert "the registry is locked by another writer" in lines[back]["reason"]
+    assert states[-1] == "rolled_back" and "rolled_back" not in states[:back]
+    assert len(refused) == 2
+    assert host.images.channels[("tiny", "stable")] == 1
+    assert code == 4
+
+
+def test_status_says_rolling_back_while_the_channel_has_not_moved(
+    host: Host, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagepipe.errors import OperationFailedError
+
+    host.build(2, broken=True)
+
+    def refusing(image: str, channel: str, version: int, by: str) -> None:
+        raise OperationFailedError("the registry is locked by another writer")
+
+    assert host.cli("tiny") == 0
+    monkeypatch.setattr(host.images, "move_channel", refusing)
+    for _ in range(200):
+        host.clock.sleep(1.0)  # keeper passes
+    capsys.readouterr()
+
+    assert host.cli("status", "tiny") == 0
+
+    out = capsys.readouterr().out
+    assert "rolling back" in out and "rolled back" not in out
+    assert "could not be moved back to v1" in out
+    assert host.images.channels[("tiny", "stable")] == 2

@@ -31,7 +31,7 @@ display: {port_range: 5900-5903}
 
 POOL_KEYS = {
     "name", "image", "version", "target_free", "free", "in_use", "total", "max",
-    "failures", "breaker_open_until", "note", "clones", "going_down",
+    "failures", "breaker_open_until", "note", "clones", "going_down", "unknown",
 }  # fmt: skip
 CLONE_KEYS = {
     "name", "slot", "version", "state", "power", "display", "balancer", "connections",

@@ -1,5 +1,5 @@
 """Rollouts end to end on the keeper: a FakeHypervisor and FakeBalancer, the real store,
-planner, rollout driver and rollout use cases (imagepipe/app/rollout.py)."""
+planner and rollout package (imagepipe/pool/rollout/) through the use cases (app/rollout.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,24 @@ from pathlib import Path
 
 import pytest
 
+from imagepipe.app import rollout as use_case
 from imagepipe.app.bootstrap import Adapters
-from imagepipe.app.rollout import Request, Rollouts
+from imagepipe.app.status import load_records
 from imagepipe.config import Settings
-from imagepipe.errors import BadInputError, EnvironmentMissingError
+from imagepipe.errors import BadInputError, EnvironmentMissingError, OperationFailedError
 from imagepipe.pool.keeper import Keeper, KeeperOptions
-from imagepipe.pool.model import BackendState, CloneState, PoolSpec, Power, RecordClone
-from imagepipe.pool.rollout_records import Rollout, RolloutState
+from imagepipe.pool.model import (
+    BackendState,
+    CloneState,
+    LearnSpec,
+    PoolSpec,
+    Power,
+    RecordClone,
+)
+from imagepipe.pool.planner import free_target
+from imagepipe.pool.planner.forecast import BUCKET, day_and_bucket
+from imagepipe.pool.rollout.control import PoolPlan, Request, RolloutControl, Started
+from imagepipe.pool.rollout.records import Rollout, RolloutState
 from imagepipe.pool.store import Store
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages, FakeVersion
@@ -46,16 +57,22 @@ class World:
     spec: PoolSpec = LAB
     hv: FakeHypervisor = field(init=False)
     store: Store = field(init=False)
-    rollouts: Rollouts = field(init=False)
+    settings: Settings = field(init=False)
+    rollouts: RolloutControl = field(init=False)
 
     def __post_init__(self) -> None:
         self.hv = FakeHypervisor(clock=self.clock.now)
         self.hv.add_base(self.images.publish("tiny", 1, channel="stable"))
         self.store = Store(self.root / "state.db")
-        settings = Settings(state_db=self.root / "state.db", run_dir=self.root / "run")
-        self.rollouts = Rollouts(
-            settings, self.store, self.images, self.images, self.clock, Adapters()
-        )
+        self.settings = Settings(state_db=self.root / "state.db", run_dir=self.root / "run")
+        self.rollouts = RolloutControl(self.store, self.images, self.images, self.clock)
+
+    def start(self, specs: list[PoolSpec], request: Request, *, by: str) -> Started:
+        return use_case.start(self.rollouts, specs, request, by=by)
+
+    def dry_run(self, specs: list[PoolSpec], request: Request) -> list[PoolPlan]:
+        adapters = Adapters(hypervisor=self.hv, balancer=self.lb)
+        return use_case.dry_run(self.rollouts, self.settings, adapters, specs, request)
 
     def keeper(self) -> Keeper:
         return Keeper(
@@ -136,7 +153,7 @@ def test_drain_rollout_replaces_free_desktops_first_and_waits_for_the_user(world
     assert len(world.serving()) == 2
     world.build(2)
 
-    started = world.rollouts.start([LAB], Request(image="tiny"), by="admin@host")
+    started = world.start([LAB], Request(image="tiny"), by="admin@host")
 
     assert started.rollout is not None
     assert world.images.channels[("tiny", "stable")] == 2
@@ -167,7 +184,7 @@ def test_a_version_that_never_becomes_ready_is_rolled_back_and_free_desktops_sta
     keeper = world.keeper()
     settle(world, keeper)
     world.build(2, broken=True)
-    world.rollouts.start([LAB], Request(image="tiny"), by="admin")
+    world.start([LAB], Request(image="tiny"), by="admin")
 
     run(world, keeper, 300, floor=2)
 
@@ -184,7 +201,7 @@ def test_canary_makes_only_n_new_desktops_then_waits_for_resume(world: World) ->
     keeper = world.keeper()
     settle(world, keeper)
     world.build(2)
-    world.rollouts.start([LAB], Request(image="tiny", canary=1), by="admin")
+    world.start([LAB], Request(image="tiny", canary=1), by="admin")
 
     run(world, keeper, 10, floor=2)
 
@@ -204,7 +221,7 @@ def test_canary_goes_on_by_itself_after_the_bake_time(world: World) -> None:
     keeper = world.keeper()
     settle(world, keeper)
     world.build(2)
-    world.rollouts.start([LAB], Request(image="tiny", canary=1, bake=30.0), by="admin")
+    world.start([LAB], Request(image="tiny", canary=1, bake=30.0), by="admin")
 
     run(world, keeper, 10, floor=2)
     assert world.rollout().state is RolloutState.CANARY
@@ -219,7 +236,7 @@ def test_pause_stops_the_rollout_where_it_is_and_resume_goes_on(world: World) ->
     keeper = world.keeper()
     settle(world, keeper)
     world.build(2)
-    world.rollouts.start([LAB], Request(image="tiny"), by="admin")
+    world.start([LAB], Request(image="tiny"), by="admin")
     world.rollouts.pause("tiny")
 
     run(world, keeper, 10, floor=2)
@@ -235,7 +252,7 @@ def test_cancel_returns_the_pool_to_the_old_version_by_a_rollout(world: World) -
     keeper = world.keeper()
     settle(world, keeper)
     world.build(2)
-    world.rollouts.start([LAB], Request(image="tiny", canary=1), by="admin")
+    world.start([LAB], Request(image="tiny", canary=1), by="admin")
     run(world, keeper, 10, floor=2)
 
     back = world.rollouts.cancel([LAB], "tiny", by="admin")
@@ -252,7 +269,7 @@ def test_undo_of_a_finished_rollout_goes_back_blue_green(world: World) -> None:
     keeper = world.keeper()
     settle(world, keeper)
     world.build(2)
-    world.rollouts.start([LAB], Request(image="tiny"), by="admin")
+    world.start([LAB], Request(image="tiny"), by="admin")
     run(world, keeper, 10, floor=2)
     assert world.rollout().state is RolloutState.DONE
 
@@ -273,7 +290,7 @@ def test_deadline_warns_inside_the_desktop_then_ends_the_session(world: World) -
     request = Request(
         image="tiny", deadline=120.0, message="Maintenance tonight", warn_before=(60.0,)
     )
-    world.rollouts.start([LAB], request, by="admin")
+    world.start([LAB], request, by="admin")
 
     run(world, keeper, 50, floor=2)
     assert world.hv.notices == []
@@ -294,7 +311,7 @@ def test_a_restarted_keeper_goes_on_with_the_rollout(world: World) -> None:
     alice = use(world)
     settle(world, keeper)
     world.build(2)
-    world.rollouts.start([LAB], Request(image="tiny"), by="admin")
+    world.start([LAB], Request(image="tiny"), by="admin")
     run(world, keeper, 3)
 
     again = world.keeper()  # a new process: nothing but the store and the host
@@ -312,7 +329,7 @@ def test_without_a_keeper_rollout_says_so_and_changes_nothing(world: World) -> N
     world.build(2)
 
     with pytest.raises(EnvironmentMissingError, match="no keeper has run"):
-        world.rollouts.start([LAB], Request(image="tiny"), by="admin")
+        world.start([LAB], Request(image="tiny"), by="admin")
 
     assert world.images.channels[("tiny", "stable")] == 1
     assert world.store.rollouts() == []
@@ -328,7 +345,7 @@ def test_a_keeper_that_stopped_long_ago_counts_as_not_running(world: World) -> N
     world.store.beat(replace(beat, pid=2**22 + 12345, host="elsewhere"))
 
     with pytest.raises(EnvironmentMissingError, match="no keeper is running: its last pass"):
-        world.rollouts.start([LAB], Request(image="tiny"), by="admin")
+        world.start([LAB], Request(image="tiny"), by="admin")
 
 
 def test_a_keeper_that_stopped_cleanly_counts_as_not_running_at_once(world: World) -> None:
@@ -341,18 +358,18 @@ def test_a_keeper_that_stopped_cleanly_counts_as_not_running_at_once(world: Worl
     runner.join(timeout=10)
 
     with pytest.raises(EnvironmentMissingError, match="no keeper is running: it stopped 0 s ago"):
-        world.rollouts.start([LAB], Request(image="tiny"), by="admin")
+        world.start([LAB], Request(image="tiny"), by="admin")
 
 
 def test_a_second_rollout_of_the_same_pools_is_refused_while_one_runs(world: World) -> None:
     keeper = world.keeper()
     settle(world, keeper)
     world.build(2)
-    world.rollouts.start([LAB], Request(image="tiny", canary=1), by="admin")
+    world.start([LAB], Request(image="tiny", canary=1), by="admin")
     world.build(3)
 
     with pytest.raises(BadInputError, match=r"rollout #1 of tiny .* is pending"):
-        world.rollouts.start([LAB], Request(image="tiny"), by="admin")
+        world.start([LAB], Request(image="tiny"), by="admin")
 
 
 def test_pinned_pools_are_left_alone_and_other_pools_on_the_channel_must_be_named(
@@ -365,10 +382,10 @@ def test_pinned_pools_are_left_alone_and_other_pools_on_the_channel_must_be_name
     other = replace(LAB, name="hall")
 
     with pytest.raises(BadInputError, match="pool kiosk is pinned to v1"):
-        world.rollouts.start([LAB, pinned], Request(image="tiny", pools=("kiosk",)), by="a")
+        world.start([LAB, pinned], Request(image="tiny", pools=("kiosk",)), by="a")
     with pytest.raises(BadInputError, match=r"hall also follow tiny@stable"):
-        world.rollouts.start([LAB, other], Request(image="tiny", pools=("lab",)), by="a")
-    started = world.rollouts.start([LAB, pinned], Request(image="tiny"), by="a")
+        world.start([LAB, other], Request(image="tiny", pools=("lab",)), by="a")
+    started = world.start([LAB, pinned], Request(image="tiny"), by="a")
     assert started.left_alone == ("kiosk",)
     assert started.rollout is not None and started.rollout.pools == ("lab",)
 
@@ -377,7 +394,7 @@ def test_nothing_to_roll_out_when_the_pools_run_the_version_already(world: World
     keeper = world.keeper()
     settle(world, keeper)
 
-    started = world.rollouts.start([LAB], Request(image="tiny"), by="a")
+    started = world.start([LAB], Request(image="tiny"), by="a")
 
     assert started.rollout is None
     assert "already run v1" in started.message
@@ -389,11 +406,7 @@ def test_dry_run_says_what_would_happen_and_changes_nothing(world: World) -> Non
     use(world)
     settle(world, keeper)
     world.build(2)
-    world.rollouts = replace(
-        world.rollouts, adapters=Adapters(hypervisor=world.hv, balancer=world.lb)
-    )
-
-    (plan,) = world.rollouts.dry_run([LAB], Request(image="tiny", deadline=3600.0))
+    (plan,) = world.dry_run([LAB], Request(image="tiny", deadline=3600.0))
 
     assert (plan.from_versions, plan.to_version) == ((1,), 2)
     assert (plan.new_desktops, plan.replaced_at_once, plan.wait_for_logoff) == (2, 2, 1)
@@ -415,7 +428,7 @@ def test_a_breaker_that_was_open_before_the_rollout_does_not_roll_it_back(world:
         breaker_open_until=world.clock.now() + 100.0,
     )
     world.build(2)
-    world.rollouts.start([LAB], Request(image="tiny"), by="admin")
+    world.start([LAB], Request(image="tiny"), by="admin")
 
     run(world, keeper, 3)
 
@@ -429,7 +442,7 @@ def test_a_rollout_waits_while_the_new_base_runs_and_says_why(world: World) -> N
     world.build(2)
     base = FakeVersion("tiny", 2).base_image()
     world.hv.add_base(base, powered_off=False)  # an update is writing it
-    world.rollouts.start([LAB], Request(image="tiny"), by="admin")
+    world.start([LAB], Request(image="tiny"), by="admin")
 
     run(world, keeper, 5, floor=2)
 
@@ -448,7 +461,7 @@ def test_an_old_free_desktop_whose_agent_misses_a_pass_is_not_deleted(world: Wor
     settle(world, keeper)
     world.build(2)
     world.hv.boot_ticks = 5  # the new desktops take a while
-    world.rollouts.start([LAB], Request(image="tiny"), by="admin")
+    world.start([LAB], Request(image="tiny"), by="admin")
     keeper.run_pass()
     old = [n for n, v in world.versions().items() if v == 1]
     world.hv.clones[old[0]].boot_ticks_left = 1  # its guest agent does not answer this pass
@@ -456,3 +469,106 @@ def test_an_old_free_desktop_whose_agent_misses_a_pass_is_not_deleted(world: Wor
     keeper.run_pass()
 
     assert all(name in world.hv.clones for name in old)
+
+
+def refuse_moves_back(world: World, monkeypatch: pytest.MonkeyPatch, times: int) -> list[int]:
+    """The registry refuses to move the channel back to v1 `times` times (a locked or
+    unreachable registry); returns the list the refused attempts are counted in."""
+    refused: list[int] = []
+    move = world.images.move_channel
+
+    def refusing(image: str, channel: str, version: int, by: str) -> None:
+        if version == 1 and len(refused) < times:
+            refused.append(version)
+            raise OperationFailedError("the registry is locked by another writer")
+        move(image, channel, version, by)
+
+    monkeypatch.setattr(world.images, "move_channel", refusing)
+    return refused
+
+
+def run_until_left(world: World, keeper: Keeper, states: set[str], passes: int = 300) -> None:
+    for _ in range(passes):
+        if world.rollout().state.value not in states:
+            return
+        run(world, keeper, 1, floor=2)
+    raise AssertionError(f"the rollout stayed {world.rollout().state}")
+
+
+def test_a_rollback_whose_channel_move_fails_is_rolling_back_until_the_channel_moved(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keeper = world.keeper()
+    settle(world, keeper)
+    world.build(2, broken=True)
+    refused = refuse_moves_back(world, monkeypatch, times=3)
+    world.start([LAB], Request(image="tiny"), by="admin")
+
+    run_until_left(world, keeper, {"pending", "in_progress"})
+
+    r = world.rollout()
+    assert r.state.value == "rolling_back"  # not "rolled back": the channel is still on v2
+    assert world.images.channels[("tiny", "stable")] == 2
+    assert r.finished_at is None and r.active
+    assert "could not be moved back to v1" in (r.reason or "")
+    assert "the registry is locked by another writer" in (r.reason or "")
+    run(world, keeper, 2, floor=2)  # every pass tries again
+    assert len(refused) == 3
+    assert world.rollout().state.value == "rolling_back"
+    for verb in (world.rollouts.pause, world.rollouts.resume):
+        with pytest.raises(BadInputError, match="is rolling back to v1"):
+            verb("tiny")
+    with pytest.raises(BadInputError, match="is rolling back to v1"):
+        world.rollouts.cancel([LAB], "tiny", by="admin")
+
+    run_until_left(world, keeper, {"rolling_back"}, passes=5)
+
+    r = world.rollout()
+    assert r.state is RolloutState.ROLLED_BACK
+    assert world.images.channels[("tiny", "stable")] == 1
+    assert "rolled back" in world.images.moves[-1][3]
+    assert r.finished_at is not None
+    run(world, keeper, 60, floor=2)
+    assert set(world.versions().values()) == {1}
+
+
+def test_without_a_registry_to_move_the_channel_a_rollback_never_claims_it_rolled_back(
+    world: World,
+) -> None:
+    keeper = world.keeper()
+    keeper.rollouts.channels = None  # a keeper started without the registry's channels
+    settle(world, keeper)
+    world.build(2, broken=True)
+    world.start([LAB], Request(image="tiny"), by="admin")
+
+    run(world, keeper, 300, floor=2)
+
+    r = world.rollout()
+    assert r.state.value == "rolling_back"
+    assert "no registry" in (r.reason or "")
+    assert world.images.channels[("tiny", "stable")] == 2
+
+
+def test_a_learning_pool_rolls_out_to_the_keepers_own_free_target(world: World) -> None:
+    """The keeper keeps the learned free target (logins expected soon); a rollout's dry run
+    says that many new desktops are made first, and the rollout never goes below it."""
+    world.spec = replace(LAB, learn=LearnSpec(lead=600.0))
+    day, bucket = day_and_bucket(world.clock.now(), world.spec.timezone)
+    for past in range(1, 8):  # a login every 5 minutes at this time of day, all last week
+        for b in range(bucket - 2, bucket + 8):
+            world.store.record_logins("lab", day - past, b, 1, seconds=BUCKET, keep_days=14)
+    keeper = world.keeper()
+    settle(world, keeper)
+    records, _ = load_records(world.store, [world.spec], world.clock.now())
+    keepers_target = free_target(world.spec, world.clock.now(), records["lab"].arrivals)
+    assert keepers_target == 4 > world.spec.free  # what the history taught
+    assert len(world.serving()) == 4
+    world.build(2)
+
+    (plan,) = world.dry_run([world.spec], Request(image="tiny"))
+    assert plan.new_desktops == keepers_target
+
+    world.start([world.spec], Request(image="tiny"), by="admin")
+    run(world, keeper, 30, floor=keepers_target)
+    assert sorted(world.versions().values()) == [2, 2, 2, 2]
+    assert world.rollout().state is RolloutState.DONE

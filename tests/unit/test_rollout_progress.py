@@ -1,4 +1,4 @@
-"""A rollout's state after a pass (planner/rollout_progress.py), from its pools alone."""
+"""A rollout's state after a pass (pool/rollout/progress.py), from its pools alone."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from imagepipe.pool.model import (
     PoolSpec,
     Power,
 )
-from imagepipe.pool.planner.rollout_progress import PoolView, judge
-from imagepipe.pool.rollout_records import Rollout, RolloutState
+from imagepipe.pool.rollout.progress import PoolView, judge
+from imagepipe.pool.rollout.records import Rollout, RolloutState
 
 T = 1_700_000_000.0
 SPEC = PoolSpec(name="lab", image="tiny", channel="stable", free=1, max=3)
@@ -69,14 +69,24 @@ def test_no_old_desktop_left_is_done_and_counts_what_was_removed() -> None:
     assert done.rollout.progress[0].old_removed == 1
 
 
-def test_a_breaker_opened_during_the_rollout_rolls_it_back() -> None:
+def test_a_breaker_opened_during_the_rollout_starts_rolling_it_back() -> None:
     broken = view(2, ("lab-0", 1, CloneState.FREE), failures=5, breaker_open_until=T + 600 + 10)
     verdict = judge(ROLLOUT, [broken], T + 20)
     assert verdict.move_back
-    assert verdict.rollout.state is RolloutState.ROLLED_BACK
+    assert verdict.rollout.state is RolloutState.ROLLING_BACK  # rolled back once it moved
+    assert verdict.rollout.active and verdict.rollout.finished_at is None
     assert verdict.rollout.reason == (
         "v2's desktops failed in pool lab (5 failures in a row, its breaker opened): back to v1"
     )
+
+
+def test_rolling_back_asks_for_the_move_again_even_when_the_channel_already_moved() -> None:
+    back = replace(ROLLOUT, state=RolloutState.ROLLING_BACK, reason="v2 failed")
+    for target in (1, 2):
+        verdict = judge(back, [view(target, ("lab-0", 1, CloneState.FREE))], T + 30)
+        assert verdict.move_back
+        assert verdict.rollout.state is RolloutState.ROLLING_BACK
+        assert verdict.rollout.reason == "v2 failed"
 
 
 def test_warnings_fall_due_once_each_before_the_deadline() -> None:

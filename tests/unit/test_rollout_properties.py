@@ -1,4 +1,4 @@
-"""Property tests of an active rollout's rules (planner/rollout_rules.py) over random days:
+"""Property tests of an active rollout's rules (pool/rollout/rules.py) over random days:
 users, power cuts, crashes, busy bases, keeper kills and new versions, on the model host of
 test_planner_properties.py, with a rollout policy on every version change."""
 
@@ -17,6 +17,7 @@ from imagepipe.pool.model import (
     CreateClone,
     DeleteClone,
     ForgetClone,
+    Observed,
     PoolRecord,
     PoolSpec,
     RecordClone,
@@ -27,7 +28,7 @@ from imagepipe.pool.model import (
     SuspendClone,
 )
 from imagepipe.pool.planner import free_target, plan, session_live
-from imagepipe.pool.planner.rollout_rules import BUSY
+from imagepipe.pool.rollout.rules import BUSY
 from tests.unit.test_planner_properties import Host, events, run_events, specs
 
 
@@ -155,3 +156,71 @@ def test_a_rollout_that_is_not_held_back_ends_on_the_new_version(
         host.now += spec.boot_timeout + spec.retry_backoff * 64
         host.step()
     assert {vm.version for vm in host.vms.values()} <= {host.target}
+
+
+@dataclass
+class SlowReadHost(RollingHost):
+    """A loaded host: some passes the balancer's list cannot be read (the keeper sees no
+    backend at all), or the guest agent of an old desktop answers too late (it looks not
+    ready; the keeper learns a new desktop's readiness from agent events, not from a ping
+    that can be late)."""
+
+    blind_balancer: bool = False
+    slow_agent: str | None = None
+
+    def observe(self) -> Observed:
+        observed = super().observe()
+        clones = tuple(
+            replace(
+                c,
+                backend=None if self.blind_balancer else c.backend,
+                info=replace(c.info, ready=False) if c.name == self.slow_agent else c.info,
+            )
+            for c in observed.clones
+        )
+        orphans = () if self.blind_balancer else observed.orphan_backends
+        return replace(observed, clones=clones, orphan_backends=orphans)
+
+    def step(self, killed_after: int | None = None) -> list[Action]:
+        try:
+            return super().step(killed_after)
+        finally:
+            self.blind_balancer, self.slow_agent = False, None
+
+
+def run_slow_reads(host: SlowReadHost, script: list[tuple[str, int, float]]) -> None:
+    """The planner-property script, with passes whose reads are slow or fail."""
+    plain: list[tuple[str, int, float]] = []
+    for kind, pick, dt in script:
+        if kind in ("blind-balancer", "slow-agent"):
+            if plain:
+                run_events(host, plain)
+                plain = []
+            old = sorted(n for n, vm in host.vms.items() if vm.version != host.target)
+            host.blind_balancer = kind == "blind-balancer"
+            host.slow_agent = old[pick % len(old)] if old and kind == "slow-agent" else None
+            host.now += dt
+            host.step()
+        else:
+            plain.append((kind, pick, dt))
+    run_events(host, plain)
+
+
+slow_events = st.lists(
+    st.tuples(
+        st.sampled_from(["tick", "login", "logoff", "rollout", "blind-balancer", "slow-agent"]),
+        st.integers(0, 7),
+        st.sampled_from([0.0, 1.0, 30.0]),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=specs, policy=rollouts, script=slow_events)
+def test_a_rollout_never_runs_the_pool_dry_when_reads_are_slow_or_fail(
+    spec: PoolSpec, policy: dict[str, int | bool | None], script: list[tuple[str, int, float]]
+) -> None:
+    spec = replace(spec, drain_deadline=None)
+    host = SlowReadHost(spec, **policy)  # type: ignore[arg-type]
+    run_slow_reads(host, [("tick", 0, 0.0), *script])

@@ -13,7 +13,7 @@ from imagepipe.images.registry import Registry
 from imagepipe.pool.model import Observed, PoolSpec
 from imagepipe.pool.observe import observe
 from imagepipe.pool.ports import Channels
-from imagepipe.pool.rollout_records import Rollout, RolloutState
+from imagepipe.pool.rollout.records import Rollout, RolloutState
 from imagepipe.pool.store import Store
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages, FakeVersion

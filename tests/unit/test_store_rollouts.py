@@ -7,7 +7,7 @@ import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
-from imagepipe.pool.rollout_records import Heartbeat, PoolProgress, Rollout, RolloutState
+from imagepipe.pool.rollout.records import Heartbeat, PoolProgress, Rollout, RolloutState
 from imagepipe.pool.store import MIGRATIONS, Store
 
 ROLLOUT = Rollout(

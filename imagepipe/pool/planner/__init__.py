@@ -7,11 +7,13 @@ words; each module here holds one group of them:
 
     clones.py          one clone: quiet, in use, recycle, reset, failed, booting, ...
     resize.py          the pool: count, grow (resume before create), shrink
-    rollout_rules.py   which version, when the rollout started, the drain deadline, and
-                       an active rollout's blue/green pacing (surge, canary, pause)
+    ../rollout/rules.py  which version, when the rollout started, the drain deadline, and
+                       an active rollout's blue/green pacing (surge, canary, pause): the
+                       rollout's own package, called here with this pass
     balancer_rules.py  who serves, who is drained or removed, orphan backends
     failures.py        retries with backoff, the retry budget, the circuit breaker
-    schedule.py        the free target after the pool's schedule (and learned warm-up)
+    schedule.py        the free target after the pool's schedule (and learned warm-up):
+                       the one function resize, rollouts, their dry run and status use
     forecast.py        learned warm-up: logins to expect by time of week, from past days
     timers.py          when plan() could next answer differently
 
@@ -51,7 +53,10 @@ from imagepipe.pool.planner.failures import (
     retry_delay,
 )
 from imagepipe.pool.planner.resize import Decisions, resize
-from imagepipe.pool.planner.rollout_rules import (
+from imagepipe.pool.planner.schedule import free_target
+from imagepipe.pool.planner.steps import Context, remembered
+from imagepipe.pool.planner.timers import next_timer
+from imagepipe.pool.rollout.rules import (
     drain_deadline_passed,
     old_exists,
     pace,
@@ -59,9 +64,6 @@ from imagepipe.pool.planner.rollout_rules import (
     rollout_started,
     target_of,
 )
-from imagepipe.pool.planner.schedule import free_target
-from imagepipe.pool.planner.steps import Context, remembered
-from imagepipe.pool.planner.timers import next_timer
 
 __all__ = [
     "CLONE_RETRIES",

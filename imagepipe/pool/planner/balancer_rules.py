@@ -32,7 +32,7 @@ def balancer_actions(
     serves = (
         state is CloneState.FREE
         and not hyper
-        and (info.version == ctx.target or ctx.rollout is not None)  # old: held (rollout_rules)
+        and (info.version == ctx.target or ctx.rollout is not None)  # old: held (rollout/rules.py)
         and info.slot not in ctx.assigned
         and rec is not None
         and (not rec.dirty or ctx.persistent(info.slot))  # a dirty shared clone never serves

@@ -25,8 +25,8 @@ from imagepipe.pool.model import (
     StartClone,
 )
 from imagepipe.pool.planner.failures import gave_up, record_failure
-from imagepipe.pool.planner.rollout_rules import holds
 from imagepipe.pool.planner.steps import Context, Step, ended, enter, healthy, used
+from imagepipe.pool.rollout.rules import holds
 
 CREATING = CloneState.CREATING
 BOOTING = CloneState.BOOTING

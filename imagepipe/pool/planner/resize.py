@@ -23,7 +23,6 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.planner.failures import gave_up
 from imagepipe.pool.planner.forecast import shrink_after
-from imagepipe.pool.planner.schedule import free_target
 from imagepipe.pool.planner.steps import Context, moved
 
 
@@ -72,7 +71,7 @@ def resize(d: Decisions, base_ready: bool, breaker_open: bool) -> None:
     if d.ctx.target is None:
         return
     census = count(d)
-    wanted = free_target(d.ctx.spec, d.ctx.now, d.ctx.arrivals)
+    wanted = d.ctx.free_target
     need = max(wanted - census.ready_free - census.coming, d.ctx.spec.initial - census.alive, 0)
     need = grow(d, census, need, can_create=base_ready and not breaker_open)
     if need == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import NamedTuple
 
 from imagepipe.pool.model import (
@@ -16,6 +17,7 @@ from imagepipe.pool.model import (
     PoolSpec,
     RolloutPolicy,
 )
+from imagepipe.pool.planner.schedule import free_target
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,12 @@ class Context:
     touched: frozenset[str] = frozenset()  # clones a client connected to since the last pass
     rollout: RolloutPolicy | None = None  # an active rollout onto the target version
     arrivals: Arrivals | None = None  # logins expected by time of week (learned warm-up)
+
+    @cached_property
+    def free_target(self) -> int:
+        """The free ready desktops the pool wants this pass (schedule and learned warm-up):
+        the one number resize keeps and an active rollout's pacing never goes below."""
+        return free_target(self.spec, self.now, self.arrivals)
 
     def persistent(self, slot: int) -> bool:
         """Logoff leaves this desktop as its user left it (no reset, no balancer rules)."""

@@ -1,11 +1,15 @@
 """The keeper's side of `imagepipe rollout`: rollouts are rows in the store, executed here.
 
-Every pass the keeper writes its heartbeat (so the CLI can tell that a keeper runs), hands
-the planner each active rollout's policy with the pool's record, and after the pass judges
-every active rollout (planner/rollout_progress.py): its progress per pool, its next state,
-deadline warnings to show inside the desktops, and an automatic rollback (the channel is
-pointed back at the old version, the pool's failure count cleared). Nothing lives only in
-memory: a restarted keeper (also after kill -9) reads the rows and goes on where it was.
+Every pass the keeper writes its heartbeat (`beat`; `keeper_absent` is the one reading of
+it, for the CLI), hands the planner each active rollout's policy with the pool's record,
+and after the pass judges every active rollout (progress.py): its progress per pool, its
+next state, deadline warnings to show inside the desktops, and an automatic rollback.
+
+A rollback is `rolling back` until the channel really points at the old version again:
+the keeper tries to move it every pass (`move_channel`, the one place a rollout moves a
+channel), and only once it moved is the rollout `rolled back` and the pool's failure count
+cleared. Nothing lives only in memory: a restarted keeper (also after kill -9) reads the
+rows and goes on where it was.
 """
 
 from __future__ import annotations
@@ -14,19 +18,52 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
-from imagepipe.errors import ImagepipeError
+from imagepipe.errors import EnvironmentMissingError, ImagepipeError
 from imagepipe.log import fields
 from imagepipe.pool.model import CloneState, PoolRecord, PoolSpec
 from imagepipe.pool.observe import HostObservation
-from imagepipe.pool.planner.rollout_progress import PoolView, Verdict, judge
 from imagepipe.pool.ports import Channels, Notifier
-from imagepipe.pool.rollout_records import Heartbeat, Rollout
+from imagepipe.pool.rollout.progress import PoolView, Verdict, judge
+from imagepipe.pool.rollout.records import Heartbeat, Rollout, RolloutState
 from imagepipe.pool.store import Store
 
 log = logging.getLogger(__name__)
+
+START_KEEPER = "start it (systemctl start imagepipe-keep, or imagepipe keep)"
+_NOT_MOVED = "; the channel could not be moved back"  # the rolling-back note's start
+
+
+def move_channel(channels: Channels | None, rollout: Rollout, version: int, *, by: str) -> None:
+    """Point the rollout's channel at `version` (forward when it starts, back when it is
+    undone or rolled back), recording who and why in the registry's history."""
+    if channels is None:
+        raise EnvironmentMissingError("no registry to move it (the keeper runs without one)")
+    channels.move_channel(rollout.image, rollout.channel, version, by=by)
+
+
+def keeper_absent(
+    store: Store, now: float, *, alive: Callable[[int], bool] | None = None
+) -> str | None:
+    """None when a keeper runs on the store; else why we think none does, as a sentence.
+    On this host the keeper's process is the truth; elsewhere its last pass must be recent."""
+    beat = store.heartbeat()
+    if beat is None:
+        return f"no keeper has run on the state database {store.path}: {START_KEEPER} and try again"
+    ago = round(now - beat.at)
+    if beat.pid == 0:
+        return f"no keeper is running: it stopped {ago} s ago; {START_KEEPER}"
+    if beat.host == socket.gethostname():
+        if (alive or _pid_alive)(beat.pid):
+            return None
+    elif now - beat.at <= max(3 * beat.tick, 30.0):
+        return None
+    return (
+        f"no keeper is running: its last pass was {ago} s ago (pid {beat.pid} on "
+        f"{beat.host}); {START_KEEPER}"
+    )
 
 
 def warning_text(rollout: Rollout, now: float) -> str:
@@ -85,16 +122,22 @@ class RolloutDriver:
         return min(later) if later else None
 
     def after_pass(
-        self, specs: Mapping[str, PoolSpec], host: HostObservation, now: float
+        self,
+        specs: Mapping[str, PoolSpec],
+        host: HostObservation,
+        record_of: Callable[[PoolSpec], PoolRecord],
+        now: float,
     ) -> list[Rollout]:
-        """Judge every active rollout on this pass; returns the ones that changed."""
+        """Judge every active rollout on this pass; `record_of` reads a pool's record as the
+        keeper plans with it (after this pass's writes, learned arrivals included). Returns
+        the rollouts that changed."""
         changed = []
         for rollout in {r.id: r for r in self._active.values()}.values():
             views = [
                 PoolView(
                     spec=specs[p],
                     observed=host.pools[p],
-                    record=self.store.load_pool(p),
+                    record=record_of(specs[p]),
                     note=host.notes.get(p),
                 )
                 for p in rollout.pools
@@ -123,8 +166,6 @@ class RolloutDriver:
         verdict = verdicts[-1]
         if verdict.warnings:
             self._warn(nxt, views, now)
-        if verdict.move_back:
-            self._roll_back(nxt, views)
         if nxt.state is not current.state:
             log.info(
                 "rollout " + nxt.state.label,
@@ -132,20 +173,27 @@ class RolloutDriver:
                     rollout=nxt.id, image=nxt.image, to=f"v{nxt.to_version}", reason=nxt.reason
                 ),
             )
+        if verdict.move_back:
+            nxt = self._roll_back(nxt, views, now)
         return None if nxt == current else nxt
 
-    def _roll_back(self, rollout: Rollout, views: Sequence[PoolView]) -> None:
-        """The new version's desktops failed: the channel goes back, the pools' failure
-        count (the new version's) is cleared so the old version's desktops can be made."""
-        by = f"rollout #{rollout.id} rolled back: {rollout.reason}"
-        if self.channels is None:
-            log.error("cannot roll back: no registry to move the channel", extra=fields(by=by))
-            return
+    def _roll_back(self, rollout: Rollout, views: Sequence[PoolView], now: float) -> Rollout:
+        """The new version's desktops failed: move the channel back; once it moved, the
+        rollout is rolled back and the pools' failure count (the new version's) is cleared
+        so the old version's desktops can be made. A move that fails is said in the
+        rollout's reason and tried again next pass."""
+        cause = (rollout.reason or "").split(_NOT_MOVED)[0]
+        by = f"rollout #{rollout.id} rolled back: {cause}"
         try:
-            self.channels.move_channel(rollout.image, rollout.channel, rollout.from_version, by=by)
+            move_channel(self.channels, rollout, rollout.from_version, by=by)
         except ImagepipeError as exc:
-            log.error("rollback: the channel could not be moved", extra=fields(error=str(exc)))
-            return
+            why = f"{cause}{_NOT_MOVED} to v{rollout.from_version} ({exc}): trying again every pass"
+            if why != rollout.reason:
+                log.error(
+                    "rollback: the channel could not be moved back",
+                    extra=fields(rollout=rollout.id, image=rollout.image, error=str(exc)),
+                )
+            return self._settle(rollout, lambda r: replace(r, reason=why))
         for view in views:
             self.store.save_pool(
                 view.spec.name,
@@ -155,8 +203,22 @@ class RolloutDriver:
             )
         log.warning(
             "rollout rolled back",
-            extra=fields(rollout=rollout.id, image=rollout.image, reason=rollout.reason),
+            extra=fields(rollout=rollout.id, image=rollout.image, reason=cause),
         )
+        return self._settle(
+            rollout,
+            lambda r: replace(
+                r, state=RolloutState.ROLLED_BACK, reason=cause, finished_at=now, paused=False
+            ),
+        )
+
+    def _settle(self, rollout: Rollout, change: Callable[[Rollout], Rollout]) -> Rollout:
+        """Write the rollback's outcome unless the rollout left `rolling back` meanwhile
+        (cancelled by the CLI)."""
+        result = self.store.update_rollout(
+            rollout.id, lambda r: change(r) if r.state is RolloutState.ROLLING_BACK else r
+        )
+        return rollout if result is None else result[1]
 
     def _warn(self, rollout: Rollout, views: Sequence[PoolView], now: float) -> None:
         text = warning_text(rollout, now)
@@ -177,3 +239,13 @@ class RolloutDriver:
                         "the warning did not reach the desktop",
                         extra=fields(clone=rec.name, error=str(exc)),
                     )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

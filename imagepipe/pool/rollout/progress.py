@@ -3,8 +3,9 @@
     judge(rollout, views, now) -> Verdict
 
 Per pool: new desktops ready or on their way, old desktops still serving, in use, leaving.
-Then, in order: the channel moved elsewhere (failed); the new version's desktops failed
-(the pool's breaker opened: rolled back, the keeper points the channel back); paused;
+Then, in order: rolling back (stays so until the keeper moved the channel back); the
+channel moved elsewhere (failed); the new version's desktops failed (the pool's breaker
+opened: rolling back, the keeper points the channel back, driver.py); paused;
 every old desktop gone (done); the new base not ready (waiting for base); the canary
 (waits for `rollout resume`, or goes on once `bake` passed with no failure); in progress.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from imagepipe.pool.model import CloneState, Observed, PoolRecord, PoolSpec
 from imagepipe.pool.planner.schedule import free_target
-from imagepipe.pool.rollout_records import PoolProgress, Rollout, RolloutState
+from imagepipe.pool.rollout.records import PoolProgress, Rollout, RolloutState
 
 _BOOTING = (CloneState.CREATING, CloneState.BOOTING, CloneState.FAILED)
 _IN_USE = (CloneState.IN_USE, CloneState.DISCONNECTED, CloneState.RECYCLING)
@@ -29,14 +30,14 @@ class PoolView:
 
     spec: PoolSpec
     observed: Observed
-    record: PoolRecord
+    record: PoolRecord  # the record the keeper planned with (learned arrivals included)
     note: str | None = None  # why the pool cannot make desktops (observe's note)
 
 
 @dataclass(frozen=True)
 class Verdict:
     rollout: Rollout
-    move_back: bool = False  # point the channel back at from_version (rolled back)
+    move_back: bool = False  # point the channel back at from_version (rolling back)
     warnings: tuple[float, ...] = ()  # deadline warnings due now (seconds before it)
 
 
@@ -84,6 +85,8 @@ def judge(rollout: Rollout, views: Sequence[PoolView], now: float) -> Verdict:
         return Verdict(rollout)
     pools = tuple(progress(rollout, v) for v in views)
     r = replace(rollout, progress=pools, updated_at=now)
+    if r.state is RolloutState.ROLLING_BACK:
+        return Verdict(r, move_back=True)
     moved = [v for v in views if v.observed.target_version not in (None, r.to_version)]
     if moved:
         if r.state is RolloutState.PENDING:
@@ -105,7 +108,8 @@ def judge(rollout: Rollout, views: Sequence[PoolView], now: float) -> Verdict:
             f"v{r.to_version}'s desktops failed in pool {v.spec.name} ({v.record.failures} "
             f"failures in a row, its breaker opened): back to v{r.from_version}"
         )
-        return Verdict(_ended(r, RolloutState.ROLLED_BACK, why, now), move_back=True)
+        back = replace(r, state=RolloutState.ROLLING_BACK, reason=why, paused=False)
+        return Verdict(back, move_back=True)
     warnings = _due_warnings(r, now)
     if warnings:
         r = replace(r, warned=(*r.warned, *warnings))
@@ -117,7 +121,7 @@ def judge(rollout: Rollout, views: Sequence[PoolView], now: float) -> Verdict:
     waiting_base = [
         v
         for v, p in zip(views, pools, strict=True)
-        if not v.observed.base_ready and p.new_ready < free_target(v.spec, now)
+        if not v.observed.base_ready and p.new_ready < free_target(v.spec, now, v.record.arrivals)
     ]
     if waiting_base and all(p.new_booting == 0 for p in pools):
         v = waiting_base[0]

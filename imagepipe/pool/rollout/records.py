@@ -1,5 +1,6 @@
 """What the store remembers of a rollout (`imagepipe rollout`): its intent, its state and
-its progress per pool. The keeper executes rollouts; the CLI writes and reads them."""
+its progress per pool, and the keeper's heartbeat. The keeper executes rollouts
+(driver.py); the CLI writes and reads them (control.py)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ class RolloutState(StrEnum):
     CANARY = "canary"  # only the canary desktops, until resume or the bake time passed
     IN_PROGRESS = "in_progress"
     PAUSED = "paused"
+    # the new version's desktops failed: the channel goes back to the old version; stays
+    # here (the keeper retries the move every pass) until the channel really moved
+    ROLLING_BACK = "rolling_back"
     DONE = "done"
     CANCELLED = "cancelled"
-    ROLLED_BACK = "rolled_back"  # the new version's desktops failed: back to the old one
+    ROLLED_BACK = "rolled_back"  # the channel was moved back to the old version
     FAILED = "failed"  # could not go on (the channel was moved by someone else)
 
     @property
@@ -38,6 +42,7 @@ _ACTIVE = frozenset(
         RolloutState.CANARY,
         RolloutState.IN_PROGRESS,
         RolloutState.PAUSED,
+        RolloutState.ROLLING_BACK,
     }
 )
 
@@ -104,15 +109,17 @@ class Rollout:
         return next((p for p in self.progress if p.pool == pool), None)
 
     def policy(self, spec: PoolSpec) -> RolloutPolicy:
-        """What the planner needs of this rollout for one of its pools."""
+        """What the planner needs of this rollout for one of its pools. Rolling back holds
+        the pool as it is (no new desktop of the failed version, no old free one goes)
+        until the channel moved back."""
         canary = None if self.canary is None or self.canary_passed else self.canary
         return RolloutPolicy(
             rollout=self.id,
             to_version=self.to_version,
             surge=self.surge if self.surge is not None else max(spec.free, 1),
             canary=canary,
-            paused=self.paused,
-            deadline_at=self.deadline_at,
+            paused=self.paused or self.state is RolloutState.ROLLING_BACK,
+            deadline_at=None if self.state is RolloutState.ROLLING_BACK else self.deadline_at,
         )
 
 

@@ -1,8 +1,9 @@
-"""Rollout rules: which version a pool runs, when its rollout started, when the drain
-deadline has passed, and how an active `imagepipe rollout` paces blue/green.
+"""Rollout rules for the planner (pure): which version a pool runs, when its rollout
+started, when the drain deadline has passed, and how an active `imagepipe rollout` paces
+blue/green.
 
 The per-clone consequences (old clones get no new users, are deleted when free or when
-their session ends, or at the deadline) are in clones.py. With an active rollout
+their session ends, or at the deadline) are in planner/clones.py. With an active rollout
 (`PoolRecord.rollout` onto the target version) the pool also keeps its old free desktops
 serving until new ones are ready to take their place (`holds`, then `pace` after resize):
 
@@ -18,6 +19,8 @@ serving until new ones are ready to take their place (`holds`, then `pace` after
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from imagepipe.pool.model import (
     BackendState,
@@ -32,9 +35,10 @@ from imagepipe.pool.model import (
     Power,
     RolloutPolicy,
 )
-from imagepipe.pool.planner.resize import Decisions
-from imagepipe.pool.planner.schedule import free_target
-from imagepipe.pool.planner.steps import Context, moved
+
+if TYPE_CHECKING:  # the planner calls these rules with its pass; they never call the planner
+    from imagepipe.pool.planner.resize import Decisions
+    from imagepipe.pool.planner.steps import Context
 
 # new-version clones that cannot become free soon: somebody is on them, or they are leaving
 BUSY = (
@@ -132,12 +136,13 @@ def pace(d: Decisions, record: PoolRecord) -> None:
     going = max(0, min(len(held), new_ready_free(d) + len(held) - floor(d)))
     for rec in held[:going]:
         delete = DeleteClone(pool=ctx.spec.name, clone=rec.name)
-        d.set(rec.name, moved(ctx, rec, CloneState.DELETING), (delete,))
+        d.set(rec.name, replace(rec, state=CloneState.DELETING, since=ctx.now), (delete,))
 
 
 def floor(d: Decisions) -> int:
-    """Free desktops an active rollout keeps: the free target, or as many as the new version
-    can still offer within `max` beside its desktops in use."""
+    """Free desktops an active rollout keeps: the pass's free target (the one resize keeps,
+    learned warm-up included), or as many as the new version can still offer within `max`
+    beside its desktops in use."""
     ctx = d.ctx
     busy = sum(
         1
@@ -145,7 +150,7 @@ def floor(d: Decisions) -> int:
         if rec.version == ctx.target and rec.state in BUSY and rec.slot not in ctx.assigned
     )
     shared = ctx.spec.max - len(ctx.assigned)  # assigned slots' desktops never serve
-    return min(free_target(ctx.spec, ctx.now), max(0, shared - busy))
+    return min(ctx.free_target, max(0, shared - busy))
 
 
 def new_ready_free(d: Decisions) -> int:

@@ -1,0 +1,155 @@
+"""A rollout on a loaded host (a pool of free 2, max 4, one session held on v1, then
+`rollout tiny --drain`): the balancer's and the hypervisor's reads fail now and then, for
+the keeper and for `status`. The pool must never run dry, and `status` must say "unknown"
+for what it could not read, never a wrong state ("missing", "not in the balancer")."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imagepipe.app.bootstrap import Adapters
+from imagepipe.app.status import HostStatus, PoolStatus, collect
+from imagepipe.config import Settings
+from imagepipe.errors import ImagepipeError
+from imagepipe.pool.keeper import Keeper, KeeperOptions
+from imagepipe.pool.model import BackendState, Power
+from imagepipe.pool.rollout.control import Request, RolloutControl
+from imagepipe.pool.rollout.records import RolloutState
+from imagepipe.pool.store import Store
+from tests.fakes.balancer import FakeBalancer
+from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages, FakeVersion
+from tests.faults.injector import FaultInjector, FaultKind
+from tests.faults.ports import FaultyBalancer, FaultyHypervisor
+from tests.unit.test_rollout_keeper import LAB
+
+READS = ("list_backends", "sessions")
+
+
+class LoadedHost:
+    def __init__(self, root: Path) -> None:
+        self.clock = FakeClock()
+        self.images = FakeImages()
+        self.hv = FakeHypervisor(clock=self.clock.now)
+        self.hv.add_base(self.images.publish("tiny", 1, channel="stable"))
+        self.lb = FakeBalancer()
+        self.settings = Settings(state_db=root / "state.db", run_dir=root / "run")
+        self.store = Store(self.settings.state_db)
+        self.control = RolloutControl(self.store, self.images, self.images, self.clock)
+
+    def keeper(self, injector: FaultInjector | None = None) -> Keeper:
+        hv, lb = self.hv, self.lb
+        return Keeper(
+            hypervisor=hv if injector is None else FaultyHypervisor(hv, injector),
+            balancer=lb if injector is None else FaultyBalancer(lb, injector),
+            store=self.store,
+            images=self.images,
+            specs=[LAB],
+            clock=self.clock,
+            settings=KeeperOptions(tick=5.0),
+            channels=self.images,
+        )
+
+    def status(self, injector: FaultInjector | None = None) -> PoolStatus:
+        hv, lb = self.hv, self.lb
+        adapters = Adapters(
+            hypervisor=hv if injector is None else FaultyHypervisor(hv, injector),
+            balancer=lb if injector is None else FaultyBalancer(lb, injector),
+            images=self.images,
+            clock=self.clock,
+        )
+        snapshot: HostStatus = collect(self.settings, [LAB], adapters)
+        (pool,) = snapshot.pools
+        return pool
+
+    def serving(self) -> set[str]:
+        """The truth: desktops a new user gets now (ready in the balancer, nobody on them)."""
+        return {
+            b.name
+            for b in self.lb.list_backends()
+            if b.state is BackendState.READY
+            and self.hv.clones[b.name].power is Power.RUNNING
+            and not self.hv.clones[b.name].session.active
+        }
+
+    def settle(self, keeper: Keeper) -> None:
+        for _ in range(8):
+            keeper.run_pass()
+            self.hv.tick()
+
+    def hold_a_session(self) -> str:
+        name = sorted(self.serving())[0]
+        self.hv.connect(name, "10.0.0.7")
+        self.hv.login(name, "alice")
+        return name
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[LoadedHost]:
+    h = LoadedHost(tmp_path)
+    yield h
+    h.store.close()
+
+
+def failing(operations: tuple[str, ...], *, rate: float = 1.0, seed: int = 0) -> FaultInjector:
+    return FaultInjector(
+        rng=random.Random(seed), kinds={FaultKind.BUSY}, rate=rate, operations=operations
+    )
+
+
+def test_status_says_unknown_for_sessions_it_could_not_read_not_missing(
+    host: LoadedHost,
+) -> None:
+    host.settle(host.keeper())
+    assert host.status().free == 2
+
+    pool = host.status(failing(("sessions",)))
+
+    assert "cannot read sessions" in (pool.note or "")
+    assert pool.total == 2  # every desktop the host has is shown
+    assert {c.state for c in pool.clones} == {"unknown"}
+    assert all(c.power == "running" and c.balancer == "ready" for c in pool.clones)
+    assert (pool.free, pool.unknown) == (0, 2)
+
+
+def test_status_says_unknown_for_the_balancer_it_could_not_read(host: LoadedHost) -> None:
+    host.settle(host.keeper())
+
+    pool = host.status(failing(("list_backends",)))
+
+    assert {c.balancer for c in pool.clones} == {"unknown"}
+    assert pool.free == 2  # the desktops' own states were read
+    assert pool.unknown == 0
+
+
+def test_a_drain_rollout_never_runs_dry_and_status_never_misreports_when_reads_fail(
+    host: LoadedHost,
+) -> None:
+    """Item 15's scenario with a third of the keeper's and status' reads failing."""
+    keeper = host.keeper(failing(READS, rate=0.3, seed=1))
+    host.settle(host.keeper())
+    alice = host.hold_a_session()
+    host.settle(host.keeper())
+    host.images.versions["tiny"].add(2)
+    host.hv.add_base(FakeVersion("tiny", 2).base_image())
+    host.control.start([LAB], [], Request(image="tiny"), by="admin")
+    reads = failing(READS, rate=0.3, seed=2)
+    for _ in range(40):
+        with contextlib.suppress(ImagepipeError):  # the keeper's loop logs it, goes on
+            keeper.run_pass()
+        host.hv.tick()
+        host.clock.advance(1.0)
+        serving = host.serving()
+        assert len(serving) >= 2, serving
+        pool = host.status(reads)
+        for c in pool.clones:
+            if c.name in serving:  # really serving: never shown as anything else
+                assert c.state in ("free", "unknown"), c
+                assert c.balancer in ("ready", "unknown"), c
+    assert host.hv.clones[alice].session.active
+    assert host.store.rollouts("tiny")[0].state is RolloutState.IN_PROGRESS
+    assert sorted(c.spec.base.version for n, c in host.hv.clones.items() if n != alice) == [2, 2]
