@@ -34,8 +34,9 @@ from imagepipe.app.bootstrap import Adapters, Runtime, bootstrap
 from imagepipe.balancers.group import BalancerGroup
 from imagepipe.balancers.haproxy import HAProxyBalancer
 from imagepipe.config import HypervisorSettings, Settings
-from imagepipe.pool.model import BackendState, BaseImage, CloneState, PoolSpec, Power
+from imagepipe.pool.model import BackendState, CloneState, PoolSpec, Power
 from tests.conftest import libvirt_available, require, require_program
+from tests.e2e.test_ipvs_e2e import OneImage
 from tests.guest import SerialConsole, VncClient, tiny_base_image
 from tests.host import destroy_domains
 from tests.netns import NetLab, free_subnet
@@ -48,26 +49,6 @@ POOL = "vrrpe2e"
 PORT = 5999  # the users' port on the address keepalived moves
 WAIT = 240.0  # TCG desktops on a shared 2-core host
 FAILOVER_LIMIT = 10.0  # "within a few seconds": keepalived's checks plus three adverts
-
-
-@dataclass(frozen=True)
-class OneVersion:
-    base: BaseImage
-
-    @property
-    def version(self) -> int:
-        return self.base.version
-
-    def base_image(self) -> BaseImage:
-        return self.base
-
-
-@dataclass(frozen=True)
-class OneImage:
-    base: BaseImage
-
-    def resolve(self, image: str, ref: str | int | None = None) -> OneVersion:
-        return OneVersion(self.base)
 
 
 @dataclass
