@@ -35,7 +35,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-from imagepipe.balancers.haproxy import HAProxyBalancer
+from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 from imagepipe.errors import ImagepipeError
 from imagepipe.pool.model import Backend, BackendState
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
+from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
 from imagepipe.pool.model import CloneMode, CloneSpec, StartMode
 from tests import vboxsim
 from tests.vboxsim.api import Host

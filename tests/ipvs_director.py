@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from imagepipe.balancers.ipvs_runner import CommandResult
+from imagepipe.balancers.ipvs.runner import CommandResult
 from imagepipe.pool.model import Endpoint
 from tests.host import free_port
 

@@ -32,8 +32,8 @@ from imagepipe.pool.store import Store
 from imagepipe.private import private_dir
 
 if TYPE_CHECKING:
-    from imagepipe.hypervisors.libvirt_import import DomainImporter
-    from imagepipe.hypervisors.virtualbox import VmSnapshot
+    from imagepipe.hypervisors.libvirt.importer import DomainImporter
+    from imagepipe.hypervisors.virtualbox.hypervisor import VmSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def build_hypervisor(settings: Settings) -> Hypervisor:
     driver = settings.hypervisor.driver
     if driver == "libvirt":
         try:
-            from imagepipe.hypervisors.libvirt import LibvirtHypervisor
+            from imagepipe.hypervisors.libvirt.hypervisor import LibvirtHypervisor
         except ImportError as exc:
             raise EnvironmentMissingError(
                 f"the libvirt hypervisor needs libvirt-python ({exc}); "
@@ -131,7 +131,7 @@ def build_hypervisor(settings: Settings) -> Hypervisor:
             ) from exc
         return LibvirtHypervisor(settings.hypervisor.uri, state_dir=clone_state_dir(settings))
     if driver == "virtualbox":
-        from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
+        from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
 
         return VirtualBoxHypervisor()  # EnvironmentMissingError without pyvbox/vboxapi
     raise EnvironmentMissingError(
@@ -143,7 +143,7 @@ def build_hypervisor(settings: Settings) -> Hypervisor:
 def describe_virtualbox_vm(vm: str) -> VmSnapshot:
     """A VirtualBox VM and its current snapshot (`images import --from-vm`): connect, read,
     close."""
-    from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
+    from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
 
     hypervisor = VirtualBoxHypervisor()
     try:
@@ -154,7 +154,7 @@ def describe_virtualbox_vm(vm: str) -> VmSnapshot:
 
 def domain_importer(settings: Settings) -> DomainImporter:
     """A libvirt connection for `images import --from-domain` (app/image_import.py)."""
-    from imagepipe.hypervisors.libvirt_import import DomainImporter
+    from imagepipe.hypervisors.libvirt.importer import DomainImporter
 
     return DomainImporter(settings.hypervisor.uri)
 
@@ -167,7 +167,7 @@ def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balance
     if cfg.driver == "haproxy" and cfg.instances:
         return _haproxy_group(settings, manage)
     if cfg.driver == "haproxy":
-        from imagepipe.balancers.haproxy import HAProxyBalancer
+        from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 
         return HAProxyBalancer(
             bind=cfg.bind,
@@ -181,8 +181,8 @@ def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balance
             web_socket=settings.web_balancer_socket if settings.web else None,
         )
     if cfg.driver == "ipvs":
-        from imagepipe.balancers.ipvs import IPVSBalancer
-        from imagepipe.balancers.ipvs_parse import Forward
+        from imagepipe.balancers.ipvs.balancer import IPVSBalancer
+        from imagepipe.balancers.ipvs.parse import Forward
 
         if cfg.vip is None:
             raise BadInputError("balancer.driver ipvs needs balancer.vip (the users' address)")
@@ -289,7 +289,7 @@ def open_store(settings: Settings) -> Store:
 
 def stop_managed_balancer(balancer: Balancer) -> bool:
     """Stop the HAProxy imagepipe started (the demo's); False when there is none to stop."""
-    from imagepipe.balancers.haproxy import HAProxyBalancer
+    from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 
     if not isinstance(balancer, HAProxyBalancer) or not balancer.manage:
         return False

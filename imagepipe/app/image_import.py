@@ -1,5 +1,5 @@
 """`imagepipe images import IMAGE --from-domain DOMAIN`: a libvirt golden VM's disk becomes a
-new version (imagepipe/hypervisors/libvirt_import.py does the libvirt side)."""
+new version (imagepipe/hypervisors/libvirt/importer.py does the libvirt side)."""
 
 from __future__ import annotations
 

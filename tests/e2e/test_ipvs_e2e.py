@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from imagepipe.app.bootstrap import Adapters, Runtime, bootstrap
-from imagepipe.balancers.ipvs import IPVSBalancer
+from imagepipe.balancers.ipvs.balancer import IPVSBalancer
 from imagepipe.config import HypervisorSettings, Settings
 from imagepipe.pool.model import Backend, BackendState, BaseImage, CloneState, Endpoint, PoolSpec
 from tests.conftest import libvirt_available, require, require_program

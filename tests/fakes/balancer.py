@@ -26,7 +26,7 @@ from imagepipe.pool.model import Backend, BackendState, Endpoint
 from imagepipe.pool.ports import Balancer
 
 MAXCONN = 1
-# the names the HAProxy adapter accepts (imagepipe.balancers.haproxy_runtime.check_name)
+# the names the HAProxy adapter accepts (imagepipe.balancers.haproxy.runtime.check_name)
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 
 

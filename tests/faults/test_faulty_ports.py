@@ -101,7 +101,7 @@ class TestQuietFaultyHypervisorOverLibvirt(libvirt_contract.TestLibvirtHyperviso
         workdir: Path,  # noqa: F811
         contract_pool: str,
     ) -> Iterator[Hypervisor]:
-        from imagepipe.hypervisors.libvirt import LibvirtHypervisor
+        from imagepipe.hypervisors.libvirt.hypervisor import LibvirtHypervisor
 
         inner = LibvirtHypervisor(require_libvirt, state_dir=workdir / "state")
         try:
@@ -282,7 +282,7 @@ def test_a_kill_after_the_call_leaves_its_effect_and_worker_threads_unwind_quick
 def test_over_real_libvirt_a_half_failed_create_leaves_a_real_domain_that_delete_removes(
     require_libvirt: str,
 ) -> None:
-    from imagepipe.hypervisors.libvirt import LibvirtHypervisor
+    from imagepipe.hypervisors.libvirt.hypervisor import LibvirtHypervisor
     from tests.guest import tiny_base_image
 
     root = Path(tempfile.mkdtemp(prefix="ipf-", dir="/tmp"))  # short socket paths

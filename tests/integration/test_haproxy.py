@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.balancers.haproxy import HAProxyBalancer
+from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 from imagepipe.errors import EnvironmentMissingError
 from imagepipe.pool.model import BackendState, Endpoint
 from imagepipe.pool.ports import Balancer

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.balancers.haproxy import HAProxyBalancer
+from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 from imagepipe.pool.model import Endpoint
 from tests.conftest import require_program
 from tests.host import free_port

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from imagepipe import doctor
-from imagepipe.balancers.ipvs import IPVSBalancer
-from imagepipe.balancers.ipvs_parse import (
+from imagepipe.balancers.ipvs.balancer import IPVSBalancer
+from imagepipe.balancers.ipvs.parse import (
     Forward,
     format_endpoint,
     parse_list,

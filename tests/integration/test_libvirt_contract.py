@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from imagepipe.errors import BaseMissingError
-from imagepipe.hypervisors.libvirt import LibvirtHypervisor, power_of
-from imagepipe.hypervisors.libvirt_disks import disk_usable
+from imagepipe.hypervisors.common import power_of
+from imagepipe.hypervisors.libvirt.disks import disk_usable
+from imagepipe.hypervisors.libvirt.hypervisor import POWER, LibvirtHypervisor
 from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power
 from tests.conftest import require_program
 from tests.contract.hypervisor_suite import BaseInUse, ForeignVM, HypervisorContract
@@ -59,7 +60,7 @@ class LibvirtForeignVM:
         import libvirt
 
         try:
-            return power_of(int(self.conn.lookupByName(self.name).state()[0]))
+            return power_of(int(self.conn.lookupByName(self.name).state()[0]), POWER)
         except libvirt.libvirtError:
             return None
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from imagepipe.errors import CloneNotFoundError, EnvironmentMissingError, FatalHypervisorError
-from imagepipe.hypervisors.libvirt_disks import disk_usable, make_clone_disk, remove_partial_disks
+from imagepipe.hypervisors.libvirt.disks import disk_usable, make_clone_disk, remove_partial_disks
 from imagepipe.pool.model import CloneMode
 from tests.conftest import require_program
 
@@ -131,7 +131,7 @@ def test_a_libvirt_that_does_not_answer_is_an_environment_error_naming_the_uri(
     tmp_path: Path,
 ) -> None:
     pytest.importorskip("libvirt")
-    from imagepipe.hypervisors.libvirt import LibvirtHypervisor
+    from imagepipe.hypervisors.libvirt.hypervisor import LibvirtHypervisor
 
     uri = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
     with pytest.raises(EnvironmentMissingError, match=r"nonexistent.*install\.sh"):

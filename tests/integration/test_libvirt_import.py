@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from imagepipe.cli.app import main
-from imagepipe.hypervisors.libvirt import LibvirtHypervisor
+from imagepipe.hypervisors.libvirt.hypervisor import LibvirtHypervisor
 from imagepipe.images.registry import Registry
 from tests.conftest import libvirt_available, require
 from tests.guest import tiny_base_image

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.hypervisors.libvirt import LibvirtHypervisor
+from imagepipe.hypervisors.libvirt.hypervisor import LibvirtHypervisor
 from imagepipe.pool.model import BaseImage, CloneInfo, CloneMode, CloneSpec, Endpoint, StartMode
 from tests.guest import SerialConsole, tiny_base_image
 from tests.host import free_port

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from imagepipe.errors import HypervisorUnavailableError
-from imagepipe.hypervisors.libvirt import LibvirtHypervisor
+from imagepipe.hypervisors.libvirt.hypervisor import LibvirtHypervisor
 from imagepipe.pool.model import CloneMode, CloneSpec, Endpoint
 from imagepipe.pool.ports import EventKind, HypervisorEvent
 from tests.conftest import libvirt_available, require
@@ -33,7 +33,7 @@ from tests.integration.test_libvirt_sessions import EventLog, wait_until
 
 pytestmark = pytest.mark.real
 
-LOGGER = "imagepipe.hypervisors.libvirt"
+LOGGER = "imagepipe.hypervisors.libvirt.hypervisor"
 
 
 class Events(EventLog):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.hypervisors.libvirt import LibvirtHypervisor
+from imagepipe.hypervisors.libvirt.hypervisor import LibvirtHypervisor
 from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power
 from imagepipe.pool.ports import EventKind, HypervisorEvent
 from tests.conftest import require
@@ -186,7 +186,7 @@ def test_vnc_sessions_do_not_grow_what_the_event_thread_holds(desktop: Desktop) 
         return sum(
             t.size
             for t in snapshot.traces
-            if any(f.filename.endswith("libvirt_events.py") for f in t.traceback)
+            if any(f.filename.endswith("libvirt/events.py") for f in t.traceback)
         )
 
     was_tracing = tracemalloc.is_tracing()

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.hypervisors.libvirt_warm import (
+from imagepipe.hypervisors.libvirt.domain_xml import (
+    CloneMetadata,
+    DomainPlan,
+    domain_xml,
+    parse_domain,
+)
+from imagepipe.hypervisors.libvirt.warm import (
     HEADER_SIZE,
     FileStamp,
     RestoreIdentity,
@@ -23,12 +29,6 @@ from imagepipe.hypervisors.libvirt_warm import (
     render_save_header,
     restore_xml,
     warm_key,
-)
-from imagepipe.hypervisors.libvirt_xml import (
-    CloneMetadata,
-    DomainPlan,
-    domain_xml,
-    parse_domain,
 )
 from imagepipe.pool.model import CloneMode, Endpoint, StartMode
 
@@ -268,7 +268,7 @@ def plan(**changes: object) -> DomainPlan:
 
 
 def test_warm_parents_of_versions_whose_base_disk_is_gone_are_removed(tmp_path: Path) -> None:
-    from imagepipe.hypervisors.libvirt_parents import WarmParents
+    from imagepipe.hypervisors.libvirt.parents import WarmParents
 
     kept_base, gone_base = tmp_path / "v1" / "disk.qcow2", tmp_path / "v2" / "disk.qcow2"
     for base, name in ((kept_base, "ipw-kept"), (gone_base, "ipw-gone")):

@@ -17,25 +17,25 @@ from imagepipe.errors import (
     HypervisorUnavailableError,
     InvalidStateError,
 )
-from imagepipe.hypervisors.libvirt import power_of
-from imagepipe.hypervisors.libvirt_errors import error_for
-from imagepipe.hypervisors.libvirt_events import (
+from imagepipe.hypervisors.common import check_name, power_of
+from imagepipe.hypervisors.libvirt.domain_xml import (
+    AGENT_CHANNEL,
+    CloneMetadata,
+    DomainPlan,
+    domain_xml,
+    parse_domain,
+    parse_guest_users,
+    parse_vnc_clients,
+)
+from imagepipe.hypervisors.libvirt.errors import error_for
+from imagepipe.hypervisors.libvirt.events import (
     EventHub,
     agent_event,
     graphics_event,
     lifecycle_event,
     vnc_event,
 )
-from imagepipe.hypervisors.libvirt_xml import (
-    AGENT_CHANNEL,
-    CloneMetadata,
-    DomainPlan,
-    check_name,
-    domain_xml,
-    parse_domain,
-    parse_guest_users,
-    parse_vnc_clients,
-)
+from imagepipe.hypervisors.libvirt.hypervisor import POWER
 from imagepipe.pool.model import CloneMode, Endpoint, Power
 from imagepipe.pool.ports import EventKind, HypervisorEvent
 
@@ -235,7 +235,7 @@ def test_after_a_reconnect_agents_are_asked_again_vnc_times_are_kept_and_no_rese
 
 
 def test_libvirt_states_map_to_power() -> None:
-    assert [power_of(s) for s in (1, 3, 5, 6, 7, 4)] == [
+    assert [power_of(s, POWER) for s in (1, 3, 5, 6, 7, 4)] == [
         Power.RUNNING,
         Power.SUSPENDED,
         Power.SHUTOFF,

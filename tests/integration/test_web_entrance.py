@@ -32,7 +32,7 @@ import pytest
 from imagepipe.app.bootstrap import Adapters
 from imagepipe.app.pidlock import holder
 from imagepipe.app.web import pid_file, start_web_background, web_url
-from imagepipe.balancers.haproxy import HAProxyBalancer
+from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 from imagepipe.cli import demo as demo_cli
 from imagepipe.cli.app import main
 from imagepipe.config import load_settings

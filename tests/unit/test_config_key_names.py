@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from imagepipe.balancers.haproxy import HAProxyBalancer
+from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 from imagepipe.config import PoolFile, Settings
 from imagepipe.errors import EnvironmentMissingError, FatalHypervisorError
-from imagepipe.hypervisors.libvirt import LibvirtHypervisor
+from imagepipe.hypervisors.libvirt.hypervisor import LibvirtHypervisor
 from imagepipe.pool.model import Endpoint
 
 

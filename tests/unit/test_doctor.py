@@ -18,6 +18,7 @@ from imagepipe import doctor
 from imagepipe.cli.app import main
 from imagepipe.config import BalancerSettings, HypervisorSettings, Settings
 from imagepipe.doctor import Check, Status, run_checks
+from imagepipe.hypervisors.libvirt import checks as libvirt_checks
 from imagepipe.images.packer import Packer
 from imagepipe.images.registry import NewVersion, Registry
 from imagepipe.pool.store import SCHEMA_VERSION, Store
@@ -122,9 +123,9 @@ def test_libvirt_not_answering_fails_and_says_to_start_libvirtd(
         raise FakeLibvirtError(uri)
 
     fake = SimpleNamespace(libvirtError=FakeLibvirtError, openReadOnly=refuse)
-    monkeypatch.setattr(doctor, "import_libvirt", lambda: (fake, None))
+    monkeypatch.setattr(libvirt_checks, "import_libvirt", lambda: (fake, None))
 
-    check = doctor.check_libvirt("qemu:///system")
+    check = libvirt_checks.check_libvirt("qemu:///system")
 
     assert check.status is Status.FAIL
     assert "libvirt does not answer at qemu:///system" in check.detail
@@ -142,9 +143,9 @@ def test_libvirt_versions_are_decoded_from_libvirts_numbers(
         close=lambda: closed.append(True),
     )
     fake = SimpleNamespace(libvirtError=FakeLibvirtError, openReadOnly=lambda uri: conn)
-    monkeypatch.setattr(doctor, "import_libvirt", lambda: (fake, None))
+    monkeypatch.setattr(libvirt_checks, "import_libvirt", lambda: (fake, None))
 
-    check = doctor.check_libvirt("qemu:///system")
+    check = libvirt_checks.check_libvirt("qemu:///system")
 
     assert check == doctor.ok(
         "hypervisor", "libvirt 9.0.0, QEMU 7.2.22 at qemu:///system (read-only)"
@@ -164,7 +165,7 @@ def test_virtualbox_without_virtualbox_on_the_host_fails_with_how_to_install_it(
 
 
 def test_without_a_kvm_device_guests_run_under_tcg_which_is_a_warning(tmp_path: Path) -> None:
-    check = doctor.check_kvm(tmp_path / "kvm")
+    check = libvirt_checks.check_kvm(tmp_path / "kvm")
 
     assert check.status is Status.WARN
     assert "TCG" in check.detail and "No such file" in check.detail

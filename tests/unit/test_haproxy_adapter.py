@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.balancers.haproxy import HAProxyBalancer
+from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 from imagepipe.errors import BadInputError, BalancerError
 from imagepipe.pool.model import BackendState, Endpoint
 from tests.unit.test_haproxy_runtime import STAT_HEADER, STATE_HEADER, state_row

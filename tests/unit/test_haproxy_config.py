@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.balancers.haproxy_config import (
+from imagepipe.balancers.haproxy.config import (
     HAProxyConfig,
     format_address,
     parse_bind,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.balancers.haproxy_config import HAProxyConfig, render_config
+from imagepipe.balancers.haproxy.config import HAProxyConfig, render_config
 from imagepipe.errors import BadInputError
 from imagepipe.pool.model import Endpoint
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imagepipe.balancers import haproxy_runtime as rt
+from imagepipe.balancers.haproxy import runtime as rt
 from imagepipe.errors import (
     BackendNotFoundError,
     BadInputError,

@@ -11,9 +11,10 @@ import pytest
 
 from imagepipe import doctor
 from imagepipe.app.bootstrap import build_balancer
-from imagepipe.balancers.ipvs import IPVSBalancer
-from imagepipe.balancers.ipvs_parse import Forward
-from imagepipe.balancers.ipvs_runner import CommandResult
+from imagepipe.balancers.ipvs import checks as ipvs_checks
+from imagepipe.balancers.ipvs.balancer import IPVSBalancer
+from imagepipe.balancers.ipvs.parse import Forward
+from imagepipe.balancers.ipvs.runner import CommandResult
 from imagepipe.config import BalancerSettings, Settings
 from imagepipe.doctor import Status
 from imagepipe.errors import BadInputError, BalancerError, EnvironmentMissingError
@@ -161,7 +162,7 @@ def test_doctor_on_a_bare_host_says_what_to_fix_for_each_part() -> None:
 def test_doctor_lets_the_keeper_set_the_sysctls_when_it_manages_them() -> None:
     runner = ScriptedRunner(("sysctl -n net.ipv4.vs", 0, "0\n1\n", ""))
 
-    check = doctor.check_ipvs_sysctls(runner, managed=True)
+    check = ipvs_checks.check_ipvs_sysctls(runner, managed=True)
 
     assert check.status is Status.OK
     assert "expire_nodest_conn=0" in check.detail and "the keeper sets" in check.detail

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.balancers.ipvs_parse import (
+from imagepipe.balancers.ipvs.parse import (
     Forward,
     Named,
     RealServer,

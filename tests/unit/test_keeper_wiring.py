@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from imagepipe.app.bootstrap import bootstrap, build_balancer, build_hypervisor
-from imagepipe.balancers.ipvs import IPVSBalancer
+from imagepipe.balancers.ipvs.balancer import IPVSBalancer
 from imagepipe.balancers.null import NullBalancer
 from imagepipe.config import BalancerSettings, HypervisorSettings, Settings
 from imagepipe.errors import EnvironmentMissingError

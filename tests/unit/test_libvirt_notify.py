@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from imagepipe.hypervisors.libvirt_notify import MAX_TEXT, notify_command
+from imagepipe.hypervisors.libvirt.notify import MAX_TEXT, notify_command
 
 
 def test_the_command_carries_the_message_as_one_plain_line() -> None:

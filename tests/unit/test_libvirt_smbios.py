@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from imagepipe.hypervisors.libvirt_warm import parent_domain_xml, restore_xml, warm_key
-from imagepipe.hypervisors.libvirt_xml import domain_xml
+from imagepipe.hypervisors.libvirt.domain_xml import domain_xml
+from imagepipe.hypervisors.libvirt.warm import parent_domain_xml, restore_xml, warm_key
 from tests.integration.test_libvirt_warm import KEY, SAVED_XML, WHO
 from tests.integration.test_libvirt_xml import plan
 

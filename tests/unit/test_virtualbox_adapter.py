@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from imagepipe.errors import BusyError, DisplayInUseError, FatalHypervisorError
-from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
-from imagepipe.hypervisors.virtualbox_events import EventHub
-from imagepipe.hypervisors.virtualbox_facts import version_api
+from imagepipe.hypervisors.virtualbox.events import EventHub
+from imagepipe.hypervisors.virtualbox.facts import version_api
+from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
 from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power
 from imagepipe.pool.ports import EventKind, HypervisorEvent
 from tests import vboxsim

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
+from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
 from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint
 from tests import vboxsim
 from tests.host import free_port

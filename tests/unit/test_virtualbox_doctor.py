@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
 
 from imagepipe import doctor
-from imagepipe.doctor import Status
+from imagepipe.doctor import Status, ok
+from imagepipe.hypervisors.virtualbox import checks as virtualbox_checks
+from tests import vboxsim
 
 
 def fake_vboxmanage(folder: Path, extpacks: str) -> None:
@@ -26,7 +29,7 @@ def test_without_virtualbox_the_check_says_how_to_install_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    (check,) = doctor.check_virtualbox_host()
+    (check,) = virtualbox_checks.check_virtualbox_host()
     assert check.status is Status.FAIL and "VBoxManage is not installed" in check.detail
     assert check.fix is not None and "VirtualBox 6.1 or 7.x" in check.fix
 
@@ -38,14 +41,42 @@ def test_version_driver_extension_pack_and_pyvbox_are_each_checked(
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     modules = tmp_path / "modules"
     modules.write_text("ext4 1 0 - Live\n")
-    checks = {c.check: c for c in doctor.check_virtualbox_host(modules)}
+    checks = {c.check: c for c in virtualbox_checks.check_virtualbox_host(modules)}
     assert checks["virtualbox"].status is Status.OK
     assert "7.0.14" in checks["virtualbox"].detail
     assert checks["vboxdrv"].status is Status.FAIL
     assert checks["vboxdrv"].fix == "run /sbin/vboxconfig"
     assert checks["vrde"].status is Status.FAIL
     assert "extpack install" in (checks["vrde"].fix or "")
-    assert checks["pyvbox"].status in (Status.OK, Status.FAIL)
+    assert "pyvbox" in checks
+
+
+def test_pyvbox_with_virtualboxs_vboxapi_importable_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_vboxmanage(tmp_path, "Extension Packs: 0")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.syspath_prepend(vboxsim.SIM_DIR)  # a vboxapi with VirtualBoxManager
+
+    checks = {c.check: c for c in virtualbox_checks.check_virtualbox_host(tmp_path / "none")}
+
+    assert checks["pyvbox"] == ok("pyvbox", "pyvbox and VirtualBox's vboxapi import")
+
+
+def test_pyvbox_without_virtualboxs_vboxapi_fails_and_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_vboxmanage(tmp_path, "Extension Packs: 0")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setitem(sys.modules, "vboxapi", None)  # not importable, wherever pyvbox looks
+
+    checks = {c.check: c for c in virtualbox_checks.check_virtualbox_host(tmp_path / "none")}
+
+    pyvbox = checks["pyvbox"]
+    assert pyvbox.status is Status.FAIL
+    assert "VirtualBox's Python API is not usable" in pyvbox.detail
+    assert "vboxapi" in pyvbox.detail
+    assert pyvbox.fix == "pip install 'imagepipe[virtualbox]'"
 
 
 def test_a_usable_extension_pack_and_a_loaded_driver_pass(
@@ -59,7 +90,7 @@ def test_a_usable_extension_pack_and_a_loaded_driver_pass(
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     modules = tmp_path / "modules"
     modules.write_text("vboxdrv 696320 2 vboxnetadp,vboxnetflt, Live 0x0 (O)\n")
-    checks = {c.check: c for c in doctor.check_virtualbox_host(modules)}
+    checks = {c.check: c for c in virtualbox_checks.check_virtualbox_host(modules)}
     assert checks["vboxdrv"].status is Status.OK
     assert checks["vrde"].status is Status.OK
 

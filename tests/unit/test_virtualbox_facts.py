@@ -11,12 +11,13 @@ from imagepipe.errors import (
     FatalHypervisorError,
     InvalidStateError,
 )
-from imagepipe.hypervisors.virtualbox_facts import (
+from imagepipe.hypervisors.common import power_of
+from imagepipe.hypervisors.virtualbox.facts import (
+    POWER,
     CloneMeta,
     error_for,
     parse_meta,
     parse_users,
-    power_of,
     version_api,
 )
 from imagepipe.pool.model import CloneMode, Endpoint, Power
@@ -91,7 +92,7 @@ def test_users_come_from_the_logged_in_users_list() -> None:
 
 
 def test_saved_and_paused_machines_count_as_suspended() -> None:
-    assert power_of("Saved") is Power.SUSPENDED
-    assert power_of("Paused") is Power.SUSPENDED
-    assert power_of("Aborted") is Power.CRASHED
-    assert power_of("Starting") is Power.OTHER
+    assert power_of("Saved", POWER) is Power.SUSPENDED
+    assert power_of("Paused", POWER) is Power.SUSPENDED
+    assert power_of("Aborted", POWER) is Power.CRASHED
+    assert power_of("Starting", POWER) is Power.OTHER

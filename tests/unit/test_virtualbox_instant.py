@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from imagepipe.errors import InvalidStateError
-from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
-from imagepipe.hypervisors.virtualbox_facts import WarmKey, started_by
+from imagepipe.hypervisors.virtualbox.facts import started_by, warm_key
+from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
 from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power, StartMode
 from tests import vboxsim
 from tests.host import free_port
@@ -144,7 +144,15 @@ def test_a_machine_in_the_parents_place_makes_desktops_boot_and_is_said_once(
     sim: Host, base: BaseImage, hv: VirtualBoxHypervisor, caplog: pytest.LogCaptureFixture
 ) -> None:
     base_data = sim.by_name(base.vm or "")
-    key = WarmKey("tiny", 1, 2, 256, base_data.id, base_data.snapshots[0].id, sim.version)
+    key = warm_key(
+        image="tiny",
+        version=1,
+        cpus=2,
+        memory_mb=256,
+        base_vm_id=base_data.id,
+        base_snapshot_id=base_data.snapshots[0].id,
+        virtualbox=sim.version,
+    )
     sim.create_base_vm(key.name, blank_disk(sim.home / "other.qcow2"), snapshot=None)
     caplog.set_level(logging.WARNING, logger="imagepipe")
     for slot in (0, 1):
@@ -197,7 +205,7 @@ def test_started_by_reads_back_what_the_adapter_wrote() -> None:
 
 
 def _args(sim: Host, name: str) -> list[object]:
-    from imagepipe.hypervisors.virtualbox_facts import version_api
+    from imagepipe.hypervisors.virtualbox.facts import version_api
 
     return version_api(sim.version).create_machine_args("", name, "/")
 

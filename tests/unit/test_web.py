@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from imagepipe.app.web import web_url
-from imagepipe.balancers.haproxy_config import HAProxyConfig, render_config
+from imagepipe.balancers.haproxy.config import HAProxyConfig, render_config
 from imagepipe.cli import demo as demo_cli
 from imagepipe.config import load_settings
 from imagepipe.errors import BadInputError, ConfigError

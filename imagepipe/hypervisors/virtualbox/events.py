@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from imagepipe.hypervisors.virtualbox_facts import (
+from imagepipe.hypervisors.virtualbox.facts import (
     EVENT_GUEST_PROPERTY_CHANGED,
     EVENT_MACHINE_STATE_CHANGED,
     PROP_NO_USERS,

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from imagepipe.balancers.haproxy_socket import AdminSocket
+from imagepipe.balancers.haproxy.admin_socket import AdminSocket
 from imagepipe.errors import BadInputError, BalancerError, CommandError
 from imagepipe.log import fields
 

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from imagepipe.hypervisors.libvirt_xml import format_address
+from imagepipe.hypervisors.libvirt.domain_xml import format_address
 from imagepipe.log import fields
 from imagepipe.pool.ports import EventKind, HypervisorEvent
 

@@ -15,17 +15,17 @@ import os
 import shutil
 from pathlib import Path
 
-from imagepipe.balancers import haproxy_runtime as rt
 from imagepipe.balancers.addresses import resolve_ip
-from imagepipe.balancers.haproxy_config import (
+from imagepipe.balancers.haproxy import runtime as rt
+from imagepipe.balancers.haproxy.admin_socket import AdminSocket, HAProxyDownError
+from imagepipe.balancers.haproxy.config import (
     HAProxyConfig,
     check_balance,
     check_persist,
     parse_bind,
     render_config,
 )
-from imagepipe.balancers.haproxy_process import HAProxyProcess
-from imagepipe.balancers.haproxy_socket import AdminSocket, HAProxyDownError
+from imagepipe.balancers.haproxy.process import HAProxyProcess
 from imagepipe.errors import BackendInUseError, BalancerError, EnvironmentMissingError
 from imagepipe.log import fields
 from imagepipe.pool.model import Backend, BackendState, Endpoint

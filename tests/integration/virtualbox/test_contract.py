@@ -2,7 +2,7 @@
 vboxapi (6.1 and 7.0 APIs), and, with IMAGEPIPE_VIRTUALBOX=1, over a real VirtualBox.
 
 Real host: IMAGEPIPE_VIRTUALBOX=1 IMAGEPIPE_VIRTUALBOX_BASE_VM=<a powered-off VM with a
-snapshot> pytest tests/integration/test_virtualbox_contract.py -k Real
+snapshot> pytest tests/integration/virtualbox/test_contract.py -k Real
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
-from imagepipe.hypervisors.virtualbox_facts import power_of, version_api
+from imagepipe.hypervisors.common import power_of
+from imagepipe.hypervisors.virtualbox.facts import POWER, version_api
+from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
 from imagepipe.pool.model import BaseImage, Power
 from tests import vboxsim
 from tests.contract.hypervisor_suite import BaseInUse, HypervisorContract
@@ -53,7 +54,7 @@ class VBoxVM:
         if machine is None:
             return None
         api = version_api(str(virtualbox.VirtualBox().version))
-        return power_of(api.state_name(int(machine._get_attr("state"))))
+        return power_of(api.state_name(int(machine._get_attr("state"))), POWER)
 
     def remove(self) -> None:
         machine = self._machine()

@@ -6,7 +6,6 @@ No libvirt import and no I/O here, so every rule is unit-tested without a daemon
 from __future__ import annotations
 
 import json
-import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,17 +17,6 @@ NAMESPACE = "https://imagepipe.dev/xmlns/clone/1"
 METADATA_KEY = "imagepipe"
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 STARTED = "started"  # metadata attribute only a restored domain's live XML carries
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-
-
-def check_name(name: str) -> str:
-    """A clone name is also a file name under state_dir: refuse anything path-like."""
-    if not _NAME.fullmatch(name):
-        raise FatalHypervisorError(
-            f"clone name {name!r} is not usable: use letters, digits, '.', '_' and '-' "
-            "(at most 63 characters, not starting with a symbol)"
-        )
-    return name
 
 
 @dataclass(frozen=True)

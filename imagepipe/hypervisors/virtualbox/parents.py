@@ -1,6 +1,6 @@
 """Warm parents of the VirtualBox adapter (instant desktops), the VirtualBox way.
 
-    parents = WarmParents(adapter)
+    parents = WarmParents(driver)                             # the host's VirtualBoxDriver
     snapshot = parents.ensure(key, base_snapshot_machine)   # made once; None: desktops boot
 
 A parent is a machine `imagepipe-warm-<key>` in group /imagepipe-warm: a linked clone of the
@@ -13,7 +13,8 @@ snapshot's state file into the clone, which is Saved; launching it resumes the p
 running guest.
 
 A parent that cannot be made is said once in the log per key and tried again after
-RETRY_AFTER seconds; meanwhile desktops are cloned from the version's snapshot and boot.
+RETRY_AFTER seconds (hypervisors/common.py's WarmBook, the same as libvirt's); meanwhile
+desktops are cloned from the version's snapshot and boot.
 A parent pins its version's snapshot (VirtualBox keeps a disk that has children): once a newer
 version of its image has a parent and no clone links to the older one any more, the older
 parent is removed (looked at most once a minute).
@@ -23,14 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from imagepipe.errors import FatalHypervisorError, HypervisorError
-from imagepipe.hypervisors.virtualbox_facts import (
+from imagepipe.hypervisors.common import WarmBook, WarmKey
+from imagepipe.hypervisors.virtualbox.driver import LOCK_SHARED, VirtualBoxDriver
+from imagepipe.hypervisors.virtualbox.facts import (
     PARENT_GROUP,
     PARENT_IMAGE,
     PARENT_KEY,
@@ -38,42 +38,35 @@ from imagepipe.hypervisors.virtualbox_facts import (
     PARENT_VERSION,
     PROP_NO_USERS,
     RUNNING_STATES,
-    WarmKey,
+    dmi_extra_data,
 )
 from imagepipe.log import fields
-
-if TYPE_CHECKING:
-    from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
 
 log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT = 300.0  # seconds a parent may take until its Guest Additions report
-RETRY_AFTER = 600.0  # seconds before a parent that failed is tried again
 POLL = 0.1  # seconds between looks at a booting parent
-RETIRE_EVERY = 60.0  # seconds between looks for parents of older versions to remove
-CLONE_MODE_MACHINE_STATE = 1
-CLONE_OPTION_LINK = 1
-CLEANUP_DETACH_HARD_DISKS = 3
-LOCK_SHARED = 1
 
 
 class WarmParents:
     """Makes and finds warm parents on one VirtualBox host; one build per key at a time."""
 
-    def __init__(self, hv: VirtualBoxHypervisor, *, boot_timeout: float = BOOT_TIMEOUT) -> None:
-        self._hv = hv
+    def __init__(
+        self,
+        vm: VirtualBoxDriver,
+        *,
+        boot_timeout: float = BOOT_TIMEOUT,
+        book: WarmBook | None = None,
+    ) -> None:
+        self._vm = vm
         self._boot_timeout = boot_timeout
-        self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
-        self._failed: dict[str, float] = {}  # key name -> monotonic time of the failure
-        self._said: set[str] = set()
-        self._retired_at = -RETIRE_EVERY
+        self._book = book or WarmBook()
 
     def ensure(self, key: WarmKey, source: Any) -> Any | None:
         """The parent's online snapshot (an ISnapshot) for `key`, made now from `source` (the
         version's snapshot machine) when there is none. None when it cannot be made: said
         once in the log; the caller clones the version's snapshot and the desktop boots."""
-        with self._lock_for(key.name):
+        with self._book.lock(key.name):
             try:
                 found = self._complete(key)
             except HypervisorError as exc:
@@ -82,51 +75,37 @@ class WarmParents:
             if found is not None:
                 self._retire_older(key)
                 return found
-            failed = self._failed.get(key.name)
-            if failed is not None and time.monotonic() - failed < RETRY_AFTER:
+            if self._book.waiting(key.name):
                 return None
-            started = time.monotonic()
+            started = self._book.now()
             try:
                 snapshot = self._make(key, source)
             except HypervisorError as exc:
-                self._failed[key.name] = time.monotonic()
+                self._book.failed(key.name)
                 with contextlib.suppress(HypervisorError):
                     self._remove(key.name)
                 self.say_once(
                     f"make:{key.name}", f"no warm parent for {key}; desktops boot instead: {exc}"
                 )
                 return None
-            self._failed.pop(key.name, None)
-            self._retired_at = -RETIRE_EVERY  # a new parent: look at the older ones now
+            self._book.made(key, started)
+            self._book.tidy_soon()  # a new parent: look at the older ones now
             self._retire_older(key)
-            log.info(
-                "warm parent made",
-                extra=fields(
-                    image=key.image,
-                    version=key.version,
-                    parent=key.name,
-                    seconds=round(time.monotonic() - started, 2),
-                ),
-            )
             return snapshot
 
     def say_once(self, what: str, message: str) -> None:
         """Log a fallback to boot once per reason, not once per desktop."""
-        with self._guard:
-            if what in self._said:
-                return
-            self._said.add(what)
-        log.warning(message, extra=fields(action="fallback"))
+        self._book.say_once(what, message)
 
     # -- finding, making, removing -----------------------------------------------------------
 
     def _parent(self, key: WarmKey) -> Any | None:
         """The machine named after the key, or None; refused when imagepipe did not make it."""
-        hv = self._hv
-        machine = hv._find(key.name)
+        vm = self._vm
+        machine = vm.find(key.name)
         if machine is None:
             return None
-        with hv._translate(f"warm parent {key.name}"):
+        with vm.translate(f"warm parent {key.name}"):
             mark = str(machine.get_extra_data(PARENT_KEY))
         if mark != key.fingerprint:
             raise FatalHypervisorError(
@@ -141,11 +120,11 @@ class WarmParents:
         machine = self._parent(key)
         if machine is None:
             return None
-        hv = self._hv
-        if hv._state(machine, key.name) != "PoweredOff":
+        vm = self._vm
+        if vm.state(machine, key.name) != "PoweredOff":
             return None
         try:
-            with hv._translate(f"warm parent {key.name}"):
+            with vm.translate(f"warm parent {key.name}"):
                 snapshot = machine.find_snapshot(PARENT_SNAPSHOT)
                 online = bool(snapshot.online)
         except HypervisorError:
@@ -153,50 +132,32 @@ class WarmParents:
         return snapshot if online else None
 
     def _make(self, key: WarmKey, source: Any) -> Any:
-        hv = self._hv
-        lib, vbox, name = hv._lib, hv._vbox, key.name
+        vm, name = self._vm, key.name
         subject = f"warm parent {name}"
         if self._parent(key) is not None:  # left incomplete (a crash while it was made)
             self._remove(name)
-        with hv._translate(subject):
-            settings = Path(str(vbox.compose_machine_filename(name, PARENT_GROUP, "", "")))
-        hv._remove_leftovers(settings.parent, name)
-        with hv._translate(subject):
-            args = hv.api.create_machine_args(str(settings), name, PARENT_GROUP)
-            target = lib.IMachine(vbox._call("createMachine", in_p=args))
-            progress = source.clone_to(
-                target,
-                lib.CloneMode(CLONE_MODE_MACHINE_STATE),
-                [lib.CloneOptions(CLONE_OPTION_LINK)],
-            )
-        hv._wait(progress, subject)
-        with hv._translate(subject):
-            target.memory_size = key.memory_mb
+        target = vm.clone(source, name, PARENT_GROUP, linked=True, subject=subject)
+        with vm.translate(subject):
+            target.memory_size = key.memory_mib
             target.cpu_count = key.cpus
             target.vrde_server.enabled = False  # nobody connects to a parent
             target.set_extra_data(PARENT_KEY, key.fingerprint)
             target.set_extra_data(PARENT_IMAGE, key.image)
             target.set_extra_data(PARENT_VERSION, str(key.version))
-            for dmi, value in hv._parent_dmi(target, name, key.image, key.version).items():
-                target.set_extra_data(dmi, value)
-            target.save_settings()
-            vbox.register_machine(target)
-            machine = vbox.find_machine(name)
-        session = hv._vb.Session()
-        with hv._translate(subject):
-            progress = machine.launch_vm_process(session, "headless", [])
-        try:
-            hv._wait(progress, subject)
-        finally:
-            with contextlib.suppress(lib.VBoxError):
-                session.unlock_machine()
+            # its restored clones' screens show the image and version from it (their name
+            # comes from ClonePrep)
+            dmi = dmi_extra_data(name, key.image, key.version, efi=vm.boots_efi(target))
+            for item, value in dmi.items():
+                target.set_extra_data(item, value)
+        machine = vm.register(target, name, subject)
+        vm.launch(machine, subject)
         self._wait_ready(machine, key)
-        with hv._session(machine, name, LOCK_SHARED) as control, hv._translate(subject):
+        with vm.locked(machine, name, LOCK_SHARED) as control, vm.translate(subject):
             # online: the guest pauses, its memory goes to the snapshot's state file
             progress, _ = control.machine.take_snapshot(PARENT_SNAPSHOT, str(key), True)
-            hv._wait(progress, subject)
-        hv._power_down(machine, name)
-        if not hv._wait_off(machine, name, 60.0):
+            vm.wait(progress, subject)
+        vm.power_down(machine, name)
+        if not vm.wait_off(machine, name, 60.0):
             raise FatalHypervisorError(f"{subject} did not power off after its snapshot")
         snapshot = self._complete(key)
         if snapshot is None:
@@ -205,14 +166,14 @@ class WarmParents:
 
     def _wait_ready(self, machine: Any, key: WarmKey) -> None:
         """Until the Guest Additions report (the same readiness as a desktop's)."""
-        hv = self._hv
+        vm = self._vm
         deadline = time.monotonic() + self._boot_timeout
         while True:
-            with hv._translate(f"warm parent {key.name}"):
+            with vm.translate(f"warm parent {key.name}"):
                 reported = bool(str(machine.get_guest_property_value(PROP_NO_USERS)))
             if reported:
                 return
-            if hv._state(machine, key.name) not in RUNNING_STATES:
+            if vm.state(machine, key.name) not in RUNNING_STATES:
                 raise FatalHypervisorError(
                     f"the guest of {key} stopped before its Guest Additions reported"
                 )
@@ -221,25 +182,22 @@ class WarmParents:
                     f"the guest of {key} did not report through its Guest Additions within "
                     f"{self._boot_timeout:.0f} s"
                 )
-            hv._hub.wait_for_change(POLL)
+            vm.wait_for_change(POLL)
 
     def _retire_older(self, key: WarmKey) -> None:
         """Remove the parents of older versions of the key's image that no clone links to
         (best effort: one that cannot be removed now is looked at again later)."""
-        now = time.monotonic()
-        with self._guard:
-            if now - self._retired_at < RETIRE_EVERY:
-                return
-            self._retired_at = now
-        hv = self._hv
+        if not self._book.tidy_due():
+            return
+        vm = self._vm
         try:
-            with hv._translate("warm parents"):
-                machines = list(hv._vbox.get_machines_by_groups([PARENT_GROUP]))
+            with vm.translate("warm parents"):
+                machines = list(vm.vbox.get_machines_by_groups([PARENT_GROUP]))
         except HypervisorError:
             return
         for machine in machines:
             try:
-                with hv._translate("warm parent"):
+                with vm.translate("warm parent"):
                     name = str(machine.name)
                     image = str(machine.get_extra_data(PARENT_IMAGE))
                     version = str(machine.get_extra_data(PARENT_VERSION))
@@ -247,7 +205,7 @@ class WarmParents:
                         continue
                     if int(version) >= key.version:
                         continue
-                with self._lock_for(name):
+                with self._book.lock(name):
                     if self._linked(machine):
                         continue
                     self._remove(name)
@@ -261,11 +219,11 @@ class WarmParents:
     def _linked(self, machine: Any) -> bool:
         """A clone links to the parent's snapshot: its disk has a differencing child other
         than the parent's own current disk."""
-        hv = self._hv
-        with hv._translate("warm parent"):
+        vm = self._vm
+        with vm.translate("warm parent"):
             try:
                 snapshot = machine.find_snapshot(PARENT_SNAPSHOT)
-            except hv._lib.VBoxError:
+            except vm.lib.VBoxError:
                 return False  # never completed: nothing can link to it
             own = {str(a.medium.id_p) for a in _disks(machine.medium_attachments)}
             return any(
@@ -275,23 +233,13 @@ class WarmParents:
             )
 
     def _remove(self, name: str) -> None:
-        hv = self._hv
-        machine = hv._find(name)
+        vm = self._vm
+        machine = vm.find(name)
         if machine is None:
             return
-        hv._power_down(machine, name)
-        hv._wait_off(machine, name, 30.0)
-        with hv._translate(f"warm parent {name}"):
-            media = machine.unregister(hv._lib.CleanupMode(CLEANUP_DETACH_HARD_DISKS))
-            progress = machine.delete_config(media)
-        hv._wait(progress, f"warm parent {name}")
-
-    @contextlib.contextmanager
-    def _lock_for(self, name: str) -> Iterator[None]:
-        with self._guard:
-            lock = self._locks.setdefault(name, threading.Lock())
-        with lock:
-            yield
+        vm.power_down(machine, name)
+        vm.wait_off(machine, name, 30.0)
+        vm.delete(machine, f"warm parent {name}")
 
 
 def _disks(attachments: Any) -> list[Any]:

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from imagepipe.errors import BadInputError, InvalidStateError, OperationFailedError
-from imagepipe.hypervisors.libvirt import import_libvirt
-from imagepipe.hypervisors.libvirt_disks import disk_format, run_qemu_img
-from imagepipe.hypervisors.libvirt_errors import error_for, translated
-from imagepipe.hypervisors.libvirt_xml import NAMESPACE
+from imagepipe.hypervisors.libvirt.disks import disk_format, run_qemu_img
+from imagepipe.hypervisors.libvirt.domain_xml import NAMESPACE
+from imagepipe.hypervisors.libvirt.errors import error_for, translated
+from imagepipe.hypervisors.libvirt.hypervisor import import_libvirt
 
 STATE_SHUTOFF = 5  # VIR_DOMAIN_SHUTOFF
 DISK_NAME = "disk.qcow2"

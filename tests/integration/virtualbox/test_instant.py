@@ -6,16 +6,14 @@ parent can be made, desktops boot and the log says so once."""
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
+from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
 from imagepipe.pool.model import (
     BaseImage,
     CloneInfo,
@@ -24,8 +22,6 @@ from imagepipe.pool.model import (
     Power,
     StartMode,
 )
-from tests import vboxsim
-from tests.conftest import require_program
 from tests.guest import SerialConsole
 from tests.vboxsim.api import Host
 from tests.vboxsim.fixtures import tiny_vm, vnc_display
@@ -34,35 +30,6 @@ from tests.vboxsim.process import QemuProcess
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 READY_TIMEOUT = 120.0
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ipvi-", dir="/tmp"))  # short: unix socket paths
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def sim(workdir: Path) -> Iterator[Host]:
-    require_program("qemu-system-x86_64")
-    host = vboxsim.start(workdir / "vbox", version="7.0.14", process_factory=QemuProcess)
-    yield host
-    vboxsim.stop(host)
-
-
-@pytest.fixture
-def base(sim: Host, workdir: Path) -> BaseImage:
-    return tiny_vm(sim, workdir / "tiny-v1")
-
-
-@pytest.fixture
-def hv(sim: Host) -> Iterator[VirtualBoxHypervisor]:
-    adapter = VirtualBoxHypervisor()
-    yield adapter
-    for clone in adapter.list_clones():
-        adapter.delete(clone.name)
-    adapter.close()
 
 
 @pytest.fixture

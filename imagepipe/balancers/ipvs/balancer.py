@@ -15,7 +15,7 @@ from the kernel's trash with its old counters; enable() therefore adds a real se
 weight 0, reads its Conns, keeps them as the name's `base` and only then makes it ready, so
 a backend imagepipe adds counts from 0 as the Balancer port says.
 
-Every command goes through one CommandRunner (imagepipe.balancers.ipvs_runner): LocalRunner
+Every command goes through one CommandRunner (imagepipe.balancers.ipvs.runner): LocalRunner
 on a real director; in the tests, an agent inside a QEMU machine running Debian's kernel.
 """
 
@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass
 
 from imagepipe.balancers.addresses import resolve_ip
-from imagepipe.balancers.ipvs_parse import (
+from imagepipe.balancers.ipvs.parse import (
     NAME,
     Forward,
     Named,
@@ -41,7 +41,7 @@ from imagepipe.balancers.ipvs_parse import (
     same_endpoint,
     stray_name,
 )
-from imagepipe.balancers.ipvs_runner import CommandResult, CommandRunner, LocalRunner
+from imagepipe.balancers.ipvs.runner import CommandResult, CommandRunner, LocalRunner
 from imagepipe.errors import (
     BackendInUseError,
     BackendNotFoundError,

@@ -8,7 +8,8 @@ under state_dir/warm/<key>/, and the per-clone saved state a restore starts from
 A parent directory holds `memory.save` (libvirt's saved state: memory and devices),
 `disk.qcow2` (the disk the saved guest had, frozen read-only: every clone's overlay backs on
 it) and `parent.json` (written last: the parent is complete). A failure is logged once per
-parent and the caller boots; the parent is tried again after RETRY_AFTER seconds.
+parent and the caller boots; the parent is tried again after RETRY_AFTER seconds (the
+bookkeeping is hypervisors/common.py's WarmBook, the same as VirtualBox's).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import logging
 import os
 import shutil
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,14 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from imagepipe.errors import HypervisorUnavailableError, ImagepipeError
-from imagepipe.hypervisors.libvirt_disks import make_clone_disk
-from imagepipe.hypervisors.libvirt_errors import connection_lost, error_of
-from imagepipe.hypervisors.libvirt_warm import (
+from imagepipe.hypervisors.common import WarmBook, WarmKey
+from imagepipe.hypervisors.libvirt.disks import make_clone_disk
+from imagepipe.hypervisors.libvirt.errors import connection_lost, error_of
+from imagepipe.hypervisors.libvirt.warm import (
     HEADER_SIZE,
+    PARENT_PREFIX,
     RestoreIdentity,
     SaveHeader,
     SaveImageError,
-    WarmKey,
     data_length,
     is_warm_parent,
     parent_domain_xml,
@@ -50,8 +51,6 @@ from imagepipe.pool.model import CloneMode, Endpoint
 log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT = 300.0  # seconds a parent may take to boot until its agent answers
-RETRY_AFTER = 600.0  # seconds before a parent that failed is tried again
-PRUNE_EVERY = 60.0  # seconds between looks for parents of versions that are gone
 AGENT_TIMEOUT = 2
 
 
@@ -88,11 +87,7 @@ class WarmParents:
         self._connection = connection
         self.root = state_dir / "warm"
         self.sockets = state_dir / "sockets"
-        self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
-        self._failed: dict[str, float] = {}  # key name -> monotonic time of the failure
-        self._said: set[str] = set()  # fallback reasons already logged
-        self._pruned_at = -PRUNE_EVERY
+        self._book = WarmBook()
 
     # -- finding and making parents ---------------------------------------------------------
 
@@ -110,6 +105,7 @@ class WarmParents:
                 int(manifest["cpus"]),
                 int(manifest["memory_kib"]),
                 manifest["fingerprint"],
+                PARENT_PREFIX,
             )
             header = read_header(directory / "memory.save")
             versions = int(manifest["libvirt"]), int(manifest["qemu"])
@@ -126,14 +122,13 @@ class WarmParents:
         parent = self.load(key.name)
         if parent is not None:
             return parent
-        failed = self._failed.get(key.name)
-        if failed is not None and time.monotonic() - failed < RETRY_AFTER:
+        if self._book.waiting(key.name):
             return None
-        with self._lock_for(key.name), self._file_lock(key.name):
+        with self._book.lock(key.name), self._file_lock(key.name):
             parent = self.load(key.name)
             if parent is not None:
                 return parent
-            started = time.monotonic()
+            started = self._book.now()
             try:
                 parent = self._make(key, clone_xml, base_disk)
             except (ImagepipeError, OSError, self._libvirt.libvirtError) as exc:
@@ -143,22 +138,13 @@ class WarmParents:
                     raise error_of(exc, f"warm parent of {key}") from exc
                 if isinstance(exc, HypervisorUnavailableError):
                     raise
-                self._failed[key.name] = time.monotonic()
+                self._book.failed(key.name)
                 self.say_once(
                     f"make:{key.name}",
                     f"no warm parent for {key}; desktops boot instead: {_reason(exc)}",
                 )
                 return None
-            self._failed.pop(key.name, None)
-            log.info(
-                "warm parent made",
-                extra=fields(
-                    image=key.image,
-                    version=key.version,
-                    parent=key.name,
-                    seconds=round(time.monotonic() - started, 2),
-                ),
-            )
+            self._book.made(key, started)
             return parent
 
     def _make(self, key: WarmKey, clone_xml: str, base_disk: Path) -> WarmParent:
@@ -214,11 +200,8 @@ class WarmParents:
         """Remove the parents whose version's base disk is gone (the version was pruned or
         rebuilt): no desktop can start from them any more. At most once a minute; returns
         the names removed."""
-        now = time.monotonic()
-        with self._guard:
-            if now - self._pruned_at < PRUNE_EVERY:
-                return []
-            self._pruned_at = now
+        if not self._book.tidy_due():
+            return []
         removed = []
         for manifest in sorted(self.root.glob("ipw-*/parent.json")):
             try:
@@ -228,7 +211,7 @@ class WarmParents:
             if base.exists():
                 continue
             name = manifest.parent.name
-            with self._lock_for(name), self._file_lock(name):
+            with self._book.lock(name), self._file_lock(name):
                 shutil.rmtree(manifest.parent, ignore_errors=True)
             (self.root / f"{name}.lock").unlink(missing_ok=True)
             removed.append(name)
@@ -276,13 +259,6 @@ class WarmParents:
                 time.sleep(0.2)
 
     @contextlib.contextmanager
-    def _lock_for(self, name: str) -> Iterator[None]:
-        with self._guard:
-            lock = self._locks.setdefault(name, threading.Lock())
-        with lock:
-            yield
-
-    @contextlib.contextmanager
     def _file_lock(self, name: str) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / f"{name}.lock", "w") as handle:
@@ -294,11 +270,7 @@ class WarmParents:
 
     def say_once(self, what: str, message: str) -> None:
         """Log a fallback to boot once per reason, not once per desktop."""
-        with self._guard:
-            if what in self._said:
-                return
-            self._said.add(what)
-        log.warning(message, extra=fields(action="fallback"))
+        self._book.say_once(what, message)
 
     # -- per-clone saved state ------------------------------------------------------------
 

@@ -14,7 +14,6 @@ calls the underlying method with the arguments the piece gives:
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from imagepipe.errors import (
     HypervisorError,
     InvalidStateError,
 )
+from imagepipe.hypervisors.common import WarmKey, fingerprint
 from imagepipe.pool.model import CloneMode, Endpoint, Power, StartMode
 
 # result codes (VirtualBox.xidl <result> and the COM codes it documents)
@@ -50,16 +50,6 @@ PROP_USERS = "/VirtualBox/GuestInfo/OS/LoggedInUsers"
 PROP_NO_USERS = "/VirtualBox/GuestInfo/OS/NoLoggedInUsers"
 PROP_VRDP_PREFIX = "/VirtualBox/HostInfo/VRDP/"
 PROP_VRDP_ACTIVE = "/VirtualBox/HostInfo/VRDP/ActiveClient"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-
-
-def check_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise FatalHypervisorError(
-            f"clone name {name!r} is not usable: use letters, digits, '.', '_' and '-' "
-            "(at most 63 characters, not starting with a symbol)"
-        )
-    return name
 
 
 def error_for(code: int, message: str, subject: str) -> HypervisorError:
@@ -83,7 +73,7 @@ _STATES_61 = (
     "TeleportingPausedVM", "TeleportingIn", "DeletingSnapshotOnline", "DeletingSnapshotPaused",
     "OnlineSnapshotting", "RestoringSnapshot", "DeletingSnapshot", "SettingUp", "Snapshotting",
 )  # fmt: skip
-_POWER = {
+POWER = {  # machine state name -> the port's Power
     "PoweredOff": Power.SHUTOFF,
     "Teleported": Power.SHUTOFF,
     "Aborted": Power.CRASHED,
@@ -141,10 +131,6 @@ def version_api(version: str) -> VersionApi:
     return VersionApi(version=version, major=major, minor=minor, states=states)
 
 
-def power_of(state: str) -> Power:
-    return _POWER.get(state, Power.OTHER)
-
-
 # -- clone metadata in extra data ----------------------------------------------------------------
 
 
@@ -195,6 +181,26 @@ def base_vm_name(image: str, version: int) -> str:
     return f"imagepipe-{image}-v{version}"
 
 
+def dmi_extra_data(name: str, image: str, version: int, *, efi: bool) -> dict[str, str]:
+    """Extra data that makes the machine's firmware tell its guest the machine's name in the
+    SMBIOS system table, as libvirt's <sysinfo> does: vendor `imagepipe`, product = the name,
+    version = image and version (the tiny guest shows them; /sys/class/dmi/id on Linux). An EFI
+    machine's firmware reads them under efi/0, a BIOS one under pcbios/0; `string:` keeps a
+    value of digits a string (VirtualBox refuses to start with VERR_CFGM_NOT_STRING)."""
+    device = "efi" if efi else "pcbios"
+    prefix = f"VBoxInternal/Devices/{device}/0/Config/"
+    return {
+        prefix + "DmiSystemVendor": "string:imagepipe",
+        prefix + "DmiSystemProduct": f"string:{name}",
+        prefix + "DmiSystemVersion": f"string:{image} v{version}",
+    }
+
+
+def memory_mb(memory: int) -> int:
+    """A clone's memory in MiB from the pool's bytes (VirtualBox wants at least 4)."""
+    return max(memory // 1024**2, 4)
+
+
 # -- guest properties ------------------------------------------------------------------------------
 
 
@@ -212,6 +218,7 @@ def is_session_property(name: str) -> bool:
 
 # -- instant desktops: warm parents ---------------------------------------------------------------
 
+PARENT_PREFIX = "imagepipe-warm-"  # a parent machine's name: this and its fingerprint's start
 PARENT_GROUP = "/imagepipe-warm"  # outside GROUP_ROOT/: a parent is never listed as a clone
 PARENT_SNAPSHOT = "imagepipe-warm"  # the parent's online snapshot (memory saved) clones link to
 PARENT_KEY = EXTRA_PREFIX + "warm-parent"  # extra data on a parent: its key's fingerprint
@@ -221,35 +228,22 @@ PROP_STARTED_BY = "/imagepipe/started-by"  # restore | boot: how the running gue
 PROP_IDENTITY = "/imagepipe/identity/hostname"  # ClonePrep: the name a restored guest takes
 
 
-@dataclass(frozen=True)
-class WarmKey:
-    """Which warm parent a clone can start from: the image version's base VM and snapshot
-    (by id: a rebuilt version is a new snapshot), the machine shape, and the VirtualBox
-    version that saves and restores the state."""
-
-    image: str
-    version: int
-    cpus: int
-    memory_mb: int
-    base_vm_id: str
-    base_snapshot_id: str
-    virtualbox: str
-
-    @property
-    def fingerprint(self) -> str:
-        text = "\n".join(
-            [self.image, str(self.version), str(self.cpus), str(self.memory_mb),
-             self.base_vm_id, self.base_snapshot_id, self.virtualbox]
-        )  # fmt: skip
-        return hashlib.sha256(text.encode()).hexdigest()
-
-    @property
-    def name(self) -> str:
-        """The parent machine's name."""
-        return f"imagepipe-warm-{self.fingerprint[:16]}"
-
-    def __str__(self) -> str:
-        return f"{self.image} v{self.version} ({self.cpus} cpu, {self.memory_mb} MiB)"
+def warm_key(
+    *,
+    image: str,
+    version: int,
+    cpus: int,
+    memory_mb: int,
+    base_vm_id: str,
+    base_snapshot_id: str,
+    virtualbox: str,
+) -> WarmKey:
+    """The key of the warm parent a clone can start from: the image version's base VM and
+    snapshot (by id: a rebuilt version is a new snapshot), the machine shape, and the
+    VirtualBox version that saves and restores the state."""
+    parts = [image, str(version), str(cpus), str(memory_mb), base_vm_id, base_snapshot_id]
+    digest = fingerprint([*parts, virtualbox])
+    return WarmKey(image, version, cpus, memory_mb * 1024, digest, PARENT_PREFIX)
 
 
 def started_by(value: str) -> StartMode | None:

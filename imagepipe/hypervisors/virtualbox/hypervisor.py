@@ -7,11 +7,11 @@ A clone is a linked clone of its image version's snapshot on the base VM (CloneO
 or a full clone for `clone: full`, with a snapshot `imagepipe-clean` taken right after cloning;
 reset restores it. Pool, image, version, slot, mode and display live in the machine's extra
 data (imagepipe/...), so list_clones() rebuilds everything from VirtualBox. VRDE listens on
-the pool's port; sessions come from one passive event listener (virtualbox_events.py). No guest
-password is used anywhere. Version differences (6.1 / 7.0 / 7.1) are in virtualbox_facts.
+the pool's port; sessions come from one passive event listener (events.py). No guest
+password is used anywhere. Version differences (6.1 / 7.0 / 7.1) are in facts.py.
 
 Instant desktops (CloneSpec.start = restore): the clone is a linked clone of its version's
-warm parent's online snapshot (virtualbox_parents.py), so VirtualBox makes it Saved with a copy
+warm parent's online snapshot (parents.py), so VirtualBox makes it Saved with a copy
 of the parent's memory; its `imagepipe-clean` snapshot, taken while Saved, shares that state
 file. `start` launches it, which resumes the parent's running guest; a reset restores the clean
 snapshot (Saved again) and launches it. Then the guest is told its name (ClonePrep) through the
@@ -23,15 +23,11 @@ clone boots, said once in the log.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
-import shutil
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from imagepipe.errors import (
@@ -39,19 +35,26 @@ from imagepipe.errors import (
     BusyError,
     CloneNotFoundError,
     DisplayInUseError,
-    EnvironmentMissingError,
     FatalHypervisorError,
     HypervisorError,
     InvalidStateError,
     NotOurCloneError,
 )
-from imagepipe.hypervisors.virtualbox_events import CloneSessions, EventHub
-from imagepipe.hypervisors.virtualbox_facts import (
+from imagepipe.hypervisors.common import check_name, port_free, power_of
+from imagepipe.hypervisors.virtualbox.driver import (
+    LOCK_SHARED,
+    LOCK_WRITE,
+    VirtualBoxDriver,
+    connect,
+)
+from imagepipe.hypervisors.virtualbox.events import CloneSessions, EventHub
+from imagepipe.hypervisors.virtualbox.facts import (
     BASE_SNAPSHOT,
     CLEAN_SNAPSHOT,
     EXTRA_KEYS,
     GROUP_ROOT,
     OFF_STATES,
+    POWER,
     PROP_IDENTITY,
     PROP_NO_USERS,
     PROP_STARTED_BY,
@@ -59,19 +62,16 @@ from imagepipe.hypervisors.virtualbox_facts import (
     PROP_USERS_LIST,
     SAVED_STATES,
     CloneMeta,
-    VersionApi,
-    WarmKey,
     base_vm_name,
-    check_name,
-    error_for,
+    dmi_extra_data,
+    memory_mb,
     parse_meta,
     parse_users,
     pool_group,
-    power_of,
     started_by,
-    version_api,
+    warm_key,
 )
-from imagepipe.hypervisors.virtualbox_parents import WarmParents
+from imagepipe.hypervisors.virtualbox.parents import WarmParents
 from imagepipe.log import fields
 from imagepipe.pool.model import (
     BaseImage,
@@ -87,118 +87,31 @@ from imagepipe.pool.ports import HypervisorEvent, Subscription
 
 log = logging.getLogger(__name__)
 LIVE_STATES = frozenset({"Running", "Paused", "Starting", "Restoring", "Stuck", "Saving"})
-LOCK_SHARED, LOCK_WRITE = 1, 2
 NOTICE_PROPERTY = "/imagepipe/notice"  # notify_users: a rollout's deadline warning
-CLEANUP_DETACH_HARD_DISKS = 3
-CLONE_MODE_MACHINE_STATE = 1
-CLONE_OPTION_LINK = 1
-FIRMWARE_BIOS = 1  # FirmwareType_BIOS; 2..5 are the EFI kinds
-
-
-def dmi_extra_data(name: str, image: str, version: int, *, efi: bool) -> dict[str, str]:
-    """Extra data that makes the machine's firmware tell its guest the machine's name in the
-    SMBIOS system table, as libvirt's <sysinfo> does: vendor `imagepipe`, product = the name,
-    version = image and version (the tiny guest shows them; /sys/class/dmi/id on Linux). An EFI
-    machine's firmware reads them under efi/0, a BIOS one under pcbios/0; `string:` keeps a
-    value of digits a string (VirtualBox refuses to start with VERR_CFGM_NOT_STRING)."""
-    device = "efi" if efi else "pcbios"
-    prefix = f"VBoxInternal/Devices/{device}/0/Config/"
-    return {
-        prefix + "DmiSystemVendor": "string:imagepipe",
-        prefix + "DmiSystemProduct": f"string:{name}",
-        prefix + "DmiSystemVersion": f"string:{image} v{version}",
-    }
-
-
-def port_free(display: Endpoint) -> bool:
-    """Nothing listens on the display address now (a bind probe, as VRDE will bind)."""
-    family = socket.AF_INET6 if ":" in display.host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((display.host, display.port))
-        except OSError:
-            return False
-    return True
-
-
-def import_pyvbox() -> Any:
-    """The `virtualbox` package, or EnvironmentMissingError saying how to get it."""
-    try:
-        virtualbox = importlib.import_module("virtualbox")
-        # pyvbox finds VirtualBox's own vboxapi (also outside this virtualenv) and yields it
-        with virtualbox.import_vboxapi() as vboxapi:
-            if not hasattr(vboxapi, "VirtualBoxManager"):
-                raise ImportError(f"{vboxapi.__file__} has no VirtualBoxManager")
-    except ImportError as exc:
-        raise EnvironmentMissingError(
-            f"VirtualBox's Python API is not usable ({exc}): pip install 'imagepipe[virtualbox]' "
-            "and install VirtualBox 6.1 or 7.x with its SDK (vboxapi), or set "
-            "hypervisor.driver: libvirt"
-        ) from exc
-    return virtualbox
 
 
 class VirtualBoxHypervisor:
     """imagepipe.pool.ports.Hypervisor on VirtualBox 6.1 / 7.x through pyvbox."""
 
     def __init__(self, *, stop_poll: float = 0.2, parent_boot_timeout: float = 300.0) -> None:
-        self._vb = import_pyvbox()
-        self._lib = self._vb.library
-        self._vb.library_ext.IVirtualBox.assert_version = False
-        try:
-            with self._translate("VirtualBox"):
-                self._vbox = self._vb.VirtualBox()
-        except HypervisorError:
-            raise
-        except Exception as exc:  # vboxapi's own (XPCOM/COM) error: VBoxSVC did not answer
-            raise EnvironmentMissingError(
-                f"VirtualBox does not answer ({exc}): install VirtualBox and run imagepipe as "
-                "the user owning the VMs (VBoxSVC runs per user), or set hypervisor.driver: "
-                "libvirt"
-            ) from exc
-        with self._translate("VirtualBox"):
-            self.api: VersionApi = version_api(str(self._vbox.version))
-        self._stop_poll = stop_poll
+        vb, vbox, self.api = connect()
         self._names: dict[str, str] = {}  # machine id -> clone name
         self._meta: dict[str, CloneMeta] = {}  # machine id -> metadata (never changes)
         self._lock = threading.Lock()
         self._import_lock = threading.Lock()
         self._hub = EventHub(self.api, self._name_of)
-        self._parents = WarmParents(self, boot_timeout=parent_boot_timeout)
-        with self._translate("VirtualBox events"):
-            self._hub.start(self._lib, self._vbox.event_source)
+        self._vm = VirtualBoxDriver(
+            vb, vbox, self.api, wait_for_change=self._hub.wait_for_change, stop_poll=stop_poll
+        )
+        self._parents = WarmParents(self._vm, boot_timeout=parent_boot_timeout)
+        with self._vm.translate("VirtualBox events"):
+            self._hub.start(self._vm.lib, vbox.event_source)
         log.info("VirtualBox connected", extra=fields(version=self.api.version))
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _translate(self, subject: str) -> Iterator[None]:
-        try:
-            yield
-        except HypervisorError:
-            raise
-        except self._lib.VBoxError as exc:
-            raise error_for(int(exc.value), str(exc.msg), subject) from exc
-
-    def _wait(self, progress: Any, subject: str) -> None:
-        """Wait for an IProgress; its failure is in resultCode, never raised by the wait."""
-        with self._translate(subject):
-            progress.wait_for_completion(-1)
-            code = int(progress.result_code)
-            if code != 0:
-                info = progress.error_info
-                raise error_for(code, str(info.text) if info else "failed", subject)
-
-    def _find(self, name: str) -> Any | None:
-        try:
-            with self._translate(f"clone {name}"):
-                return self._vbox.find_machine(check_name(name))
-        except CloneNotFoundError:
-            return None
-
     def _our(self, name: str) -> tuple[Any, CloneMeta]:
-        machine = self._find(name)
+        machine = self._vm.find(name)
         if machine is None:
             raise CloneNotFoundError(f"clone {name} does not exist in VirtualBox")
         meta = self._meta_of(machine)
@@ -210,7 +123,7 @@ class VirtualBoxHypervisor:
         return machine, meta
 
     def _meta_of(self, machine: Any) -> CloneMeta | None:
-        with self._translate("machine"):
+        with self._vm.translate("machine"):
             machine_id = str(machine.id_p)
             if machine_id in self._meta:
                 return self._meta[machine_id]
@@ -228,39 +141,21 @@ class VirtualBoxHypervisor:
             if machine_id in self._names:
                 return self._names[machine_id]
         try:
-            with self._translate("machine"):
-                machine = self._vbox.find_machine(machine_id)
+            with self._vm.translate("machine"):
+                machine = self._vm.vbox.find_machine(machine_id)
         except HypervisorError:
             return None
         return str(machine.name) if self._meta_of(machine) is not None else None
-
-    def _state(self, machine: Any, name: str) -> str:
-        with self._translate(f"clone {name}"):
-            # the raw value, compared through the host's table: pyvbox's MachineState is
-            # 6.1's (names print aliases, 7.x values are shifted, and 7.x's Snapshotting,
-            # 23, makes its `state` property raise ValueError)
-            return self.api.state_name(int(machine._get_attr("state")))
-
-    @contextlib.contextmanager
-    def _session(self, machine: Any, name: str, lock: int) -> Iterator[Any]:
-        session = self._vb.Session()
-        with self._translate(f"clone {name}"):
-            machine.lock_machine(session, self._lib.LockType(lock))
-        try:
-            yield session
-        finally:
-            with contextlib.suppress(self._lib.VBoxError):
-                session.unlock_machine()
 
     # -- the port ------------------------------------------------------------------------------
 
     def list_clones(self) -> list[CloneInfo]:
         clones: list[CloneInfo] = []
-        with self._translate("VirtualBox"):
-            machines = self._vbox.machines
+        with self._vm.translate("VirtualBox"):
+            machines = self._vm.vbox.machines
         for machine in machines:
             try:
-                with self._translate("machine"):
+                with self._vm.translate("machine"):
                     if not bool(machine.accessible):  # settings file missing or unreadable
                         continue
                 meta = self._meta_of(machine)
@@ -273,14 +168,14 @@ class VirtualBoxHypervisor:
         return sorted(clones, key=lambda c: (c.pool, c.slot))
 
     def _info(self, machine: Any, name: str, meta: CloneMeta) -> CloneInfo:
-        state = self._state(machine, name)
-        power = power_of(state)
+        state = self._vm.state(machine, name)
+        power = power_of(state, POWER)
         if state in SAVED_STATES and self._pristine(machine, name):
             power = Power.SHUTOFF  # its parent's memory, never run: off, ready to start
         ready = power.value == "running" and self._facts(machine, name).agent
         how = None
         if power in (Power.RUNNING, Power.SUSPENDED):
-            with self._translate(f"clone {name}"):
+            with self._vm.translate(f"clone {name}"):
                 how = started_by(str(machine.get_guest_property_value(PROP_STARTED_BY)))
         return CloneInfo(
             name=name,
@@ -299,7 +194,7 @@ class VirtualBoxHypervisor:
         known = self._hub.known(name)
         if known is not None:
             return known
-        with self._translate(f"clone {name}"):
+        with self._vm.translate(f"clone {name}"):
             users_list = str(machine.get_guest_property_value(PROP_USERS_LIST))
             count = str(machine.get_guest_property_value(PROP_USERS))
             agent = bool(str(machine.get_guest_property_value(PROP_NO_USERS)))
@@ -310,10 +205,10 @@ class VirtualBoxHypervisor:
 
     def _vrde_client(self, machine: Any, name: str) -> tuple[str | None, float | None]:
         """VRDEServerInfo of the running VM, through a shared session on it."""
-        if self._state(machine, name) not in ("Running", "Paused"):
+        if self._vm.state(machine, name) not in ("Running", "Paused"):
             return None, None
         try:
-            with self._session(machine, name, LOCK_SHARED) as session:
+            with self._vm.locked(machine, name, LOCK_SHARED) as session:
                 info = session.console.vrde_server_info
                 if bool(info.active) and str(info.client_ip):
                     return str(info.client_ip), int(info.begin_time) / 1000
@@ -343,8 +238,8 @@ class VirtualBoxHypervisor:
                 "--from-vm VM)"
             )
         machine, vm, snapshot = found
-        with self._translate(f"base VM {vm}"):
-            state = self._state(machine, vm)
+        with self._vm.translate(f"base VM {vm}"):
+            state = self._vm.state(machine, vm)
             locked = int(machine.session_state) != 1  # SessionState.Unlocked
         if state != "PoweredOff" or locked:
             raise InvalidStateError(
@@ -352,7 +247,7 @@ class VirtualBoxHypervisor:
                 "; clones are made only while it is powered off with no session"
             )
         try:
-            with self._translate(f"base VM {vm}"):
+            with self._vm.translate(f"base VM {vm}"):
                 machine.find_snapshot(snapshot)
         except CloneNotFoundError as exc:
             raise BaseMissingError(
@@ -365,12 +260,12 @@ class VirtualBoxHypervisor:
         """(machine, name, snapshot) of a version's base VM: the VM the registry names, else
         imagepipe-<image>-v<N>, else that VM imported now from the version's OVF."""
         if base.vm is not None:
-            machine = self._find(base.vm)
+            machine = self._vm.find(base.vm)
             if machine is not None:
                 return machine, base.vm, base.snapshot or ""
         name = base_vm_name(base.image, base.version)
         with self._import_lock:
-            machine = self._find(name)
+            machine = self._vm.find(name)
             if machine is None:
                 machine = self._import_ovf(base, name)
             if machine is None:
@@ -384,19 +279,19 @@ class VirtualBoxHypervisor:
         if not ovfs:
             return None
         subject = f"base VM {name} from {ovfs[0]}"
-        with self._translate(subject):
-            appliance = self._vbox.create_appliance()
+        with self._vm.translate(subject):
+            appliance = self._vm.vbox.create_appliance()
             # pyvbox's read() waits without looking at the result: check it here
-            progress = self._lib.IProgress(appliance._call("read", in_p=[str(ovfs[0])]))
-        self._wait(progress, subject)
-        with self._translate(subject):
+            progress = self._vm.lib.IProgress(appliance._call("read", in_p=[str(ovfs[0])]))
+        self._vm.wait(progress, subject)
+        with self._vm.translate(subject):
             appliance.interpret()
             (description,) = appliance.virtual_system_descriptions[:1]
             description.set_name(name)
             progress = appliance.import_machines([])
-        self._wait(progress, subject)
-        with self._translate(subject):
-            machine = self._vbox.find_machine(name)
+        self._vm.wait(progress, subject)
+        with self._vm.translate(subject):
+            machine = self._vm.vbox.find_machine(name)
         self._take_snapshot(machine, name, BASE_SNAPSHOT)
         log.info("base VM imported", extra=fields(image=base.image, vm=name, action="import"))
         return machine
@@ -406,35 +301,23 @@ class VirtualBoxHypervisor:
         meta = CloneMeta(
             spec.pool, spec.base.image, spec.base.version, spec.slot, spec.mode, spec.display
         )
-        existing = self._find(name)
+        existing = self._vm.find(name)
         if existing is not None:
             return self._existing_clone(existing, name, meta)
         base, base_name, snapshot_name = self._ready_base(spec.base)
         self._refuse_taken_port(name, spec.display, subject=f"port {spec.display.port}")
-        with self._translate(f"base VM {base_name}"):
+        with self._vm.translate(f"base VM {base_name}"):
             snapshot = base.find_snapshot(snapshot_name)
             source = snapshot.machine
         parent = self._warm_parent(spec, base, snapshot, source)
         if parent is not None:
-            with self._translate(f"clone {name}"):
+            with self._vm.translate(f"clone {name}"):
                 source = parent.machine  # Saved with the parent's memory once cloned
-        group = pool_group(spec.pool)
-        with self._translate(f"clone {name}"):
-            settings = self._vbox.compose_machine_filename(name, group, "", "")
-        self._remove_leftovers(Path(str(settings)).parent, name)
-        with self._translate(f"clone {name}"):
-            args = self.api.create_machine_args(str(settings), name, group)
-            target = self._lib.IMachine(self._vbox._call("createMachine", in_p=args))
-            options = [self._lib.CloneOptions(CLONE_OPTION_LINK)]
-            if spec.mode is CloneMode.FULL:
-                options = []
-            progress = source.clone_to(
-                target, self._lib.CloneMode(CLONE_MODE_MACHINE_STATE), options
-            )
-        self._wait(progress, f"clone {name}")
-        with self._translate(f"clone {name}"):
+        linked = spec.mode is not CloneMode.FULL
+        target = self._vm.clone(source, name, pool_group(spec.pool), linked=linked)
+        with self._vm.translate(f"clone {name}"):
             if parent is None:  # a restored clone has its parent's shape (the key holds it)
-                target.memory_size = _memory_mb(spec)
+                target.memory_size = memory_mb(spec.memory)
                 target.cpu_count = spec.cpus
             vrde = target.vrde_server
             vrde.enabled = True
@@ -443,13 +326,11 @@ class VirtualBoxHypervisor:
             for key, value in meta.extra_data().items():
                 target.set_extra_data(key, value)
             dmi = dmi_extra_data(
-                name, spec.base.image, spec.base.version, efi=self._boots_efi(target)
+                name, spec.base.image, spec.base.version, efi=self._vm.boots_efi(target)
             )
             for key, value in dmi.items():
                 target.set_extra_data(key, value)
-            target.save_settings()
-            self._vbox.register_machine(target)
-            machine = self._vbox.find_machine(name)
+        machine = self._vm.register(target, name)
         self._take_clean_snapshot(machine, name)
         log.info("clone created", extra=fields(pool=spec.pool, clone=name, action="create"))
         return self._info(machine, name, meta)
@@ -461,28 +342,23 @@ class VirtualBoxHypervisor:
         or None: the pool boots its desktops, or no parent can be made (said once)."""
         if spec.start is not StartMode.RESTORE:
             return None
-        with self._translate(f"image {spec.base.image} v{spec.base.version}"):
-            key = WarmKey(
+        with self._vm.translate(f"image {spec.base.image} v{spec.base.version}"):
+            key = warm_key(
                 image=spec.base.image,
                 version=spec.base.version,
                 cpus=spec.cpus,
-                memory_mb=_memory_mb(spec),
+                memory_mb=memory_mb(spec.memory),
                 base_vm_id=str(base.id_p),
                 base_snapshot_id=str(snapshot.id_p),
                 virtualbox=self.api.version,
             )
         return self._parents.ensure(key, source)
 
-    def _parent_dmi(self, target: Any, name: str, image: str, version: int) -> dict[str, str]:
-        """DMI extra data of a warm parent: its restored clones' screens show the image and
-        version from it (their name comes from ClonePrep)."""
-        return dmi_extra_data(name, image, version, efi=self._boots_efi(target))
-
     def _pristine(self, machine: Any, name: str) -> bool:
         """Saved on its clean snapshot's state file: the warm parent's memory, never run
         since it was cloned or reset (a suspended desktop's state is a file of its own)."""
         try:
-            with self._translate(f"clone {name}"):
+            with self._vm.translate(f"clone {name}"):
                 state = str(machine.state_file_path)
                 if not state:
                     return False
@@ -505,7 +381,7 @@ class VirtualBoxHypervisor:
                 f"resuming {name} from the warm parent of {meta.image} v{meta.version} "
                 f"failed; its desktops boot instead: {exc}",
             )
-            self._power_down(machine, name)  # Saved: its saved state is discarded
+            self._vm.power_down(machine, name)  # Saved: its saved state is discarded
             self._launch(machine, name, meta, StartMode.BOOT)
             return
         log.info(
@@ -524,31 +400,13 @@ class VirtualBoxHypervisor:
         if how is None:
             return
         try:
-            with self._translate(f"clone {name}"):
+            with self._vm.translate(f"clone {name}"):
                 running = session.machine
                 running.set_guest_property(PROP_STARTED_BY, how.value, "RDONLYGUEST")
                 if how is StartMode.RESTORE:
                     running.set_guest_property(PROP_IDENTITY, name, "TRANSIENT,RDONLYGUEST")
         except HypervisorError as exc:
             self._parents.say_once("prep", f"a started clone did not take its name ({name}): {exc}")
-
-    def _boots_efi(self, machine: Any) -> bool:
-        """The machine's firmware is EFI (IMachine.firmwareType; from 7.1 on it lives in
-        IMachine.firmwareSettings)."""
-        holder = machine
-        if (self.api.major, self.api.minor) >= (7, 1):
-            holder = self._lib.Interface(machine._get_attr("firmwareSettings"))
-        return int(holder._get_attr("firmwareType")) != FIRMWARE_BIOS
-
-    def _remove_leftovers(self, folder: Path, name: str) -> None:
-        """A create cut short before registering leaves the clone's folder (settings, a
-        differencing disk) unregistered: remove it, so no orphan disk stays behind."""
-        if folder.is_dir() and folder.name == name and folder.parent.name:
-            log.warning(
-                "removing an unregistered clone's leftovers",
-                extra=fields(clone=name, path=str(folder), action="create"),
-            )
-            shutil.rmtree(folder)
 
     def _existing_clone(self, machine: Any, name: str, meta: CloneMeta) -> CloneInfo:
         have = self._meta_of(machine)
@@ -569,7 +427,7 @@ class VirtualBoxHypervisor:
                 f"{meta.image} v{meta.version}"
             )
         try:
-            with self._translate(f"clone {name}"):
+            with self._vm.translate(f"clone {name}"):
                 machine.find_snapshot(CLEAN_SNAPSHOT)
         except CloneNotFoundError:  # a create cut short after registering: finish it
             self._take_clean_snapshot(machine, name)
@@ -581,9 +439,9 @@ class VirtualBoxHypervisor:
     def _take_snapshot(self, machine: Any, name: str, snapshot: str) -> None:
         """Offline (a Saved clone's snapshot shares its state file: the parent's memory).
         pause=true: VirtualBox refuses pause=false (a live snapshot) unless it runs."""
-        with self._session(machine, name, LOCK_WRITE) as session, self._translate(name):
+        with self._vm.locked(machine, name, LOCK_WRITE) as session, self._vm.translate(name):
             progress, _ = session.machine.take_snapshot(snapshot, "", True)
-            self._wait(progress, name)
+            self._vm.wait(progress, name)
 
     def _refuse_taken_port(self, name: str, display: Endpoint, *, subject: str) -> None:
         """VRDE would start without listening on a taken port: refuse before (another
@@ -594,8 +452,8 @@ class VirtualBoxHypervisor:
                 and clone.display == display
                 and clone.power in (Power.RUNNING, Power.SUSPENDED, Power.OTHER)
             ):
-                machine = self._find(clone.name)
-                if machine is not None and self._state(machine, clone.name) in LIVE_STATES:
+                machine = self._vm.find(clone.name)
+                if machine is not None and self._vm.state(machine, clone.name) in LIVE_STATES:
                     raise DisplayInUseError(
                         f"clone {name}: VRDE {subject} ({display}) is used by running clone "
                         f"{clone.name}; give each pool its own display.port_range"
@@ -608,7 +466,7 @@ class VirtualBoxHypervisor:
 
     def start(self, name: str) -> None:
         machine, meta = self._our(name)
-        state = self._state(machine, name)
+        state = self._vm.state(machine, name)
         if state in ("Running", "Starting", "Restoring"):
             return
         if state in SAVED_STATES and self._pristine(machine, name):
@@ -624,84 +482,48 @@ class VirtualBoxHypervisor:
         """Launch headless; `how` it starts is recorded (None: resuming a suspended clone
         keeps what it had)."""
         self._refuse_taken_port(name, meta.display, subject="port")
-        session = self._vb.Session()
-        with self._translate(f"clone {name}"):
-            # pass a list: pyvbox's default environment="" is refused with a TypeError
-            progress = machine.launch_vm_process(session, "headless", [])
-        try:
-            self._wait(progress, f"clone {name}")
+        with self._vm.launched(machine, f"clone {name}") as session:
             self._prep(session, name, how)
-        finally:
-            with contextlib.suppress(self._lib.VBoxError):
-                session.unlock_machine()
         log.info("clone started", extra=fields(pool=meta.pool, clone=name, action="start"))
 
     def stop(self, name: str, timeout: float) -> None:
         machine, meta = self._our(name)
-        state = self._state(machine, name)
+        state = self._vm.state(machine, name)
         if state in OFF_STATES or (state in SAVED_STATES and self._pristine(machine, name)):
             return
         if state in SAVED_STATES:
             with (
-                self._session(machine, name, LOCK_WRITE) as session,
-                self._translate(f"clone {name}"),
+                self._vm.locked(machine, name, LOCK_WRITE) as session,
+                self._vm.translate(f"clone {name}"),
             ):
                 session.machine.discard_saved_state(True)
             return
         if state == "Running":
             with (
-                self._session(machine, name, LOCK_SHARED) as session,
-                self._translate(f"clone {name}"),
+                self._vm.locked(machine, name, LOCK_SHARED) as session,
+                self._vm.translate(f"clone {name}"),
             ):
                 session.console.power_button()
-            if self._wait_off(machine, name, timeout):
+            if self._vm.wait_off(machine, name, timeout):
                 log.info("clone stopped", extra=fields(pool=meta.pool, clone=name, action="stop"))
                 return
-        self._power_down(machine, name)
+        self._vm.power_down(machine, name)
         log.info("clone powered off", extra=fields(pool=meta.pool, clone=name, action="stop"))
-
-    def _wait_off(self, machine: Any, name: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self._state(machine, name) not in OFF_STATES:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            self._hub.wait_for_change(min(left, self._stop_poll))
-        return True
-
-    def _power_down(self, machine: Any, name: str) -> None:
-        state = self._state(machine, name)
-        if state in OFF_STATES:
-            return
-        if state in SAVED_STATES:
-            with (
-                self._session(machine, name, LOCK_WRITE) as session,
-                self._translate(f"clone {name}"),
-            ):
-                session.machine.discard_saved_state(True)
-            return
-        try:
-            with (
-                self._session(machine, name, LOCK_SHARED) as session,
-                self._translate(f"clone {name}"),
-            ):
-                progress = session.console.power_down()
-                self._wait(progress, f"clone {name}")
-        except InvalidStateError:
-            if self._state(machine, name) not in OFF_STATES:
-                raise
 
     def reset(self, name: str) -> None:
         machine, meta = self._our(name)
-        self._power_down(machine, name)
-        self._wait_off(machine, name, 30.0)
-        with self._session(machine, name, LOCK_WRITE) as session, self._translate(f"clone {name}"):
+        self._vm.power_down(machine, name)
+        self._vm.wait_off(machine, name, 30.0)
+        with (
+            self._vm.locked(machine, name, LOCK_WRITE) as session,
+            self._vm.translate(f"clone {name}"),
+        ):
             mutable = session.machine
             snapshot = mutable.find_snapshot(CLEAN_SNAPSHOT)
             progress = mutable.restore_snapshot(snapshot)
-            self._wait(progress, f"clone {name}")
+            self._vm.wait(progress, f"clone {name}")
         self._hub.forget(name)
-        if self._state(machine, name) in SAVED_STATES:  # an online clean snapshot: resume it
+        if self._vm.state(machine, name) in SAVED_STATES:  # an online clean snapshot: resume it
             self._resume_clean(machine, name, meta)
         else:
             self._launch(machine, name, meta, StartMode.BOOT)
@@ -710,25 +532,28 @@ class VirtualBoxHypervisor:
     def suspend(self, name: str) -> None:
         """Save the machine's state to disk (VirtualBox's suspend, like the original tool)."""
         machine, meta = self._our(name)
-        state = self._state(machine, name)
+        state = self._vm.state(machine, name)
         if state in SAVED_STATES and not self._pristine(machine, name):
             return
         if state not in ("Running", "Paused"):
             raise InvalidStateError(f"clone {name} is off ({state}), so it cannot be suspended")
-        with self._session(machine, name, LOCK_SHARED) as session, self._translate(f"clone {name}"):
+        with (
+            self._vm.locked(machine, name, LOCK_SHARED) as session,
+            self._vm.translate(f"clone {name}"),
+        ):
             progress = session.machine.save_state()
-            self._wait(progress, f"clone {name}")
+            self._vm.wait(progress, f"clone {name}")
         log.info("clone suspended", extra=fields(pool=meta.pool, clone=name, action="suspend"))
 
     def resume(self, name: str) -> None:
         machine, _ = self._our(name)
-        state = self._state(machine, name)
+        state = self._vm.state(machine, name)
         if state == "Running":
             return
         if state == "Paused":
             with (
-                self._session(machine, name, LOCK_SHARED) as session,
-                self._translate(f"clone {name}"),
+                self._vm.locked(machine, name, LOCK_SHARED) as session,
+                self._vm.translate(f"clone {name}"),
             ):
                 session.console.resume()
             return
@@ -738,7 +563,7 @@ class VirtualBoxHypervisor:
 
     def delete(self, name: str) -> None:
         check_name(name)
-        machine = self._find(name)
+        machine = self._vm.find(name)
         if machine is None:
             self._hub.forget(name)
             return
@@ -746,15 +571,10 @@ class VirtualBoxHypervisor:
             raise NotOurCloneError(
                 f"VirtualBox machine {name} was not made by imagepipe; refusing to delete it"
             )
-        self._power_down(machine, name)
-        self._wait_off(machine, name, 30.0)
-        try:
-            with self._translate(f"clone {name}"):
-                media = machine.unregister(self._lib.CleanupMode(CLEANUP_DETACH_HARD_DISKS))
-                progress = machine.delete_config(media)
-            self._wait(progress, f"clone {name}")
-        except CloneNotFoundError:
-            pass  # unregistered by somebody else meanwhile
+        self._vm.power_down(machine, name)
+        self._vm.wait_off(machine, name, 30.0)
+        with contextlib.suppress(CloneNotFoundError):  # unregistered by somebody else meanwhile
+            self._vm.delete(machine, f"clone {name}")
         with self._lock:
             machine_id = next((k for k, v in self._names.items() if v == name), None)
             if machine_id is not None:
@@ -768,7 +588,7 @@ class VirtualBoxHypervisor:
 
     def sessions(self, name: str) -> GuestSession:
         machine, _ = self._our(name)
-        state = self._state(machine, name)
+        state = self._vm.state(machine, name)
         if state not in ("Running", "Paused"):
             return GuestSession()
         facts = self._facts(machine, name)
@@ -779,9 +599,9 @@ class VirtualBoxHypervisor:
         """A message to the desktop's user: the transient guest property /imagepipe/notice
         (a watcher in the image shows it: `VBoxControl guestproperty wait /imagepipe/notice`)."""
         machine, _ = self._our(name)
-        if self._state(machine, name) != "Running":
+        if self._vm.state(machine, name) != "Running":
             raise InvalidStateError(f"clone {name} is not running: nobody can see a message")
-        with self._session(machine, name, LOCK_SHARED) as session, self._translate(name):
+        with self._vm.locked(machine, name, LOCK_SHARED) as session, self._vm.translate(name):
             session.machine.set_guest_property(NOTICE_PROPERTY, text, "TRANSIENT,RDONLYGUEST")
 
     def subscribe(self, callback: Callable[[HypervisorEvent], None]) -> Subscription:
@@ -795,10 +615,10 @@ class VirtualBoxHypervisor:
     def describe_vm(self, vm: str) -> VmSnapshot:
         """The VM and its current snapshot, to register as an image version; refuses a VM
         without a snapshot (clones are linked to one)."""
-        machine = self._find(vm)
+        machine = self._vm.find(vm)
         if machine is None:
             raise CloneNotFoundError(f"VirtualBox has no machine named {vm}")
-        with self._translate(f"VM {vm}"):
+        with self._vm.translate(f"VM {vm}"):
             current = machine.current_snapshot
             if getattr(current, "_i", None) is None:
                 raise FatalHypervisorError(
@@ -811,10 +631,6 @@ class VirtualBoxHypervisor:
                 snapshot=str(current.id_p),
                 snapshot_name=str(current.name),
             )
-
-
-def _memory_mb(spec: CloneSpec) -> int:
-    return max(spec.memory // 1024**2, 4)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ No libvirt import and no I/O here.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -24,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagepipe.errors import FatalHypervisorError
-from imagepipe.hypervisors.libvirt_xml import (
+from imagepipe.hypervisors.common import WarmKey, fingerprint
+from imagepipe.hypervisors.libvirt.domain_xml import (
     AGENT_CHANNEL,
     METADATA_KEY,
     NAMESPACE,
@@ -36,6 +36,7 @@ from imagepipe.hypervisors.libvirt_xml import (
 )
 from imagepipe.pool.model import Endpoint, StartMode
 
+PARENT_PREFIX = "ipw-"  # a parent's domain and folder name: this and its fingerprint's start
 LAYOUT = 1  # bump when what a warm parent holds changes: older parents are then not used
 SAVE_MAGIC = b"LibvirtQemudSave"
 SAVE_PARTIAL = b"LibvirtQemudPart"
@@ -56,26 +57,6 @@ class FileStamp:
     path: Path
     size: int
     mtime_ns: int
-
-
-@dataclass(frozen=True)
-class WarmKey:
-    """Which warm parent a clone can restore from: image version, machine shape, and
-    everything else the saved state depends on, hashed."""
-
-    image: str
-    version: int
-    cpus: int
-    memory_kib: int
-    fingerprint: str
-
-    @property
-    def name(self) -> str:
-        """The parent's domain name and directory under state_dir/warm."""
-        return f"ipw-{self.fingerprint[:16]}"
-
-    def __str__(self) -> str:
-        return f"{self.image} v{self.version} ({self.cpus} cpu, {self.memory_kib // 1024} MiB)"
 
 
 def warm_key(
@@ -102,8 +83,7 @@ def warm_key(
         f"qemu={qemu_version}",
         *(f"file={f.path}:{f.size}:{f.mtime_ns}" for f in files),
     ]
-    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()
-    return WarmKey(image, version, cpus, memory_kib, digest)
+    return WarmKey(image, version, cpus, memory_kib, fingerprint(parts), PARENT_PREFIX)
 
 
 # -- libvirt save image header --------------------------------------------------------------

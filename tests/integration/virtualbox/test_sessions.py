@@ -3,54 +3,19 @@ machine as a QEMU guest of the tiny image, VNC on the VRDE port, users from its 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from imagepipe.hypervisors.virtualbox import VirtualBoxHypervisor
+from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
 from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Power
 from imagepipe.pool.ports import EventKind, HypervisorEvent
-from tests import vboxsim
-from tests.conftest import require_program
 from tests.guest import SerialConsole, VncClient
 from tests.vboxsim.api import Host
-from tests.vboxsim.fixtures import tiny_vm, vnc_display
+from tests.vboxsim.fixtures import vnc_display
 from tests.vboxsim.process import QemuProcess
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ipvb-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def sim(workdir: Path) -> Iterator[Host]:
-    require_program("qemu-system-x86_64")
-    host = vboxsim.start(workdir / "vbox", version="7.0.14", process_factory=QemuProcess)
-    yield host
-    vboxsim.stop(host)
-
-
-@pytest.fixture
-def base(sim: Host, workdir: Path) -> BaseImage:
-    return tiny_vm(sim, workdir / "tiny-v1")
-
-
-@pytest.fixture
-def hv(sim: Host) -> Iterator[VirtualBoxHypervisor]:
-    adapter = VirtualBoxHypervisor()
-    yield adapter
-    for clone in adapter.list_clones():
-        adapter.delete(clone.name)
-    adapter.close()
 
 
 def vrde_spec(base: BaseImage, slot: int) -> CloneSpec:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from imagepipe.balancers.haproxy_config import BACKEND, format_address
+from imagepipe.balancers.haproxy.config import BACKEND, format_address
 from imagepipe.errors import (
     BackendNotFoundError,
     BadInputError,

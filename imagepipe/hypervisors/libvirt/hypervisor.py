@@ -8,7 +8,7 @@ Disks and the console/agent sockets live under state_dir. Sessions come from lib
 events and, after a restart, from QEMU's `query-vnc`; logged-in users from the guest agent.
 
 Instant desktops (CloneSpec.start = restore): the first clone of an image version and machine
-shape makes a warm parent (libvirt_parents.py); the clone's disk is an overlay on the parent's
+shape makes a warm parent (parents.py); the clone's disk is an overlay on the parent's
 frozen disk and it starts by restoring its own copy of the parent's saved state
 (state_dir/saves/<name>.save), then the guest agent is told the time and the clone's name.
 A reset restores again onto a fresh overlay. Whenever that cannot be done, the clone boots.
@@ -20,7 +20,6 @@ import contextlib
 import importlib
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -39,8 +38,18 @@ from imagepipe.errors import (
     InvalidStateError,
     NotOurCloneError,
 )
-from imagepipe.hypervisors.libvirt_disks import disk_usable, make_clone_disk
-from imagepipe.hypervisors.libvirt_errors import (
+from imagepipe.hypervisors.common import WarmKey, check_name, port_free, power_of
+from imagepipe.hypervisors.libvirt.disks import disk_usable, make_clone_disk
+from imagepipe.hypervisors.libvirt.domain_xml import (
+    CloneMetadata,
+    DomainFacts,
+    DomainPlan,
+    domain_xml,
+    parse_domain,
+    parse_guest_users,
+    parse_vnc_clients,
+)
+from imagepipe.hypervisors.libvirt.errors import (
     ERR_AGENT_UNRESPONSIVE,
     ERR_NO_DOMAIN,
     ERR_OPERATION_INVALID,
@@ -48,20 +57,10 @@ from imagepipe.hypervisors.libvirt_errors import (
     error_of,
     translated,
 )
-from imagepipe.hypervisors.libvirt_events import EventHub, ensure_event_loop
-from imagepipe.hypervisors.libvirt_notify import notify_command
-from imagepipe.hypervisors.libvirt_parents import WarmParent, WarmParents
-from imagepipe.hypervisors.libvirt_warm import FileStamp, RestoreIdentity, WarmKey, warm_key
-from imagepipe.hypervisors.libvirt_xml import (
-    CloneMetadata,
-    DomainFacts,
-    DomainPlan,
-    check_name,
-    domain_xml,
-    parse_domain,
-    parse_guest_users,
-    parse_vnc_clients,
-)
+from imagepipe.hypervisors.libvirt.events import EventHub, ensure_event_loop
+from imagepipe.hypervisors.libvirt.notify import notify_command
+from imagepipe.hypervisors.libvirt.parents import WarmParent, WarmParents
+from imagepipe.hypervisors.libvirt.warm import FileStamp, RestoreIdentity, warm_key
 from imagepipe.log import fields
 from imagepipe.pool.model import (
     BaseImage,
@@ -87,7 +86,7 @@ _CLOSE_REASONS = {
 # virDomainState
 STATE_RUNNING, STATE_BLOCKED, STATE_PAUSED, STATE_SHUTDOWN, STATE_SHUTOFF = 1, 2, 3, 4, 5
 STATE_CRASHED, STATE_PMSUSPENDED = 6, 7
-_POWER = {
+POWER = {  # virDomainState -> the port's Power
     STATE_RUNNING: Power.RUNNING,
     STATE_BLOCKED: Power.RUNNING,
     STATE_PAUSED: Power.SUSPENDED,
@@ -98,10 +97,6 @@ _POWER = {
 AGENT_TIMEOUT = 2  # seconds libvirt waits for the guest agent (ping, users)
 PREP_TIMEOUT = 5.0  # seconds a restored guest's agent may take to reconnect
 UNIX_PATH_MAX = 107
-
-
-def power_of(state: int) -> Power:
-    return _POWER.get(state, Power.OTHER)
 
 
 def import_libvirt() -> tuple[Any, Any]:
@@ -323,7 +318,7 @@ class LibvirtHypervisor:
     def _info(
         self, name: str, meta: CloneMetadata, state: int, facts: DomainFacts, dom: Any
     ) -> CloneInfo:
-        power = power_of(state)
+        power = power_of(state, POWER)
         ready = power is Power.RUNNING and self._agent_ready(name, dom)
         started_by = None
         if power in (Power.RUNNING, Power.SUSPENDED):
@@ -363,18 +358,8 @@ class LibvirtHypervisor:
         self._hub.set_agent_up(name, True)
         return True
 
-    def _port_free(self, display: Endpoint) -> bool:
-        family = socket.AF_INET6 if ":" in display.host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((display.host, display.port))
-            except OSError:
-                return False
-        return True
-
     def _refuse_busy_port(self, name: str, display: Endpoint | None) -> None:
-        if display is not None and not self._port_free(display):
+        if display is not None and not port_free(display):
             raise DisplayInUseError(
                 f"clone {name}: display port {display} is already in use by another program; "
                 "stop it or give the pool a free display.port_range in its pool file"
@@ -559,7 +544,7 @@ class LibvirtHypervisor:
         return disk_usable(base.directory / base.disk)
 
     def _base_domain_runs(self, name: str) -> bool:
-        """A version imported from a domain (libvirt_import.py) is not ready while it runs."""
+        """A version imported from a domain (importer.py) is not ready while it runs."""
         try:
             with self._translate(f"domain {name}"):
                 return int(self._connection().lookupByName(name).state()[0]) != STATE_SHUTOFF
