@@ -206,7 +206,7 @@ def _haproxy_group(settings: Settings, manage: bool | None) -> Balancer:
     haproxy-NAME.cfg and .pid in run_dir), kept in step by one BalancerGroup. The web
     entrance's socket goes to the first instance."""
     from imagepipe.balancers.group import BalancerGroup
-    from imagepipe.balancers.haproxy import HAProxyBalancer
+    from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 
     cfg = settings.balancer
     members: list[tuple[str, Balancer]] = []

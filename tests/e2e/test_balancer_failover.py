@@ -32,7 +32,7 @@ import pytest
 
 from imagepipe.app.bootstrap import Adapters, Runtime, bootstrap
 from imagepipe.balancers.group import BalancerGroup
-from imagepipe.balancers.haproxy import HAProxyBalancer
+from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 from imagepipe.config import HypervisorSettings, Settings
 from imagepipe.pool.model import BackendState, CloneState, PoolSpec, Power
 from tests.conftest import libvirt_available, require, require_program

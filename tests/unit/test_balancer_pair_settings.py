@@ -8,7 +8,7 @@ import pytest
 
 from imagepipe.app.bootstrap import build_balancer
 from imagepipe.balancers.group import BalancerGroup
-from imagepipe.balancers.haproxy import HAProxyBalancer
+from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 from imagepipe.config import load_settings
 from imagepipe.errors import ConfigError
 from tests.unit.test_config import lines_of, write
