@@ -21,7 +21,7 @@ from imagepipe.doctor import Check, Status, run_checks
 from imagepipe.hypervisors.libvirt import checks as libvirt_checks
 from imagepipe.images.packer import Packer
 from imagepipe.images.registry import NewVersion, Registry
-from imagepipe.pool.store import SCHEMA_VERSION, Store
+from imagepipe.stores.sqlite import SCHEMA_VERSION, SQLiteStore
 from tests.conftest import require_program
 
 POOL = (
@@ -281,7 +281,7 @@ def test_a_balancer_pair_with_no_instance_answering_fails(tmp_path: Path) -> Non
 
 
 def make_db(path: Path, version: int) -> None:
-    Store(path).close()
+    SQLiteStore(path).close()
     with sqlite3.connect(path) as db:
         db.execute("UPDATE schema_version SET version = ?", (version,))
     db.close()
