@@ -92,53 +92,22 @@ class BalancerGroup:
             except _Down:
                 continue
 
-    def _put_in_step(
-        self, name: str, balancer: Balancer, have: dict[str, Backend], wanted: dict[str, Backend]
-    ) -> None:
-        for gone in sorted(self._removed & have.keys()):
-            try:
-                self._call(name, partial(balancer.remove, gone))
-            except BackendInUseError:
-                continue  # a client came in through it while it was away: removed later
-            log.info("balancer instance put in step", extra=fields(instance=name, removed=gone))
-        for backend in wanted.values():
-            mine = have.get(backend.name)
-            if backend.name in self._removed or backend.state is BackendState.MAINT:
-                continue  # being removed: never spread
-            if mine is not None and mine.state is backend.state:
-                continue
-            self._call(name, partial(_put, balancer, backend))
-            log.info(
-                "balancer instance put in step",
-                extra=fields(
-                    instance=name,
-                    clone=backend.name,
-                    state=backend.state.value,
-                    was="missing" if mine is None else mine.state.value,
-                ),
-            )
-
     def list_backends(self) -> list[Backend]:
         self._check_open()
         listings = self._listings()
-        merged = _merged(listings)
         for instance, backends in listings.items():
             self._account(instance, backends)
-        result = []
-        for name, backend in merged.items():
-            connections = sum(
-                b.connections for bs in listings.values() for b in bs if b.name == name
+        by_instance = {i: {b.name: b for b in bs} for i, bs in listings.items()}
+        return [
+            Backend(
+                name=name,
+                address=backend.address,
+                state=backend.state,
+                connections=sum(h[name].connections for h in by_instance.values() if name in h),
+                sessions_total=self._total(name, by_instance),
             )
-            result.append(
-                Backend(
-                    name=name,
-                    address=backend.address,
-                    state=backend.state,
-                    connections=connections,
-                    sessions_total=self._total(name, listings),
-                )
-            )
-        return result
+            for name, backend in _merged(listings).items()
+        ]
 
     def enable(self, name: str, address: Endpoint) -> None:
         self._check_open()
@@ -199,6 +168,32 @@ class BalancerGroup:
         return list(self._instances)
 
     # -- internals -------------------------------------------------------------------------
+
+    def _put_in_step(
+        self, name: str, balancer: Balancer, have: dict[str, Backend], wanted: dict[str, Backend]
+    ) -> None:
+        for gone in sorted(self._removed & have.keys()):
+            try:
+                self._call(name, partial(balancer.remove, gone))
+            except BackendInUseError:
+                continue  # a client came in through it while it was away: removed later
+            log.info("balancer instance put in step", extra=fields(instance=name, removed=gone))
+        for backend in wanted.values():
+            mine = have.get(backend.name)
+            if backend.name in self._removed or backend.state is BackendState.MAINT:
+                continue  # being removed: never spread
+            if mine is not None and mine.state is backend.state:
+                continue
+            self._call(name, partial(_put, balancer, backend))
+            log.info(
+                "balancer instance put in step",
+                extra=fields(
+                    instance=name,
+                    clone=backend.name,
+                    state=backend.state.value,
+                    was="missing" if mine is None else mine.state.value,
+                ),
+            )
 
     def _balancer(self, name: str) -> Balancer:
         return next(b for n, b in self._instances if n == name)
@@ -272,20 +267,20 @@ class BalancerGroup:
             if total is not None:
                 self._seen[(instance, name)] = total
 
-    def _total(self, name: str, listings: dict[str, list[Backend]]) -> int | None:
+    def _total(self, name: str, by_instance: dict[str, dict[str, Backend]]) -> int | None:
         """Counters of the instances that answered, the last count of those that did not,
         plus what restarts lost."""
         total = self._lost.get(name, 0)
         for instance, _ in self._instances:
-            if instance in listings:
-                mine = next((b for b in listings[instance] if b.name == name), None)
-                if mine is None:
-                    continue
-                if mine.sessions_total is None:
-                    return None
-                total += mine.sessions_total
-            else:
+            if instance not in by_instance:
                 total += self._seen.get((instance, name), 0)
+                continue
+            mine = by_instance[instance].get(name)
+            if mine is None:
+                continue
+            if mine.sessions_total is None:
+                return None
+            total += mine.sessions_total
         return total
 
     def _check_open(self) -> None:
