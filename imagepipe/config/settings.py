@@ -23,8 +23,8 @@ from imagepipe.config.values import (
     parse_state_dsn,
     parse_uri,
 )
-from imagepipe.config.yamlsrc import Located, expand_user, load_file, path_kind
 from imagepipe.errors import ConfigError
+from imagepipe.yamlsrc import Located, expand_user, load_file, path_kind
 
 SYSTEM_SETTINGS = Path("/etc/imagepipe/imagepipe.yml")
 SETTINGS_NAME = "imagepipe.yml"
