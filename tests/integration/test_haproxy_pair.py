@@ -2,9 +2,9 @@
 HAProxy killed and started again is put back in step (backends, drain states) on the next
 pass while the other keeps serving.
 
-Each HAProxy has its own short temp directory and loopback port (tests/integration/
-test_haproxy.py's harness); clients reach the desktops through the first one, as they would
-through the instance that holds the VRRP address.
+Each HAProxy has its own short temp directory and loopback port (HAProxyHarness of
+tests/integration/balancers.py); clients reach the desktops through the first one, as they
+would through the instance that holds the VRRP address.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from imagepipe.pool.model import BackendState, Endpoint
 from tests.conftest import require_program
 from tests.contract.balancer_suite import BalancerContract
 from tests.host import free_port
-from tests.integration.test_haproxy import Client, RealHarness, gone
+from tests.integration.balancers import Client, HAProxyHarness, gone
 
 pytestmark = pytest.mark.real
 
 
 @dataclass
 class PairHarness:
-    a: RealHarness
-    b: RealHarness
+    a: HAProxyHarness
+    b: HAProxyHarness
 
     def group(self) -> BalancerGroup:
         return BalancerGroup([("lb1", self.a.new_adapter()), ("lb2", self.b.new_adapter())])
@@ -53,9 +53,9 @@ class PairHarness:
         self.a.eventually(check, what)
 
 
-def _harness() -> RealHarness:
+def _harness() -> HAProxyHarness:
     # unix socket paths must stay under 108 bytes: pytest's tmp_path can be longer
-    return RealHarness(
+    return HAProxyHarness(
         Path(tempfile.mkdtemp(prefix="ipx-pair-")), Endpoint("127.0.0.1", free_port())
     )
 
@@ -93,7 +93,7 @@ def test_a_killed_haproxy_gets_every_desktop_back_with_its_drain_state(
     group.enable("lab-2", pair.desktop(1))
     group.drain("lab-2")
     on_a = pair.a.connect()  # a session through the instance that keeps running
-    killed = pair.b.haproxy_pid()
+    killed = pair.b.frontend_pid()
     os.kill(killed, signal.SIGKILL)
     pair.b.eventually(lambda: gone(killed), "die")
 
