@@ -53,8 +53,8 @@ install_service() {
   chown "$chroot_owner" "$r/var/lib/imagepipe"
   if [ ! -e "$r/etc/imagepipe/imagepipe.yml" ]; then
     cat > "$r/etc/imagepipe/imagepipe.yml" <<'YAML'
-# imagepipe settings for the keeper service (every key and its default: README.md,
-# "Configuration"; imagepipe.example.yml in the checkout). After a change:
+# imagepipe settings for the keeper service (every key and its default:
+# docs/configuration.md; imagepipe.example.yml in the checkout). After a change:
 #   imagepipe --config /etc/imagepipe/imagepipe.yml pools check && systemctl reload imagepipe-keep
 pools_dir: /etc/imagepipe/pools
 state_db: /var/lib/imagepipe/state.db

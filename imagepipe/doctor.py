@@ -128,7 +128,7 @@ def check_pools(settings: Settings) -> tuple[Check, list[PoolSpec]]:
                 "pools",
                 f"no pool files (*.yml) in {folder}",
                 "add one file per pool there "
-                "(see 'Pool files' in README.md); `imagepipe keep` has nothing to keep",
+                "(see 'Pool files' in docs/configuration.md); `imagepipe keep` has nothing to keep",
             ),
             [],
         )

@@ -1,6 +1,6 @@
 """One exception hierarchy; the CLI turns each into one line on stderr and an exit code.
 
-Exit codes (documented in the README):
+Exit codes (documented in the README, "Exit codes"):
   2  bad input or configuration: nothing was changed
   3  the environment is missing something (a program, a daemon, a permission)
   4  an operation failed while running

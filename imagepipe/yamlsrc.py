@@ -9,7 +9,7 @@ text "07:00" (not 420), and `no`, `off`, `none` stay text. Booleans are true/fal
 null is null, ~ or empty.
 
 The files are written by people and scripts and read by a root service, so the reader is
-bounded whatever the bytes are (see the README, "What a configuration file may not hold"):
+bounded whatever the bytes are (see docs/configuration.md, "What a file may not hold"):
 
 - files over MAX_FILE_BYTES are refused before they are read; only regular files are read;
 - the text must be UTF-8 without control characters (tab and line ends are fine);

@@ -412,7 +412,12 @@ def open_store(settings: Settings) -> Store:
     if settings.state is not None:
         from imagepipe.stores.postgres import PostgresStore
 
-        return PostgresStore(settings.state, password=state_password(settings))
+        # a call that waits longer than keeper.lease_retry would outlast what the lease allows
+        return PostgresStore(
+            settings.state,
+            password=state_password(settings),
+            connect_timeout=settings.keeper.lease_retry,
+        )
     from imagepipe.stores.sqlite import SQLiteStore
 
     return SQLiteStore(settings.state_db)

@@ -99,9 +99,26 @@ class KeeperMetrics:
             "When the last pass that reconciled every pool without a failed action ended.",
             registry=r,
         )
+        self.leading = Gauge(
+            "imagepipe_keeper_leading",
+            "1 while this keeper leads (holds the shared state's lease), 0 while it waits; "
+            "only with a PostgreSQL state.",
+            registry=r,
+        )
+        self.store_reachable = Gauge(
+            "imagepipe_state_store_reachable",
+            "0 while the shared state database does not answer (the keeper changes nothing); "
+            "only with a PostgreSQL state.",
+            registry=r,
+        )
         r.register(_SnapshotCollector(self))
 
     # ---- recording -------------------------------------------------------------------
+
+    def record_role(self, *, leading: bool, reachable: bool) -> None:
+        """After each step of the lease loop (imagepipe.app.leadership.ElectionLoop)."""
+        self.leading.set(1 if leading else 0)
+        self.store_reachable.set(1 if reachable else 0)
 
     def record_pass(
         self,

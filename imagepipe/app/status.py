@@ -85,12 +85,22 @@ class StrayClone:
 
 
 @dataclass(frozen=True)
+class LeaderStatus:
+    """Which keeper leads, when several share the state (the store's lease)."""
+
+    holder: str  # host/pid of the keeper
+    epoch: int
+    lease_left: float  # seconds; 0 or less: the lease ran out (nobody leads right now)
+
+
+@dataclass(frozen=True)
 class HostStatus:
     schema: str
     generated_at: float
     pools: tuple[PoolStatus, ...]
     stray_clones: tuple[StrayClone, ...]
     balancer_error: str | None
+    leader: LeaderStatus | None = None  # None: no keeper ever took the lease (one keeper)
     balancer_instances: tuple[InstanceHealth, ...] = ()  # a balancer pair: each instance
 
 
@@ -100,8 +110,13 @@ def collect(runtime: Runtime, specs: Sequence[PoolSpec]) -> HostStatus:
     balancer, and never writes the store."""
     host = observe(runtime.hypervisor, runtime.balancer, runtime.images, specs, partial=True)
     now = runtime.clock.now()
-    records, downs = load_records(runtime.store_reader, specs, now)
-    return build_status(specs, host, records, now, downs)
+    reader = runtime.store_reader
+    records, downs = load_records(reader, specs, now)
+    lease = reader.leader(now)
+    leader = None
+    if lease is not None:
+        leader = LeaderStatus(lease.holder, lease.epoch, round(lease.until - lease.now, 1))
+    return replace(build_status(specs, host, records, now, downs), leader=leader)
 
 
 def load_records(

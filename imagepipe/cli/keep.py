@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from imagepipe.app.keeping import fail_if_failed
+from imagepipe.app.leadership import ElectionLoop, election_for, pass_once
 from imagepipe.app.metrics import KeeperMetrics, serve
 from imagepipe.app.notify import SystemdNotifier
 from imagepipe.app.reload import Reloader, load_keeper_config
@@ -30,8 +31,9 @@ def keep(
     runtime = cli.runtime(config.settings)
     try:
         keeper = runtime.keeper(list(config.specs), other_pools=config.other_pools)
+        election = election_for(config.settings, runtime.store, runtime.clock)
         if once:
-            report = keeper.run_pass()
+            report = keeper.run_pass() if election is None else pass_once(keeper, election)
             fail_if_failed(report)
             return
         address = config.settings.keeper.metrics
@@ -42,10 +44,18 @@ def keep(
             notifier, metrics=metrics, reloader=Reloader(cli.config, pool, config)
         )
         keeper.hooks = service
+        loop = None
+        if election is not None:  # a shared state: the keepers elect a leader
+            keeper.lead = election
+            loop = ElectionLoop(election, notifier, on_change=keeper.wake, metrics=metrics)
+            loop.start()
         try:
             with service_signals(keeper, service):
                 keeper.run()
         finally:
+            if loop is not None:
+                loop.stop()
+                loop.election.release()
             if server is not None:
                 server.shutdown()
             notifier.close()

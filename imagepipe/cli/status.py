@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING
 import typer
 
 from imagepipe.app.pool_down import progress
-from imagepipe.app.status import CloneStatus, HostStatus, collect, to_json
+from imagepipe.app.status import CloneStatus, HostStatus, LeaderStatus, collect, to_json
 from imagepipe.cli.context import CliContext, cli_context
 from imagepipe.config import Settings, load_pools, load_settings
 from imagepipe.errors import BadInputError
 
 if TYPE_CHECKING:  # rich is imported only to draw (not for --json)
     from rich.console import Group
+    from rich.text import Text
 
     from imagepipe.pool.model import PoolSpec
 
@@ -137,7 +138,25 @@ def render(snapshot: HostStatus) -> Group:
             )
     if not snapshot.pools:
         parts.append(Text("no pools configured"))
+    if snapshot.leader is not None:
+        parts.append(_leader_line(snapshot.leader))
     return Group(*parts)
+
+
+def _leader_line(leader: LeaderStatus) -> Text:
+    """Several keepers on one shared state: which one leads (the others wait)."""
+    from rich.text import Text
+
+    if leader.lease_left > 0:
+        return Text(
+            f"keeper: {leader.holder} leads (epoch {leader.epoch}, lease "
+            f"{leader.lease_left:.0f}s left); any other keeper waits"
+        )
+    return Text(
+        f"keeper: nobody leads: the lease of {leader.holder} ran out "
+        f"{-leader.lease_left:.0f}s ago (a standby takes over on its next try)",
+        style="yellow",
+    )
 
 
 def _balancer_cell(clone: CloneStatus) -> str:

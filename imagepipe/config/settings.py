@@ -66,12 +66,12 @@ class BalancerSettings(Section):
     admin_socket: Annotated[Path | None, BeforeValidator(parse_optional_path)] = None
     manage: StrictBool = True
     balance: Literal["leastconn", "first"] = "leastconn"
-    # haproxy: a returning user reaches the desktop with their session (README "Rolling out")
+    # haproxy: a returning user reaches the desktop with their session (docs/rollouts.md)
     persist: Literal["none", "source", "rdp-cookie"] = "none"
     persist_expire: PositiveDuration = 8 * 3600.0
     vip: Annotated[str | None, BeforeValidator(parse_optional_vip)] = None
     port: Annotated[StrictInt, Field(ge=1, le=65535)] = 3389
-    # ipvs (README "IPVS"): how the kernel picks, reaches and keeps a user's desktop
+    # ipvs (docs/ipvs.md): how the kernel picks, reaches and keeps a user's desktop
     scheduler: Literal[
         "wlc", "lc", "rr", "wrr", "sed", "nq", "sh", "dh", "lblc", "lblcr", "fo", "ovf", "mh"
     ] = "wlc"  # fmt: skip
@@ -90,6 +90,10 @@ class KeeperSettings(Section):
     action_timeout: PositiveDuration = 600.0
     # host:port of the Prometheus endpoint (e.g. 127.0.0.1:9464); None = no metrics
     metrics: Annotated[str, BeforeValidator(parse_host_port)] | None = None
+    # several keepers on one PostgreSQL state (docs/high-availability.md): the leader lease
+    lease: PositiveDuration = 30.0  # how long a lease runs without a renewal
+    lease_loop: PositiveDuration = 10.0  # seconds between two renewals
+    lease_retry: PositiveDuration = 10.0  # how long one state database call may take
 
 
 class TlsSettings(Section):
@@ -204,6 +208,19 @@ def parse_settings(doc: Located, *, base: Path) -> Settings:
             )
         issues.extend(_instance_issues(balancer, doc))
         issues.extend(_web_issues(settings, doc))
+        keeper = settings.keeper
+        if keeper.lease_loop + 2 * keeper.lease_retry > keeper.lease:
+            issues.append(
+                issue_at(
+                    doc,
+                    ("keeper", "lease"),
+                    f"keeper.lease_loop + 2 * keeper.lease_retry ({keeper.lease_loop:g} + 2 * "
+                    f"{keeper.lease_retry:g} = {keeper.lease_loop + 2 * keeper.lease_retry:g}s) "
+                    f"must be at most keeper.lease ({keeper.lease:g}s), so a leader that cannot "
+                    "renew its lease stops acting before it runs out: raise keeper.lease or "
+                    "lower the other two",
+                )
+            )
         if settings.state_password_file is not None and settings.state is None:
             issues.append(
                 issue_at(

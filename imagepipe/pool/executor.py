@@ -130,6 +130,9 @@ class Executor:
         self.clock = clock
         self.settings = settings
         self._stop = threading.Event()
+        # whether an action may start now (the keeper's term as leader lasts); checked
+        # before each action's journal entry, so none starts once it says no
+        self.gate: Callable[[], bool] = _always
         # clones whose timed-out call still runs -> set when that call finally returns
         self._stuck: dict[tuple[str, str], threading.Event] = {}
 
@@ -140,6 +143,9 @@ class Executor:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    def _may_start(self) -> bool:
+        return not self.stopping and self.gate()
 
     def in_flight(self, pool: str) -> frozenset[str]:
         """Clones of `pool` whose call outlived its timeout and still runs."""
@@ -171,7 +177,7 @@ class Executor:
         running: dict[tuple[str, str], _Running] = {}
         waiting = list(chains)
         while waiting or running:
-            while waiting and len(running) < self.settings.parallel and not self.stopping:
+            while waiting and len(running) < self.settings.parallel and self._may_start():
                 key = waiting.pop(0)
                 action = chains[key].pop(0)
                 started = self._start(specs, action, key, done)
@@ -180,7 +186,7 @@ class Executor:
                     skipped += chains.pop(key)
                     continue
                 running[key] = started
-            if self.stopping and waiting:
+            if waiting and not self._may_start():
                 for key in waiting:
                     skipped += chains.pop(key)
                 waiting = []
@@ -462,6 +468,10 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, ImagepipeError):
         return str(error)
     return f"{type(error).__name__}: {error}"
+
+
+def _always() -> bool:
+    return True
 
 
 def _discard(_: object) -> None:

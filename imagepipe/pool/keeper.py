@@ -9,6 +9,12 @@ adopts clones the store does not know (a lost or older store): the planner rebui
 records from the clones' own metadata and their observed sessions, so a clone in use is
 never mistaken for a free one. stop() (SIGTERM, Ctrl-C) starts no new action, lets the
 actions in flight finish, and returns; running desktops keep running.
+
+Several keepers on one shared store (`lead`, imagepipe/app/leadership.py): only the leader
+passes. Each term (an epoch of the lease) writes through a store handle fenced with that
+epoch and starts by recovering the journal after observing the host, so it finishes or
+undoes what the previous leader left in flight. The executor starts an action only while
+the term lasts; a write refused by the fence (FencedError) ends the term at once.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from imagepipe.errors import ImagepipeError
+from imagepipe.errors import FencedError, ImagepipeError
 from imagepipe.log import fields
 from imagepipe.pool.executor import ExecutionReport, Executor, ExecutorSettings
 from imagepipe.pool.learning import Learned, learned
@@ -95,6 +101,18 @@ class KeeperHooks(Protocol):
         """`report` None: the pass failed as a whole (logged). `seconds`: how long it took."""
 
 
+class Lead(Protocol):
+    """Whether this keeper leads (imagepipe/app/leadership.py Election)."""
+
+    def term(self) -> int | None:
+        """The epoch to act under, or None while this keeper must not act."""
+        ...
+
+    def fenced(self, error: FencedError) -> None:
+        """A write under the term's epoch was refused: step down."""
+        ...
+
+
 class NoHooks:
     def before_pass(self, keeper: Keeper) -> None:
         pass
@@ -127,6 +145,7 @@ class Keeper:
         self.hypervisor = hypervisor
         self.balancer = balancer
         self.store = store
+        self._shared_store = store  # unfenced; each term writes through store.fenced(epoch)
         self.images = images
         self.specs = {s.name: s for s in specs}
         self.other_pools = tuple(other_pools)
@@ -148,6 +167,9 @@ class Keeper:
         self._quick_passes = 0  # quick passes in a row (see next_wait)
         self._notes_reported: dict[str, str] = {}  # pool -> the reason last logged
         self.hooks: KeeperHooks = hooks or NoHooks()
+        self.lead: Lead | None = None  # None: the only keeper of its store, always acting
+        self._term: int | None = None  # the epoch this keeper acts under while it leads
+        self.executor.gate = self.may_act
         self._learned: dict[str, tuple[int, Learned]] = {}  # pool -> (day, what it taught)
 
     # ---- control ---------------------------------------------------------------------
@@ -187,10 +209,16 @@ class Keeper:
         try:
             while not self.stopping:
                 self._wake.clear()
+                if not self._begin_term():
+                    self._wake.wait(self.settings.tick)
+                    continue
                 self.hooks.before_pass(self)
                 began = time.monotonic()
                 try:
                     report: PassReport | None = self.run_pass()
+                except FencedError as exc:
+                    self._fenced(exc)
+                    report = None
                 except ImagepipeError as exc:
                     if str(exc) == failing:
                         log.debug("pass failed again; retrying next tick")
@@ -210,6 +238,55 @@ class Keeper:
             with contextlib.suppress(ImagepipeError):
                 self.rollouts.stopped(self.clock.now())
             log.info("keeper stopped; running desktops keep running")
+
+    def pass_if_leading(self) -> PassReport | None:
+        """One pass if this keeper leads; None when it does not, or when the fence refused
+        one of its writes (it has stepped down)."""
+        if not self._begin_term():
+            return None
+        try:
+            return self.run_pass()
+        except FencedError as exc:
+            self._fenced(exc)
+            return None
+
+    def may_act(self) -> bool:
+        """Whether an action may start now: always for the only keeper of a store; for one
+        of several, while the term it passes under lasts."""
+        return self.lead is None or (self._term is not None and self.lead.term() == self._term)
+
+    def _begin_term(self) -> bool:
+        """Before a pass: whether this keeper leads. A new term writes through a store handle
+        fenced with its epoch and recovers the journal in its first pass (after observing
+        the host), as a restarted keeper does."""
+        if self.lead is None:
+            return True
+        term = self.lead.term()
+        if term is None:
+            self._term = None
+            return False
+        if term != self._term:
+            self._use_store(self._shared_store.fenced(term))
+            self._term = term
+            self._recovered = False
+            log.info(
+                "taking over: observing the host and the journal first", extra=fields(epoch=term)
+            )
+        return True
+
+    def _use_store(self, store: Store) -> None:
+        self.store = store
+        self.executor.store = store
+        self.rollouts.store = store
+
+    def _fenced(self, error: FencedError) -> None:
+        """A write was refused by the fence: this keeper leads no more; the pass stopped
+        where the write was refused (nothing after it was done)."""
+        self._term = None
+        if self.lead is not None:
+            self.lead.fenced(error)
+        else:
+            log.error("write refused by the leader lease", extra=fields(error=str(error)))
 
     def next_wait(self, report: PassReport) -> float:
         """How long to sleep after this pass unless an event comes first.

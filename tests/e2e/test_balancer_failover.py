@@ -7,7 +7,7 @@ VNC client reaches a free desktop through the same address; the desktop the firs
 on keeps running with her login session and her files (the keeper does not reset it); her
 VNC client, whose TCP connection went through the dead HAProxy, reconnects through the
 address. The pass after the kill reports lb1 unreachable. The failover time is printed;
-benchmarks/bench_failover.py measures it over several failovers.
+benchmarks/bench_balancer_failover.py measures it over several failovers.
 """
 
 from __future__ import annotations

@@ -89,8 +89,15 @@ def test_status_json_describes_every_pool_and_desktop_with_a_stable_schema(
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
     assert set(doc) == {
-        "schema", "generated_at", "pools", "stray_clones", "balancer_error", "balancer_instances"
-    }  # fmt: skip
+        "schema",
+        "generated_at",
+        "pools",
+        "stray_clones",
+        "balancer_error",
+        "balancer_instances",
+        "leader",
+    }
+    assert doc["leader"] is None  # one keeper on SQLite: no lease was ever taken
     assert doc["schema"] == "imagepipe.status/1"
     assert doc["balancer_instances"] == [], "one balancer: no instances to list"
     (pool,) = doc["pools"]

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import itertools
 import re
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import BaseModel
 
 from imagepipe.cli.app import main
-from imagepipe.config.pools import PoolFile
-from imagepipe.config.settings import Settings
+from imagepipe.config.pools import PoolFile, load_pool_file
+from imagepipe.config.settings import Settings, load_settings
 from imagepipe.config.values import parse_duration, parse_port_range, parse_size
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,6 +100,45 @@ def test_the_docs_name_no_tracker_issue_numbers(page: Path) -> None:
     assert not found, f"{page.relative_to(ROOT)}: " + "; ".join(found)
 
 
+TOP = ("imagepipe/", "tests/", "benchmarks/", "scripts/", "packer/", "docs/", ".github/", ".ci/")
+PACKAGE = ("pool/", "app/", "cli/", "config/", "images/", "hypervisors/", "balancers/", "sim/")
+
+
+def _named_files(text: str) -> list[str]:
+    """Repository paths named in inline code: `imagepipe/pool/store.py`, `planner/forecast.py`
+    (inside the package), `bench_soak.py` (anywhere); not patterns (`test_ipvs_*.py`,
+    `<pool>.yml`) nor files on the host (`/etc/…`)."""
+    names = []
+    for span in re.findall(r"`([^`\n]+)`", _prose(text)):
+        for word in span.split():
+            word = word.rstrip(",.:;)").lstrip("(")
+            if re.search(r"[*<>{}$…]|^/|^~|://", word):
+                continue
+            word = re.sub(r":\d+$", "", word)  # file:line in an error message
+            pathlike = word.endswith("/") or re.search(r"\.\w+(?:::\w+)?$", word)
+            in_repo = bool(pathlike) and word.startswith(TOP + PACKAGE)
+            if in_repo or re.fullmatch(r"[\w.-]+\.(?:py|sh)", word):
+                names.append(word)
+    return names
+
+
+def _exists(name: str) -> bool:
+    name, _, test = name.partition("::")
+    if test:  # a test in a module: the module defines it
+        return _exists(name) and f"def {test}(" in (ROOT / name).read_text()
+    if name.startswith(TOP):
+        return (ROOT / name).exists()
+    if name.startswith(PACKAGE):
+        return (ROOT / "imagepipe" / name).exists() or (ROOT / "imagepipe/pool" / name).exists()
+    return any(ROOT.glob(f"**/{name}"))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_repository_file_the_docs_name_exists(page: Path) -> None:
+    missing = sorted({n for n in _named_files(page.read_text()) if not _exists(n)})
+    assert not missing, f"{page.relative_to(ROOT)} names files that are not there: {missing}"
+
+
 def _commands_table() -> list[tuple[tuple[str, ...], list[str]]]:
     """(command words, options) for every command the README's commands table names."""
     found: list[tuple[tuple[str, ...], list[str]]] = []
@@ -151,6 +192,53 @@ def test_the_global_options_the_readme_names_exist(
     assert [o for o in options if o not in out] == []
 
 
+def _command_uses() -> list[tuple[str, str, bool]]:
+    """(where, command line, typed in a shell) for every `imagepipe …` the pages show: inline
+    code, lines of shell blocks, `$ imagepipe …` lines of any block (not a screen's text)."""
+    uses: list[tuple[str, str, bool]] = []
+    for page in PAGES:
+        text = page.read_text()
+        where = page.relative_to(ROOT).as_posix()
+        for span in re.findall(r"`([^`\n]+)`", _prose(text)):
+            uses.append((where, span, False))
+        for block in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M):
+            for line in block.group(2).splitlines():
+                shell = block.group(1) in ("sh", "console") or line.startswith("$ ")
+                uses += [(where, line.removeprefix("$ "), True)] if shell else []
+    found: list[tuple[str, str, bool]] = []
+    for where, text, shell in uses:
+        for part in re.split(r";|&&|\|\||\s#\s", text):
+            match = re.match(r"\s*(?:\S*/)?imagepipe(?:\s+(?:--config|-c)\s+\S+)?\s+(.*)", part)
+            if match:
+                found.append((where, match.group(1).replace("\\|", "|"), shell))
+    return found
+
+
+def test_every_imagepipe_command_line_in_the_docs_uses_commands_and_options_that_exist(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    commands = {words for words, _ in _commands_table()}
+    helps: dict[tuple[str, ...], tuple[int, str]] = {}
+    wrong = []
+    uses = _command_uses()
+    assert len(uses) >= 50
+    for where, line, shell in uses:
+        tokens = line.split()
+        words = tuple(itertools.takewhile(re.compile(r"[a-z][a-z-]*").fullmatch, tokens[:2]))
+        command = next((words[:n] for n in (2, 1) if words[:n] in commands), None)
+        if command is None:
+            if shell and words and words[0] not in {c[0] for c in commands}:
+                wrong.append(f"{where}: imagepipe {line}: no such command")
+            continue
+        if command not in helps:
+            helps[command] = _help(list(command), capsys)
+        out = helps[command][1]
+        options = re.findall(r"(?<![\w-])--[a-z][a-z-]*", line)
+        wrong += [f"{where}: imagepipe {line}: no option {o}" for o in options if o not in out]
+    assert not wrong, wrong
+
+
 def _fields(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
     """Every key a file may hold: dotted names of the model's leaves, with their defaults."""
     keys: dict[str, Any] = {}
@@ -163,6 +251,19 @@ def _fields(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
                 keys.update(_fields(nested, key + "."))
                 continue
         keys[key] = field
+    return keys
+
+
+def _every_key(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every dotted key a file may spell, sections and the keys inside optional sections
+    (`web`, `web.bind`, `web.tls.cert`) included."""
+    keys = set()
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name)
+        keys.add(key)
+        for nested in typing.get_args(field.annotation) or (field.annotation,):
+            if isinstance(nested, type) and issubclass(nested, BaseModel):
+                keys |= _every_key(nested, key + ".")
     return keys
 
 
@@ -249,3 +350,73 @@ def test_the_configuration_reference_states_the_defaults_the_models_have(
             wrong.append(f"{key}: documented {cell}, the model says {field.default!r}")
     assert compared >= 10
     assert not wrong, wrong
+
+
+@pytest.mark.parametrize(
+    "page",
+    [p for p in PAGES if p.name != "contracts.md"],  # that page speaks Python, not files
+    ids=lambda p: p.relative_to(ROOT).as_posix(),
+)
+def test_every_dotted_settings_or_pool_key_the_docs_name_exists(page: Path) -> None:
+    """`balancer.bind`, `size.free`: a key written anywhere is one the files accept."""
+    keys = _every_key(Settings) | _every_key(PoolFile)
+    sections = {k.split(".")[0] for k in keys if "." in k}
+    wrong = set()
+    for span in re.findall(r"`([^`\n]+)`", _prose(page.read_text())):
+        for key in re.findall(r"(?<![\w./-])[a-z_]+(?:\.[a-z_]+)+(?![\w/(-])", span):
+            if key.split(".")[0] in sections and not re.search(r"\.(py|md|ya?ml)$", key):
+                wrong |= set() if key in keys else {key}
+    assert not wrong, f"{page.relative_to(ROOT)}: no such key: {sorted(wrong)}"
+
+
+SETTINGS_TOP = set(Settings.model_fields) - SETTINGS_NOT_KEYS
+POOL_TOP = {f.alias or n for n, f in PoolFile.model_fields.items()}
+
+
+def _yaml_examples() -> list[tuple[str, str]]:
+    """(page:line, YAML) of every example made only of settings keys or only of pool keys."""
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        for m in re.finditer(r"^```ya?ml\n(.*?)^```", text, re.S | re.M):
+            top = set(yaml.safe_load(m.group(1)))
+            if top <= SETTINGS_TOP or top <= POOL_TOP:
+                where = (
+                    f"{page.relative_to(ROOT).as_posix()}:{text[: m.start()].count(chr(10)) + 2}"
+                )
+                found.append((where, m.group(1)))
+    return found
+
+
+def test_the_docs_show_settings_and_pool_file_examples() -> None:
+    assert len(_yaml_examples()) >= 4
+
+
+@pytest.mark.parametrize(("where", "example"), _yaml_examples(), ids=lambda v: v.split("\n")[0])
+def test_every_settings_or_pool_file_example_in_the_docs_is_accepted(
+    where: str, example: str, tmp_path: Path
+) -> None:
+    """A YAML example made of settings keys is a settings file imagepipe accepts; one made of
+    pool-file keys (with a name and an image added when it shows only a part) is a valid pool."""
+    top = set(yaml.safe_load(example))
+    path = tmp_path / "example.yml"
+    if top <= SETTINGS_TOP:
+        path.write_text(example)
+        load_settings(path)
+    else:
+        needed = {"name": "lab", "image": "tiny"}
+        path.write_text("".join(f"{k}: {v}\n" for k, v in needed.items() if k not in top) + example)
+        load_pool_file(path)
+
+
+def test_the_metrics_the_docs_name_are_the_metrics_the_keeper_serves() -> None:
+    served = set(
+        re.findall(r'"(imagepipe_[a-z_]+)"', (ROOT / "imagepipe/app/metrics.py").read_text())
+    )
+    assert len(served) >= 10
+    named = set()
+    for page in PAGES:
+        for name in re.findall(r"\bimagepipe_[a-z_]+", page.read_text()):
+            named.add(re.sub(r"_(total|bucket|sum|count|created)$", "", name))
+    assert sorted(named - served) == [], "named in the docs, not served"
+    assert sorted(served - named) == [], "served, not in the docs"

@@ -1,4 +1,4 @@
-"""One example per pool rule of the planner (README.md, "Pool lifecycle")."""
+"""One example per pool rule of the planner (docs/pools.md, "Rules")."""
 
 from __future__ import annotations
 

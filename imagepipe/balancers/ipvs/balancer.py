@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh")
 UPPER_THRESHOLD = 1  # -x 1: a desktop with a connection takes no other
 
-# What the kernel must be told for imagepipe's drain rule (see README, "IPVS"):
+# What the kernel must be told for imagepipe's drain rule (see docs/ipvs.md):
 # - expire_nodest_conn=1: once a desktop is removed, its leftover connection entries
 #   (InActConn lingering in FIN_WAIT/TIME_WAIT for up to 2 minutes) are expired at once
 #   instead of black-holing a reconnecting client or keeping the desktop "busy" when it

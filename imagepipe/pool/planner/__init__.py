@@ -2,7 +2,7 @@
 
     plan(spec, observed, record, now) -> list[Action]
 
-Pure: no I/O, no clock, no randomness. README.md ("Pool lifecycle") states the rules in
+Pure: no I/O, no clock, no randomness. docs/pools.md ("Rules") states the rules in
 words; each module here holds one group of them:
 
     clones.py          one clone: quiet, in use, recycle, reset, failed, booting, ...
@@ -79,7 +79,7 @@ __all__ = [
 
 
 def plan(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float) -> list[Action]:
-    """Everything to do now to move the pool towards its spec ("Pool lifecycle", README.md):
+    """Everything to do now to move the pool towards its spec (docs/pools.md, "Rules"):
     advance every clone once, resize the pool, then each clone's actions in order."""
     ctx = _context(spec, observed, record, now)
     d, failed, came_up = _advance_clones(ctx, observed, record)

@@ -1,7 +1,7 @@
 """The rules for one clone: its next record and what to do to it, from what the host shows
 (power, readiness, session, version) and what the store remembers (state, timers, dirty).
 
-Read top to bottom, they are the README's "Pool lifecycle" rules for a single clone:
+Read top to bottom, they are the "Rules" of docs/pools.md for a single clone:
 a quiet clone stays as it is; a clone with a live session is in use (or retiring, or
 disconnected) and marked dirty; otherwise its session just ended, it failed, it is of an
 old version, it crashed, it is recycling, suspended, powered off, ready, or booting.
