@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from imagepipe.yamlsrc import load_file
 
 from imagepipe.app.leadership import Election, LeaseSettings, Role, pass_once
 from imagepipe.config import parse_settings
@@ -25,6 +24,7 @@ from imagepipe.errors import (
 from imagepipe.pool.keeper import Keeper
 from imagepipe.pool.model import PoolSpec
 from imagepipe.stores.sqlite import SQLiteStore
+from imagepipe.yamlsrc import load_file
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
 
