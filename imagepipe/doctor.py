@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from imagepipe.app.bootstrap import Runtime, build_packer, clone_state_dir
+from imagepipe.balancers.group import BalancerGroup
 from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 from imagepipe.balancers.haproxy.checks import check_haproxy
 from imagepipe.balancers.ipvs import checks as ipvs_checks
@@ -180,9 +181,29 @@ def check_balancer(settings: Settings) -> Check:
 def _check_balancer(settings: Settings, balancer: Balancer) -> Check:
     if isinstance(balancer, IPVSBalancer):
         return ipvs_checks.describe(balancer)
+    if isinstance(balancer, BalancerGroup):
+        return check_balancer_pair(balancer, settings.balancer.bind)
     if not isinstance(balancer, HAProxyBalancer):
         return ok("balancer", "no balancer (driver none): users connect to each desktop's port")
     return check_haproxy(balancer, settings.balancer.bind)
+
+
+def check_balancer_pair(group: BalancerGroup, bind: str) -> Check:
+    """balancer.instances: each HAProxy checked; a warning while some answer (the keeper
+    serves through them), a failure when none does."""
+    results = [
+        (name, check_haproxy(instance, bind))
+        for name, instance in group.instances()
+        if isinstance(instance, HAProxyBalancer)
+    ]
+    detail = "; ".join(f"{name}: {check.detail}" for name, check in results)
+    failed = [(name, check) for name, check in results if check.status is Status.FAIL]
+    if not failed:
+        return ok("balancer", detail)
+    fix = f"{failed[0][1].fix} (for instance {failed[0][0]}: its entry under balancer.instances)"
+    if len(failed) < len(results):
+        return warn("balancer", detail, fix)
+    return fail("balancer", detail, fix)
 
 
 # --- files and folders -------------------------------------------------------------------

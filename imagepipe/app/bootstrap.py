@@ -307,6 +307,8 @@ def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balance
         from imagepipe.balancers.null import NullBalancer
 
         return NullBalancer()
+    if cfg.driver == "haproxy" and cfg.instances:
+        return _haproxy_group(settings, manage)
     if cfg.driver == "haproxy":
         from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 
@@ -340,6 +342,38 @@ def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balance
         f"balancer driver {cfg.driver!r} is not available on this host; "
         "set balancer.driver: haproxy (or none) in the settings file"
     )
+
+
+def _haproxy_group(settings: Settings, manage: bool | None) -> Balancer:
+    """balancer.instances: each HAProxy with its own admin socket (and, managed, its own
+    haproxy-NAME.cfg and .pid in run_dir), kept in step by one BalancerGroup. The web
+    entrance's socket goes to the first instance."""
+    from imagepipe.balancers.group import BalancerGroup
+    from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
+
+    cfg = settings.balancer
+    members: list[tuple[str, Balancer]] = []
+    for index, instance in enumerate(cfg.instances):
+        managed = cfg.manage if instance.manage is None else instance.manage
+        members.append(
+            (
+                instance.name,
+                HAProxyBalancer(
+                    bind=instance.bind or cfg.bind,
+                    admin_socket=instance.admin_socket,
+                    config_path=settings.run_dir / f"haproxy-{instance.name}.cfg",
+                    pid_file=settings.run_dir / f"haproxy-{instance.name}.pid",
+                    manage=managed if manage is None else manage and managed,
+                    balance=cfg.balance,
+                    persist=cfg.persist,
+                    persist_expire=cfg.persist_expire,
+                    web_socket=settings.web_balancer_socket
+                    if settings.web and index == 0
+                    else None,
+                ),
+            )
+        )
+    return BalancerGroup(members)
 
 
 def build_registry(settings: Settings) -> Registry:

@@ -20,6 +20,7 @@ from imagepipe.pool.learning import learned
 from imagepipe.pool.model import (
     CloneRecord,
     CloneState,
+    InstanceHealth,
     Observed,
     ObservedClone,
     PoolDown,
@@ -100,6 +101,7 @@ class HostStatus:
     stray_clones: tuple[StrayClone, ...]
     balancer_error: str | None
     leader: LeaderStatus | None = None  # None: no keeper ever took the lease (one keeper)
+    balancer_instances: tuple[InstanceHealth, ...] = ()  # a balancer pair: each instance
 
 
 def collect(runtime: Runtime, specs: Sequence[PoolSpec]) -> HostStatus:
@@ -162,6 +164,7 @@ def build_status(
         pools=tuple(pools),
         stray_clones=strays,
         balancer_error=host.balancer_error,
+        balancer_instances=host.balancer_instances,
     )
 
 

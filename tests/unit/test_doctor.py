@@ -17,7 +17,7 @@ import pytest
 
 from imagepipe import doctor
 from imagepipe.cli.app import main
-from imagepipe.config import BalancerSettings, HypervisorSettings, Settings
+from imagepipe.config import BalancerInstance, BalancerSettings, HypervisorSettings, Settings
 from imagepipe.doctor import Check, Status, run_checks
 from imagepipe.hypervisors.libvirt import checks as libvirt_checks
 from imagepipe.images.packer import Packer
@@ -242,6 +242,40 @@ def test_unmanaged_haproxy_that_answers_is_ok_with_its_version(
 
     assert check.status is Status.OK
     assert check.detail == f"HAProxy 2.6.12-1+deb12u4 answers on {answering_socket} (manage: false)"
+
+
+def test_a_balancer_pair_with_one_silent_instance_warns_and_names_it(
+    tmp_path: Path, answering_socket: Path
+) -> None:
+    cfg = BalancerSettings(
+        manage=False,
+        instances=(
+            BalancerInstance(name="lb1", admin_socket=answering_socket),
+            BalancerInstance(name="lb2", admin_socket=tmp_path / "lb2.sock"),
+        ),
+    )
+
+    check = doctor.check_balancer(settings(tmp_path, balancer=cfg))
+
+    assert check.status is Status.WARN
+    assert check.detail.startswith("lb1: HAProxy 2.6.12-1+deb12u4 answers on ")
+    assert f"lb2: no HAProxy answers on the admin socket {tmp_path / 'lb2.sock'}" in check.detail
+    assert check.fix is not None and "instance lb2" in check.fix
+
+
+def test_a_balancer_pair_with_no_instance_answering_fails(tmp_path: Path) -> None:
+    cfg = BalancerSettings(
+        manage=False,
+        instances=(
+            BalancerInstance(name="lb1", admin_socket=tmp_path / "lb1.sock"),
+            BalancerInstance(name="lb2", admin_socket=tmp_path / "lb2.sock"),
+        ),
+    )
+
+    check = doctor.check_balancer(settings(tmp_path, balancer=cfg))
+
+    assert check.status is Status.FAIL
+    assert "lb1: no HAProxy answers" in check.detail and "lb2: no HAProxy" in check.detail
 
 
 # --- state database ----------------------------------------------------------------------
