@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from imagepipe.app.bootstrap import Runtime, build_packer, clone_state_dir
+from imagepipe.balancers.group import BalancerGroup
 from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 from imagepipe.balancers.haproxy.checks import check_haproxy
 from imagepipe.balancers.ipvs import checks as ipvs_checks
@@ -61,6 +62,7 @@ def run_checks(config: Path | None) -> list[Check]:
             check_state_db(settings),
             check_writable_folder("run-dir", settings.run_dir, "run_dir"),
             check_registry(settings),
+            *([check_registry_remote(settings)] if settings.registry_remote else []),
             check_writable_folder("image-store", settings.image_store, "image_store"),
             check_private_modes(settings),
         ]
@@ -179,9 +181,29 @@ def check_balancer(settings: Settings) -> Check:
 def _check_balancer(settings: Settings, balancer: Balancer) -> Check:
     if isinstance(balancer, IPVSBalancer):
         return ipvs_checks.describe(balancer)
+    if isinstance(balancer, BalancerGroup):
+        return check_balancer_pair(balancer, settings.balancer.bind)
     if not isinstance(balancer, HAProxyBalancer):
         return ok("balancer", "no balancer (driver none): users connect to each desktop's port")
     return check_haproxy(balancer, settings.balancer.bind)
+
+
+def check_balancer_pair(group: BalancerGroup, bind: str) -> Check:
+    """balancer.instances: each HAProxy checked; a warning while some answer (the keeper
+    serves through them), a failure when none does."""
+    results = [
+        (name, check_haproxy(instance, bind))
+        for name, instance in group.instances()
+        if isinstance(instance, HAProxyBalancer)
+    ]
+    detail = "; ".join(f"{name}: {check.detail}" for name, check in results)
+    failed = [(name, check) for name, check in results if check.status is Status.FAIL]
+    if not failed:
+        return ok("balancer", detail)
+    fix = f"{failed[0][1].fix} (for instance {failed[0][0]}: its entry under balancer.instances)"
+    if len(failed) < len(results):
+        return warn("balancer", detail, fix)
+    return fail("balancer", detail, fix)
 
 
 # --- files and folders -------------------------------------------------------------------
@@ -325,6 +347,23 @@ def check_registry(settings: Settings) -> Check:
         )
     listed = ", ".join(images) if images else "no images yet"
     return ok("registry", f"{path} is a git repository: {listed}")
+
+
+def check_registry_remote(settings: Settings) -> Check:
+    """The shared registry's remote answers (git ls-remote; nothing fetched or changed)."""
+    with Runtime(settings) as runtime:
+        registry = runtime.registry
+    try:
+        tip = registry.check_remote()
+    except ImagepipeError as exc:
+        return fail(
+            "registry-remote",
+            str(exc),
+            "check the URL in registry_remote, the network, and git's access (ssh keys in the "
+            "user's ssh configuration, or a git credential helper for https); keepers read "
+            "the last fetched state meanwhile, builds and channel moves fail",
+        )
+    return ok("registry-remote", f"{settings.registry_remote}: {tip}")
 
 
 def check_pool_images(settings: Settings, specs: Sequence[PoolSpec]) -> list[Check]:

@@ -53,6 +53,7 @@ packages=(
   systemd
   passwd
   iproute2
+  keepalived    # examples/keepalived: the balancer pair's VRRP address (and its failover test)
 )
 # ./install.sh --dev: what the tests and the checks run besides the Python tools.
 dev_packages=(

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from imagepipe.config import Settings
     from imagepipe.hypervisors.libvirt.importer import DomainImporter
     from imagepipe.hypervisors.virtualbox.hypervisor import VmSnapshot
+    from imagepipe.images.integrity import CheckedImages
     from imagepipe.images.packer import Packer
     from imagepipe.images.registry import Registry
     from imagepipe.pool.keeper import Keeper, KeeperOptions
@@ -163,8 +164,11 @@ class Runtime:
 
     @property
     def images(self) -> Images:
-        """What the keeper resolves image versions with."""
-        return self.adapters.images or self.registry
+        """What the keeper resolves image versions with: the registry, whose versions resolve
+        only while their files match the recorded checksums (images/integrity.py)."""
+        if self.adapters.images is not None:
+            return self.adapters.images
+        return self._open("images", None, lambda: build_checked_images(self.registry), closes=False)
 
     @property
     def channels(self) -> Channels | None:
@@ -304,6 +308,8 @@ def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balance
         from imagepipe.balancers.null import NullBalancer
 
         return NullBalancer()
+    if cfg.driver == "haproxy" and cfg.instances:
+        return _haproxy_group(settings, manage)
     if cfg.driver == "haproxy":
         from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 
@@ -339,11 +345,54 @@ def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balance
     )
 
 
+def _haproxy_group(settings: Settings, manage: bool | None) -> Balancer:
+    """balancer.instances: each HAProxy with its own admin socket (and, managed, its own
+    haproxy-NAME.cfg and .pid in run_dir), kept in step by one BalancerGroup. The web
+    entrance's socket goes to the first instance."""
+    from imagepipe.balancers.group import BalancerGroup
+    from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
+
+    cfg = settings.balancer
+    members: list[tuple[str, Balancer]] = []
+    for index, instance in enumerate(cfg.instances):
+        managed = cfg.manage if instance.manage is None else instance.manage
+        members.append(
+            (
+                instance.name,
+                HAProxyBalancer(
+                    bind=instance.bind or cfg.bind,
+                    admin_socket=instance.admin_socket,
+                    config_path=settings.run_dir / f"haproxy-{instance.name}.cfg",
+                    pid_file=settings.run_dir / f"haproxy-{instance.name}.pid",
+                    manage=managed if manage is None else manage and managed,
+                    balance=cfg.balance,
+                    persist=cfg.persist,
+                    persist_expire=cfg.persist_expire,
+                    web_socket=settings.web_balancer_socket
+                    if settings.web and index == 0
+                    else None,
+                ),
+            )
+        )
+    return BalancerGroup(members)
+
+
 def build_registry(settings: Settings) -> Registry:
     """The registry the settings name (Registry.check_readable says if it is not one)."""
     from imagepipe.images.registry import Registry
 
-    return Registry(settings.registry, settings.image_store)
+    return Registry(
+        settings.registry,
+        settings.image_store,
+        remote=settings.registry_remote,
+        fetch_every=settings.registry_fetch_every,
+    )
+
+
+def build_checked_images(registry: Registry) -> CheckedImages:
+    from imagepipe.images.integrity import CheckedImages
+
+    return CheckedImages(registry)
 
 
 def build_packer(version_cache: Path | None = None) -> Packer:

@@ -192,6 +192,10 @@ class _SnapshotCollector(Collector):
         families = _families()
         if snapshot is not None:
             families["balancer_up"].add_metric([], 0.0 if snapshot.balancer_error else 1.0)
+            for instance in snapshot.balancer_instances:
+                families["balancer_instance_up"].add_metric(
+                    [instance.name], 1.0 if instance.reachable else 0.0
+                )
             for pool in snapshot.pools:
                 _pool_samples(families, pool, snapshot.generated_at)
             _host_samples(families, snapshot, self.metrics.hosts())
@@ -246,6 +250,12 @@ def _families() -> dict[str, GaugeMetricFamily]:
         ),
         "host_desktops": g(
             "imagepipe_host_desktops", "Desktops on each host by state.", ["host", "state"]
+        ),
+        "balancer_instance_up": g(
+            "imagepipe_balancer_instance_up",
+            "Of several balancer instances kept in step: 1 when this one answered in the last "
+            "pass.",
+            ["instance"],
         ),
     }
 

@@ -116,6 +116,9 @@ def summary(snapshot: HostStatus) -> str:
     line = "; ".join(parts) or "no pools"
     if snapshot.balancer_error:
         line += "; balancer down"
+    down = [i.name for i in snapshot.balancer_instances if not i.reachable]
+    if down and not snapshot.balancer_error:
+        line += f"; balancer {', '.join(down)} unreachable"
     return line
 
 

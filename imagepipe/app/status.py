@@ -21,6 +21,7 @@ from imagepipe.pool.model import (
     CloneRecord,
     CloneState,
     HostState,
+    InstanceHealth,
     Observed,
     ObservedClone,
     PoolDown,
@@ -106,6 +107,7 @@ class HostStatus:
     leader: LeaderStatus | None = None  # None: no keeper ever took the lease (one keeper)
     # several hosts (settings `hosts:`): each one connected or lost, since when; empty: one host
     hosts: tuple[HostState, ...] = ()
+    balancer_instances: tuple[InstanceHealth, ...] = ()  # a balancer pair: each instance
 
 
 def collect(runtime: Runtime, specs: Sequence[PoolSpec]) -> HostStatus:
@@ -172,6 +174,7 @@ def build_status(
         pools=tuple(pools),
         stray_clones=strays,
         balancer_error=host.balancer_error,
+        balancer_instances=host.balancer_instances,
     )
 
 

@@ -169,6 +169,13 @@ def render(snapshot: HostStatus) -> Group:
         )
     if snapshot.balancer_error:
         parts.append(Text(f"balancer: {snapshot.balancer_error}", style="red"))
+    for instance in snapshot.balancer_instances:
+        if instance.reachable:
+            parts.append(Text(f"balancer {instance.name}: up, {instance.backends} backend(s)"))
+        else:
+            parts.append(
+                Text(f"balancer {instance.name}: unreachable: {instance.error}", style="red")
+            )
     if not snapshot.pools:
         parts.append(Text("no pools configured"))
     if snapshot.leader is not None:

@@ -20,6 +20,7 @@ from imagepipe.config.pools import MIN_MEMORY, PoolFile, load_pool_file, load_po
 from imagepipe.config.settings import (
     SETTINGS_NAME,
     SYSTEM_SETTINGS,
+    BalancerInstance,
     BalancerSettings,
     HypervisorSettings,
     KeeperSettings,
@@ -35,6 +36,7 @@ __all__ = [
     "MIN_MEMORY",
     "SETTINGS_NAME",
     "SYSTEM_SETTINGS",
+    "BalancerInstance",
     "BalancerSettings",
     "ConfigIssues",
     "HypervisorSettings",

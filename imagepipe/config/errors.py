@@ -125,7 +125,7 @@ def _valid_keys(model: type[BaseModel], parent: KeyPath) -> list[str]:
             continue
         fields = {(f.alias or name): f for name, f in current.model_fields.items()}
         annotation = fields[part].annotation if part in fields else None
-        if get_origin(annotation) is list:
+        if get_origin(annotation) in (list, tuple):
             annotation = get_args(annotation)[0]
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []

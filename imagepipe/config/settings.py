@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -17,6 +18,7 @@ from imagepipe.config.values import (
     Positive,
     PositiveDuration,
     SizeWithUnit,
+    parse_git_remote,
     parse_host_port,
     parse_ip_address,
     parse_libvirt_uri,
@@ -68,6 +70,26 @@ class HostSettings(Section):
         )
 
 
+INSTANCE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+
+
+def parse_instance_name(value: object) -> str:
+    if isinstance(value, str) and INSTANCE_NAME.fullmatch(value):
+        return value
+    raise ValueError(
+        f"expected a short name of lowercase letters, digits and '-' (such as lb1), got {value!r}"
+    )
+
+
+class BalancerInstance(Section):
+    """One HAProxy of a balancer pair (docs/high-availability.md "Balancer pair")."""
+
+    name: Annotated[str, BeforeValidator(parse_instance_name)]
+    admin_socket: FilePath  # its admin socket on this machine
+    manage: StrictBool | None = None  # None: balancer.manage
+    bind: Annotated[str, BeforeValidator(parse_host_port)] | None = None  # None: balancer.bind
+
+
 class BalancerSettings(Section):
     driver: Literal["haproxy", "ipvs", "none"] = "haproxy"
     bind: Annotated[str, BeforeValidator(parse_host_port)] = "127.0.0.1:5999"
@@ -88,6 +110,9 @@ class BalancerSettings(Section):
     persistence: Annotated[Duration, Field(le=31 * 86400)] = 0.0  # ipvsadm -p; 0 = off
     ipvs_names_file: Annotated[Path | None, BeforeValidator(parse_optional_path)] = None
     ipvs_sysctls: StrictBool = True  # set net.ipv4.vs.expire_nodest_conn / _quiescent_template
+    # haproxy: several instances kept in step (a pair behind a VRRP address); empty: one,
+    # at admin_socket
+    instances: tuple[BalancerInstance, ...] = ()
 
 
 class KeeperSettings(Section):
@@ -129,6 +154,9 @@ class Settings(Section):
     state: Annotated[str | None, BeforeValidator(parse_state_dsn)] = None
     state_password_file: Annotated[Path | None, BeforeValidator(parse_optional_path)] = None
     registry: FilePath = Path("/var/lib/imagepipe/registry")
+    # a git URL the registry is shared through (docs/images.md); None: the registry is local
+    registry_remote: Annotated[str | None, BeforeValidator(parse_git_remote)] = None
+    registry_fetch_every: PositiveDuration = 30.0  # reads fetch the remote at most this often
     image_store: FilePath = Path("/var/lib/imagepipe/images")
     run_dir: FilePath = Path("/run/imagepipe")
     hypervisor: HypervisorSettings = HypervisorSettings()
@@ -218,6 +246,7 @@ def parse_settings(doc: Located, *, base: Path) -> Settings:
                     "the ipvs balancer needs balancer.vip (the virtual address users connect to)",
                 )
             )
+        issues.extend(_instance_issues(balancer, doc))
         issues.extend(_web_issues(settings, doc))
         keeper = settings.keeper
         if keeper.lease_loop + 2 * keeper.lease_retry > keeper.lease:
@@ -249,14 +278,69 @@ def parse_settings(doc: Located, *, base: Path) -> Settings:
         update[name] = _resolve(getattr(settings, name), base)
     if settings.state_password_file is not None:
         update["state_password_file"] = _resolve(settings.state_password_file, base)
+    balancer_update: dict[str, Any] = {}
     if settings.balancer.admin_socket is not None:
-        socket = _resolve(settings.balancer.admin_socket, base)
-        update["balancer"] = settings.balancer.model_copy(update={"admin_socket": socket})
+        balancer_update["admin_socket"] = _resolve(settings.balancer.admin_socket, base)
+    if settings.balancer.instances:
+        balancer_update["instances"] = tuple(
+            i.model_copy(update={"admin_socket": _resolve(i.admin_socket, base)})
+            for i in settings.balancer.instances
+        )
+    if balancer_update:
+        update["balancer"] = settings.balancer.model_copy(update=balancer_update)
     if settings.web is not None and settings.web.tls is not None:
         tls = settings.web.tls
         resolved = TlsSettings(cert=_resolve(tls.cert, base), key=_resolve(tls.key, base))
         update["web"] = settings.web.model_copy(update={"tls": resolved})
     return settings.model_copy(update=update)
+
+
+def _instance_issues(balancer: BalancerSettings, doc: Located) -> list[Issue]:
+    """Instances are HAProxy's; each has its own name and admin socket; the single-instance
+    admin_socket is not given beside them."""
+    if not balancer.instances:
+        return []
+    issues = []
+    where = ("balancer", "instances")
+    if balancer.driver != "haproxy":
+        issues.append(
+            issue_at(
+                doc,
+                where,
+                f"balancer.instances are HAProxy instances; balancer.driver is {balancer.driver}",
+            )
+        )
+    if balancer.admin_socket is not None:
+        issues.append(
+            issue_at(
+                doc,
+                ("balancer", "admin_socket"),
+                "give each instance its admin_socket under balancer.instances, not "
+                "balancer.admin_socket as well",
+            )
+        )
+    names: set[str] = set()
+    sockets: set[Path] = set()
+    for index, instance in enumerate(balancer.instances):
+        if instance.name in names:
+            issues.append(
+                issue_at(
+                    doc,
+                    (*where, index, "name"),
+                    f"instance name {instance.name} is used twice; give each its own",
+                )
+            )
+        if instance.admin_socket in sockets:
+            issues.append(
+                issue_at(
+                    doc,
+                    (*where, index, "admin_socket"),
+                    f"admin socket {instance.admin_socket} is used by two instances",
+                )
+            )
+        names.add(instance.name)
+        sockets.add(instance.admin_socket)
+    return issues
 
 
 def _web_issues(settings: Settings, doc: Located) -> list[Issue]:

@@ -336,6 +336,41 @@ def parse_state_dsn(value: object) -> str | None:
     return value
 
 
+def parse_git_remote(value: object) -> str | None:
+    """`registry_remote:` a git URL (ssh://host/path.git, git@host:path.git, file:///path,
+    https://host/path.git) or an absolute path of a bare repository. Never a password: git
+    over ssh uses the user's ssh configuration, https a git credential helper."""
+    from urllib.parse import urlsplit
+
+    if value is None:
+        return None
+    expected = "expected a git URL such as ssh://git.example/srv/registry.git or a bare path"
+    if not isinstance(value, str) or not value.isascii() or not value or re.search(r"\s", value):
+        raise ValueError(f"{expected}, got {shown(value)}")
+    if value.startswith("-"):
+        raise ValueError(f"{expected}, got {shown(value)} (git would read it as an option)")
+    if "://" in value:
+        try:
+            url = urlsplit(value)
+            password = url.password
+        except ValueError:
+            raise ValueError(f"{expected}, got {shown(value)}") from None
+        if url.scheme not in ("ssh", "git", "http", "https", "file"):
+            raise ValueError(
+                f"{expected}; git transport {url.scheme!r} is not one of ssh, git, "
+                "http, https, file"
+            )
+        if password is not None:
+            raise ValueError(
+                "the URL has a password: use ssh keys (the user's ssh configuration) or a git "
+                "credential helper for https, never a password in the settings"
+            )
+        return value
+    if value.startswith("/") or re.fullmatch(r"[\w.-]+@[\w.-]+:.+", value):
+        return value
+    raise ValueError(f"{expected}, got {shown(value)} (a path must be absolute)")
+
+
 def parse_host_port(value: object) -> str:
     """ "127.0.0.1:5999" or "[::1]:5999": an IP address and a port, ASCII only (HAProxy and
     the kernel read it)."""

@@ -13,14 +13,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import stat
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -50,6 +52,23 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 MAX_REGISTRY_FILE = 1024 * 1024  # a record is ~2 KiB; state.json grows by ~100 B per move
 ACTOR_NAME, ACTOR_EMAIL = "imagepipe", "imagepipe@localhost"
+BRANCH = "main"  # the branch a shared registry lives on, in the remote
+PUSH_ATTEMPTS = 10  # writes beaten by another writer's push are applied again this often
+PUSH_BACKOFF = 0.05  # seconds; a beaten writer waits up to this * 2^attempt (random, ≤ 2 s)
+GIT_TIMEOUT = 60.0  # seconds a fetch or push to the remote may take
+_REMOTE_REF = f"refs/remotes/origin/{BRANCH}"
+# what git says when another push got to the remote first (the tip moved, or its ref was
+# locked by a push under way; --atomic then refuses the whole push)
+_LOST_RACE = (
+    "[rejected]",
+    "fetch first",
+    "non-fast-forward",
+    "cannot lock ref",
+    "failed to update ref",
+    "incorrect old value",
+)
+_REFSPECS = ("+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,11 +103,29 @@ class _Cached:
 class Registry:
     """Reads are cached per file by (inode, size, mtime, ctime): a keeper pass that resolves
     every pool's image stats the files but parses only those another process changed (the
-    registry replaces files atomically, so a change always gives a new inode)."""
+    registry replaces files atomically, so a change always gives a new inode).
 
-    def __init__(self, path: Path, store_dir: Path) -> None:
+    With a `remote` (a git URL), the registry is shared: writes fetch, apply on the remote's
+    tip and push (see _write); reads follow the remote at most every `fetch_every` seconds
+    (see refresh)."""
+
+    def __init__(
+        self,
+        path: Path,
+        store_dir: Path,
+        *,
+        remote: str | None = None,
+        fetch_every: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = path
         self.store_dir = store_dir
+        self.remote = remote
+        self.fetch_every = fetch_every
+        self._clock = clock
+        self._fetched_at: float | None = None
+        self._offline = False  # the last fetch failed (said once in the log)
+        self._writing = False  # inside _write: reads must not move the copy under it
         self._cache: dict[Path, _Cached] = {}
         self._lock: FileLock | None = None  # made by the first write
         self.parsed = 0  # files parsed (not served from the cache), for tests and metrics
@@ -96,6 +133,10 @@ class Registry:
     # ---------------------------------------------------------------- reading
 
     def images(self) -> list[str]:
+        self.refresh()
+        return self._local_images()
+
+    def _local_images(self) -> list[str]:
         root = self.path / "images"
         if not root.is_dir():
             return []
@@ -104,8 +145,10 @@ class Registry:
             p.name for p in root.iterdir() if p.is_dir() and names.image_error(p.name) is None
         )
 
-    def versions(self, image: str) -> list[VersionRecord]:
+    def versions(self, image: str, *, fetch: bool = True) -> list[VersionRecord]:
         """Every version of `image`, oldest first, with its current status."""
+        if fetch:
+            self.refresh()
         folder = self._image_dir(image) / "versions"
         if not folder.is_dir():
             return []
@@ -127,13 +170,17 @@ class Registry:
         return sorted(merged, key=lambda r: r.version)
 
     def channels(self, image: str) -> dict[str, tuple[ChannelMove, ...]]:
+        self.refresh()
         return dict(self._state(image).channels)
 
-    def resolve(self, image: str, ref: str | int | None = None) -> VersionRecord:
-        """A version by number (7, "7", "v7") or channel name; None means `latest`."""
-        versions = {r.version: r for r in self.versions(image)}
+    def resolve(
+        self, image: str, ref: str | int | None = None, *, fetch: bool = True
+    ) -> VersionRecord:
+        """A version by number (7, "7", "v7") or channel name; None means `latest`.
+        `fetch`: follow the remote first (writers have just done so)."""
+        versions = {r.version: r for r in self.versions(image, fetch=fetch)}
         if not versions:
-            known = ", ".join(self.images()) or "none yet"
+            known = ", ".join(self._local_images()) or "none yet"
             raise BadInputError(f"image {image!r} has no registered versions (images: {known})")
         ref = LATEST if ref is None else ref
         number = ref if isinstance(ref, int) else _version_number(ref)
@@ -168,7 +215,10 @@ class Registry:
     # ---------------------------------------------------------------- writing
 
     def register(self, new: NewVersion) -> VersionRecord:
-        """Move the artifacts into the store, write the record, move `latest`, commit, tag."""
+        """Move the artifacts into the store, write the record, move `latest`, commit, tag.
+
+        With a remote, the number is taken from the remote's tip; when another builder pushed
+        first, the number is taken again from the new tip and the artifacts' folder renamed."""
         check_image_name(new.image)
         artifacts = []
         for path in new.files:
@@ -179,8 +229,10 @@ class Registry:
             )
         if len({a.name for a in artifacts}) != len(artifacts):
             raise BadInputError(f"artifact file names of {new.image} are not unique: {new.files}")
-        with self._writing() as repo:
-            number = self._next_number(new.image)
+        stored: list[Path] = []  # the folder holding the artifacts once they are moved
+
+        def apply(repo: git.Repo) -> tuple[VersionRecord, str]:
+            number = self._next_number(new.image, mine=stored[0] if stored else None)
             directory = self.store_dir / new.image / f"v{number}"
             record = VersionRecord(
                 image=new.image,
@@ -202,25 +254,37 @@ class Registry:
                 snapshot=new.snapshot,
                 variables=dict(new.variables),
             )
-            _store_artifacts(new.files, directory)
-            record_path = self._record_path(new.image, number)
-            try:
-                _write_json(record_path, record.model_dump(mode="json"))
-                state = self._state(new.image)
-                self._write_state(new.image, _move(state, LATEST, number, "build"))
-                self._commit(repo, f"{record.label}: register ({new.fingerprint[:12]})")
-                repo.create_tag(f"{new.image}/v{number}", message=_tag_message(record))
-            except BaseException:
-                _remove_tree(directory)
-                record_path.unlink(missing_ok=True)
-                raise
-        log.info("registered", extra=fields(image=new.image, version=number))
+            try:  # the folder is claimed by making it: a builder sharing the store got it first
+                if not stored:
+                    _store_artifacts(new.files, directory)
+                    stored.append(directory)
+                elif stored[0] != directory:
+                    _restore_artifacts(stored[0], directory)
+                    stored[0] = directory
+            except FileExistsError:
+                raise _LostRace from None
+            _write_json(self._record_path(new.image, number), record.model_dump(mode="json"))
+            state = self._state(new.image)
+            self._write_state(new.image, _move(state, LATEST, number, "build"))
+            self._commit(repo, f"{record.label}: register ({new.fingerprint[:12]})")
+            tag = f"{new.image}/v{number}"
+            repo.create_tag(tag, message=_tag_message(record), force=True)
+            return record, tag
+
+        try:
+            record = self._write(apply)
+        except BaseException:
+            if stored:
+                _remove_tree(stored[0])
+            raise
+        log.info("registered", extra=fields(image=new.image, version=record.version))
         return record
 
     def promote(self, image: str, version: int, channel: str) -> VersionRecord:
         _check_channel(channel)
-        with self._writing() as repo:
-            record = self.resolve(image, version)
+
+        def apply(repo: git.Repo) -> tuple[VersionRecord, None]:
+            record = self.resolve(image, version, fetch=False)
             if not record.usable:
                 raise BadInputError(
                     f"{record.label} is {record.status} ({record.status_reason}): "
@@ -228,11 +292,14 @@ class Registry:
                 )
             self._write_state(image, _move(self._state(image), channel, version, "promote"))
             self._commit(repo, f"{image}: {channel} -> v{version}")
-        return record
+            return record, None
+
+        return self._write(apply)
 
     # ---------------------------------------------------------------- rollouts (Channels port)
 
     def channel_version(self, image: str, channel: str) -> int | None:
+        self.refresh()
         return self._state(image).current(channel)
 
     def newest_version(self, image: str) -> int:
@@ -245,18 +312,22 @@ class Registry:
     def move_channel(self, image: str, channel: str, version: int, by: str) -> None:
         """Point `channel` at `version` for a rollout; `by` says who and why (the history)."""
         _check_channel(channel)
-        with self._writing() as repo:
-            record = self.resolve(image, version)
+
+        def apply(repo: git.Repo) -> tuple[None, None]:
+            record = self.resolve(image, version, fetch=False)
             if not record.usable:
                 raise BadInputError(f"{record.label} is {record.status}: roll out another version")
-            if self._state(image).current(channel) == version:
-                return
-            self._write_state(image, _move(self._state(image), channel, version, by))
-            self._commit(repo, f"{image}: {channel} -> v{version} ({by})")
+            if self._state(image).current(channel) != version:
+                self._write_state(image, _move(self._state(image), channel, version, by))
+                self._commit(repo, f"{image}: {channel} -> v{version} ({by})")
+            return None, None
+
+        self._write(apply)
 
     def rollback(self, image: str, channel: str) -> VersionRecord:
         """Point `channel` back at the newest usable version it held before its current one."""
-        with self._writing() as repo:
+
+        def apply(repo: git.Repo) -> tuple[VersionRecord, None]:
             state = self._state(image)
             target = self._previous(image, state, channel)
             if target is None:
@@ -265,16 +336,19 @@ class Registry:
                 )
             self._write_state(image, _move(state, channel, target.version, "rollback"))
             self._commit(repo, f"{image}: {channel} rolled back to v{target.version}")
-        return target
+            return target, None
+
+        return self._write(apply)
 
     def revoke(self, image: str, version: int, reason: str) -> VersionRecord:
         """Mark a version unusable; channels on it roll back to their previous version."""
         if not reason.strip():
             raise BadInputError("a revocation needs a reason (--reason TEXT)")
-        with self._writing() as repo:
-            record = self.resolve(image, version)
+
+        def apply(repo: git.Repo) -> tuple[None, None]:
+            record = self.resolve(image, version, fetch=False)
             if record.status is Status.REVOKED:
-                return record
+                return None, None
             state = self._state(image)
             change = StatusChange(
                 version=version, status=Status.REVOKED, reason=reason, at=now_iso()
@@ -287,20 +361,202 @@ class Registry:
                     state = _move(state, channel, previous.version, "revoke")
             self._write_state(image, state)
             self._commit(repo, f"{record.label}: revoked: {reason}")
-        return self.resolve(image, version)
+            return None, None
+
+        self._write(apply)
+        return self.resolve(image, version, fetch=False)
 
     def prune(self, image: str, version: int, reason: str) -> VersionRecord:
-        """Remove a version's artifacts from the store; the record stays, marked pruned."""
-        with self._writing() as repo:
-            record = self.resolve(image, version)
-            _remove_tree(Path(record.directory))
+        """Remove a version's artifacts from the store; the record stays, marked pruned.
+        The files go once the record says so (and, with a remote, once that is pushed)."""
+
+        def apply(repo: git.Repo) -> tuple[VersionRecord, None]:
+            record = self.resolve(image, version, fetch=False)
             state = self._state(image)
             change = StatusChange(
                 version=version, status=Status.PRUNED, reason=reason, at=now_iso()
             )
             self._write_state(image, state.model_copy(update={"changes": (*state.changes, change)}))
             self._commit(repo, f"{record.label}: pruned: {reason}")
-        return self.resolve(image, version)
+            return record, None
+
+        record = self._write(apply)
+        _remove_tree(Path(record.directory))
+        return self.resolve(image, version, fetch=False)
+
+    # ---------------------------------------------------------------- sharing (a git remote)
+
+    def refresh(self, *, force: bool = False) -> None:
+        """With a remote: fetch it and follow its tip, at most every `fetch_every` seconds
+        (always when `force`). While it cannot be reached, reads keep the last fetched state
+        and the log says so once."""
+        if self.remote is None or self._writing:
+            return
+        now = self._clock()
+        if not force and self._fetched_at is not None and now - self._fetched_at < self.fetch_every:
+            return
+        self._fetched_at = now
+        try:
+            with self._locked():
+                repo = self._open_or_create()
+                self._follow(repo)
+        except OperationFailedError as exc:
+            if not self._offline:
+                self._offline = True
+                log.warning(
+                    "registry remote unreachable: reading the last fetched state",
+                    extra=fields(remote=self.remote, error=str(exc)),
+                )
+            return
+        if self._offline:
+            self._offline = False
+            log.info("registry remote reachable again", extra=fields(remote=self.remote))
+
+    def check_remote(self) -> str:
+        """What the remote's branch points at ("empty" for a new remote); OperationFailedError
+        when it does not answer (doctor). Touches nothing local."""
+        import git
+
+        if self.remote is None:
+            return "no remote"
+        try:
+            out = git.cmd.Git().execute(
+                ["git", "ls-remote", "--heads", "--", self.remote, BRANCH], **self._git_options()
+            )
+        except git.GitCommandError as exc:
+            raise OperationFailedError(
+                f"registry remote {self.remote} unreachable: {_git_reason(exc)}"
+            ) from None
+        tip = str(out).split()[:1]
+        return f"{BRANCH} at {tip[0][:12]}" if tip else "empty (the first write fills it)"
+
+    def _write(self, apply: Callable[[git.Repo], tuple[T, str | None]]) -> T:
+        """Run `apply` (which commits) under the lock; with a remote, on top of the remote's
+        fetched tip, then push; a push someone else's push beat is applied again on the new
+        tip, up to PUSH_ATTEMPTS times. Whatever fails leaves the local copy at the remote's
+        state: nothing is half-written."""
+        with self._locked():
+            self._writing = True
+            try:
+                return self._write_locked(apply)
+            finally:
+                self._writing = False
+
+    def _write_locked(self, apply: Callable[[git.Repo], tuple[T, str | None]]) -> T:
+        repo = self._open_or_create()
+        if self.remote is None:
+            before = _rev(repo, "HEAD")
+            try:
+                for _ in range(PUSH_ATTEMPTS - 1):
+                    try:
+                        return apply(repo)[0]
+                    except _LostRace:
+                        self._discard(repo, before)
+                return apply(repo)[0]
+            except BaseException:
+                self._discard(repo, before)
+                raise
+        for attempt in range(PUSH_ATTEMPTS):
+            if attempt:  # beaten: let the other writer finish before fetching again
+                time.sleep(random.uniform(0, min(2.0, PUSH_BACKOFF * 2**attempt)))
+            self._follow(repo)  # raises while the remote is unreachable: nothing changed
+            try:
+                result, tag = apply(repo)
+                pushed = self._push(repo, tag)
+            except _LostRace:
+                self._discard(repo)
+                continue
+            except BaseException:
+                self._discard(repo)
+                raise
+            if pushed:
+                self._fetched_at = self._clock()
+                return result
+            if tag is not None:
+                repo.git.tag("-d", tag)
+            log.info("registry push lost a race: applying again on the remote's new tip")
+        self._discard(repo)
+        raise OperationFailedError(
+            f"registry remote {self.remote}: {PUSH_ATTEMPTS} pushes in a row were beaten by "
+            "other writers; nothing was registered or changed, try again"
+        )
+
+    def _follow(self, repo: git.Repo) -> None:
+        """Fetch the remote and make the local copy its tip (unpushed local commits are the
+        leftovers of failed writes: dropped). An empty remote gets the local history from the
+        first write."""
+        self._git(repo, "fetch", "--force", "origin", *_REFSPECS)
+        if _rev(repo, _REMOTE_REF) is None:
+            return
+        repo.git.checkout("-q", "-f", "-B", BRANCH, _REMOTE_REF)
+        repo.git.clean("-q", "-f", "-d")
+
+    def _attach(self, repo: git.Repo) -> None:
+        """A registry that was local until now (or shared through another remote) follows
+        `remote`: refused when both hold histories unrelated to each other (neither is lost)."""
+        previous = _origin(repo)
+        _set_origin(repo, self.remote or "")
+        try:
+            self._git(repo, "fetch", "--force", "origin", *_REFSPECS)
+            head, tip = _rev(repo, "HEAD"), _rev(repo, _REMOTE_REF)
+            if head is not None and tip is not None and not _is_ancestor(repo, head, tip):
+                raise BadInputError(
+                    f"registry {self.path} has versions or moves the remote {self.remote} "
+                    "lacks: point `registry:` at a new folder to use the remote's, or push "
+                    "this one to an empty remote"
+                )
+        except BaseException:
+            if previous is None:
+                repo.delete_remote(repo.remotes.origin)
+            else:
+                repo.remotes.origin.set_url(previous)
+            raise
+
+    def _push(self, repo: git.Repo, tag: str | None) -> bool:
+        """True when pushed; False when the remote moved meanwhile (push rejected)."""
+        import git
+
+        refs = [f"HEAD:refs/heads/{BRANCH}"] + ([f"refs/tags/{tag}"] if tag else [])
+        if _rev(repo, _REMOTE_REF) is None:  # the first push: the history and all its tags
+            refs.append("refs/tags/*:refs/tags/*")
+        try:
+            repo.git.push("--atomic", "--porcelain", "origin", *refs, **self._git_options())
+        except git.GitCommandError as exc:
+            output = f"{exc.stdout}\n{exc.stderr}"
+            if any(sign in output for sign in _LOST_RACE):
+                return False
+            raise OperationFailedError(
+                f"registry remote {self.remote}: push failed: {_push_reason(exc)}; nothing changed"
+            ) from None
+        return True
+
+    def _discard(self, repo: git.Repo, local_head: str | None = None) -> None:
+        """Back to the remote's last fetched tip, or to `local_head` without a remote (a
+        failed write leaves nothing behind)."""
+        if self.remote is not None and _rev(repo, _REMOTE_REF) is not None:
+            repo.git.checkout("-q", "-f", "-B", BRANCH, _REMOTE_REF)
+        elif local_head is not None:
+            repo.git.reset("-q", "--hard", local_head)
+        repo.git.clean("-q", "-f", "-d", "--", "images")
+        self._cache.clear()
+
+    def _git(self, repo: git.Repo, *args: str) -> str:
+        """A git command that talks to the remote: bounded in time, never prompting."""
+        import git
+
+        try:
+            return str(repo.git.execute(["git", *args], **self._git_options()))
+        except git.GitCommandError as exc:
+            raise OperationFailedError(
+                f"registry remote {self.remote} unreachable ({args[0]}): {_git_reason(exc)}; "
+                "nothing was changed"
+            ) from None
+
+    def _git_options(self) -> dict[str, Any]:
+        return {
+            "kill_after_timeout": GIT_TIMEOUT,
+            "env": {"GIT_TERMINAL_PROMPT": "0", "GIT_SSH_COMMAND": _ssh_command()},
+        }
 
     # ---------------------------------------------------------------- internals
 
@@ -311,12 +567,17 @@ class Registry:
     def _record_path(self, image: str, version: int) -> Path:
         return self._image_dir(image) / "versions" / f"v{version:04d}.json"
 
-    def _next_number(self, image: str) -> int:
-        numbers = [r.version for r in self.versions(image)]
+    def _next_number(self, image: str, mine: Path | None = None) -> int:
+        """One more than any registered version and any folder in the store (a crashed
+        registration, or a builder sharing the store, may have left one: never reuse it);
+        `mine`: this registration's own folder, which does not count."""
+        numbers = [r.version for r in self.versions(image, fetch=False)]
         store = self.store_dir / image
-        if store.is_dir():  # a crashed registration may have left a folder: never reuse it
+        if store.is_dir():
             numbers += [
-                int(m[1]) for p in store.iterdir() if (m := re.fullmatch(r"v(\d+)", p.name))
+                int(m[1])
+                for p in store.iterdir()
+                if (m := re.fullmatch(r"v(\d+)", p.name)) and p != mine
             ]
         return max(numbers, default=0) + 1
 
@@ -326,7 +587,7 @@ class Registry:
         if not history:
             known = ", ".join(sorted(state.channels)) or "none"
             raise BadInputError(f"{image} has no channel {channel!r} (channels: {known})")
-        versions = {r.version: r for r in self.versions(image)}
+        versions = {r.version: r for r in self.versions(image, fetch=False)}
         unusable = {c.version for c in state.changes}
         current = history[-1].version
         for move in reversed(history):
@@ -374,7 +635,7 @@ class Registry:
         return value
 
     @contextmanager
-    def _writing(self) -> Iterator[git.Repo]:
+    def _locked(self) -> Iterator[None]:
         if self._lock is None:
             from filelock import FileLock
 
@@ -382,13 +643,16 @@ class Registry:
             self._lock = FileLock(lock, mode=FILE_MODE)
         private_dir(self.path.parent)
         with self._lock:
-            yield self._open_or_create()
+            yield
 
     def _open_or_create(self) -> git.Repo:
         import git
 
         if (self.path / ".git").is_dir():
-            return git.Repo(self.path)
+            repo = git.Repo(self.path)
+            if self.remote is not None and _origin(repo) != self.remote:
+                self._attach(repo)
+            return repo
         if self.path.exists() and any(self.path.iterdir()):
             raise BadInputError(
                 f"registry {self.path} is not a git repository and not empty: point "
@@ -399,6 +663,11 @@ class Registry:
         with repo.config_writer() as config:
             config.set_value("user", "name", ACTOR_NAME)
             config.set_value("user", "email", ACTOR_EMAIL)
+        if self.remote is not None:
+            _set_origin(repo, self.remote)
+            self._follow(repo)
+            if _rev(repo, _REMOTE_REF) is not None:
+                return repo  # the remote's history, checked out by _follow
         readme = self.path / "README"
         readme.write_text("imagepipe image registry: see `imagepipe images list`.\n")
         repo.index.add(["README"])
@@ -417,6 +686,65 @@ class Registry:
         """BadInputError when the registry path exists but is not a registry."""
         if self.path.exists() and not (self.path / ".git").is_dir():
             raise BadInputError(f"registry {self.path} is not a git repository")
+
+
+def _origin(repo: git.Repo) -> str | None:
+    return str(repo.remotes.origin.url) if "origin" in [r.name for r in repo.remotes] else None
+
+
+def _set_origin(repo: git.Repo, url: str) -> None:
+    names = [r.name for r in repo.remotes]
+    if "origin" not in names:
+        repo.create_remote("origin", url)
+    elif repo.remotes.origin.url != url:
+        repo.remotes.origin.set_url(url)
+
+
+def _rev(repo: git.Repo, ref: str) -> str | None:
+    return _rev_of(repo, "rev-parse", "--verify", "-q", f"{ref}^{{commit}}")
+
+
+def _rev_of(repo: git.Repo, *args: str) -> str | None:
+    import git
+
+    try:
+        return str(repo.git.execute(["git", *args])).strip() or None
+    except git.GitCommandError:
+        return None
+
+
+def _is_ancestor(repo: git.Repo, commit: str, of: str) -> bool:
+    import git
+
+    try:
+        repo.git.execute(["git", "merge-base", "--is-ancestor", commit, of])
+    except git.GitCommandError:
+        return False
+    return True
+
+
+def _git_reason(exc: Exception) -> str:
+    """git's last message line (a URL with credentials never reaches here: settings refuse
+    them), without the command line GitPython puts first."""
+    stderr = str(getattr(exc, "stderr", "") or "").strip().strip("'").strip()
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(exc).__name__
+
+
+def _push_reason(exc: Exception) -> str:
+    """git push --porcelain's refused refs ("!<tab>ref<tab>[remote rejected] (why)"), else
+    its last message line."""
+    refused = [
+        " ".join(line.split("\t")[1:])
+        for line in str(getattr(exc, "stdout", "") or "").strip("'").splitlines()
+        if line.startswith("!")
+    ]
+    return "; ".join(refused)[:300] if refused else _git_reason(exc)
+
+
+def _ssh_command() -> str:
+    """The user's ssh (and ~/.ssh/config), never prompting; GIT_SSH_COMMAND when set."""
+    return os.environ.get("GIT_SSH_COMMAND") or "ssh -o BatchMode=yes"
 
 
 def _version_number(ref: str) -> int | None:
@@ -496,6 +824,20 @@ def _store_artifacts(files: Sequence[Path], directory: Path) -> None:
         shutil.move(str(path), target)
         os.chmod(target, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
     os.chmod(directory, 0o555)
+
+
+def _restore_artifacts(old: Path, directory: Path) -> None:
+    """Move a registration's artifacts to the folder of the number it got after all."""
+    directory.mkdir(parents=False, exist_ok=False)
+    os.chmod(old, 0o755)
+    for path in old.iterdir():
+        os.rename(path, directory / path.name)
+    old.rmdir()
+    os.chmod(directory, 0o555)
+
+
+class _LostRace(Exception):
+    """Another writer took what this write was about to (a version folder): apply again."""
 
 
 def _remove_tree(directory: Path) -> None:

@@ -192,6 +192,17 @@ class Backend:
 
 
 @dataclass(frozen=True)
+class InstanceHealth:
+    """One balancer instance of several kept in step (a pair behind a VRRP address), as the
+    last call found it."""
+
+    name: str
+    reachable: bool
+    error: str | None = None
+    backends: int | None = None  # how many backends it holds; None when unreachable
+
+
+@dataclass(frozen=True)
 class ObservedClone:
     info: CloneInfo
     session: GuestSession = GuestSession()

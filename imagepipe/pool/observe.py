@@ -21,12 +21,13 @@ from imagepipe.pool.model import (
     Backend,
     CloneInfo,
     GuestSession,
+    InstanceHealth,
     Observed,
     ObservedClone,
     PoolSpec,
     Power,
 )
-from imagepipe.pool.ports import Balancer, Hypervisor, Images, ImageVersion
+from imagepipe.pool.ports import Balancer, BalancerInstances, Hypervisor, Images, ImageVersion
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class HostObservation:
     stray_clones: tuple[CloneInfo, ...] = ()  # clones of pools that are not configured
     stray_backends: tuple[Backend, ...] = ()  # backends of no configured pool and no clone
     balancer_error: str | None = None
+    # a balancer of several instances: each one, reachable or not (else empty)
+    balancer_instances: tuple[InstanceHealth, ...] = ()
     # observe(partial=True), for `status`: what could be read of the unobservable pools
     # (their clones; a clone in `unread_sessions` has an empty session that is not known)
     partial: Mapping[str, Observed] = field(default_factory=dict)
@@ -139,6 +142,9 @@ def observe(
         stray_clones=strays,
         stray_backends=stray_backends,
         balancer_error=balancer_error,
+        balancer_instances=(
+            tuple(balancer.health()) if isinstance(balancer, BalancerInstances) else ()
+        ),
         partial=partly,
         unread_sessions=frozenset(unread),
     )

@@ -31,6 +31,7 @@ from imagepipe.pool.model import (
     Endpoint,
     GuestSession,
     HostState,
+    InstanceHealth,
 )
 
 
@@ -169,6 +170,16 @@ class Balancer(Protocol):
 
     def close(self) -> None:
         """Release sockets; a supervised balancer process keeps running."""
+        ...
+
+
+@runtime_checkable
+class BalancerInstances(Protocol):
+    """A balancer made of several instances kept in step (imagepipe.balancers.group).
+    Optional: observe() reports each instance where the balancer has them."""
+
+    def health(self) -> list[InstanceHealth]:
+        """Each instance as the last call found it: reachable or not, and why."""
         ...
 
 

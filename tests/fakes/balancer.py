@@ -11,8 +11,9 @@ Helpers for tests: `connect(name)` / `disconnect(name)` put a user on or off a b
 `route()` sends a new client through the frontend (least connections, maxconn 1); both
 count in the backend's `sessions_total`, as HAProxy's `stot` does;
 `add_unmanaged(...)` adds a backend behind imagepipe's back, `crash()` loses every backend
-like an HAProxy restart does, `reopen()` is a new adapter on the same balancer (a keeper
-restart), and `calls` records what was asked.
+like an HAProxy restart does, `state.reachable = False` makes every call fail as if its
+machine were cut off (until it is set back), `reopen()` is a new adapter on the same
+balancer (a keeper restart), and `calls` records what was asked.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class FakeBalancerState:
     """What the balancer process holds; shared by every adapter opened on it."""
 
     running: bool = True
+    reachable: bool = True  # False: nothing answers at all (its machine or link is down)
     frontend_ensured: int = 0
     servers: dict[str, _Server] = field(default_factory=dict)
     calls: list[tuple[str, ...]] = field(default_factory=list)
@@ -72,6 +74,7 @@ class FakeBalancer:
 
     def ensure_frontend(self) -> None:
         self._check_open()
+        self._check_reachable()
         self.calls.append(("ensure_frontend",))
         self.state.running = True
         self.state.frontend_ensured += 1
@@ -184,8 +187,13 @@ class FakeBalancer:
         if self.closed:
             raise BalancerError("the balancer was closed")
 
+    def _check_reachable(self) -> None:
+        if not self.state.reachable:
+            raise BalancerError("the balancer does not answer (its machine or link is down)")
+
     def _check_up(self) -> None:
         self._check_open()
+        self._check_reachable()
         if not self.running:
             raise BalancerError("the balancer is not running: call ensure_frontend()")
 

@@ -62,6 +62,7 @@ PYTHON_PROGRAMS = (
     "systemd-analyze", "mkfs.ext2", "useradd", "git", "ip", "mount", "umount", "pgrep", "sh",
     "bash", "shellcheck", "debootstrap", "chroot", "chromium", "chromedriver", "openssl",
     "runuser",
+    "keepalived",
 )  # fmt: skip
 # Files the build of the venv needs that are no program: pip compiles libvirt-python against
 # Python's and libvirt's headers; the guest agent is linked statically; venv bootstraps pip.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from rich.console import Console
 
 from imagepipe.app.bootstrap import Adapters
 from imagepipe.app.status import SCHEMA, HostStatus, PoolStatus
+from imagepipe.balancers.group import BalancerGroup
 from imagepipe.cli.app import main
 from imagepipe.cli.status import render
 from imagepipe.config import load_pool_file
@@ -92,12 +94,14 @@ def test_status_json_describes_every_pool_and_desktop_with_a_stable_schema(
         "pools",
         "stray_clones",
         "balancer_error",
+        "balancer_instances",
         "leader",
         "hosts",
     }
     assert doc["leader"] is None  # one keeper on SQLite: no lease was ever taken
     assert doc["hosts"] == []  # one host: no host list
     assert doc["schema"] == "imagepipe.status/1"
+    assert doc["balancer_instances"] == [], "one balancer: no instances to list"
     (pool,) = doc["pools"]
     assert set(pool) == POOL_KEYS
     assert (pool["name"], pool["image"], pool["version"]) == ("lab", "tiny", 1)
@@ -225,3 +229,27 @@ def test_status_shows_an_old_version_desktop_in_use_as_retiring_during_a_rollout
     assert pool["version"] == 2
     alice = next(c for c in pool["clones"] if c["name"] == "lab-0")
     assert (alice["version"], alice["state"], alice["users"]) == (1, "retiring", ["alice"])
+
+
+def test_status_shows_each_instance_of_a_balancer_pair_and_which_does_not_answer(
+    host: tuple[Path, FakeHypervisor, Adapters], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, _, adapters = host
+    assert adapters.balancer is not None
+    second = FakeBalancer()
+    second.state.reachable = False
+    pair = BalancerGroup([("lb1", adapters.balancer), ("lb2", second)])
+    with_pair = replace(adapters, balancer=pair)
+
+    code = main(["--config", str(settings), "status", "--json"], with_pair)
+
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["balancer_error"] is None, "one instance answering is enough to keep serving"
+    lb1, lb2 = doc["balancer_instances"]
+    assert lb1 == {"name": "lb1", "reachable": True, "error": None, "backends": 3}
+    assert lb2["name"] == "lb2" and lb2["reachable"] is False and "does not answer" in lb2["error"]
+    assert main(["--config", str(settings), "status"], with_pair) == 0
+    table = capsys.readouterr().out
+    assert "balancer lb1: up, 3 backend(s)" in table
+    assert "balancer lb2: unreachable: the balancer does not answer" in table

@@ -504,6 +504,19 @@ def test_the_example_settings_file_loads() -> None:
             "state_password_file: pw\n",
             "s.yml:1: state_password_file: a password file is for a PostgreSQL state",
         ),
+        (
+            "registry_remote: https://builder:s3cret@git.example/registry.git\n",
+            "s.yml:1: registry_remote: the URL has a password: use ssh keys",
+        ),
+        (
+            "registry_remote: shared/registry.git\n",
+            "s.yml:1: registry_remote: expected a git URL such as ssh://",
+        ),
+        (
+            "registry_remote: --upload-pack=touch\n",
+            "s.yml:1: registry_remote: expected a git URL such as ssh://",
+        ),
+        ("registry_fetch_every: 0s\n", "s.yml:1: registry_fetch_every: must be more than 0"),
         ("source: x\n", "s.yml:1: source: unknown key"),
         ("pool_dir: x\n", "s.yml:1: pool_dir: unknown key; did you mean 'pools_dir'?"),
         ("[1, 2]\n", "s.yml:1: expected a mapping of keys, got a list"),
@@ -530,6 +543,26 @@ def test_a_postgresql_state_and_its_password_file_are_read_from_the_settings(
     settings = load_settings(tmp_path / "s.yml")
     assert settings.state == "postgresql://ip@db.example:5433/ip?sslmode=verify-full"
     assert settings.state_password_file == tmp_path / "secret" / "pw"
+
+
+@pytest.mark.parametrize(
+    "remote",
+    [
+        "ssh://git@git.example/srv/registry.git",
+        "git@git.example:srv/registry.git",
+        "file:///srv/registry.git",
+        "/srv/registry.git",
+        "https://git.example/registry.git",
+    ],
+)
+def test_a_shared_registry_remote_is_read_from_the_settings(tmp_path: Path, remote: str) -> None:
+    write(
+        tmp_path, "s.yml", f"registry: reg\nregistry_remote: {remote}\nregistry_fetch_every: 2m\n"
+    )
+    settings = load_settings(tmp_path / "s.yml")
+    assert settings.registry == tmp_path / "reg"
+    assert settings.registry_remote == remote
+    assert settings.registry_fetch_every == 120.0
 
 
 def test_settings_are_found_in_the_documented_order(tmp_path: Path) -> None:

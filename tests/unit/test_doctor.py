@@ -7,6 +7,7 @@ import json
 import re
 import socket
 import sqlite3
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from imagepipe import doctor
 from imagepipe.cli.app import main
-from imagepipe.config import BalancerSettings, HypervisorSettings, Settings
+from imagepipe.config import BalancerInstance, BalancerSettings, HypervisorSettings, Settings
 from imagepipe.doctor import Check, Status, run_checks
 from imagepipe.hypervisors.libvirt import checks as libvirt_checks
 from imagepipe.images.packer import Packer
@@ -243,6 +244,40 @@ def test_unmanaged_haproxy_that_answers_is_ok_with_its_version(
     assert check.detail == f"HAProxy 2.6.12-1+deb12u4 answers on {answering_socket} (manage: false)"
 
 
+def test_a_balancer_pair_with_one_silent_instance_warns_and_names_it(
+    tmp_path: Path, answering_socket: Path
+) -> None:
+    cfg = BalancerSettings(
+        manage=False,
+        instances=(
+            BalancerInstance(name="lb1", admin_socket=answering_socket),
+            BalancerInstance(name="lb2", admin_socket=tmp_path / "lb2.sock"),
+        ),
+    )
+
+    check = doctor.check_balancer(settings(tmp_path, balancer=cfg))
+
+    assert check.status is Status.WARN
+    assert check.detail.startswith("lb1: HAProxy 2.6.12-1+deb12u4 answers on ")
+    assert f"lb2: no HAProxy answers on the admin socket {tmp_path / 'lb2.sock'}" in check.detail
+    assert check.fix is not None and "instance lb2" in check.fix
+
+
+def test_a_balancer_pair_with_no_instance_answering_fails(tmp_path: Path) -> None:
+    cfg = BalancerSettings(
+        manage=False,
+        instances=(
+            BalancerInstance(name="lb1", admin_socket=tmp_path / "lb1.sock"),
+            BalancerInstance(name="lb2", admin_socket=tmp_path / "lb2.sock"),
+        ),
+    )
+
+    check = doctor.check_balancer(settings(tmp_path, balancer=cfg))
+
+    assert check.status is Status.FAIL
+    assert "lb1: no HAProxy answers" in check.detail and "lb2: no HAProxy" in check.detail
+
+
 # --- state database ----------------------------------------------------------------------
 
 
@@ -340,6 +375,19 @@ def test_registry_folder_that_is_not_git_fails(tmp_path: Path) -> None:
     check = doctor.check_registry(settings(tmp_path))
 
     assert check.status is Status.FAIL and "is not a git repository" in check.detail
+
+
+def test_doctor_says_whether_the_shared_registry_remote_answers(tmp_path: Path) -> None:
+    remote = tmp_path / "shared.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(remote)], check=True)
+    check = doctor.check_registry_remote(settings(tmp_path, registry_remote=str(remote)))
+    assert check.status is Status.OK and "empty" in check.detail
+    missing = doctor.check_registry_remote(
+        settings(tmp_path, registry_remote=str(tmp_path / "gone.git"))
+    )
+    assert missing.status is Status.FAIL and "unreachable" in missing.detail
+    assert "credential helper" in (missing.fix or "")
+    assert not (tmp_path / "registry").exists()  # doctor changes nothing
 
 
 def test_pool_image_resolves_once_built_and_warns_to_build_it_before(tmp_path: Path) -> None:

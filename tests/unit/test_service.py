@@ -10,7 +10,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ from imagepipe.app.service import KeeperService
 from imagepipe.app.status import CloneStatus, HostStatus, PoolStatus
 from imagepipe.cli.app import main
 from imagepipe.pool.keeper import Keeper, PassReport
-from imagepipe.pool.model import CloneState
+from imagepipe.pool.model import CloneState, InstanceHealth
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
 from tests.host import free_port
@@ -357,3 +357,19 @@ def test_a_pool_whose_file_was_removed_can_still_be_taken_down(host: Host) -> No
 
     assert code == 0
     assert host.hv.clones == {} and host.lb.list_backends() == []
+
+
+def test_each_instance_of_a_balancer_pair_has_its_up_gauge() -> None:
+    metrics = KeeperMetrics()
+    snapshot = replace(
+        _snapshot(100.0, {"lab-0": "free"}),
+        balancer_instances=(
+            InstanceHealth("lb1", reachable=True, backends=1),
+            InstanceHealth("lb2", reachable=False, error="does not answer"),
+        ),
+    )
+    metrics.record_pass(PassReport(at=100.0), snapshot, 0.1, 100.0)
+    up = metrics.registry.get_sample_value
+    assert up("imagepipe_balancer_instance_up", {"instance": "lb1"}) == 1.0
+    assert up("imagepipe_balancer_instance_up", {"instance": "lb2"}) == 0.0
+    assert up("imagepipe_balancer_up") == 1.0, "one instance answering keeps the balancer up"
