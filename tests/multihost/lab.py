@@ -255,9 +255,7 @@ class NamespacedHost:
 
     def start_daemon(self) -> None:
         """Start libvirtd in the namespaces (again, after kill_daemon) and wait for it."""
-        binds = " && ".join(
-            f"mount --bind {self.root / folder} /{folder}" for folder in MOUNTED
-        )
+        binds = " && ".join(f"mount --bind {self.root / folder} /{folder}" for folder in MOUNTED)
         pidfile = self.root / "libvirtd.pid"
         log = self.root / "daemon.log"
         script = (

@@ -123,6 +123,9 @@ def _ignore_libvirt_error(_opaque: Any, error: Any) -> None:
 class LibvirtHypervisor:
     """imagepipe.pool.ports.Hypervisor on libvirt + QEMU (domain type qemu: TCG)."""
 
+    # libvirt keep-alive (interval s, missed answers): a dead libvirtd is noticed after ~20 s
+    KEEPALIVE = (5, 3)
+
     def __init__(
         self,
         uri: str = "qemu:///system",
@@ -160,7 +163,7 @@ class LibvirtHypervisor:
         conn = lv.open(self.uri)
         try:
             with contextlib.suppress(lv.libvirtError):
-                conn.setKeepAlive(5, 3)
+                conn.setKeepAlive(*self.KEEPALIVE)
             self._deregister = self._hub.register(lv, self._libvirt_qemu, conn)
             conn.registerCloseCallback(self._on_close, None)
         except lv.libvirtError:
