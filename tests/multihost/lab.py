@@ -45,6 +45,15 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, check=check, timeout=30)
 
 
+def _guard_route(add: bool) -> None:
+    """`unreachable 10.251.0.0/16` in the root namespace: a lab address whose veth is gone or
+    down is refused here, never sent along the default route off this machine."""
+    if add:
+        _run("ip", "route", "replace", "unreachable", f"{SUBNET}.0.0/16")
+    else:
+        _run("ip", "route", "delete", "unreachable", f"{SUBNET}.0.0/16", check=False)
+
+
 def cleanup_stale() -> None:
     """Remove what an earlier lab left behind: its namespaces (and every process in them),
     its root-side veths."""
@@ -292,11 +301,13 @@ class NamespacedHost:
             self._supervisor.wait(timeout=10)
 
     def cut(self) -> None:
-        """The host's link goes down: nothing reaches it; its guests keep running."""
-        _run("ip", "link", "set", self.veth, "down")
+        """The host's side of the link goes down (its cable is pulled): nothing reaches it,
+        its guests keep running. The root side stays up, so its route stays and packets to
+        the host are dropped there (and the lab's unreachable route catches the rest)."""
+        _run("ip", "netns", "exec", self.netns, "ip", "link", "set", "eth0", "down")
 
     def mend(self) -> None:
-        _run("ip", "link", "set", self.veth, "up")
+        _run("ip", "netns", "exec", self.netns, "ip", "link", "set", "eth0", "up")
 
     def destroy(self) -> None:
         _kill_namespace(self.netns)
@@ -316,6 +327,7 @@ class HostLab:
 
     def __enter__(self) -> HostLab:
         cleanup_stale()
+        _guard_route(True)
         try:
             for host in self.hosts:
                 host.create()
@@ -332,3 +344,4 @@ class HostLab:
     def close(self) -> None:
         for host in self.hosts:
             host.destroy()
+        _guard_route(False)

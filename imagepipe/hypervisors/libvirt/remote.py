@@ -25,6 +25,7 @@ from imagepipe.errors import (
     BaseMissingError,
     DisplayInUseError,
     FatalHypervisorError,
+    HypervisorUnavailableError,
     InvalidStateError,
     NotOurCloneError,
 )
@@ -82,7 +83,13 @@ class RemoteLibvirtHost(LibvirtHypervisor):
         return None
 
     def _reconnect(self) -> Any:
-        conn = super()._reconnect()
+        try:
+            conn = super()._reconnect()
+        except HypervisorUnavailableError as exc:
+            raise HypervisorUnavailableError(
+                f"host {self.host.name} ({self.uri}) does not answer: {exc.__cause__}; its "
+                "desktops are kept as they are and it is asked again every pass"
+            ) from exc.__cause__
         self._pool = None
         return conn
 
