@@ -53,6 +53,7 @@ packages=(
   systemd
   passwd
   iproute2
+  util-linux    # unshare: each test libvirt host of tests/multihost has its own mounts
 )
 # ./install.sh --dev: what the tests and the checks run besides the Python tools.
 dev_packages=(
