@@ -70,6 +70,8 @@ def quiet(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> bool:
     info, session, state, backend = oc.info, oc.session, rec.state, oc.backend
     if rec.slot != info.slot or rec.version != info.version or ctx.old(info):
         return False
+    if ctx.draining_hosts and ctx.draining(info):
+        return False
     serving = backend is not None and backend.state is BackendState.READY
     if state is IN_USE:
         users = session.users
