@@ -213,7 +213,9 @@ class RemoteLibvirtHost(LibvirtHypervisor):
         try:
             dom.create()
         except lv.libvirtError as exc:
-            if "Address already in use" in (exc.get_error_message() or ""):
+            message = exc.get_error_message() or ""
+            # QEMU cannot listen, or libvirt has the port reserved for a running domain
+            if "Address already in use" in message or "Failed to reserve port" in message:
                 raise DisplayInUseError(
                     f"clone {name}: display port {display} on host {self.host.name} is "
                     "already in use by another program; stop it or give the pool a free "
@@ -229,7 +231,7 @@ class RemoteLibvirtHost(LibvirtHypervisor):
             if only_if_missing and clone_volume_exists(lv, pool, name):
                 return
             try:
-                pool.storageVolLookupByPath(str(meta.base_disk))
+                self._connection().storageVolLookupByPath(str(meta.base_disk))
             except lv.libvirtError as exc:
                 raise BaseMissingError(
                     f"clone {name}: the base disk of {meta.image} v{meta.version} is gone "
