@@ -125,6 +125,7 @@ class LibvirtHypervisor:
 
     # libvirt keep-alive (interval s, missed answers): a dead libvirtd is noticed after ~20 s
     KEEPALIVE = (5, 3)
+    host_name = ""  # CloneInfo.host of its clones ("": the only host)
 
     def __init__(
         self,
@@ -224,11 +225,7 @@ class LibvirtHypervisor:
         try:
             conn = self._open()
         except lv.libvirtError as exc:
-            raise HypervisorUnavailableError(
-                f"libvirt at {self.uri} does not answer ({exc.get_error_message()}); desktops "
-                "keep running and the keeper reconnects every pass: start libvirtd "
-                "(scripts/libvirtd.sh start, or systemctl start libvirtd)"
-            ) from exc
+            raise HypervisorUnavailableError(self._unanswered(exc.get_error_message())) from exc
         self._conn = conn
         with self._lost_lock:
             lost_at, self._lost_at = self._lost_at, None
@@ -241,6 +238,13 @@ class LibvirtHypervisor:
             ),
         )
         return conn
+
+    def _unanswered(self, why: str) -> str:
+        return (
+            f"libvirt at {self.uri} does not answer ({why}); desktops keep running and the "
+            "keeper reconnects every pass: start libvirtd (scripts/libvirtd.sh start, or "
+            "systemctl start libvirtd)"
+        )
 
     def _drop(self, conn: Any) -> None:
         """Let go of a connection: its callbacks are unregistered, it is closed (errors of a
@@ -336,6 +340,7 @@ class LibvirtHypervisor:
             display=facts.display,
             ready=ready,
             started_by=started_by,
+            host=self.host_name,
         )
 
     def _prepare_agent(self, name: str, dom: Any) -> None:

@@ -25,14 +25,12 @@ from imagepipe.errors import (
     BaseMissingError,
     DisplayInUseError,
     FatalHypervisorError,
-    HypervisorUnavailableError,
     InvalidStateError,
     NotOurCloneError,
 )
 from imagepipe.hypervisors.common import check_name
 from imagepipe.hypervisors.libvirt.domain_xml import (
     CloneMetadata,
-    DomainFacts,
     DomainPlan,
     domain_xml,
 )
@@ -72,7 +70,8 @@ class RemoteLibvirtHost(LibvirtHypervisor):
         self, host: HostSpec, *, state_dir: Path, clock: Callable[[], float] = time.time
     ) -> None:
         self.host = host
-        self._pool: Any = None
+        self.host_name = host.name
+        self._pool: tuple[Any, Any] | None = None  # (connection, its storage pool)
         super().__init__(host.uri, state_dir=state_dir, clock=clock)
 
     # -- connection: not at construction (a dead host must not hold up the others) ------
@@ -82,16 +81,11 @@ class RemoteLibvirtHost(LibvirtHypervisor):
             self._lost_at = time.monotonic()
         return None
 
-    def _reconnect(self) -> Any:
-        try:
-            conn = super()._reconnect()
-        except HypervisorUnavailableError as exc:
-            raise HypervisorUnavailableError(
-                f"host {self.host.name} ({self.uri}) does not answer: {exc.__cause__}; its "
-                "desktops are kept as they are and it is asked again every pass"
-            ) from exc.__cause__
-        self._pool = None
-        return conn
+    def _unanswered(self, why: str) -> str:
+        return (
+            f"host {self.host.name} ({self.uri}) does not answer ({why}); its desktops are "
+            "kept as they are and it is asked again every pass"
+        )
 
     @property
     def connected(self) -> bool:
@@ -99,9 +93,9 @@ class RemoteLibvirtHost(LibvirtHypervisor):
 
     def _storage(self) -> Any:
         conn = self._connection()
-        if self._pool is None:
-            self._pool = storage_pool(self._libvirt, conn, f"host {self.host.name}")
-        return self._pool
+        if self._pool is None or self._pool[0] is not conn:  # none yet, or reconnected
+            self._pool = (conn, storage_pool(self._libvirt, conn, f"host {self.host.name}"))
+        return self._pool[1]
 
     # -- versions ------------------------------------------------------------------------
 
@@ -136,11 +130,6 @@ class RemoteLibvirtHost(LibvirtHypervisor):
 
     def agent_path(self, name: str) -> Path:
         return Path(SOCKET_DIR) / f"imagepipe-{check_name(name)}.agent"
-
-    def _info(
-        self, name: str, meta: CloneMetadata, state: int, facts: DomainFacts, dom: Any
-    ) -> CloneInfo:
-        return replace(super()._info(name, meta, state, facts, dom), host=self.host.name)
 
     def has_domain(self, name: str) -> bool:
         return self._existing(name) is not None
