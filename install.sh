@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up imagepipe on this host: system packages and daemons (scripts/setup-host.sh), then a
-# virtual environment in .venv with imagepipe and its libvirt and VirtualBox extras.
+# virtual environment in .venv with imagepipe and its extras (libvirt, VirtualBox, web, PostgreSQL).
 #   ./install.sh              runtime
 #   ./install.sh --dev        plus the test and lint tools
 #   ./install.sh --service    plus the keeper as a systemd service: system user `imagepipe`
@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-extras="libvirt,virtualbox,web"
+extras="libvirt,virtualbox,web,postgresql"
 service=no
 root=""
 while [ $# -gt 0 ]; do

@@ -34,8 +34,8 @@ from imagepipe.images.packer import Packer
 from imagepipe.images.registry import Registry
 from imagepipe.log import fields
 from imagepipe.pool.model import PoolSpec
-from imagepipe.pool.store import SCHEMA_VERSION, read_schema_version
 from imagepipe.private import DIR_MODE, FILE_MODE
+from imagepipe.stores.sqlite import SCHEMA_VERSION, read_schema_version
 
 __all__ = ["Check", "Status", "fail", "failed", "ok", "run_checks", "warn"]
 
@@ -183,6 +183,8 @@ def check_balancer(settings: Settings) -> Check:
 
 
 def check_state_db(settings: Settings) -> Check:
+    if settings.state is not None:
+        return check_shared_state(settings)
     path = settings.state_db
     problem = _not_writable(path.parent)
     if problem is not None:
@@ -214,6 +216,42 @@ def check_state_db(settings: Settings) -> Check:
     )
 
 
+def check_shared_state(settings: Settings) -> Check:
+    """The PostgreSQL state (settings key state): reachable with the password, and of a
+    schema this imagepipe reads. Only reads."""
+    from imagepipe.app.bootstrap import state_password
+    from imagepipe.stores import postgres
+
+    url = settings.state
+    assert url is not None
+    try:
+        version = postgres.read_schema_version(url, password=state_password(settings))
+    except ImagepipeError as exc:
+        return fail(
+            "state-db",
+            str(exc),
+            "check the state: URL, the password (state_password_file, PGPASSWORD or "
+            "~/.pgpass) and that the database server answers",
+        )
+    current = postgres.SCHEMA_VERSION
+    if version == current:
+        return ok("state-db", f"{url}: schema version {version} (current)")
+    if version == 0:
+        return ok("state-db", f"{url}: reachable, no state yet: `imagepipe keep` creates it")
+    if version < current:
+        return warn(
+            "state-db",
+            f"{url}: schema version {version}, older than this imagepipe's {current}",
+            "nothing to do: `imagepipe keep` migrates it when it starts",
+        )
+    return fail(
+        "state-db",
+        f"{url}: schema version {version} was written by a newer imagepipe (this one knows up "
+        f"to {current})",
+        "upgrade imagepipe, or point state at another database",
+    )
+
+
 def check_writable_folder(check: str, folder: Path, key: str) -> Check:
     problem = _not_writable(folder)
     if problem is not None:
@@ -242,6 +280,8 @@ def check_private_modes(settings: Settings) -> Check:
     db = settings.state_db
     registry_lock = settings.registry.parent / f".{settings.registry.name}.lock"
     files = [db, db.with_name(f"{db.name}-wal"), db.with_name(f"{db.name}-shm"), registry_lock]
+    if settings.state_password_file is not None:
+        files.append(settings.state_password_file)
     folders = [db.parent, settings.run_dir, settings.registry]
     loose = [(p, FILE_MODE) for p in files if _looser(p)]
     loose += [(p, DIR_MODE) for p in folders if _looser(p)]

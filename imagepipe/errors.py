@@ -130,3 +130,29 @@ class BackendNotFoundError(BalancerError):
 
 class BackendInUseError(BalancerError):
     """The backend still has connections, so it is not removed; drain it and retry later."""
+
+
+# --- the state store ---------------------------------------------------------------------
+
+
+class FencedError(ImagepipeError):
+    """A write carried a fencing token (the leader epoch) that is no longer the store's:
+    another keeper was elected meanwhile. Nothing of the write was committed; the keeper
+    that gets this is no longer the leader and must stop acting."""
+
+    exit_code = EXIT_FAILED
+
+    def __init__(self, epoch: int, current: int | None, holder: str | None) -> None:
+        now = "no leader" if current is None else f"epoch {current}, held by {holder}"
+        super().__init__(
+            f"write refused: this keeper's leader epoch {epoch} is no longer current ({now}); "
+            "nothing was written"
+        )
+        self.epoch = epoch
+        self.current = current
+        self.holder = holder
+
+
+class StoreUnavailableError(OperationFailedError):
+    """The state store cannot be reached (the database server is down or unreachable).
+    Nothing was written; the same call may work once it answers again."""

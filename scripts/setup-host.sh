@@ -61,6 +61,7 @@ dev_packages=(
   debootstrap   # tests/integration/test_fresh_host.py: a minimal Debian 12 root
   chromium          # tests/e2e/test_web_e2e.py: a real browser on the web entrance
   chromium-driver   # selenium drives it
+  postgresql        # tests/postgres.py: a real server for the PostgreSQL state store's tests
 )
 if [ "$dev" = yes ]; then
   packages+=("${dev_packages[@]}")

@@ -15,6 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.postgres import PostgresServer
+from tests.postgres import missing as postgres_missing
+
 REQUIRE_REAL = os.environ.get("IMAGEPIPE_REQUIRE_REAL") == "1"
 
 
@@ -82,3 +85,20 @@ def _restore_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole session (tests/postgres.py)."""
+    why = postgres_missing()
+    require(why is None, why or "")
+    server = PostgresServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> str:
+    """A fresh, empty place for a store on the session's server; its DSN (no password in
+    it: the password is postgres_server.password)."""
+    return postgres_server.fresh_dsn()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from imagepipe.balancers.null import NullBalancer
 from imagepipe.config import Settings
-from imagepipe.errors import BadInputError, EnvironmentMissingError, ImagepipeError
+from imagepipe.errors import BadInputError, ConfigError, EnvironmentMissingError, ImagepipeError
 from imagepipe.images.registry import Registry
 from imagepipe.log import fields
 from imagepipe.pool.executor import ExecutorSettings
@@ -34,6 +34,7 @@ from imagepipe.private import private_dir
 if TYPE_CHECKING:
     from imagepipe.hypervisors.libvirt.importer import DomainImporter
     from imagepipe.hypervisors.virtualbox.hypervisor import VmSnapshot
+    from imagepipe.stores.copy import CopyReport
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class Runtime:
             settings=keeper_options(self.settings),
             other_pools=other_pools,
             channels=self.images if isinstance(self.images, Channels) else None,
+            hosts=self.settings.host_specs(),
         )
 
     def close(self) -> None:
@@ -252,15 +254,71 @@ def bootstrap(
 
 
 def open_store(settings: Settings) -> Store:
+    """The state store the settings name, for reading and writing (made when missing):
+    PostgreSQL when `state:` is set, else SQLite in state_db."""
     try:
-        private_dir(settings.state_db.parent)
+        if settings.state is None:
+            private_dir(settings.state_db.parent)
         private_dir(settings.run_dir)
     except OSError as exc:
         raise EnvironmentMissingError(
             f"cannot create {settings.state_db.parent} or {settings.run_dir}: {exc.strerror}; "
             "run as root or set state_db and run_dir in the settings file"
         ) from exc
-    return Store(settings.state_db)
+    if settings.state is not None:
+        from imagepipe.stores.postgres import PostgresStore
+
+        return PostgresStore(settings.state, password=state_password(settings))
+    from imagepipe.stores.sqlite import SQLiteStore
+
+    return SQLiteStore(settings.state_db)
+
+
+def open_store_readonly(settings: Settings) -> Store:
+    """The state store for reading only (`status`, `images prune`): never blocks the keeper;
+    a state the keeper has not made yet reads as empty."""
+    if settings.state is not None:
+        from imagepipe.stores.postgres import PostgresStore
+
+        return PostgresStore.open_readonly(settings.state, password=state_password(settings))
+    from imagepipe.stores.sqlite import SQLiteStore
+
+    return SQLiteStore.open_readonly(settings.state_db)
+
+
+def copy_state(settings: Settings, target: str, *, password: str | None, now: float) -> CopyReport:
+    """`imagepipe store copy`: the SQLite state of the settings into PostgreSQL, verified."""
+    from imagepipe.stores.copy import copy_state as copy_between
+
+    return copy_between(settings.state_db, target, password=password, now=now)
+
+
+def state_password(settings: Settings) -> str | None:
+    """The PostgreSQL password from state_password_file; None leaves it to libpq
+    (PGPASSWORD, ~/.pgpass or PGPASSFILE)."""
+    path = settings.state_password_file
+    if path is None:
+        return None
+    return read_password_file(path, file=settings.source, key="state_password_file")
+
+
+def read_password_file(path: Path, *, file: str | None, key: str) -> str:
+    """A password file's first line. ConfigError naming `file` and `key` (where the path
+    was given) when it cannot be read or is empty; the message never holds the password."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise ConfigError(
+            f"cannot read the password file {path}: {reason}", file=file, key=key
+        ) from None
+    if not lines or not lines[0].strip():
+        raise ConfigError(
+            f"the password file {path} is empty; its first line is the password",
+            file=file,
+            key=key,
+        )
+    return lines[0].strip()
 
 
 def stop_managed_balancer(balancer: Balancer) -> bool:

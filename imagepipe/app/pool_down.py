@@ -12,13 +12,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from imagepipe.app.bootstrap import open_store
+from imagepipe.app.bootstrap import open_store, open_store_readonly
 from imagepipe.app.status import PoolStatus
 from imagepipe.config import Settings
 from imagepipe.errors import OperationFailedError
 from imagepipe.pool.keeper import Keeper
 from imagepipe.pool.model import PoolDown
-from imagepipe.pool.store import Store
 
 
 @dataclass(frozen=True)
@@ -53,9 +52,7 @@ def mark_down(settings: Settings, pool: str, *, now: bool, at: float) -> None:
 
 def known_pools(settings: Settings) -> list[str]:
     """Pools the state store has records of (configured now or not)."""
-    if not settings.state_db.exists():
-        return []
-    store = Store.open_readonly(settings.state_db)
+    store = open_store_readonly(settings)
     try:
         return store.pools()
     finally:

@@ -15,7 +15,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
-from imagepipe.app.bootstrap import Adapters, build_balancer, build_hypervisor, build_images
+from imagepipe.app.bootstrap import (
+    Adapters,
+    build_balancer,
+    build_hypervisor,
+    build_images,
+    open_store_readonly,
+)
 from imagepipe.config import Settings
 from imagepipe.pool.learning import learned
 from imagepipe.pool.model import (
@@ -116,9 +122,7 @@ def collect(
 def _records(
     settings: Settings, specs: Sequence[PoolSpec], now: float
 ) -> tuple[dict[str, PoolRecord], dict[str, PoolDown]]:
-    if not settings.state_db.exists():
-        return {}, {}
-    store = Store.open_readonly(settings.state_db)
+    store = open_store_readonly(settings)
     try:
         return load_records(store, specs, now)
     finally:

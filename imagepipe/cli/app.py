@@ -69,10 +69,14 @@ def _register() -> None:
         return
     _registered.append(True)
     from imagepipe.cli import build, demo, doctor, images, keep, pools, rollout, simulate, status
+    from imagepipe.cli import hosts as hosts_cli
+    from imagepipe.cli import store as store_cli
     from imagepipe.cli import web as web_cli
 
     app.add_typer(pools.app, name="pools")
     app.add_typer(images.app, name="images")
+    app.add_typer(store_cli.app, name="store")
+    app.add_typer(hosts_cli.app, name="hosts")
     app.command(name="build")(build.build)
     app.command(name="simulate")(simulate.simulate)
     app.command(name="keep")(keep.keep)

@@ -200,7 +200,13 @@ def prune(
     if image is not None:
         _known(registry, image)
     pools = load_pools([settings.pools_dir]) if settings.pools_dir.exists() else []
-    records = load_pool_records(settings.state_db, pools)
+    from imagepipe.app.bootstrap import open_store_readonly
+
+    store = open_store_readonly(settings)
+    try:
+        records = load_pool_records(store, pools)
+    finally:
+        store.close()
     docs = []
     for name in [image] if image is not None else registry.images():
         used = versions_in_use(registry, name, pools, records)

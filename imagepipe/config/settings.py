@@ -23,6 +23,7 @@ from imagepipe.config.values import (
     parse_optional_path,
     parse_optional_vip,
     parse_pool_name,
+    parse_state_dsn,
     parse_uri,
 )
 from imagepipe.config.yamlsrc import Located, expand_user, load_file, path_kind
@@ -120,6 +121,9 @@ class Settings(Section):
     pools_dir: FilePath = Field(default_factory=_default_pools_dir)
     packer_dir: FilePath = Field(default_factory=lambda: Path.cwd() / "packer")
     state_db: FilePath = Path("/var/lib/imagepipe/state.db")
+    # the shared state in PostgreSQL (docs/high-availability.md); None: SQLite in state_db
+    state: Annotated[str | None, BeforeValidator(parse_state_dsn)] = None
+    state_password_file: Annotated[Path | None, BeforeValidator(parse_optional_path)] = None
     registry: FilePath = Path("/var/lib/imagepipe/registry")
     image_store: FilePath = Path("/var/lib/imagepipe/images")
     run_dir: FilePath = Path("/run/imagepipe")
@@ -212,11 +216,22 @@ def parse_settings(doc: Located, *, base: Path) -> Settings:
             )
         issues.extend(_web_issues(settings, doc))
         issues.extend(_host_issues(settings, doc))
+        if settings.state_password_file is not None and settings.state is None:
+            issues.append(
+                issue_at(
+                    doc,
+                    ("state_password_file",),
+                    "a password file is for a PostgreSQL state: set state: postgresql://... "
+                    "too, or remove this key (the SQLite state_db needs no password)",
+                )
+            )
     raise_if(issues)
     assert settings is not None
     update: dict[str, Any] = {"source": doc.file}
     for name in _PATH_FIELDS:
         update[name] = _resolve(getattr(settings, name), base)
+    if settings.state_password_file is not None:
+        update["state_password_file"] = _resolve(settings.state_password_file, base)
     if settings.balancer.admin_socket is not None:
         socket = _resolve(settings.balancer.admin_socket, base)
         update["balancer"] = settings.balancer.model_copy(update={"admin_socket": socket})

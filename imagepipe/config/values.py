@@ -303,6 +303,40 @@ def parse_timezone(value: str) -> str:
     return value
 
 
+def parse_state_dsn(value: object) -> str | None:
+    """`state:` a PostgreSQL URL such as postgresql://imagepipe@db.example:5432/imagepipe: a
+    user, a host and a database; without a password (that is in state_password_file or
+    libpq's PGPASSWORD / passfile), so neither the settings file nor a message shows it."""
+    from urllib.parse import SplitResult, urlsplit
+
+    if value is None:
+        return None
+    expected = "expected a URL such as postgresql://imagepipe@db.example:5432/imagepipe"
+    if not isinstance(value, str) or not value.isascii() or re.search(r"\s", value):
+        raise ValueError(f"{expected}, got {shown(value)}")
+    try:
+        url: SplitResult | None = urlsplit(value)
+        port = url.port if url else None
+    except ValueError:
+        url, port = None, None
+    if url is not None and url.password is not None:
+        hidden = value.replace(f":{url.password}@", ":***@", 1)
+        raise ValueError(
+            f"the URL has a password ({hidden}); put the password in the file named by "
+            "state_password_file, or in PGPASSWORD or ~/.pgpass, never in the settings"
+        )
+    if (
+        url is None
+        or url.scheme not in ("postgresql", "postgres")
+        or not url.hostname
+        or not url.username
+        or not url.path.strip("/")
+        or port == 0
+    ):
+        raise ValueError(f"{expected} (a user, a host and a database), got {shown(value)}")
+    return value
+
+
 def parse_host_port(value: object) -> str:
     """ "127.0.0.1:5999" or "[::1]:5999": an IP address and a port, ASCII only (HAProxy and
     the kernel read it)."""

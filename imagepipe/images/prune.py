@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from imagepipe.errors import BadInputError
 from imagepipe.images.records import ChannelMove, Status, VersionRecord
 from imagepipe.images.registry import Registry
 from imagepipe.pool.model import PoolRecord, PoolSpec
+from imagepipe.pool.store import CloneRecords
 
 
 @dataclass(frozen=True)
@@ -74,14 +74,6 @@ def versions_in_use(
     return used
 
 
-def load_pool_records(state_db: Path, pools: Iterable[PoolSpec]) -> dict[str, PoolRecord]:
-    """What the keeper remembers about each pool; empty when it has never run."""
-    if not state_db.exists():
-        return {}
-    from imagepipe.pool.store import Store
-
-    store = Store.open_readonly(state_db)
-    try:
-        return {spec.name: store.load_pool(spec.name) for spec in pools}
-    finally:
-        store.close()
+def load_pool_records(store: CloneRecords, pools: Iterable[PoolSpec]) -> dict[str, PoolRecord]:
+    """What the keeper remembers about each pool; empty records when it has never run."""
+    return {spec.name: store.load_pool(spec.name) for spec in pools}

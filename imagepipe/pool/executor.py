@@ -417,6 +417,7 @@ class Executor:
                 memory=spec.memory,
                 display=action.display,
                 start=spec.start,
+                host=action.host,
             )
             return lambda: _discard(hv.create_clone(clone_spec))
         if isinstance(action, StartClone):

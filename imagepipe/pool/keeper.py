@@ -24,11 +24,14 @@ from typing import Protocol
 from imagepipe.errors import ImagepipeError
 from imagepipe.log import fields
 from imagepipe.pool.executor import ExecutionReport, Executor, ExecutorSettings
+from imagepipe.pool.hosts import HostPass, ensure_of, host_pass
 from imagepipe.pool.learning import Learned, learned
 from imagepipe.pool.model import (
     Action,
     BaseImage,
     ForgetClone,
+    HostSpec,
+    HostState,
     Observed,
     PoolRecord,
     PoolSpec,
@@ -76,6 +79,7 @@ class PassReport:
     adopted: tuple[str, ...] = ()  # clones whose records were rebuilt from metadata
     not_planned: Mapping[str, str] = field(default_factory=dict)  # pool -> why
     notes: Mapping[str, str] = field(default_factory=dict)  # pool -> why it makes no clones
+    hosts: tuple[HostState, ...] = ()  # several hosts: each one's state (lost since when)
 
     @property
     def ok(self) -> bool:
@@ -120,15 +124,18 @@ class Keeper:
         other_pools: Sequence[str] = (),
         hooks: KeeperHooks | None = None,
         channels: Channels | None = None,
+        hosts: Sequence[HostSpec] = (),
     ) -> None:
         """`specs`: the pools to keep. `other_pools`: configured pools another keeper looks
         after (`keep --pool`); their clones are left alone and not reported as strays.
-        `channels`: the registry's channels, for a rollout's automatic rollback."""
+        `channels`: the registry's channels, for a rollout's automatic rollback.
+        `hosts`: several hosts (settings `hosts:`); empty: the hypervisor's one host."""
         self.hypervisor = hypervisor
         self.balancer = balancer
         self.store = store
         self.images = images
         self.specs = {s.name: s for s in specs}
+        self.host_specs = tuple(hosts)
         self.other_pools = tuple(other_pools)
         self.clock = clock
         self.settings = settings
@@ -265,6 +272,7 @@ class Keeper:
         adopted: list[str] = []
         arrived: dict[str, tuple[int, str]] = {}  # pool -> (logins, its timezone)
         not_planned = dict(host.unobservable)
+        hosts = self._hosts(host)
         for spec in self.specs.values():
             observed = host.pools.get(spec.name)
             if observed is None:
@@ -272,6 +280,8 @@ class Keeper:
             observed = replace(
                 observed, in_flight=self.executor.in_flight(spec.name), touched=touched
             )
+            if hosts is not None:
+                observed = self._placement(hosts, spec, observed)
             record = self.rollouts.record(spec, self._record(spec, now))
             down = self.store.pool_down(spec.name)
             if down is not None:  # being taken down: its own rule (pool/teardown.py)
@@ -279,6 +289,8 @@ class Keeper:
                 continue
             adopted += self._adopted(spec, observed, record)
             planned = plan(spec, observed, record, now)
+            if hosts is not None:
+                hosts.placed(spec, planned)
             arrived[spec.name] = (logins_in(record, planned), spec.timezone)
             actions += planned
         if self.stopping:
@@ -308,6 +320,28 @@ class Keeper:
             adopted=tuple(adopted),
             not_planned=not_planned,
             notes=dict(host.notes),
+            hosts=tuple(hosts.states.values()) if hosts is not None else (),
+        )
+
+    def _hosts(self, host: HostObservation) -> HostPass | None:
+        """Several hosts: this pass's view of them, every observed desktop counted."""
+        if not self.host_specs:
+            return None
+        hosts = host_pass(self.hypervisor, self.host_specs, self.store.draining_hosts())
+        hosts.count(host.pools, self.specs)
+        for name in sorted(hosts.lost):
+            state = hosts.states[name]
+            log.warning("host lost", extra=fields(host=name, since=state.since))
+        return hosts
+
+    def _placement(self, hosts: HostPass, spec: PoolSpec, observed: Observed) -> Observed:
+        version = observed.target_version
+        base = self._base(spec.image, version) if version is not None else None
+        return replace(
+            observed,
+            hosts=hosts.rooms(spec, base, ensure_of(self.hypervisor)),
+            lost_hosts=hosts.lost,
+            draining_hosts=hosts.draining,
         )
 
     def _record(self, spec: PoolSpec, now: float) -> PoolRecord:

@@ -18,6 +18,17 @@ delivers events through subscribe(). Test controls drive what a user or the gues
     hv.connect("lab-0", "10.0.0.7")         # a VNC client connects
     hv.login("lab-0", "alice"); hv.logout("lab-0", "alice")
     hv.power_off_inside("lab-0")            # the user shut the desktop down
+
+FakeHosts is the same hypervisor spread over several hosts (the Hosts port): each clone
+lives on the host its CloneSpec names, a host holds the versions uploaded to it, and a host
+can be cut off and brought back:
+
+    hv = FakeHosts(clock=..., host_names=("h1", "h2", "h3"))
+    hv.cut("h2")       # its clones keep running (and can be used) but are not listed;
+                       # every call about them fails as an unreachable host's would
+    hv.reconnect("h2")
+    hv.upload_calls = 2        # ensure_version is True on the 2nd call for a version
+    hv.no_upload.add("h3")     # h3 never gets a version it lacks
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from pathlib import Path
 from imagepipe.errors import (
     BadInputError,
     BaseMissingError,
+    BusyError,
     CloneNotFoundError,
     DisplayInUseError,
     HypervisorError,
@@ -44,6 +56,7 @@ from imagepipe.pool.model import (
     CloneSpec,
     Endpoint,
     GuestSession,
+    HostState,
     Power,
 )
 from imagepipe.pool.ports import EventKind, HypervisorEvent
@@ -394,6 +407,7 @@ class FakeHypervisor:
             ready=running
             and clone.boot_ticks_left == 0
             and (spec.base.image, spec.base.version) not in self.never_ready,
+            host=spec.host,
         )
 
     def _emit(
@@ -415,6 +429,112 @@ class FakeHypervisor:
     def is_dirty(self, name: str) -> bool:
         """Whether the clone carries changes a user made since its last reset."""
         return self._get(name).dirty
+
+
+@dataclass
+class FakeHosts(FakeHypervisor):
+    """FakeHypervisor over several hosts; also implements imagepipe.pool.ports.Hosts."""
+
+    host_names: tuple[str, ...] = ("h1", "h2", "h3")
+    upload_calls: int = 1  # ensure_version calls until an upload is done (1: at once)
+    no_upload: set[str] = field(default_factory=set)  # hosts whose uploads never finish
+    lost: dict[str, float] = field(default_factory=dict)  # cut-off host -> since
+    held: dict[str, set[tuple[str, int]]] = field(default_factory=dict)  # host -> versions
+    uploading: dict[tuple[str, str, int], int] = field(default_factory=dict)  # -> calls so far
+
+    # ---- test controls ---------------------------------------------------------------
+
+    def cut(self, host: str) -> None:
+        """The host's link is cut: its clones run on, unseen."""
+        self.lost[host] = self.clock()
+
+    def reconnect(self, host: str) -> None:
+        self.lost.pop(host, None)
+
+    def on_host(self, host: str) -> list[str]:
+        """The clones that exist on `host` (seen or not)."""
+        return sorted(n for n, c in self.clones.items() if c.spec.host == host)
+
+    # ---- the Hosts port --------------------------------------------------------------
+
+    def hosts(self) -> list[HostState]:
+        self._enter("hosts", "")
+        return [
+            HostState(
+                name=h,
+                connected=h not in self.lost,
+                since=self.lost.get(h),
+                versions=tuple(sorted(self.held.get(h, set()))),
+            )
+            for h in self.host_names
+        ]
+
+    def ensure_version(self, host: str, base: BaseImage) -> bool:
+        self._enter("ensure_version", host)
+        self._reach(host)
+        key = (base.image, base.version)
+        if key in self.held.get(host, set()):
+            return True
+        if host in self.no_upload:
+            return False
+        calls = self.uploading.get((host, *key), 0) + 1
+        self.uploading[(host, *key)] = calls
+        if calls >= self.upload_calls:
+            self.held.setdefault(host, set()).add(key)
+            return True
+        return False
+
+    # ---- the Hypervisor port, per host -------------------------------------------------
+
+    def list_clones(self) -> list[CloneInfo]:
+        return [c for c in super().list_clones() if c.host not in self.lost]
+
+    def create_clone(self, spec: CloneSpec) -> CloneInfo:
+        if spec.host not in self.host_names:
+            raise BadInputError(f"clone {spec.name}: no host {spec.host!r}")
+        self._reach(spec.host)
+        if (spec.base.image, spec.base.version) not in self.held.get(spec.host, set()):
+            raise BaseMissingError(
+                f"host {spec.host} holds no copy of {spec.base.image} v{spec.base.version}"
+            )
+        return super().create_clone(spec)
+
+    def start(self, name: str) -> None:
+        self._reach_clone(name)
+        super().start(name)
+
+    def stop(self, name: str, timeout: float) -> None:
+        self._reach_clone(name)
+        super().stop(name, timeout)
+
+    def reset(self, name: str) -> None:
+        self._reach_clone(name)
+        super().reset(name)
+
+    def suspend(self, name: str) -> None:
+        self._reach_clone(name)
+        super().suspend(name)
+
+    def resume(self, name: str) -> None:
+        self._reach_clone(name)
+        super().resume(name)
+
+    def delete(self, name: str) -> None:
+        self._reach_clone(name)
+        super().delete(name)
+
+    def sessions(self, name: str) -> GuestSession:
+        self._reach_clone(name)
+        return super().sessions(name)
+
+    def _reach(self, host: str) -> None:
+        if host in self.lost:
+            raise BusyError(f"host {host} cannot be reached (keepalive lost)")
+
+    def _reach_clone(self, name: str) -> None:
+        clone = self.clones.get(name)
+        if clone is not None:
+            self._reach(clone.spec.host)
 
 
 def _not_ours(name: str) -> str:

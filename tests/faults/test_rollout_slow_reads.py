@@ -20,7 +20,7 @@ from imagepipe.pool.keeper import Keeper, KeeperOptions
 from imagepipe.pool.model import BackendState, Power
 from imagepipe.pool.rollout.control import Request, RolloutControl
 from imagepipe.pool.rollout.records import RolloutState
-from imagepipe.pool.store import Store
+from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages, FakeVersion
 from tests.faults.injector import FaultInjector, FaultKind
@@ -38,7 +38,7 @@ class LoadedHost:
         self.hv.add_base(self.images.publish("tiny", 1, channel="stable"))
         self.lb = FakeBalancer()
         self.settings = Settings(state_db=root / "state.db", run_dir=root / "run")
-        self.store = Store(self.settings.state_db)
+        self.store = SQLiteStore(self.settings.state_db)
         self.control = RolloutControl(self.store, self.images, self.images, self.clock)
 
     def keeper(self, injector: FaultInjector | None = None) -> Keeper:

@@ -61,13 +61,16 @@ PYTHON_PROGRAMS = (
     "packer", "qemu-system-x86_64", "qemu-img", "qemu-io", "haproxy", "virsh", "virt-admin",
     "systemd-analyze", "mkfs.ext2", "useradd", "git", "ip", "mount", "umount", "pgrep", "sh",
     "bash", "shellcheck", "debootstrap", "chroot", "chromium", "chromedriver", "openssl",
-    "unshare", "libvirtd", "tini",
+    "runuser", "unshare", "libvirtd", "tini",
 )  # fmt: skip
 # Files the build of the venv needs that are no program: pip compiles libvirt-python against
 # Python's and libvirt's headers; the guest agent is linked statically; venv bootstraps pip.
-# And noVNC's page, which the web entrance serves.
+# And noVNC's page, which the web entrance serves; and PostgreSQL's server programs, which
+# Debian keeps off PATH (tests/postgres.py).
 BUILD_FILES = (
     "/usr/share/novnc/vnc.html",
+    "/usr/lib/postgresql/*/bin/initdb",
+    "/usr/lib/postgresql/*/bin/pg_ctl",
     "/usr/include/python3.11/Python.h",
     "/usr/lib/x86_64-linux-gnu/pkgconfig/libvirt.pc",
     "/usr/lib/x86_64-linux-gnu/libc.a",

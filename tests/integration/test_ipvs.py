@@ -35,7 +35,7 @@ from imagepipe.pool.executor import ExecutorSettings
 from imagepipe.pool.keeper import Keeper, KeeperOptions
 from imagepipe.pool.model import Backend, BackendState, Endpoint, PoolSpec, RecordClone
 from imagepipe.pool.ports import Balancer
-from imagepipe.pool.store import Store
+from imagepipe.stores.sqlite import SQLiteStore
 from tests.conftest import require, require_program
 from tests.contract.balancer_suite import BalancerContract, by_name, listed
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
@@ -417,7 +417,7 @@ def test_the_keeper_runs_a_pool_on_ipvs_from_empty_to_recycled(
     clock, images = FakeClock(), FakeImages()
     hv = FakeHypervisor(clock=clock.now)
     hv.add_base(images.publish("tiny", 1))
-    store = Store(tmp_path / "state.db")
+    store = SQLiteStore(tmp_path / "state.db")
 
     def keeper(balancer: IPVSBalancer) -> Keeper:
         return Keeper(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "imagepipe"
 CORE_MAY_IMPORT = ("imagepipe.pool", "imagepipe.errors", "imagepipe.log")
-ADAPTERS = ("imagepipe.hypervisors", "imagepipe.balancers")
+ADAPTERS = ("imagepipe.hypervisors", "imagepipe.balancers", "imagepipe.stores")
 
 
 def imports_of(path: Path) -> set[str]:

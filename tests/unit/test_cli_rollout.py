@@ -15,7 +15,7 @@ from imagepipe.app.bootstrap import Adapters
 from imagepipe.cli.app import main
 from imagepipe.config import load_pool_file
 from imagepipe.pool.keeper import Keeper
-from imagepipe.pool.store import Store
+from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages, FakeVersion
 
@@ -65,7 +65,7 @@ class Host:
     clock: KeeperClock
     hv: FakeHypervisor
     images: FakeImages
-    store: Store
+    store: SQLiteStore
 
     def cli(self, *args: str) -> int:
         adapters = Adapters(
@@ -91,7 +91,7 @@ def host(tmp_path: Path) -> Iterator[Host]:
     hv = FakeHypervisor(clock=clock.now)
     images = FakeImages()
     hv.add_base(images.publish("tiny", 1, channel="stable"))
-    store = Store(tmp_path / "state.db")
+    store = SQLiteStore(tmp_path / "state.db")
     h = Host(tmp_path, clock, hv, images, store)
     spec = load_pool_file(tmp_path / "pools" / "lab.yml")
     keeper = Keeper(

@@ -16,7 +16,7 @@ from imagepipe.cli.app import main
 from imagepipe.cli.status import render
 from imagepipe.config import load_pool_file
 from imagepipe.pool.keeper import Keeper
-from imagepipe.pool.store import Store
+from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
 
@@ -62,7 +62,7 @@ def host(tmp_path: Path) -> tuple[Path, FakeHypervisor, Adapters]:
     hv.add_base(images.publish("tiny", 1))
     lb = FakeBalancer()
     spec = load_pool_file(tmp_path / "pools" / "lab.yml")
-    store = Store(tmp_path / "state.db")
+    store = SQLiteStore(tmp_path / "state.db")
     keeper = Keeper(
         hypervisor=hv, balancer=lb, store=store, images=images, specs=[spec], clock=clock
     )

@@ -490,6 +490,20 @@ def test_the_example_settings_file_loads() -> None:
         ("keeper:\n  tick: 0s\n", "s.yml:2: keeper.tick: must be more than 0"),
         ("keeper:\n  parallel: many\n", "s.yml:2: keeper.parallel: expected a whole number"),
         ("state_db: 3\n", "s.yml:1: state_db: expected a path, got 3"),
+        (
+            "run_dir: r\nstate: mysql://ip@db/ip\n",
+            "s.yml:2: state: expected a URL such as postgresql://imagepipe@db.example:5432/",
+        ),
+        ("state: postgresql://db.example/ip\n", "s.yml:1: state: expected a URL such as"),
+        ("state: postgresql://ip@db.example\n", "s.yml:1: state: expected a URL such as"),
+        (
+            "state: postgresql://ip:pw-1@db.example/ip\n",
+            "s.yml:1: state: the URL has a password (postgresql://ip:***@db.example/ip); put",
+        ),
+        (
+            "state_password_file: pw\n",
+            "s.yml:1: state_password_file: a password file is for a PostgreSQL state",
+        ),
         ("source: x\n", "s.yml:1: source: unknown key"),
         ("pool_dir: x\n", "s.yml:1: pool_dir: unknown key; did you mean 'pools_dir'?"),
         ("[1, 2]\n", "s.yml:1: expected a mapping of keys, got a list"),
@@ -502,6 +516,20 @@ def test_a_bad_settings_file_is_refused_naming_file_line_and_key(
     with pytest.raises(ConfigError) as caught:
         load_settings(Path("s.yml"))
     assert lines_of(caught.value)[0].startswith(expected), str(caught.value)
+
+
+def test_a_postgresql_state_and_its_password_file_are_read_from_the_settings(
+    tmp_path: Path,
+) -> None:
+    write(
+        tmp_path,
+        "s.yml",
+        "state: postgresql://ip@db.example:5433/ip?sslmode=verify-full\n"
+        "state_password_file: secret/pw\n",
+    )
+    settings = load_settings(tmp_path / "s.yml")
+    assert settings.state == "postgresql://ip@db.example:5433/ip?sslmode=verify-full"
+    assert settings.state_password_file == tmp_path / "secret" / "pw"
 
 
 def test_settings_are_found_in_the_documented_order(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from imagepipe.doctor import Check, Status, run_checks
 from imagepipe.hypervisors.libvirt import checks as libvirt_checks
 from imagepipe.images.packer import Packer
 from imagepipe.images.registry import NewVersion, Registry
-from imagepipe.pool.store import SCHEMA_VERSION, Store
+from imagepipe.stores.sqlite import SCHEMA_VERSION, SQLiteStore
 from tests.conftest import require_program
 
 POOL = (
@@ -247,7 +247,7 @@ def test_unmanaged_haproxy_that_answers_is_ok_with_its_version(
 
 
 def make_db(path: Path, version: int) -> None:
-    Store(path).close()
+    SQLiteStore(path).close()
     with sqlite3.connect(path) as db:
         db.execute("UPDATE schema_version SET version = ?", (version,))
     db.close()

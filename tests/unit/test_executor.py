@@ -28,7 +28,7 @@ from imagepipe.pool.model import (
     StartClone,
 )
 from imagepipe.pool.planner import failures_after
-from imagepipe.pool.store import Store
+from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
 
@@ -38,7 +38,7 @@ SPECS = {"lab": LAB}
 
 @dataclass
 class Rig:
-    store: Store
+    store: SQLiteStore
     clock: FakeClock = field(default_factory=FakeClock)
     images: FakeImages = field(default_factory=FakeImages)
     lb: FakeBalancer = field(default_factory=FakeBalancer)
@@ -61,7 +61,7 @@ class Rig:
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(store=Store(tmp_path / "state.db"))
+    r = Rig(store=SQLiteStore(tmp_path / "state.db"))
     yield r
     r.store.close()
 

@@ -17,7 +17,7 @@ from imagepipe.pool.model import (
     Power,
     StopClone,
 )
-from imagepipe.pool.store import Store
+from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
 
@@ -26,8 +26,8 @@ SPECS = {"lab": LAB}
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "state.db")
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    s = SQLiteStore(tmp_path / "state.db")
     yield s
     s.close()
 
@@ -45,7 +45,7 @@ def hv(images: FakeImages) -> FakeHypervisor:
 
 
 @pytest.fixture
-def executor(hv: FakeHypervisor, images: FakeImages, store: Store) -> Executor:
+def executor(hv: FakeHypervisor, images: FakeImages, store: SQLiteStore) -> Executor:
     return Executor(
         hv,
         FakeBalancer(),
@@ -61,7 +61,7 @@ def executor(hv: FakeHypervisor, images: FakeImages, store: Store) -> Executor:
     ids=["stop", "delete"],
 )
 def test_stopping_or_deleting_a_vm_imagepipe_did_not_make_fails_and_leaves_it_running(
-    executor: Executor, hv: FakeHypervisor, store: Store, action: StopClone | DeleteClone
+    executor: Executor, hv: FakeHypervisor, store: SQLiteStore, action: StopClone | DeleteClone
 ) -> None:
     hv.add_foreign("lab-3", Power.RUNNING)
 

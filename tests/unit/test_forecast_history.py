@@ -16,7 +16,7 @@ from imagepipe.config import load_pool_file
 from imagepipe.errors import ConfigError
 from imagepipe.pool.model import CloneState, LearnSpec
 from imagepipe.pool.planner.forecast import BUCKET, HISTORY_DAYS, day_and_bucket
-from imagepipe.pool.store import Store
+from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
 from tests.unit.test_keeper import LAB, World, settle, use
@@ -63,7 +63,7 @@ def test_the_same_pool_without_learning_keeps_its_free_size(tmp_path: Path) -> N
 
 
 def test_login_history_adds_up_and_forgets_days_older_than_it_keeps(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state.db")
+    store = SQLiteStore(tmp_path / "state.db")
     store.record_logins("lab", 100, 7, 2, seconds=BUCKET, keep_days=28)
     store.record_logins("lab", 100, 7, 3, seconds=BUCKET, keep_days=28)
     store.record_logins("other", 100, 7, 1, seconds=BUCKET, keep_days=28)
@@ -72,7 +72,7 @@ def test_login_history_adds_up_and_forgets_days_older_than_it_keeps(tmp_path: Pa
     assert store.login_history("lab", seconds=BUCKET, since_day=0).days == {140: {1: 1}}
     assert store.login_history("other", seconds=BUCKET, since_day=0).days == {100: {7: 1}}
     store.close()
-    again = Store(tmp_path / "state.db")  # it survives a restart
+    again = SQLiteStore(tmp_path / "state.db")  # it survives a restart
     assert again.login_history("lab", seconds=BUCKET, since_day=0).days == {140: {1: 1}}
     again.close()
 
@@ -124,7 +124,7 @@ def test_status_shows_the_learned_free_target(
     settings.write_text("pools_dir: pools\nstate_db: state.db\nrun_dir: run\n")
     clock = FakeClock()
     day, bucket = day_and_bucket(clock.now(), "UTC")
-    store = Store(tmp_path / "state.db")
+    store = SQLiteStore(tmp_path / "state.db")
     store.record_logins("lab", day - 1, bucket + 1, 6, seconds=BUCKET, keep_days=HISTORY_DAYS)
     store.close()
     hv = FakeHypervisor(clock=clock.now)

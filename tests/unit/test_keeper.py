@@ -33,7 +33,7 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.observe import observe
 from imagepipe.pool.planner import plan
-from imagepipe.pool.store import Store
+from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
 
@@ -60,12 +60,12 @@ class World:
     lb: FakeBalancer = field(default_factory=FakeBalancer)
     spec: PoolSpec = LAB
     hv: FakeHypervisor = field(init=False)
-    store: Store = field(init=False)
+    store: SQLiteStore = field(init=False)
 
     def __post_init__(self) -> None:
         self.hv = FakeHypervisor(clock=self.clock.now)
         self.hv.add_base(self.images.publish("tiny", 1))
-        self.store = Store(self.store_path)
+        self.store = SQLiteStore(self.store_path)
 
     def keeper(self, other_pools: tuple[str, ...] = (), **executor: float) -> Keeper:
         return Keeper(
@@ -265,7 +265,7 @@ def test_a_lost_store_is_rebuilt_from_clone_metadata_without_touching_the_user(
     settle(world.keeper())
     calls_before = len(world.hv.calls)
     world.store.close()
-    world.store = Store(tmp_path / "new-state.db")
+    world.store = SQLiteStore(tmp_path / "new-state.db")
 
     reports = settle(world.keeper())
 
@@ -499,7 +499,7 @@ def crash_inside(world: World, kind: type[Action]) -> None:
 def restart(world: World) -> Keeper:
     """The store reopened from its file; the host (hypervisor, balancer) as the crash left it."""
     world.store.close()
-    world.store = Store(world.store_path)
+    world.store = SQLiteStore(world.store_path)
     return world.keeper()
 
 
@@ -569,7 +569,7 @@ def test_a_desktop_of_unknown_history_is_reset_before_it_serves_and_one_in_use_i
     for name in free:
         world.hv.clones[name].dirty = True  # nobody can tell what happened on them
     world.store.close()
-    world.store = Store(tmp_path / "lost-state.db")
+    world.store = SQLiteStore(tmp_path / "lost-state.db")
 
     for _ in range(8):
         world.keeper().run_pass()

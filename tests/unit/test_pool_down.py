@@ -296,13 +296,13 @@ def test_status_without_settings_after_the_demo_shows_the_demos_pools(
 def test_the_store_remembers_a_take_down_and_a_second_request_can_only_hurry_it(
     tmp_path: Path,
 ) -> None:
-    from imagepipe.pool.store import Store
+    from imagepipe.stores.sqlite import SQLiteStore
 
-    store = Store(tmp_path / "state.db")
+    store = SQLiteStore(tmp_path / "state.db")
     store.mark_down("lab", PoolDown(since=T0, now=True))
     store.mark_down("lab", PoolDown(since=T0 + 5, now=False))
     store.close()
-    store = Store.open_readonly(tmp_path / "state.db")
+    store = SQLiteStore.open_readonly(tmp_path / "state.db")
     remembered = store.pool_down("lab"), store.pool_down("other")
     store.close()
 

@@ -28,7 +28,7 @@ from imagepipe.pool.planner import free_target
 from imagepipe.pool.planner.forecast import BUCKET, day_and_bucket
 from imagepipe.pool.rollout.control import PoolPlan, Request, RolloutControl, Started
 from imagepipe.pool.rollout.records import Rollout, RolloutState
-from imagepipe.pool.store import Store
+from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages, FakeVersion
 
@@ -56,14 +56,14 @@ class World:
     lb: FakeBalancer = field(default_factory=FakeBalancer)
     spec: PoolSpec = LAB
     hv: FakeHypervisor = field(init=False)
-    store: Store = field(init=False)
+    store: SQLiteStore = field(init=False)
     settings: Settings = field(init=False)
     rollouts: RolloutControl = field(init=False)
 
     def __post_init__(self) -> None:
         self.hv = FakeHypervisor(clock=self.clock.now)
         self.hv.add_base(self.images.publish("tiny", 1, channel="stable"))
-        self.store = Store(self.root / "state.db")
+        self.store = SQLiteStore(self.root / "state.db")
         self.settings = Settings(state_db=self.root / "state.db", run_dir=self.root / "run")
         self.rollouts = RolloutControl(self.store, self.images, self.images, self.clock)
 

@@ -14,7 +14,7 @@ from imagepipe.pool.model import Observed, PoolSpec
 from imagepipe.pool.observe import observe
 from imagepipe.pool.ports import Channels
 from imagepipe.pool.rollout.records import Rollout, RolloutState
-from imagepipe.pool.store import Store
+from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages, FakeVersion
 from tests.unit.test_images_registry import _register
@@ -46,7 +46,7 @@ def test_status_shows_the_old_free_desktops_a_rollout_holds_as_free(tmp_path: Pa
     hv, images, lb = FakeHypervisor(clock=clock.now), FakeImages(), FakeBalancer()
     hv.add_base(images.publish("tiny", 1, channel="stable"))
     hv.boot_ticks = 5  # new desktops take a while
-    store = Store(tmp_path / "state.db")
+    store = SQLiteStore(tmp_path / "state.db")
     keeper = Keeper(
         hypervisor=hv, balancer=lb, store=store, images=images, specs=[spec], clock=clock
     )

@@ -34,7 +34,7 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.planner import plan
 from imagepipe.pool.planner.steps import connected_since
-from imagepipe.pool.store import MIGRATIONS, Store
+from imagepipe.stores.sqlite import MIGRATIONS, SQLiteStore
 
 T0 = 1_700_000_000.0
 SPEC = PoolSpec(name="ev", image="tiny", initial=2, free=2, max=4, port_first=6100)
@@ -190,12 +190,12 @@ def test_connected_since_reads_the_counter_like_a_counter_with_resets(
 
 
 def test_the_store_keeps_the_counter_a_record_accounted_for(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state.db")
+    store = SQLiteStore(tmp_path / "state.db")
     store.save_clone("ev", free(0, seen=17))
     store.save_clone("ev", free(1, seen=None))
     store.close()
 
-    again = Store(tmp_path / "state.db")
+    again = SQLiteStore(tmp_path / "state.db")
     clones = again.load_pool("ev").clones
     assert clones["ev-0"].sessions_seen == 17
     assert clones["ev-1"].sessions_seen is None
@@ -209,10 +209,9 @@ def test_an_upgraded_store_resets_its_free_desktops_once_as_their_history_is_unk
     the keeper was being upgraded, so a free desktop counts as used (one reset, once)."""
     path = tmp_path / "state.db"
     db = sqlite3.connect(path)
-    before_counter = 7  # the version before the migration that added sessions_seen
-    db.executescript("".join(MIGRATIONS[:before_counter]))
+    db.executescript("".join(MIGRATIONS[:7]))
     db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    db.execute("INSERT INTO schema_version VALUES (?)", (before_counter,))
+    db.execute("INSERT INTO schema_version VALUES (?)", (7,))
     for name, state in (("ev-0", "free"), ("ev-1", "booting"), ("ev-2", "suspended")):
         db.execute(
             "INSERT INTO clones (pool, name, slot, version, state, since) VALUES (?,?,?,?,?,?)",
@@ -221,7 +220,7 @@ def test_an_upgraded_store_resets_its_free_desktops_once_as_their_history_is_unk
     db.commit()
     db.close()
 
-    store = Store(path)
+    store = SQLiteStore(path)
     clones = store.load_pool("ev").clones
     assert [n for n, r in clones.items() if r.dirty] == ["ev-0"]
     assert {r.sessions_seen for r in clones.values()} == {None}

@@ -17,6 +17,7 @@ from imagepipe.pool.model import (
     ForgetClone,
     ObservedClone,
     Power,
+    ResetClone,
     ResumeClone,
     Standby,
     SuspendClone,
@@ -128,6 +129,8 @@ def count(d: Decisions) -> Census:
             c.running += 1
             if shared and (state is CloneState.BOOTING or state is CloneState.CREATING):
                 c.coming += 1
+                if name in d.returned and _resets_only(d.actions.get(name, ())):
+                    c.returned.append(rec)  # used while unseen: its reset may be spared
     return c
 
 
@@ -170,15 +173,24 @@ def drop_replaced(d: Decisions, census: Census, wanted_free: int) -> None:
     while the pool keeps its free target without them (or is over `max`)."""
     spec = d.ctx.spec
     for rec in sorted(census.returned, key=lambda r: r.slot):
-        if census.ready_free - 1 < wanted_free and census.counted <= spec.max:
+        serving = census.ready_free + census.coming
+        if serving - 1 < wanted_free and census.counted <= spec.max:
             break
         delete = DeleteClone(pool=spec.name, clone=rec.name)
+        d.actions[rec.name] = ()  # a reset it was due is not needed: it goes
         d.set(rec.name, moved(d.ctx, rec, CloneState.DELETING), (delete,))
-        census.ready_free -= 1
+        if rec.state is CloneState.FREE:
+            census.ready_free -= 1
+        else:
+            census.coming -= 1
         census.counted -= 1
         census.running -= 1
         if rec in census.shrinkable:
             census.shrinkable.remove(rec)
+
+
+def _resets_only(actions: tuple[Action, ...]) -> bool:
+    return len(actions) == 1 and isinstance(actions[0], ResetClone)
 
 
 def shrink(d: Decisions, census: Census, wanted_free: int) -> None:

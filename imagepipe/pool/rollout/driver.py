@@ -51,7 +51,10 @@ def keeper_absent(
     On this host the keeper's process is the truth; elsewhere its last pass must be recent."""
     beat = store.heartbeat()
     if beat is None:
-        return f"no keeper has run on the state database {store.path}: {START_KEEPER} and try again"
+        return (
+            f"no keeper has run on the state database {store.location}: {START_KEEPER} and "
+            "try again"
+        )
     ago = round(now - beat.at)
     if beat.pid == 0:
         return f"no keeper is running: it stopped {ago} s ago; {START_KEEPER}"

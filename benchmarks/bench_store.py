@@ -1,0 +1,148 @@
+"""A steady keeper pass on the PostgreSQL store against the SQLite store, in one run.
+
+    python benchmarks/bench_store.py [--desktops 20] [--users 8] [--passes 300]
+
+A real Keeper, planner, executor and store keep one pool on FakeHypervisor + FakeBalancer with
+a fake clock (5 s between passes), so the figures are the keeper's and the store's own work:
+no hypervisor or balancer waits. The pool is filled, `--users` desktops get a user, and once
+passes change nothing more (steady), `--passes` passes are timed. Three stores, same workload:
+
+  - SQLite (the default: WAL, synchronous=NORMAL), in a temporary folder;
+  - PostgreSQL, a server this benchmark starts (tests/postgres.py) with PostgreSQL's default
+    durability (fsync on, synchronous_commit on), over loopback TCP with a password;
+  - PostgreSQL through a fenced handle (every write checks the leader epoch), as a leading
+    keeper of a standby pair writes.
+
+It prints the median and 95th percentile of a pass for each, and PostgreSQL's median over
+SQLite's. The goal (issue "No single point of failure"): at most 1.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository root is not on sys.path
+
+from imagepipe.pool.keeper import Keeper  # noqa: E402
+from imagepipe.pool.model import CloneMode, PoolSpec  # noqa: E402
+from imagepipe.pool.store import Store  # noqa: E402
+from imagepipe.stores.postgres import PostgresStore  # noqa: E402
+from imagepipe.stores.sqlite import SQLiteStore  # noqa: E402
+from tests.fakes.balancer import FakeBalancer  # noqa: E402
+from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages  # noqa: E402
+from tests.postgres import PostgresServer, missing  # noqa: E402
+
+TICK = 5.0
+
+
+def spec(desktops: int) -> PoolSpec:
+    return PoolSpec(
+        name="lab",
+        image="tiny",
+        initial=desktops,
+        free=desktops,
+        max=desktops * 2,
+        port_first=5900,
+        port_last=5900 + desktops * 2 - 1,
+        clone=CloneMode.LINKED,
+    )
+
+
+def steady_passes(store: Store, desktops: int, users: int, passes: int) -> list[float]:
+    """Seconds per timed pass, after the pool is full, `users` are on, and passes settle."""
+    clock = FakeClock()
+    hv = FakeHypervisor(clock=clock.now)
+    images = FakeImages()
+    hv.add_base(images.publish("tiny", 1))
+    lb = FakeBalancer()
+    keeper = Keeper(
+        hypervisor=hv, balancer=lb, store=store, images=images, specs=[spec(desktops)], clock=clock
+    )
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            keeper.run_pass()
+            clock.advance(TICK)
+
+    run(10)
+    for i in range(users):
+        name = f"lab-{i}"
+        lb.connect(name)
+        hv.connect(name, f"192.0.2.{10 + i}")
+        hv.login(name, f"user{i}")
+    run(20)
+    if keeper.run_pass().actions:
+        raise SystemExit("the pool did not settle: passes still act; the figures would lie")
+    seconds = []
+    for _ in range(passes):
+        started = time.perf_counter()
+        keeper.run_pass()
+        seconds.append(time.perf_counter() - started)
+        clock.advance(TICK)
+    return seconds
+
+
+def report(name: str, seconds: list[float]) -> float:
+    median = statistics.median(seconds)
+    p95 = statistics.quantiles(seconds, n=20)[18]
+    print(f"{name:<28} median {median * 1000:7.2f} ms   p95 {p95 * 1000:7.2f} ms")
+    return median
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--desktops", type=int, default=20)
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--passes", type=int, default=300)
+    args = parser.parse_args()
+    if not 0 <= args.users <= args.desktops or args.passes < 20:
+        parser.error("--users must be 0 to --desktops, --passes at least 20")
+    why = missing()
+    if why is not None:
+        raise SystemExit(why)
+    server = PostgresServer.start(durable=True)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            dsn = server.fresh_dsn()
+            fenced_dsn = server.fresh_dsn()
+            runs: list[tuple[str, Callable[[], Store]]] = [
+                ("SQLite", lambda: SQLiteStore(Path(folder) / "state.db")),
+                ("PostgreSQL", lambda: PostgresStore(dsn, password=server.password)),
+                ("PostgreSQL, fenced writes", lambda: _fenced(fenced_dsn, server.password)),
+            ]
+            print(
+                f"{args.desktops} desktops, {args.users} users, {args.passes} steady passes "
+                "each (fake hypervisor and balancer)"
+            )
+            medians = {}
+            for name, make in runs:
+                store = make()
+                try:
+                    medians[name] = report(
+                        name, steady_passes(store, args.desktops, args.users, args.passes)
+                    )
+                finally:
+                    store.close()
+    finally:
+        server.stop()
+    base = medians["SQLite"]
+    for name in ("PostgreSQL", "PostgreSQL, fenced writes"):
+        print(f"{name} / SQLite (median): {medians[name] / base:.2f}  (goal <= 1.5)")
+
+
+def _fenced(dsn: str, password: str) -> Store:
+    store = PostgresStore(dsn, password=password)
+    epoch = store.try_acquire("bench", 3600.0, time.time())
+    assert epoch is not None
+    return store.fenced(epoch)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Several hosts, for administrators (`imagepipe hosts`, `hosts drain`, `hosts undrain`).
+
+The list joins the settings' hosts (address, capacity, labels), the hypervisor's view of
+them (connected or lost since when, versions present, an upload under way) and the store's
+records (the desktops the keeper last wrote down on each host, free or in use). A drain is an
+intent in the state store; the keeper carries it out (imagepipe/pool/planner: no new
+desktops there, free ones replaced elsewhere, in-use ones removed when their session ends).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+from imagepipe.app.bootstrap import Adapters, build_hypervisor, open_store, open_store_readonly
+from imagepipe.config import Settings
+from imagepipe.errors import BadInputError
+from imagepipe.pool.model import CloneState, HostSpec, HostState, PoolSpec
+from imagepipe.pool.ports import Hosts
+from imagepipe.pool.store import Store
+
+IN_USE = (CloneState.IN_USE, CloneState.DISCONNECTED, CloneState.RETIRING)
+
+
+@dataclass(frozen=True)
+class HostRow:
+    name: str
+    uri: str
+    address: str
+    labels: tuple[str, ...]
+    connected: bool | None  # None: the hypervisor cannot tell (it has no Hosts port)
+    since: float | None  # lost since / connected since, as the hypervisor reports
+    draining_since: float | None
+    free: int
+    in_use: int
+    other: int  # booting, recycling, being deleted, ...
+    lost: int  # desktops remembered on it while it is lost (not seen)
+    versions: tuple[str, ...]  # "image vN"
+    upload: str | None  # "image vN 42%"
+    max_desktops: int | None
+    max_memory: int | None
+
+    @property
+    def state(self) -> str:
+        if self.connected is False:
+            return "lost"
+        if self.draining_since is not None:
+            return "draining"
+        return "up" if self.connected else "unknown"
+
+    def to_json(self) -> dict[str, object]:
+        doc = asdict(self)
+        doc["state"] = self.state
+        return doc
+
+
+def configured(settings: Settings) -> tuple[HostSpec, ...]:
+    hosts = settings.host_specs()
+    if not hosts:
+        raise BadInputError(
+            f"{settings.source}: no hosts configured; this keeper drives the one host "
+            f"hypervisor.uri ({settings.hypervisor.uri}). Add a 'hosts:' list to the settings "
+            "to spread pools over several hosts (docs/hosts.md)"
+        )
+    return hosts
+
+
+def one_host(settings: Settings, host: str) -> HostSpec:
+    hosts = configured(settings)
+    for spec in hosts:
+        if spec.name == host:
+            return spec
+    names = ", ".join(h.name for h in hosts)
+    raise BadInputError(f"no host named {host} in {settings.source} (configured hosts: {names})")
+
+
+def host_rows(
+    settings: Settings, specs: Sequence[PoolSpec], adapters: Adapters = Adapters()
+) -> list[HostRow]:
+    """Every configured host with its state, desktops and versions (reads the store
+    read-only; asks the hypervisor for its hosts, never for an upload)."""
+    hosts = configured(settings)
+    hypervisor = adapters.hypervisor or build_hypervisor(settings)
+    try:
+        states = {s.name: s for s in hypervisor.hosts()} if isinstance(hypervisor, Hosts) else {}
+    finally:
+        if adapters.hypervisor is None:
+            hypervisor.close()
+    store = open_store_readonly(settings)
+    try:
+        return rows(hosts, states, store, specs)
+    finally:
+        store.close()
+
+
+def rows(
+    hosts: Sequence[HostSpec],
+    states: dict[str, HostState],
+    store: Store,
+    specs: Sequence[PoolSpec],
+) -> list[HostRow]:
+    draining = store.draining_hosts()
+    kinds = ("free", "in_use", "other", "lost")
+    counts = {h.name: dict.fromkeys(kinds, 0) for h in hosts}
+    for spec in specs:
+        for record in store.load_pool(spec.name).clones.values():
+            count = counts.get(record.host)
+            if count is None:
+                continue
+            if record.lost_since is not None:
+                count["lost"] += 1
+            elif record.state is CloneState.FREE:
+                count["free"] += 1
+            elif record.state in IN_USE:
+                count["in_use"] += 1
+            else:
+                count["other"] += 1
+    out = []
+    for host in hosts:
+        state = states.get(host.name)
+        upload = None
+        if state is not None and state.upload is not None:
+            image, version, done = state.upload
+            upload = f"{image} v{version} {done:.0%}"
+        out.append(
+            HostRow(
+                name=host.name,
+                uri=host.uri,
+                address=host.address,
+                labels=host.labels,
+                connected=state.connected if state is not None else None,
+                since=state.since if state is not None else None,
+                draining_since=draining.get(host.name),
+                versions=tuple(f"{i} v{v}" for i, v in state.versions) if state else (),
+                upload=upload,
+                max_desktops=host.max_desktops,
+                max_memory=host.max_memory,
+                **counts[host.name],
+            )
+        )
+    return out
+
+
+def drain(settings: Settings, host: str, at: float) -> bool:
+    """Drain the host from `at` on; False when it was drained already."""
+    one_host(settings, host)
+    store = open_store(settings)
+    try:
+        return store.set_host_draining(host, at)
+    finally:
+        store.close()
+
+
+def undrain(settings: Settings, host: str) -> bool:
+    """New desktops may go to the host again; False when it was not drained."""
+    one_host(settings, host)
+    store = open_store(settings)
+    try:
+        return store.set_host_draining(host, None)
+    finally:
+        store.close()
+
+
+def desktops_on(settings: Settings, specs: Sequence[PoolSpec], host: str) -> int:
+    """The desktops the store has on the host (every pool)."""
+    store = open_store_readonly(settings)
+    try:
+        return sum(
+            1
+            for spec in specs
+            for record in store.load_pool(spec.name).clones.values()
+            if record.host == host
+        )
+    finally:
+        store.close()
+
+
+def wait_empty(
+    settings: Settings,
+    specs: Sequence[PoolSpec],
+    host: str,
+    *,
+    sleep: Callable[[float], None],
+    report: Callable[[int], None],
+    every: float = 2.0,
+) -> None:
+    """Until the keeper has moved every desktop off the drained host (the in-use ones go
+    when their users log off). Reports the count whenever it changes."""
+    last = -1
+    while True:
+        left = desktops_on(settings, specs, host)
+        if left != last:
+            report(left)
+            last = left
+        if left == 0:
+            return
+        sleep(every)

@@ -1,0 +1,177 @@
+"""The keeper over several hosts (FakeHosts: stateful, honest, with a cut switch), a real
+Store and the real planner: fill, a cut host with a user on it, its return, a drained host,
+a host without the version (docs/hosts.md)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imagepipe.pool.keeper import Keeper, KeeperOptions
+from imagepipe.pool.model import BackendState, CloneState, HostSpec, PoolSpec
+from imagepipe.stores.sqlite import SQLiteStore as Store
+from tests.fakes.balancer import FakeBalancer
+from tests.fakes.hypervisor import FakeClock, FakeHosts, FakeImages
+from tests.unit.test_keeper import settle
+
+SIX = PoolSpec(
+    name="lab",
+    image="tiny",
+    initial=6,
+    free=6,
+    max=6,
+    port_first=5900,
+    port_last=5919,
+    recycle_after=60.0,
+)
+HOSTS = tuple(
+    HostSpec(f"h{i}", f"qemu+tcp://10.9.0.{i}/system", f"10.9.0.{i}", 4, None, ())
+    for i in (1, 2, 3)
+)
+
+
+class Hosts:
+    def __init__(self, tmp_path: Path, spec: PoolSpec = SIX) -> None:
+        self.clock = FakeClock()
+        self.images = FakeImages()
+        self.lb = FakeBalancer()
+        self.hv = FakeHosts(clock=self.clock.now)
+        self.hv.add_base(self.images.publish("tiny", 1))
+        self.store = Store(tmp_path / "state.db")
+        self.spec = spec
+
+    def keeper(self) -> Keeper:
+        return Keeper(
+            hypervisor=self.hv,
+            balancer=self.lb,
+            store=self.store,
+            images=self.images,
+            specs=[self.spec],
+            clock=self.clock,
+            settings=KeeperOptions(tick=5.0),
+            hosts=HOSTS,
+        )
+
+    def spread(self) -> Counter[str]:
+        return Counter(c.spec.host for c in self.hv.clones.values())
+
+    def serving(self) -> set[str]:
+        return {b.name for b in self.lb.list_backends() if b.state is BackendState.READY}
+
+    def records(self) -> dict[str, CloneState]:
+        return {n: r.state for n, r in self.store.load_pool("lab").clones.items()}
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[Hosts]:
+    w = Hosts(tmp_path)
+    yield w
+    w.store.close()
+
+
+def test_a_pool_of_six_spreads_two_two_two_over_three_hosts(world: Hosts) -> None:
+    settle(world.keeper())
+    assert world.spread() == {"h1": 2, "h2": 2, "h3": 2}
+    assert len(world.serving()) == 6
+    for clone in world.hv.clones.values():  # the balancer reaches each on its host
+        assert clone.spec.display.host == "10.9.0." + clone.spec.host[-1]
+
+
+def test_a_cut_host_keeps_its_desktops_and_the_pool_refills_elsewhere_then_reconciles(
+    world: Hosts,
+) -> None:
+    keeper = world.keeper()
+    settle(keeper)
+    on_h2 = world.hv.on_host("h2")
+    busy, idle = on_h2
+    world.lb.connect(busy)
+    world.hv.connect(busy, "192.0.2.7")
+    world.hv.login(busy, "alice")
+    settle(keeper)
+    world.clock.advance(5)
+
+    world.hv.cut("h2")
+    world.lb.connect(idle)  # reached through the balancer before the keeper noticed
+    world.lb.disconnect(idle)
+    report = settle(keeper)[-1]
+    assert [h.name for h in report.hosts if not h.connected] == ["h2"]
+    assert world.hv.on_host("h2") == on_h2  # nothing deleted on the host it cannot see
+    assert world.hv.clones[busy].session.client == "192.0.2.7"  # the user is untouched
+    backends = {b.name: b for b in world.lb.list_backends()}
+    assert backends[busy].state is BackendState.DRAIN  # drained, not removed
+    assert backends[idle].state is BackendState.DRAIN
+    spread = world.spread()
+    assert spread["h1"] + spread["h3"] == 6 and spread["h2"] == 2  # refilled up to max
+    taken = {c.spec.slot for c in world.hv.clones.values()}
+    assert len(taken) == 8  # no name, slot or port reused
+    lost = world.store.load_pool("lab").clones
+    assert lost[busy].lost_since is not None and lost[busy].state is CloneState.IN_USE
+
+    world.hv.reconnect("h2")
+    world.clock.advance(5)
+    settle(keeper)
+    records = world.records()
+    assert records[busy] is CloneState.IN_USE  # tracked again, left alone
+    assert world.hv.clones[busy].session.client == "192.0.2.7"
+    assert world.store.load_pool("lab").clones[busy].lost_since is None
+    # the free one was used while unseen (the counter rose) and was replaced meanwhile: it
+    # is deleted, never handed to anyone as it is
+    assert idle not in world.hv.clones and idle not in records
+    assert idle not in {b.name for b in world.lb.list_backends()}
+    assert len(world.serving()) == 6  # the free target; alice keeps hers besides
+
+
+def test_a_free_desktop_back_from_a_cut_host_that_was_replaced_is_deleted(
+    world: Hosts,
+) -> None:
+    keeper = world.keeper()
+    settle(keeper)
+    world.hv.cut("h2")
+    world.clock.advance(5)
+    settle(keeper)
+    assert len(world.hv.clones) == 8
+    world.hv.reconnect("h2")
+    world.clock.advance(5)
+    settle(keeper)
+    assert world.hv.on_host("h2") == []  # both were free and replaced on h1 and h3
+    assert sorted(world.spread().values()) == [3, 3]
+    assert len(world.serving()) == 6
+
+
+def test_a_drained_host_gets_no_desktops_its_free_ones_move_and_the_user_stays(
+    world: Hosts,
+) -> None:
+    keeper = world.keeper()
+    settle(keeper)
+    busy = world.hv.on_host("h1")[0]
+    world.lb.connect(busy)
+    world.hv.connect(busy, "192.0.2.7")
+    settle(keeper)
+    world.store.set_host_draining("h1", world.clock.now())
+    world.clock.advance(5)
+    settle(keeper)
+    assert world.hv.on_host("h1") == [busy]
+    spread = world.spread()
+    assert spread["h1"] == 1 and spread["h2"] + spread["h3"] == 5  # max 6 counts the user's
+    world.hv.disconnect(busy)
+    world.lb.disconnect(busy)
+    settle(keeper)
+    world.clock.advance(SIX.recycle_after)
+    settle(keeper)
+    assert world.hv.on_host("h1") == []  # logged off: deleted, not reset for the next user
+    assert world.store.set_host_draining("h1", None)
+    world.clock.advance(5)
+    settle(keeper)
+    assert world.spread() == {"h2": 3, "h3": 3}  # nothing moves back by itself
+
+
+def test_a_host_without_the_version_gets_no_desktops_until_its_upload_is_done(
+    world: Hosts,
+) -> None:
+    world.hv.no_upload.add("h3")
+    settle(world.keeper())
+    assert world.spread() == {"h1": 3, "h2": 3}
+    assert world.hv.count("create_clone") == 6
