@@ -324,3 +324,35 @@ def test_a_killed_libvirtd_that_comes_back_is_reconnected_and_its_desktop_runs_o
     assert clones["mh-3"].power is Power.RUNNING
     assert domain_id(host3, "mh-3") == before
     assert rfb_banner(host3.address, 5903).startswith(b"RFB 003.")
+
+
+def test_a_hung_host_costs_one_timeout_per_pass_and_the_others_are_seen(
+    lab: HostLab, spread: MultiHostHypervisor
+) -> None:
+    """libvirtd of host1 stopped (SIGSTOP: it accepts TCP but never answers): a pass waits
+    for it no longer than the observation timeout, host1 is reported lost, and the desktops
+    of host2 and host3 are listed; once it answers again its desktop is seen again."""
+    import os
+    import signal
+
+    spread.observe_timeout = 2.0
+    host1 = lab.hosts[0]
+    assert host1.daemon_pid is not None
+    os.kill(host1.daemon_pid, signal.SIGSTOP)
+    try:
+        passes = []
+        for _ in range(3):
+            started = time.monotonic()
+            clones = mine(spread)
+            passes.append(time.monotonic() - started)
+        assert max(passes) < 2.0 + 1.0, passes
+        assert {"mh-2", "mh-3"} <= set(clones)
+        assert "mh-1" not in clones
+        assert not next(h for h in spread.hosts() if h.name == "host1").connected
+    finally:
+        os.kill(host1.daemon_pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while "mh-1" not in (clones := mine(spread)):
+        assert time.monotonic() < deadline, "host1 was not seen again within 30 s"
+        time.sleep(0.3)
+    assert clones["mh-1"].power is Power.RUNNING

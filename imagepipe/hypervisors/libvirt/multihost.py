@@ -79,7 +79,7 @@ class MultiHostHypervisor:
             raise BadInputError(f"hosts: names must be unique, got {', '.join(names)}")
         self._clock = clock
         self._checksums = checksums
-        self._timeout = observe_timeout
+        self.observe_timeout = observe_timeout
         self._hosts = {
             h.name: RemoteLibvirtHost(h, state_dir=state_dir / h.name, clock=clock) for h in hosts
         }
@@ -126,12 +126,12 @@ class MultiHostHypervisor:
                 if running is None or running.done():  # a hung host gets no second thread
                     self._observing[name] = self._observers.submit(self._observe, name)
             pending = dict(self._observing)
-        done, _ = concurrent.futures.wait(pending.values(), timeout=self._timeout)
+        done, _ = concurrent.futures.wait(pending.values(), timeout=self.observe_timeout)
         clones: list[CloneInfo] = []
         seen: set[str] = set()
         for name, future in pending.items():
             if future not in done:
-                self._mark(name, False, f"no answer within {self._timeout:g} s")
+                self._mark(name, False, f"no answer within {self.observe_timeout:g} s")
                 continue
             try:
                 found, versions = future.result()
