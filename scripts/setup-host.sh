@@ -62,6 +62,7 @@ dev_packages=(
   chromium          # tests/e2e/test_web_e2e.py: a real browser on the web entrance
   chromium-driver   # selenium drives it
   postgresql        # tests/postgres.py: a real server for the PostgreSQL state store's tests
+  nftables          # tests/multihost: the display-port firewall rule of docs/hosts.md
 )
 if [ "$dev" = yes ]; then
   packages+=("${dev_packages[@]}")

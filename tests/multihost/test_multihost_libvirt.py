@@ -9,6 +9,7 @@ a killed libvirtd that comes back.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from imagepipe.pool.model import (
     HostSpec,
     Power,
 )
+from tests.conftest import require
 from tests.contract.hypervisor_suite import (
     BaseInUse,
     ForeignVM,
@@ -356,3 +358,49 @@ def test_a_hung_host_costs_one_timeout_per_pass_and_the_others_are_seen(
         assert time.monotonic() < deadline, "host1 was not seen again within 30 s"
         time.sleep(0.3)
     assert clones["mh-1"].power is Power.RUNNING
+
+
+DISPLAY_FIREWALL = """table inet imagepipe {{
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    tcp dport 5900-5999 ip saddr {balancer} accept
+    tcp dport 5900-5999 drop
+  }}
+}}
+"""  # the rule docs/hosts.md gives administrators
+
+
+def connects_from(source: str, address: str, port: int) -> bool:
+    with socket.socket() as conn:
+        conn.settimeout(2.0)
+        conn.bind((source, 0))
+        try:
+            conn.connect((address, port))
+            return conn.recv(4) == b"RFB "
+        except OSError:
+            return False
+
+
+def test_a_display_port_is_reached_from_the_balancer_address_only(
+    lab: HostLab, spread: MultiHostHypervisor, tmp_path: Path
+) -> None:
+    """host1's nftables rule lets its display ports be reached from the balancer's address
+    (the root side of the veth, 10.251.1.1) and drops everyone else (10.251.1.3, another
+    machine on the same network), while the desktop keeps running."""
+    nft = shutil.which("nft")
+    require(nft is not None, "nft is not installed (scripts/setup-host.sh --dev installs nftables)")
+    host1 = lab.hosts[0]
+    other = f"{host1.gateway.rsplit('.', 1)[0]}.3"
+    rules = tmp_path / "imagepipe.nft"
+    rules.write_text(DISPLAY_FIREWALL.format(balancer=host1.gateway))
+    in_ns = ["ip", "netns", "exec", host1.netns]
+    subprocess.run(["ip", "addr", "add", f"{other}/24", "dev", host1.veth], check=True)
+    try:
+        assert connects_from(other, host1.address, 5901)  # open before the rule
+        subprocess.run([*in_ns, str(nft), "-f", str(rules)], check=True)
+        assert connects_from(host1.gateway, host1.address, 5901)
+        assert not connects_from(other, host1.address, 5901)
+        assert mine(spread)["mh-1"].power is Power.RUNNING
+    finally:
+        subprocess.run([*in_ns, str(nft), "delete", "table", "inet", "imagepipe"], check=False)
+        subprocess.run(["ip", "addr", "del", f"{other}/24", "dev", host1.veth], check=False)
