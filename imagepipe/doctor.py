@@ -19,7 +19,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from imagepipe.app.bootstrap import build_balancer, build_hypervisor, clone_state_dir
+from imagepipe.app.bootstrap import Runtime, build_packer, clone_state_dir
 from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 from imagepipe.balancers.haproxy.checks import check_haproxy
 from imagepipe.balancers.ipvs import checks as ipvs_checks
@@ -31,9 +31,9 @@ from imagepipe.errors import ConfigError, EnvironmentMissingError, ImagepipeErro
 from imagepipe.hypervisors.libvirt.checks import check_kvm, check_libvirt
 from imagepipe.hypervisors.virtualbox.checks import PoolBase, check_bases, check_virtualbox_host
 from imagepipe.images.packer import Packer
-from imagepipe.images.registry import Registry
 from imagepipe.log import fields
 from imagepipe.pool.model import PoolSpec
+from imagepipe.pool.ports import Balancer
 from imagepipe.private import DIR_MODE, FILE_MODE
 from imagepipe.stores.sqlite import SCHEMA_VERSION, read_schema_version
 
@@ -140,7 +140,7 @@ def check_pools(settings: Settings) -> tuple[Check, list[PoolSpec]]:
 
 def check_packer(packer: Packer | None = None) -> Check:
     try:
-        version = (packer or Packer()).version()
+        version = (packer or build_packer()).version()
     except EnvironmentMissingError as exc:
         return fail("packer", str(exc), INSTALL)
     except ImagepipeError as exc:
@@ -153,7 +153,8 @@ def check_packer(packer: Packer | None = None) -> Check:
 def check_hypervisor(settings: Settings) -> Check:
     if settings.hypervisor.driver != "libvirt":
         try:
-            hypervisor = build_hypervisor(settings)
+            with Runtime(settings) as runtime:
+                _ = runtime.hypervisor  # connects; closed at the end of the `with`
         except ImagepipeError as exc:
             fix = "set hypervisor.driver: libvirt"
             if settings.hypervisor.driver == "virtualbox":
@@ -162,16 +163,20 @@ def check_hypervisor(settings: Settings) -> Check:
                     "'imagepipe[virtualbox]', and run imagepipe as the user owning the VMs"
                 )
             return fail("hypervisor", str(exc), fix)
-        hypervisor.close()
         return ok("hypervisor", f"{settings.hypervisor.driver} answers")
     return check_libvirt(settings.hypervisor.uri)
 
 
 def check_balancer(settings: Settings) -> Check:
-    try:
-        balancer = build_balancer(settings)
-    except ImagepipeError as exc:
-        return fail("balancer", str(exc), "set balancer.driver: haproxy (or none)")
+    with Runtime(settings) as runtime:
+        try:
+            balancer = runtime.balancer
+        except ImagepipeError as exc:
+            return fail("balancer", str(exc), "set balancer.driver: haproxy (or none)")
+        return _check_balancer(settings, balancer)
+
+
+def _check_balancer(settings: Settings, balancer: Balancer) -> Check:
     if isinstance(balancer, IPVSBalancer):
         return ipvs_checks.describe(balancer)
     if not isinstance(balancer, HAProxyBalancer):
@@ -307,7 +312,8 @@ def check_registry(settings: Settings) -> Check:
             f"{path} does not exist yet",
             "nothing to do: it is created on the first `imagepipe build`",
         )
-    registry = Registry(path, settings.image_store)
+    with Runtime(settings) as runtime:
+        registry = runtime.registry
     try:
         registry.check_readable()
         images = registry.images()
@@ -323,7 +329,8 @@ def check_registry(settings: Settings) -> Check:
 
 def check_pool_images(settings: Settings, specs: Sequence[PoolSpec]) -> list[Check]:
     """Per pool: does its image (pinned version, or channel) resolve in the registry?"""
-    registry = Registry(settings.registry, settings.image_store)
+    with Runtime(settings) as runtime:
+        registry = runtime.registry
     checks = []
     for spec in specs:
         ref: str | int | None = spec.version if spec.version is not None else spec.channel
@@ -360,7 +367,8 @@ def check_ipvs(settings: Settings, runner: CommandRunner | None = None) -> list[
 
 def check_virtualbox_bases(settings: Settings, specs: Sequence[PoolSpec]) -> list[Check]:
     """Per pool: is its image version's base VM there, powered off, unlocked, snapshotted?"""
-    registry = Registry(settings.registry, settings.image_store)
+    with Runtime(settings) as runtime:
+        registry = runtime.registry
     bases = []
     for spec in specs:
         ref: str | int | None = spec.version if spec.version is not None else spec.channel
@@ -371,11 +379,9 @@ def check_virtualbox_bases(settings: Settings, specs: Sequence[PoolSpec]) -> lis
         bases.append(PoolBase(spec.name, spec.image, base))
     if not bases:
         return []
-    try:
-        hypervisor = build_hypervisor(settings)
-    except ImagepipeError:
-        return []  # check_hypervisor already said why
-    try:
+    with Runtime(settings) as runtime:
+        try:
+            hypervisor = runtime.hypervisor
+        except ImagepipeError:
+            return []  # check_hypervisor already said why
         return check_bases(hypervisor, bases)
-    finally:
-        hypervisor.close()

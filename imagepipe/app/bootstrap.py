@@ -1,42 +1,48 @@
 """The composition root: the one place that turns settings into adapters.
 
-    runtime = bootstrap(settings)                      # the configured adapters
-    runtime = bootstrap(settings, hypervisor=fake)     # tests, benchmarks: inject any of them
-    try: ...
-    finally: runtime.close()
+    with Runtime(settings) as runtime:                      # what a command uses, opened on
+        runtime.registry.images()                           # first use, closed at the end
+    with Runtime(settings, Adapters(hypervisor=fake)):      # tests, embedders: inject any
+    runtime = bootstrap(settings)                           # the keeper's, opened at once
 
-The CLI, the demo, the tests and the benchmarks all build their runtime here; nothing else
-imports an adapter module. Adapters are imported lazily so a missing optional dependency
-(libvirt-python, pyvbox) is a clear EnvironmentMissingError, not an ImportError at start-up.
+Nothing else builds an adapter: the image registry, Packer, the state store (read-write or
+read-only), the hypervisor, the balancer and the libvirt disk importer are built here when a
+command first asks for them, and Runtime.close() closes every one it built (injected ones
+belong to whoever passed them). Adapter modules are imported inside the functions that build
+them, so a command pays only for what it uses (`imagepipe --help` imports none), and a missing
+optional dependency (libvirt-python, pyvbox) is a clear EnvironmentMissingError when it is
+needed, not an ImportError at start-up.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
-from imagepipe.balancers.null import NullBalancer
-from imagepipe.config import Settings
 from imagepipe.errors import BadInputError, ConfigError, EnvironmentMissingError, ImagepipeError
-from imagepipe.images.registry import Registry
 from imagepipe.log import fields
-from imagepipe.pool.executor import ExecutorSettings
-from imagepipe.pool.keeper import Keeper, KeeperOptions
-from imagepipe.pool.model import BaseImage, PoolSpec
-from imagepipe.pool.ports import Balancer, Channels, Clock, Hypervisor, Images
-from imagepipe.pool.store import Store
 from imagepipe.private import private_dir
 
 if TYPE_CHECKING:
+    from imagepipe.config import Settings
     from imagepipe.hypervisors.libvirt.importer import DomainImporter
     from imagepipe.hypervisors.virtualbox.hypervisor import VmSnapshot
+    from imagepipe.images.packer import Packer
+    from imagepipe.images.registry import Registry
+    from imagepipe.pool.keeper import Keeper, KeeperOptions
+    from imagepipe.pool.model import BaseImage, PoolSpec
+    from imagepipe.pool.ports import Balancer, Channels, Clock, Hypervisor, Images
+    from imagepipe.pool.store import Store
     from imagepipe.stores.copy import CopyReport
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class SystemClock:
@@ -52,34 +58,152 @@ class SystemClock:
         time.sleep(seconds)
 
 
+SYSTEM_CLOCK = SystemClock()
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class Adapters:
     """Adapters to use instead of the ones the settings name: the seam for tests, the
-    benchmarks and anything that embeds imagepipe. None = build from the settings."""
+    benchmarks and anything that embeds imagepipe. None = build from the settings.
+
+    `images` is what the keeper resolves versions with; `registry` is the whole registry the
+    `images` and `build` commands work on (given alone, it serves as `images` too)."""
 
     hypervisor: Hypervisor | None = None
     balancer: Balancer | None = None
     images: Images | None = None
     clock: Clock | None = None
+    registry: Registry | None = None
+    packer: Packer | None = None
 
 
-@dataclass
 class Runtime:
-    settings: Settings
-    hypervisor: Hypervisor
-    balancer: Balancer
-    store: Store
-    images: Images
-    clock: Clock = field(default_factory=SystemClock)
-    # the adapters bootstrap built (and so closes); injected ones belong to their caller
-    owned: frozenset[str] = frozenset({"hypervisor", "balancer"})
+    """The adapters one command uses, each opened on first use; close() (or the end of a
+    `with`) closes the ones this runtime built, newest first.
+
+    `manage_balancer=False` gives a balancer that never starts or reloads HAProxy (status,
+    dry runs); None follows the settings."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        adapters: Adapters = Adapters(),
+        *,
+        manage_balancer: bool | None = None,
+    ) -> None:
+        self.settings = settings
+        self.adapters = adapters
+        self.manage_balancer = manage_balancer
+        self._built: dict[str, object] = {}
+        self._closers: list[tuple[str, Callable[[], None]]] = []
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _open(self, name: str, given: T | None, build: Callable[[], T], *, closes: bool) -> T:
+        if given is not None:
+            return given
+        if name not in self._built:
+            adapter = build()
+            self._built[name] = adapter
+            if closes:
+                self._closers.append((name, cast(_Closable, adapter).close))
+        return cast(T, self._built[name])
 
     @property
-    def registry(self) -> Images:  # the name the keeper's callers used before
-        return self.images
+    def owned(self) -> frozenset[str]:
+        """The adapters this runtime built so far, and so closes (never an injected one)."""
+        return frozenset(self._built)
+
+    @property
+    def hypervisor(self) -> Hypervisor:
+        given = self.adapters.hypervisor
+        return self._open("hypervisor", given, lambda: build_hypervisor(self.settings), closes=True)
+
+    @property
+    def balancer(self) -> Balancer:
+        return self._open(
+            "balancer",
+            self.adapters.balancer,
+            lambda: build_balancer(self.settings, manage=self.manage_balancer),
+            closes=True,
+        )
+
+    @property
+    def store(self) -> Store:
+        """The state store, read-write (its folder and the run folder are made if missing)."""
+        return self._open("store", None, lambda: open_store(self.settings), closes=True)
+
+    @property
+    def store_reader(self) -> Store:
+        """The state store read-only, never blocking the keeper and never creating anything;
+        a database that does not exist yet reads as empty."""
+        return self._open(
+            "store_reader", None, lambda: open_store_readonly(self.settings), closes=True
+        )
+
+    @property
+    def registry(self) -> Registry:
+        """The image registry (versions, channels, the image store)."""
+        return self._open(
+            "registry", self.adapters.registry, lambda: build_registry(self.settings), closes=False
+        )
+
+    @property
+    def images(self) -> Images:
+        """What the keeper resolves image versions with."""
+        return self.adapters.images or self.registry
+
+    @property
+    def channels(self) -> Channels | None:
+        """The registry's channels, when the images adapter can move them."""
+        from imagepipe.pool.ports import Channels
+
+        images = self.images
+        return images if isinstance(images, Channels) else None
+
+    @property
+    def packer(self) -> Packer:
+        return self._open(
+            "packer",
+            self.adapters.packer,
+            lambda: build_packer(packer_version_cache(self.settings)),
+            closes=False,
+        )
+
+    @property
+    def clock(self) -> Clock:
+        return self.adapters.clock or SYSTEM_CLOCK
+
+    def domain_importer(self) -> DomainImporter:
+        """A libvirt connection for `images import --from-domain` (app/image_import.py)."""
+        return self._open(
+            "domain_importer", None, lambda: build_domain_importer(self.settings), closes=True
+        )
+
+    def describe_virtualbox_vm(self, vm: str) -> VmSnapshot:
+        """A VirtualBox VM and its current snapshot (`images import --from-vm`)."""
+        from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
+
+        hypervisor = self._open("virtualbox", None, VirtualBoxHypervisor, closes=True)
+        return hypervisor.describe_vm(vm)
 
     def keeper(self, specs: Sequence[PoolSpec], *, other_pools: Sequence[str] = ()) -> Keeper:
         """A keeper for these pools on this runtime's adapters."""
+        from imagepipe.pool.keeper import Keeper
+
         return Keeper(
             hypervisor=self.hypervisor,
             balancer=self.balancer,
@@ -89,26 +213,54 @@ class Runtime:
             clock=self.clock,
             settings=keeper_options(self.settings),
             other_pools=other_pools,
-            channels=self.images if isinstance(self.images, Channels) else None,
+            channels=self.channels,
             hosts=self.settings.host_specs(),
         )
 
+    def stop_managed_balancer(self) -> bool:
+        """Stop the HAProxy imagepipe started (the demo's); False when there is none to stop."""
+        from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
+
+        balancer = self.balancer
+        if not isinstance(balancer, HAProxyBalancer) or not balancer.manage:
+            return False
+        balancer.shutdown()
+        return True
+
     def close(self) -> None:
-        """Release every adapter; a managed HAProxy and running desktops keep running."""
-        for name, closer in (
-            ("balancer", self.balancer.close),
-            ("hypervisor", self.hypervisor.close),
-            ("store", self.store.close),
-        ):
-            if name != "store" and name not in self.owned:
-                continue
+        """Close what this runtime built, newest first; a managed HAProxy and running
+        desktops keep running. A part that cannot close is logged, the others still close."""
+        while self._closers:
+            name, close = self._closers.pop()
+            self._built.pop(name, None)
             try:
-                closer()
+                close()
             except ImagepipeError as exc:
                 log.warning("could not close cleanly", extra=fields(part=name, error=str(exc)))
 
 
+def bootstrap(
+    settings: Settings,
+    adapters: Adapters = Adapters(),
+    *,
+    manage_balancer: bool | None = None,
+) -> Runtime:
+    """A runtime with every adapter the keeper needs already open (the injected ones, else
+    the configured ones), or a clear error about what is missing. Nothing is left open when
+    it fails."""
+    runtime = Runtime(settings, adapters, manage_balancer=manage_balancer)
+    try:
+        _ = (runtime.store, runtime.hypervisor, runtime.balancer, runtime.images)
+    except BaseException:
+        runtime.close()
+        raise
+    return runtime
+
+
 def keeper_options(settings: Settings) -> KeeperOptions:
+    from imagepipe.pool.executor import ExecutorSettings
+    from imagepipe.pool.keeper import KeeperOptions
+
     cfg = settings.keeper
     return KeeperOptions(
         tick=cfg.tick,
@@ -119,6 +271,9 @@ def keeper_options(settings: Settings) -> KeeperOptions:
 def clone_state_dir(settings: Settings) -> Path:
     """Where clone overlays and console sockets live: beside the state database."""
     return settings.state_db.parent / "clones"
+
+
+# ---- how each adapter is built (Runtime calls these; so do tests of one adapter) ------------
 
 
 def build_hypervisor(settings: Settings) -> Hypervisor:
@@ -135,7 +290,7 @@ def build_hypervisor(settings: Settings) -> Hypervisor:
             from imagepipe.hypervisors.libvirt.multihost import MultiHostHypervisor
 
             def checksums(base: BaseImage) -> dict[str, str]:
-                record = build_images(settings).resolve(base.image, base.version)
+                record = build_registry(settings).resolve(base.image, base.version)
                 return {artifact.name: artifact.sha256 for artifact in record.artifacts}
 
             return MultiHostHypervisor(
@@ -152,29 +307,12 @@ def build_hypervisor(settings: Settings) -> Hypervisor:
     )
 
 
-def describe_virtualbox_vm(vm: str) -> VmSnapshot:
-    """A VirtualBox VM and its current snapshot (`images import --from-vm`): connect, read,
-    close."""
-    from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
-
-    hypervisor = VirtualBoxHypervisor()
-    try:
-        return hypervisor.describe_vm(vm)
-    finally:
-        hypervisor.close()
-
-
-def domain_importer(settings: Settings) -> DomainImporter:
-    """A libvirt connection for `images import --from-domain` (app/image_import.py)."""
-    from imagepipe.hypervisors.libvirt.importer import DomainImporter
-
-    return DomainImporter(settings.hypervisor.uri)
-
-
 def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balancer:
     """The configured balancer; `manage=False` never starts or reloads HAProxy (for status)."""
     cfg = settings.balancer
     if cfg.driver == "none":
+        from imagepipe.balancers.null import NullBalancer
+
         return NullBalancer()
     if cfg.driver == "haproxy":
         from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
@@ -211,46 +349,29 @@ def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balance
     )
 
 
-def build_images(settings: Settings) -> Registry:
+def build_registry(settings: Settings) -> Registry:
+    """The registry the settings name (Registry.check_readable says if it is not one)."""
+    from imagepipe.images.registry import Registry
+
     return Registry(settings.registry, settings.image_store)
 
 
-def bootstrap(
-    settings: Settings,
-    adapters: Adapters = Adapters(),
-    *,
-    manage_balancer: bool | None = None,
-) -> Runtime:
-    """Every adapter the keeper needs (the injected ones, else the configured ones), or a
-    clear error about what is missing. Nothing is left open when it fails."""
-    store = open_store(settings)
-    opened: list[Hypervisor | Balancer] = []
-    try:
-        hypervisor = adapters.hypervisor or build_hypervisor(settings)
-        if adapters.hypervisor is None:
-            opened.append(hypervisor)
-        balancer = adapters.balancer or build_balancer(settings, manage=manage_balancer)
-    except BaseException:
-        for adapter in opened:
-            adapter.close()
-        store.close()
-        raise
-    return Runtime(
-        settings=settings,
-        hypervisor=hypervisor,
-        balancer=balancer,
-        store=store,
-        images=adapters.images or build_images(settings),
-        clock=adapters.clock or SystemClock(),
-        owned=frozenset(
-            name
-            for name, given in (
-                ("hypervisor", adapters.hypervisor),
-                ("balancer", adapters.balancer),
-            )
-            if given is None
-        ),
-    )
+def build_packer(version_cache: Path | None = None) -> Packer:
+    """Packer on PATH; with `version_cache`, `packer version` is asked once per install."""
+    from imagepipe.images.packer import Packer
+
+    return Packer(version_cache=version_cache)
+
+
+def packer_version_cache(settings: Settings) -> Path:
+    """In the image store, which a build writes to anyway."""
+    return settings.image_store / ".packer-version.json"
+
+
+def build_domain_importer(settings: Settings) -> DomainImporter:
+    from imagepipe.hypervisors.libvirt.importer import DomainImporter
+
+    return DomainImporter(settings.hypervisor.uri)
 
 
 def open_store(settings: Settings) -> Store:
@@ -319,13 +440,3 @@ def read_password_file(path: Path, *, file: str | None, key: str) -> str:
             key=key,
         )
     return lines[0].strip()
-
-
-def stop_managed_balancer(balancer: Balancer) -> bool:
-    """Stop the HAProxy imagepipe started (the demo's); False when there is none to stop."""
-    from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
-
-    if not isinstance(balancer, HAProxyBalancer) or not balancer.manage:
-        return False
-    balancer.shutdown()
-    return True

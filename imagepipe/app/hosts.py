@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from imagepipe.app.bootstrap import Adapters, build_hypervisor, open_store, open_store_readonly
+from imagepipe.app.bootstrap import Runtime
 from imagepipe.config import Settings
 from imagepipe.errors import BadInputError
 from imagepipe.pool.model import CloneState, HostSpec, HostState, PoolSpec
@@ -74,23 +74,13 @@ def one_host(settings: Settings, host: str) -> HostSpec:
     raise BadInputError(f"no host named {host} in {settings.source} (configured hosts: {names})")
 
 
-def host_rows(
-    settings: Settings, specs: Sequence[PoolSpec], adapters: Adapters = Adapters()
-) -> list[HostRow]:
+def host_rows(runtime: Runtime, specs: Sequence[PoolSpec]) -> list[HostRow]:
     """Every configured host with its state, desktops and versions (reads the store
     read-only; asks the hypervisor for its hosts, never for an upload)."""
-    hosts = configured(settings)
-    hypervisor = adapters.hypervisor or build_hypervisor(settings)
-    try:
-        states = {s.name: s for s in hypervisor.hosts()} if isinstance(hypervisor, Hosts) else {}
-    finally:
-        if adapters.hypervisor is None:
-            hypervisor.close()
-    store = open_store_readonly(settings)
-    try:
-        return rows(hosts, states, store, specs)
-    finally:
-        store.close()
+    hosts = configured(runtime.settings)
+    hypervisor = runtime.hypervisor
+    states = {s.name: s for s in hypervisor.hosts()} if isinstance(hypervisor, Hosts) else {}
+    return rows(hosts, states, runtime.store_reader, specs)
 
 
 def rows(
@@ -141,42 +131,30 @@ def rows(
     return out
 
 
-def drain(settings: Settings, host: str, at: float) -> bool:
+def drain(runtime: Runtime, host: str, at: float) -> bool:
     """Drain the host from `at` on; False when it was drained already."""
-    one_host(settings, host)
-    store = open_store(settings)
-    try:
-        return store.set_host_draining(host, at)
-    finally:
-        store.close()
+    one_host(runtime.settings, host)
+    return runtime.store.set_host_draining(host, at)
 
 
-def undrain(settings: Settings, host: str) -> bool:
+def undrain(runtime: Runtime, host: str) -> bool:
     """New desktops may go to the host again; False when it was not drained."""
-    one_host(settings, host)
-    store = open_store(settings)
-    try:
-        return store.set_host_draining(host, None)
-    finally:
-        store.close()
+    one_host(runtime.settings, host)
+    return runtime.store.set_host_draining(host, None)
 
 
-def desktops_on(settings: Settings, specs: Sequence[PoolSpec], host: str) -> int:
+def desktops_on(store: Store, specs: Sequence[PoolSpec], host: str) -> int:
     """The desktops the store has on the host (every pool)."""
-    store = open_store_readonly(settings)
-    try:
-        return sum(
-            1
-            for spec in specs
-            for record in store.load_pool(spec.name).clones.values()
-            if record.host == host
-        )
-    finally:
-        store.close()
+    return sum(
+        1
+        for spec in specs
+        for record in store.load_pool(spec.name).clones.values()
+        if record.host == host
+    )
 
 
 def wait_empty(
-    settings: Settings,
+    runtime: Runtime,
     specs: Sequence[PoolSpec],
     host: str,
     *,
@@ -188,7 +166,7 @@ def wait_empty(
     when their users log off). Reports the count whenever it changes."""
     last = -1
     while True:
-        left = desktops_on(settings, specs, host)
+        left = desktops_on(runtime.store_reader, specs, host)
         if left != last:
             report(left)
             last = left

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from imagepipe.app.bootstrap import open_store, open_store_readonly
+from imagepipe.app.bootstrap import Runtime
 from imagepipe.app.status import PoolStatus
-from imagepipe.config import Settings
 from imagepipe.errors import OperationFailedError
-from imagepipe.pool.keeper import Keeper
 from imagepipe.pool.model import PoolDown
+
+if TYPE_CHECKING:
+    from imagepipe.pool.keeper import Keeper
 
 
 @dataclass(frozen=True)
@@ -41,31 +43,19 @@ def request_down(pool: PoolStatus, now: bool) -> DownRequest:
     )
 
 
-def mark_down(settings: Settings, pool: str, *, now: bool, at: float) -> None:
+def mark_down(runtime: Runtime, pool: str, *, now: bool, at: float) -> None:
     """Remember in the state store that the pool is to be taken down."""
-    store = open_store(settings)
-    try:
-        store.mark_down(pool, PoolDown(since=at, now=now))
-    finally:
-        store.close()
+    runtime.store.mark_down(pool, PoolDown(since=at, now=now))
 
 
-def known_pools(settings: Settings) -> list[str]:
+def known_pools(runtime: Runtime) -> list[str]:
     """Pools the state store has records of (configured now or not)."""
-    store = open_store_readonly(settings)
-    try:
-        return store.pools()
-    finally:
-        store.close()
+    return runtime.store_reader.pools()
 
 
-def mark_up(settings: Settings, pool: str) -> bool:
+def mark_up(runtime: Runtime, pool: str) -> bool:
     """Keep the pool again; False when it was not going down."""
-    store = open_store(settings)
-    try:
-        return store.clear_down(pool)
-    finally:
-        store.close()
+    return runtime.store.clear_down(pool)
 
 
 def progress(pool: PoolStatus) -> str | None:

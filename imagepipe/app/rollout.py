@@ -8,25 +8,22 @@ import getpass
 import os
 import socket
 from collections.abc import Sequence
-from dataclasses import replace
 
-from imagepipe.app.bootstrap import Adapters, SystemClock, bootstrap, build_images, open_store
+from imagepipe.app.bootstrap import Runtime
 from imagepipe.app.keeping import select_pools
 from imagepipe.app.status import load_records
-from imagepipe.config import Settings
 from imagepipe.errors import EnvironmentMissingError
 from imagepipe.pool.model import PoolSpec
 from imagepipe.pool.observe import observe
-from imagepipe.pool.ports import Channels
 from imagepipe.pool.rollout.control import PoolPlan, Request, RolloutControl, Started, choose, plans
 
 
-def open_rollouts(settings: Settings, adapters: Adapters) -> RolloutControl:
-    """The state store (read-write) and the registry's channels; close its store after."""
-    images = adapters.images or build_images(settings)
-    if not isinstance(images, Channels):
+def open_rollouts(runtime: Runtime) -> RolloutControl:
+    """The runtime's state store (read-write), registry, channels and clock."""
+    channels = runtime.channels
+    if channels is None:
         raise EnvironmentMissingError("the image registry cannot move channels")
-    return RolloutControl(open_store(settings), images, images, adapters.clock or SystemClock())
+    return RolloutControl(runtime.store, runtime.images, channels, runtime.clock)
 
 
 def start(
@@ -37,24 +34,16 @@ def start(
 
 
 def dry_run(
-    control: RolloutControl,
-    settings: Settings,
-    adapters: Adapters,
-    specs: Sequence[PoolSpec],
-    request: Request,
+    control: RolloutControl, runtime: Runtime, specs: Sequence[PoolSpec], request: Request
 ) -> list[PoolPlan]:
-    """What the rollout would do, from one live observation; changes nothing (the balancer
-    is only read, never started or reloaded)."""
+    """What the rollout would do, from one live observation; changes nothing (give a runtime
+    with `manage_balancer=False`: the balancer is only read, never started or reloaded)."""
     named = select_pools(specs, request.pools) if request.pools else []
     chosen, _channel = choose(specs, request.image, named)
     to = control.target(request)
-    runtime = bootstrap(settings, replace(adapters, images=control.images), manage_balancer=False)
-    try:
-        host = observe(runtime.hypervisor, runtime.balancer, control.images, chosen)
-        now = control.clock.now()
-        records, _downs = load_records(control.store, chosen, now)
-    finally:
-        runtime.close()
+    host = observe(runtime.hypervisor, runtime.balancer, control.images, chosen)
+    now = control.clock.now()
+    records, _downs = load_records(control.store, chosen, now)
     return plans(chosen, host.pools, records, to, request, now)
 
 

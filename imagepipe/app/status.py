@@ -11,18 +11,11 @@ same rollout target the keeper uses, so status shows exactly what the keeper act
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
-from imagepipe.app.bootstrap import (
-    Adapters,
-    build_balancer,
-    build_hypervisor,
-    build_images,
-    open_store_readonly,
-)
-from imagepipe.config import Settings
+from imagepipe.app.bootstrap import Runtime
 from imagepipe.pool.learning import learned
 from imagepipe.pool.model import (
     CloneRecord,
@@ -37,7 +30,9 @@ from imagepipe.pool.model import (
 from imagepipe.pool.observe import HostObservation, observe
 from imagepipe.pool.planner import classify, free_target
 from imagepipe.pool.planner.forecast import day_and_bucket
-from imagepipe.pool.store import Store
+
+if TYPE_CHECKING:
+    from imagepipe.pool.store import Store
 
 SCHEMA = "imagepipe.status/1"
 IN_USE = (CloneState.IN_USE, CloneState.DISCONNECTED)
@@ -97,36 +92,14 @@ class HostStatus:
     balancer_error: str | None
 
 
-def collect(
-    settings: Settings, specs: Sequence[PoolSpec], adapters: Adapters = Adapters()
-) -> HostStatus:
-    """One live observation plus the store's records (read-only). Never starts or reloads a
-    balancer, never writes the store."""
-    hypervisor = adapters.hypervisor or build_hypervisor(settings)
-    try:
-        balancer = adapters.balancer or build_balancer(settings, manage=False)
-        try:
-            images = adapters.images or build_images(settings)
-            host = observe(hypervisor, balancer, images, specs, partial=True)
-            now = adapters.clock.now() if adapters.clock else time.time()
-            records, downs = _records(settings, specs, now)
-        finally:
-            if adapters.balancer is None:
-                balancer.close()
-    finally:
-        if adapters.hypervisor is None:
-            hypervisor.close()
+def collect(runtime: Runtime, specs: Sequence[PoolSpec]) -> HostStatus:
+    """One live observation plus the store's records (read-only). Give a runtime whose
+    balancer is not managed (`manage_balancer=False`): status never starts or reloads a
+    balancer, and never writes the store."""
+    host = observe(runtime.hypervisor, runtime.balancer, runtime.images, specs, partial=True)
+    now = runtime.clock.now()
+    records, downs = load_records(runtime.store_reader, specs, now)
     return build_status(specs, host, records, now, downs)
-
-
-def _records(
-    settings: Settings, specs: Sequence[PoolSpec], now: float
-) -> tuple[dict[str, PoolRecord], dict[str, PoolDown]]:
-    store = open_store_readonly(settings)
-    try:
-        return load_records(store, specs, now)
-    finally:
-        store.close()
 
 
 def load_records(

@@ -54,19 +54,19 @@ def build(
     4 the build failed; 130 interrupted. With --changed: 4 if any image failed, else 3 if any
     image cannot be built here (unless --skip-unavailable), else 0.
     """
-    settings = cli_context(ctx).settings()
-    with _progress(as_json) as progress:
+    cli = cli_context(ctx)
+    with cli.runtime(cli.settings()) as runtime, _progress(as_json) as progress:
         if changed:
             if image or var or var_file or only or force or dry_run:
                 raise BadInputError(
                     "--changed builds every changed image: give no IMAGE or options"
                 )
-            results = build_changed(settings, progress=progress)
+            results = build_changed(runtime, progress=progress)
         else:
             if image is None:
                 raise BadInputError("name an image (imagepipe build tiny) or use --changed")
             result = build_image(
-                settings,
+                runtime,
                 image,
                 variables=parse_assignments(var or []),
                 var_files=var_file or [],

@@ -15,7 +15,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from imagepipe.app.bootstrap import stop_managed_balancer
 from imagepipe.app.keeping import fail_if_failed, stop_on_signals
 from imagepipe.app.pidlock import holding, stop_holder
 from imagepipe.app.pool_down import drive_down, mark_down
@@ -112,10 +111,9 @@ def _run_demo(
     *,
     no_keep: bool,
 ) -> None:
-    result = build_image(settings, "tiny", progress=PlainProgress())
-    console.print(result.message)
-    runtime = cli.runtime(settings)
-    try:
+    with cli.runtime(settings) as runtime:
+        result = build_image(runtime, "tiny", progress=PlainProgress())
+        console.print(result.message)
         if runtime.store.clear_down(POOL):
             console.print("the demo pool had been taken down; keeping it again")
         keeper = runtime.keeper([spec])
@@ -131,8 +129,6 @@ def _run_demo(
             "Stopped. The desktops, HAProxy and the web entrance keep running; `imagepipe "
             "demo` keeps them again, `imagepipe demo --down` removes them."
         )
-    finally:
-        runtime.close()
 
 
 def take_demo_down(cli: CliContext, directory: Path, console: Console) -> None:
@@ -147,18 +143,15 @@ def take_demo_down(cli: CliContext, directory: Path, console: Console) -> None:
     pid = stop_holder(settings.run_dir / KEEPER_PID, "the demo's keeper", timeout=STOP_TIMEOUT)
     if pid is not None:
         console.print(f"the demo's keeper (pid {pid}) is stopped")
-    mark_down(settings, POOL, now=True, at=time.time())
-    runtime = cli.runtime(settings)
-    try:
+    with cli.runtime(settings) as runtime:
+        mark_down(runtime, POOL, now=True, at=time.time())
         keeper = runtime.keeper([spec])
         passes = drive_down(keeper, POOL, timeout=READY_TIMEOUT)
         console.print(f"the demo's desktops and balancer entries are removed ({passes} passes)")
-        if stop_managed_balancer(runtime.balancer):
+        if runtime.stop_managed_balancer():
             console.print(f"the demo's HAProxy on {BIND} is stopped")
         if settings.web is not None and stop_web_background(settings):
             console.print(f"the demo's web entrance on {web_url(settings)} is stopped")
-    finally:
-        runtime.close()
     console.print(
         f"The demo is down. Its image, registry and state stay in {directory} "
         f"(`rm -rf {directory}` removes them); `imagepipe demo` starts it again."

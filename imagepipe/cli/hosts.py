@@ -28,7 +28,9 @@ def hosts(
     cli = cli_context(ctx)
     settings = cli.settings()
     configured(settings)
-    rows = host_rows(settings, load_pools([settings.pools_dir]), cli.adapters)
+    specs = load_pools([settings.pools_dir])
+    with cli.runtime(settings, manage_balancer=False) as runtime:
+        rows = host_rows(runtime, specs)
     if as_json:
         doc = [r.to_json() for r in rows]
         typer.echo(json.dumps(doc, indent=2, sort_keys=True, allow_nan=False))
@@ -71,20 +73,21 @@ def drain(
     from imagepipe.app.hosts import drain as drain_host
     from imagepipe.app.hosts import wait_empty
 
-    settings = cli_context(ctx).settings()
-    if drain_host(settings, host, time.time()):
-        typer.echo(f"{host} is draining: no new desktops there; the keeper moves free ones")
-    else:
-        typer.echo(f"{host} was draining already; nothing changed")
-    if wait:
-        specs = load_pools([settings.pools_dir])
-        wait_empty(
-            settings,
-            specs,
-            host,
-            sleep=time.sleep,
-            report=lambda n: typer.echo(f"{host}: {n} desktop(s) left"),
-        )
+    cli = cli_context(ctx)
+    settings = cli.settings()
+    with cli.runtime(settings, manage_balancer=False) as runtime:
+        if drain_host(runtime, host, time.time()):
+            typer.echo(f"{host} is draining: no new desktops there; the keeper moves free ones")
+        else:
+            typer.echo(f"{host} was draining already; nothing changed")
+        if wait:
+            wait_empty(
+                runtime,
+                load_pools([settings.pools_dir]),
+                host,
+                sleep=time.sleep,
+                report=lambda n: typer.echo(f"{host}: {n} desktop(s) left"),
+            )
 
 
 @app.command()
@@ -95,8 +98,11 @@ def undrain(
     """New desktops may go to HOST again (nothing moves back by itself)."""
     from imagepipe.app.hosts import undrain as undrain_host
 
-    settings = cli_context(ctx).settings()
-    if undrain_host(settings, host):
+    cli = cli_context(ctx)
+    settings = cli.settings()
+    with cli.runtime(settings, manage_balancer=False) as runtime:
+        changed = undrain_host(runtime, host)
+    if changed:
         typer.echo(f"{host} takes new desktops again")
     else:
         typer.echo(f"{host} was not draining; nothing changed")

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from imagepipe.app.bootstrap import Runtime
 from imagepipe.cli.context import cli_context
 from imagepipe.config import load_pools
 from imagepipe.errors import BadInputError
-from imagepipe.images.names import channel_error, shown
 from imagepipe.images.prune import choose, load_pool_records, versions_in_use
 from imagepipe.images.records import VersionRecord
-from imagepipe.images.registry import NewVersion, Registry, check_image_name
+from imagepipe.images.registry import Registry, check_image_name
+from imagepipe.names import channel_error, shown
 from imagepipe.units import format_size
 
 app = typer.Typer(help="Registered image versions and channels.", no_args_is_help=True)
@@ -28,11 +31,19 @@ def images() -> None:
     """Registered image versions (a git repository) and channels such as latest and stable."""
 
 
-def _registry(ctx: typer.Context) -> Registry:
-    settings = cli_context(ctx).settings()
-    registry = Registry(settings.registry, settings.image_store)
-    registry.check_readable()
-    return registry
+@contextmanager
+def _runtime(ctx: typer.Context) -> Iterator[Runtime]:
+    """The command's runtime, its registry checked to be one; closed at the end."""
+    cli = cli_context(ctx)
+    with cli.runtime(cli.settings()) as runtime:
+        runtime.registry.check_readable()
+        yield runtime
+
+
+@contextmanager
+def _registry(ctx: typer.Context) -> Iterator[Registry]:
+    with _runtime(ctx) as runtime:
+        yield runtime.registry
 
 
 def _known(registry: Registry, image: str) -> None:
@@ -60,27 +71,26 @@ def list_(
     as_json: bool = _JSON,
 ) -> None:
     """Every version of every image (or of IMAGE), with status and channels."""
-    registry = _registry(ctx)
-    if image is not None:
-        _known(registry, image)
-    names = [image] if image is not None else registry.images()
     docs = []
     table = Table("image", "version", "status", "channels", "created", "size", "fingerprint")
-    for name in names:
-        channels = _channels_of(registry, name)
-        for record in registry.versions(name):
-            on = channels.get(record.version, [])
-            docs.append(_doc(record, on))
-            size = sum(a.size for a in record.artifacts)
-            table.add_row(
-                name,
-                f"v{record.version}",
-                record.status.value,
-                ",".join(on),
-                record.created_at,
-                format_size(size),
-                record.fingerprint[:12],
-            )
+    with _registry(ctx) as registry:
+        if image is not None:
+            _known(registry, image)
+        for name in [image] if image is not None else registry.images():
+            channels = _channels_of(registry, name)
+            for record in registry.versions(name):
+                on = channels.get(record.version, [])
+                docs.append(_doc(record, on))
+                size = sum(a.size for a in record.artifacts)
+                table.add_row(
+                    name,
+                    f"v{record.version}",
+                    record.status.value,
+                    ",".join(on),
+                    record.created_at,
+                    format_size(size),
+                    record.fingerprint[:12],
+                )
     if as_json:
         typer.echo(json.dumps(docs, indent=2))
     elif not docs:
@@ -96,11 +106,11 @@ def show(
     as_json: bool = _JSON,
 ) -> None:
     """One version in full: provenance, artifacts with checksums, boot information."""
-    registry = _registry(ctx)
     image, _, which = ref.partition("@")
-    _known(registry, image)
-    record = registry.resolve(image, which or None)
-    doc = _doc(record, _channels_of(registry, image).get(record.version, []))
+    with _registry(ctx) as registry:
+        _known(registry, image)
+        record = registry.resolve(image, which or None)
+        doc = _doc(record, _channels_of(registry, image).get(record.version, []))
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
@@ -143,10 +153,10 @@ def promote(
     as_json: bool = _JSON,
 ) -> None:
     """Point CHANNEL of IMAGE at VERSION (pools on that channel roll out to it)."""
-    registry = _registry(ctx)
-    _known(registry, image)
-    _check_channel(channel)
-    record = registry.promote(image, registry.resolve(image, version).version, channel)
+    with _registry(ctx) as registry:
+        _known(registry, image)
+        _check_channel(channel)
+        record = registry.promote(image, registry.resolve(image, version).version, channel)
     _moved(image, channel, record, as_json)
 
 
@@ -158,10 +168,11 @@ def rollback(
     as_json: bool = _JSON,
 ) -> None:
     """Point CHANNEL back at the version it held before its current one."""
-    registry = _registry(ctx)
-    _known(registry, image)
-    _check_channel(channel)
-    _moved(image, channel, registry.rollback(image, channel), as_json)
+    with _registry(ctx) as registry:
+        _known(registry, image)
+        _check_channel(channel)
+        record = registry.rollback(image, channel)
+    _moved(image, channel, record, as_json)
 
 
 @app.command()
@@ -173,9 +184,9 @@ def revoke(
     as_json: bool = _JSON,
 ) -> None:
     """Mark VERSION unusable; channels on it move back to their previous version."""
-    registry = _registry(ctx)
-    _known(registry, image)
-    record = registry.revoke(image, registry.resolve(image, version).version, reason)
+    with _registry(ctx) as registry:
+        _known(registry, image)
+        record = registry.revoke(image, registry.resolve(image, version).version, reason)
     if as_json:
         typer.echo(json.dumps(_doc(record, [])))
     else:
@@ -194,19 +205,24 @@ def prune(
     running clone uses."""
     if keep < 0:
         raise BadInputError(f"--keep must be 0 or more, got {keep}")
-    settings = cli_context(ctx).settings()
-    registry = Registry(settings.registry, settings.image_store)
-    registry.check_readable()
+    with _runtime(ctx) as runtime:
+        docs = _prune(runtime, keep, image, dry_run, as_json)
+    if as_json:
+        typer.echo(json.dumps(docs, indent=2))
+
+
+def _prune(
+    runtime: Runtime,
+    keep: int,
+    image: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> list[dict[str, Any]]:
+    registry, settings = runtime.registry, runtime.settings
     if image is not None:
         _known(registry, image)
     pools = load_pools([settings.pools_dir]) if settings.pools_dir.exists() else []
-    from imagepipe.app.bootstrap import open_store_readonly
-
-    store = open_store_readonly(settings)
-    try:
-        records = load_pool_records(store, pools)
-    finally:
-        store.close()
+    records = load_pool_records(runtime.store_reader, pools)
     docs = []
     for name in [image] if image is not None else registry.images():
         used = versions_in_use(registry, name, pools, records)
@@ -224,8 +240,7 @@ def prune(
             if not as_json:
                 verb = ("would remove" if dry_run else "removed") if choice.remove else "kept"
                 typer.echo(f"{verb} {name} v{choice.record.version} ({choice.reason})")
-    if as_json:
-        typer.echo(json.dumps(docs, indent=2))
+    return docs
 
 
 def _check_vm_name(vm: str) -> None:
@@ -265,22 +280,12 @@ def import_(
         _import_domain(ctx, image, from_domain, as_json)
         return
     assert from_vm is not None
-    from imagepipe.app.bootstrap import describe_virtualbox_vm
+    from imagepipe.app.image_import import import_vm
 
     _check_vm_name(from_vm)
-    registry = _registry(ctx)
-    found = describe_virtualbox_vm(from_vm)
-    record = registry.find_fingerprint(image, found.fingerprint) or registry.register(
-        NewVersion(
-            image=image,
-            fingerprint=found.fingerprint,
-            builder="virtualbox-vm",
-            packer_version="",
-            files=(),
-            vm=found.vm,
-            snapshot=found.snapshot,
-        )
-    )
+    with _runtime(ctx) as runtime:
+        found = import_vm(runtime, image, from_vm)
+    record = found.record
     if as_json:
         typer.echo(json.dumps(_doc(record, []), sort_keys=True))
         return
@@ -291,7 +296,8 @@ def _import_domain(ctx: typer.Context, image: str, domain: str, as_json: bool) -
     from imagepipe.app.image_import import import_domain
 
     _check_vm_name(domain)
-    imported = import_domain(cli_context(ctx).settings(), _registry(ctx), image, domain)
+    with _runtime(ctx) as runtime:
+        imported = import_domain(runtime, image, domain)
     record = imported.record
     if as_json:
         doc = {**_doc(record, []), "overlay": str(imported.overlay) if imported.overlay else None}

@@ -11,12 +11,13 @@ from typing import Any
 
 import typer
 
+from imagepipe.app.bootstrap import Runtime
 from imagepipe.cli.context import cli_context
 from imagepipe.config import Settings, load_pools
-from imagepipe.config.yamlsrc import path_kind
 from imagepipe.errors import BadInputError, ConfigError
 from imagepipe.pool.model import PoolSpec
 from imagepipe.units import format_duration, format_size
+from imagepipe.yamlsrc import path_kind
 
 app = typer.Typer(help="Pool files: validate them.", no_args_is_help=True)
 
@@ -156,27 +157,33 @@ def down(
     """Take a pool down: make no more desktops, drain it from the balancer, remove its free
     desktops at once and the others as their sessions end. The keeper does the work; follow
     it with `imagepipe status POOL`; `imagepipe pools up POOL` keeps the pool again."""
+    cli = cli_context(ctx)
+    settings = cli.settings()
+    with cli.runtime(settings, manage_balancer=False) as runtime:
+        _down(runtime, pool, now, yes)
+
+
+def _down(runtime: Runtime, pool: str, now: bool, yes: bool) -> None:
     from imagepipe.app.pool_down import known_pools, mark_down, request_down
     from imagepipe.app.status import collect
 
-    cli = cli_context(ctx)
-    settings = cli.settings()
+    settings = runtime.settings
     specs = {s.name: s for s in load_pools([settings.pools_dir])}
-    if pool not in specs and pool in known_pools(settings):
+    if pool not in specs and pool in known_pools(runtime):
         # its pool file was removed: the running keeper still looks after it (growth stopped)
         if now and not yes:
             raise BadInputError(
                 f"{pool} has no pool file any more, so who is on its desktops cannot be shown; "
                 "add --yes to take it down now anyway (nothing changed)"
             )
-        mark_down(settings, pool, now=now, at=time.time())
+        mark_down(runtime, pool, now=now, at=time.time())
         typer.echo(
             f"{pool} is going down (its pool file is gone; the running keeper, which still "
             f"looks after it since its last reload, does it); follow with `imagepipe status`."
         )
         return
     spec = _configured(settings.pools_dir, pool)
-    (status,) = collect(settings, [spec], cli.adapters).pools
+    (status,) = collect(runtime, [spec]).pools
     request = request_down(status, now)
     if now and request.in_use and not yes:
         who = ", ".join(request.users)
@@ -192,7 +199,7 @@ def down(
             )
         if not typer.confirm("Take the pool down now?", err=True):
             raise BadInputError("not taken down (nothing changed)")
-    mark_down(settings, pool, now=now, at=time.time())
+    mark_down(runtime, pool, now=now, at=time.time())
     later = (
         "" if now or not request.in_use else (f", {request.in_use} in use as their sessions end")
     )
@@ -210,9 +217,12 @@ def up(
     """Keep a pool that `pools down` was taking down: the keeper makes its desktops again."""
     from imagepipe.app.pool_down import mark_up
 
-    settings = cli_context(ctx).settings()
+    cli = cli_context(ctx)
+    settings = cli.settings()
     _configured(settings.pools_dir, pool)
-    if mark_up(settings, pool):
+    with cli.runtime(settings) as runtime:
+        kept = mark_up(runtime, pool)
+    if kept:
         typer.echo(f"{pool} is kept again")
     else:
         typer.echo(f"{pool} was not going down; nothing changed")

@@ -75,9 +75,10 @@ def rollout(
     settings = cli.settings()
     verb, image = _verb(words)
     specs = load_pools([settings.pools_dir])
-    rollouts = use_case.open_rollouts(settings, cli.adapters)
     console = Console(highlight=False, soft_wrap=True)
-    try:
+    # rollouts write intent and read progress: the keeper acts, so the balancer is only read
+    with cli.runtime(settings, manage_balancer=False) as runtime:
+        rollouts = use_case.open_rollouts(runtime)
         if verb == "status":
             code = _status(rollouts, image, as_json, watch, all_, console)
             if code:
@@ -109,7 +110,7 @@ def rollout(
             warn_before=_warnings(warn),
         )
         if dry_run:
-            plans = use_case.dry_run(rollouts, settings, cli.adapters, specs, request)
+            plans = use_case.dry_run(rollouts, runtime, specs, request)
             _print_plans(plans, as_json, console)
             return
         started = use_case.start(rollouts, specs, request, by=use_case.who())
@@ -125,8 +126,6 @@ def rollout(
         _print(started.rollout, as_json, console, "started: ")
         if wait:
             _follow(rollouts, started.rollout, as_json, console)
-    finally:
-        rollouts.store.close()
 
 
 def _verb(words: list[str]) -> tuple[str, str | None]:

@@ -7,18 +7,21 @@ read-only and observes the host live, so it never blocks the keeper.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console, Group
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
 from imagepipe.app.pool_down import progress
 from imagepipe.app.status import CloneStatus, HostStatus, collect, to_json
-from imagepipe.cli.context import cli_context
+from imagepipe.cli.context import CliContext, cli_context
 from imagepipe.config import Settings, load_pools, load_settings
 from imagepipe.errors import BadInputError
+
+if TYPE_CHECKING:  # rich is imported only to draw (not for --json)
+    from rich.console import Group
+
+    from imagepipe.pool.model import PoolSpec
 
 WATCH_EVERY = 2.0
 
@@ -37,35 +40,49 @@ def status(
         specs = [s for s in specs if s.name == pool]
         if not specs:
             raise BadInputError(f"no pool named {pool} in {settings.pools_dir}")
+    if as_json and not watch:
+        typer.echo(to_json(_collect(cli, settings, specs)))
+        return
+    from rich.console import Console
+    from rich.live import Live
+
     console = Console()
     if not watch:
-        snapshot = collect(settings, specs, cli.adapters)
-        if as_json:
-            typer.echo(to_json(snapshot))
-        else:
-            console.print(render(snapshot))
+        console.print(render(_collect(cli, settings, specs)))
         return
     try:
         with Live(console=console, auto_refresh=False) as live:
             while True:
-                live.update(render(collect(settings, specs, cli.adapters)), refresh=True)
+                live.update(render(_collect(cli, settings, specs)), refresh=True)
                 time.sleep(WATCH_EVERY)
     except KeyboardInterrupt:
         return
 
 
+def _collect(cli: CliContext, settings: Settings, specs: Sequence[PoolSpec]) -> HostStatus:
+    """A fresh look each time (with --watch too): a keeper started meanwhile is seen."""
+    with cli.runtime(settings, manage_balancer=False) as runtime:
+        return collect(runtime, specs)
+
+
 def _demo_if_nothing_else(settings: Settings) -> Settings:
     """No settings file anywhere but `imagepipe demo` ran: show the demo's pools (and say so)."""
-    from imagepipe.cli.demo import DEFAULT_DIR
+    if settings.source != "defaults":
+        return settings
+    from imagepipe.cli.demo import DEFAULT_DIR  # only then: the demo's module is not small
 
     demo = DEFAULT_DIR / "imagepipe.yml"
-    if settings.source != "defaults" or not demo.is_file():
+    if not demo.is_file():
         return settings
     typer.echo(f"no settings file found; showing the demo's ({demo})", err=True)
     return load_settings(demo)
 
 
 def render(snapshot: HostStatus) -> Group:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     parts: list[Table | Text] = []
     for pool in snapshot.pools:
         version = f"v{pool.version}" if pool.version is not None else "no version"

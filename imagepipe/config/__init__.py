@@ -9,9 +9,10 @@ Every error names the file, the line and the key path, and says what was expecte
 All errors of a file are reported together (one ConfigError, one line each, first line
 first); nothing is changed when a file is bad.
 
-The package by what it holds: yamlsrc (YAML with line numbers and limits), values (value
-parsers with units), settings (imagepipe.yml), pools (pool files), errors (pydantic's
-errors -> file:line: key: message).
+The package by what it holds: values (value parsers with units), settings (imagepipe.yml),
+pools (pool files), errors (pydantic's errors -> file:line: key: message). The YAML reader
+(imagepipe/yamlsrc.py) and the name rules (imagepipe/names.py) sit beside the package, not in
+it, because the image definitions and the registry read YAML and names too.
 """
 
 from imagepipe.config.errors import ConfigIssues, Issue

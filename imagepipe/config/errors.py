@@ -10,9 +10,9 @@ from typing import Any, TypeVar, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from imagepipe.config.yamlsrc import KeyPath, Located, format_path
 from imagepipe.errors import ConfigError
-from imagepipe.images.names import shown
+from imagepipe.names import shown
+from imagepipe.yamlsrc import KeyPath, Located, format_path
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ from imagepipe.config.values import (
     parse_port_range,
     parse_timezone,
 )
-from imagepipe.config.yamlsrc import KeyPath, Located, load_file, path_kind
 from imagepipe.errors import ConfigError
 from imagepipe.pool.model import (
     CloneMode,
@@ -42,6 +41,7 @@ from imagepipe.pool.model import (
     StartMode,
 )
 from imagepipe.units import format_size
+from imagepipe.yamlsrc import KeyPath, Located, load_file, path_kind
 
 MIN_MEMORY = 32 * 1024**2
 

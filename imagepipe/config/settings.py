@@ -26,9 +26,9 @@ from imagepipe.config.values import (
     parse_state_dsn,
     parse_uri,
 )
-from imagepipe.config.yamlsrc import Located, expand_user, load_file, path_kind
 from imagepipe.errors import ConfigError
 from imagepipe.pool.model import HostSpec
+from imagepipe.yamlsrc import Located, expand_user, load_file, path_kind
 
 SYSTEM_SETTINGS = Path("/etc/imagepipe/imagepipe.yml")
 SETTINGS_NAME = "imagepipe.yml"

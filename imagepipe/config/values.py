@@ -16,8 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, StrictInt
 
-from imagepipe import units
-from imagepipe.images import names
+from imagepipe import names, units
 
 
 def parse_duration(value: object) -> float:

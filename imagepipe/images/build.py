@@ -55,6 +55,20 @@ class BuildSettings(Protocol):
     def image_store(self) -> Path: ...
 
 
+class BuildRuntime(Protocol):
+    """What a build works with: the settings, the registry, Packer. The composition root's
+    Runtime (imagepipe/app/bootstrap.py) is one; nothing here builds them."""
+
+    @property
+    def settings(self) -> BuildSettings: ...
+
+    @property
+    def registry(self) -> Registry: ...
+
+    @property
+    def packer(self) -> Packer: ...
+
+
 @dataclass(frozen=True)
 class PhaseEvent:
     """imagepipe's own steps around Packer's."""
@@ -108,7 +122,7 @@ class _Plan:
 
 
 def build_image(
-    settings: BuildSettings,
+    runtime: BuildRuntime,
     image: str,
     *,
     variables: Mapping[str, str] | None = None,
@@ -118,12 +132,10 @@ def build_image(
     dry_run: bool = False,
     keep_build_dir: bool = False,
     progress: Progress | None = None,
-    packer: Packer | None = None,
 ) -> BuildResult:
     started = time.monotonic()
     emit: Progress = progress or (lambda _event: None)
-    packer = packer or Packer()
-    registry = Registry(settings.registry, settings.image_store)
+    settings, registry, packer = runtime.settings, runtime.registry, runtime.packer
     registry.check_readable()
     loaded = load_image(settings.packer_dir, image)
     missing = [p for p in loaded.definition.requires if shutil.which(p) is None]
@@ -198,16 +210,6 @@ def build_image(
             log.info("build directory kept", extra=fields(image=image, path=str(build_dir)))
         else:
             shutil.rmtree(build_dir, ignore_errors=True)
-
-
-def fingerprint_of(
-    settings: BuildSettings, image: str, packer: Packer | None = None
-) -> tuple[Image, str]:
-    """The inputs fingerprint with default variables (what `--changed` compares)."""
-    loaded = load_image(settings.packer_dir, image)
-    registry = Registry(settings.registry, settings.image_store)
-    plan = _plan(registry, loaded, packer or Packer(), {}, ())
-    return loaded, plan.fingerprint
 
 
 def _plan(
@@ -355,15 +357,14 @@ class ChangedResult:
 
 
 def build_changed(
-    settings: BuildSettings, *, progress: Progress | None = None, packer: Packer | None = None
+    runtime: BuildRuntime, *, progress: Progress | None = None
 ) -> list[ChangedResult]:
     """Build every image whose inputs differ from its registered versions; go on after a
     failure or an image this host cannot build."""
-    packer = packer or Packer()
     results: list[ChangedResult] = []
-    for name in list_images(settings.packer_dir):
+    for name in list_images(runtime.settings.packer_dir):
         try:
-            result = build_image(settings, name, progress=progress, packer=packer)
+            result = build_image(runtime, name, progress=progress)
         except EnvironmentMissingError as exc:
             results.append(ChangedResult(name, "unavailable", str(exc)))
             continue

@@ -31,9 +31,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from imagepipe.config.yamlsrc import format_path, load_text, path_kind, read_text
+from imagepipe import names
 from imagepipe.errors import BadInputError, ConfigError
-from imagepipe.images import names
+from imagepipe.yamlsrc import format_path, load_text, path_kind, read_text
 
 DEFINITION_FILE = "image.yml"
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -251,7 +251,7 @@ def _entry_error(image: Image, key: tuple[str | int, ...], message: str) -> Conf
 
 def parse_definition(text: str, source: str) -> ImageDefinition:
     """Validate image.yml text; errors name source:line and the key. The YAML is read with
-    the configuration reader's limits (size, depth, aliases, tags: see config/yamlsrc.py)."""
+    the configuration reader's limits (size, depth, aliases, tags: see imagepipe/yamlsrc.py)."""
     doc = load_text(text, source)
     if not isinstance(doc.data, dict):
         raise ConfigError("expected a mapping of settings (description, builder, ...)", file=source)

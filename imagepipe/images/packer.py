@@ -7,6 +7,7 @@ removes its output), then reports the interruption.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -72,9 +73,14 @@ class RunResult:
 
 @dataclass
 class Packer:
-    """`packer` at `binary`; `env` is added to every call (secrets go here, never argv)."""
+    """`packer` at `binary`; `env` is added to every call (secrets go here, never argv).
+
+    `version_cache`: a file remembering `packer version` for the installed binary (by inode,
+    size, mtime and ctime, so an upgrade is asked again): the version is part of every
+    build's fingerprint, and asking Packer costs more than the rest of an up-to-date build."""
 
     binary: str = "packer"
+    version_cache: Path | None = None
     _version: PackerVersion | None = field(default=None, init=False, repr=False)
 
     def _path(self) -> str:
@@ -93,16 +99,43 @@ class Packer:
         return env
 
     def version(self) -> PackerVersion:
-        """Detected once per Packer object."""
+        """Detected once per Packer object, and once per installed binary with a cache."""
         if self._version is None:
-            argv = [self._path(), "version"]
-            done = subprocess.run(
-                argv, capture_output=True, text=True, env=self.base_env(), check=False
-            )
-            if done.returncode != 0:
-                raise CommandError(argv, done.returncode, done.stderr or done.stdout)
-            self._version = parse_version(done.stdout)
+            path = self._path()
+            key = _identity(path)
+            self._version = self._cached_version(key)
+            if self._version is None:
+                argv = [path, "version"]
+                done = subprocess.run(
+                    argv, capture_output=True, text=True, env=self.base_env(), check=False
+                )
+                if done.returncode != 0:
+                    raise CommandError(argv, done.returncode, done.stderr or done.stdout)
+                self._version = parse_version(done.stdout)
+                self._remember_version(key, self._version)
         return self._version
+
+    def _cached_version(self, key: list[object]) -> PackerVersion | None:
+        if self.version_cache is None:
+            return None
+        try:
+            cached = json.loads(self.version_cache.read_text())
+            if cached["binary"] == key:
+                return parse_version(f"Packer v{cached['version']}")
+        except (OSError, ValueError, KeyError, TypeError, OperationFailedError):
+            pass  # none yet, or unreadable: ask Packer
+        return None
+
+    def _remember_version(self, key: list[object], version: PackerVersion) -> None:
+        if self.version_cache is None:
+            return
+        written = self.version_cache.with_name(f".{self.version_cache.name}.{os.getpid()}")
+        try:
+            self.version_cache.parent.mkdir(parents=True, exist_ok=True)
+            written.write_text(json.dumps({"binary": key, "version": str(version)}))
+            written.replace(self.version_cache)
+        except OSError as exc:  # only slower next time
+            log.debug("packer version not cached", extra=fields(error=str(exc)))
 
     def init(self, template: Path, env: Mapping[str, str]) -> None:
         self._run([self._path(), "init", template.name], template.parent, env)
@@ -164,6 +197,13 @@ class Packer:
                     on_event(event)
             returncode = _wait(process, interrupted)
         return RunResult(returncode, summarize(events), bool(interrupted))
+
+
+def _identity(path: str) -> list[object]:
+    """The installed binary: a reinstall or upgrade gives another inode, mtime or ctime."""
+    real = os.path.realpath(path)
+    info = os.stat(real)
+    return [real, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
 
 
 def _wait(process: subprocess.Popen[str], interrupted: list[int]) -> int:

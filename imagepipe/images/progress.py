@@ -9,13 +9,14 @@ import sys
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import IO, Any
-
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from typing import IO, TYPE_CHECKING, Any
 
 from imagepipe.images.build import BuildEvent, PhaseEvent
 from imagepipe.images.stream import ArtifactEvent, ErrorEvent, StepEvent
+
+if TYPE_CHECKING:  # rich is imported by the spinner alone (a terminal), not for logs or JSON
+    from rich.console import Console
+    from rich.progress import TaskID
 
 
 def event_document(event: BuildEvent) -> dict[str, Any]:
@@ -72,6 +73,9 @@ class SpinnerProgress:
     """On a terminal: past steps scroll by, the current one has a spinner and elapsed time."""
 
     def __init__(self, console: Console | None = None) -> None:
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
         self._console = console or Console(stderr=True)
         self._progress = Progress(
             SpinnerColumn(),

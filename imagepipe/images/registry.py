@@ -20,15 +20,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import git
-from filelock import FileLock
 from pydantic import ValidationError
 
-from imagepipe.config.yamlsrc import read_text
+from imagepipe import names
 from imagepipe.errors import BadInputError, ConfigError, OperationFailedError
-from imagepipe.images import names
 from imagepipe.images.checksum import sha256_file
 from imagepipe.images.records import (
     ArtifactFile,
@@ -42,12 +39,17 @@ from imagepipe.images.records import (
 )
 from imagepipe.log import fields
 from imagepipe.private import FILE_MODE, private_dir
+from imagepipe.yamlsrc import read_text
+
+if TYPE_CHECKING:  # GitPython and filelock are imported by the first write: reads need neither
+    import git
+    from filelock import FileLock
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 MAX_REGISTRY_FILE = 1024 * 1024  # a record is ~2 KiB; state.json grows by ~100 B per move
-_ACTOR = git.Actor("imagepipe", "imagepipe@localhost")
+ACTOR_NAME, ACTOR_EMAIL = "imagepipe", "imagepipe@localhost"
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,8 @@ class Registry:
     def __init__(self, path: Path, store_dir: Path) -> None:
         self.path = path
         self.store_dir = store_dir
-        self._lock = FileLock(str(path.parent / f".{path.name}.lock"), mode=FILE_MODE)
         self._cache: dict[Path, _Cached] = {}
+        self._lock: FileLock | None = None  # made by the first write
         self.parsed = 0  # files parsed (not served from the cache), for tests and metrics
 
     # ---------------------------------------------------------------- reading
@@ -373,11 +375,18 @@ class Registry:
 
     @contextmanager
     def _writing(self) -> Iterator[git.Repo]:
+        if self._lock is None:
+            from filelock import FileLock
+
+            lock = str(self.path.parent / f".{self.path.name}.lock")
+            self._lock = FileLock(lock, mode=FILE_MODE)
         private_dir(self.path.parent)
         with self._lock:
             yield self._open_or_create()
 
     def _open_or_create(self) -> git.Repo:
+        import git
+
         if (self.path / ".git").is_dir():
             return git.Repo(self.path)
         if self.path.exists() and any(self.path.iterdir()):
@@ -388,17 +397,21 @@ class Registry:
         private_dir(self.path)  # owner-only: git's files inside keep the umask's modes
         repo = git.Repo.init(self.path)
         with repo.config_writer() as config:
-            config.set_value("user", "name", _ACTOR.name)
-            config.set_value("user", "email", _ACTOR.email)
+            config.set_value("user", "name", ACTOR_NAME)
+            config.set_value("user", "email", ACTOR_EMAIL)
         readme = self.path / "README"
         readme.write_text("imagepipe image registry: see `imagepipe images list`.\n")
         repo.index.add(["README"])
-        repo.index.commit("registry created", author=_ACTOR, committer=_ACTOR)
+        actor = git.Actor(ACTOR_NAME, ACTOR_EMAIL)
+        repo.index.commit("registry created", author=actor, committer=actor)
         return repo
 
     def _commit(self, repo: git.Repo, message: str) -> None:
         repo.git.add("--all", "images")
-        repo.index.commit(message, author=_ACTOR, committer=_ACTOR)
+        import git
+
+        actor = git.Actor(ACTOR_NAME, ACTOR_EMAIL)
+        repo.index.commit(message, author=actor, committer=actor)
 
     def check_readable(self) -> None:
         """BadInputError when the registry path exists but is not a registry."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import git
-
 
 def source_state(folder: Path) -> tuple[str | None, bool]:
     """(commit, dirty) of the git repository holding `folder`; (None, False) outside git."""
+    import git  # here, not at the top: an up-to-date build never asks
+
     try:
         repo = git.Repo(folder, search_parent_directories=True)
         commit = repo.head.commit.hexsha

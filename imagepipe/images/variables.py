@@ -13,11 +13,11 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from imagepipe.config.yamlsrc import load_file
 from imagepipe.errors import BadInputError, ConfigError
 from imagepipe.images.definition import Image
-from imagepipe.images.names import shown
 from imagepipe.images.records import ScalarValue
+from imagepipe.names import shown
+from imagepipe.yamlsrc import load_file
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _INT = re.compile(r"[-+]?[0-9]{1,18}")

@@ -91,6 +91,9 @@ class HostPass:
 
     def _holds(self, host: str, base: BaseImage, ensure: Callable[[str, BaseImage], bool]) -> bool:
         key = (host, base.image, base.version)
+        state = self.states.get(host)
+        if state is not None and (base.image, base.version) in state.versions:
+            return True  # the host said so in hosts(): no call
         if key not in self._held:
             try:
                 self._held[key] = ensure(host, base)

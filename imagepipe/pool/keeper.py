@@ -17,7 +17,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -28,11 +28,15 @@ from imagepipe.pool.hosts import HostPass, ensure_of, host_pass
 from imagepipe.pool.learning import Learned, learned
 from imagepipe.pool.model import (
     Action,
+    Backend,
     BaseImage,
+    CloneInfo,
+    CloneState,
     ForgetClone,
     HostSpec,
     HostState,
     Observed,
+    OnLogoff,
     PoolRecord,
     PoolSpec,
     RecordClone,
@@ -258,12 +262,18 @@ class Keeper:
         with self._touched_lock:
             touched = frozenset(self._touched)
         self._ensure_frontend()
+        records = {name: self._record(spec, now) for name, spec in self.specs.items()}
         host = observe(
             self.hypervisor,
             self.balancer,
             self.images,
             list(self.specs.values()),
             also_configured=self.other_pools,
+            # several hosts: read only the sessions that can have changed, in parallel
+            unchanged=self._unchanged(records, touched) if self.host_specs else None,
+            parallel=max(self.settings.executor.parallel, len(self.host_specs))
+            if self.host_specs
+            else 1,
         )
         self.hooks.observed(self, host)
         self._report_strays(host)
@@ -282,7 +292,7 @@ class Keeper:
             )
             if hosts is not None:
                 observed = self._placement(hosts, spec, observed)
-            record = self.rollouts.record(spec, self._record(spec, now))
+            record = self.rollouts.record(spec, records[spec.name])
             down = self.store.pool_down(spec.name)
             if down is not None:  # being taken down: its own rule (pool/teardown.py)
                 actions += plan_down(spec, observed, record, down, now)
@@ -322,6 +332,35 @@ class Keeper:
             notes=dict(host.notes),
             hosts=tuple(hosts.states.values()) if hosts is not None else (),
         )
+
+    def _unchanged(
+        self, records: Mapping[str, PoolRecord], touched: frozenset[str]
+    ) -> Callable[[CloneInfo, Backend | None], bool]:
+        """Which running clones need no session read this pass: shared desktops the store
+        has as free or booting, whose balancer entry has no connection and no session since
+        the record's count (a booting one has none to have), and that no event touched. A
+        client on any of them shows in the balancer's counters or in a connect event, which
+        makes the next pass read it."""
+
+        def unchanged(info: CloneInfo, backend: Backend | None) -> bool:
+            spec = self.specs.get(info.pool)
+            rec = records[info.pool].clones.get(info.name) if spec is not None else None
+            if spec is None or rec is None or info.name in touched:
+                return False
+            if rec.slot != info.slot or rec.version != info.version or rec.dirty:
+                return False
+            if spec.on_logoff is OnLogoff.KEEP or info.slot in spec.assignments.values():
+                return False  # reached without the balancer: read every pass
+            if backend is None:
+                return rec.state in (CloneState.BOOTING, CloneState.CREATING)
+            return (
+                rec.state is CloneState.FREE
+                and backend.connections == 0
+                and backend.sessions_total is not None
+                and backend.sessions_total == rec.sessions_seen
+            )
+
+        return unchanged
 
     def _hosts(self, host: HostObservation) -> HostPass | None:
         """Several hosts: this pass's view of them, every observed desktop counted."""

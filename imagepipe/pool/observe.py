@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from imagepipe.errors import CloneNotFoundError, ImagepipeError
@@ -66,11 +67,17 @@ def observe(
     *,
     also_configured: Collection[str] = (),
     partial: bool = False,
+    unchanged: Callable[[CloneInfo, Backend | None], bool] | None = None,
+    parallel: int = 1,
 ) -> HostObservation:
     """`specs`: the pools to observe. `also_configured`: pools that exist in the
     configuration but are not looked after here (`keep --pool`); their clones are not strays.
     `partial`: a pool whose sessions cannot all be read is still unobservable (nothing may
-    be planned on it), and the rest of it is read and reported too (`status`)."""
+    be planned on it), and the rest of it is read and reported too (`status`).
+    `unchanged`: the running clones nobody can be on (the keeper knows them free or booting,
+    the balancer has no connection and no new session on them, and no event said a client
+    connected): their session is not asked for; it is empty. `parallel`: session reads run
+    this many at once (several hosts: a pass takes as long as the slowest host)."""
     clones = hypervisor.list_clones()
     balancer_error = None
     try:
@@ -89,7 +96,9 @@ def observe(
     unread: set[str] = set()
     for spec in specs:
         mine = [c for c in clones if c.pool == spec.name]
-        observed, missed, error = _observe_clones(hypervisor, mine, by_backend, partial=partial)
+        observed, missed, error = _observe_clones(
+            hypervisor, mine, by_backend, partial=partial, unchanged=unchanged, parallel=parallel
+        )
         if error is not None:
             unobservable[spec.name] = f"cannot read sessions: {error}"
             log.warning(
@@ -141,26 +150,58 @@ def _observe_clones(
     backends: Mapping[str, Backend],
     *,
     partial: bool,
+    unchanged: Callable[[CloneInfo, Backend | None], bool] | None = None,
+    parallel: int = 1,
 ) -> tuple[list[ObservedClone], set[str], ImagepipeError | None]:
     """The clones with their sessions; the clones whose session could not be read, and the
     first error. Stops at that error unless `partial`."""
+    ask = [
+        info.name
+        for info in clones
+        if info.power is Power.RUNNING
+        and (unchanged is None or not unchanged(info, backends.get(info.name)))
+    ]
+    answers = _sessions(hypervisor, ask, parallel, stop_at_error=not partial)
     observed = []
     missed: set[str] = set()
     error: ImagepipeError | None = None
     for info in clones:
         session = GuestSession()
-        if info.power is Power.RUNNING:
-            try:
-                session = hypervisor.sessions(info.name)
-            except CloneNotFoundError:
-                continue  # deleted between the inventory and now: it does not exist
-            except ImagepipeError as exc:
-                error = error or exc
-                if not partial:
-                    break
-                missed.add(info.name)
+        answer = answers.get(info.name)
+        if isinstance(answer, CloneNotFoundError):
+            continue  # deleted between the inventory and now: it does not exist
+        if isinstance(answer, ImagepipeError):
+            error = error or answer
+            if not partial:
+                break
+            missed.add(info.name)
+        elif answer is not None:
+            session = answer
         observed.append(ObservedClone(info=info, session=session, backend=backends.get(info.name)))
     return observed, missed, error
+
+
+def _sessions(
+    hypervisor: Hypervisor, names: Sequence[str], parallel: int, *, stop_at_error: bool
+) -> dict[str, GuestSession | ImagepipeError]:
+    """Each clone's session, or the error reading it raised."""
+
+    def read(name: str) -> GuestSession | ImagepipeError:
+        try:
+            return hypervisor.sessions(name)
+        except ImagepipeError as exc:
+            return exc
+
+    if parallel <= 1 or len(names) <= 1:
+        answers: dict[str, GuestSession | ImagepipeError] = {}
+        for name in names:
+            answers[name] = answer = read(name)
+            failed = isinstance(answer, ImagepipeError)
+            if failed and stop_at_error and not isinstance(answer, CloneNotFoundError):
+                break  # the pool is unobservable: the rest need not be asked
+        return answers
+    with ThreadPoolExecutor(max_workers=min(parallel, len(names))) as pool:
+        return dict(zip(names, pool.map(read, names), strict=True))
 
 
 def _target(

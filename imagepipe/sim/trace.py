@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagepipe.config.yamlsrc import read_text
 from imagepipe.errors import ConfigError
 from imagepipe.units import parse_duration
+from imagepipe.yamlsrc import read_text
 
 _CLOCK = re.compile(r"([0-9]{1,2}):([0-9]{2})(?::([0-9]{2}))?")
 _SECONDS = re.compile(r"[0-9]{1,5}(?:\.[0-9]{1,6})?")

@@ -20,16 +20,8 @@ from tests.conftest import require, require_program
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# The real entry point with only the build and images commands registered.
-_CLI = """
-import sys
-from imagepipe.cli import app, build, images
-def register():
-    app.app.add_typer(images.app, name="images")
-    app.app.command(name="build")(build.build)
-app._register = register
-sys.exit(app.main(sys.argv[1:]))
-"""
+# The real entry point (`imagepipe`), which imports only the command it runs.
+_CLI = "from imagepipe.cli.app import run; run()"
 
 NULL_IMAGE = """\
 description: a null-builder image for tests

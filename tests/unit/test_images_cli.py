@@ -11,25 +11,11 @@ import pytest
 from imagepipe.cli import app as app_module
 from imagepipe.images.registry import NewVersion, Registry
 
-_REGISTERED: list[bool] = []
-
-
-def _register_image_commands() -> None:
-    """Only the commands under test (the other groups are other modules' business)."""
-    if not _REGISTERED:
-        from imagepipe.cli import build, images
-
-        app_module.app.add_typer(images.app, name="images")
-        app_module.app.command(name="build")(build.build)
-        _REGISTERED.append(True)
-
-
 Cli = Callable[..., tuple[int, str, str]]
 
 
 @pytest.fixture
 def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    monkeypatch.setattr(app_module, "_register", _register_image_commands)
     config = tmp_path / "imagepipe.yml"
     config.write_text(
         f"registry: {tmp_path / 'registry'}\nimage_store: {tmp_path / 'images'}\n"

@@ -175,3 +175,24 @@ def test_a_host_without_the_version_gets_no_desktops_until_its_upload_is_done(
     settle(world.keeper())
     assert world.spread() == {"h1": 3, "h2": 3}
     assert world.hv.count("create_clone") == 6
+
+
+def test_a_steady_pass_reads_only_the_sessions_of_desktops_with_a_client(world: Hosts) -> None:
+    keeper = world.keeper()
+    settle(keeper)
+    busy = world.hv.on_host("h1")[0]
+    world.lb.connect(busy)
+    world.hv.connect(busy, "192.0.2.7")
+    settle(keeper)
+    world.hv.calls.clear()
+    keeper.run_pass()
+    asked = [name for op, name in world.hv.calls if op == "sessions"]
+    assert asked == [busy]
+    # a free desktop a client reached through the balancer since: its counter rose
+    idle = world.hv.on_host("h2")[0]
+    world.lb.connect(idle)
+    world.hv.connect(idle, "192.0.2.8")
+    world.hv.calls.clear()
+    keeper.run_pass()
+    assert sorted(name for op, name in world.hv.calls if op == "sessions") == sorted([busy, idle])
+    assert world.store.load_pool("lab").clones[idle].state is CloneState.IN_USE

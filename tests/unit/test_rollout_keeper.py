@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from imagepipe.app import rollout as use_case
-from imagepipe.app.bootstrap import Adapters
+from imagepipe.app.bootstrap import Adapters, Runtime
 from imagepipe.app.status import load_records
 from imagepipe.config import Settings
 from imagepipe.errors import BadInputError, EnvironmentMissingError, OperationFailedError
@@ -71,8 +71,9 @@ class World:
         return use_case.start(self.rollouts, specs, request, by=by)
 
     def dry_run(self, specs: list[PoolSpec], request: Request) -> list[PoolPlan]:
-        adapters = Adapters(hypervisor=self.hv, balancer=self.lb)
-        return use_case.dry_run(self.rollouts, self.settings, adapters, specs, request)
+        adapters = Adapters(hypervisor=self.hv, balancer=self.lb, images=self.images)
+        with Runtime(self.settings, adapters, manage_balancer=False) as runtime:
+            return use_case.dry_run(self.rollouts, runtime, specs, request)
 
     def keeper(self) -> Keeper:
         return Keeper(

@@ -51,7 +51,9 @@ INT64 = 2**63
 
 # What the text may hold: tab, line feed, carriage return, printable ASCII, and every other
 # Unicode character except C1 controls, surrogates and the non-characters U+FFFE/U+FFFF.
-_BAD_CHAR = re.compile("[^\t\n\r\x20-\x7e\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# Written as the characters refused, not the complement of those allowed: the same set (every
+# code point checked), compiled in a tenth of the time every command start paid.
+_BAD_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
 # In values (after escapes such as "\0" are decoded): no control characters either.
 _BAD_VALUE_CHAR = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
 

@@ -1,0 +1,75 @@
+"""The `imagepipe` command imports only what the invoked command needs (the start-up figures
+are benchmarks/bench_startup.py's), and its command table says what the commands say."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imagepipe.cli.app import COMMANDS
+from tests.conftest import require
+
+COMMAND_MODULES = {row.module for row in COMMANDS.values()}
+
+
+def imported_by(argv: list[str], tmp_path: Path) -> set[str]:
+    """The modules a fresh `imagepipe ARGV` process has imported when it ends."""
+    probe = (
+        "import atexit, json, sys\n"
+        "atexit.register(lambda: print(json.dumps(sorted(sys.modules)), file=sys.stderr))\n"
+        "from imagepipe.cli.app import run\n"
+        f"sys.argv = ['imagepipe', *{argv!r}]\n"
+        "run()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stderr.strip().splitlines()[-1]))
+
+
+def test_help_lists_every_command_and_imports_none_of_them(tmp_path: Path) -> None:
+    modules = imported_by(["--help"], tmp_path)
+    assert modules & COMMAND_MODULES == set()
+    heavy = {"imagepipe.config", "imagepipe.pool.model", "imagepipe.images.registry", "git"}
+    assert modules & heavy == set()
+    done = subprocess.run(
+        [sys.executable, "-m", "imagepipe", "--help"],
+        capture_output=True,
+        text=True,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        check=True,
+    )
+    listed = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("│ ")]
+    assert [name for name in listed if name in COMMANDS] == list(COMMANDS)
+
+
+def test_status_imports_its_own_command_and_no_other(tmp_path: Path) -> None:
+    (tmp_path / "pools").mkdir()
+    config = tmp_path / "imagepipe.yml"
+    config.write_text(
+        f"pools_dir: {tmp_path / 'pools'}\nregistry: {tmp_path / 'registry'}\n"
+        f"image_store: {tmp_path / 'images'}\nstate_db: {tmp_path / 'state.db'}\n"
+        f"run_dir: {tmp_path / 'run'}\n"
+        "hypervisor: {driver: libvirt, uri: 'test:///default'}\nbalancer: {driver: none}\n"
+    )
+    require(importlib.util.find_spec("libvirt") is not None, "libvirt-python is not installed")
+    modules = imported_by(["--config", str(config), "status", "--json"], tmp_path)
+    assert modules & COMMAND_MODULES == {"imagepipe.cli.status"}
+    others = {"imagepipe.images.build", "imagepipe.app.rollout", "imagepipe.sim.engine", "jinja2"}
+    assert modules & others == set()
+    assert "imagepipe.hypervisors.libvirt" in modules  # the one adapter it uses
+    assert not any(m.startswith("imagepipe.hypervisors.virtualbox") for m in modules)
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_a_commands_summary_is_how_its_own_help_begins(name: str) -> None:
+    command = COMMANDS[name].load(name)
+    assert command.name == name
+    own_help = " ".join((command.help or "").split())
+    assert own_help.startswith(COMMANDS[name].summary), own_help
