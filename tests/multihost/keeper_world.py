@@ -98,6 +98,14 @@ def keeper_world(
 
     hosts = tuple(HostSpec(name=h.name, uri=h.uri, address=h.address) for h in lab.hosts)
     hv = MultiHostHypervisor(hosts, state_dir=workdir / "clones", checksums=checksums)
+    # the version on every host first, as a rollout leaves it: the fill's spread does not
+    # depend on which upload finishes first
+    hv.list_clones()
+    deadline = time.monotonic() + WAIT
+    base = registry.resolve("tinyk", record.version).base_image()
+    while not all([hv.ensure_version(h.name, base) for h in hosts]):
+        assert time.monotonic() < deadline, "the version did not reach every host"
+        time.sleep(0.2)
     bind = free_port()
     balancer = HAProxyBalancer(
         bind=f"127.0.0.1:{bind}",
