@@ -1,10 +1,12 @@
-"""A throwaway imagepipe installation on this host, for benchmarks on real libvirt/QEMU and
-HAProxy: one temp workspace with a registry holding the `tiny` image (built once), and any
-number of installations in it, each with its own settings, state, HAProxy and one pool.
+"""What the benchmarks on real libvirt/QEMU and HAProxy share: the E2E tests' harness
+(tests/e2e/harness.py: an installation, its keeper, its users) with what a benchmark
+measures, a temp workspace with a registry holding the `tiny` image (built once) shared by
+any number of installations, each with its own settings, state, HAProxy and one pool, and
+CPU and memory figures from /proc.
 
     with Workspace.create() as ws:
         ws.build_tiny()
-        lab = ws.installation("boot", pool_yaml, bind_port=free_port())
+        lab = ws.installation("boot", bench_pool(...), free_port(), tick="1s", parallel=4)
         lab.start_keeper()
         lab.wait_ready(1, timeout=300)
         ...
@@ -17,41 +19,30 @@ Everything a run makes (domains, HAProxy processes, files) is removed by `teardo
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import random
 import secrets
 import shutil
 import signal
-import socket
-import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
-
-from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
-from imagepipe.errors import ImagepipeError
-from imagepipe.pool.model import Backend, BackendState
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository root is not on sys.path
-from tests.guest import SerialConsole, VncClient  # noqa: E402
-from tests.host import URI, destroy_domains, free_port  # noqa: E402
+from tests.e2e import harness  # noqa: E402
+from tests.e2e.harness import PoolFile, run_cli, temp_root, write_settings  # noqa: E402
+from tests.host import URI, free_port  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-GUEST_MEMORY_MB = 128  # PoolFile's desktops
+GUEST_MEMORY_MB = 128  # bench_pool's desktops
 QEMU_OVERHEAD_MB = 80  # what one TCG QEMU process takes on top of the guest's memory
-POLL = 0.2  # seconds between balancer polls: cheap (one admin-socket round trip)
 
-
-class BenchError(RuntimeError):
-    """A benchmark step failed; the message says which and shows the keeper's last output."""
+# A benchmark step failed; the message says which and shows the keeper's last output.
+BenchError = harness.HostError
 
 
 def say(text: str) -> None:
@@ -66,26 +57,6 @@ def stop_on_signals() -> None:
 
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGHUP, interrupted)
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
-def free_port_range(count: int, *, low: int = 20000, high: int = 30000) -> tuple[int, int]:
-    """`count` consecutive free ports on 127.0.0.1, below the kernel's ephemeral range (so no
-    outgoing connection takes one later), for a pool's display port_range."""
-    for _ in range(200):
-        first = random.randrange(low, high - count)
-        if not any(port_in_use(p) for p in range(first, first + count)):
-            return first, first + count - 1
-    raise BenchError(f"no {count} consecutive free ports between {low} and {high}")
 
 
 def check_memory(desktops: int) -> int:
@@ -233,141 +204,44 @@ def pids_named(name: str) -> list[int]:
     return [p.pid for p in all_procs() if p.comm == name]
 
 
-def run_cli(config: Path, *args: str, timeout: float = 900) -> str:
-    """Run `imagepipe --config CONFIG ARGS…`; return its output, raise BenchError on failure."""
-    done = subprocess.run(
-        [sys.executable, "-m", "imagepipe", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=ROOT,
-    )
-    if done.returncode != 0:
-        raise BenchError(
-            f"imagepipe {' '.join(args)} exited {done.returncode}\n"
-            f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-        )
-    return done.stdout
-
-
 # -- installations ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PoolFile:
-    name: str
-    free: int
-    max: int
-    ports: tuple[int, int]
-    memory: str = "128M"
-    recycle_after: str = "2s"
-    boot_timeout: str = "10m"
-    start: str = "restore"  # boot, or restore from the version's warm parent
+def bench_pool(
+    name: str,
+    *,
+    free: int,
+    max: int,
+    ports: tuple[int, int],
+    start: str = "restore",
+    boot_timeout: str = "10m",
+) -> PoolFile:
+    """A benchmark's pool: tiny desktops of GUEST_MEMORY_MB, recycled 2 s after a logoff."""
+    return PoolFile(
+        name,
+        free,
+        max,
+        ports,
+        memory=f"{GUEST_MEMORY_MB}M",
+        recycle_after="2s",
+        boot_timeout=boot_timeout,
+        start=start,
+    )
 
-    def text(self) -> str:
-        return (
-            f"name: {self.name}\nimage: tiny\nchannel: latest\nstart: {self.start}\n"
-            f"size: {{initial: {self.free}, free: {self.free}, max: {self.max}}}\n"
-            f"machine: {{cpus: 1, memory: {self.memory}}}\n"
-            f"display: {{port_range: {self.ports[0]}-{self.ports[1]}, address: 127.0.0.1}}\n"
-            f"sessions: {{on_logoff: reset, recycle_after: {self.recycle_after}}}\n"
-            f"boot_timeout: {self.boot_timeout}\n"
-        )
 
-
-@dataclass
-class Installation:
-    """Settings, state, run dir and one pool; `imagepipe keep` runs as a subprocess."""
-
-    root: Path
-    config: Path
-    pool: PoolFile
-    bind_port: int
-    keeper: subprocess.Popen[bytes] | None = None
-    keeper_started: float = 0.0  # time.monotonic() just before the keeper was started
-    log_path: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.log_path = self.root / "keeper.log"
-        self.balancer = HAProxyBalancer(
-            bind=f"127.0.0.1:{self.bind_port}",
-            admin_socket=self.root / "run" / "haproxy.sock",
-            config_path=self.root / "run" / "haproxy.cfg",
-            pid_file=self.root / "run" / "haproxy.pid",
-            manage=False,
-            timeout=2.0,
-        )
-
-    def cli(self, *args: str, timeout: float = 900) -> str:
-        return run_cli(self.config, *args, timeout=timeout)
-
-    def status(self) -> dict[str, Any]:
-        doc = json.loads(self.cli("status", "--json"))
-        pool: dict[str, Any] = next(p for p in doc["pools"] if p["name"] == self.pool.name)
-        return pool
-
-    def start_keeper(self, launcher: tuple[str, ...] = ("-m", "imagepipe")) -> None:
-        """Start `imagepipe keep`; `launcher` is what Python runs with imagepipe's arguments
-        (a wrapper script instead of `-m imagepipe`, e.g. bench_soak_real's traced keeper)."""
-        if self.keeper is not None:
-            raise BenchError("the keeper is already running")
-        with self.log_path.open("ab") as out:
-            self.keeper_started = time.monotonic()
-            self.keeper = subprocess.Popen(
-                [sys.executable, *launcher, "--config", str(self.config), "keep"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=ROOT,
-                start_new_session=True,  # Ctrl-C reaches us only; we stop it in order
-            )
-
-    def stop_keeper(self) -> None:
-        if self.keeper is None:
-            return
-        if self.keeper.poll() is None:
-            self.keeper.send_signal(signal.SIGTERM)
-            try:
-                self.keeper.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.keeper.kill()
-                self.keeper.wait(timeout=30)
-        self.keeper = None
+class Installation(harness.Installation):
+    """The E2E tests' installation (tests/e2e/harness.py) with what the benchmarks measure:
+    when desktops became ready, the keeper's logged timings, the state database's size."""
 
     def keeper_tail(self) -> str:
-        with contextlib.suppress(FileNotFoundError):
-            return self.log_path.read_text(errors="replace")[-3000:]
-        return ""
-
-    def check_keeper(self, doing: str) -> None:
-        if self.keeper is not None and self.keeper.poll() is not None:
-            raise BenchError(f"the keeper exited while {doing}:\n{self.keeper_tail()}")
-
-    def backends(self) -> list[Backend]:
-        """This pool's backends in HAProxy; none while HAProxy is not up yet."""
-        try:
-            found = self.balancer.list_backends()
-        except ImagepipeError:
-            return []
-        return [b for b in found if b.name.startswith(f"{self.pool.name}-")]
+        return self.keeper_output(3000)
 
     def ready_names(self) -> set[str]:
-        """Desktops that take new users: free clones are the only ones the keeper enables."""
-        return {b.name for b in self.backends() if b.state is BackendState.READY}
-
-    def wait_until(self, doing: str, done: Any, timeout: float) -> float:
-        """Poll `done()` every POLL s until true; return time.monotonic() when it was."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if done():
-                return time.monotonic()
-            self.check_keeper(doing)
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"timed out after {timeout:.0f} s {doing}; keeper log:\n{self.keeper_tail()}"
-                )
-            time.sleep(POLL)
+        """Desktops that take new users: free clones are the only ones the keeper enables.
+        None while HAProxy is not up yet."""
+        with contextlib.suppress(OSError):
+            return {n for n, state in self.backends().items() if state == "ready"}
+        return set()
 
     def wait_ready(self, count: int, timeout: float) -> list[float]:
         """Wait until `count` desktops are ready in the balancer; return, for each, the
@@ -380,50 +254,37 @@ class Installation:
                 seen.setdefault(name, now - self.keeper_started)
             return len(seen) >= count
 
-        self.wait_until(f"waiting for {count} ready desktop(s)", enough, timeout)
+        self.wait_until(f"{count} ready desktop(s)", enough, timeout)
         return sorted(seen.values())[:count]
 
     def user_seen(self, clone: str, user: str) -> bool:
         """`imagepipe status` shows `user` logged in on `clone`, which is in use."""
-        found = [c for c in self.status()["clones"] if c["name"] == clone]
-        return bool(found) and found[0]["state"] == "in_use" and user in found[0]["users"]
+        found = harness.clone(self.status(), clone)
+        return found.get("state") == "in_use" and user in found["users"]
 
     @contextlib.contextmanager
     def session(self, user: str, *, expect: str | None = None) -> Iterator[str]:
-        """A user's session as a remote-desktop user has it: a VNC client through HAProxy
-        lands on a desktop (`expect`, when given, must be the one), the user logs in on its
-        serial console and the keeper sees them (the desktop is drained); yields the
+        """A user's session as a remote-desktop user has it (harness.session: a VNC client
+        through HAProxy lands on a desktop, `expect` when given, the user logs in on its
+        serial console) until the keeper sees the user (the desktop is drained); yields the
         desktop's name. On leaving, the user runs `exit` and the client goes away.
 
         The client is kept on purpose: a console login with no display client is
         `disconnected` to the planner, and a logoff from that state waits for
         disconnect_timeout (8 h) instead of recycle_after."""
-        client = VncClient("127.0.0.1", self.bind_port, timeout=30)
-        try:
-            landed = client.handshake().removeprefix("QEMU (").removesuffix(")")
-            if expect is not None and landed != expect:
-                raise BenchError(f"the VNC client landed on {landed}, not {expect}")
-            with SerialConsole(self.console_path(landed), timeout=60) as console:
-                console.login(user)
-                try:
-                    self.wait_until(
-                        f"waiting for the keeper to see {user} on {landed}",
-                        lambda: landed not in self.ready_names() and self.user_seen(landed, user),
-                        120,
-                    )
-                    yield landed
-                finally:
-                    console.logout()
-        finally:
-            client.close()
-
-    def console_path(self, clone: str) -> Path:
-        return self.root / "state" / "clones" / "sockets" / f"{clone}.console"
+        with harness.session(self, user, expect=expect) as arrived:
+            landed = arrived.desktop
+            self.wait_until(
+                f"the keeper to see {user} on {landed}",
+                lambda: landed not in self.ready_names() and self.user_seen(landed, user),
+                120,
+            )
+            yield landed
 
     @property
     def warm_dir(self) -> Path:
         """Where the libvirt adapter keeps this installation's warm parents."""
-        return self.root / "state" / "clones" / "warm"
+        return self.clones_dir / "warm"
 
     def logged_seconds(self, event: str) -> list[float]:
         """The `seconds=` field of every keeper log line with this event text."""
@@ -436,10 +297,6 @@ class Installation:
                             found.append(float(part.removeprefix("seconds=")))
         return found
 
-    @property
-    def state_db(self) -> Path:
-        return self.root / "state" / "state.db"
-
     def state_db_bytes(self) -> tuple[int, int]:
         """The state database's size on disk, and its write-ahead log's."""
         files = (self.state_db, self.state_db.with_name("state.db-wal"))
@@ -447,44 +304,16 @@ class Installation:
         return db, wal
 
     def records(self) -> list[str]:
-        """Names of the clones the state database remembers for this pool (read-only);
-        none before the keeper made the database."""
-        if not self.state_db.exists():
-            return []
-        db = sqlite3.connect(f"file:{self.state_db}?mode=ro", uri=True, timeout=10)
-        try:
-            rows = db.execute("SELECT name FROM clones WHERE pool = ?", (self.pool.name,))
-            return sorted(str(r[0]) for r in rows)
-        finally:
-            db.close()
+        """Names of the clones the state database remembers for this pool."""
+        return sorted(self.states())
 
     def table_rows(self, table: str) -> int:
-        if not self.state_db.exists():
-            return 0
-        db = sqlite3.connect(f"file:{self.state_db}?mode=ro", uri=True, timeout=10)
-        try:
-            return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-        finally:
-            db.close()
+        rows = self.query(f"SELECT count(*) FROM {table}")
+        return int(rows[0][0]) if rows else 0
 
     def disk_names(self) -> list[str]:
         """Clones whose disk overlay the libvirt adapter holds (finished or half-made)."""
-        disks = self.root / "state" / "clones" / "disks"
-        return sorted(p.name.split(".")[0] for p in disks.glob("*.qcow2*"))
-
-    def haproxy_pid(self) -> int | None:
-        with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
-            return int((self.root / "run" / "haproxy.pid").read_text().split()[0])
-        return None
-
-    def teardown(self) -> None:
-        """Stop the keeper, remove the pool's domains and stop its HAProxy."""
-        self.stop_keeper()
-        destroy_domains(f"{self.pool.name}-")
-        pid = self.haproxy_pid()
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        return [name.split(".")[0] for name in self.disk_files()]
 
 
 @dataclass
@@ -499,7 +328,7 @@ class Workspace:
 
     @classmethod
     def create(cls, prefix: str = "bench") -> Workspace:
-        root = Path(tempfile.mkdtemp(prefix="ipk-", dir="/tmp"))
+        root = temp_root("ipk-")
         return cls(root=root, token=secrets.token_hex(2), prefix=prefix)
 
     def __enter__(self) -> Workspace:
@@ -516,38 +345,28 @@ class Workspace:
     def pool_name(self, role: str) -> str:
         return f"{self.prefix}-{self.token}-{role}"
 
-    def settings_text(self, home: Path, bind_port: int, tick: str, parallel: int) -> str:
-        return (
-            f"pools_dir: {home / 'pools'}\n"
-            f"packer_dir: {ROOT / 'packer'}\n"
-            f"state_db: {home / 'state' / 'state.db'}\n"
-            f"registry: {self.root / 'registry'}\n"
-            f"image_store: {self.root / 'images'}\n"
-            f"run_dir: {home / 'run'}\n"
-            f"hypervisor: {{driver: libvirt, uri: '{URI}'}}\n"
-            f"balancer: {{driver: haproxy, bind: '127.0.0.1:{bind_port}', manage: true}}\n"
-            f"keeper: {{tick: {tick}, parallel: {parallel}}}\n"
-        )
-
     def build_tiny(self) -> float:
         """`imagepipe build tiny` into this workspace's registry; returns its seconds."""
         home = self.root / "build"
-        (home / "pools").mkdir(parents=True)
-        config = home / "imagepipe.yml"
-        config.write_text(self.settings_text(home, free_port(), "5s", 1))
+        config = write_settings(home, bind_port=free_port(), store=self.root, tick="5s", parallel=1)
         started = time.monotonic()
-        run_cli(config, "build", "tiny")
+        run_cli(config, "build", "tiny", timeout=900)
         return time.monotonic() - started
 
     def installation(
         self, role: str, pool: PoolFile, bind_port: int, tick: str, parallel: int
     ) -> Installation:
         home = self.root / role
-        (home / "pools").mkdir(parents=True)
-        config = home / "imagepipe.yml"
-        config.write_text(self.settings_text(home, bind_port, tick, parallel))
-        (home / "pools" / f"{pool.name}.yml").write_text(pool.text())
-        made = Installation(root=home, config=config, pool=pool, bind_port=bind_port)
+        home.mkdir()
+        made = Installation(
+            home,
+            pool,
+            bind_port=bind_port,
+            store=self.root,
+            tick=tick,
+            parallel=parallel,
+            keeper_args=(),
+        )
         self.installations.append(made)
         return made
 

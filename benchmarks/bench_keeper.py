@@ -38,13 +38,12 @@ from pathlib import Path
 from _host import (
     BenchError,
     Installation,
-    PoolFile,
     Workspace,
+    bench_pool,
     check_memory,
     domain_id,
     pid_cpu,
     pids_named,
-    port_in_use,
     qemu_reaper,
     reap_delay,
     running_domain_count,
@@ -56,7 +55,7 @@ from _host import (
 from imagepipe.units import parse_duration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.host import free_port
+from tests.host import free_port, port_in_use
 
 BOOT_PORTS = (6100, 6103)
 FILL_PORTS = (6110, 6113)
@@ -159,7 +158,7 @@ def check_host(options: Options) -> None:
 
 
 def measure_boot(ws: Workspace, options: Options, mode: str) -> tuple[Installation, float]:
-    pool = PoolFile(ws.pool_name(f"one-{mode}"), free=1, max=1, ports=BOOT_PORTS, start=mode)
+    pool = bench_pool(ws.pool_name(f"one-{mode}"), free=1, max=1, ports=BOOT_PORTS, start=mode)
     inst = ws.installation(f"one-{mode}", pool, free_port(), options.tick, parallel=4)
     inst.start_keeper()
     (boot,) = inst.wait_ready(1, timeout=300)
@@ -176,14 +175,12 @@ def recycle_once(inst: Installation, clone: str, user: str) -> float:
     """A user's session on `clone` (Installation.session: VNC through HAProxy, console
     login, `exit`, the client leaves). Returns the seconds from the logoff until the desktop
     is reset, free and READY again, minus recycle_after."""
-    inst.wait_until(f"waiting for {clone}", lambda: clone in inst.ready_names(), 300)
+    inst.wait_until(f"{clone} ready", lambda: clone in inst.ready_names(), 300)
     started_as = domain_id(clone)
     with inst.session(user, expect=clone):
         pass
     logged_off = time.monotonic()
-    back = inst.wait_until(
-        f"waiting for {clone} to be recycled", lambda: clone in inst.ready_names(), 300
-    )
+    back = inst.wait_until(f"{clone} to be recycled", lambda: clone in inst.ready_names(), 300)
     if domain_id(clone) == started_as:
         raise BenchError(f"{clone} came back without a reset (same libvirt domain id)")
     return back - logged_off - RECYCLE_AFTER
@@ -206,7 +203,9 @@ def measure_fill(
     ws: Workspace, options: Options, mode: str, warm: Path | None
 ) -> tuple[list[float], list[float]]:
     """Fill times, and the restore call times the keeper logged."""
-    pool = PoolFile(ws.pool_name(f"fill-{mode}"), free=FILL, max=FILL, ports=FILL_PORTS, start=mode)
+    pool = bench_pool(
+        ws.pool_name(f"fill-{mode}"), free=FILL, max=FILL, ports=FILL_PORTS, start=mode
+    )
     inst = ws.installation(f"fill-{mode}", pool, free_port(), options.tick, parallel=4)
     if warm is not None and warm.is_dir():
         # the version's warm parent, as the pool has it after its first desktop
@@ -224,7 +223,7 @@ def measure_fill(
 
 def measure_overhead(ws: Workspace, options: Options) -> CpuUse:
     n = options.desktops
-    pool = PoolFile(
+    pool = bench_pool(
         ws.pool_name("idle"),
         free=n,
         max=n,

@@ -47,10 +47,9 @@ from pathlib import Path
 from _host import (
     BenchError,
     Installation,
-    PoolFile,
     Workspace,
+    bench_pool,
     check_memory,
-    free_port_range,
     open_fds,
     pid_cpu,
     proc_status,
@@ -60,7 +59,7 @@ from _host import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.host import domains, free_port
+from tests.host import domains, free_port, free_port_range
 
 MIB = 1024.0
 TRACED_KEEPER = Path(__file__).resolve().parent / "_traced_keeper.py"
@@ -291,7 +290,7 @@ def orphans(inst: Installation) -> list[str]:
     found = {
         "domain": set(domains(f"{inst.pool.name}-")),
         "disk": set(inst.disk_names()),
-        "balancer backend": {b.name for b in inst.backends()},
+        "balancer backend": set(inst.backends()),
     }
     problems = []
     for kind, names in found.items():
@@ -304,7 +303,7 @@ def settle(inst: Installation, desktops: int, timeout: float) -> bool:
     """Wait until every desktop is free and ready again; False if not within `timeout`."""
     try:
         inst.wait_until(
-            f"waiting for the pool to settle at {desktops} ready",
+            f"the pool to settle at {desktops} ready",
             lambda: len(inst.ready_names()) >= desktops,
             timeout,
         )
@@ -390,7 +389,7 @@ def report(
 
 def soak(ws: Workspace, options: Options) -> int:
     n = options.desktops
-    pool = PoolFile(
+    pool = bench_pool(
         ws.pool_name("pool"),
         free=n,
         max=n,

@@ -37,6 +37,15 @@ def require_program(name: str) -> str:
     return path
 
 
+def require_libvirt_python() -> None:
+    """libvirt-python is a real component: missing, it skips locally and fails in CI (never
+    `pytest.importorskip`, which skips under IMAGEPIPE_REQUIRE_REAL=1 too)."""
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        require(False, "libvirt-python is not installed (pip install -e .[libvirt])")
+
+
 def libvirt_available(uri: str = "qemu:///system") -> bool:
     if shutil.which("virsh") is None:
         return False
@@ -68,10 +77,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def require_libvirt() -> str:
     uri = os.environ.get("IMAGEPIPE_TEST_LIBVIRT_URI", "qemu:///system")
     require(libvirt_available(uri), f"libvirtd does not answer on {uri} (run ./install.sh)")
-    try:
-        import libvirt  # noqa: F401
-    except ImportError:
-        require(False, "libvirt-python is not installed (pip install -e .[libvirt])")
+    require_libvirt_python()
     return uri
 
 

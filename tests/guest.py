@@ -189,8 +189,13 @@ class VncClient:
     """A remote-desktop client in a few lines of RFB 3.8: handshake with security type None
     and ClientInit, then stay connected until closed."""
 
-    def __init__(self, host: str, port: int, *, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(
+        self, host: str, port: int, *, timeout: float = 10.0, source: str | None = None
+    ) -> None:
+        """Connect to HOST:PORT, from the loopback address `source` when given (a user's
+        own machine, as a balancer with source persistence tells users apart)."""
+        bind = None if source is None else (source, 0)
+        self.sock = socket.create_connection((host, port), timeout=timeout, source_address=bind)
         self.address = "{}:{}".format(*self.sock.getsockname()[:2])
 
     def handshake(self) -> str:

@@ -3,6 +3,7 @@ port, and the libvirt domains a throwaway pool left behind."""
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 
@@ -14,6 +15,27 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    """Something listens on (or holds) 127.0.0.1:`port`."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port_range(count: int, *, low: int = 20000, high: int = 30000) -> tuple[int, int]:
+    """`count` consecutive free ports on 127.0.0.1, below the kernel's ephemeral range (so no
+    outgoing connection takes one later), e.g. for a pool's display port_range."""
+    for _ in range(200):
+        first = random.randrange(low, high - count)
+        if not any(port_in_use(p) for p in range(first, first + count)):
+            return first, first + count - 1
+    raise RuntimeError(f"no {count} consecutive free ports between {low} and {high}")
 
 
 def domains(prefix: str) -> list[str]:

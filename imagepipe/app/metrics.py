@@ -54,6 +54,7 @@ class KeeperMetrics:
         r = self.registry
         self._lock = threading.Lock()
         self._snapshot: HostStatus | None = None
+        self._hosts: dict[str, bool] = {}  # several hosts: connected, as of the last pass
         self._previous: dict[str, dict[str, str]] = {}  # pool -> clone -> state, last pass
         self._free_before: dict[str, int] = {}  # pool -> free desktops in the last pass
         self._starved_since: dict[str, float] = {}  # pool -> when it ran out of free desktops
@@ -125,6 +126,8 @@ class KeeperMetrics:
             self.action_seconds.labels(outcome.action.kind, result).observe(outcome.seconds)
         for action in report.execution.skipped:
             self.actions.labels(action.pool, action.kind, "skipped").inc()
+        with self._lock:
+            self._hosts = {h.name: h.connected for h in report.hosts}
         if snapshot is not None:
             self._count_logins(snapshot, now)
             with self._lock:
@@ -155,6 +158,11 @@ class KeeperMetrics:
         with self._lock:
             return self._snapshot
 
+    def hosts(self) -> dict[str, bool]:
+        """Several hosts: each configured host, connected or lost, as of the last pass."""
+        with self._lock:
+            return dict(self._hosts)
+
 
 class _SnapshotCollector(Collector):
     """Gauges rendered from the last pass's status snapshot."""
@@ -169,6 +177,7 @@ class _SnapshotCollector(Collector):
             families["balancer_up"].add_metric([], 0.0 if snapshot.balancer_error else 1.0)
             for pool in snapshot.pools:
                 _pool_samples(families, pool, snapshot.generated_at)
+            _host_samples(families, snapshot, self.metrics.hosts())
         return families.values()
 
 
@@ -212,7 +221,31 @@ def _families() -> dict[str, GaugeMetricFamily]:
         "balancer_up": g(
             "imagepipe_balancer_up", "1 when the balancer answered in the last pass.", []
         ),
+        # several hosts only; `host` takes the settings' host names, so it stays bounded
+        "host_up": g(
+            "imagepipe_host_up",
+            "1 while the keeper reaches the host, 0 while it is lost.",
+            ["host"],
+        ),
+        "host_desktops": g(
+            "imagepipe_host_desktops", "Desktops on each host by state.", ["host", "state"]
+        ),
     }
+
+
+def _host_samples(
+    families: dict[str, GaugeMetricFamily], snapshot: HostStatus, hosts: dict[str, bool]
+) -> None:
+    for host, connected in sorted(hosts.items()):
+        families["host_up"].add_metric([host], 1.0 if connected else 0.0)
+    counts: dict[tuple[str, str], int] = {}
+    for pool in snapshot.pools:
+        for clone in pool.clones:
+            if clone.host and clone.host in hosts:
+                key = (clone.host, clone.state)
+                counts[key] = counts.get(key, 0) + 1
+    for (host, state), value in sorted(counts.items()):
+        families["host_desktops"].add_metric([host, state], value)
 
 
 @dataclass(frozen=True)

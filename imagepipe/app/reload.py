@@ -49,7 +49,7 @@ def load_keeper_config(
     settings = load_settings(config)
     if previous is not None:
         settings = _reloadable(previous.settings, settings)
-    configured = load_pools([settings.pools_dir])
+    configured = load_pools([settings.pools_dir], settings.host_specs())
     names = {s.name for s in configured}
     gone = [] if previous is None else [s for s in previous.specs if s.name not in names]
     specs = select_pools(configured, [w for w in wanted if w not in {g.name for g in gone}])

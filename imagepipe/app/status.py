@@ -20,6 +20,7 @@ from imagepipe.pool.learning import learned
 from imagepipe.pool.model import (
     CloneRecord,
     CloneState,
+    HostState,
     Observed,
     ObservedClone,
     PoolDown,
@@ -30,6 +31,7 @@ from imagepipe.pool.model import (
 from imagepipe.pool.observe import HostObservation, observe
 from imagepipe.pool.planner import classify, free_target
 from imagepipe.pool.planner.forecast import day_and_bucket
+from imagepipe.pool.ports import Hosts
 
 if TYPE_CHECKING:
     from imagepipe.pool.store import Store
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 SCHEMA = "imagepipe.status/1"
 IN_USE = (CloneState.IN_USE, CloneState.DISCONNECTED)
 MISSING = "missing"  # remembered by the store, not on the host
+UNSEEN = "unseen"  # remembered on a host that is lost: it may still run there
 UNKNOWN = "unknown"  # a read this status needed failed (its session, the balancer)
 
 
@@ -55,6 +58,7 @@ class CloneStatus:
     since: float | None  # connected since (epoch seconds)
     failures: int
     started_by: str | None = None  # restore (instant desktop) or boot; None: not running
+    host: str = ""  # the host it runs on ("": the only host)
 
 
 @dataclass(frozen=True)
@@ -90,16 +94,22 @@ class HostStatus:
     pools: tuple[PoolStatus, ...]
     stray_clones: tuple[StrayClone, ...]
     balancer_error: str | None
+    # several hosts (settings `hosts:`): each one connected or lost, since when; empty: one host
+    hosts: tuple[HostState, ...] = ()
 
 
 def collect(runtime: Runtime, specs: Sequence[PoolSpec]) -> HostStatus:
     """One live observation plus the store's records (read-only). Give a runtime whose
     balancer is not managed (`manage_balancer=False`): status never starts or reloads a
     balancer, and never writes the store."""
-    host = observe(runtime.hypervisor, runtime.balancer, runtime.images, specs, partial=True)
+    hypervisor = runtime.hypervisor
+    host = observe(hypervisor, runtime.balancer, runtime.images, specs, partial=True)
     now = runtime.clock.now()
     records, downs = load_records(runtime.store_reader, specs, now)
-    return build_status(specs, host, records, now, downs)
+    status = build_status(specs, host, records, now, downs)
+    if runtime.settings.host_specs() and isinstance(hypervisor, Hosts):
+        status = replace(status, hosts=tuple(hypervisor.hosts()))
+    return status
 
 
 def load_records(
@@ -232,6 +242,7 @@ def clone_status(
         since=session.connected_since,
         failures=record.failures if record else 0,
         started_by=str(seen.info.started_by) if seen.info.started_by else None,
+        host=seen.info.host,
     )
 
 
@@ -241,11 +252,14 @@ def _missing(record: CloneRecord | None) -> CloneStatus:
     host rebuilt): `missing`. None of them is a desktop anybody can use."""
     assert record is not None
     expected = (CloneState.CREATING, CloneState.DELETING)
+    state = str(record.state) if record.state in expected else MISSING
+    if record.lost_since is not None:
+        state = UNSEEN  # its host is lost: it may still run there, in use
     return CloneStatus(
         name=record.name,
         slot=record.slot,
         version=record.version,
-        state=str(record.state) if record.state in expected else MISSING,
+        state=state,
         power=None,
         display=None,
         balancer=None,
@@ -254,6 +268,7 @@ def _missing(record: CloneRecord | None) -> CloneStatus:
         users=(),
         since=None,
         failures=record.failures,
+        host=record.host,
     )
 
 

@@ -19,8 +19,10 @@ def hosts(
     ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="Print the hosts as a JSON list."),
 ) -> None:
-    """List the hosts: state (up, draining, lost since), desktops free and in use, versions
-    present, capacity. `hosts drain HOST` / `hosts undrain HOST` for maintenance."""
+    """The hosts of a keeper that spans several: list them, drain one for maintenance.
+
+    Without a subcommand: each host's state (up, draining, lost since), desktops free and in
+    use, versions present and capacity. `hosts drain HOST`, `hosts undrain HOST`."""
     if ctx.invoked_subcommand is not None:
         return
     from imagepipe.app.hosts import configured, host_rows

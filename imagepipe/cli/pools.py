@@ -42,8 +42,12 @@ def check(
 
     Exit code 2 with file:line: key and what was expected when a file is wrong.
     """
-    targets = list(paths) if paths else [_pools_dir(cli_context(ctx).settings())]
-    specs = load_pools(targets)
+    if paths:
+        targets, hosts = list(paths), None
+    else:  # the settings' pools, checked against the settings' hosts too
+        settings = cli_context(ctx).settings()
+        targets, hosts = [_pools_dir(settings)], settings.host_specs()
+    specs = load_pools(targets, hosts)
     if not specs:
         where = ", ".join(str(p) for p in targets)
         raise BadInputError(f"{where}: no pool files (*.yml) in this folder")

@@ -78,6 +78,40 @@ def _demo_if_nothing_else(settings: Settings) -> Settings:
     return load_settings(demo)
 
 
+def host_summary(snapshot: HostStatus) -> str | None:
+    """One line per host over every pool (several hosts only): free, in use, unseen."""
+    counts: dict[str, dict[str, int]] = {}
+    for pool in snapshot.pools:
+        for clone in pool.clones:
+            if not clone.host:
+                continue
+            row = counts.setdefault(clone.host, {"free": 0, "in use": 0, "unseen": 0, "all": 0})
+            row["all"] += 1
+            if clone.state == "free":
+                row["free"] += 1
+            elif clone.state in ("in_use", "disconnected", "retiring"):
+                row["in use"] += 1
+            elif clone.state == "unseen":
+                row["unseen"] += 1
+    lost = {h.name: h.since for h in snapshot.hosts if not h.connected}
+    for name in lost:
+        counts.setdefault(name, {"free": 0, "in use": 0, "unseen": 0, "all": 0})
+    if not counts:
+        return None
+    lines = ["hosts:"]
+    for host, row in sorted(counts.items()):
+        unseen = f", {row['unseen']} unseen" if row["unseen"] else ""
+        line = (
+            f"  {host}: {row['all']} desktops, {row['free']} free, {row['in use']} in use{unseen}"
+        )
+        if host in lost:
+            since = lost[host]
+            when = time.strftime("%H:%M:%S", time.localtime(since)) if since else "unknown"
+            line += f"; host lost since {when}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def render(snapshot: HostStatus) -> Group:
     from rich.console import Group
     from rich.table import Table
@@ -92,11 +126,14 @@ def render(snapshot: HostStatus) -> Group:
         )
         parts.append(Text(title, style="bold"))  # not a table title: those wrap to its width
         table = Table()
-        for column in ("clone", "version", "state", "display", "balancer", "session"):
+        several = any(c.host for c in pool.clones)
+        columns = ("clone", "host") if several else ("clone",)
+        for column in (*columns, "version", "state", "display", "balancer", "session"):
             table.add_column(column)
         for clone in pool.clones:
             table.add_row(
                 clone.name,
+                *((clone.host or "-",) if several else ()),
                 f"v{clone.version}" if clone.version is not None else "-",
                 clone.state + (f" ({clone.failures} failures)" if clone.failures else ""),
                 clone.display or "-",
@@ -118,6 +155,9 @@ def render(snapshot: HostStatus) -> Group:
         going = progress(pool)
         if going:
             parts.append(Text(f"  {going}", style="yellow"))
+    summary = host_summary(snapshot)
+    if summary:
+        parts.append(Text(summary))
     for stray in snapshot.stray_clones:
         parts.append(
             Text(

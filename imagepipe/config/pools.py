@@ -33,6 +33,7 @@ from imagepipe.config.values import (
 from imagepipe.errors import ConfigError
 from imagepipe.pool.model import (
     CloneMode,
+    HostSpec,
     LearnSpec,
     OnLogoff,
     PoolSpec,
@@ -181,9 +182,10 @@ def load_pool_file(path: Path) -> PoolSpec:
     return loaded.spec
 
 
-def load_pools(paths: Sequence[Path]) -> list[PoolSpec]:
+def load_pools(paths: Sequence[Path], hosts: Sequence[HostSpec] | None = None) -> list[PoolSpec]:
     """Pool files and directories of *.yml / *.yaml, validated alone and together
-    (unique names, no shared ports). All errors of all files are reported at once."""
+    (unique names, no shared ports). All errors of all files are reported at once.
+    `hosts`: the settings' hosts, which a pool's `hosts:` must name (None: not checked)."""
     files: list[Path] = []
     for path in paths:
         kind = path_kind(path)
@@ -201,8 +203,49 @@ def load_pools(paths: Sequence[Path]) -> list[PoolSpec]:
         if pool is not None:
             loaded.append(pool)
     issues += _cross_pool_issues(loaded)
+    if hosts is not None:
+        issues += _host_issues(loaded, hosts)
     raise_if(issues)
     return [p.spec for p in loaded]
+
+
+def _host_issues(pools: Sequence[_LoadedPool], hosts: Sequence[HostSpec]) -> list[Issue]:
+    """A pool's `hosts:` names hosts and labels of the settings' `hosts:` list."""
+    names = {h.name for h in hosts}
+    labels = {label for h in hosts for label in h.labels}
+    issues: list[Issue] = []
+    for pool in pools:
+        for index, selector in enumerate(pool.spec.hosts):
+            if not hosts:
+                issues.append(
+                    issue_at(
+                        pool.doc,
+                        ("hosts",),
+                        "the settings have no 'hosts:' list (one host, hypervisor.uri): remove "
+                        "'hosts' from the pool file or list the hosts in the settings",
+                    )
+                )
+                break
+            label = selector.removeprefix("label:")
+            if selector.startswith("label:") and label not in labels:
+                known = ", ".join(sorted(labels)) or "none"
+                issues.append(
+                    issue_at(
+                        pool.doc,
+                        ("hosts", index),
+                        f"no host has the label {label!r} (labels: {known})",
+                    )
+                )
+            elif not selector.startswith("label:") and selector not in names:
+                issues.append(
+                    issue_at(
+                        pool.doc,
+                        ("hosts", index),
+                        f"no host named {selector!r} in the settings (hosts: "
+                        f"{', '.join(sorted(names))})",
+                    )
+                )
+    return issues
 
 
 def _pool_files_in(folder: Path) -> list[Path]:

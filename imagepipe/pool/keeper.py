@@ -140,6 +140,7 @@ class Keeper:
         self.images = images
         self.specs = {s.name: s for s in specs}
         self.host_specs = tuple(hosts)
+        self._lost_reported: set[str] = set()  # lost hosts already logged
         self.other_pools = tuple(other_pools)
         self.clock = clock
         self.settings = settings
@@ -368,9 +369,12 @@ class Keeper:
             return None
         hosts = host_pass(self.hypervisor, self.host_specs, self.store.draining_hosts())
         hosts.count(host.pools, self.specs)
-        for name in sorted(hosts.lost):
+        for name in sorted(hosts.lost - self._lost_reported):
             state = hosts.states[name]
             log.warning("host lost", extra=fields(host=name, since=state.since))
+        for name in sorted(self._lost_reported - hosts.lost):
+            log.info("host back", extra=fields(host=name))
+        self._lost_reported = set(hosts.lost)
         return hosts
 
     def _placement(self, hosts: HostPass, spec: PoolSpec, observed: Observed) -> Observed:

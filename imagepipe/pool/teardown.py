@@ -11,7 +11,8 @@ Pure, like plan(), and used instead of it for a pool the store has marked down:
   a user logged in and disconnected less than disconnect_timeout ago) is drained and marked
   retiring, and deleted in the first pass after its session ends;
 - `down.now` deletes every desktop at once, sessions or not (the CLI warns first);
-- records of desktops that are gone are forgotten, orphan balancer entries removed.
+- records of desktops that are gone are forgotten, orphan balancer entries removed; a desktop
+  on a lost host (it may still run there) keeps its record and its entry is only drained.
 
 The pool is down when this returns no action and the host has none of its desktops or entries.
 """
@@ -45,13 +46,18 @@ def plan_down(
     """Every action that moves the pool towards having no desktop and no balancer entry."""
     out: list[Action] = []
     seen = {c.name for c in observed.clones}
+    # on a lost host: may still run there, in use; kept until the host is back, drained only
+    unseen = {n for n, r in record.clones.items() if r.host in observed.lost_hosts}
     for oc in observed.clones:
         out += _one(spec, oc, record.clones.get(oc.name), down, now)
     for name in record.clones:
-        if name not in seen:
+        if name not in seen and name not in unseen:
             out.append(ForgetClone(pool=spec.name, clone=name))
     for backend in observed.orphan_backends:
-        if backend.connections == 0:
+        if backend.name in unseen:
+            if backend.state is BackendState.READY:
+                out.append(BalancerDrain(pool=spec.name, clone=backend.name))
+        elif backend.connections == 0:
             out.append(BalancerRemove(pool=spec.name, clone=backend.name))
         elif backend.state is BackendState.READY:
             out.append(BalancerDrain(pool=spec.name, clone=backend.name))

@@ -25,7 +25,7 @@ from imagepipe.config import HypervisorSettings, Settings
 from imagepipe.pool.model import Backend, BackendState, BaseImage, CloneState, Endpoint, PoolSpec
 from tests.conftest import libvirt_available, require, require_program
 from tests.guest import VncClient, tiny_base_image
-from tests.host import destroy_domains, free_port
+from tests.host import destroy_domains, free_port_range
 from tests.ipvs_director import Director, build_director
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
@@ -82,25 +82,6 @@ class ViaDirector:
         self.inner.close()
 
 
-def two_free_ports() -> int:
-    for _ in range(50):
-        first = free_port()
-        if first < 65535 and _free(first + 1):
-            return first
-    raise AssertionError("no two consecutive free ports on 127.0.0.1")
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def world() -> Iterator[tuple[Runtime, Director, PoolSpec]]:
     require_program("qemu-system-x86_64")
@@ -128,7 +109,7 @@ def world() -> Iterator[tuple[Runtime, Director, PoolSpec]]:
             settings,
             Adapters(balancer=ViaDirector(balancer, director.desktop_host), images=OneImage(base)),
         )
-        first = two_free_ports()
+        first, last = free_port_range(2)
         spec = PoolSpec(
             name=POOL,
             image="tiny",
@@ -137,7 +118,7 @@ def world() -> Iterator[tuple[Runtime, Director, PoolSpec]]:
             max=2,
             memory=192 * 1024**2,
             port_first=first,
-            port_last=first + 1,
+            port_last=last,
             display_address="127.0.0.1",
             recycle_after=3.0,
             boot_timeout=180.0,

@@ -26,28 +26,26 @@ Long profile by hand:
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import random
-import shutil
 import signal
-import socket
-import sqlite3
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import libvirt_available, require, require_program
-from tests.guest import SerialConsole, VncClient
-from tests.host import destroy_domains, domains, free_port
+from tests.e2e.harness import (
+    Installation,
+    PoolFile,
+    User,
+    arrive,
+    clone,
+    qemu_pid,
+    require_real_host,
+    temp_root,
+)
+from tests.host import domains
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -94,181 +92,8 @@ class Result:
         )
 
 
-@dataclass
-class Host:
-    """A throwaway installation with one pool and a keeper subprocess."""
-
-    root: Path
-    config: Path
-    bind_port: int
-    keeper: subprocess.Popen[bytes] | None = None
-
-    @property
-    def db(self) -> Path:
-        return self.root / "state" / "state.db"
-
-    @property
-    def clones_dir(self) -> Path:
-        return self.root / "state" / "clones"
-
-    def cli(self, *args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "imagepipe", "--config", str(self.config), *args],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise AssertionError(
-                f"imagepipe {' '.join(args)} exited {done.returncode}\n"
-                f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-            )
-        return done.stdout
-
-    def status(self) -> dict[str, Any]:
-        doc = json.loads(self.cli("status", "--json"))
-        pool: dict[str, Any] = next(p for p in doc["pools"] if p["name"] == POOL)
-        return pool
-
-    def start_keeper(self) -> None:
-        assert self.keeper is None
-        with (self.root / "keeper.log").open("ab") as out:
-            self.keeper = subprocess.Popen(
-                [sys.executable, "-m", "imagepipe", "--config", str(self.config), "keep"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-    def kill_keeper(self) -> None:
-        assert self.keeper is not None
-        self.keeper.send_signal(signal.SIGKILL)
-        self.keeper.wait(timeout=60)
-        self.keeper = None
-
-    def stop_keeper(self) -> None:
-        if self.keeper is not None:
-            self.keeper.send_signal(signal.SIGTERM)
-            try:
-                self.keeper.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.keeper.kill()
-                self.keeper.wait(timeout=30)
-            self.keeper = None
-
-    def log_tail(self) -> str:
-        with contextlib.suppress(FileNotFoundError):
-            return (self.root / "keeper.log").read_text(errors="replace")[-4000:]
-        return ""
-
-    def records(self, state: str) -> list[str]:
-        return sorted(n for n, s in self.states().items() if s == state)
-
-    def states(self) -> dict[str, str]:
-        """Every clone record of the pool: name -> state, read directly (fast, read-only)."""
-        with contextlib.suppress(sqlite3.Error):
-            db = sqlite3.connect(f"{self.db.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
-            try:
-                rows = db.execute("SELECT name, state FROM clones WHERE pool = ?", (POOL,))
-                return {name: state for name, state in rows.fetchall()}
-            finally:
-                db.close()
-        return {}
-
-    def free_ready(self) -> list[str]:
-        """Free desktops that take new users through HAProxy, without starting a `status`
-        process (polled often while the keeper works)."""
-        with contextlib.suppress(OSError):
-            ready = {n for n, admin in self.backends().items() if admin == "0"}
-            return sorted(n for n, s in self.states().items() if s == "free" and n in ready)
-        return []
-
-    def converged(self) -> bool:
-        """The free target is met and nothing the kill interrupted is still under way (no
-        clone being created, booted or deleted)."""
-        busy = [n for n, s in self.states().items() if s in ("creating", "booting", "deleting")]
-        return not busy and len(self.free_ready()) >= FREE
-
-    def wait_until(self, what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            if self.keeper is not None and self.keeper.poll() is not None:
-                raise AssertionError(f"keeper exited while waiting for {what}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"timed out after {timeout:.0f}s waiting for {what}; records {self.states()}, "
-                    f"backends {self.backends()}\nkeeper log:\n{self.log_tail()}"
-                )
-            time.sleep(0.2)
-
-    def integrity(self) -> str:
-        db = sqlite3.connect(f"{self.db.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
-        try:
-            return str(db.execute("PRAGMA integrity_check").fetchone()[0])
-        finally:
-            db.close()
-
-    def backends(self) -> dict[str, str]:
-        """HAProxy's backends of the pool: name -> admin state ("0" ready, "1" maint, ...)."""
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.connect(str(self.root / "run" / "haproxy.sock"))
-            sock.sendall(b"show servers state desktops\n")
-            text = sock.makefile().read()
-        found = {}
-        for line in text.splitlines()[2:]:
-            parts = line.split()
-            if len(parts) > 6 and parts[3].startswith(f"{POOL}-"):
-                found[parts[3]] = parts[6]
-        return found
-
-    def console(self, clone: str) -> SerialConsole:
-        return SerialConsole(self.clones_dir / "sockets" / f"{clone}.console")
-
-    def disks(self) -> list[str]:
-        return sorted(p.name for p in (self.clones_dir / "disks").glob(f"{POOL}-*"))
-
-
-def clone(pool: dict[str, Any], name: str) -> dict[str, Any]:
-    return next((c for c in pool["clones"] if c["name"] == name), {})
-
-
-@dataclass
-class User:
-    """A VNC viewer on the pool's address plus a console login on the desktop it reached."""
-
-    name: str
-    desktop: str
-    viewer: VncClient
-    console: SerialConsole
-
-    def alive(self) -> bool:
-        try:
-            self.viewer.sock.sendall(b"\x03\x01\x00\x00\x00\x00\x00\x10\x00\x10")
-            return bool(self.viewer.sock.recv(1))
-        except OSError:
-            return False
-
-    def leave(self) -> None:
-        with contextlib.suppress(OSError, TimeoutError, ConnectionError):
-            self.console.logout()
-        self.console.close()
-        self.viewer.close()
-
-
-def arrive(host: Host, user: str) -> User:
-    host.wait_until("a free desktop", lambda: len(host.free_ready()) >= 1)
-    viewer = VncClient("127.0.0.1", host.bind_port, timeout=30)
-    name = viewer.handshake().removeprefix("QEMU (").removesuffix(")")
-    console = host.console(name)
-    console.login(user)
-    console.run(f"echo {user}-was-here > /home/{user}-file && sync")
-    host.wait_until(f"{name} in use", lambda: host.states().get(name) == "in_use")
-    return User(user, name, viewer, console)
-
-
 class Campaign:
-    def __init__(self, host: Host, seed: int) -> None:
+    def __init__(self, host: Installation, seed: int) -> None:
         self.host = host
         self.rng = random.Random(seed)
         self.result = Result()
@@ -282,8 +107,8 @@ class Campaign:
 
     def run(self, kills: int) -> Result:
         host = self.host
-        host.wait_until(f"{FREE} free desktops", lambda: len(host.free_ready()) >= FREE)
-        alice = arrive(host, "alice")
+        host.wait_until(f"{FREE} free desktops", lambda: len(host.offered()) >= FREE)
+        alice = arrive(host, "alice", mark=True)
         try:
             moments = [MOMENTS[i % len(MOMENTS)] for i in range(kills)]
             self.rng.shuffle(moments)
@@ -301,15 +126,17 @@ class Campaign:
         host = self.host
         self.kill += 1
         self.moment = "haproxy killed"
-        pid = int((host.root / "run" / "haproxy.pid").read_text().split()[0])
+        pid = host.haproxy_pid()
+        assert pid is not None, "no HAProxy pid file"
         os.kill(pid, signal.SIGKILL)
         self.result.kills.append(self.moment)
         self.healed()
 
         self.kill += 1
         self.moment = "qemu killed"
-        dave = arrive(host, "dave")
-        qemu = int(Path(f"/run/libvirt/qemu/{dave.desktop}.pid").read_text().strip())
+        dave = arrive(host, "dave", mark=True)
+        qemu = qemu_pid(dave.desktop)
+        assert qemu is not None, f"{dave.desktop}'s QEMU does not run"
         os.kill(qemu, signal.SIGKILL)
         self.result.kills.append(self.moment)
         try:
@@ -345,14 +172,16 @@ class Campaign:
         host = self.host
         visitor: User | None = None
         if self.moment == "recycle":
-            visitor = arrive(host, "bob")
+            visitor = arrive(host, "bob", mark=True)
             visitor.leave()  # logs off: after recycle_after, removed from HAProxy and reset
             time.sleep(RECYCLE_AFTER + self.rng.uniform(-0.5, 1.5))
         elif self.moment in ("create", "boot"):
-            visitor = arrive(host, "dave")  # takes a free desktop: the keeper makes another
+            visitor = arrive(
+                host, "dave", mark=True
+            )  # takes a free desktop: the keeper makes another
             state = "creating" if self.moment == "create" else "booting"
             deadline = time.monotonic() + 30
-            while not host.records(state) and time.monotonic() < deadline:
+            while not host.clones_in(state) and time.monotonic() < deadline:
                 time.sleep(0.005)
             # at once (before libvirt has it, with luck), or a little later (while it works)
             time.sleep(self.rng.choice((0.0, self.rng.uniform(0.0, 0.3))))
@@ -384,8 +213,8 @@ class Campaign:
             converged,
             ""
             if converged
-            else f"{detail}; records creating {host.records('creating')} "
-            f"booting {host.records('booting')}",
+            else f"{detail}; records creating {host.clones_in('creating')} "
+            f"booting {host.clones_in('booting')}",
         )
         if not converged:
             host.wait_until("the pool converged (late)", host.converged)
@@ -423,7 +252,7 @@ class Campaign:
                 problems.append(f"{len(names)} clones, max {MAX}")
             if domains(f"{POOL}-") != sorted(set(names)):
                 problems.append(f"domains {domains(f'{POOL}-')} vs clones {sorted(names)}")
-            disks = host.disks()
+            disks = host.disk_files()
             if disks != sorted(f"{n}.qcow2" for n in set(names)):
                 problems.append(f"disks {disks} vs clones {sorted(names)}")
             backends = host.backends()
@@ -461,35 +290,17 @@ class Campaign:
 
 @pytest.fixture(scope="module")
 def campaign() -> Iterator[Result]:
-    require_program("packer")
-    require_program("haproxy")
-    require(libvirt_available(), "libvirtd does not answer on qemu:///system (run ./install.sh)")
-    repo = Path(__file__).resolve().parents[2]
-    root = Path(tempfile.mkdtemp(prefix="ip-k9-", dir="/tmp"))  # short: unix socket paths
-    destroy_domains(f"{POOL}-")
-    (root / "pools").mkdir()
-    bind_port = free_port()
-    config = root / "imagepipe.yml"
-    config.write_text(
-        f"pools_dir: {root / 'pools'}\n"
-        f"packer_dir: {repo / 'packer'}\n"
-        f"state_db: {root / 'state' / 'state.db'}\n"
-        f"registry: {root / 'registry'}\n"
-        f"image_store: {root / 'images'}\n"
-        f"run_dir: {root / 'run'}\n"
-        "hypervisor: {driver: libvirt, uri: 'qemu:///system'}\n"
-        f"balancer: {{driver: haproxy, bind: '127.0.0.1:{bind_port}', manage: true}}\n"
-        "keeper: {tick: 1s, parallel: 4}\n"
+    require_real_host("packer", "haproxy")
+    pool = PoolFile(
+        POOL,
+        FREE,
+        MAX,
+        PORTS,
+        memory="160M",
+        recycle_after=f"{RECYCLE_AFTER}s",
+        boot_timeout=f"{BOOT_TIMEOUT}s",
     )
-    (root / "pools" / f"{POOL}.yml").write_text(
-        f"name: {POOL}\nimage: tiny\nchannel: latest\n"
-        f"size: {{initial: {FREE}, free: {FREE}, max: {MAX}}}\n"
-        "machine: {cpus: 1, memory: 160M}\n"
-        f"display: {{port_range: {PORTS[0]}-{PORTS[1]}, address: 127.0.0.1}}\n"
-        f"sessions: {{on_logoff: reset, recycle_after: {RECYCLE_AFTER}s}}\n"
-        f"boot_timeout: {BOOT_TIMEOUT}s\n"
-    )
-    host = Host(root=root, config=config, bind_port=bind_port)
+    host = Installation(temp_root("ip-k9-"), pool, keeper_args=(), wait=WAIT)
     try:
         host.cli("build", "tiny")
         host.start_keeper()
@@ -499,13 +310,7 @@ def campaign() -> Iterator[Result]:
             print(f"  ! {violation}")
         yield result
     finally:
-        host.stop_keeper()
-        destroy_domains(f"{POOL}-")
-        pid_file = root / "run" / "haproxy.pid"
-        if pid_file.exists():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
-        shutil.rmtree(root, ignore_errors=True)
+        host.close()
 
 
 def test_kill9_never_cuts_a_session_orphans_anything_or_corrupts_the_state(

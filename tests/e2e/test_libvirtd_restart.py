@@ -25,37 +25,49 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import signal
-import socket
-import sqlite3
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import libvirt_available, require, require_program
-from tests.guest import SerialConsole, VncClient
-from tests.host import URI, destroy_domains, free_port
+from tests.conftest import require
+from tests.e2e.harness import (
+    REPO,
+    Installation,
+    PoolFile,
+    User,
+    arrive,
+    clone,
+    desktop_of,
+    qemu_pid,
+    require_real_host,
+    temp_root,
+    viewer,
+)
+from tests.host import URI
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
-POOL = "lvr"
 FREE = 2
 MAX = 4
 RECYCLE_AFTER = 2  # seconds
 TICK = 1.0  # the keeper's tick, seconds
 DOWN = 3 * TICK  # how long libvirtd stays stopped: about three keeper passes
-PORTS = (6420, 6429)  # not used by any other test module
 CONVERGE = 60.0  # seconds: back at the free target after an outage
-WAIT = 180.0  # any other wait (TCG guests on a loaded 2-core host)
-REPO = Path(__file__).resolve().parents[2]
+# domains lvr-N and display ports unique to this module
+POOL = PoolFile(
+    "lvr",
+    FREE,
+    MAX,
+    (6420, 6429),
+    memory="160M",
+    recycle_after=f"{RECYCLE_AFTER}s",
+    boot_timeout="180s",
+)
 SCRIPT = REPO / "scripts" / "libvirtd.sh"
 SCRIPT_PIDFILE = Path("/run/imagepipe-libvirtd-tini.pid")
 
@@ -71,61 +83,8 @@ def started_by_script() -> bool:
     return False
 
 
-@dataclass
-class Host:
-    root: Path
-    config: Path
-    bind_port: int
-    keeper: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.root / "keeper.log"
-
-    def cli(self, *args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "imagepipe", "--config", str(self.config), *args],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise AssertionError(
-                f"imagepipe {' '.join(args)} exited {done.returncode}\n"
-                f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-            )
-        return done.stdout
-
-    def start_keeper(self) -> None:
-        with self.log_path.open("ab") as out:
-            self.keeper = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "imagepipe",
-                    "--config",
-                    str(self.config),
-                    "--log-level",
-                    "debug",
-                    "--log-format",
-                    "json",
-                    "keep",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-    def stop_keeper(self) -> None:
-        if self.keeper is not None:
-            self.keeper.send_signal(signal.SIGTERM)
-            try:
-                self.keeper.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.keeper.kill()
-                self.keeper.wait(timeout=30)
-            self.keeper = None
+class Host(Installation):
+    """The installation, with the keeper logging JSON lines this test reads."""
 
     def log(self) -> list[dict[str, Any]]:
         """The keeper's log lines (JSON), in order."""
@@ -139,113 +98,14 @@ class Host:
     def said(self, message: str, since: int = 0) -> list[dict[str, Any]]:
         return [e for e in self.log()[since:] if e.get("message", "").startswith(message)]
 
-    def log_tail(self) -> str:
-        with contextlib.suppress(FileNotFoundError):
-            return self.log_path.read_text(errors="replace")[-4000:]
-        return ""
-
-    def states(self) -> dict[str, str]:
-        """The pool's clone records: name -> state (read-only, without a `status` process)."""
-        with contextlib.suppress(sqlite3.Error):
-            db = sqlite3.connect(
-                f"{(self.root / 'state' / 'state.db').resolve().as_uri()}?mode=ro",
-                uri=True,
-                timeout=1,
-            )
-            try:
-                rows = db.execute("SELECT name, state FROM clones WHERE pool = ?", (POOL,))
-                return {name: state for name, state in rows.fetchall()}
-            finally:
-                db.close()
-        return {}
-
-    def backends(self) -> dict[str, str]:
-        """HAProxy's backends of the pool: name -> admin state ("0" ready)."""
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.connect(str(self.root / "run" / "haproxy.sock"))
-            sock.sendall(b"show servers state desktops\n")
-            text = sock.makefile().read()
-        found = {}
-        for line in text.splitlines()[2:]:
-            parts = line.split()
-            if len(parts) > 6 and parts[3].startswith(f"{POOL}-"):
-                found[parts[3]] = parts[6]
-        return found
-
-    def free_ready(self) -> list[str]:
-        with contextlib.suppress(OSError):
-            ready = {n for n, admin in self.backends().items() if admin == "0"}
-            return sorted(n for n, s in self.states().items() if s == "free" and n in ready)
-        return []
-
-    def converged(self) -> bool:
-        busy = [n for n, s in self.states().items() if s in ("creating", "booting", "deleting")]
-        return not busy and len(self.free_ready()) >= FREE
-
-    def wait_until(self, what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            if self.keeper is not None and self.keeper.poll() is not None:
-                raise AssertionError(f"keeper exited while waiting for {what}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"timed out after {timeout:.0f}s waiting for {what}; records "
-                    f"{self.states()}\nkeeper log:\n{self.log_tail()}"
-                )
-            time.sleep(0.2)
-
-    def status_of(self, clone: str) -> dict[str, Any]:
-        doc = json.loads(self.cli("status", "--json"))
-        pool = next(p for p in doc["pools"] if p["name"] == POOL)
-        return next((c for c in pool["clones"] if c["name"] == clone), {})
-
-    def console(self, clone: str) -> SerialConsole:
-        return SerialConsole(self.root / "state" / "clones" / "sockets" / f"{clone}.console")
-
 
 def identity(domain: str) -> tuple[str, str]:
     """What changes when a desktop is restarted or reset: (libvirt domain id, QEMU pid)."""
     domid = subprocess.run(
         ["virsh", "-c", URI, "domid", domain], capture_output=True, text=True, timeout=60
     ).stdout.strip()
-    with contextlib.suppress(FileNotFoundError):
-        return domid, Path(f"/run/libvirt/qemu/{domain}.pid").read_text().strip()
-    return domid, ""
-
-
-@dataclass
-class User:
-    name: str
-    desktop: str
-    viewer: VncClient
-    console: SerialConsole
-
-    def alive(self) -> bool:
-        """The VNC connection answers (a FramebufferUpdateRequest gets a reply)."""
-        try:
-            self.viewer.sock.sendall(b"\x03\x01\x00\x00\x00\x00\x00\x10\x00\x10")
-            return bool(self.viewer.sock.recv(1))
-        except OSError:
-            return False
-
-    def has_file(self) -> bool:
-        try:
-            return f"{self.name}-was-here" in self.console.run(
-                f"cat /home/{self.name}-file", timeout=30
-            )
-        except (OSError, TimeoutError, ConnectionError):
-            return False
-
-
-def arrive(host: Host, user: str) -> User:
-    host.wait_until("a free desktop", lambda: len(host.free_ready()) >= 1)
-    viewer = VncClient("127.0.0.1", host.bind_port, timeout=30)
-    name = viewer.handshake().removeprefix("QEMU (").removesuffix(")")
-    console = host.console(name)
-    console.login(user)
-    console.run(f"echo {user}-was-here > /home/{user}-file && sync")
-    host.wait_until(f"{name} in use", lambda: host.states().get(name) == "in_use")
-    return User(user, name, viewer, console)
+    pid = qemu_pid(domain)
+    return domid, "" if pid is None else str(pid)
 
 
 @dataclass
@@ -272,7 +132,7 @@ class Findings:
 
 def outage(host: Host, alice: User, kind: str) -> Outage:
     before = identity(alice.desktop)
-    seen = Outage(kind, len(host.log()), free_before=host.free_ready())
+    seen = Outage(kind, len(host.log()), free_before=host.offered())
     try:
         if kind == "restart":
             libvirtd("restart")
@@ -280,8 +140,8 @@ def outage(host: Host, alice: User, kind: str) -> Outage:
             libvirtd("stop")
             # while nobody can see the desktops' events, a client comes through HAProxy and
             # leaves: only the balancer's session counter can tell afterwards
-            visitor = VncClient("127.0.0.1", host.bind_port, timeout=30)
-            seen.visited = visitor.handshake().removeprefix("QEMU (").removesuffix(")")
+            visitor = viewer(host)
+            seen.visited = desktop_of(visitor)
             visitor.close()
             time.sleep(DOWN)  # a libvirtd that stays down: the keeper's passes fail meanwhile
             if not alice.alive():
@@ -319,7 +179,7 @@ def outage(host: Host, alice: User, kind: str) -> Outage:
         seen.problems.append("alice's VNC connection was cut")
     if not alice.has_file():
         seen.problems.append("alice's file is gone")
-    mine = host.status_of(alice.desktop)
+    mine = clone(host.status(), alice.desktop)
     if mine.get("state") != "in_use" or mine.get("balancer") == "ready":
         seen.problems.append(f"alice's desktop is {mine}")
     return seen
@@ -340,42 +200,21 @@ def timeline(log: list[dict[str, Any]]) -> str:
 
 @pytest.fixture(scope="module")
 def findings() -> Iterator[Findings]:
-    require_program("packer")
-    require_program("haproxy")
-    require(libvirt_available(), "libvirtd does not answer on qemu:///system (run ./install.sh)")
+    require_real_host("packer", "haproxy")
     require(os.geteuid() == 0, "restarting libvirtd needs root")
     require(started_by_script(), "libvirtd was not started by scripts/libvirtd.sh")
-    root = Path(tempfile.mkdtemp(prefix="ip-lvr-", dir="/tmp"))  # short: unix socket paths
-    destroy_domains(f"{POOL}-")
-    (root / "pools").mkdir()
-    bind_port = free_port()
-    config = root / "imagepipe.yml"
-    config.write_text(
-        f"pools_dir: {root / 'pools'}\n"
-        f"packer_dir: {REPO / 'packer'}\n"
-        f"state_db: {root / 'state' / 'state.db'}\n"
-        f"registry: {root / 'registry'}\n"
-        f"image_store: {root / 'images'}\n"
-        f"run_dir: {root / 'run'}\n"
-        "hypervisor: {driver: libvirt, uri: 'qemu:///system'}\n"
-        f"balancer: {{driver: haproxy, bind: '127.0.0.1:{bind_port}', manage: true}}\n"
-        f"keeper: {{tick: {TICK:g}s, parallel: 4}}\n"
+    host = Host(
+        temp_root("ip-lvr-"),
+        POOL,
+        tick=f"{TICK:g}s",
+        keeper_args=("--log-level", "debug", "--log-format", "json"),
     )
-    (root / "pools" / f"{POOL}.yml").write_text(
-        f"name: {POOL}\nimage: tiny\nchannel: latest\n"
-        f"size: {{initial: {FREE}, free: {FREE}, max: {MAX}}}\n"
-        "machine: {cpus: 1, memory: 160M}\n"
-        f"display: {{port_range: {PORTS[0]}-{PORTS[1]}, address: 127.0.0.1}}\n"
-        f"sessions: {{on_logoff: reset, recycle_after: {RECYCLE_AFTER}s}}\n"
-        "boot_timeout: 180s\n"
-    )
-    host = Host(root=root, config=config, bind_port=bind_port)
     found = Findings()
     try:
         host.cli("build", "tiny")
         host.start_keeper()
-        host.wait_until(f"{FREE} free desktops", lambda: len(host.free_ready()) >= FREE)
-        alice = arrive(host, "alice")
+        host.wait_until(f"{FREE} free desktops", lambda: len(host.offered()) >= FREE)
+        alice = arrive(host, "alice", mark=True)
         found.alice = alice.desktop
         for kind in ("restart", "down"):
             found.outages.append(outage(host, alice, kind))
@@ -397,7 +236,7 @@ def findings() -> Iterator[Findings]:
             timeout=CONVERGE,
         )
         found.recycled = True
-        host.wait_until(f"{alice.desktop} free again", lambda: alice.desktop in host.free_ready())
+        host.wait_until(f"{alice.desktop} free again", lambda: alice.desktop in host.offered())
         found.disconnect_events = len(
             [
                 e
@@ -421,13 +260,7 @@ def findings() -> Iterator[Findings]:
         yield found
     finally:
         libvirtd("start")
-        host.stop_keeper()
-        destroy_domains(f"{POOL}-")
-        pid_file = root / "run" / "haproxy.pid"
-        if pid_file.exists():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
-        shutil.rmtree(root, ignore_errors=True)
+        host.close()
 
 
 def test_a_libvirtd_restart_or_outage_never_touches_a_logged_in_users_desktop(

@@ -24,10 +24,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -41,9 +39,16 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import libvirt_available, require, require_program
-from tests.e2e.test_pool_e2e import Host, clone, free_ready
-from tests.host import URI, destroy_domains, domains, free_port
+from tests.conftest import require
+from tests.e2e.harness import (
+    Installation,
+    PoolFile,
+    clone,
+    free_ready,
+    require_real_host,
+    temp_root,
+)
+from tests.host import URI, free_port
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -75,27 +80,12 @@ TYPE_DELAY = 0.15  # seconds between keys
 FILL_WAIT = 600.0  # the first fill makes a warm parent too; TCG on a shared 2-core host
 
 
-class WebHost(Host):
-    """test_pool_e2e's throwaway installation, for this module's pool, plus the entrance."""
+class WebHost(Installation):
+    """The E2E harness's installation, for this module's pool, plus the entrance."""
 
     web: subprocess.Popen[bytes] | None = None
     web_port: int = 0
     alice_on: str = ""  # the desktop alice logged in on from her browser
-
-    def wait_for(self, what: str, check: Any, timeout: float = FILL_WAIT) -> dict[str, Any]:
-        """As Host.wait_for, with room for a first warm parent and fill on a loaded host."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return super().wait_for(what, check)
-            except AssertionError:
-                if time.monotonic() > deadline or (self.keeper and self.keeper.poll()):
-                    raise
-
-    def status(self) -> dict[str, Any]:
-        doc: dict[str, Any] = json.loads(self.cli("status", "--json"))
-        pool: dict[str, Any] = {p["name"]: p for p in doc["pools"]}[POOL]
-        return pool
 
     def start_web(self) -> None:
         log = (self.root / "web.log").open("wb")
@@ -288,39 +278,18 @@ def running_desktops(pool: dict[str, Any]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def host() -> Iterator[WebHost]:
-    require_program("packer")
-    require_program("haproxy")
+    require_real_host("packer", "haproxy")
     for program in (CHROMIUM, CHROMEDRIVER):
         require(Path(program).exists(), f"{program} is missing (apt-get install chromium-driver)")
     require(NOVNC.is_file(), "noVNC is not installed (apt-get install novnc)")
-    require(libvirt_available(), "libvirtd does not answer on qemu:///system (run ./install.sh)")
-    repo = Path(__file__).resolve().parents[2]
-    root = Path(tempfile.mkdtemp(prefix="ipe-web-", dir="/tmp"))
-    destroy_domains(f"{POOL}-")
-    (root / "pools").mkdir()
-    bind_port, web_port = free_port(), free_port()
-    config = root / "imagepipe.yml"
-    config.write_text(
-        f"pools_dir: {root / 'pools'}\n"
-        f"packer_dir: {repo / 'packer'}\n"
-        f"state_db: {root / 'state' / 'state.db'}\n"
-        f"registry: {root / 'registry'}\n"
-        f"image_store: {root / 'images'}\n"
-        f"run_dir: {root / 'run'}\n"
-        "hypervisor: {driver: libvirt, uri: 'qemu:///system'}\n"
-        f"balancer: {{driver: haproxy, bind: '127.0.0.1:{bind_port}', persist: source}}\n"
-        "keeper: {tick: 1s, parallel: 4}\n"
-        f"web: {{bind: '127.0.0.1:{web_port}'}}\n"
+    web_port = free_port()
+    h = WebHost(
+        temp_root("ipe-web-"),
+        PoolFile(POOL, FREE, MAX, PORTS, recycle_after=f"{RECYCLE_AFTER}s"),
+        balancer=", persist: source",
+        settings=f"web: {{bind: '127.0.0.1:{web_port}'}}\n",
+        wait=FILL_WAIT,  # the first fill makes a warm parent too
     )
-    (root / "pools" / f"{POOL}.yml").write_text(
-        f"name: {POOL}\nimage: tiny\nchannel: latest\n"
-        f"size: {{initial: {FREE}, free: {FREE}, max: {MAX}}}\n"
-        "machine: {cpus: 1, memory: 192M}\n"
-        f"display: {{port_range: {PORTS[0]}-{PORTS[1]}, address: 127.0.0.1}}\n"
-        f"sessions: {{on_logoff: reset, recycle_after: {RECYCLE_AFTER}s}}\n"
-        "boot_timeout: 2m\n"
-    )
-    h = WebHost(root=root, config=config, bind_port=bind_port)
     h.web_port = web_port
     try:
         h.cli("build", "tiny")
@@ -331,30 +300,7 @@ def host() -> Iterator[WebHost]:
         if h.web is not None:
             h.web.terminate()
             h.web.wait(timeout=30)
-        if h.keeper is not None:
-            try:
-                h.stop_keeper()
-            except subprocess.TimeoutExpired:
-                h.keeper.kill()
-        destroy_domains(f"{POOL}-")
-        destroy_warm_parents(root)
-        pid_file = root / "run" / "haproxy.pid"
-        if pid_file.exists():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def destroy_warm_parents(root: Path) -> None:
-    """The warm parents of this test's image store (named ipw-<fingerprint>), if a run was
-    cut while one was being made."""
-    for name in domains("ipw-"):
-        xml = subprocess.run(
-            ["virsh", "-c", URI, "dumpxml", name], capture_output=True, text=True, check=False
-        ).stdout
-        if str(root) in xml:
-            for args in (["destroy", name], ["undefine", name, "--nvram"]):
-                subprocess.run(["virsh", "-c", URI, *args], capture_output=True, check=False)
+        h.close()
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ from tests.faults.injector import (
 )
 from tests.faults.ports import FaultyBalancer, FaultyHypervisor
 from tests.integration import test_libvirt_contract as libvirt_contract
-from tests.integration.test_haproxy import RealHarness, real_harness  # noqa: F401 (fixture)
+from tests.integration.balancers import HAProxyHarness, haproxy_harness  # noqa: F401 (fixture)
 from tests.integration.test_libvirt_contract import tiny_base, workdir  # noqa: F401 (fixtures)
 
 BASE = FakeImages().publish("tiny", 1)
@@ -130,12 +130,12 @@ class TestQuietFaultyBalancerOverTheFake(BalancerContract):
 @pytest.mark.real
 class TestQuietFaultyBalancerOverHAProxy(BalancerContract):
     @pytest.fixture
-    def harness(self, real_harness: RealHarness) -> RealHarness:  # noqa: F811
-        return real_harness
+    def harness(self, haproxy_harness: HAProxyHarness) -> HAProxyHarness:  # noqa: F811
+        return haproxy_harness
 
     @pytest.fixture
-    def balancer(self, real_harness: RealHarness) -> Balancer:  # noqa: F811
-        adapter = real_harness.new_adapter()
+    def balancer(self, haproxy_harness: HAProxyHarness) -> Balancer:  # noqa: F811
+        adapter = haproxy_harness.new_adapter()
         adapter.ensure_frontend()
         return FaultyBalancer(adapter, quiet())
 

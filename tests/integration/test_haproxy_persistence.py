@@ -10,47 +10,32 @@ carrying `Cookie: mstshash=<user>`, as mstsc and FreeRDP do; the desktop answers
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import signal
 import socket
 import struct
-import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
 from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 from imagepipe.pool.model import Endpoint
-from tests.conftest import require_program
-from tests.host import free_port
+from tests.integration import balancers
+from tests.integration.balancers import HAProxyHarness
 
 pytestmark = pytest.mark.real
 WAIT = 5.0
 
 
-class Desktop:
+class Desktop(balancers.Desktop):
     """A remote-desktop server that says who it is: RFB 3.8 up to ServerInit, or one line
     after an X.224 Connection Request."""
 
     def __init__(self, name: str, protocol: str) -> None:
         self.name = name
         self.protocol = protocol
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = Endpoint("127.0.0.1", self.listener.getsockname()[1])
         self.cookies: list[bytes] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__()
+        self.endpoint = Endpoint("127.0.0.1", self.port)
 
     def _serve(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
@@ -72,9 +57,6 @@ class Desktop:
                 conn.sendall(f"{self.name}\n".encode())
             while conn.recv(4096):
                 pass
-
-    def stop(self) -> None:
-        self.listener.close()
 
 
 def _read(conn: socket.socket, size: int) -> bytes:
@@ -121,47 +103,33 @@ def rdp_connect(frontend: Endpoint, user: str) -> tuple[socket.socket, str]:
 
 @dataclass
 class Harness:
-    workdir: Path
-    frontend: Endpoint
+    """A real HAProxy (tests/integration/balancers.py) with desktops that say who they are."""
+
+    haproxy: HAProxyHarness
     desktops: list[Desktop] = field(default_factory=list)
-    balancer: HAProxyBalancer | None = None
+
+    @property
+    def frontend(self) -> Endpoint:
+        return self.haproxy.frontend
 
     def start(self, persist: str, protocol: str, names: list[str]) -> HAProxyBalancer:
-        self.balancer = HAProxyBalancer(
-            bind=str(self.frontend),
-            admin_socket=self.workdir / "admin.sock",
-            config_path=self.workdir / "haproxy.cfg",
-            pid_file=self.workdir / "haproxy.pid",
-            manage=True,
-            persist=persist,
-        )
-        self.balancer.ensure_frontend()
+        balancer = self.haproxy.new_adapter(persist=persist)
+        balancer.ensure_frontend()
         for name in names:
             desktop = Desktop(name, protocol)
             self.desktops.append(desktop)
-            self.balancer.enable(name, desktop.endpoint)
-        return self.balancer
-
-    def cleanup(self) -> None:
-        for desktop in self.desktops:
-            desktop.stop()
-        if self.balancer is not None:
-            with contextlib.suppress(Exception):
-                self.balancer.shutdown()
-        with contextlib.suppress(OSError, ValueError):
-            os.kill(int((self.workdir / "haproxy.pid").read_text().split()[0]), signal.SIGKILL)
+            balancer.enable(name, desktop.endpoint)
+        return balancer
 
 
 @pytest.fixture
-def harness() -> Iterator[Harness]:
-    require_program("haproxy")
-    workdir = Path(tempfile.mkdtemp(prefix="ipx-persist-"))
-    h = Harness(workdir, Endpoint("127.0.0.1", free_port()))
+def harness(haproxy_harness: HAProxyHarness) -> Iterator[Harness]:
+    h = Harness(haproxy_harness)
     try:
         yield h
     finally:
-        h.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+        for desktop in h.desktops:
+            desktop.stop()
 
 
 def test_a_returning_vnc_user_reaches_their_draining_desktop_and_a_new_user_does_not(

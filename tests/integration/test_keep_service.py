@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import require
+from tests.conftest import require_libvirt_python
 from tests.host import free_port
 
 POOL = """\
@@ -29,10 +29,7 @@ display: {{port_range: {ports}}}
 
 @pytest.fixture
 def libvirt_python() -> None:
-    try:
-        import libvirt  # noqa: F401
-    except ImportError:
-        require(False, "libvirt-python is not installed (pip install -e .[libvirt])")
+    require_libvirt_python()
 
 
 @pytest.fixture

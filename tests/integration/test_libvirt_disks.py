@@ -11,7 +11,7 @@ import pytest
 from imagepipe.errors import CloneNotFoundError, EnvironmentMissingError, FatalHypervisorError
 from imagepipe.hypervisors.libvirt.disks import disk_usable, make_clone_disk, remove_partial_disks
 from imagepipe.pool.model import CloneMode
-from tests.conftest import require_program
+from tests.conftest import require_libvirt_python, require_program
 
 pytestmark = pytest.mark.real
 
@@ -130,7 +130,7 @@ def test_a_truncated_or_missing_base_is_not_ready(tmp_path: Path) -> None:
 def test_a_libvirt_that_does_not_answer_is_an_environment_error_naming_the_uri(
     tmp_path: Path,
 ) -> None:
-    pytest.importorskip("libvirt")
+    require_libvirt_python()
     from imagepipe.hypervisors.libvirt.hypervisor import LibvirtHypervisor
 
     uri = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"

@@ -130,14 +130,11 @@ def require_libvirt_module() -> str:
     # the conftest fixture is function-scoped; the module's clone needs the same check once
     import os
 
-    from tests.conftest import libvirt_available, require
+    from tests.conftest import libvirt_available, require, require_libvirt_python
 
     uri = os.environ.get("IMAGEPIPE_TEST_LIBVIRT_URI", "qemu:///system")
     require(libvirt_available(uri), f"libvirtd does not answer on {uri} (run ./install.sh)")
-    try:
-        import libvirt  # noqa: F401
-    except ImportError:
-        require(False, "libvirt-python is not installed (pip install -e .[libvirt])")
+    require_libvirt_python()
     return uri
 
 

@@ -122,3 +122,39 @@ def test_hosts_without_a_host_list_says_there_is_one_host(
     settings.write_text("pools_dir: pools\nstate_db: state.db\n")
     assert main(["--config", str(settings), "hosts"]) == 2
     assert "no hosts configured; this keeper drives the one host" in capsys.readouterr().err
+
+
+def test_status_shows_each_desktops_host_and_a_lost_hosts_desktops_as_unseen(
+    world: tuple[Path, FakeHosts, Adapters], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, hv, adapters = world
+    keeper_world = settings.parent
+    store = SQLiteStore(keeper_world / "state.db")
+    keeper = Keeper(
+        hypervisor=hv,
+        balancer=FakeBalancer(),
+        store=store,
+        images=adapters.images,  # type: ignore[arg-type]
+        specs=[load_pool_file(keeper_world / "pools" / "lab.yml")],
+        clock=adapters.clock,  # type: ignore[arg-type]
+        hosts=load_settings(settings).host_specs(),
+    )
+    hv.cut("h3")
+    keeper.run_pass()
+    store.close()
+    assert main(["--config", str(settings), "status", "--json"], adapters) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(h["name"], h["connected"]) for h in doc["hosts"]] == [
+        ("h1", True),
+        ("h2", True),
+        ("h3", False),
+    ]
+    assert doc["hosts"][2]["since"] is not None
+    (pool,) = doc["pools"]
+    hosts = {c["name"]: (c["host"], c["state"]) for c in pool["clones"]}
+    lost = [name for name, (host, _) in hosts.items() if host == "h3"]
+    assert lost and all(hosts[name][1] == "unseen" for name in lost)
+    assert {host for host, _ in hosts.values()} >= {"h1", "h2"}
+    assert main(["--config", str(settings), "status"], adapters) == 0
+    out = capsys.readouterr().out
+    assert "hosts:" in out and "h3: 1 desktops, 0 free, 0 in use, 1 unseen; host lost since" in out

@@ -33,7 +33,7 @@ POOL_KEYS = {
 }  # fmt: skip
 CLONE_KEYS = {
     "name", "slot", "version", "state", "power", "display", "balancer", "connections",
-    "client", "users", "since", "failures", "started_by",
+    "client", "users", "since", "failures", "started_by", "host",
 }  # fmt: skip
 
 
@@ -86,7 +86,10 @@ def test_status_json_describes_every_pool_and_desktop_with_a_stable_schema(
 
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc) == {"schema", "generated_at", "pools", "stray_clones", "balancer_error"}
+    assert set(doc) == {
+        "schema", "generated_at", "pools", "stray_clones", "balancer_error", "hosts"
+    }  # fmt: skip
+    assert doc["hosts"] == []  # one host: no host list
     assert doc["schema"] == "imagepipe.status/1"
     (pool,) = doc["pools"]
     assert set(pool) == POOL_KEYS

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.config import load_pool_file, load_settings
+from imagepipe.config import load_pool_file, load_pools, load_settings
 from imagepipe.errors import ConfigError
 from imagepipe.pool.model import HostSpec
 
@@ -120,3 +120,23 @@ def test_a_bad_pool_host_is_refused_at_its_line(tmp_path: Path) -> None:
     assert str(caught.value).startswith("p.yml:4: hosts[0]: expected a host name"), str(
         caught.value
     )
+
+
+def test_a_pool_naming_a_host_or_label_the_settings_lack_is_refused_at_its_line(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "s.yml").write_text(HOSTS)
+    hosts = load_settings(Path("s.yml")).host_specs()
+    (tmp_path / "pools").mkdir()
+    (tmp_path / "pools" / "p.yml").write_text(
+        "name: lab\nimage: tiny\nhosts:\n  - h1\n  - h7\n  - 'label:ssd'\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_pools([Path("pools")], hosts)
+    lines = str(caught.value).splitlines()
+    assert lines[0].startswith("pools/p.yml:5: hosts[1]: no host named 'h7' in the settings")
+    assert lines[1].startswith("pools/p.yml:6: hosts[2]: no host has the label 'ssd'")
+    assert load_pools([Path("pools")]) and load_pools([Path("pools")], None)  # unchecked
+    with pytest.raises(ConfigError) as single:
+        load_pools([Path("pools")], ())
+    assert "the settings have no 'hosts:' list" in str(single.value)

@@ -277,3 +277,25 @@ def test_a_drained_host_gets_no_new_desktops_its_free_ones_go_and_in_use_ones_st
     assert [a.clone for a in actions if isinstance(a, DeleteClone)] == ["lab-0"]
     assert not [a for a in actions if a.clone == "lab-1" and not isinstance(a, RecordClone)]
     assert {c.host for c in creates(actions)} <= {"h2", "h3"} and creates(actions)
+
+
+def test_a_pool_going_down_keeps_the_records_and_backends_of_a_lost_hosts_desktops() -> None:
+    """Taking a pool down never forgets a desktop that may still run on a lost host (it is
+    removed once the host is back) and only drains its balancer entry."""
+    from imagepipe.pool.model import PoolDown
+    from imagepipe.pool.teardown import plan_down
+
+    records = [rec(0, "h1"), rec(2, "h2", CloneState.IN_USE, dirty=True)]
+    record = PoolRecord("lab", {r.name: r for r in records}, target_version=1)
+    b2 = Backend("lab-2", Endpoint("10.0.0.2", 5902), BackendState.READY, 0, 1)
+    observed = Observed(
+        clones=(seen(0, "h1"),),
+        orphan_backends=(b2,),
+        target_version=1,
+        base_ready=True,
+        hosts=three_hosts(h2={"usable": False}),
+        lost_hosts=frozenset({"h2"}),
+    )
+    actions = plan_down(SPEC, observed, record, PoolDown(since=T0), T0 + 5)
+    mine = [a for a in actions if a.clone == "lab-2"]
+    assert [type(a) for a in mine] == [BalancerDrain]

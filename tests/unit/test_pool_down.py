@@ -13,6 +13,7 @@ from imagepipe.app.bootstrap import Adapters, Runtime, bootstrap
 from imagepipe.cli import demo as demo_cli
 from imagepipe.cli.app import main
 from imagepipe.config import load_pool_file, load_settings
+from imagepipe.config import settings as settings_module
 from imagepipe.pool.model import (
     Backend,
     BackendState,
@@ -275,8 +276,9 @@ def test_demo_down_without_a_demo_says_so(
 def test_status_without_settings_after_the_demo_shows_the_demos_pools(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    if Path("/etc/imagepipe/imagepipe.yml").exists():
-        pytest.skip("this host has /etc/imagepipe/imagepipe.yml: status uses that")
+    # no settings anywhere: not in ./ (a temp dir), $IMAGEPIPE_CONFIG or the system file,
+    # which this host may well have, so point its lookup at a temp path that does not exist
+    monkeypatch.setattr(settings_module, "SYSTEM_SETTINGS", tmp_path / "etc" / "imagepipe.yml")
     directory = tmp_path / "demo"
     demo_cli.write_demo_files(directory, load_settings(None))
     monkeypatch.setattr(demo_cli, "DEFAULT_DIR", directory)  # where the demo put its files
