@@ -77,6 +77,17 @@ def keeper_world(
     """A pool `mhk` of 6 free desktops (start: boot) kept over the lab's hosts (or those
     named), everything removed at the end."""
     workdir = Path(tempfile.mkdtemp(prefix="iphvk-", dir="/tmp"))  # short: unix socket paths
+    try:
+        with _keeper_world(lab, lab_base, pool_hosts, workdir) as world:
+            yield world
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _keeper_world(
+    lab: HostLab, lab_base: BaseImage, pool_hosts: tuple[str, ...], workdir: Path
+) -> Iterator[World]:
     registry = Registry(workdir / "registry", workdir / "images")
     record = registry.register(
         NewVersion(
@@ -151,4 +162,3 @@ def keeper_world(
             balancer.shutdown()
         hv.close()
         store.close()
-        shutil.rmtree(workdir, ignore_errors=True)
