@@ -54,6 +54,7 @@ packages=(
   passwd
   iproute2
   keepalived    # examples/keepalived: the balancer pair's VRRP address (and its failover test)
+  util-linux    # unshare: each test libvirt host of tests/multihost has its own mounts
 )
 # ./install.sh --dev: what the tests and the checks run besides the Python tools.
 dev_packages=(
@@ -62,6 +63,7 @@ dev_packages=(
   chromium          # tests/e2e/test_web_e2e.py: a real browser on the web entrance
   chromium-driver   # selenium drives it
   postgresql        # tests/postgres.py: a real server for the PostgreSQL state store's tests
+  nftables          # tests/multihost: the display-port firewall rule of docs/hosts.md
 )
 if [ "$dev" = yes ]; then
   packages+=("${dev_packages[@]}")

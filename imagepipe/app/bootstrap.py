@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from imagepipe.images.packer import Packer
     from imagepipe.images.registry import Registry
     from imagepipe.pool.keeper import Keeper, KeeperOptions
-    from imagepipe.pool.model import PoolSpec
+    from imagepipe.pool.model import BaseImage, PoolSpec
     from imagepipe.pool.ports import Balancer, Channels, Clock, Hypervisor, Images
     from imagepipe.pool.store import Store
     from imagepipe.stores.copy import CopyReport
@@ -290,6 +290,16 @@ def build_hypervisor(settings: Settings) -> Hypervisor:
                 f"the libvirt hypervisor needs libvirt-python ({exc}); "
                 "install it with: pip install 'imagepipe[libvirt]'"
             ) from exc
+        if settings.hosts:
+            from imagepipe.hypervisors.libvirt.multihost import MultiHostHypervisor
+
+            def checksums(base: BaseImage) -> dict[str, str]:
+                record = build_registry(settings).resolve(base.image, base.version)
+                return {artifact.name: artifact.sha256 for artifact in record.artifacts}
+
+            return MultiHostHypervisor(
+                settings.host_specs(), state_dir=clone_state_dir(settings), checksums=checksums
+            )
         return LibvirtHypervisor(settings.hypervisor.uri, state_dir=clone_state_dir(settings))
     if driver == "virtualbox":
         from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor

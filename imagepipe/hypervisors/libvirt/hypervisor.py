@@ -123,6 +123,10 @@ def _ignore_libvirt_error(_opaque: Any, error: Any) -> None:
 class LibvirtHypervisor:
     """imagepipe.pool.ports.Hypervisor on libvirt + QEMU (domain type qemu: TCG)."""
 
+    # libvirt keep-alive (interval s, missed answers): a dead libvirtd is noticed after ~20 s
+    KEEPALIVE = (5, 3)
+    host_name = ""  # CloneInfo.host of its clones ("": the only host)
+
     def __init__(
         self,
         uri: str = "qemu:///system",
@@ -160,7 +164,7 @@ class LibvirtHypervisor:
         conn = lv.open(self.uri)
         try:
             with contextlib.suppress(lv.libvirtError):
-                conn.setKeepAlive(5, 3)
+                conn.setKeepAlive(*self.KEEPALIVE)
             self._deregister = self._hub.register(lv, self._libvirt_qemu, conn)
             conn.registerCloseCallback(self._on_close, None)
         except lv.libvirtError:
@@ -221,11 +225,7 @@ class LibvirtHypervisor:
         try:
             conn = self._open()
         except lv.libvirtError as exc:
-            raise HypervisorUnavailableError(
-                f"libvirt at {self.uri} does not answer ({exc.get_error_message()}); desktops "
-                "keep running and the keeper reconnects every pass: start libvirtd "
-                "(scripts/libvirtd.sh start, or systemctl start libvirtd)"
-            ) from exc
+            raise HypervisorUnavailableError(self._unanswered(exc.get_error_message())) from exc
         self._conn = conn
         with self._lost_lock:
             lost_at, self._lost_at = self._lost_at, None
@@ -238,6 +238,13 @@ class LibvirtHypervisor:
             ),
         )
         return conn
+
+    def _unanswered(self, why: str) -> str:
+        return (
+            f"libvirt at {self.uri} does not answer ({why}); desktops keep running and the "
+            "keeper reconnects every pass: start libvirtd (scripts/libvirtd.sh start, or "
+            "systemctl start libvirtd)"
+        )
 
     def _drop(self, conn: Any) -> None:
         """Let go of a connection: its callbacks are unregistered, it is closed (errors of a
@@ -333,6 +340,7 @@ class LibvirtHypervisor:
             display=facts.display,
             ready=ready,
             started_by=started_by,
+            host=self.host_name,
         )
 
     def _prepare_agent(self, name: str, dom: Any) -> None:

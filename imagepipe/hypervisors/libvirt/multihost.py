@@ -1,0 +1,341 @@
+"""One pool over several libvirt hosts: the Hypervisor port plus pool.ports.Hosts.
+
+    hv = MultiHostHypervisor(hosts, state_dir=..., checksums=lambda base: {...})
+    hv.list_clones()     # every reachable host, observed in parallel; CloneInfo.host set
+    hv.hosts()           # which hosts answered (and since when), versions held, uploads
+    hv.ensure_version("host2", base)   # True once host2 holds it; starts the upload
+
+A host that does not answer within `observe_timeout` (or whose connection is lost) is
+reported lost by hosts(), and its clones are left out of list_clones(): they are not gone,
+the host is not seen. When no host answers at all, list_clones() raises
+HypervisorUnavailableError, as the single-host adapter does. create_clone goes to
+`spec.host` ("" = the first host); every other call goes to the host the clone was last seen
+on, or the one that has a domain of that name.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from imagepipe.errors import (
+    BadInputError,
+    CloneNotFoundError,
+    FatalHypervisorError,
+    HypervisorError,
+    HypervisorUnavailableError,
+    InvalidStateError,
+)
+from imagepipe.hypervisors.common import check_name
+from imagepipe.hypervisors.libvirt.disks import disk_usable
+from imagepipe.hypervisors.libvirt.remote import RemoteLibvirtHost
+from imagepipe.log import fields
+from imagepipe.pool.model import (
+    BaseImage,
+    CloneInfo,
+    CloneSpec,
+    Endpoint,
+    GuestSession,
+    HostSpec,
+    HostState,
+)
+from imagepipe.pool.ports import HypervisorEvent, Subscription
+
+log = logging.getLogger(__name__)
+
+OBSERVE_TIMEOUT = 5.0  # seconds a host may take to list its clones before it counts as lost
+Checksums = Callable[[BaseImage], Mapping[str, str]]  # file name -> the registry's sha256
+
+
+class _Subscriptions:
+    def __init__(self, parts: list[Subscription]) -> None:
+        self._parts = parts
+
+    def close(self) -> None:
+        for part in self._parts:
+            part.close()
+
+
+class MultiHostHypervisor:
+    """imagepipe.pool.ports.Hypervisor and Hosts over one RemoteLibvirtHost per host."""
+
+    def __init__(
+        self,
+        hosts: Sequence[HostSpec],
+        *,
+        state_dir: Path,
+        checksums: Checksums,
+        clock: Callable[[], float] = time.time,
+        observe_timeout: float = OBSERVE_TIMEOUT,
+    ) -> None:
+        if not hosts:
+            raise BadInputError("a multi-host hypervisor needs at least one host under hosts:")
+        names = [h.name for h in hosts]
+        if len(set(names)) != len(names):
+            raise BadInputError(f"hosts: names must be unique, got {', '.join(names)}")
+        self._clock = clock
+        self._checksums = checksums
+        self.observe_timeout = observe_timeout
+        self._hosts = {
+            h.name: RemoteLibvirtHost(h, state_dir=state_dir / h.name, clock=clock) for h in hosts
+        }
+        self._lock = threading.Lock()
+        self._where: dict[str, str] = {}  # clone -> host it was last seen on
+        self._connected: dict[str, bool] = dict.fromkeys(names, False)
+        self._since: dict[str, float | None] = dict.fromkeys(names)
+        self._versions: dict[str, tuple[tuple[str, int], ...]] = dict.fromkeys(names, ())
+        self._uploads: dict[str, tuple[str, int, float]] = {}  # host -> upload under way
+        self._upload_done: dict[tuple[str, str, int], threading.Event] = {}
+        self._upload_error: dict[tuple[str, str, int], Exception] = {}
+        self._observing: dict[
+            str, concurrent.futures.Future[tuple[list[CloneInfo], tuple[tuple[str, int], ...]]]
+        ] = {}
+        self._observers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=len(hosts), thread_name_prefix="observe-host"
+        )
+        self._uploaders = concurrent.futures.ThreadPoolExecutor(
+            max_workers=len(hosts), thread_name_prefix="upload-host"
+        )
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._hosts)
+
+    def host(self, name: str) -> RemoteLibvirtHost:
+        try:
+            return self._hosts[name]
+        except KeyError:
+            raise FatalHypervisorError(
+                f"no host named {name!r}; the hosts are {', '.join(self._hosts)}"
+            ) from None
+
+    # -- observation -------------------------------------------------------------------------
+
+    def _observe(self, name: str) -> tuple[list[CloneInfo], tuple[tuple[str, int], ...]]:
+        host = self._hosts[name]
+        return host.list_clones(), host.versions()
+
+    def list_clones(self) -> list[CloneInfo]:
+        with self._lock:
+            for name in self._hosts:
+                running = self._observing.get(name)
+                if running is None or running.done():  # a hung host gets no second thread
+                    self._observing[name] = self._observers.submit(self._observe, name)
+            pending = dict(self._observing)
+        done, _ = concurrent.futures.wait(pending.values(), timeout=self.observe_timeout)
+        clones: list[CloneInfo] = []
+        seen: set[str] = set()
+        for name, future in pending.items():
+            if future not in done:
+                self._mark(name, False, f"no answer within {self.observe_timeout:g} s")
+                continue
+            try:
+                found, versions = future.result()
+            except HypervisorError as exc:
+                self._mark(name, False, str(exc))
+                continue
+            self._mark(name, True, None)
+            seen.add(name)
+            with self._lock:
+                self._versions[name] = versions
+            clones.extend(found)
+        if not seen:
+            raise HypervisorUnavailableError(
+                f"no host answers ({', '.join(self._hosts)}); desktops keep running and the "
+                "keeper tries every pass"
+            )
+        with self._lock:
+            for clone, host in list(self._where.items()):
+                if host in seen:
+                    del self._where[clone]
+            for info in clones:
+                self._where[info.name] = info.host
+        return sorted(clones, key=lambda c: (c.pool, c.slot))
+
+    def _mark(self, name: str, connected: bool, why: str | None) -> None:
+        with self._lock:
+            if self._connected[name] == connected and self._since[name] is not None:
+                return
+            self._connected[name] = connected
+            self._since[name] = self._clock()
+        if connected:
+            log.info("host connected", extra=fields(host=name))
+        else:
+            log.warning(
+                "host lost; its desktops are kept as they were, not deleted",
+                extra=fields(host=name, reason=why),
+            )
+
+    def hosts(self) -> list[HostState]:
+        with self._lock:
+            return [
+                HostState(
+                    name=name,
+                    connected=self._connected[name],
+                    since=self._since[name],
+                    versions=self._versions[name],
+                    upload=self._uploads.get(name),
+                )
+                for name in self._hosts
+            ]
+
+    # -- versions on hosts -------------------------------------------------------------------
+
+    def ensure_version(self, host: str, base: BaseImage) -> bool:
+        self.host(host)
+        with self._lock:
+            if (base.image, base.version) in self._versions[host]:
+                return True
+        self._start_upload(host, base)
+        return False
+
+    def _start_upload(self, host: str, base: BaseImage) -> threading.Event:
+        key = (host, base.image, base.version)
+        with self._lock:
+            event = self._upload_done.get(key)
+            if event is not None:
+                return event
+            event = self._upload_done[key] = threading.Event()
+            self._uploads[host] = (base.image, base.version, 0.0)
+        self._uploaders.submit(self._upload, host, base, event)
+        return event
+
+    def _upload(self, host: str, base: BaseImage, event: threading.Event) -> None:
+        key = (host, base.image, base.version)
+
+        def progress(fraction: float) -> None:
+            with self._lock:
+                self._uploads[host] = (base.image, base.version, fraction)
+
+        try:
+            self._hosts[host].upload(base, self._checksums(base), progress)
+            versions = self._hosts[host].versions()
+            with self._lock:
+                self._versions[host] = versions
+        except Exception as exc:  # reported to the waiter; retried by the next ensure_version
+            log.warning(
+                "image upload failed",
+                extra=fields(host=host, image=base.image, version=base.version, error=str(exc)),
+            )
+            self._upload_error[key] = exc
+        finally:
+            with self._lock:
+                self._uploads.pop(host, None)
+                self._upload_done.pop(key, None)
+            event.set()
+
+    def _upload_now(self, host: str, base: BaseImage) -> None:
+        """Upload the version to `host` and wait for it (create_clone on a host without it)."""
+        key = (host, base.image, base.version)
+        self._upload_error.pop(key, None)
+        self._start_upload(host, base).wait()
+        error = self._upload_error.pop(key, None)
+        if error is not None:
+            raise error
+
+    # -- the port ----------------------------------------------------------------------------
+
+    def base_ready(self, base: BaseImage) -> bool:
+        if base.disk is None or base.vm is not None:
+            return False
+        for extra in (base.kernel, base.initrd):
+            if extra is not None and not (base.directory / extra).is_file():
+                return False
+        return disk_usable(base.directory / base.disk)
+
+    def create_clone(self, spec: CloneSpec) -> CloneInfo:
+        name = check_name(spec.name)
+        host_name = spec.host or next(iter(self._hosts))
+        host = self.host(host_name)
+        if spec.base.disk is not None:
+            local = spec.base.directory / spec.base.disk
+            if local.is_file() and not disk_usable(local):
+                raise InvalidStateError(
+                    f"base image {spec.base.image} v{spec.base.version} is running or "
+                    f"incomplete ({local} is locked by a VM or not a disk image); clones are "
+                    "made only from a powered-off base: wait for the build or stop the base VM"
+                )
+            if (
+                not host.has_domain(name)
+                and (spec.base.image, spec.base.version) not in host.versions()
+            ):
+                self._upload_now(host_name, spec.base)
+        info = host.create_clone(spec)
+        with self._lock:
+            self._where[name] = host_name
+        return info
+
+    def _find(self, name: str) -> RemoteLibvirtHost | None:
+        """The host of clone `name` (None: no host has it); HypervisorUnavailableError when
+        it is on no reachable host and some host cannot be asked."""
+        check_name(name)
+        with self._lock:
+            known = self._where.get(name)
+        if known is not None:
+            return self._hosts[known]
+        unreachable = []
+        for host_name, host in self._hosts.items():
+            try:
+                if host.has_domain(name):
+                    with self._lock:
+                        self._where[name] = host_name
+                    return host
+            except HypervisorUnavailableError:
+                unreachable.append(host_name)
+        if unreachable:
+            raise HypervisorUnavailableError(
+                f"clone {name} is on no reachable host, and {', '.join(unreachable)} cannot "
+                "be asked; retried once they answer"
+            )
+        return None
+
+    def _on(self, name: str) -> RemoteLibvirtHost:
+        host = self._find(name)
+        if host is None:
+            raise CloneNotFoundError(f"clone {name} does not exist on any host")
+        return host
+
+    def start(self, name: str) -> None:
+        self._on(name).start(name)
+
+    def stop(self, name: str, timeout: float) -> None:
+        self._on(name).stop(name, timeout)
+
+    def reset(self, name: str) -> None:
+        self._on(name).reset(name)
+
+    def suspend(self, name: str) -> None:
+        self._on(name).suspend(name)
+
+    def resume(self, name: str) -> None:
+        self._on(name).resume(name)
+
+    def delete(self, name: str) -> None:
+        host = self._find(name)
+        if host is None:
+            return
+        host.delete(name)
+        with self._lock:
+            self._where.pop(name, None)
+
+    def display(self, name: str) -> Endpoint | None:
+        return self._on(name).display(name)
+
+    def sessions(self, name: str) -> GuestSession:
+        return self._on(name).sessions(name)
+
+    def notify_users(self, name: str, text: str) -> None:
+        self._on(name).notify_users(name, text)
+
+    def subscribe(self, callback: Callable[[HypervisorEvent], None]) -> Subscription:
+        return _Subscriptions([h.subscribe(callback) for h in self._hosts.values()])
+
+    def close(self) -> None:
+        self._observers.shutdown(wait=False, cancel_futures=True)
+        self._uploaders.shutdown(wait=False, cancel_futures=True)
+        for host in self._hosts.values():
+            host.close()

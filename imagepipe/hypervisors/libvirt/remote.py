@@ -1,0 +1,272 @@
+"""One libvirt host reached over the remote protocol (qemu+tls://, qemu+ssh://, qemu+tcp://).
+
+The local adapter (hypervisor.py) writes clone disks, sockets and saved states as local
+files. On a remote host no file is touched from here: the version's files are volumes of
+the host's `imagepipe` storage pool (volumes.py), a clone's disk is a volume made on the
+host, its console and agent sockets are paths on the host. Desktops of a remote host boot
+(StartMode.BOOT): the warm-parent restore needs the saved state's header rewritten per
+clone, which is done on local files only.
+
+A lost connection is not an error of the clones: the host is reported lost (`connected`),
+and the next call reconnects. Keep-alive 1 s x 2 notices a cut link in about 3 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from imagepipe.errors import (
+    BaseMissingError,
+    DisplayInUseError,
+    FatalHypervisorError,
+    InvalidStateError,
+    NotOurCloneError,
+)
+from imagepipe.hypervisors.common import check_name
+from imagepipe.hypervisors.libvirt.domain_xml import (
+    CloneMetadata,
+    DomainPlan,
+    domain_xml,
+)
+from imagepipe.hypervisors.libvirt.errors import ERR_NO_DOMAIN, error_of
+from imagepipe.hypervisors.libvirt.hypervisor import (
+    STATE_BLOCKED,
+    STATE_PAUSED,
+    STATE_PMSUSPENDED,
+    STATE_RUNNING,
+    STATE_SHUTOFF,
+    LibvirtHypervisor,
+    _not_ours,
+)
+from imagepipe.hypervisors.libvirt.volumes import (
+    POOL_DIR,
+    base_volume,
+    clone_volume,
+    clone_volume_exists,
+    delete_clone_volume,
+    storage_pool,
+    upload_version,
+    versions_on,
+)
+from imagepipe.log import fields
+from imagepipe.pool.model import BaseImage, CloneInfo, CloneSpec, HostSpec
+
+log = logging.getLogger(__name__)
+SOCKET_DIR = "/var/lib/libvirt/qemu"  # exists on every host with libvirt's QEMU driver
+
+
+class RemoteLibvirtHost(LibvirtHypervisor):
+    """The Hypervisor port on one libvirt host whose files are reached only through libvirt."""
+
+    KEEPALIVE = (1, 2)
+
+    def __init__(
+        self, host: HostSpec, *, state_dir: Path, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.host = host
+        self.host_name = host.name
+        self._pool: tuple[Any, Any] | None = None  # (connection, its storage pool)
+        super().__init__(host.uri, state_dir=state_dir, clock=clock)
+
+    # -- connection: not at construction (a dead host must not hold up the others) ------
+
+    def _connect(self) -> Any:
+        with self._lost_lock:
+            self._lost_at = time.monotonic()
+        return None
+
+    def _unanswered(self, why: str) -> str:
+        return (
+            f"host {self.host.name} ({self.uri}) does not answer ({why}); its desktops are "
+            "kept as they are and it is asked again every pass"
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and self._lost_at is None
+
+    def _storage(self) -> Any:
+        conn = self._connection()
+        if self._pool is None or self._pool[0] is not conn:  # none yet, or reconnected
+            self._pool = (conn, storage_pool(self._libvirt, conn, f"host {self.host.name}"))
+        return self._pool[1]
+
+    # -- versions ------------------------------------------------------------------------
+
+    def versions(self) -> tuple[tuple[str, int], ...]:
+        pool = self._storage()
+        with self._translate(f"storage pool on host {self.host.name}"):
+            return versions_on(list(pool.listVolumes()))
+
+    def upload(
+        self, base: BaseImage, expected: Mapping[str, str], progress: Callable[[float], None]
+    ) -> None:
+        pool = self._storage()
+        started = time.monotonic()
+        upload_version(
+            self._libvirt,
+            self._connection(),
+            pool,
+            base,
+            expected,
+            progress,
+            f"host {self.host.name}",
+        )
+        log_upload(self.host.name, base, time.monotonic() - started)
+
+    # -- paths on the host -----------------------------------------------------------------
+
+    def disk_path(self, name: str) -> Path:
+        return Path(POOL_DIR) / f"{check_name(name)}.qcow2"
+
+    def console_path(self, name: str) -> Path:
+        return Path(SOCKET_DIR) / f"imagepipe-{check_name(name)}.console"
+
+    def agent_path(self, name: str) -> Path:
+        return Path(SOCKET_DIR) / f"imagepipe-{check_name(name)}.agent"
+
+    def has_domain(self, name: str) -> bool:
+        return self._existing(name) is not None
+
+    # -- the port ----------------------------------------------------------------------------
+
+    def create_clone(self, spec: CloneSpec) -> CloneInfo:
+        name = check_name(spec.name)
+        if spec.base.disk is None:
+            raise FatalHypervisorError(
+                f"image {spec.base.image} v{spec.base.version} has no disk for libvirt; "
+                "its image.yml must name artifact.disk"
+            )
+        where = self.host.name
+        pool = self._storage()
+        meta = CloneMetadata(
+            spec.pool,
+            spec.base.image,
+            spec.base.version,
+            spec.slot,
+            spec.mode,
+            Path("/"),
+            start=spec.start,
+        )
+        existing = self._existing(name)
+        if existing is not None:
+            return self._existing_clone(name, meta, *existing)
+        lv = self._libvirt
+        with self._translate(f"image {spec.base.image} v{spec.base.version} on host {where}"):
+            disk = Path(str(base_volume(lv, pool, spec.base, spec.base.disk, where).path()))
+            kernel, initrd = (
+                Path(str(base_volume(lv, pool, spec.base, f, where).path())) if f else None
+                for f in (spec.base.kernel, spec.base.initrd)
+            )
+        meta = replace(meta, base_disk=disk)
+        plan = DomainPlan(
+            name=name,
+            metadata=meta,
+            memory_kib=max(spec.memory // 1024, 65536),
+            cpus=spec.cpus,
+            disk=Path(clone_volume(lv, pool, name, str(disk), spec.mode, where)),
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=spec.base.cmdline,
+            display=spec.display,
+            console_socket=self.console_path(name),
+            agent_socket=self.agent_path(name),
+        )
+        try:
+            with self._translate(f"clone {name}"):
+                dom = self._connection().defineXML(domain_xml(plan))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                delete_clone_volume(lv, pool, name, where)
+            raise
+        self._log("clone created", spec.pool, name, "create")
+        return self._info(name, meta, STATE_SHUTOFF, self._facts_of(dom), dom)
+
+    def start(self, name: str) -> None:
+        dom, meta = self._our_domain(name)
+        state = self._state(dom, name)
+        if state in (STATE_RUNNING, STATE_BLOCKED):
+            return
+        if state in (STATE_PAUSED, STATE_PMSUSPENDED):
+            raise InvalidStateError(f"clone {name} is suspended; resume it instead of starting it")
+        self._fresh_disk(name, meta, only_if_missing=True)
+        display = self._facts_of(dom).display
+        self._facts.pop(dom.UUIDString(), None)
+        lv = self._libvirt
+        try:
+            dom.create()
+        except lv.libvirtError as exc:
+            message = exc.get_error_message() or ""
+            # QEMU cannot listen, or libvirt has the port reserved for a running domain
+            if "Address already in use" in message or "Failed to reserve port" in message:
+                raise DisplayInUseError(
+                    f"clone {name}: display port {display} on host {self.host.name} is "
+                    "already in use by another program; stop it or give the pool a free "
+                    "display.port_range in its pool file"
+                ) from exc
+            raise error_of(exc, f"clone {name}") from exc
+        self._log("clone started", meta.pool, name, "start")
+
+    def _fresh_disk(self, name: str, meta: CloneMetadata, *, only_if_missing: bool) -> None:
+        lv = self._libvirt
+        pool = self._storage()
+        with self._translate(f"disk of clone {name}"):
+            if only_if_missing and clone_volume_exists(lv, pool, name):
+                return
+            try:
+                self._connection().storageVolLookupByPath(str(meta.base_disk))
+            except lv.libvirtError as exc:
+                raise BaseMissingError(
+                    f"clone {name}: the base disk of {meta.image} v{meta.version} is gone "
+                    f"from host {self.host.name} ({meta.base_disk}); delete the clone (the "
+                    "pool makes it again from the current version)"
+                ) from exc
+        clone_volume(lv, pool, name, str(meta.base_disk), meta.mode, self.host.name)
+
+    def reset(self, name: str) -> None:
+        dom, meta = self._our_domain(name)
+        if self._state(dom, name) != STATE_SHUTOFF:
+            self._destroy(dom, name)
+        self._fresh_disk(name, meta, only_if_missing=False)
+        self._hub.forget(name)
+        self.start(name)
+        self._log("clone reset", meta.pool, name, "reset")
+
+    def delete(self, name: str) -> None:
+        check_name(name)
+        existing = self._existing(name)
+        if existing is not None:
+            dom, facts = existing
+            if facts.metadata is None:
+                raise NotOurCloneError(_not_ours(name))
+            if self._state(dom, name) != STATE_SHUTOFF:
+                self._destroy(dom, name)
+            lv = self._libvirt
+            try:
+                dom.undefineFlags(
+                    lv.VIR_DOMAIN_UNDEFINE_NVRAM
+                    | lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                    | lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                )
+            except lv.libvirtError as exc:
+                if exc.get_error_code() != ERR_NO_DOMAIN:
+                    raise error_of(exc, f"clone {name}") from exc
+        delete_clone_volume(self._libvirt, self._storage(), name, self.host.name)
+        self._hub.forget(name, disown=True)
+        self._log("clone deleted", None, name, "delete")
+
+    def _log(self, message: str, pool: str | None, name: str, action: str) -> None:
+        log.info(message, extra=fields(pool=pool, clone=name, action=action, host=self.host.name))
+
+
+def log_upload(host: str, base: BaseImage, seconds: float) -> None:
+    log.info(
+        "image version uploaded",
+        extra=fields(host=host, image=base.image, version=base.version, seconds=round(seconds, 1)),
+    )

@@ -1,0 +1,230 @@
+"""Image versions and clone disks on a (remote) host, through libvirt's storage-volume API.
+
+Nothing here touches a file on the host: a version's files are sent with `vol.upload` over
+the libvirt connection into the host's storage pool `imagepipe` (a directory pool, defined
+on first use), and a clone's disk is a volume made by `storageVolCreateXML` with a
+<backingStore> (linked) or by `storageVolCreateXMLFrom` (a server-side full copy).
+
+    <pool>/tiny_v3--disk.qcow2    one volume per file of the version (disk, kernel, initrd)
+    <pool>/tiny_v3.ready          made last: the version is complete on this host
+    <pool>/lab-1.qcow2            a clone's disk
+
+Each file's sha256 is checked against the registry's record before anything is sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+from imagepipe.errors import BaseMissingError, FatalHypervisorError
+from imagepipe.hypervisors.libvirt.errors import translated
+from imagepipe.images.checksum import sha256_file
+from imagepipe.pool.model import BaseImage, CloneMode
+
+POOL_NAME = "imagepipe"
+POOL_DIR = "/var/lib/libvirt/images/imagepipe"
+READY = ".ready"
+CHUNK = 4 * 1024 * 1024
+
+POOL_XML = f"""<pool type='dir'>
+  <name>{POOL_NAME}</name>
+  <target><path>{POOL_DIR}</path></target>
+</pool>"""
+
+
+def storage_pool(libvirt: Any, conn: Any, where: str) -> Any:
+    """The host's `imagepipe` storage pool, active; defined (a directory pool) when missing."""
+    with translated(libvirt, f"storage pool {POOL_NAME} on {where}"):
+        try:
+            pool = conn.storagePoolLookupByName(POOL_NAME)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
+                raise
+            pool = conn.storagePoolDefineXML(POOL_XML, 0)
+            pool.build(0)
+            with contextlib.suppress(libvirt.libvirtError):
+                pool.setAutostart(1)
+        if not pool.isActive():
+            pool.create(0)
+    return pool
+
+
+def version_files(base: BaseImage) -> list[str]:
+    """The files of a version a libvirt host needs: its disk, and a kernel/initrd if any."""
+    return [f for f in (base.disk, base.kernel, base.initrd) if f is not None]
+
+
+def file_volume(base: BaseImage, file: str) -> str:
+    return f"{base.image}_v{base.version}--{file}"
+
+
+def ready_volume(image: str, version: int) -> str:
+    return f"{image}_v{version}{READY}"
+
+
+def versions_on(volume_names: list[str]) -> tuple[tuple[str, int], ...]:
+    """(image, version) of every complete version among a pool's volume names."""
+    found = []
+    for name in volume_names:
+        if not name.endswith(READY):
+            continue
+        image, _, version = name[: -len(READY)].rpartition("_v")
+        if image and version.isdigit():
+            found.append((image, int(version)))
+    return tuple(sorted(found))
+
+
+def check_checksums(base: BaseImage, expected: Mapping[str, str]) -> list[tuple[str, Path]]:
+    """Every file of the version, after its sha256 matched the registry's; nothing is sent
+    when one differs or the registry records none (BaseMissingError when a file is gone)."""
+    files = []
+    for file in version_files(base):
+        path = (base.directory / file).absolute()
+        if not path.is_file():
+            raise BaseMissingError(
+                f"image {base.image} v{base.version} is missing {path}: rebuild the version "
+                "(imagepipe build) or retire it"
+            )
+        want = expected.get(file)
+        if want is None:
+            raise FatalHypervisorError(
+                f"image {base.image} v{base.version}: the registry records no sha256 of "
+                f"{file}, so it is not sent to other hosts; register the version again"
+            )
+        have = sha256_file(path)
+        if have != want:
+            raise FatalHypervisorError(
+                f"image {base.image} v{base.version}: {path} has sha256 {have[:16]}…, the "
+                f"registry recorded {want[:16]}…; the file changed after it was registered, "
+                "so it is not sent to any host: rebuild the version"
+            )
+        files.append((file, path))
+    return files
+
+
+def upload_version(
+    libvirt: Any,
+    conn: Any,
+    pool: Any,
+    base: BaseImage,
+    expected: Mapping[str, str],
+    progress: Callable[[float], None],
+    where: str,
+) -> None:
+    """Send the version's files into `pool` (checksums checked first), then mark it complete.
+    A half-sent version of an earlier try is replaced."""
+    files = check_checksums(base, expected)
+    total = sum(path.stat().st_size for _, path in files) or 1
+    sent = 0
+    subject = f"upload of {base.image} v{base.version} to {where}"
+    with translated(libvirt, subject):
+        pool.refresh(0)
+        for name in (
+            ready_volume(base.image, base.version),
+            *[file_volume(base, f) for f, _ in files],
+        ):
+            _delete_volume(libvirt, pool, name)
+        for file, path in files:
+            size = path.stat().st_size
+            xml = (
+                f"<volume><name>{escape(file_volume(base, file))}</name>"
+                f"<capacity unit='bytes'>{size}</capacity>"
+                "<allocation unit='bytes'>0</allocation>"
+                "<target><format type='raw'/></target></volume>"
+            )
+            vol = pool.createXML(xml, 0)
+            stream = conn.newStream(0)
+            vol.upload(stream, 0, size, 0)
+            try:
+                with path.open("rb") as handle:
+                    while chunk := handle.read(CHUNK):
+                        stream.send(chunk)
+                        sent += len(chunk)
+                        progress(sent / total)
+                stream.finish()
+            except BaseException:
+                with contextlib.suppress(libvirt.libvirtError):
+                    stream.abort()
+                raise
+        pool.refresh(0)  # the uploaded disk is probed again: its format is qcow2
+        pool.createXML(
+            f"<volume><name>{escape(ready_volume(base.image, base.version))}</name>"
+            "<capacity unit='bytes'>0</capacity><target><format type='raw'/></target></volume>",
+            0,
+        )
+    progress(1.0)
+
+
+def delete_version(libvirt: Any, pool: Any, base: BaseImage, where: str) -> None:
+    with translated(libvirt, f"{base.image} v{base.version} on {where}"):
+        for name in (
+            ready_volume(base.image, base.version),
+            *map(lambda f: file_volume(base, f), version_files(base)),
+        ):
+            _delete_volume(libvirt, pool, name)
+
+
+def base_volume(libvirt: Any, pool: Any, base: BaseImage, file: str, where: str) -> Any:
+    """The volume of one file of a version on the host (BaseMissingError when not there)."""
+    try:
+        return pool.storageVolLookupByName(file_volume(base, file))
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+            raise BaseMissingError(
+                f"image {base.image} v{base.version} is not on host {where} ({file}); it is "
+                "uploaded before desktops are made there"
+            ) from exc
+        raise
+
+
+def clone_volume(
+    libvirt: Any, pool: Any, name: str, base_path: str, mode: CloneMode, where: str
+) -> str:
+    """A fresh disk for clone `name` on the host: a qcow2 overlay backed by the base volume
+    (linked) or a server-side copy of it (full); an old disk of that name is replaced.
+    Returns the disk's path on the host."""
+    with translated(libvirt, f"disk of clone {name} on {where}"):
+        volume = f"{name}.qcow2"
+        _delete_volume(libvirt, pool, volume)
+        base = pool.storageVolLookupByName(Path(base_path).name)
+        capacity = int(base.info()[1])
+        target = (
+            f"<name>{escape(volume)}</name><capacity unit='bytes'>{capacity}</capacity>"
+            "<target><format type='qcow2'/></target>"
+        )
+        if mode is CloneMode.FULL:
+            vol = pool.createXMLFrom(f"<volume>{target}</volume>", base, 0)
+        else:
+            vol = pool.createXML(
+                f"<volume>{target}<backingStore><path>{escape(base_path)}</path>"
+                "<format type='qcow2'/></backingStore></volume>",
+                0,
+            )
+        return str(vol.path())
+
+
+def delete_clone_volume(libvirt: Any, pool: Any, name: str, where: str) -> None:
+    with translated(libvirt, f"disk of clone {name} on {where}"):
+        _delete_volume(libvirt, pool, f"{name}.qcow2")
+
+
+def clone_volume_exists(libvirt: Any, pool: Any, name: str) -> bool:
+    try:
+        pool.storageVolLookupByName(f"{name}.qcow2")
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+            return False
+        raise
+    return True
+
+
+def _delete_volume(libvirt: Any, pool: Any, name: str) -> None:
+    try:
+        pool.storageVolLookupByName(name).delete(0)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
+            raise
