@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.app.bootstrap import Adapters
+from imagepipe.app.bootstrap import Adapters, Runtime
 from imagepipe.app.status import HostStatus, PoolStatus, collect
 from imagepipe.config import Settings
 from imagepipe.errors import ImagepipeError
@@ -62,7 +62,8 @@ class LoadedHost:
             images=self.images,
             clock=self.clock,
         )
-        snapshot: HostStatus = collect(self.settings, [LAB], adapters)
+        with Runtime(self.settings, adapters, manage_balancer=False) as runtime:
+            snapshot: HostStatus = collect(runtime, [LAB])
         (pool,) = snapshot.pools
         return pool
 
