@@ -80,6 +80,7 @@ class Adapters:
     clock: Clock | None = None
     registry: Registry | None = None
     packer: Packer | None = None
+    store: Store | None = None  # the state store, read-write (a campaign's wrapped store)
 
 
 class Runtime:
@@ -145,7 +146,8 @@ class Runtime:
     @property
     def store(self) -> Store:
         """The state store, read-write (its folder and the run folder are made if missing)."""
-        return self._open("store", None, lambda: open_store(self.settings), closes=True)
+        given = self.adapters.store
+        return self._open("store", given, lambda: open_store(self.settings), closes=True)
 
     @property
     def store_reader(self) -> Store:

@@ -151,13 +151,14 @@ class StandbyDay(Day):
         injector = self.injector.successor()
         store = cast(Store, Outage(SQLiteStore(self.settings.state_db), self._is_down))
         runtime = Runtime(
-            settings=self.settings,
-            hypervisor=FaultyHypervisor(self.hv, injector),
-            balancer=FaultyBalancer(FakeBalancer(self.lb_state), injector),
-            store=store,
-            images=FaultyImages(self.images, injector),
-            clock=self.clock,
-            owned=frozenset(),
+            self.settings,
+            Adapters(
+                hypervisor=FaultyHypervisor(self.hv, injector),
+                balancer=FaultyBalancer(FakeBalancer(self.lb_state), injector),
+                store=store,
+                images=FaultyImages(self.images, injector),
+                clock=self.clock,
+            ),
         )
         keeper = runtime.keeper([self.spec])
         options = keeper_options(self.settings)

@@ -67,23 +67,34 @@ class LibvirtForeignVM:
 
 @contextlib.contextmanager
 def writer_on(disk: Path) -> Iterator[None]:
-    """A QEMU process (qemu-io) holds the disk open for writing, as a running base VM does."""
+    """A QEMU process (qemu-io) holds the disk open for writing, as a running base VM does.
+
+    Another process may hold the disk's lock for a moment when qemu-io starts (the adapter's
+    own probe of the base, an upload reading it): qemu-io then exits at once saying so, and
+    is started again; any other exit fails with what qemu-io said."""
     qemu_io = require_program("qemu-io")
-    writer = subprocess.Popen(
-        [qemu_io, "-f", "qcow2", str(disk), "-c", "sleep 120000"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    deadline = time.monotonic() + 30  # qemu-io starts slowly on a loaded 2-core host
+    writer = _start_writer(qemu_io, disk)
     try:
-        deadline = time.monotonic() + 30  # qemu-io starts slowly on a loaded 2-core host
         while disk_usable(disk):
-            assert writer.poll() is None, f"qemu-io exited ({writer.returncode}) before locking"
+            if writer.poll() is not None:
+                said = writer.stderr.read().decode(errors="replace") if writer.stderr else ""
+                assert "lock" in said, f"qemu-io exited ({writer.returncode}): {said.strip()}"
+                writer = _start_writer(qemu_io, disk)
             assert time.monotonic() < deadline, "qemu-io never locked the base disk"
             time.sleep(0.05)
         yield
     finally:
         writer.kill()
         writer.wait()
+
+
+def _start_writer(qemu_io: str, disk: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [qemu_io, "-f", "qcow2", str(disk), "-c", "sleep 120000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 class TestLibvirtHypervisor(HypervisorContract):
