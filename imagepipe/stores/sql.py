@@ -9,6 +9,7 @@ since the epoch (REAL / double precision), flags 0/1 integers, actions and rollo
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
@@ -92,7 +93,7 @@ class Connection(Protocol):
     def execute(self, sql: str, parameters: Any = ..., /) -> Cursor: ...
 
 
-class SQLStore:
+class SQLStore(ABC):
     """The store port's operations over one SQL connection (see the module docstring)."""
 
     history_limit: int = HISTORY_LIMIT
@@ -103,24 +104,24 @@ class SQLStore:
 
     # --- what a subclass provides ------------------------------------------------------
 
+    @abstractmethod
     def _write(self, *, fenced: bool = True) -> AbstractContextManager[Connection]:
         """A write transaction; with `fenced` and a fence set, check the epoch first."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _statement(self) -> AbstractContextManager[Connection]:
         """For one write statement that may be lost if the database server crashes right
         after it (never half-applied): only what the next pass writes again anyway. Not
         fenced: the statement checks the fence itself."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _read(self, *, snapshot: bool = False) -> AbstractContextManager[Connection]:
         """A read. Each statement sees one consistent state; with `snapshot`, all of them
         see the same one."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _clock(self, db: Connection, now: float) -> float:
         """The lease clock inside a transaction (the caller's `now`, or the database's)."""
-        raise NotImplementedError
 
     def _check_fence(self, db: Connection) -> None:
         """Inside a write transaction: FencedError unless the leader epoch is the fence."""

@@ -767,25 +767,7 @@ class LibvirtHypervisor:
             dom.resume()
 
     def delete(self, name: str) -> None:
-        check_name(name)
-        existing = self._existing(name)
-        if existing is not None:
-            dom, facts = existing
-            if facts.metadata is None:
-                raise NotOurCloneError(_not_ours(name))
-            if self._state(dom, name) != STATE_SHUTOFF:
-                self._destroy(dom, name)
-            lv = self._libvirt
-            flags = (
-                lv.VIR_DOMAIN_UNDEFINE_NVRAM
-                | lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                | lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-            )
-            try:
-                dom.undefineFlags(flags)
-            except lv.libvirtError as exc:
-                if exc.get_error_code() != ERR_NO_DOMAIN:
-                    raise error_of(exc, f"clone {name}") from exc
+        self._undefine_ours(name)
         for path in (
             self.disk_path(name),
             self.console_path(name),
@@ -796,6 +778,30 @@ class LibvirtHypervisor:
             path.unlink(missing_ok=True)
         self._hub.forget(name, disown=True)
         log.info("clone deleted", extra=fields(clone=name, action="delete"))
+
+    def _undefine_ours(self, name: str) -> None:
+        """Power off and undefine the clone's domain, if there is one; NotOurCloneError for
+        a domain imagepipe did not make. Its disks are the caller's to remove."""
+        check_name(name)
+        existing = self._existing(name)
+        if existing is None:
+            return
+        dom, facts = existing
+        if facts.metadata is None:
+            raise NotOurCloneError(_not_ours(name))
+        if self._state(dom, name) != STATE_SHUTOFF:
+            self._destroy(dom, name)
+        lv = self._libvirt
+        flags = (
+            lv.VIR_DOMAIN_UNDEFINE_NVRAM
+            | lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        )
+        try:
+            dom.undefineFlags(flags)
+        except lv.libvirtError as exc:
+            if exc.get_error_code() != ERR_NO_DOMAIN:
+                raise error_of(exc, f"clone {name}") from exc
 
     def display(self, name: str) -> Endpoint | None:
         dom, _ = self._our_domain(name)

@@ -26,7 +26,6 @@ from imagepipe.errors import (
     DisplayInUseError,
     FatalHypervisorError,
     InvalidStateError,
-    NotOurCloneError,
 )
 from imagepipe.hypervisors.common import check_name
 from imagepipe.hypervisors.libvirt.domain_xml import (
@@ -34,7 +33,7 @@ from imagepipe.hypervisors.libvirt.domain_xml import (
     DomainPlan,
     domain_xml,
 )
-from imagepipe.hypervisors.libvirt.errors import ERR_NO_DOMAIN, error_of
+from imagepipe.hypervisors.libvirt.errors import error_of
 from imagepipe.hypervisors.libvirt.hypervisor import (
     STATE_BLOCKED,
     STATE_PAUSED,
@@ -42,7 +41,6 @@ from imagepipe.hypervisors.libvirt.hypervisor import (
     STATE_RUNNING,
     STATE_SHUTOFF,
     LibvirtHypervisor,
-    _not_ours,
 )
 from imagepipe.hypervisors.libvirt.volumes import (
     POOL_DIR,
@@ -239,24 +237,7 @@ class RemoteLibvirtHost(LibvirtHypervisor):
         self._log("clone reset", meta.pool, name, "reset")
 
     def delete(self, name: str) -> None:
-        check_name(name)
-        existing = self._existing(name)
-        if existing is not None:
-            dom, facts = existing
-            if facts.metadata is None:
-                raise NotOurCloneError(_not_ours(name))
-            if self._state(dom, name) != STATE_SHUTOFF:
-                self._destroy(dom, name)
-            lv = self._libvirt
-            try:
-                dom.undefineFlags(
-                    lv.VIR_DOMAIN_UNDEFINE_NVRAM
-                    | lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                    | lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                )
-            except lv.libvirtError as exc:
-                if exc.get_error_code() != ERR_NO_DOMAIN:
-                    raise error_of(exc, f"clone {name}") from exc
+        self._undefine_ours(name)
         delete_clone_volume(self._libvirt, self._storage(), name, self.host.name)
         self._hub.forget(name, disown=True)
         self._log("clone deleted", None, name, "delete")
