@@ -208,16 +208,19 @@ class Browser:
 
 
 def framebuffer(domain: str, into: Path) -> Any:
-    """The desktop's screen as QEMU draws it (libvirt's screenshot)."""
+    """The desktop's screen as QEMU draws it (libvirt's screenshot), or None when the domain
+    is not running at this moment (the keeper resets a desktop a closed tab left dirty)."""
     from PIL import Image
 
     path = into / f"{domain}-{time.monotonic_ns()}.img"
-    subprocess.run(
+    taken = subprocess.run(
         ["virsh", "-c", URI, "screenshot", domain, str(path)],
-        check=True,
         capture_output=True,
+        text=True,
         timeout=60,
     )
+    if taken.returncode != 0:
+        return None
     with Image.open(path) as image:
         return image.convert("RGB")
 
@@ -239,15 +242,20 @@ class Match:
     others: dict[str, int]  # differing from each other desktop's
 
 
-def shown_desktop(host: WebHost, browser: Browser, running: list[str]) -> Match:
+def shown_desktop(host: WebHost, browser: Browser) -> Match:
     """Which desktop's screen the page shows: the one whose framebuffer matches the canvas
-    (waits until one does)."""
+    (waits until one does). The running desktops are read anew each round: the keeper may be
+    resetting one that a closed tab left dirty."""
     deadline = time.monotonic() + PAGE_WAIT
     last: dict[str, int] = {}
     while time.monotonic() < deadline:
         canvas = browser.canvas() if browser.connected() else None
         if canvas is not None:
-            last = {d: differing(canvas, framebuffer(d, host.root)) for d in running}
+            screens = {d: framebuffer(d, host.root) for d in running_desktops(host.status())}
+            last = {d: differing(canvas, s) for d, s in screens.items() if s is not None}
+            if not last:
+                time.sleep(1.0)
+                continue
             best = min(last, key=lambda d: last[d])
             if last[best] <= MATCH:
                 others = {d: s for d, s in last.items() if d != best}
@@ -321,17 +329,16 @@ def browsers(host: WebHost, *sources: str) -> Iterator[list[Browser]]:
 def test_two_browsers_get_two_desktops_typing_logs_in_and_a_returning_browser_gets_its_own(
     host: WebHost,
 ) -> None:
-    pool = host.wait_for(f"{FREE} free desktops", lambda p: len(free_ready(p)) >= FREE)
+    host.wait_for(f"{FREE} free desktops", lambda p: len(free_ready(p)) >= FREE)
     started = time.monotonic()
     with browsers(host, "127.0.0.41", "127.0.0.42") as (first, second):
-        running = running_desktops(pool)
-        mine = shown_desktop(host, first, running)
-        theirs = shown_desktop(host, second, running)
+        mine = shown_desktop(host, first)
+        theirs = shown_desktop(host, second)
         assert mine.desktop != theirs.desktop, "two browsers at once share one desktop"
         for match in (mine, theirs):
             assert min(match.others.values()) > MATCH, f"screens too alike to tell: {match}"
         first.screenshot(host.root / "login.png")
-        pool = host.wait_for(
+        host.wait_for(
             "both browsers' desktops in use",
             lambda p: all(clone(p, d)["state"] == "in_use" for d in (mine.desktop, theirs.desktop)),
         )
@@ -340,7 +347,7 @@ def test_two_browsers_get_two_desktops_typing_logs_in_and_a_returning_browser_ge
 
         host.alice_on = mine.desktop
         first.type("alice\n")
-        pool = host.wait_for(
+        host.wait_for(
             f"alice logged in on {mine.desktop}",
             lambda p: "alice" in clone(p, mine.desktop)["users"],
         )
@@ -355,8 +362,7 @@ def test_two_browsers_get_two_desktops_typing_logs_in_and_a_returning_browser_ge
 
     # the tab is closed; the same user comes back from the same machine
     with browsers(host, "127.0.0.41") as (again,):
-        pool = host.status()
-        back = shown_desktop(host, again, running_desktops(pool))
+        back = shown_desktop(host, again)
         assert back.desktop == mine.desktop, "a returning browser got another desktop"
         assert clone(host.status(), mine.desktop)["users"] == ["alice"]
         again.type("exit\n")
@@ -372,8 +378,7 @@ def test_the_next_browser_user_gets_a_reset_desktop(host: WebHost) -> None:
         ),
     )
     with browsers(host, "127.0.0.43") as (third,):
-        pool = host.status()
-        shown = shown_desktop(host, third, running_desktops(pool))
+        shown = shown_desktop(host, third)
         host.wait_for(
             f"{shown.desktop} in use", lambda p: clone(p, shown.desktop)["state"] == "in_use"
         )

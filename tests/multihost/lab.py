@@ -34,8 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-PREFIX = "iphv"  # namespaces iphv1.., root-side veths iphv1r..
-SUBNET = "10.251"
+# IMAGEPIPE_LAB_SLOT=N (1-8) gives a lab of its own names and addresses (namespaces iphvN_1..,
+# 10.(251+N).0.0/16), so two checkouts can run their multi-host tests at the same time.
+_SLOT = int(os.environ.get("IMAGEPIPE_LAB_SLOT", "0") or 0)
+if not 0 <= _SLOT <= 8:
+    raise ValueError(f"IMAGEPIPE_LAB_SLOT: expected 0 to 8, got {_SLOT}")
+PREFIX = f"iphv{_SLOT}_" if _SLOT else "iphv"  # namespaces iphv1.., root-side veths iphv1r..
+SUBNET = f"10.{251 + _SLOT}"
 MOUNTED = ("etc/libvirt", "run/libvirt", "var/lib/libvirt", "var/log/libvirt", "var/cache/libvirt")
 TCP_PORT, TLS_PORT = 16509, 16514
 START_TIMEOUT = 20.0
@@ -67,7 +72,7 @@ def cleanup_stale() -> None:
         parts = line.split(": ")
         if len(parts) > 1:
             link = parts[1].split("@")[0]
-            if link.startswith(PREFIX) and link.endswith("r"):
+            if link.startswith(PREFIX) and link.endswith("r") and link[len(PREFIX) : -1].isdigit():
                 _run("ip", "link", "delete", link, check=False)
 
 
