@@ -7,15 +7,14 @@ a host that cannot take the new version. Each prints its time."""
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
-from imagepipe.hypervisors.libvirt.volumes import POOL_DIR, ready_volume
+from imagepipe.hypervisors.libvirt.volumes import POOL_DIR, file_volume
 from imagepipe.pool.model import BaseImage, CloneState, Power
 from tests.conftest import require_program
 from tests.e2e.harness import desktop_of, run_cli
@@ -245,11 +244,12 @@ def test_a_host_without_a_copy_of_the_new_version_gets_no_desktops_of_it(world: 
     started = time.monotonic()
     host3 = world.host("host3")
     coming = world.version + 1
-    # something in host3's storage pool that libvirt cannot delete: its upload of the next
-    # version fails, every time it is tried
-    blocker = host3.path(POOL_DIR) / ready_volume(POOL_IMAGE, coming)
-    blocker.mkdir()
-    (blocker / "keep").write_text("not a volume\n")
+    # a dangling link where host3's storage pool would write the next version's disk: libvirt
+    # lists no volume of that name, yet cannot create one; the upload fails every time
+    next_base = replace(world.base, image=POOL_IMAGE, version=coming)
+    assert next_base.disk is not None
+    blocker = host3.path(POOL_DIR) / file_volume(next_base, next_base.disk)
+    blocker.symlink_to("/nonexistent/imagepipe-test-blocker")
     try:
         assert world.register() == coming
 
@@ -263,7 +263,7 @@ def test_a_host_without_a_copy_of_the_new_version_gets_no_desktops_of_it(world: 
         host = next(h for h in world.hv.hosts() if h.name == "host3")
         assert (POOL_IMAGE, coming) not in host.versions and host.connected
     finally:
-        shutil.rmtree(blocker)
+        blocker.unlink()
     world.until(
         "host3 holds the version once its storage takes it",
         lambda: (

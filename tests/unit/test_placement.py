@@ -252,9 +252,7 @@ def test_a_desktop_used_while_its_host_was_unseen_is_reset_before_anyone_gets_it
     assert not any(isinstance(a, BalancerEnable) for a in mine)
 
 
-def test_a_desktop_back_from_a_lost_host_is_deleted_not_reset_at_logoff_when_the_pool_is_over_max() -> (
-    None
-):
+def test_a_desktop_back_in_use_is_deleted_not_reset_at_logoff_when_the_pool_is_over_max() -> None:
     """lab-2 came back in use and its user has logged off; the pool refilled to its `max`
     of 4 meanwhile (0, 1, 4, 5), so with lab-2 it counts 5: lab-2 goes instead of being reset
     into a fifth free desktop."""

@@ -134,8 +134,8 @@ def count(d: Decisions) -> Census:
                 if name in d.returned and _resets_only(d.actions.get(name, ())):
                     c.returned.append(rec)  # used while unseen: its reset may be spared
             elif state is CloneState.RECYCLING and shared:
-                due = d.actions.get(name, ())
-                if not due or _resets_only(due):  # nobody on it: deleted instead, over max
+                pending = d.actions.get(name, ())
+                if not pending or _resets_only(pending):  # nobody on it: deleted instead, over max
                     c.recycling.append(rec)
     return c
 
