@@ -148,7 +148,9 @@ class CloneInfo:
     version: int
     power: Power
     display: Endpoint | None = None
-    ready: bool = False  # booted and answering (guest agent, or display up)
+    # booted and answering (guest agent, or display up); None: unknown, the read did not
+    # answer in time (a late guest agent reply on a loaded host), which is never "not ready"
+    ready: bool | None = False
     started_by: StartMode | None = None  # how the running guest started; None: not running
     host: str = ""  # the host it runs on ("": the only host)
 

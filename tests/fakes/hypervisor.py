@@ -94,6 +94,9 @@ class FakeHypervisor:
     foreign: dict[str, Power] = field(default_factory=dict)  # VMs imagepipe did not make
     occupied: set[Endpoint] = field(default_factory=set)  # ports other programs listen on
     never_ready: set[tuple[str, int]] = field(default_factory=set)  # broken versions' guests
+    # running clones whose readiness read does not answer in time (a guest agent's late
+    # reply on a loaded host): list_clones reports their readiness unknown (ready=None)
+    late_agents: set[str] = field(default_factory=set)
     notices: list[tuple[str, str]] = field(default_factory=list)  # notify_users (clone, text)
     closed: bool = False
     _failures: dict[str, deque[HypervisorError]] = field(default_factory=lambda: defaultdict(deque))
@@ -396,6 +399,13 @@ class FakeHypervisor:
     def _info(self, clone: _Clone) -> CloneInfo:
         spec = clone.spec
         running = clone.power is Power.RUNNING
+        ready: bool | None = (
+            running
+            and clone.boot_ticks_left == 0
+            and (spec.base.image, spec.base.version) not in self.never_ready
+        )
+        if running and spec.name in self.late_agents:
+            ready = None
         return CloneInfo(
             name=spec.name,
             pool=spec.pool,
@@ -404,9 +414,7 @@ class FakeHypervisor:
             version=spec.base.version,
             power=clone.power,
             display=spec.display,
-            ready=running
-            and clone.boot_ticks_left == 0
-            and (spec.base.image, spec.base.version) not in self.never_ready,
+            ready=ready,
             host=spec.host,
         )
 

@@ -75,3 +75,17 @@ def connection_lost(exc: Any) -> bool:
     """Whether a libvirtError says the connection to libvirtd is gone (not the domain's
     or the guest's fault): such an error must never read as "no agent" or "no users"."""
     return isinstance(error_of(exc, ""), HypervisorUnavailableError)
+
+
+# what libvirt says when the guest agent is not there at all (its channel is not connected,
+# or it failed), as opposed to an agent that did not answer in time ("Guest agent not
+# available for now") or a domain job that is busy: the same code, another message
+_AGENT_ABSENT = ("is not connected", "not available due to an error")
+
+
+def agent_absent(code: int, message: str) -> bool:
+    """Whether a failed guest agent command says there is no agent (not ready), rather than
+    that its reply did not come in time (readiness unknown)."""
+    if code == ERR_OPERATION_INVALID:  # the domain is not running
+        return True
+    return code == ERR_AGENT_UNRESPONSIVE and any(text in message for text in _AGENT_ABSENT)

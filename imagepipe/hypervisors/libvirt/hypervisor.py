@@ -53,6 +53,7 @@ from imagepipe.hypervisors.libvirt.errors import (
     ERR_AGENT_UNRESPONSIVE,
     ERR_NO_DOMAIN,
     ERR_OPERATION_INVALID,
+    agent_absent,
     connection_lost,
     error_of,
     translated,
@@ -351,8 +352,12 @@ class LibvirtHypervisor:
         dom.agentSetResponseTimeout(AGENT_TIMEOUT)
         self._agent_timeout_set[name] = domain_id
 
-    def _agent_ready(self, name: str, dom: Any) -> bool:
-        """From agent lifecycle events; when none was seen (a restart), ask with guest-ping."""
+    def _agent_ready(self, name: str, dom: Any) -> bool | None:
+        """From agent lifecycle events; when none was seen (a restart, a `status` process),
+        ask with guest-ping: True when it answers, False when libvirt says the agent is not
+        connected (or the domain not running), None (unknown) when the reply did not come in
+        AGENT_TIMEOUT s. libvirt gives a timeout and "not connected" the same code
+        (VIR_ERR_AGENT_UNRESPONSIVE); only its message tells them apart."""
         known = self._hub.agent_up(name)
         if known is not None:
             return known
@@ -362,7 +367,13 @@ class LibvirtHypervisor:
         except self._libvirt.libvirtError as exc:
             if connection_lost(exc):  # libvirtd is gone, not the agent
                 raise error_of(exc, f"clone {name}") from exc
-            return False
+            if agent_absent(exc.get_error_code() or 0, exc.get_error_message() or ""):
+                return False
+            log.debug(
+                "guest agent did not answer in time; readiness unknown",
+                extra=fields(clone=name, error=exc.get_error_message()),
+            )
+            return None
         self._hub.set_agent_up(name, True)
         return True
 
@@ -698,7 +709,7 @@ class LibvirtHypervisor:
         lv = self._libvirt
         if state in (STATE_RUNNING, STATE_BLOCKED):
             # the guest agent when it answers, else the ACPI power button
-            agent = self._agent_ready(name, dom)
+            agent = self._agent_ready(name, dom) is True  # unknown: the power button
             try:
                 if agent:
                     self._prepare_agent(name, dom)

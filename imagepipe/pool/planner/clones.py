@@ -88,7 +88,7 @@ def quiet(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> bool:
         return (
             serving
             and info.power is Power.RUNNING
-            and info.ready
+            and info.ready is True
             and info.slot not in ctx.assigned
             and not rec.dirty
             and rec.session_ended_at is None
@@ -168,9 +168,20 @@ def _by_power(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> Step:
         return Step(enter(ctx, rec, oc.info, SUSPENDED))
     if power is Power.SHUTOFF:
         return _powered_off(ctx, oc, rec)
+    if power is Power.RUNNING and oc.info.ready is None:
+        return _unread(ctx, oc, rec)
     if power is Power.RUNNING and oc.info.ready:
         return _ready(ctx, oc, rec)
     return _booting(ctx, oc, rec)
+
+
+def _unread(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> Step:
+    """Running, readiness unknown (its read did not answer in time): nothing is decided on
+    a read that did not answer. The record stays as it was: not failed, reset or taken out of
+    the balancer; resize does not count it free (the pool keeps its free target without it)."""
+    if rec is None:
+        return Step(enter(ctx, rec, oc.info, BOOTING))
+    return Step(rec)
 
 
 def _failed(ctx: Context, oc: ObservedClone, rec: CloneRecord) -> Step:
@@ -257,7 +268,9 @@ def _recycle(ctx: Context, oc: ObservedClone, rec: CloneRecord) -> Step:
     if ctx.persistent(info.slot):
         if info.power is Power.SHUTOFF:
             return Step(enter(ctx, rec, info, BOOTING), (StartClone(pool=pool, clone=name),))
-        ready = info.power is Power.RUNNING and info.ready
+        if info.power is Power.RUNNING and info.ready is None:
+            return Step(rec)  # ready or not is unread: decided when the read answers
+        ready = info.power is Power.RUNNING and info.ready is True
         return Step(ended(enter(ctx, rec, info, FREE if ready else BOOTING), None))
     if spec.on_logoff is OnLogoff.DELETE or ctx.draining(info):
         return _delete(ctx, rec, oc)
