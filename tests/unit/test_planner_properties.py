@@ -69,13 +69,15 @@ class Host:
     records: dict[str, CloneRecord] = field(default_factory=dict)
     pool: RecordPool | None = None
     after_shrink: int | None = None  # a shrink happened: free clones must stay >= this
+    late: set[str] = field(default_factory=set)  # next pass: their readiness read times out
 
     def observe(self) -> Observed:
         clones = []
         for name, vm in sorted(self.vms.items()):
             display = Endpoint("127.0.0.1", self.spec.port_for(vm.slot))
+            ready = None if name in self.late and vm.power is Power.RUNNING else vm.ready
             info = CloneInfo(
-                name, self.spec.name, vm.slot, "img", vm.version, vm.power, display, vm.ready
+                name, self.spec.name, vm.slot, "img", vm.version, vm.power, display, ready
             )
             state = self.backends.get(name)
             backend = None
@@ -104,6 +106,7 @@ class Host:
         """One keeper pass. `killed_after`: the keeper dies (kill -9) after that many host
         calls; like the executor, it wrote the pass's records before any call."""
         observed, record = self.observe(), self.record()
+        self.late = set()
         actions = plan(self.spec, observed, record, self.now)
         check_invariants(self, observed, record, actions)
         memory = (RecordClone, ForgetClone, RecordPool)
@@ -204,6 +207,16 @@ def check_invariants(
             assert not live, f"{a.kind} on {a.clone} with a live session"
         if isinstance(a, BalancerEnable):
             assert not old, f"old-version clone {a.clone} enabled in the balancer"
+    for name, oc in by_name.items():  # nothing is decided on a readiness read that timed out
+        rec = record.clones.get(name)
+        if (
+            oc.info.ready is None
+            and rec is not None
+            and rec.state is CloneState.FREE
+            and oc.info.version == host.target
+            and not session_live(spec, oc.session, rec, now)
+        ):
+            assert not [a for a in actions if a.clone == name], f"{name} acted on, unread"
     if not host.base_ready:
         assert not any(isinstance(a, CreateClone) for a in actions), "cloned from a busy base"
     # never more than max clones of the target version, counting creates in flight
@@ -264,6 +277,7 @@ events = st.lists(
                 "kill",
                 "kill",
                 "lose-store",
+                "late",
             ]
         ),
         st.integers(0, 7),
@@ -298,6 +312,8 @@ def run_events(host: Host, script: list[tuple[str, int, float]]) -> None:
         elif kind == "kill":  # the keeper dies part-way through the next pass
             kill = pick % 4
             continue
+        elif kind == "late" and vm is not None:  # its guest agent answers after the timeout
+            host.late = {names[pick % len(names)]}
         elif kind == "lose-store":  # the state database is gone; the host is as it was
             host.records.clear()
             host.pool = None
