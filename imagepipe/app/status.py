@@ -30,7 +30,7 @@ from imagepipe.pool.model import (
     RolloutPolicy,
 )
 from imagepipe.pool.observe import HostObservation, observe
-from imagepipe.pool.planner import classify, free_target
+from imagepipe.pool.planner import classify, free_target, session_unread
 from imagepipe.pool.planner.forecast import day_and_bucket
 from imagepipe.pool.ports import Hosts
 
@@ -238,7 +238,7 @@ def clone_status(
     could not be read (`unread`) shows as unknown, never as a guess."""
     if seen is None:
         return _missing(record)
-    if seen.name in unread.sessions:
+    if seen.name in unread.sessions or session_unread(spec, seen.session, record, now):
         state = UNKNOWN
     else:
         planned = classify(spec, seen, record, now, target_version=target_version, rollout=rollout)

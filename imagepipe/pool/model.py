@@ -162,6 +162,9 @@ class GuestSession:
     client: str | None = None  # remote-display client address; None = nobody connected
     connected_since: float | None = None
     users: tuple[str, ...] = ()  # users logged in inside the guest, where the guest says
+    # the guest did not answer who is logged in within the timeout (a late agent reply on a
+    # loaded host): `users` is empty because it is unknown, not because nobody is there
+    users_unread: bool = False
 
     @property
     def connected(self) -> bool:

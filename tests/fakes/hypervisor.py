@@ -94,8 +94,9 @@ class FakeHypervisor:
     foreign: dict[str, Power] = field(default_factory=dict)  # VMs imagepipe did not make
     occupied: set[Endpoint] = field(default_factory=set)  # ports other programs listen on
     never_ready: set[tuple[str, int]] = field(default_factory=set)  # broken versions' guests
-    # running clones whose readiness read does not answer in time (a guest agent's late
-    # reply on a loaded host): list_clones reports their readiness unknown (ready=None)
+    # running clones whose guest agent does not answer in time (a late reply on a loaded
+    # host): list_clones reports their readiness unknown (ready=None), sessions() their
+    # users unread
     late_agents: set[str] = field(default_factory=set)
     notices: list[tuple[str, str]] = field(default_factory=list)  # notify_users (clone, text)
     closed: bool = False
@@ -354,7 +355,11 @@ class FakeHypervisor:
             if clone.power is Power.SUSPENDED:
                 # the display still holds its client; the paused guest's agent lists nobody
                 return replace(clone.session, users=())
-            return clone.session if clone.power is Power.RUNNING else GuestSession()
+            if clone.power is not Power.RUNNING:
+                return GuestSession()
+            if name in self.late_agents:  # the agent's list of users comes too late
+                return replace(clone.session, users=(), users_unread=True)
+            return clone.session
 
     def subscribe(self, callback: Callable[[HypervisorEvent], None]) -> _Subscription:
         sub = _Subscription(owner=self, callback=callback)

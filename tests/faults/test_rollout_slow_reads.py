@@ -233,3 +233,49 @@ def test_a_drain_rollout_never_runs_dry_when_guest_agents_answer_late(host: Load
         host.clock.advance(LAB.shrink_after / 4)
     assert host.hv.clones[alice].session.active
     assert sorted(c.spec.base.version for n, c in host.hv.clones.items() if n != alice) == [2, 2]
+
+
+def disconnected_user(host: LoadedHost, keeper: Keeper) -> str:
+    """A desktop whose user is logged in and whose remote-desktop client went away."""
+    host.settle(keeper)
+    name = host.hold_a_session()
+    host.settle(keeper)
+    host.hv.disconnect(name)
+    host.settle(keeper)
+    assert {c.name: c.state for c in host.status().clones}[name] == "disconnected"
+    return name
+
+
+def test_status_says_unknown_not_recycling_for_a_logged_in_user_whose_agent_answers_late(
+    host: LoadedHost,
+) -> None:
+    """Who is logged in also comes from the guest agent: a late reply is not "nobody"."""
+    name = disconnected_user(host, host.keeper())
+    host.hv.late_agents.add(name)
+
+    pool = host.status()
+
+    assert {c.name: c.state for c in pool.clones}[name] == "unknown"
+    assert pool.unknown == 1
+
+
+def test_the_keeper_never_resets_under_a_logged_in_user_whose_agent_answers_late(
+    host: LoadedHost,
+) -> None:
+    keeper = host.keeper()
+    name = disconnected_user(host, keeper)
+    host.hv.late_agents.add(name)
+    before = len(host.hv.calls)
+
+    for _ in range(30):  # 150 s, recycle_after is 60 s
+        keeper.run_pass()
+        host.hv.tick()
+        host.clock.advance(5.0)
+
+    touched = {op for op, n in host.hv.calls[before:] if n == name}
+    assert touched <= {"sessions", "display"}, touched
+    assert len(host.serving()) >= LAB.free  # the rest of the pool is planned meanwhile
+    host.hv.late_agents.clear()
+    keeper.run_pass()
+    assert {c.name: c.state for c in host.status().clones}[name] == "disconnected"
+    assert host.hv.clones[name].session.users == ("alice",)

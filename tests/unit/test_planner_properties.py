@@ -42,7 +42,7 @@ from imagepipe.pool.model import (
     StopClone,
     SuspendClone,
 )
-from imagepipe.pool.planner import free_target, plan, session_live
+from imagepipe.pool.planner import free_target, plan, session_live, session_unread
 
 T0 = 1_700_000_000.0
 
@@ -83,7 +83,10 @@ class Host:
             backend = None
             if state is not None:
                 backend = Backend(name, display, state, int(vm.client is not None))
-            clones.append(ObservedClone(info, GuestSession(vm.client, None, vm.users), backend))
+            session = GuestSession(vm.client, None, vm.users)
+            if name in self.late and vm.power is Power.RUNNING:  # who is logged in: unread
+                session = GuestSession(vm.client, None, (), users_unread=True)
+            clones.append(ObservedClone(info, session, backend))
         orphans = tuple(
             Backend(n, Endpoint("127.0.0.1", 1), s)
             for n, s in self.backends.items()
@@ -199,7 +202,10 @@ def check_invariants(
         oc = by_name.get(a.clone)
         if oc is None:
             continue
-        live = session_live(spec, oc.session, record.clones.get(a.clone), now)
+        rec = record.clones.get(a.clone)
+        live = session_live(spec, oc.session, rec, now) or session_unread(
+            spec, oc.session, rec, now
+        )
         old = oc.info.version != host.target
         if isinstance(a, ResetClone | StopClone | SuspendClone) or (
             isinstance(a, DeleteClone) and not (old and forced)

@@ -78,14 +78,15 @@ def connection_lost(exc: Any) -> bool:
 
 
 # what libvirt says when the guest agent is not there at all (its channel is not connected,
-# or it failed), as opposed to an agent that did not answer in time ("Guest agent not
-# available for now") or a domain job that is busy: the same code, another message
+# or it failed): the same code as a reply that did not come in time ("Guest agent not
+# available for now"), another message
 _AGENT_ABSENT = ("is not connected", "not available due to an error")
 
 
-def agent_absent(code: int, message: str) -> bool:
-    """Whether a failed guest agent command says there is no agent (not ready), rather than
-    that its reply did not come in time (readiness unknown)."""
-    if code == ERR_OPERATION_INVALID:  # the domain is not running
-        return True
-    return code == ERR_AGENT_UNRESPONSIVE and any(text in message for text in _AGENT_ABSENT)
+def agent_late(code: int, message: str) -> bool:
+    """Whether a failed guest agent command means its reply did not come in time (or the
+    domain's job was busy): the answer is unknown. False for an agent that is not there and
+    for a definite error reply, which both mean "no"."""
+    if code == ERR_AGENT_UNRESPONSIVE:
+        return not any(text in message for text in _AGENT_ABSENT)
+    return code == ERR_OPERATION_TIMEOUT or "state change lock" in message

@@ -60,6 +60,20 @@ def session_live(
     return now - disconnected_at < spec.disconnect_timeout
 
 
+def session_unread(
+    spec: PoolSpec, session: GuestSession, record: CloneRecord | None, now: float
+) -> bool:
+    """Whether the clone's session hangs on a users read that did not answer in time: no
+    client connected, and the store had somebody on it (in use, retiring, or disconnected
+    within spec.disconnect_timeout). Whether that user is still logged in is unknown, so
+    nothing is decided about the clone until the guest answers."""
+    if not session.users_unread or session.client is not None or record is None:
+        return False
+    if record.state is DISCONNECTED:
+        return now - record.since < spec.disconnect_timeout
+    return record.state in WITH_SESSION
+
+
 def quiet(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> bool:
     """Most clones of a busy pool: nothing about them changes this pass, and the balancer
     already has them as it should. In use by the same user (out of the balancer); free,
@@ -102,6 +116,8 @@ def advance(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> Step:
     """The next record of an observed clone, and what to do to it."""
     if session_live(ctx.spec, oc.session, rec, ctx.now):
         return _with_session(ctx, oc, rec)
+    if rec is not None and session_unread(ctx.spec, oc.session, rec, ctx.now):
+        return Step(rec)  # its user may still be logged in: decided when the guest answers
     return _without_session(ctx, oc, rec)
 
 
