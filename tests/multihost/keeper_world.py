@@ -219,6 +219,7 @@ def _keeper_world(
         free=6,
         max=6,
         memory=128 * 1024**2,
+        recycle_after=5.0,  # a session's end: reset (or deleted) 5 s later, not after 60 s
         port_first=5930,
         port_last=5949,
         hosts=pool_hosts,
