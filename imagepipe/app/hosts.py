@@ -9,12 +9,13 @@ desktops there, free ones replaced elsewhere, in-use ones removed when their ses
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from imagepipe.app.bootstrap import Runtime
 from imagepipe.config import Settings
-from imagepipe.errors import BadInputError
+from imagepipe.errors import BadInputError, HypervisorUnavailableError
 from imagepipe.pool.model import CloneState, HostSpec, HostState, PoolSpec
 from imagepipe.pool.ports import Hosts
 from imagepipe.pool.store import Store
@@ -36,7 +37,8 @@ class HostRow:
     other: int  # booting, recycling, being deleted, ...
     lost: int  # desktops remembered on it while it is lost (not seen)
     versions: tuple[str, ...]  # "image vN"
-    upload: str | None  # "image vN 42%"
+    upload: str | None  # "image vN: 12.5 of 30.0 MiB (42 %)"
+    upload_since: float | None  # when that upload started
     max_desktops: int | None
     max_memory: int | None
 
@@ -79,7 +81,13 @@ def host_rows(runtime: Runtime, specs: Sequence[PoolSpec]) -> list[HostRow]:
     read-only; asks the hypervisor for its hosts, never for an upload)."""
     hosts = configured(runtime.settings)
     hypervisor = runtime.hypervisor
-    states = {s.name: s for s in hypervisor.hosts()} if isinstance(hypervisor, Hosts) else {}
+    states = {}
+    if isinstance(hypervisor, Hosts):
+        # one observation first: which hosts answer, what they hold, an upload under way
+        # (this process has seen nothing yet; every host would read as lost)
+        with contextlib.suppress(HypervisorUnavailableError):
+            hypervisor.list_clones()
+        states = {s.name: s for s in hypervisor.hosts()}
     return rows(hosts, states, runtime.store_reader, specs)
 
 
@@ -108,10 +116,7 @@ def rows(
     out = []
     for host in hosts:
         state = states.get(host.name)
-        upload = None
-        if state is not None and state.upload is not None:
-            image, version, done = state.upload
-            upload = f"{image} v{version} {done:.0%}"
+        upload = state.upload if state is not None else None
         out.append(
             HostRow(
                 name=host.name,
@@ -122,7 +127,8 @@ def rows(
                 since=state.since if state is not None else None,
                 draining_since=draining.get(host.name),
                 versions=tuple(f"{i} v{v}" for i, v in state.versions) if state else (),
-                upload=upload,
+                upload=upload.describe() if upload is not None else None,
+                upload_since=upload.since if upload is not None else None,
                 max_desktops=host.max_desktops,
                 max_memory=host.max_memory,
                 **counts[host.name],

@@ -15,11 +15,10 @@ import pytest
 from imagepipe.checks import Status
 from imagepipe.cli.doctor import render
 from imagepipe.doctor import run_checks
-from imagepipe.hypervisors.libvirt.hypervisor import import_libvirt
 from imagepipe.hypervisors.libvirt.multihost import MultiHostHypervisor
-from imagepipe.hypervisors.libvirt.volumes import delete_version, storage_pool
 from imagepipe.images.registry import NewVersion, Registry
 from imagepipe.pool.model import BaseImage, HostSpec
+from tests.multihost.conftest import remove_version
 from tests.multihost.keeper_world import built_files
 from tests.multihost.lab import HostLab
 
@@ -68,15 +67,6 @@ def upload_to(spec: HostSpec, base: BaseImage, registry: Registry, state: Path) 
         hv.close()
 
 
-def remove_from(spec: HostSpec, base: BaseImage) -> None:
-    libvirt, _ = import_libvirt()
-    conn = libvirt.open(spec.uri)
-    try:
-        delete_version(libvirt, storage_pool(libvirt, conn, spec.name), base, spec.name)
-    finally:
-        conn.close()
-
-
 def test_doctor_checks_each_host_and_names_a_missing_version_and_a_cut_host(
     lab: HostLab, lab_base: BaseImage, workdir: Path
 ) -> None:
@@ -101,7 +91,7 @@ def test_doctor_checks_each_host_and_names_a_missing_version_and_a_cut_host(
     base = record.base_image()
     host1, host2, host3 = (HostSpec(name=h.name, uri=h.uri, address=h.address) for h in lab.hosts)
     upload_to(host1, base, registry, workdir / "clones")
-    remove_from(host2, base)
+    remove_version(host2, base)
     lab.hosts[2].cut()
     try:
         started = time.monotonic()
@@ -109,7 +99,7 @@ def test_doctor_checks_each_host_and_names_a_missing_version_and_a_cut_host(
         took = time.monotonic() - started
     finally:
         lab.hosts[2].mend()
-        remove_from(host1, base)
+        remove_version(host1, base)
 
     assert checks["host:host1"].status is Status.OK
     assert f"at {host1.uri} (read-only)" in checks["host:host1"].detail

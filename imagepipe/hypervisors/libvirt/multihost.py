@@ -3,6 +3,7 @@
     hv = MultiHostHypervisor(hosts, state_dir=..., checksums=lambda base: {...})
     hv.list_clones()     # every reachable host, observed in parallel; CloneInfo.host set
     hv.hosts()           # which hosts answered (and since when), versions held, uploads
+                         # (this process's, or another's as the host's volumes show it)
     hv.ensure_version("host2", base)   # True once host2 holds it; starts the upload
 
 A host that does not answer within `observe_timeout` (or whose connection is lost) is
@@ -42,6 +43,7 @@ from imagepipe.pool.model import (
     GuestSession,
     HostSpec,
     HostState,
+    HostUpload,
 )
 from imagepipe.pool.ports import HypervisorEvent, Subscription
 
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 OBSERVE_TIMEOUT = 5.0  # seconds a host may take to list its clones before it counts as lost
 Checksums = Callable[[BaseImage], Mapping[str, str]]  # file name -> the registry's sha256
+Holdings = tuple[list[CloneInfo], tuple[tuple[str, int], ...], tuple[HostUpload, ...]]
 
 
 class _Subscriptions:
@@ -88,12 +91,11 @@ class MultiHostHypervisor:
         self._connected: dict[str, bool] = dict.fromkeys(names, False)
         self._since: dict[str, float | None] = dict.fromkeys(names)
         self._versions: dict[str, tuple[tuple[str, int], ...]] = dict.fromkeys(names, ())
-        self._uploads: dict[str, tuple[str, int, float]] = {}  # host -> upload under way
+        self._uploads: dict[str, HostUpload] = {}  # host -> this process's upload under way
+        self._seen_uploads: dict[str, tuple[HostUpload, ...]] = {}  # as the host shows them
         self._upload_done: dict[tuple[str, str, int], threading.Event] = {}
         self._upload_error: dict[tuple[str, str, int], Exception] = {}
-        self._observing: dict[
-            str, concurrent.futures.Future[tuple[list[CloneInfo], tuple[tuple[str, int], ...]]]
-        ] = {}
+        self._observing: dict[str, concurrent.futures.Future[Holdings]] = {}
         self._observers = concurrent.futures.ThreadPoolExecutor(
             max_workers=len(hosts), thread_name_prefix="observe-host"
         )
@@ -115,9 +117,9 @@ class MultiHostHypervisor:
 
     # -- observation -------------------------------------------------------------------------
 
-    def _observe(self, name: str) -> tuple[list[CloneInfo], tuple[tuple[str, int], ...]]:
+    def _observe(self, name: str) -> Holdings:
         host = self._hosts[name]
-        return host.list_clones(), host.versions()
+        return host.list_clones(), *host.holdings()
 
     def list_clones(self) -> list[CloneInfo]:
         with self._lock:
@@ -134,7 +136,7 @@ class MultiHostHypervisor:
                 self._mark(name, False, f"no answer within {self.observe_timeout:g} s")
                 continue
             try:
-                found, versions = future.result()
+                found, versions, uploads = future.result()
             except HypervisorError as exc:
                 self._mark(name, False, str(exc))
                 continue
@@ -142,6 +144,7 @@ class MultiHostHypervisor:
             seen.add(name)
             with self._lock:
                 self._versions[name] = versions
+                self._seen_uploads[name] = uploads
             clones.extend(found)
         if not seen:
             raise HypervisorUnavailableError(
@@ -178,7 +181,8 @@ class MultiHostHypervisor:
                     connected=self._connected[name],
                     since=self._since[name],
                     versions=self._versions[name],
-                    upload=self._uploads.get(name),
+                    upload=self._uploads.get(name)
+                    or next(iter(self._seen_uploads.get(name, ())), None),
                 )
                 for name in self._hosts
             ]
@@ -200,16 +204,17 @@ class MultiHostHypervisor:
             if event is not None:
                 return event
             event = self._upload_done[key] = threading.Event()
-            self._uploads[host] = (base.image, base.version, 0.0)
+            self._uploads[host] = HostUpload(base.image, base.version, 0, 0, self._clock())
         self._uploaders.submit(self._upload, host, base, event)
         return event
 
     def _upload(self, host: str, base: BaseImage, event: threading.Event) -> None:
         key = (host, base.image, base.version)
 
-        def progress(fraction: float) -> None:
+        def progress(sent: int, total: int) -> None:
             with self._lock:
-                self._uploads[host] = (base.image, base.version, fraction)
+                since = self._uploads[host].since if host in self._uploads else self._clock()
+                self._uploads[host] = HostUpload(base.image, base.version, sent, total, since)
 
         try:
             self._hosts[host].upload(base, self._checksums(base), progress)
@@ -226,6 +231,11 @@ class MultiHostHypervisor:
             with self._lock:
                 self._uploads.pop(host, None)
                 self._upload_done.pop(key, None)
+                self._seen_uploads[host] = tuple(
+                    u
+                    for u in self._seen_uploads.get(host, ())
+                    if (u.image, u.version) != (base.image, base.version)
+                )
             event.set()
 
     def _upload_now(self, host: str, base: BaseImage) -> None:

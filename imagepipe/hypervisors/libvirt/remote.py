@@ -50,10 +50,11 @@ from imagepipe.hypervisors.libvirt.volumes import (
     delete_clone_volume,
     storage_pool,
     upload_version,
+    uploads_on,
     versions_on,
 )
 from imagepipe.log import fields
-from imagepipe.pool.model import BaseImage, CloneInfo, CloneSpec, HostSpec
+from imagepipe.pool.model import BaseImage, CloneInfo, CloneSpec, HostSpec, HostUpload
 
 log = logging.getLogger(__name__)
 SOCKET_DIR = "/var/lib/libvirt/qemu"  # exists on every host with libvirt's QEMU driver
@@ -98,12 +99,18 @@ class RemoteLibvirtHost(LibvirtHypervisor):
     # -- versions ------------------------------------------------------------------------
 
     def versions(self) -> tuple[tuple[str, int], ...]:
+        return self.holdings()[0]
+
+    def holdings(self) -> tuple[tuple[tuple[str, int], ...], tuple[HostUpload, ...]]:
+        """The versions the host holds, and the uploads under way to it (whoever sends
+        them), from one listing of its storage pool."""
         pool = self._storage()
         with self._translate(f"storage pool on host {self.host.name}"):
-            return versions_on(list(pool.listVolumes()))
+            names = list(pool.listVolumes())
+            return versions_on(names), uploads_on(self._libvirt, pool, names)
 
     def upload(
-        self, base: BaseImage, expected: Mapping[str, str], progress: Callable[[float], None]
+        self, base: BaseImage, expected: Mapping[str, str], progress: Callable[[int, int], None]
     ) -> None:
         pool = self._storage()
         started = time.monotonic()

@@ -1,0 +1,120 @@
+"""Operating several hosts, on the lab's real libvirt daemons (lab.py): an upload's progress
+as another process sees it (`imagepipe status`, `imagepipe hosts`), the multi-host
+hypervisor's close() with a hung host."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from imagepipe.app.hosts import rows
+from imagepipe.app.status import SCHEMA, HostStatus
+from imagepipe.cli.status import host_summary
+from imagepipe.hypervisors.libvirt.multihost import MultiHostHypervisor
+from imagepipe.hypervisors.libvirt.volumes import CHUNK
+from imagepipe.pool.model import BaseImage, HostSpec
+from imagepipe.stores.sqlite import SQLiteStore
+from tests.multihost.conftest import registry_checksums, remove_version
+from tests.multihost.lab import HostLab, NamespacedHost
+
+pytestmark = pytest.mark.real
+
+
+def spec_of(host: NamespacedHost) -> HostSpec:
+    return HostSpec(name=host.name, uri=host.uri, address=host.address)
+
+
+@pytest.fixture
+def held_upload(lab: HostLab, lab_base: BaseImage, tmp_path: Path) -> Iterator[dict[str, object]]:
+    """An upload of a version to host2 held after its first chunk (its progress callback
+    waits), so another connection can look at it half-way."""
+    spec = spec_of(lab.hosts[1])
+    base = replace(lab_base, image="tinyup", version=7)
+    remove_version(spec, base)
+    sender = MultiHostHypervisor(
+        [spec], state_dir=tmp_path / "sender", checksums=registry_checksums
+    )
+    paused, resume = threading.Event(), threading.Event()
+    seen: dict[str, object] = {"base": base, "spec": spec, "resume": resume}
+
+    def progress(sent: int, total: int) -> None:
+        seen["total"] = total
+        if sent >= CHUNK and not paused.is_set():
+            seen["held_at"] = sent
+            paused.set()
+            resume.wait(60)
+
+    def send() -> None:
+        try:
+            sender.host(spec.name).upload(base, registry_checksums(base), progress)
+        except Exception as exc:  # reported by the test
+            seen["error"] = exc
+        finally:
+            paused.set()
+
+    seen["started"] = time.time()
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    try:
+        assert paused.wait(60), "the upload did not get past its first chunk"
+        yield seen
+    finally:
+        resume.set()
+        thread.join(60)
+        sender.close()
+        remove_version(spec, base)
+    assert "error" not in seen, seen.get("error")
+
+
+def test_an_upload_under_way_shows_how_far_and_since_when_to_another_process(
+    held_upload: dict[str, object], tmp_path: Path
+) -> None:
+    """While a keeper sends a version to host2, `imagepipe status` and `imagepipe hosts` (their
+    own connection, as another process has) show that upload: bytes on the host of the
+    version's total, since when; once it is done, the version instead."""
+    spec = held_upload["spec"]
+    base = held_upload["base"]
+    assert isinstance(spec, HostSpec) and isinstance(base, BaseImage)
+    total = held_upload["total"]
+    watcher = MultiHostHypervisor(
+        [spec], state_dir=tmp_path / "watcher", checksums=registry_checksums
+    )
+    store = SQLiteStore(tmp_path / "state.db")
+    try:
+        watcher.list_clones()
+        [state] = watcher.hosts()
+        upload = state.upload
+        assert upload is not None, state
+        assert (upload.image, upload.version) == ("tinyup", 7)
+        assert upload.total == total
+        assert 0 < upload.sent < upload.total
+        assert upload.since is not None
+        assert held_upload["started"] - 5 <= upload.since <= time.time() + 5  # type: ignore[operator]
+        assert ("tinyup", 7) not in state.versions
+
+        summary = host_summary(HostStatus(SCHEMA, time.time(), (), (), None, hosts=(state,)))
+        assert summary is not None and "host2: 0 desktops" in summary
+        assert f"; uploading tinyup v7: {upload.amount()} since " in summary
+        [row] = rows([spec], {spec.name: state}, store, [])
+        assert row.upload == upload.describe() and row.upload_since == upload.since
+
+        resume = held_upload["resume"]
+        assert isinstance(resume, threading.Event)
+        resume.set()
+        deadline = time.monotonic() + 60
+        while True:
+            watcher.list_clones()
+            [state] = watcher.hosts()
+            if ("tinyup", 7) in state.versions:
+                break
+            assert time.monotonic() < deadline, state
+            time.sleep(0.3)
+        assert state.upload is None
+    finally:
+        watcher.close()
+        store.close()
