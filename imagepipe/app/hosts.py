@@ -10,16 +10,20 @@ desktops there, free ones replaced elsewhere, in-use ones removed when their ses
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from imagepipe.app.bootstrap import Runtime
 from imagepipe.config import Settings
-from imagepipe.errors import BadInputError, HypervisorUnavailableError
+from imagepipe.errors import BadInputError, HypervisorUnavailableError, ImagepipeError
+from imagepipe.log import fields
+from imagepipe.pool.keeper import Keeper
 from imagepipe.pool.model import CloneState, HostSpec, HostState, PoolSpec
-from imagepipe.pool.ports import Hosts
+from imagepipe.pool.ports import HostList, Hosts
 from imagepipe.pool.store import Store
 
+log = logging.getLogger(__name__)
 IN_USE = (CloneState.IN_USE, CloneState.DISCONNECTED, CloneState.RETIRING)
 
 
@@ -157,6 +161,48 @@ def desktops_on(store: Store, specs: Sequence[PoolSpec], host: str) -> int:
         for record in store.load_pool(spec.name).clones.values()
         if record.host == host
     )
+
+
+def sessions_on(store: Store, specs: Sequence[PoolSpec], host: str) -> int:
+    """The desktops on the host that have a user, as the store remembers them."""
+    return sum(
+        1
+        for spec in specs
+        for record in store.load_pool(spec.name).clones.values()
+        if record.host == host and record.state in IN_USE
+    )
+
+
+def apply_hosts(keeper: Keeper, hosts: Sequence[HostSpec]) -> None:
+    """A reloaded `hosts:` list, between two passes: the desktops of a removed host are
+    deleted there first (the reload made sure none has a user), then the hypervisor takes
+    the new list and the keeper places by it."""
+    hosts = tuple(hosts)
+    if hosts == keeper.host_specs:
+        return
+    hypervisor = keeper.hypervisor
+    if not isinstance(hypervisor, HostList):
+        log.warning("this hypervisor cannot change its hosts while running; restart the keeper")
+        return
+    removed = {h.name for h in keeper.host_specs} - {h.name for h in hosts}
+    for spec in keeper.specs.values():
+        for record in keeper.store.load_pool(spec.name).clones.values():
+            if record.host not in removed:
+                continue
+            try:
+                hypervisor.delete(record.name)
+            except ImagepipeError as exc:
+                log.warning(
+                    "desktop of a removed host not deleted; it stays on that host",
+                    extra=fields(host=record.host, clone=record.name, error=str(exc)),
+                )
+            else:
+                log.info(
+                    "desktop of a removed host deleted",
+                    extra=fields(host=record.host, clone=record.name, pool=spec.name),
+                )
+    hypervisor.set_hosts(hosts)
+    keeper.host_specs = hosts
 
 
 def wait_empty(

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -56,6 +56,7 @@ from imagepipe.pool.model import (
     CloneSpec,
     Endpoint,
     GuestSession,
+    HostSpec,
     HostState,
     Power,
 )
@@ -454,6 +455,12 @@ class FakeHosts(FakeHypervisor):
     def on_host(self, host: str) -> list[str]:
         """The clones that exist on `host` (seen or not)."""
         return sorted(n for n, c in self.clones.items() if c.spec.host == host)
+
+    # ---- pool.ports.HostList (a reload of hosts:) ---------------------------------------
+
+    def set_hosts(self, hosts: Sequence[HostSpec]) -> None:
+        self._enter("set_hosts", "")
+        self.host_names = tuple(h.name for h in hosts)
 
     # ---- the Hosts port --------------------------------------------------------------
 

@@ -15,12 +15,15 @@ import pytest
 from imagepipe.app.hosts import rows
 from imagepipe.app.status import SCHEMA, HostStatus
 from imagepipe.cli.status import host_summary
+from imagepipe.errors import FatalHypervisorError
 from imagepipe.hypervisors.libvirt.multihost import MultiHostHypervisor
 from imagepipe.hypervisors.libvirt.volumes import CHUNK
 from imagepipe.pool.model import BaseImage, HostSpec
+from imagepipe.pool.ports import HypervisorEvent
 from imagepipe.stores.sqlite import SQLiteStore
 from tests.multihost.conftest import registry_checksums, remove_version
 from tests.multihost.lab import HostLab, NamespacedHost
+from tests.multihost.test_multihost_libvirt import lab_spec
 
 pytestmark = pytest.mark.real
 
@@ -118,3 +121,42 @@ def test_an_upload_under_way_shows_how_far_and_since_when_to_another_process(
     finally:
         watcher.close()
         store.close()
+
+
+def test_a_new_host_list_connects_the_added_host_and_closes_the_removed_one(
+    lab: HostLab, lab_base: BaseImage, tmp_path: Path
+) -> None:
+    """set_hosts (a SIGHUP reload of hosts:) on the real hosts: host3 added is observed and
+    its events reach the subscriber the keeper made before; host2 removed is no longer
+    asked (its libvirt connection closed); host1's new labels are its spec."""
+    host1, host2, host3 = (spec_of(h) for h in lab.hosts)
+    hv = MultiHostHypervisor([host1, host2], state_dir=tmp_path, checksums=registry_checksums)
+    events: list[HypervisorEvent] = []
+    subscription = hv.subscribe(events.append)
+    try:
+        hv.list_clones()
+        assert {h.name for h in hv.hosts() if h.connected} == {"host1", "host2"}
+        removed = hv.host("host2")
+        relabelled = replace(host1, labels=("gpu",))
+
+        hv.set_hosts([relabelled, host3])
+
+        hv.list_clones()
+        assert [(h.name, h.connected) for h in hv.hosts()] == [("host1", True), ("host3", True)]
+        assert hv.host("host1").host == relabelled
+        assert not removed.connected
+        with pytest.raises(FatalHypervisorError, match="no host named 'host2'"):
+            hv.host("host2")
+        spec = lab_spec(lab_base, "reload", 1, lab.hosts[2])
+        hv.create_clone(spec)
+        hv.start(spec.name)
+        deadline = time.monotonic() + 20
+        while not any(e.clone == spec.name for e in events):
+            assert time.monotonic() < deadline, f"no event of {spec.name} from host3: {events}"
+            time.sleep(0.1)
+    finally:
+        subscription.close()
+        for clone in hv.list_clones():
+            if clone.pool == "reload":
+                hv.delete(clone.name)
+        hv.close()

@@ -55,11 +55,18 @@ Holdings = tuple[list[CloneInfo], tuple[tuple[str, int], ...], tuple[HostUpload,
 
 
 class _Subscriptions:
-    def __init__(self, parts: list[Subscription]) -> None:
-        self._parts = parts
+    """One subscriber's subscription on every host; a host added later joins it."""
+
+    def __init__(
+        self, callback: Callable[[HypervisorEvent], None], parts: dict[str, Subscription]
+    ) -> None:
+        self.callback = callback
+        self.parts = parts
+        self.closed = False
 
     def close(self) -> None:
-        for part in self._parts:
+        self.closed = True
+        for part in list(self.parts.values()):
             part.close()
 
 
@@ -96,12 +103,14 @@ class MultiHostHypervisor:
         self._upload_done: dict[tuple[str, str, int], threading.Event] = {}
         self._upload_error: dict[tuple[str, str, int], Exception] = {}
         self._observing: dict[str, concurrent.futures.Future[Holdings]] = {}
-        self._observers = concurrent.futures.ThreadPoolExecutor(
-            max_workers=len(hosts), thread_name_prefix="observe-host"
-        )
-        self._uploaders = concurrent.futures.ThreadPoolExecutor(
-            max_workers=len(hosts), thread_name_prefix="upload-host"
-        )
+        self._state_dir = state_dir
+        self._subscriptions: list[_Subscriptions] = []
+        self._observers = self._pool("observe-host", len(hosts))
+        self._uploaders = self._pool("upload-host", len(hosts))
+
+    @staticmethod
+    def _pool(prefix: str, size: int) -> concurrent.futures.ThreadPoolExecutor:
+        return concurrent.futures.ThreadPoolExecutor(max_workers=size, thread_name_prefix=prefix)
 
     @property
     def names(self) -> list[str]:
@@ -161,6 +170,8 @@ class MultiHostHypervisor:
 
     def _mark(self, name: str, connected: bool, why: str | None) -> None:
         with self._lock:
+            if name not in self._connected:  # removed by set_hosts meanwhile
+                return
             if self._connected[name] == connected and self._since[name] is not None:
                 return
             self._connected[name] = connected
@@ -342,7 +353,73 @@ class MultiHostHypervisor:
         self._on(name).notify_users(name, text)
 
     def subscribe(self, callback: Callable[[HypervisorEvent], None]) -> Subscription:
-        return _Subscriptions([h.subscribe(callback) for h in self._hosts.values()])
+        with self._lock:
+            hosts = dict(self._hosts)
+        subscription = _Subscriptions(
+            callback, {name: host.subscribe(callback) for name, host in hosts.items()}
+        )
+        with self._lock:
+            self._subscriptions.append(subscription)
+        return subscription
+
+    # -- a reload of `hosts:` ------------------------------------------------------------
+
+    def set_hosts(self, hosts: Sequence[HostSpec]) -> None:
+        """imagepipe.pool.ports.HostList: the running keeper's new host list."""
+        names = [h.name for h in hosts]
+        if not hosts or len(set(names)) != len(names):
+            raise BadInputError(f"hosts: need at least one host, each named once; got {names}")
+        closing: list[RemoteLibvirtHost] = []
+        with self._lock:
+            old = self._hosts
+            new: dict[str, RemoteLibvirtHost] = {}
+            added = []
+            for spec in hosts:
+                kept = old.get(spec.name)
+                if kept is not None and kept.uri == spec.uri:
+                    kept.host = spec  # address, capacity, labels: read from the spec
+                    new[spec.name] = kept
+                    continue
+                if kept is not None:
+                    closing.append(kept)  # a new uri: connected to again
+                new[spec.name] = RemoteLibvirtHost(
+                    spec, state_dir=self._state_dir / spec.name, clock=self._clock
+                )
+                added.append(spec.name)
+            removed = [name for name in old if name not in new]
+            closing += [old[name] for name in removed]
+            for name in (*removed, *added):
+                for table in (self._connected, self._since, self._versions):
+                    table.pop(name, None)
+                self._seen_uploads.pop(name, None)
+                self._observing.pop(name, None)
+            for name in added:
+                self._connected[name] = False
+                self._since[name] = None
+                self._versions[name] = ()
+            for clone, host in list(self._where.items()):
+                if host not in new or host in added:
+                    del self._where[clone]
+            self._hosts = new
+            subscriptions = [s for s in self._subscriptions if not s.closed]
+            if len(new) > len(old):  # at least one worker per host; running work goes on
+                self._observers.shutdown(wait=False)
+                self._observers = self._pool("observe-host", len(new))
+                self._uploaders.shutdown(wait=False)
+                self._uploaders = self._pool("upload-host", len(new))
+        for subscription in subscriptions:
+            for name in (*removed, *added):
+                part = subscription.parts.pop(name, None)
+                if part is not None:
+                    part.close()
+            for name in added:
+                subscription.parts[name] = new[name].subscribe(subscription.callback)
+        for gone in closing:
+            gone.close()
+        log.info(
+            "hosts changed",
+            extra=fields(hosts=",".join(new), added=",".join(added), removed=",".join(removed)),
+        )
 
     def close(self) -> None:
         self._observers.shutdown(wait=False, cancel_futures=True)
