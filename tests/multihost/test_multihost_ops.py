@@ -160,3 +160,60 @@ def test_a_new_host_list_connects_the_added_host_and_closes_the_removed_one(
             if clone.pool == "reload":
                 hv.delete(clone.name)
         hv.close()
+
+
+CLOSE_WITH_A_HUNG_HOST = """
+import json, sys, threading, time
+from pathlib import Path
+from imagepipe.hypervisors.libvirt.multihost import MultiHostHypervisor
+from imagepipe.pool.model import HostSpec
+hosts = [HostSpec(**h) for h in json.loads(sys.argv[1])]
+hv = MultiHostHypervisor(hosts, state_dir=Path(sys.argv[2]), checksums=dict, observe_timeout=2.0)
+hv.list_clones()
+print(json.dumps([[h.name, h.connected] for h in hv.hosts()]), flush=True)
+started = time.monotonic()
+hv.close()
+print(json.dumps({"close": time.monotonic() - started}), flush=True)
+"""
+
+
+def test_close_with_a_hung_host_returns_and_the_process_can_exit(
+    lab: HostLab, tmp_path: Path
+) -> None:
+    """libvirtd of host1 stopped (SIGSTOP: it accepts the connection, never answers): the
+    observer thread of host1 hangs in libvirt. close() still returns within seconds and the
+    process exits (the keeper stops on SIGTERM), instead of waiting for host1 for ever."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    host1 = lab.hosts[0]
+    assert host1.daemon_pid is not None
+    hosts = json.dumps(
+        [{"name": h.name, "uri": h.uri, "address": h.address} for h in lab.hosts[:2]]
+    )
+    os.kill(host1.daemon_pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        process = subprocess.Popen(
+            [sys.executable, "-c", CLOSE_WITH_A_HUNG_HOST, hosts, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            out, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+            pytest.fail(f"the process did not exit within 30 s: {out} {err[-2000:]}")
+        took = time.monotonic() - started
+    finally:
+        os.kill(host1.daemon_pid, signal.SIGCONT)
+    assert process.returncode == 0, err[-2000:]
+    seen, closed = (json.loads(line) for line in out.splitlines())
+    assert seen == [["host1", False], ["host2", True]]
+    assert closed["close"] < 8.0, closed
+    assert took < 25.0, took

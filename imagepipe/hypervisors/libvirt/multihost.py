@@ -17,11 +17,13 @@ on, or the one that has a domain of that name.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from imagepipe.errors import (
     BadInputError,
@@ -50,7 +52,9 @@ from imagepipe.pool.ports import HypervisorEvent, Subscription
 log = logging.getLogger(__name__)
 
 OBSERVE_TIMEOUT = 5.0  # seconds a host may take to list its clones before it counts as lost
+CLOSE_TIMEOUT = 5.0  # seconds close() waits for the hosts' connections to close
 Checksums = Callable[[BaseImage], Mapping[str, str]]  # file name -> the registry's sha256
+T = TypeVar("T")
 Holdings = tuple[list[CloneInfo], tuple[tuple[str, int], ...], tuple[HostUpload, ...]]
 
 
@@ -105,12 +109,24 @@ class MultiHostHypervisor:
         self._observing: dict[str, concurrent.futures.Future[Holdings]] = {}
         self._state_dir = state_dir
         self._subscriptions: list[_Subscriptions] = []
-        self._observers = self._pool("observe-host", len(hosts))
-        self._uploaders = self._pool("upload-host", len(hosts))
+        self._closed = False
 
-    @staticmethod
-    def _pool(prefix: str, size: int) -> concurrent.futures.ThreadPoolExecutor:
-        return concurrent.futures.ThreadPoolExecutor(max_workers=size, thread_name_prefix=prefix)
+    def _submit(self, kind: str, host: str, work: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """`work` in a daemon thread of its own: a call that hangs in libvirt (a host whose
+        libvirtd stopped answering) holds up neither close() nor the process's exit, as a
+        ThreadPoolExecutor's worker would (Python joins those at exit)."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(work())
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name=f"{kind}-{host}", daemon=True).start()
+        return future
 
     @property
     def names(self) -> list[str]:
@@ -135,7 +151,9 @@ class MultiHostHypervisor:
             for name in self._hosts:
                 running = self._observing.get(name)
                 if running is None or running.done():  # a hung host gets no second thread
-                    self._observing[name] = self._observers.submit(self._observe, name)
+                    self._observing[name] = self._submit(
+                        "observe", name, functools.partial(self._observe, name)
+                    )
             pending = dict(self._observing)
         done, _ = concurrent.futures.wait(pending.values(), timeout=self.observe_timeout)
         clones: list[CloneInfo] = []
@@ -216,7 +234,7 @@ class MultiHostHypervisor:
                 return event
             event = self._upload_done[key] = threading.Event()
             self._uploads[host] = HostUpload(base.image, base.version, 0, 0, self._clock())
-        self._uploaders.submit(self._upload, host, base, event)
+        self._submit("upload", host, functools.partial(self._upload, host, base, event))
         return event
 
     def _upload(self, host: str, base: BaseImage, event: threading.Event) -> None:
@@ -402,11 +420,6 @@ class MultiHostHypervisor:
                     del self._where[clone]
             self._hosts = new
             subscriptions = [s for s in self._subscriptions if not s.closed]
-            if len(new) > len(old):  # at least one worker per host; running work goes on
-                self._observers.shutdown(wait=False)
-                self._observers = self._pool("observe-host", len(new))
-                self._uploaders.shutdown(wait=False)
-                self._uploaders = self._pool("upload-host", len(new))
         for subscription in subscriptions:
             for name in (*removed, *added):
                 part = subscription.parts.pop(name, None)
@@ -421,8 +434,27 @@ class MultiHostHypervisor:
             extra=fields(hosts=",".join(new), added=",".join(added), removed=",".join(removed)),
         )
 
-    def close(self) -> None:
-        self._observers.shutdown(wait=False, cancel_futures=True)
-        self._uploaders.shutdown(wait=False, cancel_futures=True)
-        for host in self._hosts.values():
-            host.close()
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Close every host's connection, all at once, waiting `timeout` at most: a host
+        that hangs (its libvirtd stopped answering) is left to its daemon threads, which
+        drop its connection when libvirt returns; nothing of it keeps the process alive."""
+        with self._lock:
+            self._closed = True
+            hosts = list(self._hosts.values())
+            for future in self._observing.values():
+                future.cancel()
+        closers = [
+            threading.Thread(target=h.close, name=f"close-{h.host_name}", daemon=True)
+            for h in hosts
+        ]
+        for closer in closers:
+            closer.start()
+        deadline = time.monotonic() + timeout
+        for closer in closers:
+            closer.join(max(0.0, deadline - time.monotonic()))
+        stuck = [h.host_name for h, c in zip(hosts, closers, strict=True) if c.is_alive()]
+        if stuck:
+            log.warning(
+                "hosts did not close in time; their connections are dropped when libvirt returns",
+                extra=fields(hosts=",".join(stuck), seconds=timeout),
+            )

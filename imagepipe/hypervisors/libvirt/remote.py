@@ -25,6 +25,7 @@ from imagepipe.errors import (
     BaseMissingError,
     DisplayInUseError,
     FatalHypervisorError,
+    HypervisorUnavailableError,
     InvalidStateError,
 )
 from imagepipe.hypervisors.common import check_name
@@ -64,6 +65,7 @@ class RemoteLibvirtHost(LibvirtHypervisor):
     """The Hypervisor port on one libvirt host whose files are reached only through libvirt."""
 
     KEEPALIVE = (1, 2)
+    CLOSE_WAIT = 2.0  # seconds close() waits for a call that holds the connection
 
     def __init__(
         self, host: HostSpec, *, state_dir: Path, clock: Callable[[], float] = time.time
@@ -71,6 +73,7 @@ class RemoteLibvirtHost(LibvirtHypervisor):
         self.host = host
         self.host_name = host.name
         self._pool: tuple[Any, Any] | None = None  # (connection, its storage pool)
+        self._closed = False
         super().__init__(host.uri, state_dir=state_dir, clock=clock)
 
     # -- connection: not at construction (a dead host must not hold up the others) ------
@@ -79,6 +82,32 @@ class RemoteLibvirtHost(LibvirtHypervisor):
         with self._lost_lock:
             self._lost_at = time.monotonic()
         return None
+
+    def _reconnect(self) -> Any:
+        conn = super()._reconnect()
+        if self._closed:  # close() ran while libvirt hung in the open: let it go now
+            with self._lock:
+                self._conn = None
+                self._drop(conn)
+            raise HypervisorUnavailableError(f"host {self.host.name}: closed")
+        return conn
+
+    def close(self) -> None:
+        """Close the connection; when a call hangs in libvirt holding it (a host whose
+        libvirtd stopped answering), wait CLOSE_WAIT at most: that call's thread drops the
+        connection when libvirt returns (keep-alive ends a hung call within seconds)."""
+        self._closed = True
+        if not self._lock.acquire(timeout=self.CLOSE_WAIT):
+            self._hub.close()
+            log.warning(
+                "host does not answer; its connection is dropped when libvirt returns",
+                extra=fields(host=self.host.name, uri=self.uri),
+            )
+            return
+        try:
+            super().close()
+        finally:
+            self._lock.release()
 
     def _unanswered(self, why: str) -> str:
         return (
