@@ -109,7 +109,6 @@ class MultiHostHypervisor:
         self._observing: dict[str, concurrent.futures.Future[Holdings]] = {}
         self._state_dir = state_dir
         self._subscriptions: list[_Subscriptions] = []
-        self._closed = False
 
     def _submit(self, kind: str, host: str, work: Callable[[], T]) -> concurrent.futures.Future[T]:
         """`work` in a daemon thread of its own: a call that hangs in libvirt (a host whose
@@ -439,7 +438,6 @@ class MultiHostHypervisor:
         that hangs (its libvirtd stopped answering) is left to its daemon threads, which
         drop its connection when libvirt returns; nothing of it keeps the process alive."""
         with self._lock:
-            self._closed = True
             hosts = list(self._hosts.values())
             for future in self._observing.values():
                 future.cancel()
