@@ -7,10 +7,12 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from imagepipe.app import rollout as use_case
 from imagepipe.app.status import SCHEMA, HostStatus
 from imagepipe.cli.rollout import _lines
 from imagepipe.cli.status import host_summary
 from imagepipe.pool.hosts import HostPass
+from imagepipe.pool.keeper import Keeper, KeeperOptions
 from imagepipe.pool.model import (
     BaseImage,
     HostSpec,
@@ -18,8 +20,15 @@ from imagepipe.pool.model import (
     HostUpload,
     Observed,
     PoolRecord,
+    PoolSpec,
 )
+from imagepipe.pool.rollout.control import Request, RolloutControl
 from imagepipe.pool.rollout.progress import PoolView, judge
+from imagepipe.stores.sqlite import SQLiteStore
+from tests.fakes.balancer import FakeBalancer
+from tests.fakes.hypervisor import FakeClock, FakeHosts, FakeImages, FakeVersion
+from tests.unit.test_keeper import settle
+from tests.unit.test_keeper_hosts import HOSTS as KEEPER_HOSTS
 from tests.unit.test_rollout_progress import ROLLOUT, SPEC, T
 
 MiB = 1024 * 1024
@@ -77,3 +86,52 @@ def test_status_prints_each_hosts_upload_with_how_far_and_since_when() -> None:
         "  h2: 0 desktops, 0 free, 0 in use; uploading tiny v2: 4.0 of 16.0 MiB (25%) since "
     )
     assert "h1" not in summary  # nothing to say about h1
+
+
+def test_a_rollout_on_the_keeper_says_how_far_its_versions_upload_to_each_host_got(
+    tmp_path: Path,
+) -> None:
+    """The keeper, a rollout to v2, and hosts that have not received v2 yet: the rollout's
+    pool line (what `imagepipe rollout --wait` prints) says which upload is under way and
+    how far it got; no desktop of v2 is made meanwhile."""
+    clock = FakeClock()
+    images = FakeImages()
+    hv = FakeHosts(clock=clock.now)
+    hv.add_base(images.publish("tiny", 1, channel="stable"))
+    store = SQLiteStore(tmp_path / "state.db")
+    spec = PoolSpec(
+        name="lab", image="tiny", channel="stable", initial=3, free=3, max=4,
+        port_first=5900, port_last=5909,
+    )  # fmt: skip
+    keeper = Keeper(
+        hypervisor=hv,
+        balancer=FakeBalancer(),
+        store=store,
+        images=images,
+        specs=[spec],
+        clock=clock,
+        settings=KeeperOptions(tick=5.0),
+        channels=images,
+        hosts=KEEPER_HOSTS,
+    )
+    try:
+        settle(keeper)
+        images.versions["tiny"].add(2)
+        hv.add_base(FakeVersion("tiny", 2).base_image())
+        hv.no_upload.update(h.name for h in KEEPER_HOSTS)  # v2 reaches no host for now
+        use_case.start(
+            RolloutControl(store, images, images, clock), [spec], Request("tiny"), by="t"
+        )
+        for _ in range(3):
+            keeper.run_pass()
+            clock.advance(5.0)
+
+        rollout = store.rollouts("tiny", limit=1)[0]
+        waiting = rollout.progress[0].waiting or ""
+        for host in ("h1", "h2", "h3"):
+            assert f"tiny v2 to {host}: " in waiting, waiting
+        assert waiting.startswith("uploading tiny v2 to h1: 2.0 of 8.0 MiB (25%)"), waiting
+        assert f"· waiting: {waiting}" in _lines(rollout)
+        assert all(c.spec.base.version == 1 for c in hv.clones.values())
+    finally:
+        store.close()

@@ -25,7 +25,6 @@ from imagepipe.errors import (
     BaseMissingError,
     DisplayInUseError,
     FatalHypervisorError,
-    HypervisorUnavailableError,
     InvalidStateError,
 )
 from imagepipe.hypervisors.common import check_name
@@ -73,7 +72,6 @@ class RemoteLibvirtHost(LibvirtHypervisor):
         self.host = host
         self.host_name = host.name
         self._pool: tuple[Any, Any] | None = None  # (connection, its storage pool)
-        self._closed = False
         super().__init__(host.uri, state_dir=state_dir, clock=clock)
 
     # -- connection: not at construction (a dead host must not hold up the others) ------
@@ -83,20 +81,11 @@ class RemoteLibvirtHost(LibvirtHypervisor):
             self._lost_at = time.monotonic()
         return None
 
-    def _reconnect(self) -> Any:
-        conn = super()._reconnect()
-        if self._closed:  # close() ran while libvirt hung in the open: let it go now
-            with self._lock:
-                self._conn = None
-                self._drop(conn)
-            raise HypervisorUnavailableError(f"host {self.host.name}: closed")
-        return conn
-
     def close(self) -> None:
         """Close the connection; when a call hangs in libvirt holding it (a host whose
         libvirtd stopped answering), wait CLOSE_WAIT at most: that call's thread drops the
         connection when libvirt returns (keep-alive ends a hung call within seconds)."""
-        self._closed = True
+        self._closing = True  # an open that returns after this drops its connection
         if not self._lock.acquire(timeout=self.CLOSE_WAIT):
             self._hub.close()
             log.warning(
