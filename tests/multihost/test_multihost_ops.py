@@ -215,5 +215,6 @@ def test_close_with_a_hung_host_returns_and_the_process_can_exit(
     assert process.returncode == 0, err[-2000:]
     seen, closed = (json.loads(line) for line in out.splitlines())
     assert seen == [["host1", False], ["host2", True]]
+    print(f"close() with a hung host took {closed['close']:.2f} s; the process {took:.1f} s")
     assert closed["close"] < 8.0, closed
     assert took < 25.0, took
