@@ -183,6 +183,8 @@ class Keeper:
         self._term: int | None = None  # the epoch this keeper acts under while it leads
         self.executor.gate = self.may_act
         self._learned: dict[str, tuple[int, Learned]] = {}  # pool -> (day, what it taught)
+        # the records this pass read, while nothing has written any since (next_wait)
+        self._records: dict[str, PoolRecord] = {}
 
     # ---- control ---------------------------------------------------------------------
 
@@ -209,6 +211,7 @@ class Keeper:
         self.other_pools = tuple(other_pools)
         self.settings = settings
         self.executor.settings = settings.executor
+        self._records = {}
 
     def run(self) -> None:
         """Pass after pass until stop(); woken early by hypervisor events."""
@@ -335,12 +338,16 @@ class Keeper:
         if not self._recovered:
             self.recover()
         now = self.clock.now()
-        self.rollouts.beat(now)
-        self.rollouts.load()
+        # the heartbeat and every read the pass plans with: one round trip to a shared store
+        state = self.store.begin_pass(self.rollouts.heartbeat(now), list(self.specs))
+        self.rollouts.load(state.rollouts)
         with self._touched_lock:
             touched = frozenset(self._touched)
         self._ensure_frontend()
-        records = {name: self._record(spec, now) for name, spec in self.specs.items()}
+        records = {
+            name: self._learn(spec, state.records[name], now) for name, spec in self.specs.items()
+        }
+        self._records = dict(records)
         host = observe(
             self.hypervisor,
             self.balancer,
@@ -360,7 +367,7 @@ class Keeper:
         adopted: list[str] = []
         arrived: dict[str, tuple[int, str]] = {}  # pool -> (logins, its timezone)
         not_planned = dict(host.unobservable)
-        hosts = self._hosts(host)
+        hosts = self._hosts(host, state.draining)
         for spec in self.specs.values():
             observed = host.pools.get(spec.name)
             if observed is None:
@@ -371,7 +378,7 @@ class Keeper:
             if hosts is not None:
                 observed = self._placement(hosts, spec, observed)
             record = self.rollouts.record(spec, records[spec.name])
-            down = self.store.pool_down(spec.name)
+            down = state.down.get(spec.name)
             if down is not None:  # being taken down: its own rule (pool/teardown.py)
                 actions += plan_down(spec, observed, record, down, now)
                 continue
@@ -383,13 +390,18 @@ class Keeper:
             actions += planned
         if self.stopping:
             return PassReport(at=now, observation=host, adopted=tuple(adopted))
+        if actions:
+            self._records = {}  # the records change: read them again after the actions
         execution = self.executor.run(self.specs, actions)  # records first: touched is written
         with self._touched_lock:  # forgotten only once its pool was planned (its record dirty)
             self._touched -= {n for n in touched if any(belongs_to(p, n) for p in host.pools)}
         self._record_failures(execution)
         self._record_logins(arrived, now)
         later = self.clock.now()
-        self.rollouts.after_pass(self.specs, host, lambda spec: self._record(spec, later), later)
+        if self.rollouts.after_pass(
+            self.specs, host, lambda spec: self._record(spec, later), later
+        ):
+            self._records = {}  # a rollout rolled back writes the pool's record
         log.debug(
             "pass done",
             extra=fields(
@@ -440,11 +452,11 @@ class Keeper:
 
         return unchanged
 
-    def _hosts(self, host: HostObservation) -> HostPass | None:
+    def _hosts(self, host: HostObservation, draining: Mapping[str, float]) -> HostPass | None:
         """Several hosts: this pass's view of them, every observed desktop counted."""
         if not self.host_specs:
             return None
-        hosts = host_pass(self.hypervisor, self.host_specs, self.store.draining_hosts())
+        hosts = host_pass(self.hypervisor, self.host_specs, draining)
         hosts.count(host.pools, self.specs)
         for name in sorted(hosts.lost - self._lost_reported):
             state = hosts.states[name]
@@ -465,9 +477,16 @@ class Keeper:
         )
 
     def _record(self, spec: PoolSpec, now: float) -> PoolRecord:
-        """The pool's record; for a pool that learns, with what its login history taught
-        (learned once a day: only the days before today count)."""
-        record = self.store.load_pool(spec.name)
+        """The pool's record as the keeper plans with it: the one this pass read while
+        nothing has written since, or else read again."""
+        record = self._records.get(spec.name)
+        if record is not None:
+            return record
+        return self._learn(spec, self.store.load_pool(spec.name), now)
+
+    def _learn(self, spec: PoolSpec, record: PoolRecord, now: float) -> PoolRecord:
+        """For a pool that learns, the record with what its login history taught (learned
+        once a day: only the days before today count)."""
         if spec.learn is None:
             return record
         day, _ = day_and_bucket(now, spec.timezone)

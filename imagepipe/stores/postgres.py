@@ -336,6 +336,15 @@ class PostgresStore(SQLStore):
             yield db
 
     @contextmanager
+    def _batch(self) -> Iterator[Connection]:
+        if self.readonly:
+            raise OperationFailedError(f"the state database {self.dsn} was opened read-only")
+        # Pipeline mode: every statement is sent, then one Sync, then the results come
+        # back together; the statements before the Sync are one (implicit) transaction
+        with self._transaction(pipeline=True) as db:
+            yield db
+
+    @contextmanager
     def _read(self, *, snapshot: bool = False) -> Iterator[Connection]:
         # A read of one statement is a snapshot of its own: no BEGIN and COMMIT around it
         # (two round trips of three)
@@ -343,12 +352,16 @@ class PostgresStore(SQLStore):
             yield db
 
     @contextmanager
-    def _transaction(self, *, begin: bool = True) -> Iterator[Connection]:
+    def _transaction(self, *, begin: bool = True, pipeline: bool = False) -> Iterator[Connection]:
         import psycopg
 
         with self._lock:
             try:
                 conn = self._connection()
+                if pipeline:
+                    with conn.pipeline():
+                        yield _Qmark(conn)
+                    return
                 if not begin:
                     yield _Qmark(conn)
                     return
