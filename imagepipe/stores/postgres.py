@@ -23,7 +23,7 @@ import copy
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,8 +34,18 @@ from imagepipe.errors import (
     StoreUnavailableError,
 )
 from imagepipe.log import fields
-from imagepipe.pool.store import HISTORY_LIMIT
-from imagepipe.stores.sql import TABLES, Connection, Cursor, SQLStore, statements
+from imagepipe.pool.rollout.records import Heartbeat
+from imagepipe.pool.store import HISTORY_LIMIT, PassState
+from imagepipe.stores.sql import (
+    ACTIVE,
+    CLONE_COLUMNS,
+    TABLES,
+    Connection,
+    Cursor,
+    SQLStore,
+    pass_state,
+    statements,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +164,33 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+
+# begin_pass in one statement (one round trip, one transaction): the heartbeat's upsert,
+# fenced in itself, and every read of the pass as JSON arrays of rows. Parameters: the
+# heartbeat's at, pid, host, tick; the fence twice (NULL: none); the pools; the active
+# states.
+BEGIN_PASS = f"""
+WITH beat AS (
+    INSERT INTO keeper_heartbeat (id, at, pid, host, tick)
+    SELECT 1, ?, ?, ?, ?
+    WHERE ?::bigint IS NULL OR (SELECT epoch FROM leader FOR SHARE) = ?
+    ON CONFLICT (id) DO UPDATE SET at = excluded.at, pid = excluded.pid,
+        host = excluded.host, tick = excluded.tick
+    RETURNING 1
+), asked AS (SELECT ?::text[] AS pools)
+SELECT
+    (SELECT count(*) FROM beat),
+    (SELECT json_build_array(epoch, holder) FROM leader),
+    (SELECT json_agg(json_build_array(
+        pool, failures, target_version, breaker_open_until, rollout_started_at))
+     FROM pools, asked WHERE pool = ANY(asked.pools)),
+    (SELECT json_agg(json_build_array(pool, {CLONE_COLUMNS}) ORDER BY pool, slot, name)
+     FROM clones, asked WHERE pool = ANY(asked.pools)),
+    (SELECT json_agg(json_build_array(pool, since, now))
+     FROM pools_down, asked WHERE pool = ANY(asked.pools)),
+    (SELECT json_agg(body ORDER BY id DESC) FROM rollouts WHERE state = ANY(?::text[])),
+    (SELECT json_agg(json_build_array(host, since) ORDER BY host) FROM hosts_draining)
+"""
 IDENTITY_TABLES = ("journal", "rollouts")  # their id sequences follow copied rows
 
 
@@ -249,6 +286,36 @@ class PostgresStore(SQLStore):
         handle._fence = epoch
         return handle
 
+    def begin_pass(self, heartbeat: Heartbeat, pools: Sequence[str]) -> PassState:
+        names = list(pools)
+        parameters = (
+            heartbeat.at,
+            heartbeat.pid,
+            heartbeat.host,
+            heartbeat.tick,
+            self._fence,
+            self._fence,
+            names,
+            list(ACTIVE),
+        )
+        with self._statement() as db:
+            row = db.execute(BEGIN_PASS, parameters).fetchone()
+        beaten, leader, pool_rows, clone_rows, down_rows, bodies, draining = row
+        if self._fence is not None and beaten != 1:
+            raise self._refused(leader)
+        # JSON numbers: a float8 that is whole comes back as an int
+        return pass_state(
+            names,
+            [(*r[:3], _real(r[3]), _real(r[4])) for r in pool_rows or ()],
+            [
+                (*r[:5], float(r[5]), _real(r[6]), *r[7:9], _real(r[9]), *r[10:13], _real(r[13]))
+                for r in clone_rows or ()
+            ],
+            [(r[0], float(r[1]), r[2]) for r in down_rows or ()],
+            bodies or [],
+            [(r[0], float(r[1])) for r in draining or ()],
+        )
+
     # --- connection and schema ---------------------------------------------------------
 
     def _connection(self) -> Any:
@@ -336,15 +403,6 @@ class PostgresStore(SQLStore):
             yield db
 
     @contextmanager
-    def _batch(self) -> Iterator[Connection]:
-        if self.readonly:
-            raise OperationFailedError(f"the state database {self.dsn} was opened read-only")
-        # Pipeline mode: every statement is sent, then one Sync, then the results come
-        # back together; the statements before the Sync are one (implicit) transaction
-        with self._transaction(pipeline=True) as db:
-            yield db
-
-    @contextmanager
     def _read(self, *, snapshot: bool = False) -> Iterator[Connection]:
         # A read of one statement is a snapshot of its own: no BEGIN and COMMIT around it
         # (two round trips of three)
@@ -352,16 +410,12 @@ class PostgresStore(SQLStore):
             yield db
 
     @contextmanager
-    def _transaction(self, *, begin: bool = True, pipeline: bool = False) -> Iterator[Connection]:
+    def _transaction(self, *, begin: bool = True) -> Iterator[Connection]:
         import psycopg
 
         with self._lock:
             try:
                 conn = self._connection()
-                if pipeline:
-                    with conn.pipeline():
-                        yield _Qmark(conn)
-                    return
                 if not begin:
                     yield _Qmark(conn)
                     return
@@ -433,6 +487,10 @@ class _Qmark:
     def execute(self, sql: str, parameters: Any = (), /) -> Cursor:
         cursor: Cursor = self._conn.execute(sql.replace("?", "%s"), parameters or None)
         return cursor
+
+
+def _real(value: float | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def _stored_version(conn: Any) -> int:

@@ -127,12 +127,6 @@ class SQLStore(ABC):
         see the same one."""
 
     @abstractmethod
-    def _batch(self) -> AbstractContextManager[Connection]:
-        """One unfenced write transaction whose statements are all sent before any result
-        is awaited (one round trip to a server); the cursors it returns are read after
-        the block ends (the transaction has committed then)."""
-
-    @abstractmethod
     def _clock(self, db: Connection, now: float) -> float:
         """The lease clock inside a transaction (the caller's `now`, or the database's)."""
 
@@ -459,48 +453,29 @@ class SQLStore(ABC):
     def begin_pass(self, heartbeat: Heartbeat, pools: Sequence[str]) -> PassState:
         names = list(pools)
         among = f"IN ({','.join('?' * len(names))})" if names else "IN (NULL)"
-        with self._batch() as db:
-            beat = self._beat(db, heartbeat)
-            leader = db.execute("SELECT epoch, holder FROM leader")
+        with self._write(fenced=False) as db:
+            if self._beat(db, heartbeat).rowcount != 1 and self._fence is not None:
+                raise self._refused(db.execute("SELECT epoch, holder FROM leader").fetchone())
             pool_rows = db.execute(
                 "SELECT pool, failures, target_version, breaker_open_until, rollout_started_at "
                 f"FROM pools WHERE pool {among}",
                 names,
-            )
+            ).fetchall()
             clone_rows = db.execute(
                 f"SELECT pool, {CLONE_COLUMNS} FROM clones WHERE pool {among} "
                 "ORDER BY pool, slot, name",
                 names,
-            )
+            ).fetchall()
             down_rows = db.execute(
                 f"SELECT pool, since, now FROM pools_down WHERE pool {among}", names
-            )
-            rollout_rows = db.execute(
+            ).fetchall()
+            bodies = db.execute(
                 f"SELECT body FROM rollouts WHERE state IN ({','.join('?' * len(ACTIVE))}) "
                 "ORDER BY id DESC",
                 ACTIVE,
-            )
-            draining = db.execute("SELECT host, since FROM hosts_draining ORDER BY host")
-        if self._fence is not None and beat.rowcount != 1:
-            raise self._refused(leader.fetchone())
-        clones: dict[str, dict[str, CloneRecord]] = {name: {} for name in names}
-        for row in clone_rows.fetchall():
-            clones[row[0]][row[1]] = _clone(row[1:])
-        records = {name: PoolRecord(pool=name, clones=clones[name]) for name in names}
-        for pool, failures, target, breaker, rollout_started in pool_rows.fetchall():
-            records[pool] = replace(
-                records[pool],
-                target_version=target,
-                failures=failures,
-                breaker_open_until=breaker,
-                rollout_started_at=rollout_started,
-            )
-        return PassState(
-            records=records,
-            down={row[0]: PoolDown(since=row[1], now=bool(row[2])) for row in down_rows.fetchall()},
-            rollouts=tuple(rollout_from_json(row[0]) for row in rollout_rows.fetchall()),
-            draining={host: since for host, since in draining.fetchall()},
-        )
+            ).fetchall()
+            draining = db.execute("SELECT host, since FROM hosts_draining ORDER BY host").fetchall()
+        return pass_state(names, pool_rows, clone_rows, down_rows, [b[0] for b in bodies], draining)
 
     def heartbeat(self) -> Heartbeat | None:
         with self._read() as db:
@@ -567,6 +542,38 @@ class SQLStore(ABC):
         """Every row of every table of TABLES, read in one transaction, in key order."""
         with self._read(snapshot=True) as db:
             return {table: select_all(db, table) for table in TABLES}
+
+
+def pass_state(
+    pools: Sequence[str],
+    pool_rows: Sequence[Sequence[Any]],
+    clone_rows: Sequence[Sequence[Any]],
+    down_rows: Sequence[Sequence[Any]],
+    rollout_bodies: Sequence[str],
+    draining: Sequence[Sequence[Any]],
+) -> PassState:
+    """begin_pass's answer from its rows: pools (pool, failures, target_version,
+    breaker_open_until, rollout_started_at), clones (pool, then CLONE_COLUMNS) in slot
+    order, take-downs (pool, since, now), active rollouts' JSON newest first, drained
+    hosts (host, since)."""
+    clones: dict[str, dict[str, CloneRecord]] = {name: {} for name in pools}
+    for row in clone_rows:
+        clones[row[0]][row[1]] = _clone(row[1:])
+    records = {name: PoolRecord(pool=name, clones=clones[name]) for name in pools}
+    for pool, failures, target, breaker, rollout_started in pool_rows:
+        records[pool] = replace(
+            records[pool],
+            target_version=target,
+            failures=failures,
+            breaker_open_until=breaker,
+            rollout_started_at=rollout_started,
+        )
+    return PassState(
+        records=records,
+        down={row[0]: PoolDown(since=row[1], now=bool(row[2])) for row in down_rows},
+        rollouts=tuple(rollout_from_json(body) for body in rollout_bodies),
+        draining={host: since for host, since in draining},
+    )
 
 
 def select_all(db: Connection, table: str) -> list[tuple[Any, ...]]:

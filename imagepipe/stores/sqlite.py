@@ -284,11 +284,6 @@ class SQLiteStore(SQLStore):
             db.execute("COMMIT")
 
     @contextmanager
-    def _batch(self) -> Iterator[Connection]:
-        with self._write(fenced=False) as db:
-            yield _Fetched(db)
-
-    @contextmanager
     def _read(self, *, snapshot: bool = False) -> Iterator[sqlite3.Connection]:
         with self._lock, self._sqlite_errors():
             db = self._db
@@ -402,28 +397,3 @@ def _not_a_database(path: Path, exc: Exception) -> EnvironmentMissingError:
         f"{path} is not an imagepipe state database ({exc}); point the settings key state_db "
         "at another file"
     )
-
-
-class _Fetched:
-    """A connection whose statements are read to the end at once, so their results can be
-    read after the transaction (see SQLStore._batch)."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def execute(self, sql: str, parameters: Any = (), /) -> _Rows:
-        cursor = self._db.execute(sql, parameters)
-        return _Rows(cursor.fetchall(), cursor.rowcount)
-
-
-class _Rows:
-    def __init__(self, rows: list[Any], rowcount: int) -> None:
-        self._rows = rows
-        self.rowcount = rowcount
-
-    def fetchone(self) -> Any:
-        return self._rows.pop(0) if self._rows else None
-
-    def fetchall(self) -> list[Any]:
-        rows, self._rows = self._rows, []
-        return rows
