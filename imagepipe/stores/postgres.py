@@ -12,6 +12,14 @@ The lease clock is the database server's (clock_timestamp()): the keepers' own c
 decide who leads. A fenced write locks the leader row FOR SHARE in its transaction, so a new
 leader's election waits for it and it sees any election that committed before it.
 
+Every call has a time limit (`timeout`: keeper.lease_retry for the keeper, so no call outlasts
+what the lease allows; 5 s elsewhere): connecting (libpq's connect_timeout), each statement and
+each lock wait (the server's statement_timeout and lock_timeout: it cancels the statement, the
+connection stays), and the call as a whole on the client's side, for a server that cannot
+cancel anything (hung, stopped, or cut off without a reset): a watcher thread shuts the
+connection's socket down, the call fails with StoreUnavailableError, and the next call connects
+again.
+
 The password never appears in a DSN here: it comes from the settings' password file (passed
 to libpq as a parameter, not in the connection string) or from libpq's own PGPASSWORD or
 passfile. Errors name the DSN (which has no password) and never the password.
@@ -21,8 +29,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
+import socket
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -49,7 +60,7 @@ from imagepipe.stores.sql import (
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 5  # seconds to wait for the server before calling it unreachable
+TIMEOUT = 5.0  # seconds a call may take (connect, statement, lock) unless told otherwise
 _MIGRATION_LOCK = 0x1A6E_0001  # advisory lock key: one migrating keeper at a time
 
 # The SQLite store's MIGRATIONS, translated: MIGRATIONS[i] takes version i to i + 1.
@@ -202,9 +213,7 @@ def password_in(dsn: str) -> bool:
     return "password" in conninfo_to_dict(dsn)
 
 
-def read_schema_version(
-    dsn: str, *, password: str | None, connect_timeout: float = CONNECT_TIMEOUT
-) -> int:
+def read_schema_version(dsn: str, *, password: str | None, connect_timeout: float = TIMEOUT) -> int:
     """The schema version of the state in the database, writing nothing (for `imagepipe
     doctor`); 0 when no keeper has made it yet. StoreUnavailableError when the database
     cannot be reached (the message names the URL, never the password)."""
@@ -258,18 +267,23 @@ class PostgresStore(SQLStore):
         *,
         password: str | None = None,
         history_limit: int = HISTORY_LIMIT,
-        connect_timeout: float = CONNECT_TIMEOUT,
+        timeout: float = TIMEOUT,
         _readonly: bool = False,
     ) -> None:
+        """`timeout`: the seconds one call may take (see the module docstring)."""
         self.dsn = dsn
         self.readonly = _readonly
         self.history_limit = history_limit
         self._password = password
-        self._connect_timeout = connect_timeout
+        self._timeout = timeout
         self._lock = threading.Lock()
         self._link = _Link()  # the connection, shared with fenced() handles
         with self._lock:
             self._connection()
+        watcher = threading.Thread(
+            target=_watch, args=(self._link, timeout), name="imagepipe-db-deadline", daemon=True
+        )
+        watcher.start()
 
     @classmethod
     def open_readonly(cls, dsn: str, *, password: str | None = None) -> PostgresStore:
@@ -330,9 +344,12 @@ class PostgresStore(SQLStore):
         if self._link.conn is not None:
             self._link.conn.close()
             self._link.conn = None
-        conn = _connect(self.dsn, self._password, self._connect_timeout)
+        conn = _connect(self.dsn, self._password, self._timeout)
         try:
             self._check_schema(conn)
+            limit = f"{max(1, round(self._timeout * 1000))}ms"
+            conn.execute(f"SET statement_timeout TO '{limit}'")
+            conn.execute(f"SET lock_timeout TO '{limit}'")
             # Transactions (_write) commit durably: they set synchronous_commit on for
             # themselves. A lone statement (_statement: the heartbeat) does not wait for the
             # WAL flush, one round trip instead of four.
@@ -416,12 +433,22 @@ class PostgresStore(SQLStore):
         with self._lock:
             try:
                 conn = self._connection()
-                if not begin:
-                    yield _Qmark(conn)
-                    return
-                with conn.transaction():
-                    yield _Qmark(conn)
+                self._link.cut = False
+                self._link.started = time.monotonic()  # the watcher's deadline counts from here
+                try:
+                    if not begin:
+                        yield _Qmark(conn)
+                        return
+                    with conn.transaction():
+                        yield _Qmark(conn)
+                finally:
+                    self._link.started = None
             except psycopg.OperationalError as exc:
+                if self._link.cut:
+                    raise StoreUnavailableError(
+                        f"state database {self.dsn} did not answer within {self._timeout:g}s "
+                        "(a hung server or network); the connection was dropped"
+                    ) from exc
                 raise StoreUnavailableError(
                     f"state database {self.dsn}: {self._scrub(exc)}"
                 ) from exc
@@ -438,6 +465,7 @@ class PostgresStore(SQLStore):
         return _scrub(exc, self._password)
 
     def close(self) -> None:
+        self._link.closed.set()
         with self._lock:
             if self._link.conn is not None:
                 self._link.conn.close()
@@ -473,9 +501,36 @@ class PostgresStore(SQLStore):
 
 
 class _Link:
-    """The store's connection, one for a store and the handles fenced() makes of it."""
+    """The store's connection, one for a store and the handles fenced() makes of it; when
+    the call in progress on it started (monotonic), and whether the watcher cut it."""
 
-    conn: Any = None
+    def __init__(self) -> None:
+        self.conn: Any = None
+        self.started: float | None = None
+        self.cut = False
+        self.closed = threading.Event()
+
+
+def _watch(link: _Link, limit: float) -> None:
+    """Until the store is closed: shut down the socket of a call that has run past `limit`
+    (the server did not cancel it: hung, stopped, cut off), so the call fails at once."""
+    while not link.closed.wait(max(limit / 4, 0.05)):
+        started, conn = link.started, link.conn
+        if started is None or conn is None or time.monotonic() - started <= limit:
+            continue
+        link.cut = True
+        link.started = None
+        try:
+            cut = socket.socket(fileno=os.dup(conn.pgconn.socket))
+            cut.shutdown(socket.SHUT_RDWR)
+            cut.close()
+        except Exception:  # closed meanwhile (OSError, or psycopg: no socket): nothing to cut
+            log.debug("the state database connection was gone before it could be cut")
+        else:
+            log.warning(
+                "state database did not answer in time: connection dropped",
+                extra=fields(seconds=limit),
+            )
 
 
 class _Qmark:
