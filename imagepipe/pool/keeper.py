@@ -120,6 +120,12 @@ class Lead(Protocol):
         """A write under the term's epoch was refused: step down."""
         ...
 
+    def working(self, busy: bool) -> None:
+        """The keeper's loop is alive: busy in a pass and making progress now, or waiting
+        for the next pass. A pass that shows no progress for too long is wedged: its keeper
+        must not go on leading."""
+        ...
+
 
 class NoHooks:
     def before_pass(self, keeper: Keeper) -> None:
@@ -182,6 +188,8 @@ class Keeper:
         self.lead: Lead | None = None  # None: the only keeper of its store, always acting
         self._term: int | None = None  # the epoch this keeper acts under while it leads
         self.executor.gate = self.may_act
+        self.executor.alive = self._alive
+        self._busy = False  # in a pass (run or pass_if_leading), for the lead's progress
         self._learned: dict[str, tuple[int, Learned]] = {}  # pool -> (day, what it taught)
         # the records this pass read, while nothing has written any since (next_wait)
         self._records: dict[str, PoolRecord] = {}
@@ -227,6 +235,7 @@ class Keeper:
                 if not self._begin_term():
                     self._wake.wait(self.settings.tick)
                     continue
+                self._progress()
                 self.hooks.before_pass(self)
                 began = time.monotonic()
                 try:
@@ -247,6 +256,7 @@ class Keeper:
                 self.hooks.after_pass(self, report, time.monotonic() - began)
                 if not self.stopping:
                     wait = self.settings.tick if report is None else self.next_wait(report)
+                    self._progress(busy=False)
                     self._wake.wait(wait)
         finally:
             subscription.close()
@@ -259,11 +269,25 @@ class Keeper:
         one of its writes (it has stepped down)."""
         if not self._begin_term():
             return None
+        self._progress()
         try:
             return self.run_pass()
         except FencedError as exc:
             self._fenced(exc)
             return None
+        finally:
+            self._progress(busy=False)
+
+    def _progress(self, *, busy: bool = True) -> None:
+        """Tell the lead that this keeper's loop is alive (see Lead.working)."""
+        self._busy = busy
+        if self.lead is not None:
+            self.lead.working(busy)
+
+    def _alive(self) -> None:
+        """The executor waits for actions: a pass in progress is not wedged."""
+        if self._busy:
+            self._progress()
 
     def may_act(self) -> bool:
         """Whether an action may start now: always for the only keeper of a store; for one
