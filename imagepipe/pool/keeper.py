@@ -361,6 +361,7 @@ class Keeper:
     def run_pass(self) -> PassReport:
         if not self._recovered:
             self.recover()
+            self._alive()
         now = self.clock.now()
         # the heartbeat and every read the pass plans with: one round trip to a shared store
         state = self.store.begin_pass(self.rollouts.heartbeat(now), list(self.specs))
@@ -384,6 +385,7 @@ class Keeper:
             if self.host_specs
             else 1,
         )
+        self._alive()  # every host call of the observation returned
         self.hooks.observed(self, host)
         self._report_strays(host)
         self._report_notes(host)
