@@ -394,6 +394,7 @@ class Keeper:
         arrived: dict[str, tuple[int, str]] = {}  # pool -> (logins, its timezone)
         not_planned = dict(host.unobservable)
         hosts = self._hosts(host, state.draining)
+        placed: dict[str, Observed] = {}  # several hosts: each pool with its hosts' rooms
         for spec in self.specs.values():
             observed = host.pools.get(spec.name)
             if observed is None:
@@ -402,7 +403,7 @@ class Keeper:
                 observed, in_flight=self.executor.in_flight(spec.name), touched=touched
             )
             if hosts is not None:
-                observed = self._placement(hosts, spec, observed)
+                observed = placed[spec.name] = self._placement(hosts, spec, observed)
             record = self.rollouts.record(spec, records[spec.name])
             down = state.down.get(spec.name)
             if down is not None:  # being taken down: its own rule (pool/teardown.py)
@@ -424,8 +425,9 @@ class Keeper:
         self._record_failures(execution)
         self._record_logins(arrived, now)
         later = self.clock.now()
+        judged = replace(host, pools={**host.pools, **placed})  # rollouts see uploads too
         if self.rollouts.after_pass(
-            self.specs, host, lambda spec: self._record(spec, later), later
+            self.specs, judged, lambda spec: self._record(spec, later), later
         ):
             self._records = {}  # a rollout rolled back writes the pool's record
         log.debug(
