@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from types import FrameType
 
 from imagepipe.app.bootstrap import keeper_options
+from imagepipe.app.hosts import apply_hosts, sessions_on
 from imagepipe.app.metrics import KeeperMetrics
 from imagepipe.app.notify import SystemdNotifier
 from imagepipe.app.reload import Reloader
@@ -73,8 +74,10 @@ class KeeperService:
         if self.reloader is None:
             return
         self.notifier.reloading()
-        config = self.reloader.reload()
+        specs = list(keeper.specs.values())
+        config = self.reloader.reload(lambda host: sessions_on(keeper.store, specs, host))
         if config is not None:
+            apply_hosts(keeper, config.settings.host_specs())
             keeper.reconfigure(config.specs, config.other_pools, keeper_options(config.settings))
         self.notifier.ready(f"reloaded; {len(keeper.specs)} pool(s)")
 

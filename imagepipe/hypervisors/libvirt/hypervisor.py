@@ -149,6 +149,9 @@ class LibvirtHypervisor:
         # when the connection was found lost (time.monotonic()); None while it works
         self._lost_at: float | None = None
         self._lost_lock = threading.Lock()
+        # set by a subclass's close() that gave up waiting for a hung open: when that open
+        # returns, its connection is dropped
+        self._closing = False
         ensure_event_loop(self._libvirt)
         self._conn: Any = None
         self._connect()
@@ -227,6 +230,9 @@ class LibvirtHypervisor:
             conn = self._open()
         except lv.libvirtError as exc:
             raise HypervisorUnavailableError(self._unanswered(exc.get_error_message())) from exc
+        if self._closing:  # close() gave up waiting while libvirt hung in this open
+            self._drop(conn)
+            raise HypervisorUnavailableError(f"libvirt at {self.uri}: closed")
         self._conn = conn
         with self._lost_lock:
             lost_at, self._lost_at = self._lost_at, None
