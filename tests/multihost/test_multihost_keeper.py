@@ -106,7 +106,8 @@ def test_a_rollout_uploads_to_every_host_first_and_holds_a_user_on_the_old_versi
         world.keeper.run_pass()
         # the first pass after the move sends the version to every host of the pool
         for host in world.hv.hosts():
-            sending = host.upload is not None and host.upload[:2] == (POOL_IMAGE, new)
+            up = host.upload
+            sending = up is not None and (up.image, up.version) == (POOL_IMAGE, new)
             assert (POOL_IMAGE, new) in host.versions or sending, host
 
         def rolled() -> bool:
