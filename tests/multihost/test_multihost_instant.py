@@ -1,0 +1,124 @@
+"""Instant desktops (start: restore) on remote libvirt hosts of the lab (lab.py).
+
+A pool that restores from a warm parent, spread over host2 (qemu+tcp) and host3 (qemu+tls):
+each host that gets desktops makes its own warm parent, as volumes of its storage pool; the
+desktops are restored, not booted, each with its own name and its own VNC display on its
+host's address; a reset restores again onto a clean disk. Everything on the hosts is done
+through libvirt calls (the saved state's header is rewritten with vol.upload at an offset).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from imagepipe.hypervisors.libvirt.multihost import MultiHostHypervisor
+from imagepipe.hypervisors.libvirt.remote import SOCKET_DIR
+from imagepipe.pool.model import BaseImage, CloneInfo, Power, StartMode
+from tests.guest import SerialConsole, VncClient
+from tests.multihost.lab import HostLab, NamespacedHost
+from tests.multihost.test_multihost_libvirt import (
+    clean,
+    domain_id,
+    lab_spec,
+    make_hv,
+    volumes_of,
+)
+
+pytestmark = pytest.mark.real
+
+POOL = "mw"
+READY_TIMEOUT = 180.0
+
+
+@pytest.fixture
+def instant(lab: HostLab, lab_base: BaseImage, tmp_path: Path) -> Iterator[MultiHostHypervisor]:
+    """Pool `mw` (start: restore): mw-1 on host2, mw-2 and mw-3 on host3 (TLS), made the way
+    the keeper makes them: one create per host at a time, the hosts side by side."""
+    hv = make_hv(lab, tmp_path / "state")
+    host2, host3 = lab.hosts[1], lab.hosts[2]
+    placed = {1: host2, 2: host3, 3: host3}
+    try:
+        hv.list_clones()
+
+        def create_on(host: NamespacedHost) -> None:
+            for slot, where in placed.items():
+                if where is host:
+                    spec = replace(lab_spec(lab_base, POOL, slot, host), start=StartMode.RESTORE)
+                    hv.create_clone(spec)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as creators:
+            list(creators.map(create_on, (host2, host3)))
+        for slot in placed:
+            hv.start(f"{POOL}-{slot}")
+        yield hv
+    finally:
+        clean(hv, POOL)
+
+
+def wait_ready(hv: MultiHostHypervisor, name: str) -> CloneInfo:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        found = [c for c in hv.list_clones() if c.name == name]
+        if found and found[0].ready:
+            return found[0]
+        assert time.monotonic() < deadline, f"{name} not ready after {READY_TIMEOUT} s"
+        time.sleep(0.3)
+
+
+def parents_on(host: NamespacedHost) -> set[str]:
+    """The warm parents complete on the host (their manifest volume is made last)."""
+    return {v.removesuffix(".json") for v in volumes_of(host) if v.endswith(".json")}
+
+
+def console(host: NamespacedHost, name: str) -> SerialConsole:
+    return SerialConsole(host.path(f"{SOCKET_DIR}/imagepipe-{name}.console"))
+
+
+def test_desktops_on_remote_hosts_are_restored_from_a_warm_parent_made_on_each_host(
+    lab: HostLab, instant: MultiHostHypervisor
+) -> None:
+    host1, host2, host3 = lab.hosts
+    clones = {n: wait_ready(instant, n) for n in ("mw-1", "mw-2", "mw-3")}
+    assert {n: (c.host, c.power, c.started_by) for n, c in clones.items()} == {
+        "mw-1": ("host2", Power.RUNNING, StartMode.RESTORE),
+        "mw-2": ("host3", Power.RUNNING, StartMode.RESTORE),
+        "mw-3": ("host3", Power.RUNNING, StartMode.RESTORE),
+    }
+    # one parent on each host that got desktops, the same machine shape: the same key
+    assert len(parents_on(host2)) == 1
+    assert parents_on(host3) == parents_on(host2)
+    assert not parents_on(host1)
+    # a clone's own saved state is used once: gone after its restore
+    assert not {f"mw-{slot}.save" for slot in (1, 2, 3)} & set(
+        volumes_of(host3) + volumes_of(host2)
+    )
+
+    # each desktop's own VNC display, on its host's address (QEMU names it after the domain)
+    for name, host, port in (("mw-1", host2, 5901), ("mw-2", host3, 5902), ("mw-3", host3, 5903)):
+        vnc = VncClient(host.address, port)
+        try:
+            assert vnc.handshake() == f"QEMU ({name})"
+        finally:
+            vnc.close()
+    with console(host3, "mw-2") as tty:  # the restored guest took its own name
+        tty.login("alice")
+        assert tty.run("hostname") == "mw-2"
+        tty.run("echo secret > /home/alice/note; sync")
+        tty.logout()
+
+    before = domain_id(host3, "mw-2")
+    instant.reset("mw-2")
+    again = wait_ready(instant, "mw-2")
+    assert (again.started_by, again.host) == (StartMode.RESTORE, "host3")
+    assert domain_id(host3, "mw-2") != before
+    with console(host3, "mw-2") as tty:
+        tty.login("bob")
+        assert tty.run("ls /home") == "bob         lost+found"
+        assert tty.run("hostname") == "mw-2"
+    assert len(parents_on(host3)) == 1  # the reset used the same parent
