@@ -10,6 +10,7 @@ through libvirt calls (the saved state's header is rewritten with vol.upload at 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import pytest
 
 from imagepipe.hypervisors.libvirt.multihost import MultiHostHypervisor
 from imagepipe.hypervisors.libvirt.remote import SOCKET_DIR
+from imagepipe.hypervisors.libvirt.volumes import POOL_NAME, write_volume
 from imagepipe.pool.model import BaseImage, CloneInfo, Power, StartMode
 from tests.guest import SerialConsole, VncClient
 from tests.multihost.lab import HostLab, NamespacedHost
@@ -138,3 +140,40 @@ def test_desktops_on_remote_hosts_are_restored_from_a_warm_parent_made_on_each_h
         assert tty.run("ls /home") == "bob         lost+found"
         assert tty.run("hostname") == "mw-2"
     assert warm_key_of(host3, "mw-2") == key  # the reset used the same parent
+
+
+def test_a_desktop_whose_saved_state_on_its_host_is_damaged_boots_and_says_so_once(
+    lab: HostLab, lab_base: BaseImage, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The header of the desktop's own saved state on host2 is overwritten (in place, by a
+    volume upload at offset 0): start does not restore it, removes it and boots the
+    version's disk, and the log says why once."""
+    import libvirt
+
+    host2 = lab.hosts[1]
+    hv = make_hv(lab, tmp_path / "state")
+    try:
+        hv.list_clones()
+        spec = replace(lab_spec(lab_base, "mwd", 1, host2), start=StartMode.RESTORE)
+        hv.create_clone(spec)
+        assert "mwd-1.save" in volumes_of(host2)
+        conn = libvirt.open(host2.uri)
+        try:
+            vol = conn.storagePoolLookupByName(POOL_NAME).storageVolLookupByName("mwd-1.save")
+            write_volume(libvirt, conn, vol, 0, b"\0" * 16)
+        finally:
+            conn.close()
+        with caplog.at_level(logging.WARNING):
+            hv.start(spec.name)
+        info = wait_ready(hv, spec.name)
+        assert (info.started_by, info.host) == (StartMode.BOOT, "host2")
+        assert "mwd-1.save" not in volumes_of(host2)
+        said = [r.getMessage() for r in caplog.records if "saved state of mwd-1" in r.getMessage()]
+        assert len(said) == 1 and "not a libvirt saved state" in said[0]
+        vnc = VncClient(host2.address, 5901)
+        try:
+            assert vnc.handshake() == "QEMU (mwd-1)"
+        finally:
+            vnc.close()
+    finally:
+        clean(hv, "mwd")

@@ -211,8 +211,8 @@ class RemoteLibvirtHost(LibvirtHypervisor):
             with contextlib.suppress(Exception):
                 delete_clone_volume(lv, pool, name, where)
             raise
-        if parent is not None:
-            self._write_state(dom, name, meta, parent, spec.display)
+        if parent is not None and not self._write_state(dom, name, meta, parent, spec.display):
+            self._fresh_disk(name, meta, only_if_missing=False)  # no state: boot the base
         self._log("clone created", spec.pool, name, "create")
         return self._info(name, meta, STATE_SHUTOFF, self._facts_of(dom), dom)
 
@@ -300,20 +300,24 @@ class RemoteLibvirtHost(LibvirtHypervisor):
             return
         if state in (STATE_PAUSED, STATE_PMSUSPENDED):
             raise InvalidStateError(f"clone {name} is suspended; resume it instead of starting it")
-        saved = self._parents.clone_state(name, dom.UUIDString())
-        if saved is not None and not clone_volume_exists(self._libvirt, self._storage(), name):
+        there, saved = self._parents.clone_state(name, dom.UUIDString())
+        if there and not clone_volume_exists(self._libvirt, self._storage(), name):
             self._parents.drop_clone_state(name)  # its disk is gone: the state is of no use
-            saved = None
+            there, saved = False, None
         self._fresh_disk(name, meta, only_if_missing=True)
-        if saved is not None:
+        if there:  # the disk is a fresh overlay on the parent's: restore it, or boot the base
             started = time.monotonic()
-            if self._remote_parent(meta) is not None and self._restore_from(dom, name, meta, saved):
+            if (
+                saved is not None
+                and self._remote_parent(meta) is not None
+                and self._restore_from(dom, name, meta, saved)
+            ):
                 self._parents.drop_clone_state(name)
                 self._restored(dom, name, meta, started)
                 self._log("clone started", meta.pool, name, "start")
                 return
             self._parents.drop_clone_state(name)
-            self._fresh_disk(name, meta, only_if_missing=False)  # the parent's disk: boot the base
+            self._fresh_disk(name, meta, only_if_missing=False)
         display = self._facts_of(dom).display
         self._facts.pop(dom.UUIDString(), None)
         lv = self._libvirt

@@ -214,23 +214,28 @@ class RemoteWarmParents:
             write_volume(lv, self._connection(), vol, 0, head)
             return Path(vol.path())
 
-    def clone_state(self, name: str, uuid_: str) -> Path | None:
-        """The clone's own saved state when one is there and is the clone's (its header names
-        the clone's UUID: a copy whose header was never rewritten is not restored)."""
+    def clone_state(self, name: str, uuid_: str) -> tuple[bool, Path | None]:
+        """Whether the clone has its own saved state on the host, and its path when it can be
+        restored: its header names the clone's UUID (a copy whose header was never rewritten,
+        or a damaged one, is not restored; it is said once in the log)."""
         lv = self._libvirt
         pool = self._storage()
         with translated(lv, f"saved state of clone {name} on {self._where}"):
             vol = find_volume(lv, pool, f"{name}{SAVE}")
             if vol is None:
-                return None
+                return False, None
             try:
-                header = self.read_header(vol)
-            except SaveImageError:
+                header: SaveHeader | None = self.read_header(vol)
+            except SaveImageError as exc:
+                self.say_once(f"state:{name}", f"the saved state of {name} is unusable: {exc}")
                 header = None
             if header is None or _uuid_of(header.xml) != uuid_:
-                delete_volume(lv, pool, f"{name}{SAVE}")
-                return None
-            return Path(vol.path())
+                self.say_once(
+                    f"state:{name}",
+                    f"the saved state of {name} on {self._where} is not the clone's; it boots",
+                )
+                return True, None
+            return True, Path(vol.path())
 
     def drop_clone_state(self, name: str) -> None:
         with translated(self._libvirt, f"saved state of clone {name} on {self._where}"):
@@ -248,5 +253,8 @@ def any_display_port(xml: str) -> str:
 
 
 def _uuid_of(xml: str) -> str | None:
-    element = ET.fromstring(xml).find("uuid")
+    try:
+        element = ET.fromstring(xml).find("uuid")
+    except ET.ParseError:
+        return None
     return element.text if element is not None else None
