@@ -314,7 +314,6 @@ class RemoteLibvirtHost(LibvirtHypervisor):
             ):
                 self._parents.drop_clone_state(name)
                 self._restored(dom, name, meta, started)
-                self._log("clone started", meta.pool, name, "start")
                 return
             self._parents.drop_clone_state(name)
             self._fresh_disk(name, meta, only_if_missing=False)
@@ -370,8 +369,8 @@ class RemoteLibvirtHost(LibvirtHypervisor):
         self._fresh_disk(name, meta, only_if_missing=False, parent=parent)
         if parent is not None:
             display = self._facts_of(dom).display
-            if display is not None and not self._write_state(dom, name, meta, parent, display):
-                self._fresh_disk(name, meta, only_if_missing=False)
+            if display is None or not self._write_state(dom, name, meta, parent, display):
+                self._fresh_disk(name, meta, only_if_missing=False)  # no state: boot the base
         self._hub.forget(name)
         self.start(name)
         self._log("clone reset", meta.pool, name, "reset")
