@@ -165,8 +165,8 @@ def test_a_desktop_whose_saved_state_on_its_host_is_damaged_boots_and_says_so_on
             conn.close()
         with caplog.at_level(logging.WARNING):
             hv.start(spec.name)
-        info = wait_ready(hv, spec.name)
-        assert (info.started_by, info.host) == (StartMode.BOOT, "host2")
+        (info,) = [c for c in hv.list_clones() if c.name == spec.name]
+        assert (info.power, info.started_by, info.host) == (Power.RUNNING, StartMode.BOOT, "host2")
         assert "mwd-1.save" not in volumes_of(host2)
         said = [r.getMessage() for r in caplog.records if "saved state of mwd-1" in r.getMessage()]
         assert len(said) == 1 and "not a libvirt saved state" in said[0]
