@@ -14,9 +14,17 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from tests.postgres import PostgresServer
 from tests.postgres import missing as postgres_missing
+
+# Property tests draw the same examples on every run (a suite that passes on one machine passes
+# on the next); IMAGEPIPE_HYPOTHESIS=explore draws new ones each run, to hunt for what the
+# fixed ones miss. A test's own @settings (max_examples...) still apply.
+hypothesis_settings.register_profile("fixed", derandomize=True, print_blob=True)
+hypothesis_settings.register_profile("explore", derandomize=False, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("IMAGEPIPE_HYPOTHESIS", "fixed"))
 
 REQUIRE_REAL = os.environ.get("IMAGEPIPE_REQUIRE_REAL") == "1"
 

@@ -448,7 +448,7 @@ def open_store(settings: Settings) -> Store:
         return PostgresStore(
             settings.state,
             password=state_password(settings),
-            connect_timeout=settings.keeper.lease_retry,
+            timeout=settings.keeper.lease_retry,
         )
     from imagepipe.stores.sqlite import SQLiteStore
 
