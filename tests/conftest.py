@@ -116,3 +116,10 @@ def postgres_dsn(postgres_server: PostgresServer) -> str:
     """A fresh, empty place for a store on the session's server; its DSN (no password in
     it: the password is postgres_server.password)."""
     return postgres_server.fresh_dsn()
+
+
+# The IPVS director test machine boots once per session, for tests/integration and
+# tests/multihost alike (imported last: tests/integration/balancers.py uses `require` above).
+from tests.integration.balancers import director, ipvs_harness  # noqa: E402
+
+__all__ = ["director", "ipvs_harness"]

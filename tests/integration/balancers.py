@@ -293,7 +293,7 @@ def haproxy_harness() -> Iterator[HAProxyHarness]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="session")
 def director(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Director]:
     require_program("qemu-system-x86_64")
     require(

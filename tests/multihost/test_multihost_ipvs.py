@@ -19,12 +19,11 @@ from collections.abc import Iterator
 import pytest
 
 from imagepipe.pool.model import Endpoint
-from tests.integration.balancers import Desktop, IPVSHarness, director, ipvs_harness
+from tests.integration.balancers import Desktop, IPVSHarness
 from tests.ipvs_director import DESKTOP_HOST
 from tests.multihost.lab import SUBNET, HostLab, NamespacedHost
 
 pytestmark = pytest.mark.real
-__all__ = ["director", "ipvs_harness"]  # the director machine's fixtures, as integration's
 
 CLONE_NEWNET = 0x40000000
 

@@ -34,6 +34,7 @@ from imagepipe.pool.model import BaseImage, CloneMode, HostUpload
 POOL_NAME = "imagepipe"
 POOL_DIR = "/var/lib/libvirt/images/imagepipe"
 READY = ".ready"
+SAVE = ".save"  # a warm parent's or a clone's saved state (libvirt's save image)
 UPLOADING = ".uploading"
 CHUNK = 4 * 1024 * 1024
 
@@ -167,7 +168,7 @@ def upload_version(
             marker,
             *[file_volume(base, f) for f, _ in files],
         ):
-            _delete_volume(libvirt, pool, name)
+            delete_volume(libvirt, pool, name)
         pool.createXML(_empty_volume(marker, total), 0)
         volumes = []
         for file, path, size in sizes:
@@ -193,11 +194,11 @@ def upload_version(
                 with contextlib.suppress(libvirt.libvirtError):
                     stream.abort()
                 with contextlib.suppress(libvirt.libvirtError):
-                    _delete_volume(libvirt, pool, marker)  # nobody sees a dead upload go on
+                    delete_volume(libvirt, pool, marker)  # nobody sees a dead upload go on
                 raise
         pool.refresh(0)  # the uploaded disk is probed again: its format is qcow2
         pool.createXML(_empty_volume(ready_volume(base.image, base.version)), 0)
-        _delete_volume(libvirt, pool, marker)
+        delete_volume(libvirt, pool, marker)
 
 
 def _empty_volume(name: str, size: int = 0) -> str:
@@ -215,7 +216,7 @@ def delete_version(libvirt: Any, pool: Any, base: BaseImage, where: str) -> None
             uploading_volume(base.image, base.version),
             *map(lambda f: file_volume(base, f), version_files(base)),
         ):
-            _delete_volume(libvirt, pool, name)
+            delete_volume(libvirt, pool, name)
 
 
 def base_volume(libvirt: Any, pool: Any, base: BaseImage, file: str, where: str) -> Any:
@@ -239,7 +240,7 @@ def clone_volume(
     Returns the disk's path on the host."""
     with translated(libvirt, f"disk of clone {name} on {where}"):
         volume = f"{name}.qcow2"
-        _delete_volume(libvirt, pool, volume)
+        delete_volume(libvirt, pool, volume)
         base = pool.storageVolLookupByName(Path(base_path).name)
         capacity = int(base.info()[1])
         target = (
@@ -258,21 +259,80 @@ def clone_volume(
 
 
 def delete_clone_volume(libvirt: Any, pool: Any, name: str, where: str) -> None:
+    """The clone's disk and its own saved state (instant desktops), if any."""
     with translated(libvirt, f"disk of clone {name} on {where}"):
-        _delete_volume(libvirt, pool, f"{name}.qcow2")
+        delete_volume(libvirt, pool, f"{name}.qcow2")
+        delete_volume(libvirt, pool, f"{name}{SAVE}")
 
 
 def clone_volume_exists(libvirt: Any, pool: Any, name: str) -> bool:
+    return find_volume(libvirt, pool, f"{name}.qcow2") is not None
+
+
+def find_volume(libvirt: Any, pool: Any, name: str) -> Any | None:
+    """The volume of that name in the pool, or None."""
     try:
-        pool.storageVolLookupByName(f"{name}.qcow2")
+        return pool.storageVolLookupByName(name)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
-            return False
+            return None
         raise
-    return True
 
 
-def _delete_volume(libvirt: Any, pool: Any, name: str) -> None:
+def raw_volume(libvirt: Any, pool: Any, name: str, size: int, source: Any = None) -> Any:
+    """A new raw volume `name` of `size` bytes (an old one of that name is replaced): empty,
+    or a copy of `source` made by libvirt on the host (createXMLFrom)."""
+    delete_volume(libvirt, pool, name)
+    xml = (
+        f"<volume><name>{escape(name)}</name><capacity unit='bytes'>{size}</capacity>"
+        f"<allocation unit='bytes'>{size if source is not None else 0}</allocation>"
+        "<target><format type='raw'/></target></volume>"
+    )
+    return pool.createXML(xml, 0) if source is None else pool.createXMLFrom(xml, source, 0)
+
+
+def read_volume(libvirt: Any, conn: Any, vol: Any, offset: int, length: int) -> bytes:
+    """`length` bytes of the volume from `offset` (fewer at its end), by vol.download."""
+    stream = conn.newStream(0)
+    vol.download(stream, offset, length, 0)
+    parts = []
+    try:
+        got = 0
+        while got < length:
+            chunk = stream.recv(min(CHUNK, length - got))
+            if not isinstance(chunk, bytes) or not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        stream.finish()
+    except BaseException:
+        with contextlib.suppress(libvirt.libvirtError):
+            stream.abort()
+        raise
+    return b"".join(parts)
+
+
+def write_volume(libvirt: Any, conn: Any, vol: Any, offset: int, data: bytes) -> None:
+    """Overwrite `len(data)` bytes of the volume at `offset` in place (vol.upload with an
+    offset and a length: the rest of the volume is left as it is)."""
+    stream = conn.newStream(0)
+    vol.upload(stream, offset, len(data), 0)
+    try:
+        view = memoryview(data)
+        while view:
+            sent = stream.send(bytes(view[:CHUNK]))
+            if sent < 0:
+                raise FatalHypervisorError(f"libvirt refused to send into volume {vol.name()}")
+            view = view[sent:]
+        stream.finish()
+    except BaseException:
+        with contextlib.suppress(libvirt.libvirtError):
+            stream.abort()
+        raise
+
+
+def delete_volume(libvirt: Any, pool: Any, name: str) -> None:
+    """Remove the volume `name`, if there is one."""
     try:
         pool.storageVolLookupByName(name).delete(0)
     except libvirt.libvirtError as exc:
