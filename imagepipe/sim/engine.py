@@ -43,9 +43,9 @@ from imagepipe.pool.model import (
     StopClone,
     SuspendClone,
 )
-from imagepipe.pool.planner import next_timer
 from imagepipe.pool.planner.forecast import BUCKET, day_and_bucket, learn, logins_in
 from imagepipe.sim.policies import Policy
+from imagepipe.sim.replan import Replanner
 from imagepipe.sim.report import SimResult, SimRun
 from imagepipe.sim.timeline import Sample, Timeline
 from imagepipe.sim.trace import Login
@@ -117,6 +117,7 @@ class _Day:
     settings: SimSettings
     epoch: float  # the simulated day's local midnight, as seconds since the epoch
     world: World
+    replanner: Replanner  # plan() for this pool, told every record written here
     events: list[_Event] = field(default_factory=list)
     seq: int = 0
     records: dict[str, CloneRecord] = field(default_factory=dict)
@@ -169,21 +170,23 @@ class _Day:
             arrivals=self.arrivals,
         )
         observed = replace(self.world.observe(), in_flight=frozenset(self.busy))
-        actions = self.policy.plan(self.spec, observed, record, at)
+        actions = self.policy.plan(self.spec, observed, record, at, self.replanner.plan)
         arrived = logins_in(record, actions)  # what the keeper writes to the store
         if arrived:
             counts = self.history.setdefault(day, {})
             counts[bucket] = counts.get(bucket, 0) + arrived
         self.quiet_until = now
         if not actions:
-            wake = next_timer(self.spec, record, self.epoch + now)
+            wake = self.replanner.next_timer(self.spec, record, self.epoch + now)
             self.quiet_until = float("inf") if wake is None else wake - self.epoch
         chains: dict[str, list[Action]] = {}
         for action in actions:
             if isinstance(action, RecordClone):
                 self.records[action.clone] = action.record
+                self.replanner.written.add(action.clone)
             elif isinstance(action, ForgetClone):
                 self.records.pop(action.clone, None)
+                self.replanner.written.add(action.clone)
             elif isinstance(action, RecordPool):
                 self.pool = action
             else:
@@ -287,6 +290,7 @@ class _Day:
                 kept = self.records.get(action.clone)
                 if kept is not None and kept.dirty:
                     self.records[action.clone] = replace(kept, dirty=False)
+                    self.replanner.written.add(action.clone)
             self.power(clone, Power.RUNNING)
             if restored:  # the restored guest runs on from where its parent was ready
                 clone.ready = True
@@ -396,12 +400,14 @@ def simulate(
     and measure each day and all of them."""
     if not days:
         raise ValueError("simulate needs at least one day of logins")
+    world = World(pool=spec.name, version=settings.version)
     run = _Day(
         spec=spec,
         policy=policy,
         settings=settings,
         epoch=day_epoch(spec),
-        world=World(pool=spec.name, version=settings.version),
+        world=world,
+        replanner=Replanner(world),
         stats=[_Stats() for _ in days],
     )
     if run.start is Start.RESTORE:  # the keeper makes the version's warm parent first

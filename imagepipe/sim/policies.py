@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -16,7 +17,9 @@ from imagepipe.pool.model import (
     RecordClone,
     Standby,
 )
-from imagepipe.pool.planner import plan
+
+# plan() itself, or what answers as it does (the simulator's Replanner)
+Planner = Callable[[PoolSpec, Observed, PoolRecord, float], list[Action]]
 
 
 class Policy(Protocol):
@@ -31,23 +34,23 @@ class Policy(Protocol):
         ...
 
     def plan(
-        self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float
+        self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float, planner: Planner
     ) -> list[Action]:
-        """The actions for one keeper pass."""
+        """The actions for one keeper pass (`planner`: imagepipe's planner, as plan())."""
         ...
 
 
 @dataclass(frozen=True)
 class ImagepipePolicy:
-    """The real planner, unchanged."""
+    """The real planner, unchanged (`planner`: plan(), or what answers as it does)."""
 
     name: str = "imagepipe"
     parallel: int | None = None
 
     def plan(
-        self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float
+        self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float, planner: Planner
     ) -> list[Action]:
-        return plan(spec, observed, record, now)
+        return planner(spec, observed, record, now)
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,10 @@ class OriginalPolicy:
     parallel: int | None = 1
 
     def plan(
-        self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float
+        self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float, planner: Planner
     ) -> list[Action]:
         fixed = replace(spec, schedule=(), standby=Standby.NONE, learn=None)
-        actions = plan(fixed, observed, record, now)
+        actions = planner(fixed, observed, record, now)
         coming = _COMING
         building = any(r.state in coming for r in record.clones.values())
         created = [a.clone for a in actions if isinstance(a, CreateClone)]

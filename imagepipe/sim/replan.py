@@ -1,0 +1,208 @@
+"""plan()'s answer, pass after pass, for one simulated pool, without deciding every quiet
+clone again.
+
+A keeper pass hands plan() the whole pool and plan() decides every clone, although in a busy
+pool most of them are quiet (planner/clones.py `quiet`: in use by the same user, free and
+serving, suspended) and stay so for hundreds of passes. The simulator knows which clones
+changed between two passes (World.changes() and the records it writes itself), so the
+Replanner sets quiet clones aside and runs the planner's own steps (context, decide,
+decide_missing, settle, in_order) on the others only, in plan()'s order:
+
+- a quiet clone stays quiet while its observation and its record are the objects the pass
+  that found it quiet saw, and the pool spec and target version are the same; a pass with
+  what quiet() reads beside those (touched clones, lost or draining hosts) or with an active
+  rollout (whose pacing reads every record) is plan() itself, and the next pass starts over;
+- resize gets the census count() would give: the clones decided this pass counted by
+  `tally`, the quiet ones added as tally counts them (of the target version, seen, counted
+  and alive; running unless suspended; a free one shared and ready). Of the quiet free
+  clones past shrink_after only the idlest is listed: shrink takes the idlest, and nothing
+  else reads the list for a quiet clone;
+- a quiet clone that resize suspends, resumes or deletes gets its actions where plan() puts
+  them (in the order of the observed clones);
+- next_timer takes the quiet clones' timers from the free ones' `since` (in use and
+  suspended clones have none).
+
+tests/unit/test_sim_replan.py runs plan() beside the Replanner on every pass of seeded days
+and compares their answers.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+
+from imagepipe.pool.model import (
+    Action,
+    CloneRecord,
+    CloneState,
+    Observed,
+    ObservedClone,
+    PoolRecord,
+    PoolSpec,
+)
+from imagepipe.pool.planner import (
+    context,
+    decide,
+    decide_missing,
+    in_order,
+    next_timer,
+    plan,
+    settle,
+)
+from imagepipe.pool.planner.forecast import shrink_after
+from imagepipe.pool.planner.resize import Census, Decisions, tally
+from imagepipe.pool.planner.timers import clone_timer, pool_timers, soonest
+from imagepipe.pool.rollout.rules import target_of
+from imagepipe.sim.world import World
+
+
+@dataclass
+class Replanner:
+    """plan() for the pool of `world`. The simulation adds the name of every record it
+    writes or drops to `written`; the world tells which clones changed."""
+
+    world: World
+    written: set[str] = field(default_factory=set)
+    _key: tuple[PoolSpec, int | None] | None = None  # what the quiet clones were found under
+    _active: set[str] = field(default_factory=set)  # decided every pass
+    _quiet: dict[str, CloneRecord] = field(default_factory=dict)
+    _free: dict[str, CloneRecord] = field(default_factory=dict)  # quiet and free
+    _idlest: list[tuple[float, int, str]] = field(default_factory=list)  # _free by (since, -slot)
+    _suspended: dict[str, CloneRecord] = field(default_factory=dict)  # quiet and suspended
+    _slots: dict[int, int] = field(default_factory=dict)  # the quiet clones' slots, counted
+
+    def plan(
+        self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float
+    ) -> list[Action]:
+        """What plan(spec, observed, record, now) answers."""
+        changed = self.world.changes() | self.written
+        self.written = set()
+        if (
+            observed.touched
+            or observed.lost_hosts
+            or observed.draining_hosts
+            or record.rollout is not None
+        ):
+            self._key = None
+            return plan(spec, observed, record, now)
+        by_name, records = self.world.by_name(), record.clones
+        target = target_of(observed, record)
+        if (spec, target) != self._key:
+            self._start_over((spec, target), by_name, records)
+        else:
+            for name in changed:
+                self._wake(name)
+        self._active = {n for n in self._active if n in by_name or n in records}
+        old = target is not None and any(
+            (name in by_name and by_name[name].info.version != target)
+            or (name in records and records[name].version != target)
+            for name in self._active
+        )  # a quiet clone is of the target version
+        d = Decisions(ctx=context(spec, observed, record, now, old), observed=by_name)
+        failed = came_up = 0
+        for name in sorted((n for n in self._active if n in by_name), key=self.world.order):
+            seen_failed, seen_up = decide(d, by_name[name], records.get(name))
+            failed += seen_failed
+            came_up += seen_up
+        missing = {n for n in self._active if n not in by_name}
+        for name in [n for n in records if n in missing] if len(missing) > 1 else missing:
+            failed += decide_missing(d, name, records[name])
+        census = self._census(d) if d.ctx.target is not None else None
+        failures, until = settle(d, observed, record, failed, came_up, census)
+        self._in_observed_order(d, by_name)
+        out = in_order(d, observed, record, failures, until)
+        for name in d.quiet:
+            self._rest(name, d.records[name])
+        return out
+
+    def next_timer(self, spec: PoolSpec, record: PoolRecord, now: float) -> float | None:
+        """What planner.next_timer answers, right after a pass of plan()."""
+        if self._key is None:
+            return next_timer(spec, record, now)
+        idle_for = shrink_after(spec, record.arrivals)
+        records = record.clones
+        timers = [clone_timer(spec, records[n], idle_for) for n in self._active if n in records]
+        free = self._free_timer(now, idle_for)
+        return soonest(now, *timers, free, *pool_timers(spec, record, now))
+
+    # ---- the quiet clones ------------------------------------------------------------
+
+    def _start_over(
+        self,
+        key: tuple[PoolSpec, int | None],
+        by_name: Collection[str],
+        records: Collection[str],
+    ) -> None:
+        for name in list(self._quiet):
+            self._wake(name)
+        self._active = set(by_name) | set(records)
+        self._key = key
+
+    def _rest(self, name: str, rec: CloneRecord) -> None:
+        """`name` was found quiet with the record `rec` (the stored one)."""
+        self._active.discard(name)
+        self._quiet[name] = rec
+        self._slots[rec.slot] = self._slots.get(rec.slot, 0) + 1
+        if rec.state is CloneState.FREE:
+            self._free[name] = rec
+            insort(self._idlest, (rec.since, -rec.slot, name))
+        elif rec.state is CloneState.SUSPENDED:
+            self._suspended[name] = rec
+
+    def _wake(self, name: str) -> None:
+        """`name` is decided again from the next pass on (it changed, or resize acts on it)."""
+        self._active.add(name)
+        rec = self._quiet.pop(name, None)
+        if rec is None:
+            return
+        if self._slots[rec.slot] == 1:
+            del self._slots[rec.slot]
+        else:
+            self._slots[rec.slot] -= 1
+        if self._free.pop(name, None) is not None:
+            del self._idlest[bisect_left(self._idlest, (rec.since, -rec.slot, name))]
+        self._suspended.pop(name, None)
+
+    def _census(self, d: Decisions) -> Census:
+        """count(d) for the whole pool: the clones decided this pass and the quiet ones."""
+        ctx = d.ctx
+        c = Census()
+        idle_for = shrink_after(ctx.spec, ctx.arrivals)
+        for name, rec in d.records.items():
+            tally(c, d, name, rec, idle_for)
+        quiet = len(self._quiet)
+        c.counted += quiet
+        c.alive += quiet
+        c.running += quiet - len(self._suspended)
+        c.ready_free += len(self._free)  # quiet() holds no free clone in an assigned slot
+        c.used_slots.update(self._slots)
+        if self._idlest:
+            since, _, name = self._idlest[0]
+            if ctx.now - since >= idle_for:
+                c.shrinkable.append(self._free[name])
+        c.suspended += [r for r in self._suspended.values() if r.slot not in ctx.assigned]
+        return c
+
+    def _in_observed_order(self, d: Decisions, by_name: Mapping[str, ObservedClone]) -> None:
+        """Quiet clones resize acted on: woken, and their actions moved to where plan() has
+        them (observed clones first, in their order, then the others as decided)."""
+        touched = [n for n in d.actions if n in self._quiet]
+        if not touched:
+            return
+        for name in touched:
+            self._wake(name)
+        seen = sorted((n for n in d.actions if n in by_name), key=self.world.order)
+        rest = [n for n in d.actions if n not in by_name]
+        d.actions = {name: d.actions[name] for name in seen + rest}
+
+    def _free_timer(self, now: float, idle_for: float) -> float | None:
+        """The soonest shrink timer of a quiet free clone after `now`."""
+        idlest = self._idlest
+        i = bisect_left(idlest, (now - idle_for - 1.0,))
+        while i < len(idlest):
+            at = idlest[i][0] + idle_for
+            if at > now:
+                return at
+            i += 1
+        return None
