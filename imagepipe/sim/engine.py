@@ -85,9 +85,6 @@ class _Event:
     restored: bool = False  # a start or reset that restores the warm parent
     day: int = 0  # the simulated day a login belongs to
 
-    def __lt__(self, other: _Event) -> bool:
-        return (self.at, self.kind, self.seq) < (other.at, other.kind, other.seq)
-
 
 @dataclass
 class _Waiting:
@@ -118,7 +115,8 @@ class _Day:
     epoch: float  # the simulated day's local midnight, as seconds since the epoch
     world: World
     replanner: Replanner  # plan() for this pool, told every record written here
-    events: list[_Event] = field(default_factory=list)
+    # a heap of (at, kind, seq, event): tuples compare without calling back into Python
+    events: list[tuple[float, int, int, _Event]] = field(default_factory=list)
     seq: int = 0
     records: dict[str, CloneRecord] = field(default_factory=dict)
     pool: RecordPool | None = None
@@ -144,7 +142,8 @@ class _Day:
 
     def push(self, at: float, kind: _Kind, **values: object) -> None:
         self.seq += 1
-        heapq.heappush(self.events, _Event(at, kind, self.seq, **values))  # type: ignore[arg-type]
+        event = _Event(at, kind, self.seq, **values)  # type: ignore[arg-type]
+        heapq.heappush(self.events, (at, kind, self.seq, event))
 
     @property
     def parallel(self) -> int:
@@ -169,7 +168,7 @@ class _Day:
             rollout_started_at=pool.rollout_started_at if pool else None,
             arrivals=self.arrivals,
         )
-        observed = replace(self.world.observe(), in_flight=frozenset(self.busy))
+        observed = self.world.observe(in_flight=frozenset(self.busy))
         actions = self.policy.plan(self.spec, observed, record, at, self.replanner.plan)
         arrived = logins_in(record, actions)  # what the keeper writes to the store
         if arrived:
@@ -430,16 +429,16 @@ def simulate(
     deferred = False
     step = settings.sample
     sample_at = 0.0 if step else float("inf")
-    while run.events and run.events[0].at <= end:
-        now = run.events[0].at
+    while run.events and run.events[0][0] <= end:
+        now = run.events[0][0]
         while step and sample_at < now:
             run.sample(sample_at, idle_now, last)
             sample_at += step
         _count_idle(run, idle_now, last, now)
         last = now
         woken = False
-        while run.events and run.events[0].at == now:
-            event = heapq.heappop(run.events)
+        while run.events and run.events[0][0] == now:
+            event = heapq.heappop(run.events)[3]
             woken = woken or event.kind is not _Kind.TICK
             if event.kind is _Kind.DONE and event.action is not None:
                 run.finish(event.action, now, event.restored)

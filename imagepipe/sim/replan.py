@@ -70,6 +70,7 @@ class Replanner:
     _free: dict[str, CloneRecord] = field(default_factory=dict)  # quiet and free
     _idlest: list[tuple[float, int, str]] = field(default_factory=list)  # _free by (since, -slot)
     _suspended: dict[str, CloneRecord] = field(default_factory=dict)  # quiet and suspended
+    _resumable: list[CloneRecord] | None = None  # _suspended in shared slots (None: changed)
     _slots: dict[int, int] = field(default_factory=dict)  # the quiet clones' slots, counted
 
     def plan(
@@ -149,6 +150,7 @@ class Replanner:
             insort(self._idlest, (rec.since, -rec.slot, name))
         elif rec.state is CloneState.SUSPENDED:
             self._suspended[name] = rec
+            self._resumable = None
 
     def _wake(self, name: str) -> None:
         """`name` is decided again from the next pass on (it changed, or resize acts on it)."""
@@ -162,7 +164,8 @@ class Replanner:
             self._slots[rec.slot] -= 1
         if self._free.pop(name, None) is not None:
             del self._idlest[bisect_left(self._idlest, (rec.since, -rec.slot, name))]
-        self._suspended.pop(name, None)
+        if self._suspended.pop(name, None) is not None:
+            self._resumable = None
 
     def _census(self, d: Decisions) -> Census:
         """count(d) for the whole pool: the clones decided this pass and the quiet ones."""
@@ -181,7 +184,10 @@ class Replanner:
             since, _, name = self._idlest[0]
             if ctx.now - since >= idle_for:
                 c.shrinkable.append(self._free[name])
-        c.suspended += [r for r in self._suspended.values() if r.slot not in ctx.assigned]
+        if self._resumable is None:
+            assigned = ctx.assigned  # the same while clones stay quiet (the spec is)
+            self._resumable = [r for r in self._suspended.values() if r.slot not in assigned]
+        c.suspended += self._resumable
         return c
 
     def _in_observed_order(self, d: Decisions, by_name: Mapping[str, ObservedClone]) -> None:

@@ -161,7 +161,8 @@ class World:
         self._unseen.add(clone.name)
         self._stale.add(clone.name)
 
-    def observe(self) -> Observed:
+    def observe(self, in_flight: frozenset[str] = frozenset()) -> Observed:
+        """What the keeper observes (`in_flight`: the clones with an operation running)."""
         if self._snapshot is None:
             observed = self._observed
             for name in self._unseen:
@@ -181,6 +182,7 @@ class World:
             orphan_backends=self._orphans,
             target_version=self.version,
             base_ready=True,
+            in_flight=in_flight,
         )
 
     def by_name(self) -> Mapping[str, ObservedClone]:

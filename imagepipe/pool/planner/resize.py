@@ -143,7 +143,8 @@ def grow(d: Decisions, census: Census, need: int, *, can_create: bool) -> int:
     clones, and new clones in the lowest free slots. Returns how many are still needed."""
     ctx = d.ctx
     spec = ctx.spec
-    for rec in sorted(census.suspended, key=lambda r: r.slot)[: max(need, 0)]:
+    resumed = sorted(census.suspended, key=lambda r: r.slot)[:need] if need > 0 else []
+    for rec in resumed:
         resume = ResumeClone(pool=spec.name, clone=rec.name)
         d.set(rec.name, moved(ctx, rec, CloneState.BOOTING), (resume,))
         need -= 1
