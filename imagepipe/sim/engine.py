@@ -169,7 +169,7 @@ class _Day:
             arrivals=self.arrivals,
         )
         observed = self.world.observe(in_flight=frozenset(self.busy))
-        actions = self.policy.plan(self.spec, observed, record, at, self.replanner.plan)
+        actions = self.policy.plan(self.spec, observed, record, at, self.replanner)
         arrived = logins_in(record, actions)  # what the keeper writes to the store
         if arrived:
             counts = self.history.setdefault(day, {})

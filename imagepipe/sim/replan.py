@@ -127,6 +127,21 @@ class Replanner:
         free = self._free_timer(now, idle_for)
         return soonest(now, *timers, free, *pool_timers(spec, record, now))
 
+    def stored(self, record: PoolRecord, *states: CloneState) -> list[CloneRecord]:
+        """The records of `record` in one of `states`, right after a pass of plan() on it:
+        the quiet clones' records are the stored ones."""
+        records = record.clones
+        if self._key is None:
+            return [r for r in records.values() if r.state in states]
+        out = [records[n] for n in self._active if n in records and records[n].state in states]
+        if CloneState.FREE in states:
+            out += self._free.values()
+        if CloneState.SUSPENDED in states:
+            out += self._suspended.values()
+        if CloneState.IN_USE in states:  # the other quiet clones
+            out += [r for r in self._quiet.values() if r.state is CloneState.IN_USE]
+        return out
+
     # ---- the quiet clones ------------------------------------------------------------
 
     def _start_over(

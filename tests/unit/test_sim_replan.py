@@ -13,6 +13,8 @@ import pytest
 
 from imagepipe.pool.model import (
     Action,
+    CloneRecord,
+    CloneState,
     LearnSpec,
     Observed,
     PoolRecord,
@@ -51,6 +53,12 @@ class Beside(Replanner):
         got = super().plan(spec, observed, record, now)
         assert got == wanted, f"pass {self.passes} at {now}: {got} != {wanted}"
         self.passes += 1
+        return got
+
+    def stored(self, record: PoolRecord, *states: CloneState) -> list[CloneRecord]:
+        got = super().stored(record, *states)
+        wanted = [r for r in record.clones.values() if r.state in states]
+        assert sorted(got, key=lambda r: r.name) == sorted(wanted, key=lambda r: r.name)
         return got
 
     def next_timer(self, spec: PoolSpec, record: PoolRecord, now: float) -> float | None:
