@@ -132,12 +132,14 @@ class World:
     _idle: set[str] = field(default_factory=set, init=False)  # running, nobody on it
     _takers: set[str] = field(default_factory=set, init=False)  # the balancer sends users
     _changed: set[str] = field(default_factory=set, init=False)  # since changes() was asked
+    _orphaned: set[str] = field(default_factory=set, init=False)  # backends without a clone
     _serial: dict[str, int] = field(default_factory=dict, init=False)  # order of add()
     _added: int = field(default=0, init=False)
 
     def add(self, clone: SimClone) -> None:
         self.clones[clone.name] = clone
         self._observed[clone.name] = None
+        self._orphaned.discard(clone.name)
         self._serial[clone.name] = self._added
         self._added += 1
         self._changed.add(clone.name)
@@ -149,6 +151,8 @@ class World:
         del self.clones[name]
         del self._observed[name]
         self._snapshot = self._orphans = None
+        if name in self.backends:
+            self._orphaned.add(name)
         self._changed.add(name)
         self._unseen.discard(name)
         self._stale.add(name)
@@ -169,7 +173,7 @@ class World:
                 observed[name] = self.clones[name].observe(self.pool, self.backends.get(name))
             self._unseen.clear()
             self._snapshot = cast(tuple[ObservedClone, ...], tuple(observed.values()))
-        if self._orphans is None and self.backends.keys() <= self.clones.keys():
+        if self._orphans is None and not self._orphaned:
             self._orphans = ()  # the usual case, cheaper to tell than to scan for
         if self._orphans is None:
             self._orphans = tuple(
@@ -202,8 +206,11 @@ class World:
     def set_backend(self, name: str, state: BackendState | None) -> None:
         if state is None:
             self.backends.pop(name, None)
+            self._orphaned.discard(name)
         else:
             self.backends[name] = state
+            if name not in self.clones:
+                self._orphaned.add(name)
         self._orphans = None
         clone = self.clones.get(name)
         if clone is not None:
