@@ -52,9 +52,12 @@ from imagepipe.pool.planner import (
 )
 from imagepipe.pool.planner.forecast import shrink_after
 from imagepipe.pool.planner.resize import Census, Decisions, tally
+from imagepipe.pool.planner.steps import Context
 from imagepipe.pool.planner.timers import clone_timer, pool_timers, soonest
 from imagepipe.pool.rollout.rules import target_of
 from imagepipe.sim.world import World
+
+_MARGIN = 1e-3  # a held clone is decided again this long before its timer (float rounding)
 
 
 @dataclass
@@ -72,6 +75,9 @@ class Replanner:
     _suspended: dict[str, CloneRecord] = field(default_factory=dict)  # quiet and suspended
     _resumable: list[CloneRecord] | None = None  # _suspended in shared slots (None: changed)
     _slots: dict[int, int] = field(default_factory=dict)  # the quiet clones' slots, counted
+    # active clones kept as stored until a timer: (until, in flight, stored record)
+    _held: dict[str, tuple[float, bool, CloneRecord]] = field(default_factory=dict)
+    _held_under: tuple[bool, bool] = (False, False)  # breaker open, drain deadline passed
 
     def plan(
         self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float
@@ -100,22 +106,80 @@ class Replanner:
             or (name in records and records[name].version != target)
             for name in self._active
         )  # a quiet clone is of the target version
-        d = Decisions(ctx=context(spec, observed, record, now, old), observed=by_name)
+        ctx = context(spec, observed, record, now, old)
+        d = Decisions(ctx=ctx, observed=by_name)
+        self._still_held(ctx)
         failed = came_up = 0
+        eventful: set[str] = set()  # failed or came up this pass
         for name in sorted((n for n in self._active if n in by_name), key=self.world.order):
+            if name in self._held:
+                continue
             seen_failed, seen_up = decide(d, by_name[name], records.get(name))
             failed += seen_failed
             came_up += seen_up
+            if seen_failed or seen_up:
+                eventful.add(name)
         missing = {n for n in self._active if n not in by_name}
         for name in [n for n in records if n in missing] if len(missing) > 1 else missing:
             failed += decide_missing(d, name, records[name])
-        census = self._census(d) if d.ctx.target is not None else None
+        census = self._census(d) if ctx.target is not None else None
         failures, until = settle(d, observed, record, failed, came_up, census)
         self._in_observed_order(d, by_name)
         out = in_order(d, observed, record, failures, until)
         for name in d.quiet:
             self._rest(name, d.records[name])
+        self._hold(d, records, eventful, out)
         return out
+
+    # ---- clones that wait for a timer --------------------------------------------------
+
+    def _hold(
+        self,
+        d: Decisions,
+        records: Mapping[str, CloneRecord],
+        eventful: Collection[str],
+        out: list[Action],
+    ) -> None:
+        """Observed clones the rules kept as stored, with nothing to do (booting, waiting to
+        recycle): the same answer until their record's timer, while nothing about them and
+        none of the pass-wide values the rules read for them changes."""
+        ctx = d.ctx
+        acted = {getattr(a, "clone", None) for a in out}
+        idle_for = shrink_after(ctx.spec, ctx.arrivals)
+        for name, actions in d.actions.items():
+            rec = records.get(name)
+            if (
+                rec is None
+                or actions
+                or d.records.get(name) is not rec
+                or name in d.quiet
+                or name in acted
+                or name in eventful
+                or rec.lost_since is not None
+                or name not in d.observed
+            ):
+                continue
+            at = clone_timer(ctx.spec, rec, idle_for)
+            self._held[name] = (
+                float("inf") if at is None else at - _MARGIN,
+                name in ctx.in_flight,
+                rec,
+            )
+        self._held_under = (ctx.breaker_open, ctx.drain_deadline_passed)
+
+    def _still_held(self, ctx: Context) -> None:
+        """Drop the holds that this pass's context or clock ends."""
+        if (ctx.breaker_open, ctx.drain_deadline_passed) != self._held_under:
+            self._held.clear()
+            return
+        now, in_flight = ctx.now, ctx.in_flight
+        ended = [
+            name
+            for name, (until, flying, _) in self._held.items()
+            if now >= until or (name in in_flight) != flying
+        ]
+        for name in ended:
+            del self._held[name]
 
     def next_timer(self, spec: PoolSpec, record: PoolRecord, now: float) -> float | None:
         """What planner.next_timer answers, right after a pass of plan()."""
@@ -170,6 +234,7 @@ class Replanner:
     def _wake(self, name: str) -> None:
         """`name` is decided again from the next pass on (it changed, or resize acts on it)."""
         self._active.add(name)
+        self._held.pop(name, None)
         rec = self._quiet.pop(name, None)
         if rec is None:
             return
@@ -188,6 +253,8 @@ class Replanner:
         c = Census()
         idle_for = shrink_after(ctx.spec, ctx.arrivals)
         for name, rec in d.records.items():
+            tally(c, d, name, rec, idle_for)
+        for name, (_, _, rec) in self._held.items():
             tally(c, d, name, rec, idle_for)
         quiet = len(self._quiet)
         c.counted += quiet
@@ -208,7 +275,7 @@ class Replanner:
     def _in_observed_order(self, d: Decisions, by_name: Mapping[str, ObservedClone]) -> None:
         """Quiet clones resize acted on: woken, and their actions moved to where plan() has
         them (observed clones first, in their order, then the others as decided)."""
-        touched = [n for n in d.actions if n in self._quiet]
+        touched = [n for n in d.actions if n in self._quiet or n in self._held]
         if not touched:
             return
         for name in touched:
