@@ -148,7 +148,9 @@ class CloneInfo:
     version: int
     power: Power
     display: Endpoint | None = None
-    ready: bool = False  # booted and answering (guest agent, or display up)
+    # booted and answering (guest agent, or display up); None: unknown, the read did not
+    # answer in time (a late guest agent reply on a loaded host), which is never "not ready"
+    ready: bool | None = False
     started_by: StartMode | None = None  # how the running guest started; None: not running
     host: str = ""  # the host it runs on ("": the only host)
 
@@ -160,6 +162,9 @@ class GuestSession:
     client: str | None = None  # remote-display client address; None = nobody connected
     connected_since: float | None = None
     users: tuple[str, ...] = ()  # users logged in inside the guest, where the guest says
+    # the guest did not answer who is logged in within the timeout (a late agent reply on a
+    # loaded host): `users` is empty because it is unknown, not because nobody is there
+    users_unread: bool = False
 
     @property
     def connected(self) -> bool:

@@ -94,6 +94,10 @@ class FakeHypervisor:
     foreign: dict[str, Power] = field(default_factory=dict)  # VMs imagepipe did not make
     occupied: set[Endpoint] = field(default_factory=set)  # ports other programs listen on
     never_ready: set[tuple[str, int]] = field(default_factory=set)  # broken versions' guests
+    # running clones whose guest agent does not answer in time (a late reply on a loaded
+    # host): list_clones reports their readiness unknown (ready=None), sessions() their
+    # users unread
+    late_agents: set[str] = field(default_factory=set)
     notices: list[tuple[str, str]] = field(default_factory=list)  # notify_users (clone, text)
     closed: bool = False
     _failures: dict[str, deque[HypervisorError]] = field(default_factory=lambda: defaultdict(deque))
@@ -351,7 +355,11 @@ class FakeHypervisor:
             if clone.power is Power.SUSPENDED:
                 # the display still holds its client; the paused guest's agent lists nobody
                 return replace(clone.session, users=())
-            return clone.session if clone.power is Power.RUNNING else GuestSession()
+            if clone.power is not Power.RUNNING:
+                return GuestSession()
+            if name in self.late_agents:  # the agent's list of users comes too late
+                return replace(clone.session, users=(), users_unread=True)
+            return clone.session
 
     def subscribe(self, callback: Callable[[HypervisorEvent], None]) -> _Subscription:
         sub = _Subscription(owner=self, callback=callback)
@@ -396,6 +404,13 @@ class FakeHypervisor:
     def _info(self, clone: _Clone) -> CloneInfo:
         spec = clone.spec
         running = clone.power is Power.RUNNING
+        ready: bool | None = (
+            running
+            and clone.boot_ticks_left == 0
+            and (spec.base.image, spec.base.version) not in self.never_ready
+        )
+        if running and spec.name in self.late_agents:
+            ready = None
         return CloneInfo(
             name=spec.name,
             pool=spec.pool,
@@ -404,9 +419,7 @@ class FakeHypervisor:
             version=spec.base.version,
             power=clone.power,
             display=spec.display,
-            ready=running
-            and clone.boot_ticks_left == 0
-            and (spec.base.image, spec.base.version) not in self.never_ready,
+            ready=ready,
             host=spec.host,
         )
 
