@@ -14,9 +14,17 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from tests.postgres import PostgresServer
 from tests.postgres import missing as postgres_missing
+
+# Property tests draw the same examples on every run (a suite that passes on one machine passes
+# on the next); IMAGEPIPE_HYPOTHESIS=explore draws new ones each run, to hunt for what the
+# fixed ones miss. A test's own @settings (max_examples...) still apply.
+hypothesis_settings.register_profile("fixed", derandomize=True, print_blob=True)
+hypothesis_settings.register_profile("explore", derandomize=False, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("IMAGEPIPE_HYPOTHESIS", "fixed"))
 
 REQUIRE_REAL = os.environ.get("IMAGEPIPE_REQUIRE_REAL") == "1"
 
@@ -108,3 +116,10 @@ def postgres_dsn(postgres_server: PostgresServer) -> str:
     """A fresh, empty place for a store on the session's server; its DSN (no password in
     it: the password is postgres_server.password)."""
     return postgres_server.fresh_dsn()
+
+
+# The IPVS director test machine boots once per session, for tests/integration and
+# tests/multihost alike (imported last: tests/integration/balancers.py uses `require` above).
+from tests.integration.balancers import director, ipvs_harness  # noqa: E402
+
+__all__ = ["director", "ipvs_harness"]

@@ -14,6 +14,12 @@ a leader that cannot renew (store unreachable, its loop wedged) stops acting a w
 retry_timeout before its lease runs out and a standby may take over. The systemd watchdog
 (pinged from the loop, WatchdogSec= in the unit) restarts a keeper whose loop stopped.
 
+The lease is renewed only while the keeper's own loop shows progress (`working`): a pass
+busy for `stall` seconds (lease - retry_timeout: the time a leader may act after a renewal)
+without a sign of life is wedged (a call that never returns). The election then steps down
+and hands the lease over at once, so a standby takes over within a loop_wait or two, and
+stops pinging the watchdog for it, so systemd restarts the wedged process.
+
 The fencing token (the epoch) covers what timing cannot: a keeper paused past its lease
 (SIGSTOP, a VM freeze) wakes up with a stale epoch, its first write is refused inside the
 store's transaction (FencedError), and `fenced()` makes it step down at once.
@@ -52,6 +58,12 @@ class LeaseSettings:
     lease: float = 30.0  # how long a lease runs without a renewal
     loop_wait: float = 10.0  # seconds between two renewals (or, waiting, two tries)
     retry_timeout: float = 10.0  # how long one store call may take before it counts as failed
+
+    @property
+    def stall(self) -> float:
+        """How long the keeper's loop may be busy without progress before it counts as
+        wedged: the time a leader may act after a renewal."""
+        return self.lease - self.retry_timeout
 
 
 def election_for(settings: Settings, store: Leadership, clock: Clock) -> Election | None:
@@ -118,6 +130,7 @@ class Election:
         self.leader: str | None = None  # who leads, as last read (None: nobody known)
         self._said: tuple[Role, str | None] | None = None  # the last state logged
         self._unreachable = False  # the last store call failed (said once)
+        self._busy_since: float | None = None  # the keeper's loop's last progress in a pass
 
     # ---- what the keeper asks ---------------------------------------------------------
 
@@ -140,6 +153,21 @@ class Election:
     def leading(self) -> bool:
         return self.term() is not None
 
+    def working(self, busy: bool) -> None:
+        """The keeper's loop is alive: busy in a pass and making progress now (True), or
+        done with it, waiting for the next one (False)."""
+        self._busy_since = self.clock.monotonic() if busy else None
+
+    @property
+    def wedged(self) -> float | None:
+        """Seconds the keeper's loop has been busy without progress, once that is longer
+        than `stall`; None while it is not wedged."""
+        since = self._busy_since
+        if since is None:
+            return None
+        busy = self.clock.monotonic() - since
+        return busy if busy > self.settings.stall else None
+
     def fenced(self, error: FencedError) -> None:
         """A write under our epoch was refused: another keeper leads. Step down at once."""
         with self._lock:
@@ -155,6 +183,9 @@ class Election:
         sent = self.clock.monotonic()
         with self._lock:
             epoch = self._epoch
+        wedged = self.wedged
+        if wedged is not None:
+            return self._hand_over(epoch, wedged)
         lease = self.settings.lease
         try:
             if epoch is not None:
@@ -197,6 +228,24 @@ class Election:
             self.leader = self.holder
             self._say(Role.LEADING, str(epoch), again=new)
             return self.role
+
+    def _hand_over(self, epoch: int | None, busy: float) -> Role:
+        """The keeper's loop is wedged: lead no more (and do not take the lease); end the
+        lease now, so a standby takes over without waiting for it to run out. A write the
+        wedged pass makes when its call returns is refused by the fence."""
+        with self._lock:
+            if epoch is None or self._epoch != epoch:
+                return self.role
+            self._drop(
+                f"this keeper's loop has made no progress for {busy:.0f}s (a call that does "
+                "not return?): handing the lease over",
+                Role.STANDBY,
+            )
+        try:
+            self.store.release(self.holder, epoch, self.clock.now())
+        except ImagepipeError as exc:
+            log.warning("could not release the lease", extra=fields(error=str(exc)))
+        return self.role
 
     def release(self) -> None:
         """A clean stop: end the lease now, so a standby need not wait for it to run out."""
@@ -280,7 +329,10 @@ class ElectionLoop:
         while not self._stop.is_set():
             before = self.election.role
             role = self.election.step()
-            if self.notifier is not None and role is not Role.LEADING:
+            # a keeper that does not lead pings from here, unless its loop is wedged: that
+            # one is left to the watchdog
+            idle = role is not Role.LEADING and self.election.wedged is None
+            if self.notifier is not None and idle:
                 self._notify(role)
             if self.metrics is not None:
                 leading = self.election.term() is not None

@@ -133,6 +133,7 @@ class Executor:
         # whether an action may start now (the keeper's term as leader lasts); checked
         # before each action's journal entry, so none starts once it says no
         self.gate: Callable[[], bool] = _always
+        self.alive: Callable[[], None] = _nothing  # called while run() waits: it is not stuck
         # clones whose timed-out call still runs -> set when that call finally returns
         self._stuck: dict[tuple[str, str], threading.Event] = {}
 
@@ -177,6 +178,7 @@ class Executor:
         running: dict[tuple[str, str], _Running] = {}
         waiting = list(chains)
         while waiting or running:
+            self.alive()
             while waiting and len(running) < self.settings.parallel and self._may_start():
                 key = waiting.pop(0)
                 action = chains[key].pop(0)
@@ -469,6 +471,10 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, ImagepipeError):
         return str(error)
     return f"{type(error).__name__}: {error}"
+
+
+def _nothing() -> None:
+    pass
 
 
 def _always() -> bool:

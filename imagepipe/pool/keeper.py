@@ -120,6 +120,12 @@ class Lead(Protocol):
         """A write under the term's epoch was refused: step down."""
         ...
 
+    def working(self, busy: bool) -> None:
+        """The keeper's loop is alive: busy in a pass and making progress now, or waiting
+        for the next pass. A pass that shows no progress for too long is wedged: its keeper
+        must not go on leading."""
+        ...
+
 
 class NoHooks:
     def before_pass(self, keeper: Keeper) -> None:
@@ -182,7 +188,11 @@ class Keeper:
         self.lead: Lead | None = None  # None: the only keeper of its store, always acting
         self._term: int | None = None  # the epoch this keeper acts under while it leads
         self.executor.gate = self.may_act
+        self.executor.alive = self._alive
+        self._busy = False  # in a pass (run or pass_if_leading), for the lead's progress
         self._learned: dict[str, tuple[int, Learned]] = {}  # pool -> (day, what it taught)
+        # the records this pass read, while nothing has written any since (next_wait)
+        self._records: dict[str, PoolRecord] = {}
 
     # ---- control ---------------------------------------------------------------------
 
@@ -209,6 +219,7 @@ class Keeper:
         self.other_pools = tuple(other_pools)
         self.settings = settings
         self.executor.settings = settings.executor
+        self._records = {}
 
     def run(self) -> None:
         """Pass after pass until stop(); woken early by hypervisor events."""
@@ -224,6 +235,7 @@ class Keeper:
                 if not self._begin_term():
                     self._wake.wait(self.settings.tick)
                     continue
+                self._progress()
                 self.hooks.before_pass(self)
                 began = time.monotonic()
                 try:
@@ -244,6 +256,7 @@ class Keeper:
                 self.hooks.after_pass(self, report, time.monotonic() - began)
                 if not self.stopping:
                     wait = self.settings.tick if report is None else self.next_wait(report)
+                    self._progress(busy=False)
                     self._wake.wait(wait)
         finally:
             subscription.close()
@@ -256,11 +269,25 @@ class Keeper:
         one of its writes (it has stepped down)."""
         if not self._begin_term():
             return None
+        self._progress()
         try:
             return self.run_pass()
         except FencedError as exc:
             self._fenced(exc)
             return None
+        finally:
+            self._progress(busy=False)
+
+    def _progress(self, *, busy: bool = True) -> None:
+        """Tell the lead that this keeper's loop is alive (see Lead.working)."""
+        self._busy = busy
+        if self.lead is not None:
+            self.lead.working(busy)
+
+    def _alive(self) -> None:
+        """The executor waits for actions: a pass in progress is not wedged."""
+        if self._busy:
+            self._progress()
 
     def may_act(self) -> bool:
         """Whether an action may start now: always for the only keeper of a store; for one
@@ -334,13 +361,18 @@ class Keeper:
     def run_pass(self) -> PassReport:
         if not self._recovered:
             self.recover()
+            self._alive()
         now = self.clock.now()
-        self.rollouts.beat(now)
-        self.rollouts.load()
+        # the heartbeat and every read the pass plans with: one round trip to a shared store
+        state = self.store.begin_pass(self.rollouts.heartbeat(now), list(self.specs))
+        self.rollouts.load(state.rollouts)
         with self._touched_lock:
             touched = frozenset(self._touched)
         self._ensure_frontend()
-        records = {name: self._record(spec, now) for name, spec in self.specs.items()}
+        records = {
+            name: self._learn(spec, state.records[name], now) for name, spec in self.specs.items()
+        }
+        self._records = dict(records)
         host = observe(
             self.hypervisor,
             self.balancer,
@@ -353,6 +385,7 @@ class Keeper:
             if self.host_specs
             else 1,
         )
+        self._alive()  # every host call of the observation returned
         self.hooks.observed(self, host)
         self._report_strays(host)
         self._report_notes(host)
@@ -360,7 +393,8 @@ class Keeper:
         adopted: list[str] = []
         arrived: dict[str, tuple[int, str]] = {}  # pool -> (logins, its timezone)
         not_planned = dict(host.unobservable)
-        hosts = self._hosts(host)
+        hosts = self._hosts(host, state.draining)
+        placed: dict[str, Observed] = {}  # several hosts: each pool with its hosts' rooms
         for spec in self.specs.values():
             observed = host.pools.get(spec.name)
             if observed is None:
@@ -369,9 +403,9 @@ class Keeper:
                 observed, in_flight=self.executor.in_flight(spec.name), touched=touched
             )
             if hosts is not None:
-                observed = self._placement(hosts, spec, observed)
+                observed = placed[spec.name] = self._placement(hosts, spec, observed)
             record = self.rollouts.record(spec, records[spec.name])
-            down = self.store.pool_down(spec.name)
+            down = state.down.get(spec.name)
             if down is not None:  # being taken down: its own rule (pool/teardown.py)
                 actions += plan_down(spec, observed, record, down, now)
                 continue
@@ -383,13 +417,19 @@ class Keeper:
             actions += planned
         if self.stopping:
             return PassReport(at=now, observation=host, adopted=tuple(adopted))
+        if actions:
+            self._records = {}  # the records change: read them again after the actions
         execution = self.executor.run(self.specs, actions)  # records first: touched is written
         with self._touched_lock:  # forgotten only once its pool was planned (its record dirty)
             self._touched -= {n for n in touched if any(belongs_to(p, n) for p in host.pools)}
         self._record_failures(execution)
         self._record_logins(arrived, now)
         later = self.clock.now()
-        self.rollouts.after_pass(self.specs, host, lambda spec: self._record(spec, later), later)
+        judged = replace(host, pools={**host.pools, **placed})  # rollouts see uploads too
+        if self.rollouts.after_pass(
+            self.specs, judged, lambda spec: self._record(spec, later), later
+        ):
+            self._records = {}  # a rollout rolled back writes the pool's record
         log.debug(
             "pass done",
             extra=fields(
@@ -440,11 +480,11 @@ class Keeper:
 
         return unchanged
 
-    def _hosts(self, host: HostObservation) -> HostPass | None:
+    def _hosts(self, host: HostObservation, draining: Mapping[str, float]) -> HostPass | None:
         """Several hosts: this pass's view of them, every observed desktop counted."""
         if not self.host_specs:
             return None
-        hosts = host_pass(self.hypervisor, self.host_specs, self.store.draining_hosts())
+        hosts = host_pass(self.hypervisor, self.host_specs, draining)
         hosts.count(host.pools, self.specs)
         for name in sorted(hosts.lost - self._lost_reported):
             state = hosts.states[name]
@@ -465,9 +505,16 @@ class Keeper:
         )
 
     def _record(self, spec: PoolSpec, now: float) -> PoolRecord:
-        """The pool's record; for a pool that learns, with what its login history taught
-        (learned once a day: only the days before today count)."""
-        record = self.store.load_pool(spec.name)
+        """The pool's record as the keeper plans with it: the one this pass read while
+        nothing has written since, or else read again."""
+        record = self._records.get(spec.name)
+        if record is not None:
+            return record
+        return self._learn(spec, self.store.load_pool(spec.name), now)
+
+    def _learn(self, spec: PoolSpec, record: PoolRecord, now: float) -> PoolRecord:
+        """For a pool that learns, the record with what its login history taught (learned
+        once a day: only the days before today count)."""
         if spec.learn is None:
             return record
         day, _ = day_and_bucket(now, spec.timezone)

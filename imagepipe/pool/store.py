@@ -23,7 +23,7 @@ server's clock and ignores `now`, so the keepers' clocks never matter.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -82,6 +82,16 @@ class Lease:
     def held(self) -> bool:
         """Whether the lease is still running (a holder whose lease ran out leads no more)."""
         return self.until > self.now
+
+
+@dataclass(frozen=True)
+class PassState:
+    """What a keeper pass reads from the store, read together (Passes.begin_pass)."""
+
+    records: Mapping[str, PoolRecord]  # every pool asked for; an empty record if unknown
+    down: Mapping[str, PoolDown]  # the pools asked for that are being taken down
+    rollouts: tuple[Rollout, ...]  # the active rollouts, newest first
+    draining: Mapping[str, float]  # the drained hosts, with since when
 
 
 class CloneRecords(Protocol):
@@ -237,6 +247,18 @@ class Heartbeats(Protocol):
         ...
 
 
+class Passes(Protocol):
+    """The start of a keeper pass, in one call: a shared database is a round trip away, and
+    a pass must not wait for one per record it reads."""
+
+    def begin_pass(self, heartbeat: Heartbeat, pools: Sequence[str]) -> PassState:
+        """Write the keeper's heartbeat (as beat) and read what the pass plans with: the
+        pools' records, their take-down requests, the active rollouts and the drained hosts,
+        in one transaction (one round trip to a database server). Through a fenced handle
+        the heartbeat is fenced like every write: FencedError, nothing written."""
+        ...
+
+
 class Leadership(Protocol):
     """The leader lease and its fencing token (one row: holder, epoch, lease_until).
 
@@ -273,6 +295,7 @@ class Store(
     PoolIntents,
     HostIntents,
     Heartbeats,
+    Passes,
     Leadership,
     Protocol,
 ):

@@ -12,6 +12,14 @@ The lease clock is the database server's (clock_timestamp()): the keepers' own c
 decide who leads. A fenced write locks the leader row FOR SHARE in its transaction, so a new
 leader's election waits for it and it sees any election that committed before it.
 
+Every call has a time limit (`timeout`: keeper.lease_retry for the keeper, so no call outlasts
+what the lease allows; 5 s elsewhere): connecting (libpq's connect_timeout), each statement and
+each lock wait (the server's statement_timeout and lock_timeout: it cancels the statement, the
+connection stays), and the call as a whole on the client's side, for a server that cannot
+cancel anything (hung, stopped, or cut off without a reset): a watcher thread shuts the
+connection's socket down, the call fails with StoreUnavailableError, and the next call connects
+again.
+
 The password never appears in a DSN here: it comes from the settings' password file (passed
 to libpq as a parameter, not in the connection string) or from libpq's own PGPASSWORD or
 passfile. Errors name the DSN (which has no password) and never the password.
@@ -21,9 +29,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
+import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,12 +45,22 @@ from imagepipe.errors import (
     StoreUnavailableError,
 )
 from imagepipe.log import fields
-from imagepipe.pool.store import HISTORY_LIMIT
-from imagepipe.stores.sql import TABLES, Connection, Cursor, SQLStore, statements
+from imagepipe.pool.rollout.records import Heartbeat
+from imagepipe.pool.store import HISTORY_LIMIT, PassState
+from imagepipe.stores.sql import (
+    ACTIVE,
+    CLONE_COLUMNS,
+    TABLES,
+    Connection,
+    Cursor,
+    SQLStore,
+    pass_state,
+    statements,
+)
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 5  # seconds to wait for the server before calling it unreachable
+TIMEOUT = 5.0  # seconds a call may take (connect, statement, lock) unless told otherwise
 _MIGRATION_LOCK = 0x1A6E_0001  # advisory lock key: one migrating keeper at a time
 
 # The SQLite store's MIGRATIONS, translated: MIGRATIONS[i] takes version i to i + 1.
@@ -154,6 +175,33 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+
+# begin_pass in one statement (one round trip, one transaction): the heartbeat's upsert,
+# fenced in itself, and every read of the pass as JSON arrays of rows. Parameters: the
+# heartbeat's at, pid, host, tick; the fence twice (NULL: none); the pools; the active
+# states.
+BEGIN_PASS = f"""
+WITH beat AS (
+    INSERT INTO keeper_heartbeat (id, at, pid, host, tick)
+    SELECT 1, ?, ?, ?, ?
+    WHERE ?::bigint IS NULL OR (SELECT epoch FROM leader FOR SHARE) = ?
+    ON CONFLICT (id) DO UPDATE SET at = excluded.at, pid = excluded.pid,
+        host = excluded.host, tick = excluded.tick
+    RETURNING 1
+), asked AS (SELECT ?::text[] AS pools)
+SELECT
+    (SELECT count(*) FROM beat),
+    (SELECT json_build_array(epoch, holder) FROM leader),
+    (SELECT json_agg(json_build_array(
+        pool, failures, target_version, breaker_open_until, rollout_started_at))
+     FROM pools, asked WHERE pool = ANY(asked.pools)),
+    (SELECT json_agg(json_build_array(pool, {CLONE_COLUMNS}) ORDER BY pool, slot, name)
+     FROM clones, asked WHERE pool = ANY(asked.pools)),
+    (SELECT json_agg(json_build_array(pool, since, now))
+     FROM pools_down, asked WHERE pool = ANY(asked.pools)),
+    (SELECT json_agg(body ORDER BY id DESC) FROM rollouts WHERE state = ANY(?::text[])),
+    (SELECT json_agg(json_build_array(host, since) ORDER BY host) FROM hosts_draining)
+"""
 IDENTITY_TABLES = ("journal", "rollouts")  # their id sequences follow copied rows
 
 
@@ -165,9 +213,7 @@ def password_in(dsn: str) -> bool:
     return "password" in conninfo_to_dict(dsn)
 
 
-def read_schema_version(
-    dsn: str, *, password: str | None, connect_timeout: float = CONNECT_TIMEOUT
-) -> int:
+def read_schema_version(dsn: str, *, password: str | None, connect_timeout: float = TIMEOUT) -> int:
     """The schema version of the state in the database, writing nothing (for `imagepipe
     doctor`); 0 when no keeper has made it yet. StoreUnavailableError when the database
     cannot be reached (the message names the URL, never the password)."""
@@ -221,18 +267,23 @@ class PostgresStore(SQLStore):
         *,
         password: str | None = None,
         history_limit: int = HISTORY_LIMIT,
-        connect_timeout: float = CONNECT_TIMEOUT,
+        timeout: float = TIMEOUT,
         _readonly: bool = False,
     ) -> None:
+        """`timeout`: the seconds one call may take (see the module docstring)."""
         self.dsn = dsn
         self.readonly = _readonly
         self.history_limit = history_limit
         self._password = password
-        self._connect_timeout = connect_timeout
+        self._timeout = timeout
         self._lock = threading.Lock()
         self._link = _Link()  # the connection, shared with fenced() handles
         with self._lock:
             self._connection()
+        watcher = threading.Thread(
+            target=_watch, args=(self._link, timeout), name="imagepipe-db-deadline", daemon=True
+        )
+        watcher.start()
 
     @classmethod
     def open_readonly(cls, dsn: str, *, password: str | None = None) -> PostgresStore:
@@ -249,6 +300,36 @@ class PostgresStore(SQLStore):
         handle._fence = epoch
         return handle
 
+    def begin_pass(self, heartbeat: Heartbeat, pools: Sequence[str]) -> PassState:
+        names = list(pools)
+        parameters = (
+            heartbeat.at,
+            heartbeat.pid,
+            heartbeat.host,
+            heartbeat.tick,
+            self._fence,
+            self._fence,
+            names,
+            list(ACTIVE),
+        )
+        with self._statement() as db:
+            row = db.execute(BEGIN_PASS, parameters).fetchone()
+        beaten, leader, pool_rows, clone_rows, down_rows, bodies, draining = row
+        if self._fence is not None and beaten != 1:
+            raise self._refused(leader)
+        # JSON numbers: a float8 that is whole comes back as an int
+        return pass_state(
+            names,
+            [(*r[:3], _real(r[3]), _real(r[4])) for r in pool_rows or ()],
+            [
+                (*r[:5], float(r[5]), _real(r[6]), *r[7:9], _real(r[9]), *r[10:13], _real(r[13]))
+                for r in clone_rows or ()
+            ],
+            [(r[0], float(r[1]), r[2]) for r in down_rows or ()],
+            bodies or [],
+            [(r[0], float(r[1])) for r in draining or ()],
+        )
+
     # --- connection and schema ---------------------------------------------------------
 
     def _connection(self) -> Any:
@@ -263,9 +344,12 @@ class PostgresStore(SQLStore):
         if self._link.conn is not None:
             self._link.conn.close()
             self._link.conn = None
-        conn = _connect(self.dsn, self._password, self._connect_timeout)
+        conn = _connect(self.dsn, self._password, self._timeout)
         try:
             self._check_schema(conn)
+            limit = f"{max(1, round(self._timeout * 1000))}ms"
+            conn.execute(f"SET statement_timeout TO '{limit}'")
+            conn.execute(f"SET lock_timeout TO '{limit}'")
             # Transactions (_write) commit durably: they set synchronous_commit on for
             # themselves. A lone statement (_statement: the heartbeat) does not wait for the
             # WAL flush, one round trip instead of four.
@@ -349,12 +433,22 @@ class PostgresStore(SQLStore):
         with self._lock:
             try:
                 conn = self._connection()
-                if not begin:
-                    yield _Qmark(conn)
-                    return
-                with conn.transaction():
-                    yield _Qmark(conn)
+                self._link.cut = False
+                self._link.started = time.monotonic()  # the watcher's deadline counts from here
+                try:
+                    if not begin:
+                        yield _Qmark(conn)
+                        return
+                    with conn.transaction():
+                        yield _Qmark(conn)
+                finally:
+                    self._link.started = None
             except psycopg.OperationalError as exc:
+                if self._link.cut:
+                    raise StoreUnavailableError(
+                        f"state database {self.dsn} did not answer within {self._timeout:g}s "
+                        "(a hung server or network); the connection was dropped"
+                    ) from exc
                 raise StoreUnavailableError(
                     f"state database {self.dsn}: {self._scrub(exc)}"
                 ) from exc
@@ -371,6 +465,7 @@ class PostgresStore(SQLStore):
         return _scrub(exc, self._password)
 
     def close(self) -> None:
+        self._link.closed.set()
         with self._lock:
             if self._link.conn is not None:
                 self._link.conn.close()
@@ -406,9 +501,36 @@ class PostgresStore(SQLStore):
 
 
 class _Link:
-    """The store's connection, one for a store and the handles fenced() makes of it."""
+    """The store's connection, one for a store and the handles fenced() makes of it; when
+    the call in progress on it started (monotonic), and whether the watcher cut it."""
 
-    conn: Any = None
+    def __init__(self) -> None:
+        self.conn: Any = None
+        self.started: float | None = None
+        self.cut = False
+        self.closed = threading.Event()
+
+
+def _watch(link: _Link, limit: float) -> None:
+    """Until the store is closed: shut down the socket of a call that has run past `limit`
+    (the server did not cancel it: hung, stopped, cut off), so the call fails at once."""
+    while not link.closed.wait(max(limit / 4, 0.05)):
+        started, conn = link.started, link.conn
+        if started is None or conn is None or time.monotonic() - started <= limit:
+            continue
+        link.cut = True
+        link.started = None
+        try:
+            cut = socket.socket(fileno=os.dup(conn.pgconn.socket))
+            cut.shutdown(socket.SHUT_RDWR)
+            cut.close()
+        except Exception:  # closed meanwhile (OSError, or psycopg: no socket): nothing to cut
+            log.debug("the state database connection was gone before it could be cut")
+        else:
+            log.warning(
+                "state database did not answer in time: connection dropped",
+                extra=fields(seconds=limit),
+            )
 
 
 class _Qmark:
@@ -420,6 +542,10 @@ class _Qmark:
     def execute(self, sql: str, parameters: Any = (), /) -> Cursor:
         cursor: Cursor = self._conn.execute(sql.replace("?", "%s"), parameters or None)
         return cursor
+
+
+def _real(value: float | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def _stored_version(conn: Any) -> int:

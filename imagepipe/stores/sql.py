@@ -42,12 +42,19 @@ from imagepipe.pool.store import (
     JournalEntry,
     JournalRecord,
     Lease,
+    PassState,
     Unchanged,
 )
 
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY = 100  # journal_end calls between two prunes
+ACTIVE = tuple(s.value for s in RolloutState if s.active)
+# a clone's columns, in the order _clone reads them
+CLONE_COLUMNS = (
+    "name, slot, version, state, since, session_ended_at, last_user, failures, retry_at, "
+    "dirty, sessions_seen, host, lost_since"
+)
 
 # The tables and their columns, in the order `store copy` reads and writes them.
 TABLES: dict[str, tuple[str, ...]] = {
@@ -129,8 +136,7 @@ class SQLStore(ABC):
             return
         row = db.execute("SELECT epoch, holder FROM leader" + self.LOCK_SHARE).fetchone()
         if row is None or row[0] != self._fence:
-            current, holder = (None, None) if row is None else (int(row[0]), str(row[1]))
-            raise FencedError(self._fence, current, holder)
+            raise self._refused(row)
 
     # --- records ------------------------------------------------------------------------
 
@@ -140,10 +146,9 @@ class SQLStore(ABC):
         with self._read() as db:
             rows = db.execute(
                 "SELECT p.failures, p.target_version, p.breaker_open_until, "
-                "p.rollout_started_at, c.name, c.slot, c.version, c.state, c.since, "
-                "c.session_ended_at, c.last_user, c.failures, c.retry_at, c.dirty, "
-                "c.sessions_seen, c.host, c.lost_since "
-                "FROM (SELECT CAST(? AS TEXT) AS pool) AS k "
+                "p.rollout_started_at, "
+                + ", ".join(f"c.{c}" for c in CLONE_COLUMNS.split(", "))
+                + " FROM (SELECT CAST(? AS TEXT) AS pool) AS k "
                 "LEFT JOIN pools AS p ON p.pool = k.pool "
                 "LEFT JOIN clones AS c ON c.pool = k.pool ORDER BY c.slot, c.name",
                 (pool,),
@@ -405,9 +410,8 @@ class SQLStore(ABC):
             where.append("image = ?")
             args.append(image)
         if active:
-            states = [s.value for s in RolloutState if s.active]
-            where.append(f"state IN ({','.join('?' * len(states))})")
-            args += states
+            where.append(f"state IN ({','.join('?' * len(ACTIVE))})")
+            args += ACTIVE
         if where:
             query += " WHERE " + " AND ".join(where)
         with self._read() as db:
@@ -416,26 +420,62 @@ class SQLStore(ABC):
 
     def beat(self, heartbeat: Heartbeat) -> None:
         # One statement, the fence checked in it: the heartbeat is written at every pass
+        with self._statement() as db:
+            if self._beat(db, heartbeat).rowcount == 1 or self._fence is None:
+                return
+            row = db.execute("SELECT epoch, holder FROM leader").fetchone()
+        raise self._refused(row)
+
+    def _beat(self, db: Connection, heartbeat: Heartbeat) -> Cursor:
+        """Write the heartbeat in one statement that checks the fence itself: its rowcount
+        is 0 when a fenced handle's epoch is not the leader's (nothing written)."""
         values = (heartbeat.at, heartbeat.pid, heartbeat.host, heartbeat.tick)
         update = (
             "ON CONFLICT (id) DO UPDATE SET at = excluded.at, pid = excluded.pid, "
             "host = excluded.host, tick = excluded.tick"
         )
         columns = "INSERT INTO keeper_heartbeat (id, at, pid, host, tick) "
-        with self._statement() as db:
-            if self._fence is None:
-                db.execute(columns + "VALUES (1,?,?,?,?) " + update, values)
-                return
-            done = db.execute(
-                columns + "SELECT 1, ?, ?, ?, ? "
-                f"WHERE (SELECT epoch FROM leader{self.LOCK_SHARE}) = ? " + update,
-                (*values, self._fence),
-            )
-            if done.rowcount == 1:
-                return
-            row = db.execute("SELECT epoch, holder FROM leader").fetchone()
-        current, holder = (None, None) if row is None else (int(row[0]), str(row[1]))
-        raise FencedError(self._fence, current, holder)
+        if self._fence is None:
+            return db.execute(columns + "VALUES (1,?,?,?,?) " + update, values)
+        return db.execute(
+            columns + "SELECT 1, ?, ?, ?, ? "
+            f"WHERE (SELECT epoch FROM leader{self.LOCK_SHARE}) = ? " + update,
+            (*values, self._fence),
+        )
+
+    def _refused(self, leader_row: Any) -> FencedError:
+        """The error for a write refused by the fence, naming who leads now."""
+        assert self._fence is not None
+        if leader_row is None:
+            return FencedError(self._fence, None, None)
+        return FencedError(self._fence, int(leader_row[0]), str(leader_row[1]))
+
+    def begin_pass(self, heartbeat: Heartbeat, pools: Sequence[str]) -> PassState:
+        names = list(pools)
+        among = f"IN ({','.join('?' * len(names))})" if names else "IN (NULL)"
+        with self._write(fenced=False) as db:
+            if self._beat(db, heartbeat).rowcount != 1 and self._fence is not None:
+                raise self._refused(db.execute("SELECT epoch, holder FROM leader").fetchone())
+            pool_rows = db.execute(
+                "SELECT pool, failures, target_version, breaker_open_until, rollout_started_at "
+                f"FROM pools WHERE pool {among}",
+                names,
+            ).fetchall()
+            clone_rows = db.execute(
+                f"SELECT pool, {CLONE_COLUMNS} FROM clones WHERE pool {among} "
+                "ORDER BY pool, slot, name",
+                names,
+            ).fetchall()
+            down_rows = db.execute(
+                f"SELECT pool, since, now FROM pools_down WHERE pool {among}", names
+            ).fetchall()
+            bodies = db.execute(
+                f"SELECT body FROM rollouts WHERE state IN ({','.join('?' * len(ACTIVE))}) "
+                "ORDER BY id DESC",
+                ACTIVE,
+            ).fetchall()
+            draining = db.execute("SELECT host, since FROM hosts_draining ORDER BY host").fetchall()
+        return pass_state(names, pool_rows, clone_rows, down_rows, [b[0] for b in bodies], draining)
 
     def heartbeat(self) -> Heartbeat | None:
         with self._read() as db:
@@ -502,6 +542,38 @@ class SQLStore(ABC):
         """Every row of every table of TABLES, read in one transaction, in key order."""
         with self._read(snapshot=True) as db:
             return {table: select_all(db, table) for table in TABLES}
+
+
+def pass_state(
+    pools: Sequence[str],
+    pool_rows: Sequence[Sequence[Any]],
+    clone_rows: Sequence[Sequence[Any]],
+    down_rows: Sequence[Sequence[Any]],
+    rollout_bodies: Sequence[str],
+    draining: Sequence[Sequence[Any]],
+) -> PassState:
+    """begin_pass's answer from its rows: pools (pool, failures, target_version,
+    breaker_open_until, rollout_started_at), clones (pool, then CLONE_COLUMNS) in slot
+    order, take-downs (pool, since, now), active rollouts' JSON newest first, drained
+    hosts (host, since)."""
+    clones: dict[str, dict[str, CloneRecord]] = {name: {} for name in pools}
+    for row in clone_rows:
+        clones[row[0]][row[1]] = _clone(row[1:])
+    records = {name: PoolRecord(pool=name, clones=clones[name]) for name in pools}
+    for pool, failures, target, breaker, rollout_started in pool_rows:
+        records[pool] = replace(
+            records[pool],
+            target_version=target,
+            failures=failures,
+            breaker_open_until=breaker,
+            rollout_started_at=rollout_started,
+        )
+    return PassState(
+        records=records,
+        down={row[0]: PoolDown(since=row[1], now=bool(row[2])) for row in down_rows},
+        rollouts=tuple(rollout_from_json(body) for body in rollout_bodies),
+        draining={host: since for host, since in draining},
+    )
 
 
 def select_all(db: Connection, table: str) -> list[tuple[Any, ...]]:

@@ -377,6 +377,37 @@ class StoreContract:
         store.beat(Heartbeat(at=2.0, pid=11, host="h2", tick=5.0))
         assert store.heartbeat() == Heartbeat(at=2.0, pid=11, host="h2", tick=5.0)
 
+    def test_a_pass_begins_with_its_heartbeat_and_reads_what_the_single_reads_give(
+        self, store: Store
+    ) -> None:
+        store.apply(
+            "lab",
+            [
+                RecordClone(pool="lab", clone="lab-2", record=clone("lab-2", 2, dirty=True)),
+                RecordClone(pool="lab", clone="lab-1", record=clone("lab-1", 1)),
+                RecordPool(pool="lab", target_version=2, failures=1, breaker_open_until=9.0),
+            ],
+        )
+        store.save_clone("hall", clone("hall-1", 1, host="h2"))
+        store.save_clone("other", clone("other-1", 1))
+        store.mark_down("hall", PoolDown(since=5.0, now=True))
+        done = store.add_rollout(ROLLOUT)
+        store.save_rollout(replace(done, state=RolloutState.DONE, finished_at=200.0))
+        newer = store.add_rollout(replace(ROLLOUT, from_version=2, to_version=3))
+        store.set_host_draining("h2", 7.0)
+        beat = Heartbeat(at=3.0, pid=12, host="h", tick=5.0)
+
+        state = store.begin_pass(beat, ["lab", "hall", "empty"])
+
+        assert store.heartbeat() == beat
+        assert state.records == {name: store.load_pool(name) for name in ("lab", "hall", "empty")}
+        assert list(state.records["lab"].clones) == ["lab-1", "lab-2"]  # in slot order
+        assert state.down == {"hall": PoolDown(since=5.0, now=True)}
+        assert state.rollouts == (newer,)
+        assert state.draining == {"h2": 7.0}
+        nothing = store.begin_pass(beat, [])
+        assert nothing.records == {} and nothing.down == {} and nothing.rollouts == (newer,)
+
     # --- the leader lease and the fencing token -----------------------------------------
 
     def test_one_holder_leads_until_its_lease_runs_out(self, place: StorePlace) -> None:
@@ -457,6 +488,7 @@ class StoreContract:
             lambda: paused.forget_clone("lab", "lab-1"),
             lambda: paused.journal_begin(create(4), now=5.0),
             lambda: paused.beat(Heartbeat(at=5.0, pid=1, host="old", tick=5.0)),
+            lambda: paused.begin_pass(Heartbeat(at=5.0, pid=1, host="old", tick=5.0), ["lab"]),
             lambda: paused.add_rollout(ROLLOUT),
             lambda: paused.mark_down("lab", PoolDown(since=5.0, now=True)),
         ]

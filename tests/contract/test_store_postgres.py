@@ -3,6 +3,8 @@ lease runs on the server's clock, so the suite's waits are real ones."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -102,7 +104,7 @@ def test_an_older_schema_is_migrated_keeping_its_records(
 def test_a_database_outage_fails_calls_and_the_same_store_works_again_after(
     postgres_server: PostgresServer, postgres_dsn: str
 ) -> None:
-    store = PostgresStore(postgres_dsn, password=postgres_server.password, connect_timeout=2)
+    store = PostgresStore(postgres_dsn, password=postgres_server.password, timeout=2)
     store.mark_down("lab", PoolDown(since=1.0, now=False))
     postgres_server.halt()
     try:
@@ -114,4 +116,63 @@ def test_a_database_outage_fails_calls_and_the_same_store_works_again_after(
         postgres_server.resume()
     assert store.pool_down("lab") == PoolDown(since=1.0, now=False)
     assert store.pool_down("hall") is None  # the refused write did not happen
+    store.close()
+
+
+def test_a_write_waiting_for_a_lock_gives_up_after_the_timeout_and_writes_nothing(
+    postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    store = PostgresStore(postgres_dsn, password=postgres_server.password, timeout=1)
+    epoch = store.try_acquire("keeper", 60.0, time.time())
+    assert epoch is not None
+    blocker = psycopg.connect(postgres_dsn, password=postgres_server.password)
+    try:
+        blocker.execute("SELECT * FROM leader FOR UPDATE")  # an election that never ends
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match="state database"):
+            store.fenced(epoch).mark_down("lab", PoolDown(since=1.0, now=False))
+        assert time.monotonic() - started < 3
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert store.pool_down("lab") is None
+    store.close()
+
+
+def test_a_hung_database_server_fails_a_call_within_the_timeout_and_the_store_recovers(
+    postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    store = PostgresStore(postgres_dsn, password=postgres_server.password, timeout=1)
+    store.mark_down("lab", PoolDown(since=1.0, now=False))
+    with psycopg.connect(postgres_dsn, password=postgres_server.password) as admin:
+        row = admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'imagepipe' "
+            "ORDER BY backend_start DESC LIMIT 1"
+        ).fetchone()
+    assert row is not None
+    server = int(row[0])  # the server process serving the store's connection
+    outcome: list[BaseException | None] = []
+
+    def call() -> None:
+        try:
+            store.pool_down("lab")
+        except BaseException as exc:  # what the call ended with, for the assertion below
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    os.kill(server, signal.SIGSTOP)  # hung: its socket stays open, nothing answers
+    try:
+        caller = threading.Thread(target=call)
+        started = time.monotonic()
+        caller.start()
+        caller.join(timeout=4)
+        waited = time.monotonic() - started
+    finally:
+        os.kill(server, signal.SIGCONT)
+    caller.join()
+    assert waited < 4, "the call waited for the hung server past its timeout"
+    assert isinstance(outcome[0], StoreUnavailableError)
+    assert "did not answer within 1s" in str(outcome[0])
+    assert store.pool_down("lab") == PoolDown(since=1.0, now=False)  # a new connection
     store.close()

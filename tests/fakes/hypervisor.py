@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -56,7 +56,9 @@ from imagepipe.pool.model import (
     CloneSpec,
     Endpoint,
     GuestSession,
+    HostSpec,
     HostState,
+    HostUpload,
     Power,
 )
 from imagepipe.pool.ports import EventKind, HypervisorEvent
@@ -444,6 +446,9 @@ class FakeHypervisor:
         return self._get(name).dirty
 
 
+UPLOAD_SIZE = 8 * 1024 * 1024  # bytes of a version, as FakeHosts reports an upload of it
+
+
 @dataclass
 class FakeHosts(FakeHypervisor):
     """FakeHypervisor over several hosts; also implements imagepipe.pool.ports.Hosts."""
@@ -468,6 +473,12 @@ class FakeHosts(FakeHypervisor):
         """The clones that exist on `host` (seen or not)."""
         return sorted(n for n, c in self.clones.items() if c.spec.host == host)
 
+    # ---- pool.ports.HostList (a reload of hosts:) ---------------------------------------
+
+    def set_hosts(self, hosts: Sequence[HostSpec]) -> None:
+        self._enter("set_hosts", "")
+        self.host_names = tuple(h.name for h in hosts)
+
     # ---- the Hosts port --------------------------------------------------------------
 
     def hosts(self) -> list[HostState]:
@@ -478,9 +489,19 @@ class FakeHosts(FakeHypervisor):
                 connected=h not in self.lost,
                 since=self.lost.get(h),
                 versions=tuple(sorted(self.held.get(h, set()))),
+                upload=self._upload_on(h),
             )
             for h in self.host_names
         ]
+
+    def _upload_on(self, host: str) -> HostUpload | None:
+        """A version asked for and not held yet: 1 MiB sent per ensure_version call so far,
+        of UPLOAD_SIZE (never all of it while not held)."""
+        for (where, image, version), calls in self.uploading.items():
+            if where == host and (image, version) not in self.held.get(host, set()):
+                sent = min(calls * 1024 * 1024, UPLOAD_SIZE - 1)
+                return HostUpload(image, version, sent, UPLOAD_SIZE, None)
+        return None
 
     def ensure_version(self, host: str, base: BaseImage) -> bool:
         self._enter("ensure_version", host)
@@ -488,10 +509,10 @@ class FakeHosts(FakeHypervisor):
         key = (base.image, base.version)
         if key in self.held.get(host, set()):
             return True
-        if host in self.no_upload:
-            return False
         calls = self.uploading.get((host, *key), 0) + 1
         self.uploading[(host, *key)] = calls
+        if host in self.no_upload:
+            return False
         if calls >= self.upload_calls:
             self.held.setdefault(host, set()).add(key)
             return True

@@ -1,22 +1,24 @@
 """The fencing token on a real PostgreSQL, with two keepers in this process over the fake host:
 a leader paused in the middle of a pass (after it checked that it leads, before it writes)
 past its lease, while the other keeper took over, changes nothing when it goes on: its first
-write is refused inside the database's transaction, and it steps down saying why.
+write is refused inside the database's transaction, and it steps down saying why. A leader
+whose loop is wedged in a host call hands its lease over, though its lease thread is fine.
 
 The lease runs on the database server's clock, so the pause is real time (about 1.5 s)."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from imagepipe.app.bootstrap import SystemClock
-from imagepipe.app.leadership import Election, LeaseSettings, Role
+from imagepipe.app.leadership import Election, ElectionLoop, LeaseSettings, Role
 from imagepipe.errors import FencedError
-from imagepipe.pool.keeper import Keeper
+from imagepipe.pool.keeper import Keeper, KeeperOptions
 from imagepipe.pool.model import PoolSpec
 from imagepipe.stores.postgres import PostgresStore
 from tests.fakes.balancer import FakeBalancer, FakeBalancerState
@@ -47,8 +49,26 @@ class Side:
             images=images,
             specs=[SPEC],
             clock=clock,
+            settings=KeeperOptions(tick=0.1),
         )
         self.keeper.lead = self.election
+        self._threads: list[threading.Thread] = []
+        self._loop: ElectionLoop | None = None
+
+    def start(self) -> None:
+        """Run as `imagepipe keep` does: the lease loop and the keeper loop, each a thread."""
+        self._loop = ElectionLoop(self.election, on_change=self.keeper.wake)
+        self._loop.start()
+        thread = threading.Thread(target=self.keeper.run, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self) -> None:
+        self.keeper.stop()
+        if self._loop is not None:
+            self._loop.stop()
+        for thread in self._threads:
+            thread.join(timeout=10)
 
     def passes(self, hv: FakeHypervisor, count: int) -> None:
         for _ in range(count):
@@ -67,6 +87,8 @@ def sides(
     a = Side("host-a/1", postgres_dsn, postgres_server.password, hv, lb)
     b = Side("host-b/2", postgres_dsn, postgres_server.password, hv, lb)
     yield a, b, hv, lb
+    a.stop()
+    b.stop()
     a.store.close()
     b.store.close()
 
@@ -99,3 +121,36 @@ def test_a_leader_paused_mid_pass_past_its_lease_changes_nothing_and_steps_down(
     assert "another keeper was elected" in reason and "held by host-b/2" in reason
     b.passes(hv, 6)  # the leader remakes the desktop
     assert len(hv.clones) == 2
+
+
+def until(condition: Callable[[], bool], seconds: float) -> float | None:
+    """Seconds until `condition` held, or None if it did not within `seconds`."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(0.02)
+    return None
+
+
+def test_a_leader_wedged_in_a_host_call_loses_the_lease_and_the_standby_takes_over(
+    sides: tuple[Side, Side, FakeHypervisor, FakeBalancerState],
+) -> None:
+    a, b, hv, _ = sides
+    a.start()
+    assert until(lambda: a.election.term() is not None and len(hv.clones) == 2, 10) is not None
+    b.start()
+    time.sleep(LEASE.loop_wait * 2)
+    assert b.election.term() is None
+
+    gate = hv.block("list_clones")  # the leader's next pass hangs in its first host call
+    try:
+        # wedged for stall (lease - retry) seconds, then handed over: well within 3 leases
+        took = until(lambda: b.election.term() is not None, 3 * LEASE.lease)
+        assert took is not None, "the wedged leader kept its lease: the standby never led"
+        assert a.election.term() is None and not a.keeper.may_act()
+    finally:
+        gate.set()  # the call returns: the old leader's pass goes on, fenced
+    time.sleep(LEASE.lease)
+    assert b.election.term() is not None and a.election.term() is None
+    assert len(hv.clones) == 2  # nothing made twice

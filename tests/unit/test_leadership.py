@@ -173,6 +173,41 @@ def test_a_clean_stop_hands_the_lease_over_without_waiting_for_it_to_run_out(
     assert b.step() is Role.LEADING
 
 
+def test_a_leader_whose_loop_is_wedged_hands_the_lease_over_within_the_lease(
+    store: SQLiteStore, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = Election(store, "host-a/1", LEASE, clock)
+    b = Election(store, "host-b/2", LEASE, clock)
+    assert a.step() is Role.LEADING
+    a.working(True)  # a pass begins ...
+    wedged_at = clock.monotonic()  # ... and its first call never returns
+    caplog.set_level(logging.INFO, logger="imagepipe.app.leadership")
+
+    while b.step() is not Role.LEADING:  # both election loops go on as before
+        a.step()
+        clock.advance(1.0)
+        assert clock.monotonic() - wedged_at <= LEASE.lease, "the standby never took over"
+
+    assert a.term() is None and a.wedged is not None
+    assert a.step() is Role.STANDBY  # and the wedged keeper does not take the lease back
+    down = [r for r in caplog.records if r.getMessage().startswith("stepped down")]
+    assert len(down) == 1 and "no progress" in logged(down[0])["reason"]
+
+
+def test_a_long_pass_that_makes_progress_and_a_long_wait_keep_the_lease(
+    store: SQLiteStore, clock: FakeClock
+) -> None:
+    a = Election(store, "host-a/1", LEASE, clock)
+    b = Election(store, "host-b/2", LEASE, clock)
+    a.step()
+    for busy in (True, False):  # a pass waiting for slow actions; then no pass at all
+        for _ in range(30):
+            a.working(busy)
+            assert a.step() is Role.LEADING and b.step() is Role.STANDBY
+            clock.advance(LEASE.loop_wait / 2)
+    assert a.term() == 1
+
+
 def logged(record: logging.LogRecord) -> dict[str, Any]:
     """The structured fields of a log record (imagepipe.log.fields)."""
     values: dict[str, Any] = getattr(record, "imagepipe_fields", {})

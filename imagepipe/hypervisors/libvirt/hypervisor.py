@@ -149,6 +149,9 @@ class LibvirtHypervisor:
         # when the connection was found lost (time.monotonic()); None while it works
         self._lost_at: float | None = None
         self._lost_lock = threading.Lock()
+        # set by a subclass's close() that gave up waiting for a hung open: when that open
+        # returns, its connection is dropped
+        self._closing = False
         ensure_event_loop(self._libvirt)
         self._conn: Any = None
         self._connect()
@@ -227,6 +230,9 @@ class LibvirtHypervisor:
             conn = self._open()
         except lv.libvirtError as exc:
             raise HypervisorUnavailableError(self._unanswered(exc.get_error_message())) from exc
+        if self._closing:  # close() gave up waiting while libvirt hung in this open
+            self._drop(conn)
+            raise HypervisorUnavailableError(f"libvirt at {self.uri}: closed")
         self._conn = conn
         with self._lost_lock:
             lost_at, self._lost_at = self._lost_at, None
@@ -477,12 +483,19 @@ class LibvirtHypervisor:
     def _restore(self, dom: Any, name: str, meta: CloneMetadata) -> bool:
         """Restore the clone from its saved state; False (said once in the log) when libvirt
         refuses, and the caller boots it."""
-        lv = self._libvirt
         started = time.monotonic()
+        if not self._restore_from(dom, name, meta, self.saved_state_path(name)):
+            return False
+        self._pristine_path(name).unlink(missing_ok=True)
+        self._restored(dom, name, meta, started)
+        return True
+
+    def _restore_from(self, dom: Any, name: str, meta: CloneMetadata, state: Path) -> bool:
+        """libvirt restores the clone from the saved state at `state` (a path libvirtd reads);
+        False (said once in the log, the domain left shut off) when it refuses."""
+        lv = self._libvirt
         try:
-            self._connection().restoreFlags(
-                str(self.saved_state_path(name)), None, lv.VIR_DOMAIN_SAVE_RUNNING
-            )
+            self._connection().restoreFlags(str(state), None, lv.VIR_DOMAIN_SAVE_RUNNING)
         except lv.libvirtError as exc:
             if connection_lost(exc):  # not the saved state's fault: retried
                 raise error_of(exc, f"clone {name}") from exc
@@ -494,8 +507,10 @@ class LibvirtHypervisor:
             if self._state(dom, name) != STATE_SHUTOFF:
                 self._destroy(dom, name)
             return False
-        self._pristine_path(name).unlink(missing_ok=True)
         self._facts.pop(dom.UUIDString(), None)
+        return True
+
+    def _restored(self, dom: Any, name: str, meta: CloneMetadata, started: float) -> None:
         self._clone_prep(dom, name)
         log.info(
             "clone restored",
@@ -503,10 +518,10 @@ class LibvirtHypervisor:
                 pool=meta.pool,
                 clone=name,
                 action="restore",
+                host=self.host_name or None,
                 seconds=round(time.monotonic() - started, 2),
             ),
         )
-        return True
 
     def _clone_prep(self, dom: Any, name: str) -> None:
         """Tell the restored guest the time (it wakes at the parent's) and its name. libvirt

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from imagepipe.errors import HypervisorUnavailableError, ImagepipeError
 from imagepipe.hypervisors.common import WarmBook, WarmKey
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT = 300.0  # seconds a parent may take to boot until its agent answers
 AGENT_TIMEOUT = 2
+P = TypeVar("P")
 
 
 @dataclass(frozen=True)
@@ -128,24 +129,9 @@ class WarmParents:
             parent = self.load(key.name)
             if parent is not None:
                 return parent
-            started = self._book.now()
-            try:
-                parent = self._make(key, clone_xml, base_disk)
-            except (ImagepipeError, OSError, self._libvirt.libvirtError) as exc:
-                # libvirtd went away, not the parent: the create is retried (a retry's
-                # _remove_stale_domain powers off the half-made parent)
-                if isinstance(exc, self._libvirt.libvirtError) and connection_lost(exc):
-                    raise error_of(exc, f"warm parent of {key}") from exc
-                if isinstance(exc, HypervisorUnavailableError):
-                    raise
-                self._book.failed(key.name)
-                self.say_once(
-                    f"make:{key.name}",
-                    f"no warm parent for {key}; desktops boot instead: {_reason(exc)}",
-                )
-                return None
-            self._book.made(key, started)
-            return parent
+            return made_once(
+                self._book, self._libvirt, key, lambda: self._make(key, clone_xml, base_disk)
+            )
 
     def _make(self, key: WarmKey, clone_xml: str, base_disk: Path) -> WarmParent:
         final = self.directory(key.name)
@@ -222,41 +208,10 @@ class WarmParents:
         return self.sockets / f"{name}.{kind}"
 
     def _remove_stale_domain(self, name: str) -> None:
-        """A parent domain left running by a crash mid-build is ours: power it off."""
-        lv = self._libvirt
-        try:
-            dom = self._connection().lookupByName(name)
-        except lv.libvirtError:
-            return
-        if not is_warm_parent(dom.XMLDesc(0)):
-            raise SaveImageError(f"a domain named {name} exists and is not an imagepipe parent")
-        with contextlib.suppress(lv.libvirtError):
-            dom.destroy()
-        with contextlib.suppress(lv.libvirtError):
-            dom.undefine()
+        remove_stale_parent(self._libvirt, self._connection(), name)
 
     def _wait_for_agent(self, dom: Any, key: WarmKey) -> None:
-        lv = self._libvirt
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        dom.agentSetResponseTimeout(AGENT_TIMEOUT)
-        while True:
-            try:
-                self._libvirt_qemu.qemuAgentCommand(
-                    dom, '{"execute":"guest-ping"}', AGENT_TIMEOUT, 0
-                )
-                return
-            except lv.libvirtError as exc:
-                if connection_lost(exc):
-                    raise
-                if not _active(dom, lv):
-                    raise SaveImageError(
-                        f"the guest of {key} powered off before its agent answered"
-                    ) from None
-                if time.monotonic() > deadline:
-                    raise SaveImageError(
-                        f"the guest of {key} did not answer its agent within {BOOT_TIMEOUT:.0f} s"
-                    ) from None
-                time.sleep(0.2)
+        wait_for_agent(self._libvirt, self._libvirt_qemu, dom, key)
 
     @contextlib.contextmanager
     def _file_lock(self, name: str) -> Iterator[None]:
@@ -286,6 +241,65 @@ class WarmParents:
             dst.flush()
             _copy_from(src, dst, parent.header.stream_offset)
         os.replace(partial, target)
+
+
+def made_once(book: WarmBook, lv: Any, key: WarmKey, make: Callable[[], P]) -> P | None:
+    """make() the parent of `key`; None when that fails for the parent's sake (said once in
+    the log, tried again after RETRY_AFTER: the caller boots). A lost libvirt connection is
+    raised: not the parent's fault, the create is retried (and the retry powers off the
+    half-made parent)."""
+    started = book.now()
+    try:
+        parent = make()
+    except (ImagepipeError, OSError, lv.libvirtError) as exc:
+        if isinstance(exc, lv.libvirtError) and connection_lost(exc):
+            raise error_of(exc, f"warm parent of {key}") from exc
+        if isinstance(exc, HypervisorUnavailableError):
+            raise
+        book.failed(key.name)
+        book.say_once(
+            f"make:{key.name}", f"no warm parent for {key}; desktops boot instead: {reason(exc)}"
+        )
+        return None
+    book.made(key, started)
+    return parent
+
+
+def remove_stale_parent(lv: Any, conn: Any, name: str) -> None:
+    """A parent domain left running by a crash mid-build is ours: power it off."""
+    try:
+        dom = conn.lookupByName(name)
+    except lv.libvirtError:
+        return
+    if not is_warm_parent(dom.XMLDesc(0)):
+        raise SaveImageError(f"a domain named {name} exists and is not an imagepipe parent")
+    with contextlib.suppress(lv.libvirtError):
+        dom.destroy()
+    with contextlib.suppress(lv.libvirtError):
+        dom.undefine()
+
+
+def wait_for_agent(lv: Any, libvirt_qemu: Any, dom: Any, key: WarmKey) -> None:
+    """Wait until the booting parent's guest agent answers (SaveImageError when it powers
+    off first or takes longer than BOOT_TIMEOUT)."""
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    dom.agentSetResponseTimeout(AGENT_TIMEOUT)
+    while True:
+        try:
+            libvirt_qemu.qemuAgentCommand(dom, '{"execute":"guest-ping"}', AGENT_TIMEOUT, 0)
+            return
+        except lv.libvirtError as exc:
+            if connection_lost(exc):
+                raise
+            if not _active(dom, lv):
+                raise SaveImageError(
+                    f"the guest of {key} powered off before its agent answered"
+                ) from None
+            if time.monotonic() > deadline:
+                raise SaveImageError(
+                    f"the guest of {key} did not answer its agent within {BOOT_TIMEOUT:.0f} s"
+                ) from None
+            time.sleep(0.2)
 
 
 def read_header(path: Path) -> SaveHeader:
@@ -328,7 +342,7 @@ def _copy_from(src: Any, dst: Any, offset: int) -> None:
         shutil.copyfileobj(src, dst, 1 << 22)
 
 
-def _reason(exc: BaseException) -> str:
+def reason(exc: BaseException) -> str:
     get = getattr(exc, "get_error_message", None)
     text = get() if callable(get) else str(exc)
     return str(text).splitlines()[0] if text else type(exc).__name__

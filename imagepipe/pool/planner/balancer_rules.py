@@ -39,6 +39,8 @@ def balancer_actions(
     )
     pool = ctx.spec.name
     if serves:
+        if info.ready is None:  # readiness unread: no new user is sent to it on that read
+            return NOTHING
         if backend is None or backend.state is not BackendState.READY:
             address = info.display or Endpoint(
                 ctx.spec.display_address, ctx.spec.port_for(info.slot)

@@ -92,19 +92,18 @@ class RolloutDriver:
         self.notifier = notifier
         self._active: dict[str, Rollout] = {}  # pool -> its active rollout (the newest)
 
-    def beat(self, now: float) -> None:
-        self.store.beat(
-            Heartbeat(at=now, pid=os.getpid(), host=socket.gethostname(), tick=self.tick)
-        )
+    def heartbeat(self, now: float) -> Heartbeat:
+        """The heartbeat a pass starting at `now` writes (Store.begin_pass)."""
+        return Heartbeat(at=now, pid=os.getpid(), host=socket.gethostname(), tick=self.tick)
 
     def stopped(self, now: float) -> None:
         """The keeper stops cleanly: `rollout` must not count on it any more."""
         self.store.beat(Heartbeat(at=now, pid=0, host=socket.gethostname(), tick=self.tick))
 
-    def load(self) -> None:
-        """Read the active rollouts (once per pass)."""
+    def load(self, active: Sequence[Rollout]) -> None:
+        """Take the active rollouts, newest first, as the pass read them (once per pass)."""
         self._active = {}
-        for rollout in self.store.rollouts(active=True):  # newest first: the newest wins
+        for rollout in active:  # newest first: the newest wins
             for pool in rollout.pools:
                 self._active.setdefault(pool, rollout)
 
