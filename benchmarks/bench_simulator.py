@@ -36,7 +36,7 @@ from imagepipe.pool.model import (
     Standby,
 )
 from imagepipe.sim.engine import SimSettings, simulate, simulate_day
-from imagepipe.sim.policies import POLICIES, Policy
+from imagepipe.sim.policies import POLICIES, Planner, Policy
 from imagepipe.sim.profiles import make_profile
 from imagepipe.sim.report import SimResult
 from imagepipe.sim.world import Start
@@ -73,10 +73,10 @@ class Timed:
         self.name, self.parallel = self.policy.name, self.policy.parallel
 
     def plan(
-        self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float
+        self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float, planner: Planner
     ) -> list[Action]:
         began = time.process_time()
-        actions = self.policy.plan(spec, observed, record, now)
+        actions = self.policy.plan(spec, observed, record, now, planner)
         self.seconds += time.process_time() - began
         self.visits += len(observed.clones)
         return actions

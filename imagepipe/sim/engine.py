@@ -43,9 +43,9 @@ from imagepipe.pool.model import (
     StopClone,
     SuspendClone,
 )
-from imagepipe.pool.planner import next_timer
 from imagepipe.pool.planner.forecast import BUCKET, day_and_bucket, learn, logins_in
 from imagepipe.sim.policies import Policy
+from imagepipe.sim.replan import Replanner
 from imagepipe.sim.report import SimResult, SimRun
 from imagepipe.sim.timeline import Sample, Timeline
 from imagepipe.sim.trace import Login
@@ -85,9 +85,6 @@ class _Event:
     restored: bool = False  # a start or reset that restores the warm parent
     day: int = 0  # the simulated day a login belongs to
 
-    def __lt__(self, other: _Event) -> bool:
-        return (self.at, self.kind, self.seq) < (other.at, other.kind, other.seq)
-
 
 @dataclass
 class _Waiting:
@@ -117,7 +114,9 @@ class _Day:
     settings: SimSettings
     epoch: float  # the simulated day's local midnight, as seconds since the epoch
     world: World
-    events: list[_Event] = field(default_factory=list)
+    replanner: Replanner  # plan() for this pool, told every record written here
+    # a heap of (at, kind, seq, event): tuples compare without calling back into Python
+    events: list[tuple[float, int, int, _Event]] = field(default_factory=list)
     seq: int = 0
     records: dict[str, CloneRecord] = field(default_factory=dict)
     pool: RecordPool | None = None
@@ -143,7 +142,8 @@ class _Day:
 
     def push(self, at: float, kind: _Kind, **values: object) -> None:
         self.seq += 1
-        heapq.heappush(self.events, _Event(at, kind, self.seq, **values))  # type: ignore[arg-type]
+        event = _Event(at, kind, self.seq, **values)  # type: ignore[arg-type]
+        heapq.heappush(self.events, (at, kind, self.seq, event))
 
     @property
     def parallel(self) -> int:
@@ -168,22 +168,24 @@ class _Day:
             rollout_started_at=pool.rollout_started_at if pool else None,
             arrivals=self.arrivals,
         )
-        observed = replace(self.world.observe(), in_flight=frozenset(self.busy))
-        actions = self.policy.plan(self.spec, observed, record, at)
+        observed = self.world.observe(in_flight=frozenset(self.busy))
+        actions = self.policy.plan(self.spec, observed, record, at, self.replanner)
         arrived = logins_in(record, actions)  # what the keeper writes to the store
         if arrived:
             counts = self.history.setdefault(day, {})
             counts[bucket] = counts.get(bucket, 0) + arrived
         self.quiet_until = now
         if not actions:
-            wake = next_timer(self.spec, record, self.epoch + now)
+            wake = self.replanner.next_timer(self.spec, record, self.epoch + now)
             self.quiet_until = float("inf") if wake is None else wake - self.epoch
         chains: dict[str, list[Action]] = {}
         for action in actions:
             if isinstance(action, RecordClone):
                 self.records[action.clone] = action.record
+                self.replanner.written.add(action.clone)
             elif isinstance(action, ForgetClone):
                 self.records.pop(action.clone, None)
+                self.replanner.written.add(action.clone)
             elif isinstance(action, RecordPool):
                 self.pool = action
             else:
@@ -287,6 +289,7 @@ class _Day:
                 kept = self.records.get(action.clone)
                 if kept is not None and kept.dirty:
                     self.records[action.clone] = replace(kept, dirty=False)
+                    self.replanner.written.add(action.clone)
             self.power(clone, Power.RUNNING)
             if restored:  # the restored guest runs on from where its parent was ready
                 clone.ready = True
@@ -396,12 +399,14 @@ def simulate(
     and measure each day and all of them."""
     if not days:
         raise ValueError("simulate needs at least one day of logins")
+    world = World(pool=spec.name, version=settings.version)
     run = _Day(
         spec=spec,
         policy=policy,
         settings=settings,
         epoch=day_epoch(spec),
-        world=World(pool=spec.name, version=settings.version),
+        world=world,
+        replanner=Replanner(world),
         stats=[_Stats() for _ in days],
     )
     if run.start is Start.RESTORE:  # the keeper makes the version's warm parent first
@@ -424,16 +429,16 @@ def simulate(
     deferred = False
     step = settings.sample
     sample_at = 0.0 if step else float("inf")
-    while run.events and run.events[0].at <= end:
-        now = run.events[0].at
+    while run.events and run.events[0][0] <= end:
+        now = run.events[0][0]
         while step and sample_at < now:
             run.sample(sample_at, idle_now, last)
             sample_at += step
         _count_idle(run, idle_now, last, now)
         last = now
         woken = False
-        while run.events and run.events[0].at == now:
-            event = heapq.heappop(run.events)
+        while run.events and run.events[0][0] == now:
+            event = heapq.heappop(run.events)[3]
             woken = woken or event.kind is not _Kind.TICK
             if event.kind is _Kind.DONE and event.action is not None:
                 run.finish(event.action, now, event.restored)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from imagepipe.pool.model import (
     Action,
+    CloneRecord,
     CloneState,
     CreateClone,
     DeleteClone,
@@ -16,7 +17,21 @@ from imagepipe.pool.model import (
     RecordClone,
     Standby,
 )
-from imagepipe.pool.planner import plan
+
+
+class Planner(Protocol):
+    """imagepipe's planner as a policy uses it (the simulator's Replanner)."""
+
+    def plan(
+        self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float
+    ) -> list[Action]:
+        """What planner.plan answers."""
+        ...
+
+    def stored(self, record: PoolRecord, *states: CloneState) -> list[CloneRecord]:
+        """The records of `record` in one of `states`, in no particular order (right after a
+        pass of plan() on `record`)."""
+        ...
 
 
 class Policy(Protocol):
@@ -31,23 +46,23 @@ class Policy(Protocol):
         ...
 
     def plan(
-        self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float
+        self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float, planner: Planner
     ) -> list[Action]:
-        """The actions for one keeper pass."""
+        """The actions for one keeper pass (`planner`: imagepipe's planner, as plan())."""
         ...
 
 
 @dataclass(frozen=True)
 class ImagepipePolicy:
-    """The real planner, unchanged."""
+    """The real planner, unchanged (`planner`: plan(), or what answers as it does)."""
 
     name: str = "imagepipe"
     parallel: int | None = None
 
     def plan(
-        self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float
+        self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float, planner: Planner
     ) -> list[Action]:
-        return plan(spec, observed, record, now)
+        return planner.plan(spec, observed, record, now)
 
 
 @dataclass(frozen=True)
@@ -59,21 +74,32 @@ class OriginalPolicy:
 
     name: str = "original"
     parallel: int | None = 1
+    _last: dict[int, tuple[PoolSpec, PoolSpec]] = field(
+        default_factory=dict, compare=False, repr=False
+    )  # the last spec and its fixed copy
 
     def plan(
-        self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float
+        self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float, planner: Planner
     ) -> list[Action]:
-        fixed = replace(spec, schedule=(), standby=Standby.NONE, learn=None)
-        actions = plan(fixed, observed, record, now)
-        coming = _COMING
-        building = any(r.state in coming for r in record.clones.values())
+        fixed = self._fixed(spec)
+        actions = planner.plan(fixed, observed, record, now)
+        building = bool(planner.stored(record, CloneState.CREATING, CloneState.BOOTING))
         created = [a.clone for a in actions if isinstance(a, CreateClone)]
         dropped = set(created if building else created[1:])
         kept = [a for a in actions if a.clone not in dropped or not _is_create(a)]
-        return kept + _shrink_all(fixed, record, kept, now)
+        free = planner.stored(record, CloneState.FREE)
+        return kept + _shrink_all(fixed, free, kept, now)
 
-
-_COMING = frozenset((CloneState.CREATING, CloneState.BOOTING))
+    def _fixed(self, spec: PoolSpec) -> PoolSpec:
+        """`spec` without schedule, standby or learning (the same object pass after pass, so
+        the planner sees the same spec)."""
+        last = self._last.get(id(spec))
+        if last is not None and last[0] is spec:
+            return last[1]
+        fixed = replace(spec, schedule=(), standby=Standby.NONE, learn=None)
+        self._last.clear()
+        self._last[id(spec)] = (spec, fixed)
+        return fixed
 
 
 def _is_create(action: Action) -> bool:
@@ -83,11 +109,12 @@ def _is_create(action: Action) -> bool:
 
 
 def _shrink_all(
-    spec: PoolSpec, record: PoolRecord, planned: list[Action], now: float
+    spec: PoolSpec, stored_free: list[CloneRecord], planned: list[Action], now: float
 ) -> list[Action]:
-    """Every free clone idle past shrink_after beyond the free size goes in one pass."""
-    assigned, state_free = set(spec.assignments.values()), CloneState.FREE
-    free = [r for r in record.clones.values() if r.state is state_free and r.slot not in assigned]
+    """Every free clone idle past shrink_after beyond the free size goes in one pass
+    (`stored_free`: the free clones' records)."""
+    assigned = set(spec.assignments.values())
+    free = [r for r in stored_free if r.slot not in assigned]
     touched = {a.clone for a in planned}
     surplus = len(free) - spec.free - sum(1 for r in free if r.name in touched)
     if surplus <= 0:

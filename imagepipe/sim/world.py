@@ -6,6 +6,7 @@ gives the planner exactly the types the real observe() gives it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -130,10 +131,18 @@ class World:
     _stale: set[str] = field(default_factory=set, init=False)  # changed since idle/takers
     _idle: set[str] = field(default_factory=set, init=False)  # running, nobody on it
     _takers: set[str] = field(default_factory=set, init=False)  # the balancer sends users
+    _changed: set[str] = field(default_factory=set, init=False)  # since changes() was asked
+    _orphaned: set[str] = field(default_factory=set, init=False)  # backends without a clone
+    _serial: dict[str, int] = field(default_factory=dict, init=False)  # order of add()
+    _added: int = field(default=0, init=False)
 
     def add(self, clone: SimClone) -> None:
         self.clones[clone.name] = clone
         self._observed[clone.name] = None
+        self._orphaned.discard(clone.name)
+        self._serial[clone.name] = self._added
+        self._added += 1
+        self._changed.add(clone.name)
         self._snapshot = self._orphans = None
         self._unseen.add(clone.name)
         self._stale.add(clone.name)
@@ -142,6 +151,9 @@ class World:
         del self.clones[name]
         del self._observed[name]
         self._snapshot = self._orphans = None
+        if name in self.backends:
+            self._orphaned.add(name)
+        self._changed.add(name)
         self._unseen.discard(name)
         self._stale.add(name)
 
@@ -149,17 +161,19 @@ class World:
         """`clone` changed (or is about to, before anything is asked of the world)."""
         self._observed[clone.name] = None
         self._snapshot = None
+        self._changed.add(clone.name)
         self._unseen.add(clone.name)
         self._stale.add(clone.name)
 
-    def observe(self) -> Observed:
+    def observe(self, in_flight: frozenset[str] = frozenset()) -> Observed:
+        """What the keeper observes (`in_flight`: the clones with an operation running)."""
         if self._snapshot is None:
             observed = self._observed
             for name in self._unseen:
                 observed[name] = self.clones[name].observe(self.pool, self.backends.get(name))
             self._unseen.clear()
             self._snapshot = cast(tuple[ObservedClone, ...], tuple(observed.values()))
-        if self._orphans is None and self.backends.keys() <= self.clones.keys():
+        if self._orphans is None and not self._orphaned:
             self._orphans = ()  # the usual case, cheaper to tell than to scan for
         if self._orphans is None:
             self._orphans = tuple(
@@ -172,13 +186,31 @@ class World:
             orphan_backends=self._orphans,
             target_version=self.version,
             base_ready=True,
+            in_flight=in_flight,
         )
+
+    def by_name(self) -> Mapping[str, ObservedClone]:
+        """The last observe()'s clones by name (read-only; up to date until the next change)."""
+        assert self._snapshot is not None, "by_name() reads what observe() built"
+        return cast(Mapping[str, ObservedClone], self._observed)
+
+    def order(self, name: str) -> int:
+        """Where clone `name` is in observe()'s clones: later clones have larger numbers."""
+        return self._serial[name]
+
+    def changes(self) -> set[str]:
+        """The clones added, removed or changed since the last call (and forgets them)."""
+        changed, self._changed = self._changed, set()
+        return changed
 
     def set_backend(self, name: str, state: BackendState | None) -> None:
         if state is None:
             self.backends.pop(name, None)
+            self._orphaned.discard(name)
         else:
             self.backends[name] = state
+            if name not in self.clones:
+                self._orphaned.add(name)
         self._orphans = None
         clone = self.clones.get(name)
         if clone is not None:

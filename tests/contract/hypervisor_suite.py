@@ -49,7 +49,15 @@ from imagepipe.errors import (
     InvalidStateError,
     NotOurCloneError,
 )
-from imagepipe.pool.model import BaseImage, CloneInfo, CloneMode, CloneSpec, Endpoint, Power
+from imagepipe.pool.model import (
+    BaseImage,
+    CloneInfo,
+    CloneMode,
+    CloneSpec,
+    Endpoint,
+    Power,
+    StartMode,
+)
 from imagepipe.pool.ports import Hypervisor, HypervisorEvent, Notifier
 
 MiB = 1024**2
@@ -107,6 +115,8 @@ def listening(endpoint: Endpoint) -> Iterator[None]:
 
 class HypervisorContract:
     """Behaviour every adapter must show. Subclasses provide `hypervisor` and `base_image`."""
+
+    start: StartMode = StartMode.RESTORE  # how make_spec's clones start
 
     @pytest.fixture
     def hypervisor(self) -> Hypervisor:
@@ -166,6 +176,7 @@ class HypervisorContract:
                 cpus=1,
                 memory=128 * MiB,
                 display=display or Endpoint("127.0.0.1", free_port()),
+                start=self.start,
             )
 
         return make

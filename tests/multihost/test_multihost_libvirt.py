@@ -33,6 +33,7 @@ from imagepipe.pool.model import (
     Endpoint,
     HostSpec,
     Power,
+    StartMode,
 )
 from tests.conftest import require
 from tests.contract.hypervisor_suite import (
@@ -104,6 +105,10 @@ def listening_in(host: NamespacedHost) -> OccupyDisplay:
 
 
 class TestMultiHostContract(HypervisorContract):
+    # desktops boot here: the restore path on remote hosts has its own tests
+    # (test_multihost_instant.py), and a warm parent per host would add ~25 s to each run
+    start = StartMode.BOOT
+
     @pytest.fixture
     def hypervisor(
         self, lab: HostLab, tmp_path: Path, contract_pool: str
@@ -170,6 +175,7 @@ def lab_spec(base: BaseImage, pool: str, slot: int, host: NamespacedHost) -> Clo
         memory=128 * MiB,
         display=Endpoint(host.address, 5900 + slot),
         host=host.name,
+        start=StartMode.BOOT,  # restoring on a remote host: test_multihost_instant.py
     )
 
 

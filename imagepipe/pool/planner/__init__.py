@@ -59,7 +59,7 @@ from imagepipe.pool.planner.failures import (
     retry_delay,
 )
 from imagepipe.pool.planner.placement import Placer
-from imagepipe.pool.planner.resize import Decisions, resize
+from imagepipe.pool.planner.resize import Census, Decisions, resize
 from imagepipe.pool.planner.schedule import free_target
 from imagepipe.pool.planner.steps import Context, remembered
 from imagepipe.pool.planner.timers import next_timer
@@ -75,42 +75,46 @@ from imagepipe.pool.rollout.rules import (
 __all__ = [
     "CLONE_RETRIES",
     "classify",
+    "context",
+    "decide",
+    "decide_missing",
     "failures_after",
     "free_target",
+    "in_order",
     "next_timer",
     "plan",
     "record_failure",
     "retry_delay",
     "session_live",
     "session_unread",
+    "settle",
 ]
 
 
 def plan(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float) -> list[Action]:
     """Everything to do now to move the pool towards its spec (docs/pools.md, "Rules"):
     advance every clone once, resize the pool, then each clone's actions in order."""
-    ctx = _context(spec, observed, record, now)
-    d, failed, came_up = _advance_clones(ctx, observed, record)
-    failures, until = breaker_after(spec, record, failed, came_up, now)
-    resize(d, observed.base_ready, until is not None and now < until)
-    pace(d, record)
-    out = _in_order(d, record)
-    out += orphan_actions(spec.name, observed.orphan_backends, _unseen(ctx, record))
-    memory = RecordPool(
-        pool=spec.name,
-        target_version=ctx.target,
-        failures=failures,
-        breaker_open_until=until,
-        rollout_started_at=ctx.rollout_started,
-    )
-    if _changed(memory, record):
-        out.append(memory)
-    return out
+    old = old_exists(record, target_of(observed, record), observed)
+    d = Decisions(ctx=context(spec, observed, record, now, old), observed=observed.by_name())
+    failed = came_up = 0
+    for oc in observed.clones:
+        seen_failed, seen_up = decide(d, oc, record.clones.get(oc.info.name))
+        failed += seen_failed
+        came_up += seen_up
+    for name, rec in record.clones.items():
+        if name not in d.observed:
+            failed += decide_missing(d, name, rec)
+    failures, until = settle(d, observed, record, failed, came_up)
+    return in_order(d, observed, record, failures, until)
 
 
-def _context(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float) -> Context:
+def context(
+    spec: PoolSpec, observed: Observed, record: PoolRecord, now: float, old: bool
+) -> Context:
+    """The pass's context; `old`: a clone or record of another version than the target
+    exists (rollout/rules.py old_exists)."""
     target = target_of(observed, record)
-    started = rollout_started(record, target, old_exists(record, target, observed), now)
+    started = rollout_started(record, target, old, now)
     policy = policy_of(record, target)
     return Context(
         spec=spec,
@@ -130,44 +134,76 @@ def _context(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float)
     )
 
 
+def decide(d: Decisions, oc: ObservedClone, stored: CloneRecord | None) -> tuple[int, int]:
+    """One observed clone, decided once (`stored`: its record in the store). Returns whether
+    it failed this pass and whether it came up ready (0 or 1 each)."""
+    ctx, name = d.ctx, oc.info.name
+    rec = remembered(ctx, oc, stored)
+    if stored is not None and stored.lost_since is not None:
+        d.returned.add(name)
+    if rec is not None and rec is stored and quiet(ctx, oc, rec) and name not in d.actions:
+        d.keep_quiet(name, rec)
+        return 0, 0
+    step = advance(ctx, oc, rec)
+    d.set(name, step.record, step.actions)
+    return step.failed, step.came_up
+
+
+def decide_missing(d: Decisions, name: str, rec: CloneRecord) -> int:
+    """A remembered clone the host lacks, decided once. Returns whether it failed (0/1)."""
+    ctx = d.ctx
+    if ctx.lost(rec):  # it may exist there, in use: kept, slot and name held
+        lost = rec if rec.lost_since is not None else replace(rec, lost_since=ctx.now)
+        d.set(name, lost, ())
+        return 0
+    step = advance_missing(ctx, rec)
+    forget = (ForgetClone(pool=ctx.spec.name, clone=name),) if step.record is None else ()
+    d.set(name, step.record, forget)
+    return step.failed
+
+
+def settle(
+    d: Decisions,
+    observed: Observed,
+    record: PoolRecord,
+    failed: int,
+    came_up: int,
+    census: Census | None = None,
+) -> tuple[int, float | None]:
+    """Once every clone is decided: the breaker, resize (on `census`, else count(d)) and the
+    rollout's pacing. Returns the pool's consecutive failures and breaker."""
+    ctx = d.ctx
+    failures, until = breaker_after(ctx.spec, record, failed, came_up, ctx.now)
+    resize(d, observed.base_ready, until is not None and ctx.now < until, census)
+    pace(d, record)
+    return failures, until
+
+
+def in_order(
+    d: Decisions, observed: Observed, record: PoolRecord, failures: int, until: float | None
+) -> list[Action]:
+    """What the settled pass does: each clone's actions in order, orphan backends, the
+    pool's record."""
+    ctx = d.ctx
+    out = _in_order(d, record)
+    out += orphan_actions(ctx.spec.name, observed.orphan_backends, _unseen(ctx, record))
+    memory = RecordPool(
+        pool=ctx.spec.name,
+        target_version=ctx.target,
+        failures=failures,
+        breaker_open_until=until,
+        rollout_started_at=ctx.rollout_started,
+    )
+    if _changed(memory, record):
+        out.append(memory)
+    return out
+
+
 def _unseen(ctx: Context, record: PoolRecord) -> frozenset[str]:
     """Clones on a lost host: their backends are drained, never removed."""
     if not ctx.lost_hosts:
         return frozenset()
     return frozenset(n for n, r in record.clones.items() if r.host in ctx.lost_hosts)
-
-
-def _advance_clones(
-    ctx: Context, observed: Observed, record: PoolRecord
-) -> tuple[Decisions, int, int]:
-    """Every observed clone, then every remembered clone the host lacks, decided once.
-    Returns the decisions, the failures seen, and the clones that came up ready."""
-    d = Decisions(ctx=ctx, observed=observed.by_name())
-    failed = came_up = 0
-    for oc in observed.clones:
-        name = oc.info.name
-        stored = record.clones.get(name)
-        rec = remembered(ctx, oc, stored)
-        if stored is not None and stored.lost_since is not None:
-            d.returned.add(name)
-        if rec is not None and rec is stored and quiet(ctx, oc, rec) and name not in d.actions:
-            d.keep_quiet(name, rec)
-            continue
-        step = advance(ctx, oc, rec)
-        d.set(name, step.record, step.actions)
-        failed += step.failed
-        came_up += step.came_up
-    for name, rec in record.clones.items():
-        if name not in d.observed:
-            if ctx.lost(rec):  # it may exist there, in use: kept, slot and name held
-                lost = rec if rec.lost_since is not None else replace(rec, lost_since=ctx.now)
-                d.set(name, lost, ())
-                continue
-            step = advance_missing(ctx, rec)
-            forget = (ForgetClone(pool=ctx.spec.name, clone=name),) if step.record is None else ()
-            d.set(name, step.record, forget)
-            failed += step.failed
-    return d, failed, came_up
 
 
 def _changed(memory: RecordPool, record: PoolRecord) -> bool:

@@ -71,11 +71,14 @@ class Census:
     recycling: list[CloneRecord] = field(default_factory=list)  # session over, reset due
 
 
-def resize(d: Decisions, base_ready: bool, breaker_open: bool) -> None:
-    """Reach `initial`, keep the free target (resume before create), shrink one step."""
+def resize(
+    d: Decisions, base_ready: bool, breaker_open: bool, census: Census | None = None
+) -> None:
+    """Reach `initial`, keep the free target (resume before create), shrink one step.
+    `census`: what count(d) gives (counted here when not given)."""
     if d.ctx.target is None:
         return
-    census = count(d)
+    census = count(d) if census is None else census
     wanted = d.ctx.free_target
     need = max(wanted - census.ready_free - census.coming, d.ctx.spec.initial - census.alive, 0)
     need = grow(d, census, need, can_create=base_ready and not breaker_open)
@@ -86,59 +89,60 @@ def resize(d: Decisions, base_ready: bool, breaker_open: bool) -> None:
 
 
 def count(d: Decisions) -> Census:
-    ctx = d.ctx
-    spec, now, target, assigned = ctx.spec, ctx.now, ctx.target, ctx.assigned
     c = Census()
-    idle_for = shrink_after(spec, ctx.arrivals)
+    idle_for = shrink_after(d.ctx.spec, d.ctx.arrivals)
     for name, rec in d.records.items():
-        state, shared = rec.state, rec.slot not in assigned
-        c.used_slots.add(rec.slot)
-        if ctx.lost(rec) and name not in d.observed:
-            continue  # on a lost host: its slot is held, it is not counted (replaced)
-        if name not in d.observed:  # a create in flight, or a failed one
-            due = state is CloneState.FAILED and now >= (rec.retry_at or now)
-            if due:
-                c.retries.append(rec)
-            if rec.version == target and (
-                state is CloneState.CREATING or (state is CloneState.FAILED and not due)
-            ):
-                c.counted += 1
-                c.alive += 1
-                c.coming += shared
-            continue
-        if rec.version != target:
-            continue
-        c.counted += 1
-        if state is CloneState.FREE:
-            c.alive += 1
-            c.running += 1
-            if shared and d.observed[name].info.ready is not None:  # unknown: not relied on
-                c.ready_free += 1
-                if name in d.returned and not d.actions.get(name):
-                    c.returned.append(rec)
-                if now - rec.since >= idle_for:
-                    c.shrinkable.append(rec)
-        elif state is CloneState.SUSPENDED:
-            c.alive += 1
-            if (
-                shared
-                and not d.actions.get(name)
-                and d.observed[name].info.power is Power.SUSPENDED
-            ):
-                c.suspended.append(rec)
-        elif state is not CloneState.DELETING:
-            c.alive += 1
-            c.running += 1
-            coming = state is CloneState.BOOTING or state is CloneState.CREATING
-            if shared and coming and d.observed[name].info.ready is not None:
-                c.coming += 1
-                if name in d.returned and _resets_only(d.actions.get(name, ())):
-                    c.returned.append(rec)  # used while unseen: its reset may be spared
-            elif state is CloneState.RECYCLING and shared:
-                pending = d.actions.get(name, ())
-                if not pending or _resets_only(pending):  # nobody on it: deleted instead, over max
-                    c.recycling.append(rec)
+        tally(c, d, name, rec, idle_for)
     return c
+
+
+def tally(c: Census, d: Decisions, name: str, rec: CloneRecord, idle_for: float) -> None:
+    """Count one decided clone into the census (`idle_for`: shrink_after this pass)."""
+    ctx = d.ctx
+    now, target = ctx.now, ctx.target
+    state, shared = rec.state, rec.slot not in ctx.assigned
+    c.used_slots.add(rec.slot)
+    if ctx.lost(rec) and name not in d.observed:
+        return  # on a lost host: its slot is held, it is not counted (replaced)
+    if name not in d.observed:  # a create in flight, or a failed one
+        due = state is CloneState.FAILED and now >= (rec.retry_at or now)
+        if due:
+            c.retries.append(rec)
+        if rec.version == target and (
+            state is CloneState.CREATING or (state is CloneState.FAILED and not due)
+        ):
+            c.counted += 1
+            c.alive += 1
+            c.coming += shared
+        return
+    if rec.version != target:
+        return
+    c.counted += 1
+    if state is CloneState.FREE:
+        c.alive += 1
+        c.running += 1
+        if shared and d.observed[name].info.ready is not None:  # unknown: not relied on
+            c.ready_free += 1
+            if name in d.returned and not d.actions.get(name):
+                c.returned.append(rec)
+            if now - rec.since >= idle_for:
+                c.shrinkable.append(rec)
+    elif state is CloneState.SUSPENDED:
+        c.alive += 1
+        if shared and not d.actions.get(name) and d.observed[name].info.power is Power.SUSPENDED:
+            c.suspended.append(rec)
+    elif state is not CloneState.DELETING:
+        c.alive += 1
+        c.running += 1
+        coming = state is CloneState.BOOTING or state is CloneState.CREATING
+        if shared and coming and d.observed[name].info.ready is not None:
+            c.coming += 1
+            if name in d.returned and _resets_only(d.actions.get(name, ())):
+                c.returned.append(rec)  # used while unseen: its reset may be spared
+        elif state is CloneState.RECYCLING and shared:
+            pending = d.actions.get(name, ())
+            if not pending or _resets_only(pending):  # nobody on it: deleted instead, over max
+                c.recycling.append(rec)
 
 
 def grow(d: Decisions, census: Census, need: int, *, can_create: bool) -> int:
@@ -146,7 +150,8 @@ def grow(d: Decisions, census: Census, need: int, *, can_create: bool) -> int:
     clones, and new clones in the lowest free slots. Returns how many are still needed."""
     ctx = d.ctx
     spec = ctx.spec
-    for rec in sorted(census.suspended, key=lambda r: r.slot)[: max(need, 0)]:
+    resumed = sorted(census.suspended, key=lambda r: r.slot)[:need] if need > 0 else []
+    for rec in resumed:
         resume = ResumeClone(pool=spec.name, clone=rec.name)
         d.set(rec.name, moved(ctx, rec, CloneState.BOOTING), (resume,))
         need -= 1

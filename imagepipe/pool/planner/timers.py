@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from imagepipe.pool.model import CloneState, PoolRecord, PoolSpec
+from imagepipe.pool.model import CloneRecord, CloneState, PoolRecord, PoolSpec
 from imagepipe.pool.planner.forecast import learning, next_bucket, shrink_after
 
 
@@ -11,36 +11,45 @@ def next_timer(spec: PoolSpec, record: PoolRecord, now: float) -> float | None:
     observation (a recycle, disconnect, shrink, boot or retry timer, the breaker, the drain
     deadline, a schedule minute, a learned bucket). The keeper may sleep until then or until
     an event."""
-    soonest: float | None = None
     idle_for = shrink_after(spec, record.arrivals)
+    clones = (clone_timer(spec, rec, idle_for) for rec in record.clones.values())
+    return soonest(now, *clones, *pool_timers(spec, record, now))
 
-    def consider(at: float | None) -> None:
-        nonlocal soonest
-        if at is not None and at > now and (soonest is None or at < soonest):
-            soonest = at
 
-    for rec in record.clones.values():
-        state = rec.state
-        if state is CloneState.RECYCLING:
-            ended = rec.session_ended_at if rec.session_ended_at is not None else rec.since
-            consider(ended + spec.recycle_after)
-        elif state is CloneState.STOPPED:
-            consider(rec.since + spec.recycle_after)
-        elif state is CloneState.DISCONNECTED:
-            consider(rec.since + spec.disconnect_timeout)
-        elif state is CloneState.FREE:
-            consider(rec.since + idle_for)
-        elif state in (CloneState.CREATING, CloneState.BOOTING, CloneState.DELETING):
-            consider(rec.since + spec.boot_timeout)
-        elif state is CloneState.FAILED:
-            consider(rec.retry_at)
-    consider(record.breaker_open_until)
+def clone_timer(spec: PoolSpec, rec: CloneRecord, idle_for: float) -> float | None:
+    """When this clone's record could next move on its own (`idle_for`: shrink_after)."""
+    state = rec.state
+    if state is CloneState.RECYCLING:
+        ended = rec.session_ended_at if rec.session_ended_at is not None else rec.since
+        return ended + spec.recycle_after
+    if state is CloneState.STOPPED:
+        return rec.since + spec.recycle_after
+    if state is CloneState.DISCONNECTED:
+        return rec.since + spec.disconnect_timeout
+    if state is CloneState.FREE:
+        return rec.since + idle_for
+    if state in (CloneState.CREATING, CloneState.BOOTING, CloneState.DELETING):
+        return rec.since + spec.boot_timeout
+    if state is CloneState.FAILED:
+        return rec.retry_at
+    return None
+
+
+def pool_timers(spec: PoolSpec, record: PoolRecord, now: float) -> list[float | None]:
+    """The pool's own timers: the breaker, the drain deadlines, the schedule's next minute,
+    the next learned bucket."""
+    timers = [record.breaker_open_until]
     if spec.drain_deadline is not None and record.rollout_started_at is not None:
-        consider(record.rollout_started_at + spec.drain_deadline)
+        timers.append(record.rollout_started_at + spec.drain_deadline)
     if record.rollout is not None:
-        consider(record.rollout.deadline_at)
+        timers.append(record.rollout.deadline_at)
     if spec.schedule:
-        consider(now - now % 60.0 + 60.0)
+        timers.append(now - now % 60.0 + 60.0)
     if record.arrivals is not None and learning(spec, record.arrivals):
-        consider(next_bucket(record.arrivals, now))
-    return soonest
+        timers.append(next_bucket(record.arrivals, now))
+    return timers
+
+
+def soonest(now: float, *timers: float | None) -> float | None:
+    """The earliest of `timers` after `now` (None: none is)."""
+    return min((at for at in timers if at is not None and at > now), default=None)

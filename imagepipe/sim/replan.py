@@ -1,0 +1,296 @@
+"""plan()'s answer, pass after pass, for one simulated pool, without deciding every quiet
+clone again.
+
+A keeper pass hands plan() the whole pool and plan() decides every clone, although in a busy
+pool most of them are quiet (planner/clones.py `quiet`: in use by the same user, free and
+serving, suspended) and stay so for hundreds of passes. The simulator knows which clones
+changed between two passes (World.changes() and the records it writes itself), so the
+Replanner sets quiet clones aside and runs the planner's own steps (context, decide,
+decide_missing, settle, in_order) on the others only, in plan()'s order:
+
+- a quiet clone stays quiet while its observation and its record are the objects the pass
+  that found it quiet saw, and the pool spec and target version are the same; a pass with
+  what quiet() reads beside those (touched clones, lost or draining hosts) or with an active
+  rollout (whose pacing reads every record) is plan() itself, and the next pass starts over;
+- resize gets the census count() would give: the clones decided this pass counted by
+  `tally`, the quiet ones added as tally counts them (of the target version, seen, counted
+  and alive; running unless suspended; a free one shared and ready). Of the quiet free
+  clones past shrink_after only the idlest is listed: shrink takes the idlest, and nothing
+  else reads the list for a quiet clone;
+- a quiet clone that resize suspends, resumes or deletes gets its actions where plan() puts
+  them (in the order of the observed clones);
+- next_timer takes the quiet clones' timers from the free ones' `since` (in use and
+  suspended clones have none).
+
+tests/unit/test_sim_replan.py runs plan() beside the Replanner on every pass of seeded days
+and compares their answers.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+
+from imagepipe.pool.model import (
+    Action,
+    CloneRecord,
+    CloneState,
+    Observed,
+    ObservedClone,
+    PoolRecord,
+    PoolSpec,
+)
+from imagepipe.pool.planner import (
+    context,
+    decide,
+    decide_missing,
+    in_order,
+    next_timer,
+    plan,
+    settle,
+)
+from imagepipe.pool.planner.forecast import shrink_after
+from imagepipe.pool.planner.resize import Census, Decisions, tally
+from imagepipe.pool.planner.steps import Context
+from imagepipe.pool.planner.timers import clone_timer, pool_timers, soonest
+from imagepipe.pool.rollout.rules import target_of
+from imagepipe.sim.world import World
+
+_MARGIN = 1e-3  # a held clone is decided again this long before its timer (float rounding)
+
+
+@dataclass
+class Replanner:
+    """plan() for the pool of `world`. The simulation adds the name of every record it
+    writes or drops to `written`; the world tells which clones changed."""
+
+    world: World
+    written: set[str] = field(default_factory=set)
+    _key: tuple[PoolSpec, int | None] | None = None  # what the quiet clones were found under
+    _active: set[str] = field(default_factory=set)  # decided every pass
+    _quiet: dict[str, CloneRecord] = field(default_factory=dict)
+    _free: dict[str, CloneRecord] = field(default_factory=dict)  # quiet and free
+    _idlest: list[tuple[float, int, str]] = field(default_factory=list)  # _free by (since, -slot)
+    _suspended: dict[str, CloneRecord] = field(default_factory=dict)  # quiet and suspended
+    _resumable: list[CloneRecord] | None = None  # _suspended in shared slots (None: changed)
+    _slots: dict[int, int] = field(default_factory=dict)  # the quiet clones' slots, counted
+    # active clones kept as stored until a timer: (until, in flight, stored record)
+    _held: dict[str, tuple[float, bool, CloneRecord]] = field(default_factory=dict)
+    _held_under: tuple[bool, bool] = (False, False)  # breaker open, drain deadline passed
+
+    def plan(
+        self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float
+    ) -> list[Action]:
+        """What plan(spec, observed, record, now) answers."""
+        changed = self.world.changes() | self.written
+        self.written = set()
+        if (
+            observed.touched
+            or observed.lost_hosts
+            or observed.draining_hosts
+            or record.rollout is not None
+        ):
+            self._key = None
+            return plan(spec, observed, record, now)
+        by_name, records = self.world.by_name(), record.clones
+        target = target_of(observed, record)
+        if (spec, target) != self._key:
+            self._start_over((spec, target), by_name, records)
+        else:
+            for name in changed:
+                self._wake(name)
+        self._active = {n for n in self._active if n in by_name or n in records}
+        old = target is not None and any(
+            (name in by_name and by_name[name].info.version != target)
+            or (name in records and records[name].version != target)
+            for name in self._active
+        )  # a quiet clone is of the target version
+        ctx = context(spec, observed, record, now, old)
+        d = Decisions(ctx=ctx, observed=by_name)
+        self._still_held(ctx)
+        failed = came_up = 0
+        eventful: set[str] = set()  # failed or came up this pass
+        for name in sorted((n for n in self._active if n in by_name), key=self.world.order):
+            if name in self._held:
+                continue
+            seen_failed, seen_up = decide(d, by_name[name], records.get(name))
+            failed += seen_failed
+            came_up += seen_up
+            if seen_failed or seen_up:
+                eventful.add(name)
+        missing = {n for n in self._active if n not in by_name}
+        for name in [n for n in records if n in missing] if len(missing) > 1 else missing:
+            failed += decide_missing(d, name, records[name])
+        census = self._census(d) if ctx.target is not None else None
+        failures, until = settle(d, observed, record, failed, came_up, census)
+        self._in_observed_order(d, by_name)
+        out = in_order(d, observed, record, failures, until)
+        for name in d.quiet:
+            self._rest(name, d.records[name])
+        self._hold(d, records, eventful, out)
+        return out
+
+    # ---- clones that wait for a timer --------------------------------------------------
+
+    def _hold(
+        self,
+        d: Decisions,
+        records: Mapping[str, CloneRecord],
+        eventful: Collection[str],
+        out: list[Action],
+    ) -> None:
+        """Observed clones the rules kept as stored, with nothing to do (booting, waiting to
+        recycle): the same answer until their record's timer, while nothing about them and
+        none of the pass-wide values the rules read for them changes."""
+        ctx = d.ctx
+        acted = {getattr(a, "clone", None) for a in out}
+        idle_for = shrink_after(ctx.spec, ctx.arrivals)
+        for name, actions in d.actions.items():
+            rec = records.get(name)
+            if (
+                rec is None
+                or actions
+                or d.records.get(name) is not rec
+                or name in d.quiet
+                or name in acted
+                or name in eventful
+                or rec.lost_since is not None
+                or name not in d.observed
+            ):
+                continue
+            at = clone_timer(ctx.spec, rec, idle_for)
+            self._held[name] = (
+                float("inf") if at is None else at - _MARGIN,
+                name in ctx.in_flight,
+                rec,
+            )
+        self._held_under = (ctx.breaker_open, ctx.drain_deadline_passed)
+
+    def _still_held(self, ctx: Context) -> None:
+        """Drop the holds that this pass's context or clock ends."""
+        if (ctx.breaker_open, ctx.drain_deadline_passed) != self._held_under:
+            self._held.clear()
+            return
+        now, in_flight = ctx.now, ctx.in_flight
+        ended = [
+            name
+            for name, (until, flying, _) in self._held.items()
+            if now >= until or (name in in_flight) != flying
+        ]
+        for name in ended:
+            del self._held[name]
+
+    def next_timer(self, spec: PoolSpec, record: PoolRecord, now: float) -> float | None:
+        """What planner.next_timer answers, right after a pass of plan()."""
+        if self._key is None:
+            return next_timer(spec, record, now)
+        idle_for = shrink_after(spec, record.arrivals)
+        records = record.clones
+        timers = [clone_timer(spec, records[n], idle_for) for n in self._active if n in records]
+        free = self._free_timer(now, idle_for)
+        return soonest(now, *timers, free, *pool_timers(spec, record, now))
+
+    def stored(self, record: PoolRecord, *states: CloneState) -> list[CloneRecord]:
+        """The records of `record` in one of `states`, right after a pass of plan() on it:
+        the quiet clones' records are the stored ones."""
+        records = record.clones
+        if self._key is None:
+            return [r for r in records.values() if r.state in states]
+        out = [records[n] for n in self._active if n in records and records[n].state in states]
+        if CloneState.FREE in states:
+            out += self._free.values()
+        if CloneState.SUSPENDED in states:
+            out += self._suspended.values()
+        if CloneState.IN_USE in states:  # the other quiet clones
+            out += [r for r in self._quiet.values() if r.state is CloneState.IN_USE]
+        return out
+
+    # ---- the quiet clones ------------------------------------------------------------
+
+    def _start_over(
+        self,
+        key: tuple[PoolSpec, int | None],
+        by_name: Collection[str],
+        records: Collection[str],
+    ) -> None:
+        for name in list(self._quiet):
+            self._wake(name)
+        self._active = set(by_name) | set(records)
+        self._key = key
+
+    def _rest(self, name: str, rec: CloneRecord) -> None:
+        """`name` was found quiet with the record `rec` (the stored one)."""
+        self._active.discard(name)
+        self._quiet[name] = rec
+        self._slots[rec.slot] = self._slots.get(rec.slot, 0) + 1
+        if rec.state is CloneState.FREE:
+            self._free[name] = rec
+            insort(self._idlest, (rec.since, -rec.slot, name))
+        elif rec.state is CloneState.SUSPENDED:
+            self._suspended[name] = rec
+            self._resumable = None
+
+    def _wake(self, name: str) -> None:
+        """`name` is decided again from the next pass on (it changed, or resize acts on it)."""
+        self._active.add(name)
+        self._held.pop(name, None)
+        rec = self._quiet.pop(name, None)
+        if rec is None:
+            return
+        if self._slots[rec.slot] == 1:
+            del self._slots[rec.slot]
+        else:
+            self._slots[rec.slot] -= 1
+        if self._free.pop(name, None) is not None:
+            del self._idlest[bisect_left(self._idlest, (rec.since, -rec.slot, name))]
+        if self._suspended.pop(name, None) is not None:
+            self._resumable = None
+
+    def _census(self, d: Decisions) -> Census:
+        """count(d) for the whole pool: the clones decided this pass and the quiet ones."""
+        ctx = d.ctx
+        c = Census()
+        idle_for = shrink_after(ctx.spec, ctx.arrivals)
+        for name, rec in d.records.items():
+            tally(c, d, name, rec, idle_for)
+        for name, (_, _, rec) in self._held.items():
+            tally(c, d, name, rec, idle_for)
+        quiet = len(self._quiet)
+        c.counted += quiet
+        c.alive += quiet
+        c.running += quiet - len(self._suspended)
+        c.ready_free += len(self._free)  # quiet() holds no free clone in an assigned slot
+        c.used_slots.update(self._slots)
+        if self._idlest:
+            since, _, name = self._idlest[0]
+            if ctx.now - since >= idle_for:
+                c.shrinkable.append(self._free[name])
+        if self._resumable is None:
+            assigned = ctx.assigned  # the same while clones stay quiet (the spec is)
+            self._resumable = [r for r in self._suspended.values() if r.slot not in assigned]
+        c.suspended += self._resumable
+        return c
+
+    def _in_observed_order(self, d: Decisions, by_name: Mapping[str, ObservedClone]) -> None:
+        """Quiet clones resize acted on: woken, and their actions moved to where plan() has
+        them (observed clones first, in their order, then the others as decided)."""
+        touched = [n for n in d.actions if n in self._quiet or n in self._held]
+        if not touched:
+            return
+        for name in touched:
+            self._wake(name)
+        seen = sorted((n for n in d.actions if n in by_name), key=self.world.order)
+        rest = [n for n in d.actions if n not in by_name]
+        d.actions = {name: d.actions[name] for name in seen + rest}
+
+    def _free_timer(self, now: float, idle_for: float) -> float | None:
+        """The soonest shrink timer of a quiet free clone after `now`."""
+        idlest = self._idlest
+        i = bisect_left(idlest, (now - idle_for - 1.0,))
+        while i < len(idlest):
+            at = idlest[i][0] + idle_for
+            if at > now:
+                return at
+            i += 1
+        return None
