@@ -29,7 +29,8 @@ from imagepipe.balancers.ipvs.runner import CommandRunner
 from imagepipe.checks import INSTALL, Check, Status, fail, ok, warn
 from imagepipe.config import Settings, load_pools, load_settings
 from imagepipe.errors import ConfigError, EnvironmentMissingError, ImagepipeError
-from imagepipe.hypervisors.libvirt.checks import check_kvm, check_libvirt
+from imagepipe.hypervisors.libvirt import checks as libvirt_checks
+from imagepipe.hypervisors.libvirt.checks import WantedVersion, check_kvm, check_libvirt
 from imagepipe.hypervisors.virtualbox.checks import PoolBase, check_bases, check_virtualbox_host
 from imagepipe.images.packer import Packer
 from imagepipe.log import fields
@@ -50,9 +51,13 @@ def run_checks(config: Path | None) -> list[Check]:
     checks = [settings_check, check_packer()]
     if settings is not None:
         pools_check, specs = check_pools(settings)
-        checks += [pools_check, check_hypervisor(settings)]
-        if settings.hypervisor.driver == "libvirt":
-            checks.append(check_kvm())
+        checks.append(pools_check)
+        if settings.host_specs() and settings.hypervisor.driver == "libvirt":
+            checks += check_hosts(settings, specs)  # /dev/kvm of this machine runs no desktop
+        else:
+            checks.append(check_hypervisor(settings))
+            if settings.hypervisor.driver == "libvirt":
+                checks.append(check_kvm())
         if settings.hypervisor.driver == "virtualbox":
             checks += check_virtualbox_host() + check_virtualbox_bases(settings, specs)
         checks.append(check_balancer(settings))
@@ -167,6 +172,35 @@ def check_hypervisor(settings: Settings) -> Check:
             return fail("hypervisor", str(exc), fix)
         return ok("hypervisor", f"{settings.hypervisor.driver} answers")
     return check_libvirt(settings.hypervisor.uri)
+
+
+def check_hosts(settings: Settings, specs: Sequence[PoolSpec]) -> list[Check]:
+    """Each host of `hosts:`: libvirt answers, its storage pool, free space, and the versions
+    of the pools that may run there (hypervisors/libvirt/checks.py)."""
+    with Runtime(settings) as runtime:
+        registry = runtime.registry
+    hosts = settings.host_specs()
+    wanted: dict[str, dict[tuple[str, int], WantedVersion]] = {h.name: {} for h in hosts}
+    if settings.registry.exists():
+        for spec in specs:
+            ref: str | int | None = spec.version if spec.version is not None else spec.channel
+            try:
+                base = registry.resolve(spec.image, ref).base_image()
+            except ImagepipeError:
+                continue  # check_pool_images reports it
+            size = sum(
+                (base.directory / f).stat().st_size
+                for f in (base.disk, base.kernel, base.initrd)
+                if f is not None and (base.directory / f).is_file()
+            )
+            key = (base.image, base.version)
+            for host in hosts:
+                if not spec.may_use(host):
+                    continue
+                known = wanted[host.name].get(key)
+                pools = (*known.pools, spec.name) if known else (spec.name,)
+                wanted[host.name][key] = WantedVersion(base.image, base.version, size, pools)
+    return libvirt_checks.check_hosts(hosts, {h: list(w.values()) for h, w in wanted.items()})
 
 
 def check_balancer(settings: Settings) -> Check:

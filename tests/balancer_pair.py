@@ -1,7 +1,9 @@
 """A balancer pair on this host for tests and benchmarks: two network namespaces (lb1, lb2),
 each with an HAProxy and keepalived running examples/keepalived, a bridge namespace joining
 them and this host, and a keeper whose balancer group keeps both HAProxy in step over real
-tiny libvirt desktops whose VNC listens on this host's end of the bridge.
+tiny libvirt desktops whose VNC listens on this host's end of the bridge. The pair persists
+users by source address (`persist: source`) and shares its stick table (HAProxy peers on
+each namespace's address); this host's end has two addresses, one per user machine.
 
     with balancer_pair() as world:
         keeper = world.runtime.keeper([world.spec])
@@ -29,8 +31,9 @@ from pathlib import Path
 from imagepipe.app.bootstrap import Adapters, Runtime, bootstrap
 from imagepipe.balancers.group import BalancerGroup
 from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
+from imagepipe.balancers.haproxy.config import Peer
 from imagepipe.config import HypervisorSettings, Settings
-from imagepipe.pool.model import PoolSpec
+from imagepipe.pool.model import Endpoint, PoolSpec
 from tests.conftest import libvirt_available, require, require_program
 from tests.e2e.test_ipvs_e2e import OneImage
 from tests.guest import VncClient, tiny_base_image
@@ -43,6 +46,7 @@ POOL = "vrrpe2e"
 PORT = 5999  # the users' port on the address keepalived moves
 WAIT = 240.0  # TCG desktops on a shared 2-core host
 FAILOVER_LIMIT = 10.0  # "within a few seconds": keepalived's checks plus three adverts
+PEER_PORT = 10000  # where each HAProxy takes the other's stick-table updates
 
 
 @dataclass
@@ -54,6 +58,7 @@ class Node:
     address: str
     workdir: Path
     keepalived: subprocess.Popen[bytes] | None = None
+    peers: tuple[Peer, ...] = ()  # both HAProxy of the pair
 
     @property
     def admin_socket(self) -> Path:
@@ -76,6 +81,9 @@ class Node:
             config_path=self.workdir / "haproxy.cfg",
             pid_file=self.pid_file,
             manage=manage,
+            persist="source",
+            peers=self.peers,
+            local_peer=self.name,
             program=str(wrapper),
         )
 
@@ -85,6 +93,8 @@ class World:
     lab: NetLab
     nodes: tuple[Node, Node]
     vip: str
+    user_address: str  # this host's address users connect from
+    newcomer_address: str  # a second user machine's (this host's second address)
     runtime: Runtime
     spec: PoolSpec
     root: Path
@@ -154,10 +164,11 @@ def balancer_pair() -> Iterator[World]:
     runtime: Runtime | None = None
     try:
         net = free_subnet()
-        host, vip = str(net[1]), str(net[100])
+        host, newcomer, vip = str(net[1]), str(net[2]), str(net[100])
         switch = lab.ns("sw")
         host_end, host_port = lab.veth(None, "vrh", switch, "vrhp")
         lab.address(None, host_end, f"{host}/24")
+        lab.address(None, host_end, f"{newcomer}/24")
         ports = [host_port]
         for index, name in enumerate(("lb1", "lb2")):
             ns = lab.ns(name)
@@ -168,6 +179,9 @@ def balancer_pair() -> Iterator[World]:
             workdir.mkdir()
             nodes.append(Node(name, ns, address, workdir))
             ports.append(port)
+        peers = tuple(Peer(n.name, Endpoint(n.address, PEER_PORT)) for n in nodes)
+        for node in nodes:
+            node.peers = peers
         lab.bridge(switch, "br0", ports)
         check = root / "check-haproxy"
         shutil.copy(EXAMPLE / "check-haproxy", check)
@@ -208,7 +222,7 @@ def balancer_pair() -> Iterator[World]:
             recycle_after=600.0,
             boot_timeout=180.0,
         )
-        yield World(lab, (nodes[0], nodes[1]), vip, runtime, spec, root)
+        yield World(lab, (nodes[0], nodes[1]), vip, host, newcomer, runtime, spec, root)
     finally:
         if runtime is not None:
             runtime.close()
@@ -243,9 +257,10 @@ def _free(host: str, port: int) -> bool:
     return True
 
 
-def vnc_handshake(vip: str, timeout: float) -> str:
-    """A new VNC client through the address; the desktop's name from its ServerInit."""
-    viewer = VncClient(vip, PORT, timeout=timeout)
+def vnc_handshake(vip: str, timeout: float, source: str | None = None) -> str:
+    """A new VNC client through the address (from this host's address `source`); the
+    desktop's name from its ServerInit."""
+    viewer = VncClient(vip, PORT, timeout=timeout, source=source)
     try:
         return viewer.handshake().removeprefix("QEMU (").removesuffix(")")
     finally:
@@ -261,7 +276,7 @@ class Failover:
 
 def kill_and_reach(world: World, active: Node, standby: Node) -> Failover:
     """Kill the active HAProxy; time the address moving to `standby` and the first VNC
-    handshake through it."""
+    handshake through it, from the newcomer's machine."""
     killed = active.haproxy_pid()
     start = time.monotonic()
     os.kill(killed, signal.SIGKILL)
@@ -274,7 +289,7 @@ def kill_and_reach(world: World, active: Node, standby: Node) -> Failover:
 
     def handshake() -> bool:
         try:
-            reached.append(vnc_handshake(world.vip, timeout=1.0))
+            reached.append(vnc_handshake(world.vip, timeout=1.0, source=world.newcomer_address))
         except OSError:
             return False
         return True

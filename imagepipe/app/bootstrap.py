@@ -363,8 +363,10 @@ def _haproxy_group(settings: Settings, manage: bool | None) -> Balancer:
     entrance's socket goes to the first instance."""
     from imagepipe.balancers.group import BalancerGroup
     from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
+    from imagepipe.balancers.haproxy.config import Peer, parse_bind
 
     cfg = settings.balancer
+    peers = tuple(Peer(i.name, parse_bind(i.peer)) for i in cfg.instances if i.peer)
     members: list[tuple[str, Balancer]] = []
     for index, instance in enumerate(cfg.instances):
         managed = cfg.manage if instance.manage is None else instance.manage
@@ -383,6 +385,8 @@ def _haproxy_group(settings: Settings, manage: bool | None) -> Balancer:
                     web_socket=settings.web_balancer_socket
                     if settings.web and index == 0
                     else None,
+                    peers=peers if instance.peer else (),
+                    local_peer=instance.name if instance.peer else None,
                 ),
             )
         )

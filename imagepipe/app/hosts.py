@@ -9,16 +9,21 @@ desktops there, free ones replaced elsewhere, in-use ones removed when their ses
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from imagepipe.app.bootstrap import Runtime
 from imagepipe.config import Settings
-from imagepipe.errors import BadInputError
+from imagepipe.errors import BadInputError, HypervisorUnavailableError, ImagepipeError
+from imagepipe.log import fields
+from imagepipe.pool.keeper import Keeper
 from imagepipe.pool.model import CloneState, HostSpec, HostState, PoolSpec
-from imagepipe.pool.ports import Hosts
+from imagepipe.pool.ports import HostList, Hosts
 from imagepipe.pool.store import Store
 
+log = logging.getLogger(__name__)
 IN_USE = (CloneState.IN_USE, CloneState.DISCONNECTED, CloneState.RETIRING)
 
 
@@ -36,7 +41,8 @@ class HostRow:
     other: int  # booting, recycling, being deleted, ...
     lost: int  # desktops remembered on it while it is lost (not seen)
     versions: tuple[str, ...]  # "image vN"
-    upload: str | None  # "image vN 42%"
+    upload: str | None  # "image vN: 12.5 of 30.0 MiB (42 %)"
+    upload_since: float | None  # when that upload started
     max_desktops: int | None
     max_memory: int | None
 
@@ -79,7 +85,13 @@ def host_rows(runtime: Runtime, specs: Sequence[PoolSpec]) -> list[HostRow]:
     read-only; asks the hypervisor for its hosts, never for an upload)."""
     hosts = configured(runtime.settings)
     hypervisor = runtime.hypervisor
-    states = {s.name: s for s in hypervisor.hosts()} if isinstance(hypervisor, Hosts) else {}
+    states = {}
+    if isinstance(hypervisor, Hosts):
+        # one observation first: which hosts answer, what they hold, an upload under way
+        # (this process has seen nothing yet; every host would read as lost)
+        with contextlib.suppress(HypervisorUnavailableError):
+            hypervisor.list_clones()
+        states = {s.name: s for s in hypervisor.hosts()}
     return rows(hosts, states, runtime.store_reader, specs)
 
 
@@ -108,10 +120,7 @@ def rows(
     out = []
     for host in hosts:
         state = states.get(host.name)
-        upload = None
-        if state is not None and state.upload is not None:
-            image, version, done = state.upload
-            upload = f"{image} v{version} {done:.0%}"
+        upload = state.upload if state is not None else None
         out.append(
             HostRow(
                 name=host.name,
@@ -122,7 +131,8 @@ def rows(
                 since=state.since if state is not None else None,
                 draining_since=draining.get(host.name),
                 versions=tuple(f"{i} v{v}" for i, v in state.versions) if state else (),
-                upload=upload,
+                upload=upload.describe() if upload is not None else None,
+                upload_since=upload.since if upload is not None else None,
                 max_desktops=host.max_desktops,
                 max_memory=host.max_memory,
                 **counts[host.name],
@@ -151,6 +161,48 @@ def desktops_on(store: Store, specs: Sequence[PoolSpec], host: str) -> int:
         for record in store.load_pool(spec.name).clones.values()
         if record.host == host
     )
+
+
+def sessions_on(store: Store, specs: Sequence[PoolSpec], host: str) -> int:
+    """The desktops on the host that have a user, as the store remembers them."""
+    return sum(
+        1
+        for spec in specs
+        for record in store.load_pool(spec.name).clones.values()
+        if record.host == host and record.state in IN_USE
+    )
+
+
+def apply_hosts(keeper: Keeper, hosts: Sequence[HostSpec]) -> None:
+    """A reloaded `hosts:` list, between two passes: the desktops of a removed host are
+    deleted there first (the reload made sure none has a user), then the hypervisor takes
+    the new list and the keeper places by it."""
+    hosts = tuple(hosts)
+    if hosts == keeper.host_specs:
+        return
+    hypervisor = keeper.hypervisor
+    if not isinstance(hypervisor, HostList):
+        log.warning("this hypervisor cannot change its hosts while running; restart the keeper")
+        return
+    removed = {h.name for h in keeper.host_specs} - {h.name for h in hosts}
+    for spec in keeper.specs.values():
+        for record in keeper.store.load_pool(spec.name).clones.values():
+            if record.host not in removed:
+                continue
+            try:
+                hypervisor.delete(record.name)
+            except ImagepipeError as exc:
+                log.warning(
+                    "desktop of a removed host not deleted; it stays on that host",
+                    extra=fields(host=record.host, clone=record.name, error=str(exc)),
+                )
+            else:
+                log.info(
+                    "desktop of a removed host deleted",
+                    extra=fields(host=record.host, clone=record.name, pool=spec.name),
+                )
+    hypervisor.set_hosts(hosts)
+    keeper.host_specs = hosts
 
 
 def wait_empty(

@@ -7,8 +7,12 @@ not dropped: its desktops are not deleted without a command (`imagepipe pools do
 keeper goes on looking after its sessions with growth stopped (`frozen`): no new desktop, no
 idle desktop removed, free desktops stay in the balancer.
 
-What a reload changes: the pools, `keeper.tick`, `keeper.parallel`, `keeper.action_timeout`.
-A change of anything else (drivers, addresses, paths, metrics) is logged as needing a
+What a reload changes: the pools, `keeper.tick`, `keeper.parallel`, `keeper.action_timeout`,
+and a `hosts:` list (hosts added, removed, their address, capacity, labels or uri changed;
+going from one host to a list or back needs a restart). A host is removed only when none
+of its desktops has a user (the store's records): otherwise the reload is refused, with
+one log line naming the host and how to drain it, and the old configuration is kept. A
+change of anything else (drivers, addresses, paths, metrics) is logged as needing a
 restart and not applied.
 """
 
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from imagepipe.pool.model import PoolSpec
 log = logging.getLogger(__name__)
 
 RELOADABLE = ("pools_dir", "keeper")  # settings a reload applies; the rest needs a restart
+# hosts: too, from one list to another (one host <-> a list changes the hypervisor)
 
 
 @dataclass(frozen=True)
@@ -70,10 +75,11 @@ def frozen(spec: PoolSpec) -> PoolSpec:
 
 def _reloadable(old: Settings, new: Settings) -> Settings:
     """`new` with what a reload cannot change put back to `old`, said once in the log."""
+    reloadable = (*RELOADABLE, "source", *(("hosts",) if old.hosts and new.hosts else ()))
     changed = [
         name
         for name in type(old).model_fields
-        if name not in (*RELOADABLE, "source") and getattr(old, name) != getattr(new, name)
+        if name not in reloadable and getattr(old, name) != getattr(new, name)
     ]
     if changed:
         log.warning(
@@ -92,8 +98,9 @@ class Reloader:
         self.wanted = tuple(wanted)
         self.current = current
 
-    def reload(self) -> KeeperConfig | None:
-        """The new configuration, or None (logged) when a file fails validation."""
+    def reload(self, in_session: Callable[[str], int] = lambda host: 0) -> KeeperConfig | None:
+        """The new configuration, or None (logged) when a file fails validation or a host
+        removed from `hosts:` has desktops with users (`in_session(host)`: how many)."""
         try:
             new = load_keeper_config(self.config, self.wanted, self.current)
         except ImagepipeError as exc:
@@ -103,6 +110,22 @@ class Reloader:
                 extra=fields(error=first),
             )
             return None
+        kept = {h.name for h in new.settings.hosts}
+        for host in self.current.settings.hosts:
+            if host.name in kept:
+                continue
+            users = in_session(host.name)
+            if users:
+                log.error(
+                    "reload refused; keeping the last good configuration",
+                    extra=fields(
+                        error=f"{new.settings.source}: host {host.name} is no longer under "
+                        f"hosts:, but {users} desktop(s) on it have users; drain it first "
+                        f"(imagepipe hosts drain {host.name} --wait), then remove it",
+                        host=host.name,
+                    ),
+                )
+                return None
         for name in new.frozen:
             if name not in self.current.frozen:
                 log.warning(
@@ -115,6 +138,7 @@ class Reloader:
             extra=fields(
                 pools=",".join(s.name for s in new.specs) or "none",
                 tick=new.settings.keeper.tick,
+                hosts=",".join(h.name for h in new.settings.hosts) or None,
             ),
         )
         self.current = new

@@ -25,10 +25,12 @@ from contextlib import contextmanager
 from types import FrameType
 
 from imagepipe.app.bootstrap import keeper_options
+from imagepipe.app.hosts import apply_hosts, sessions_on
 from imagepipe.app.metrics import KeeperMetrics
 from imagepipe.app.notify import SystemdNotifier
 from imagepipe.app.reload import Reloader
 from imagepipe.app.status import HostStatus, build_status, load_records
+from imagepipe.errors import ImagepipeError
 from imagepipe.log import fields
 from imagepipe.pool.keeper import Keeper, PassReport
 from imagepipe.pool.observe import HostObservation
@@ -72,8 +74,10 @@ class KeeperService:
         if self.reloader is None:
             return
         self.notifier.reloading()
-        config = self.reloader.reload()
+        specs = list(keeper.specs.values())
+        config = self.reloader.reload(lambda host: sessions_on(keeper.store, specs, host))
         if config is not None:
+            apply_hosts(keeper, config.settings.host_specs())
             keeper.reconfigure(config.specs, config.other_pools, keeper_options(config.settings))
         self.notifier.ready(f"reloaded; {len(keeper.specs)} pool(s)")
 
@@ -90,7 +94,16 @@ class KeeperService:
         """Metrics first, then STATUS and the watchdog ping: whoever hears the STATUS of a
         pass can scrape that pass's metrics."""
         now = keeper.clock.now()
-        snapshot = None if report is None else self._snapshot(keeper, report, now)
+        snapshot = None
+        if report is not None:
+            try:
+                snapshot = self._snapshot(keeper, report, now)
+            except ImagepipeError as exc:
+                # the state store stopped answering since the pass (a database outage): the
+                # keeper goes on; its own election says the store is unreachable, once
+                log.warning(
+                    "pass status not read; retrying next pass", extra=fields(error=str(exc))
+                )
         if self.metrics is not None:
             self.metrics.record_pass(report, snapshot, seconds, now)
         if self.notifier.enabled:

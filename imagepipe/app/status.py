@@ -30,7 +30,7 @@ from imagepipe.pool.model import (
     RolloutPolicy,
 )
 from imagepipe.pool.observe import HostObservation, observe
-from imagepipe.pool.planner import classify, free_target
+from imagepipe.pool.planner import classify, free_target, session_unread
 from imagepipe.pool.planner.forecast import day_and_bucket
 from imagepipe.pool.ports import Hosts
 
@@ -41,7 +41,8 @@ SCHEMA = "imagepipe.status/1"
 IN_USE = (CloneState.IN_USE, CloneState.DISCONNECTED)
 MISSING = "missing"  # remembered by the store, not on the host
 UNSEEN = "unseen"  # remembered on a host that is lost: it may still run there
-UNKNOWN = "unknown"  # a read this status needed failed (its session, the balancer)
+UNKNOWN = "unknown"  # a read this status needed failed (its session, its readiness, the balancer)
+RESTS_ON_READY = (CloneState.FREE, CloneState.BOOTING)
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class CloneStatus:
     name: str
     slot: int
     version: int | None
-    state: str  # planner.classify: free, in_use, booting, ...; unknown: its session unread
+    state: str  # planner.classify: free, in_use, booting, ...; unknown: session/readiness unread
     power: str | None  # running, shutoff, ...; None when the clone does not exist (yet)
     display: str | None  # host:port a remote-desktop client connects to
     balancer: str | None  # ready, drain, maint, unknown (unread); None = not in the balancer
@@ -237,12 +238,13 @@ def clone_status(
     could not be read (`unread`) shows as unknown, never as a guess."""
     if seen is None:
         return _missing(record)
-    if seen.name in unread.sessions:
+    if seen.name in unread.sessions or session_unread(spec, seen.session, record, now):
         state = UNKNOWN
     else:
-        state = str(
-            classify(spec, seen, record, now, target_version=target_version, rollout=rollout)
-        )
+        planned = classify(spec, seen, record, now, target_version=target_version, rollout=rollout)
+        # free or booting rests on whether it is ready; a readiness read that did not answer
+        # in time (ready None: a late guest agent reply) says neither
+        state = UNKNOWN if seen.info.ready is None and planned in RESTS_ON_READY else str(planned)
     backend = seen.backend
     session = seen.session
     balancer = UNKNOWN if unread.balancer else str(backend.state) if backend else None

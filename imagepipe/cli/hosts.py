@@ -52,14 +52,19 @@ def hosts(
         )
         versions = ", ".join(r.versions) or "-"
         if r.upload:
-            versions += f" (uploading {r.upload})"
+            since = f" since {clock(r.upload_since)}" if r.upload_since is not None else ""
+            versions += f" (uploading {r.upload}{since})"
         state = r.state
         if r.state == "lost" and r.since is not None:
-            state += " since " + time.strftime("%H:%M:%S", time.localtime(r.since))
+            state += " since " + clock(r.since)
         typer.echo(
             f"{r.name:<12} {state:<9} {r.free:>4} {r.in_use:>6} {r.other:>5} {r.lost:>6} "
             f"{capacity or 'unlimited':<14} {versions}"
         )
+
+
+def clock(at: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at))
 
 
 @app.command()

@@ -80,7 +80,8 @@ def _demo_if_nothing_else(settings: Settings) -> Settings:
 
 
 def host_summary(snapshot: HostStatus) -> str | None:
-    """One line per host over every pool (several hosts only): free, in use, unseen."""
+    """One line per host over every pool (several hosts only): free, in use, unseen; lost
+    since when, an upload under way (how far, since when)."""
     counts: dict[str, dict[str, int]] = {}
     for pool in snapshot.pools:
         for clone in pool.clones:
@@ -95,7 +96,8 @@ def host_summary(snapshot: HostStatus) -> str | None:
             elif clone.state == "unseen":
                 row["unseen"] += 1
     lost = {h.name: h.since for h in snapshot.hosts if not h.connected}
-    for name in lost:
+    uploads = {h.name: h.upload for h in snapshot.hosts if h.upload is not None}
+    for name in (*lost, *uploads):
         counts.setdefault(name, {"free": 0, "in use": 0, "unseen": 0, "all": 0})
     if not counts:
         return None
@@ -109,6 +111,11 @@ def host_summary(snapshot: HostStatus) -> str | None:
             since = lost[host]
             when = time.strftime("%H:%M:%S", time.localtime(since)) if since else "unknown"
             line += f"; host lost since {when}"
+        upload = uploads.get(host)
+        if upload is not None:
+            since = upload.since
+            started = f" since {time.strftime('%H:%M:%S', time.localtime(since))}" if since else ""
+            line += f"; uploading {upload.describe()}{started}"
         lines.append(line)
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ from imagepipe.config.values import (
     parse_libvirt_uri,
     parse_optional_path,
     parse_optional_vip,
+    parse_path,
     parse_pool_name,
     parse_state_dsn,
     parse_uri,
@@ -75,6 +76,28 @@ class HostSettings(Section):
 
 
 INSTANCE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+# HAProxy's own address prefixes, or host:port: an admin socket over the network
+NETWORK_SOCKET = re.compile(
+    r"(?:ipv4|ipv6|tcp|tcp4|tcp6|udp|abns|fd|sockpair)@.*|\[?[0-9a-fA-F.:]+\]?:[0-9]+|[A-Za-z0-9.-]+:[0-9]+"
+)
+
+
+def parse_admin_socket(value: object) -> Path:
+    """HAProxy's admin socket: a unix socket imagepipe reaches on this machine. An address
+    is refused: imagepipe talks to HAProxy through a file on this machine only."""
+    if isinstance(value, str) and NETWORK_SOCKET.fullmatch(value.strip()):
+        raise ValueError(
+            f"expected the path of HAProxy's admin socket on this machine, got the network "
+            f"address {value!r}: imagepipe reaches HAProxy through a unix socket only; for an "
+            "HAProxy on another machine forward its socket to a path here (for example "
+            "ssh -N -L /run/imagepipe/lb2.sock:/run/haproxy/admin.sock lb2) and give that "
+            "path, with manage: false"
+        )
+    return parse_path(value)
+
+
+def parse_optional_admin_socket(value: object) -> Path | None:
+    return None if value is None else parse_admin_socket(value)
 
 
 def parse_instance_name(value: object) -> str:
@@ -89,16 +112,20 @@ class BalancerInstance(Section):
     """One HAProxy of a balancer pair (docs/high-availability.md "Balancer pair")."""
 
     name: Annotated[str, BeforeValidator(parse_instance_name)]
-    admin_socket: FilePath  # its admin socket on this machine
+    # its admin socket: a unix socket on this machine (another machine's: forwarded here)
+    admin_socket: Annotated[Path, BeforeValidator(parse_admin_socket)]
     manage: StrictBool | None = None  # None: balancer.manage
     bind: Annotated[str, BeforeValidator(parse_host_port)] | None = None  # None: balancer.bind
+    # where it exchanges stick-table entries with the other instances (HAProxy peers);
+    # needed by each instance when balancer.persist is not none
+    peer: Annotated[str, BeforeValidator(parse_host_port)] | None = None
 
 
 class BalancerSettings(Section):
     driver: Literal["haproxy", "ipvs", "none"] = "haproxy"
     bind: Annotated[str, BeforeValidator(parse_host_port)] = "127.0.0.1:5999"
     # None: load_settings fills in run_dir/haproxy.sock
-    admin_socket: Annotated[Path | None, BeforeValidator(parse_optional_path)] = None
+    admin_socket: Annotated[Path | None, BeforeValidator(parse_optional_admin_socket)] = None
     manage: StrictBool = True
     balance: Literal["leastconn", "first"] = "leastconn"
     # haproxy: a returning user reaches the desktop with their session (docs/rollouts.md)
@@ -344,6 +371,39 @@ def _instance_issues(balancer: BalancerSettings, doc: Located) -> list[Issue]:
             )
         names.add(instance.name)
         sockets.add(instance.admin_socket)
+    issues.extend(_peer_issues(balancer, doc))
+    return issues
+
+
+def _peer_issues(balancer: BalancerSettings, doc: Located) -> list[Issue]:
+    """With persistence, each instance of a pair has a peer address of its own, so their
+    stick tables replicate and a returning user keeps their desktop across a failover."""
+    where = ("balancer", "instances")
+    issues = []
+    seen: set[str] = set()
+    for index, instance in enumerate(balancer.instances):
+        if instance.peer is None:
+            if balancer.persist != "none" and len(balancer.instances) > 1:
+                issues.append(
+                    issue_at(
+                        doc,
+                        (*where, index),
+                        f"instance {instance.name} needs peer: ADDRESS:PORT (where its "
+                        f"HAProxy shares its stick table) since balancer.persist is "
+                        f"{balancer.persist}: without it a user who returns after a failover "
+                        "may reach another desktop than the one holding their session",
+                    )
+                )
+            continue
+        if instance.peer in seen:
+            issues.append(
+                issue_at(
+                    doc,
+                    (*where, index, "peer"),
+                    f"peer address {instance.peer} is used by two instances; give each its own",
+                )
+            )
+        seen.add(instance.peer)
     return issues
 
 

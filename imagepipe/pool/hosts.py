@@ -21,6 +21,7 @@ from imagepipe.pool.model import (
     HostRoom,
     HostSpec,
     HostState,
+    HostUpload,
     Observed,
     PoolSpec,
 )
@@ -85,9 +86,22 @@ class HostPass:
                     memory=self.memory.get(host.name, 0),
                     max_desktops=host.max_desktops,
                     max_memory=host.max_memory,
+                    upload=self._upload_of(host.name, base) if not usable else None,
                 )
             )
         return tuple(rooms)
+
+    def _upload_of(self, host: str, base: BaseImage | None) -> HostUpload | None:
+        """The upload of `base` to `host` under way, as the hypervisor reported it."""
+        state = self.states.get(host)
+        upload = state.upload if state is not None else None
+        if (
+            upload is None
+            or base is None
+            or (upload.image, upload.version) != (base.image, base.version)
+        ):
+            return None
+        return upload
 
     def _holds(self, host: str, base: BaseImage, ensure: Callable[[str, BaseImage], bool]) -> bool:
         key = (host, base.image, base.version)

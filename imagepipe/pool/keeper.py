@@ -361,6 +361,7 @@ class Keeper:
         arrived: dict[str, tuple[int, str]] = {}  # pool -> (logins, its timezone)
         not_planned = dict(host.unobservable)
         hosts = self._hosts(host)
+        placed: dict[str, Observed] = {}  # several hosts: each pool with its hosts' rooms
         for spec in self.specs.values():
             observed = host.pools.get(spec.name)
             if observed is None:
@@ -369,7 +370,7 @@ class Keeper:
                 observed, in_flight=self.executor.in_flight(spec.name), touched=touched
             )
             if hosts is not None:
-                observed = self._placement(hosts, spec, observed)
+                observed = placed[spec.name] = self._placement(hosts, spec, observed)
             record = self.rollouts.record(spec, records[spec.name])
             down = self.store.pool_down(spec.name)
             if down is not None:  # being taken down: its own rule (pool/teardown.py)
@@ -389,7 +390,8 @@ class Keeper:
         self._record_failures(execution)
         self._record_logins(arrived, now)
         later = self.clock.now()
-        self.rollouts.after_pass(self.specs, host, lambda spec: self._record(spec, later), later)
+        judged = replace(host, pools={**host.pools, **placed})  # rollouts see uploads too
+        self.rollouts.after_pass(self.specs, judged, lambda spec: self._record(spec, later), later)
         log.debug(
             "pass done",
             extra=fields(

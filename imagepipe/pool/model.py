@@ -148,7 +148,9 @@ class CloneInfo:
     version: int
     power: Power
     display: Endpoint | None = None
-    ready: bool = False  # booted and answering (guest agent, or display up)
+    # booted and answering (guest agent, or display up); None: unknown, the read did not
+    # answer in time (a late guest agent reply on a loaded host), which is never "not ready"
+    ready: bool | None = False
     started_by: StartMode | None = None  # how the running guest started; None: not running
     host: str = ""  # the host it runs on ("": the only host)
 
@@ -160,6 +162,9 @@ class GuestSession:
     client: str | None = None  # remote-display client address; None = nobody connected
     connected_since: float | None = None
     users: tuple[str, ...] = ()  # users logged in inside the guest, where the guest says
+    # the guest did not answer who is logged in within the timeout (a late agent reply on a
+    # loaded host): `users` is empty because it is unknown, not because nobody is there
+    users_unread: bool = False
 
     @property
     def connected(self) -> bool:
@@ -251,6 +256,30 @@ class HostSpec:
 
 
 @dataclass(frozen=True)
+class HostUpload:
+    """A version being sent to a host: how far it got and since when."""
+
+    image: str
+    version: int
+    sent: int  # bytes on the host so far
+    total: int  # bytes of the version's files (0: not known yet)
+    since: float | None  # when it started (epoch seconds; None: unknown)
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.sent / self.total) if self.total else 0.0
+
+    def amount(self) -> str:
+        """`12.5 of 30.0 MiB (42 %)`."""
+        mib = 1024 * 1024
+        return f"{self.sent / mib:.1f} of {self.total / mib:.1f} MiB ({self.fraction:.0%})"
+
+    def describe(self) -> str:
+        """`tiny v3: 12.5 of 30.0 MiB (42 %)`."""
+        return f"{self.image} v{self.version}: {self.amount()}"
+
+
+@dataclass(frozen=True)
 class HostState:
     """One host as the hypervisor sees it now (pool.ports.Hosts.hosts())."""
 
@@ -258,7 +287,7 @@ class HostState:
     connected: bool
     since: float | None  # when it was last connected or lost (None: unknown)
     versions: tuple[tuple[str, int], ...] = ()  # (image, version) the host holds
-    upload: tuple[str, int, float] | None = None  # (image, version, fraction done) under way
+    upload: HostUpload | None = None  # a version being sent to it
 
 
 @dataclass(frozen=True)
@@ -273,6 +302,7 @@ class HostRoom:
     memory: int = 0  # bytes the desktops on it are given
     max_desktops: int | None = None  # None: no limit
     max_memory: int | None = None
+    upload: HostUpload | None = None  # the pool's version being sent there (not usable yet)
 
 
 # --------------------------------------------------------------------------------------

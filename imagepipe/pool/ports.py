@@ -18,7 +18,7 @@ session counter (Backend.sessions_total), the evidence of sessions no keeper saw
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
@@ -30,6 +30,7 @@ from imagepipe.pool.model import (
     CloneSpec,
     Endpoint,
     GuestSession,
+    HostSpec,
     HostState,
     InstanceHealth,
 )
@@ -125,6 +126,18 @@ class Hosts(Protocol):
     def ensure_version(self, host: str, base: BaseImage) -> bool:
         """True when `host` holds this version; otherwise start its upload (once) and return
         False until it is done."""
+        ...
+
+
+@runtime_checkable
+class HostList(Protocol):
+    """Hosts whose list can change while the keeper runs (a reload of `hosts:`). Optional."""
+
+    def set_hosts(self, hosts: Sequence[HostSpec]) -> None:
+        """From now on these hosts: new ones are connected to (and their events reach every
+        subscriber), removed ones are closed and their desktops forgotten (the caller
+        removes them first), changed ones take their new address, capacity and labels (a new
+        uri: connected to again)."""
         ...
 
 

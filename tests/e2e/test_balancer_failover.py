@@ -3,10 +3,12 @@ the users' address between two HAProxy in two network namespaces; the keeper kee
 HAProxy in step over real tiny libvirt desktops on this host (tests/balancer_pair.py).
 
 Killing the active HAProxy: keepalived's check fails, the address moves to lb2, and a new
-VNC client reaches a free desktop through the same address; the desktop the first user was
-on keeps running with her login session and her files (the keeper does not reset it); her
-VNC client, whose TCP connection went through the dead HAProxy, reconnects through the
-address. The pass after the kill reports lb1 unreachable. The failover time is printed;
+VNC client (another machine) reaches a free desktop through the same address; the desktop
+the first user was on keeps running with her login session and her files (the keeper does
+not reset it); her VNC client, whose TCP connection went through the dead HAProxy,
+reconnects through the address and reaches her own desktop: the two HAProxy share their
+stick table (`persist: source`, HAProxy peers). The pass after the kill reports lb1
+unreachable. The failover time is printed;
 benchmarks/bench_balancer_failover.py measures it over several failovers.
 """
 
@@ -26,6 +28,7 @@ from tests.balancer_pair import (
     WAIT,
     World,
     balancer_pair,
+    eventually,
     kill_and_reach,
     vnc_handshake,
 )
@@ -70,8 +73,14 @@ def test_killing_the_active_haproxy_moves_the_address_and_users_still_reach_a_de
         assert sorted(b.name for b in backends if b.state is BackendState.READY) == ready()
     assert vip in world.lab.addresses(lb1.ns) and vip not in world.lab.addresses(lb2.ns)
 
-    user = VncClient(vip, PORT, timeout=30)  # through lb1, which holds the address
+    user = VncClient(vip, PORT, timeout=30, source=world.user_address)  # through lb1
     taken = user.handshake().removeprefix("QEMU (").removesuffix(")")
+    lb2_table = lb2.adapter(manage=False).admin
+    eventually(
+        lambda: f"key={world.user_address} " in lb2_table.command("show table desktops"),
+        "lb2 to learn from lb1 which desktop she is on",
+        10,
+    )
     passes_until(
         f"{taken} in use and drained in both HAProxy",
         lambda: (
@@ -106,8 +115,8 @@ def test_killing_the_active_haproxy_moves_the_address_and_users_still_reach_a_de
     assert states()[taken] in (CloneState.IN_USE, CloneState.DISCONNECTED)
     assert "alice-was-here" in console.run("cat /tmp/work"), "her session is untouched"
     user.close()  # its TCP connection went through the dead HAProxy: it reconnects
-    again = vnc_handshake(vip, timeout=10.0)
-    assert again  # a desktop answered through lb2
+    again = vnc_handshake(vip, timeout=10.0, source=world.user_address)
+    assert again == taken, "she is back on her own desktop through lb2"
     keeper.run_pass()
     assert states()[taken] in (CloneState.IN_USE, CloneState.DISCONNECTED)
     assert "alice-was-here" in console.run("cat /tmp/work")

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -56,7 +56,9 @@ from imagepipe.pool.model import (
     CloneSpec,
     Endpoint,
     GuestSession,
+    HostSpec,
     HostState,
+    HostUpload,
     Power,
 )
 from imagepipe.pool.ports import EventKind, HypervisorEvent
@@ -94,6 +96,10 @@ class FakeHypervisor:
     foreign: dict[str, Power] = field(default_factory=dict)  # VMs imagepipe did not make
     occupied: set[Endpoint] = field(default_factory=set)  # ports other programs listen on
     never_ready: set[tuple[str, int]] = field(default_factory=set)  # broken versions' guests
+    # running clones whose guest agent does not answer in time (a late reply on a loaded
+    # host): list_clones reports their readiness unknown (ready=None), sessions() their
+    # users unread
+    late_agents: set[str] = field(default_factory=set)
     notices: list[tuple[str, str]] = field(default_factory=list)  # notify_users (clone, text)
     closed: bool = False
     _failures: dict[str, deque[HypervisorError]] = field(default_factory=lambda: defaultdict(deque))
@@ -351,7 +357,11 @@ class FakeHypervisor:
             if clone.power is Power.SUSPENDED:
                 # the display still holds its client; the paused guest's agent lists nobody
                 return replace(clone.session, users=())
-            return clone.session if clone.power is Power.RUNNING else GuestSession()
+            if clone.power is not Power.RUNNING:
+                return GuestSession()
+            if name in self.late_agents:  # the agent's list of users comes too late
+                return replace(clone.session, users=(), users_unread=True)
+            return clone.session
 
     def subscribe(self, callback: Callable[[HypervisorEvent], None]) -> _Subscription:
         sub = _Subscription(owner=self, callback=callback)
@@ -396,6 +406,13 @@ class FakeHypervisor:
     def _info(self, clone: _Clone) -> CloneInfo:
         spec = clone.spec
         running = clone.power is Power.RUNNING
+        ready: bool | None = (
+            running
+            and clone.boot_ticks_left == 0
+            and (spec.base.image, spec.base.version) not in self.never_ready
+        )
+        if running and spec.name in self.late_agents:
+            ready = None
         return CloneInfo(
             name=spec.name,
             pool=spec.pool,
@@ -404,9 +421,7 @@ class FakeHypervisor:
             version=spec.base.version,
             power=clone.power,
             display=spec.display,
-            ready=running
-            and clone.boot_ticks_left == 0
-            and (spec.base.image, spec.base.version) not in self.never_ready,
+            ready=ready,
             host=spec.host,
         )
 
@@ -429,6 +444,9 @@ class FakeHypervisor:
     def is_dirty(self, name: str) -> bool:
         """Whether the clone carries changes a user made since its last reset."""
         return self._get(name).dirty
+
+
+UPLOAD_SIZE = 8 * 1024 * 1024  # bytes of a version, as FakeHosts reports an upload of it
 
 
 @dataclass
@@ -455,6 +473,12 @@ class FakeHosts(FakeHypervisor):
         """The clones that exist on `host` (seen or not)."""
         return sorted(n for n, c in self.clones.items() if c.spec.host == host)
 
+    # ---- pool.ports.HostList (a reload of hosts:) ---------------------------------------
+
+    def set_hosts(self, hosts: Sequence[HostSpec]) -> None:
+        self._enter("set_hosts", "")
+        self.host_names = tuple(h.name for h in hosts)
+
     # ---- the Hosts port --------------------------------------------------------------
 
     def hosts(self) -> list[HostState]:
@@ -465,9 +489,19 @@ class FakeHosts(FakeHypervisor):
                 connected=h not in self.lost,
                 since=self.lost.get(h),
                 versions=tuple(sorted(self.held.get(h, set()))),
+                upload=self._upload_on(h),
             )
             for h in self.host_names
         ]
+
+    def _upload_on(self, host: str) -> HostUpload | None:
+        """A version asked for and not held yet: 1 MiB sent per ensure_version call so far,
+        of UPLOAD_SIZE (never all of it while not held)."""
+        for (where, image, version), calls in self.uploading.items():
+            if where == host and (image, version) not in self.held.get(host, set()):
+                sent = min(calls * 1024 * 1024, UPLOAD_SIZE - 1)
+                return HostUpload(image, version, sent, UPLOAD_SIZE, None)
+        return None
 
     def ensure_version(self, host: str, base: BaseImage) -> bool:
         self._enter("ensure_version", host)
@@ -475,10 +509,10 @@ class FakeHosts(FakeHypervisor):
         key = (base.image, base.version)
         if key in self.held.get(host, set()):
             return True
-        if host in self.no_upload:
-            return False
         calls = self.uploading.get((host, *key), 0) + 1
         self.uploading[(host, *key)] = calls
+        if host in self.no_upload:
+            return False
         if calls >= self.upload_calls:
             self.held.setdefault(host, set()).add(key)
             return True

@@ -154,3 +154,128 @@ def test_a_drain_rollout_never_runs_dry_and_status_never_misreports_when_reads_f
     assert host.hv.clones[alice].session.active
     assert host.store.rollouts("tiny")[0].state is RolloutState.IN_PROGRESS
     assert sorted(c.spec.base.version for n, c in host.hv.clones.items() if n != alice) == [2, 2]
+
+
+def test_status_says_unknown_not_booting_for_a_ready_desktop_whose_agent_answers_late(
+    host: LoadedHost,
+) -> None:
+    """A `status` process has seen no agent events, so it asks each guest agent; on a loaded
+    host the reply can come after the driver stopped waiting. That desktop is running and
+    ready: status must not show it as booting."""
+    host.settle(host.keeper())
+    late = sorted(host.serving())[0]
+    host.hv.late_agents.add(late)
+
+    pool = host.status()
+
+    shown = {c.name: c for c in pool.clones}
+    assert shown[late].state == "unknown"
+    assert shown[late].power == "running" and shown[late].balancer == "ready"
+    assert {c.state for n, c in shown.items() if n != late} == {"free"}
+    assert (pool.free, pool.unknown, pool.total) == (1, 1, 2)
+
+
+def test_the_keeper_never_resets_drains_or_counts_free_a_desktop_whose_agent_answers_late(
+    host: LoadedHost,
+) -> None:
+    """A keeper that restarted has no agent events either. A desktop whose readiness read
+    times out for longer than the boot timeout is not failed, reset, deleted or taken out of
+    the balancer; it is not counted free, so the pool makes another within `max`."""
+    keeper = host.keeper()
+    host.settle(keeper)
+    late = sorted(host.serving())[0]
+    host.hv.late_agents.add(late)
+    before = len(host.hv.calls)
+
+    for _ in range(30):  # 150 s, the boot timeout is 60 s
+        keeper.run_pass()
+        host.hv.tick()
+        host.clock.advance(5.0)
+
+    touched = {op for op, name in host.hv.calls[before:] if name == late}
+    assert touched <= {"sessions", "display"}, touched
+    assert late in host.serving()  # still in the balancer, nobody's
+    assert len(host.serving() - {late}) >= LAB.free  # the pool never relied on it
+    assert len(host.hv.clones) == 3  # one more than before, within max (4)
+    assert host.store.load_pool("lab").failures == 0
+
+    host.hv.late_agents.clear()  # the agent answers again: free like the others
+    keeper.run_pass()
+    assert {c.name: c.state for c in host.status().clones}[late] == "free"
+
+
+def test_a_drain_rollout_never_runs_dry_when_guest_agents_answer_late(host: LoadedHost) -> None:
+    """Item 15's scenario with a third of the guest agents answering late in every pass, for
+    the keeper and for `status`: a serving desktop shows free or unknown, never booting."""
+    rng = random.Random(3)
+    keeper = host.keeper()
+    host.settle(keeper)
+    alice = host.hold_a_session()
+    host.settle(keeper)
+    host.images.versions["tiny"].add(2)
+    host.hv.add_base(FakeVersion("tiny", 2).base_image())
+    host.control.start([LAB], [], Request(image="tiny"), by="admin")
+    for _ in range(40):
+        host.hv.late_agents = {n for n in host.hv.clones if rng.random() < 0.3}
+        keeper.run_pass()
+        host.hv.tick()
+        host.clock.advance(1.0)
+        serving = host.serving()
+        assert len(serving) >= 2, serving
+        host.hv.late_agents = {n for n in host.hv.clones if rng.random() < 0.3}
+        for c in host.status().clones:
+            if c.name in serving:
+                assert c.state in ("free", "unknown"), c
+    host.hv.late_agents = set()
+    for _ in range(10):  # the surplus made while agents were late goes once idle (shrink_after)
+        keeper.run_pass()
+        host.hv.tick()
+        host.clock.advance(LAB.shrink_after / 4)
+    assert host.hv.clones[alice].session.active
+    assert sorted(c.spec.base.version for n, c in host.hv.clones.items() if n != alice) == [2, 2]
+
+
+def disconnected_user(host: LoadedHost, keeper: Keeper) -> str:
+    """A desktop whose user is logged in and whose remote-desktop client went away."""
+    host.settle(keeper)
+    name = host.hold_a_session()
+    host.settle(keeper)
+    host.hv.disconnect(name)
+    host.settle(keeper)
+    assert {c.name: c.state for c in host.status().clones}[name] == "disconnected"
+    return name
+
+
+def test_status_says_unknown_not_recycling_for_a_logged_in_user_whose_agent_answers_late(
+    host: LoadedHost,
+) -> None:
+    """Who is logged in also comes from the guest agent: a late reply is not "nobody"."""
+    name = disconnected_user(host, host.keeper())
+    host.hv.late_agents.add(name)
+
+    pool = host.status()
+
+    assert {c.name: c.state for c in pool.clones}[name] == "unknown"
+    assert pool.unknown == 1
+
+
+def test_the_keeper_never_resets_under_a_logged_in_user_whose_agent_answers_late(
+    host: LoadedHost,
+) -> None:
+    keeper = host.keeper()
+    name = disconnected_user(host, keeper)
+    host.hv.late_agents.add(name)
+    before = len(host.hv.calls)
+
+    for _ in range(30):  # 150 s, recycle_after is 60 s
+        keeper.run_pass()
+        host.hv.tick()
+        host.clock.advance(5.0)
+
+    touched = {op for op, n in host.hv.calls[before:] if n == name}
+    assert touched <= {"sessions", "display"}, touched
+    assert len(host.serving()) >= LAB.free  # the rest of the pool is planned meanwhile
+    host.hv.late_agents.clear()
+    keeper.run_pass()
+    assert {c.name: c.state for c in host.status().clones}[name] == "disconnected"
+    assert host.hv.clones[name].session.users == ("alice",)

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
+from imagepipe.balancers.haproxy.config import Peer
 from imagepipe.balancers.ipvs.balancer import IPVSBalancer
 from imagepipe.balancers.ipvs.parse import format_endpoint, parse_names, render_names
 from imagepipe.pool.model import Endpoint
@@ -126,7 +127,13 @@ class HAProxyHarness:
     wait: float = HAPROXY_WAIT
 
     def new_adapter(
-        self, *, manage: bool = True, balance: str | None = None, persist: str = "none"
+        self,
+        *,
+        manage: bool = True,
+        balance: str | None = None,
+        persist: str = "none",
+        peers: tuple[Peer, ...] = (),
+        local_peer: str | None = None,
     ) -> HAProxyBalancer:
         adapter = HAProxyBalancer(
             bind=str(self.frontend),
@@ -136,6 +143,8 @@ class HAProxyHarness:
             manage=manage,
             balance=balance or self.balance,
             persist=persist,
+            peers=peers,
+            local_peer=local_peer,
         )
         self.adapters.append(adapter)
         return adapter
@@ -150,8 +159,11 @@ class HAProxyHarness:
             self.desktops.append(Desktop())
         return Endpoint("127.0.0.1", self.desktops[index].port)
 
-    def connect(self) -> Client:
-        sock = socket.create_connection((self.frontend.host, self.frontend.port), self.wait)
+    def connect(self, source: str | None = None) -> Client:
+        """A client, from the loopback address `source` when given (a user's own machine)."""
+        bind = None if source is None else (source, 0)
+        address = (self.frontend.host, self.frontend.port)
+        sock = socket.create_connection(address, self.wait, source_address=bind)
         return greeted(sock, self.wait, "127.0.0.1", first_read=0.5)  # none: queued
 
     def add_unmanaged(self, name: str, address: Endpoint) -> None:

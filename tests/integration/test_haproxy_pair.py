@@ -1,6 +1,7 @@
-"""A balancer pair on two real HAProxy 2.6: the group passes the balancer contract, and an
+"""A balancer pair on two real HAProxy 2.6: the group passes the balancer contract, an
 HAProxy killed and started again is put back in step (backends, drain states) on the next
-pass while the other keeps serving.
+pass while the other keeps serving, and with `persist: source` the two share their stick
+table (HAProxy peers), so a user returning through the other one reaches the same desktop.
 
 Each HAProxy has its own short temp directory and loopback port (HAProxyHarness of
 tests/integration/balancers.py); clients reach the desktops through the first one, as they
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from imagepipe.balancers.group import BalancerGroup
+from imagepipe.balancers.haproxy.config import Peer
 from imagepipe.pool.model import BackendState, Endpoint
 from tests.conftest import require_program
 from tests.contract.balancer_suite import BalancerContract
@@ -131,3 +133,46 @@ def test_a_stopped_haproxy_is_reported_and_the_other_is_kept(pair: PairHarness) 
     client = pair.connect()
     assert client.landed_on == pair.desktop(0)
     client.close()
+
+
+def test_a_user_returning_through_the_other_haproxy_after_a_failover_reaches_the_same_desktop(
+    pair: PairHarness,
+) -> None:
+    peers = (
+        Peer("lb1", Endpoint("127.0.0.1", free_port())),
+        Peer("lb2", Endpoint("127.0.0.1", free_port())),
+    )
+    # `first`: a client nobody has seen goes to the first desktop with room, so one that
+    # reaches the second desktop through lb2 was sent there by the entry lb1 shared
+    lb1, lb2 = (
+        harness.new_adapter(balance="first", persist="source", peers=peers, local_peer=name)
+        for harness, name in ((pair.a, "lb1"), (pair.b, "lb2"))
+    )
+    group = BalancerGroup([("lb1", lb1), ("lb2", lb2)])
+    group.ensure_frontend()
+    # a server lb2 does not have (left in maintenance): the same desktop has another server
+    # id on each instance, as after a restart put them back in another order; entries name
+    # the desktop (HAProxy's `srvkey name`), so they still match
+    lb1.admin.command(f"add server desktops/elsewhere {pair.desktop(2)} maxconn 1")
+    group.enable("lab-1", pair.desktop(0))
+    group.enable("lab-2", pair.desktop(1))
+    alice = pair.a.connect(source="127.0.0.2")
+    bob = pair.a.connect(source="127.0.0.3")
+    assert (alice.landed_on, bob.landed_on) == (pair.desktop(0), pair.desktop(1))
+    alice.close()
+    bob.close()
+    pair.b.eventually(
+        lambda: "key=127.0.0.3 " in lb2.admin.command("show table desktops"),
+        "learn bob's desktop from lb1",
+    )
+
+    killed = pair.a.frontend_pid()  # lb1 fails: users come through lb2 now
+    os.kill(killed, signal.SIGKILL)
+    pair.a.eventually(lambda: gone(killed), "die")
+
+    bob_again = pair.b.connect(source="127.0.0.3")
+    assert bob_again.landed_on == pair.desktop(1), "bob is back on his desktop"
+    carol = pair.b.connect(source="127.0.0.4")
+    assert carol.landed_on == pair.desktop(0), "a new user gets the first free desktop"
+    bob_again.close()
+    carol.close()

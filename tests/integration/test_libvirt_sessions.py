@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -270,6 +271,35 @@ def test_a_restarted_keeper_learns_current_sessions_and_readiness_without_events
     assert session.client == client.address
     assert session.users == ("bob",)
     assert info.ready is True
+
+
+def qemu_pid(uri: str, name: str) -> int:
+    """The guest's QEMU process (libvirt's pid file for a qemu:///system domain)."""
+    pid_file = Path("/run/libvirt/qemu") / f"{name}.pid"
+    require(uri == "qemu:///system" and pid_file.is_file(), f"no QEMU pid file {pid_file}")
+    return int(pid_file.read_text().strip())
+
+
+def test_a_guest_agent_that_answers_late_reads_as_readiness_unknown_not_as_not_ready(
+    desktop: Desktop,
+) -> None:
+    """A fresh adapter (a `status` process, a restarted keeper) has seen no agent events and
+    pings the agent. With QEMU frozen (a loaded host at its worst) the reply comes after
+    libvirt stopped waiting: the running, ready desktop is unknown, never "not ready"; once
+    the guest runs again it is ready."""
+    fresh = LibvirtHypervisor(desktop.uri, state_dir=desktop.state_dir)
+    pid = qemu_pid(desktop.uri, desktop.name)
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            frozen = next(c for c in fresh.list_clones() if c.name == desktop.name)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert frozen.power is Power.RUNNING
+        assert frozen.ready is None
+        wait_until(lambda: next(c for c in fresh.list_clones() if c.name == desktop.name).ready)
+    finally:
+        fresh.close()
 
 
 def test_reset_gives_the_next_user_a_clean_disk(desktop: Desktop) -> None:

@@ -27,7 +27,7 @@ from imagepipe.hypervisors.libvirt.domain_xml import (
     parse_guest_users,
     parse_vnc_clients,
 )
-from imagepipe.hypervisors.libvirt.errors import error_for
+from imagepipe.hypervisors.libvirt.errors import agent_late, error_for
 from imagepipe.hypervisors.libvirt.events import (
     EventHub,
     agent_event,
@@ -209,6 +209,30 @@ def test_a_lost_connection_to_libvirtd_is_told_apart_from_a_failing_domain(
     error = error_for(code, message, "clone lab-2", domain)
     assert type(error) is expected
     assert "lab-2" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "late"),
+    [
+        (86, "Guest agent is not responding: Guest agent not available for now", True),
+        (68, "Timed out during operation: cannot acquire state change lock (held by agent=)", True),
+        (86, "Guest agent is not responding: QEMU guest agent is not connected", False),
+        (
+            86,
+            "Guest agent is not responding: QEMU guest agent is not available due to an error",
+            False,
+        ),
+        (55, "Requested operation is not valid: domain is not running", False),
+        (1, "internal error: unable to execute QEMU agent command 'guest-get-users'", False),
+    ],
+)
+def test_a_guest_agent_that_answered_late_is_told_apart_from_one_that_is_not_there(
+    code: int, message: str, *, late: bool
+) -> None:
+    """libvirt gives a timeout and "not connected" the same code (VIR_ERR_AGENT_UNRESPONSIVE):
+    only a late reply or a busy job leaves the answer unknown; no agent, a domain that is not
+    running or an error reply mean "no"."""
+    assert agent_late(code, message) is late
 
 
 def test_after_a_reconnect_agents_are_asked_again_vnc_times_are_kept_and_no_reset_is_forced() -> (

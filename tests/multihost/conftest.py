@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from imagepipe.hypervisors.libvirt.hypervisor import import_libvirt
+from imagepipe.hypervisors.libvirt.volumes import delete_version, storage_pool
 from imagepipe.images.checksum import sha256_file
-from imagepipe.pool.model import BaseImage
+from imagepipe.pool.model import BaseImage, HostSpec
 from tests.conftest import require, require_program
 from tests.guest import tiny_base_image
 from tests.multihost.lab import HostLab
@@ -55,3 +57,13 @@ def registry_checksums(base: BaseImage) -> dict[str, str]:
         for f in (base.disk, base.kernel, base.initrd)
         if f is not None and (base.directory / f).is_file()
     }
+
+
+def remove_version(spec: HostSpec, base: BaseImage) -> None:
+    """The version's volumes gone from the host (a test's own version, at its end)."""
+    libvirt, _ = import_libvirt()
+    conn = libvirt.open(spec.uri)
+    try:
+        delete_version(libvirt, storage_pool(libvirt, conn, spec.name), base, spec.name)
+    finally:
+        conn.close()

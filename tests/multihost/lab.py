@@ -35,12 +35,13 @@ from pathlib import Path
 from types import TracebackType
 
 # IMAGEPIPE_LAB_SLOT=N (1-8) gives a lab of its own names and addresses (namespaces iphvN_1..,
-# 10.(251+N).0.0/16), so two checkouts can run their multi-host tests at the same time.
+# 10.(251+N).0.0/16 for slots 1-4, 10.(251-N).0.0/16 for 5-8: an octet ends at 255), so two
+# checkouts can run their multi-host tests at the same time.
 _SLOT = int(os.environ.get("IMAGEPIPE_LAB_SLOT", "0") or 0)
 if not 0 <= _SLOT <= 8:
     raise ValueError(f"IMAGEPIPE_LAB_SLOT: expected 0 to 8, got {_SLOT}")
 PREFIX = f"iphv{_SLOT}_" if _SLOT else "iphv"  # namespaces iphv1.., root-side veths iphv1r..
-SUBNET = f"10.{251 + _SLOT}"
+SUBNET = f"10.{251 + _SLOT if _SLOT <= 4 else 251 - _SLOT}"
 MOUNTED = ("etc/libvirt", "run/libvirt", "var/lib/libvirt", "var/log/libvirt", "var/cache/libvirt")
 TCP_PORT, TLS_PORT = 16509, 16514
 START_TIMEOUT = 20.0

@@ -216,12 +216,13 @@ def test_ensure_version_uploads_once_and_reports_progress_then_holds_it(
         while not hv.ensure_version(host, base):
             state = next(h for h in hv.hosts() if h.name == host)
             if state.upload is not None:
-                fractions.append(state.upload[2])
+                fractions.append(state.upload.fraction)
             assert time.monotonic() < deadline, "the upload did not finish within 60 s"
             time.sleep(0.02)
         assert all(0.0 <= f <= 1.0 for f in fractions)
         assert ("tinymh", 5) in next(h for h in hv.hosts() if h.name == host).versions
         assert {"tinymh_v5--disk.qcow2", "tinymh_v5.ready"} <= set(volumes_of(lab.hosts[2]))
+        assert "tinymh_v5.uploading" not in volumes_of(lab.hosts[2])  # no upload under way
     finally:
         clean(hv, "none")
 

@@ -44,6 +44,29 @@ def test_a_pair_builds_one_group_of_two_haproxy_instances(tmp_path: Path) -> Non
     assert not any(b.manage for _, b in status_view.instances() if isinstance(b, HAProxyBalancer))
 
 
+PEERS = (
+    PAIR.replace("  bind: 127.0.0.1:5999\n", "  persist: source\n").replace(
+        "      admin_socket: run/lb1.sock\n",
+        "      admin_socket: run/lb1.sock\n      peer: 127.0.0.1:10000\n",
+    )
+    + "      peer: 127.0.0.2:10000\n"
+)
+
+
+def test_a_pair_with_persistence_makes_each_instance_a_peer_of_the_others(
+    tmp_path: Path,
+) -> None:
+    group = build_balancer(load_settings(write(tmp_path, "s.yml", PEERS)))
+    assert isinstance(group, BalancerGroup)
+    configs = [b.config for _, b in group.instances() if isinstance(b, HAProxyBalancer)]
+    assert [c.local_peer for c in configs] == ["lb1", "lb2"]
+    for config in configs:
+        assert [(p.name, str(p.address)) for p in config.peers] == [
+            ("lb1", "127.0.0.1:10000"),
+            ("lb2", "127.0.0.2:10000"),
+        ]
+
+
 def test_without_instances_the_balancer_is_one_haproxy_as_before(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, "s.yml", "run_dir: run\n"))
     assert isinstance(build_balancer(settings), HAProxyBalancer)
@@ -86,6 +109,24 @@ def test_without_instances_the_balancer_is_one_haproxy_as_before(tmp_path: Path)
         (
             PAIR.replace("bind: 127.0.0.2:6000", "bind: lb2:6000"),
             "s.yml:11: balancer.instances[1].bind: expected an IP address and port",
+        ),
+        (
+            PAIR.replace("/srv/lb2/admin.sock", "10.0.0.12:9999"),
+            "s.yml:9: balancer.instances[1].admin_socket: expected the path of HAProxy's admin "
+            "socket on this machine, got the network address '10.0.0.12:9999'",
+        ),
+        (
+            PAIR.replace("/srv/lb2/admin.sock", "ipv4@lb2.example:9999"),
+            "s.yml:9: balancer.instances[1].admin_socket: expected the path of HAProxy's admin "
+            "socket on this machine",
+        ),
+        (
+            PAIR.replace("  bind: 127.0.0.1:5999\n", "  persist: source\n"),
+            "s.yml:6: balancer.instances[0]: instance lb1 needs peer: ADDRESS:PORT",
+        ),
+        (
+            PEERS.replace("127.0.0.2:10000", "127.0.0.1:10000"),
+            "s.yml:13: balancer.instances[1].peer: peer address 127.0.0.1:10000 is used by two",
         ),
     ],
 )

@@ -42,7 +42,7 @@ from imagepipe.pool.model import (
     StopClone,
     SuspendClone,
 )
-from imagepipe.pool.planner import free_target, plan, session_live
+from imagepipe.pool.planner import free_target, plan, session_live, session_unread
 
 T0 = 1_700_000_000.0
 
@@ -69,19 +69,24 @@ class Host:
     records: dict[str, CloneRecord] = field(default_factory=dict)
     pool: RecordPool | None = None
     after_shrink: int | None = None  # a shrink happened: free clones must stay >= this
+    late: set[str] = field(default_factory=set)  # next pass: their readiness read times out
 
     def observe(self) -> Observed:
         clones = []
         for name, vm in sorted(self.vms.items()):
             display = Endpoint("127.0.0.1", self.spec.port_for(vm.slot))
+            ready = None if name in self.late and vm.power is Power.RUNNING else vm.ready
             info = CloneInfo(
-                name, self.spec.name, vm.slot, "img", vm.version, vm.power, display, vm.ready
+                name, self.spec.name, vm.slot, "img", vm.version, vm.power, display, ready
             )
             state = self.backends.get(name)
             backend = None
             if state is not None:
                 backend = Backend(name, display, state, int(vm.client is not None))
-            clones.append(ObservedClone(info, GuestSession(vm.client, None, vm.users), backend))
+            session = GuestSession(vm.client, None, vm.users)
+            if name in self.late and vm.power is Power.RUNNING:  # who is logged in: unread
+                session = GuestSession(vm.client, None, (), users_unread=True)
+            clones.append(ObservedClone(info, session, backend))
         orphans = tuple(
             Backend(n, Endpoint("127.0.0.1", 1), s)
             for n, s in self.backends.items()
@@ -104,6 +109,7 @@ class Host:
         """One keeper pass. `killed_after`: the keeper dies (kill -9) after that many host
         calls; like the executor, it wrote the pass's records before any call."""
         observed, record = self.observe(), self.record()
+        self.late = set()
         actions = plan(self.spec, observed, record, self.now)
         check_invariants(self, observed, record, actions)
         memory = (RecordClone, ForgetClone, RecordPool)
@@ -196,7 +202,10 @@ def check_invariants(
         oc = by_name.get(a.clone)
         if oc is None:
             continue
-        live = session_live(spec, oc.session, record.clones.get(a.clone), now)
+        rec = record.clones.get(a.clone)
+        live = session_live(spec, oc.session, rec, now) or session_unread(
+            spec, oc.session, rec, now
+        )
         old = oc.info.version != host.target
         if isinstance(a, ResetClone | StopClone | SuspendClone) or (
             isinstance(a, DeleteClone) and not (old and forced)
@@ -204,6 +213,16 @@ def check_invariants(
             assert not live, f"{a.kind} on {a.clone} with a live session"
         if isinstance(a, BalancerEnable):
             assert not old, f"old-version clone {a.clone} enabled in the balancer"
+    for name, oc in by_name.items():  # nothing is decided on a readiness read that timed out
+        rec = record.clones.get(name)
+        if (
+            oc.info.ready is None
+            and rec is not None
+            and rec.state is CloneState.FREE
+            and oc.info.version == host.target
+            and not session_live(spec, oc.session, rec, now)
+        ):
+            assert not [a for a in actions if a.clone == name], f"{name} acted on, unread"
     if not host.base_ready:
         assert not any(isinstance(a, CreateClone) for a in actions), "cloned from a busy base"
     # never more than max clones of the target version, counting creates in flight
@@ -264,6 +283,7 @@ events = st.lists(
                 "kill",
                 "kill",
                 "lose-store",
+                "late",
             ]
         ),
         st.integers(0, 7),
@@ -298,6 +318,8 @@ def run_events(host: Host, script: list[tuple[str, int, float]]) -> None:
         elif kind == "kill":  # the keeper dies part-way through the next pass
             kill = pick % 4
             continue
+        elif kind == "late" and vm is not None:  # its guest agent answers after the timeout
+            host.late = {names[pick % len(names)]}
         elif kind == "lose-store":  # the state database is gone; the host is as it was
             host.records.clear()
             host.pool = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from imagepipe.pool.model import (
@@ -66,6 +66,7 @@ class RollingHost(Host):
 
     def step(self, killed_after: int | None = None) -> list[Action]:
         observed, record = self.observe(), self.record()
+        self.late = set()  # a late agent is late for one pass, as in Host.step
         before = self.serving()
         new_before = sum(1 for vm in self.vms.values() if vm.version == self.target)
         actions = plan(self.spec, observed, record, self.now)
@@ -142,6 +143,22 @@ def test_a_rollout_never_leaves_fewer_free_desktops_nor_cuts_a_session(
 
 @settings(max_examples=100, deadline=None)
 @given(spec=specs, surge=st.integers(1, 3), script=events)
+@example(  # five desktops to replace one at a time: more passes than a fixed twelve
+    spec=PoolSpec(
+        "lab",
+        "img",
+        initial=0,
+        free=3,
+        max=4,
+        recycle_after=0.0,
+        shrink_after=0.0,
+        disconnect_timeout=0.0,
+        drain_deadline=None,
+        assignments={"teacher": 0},
+    ),
+    surge=1,
+    script=[("tick", 0, 0.0)] * 3 + [("rollout", 0, 0.0)] + [("tick", 0, 0.0)] * 2,
+)
 def test_a_rollout_that_is_not_held_back_ends_on_the_new_version(
     spec: PoolSpec, surge: int, script: list[tuple[str, int, float]]
 ) -> None:
@@ -152,7 +169,9 @@ def test_a_rollout_that_is_not_held_back_ends_on_the_new_version(
     for vm in host.vms.values():  # everybody goes home
         vm.client, vm.users = None, ()
     host.now += max(spec.recycle_after, spec.disconnect_timeout, spec.breaker_cooldown) + 1
-    for _ in range(12):
+    # a surge of one replaces one desktop at a time, and a replacement takes up to four passes
+    # (delete, create, start, enable): the bound grows with the desktops there are to replace
+    for _ in range(4 * len(host.vms) + 12):
         host.now += spec.boot_timeout + spec.retry_backoff * 64
         host.step()
     assert {vm.version for vm in host.vms.values()} <= {host.target}

@@ -23,6 +23,7 @@ from imagepipe.app.reload import Reloader, load_keeper_config
 from imagepipe.app.service import KeeperService
 from imagepipe.app.status import CloneStatus, HostStatus, PoolStatus
 from imagepipe.cli.app import main
+from imagepipe.errors import StoreUnavailableError
 from imagepipe.pool.keeper import Keeper, PassReport
 from imagepipe.pool.model import CloneState, InstanceHealth
 from tests.fakes.balancer import FakeBalancer
@@ -373,3 +374,30 @@ def test_each_instance_of_a_balancer_pair_has_its_up_gauge() -> None:
     assert up("imagepipe_balancer_instance_up", {"instance": "lb1"}) == 1.0
     assert up("imagepipe_balancer_instance_up", {"instance": "lb2"}) == 0.0
     assert up("imagepipe_balancer_up") == 1.0, "one instance answering keeps the balancer up"
+
+
+class Unanswering:
+    """A state store whose database stopped answering: every call fails as PostgreSQL's
+    store fails then."""
+
+    def __getattr__(self, name: str) -> object:
+        def call(*args: object, **kwargs: object) -> object:
+            raise StoreUnavailableError("cannot reach the state database: connection refused")
+
+        return call
+
+
+def test_a_state_store_that_stops_answering_right_after_a_pass_does_not_stop_the_keeper(
+    host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = KeeperMetrics()
+    service = KeeperService(SystemdNotifier(None), metrics=metrics)
+    keeper = keeper_for(host, service)
+    report = keeper.run_pass()
+    keeper.store = Unanswering()  # type: ignore[assignment]
+
+    with caplog.at_level(logging.WARNING):
+        service.after_pass(keeper, report, 0.5)  # the status of the pass cannot be read
+
+    assert "pass status not read" in caplog.text
+    assert metrics.passes.labels("ok")._value.get() == 1, "the pass itself is counted"

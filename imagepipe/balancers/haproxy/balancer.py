@@ -20,7 +20,9 @@ from imagepipe.balancers.haproxy import runtime as rt
 from imagepipe.balancers.haproxy.admin_socket import AdminSocket, HAProxyDownError
 from imagepipe.balancers.haproxy.config import (
     HAProxyConfig,
+    Peer,
     check_balance,
+    check_peers,
     check_persist,
     parse_bind,
     render_config,
@@ -48,6 +50,8 @@ class HAProxyBalancer:
         persist: str = "none",
         persist_expire: float = 8 * 3600.0,
         web_socket: Path | None = None,
+        peers: tuple[Peer, ...] = (),
+        local_peer: str | None = None,
         program: str | None = None,
         timeout: float = 5.0,
     ) -> None:
@@ -58,7 +62,10 @@ class HAProxyBalancer:
             persist=check_persist(persist),
             persist_expire=f"{max(1, round(persist_expire))}s",
             web_socket=None if web_socket is None else web_socket.absolute(),
+            peers=peers,
+            local_peer=local_peer,
         )
+        check_peers(peers, local_peer)
         self.config_path = config_path.absolute()
         self.manage = manage
         self.admin = AdminSocket(self.config.admin_socket, timeout=timeout)

@@ -21,6 +21,18 @@ BALANCE_ALGORITHMS = ("leastconn", "first")
 # none; source = a stick table on the client address (VNC, any protocol); rdp-cookie = a
 # stick table on the user name an RDP client sends (`Cookie: mstshash=alice`).
 PERSISTENCE = ("none", "source", "rdp-cookie")
+# The peers section of a balancer pair: each HAProxy sends the entries of its stick table to
+# the others, so after a failover the surviving one sends a returning user to the same desktop.
+PEERS = "imagepipe"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One HAProxy of a balancer pair, as its peers see it: its instance name and the
+    address where it takes the others' stick-table updates (the local one binds it)."""
+
+    name: str
+    address: Endpoint
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,10 @@ class HAProxyConfig:
     # first (PROXY protocol), so `persist: source` and the stick table see the user, not
     # the entrance. None: no web entrance.
     web_socket: Path | None = None
+    # A balancer pair with persistence: every instance (this one among them, named
+    # `local_peer`) whose stick tables replicate. Empty: a stick table of its own.
+    peers: tuple[Peer, ...] = ()
+    local_peer: str | None = None
 
 
 def parse_bind(bind: str) -> Endpoint:
@@ -78,21 +94,54 @@ def check_persist(persist: str) -> str:
     return persist
 
 
-def persistence_lines(persist: str, expire: str) -> list[str]:
-    """The backend's stick table: which desktop a client (address or RDP user) was on."""
+def check_peers(peers: tuple[Peer, ...], local_peer: str | None) -> None:
+    """Each peer once, by name and address, this instance among them."""
+    if not peers:
+        return
+    names = [p.name for p in peers]
+    addresses = [format_address(p.address) for p in peers]
+    for values, what in ((names, "name"), (addresses, "address")):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise BadInputError(
+                f"balancer peers: {what} {twice[0]} is given to two instances; give each its own"
+            )
+    if local_peer not in names:
+        raise BadInputError(
+            f"balancer peers: this instance {local_peer!r} is not among the peers "
+            f"{', '.join(names)}: list every instance of the pair, this one too"
+        )
+
+
+def persistence_lines(persist: str, expire: str, *, shared: bool = False) -> list[str]:
+    """The backend's stick table: which desktop a client (address or RDP user) was on;
+    `shared`: its entries go to the other instances of the pair (the peers section)."""
+    peers = f" peers {PEERS}" if shared else ""
     if persist == "source":
         return [
-            f"    stick-table type ip size 100k expire {expire}",
+            f"    stick-table type ip size 100k expire {expire}{peers}",
             "    stick on src",
         ]
     if persist == "rdp-cookie":
         return [
             "    tcp-request inspect-delay 5s",
             "    tcp-request content accept if RDP_COOKIE",
-            f"    stick-table type string len 64 size 100k expire {expire}",
+            f"    stick-table type string len 64 size 100k expire {expire}{peers}",
             "    stick on rdp_cookie(mstshash)",
         ]
     return []
+
+
+def peers_lines(peers: tuple[Peer, ...]) -> list[str]:
+    """The pair's peers section: HAProxy binds the local peer's address and connects to the
+    others' (`localpeer` in global says which one it is)."""
+    if not peers:
+        return []
+    return [
+        f"peers {PEERS}",
+        *(f"    peer {p.name} {format_address(p.address)}" for p in peers),
+        "",
+    ]
 
 
 def format_address(address: Endpoint) -> str:
@@ -129,6 +178,8 @@ def render_config(cfg: HAProxyConfig) -> str:
     """The complete haproxy.cfg. Servers are not listed: they are added at run time."""
     check_balance(cfg.balance)
     check_persist(cfg.persist)
+    check_peers(cfg.peers, cfg.local_peer)
+    peers = cfg.peers if cfg.persist != "none" else ()  # no stick table: nothing to share
     lines = [
         "# Written by imagepipe; changes are overwritten. Desktops are added at run time",
         "# through the admin socket (add server / set server state / del server).",
@@ -142,7 +193,9 @@ def render_config(cfg: HAProxyConfig) -> str:
         f"    stats socket {_quote_path(cfg.admin_socket)} mode 600 level admin"
         " expose-fd listeners",
         "    stats timeout 30s",
+        *([f"    localpeer {cfg.local_peer}"] if peers else []),
         "",
+        *peers_lines(peers),
         "defaults",
         "    mode tcp",
         "    option clitcpka",
@@ -163,7 +216,7 @@ def render_config(cfg: HAProxyConfig) -> str:
         *web_frontend_lines(cfg.web_socket),
         f"backend {BACKEND}",
         f"    balance {cfg.balance}",
-        *persistence_lines(cfg.persist, cfg.persist_expire),
+        *persistence_lines(cfg.persist, cfg.persist_expire, shared=bool(peers)),
         "",
     ]
     return "\n".join(lines)

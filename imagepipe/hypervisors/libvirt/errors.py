@@ -75,3 +75,18 @@ def connection_lost(exc: Any) -> bool:
     """Whether a libvirtError says the connection to libvirtd is gone (not the domain's
     or the guest's fault): such an error must never read as "no agent" or "no users"."""
     return isinstance(error_of(exc, ""), HypervisorUnavailableError)
+
+
+# what libvirt says when the guest agent is not there at all (its channel is not connected,
+# or it failed): the same code as a reply that did not come in time ("Guest agent not
+# available for now"), another message
+_AGENT_ABSENT = ("is not connected", "not available due to an error")
+
+
+def agent_late(code: int, message: str) -> bool:
+    """Whether a failed guest agent command means its reply did not come in time (or the
+    domain's job was busy): the answer is unknown. False for an agent that is not there and
+    for a definite error reply, which both mean "no"."""
+    if code == ERR_AGENT_UNRESPONSIVE:
+        return not any(text in message for text in _AGENT_ABSENT)
+    return code == ERR_OPERATION_TIMEOUT or "state change lock" in message

@@ -53,6 +53,7 @@ from imagepipe.hypervisors.libvirt.errors import (
     ERR_AGENT_UNRESPONSIVE,
     ERR_NO_DOMAIN,
     ERR_OPERATION_INVALID,
+    agent_late,
     connection_lost,
     error_of,
     translated,
@@ -148,6 +149,9 @@ class LibvirtHypervisor:
         # when the connection was found lost (time.monotonic()); None while it works
         self._lost_at: float | None = None
         self._lost_lock = threading.Lock()
+        # set by a subclass's close() that gave up waiting for a hung open: when that open
+        # returns, its connection is dropped
+        self._closing = False
         ensure_event_loop(self._libvirt)
         self._conn: Any = None
         self._connect()
@@ -226,6 +230,9 @@ class LibvirtHypervisor:
             conn = self._open()
         except lv.libvirtError as exc:
             raise HypervisorUnavailableError(self._unanswered(exc.get_error_message())) from exc
+        if self._closing:  # close() gave up waiting while libvirt hung in this open
+            self._drop(conn)
+            raise HypervisorUnavailableError(f"libvirt at {self.uri}: closed")
         self._conn = conn
         with self._lost_lock:
             lost_at, self._lost_at = self._lost_at, None
@@ -351,8 +358,11 @@ class LibvirtHypervisor:
         dom.agentSetResponseTimeout(AGENT_TIMEOUT)
         self._agent_timeout_set[name] = domain_id
 
-    def _agent_ready(self, name: str, dom: Any) -> bool:
-        """From agent lifecycle events; when none was seen (a restart), ask with guest-ping."""
+    def _agent_ready(self, name: str, dom: Any) -> bool | None:
+        """From agent lifecycle events; when none was seen (a restart, a `status` process),
+        ask with guest-ping: True when it answers, False when libvirt says the agent is not
+        connected, the domain is not running or it answers with an error, None (unknown)
+        when the reply did not come in AGENT_TIMEOUT s (errors.agent_late)."""
         known = self._hub.agent_up(name)
         if known is not None:
             return known
@@ -362,7 +372,13 @@ class LibvirtHypervisor:
         except self._libvirt.libvirtError as exc:
             if connection_lost(exc):  # libvirtd is gone, not the agent
                 raise error_of(exc, f"clone {name}") from exc
-            return False
+            if not agent_late(exc.get_error_code() or 0, exc.get_error_message() or ""):
+                return False  # no agent (not connected, not running) or an error reply
+            log.debug(
+                "guest agent did not answer in time; readiness unknown",
+                extra=fields(clone=name, error=exc.get_error_message()),
+            )
+            return None
         self._hub.set_agent_up(name, True)
         return True
 
@@ -698,7 +714,7 @@ class LibvirtHypervisor:
         lv = self._libvirt
         if state in (STATE_RUNNING, STATE_BLOCKED):
             # the guest agent when it answers, else the ACPI power button
-            agent = self._agent_ready(name, dom)
+            agent = self._agent_ready(name, dom) is True  # unknown: the power button
             try:
                 if agent:
                     self._prepare_agent(name, dom)
@@ -815,7 +831,9 @@ class LibvirtHypervisor:
         clients = self._vnc_clients(dom, name)
         users = self._users(dom, name) if state != STATE_PAUSED else ()
         first, since = self._hub.vnc_clients_now(name, clients)
-        return GuestSession(client=first, connected_since=since, users=users)
+        return GuestSession(
+            client=first, connected_since=since, users=users or (), users_unread=users is None
+        )
 
     def notify_users(self, name: str, text: str) -> None:
         """Show `text` inside the running desktop (the guest agent's imagepipe-notify)."""
@@ -831,8 +849,9 @@ class LibvirtHypervisor:
             reply = self._libvirt_qemu.qemuMonitorCommand(dom, '{"execute":"query-vnc"}', 0)
         return parse_vnc_clients(str(reply))
 
-    def _users(self, dom: Any, name: str) -> tuple[str, ...]:
-        """Users logged in, from the guest agent; no agent means no users, not an error."""
+    def _users(self, dom: Any, name: str) -> tuple[str, ...] | None:
+        """Users logged in, from the guest agent; no agent means no users, not an error.
+        None: the agent's reply did not come in time (who is logged in is unknown)."""
         lv = self._libvirt
         try:
             self._prepare_agent(name, dom)
@@ -844,6 +863,8 @@ class LibvirtHypervisor:
                 "guest agent did not list users",
                 extra=fields(clone=name, error=exc.get_error_message()),
             )
+            if agent_late(exc.get_error_code() or 0, exc.get_error_message() or ""):
+                return None
             return ()
         return parse_guest_users(dict(info))
 

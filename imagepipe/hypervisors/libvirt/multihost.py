@@ -3,6 +3,7 @@
     hv = MultiHostHypervisor(hosts, state_dir=..., checksums=lambda base: {...})
     hv.list_clones()     # every reachable host, observed in parallel; CloneInfo.host set
     hv.hosts()           # which hosts answered (and since when), versions held, uploads
+                         # (this process's, or another's as the host's volumes show it)
     hv.ensure_version("host2", base)   # True once host2 holds it; starts the upload
 
 A host that does not answer within `observe_timeout` (or whose connection is lost) is
@@ -16,11 +17,13 @@ on, or the one that has a domain of that name.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from imagepipe.errors import (
     BadInputError,
@@ -42,21 +45,32 @@ from imagepipe.pool.model import (
     GuestSession,
     HostSpec,
     HostState,
+    HostUpload,
 )
 from imagepipe.pool.ports import HypervisorEvent, Subscription
 
 log = logging.getLogger(__name__)
 
 OBSERVE_TIMEOUT = 5.0  # seconds a host may take to list its clones before it counts as lost
+CLOSE_TIMEOUT = 5.0  # seconds close() waits for the hosts' connections to close
 Checksums = Callable[[BaseImage], Mapping[str, str]]  # file name -> the registry's sha256
+T = TypeVar("T")
+Holdings = tuple[list[CloneInfo], tuple[tuple[str, int], ...], tuple[HostUpload, ...]]
 
 
 class _Subscriptions:
-    def __init__(self, parts: list[Subscription]) -> None:
-        self._parts = parts
+    """One subscriber's subscription on every host; a host added later joins it."""
+
+    def __init__(
+        self, callback: Callable[[HypervisorEvent], None], parts: dict[str, Subscription]
+    ) -> None:
+        self.callback = callback
+        self.parts = parts
+        self.closed = False
 
     def close(self) -> None:
-        for part in self._parts:
+        self.closed = True
+        for part in list(self.parts.values()):
             part.close()
 
 
@@ -88,18 +102,30 @@ class MultiHostHypervisor:
         self._connected: dict[str, bool] = dict.fromkeys(names, False)
         self._since: dict[str, float | None] = dict.fromkeys(names)
         self._versions: dict[str, tuple[tuple[str, int], ...]] = dict.fromkeys(names, ())
-        self._uploads: dict[str, tuple[str, int, float]] = {}  # host -> upload under way
+        self._uploads: dict[str, HostUpload] = {}  # host -> this process's upload under way
+        self._seen_uploads: dict[str, tuple[HostUpload, ...]] = {}  # as the host shows them
         self._upload_done: dict[tuple[str, str, int], threading.Event] = {}
         self._upload_error: dict[tuple[str, str, int], Exception] = {}
-        self._observing: dict[
-            str, concurrent.futures.Future[tuple[list[CloneInfo], tuple[tuple[str, int], ...]]]
-        ] = {}
-        self._observers = concurrent.futures.ThreadPoolExecutor(
-            max_workers=len(hosts), thread_name_prefix="observe-host"
-        )
-        self._uploaders = concurrent.futures.ThreadPoolExecutor(
-            max_workers=len(hosts), thread_name_prefix="upload-host"
-        )
+        self._observing: dict[str, concurrent.futures.Future[Holdings]] = {}
+        self._state_dir = state_dir
+        self._subscriptions: list[_Subscriptions] = []
+
+    def _submit(self, kind: str, host: str, work: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """`work` in a daemon thread of its own: a call that hangs in libvirt (a host whose
+        libvirtd stopped answering) holds up neither close() nor the process's exit, as a
+        ThreadPoolExecutor's worker would (Python joins those at exit)."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(work())
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name=f"{kind}-{host}", daemon=True).start()
+        return future
 
     @property
     def names(self) -> list[str]:
@@ -115,16 +141,18 @@ class MultiHostHypervisor:
 
     # -- observation -------------------------------------------------------------------------
 
-    def _observe(self, name: str) -> tuple[list[CloneInfo], tuple[tuple[str, int], ...]]:
+    def _observe(self, name: str) -> Holdings:
         host = self._hosts[name]
-        return host.list_clones(), host.versions()
+        return host.list_clones(), *host.holdings()
 
     def list_clones(self) -> list[CloneInfo]:
         with self._lock:
             for name in self._hosts:
                 running = self._observing.get(name)
                 if running is None or running.done():  # a hung host gets no second thread
-                    self._observing[name] = self._observers.submit(self._observe, name)
+                    self._observing[name] = self._submit(
+                        "observe", name, functools.partial(self._observe, name)
+                    )
             pending = dict(self._observing)
         done, _ = concurrent.futures.wait(pending.values(), timeout=self.observe_timeout)
         clones: list[CloneInfo] = []
@@ -134,7 +162,7 @@ class MultiHostHypervisor:
                 self._mark(name, False, f"no answer within {self.observe_timeout:g} s")
                 continue
             try:
-                found, versions = future.result()
+                found, versions, uploads = future.result()
             except HypervisorError as exc:
                 self._mark(name, False, str(exc))
                 continue
@@ -142,6 +170,7 @@ class MultiHostHypervisor:
             seen.add(name)
             with self._lock:
                 self._versions[name] = versions
+                self._seen_uploads[name] = uploads
             clones.extend(found)
         if not seen:
             raise HypervisorUnavailableError(
@@ -158,6 +187,8 @@ class MultiHostHypervisor:
 
     def _mark(self, name: str, connected: bool, why: str | None) -> None:
         with self._lock:
+            if name not in self._connected:  # removed by set_hosts meanwhile
+                return
             if self._connected[name] == connected and self._since[name] is not None:
                 return
             self._connected[name] = connected
@@ -178,7 +209,8 @@ class MultiHostHypervisor:
                     connected=self._connected[name],
                     since=self._since[name],
                     versions=self._versions[name],
-                    upload=self._uploads.get(name),
+                    upload=self._uploads.get(name)
+                    or next(iter(self._seen_uploads.get(name, ())), None),
                 )
                 for name in self._hosts
             ]
@@ -200,16 +232,17 @@ class MultiHostHypervisor:
             if event is not None:
                 return event
             event = self._upload_done[key] = threading.Event()
-            self._uploads[host] = (base.image, base.version, 0.0)
-        self._uploaders.submit(self._upload, host, base, event)
+            self._uploads[host] = HostUpload(base.image, base.version, 0, 0, self._clock())
+        self._submit("upload", host, functools.partial(self._upload, host, base, event))
         return event
 
     def _upload(self, host: str, base: BaseImage, event: threading.Event) -> None:
         key = (host, base.image, base.version)
 
-        def progress(fraction: float) -> None:
+        def progress(sent: int, total: int) -> None:
             with self._lock:
-                self._uploads[host] = (base.image, base.version, fraction)
+                since = self._uploads[host].since if host in self._uploads else self._clock()
+                self._uploads[host] = HostUpload(base.image, base.version, sent, total, since)
 
         try:
             self._hosts[host].upload(base, self._checksums(base), progress)
@@ -226,6 +259,11 @@ class MultiHostHypervisor:
             with self._lock:
                 self._uploads.pop(host, None)
                 self._upload_done.pop(key, None)
+                self._seen_uploads[host] = tuple(
+                    u
+                    for u in self._seen_uploads.get(host, ())
+                    if (u.image, u.version) != (base.image, base.version)
+                )
             event.set()
 
     def _upload_now(self, host: str, base: BaseImage) -> None:
@@ -332,10 +370,89 @@ class MultiHostHypervisor:
         self._on(name).notify_users(name, text)
 
     def subscribe(self, callback: Callable[[HypervisorEvent], None]) -> Subscription:
-        return _Subscriptions([h.subscribe(callback) for h in self._hosts.values()])
+        with self._lock:
+            hosts = dict(self._hosts)
+        subscription = _Subscriptions(
+            callback, {name: host.subscribe(callback) for name, host in hosts.items()}
+        )
+        with self._lock:
+            self._subscriptions.append(subscription)
+        return subscription
 
-    def close(self) -> None:
-        self._observers.shutdown(wait=False, cancel_futures=True)
-        self._uploaders.shutdown(wait=False, cancel_futures=True)
-        for host in self._hosts.values():
-            host.close()
+    # -- a reload of `hosts:` ------------------------------------------------------------
+
+    def set_hosts(self, hosts: Sequence[HostSpec]) -> None:
+        """imagepipe.pool.ports.HostList: the running keeper's new host list."""
+        names = [h.name for h in hosts]
+        if not hosts or len(set(names)) != len(names):
+            raise BadInputError(f"hosts: need at least one host, each named once; got {names}")
+        closing: list[RemoteLibvirtHost] = []
+        with self._lock:
+            old = self._hosts
+            new: dict[str, RemoteLibvirtHost] = {}
+            added = []
+            for spec in hosts:
+                kept = old.get(spec.name)
+                if kept is not None and kept.uri == spec.uri:
+                    kept.host = spec  # address, capacity, labels: read from the spec
+                    new[spec.name] = kept
+                    continue
+                if kept is not None:
+                    closing.append(kept)  # a new uri: connected to again
+                new[spec.name] = RemoteLibvirtHost(
+                    spec, state_dir=self._state_dir / spec.name, clock=self._clock
+                )
+                added.append(spec.name)
+            removed = [name for name in old if name not in new]
+            closing += [old[name] for name in removed]
+            for name in (*removed, *added):
+                for table in (self._connected, self._since, self._versions):
+                    table.pop(name, None)
+                self._seen_uploads.pop(name, None)
+                self._observing.pop(name, None)
+            for name in added:
+                self._connected[name] = False
+                self._since[name] = None
+                self._versions[name] = ()
+            for clone, host in list(self._where.items()):
+                if host not in new or host in added:
+                    del self._where[clone]
+            self._hosts = new
+            subscriptions = [s for s in self._subscriptions if not s.closed]
+        for subscription in subscriptions:
+            for name in (*removed, *added):
+                part = subscription.parts.pop(name, None)
+                if part is not None:
+                    part.close()
+            for name in added:
+                subscription.parts[name] = new[name].subscribe(subscription.callback)
+        for gone in closing:
+            gone.close()
+        log.info(
+            "hosts changed",
+            extra=fields(hosts=",".join(new), added=",".join(added), removed=",".join(removed)),
+        )
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Close every host's connection, all at once, waiting `timeout` at most: a host
+        that hangs (its libvirtd stopped answering) is left to its daemon threads, which
+        drop its connection when libvirt returns; nothing of it keeps the process alive."""
+        with self._lock:
+            hosts = list(self._hosts.values())
+            for future in self._observing.values():
+                future.cancel()
+        closers = [
+            threading.Thread(target=h.close, name=f"close-{h.host_name}", daemon=True)
+            for h in hosts
+        ]
+        for closer in closers:
+            closer.start()
+        deadline = time.monotonic() + timeout
+        for closer in closers:
+            closer.join(max(0.0, deadline - time.monotonic()))
+        stuck = [h.host_name for h, c in zip(hosts, closers, strict=True) if c.is_alive()]
+        if stuck:
+            log.warning(
+                "hosts did not close in time; their connections are dropped when libvirt returns",
+                extra=fields(hosts=",".join(stuck), seconds=timeout),
+            )

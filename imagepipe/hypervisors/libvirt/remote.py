@@ -50,10 +50,11 @@ from imagepipe.hypervisors.libvirt.volumes import (
     delete_clone_volume,
     storage_pool,
     upload_version,
+    uploads_on,
     versions_on,
 )
 from imagepipe.log import fields
-from imagepipe.pool.model import BaseImage, CloneInfo, CloneSpec, HostSpec
+from imagepipe.pool.model import BaseImage, CloneInfo, CloneSpec, HostSpec, HostUpload
 
 log = logging.getLogger(__name__)
 SOCKET_DIR = "/var/lib/libvirt/qemu"  # exists on every host with libvirt's QEMU driver
@@ -63,6 +64,7 @@ class RemoteLibvirtHost(LibvirtHypervisor):
     """The Hypervisor port on one libvirt host whose files are reached only through libvirt."""
 
     KEEPALIVE = (1, 2)
+    CLOSE_WAIT = 2.0  # seconds close() waits for a call that holds the connection
 
     def __init__(
         self, host: HostSpec, *, state_dir: Path, clock: Callable[[], float] = time.time
@@ -78,6 +80,23 @@ class RemoteLibvirtHost(LibvirtHypervisor):
         with self._lost_lock:
             self._lost_at = time.monotonic()
         return None
+
+    def close(self) -> None:
+        """Close the connection; when a call hangs in libvirt holding it (a host whose
+        libvirtd stopped answering), wait CLOSE_WAIT at most: that call's thread drops the
+        connection when libvirt returns (keep-alive ends a hung call within seconds)."""
+        self._closing = True  # an open that returns after this drops its connection
+        if not self._lock.acquire(timeout=self.CLOSE_WAIT):
+            self._hub.close()
+            log.warning(
+                "host does not answer; its connection is dropped when libvirt returns",
+                extra=fields(host=self.host.name, uri=self.uri),
+            )
+            return
+        try:
+            super().close()
+        finally:
+            self._lock.release()
 
     def _unanswered(self, why: str) -> str:
         return (
@@ -98,12 +117,18 @@ class RemoteLibvirtHost(LibvirtHypervisor):
     # -- versions ------------------------------------------------------------------------
 
     def versions(self) -> tuple[tuple[str, int], ...]:
+        return self.holdings()[0]
+
+    def holdings(self) -> tuple[tuple[tuple[str, int], ...], tuple[HostUpload, ...]]:
+        """The versions the host holds, and the uploads under way to it (whoever sends
+        them), from one listing of its storage pool."""
         pool = self._storage()
         with self._translate(f"storage pool on host {self.host.name}"):
-            return versions_on(list(pool.listVolumes()))
+            names = list(pool.listVolumes())
+            return versions_on(names), uploads_on(self._libvirt, pool, names)
 
     def upload(
-        self, base: BaseImage, expected: Mapping[str, str], progress: Callable[[float], None]
+        self, base: BaseImage, expected: Mapping[str, str], progress: Callable[[int, int], None]
     ) -> None:
         pool = self._storage()
         started = time.monotonic()

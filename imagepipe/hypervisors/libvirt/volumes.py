@@ -5,11 +5,16 @@ the libvirt connection into the host's storage pool `imagepipe` (a directory poo
 on first use), and a clone's disk is a volume made by `storageVolCreateXML` with a
 <backingStore> (linked) or by `storageVolCreateXMLFrom` (a server-side full copy).
 
+    <pool>/tiny_v3.uploading      made first, removed last: an upload is under way since its
+                                  mtime; its size (sparse, nothing written) is the bytes the
+                                  version's files take, so anyone can tell how far it got
     <pool>/tiny_v3--disk.qcow2    one volume per file of the version (disk, kernel, initrd)
     <pool>/tiny_v3.ready          made last: the version is complete on this host
     <pool>/lab-1.qcow2            a clone's disk
 
 Each file's sha256 is checked against the registry's record before anything is sent.
+Another process (`imagepipe status`, `imagepipe hosts`) sees an upload's progress from the
+host alone (uploads_on): the bytes its volumes hold of the bytes they will hold.
 """
 
 from __future__ import annotations
@@ -18,16 +23,18 @@ import contextlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
 from imagepipe.errors import BaseMissingError, FatalHypervisorError
 from imagepipe.hypervisors.libvirt.errors import translated
 from imagepipe.images.checksum import sha256_file
-from imagepipe.pool.model import BaseImage, CloneMode
+from imagepipe.pool.model import BaseImage, CloneMode, HostUpload
 
 POOL_NAME = "imagepipe"
 POOL_DIR = "/var/lib/libvirt/images/imagepipe"
 READY = ".ready"
+UPLOADING = ".uploading"
 CHUNK = 4 * 1024 * 1024
 
 POOL_XML = f"""<pool type='dir'>
@@ -66,16 +73,45 @@ def ready_volume(image: str, version: int) -> str:
     return f"{image}_v{version}{READY}"
 
 
-def versions_on(volume_names: list[str]) -> tuple[tuple[str, int], ...]:
-    """(image, version) of every complete version among a pool's volume names."""
+def uploading_volume(image: str, version: int) -> str:
+    return f"{image}_v{version}{UPLOADING}"
+
+
+def versions_on(volume_names: list[str], marker: str = READY) -> tuple[tuple[str, int], ...]:
+    """(image, version) of every complete version among a pool's volume names (or, with
+    marker UPLOADING, of every version being uploaded)."""
     found = []
     for name in volume_names:
-        if not name.endswith(READY):
+        if not name.endswith(marker):
             continue
-        image, _, version = name[: -len(READY)].rpartition("_v")
+        image, _, version = name[: -len(marker)].rpartition("_v")
         if image and version.isdigit():
             found.append((image, int(version)))
     return tuple(sorted(found))
+
+
+def uploads_on(libvirt: Any, pool: Any, volume_names: list[str]) -> tuple[HostUpload, ...]:
+    """The uploads under way in `pool` (whoever sends them): bytes its volumes hold of their
+    full size, since the marker was made. Calls libvirt only while a marker is there."""
+    done = set(versions_on(volume_names))
+    found = []
+    for image, version in versions_on(volume_names, UPLOADING):
+        if (image, version) in done:
+            continue
+        prefix = f"{image}_v{version}--"
+        sent = 0
+        try:
+            marker = pool.storageVolLookupByName(uploading_volume(image, version))
+            total = int(marker.info()[1])
+            mtime = ElementTree.fromstring(marker.XMLDesc(0)).findtext("target/timestamps/mtime")
+            for name in volume_names:
+                if name.startswith(prefix):  # a disk's capacity is its virtual size: not used
+                    sent += int(pool.storageVolLookupByName(name).info()[2])
+        except libvirt.libvirtError:
+            continue  # finished or given up meanwhile
+        since = float(mtime) if mtime else None
+        found.append(HostUpload(image, version, min(sent, total), total, since))
+    return tuple(found)
 
 
 def check_checksums(base: BaseImage, expected: Mapping[str, str]) -> list[tuple[str, Path]]:
@@ -112,31 +148,38 @@ def upload_version(
     pool: Any,
     base: BaseImage,
     expected: Mapping[str, str],
-    progress: Callable[[float], None],
+    progress: Callable[[int, int], None],
     where: str,
 ) -> None:
-    """Send the version's files into `pool` (checksums checked first), then mark it complete.
-    A half-sent version of an earlier try is replaced."""
+    """Send the version's files into `pool` (checksums checked first), then mark it complete;
+    `progress(sent, total)` after each chunk. A half-sent version of an earlier try is
+    replaced."""
     files = check_checksums(base, expected)
-    total = sum(path.stat().st_size for _, path in files) or 1
+    sizes = [(file, path, path.stat().st_size) for file, path in files]
+    total = sum(size for _, _, size in sizes)
     sent = 0
     subject = f"upload of {base.image} v{base.version} to {where}"
+    marker = uploading_volume(base.image, base.version)
     with translated(libvirt, subject):
         pool.refresh(0)
         for name in (
             ready_volume(base.image, base.version),
+            marker,
             *[file_volume(base, f) for f, _ in files],
         ):
             _delete_volume(libvirt, pool, name)
-        for file, path in files:
-            size = path.stat().st_size
+        pool.createXML(_empty_volume(marker, total), 0)
+        volumes = []
+        for file, path, size in sizes:
             xml = (
                 f"<volume><name>{escape(file_volume(base, file))}</name>"
                 f"<capacity unit='bytes'>{size}</capacity>"
                 "<allocation unit='bytes'>0</allocation>"
                 "<target><format type='raw'/></target></volume>"
             )
-            vol = pool.createXML(xml, 0)
+            volumes.append((pool.createXML(xml, 0), path, size))
+        progress(0, total)
+        for vol, path, size in volumes:
             stream = conn.newStream(0)
             vol.upload(stream, 0, size, 0)
             try:
@@ -144,25 +187,32 @@ def upload_version(
                     while chunk := handle.read(CHUNK):
                         stream.send(chunk)
                         sent += len(chunk)
-                        progress(sent / total)
+                        progress(sent, total)
                 stream.finish()
             except BaseException:
                 with contextlib.suppress(libvirt.libvirtError):
                     stream.abort()
+                with contextlib.suppress(libvirt.libvirtError):
+                    _delete_volume(libvirt, pool, marker)  # nobody sees a dead upload go on
                 raise
         pool.refresh(0)  # the uploaded disk is probed again: its format is qcow2
-        pool.createXML(
-            f"<volume><name>{escape(ready_volume(base.image, base.version))}</name>"
-            "<capacity unit='bytes'>0</capacity><target><format type='raw'/></target></volume>",
-            0,
-        )
-    progress(1.0)
+        pool.createXML(_empty_volume(ready_volume(base.image, base.version)), 0)
+        _delete_volume(libvirt, pool, marker)
+
+
+def _empty_volume(name: str, size: int = 0) -> str:
+    """A raw volume of `size` bytes that takes no room (sparse): a marker."""
+    return (
+        f"<volume><name>{escape(name)}</name><capacity unit='bytes'>{size}</capacity>"
+        "<allocation unit='bytes'>0</allocation><target><format type='raw'/></target></volume>"
+    )
 
 
 def delete_version(libvirt: Any, pool: Any, base: BaseImage, where: str) -> None:
     with translated(libvirt, f"{base.image} v{base.version} on {where}"):
         for name in (
             ready_volume(base.image, base.version),
+            uploading_volume(base.image, base.version),
             *map(lambda f: file_volume(base, f), version_files(base)),
         ):
             _delete_volume(libvirt, pool, name)

@@ -43,7 +43,13 @@ from imagepipe.pool.model import (
     RolloutPolicy,
 )
 from imagepipe.pool.planner.balancer_rules import balancer_actions, orphan_actions
-from imagepipe.pool.planner.clones import advance, advance_missing, quiet, session_live
+from imagepipe.pool.planner.clones import (
+    advance,
+    advance_missing,
+    quiet,
+    session_live,
+    session_unread,
+)
 from imagepipe.pool.planner.failures import (
     CLONE_RETRIES,
     breaker_after,
@@ -76,6 +82,7 @@ __all__ = [
     "record_failure",
     "retry_delay",
     "session_live",
+    "session_unread",
 ]
 
 

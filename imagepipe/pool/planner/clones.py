@@ -60,6 +60,20 @@ def session_live(
     return now - disconnected_at < spec.disconnect_timeout
 
 
+def session_unread(
+    spec: PoolSpec, session: GuestSession, record: CloneRecord | None, now: float
+) -> bool:
+    """Whether the clone's session hangs on a users read that did not answer in time: no
+    client connected, and the store had somebody on it (in use, retiring, or disconnected
+    within spec.disconnect_timeout). Whether that user is still logged in is unknown, so
+    nothing is decided about the clone until the guest answers."""
+    if not session.users_unread or session.client is not None or record is None:
+        return False
+    if record.state is DISCONNECTED:
+        return now - record.since < spec.disconnect_timeout
+    return record.state in WITH_SESSION
+
+
 def quiet(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> bool:
     """Most clones of a busy pool: nothing about them changes this pass, and the balancer
     already has them as it should. In use by the same user (out of the balancer); free,
@@ -88,7 +102,7 @@ def quiet(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> bool:
         return (
             serving
             and info.power is Power.RUNNING
-            and info.ready
+            and info.ready is True
             and info.slot not in ctx.assigned
             and not rec.dirty
             and rec.session_ended_at is None
@@ -102,6 +116,8 @@ def advance(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> Step:
     """The next record of an observed clone, and what to do to it."""
     if session_live(ctx.spec, oc.session, rec, ctx.now):
         return _with_session(ctx, oc, rec)
+    if rec is not None and session_unread(ctx.spec, oc.session, rec, ctx.now):
+        return Step(rec)  # its user may still be logged in: decided when the guest answers
     return _without_session(ctx, oc, rec)
 
 
@@ -168,9 +184,20 @@ def _by_power(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> Step:
         return Step(enter(ctx, rec, oc.info, SUSPENDED))
     if power is Power.SHUTOFF:
         return _powered_off(ctx, oc, rec)
+    if power is Power.RUNNING and oc.info.ready is None:
+        return _unread(ctx, oc, rec)
     if power is Power.RUNNING and oc.info.ready:
         return _ready(ctx, oc, rec)
     return _booting(ctx, oc, rec)
+
+
+def _unread(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> Step:
+    """Running, readiness unknown (its read did not answer in time): nothing is decided on
+    a read that did not answer. The record stays as it was: not failed, reset or taken out of
+    the balancer; resize does not count it free (the pool keeps its free target without it)."""
+    if rec is None:
+        return Step(enter(ctx, rec, oc.info, BOOTING))
+    return Step(rec)
 
 
 def _failed(ctx: Context, oc: ObservedClone, rec: CloneRecord) -> Step:
@@ -257,7 +284,9 @@ def _recycle(ctx: Context, oc: ObservedClone, rec: CloneRecord) -> Step:
     if ctx.persistent(info.slot):
         if info.power is Power.SHUTOFF:
             return Step(enter(ctx, rec, info, BOOTING), (StartClone(pool=pool, clone=name),))
-        ready = info.power is Power.RUNNING and info.ready
+        if info.power is Power.RUNNING and info.ready is None:
+            return Step(rec)  # ready or not is unread: decided when the read answers
+        ready = info.power is Power.RUNNING and info.ready is True
         return Step(ended(enter(ctx, rec, info, FREE if ready else BOOTING), None))
     if spec.on_logoff is OnLogoff.DELETE or ctx.draining(info):
         return _delete(ctx, rec, oc)

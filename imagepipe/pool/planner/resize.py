@@ -110,7 +110,7 @@ def count(d: Decisions) -> Census:
         if state is CloneState.FREE:
             c.alive += 1
             c.running += 1
-            if shared:
+            if shared and d.observed[name].info.ready is not None:  # unknown: not relied on
                 c.ready_free += 1
                 if name in d.returned and not d.actions.get(name):
                     c.returned.append(rec)
@@ -127,7 +127,8 @@ def count(d: Decisions) -> Census:
         elif state is not CloneState.DELETING:
             c.alive += 1
             c.running += 1
-            if shared and (state is CloneState.BOOTING or state is CloneState.CREATING):
+            coming = state is CloneState.BOOTING or state is CloneState.CREATING
+            if shared and coming and d.observed[name].info.ready is not None:
                 c.coming += 1
                 if name in d.returned and _resets_only(d.actions.get(name, ())):
                     c.returned.append(rec)  # used while unseen: its reset may be spared

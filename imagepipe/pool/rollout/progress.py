@@ -74,8 +74,21 @@ def progress(rollout: Rollout, view: PoolView) -> PoolProgress:
         old_leaving=old_leaving,
         old_at_start=before.old_at_start if before is not None else old_now,
         failures=view.record.failures,
-        waiting=None if view.observed.base_ready else view.note or "the new base is not ready",
+        waiting=_waiting(view),
     )
+
+
+def _waiting(view: PoolView) -> str | None:
+    """Why the pool waits: its base is not ready, or its version is still being sent to
+    hosts it may use (how far each upload got)."""
+    if not view.observed.base_ready:
+        return view.note or "the new base is not ready"
+    uploads = [
+        f"{room.upload.image} v{room.upload.version} to {room.name}: {room.upload.amount()}"
+        for room in view.observed.hosts
+        if room.upload is not None
+    ]
+    return "uploading " + "; ".join(uploads) if uploads else None
 
 
 def judge(rollout: Rollout, views: Sequence[PoolView], now: float) -> Verdict:

@@ -166,6 +166,7 @@ def new_ready_free(d: Decisions) -> int:
             and (not rec.dirty or ctx.persistent(rec.slot))
             and rec.slot not in ctx.assigned
             and seen is not None
+            and seen.info.ready is not None  # its readiness unread: not relied on
             and seen.backend is not None
             and seen.backend.state is BackendState.READY
             and not d.actions.get(name)
