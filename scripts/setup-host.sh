@@ -64,6 +64,8 @@ dev_packages=(
   chromium-driver   # selenium drives it
   postgresql        # tests/postgres.py: a real server for the PostgreSQL state store's tests
   nftables          # tests/multihost: the display-port firewall rule of docs/hosts.md
+  openssh-client    # tests/multihost: libvirt's qemu+ssh:// transport runs ssh (and ssh-keygen)
+  dropbear-bin      # tests/multihost: an SSH server in a lab host's namespaces, no system service
 )
 if [ "$dev" = yes ]; then
   packages+=("${dev_packages[@]}")

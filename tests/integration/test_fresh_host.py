@@ -61,7 +61,8 @@ PYTHON_PROGRAMS = (
     "packer", "qemu-system-x86_64", "qemu-img", "qemu-io", "haproxy", "virsh", "virt-admin",
     "systemd-analyze", "mkfs.ext2", "useradd", "git", "ip", "mount", "umount", "pgrep", "sh",
     "bash", "shellcheck", "debootstrap", "chroot", "chromium", "chromedriver", "openssl",
-    "runuser", "keepalived", "unshare", "libvirtd", "tini", "nft",
+    "runuser", "keepalived", "unshare", "libvirtd", "tini", "nft", "ssh", "ssh-keygen", "nsenter",
+    "virt-ssh-helper", "dropbear", "dropbearkey",
 )  # fmt: skip
 # Files the build of the venv needs that are no program: pip compiles libvirt-python against
 # Python's and libvirt's headers; the guest agent is linked statically; venv bootstraps pip.
