@@ -167,9 +167,11 @@ def build_image(
         if plan.packer_version.needs_init:
             emit(PhaseEvent("init", "packer init"))
             packer.init(template, env)
-        emit(PhaseEvent("validate", "packer validate"))
         syntax_only = bool(missing) and loaded.definition.validate_without_requires != "full"
-        packer.validate(template, env, syntax_only=syntax_only)
+        if packer.validate(template, env, syntax_only=syntax_only):
+            emit(PhaseEvent("validate", "packer validate"))
+        else:
+            emit(PhaseEvent("validate", "packer validate: unchanged, validated before"))
         if dry_run:
             result = BuildResult(
                 name,
