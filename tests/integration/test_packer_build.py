@@ -421,3 +421,36 @@ def test_a_failed_validation_is_not_remembered_and_stops_every_build(tmp_path: P
         assert "packer validate" in done.stderr and "bogus" in done.stderr
     assert not (tmp_path / "images" / ".packer-validated.json").exists()
     assert Registry(tmp_path / "registry", tmp_path / "images").versions("bad") == []
+
+
+@pytest.mark.real
+def test_a_version_records_the_git_commit_and_dirtiness_its_folder_was_built_from(
+    tmp_path: Path,
+) -> None:
+    require_program("packer")
+    require_program("git")
+    packer_dir = tmp_path / "packer"
+    _null_image(packer_dir, "hello", ["echo hi > out.txt"])
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args],
+            cwd=packer_dir,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout.strip()
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "hello")
+    head = git("rev-parse", "HEAD")
+    config = _config(tmp_path, packer_dir)
+    assert _cli(config, "build", "hello").returncode == 0
+    (packer_dir / "hello" / "notes.txt").write_text("not committed\n")
+    assert _cli(config, "build", "hello").returncode == 0
+    registry = Registry(tmp_path / "registry", tmp_path / "images")
+    clean, dirty = registry.versions("hello")
+    assert (clean.source_commit, clean.source_dirty) == (head, False)
+    assert (dirty.source_commit, dirty.source_dirty) == (head, True)
