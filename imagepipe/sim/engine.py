@@ -321,7 +321,7 @@ class _Day:
     def serve(self, now: float) -> None:
         if not self.waiting:
             return
-        for clone in self.world.takers():
+        for clone in self.world.takers(len(self.waiting)):
             if not self.waiting:
                 return
             waiting = self.waiting.popleft()
@@ -364,7 +364,7 @@ class _Day:
                 at=at,
                 arrived=self.arrived,
                 in_use=sum(c.user is not None for c in self.world.clones.values()),
-                free_ready=len(self.world.takers()),
+                free_ready=self.world.taker_count(),
                 starting=starting,
                 waiting=len(self.waiting),
                 waited=self.waited + len(self.waiting),

@@ -261,7 +261,7 @@ class Replanner:
         c.alive += quiet
         c.running += quiet - len(self._suspended)
         c.ready_free += len(self._free)  # quiet() holds no free clone in an assigned slot
-        c.used_slots.update(self._slots)
+        c.more_used = self._slots.keys()  # read only when resize creates
         if self._idlest:
             since, _, name = self._idlest[0]
             if ctx.now - since >= idle_for:
