@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 
@@ -30,8 +30,10 @@ from imagepipe.config.values import (
     parse_uri,
 )
 from imagepipe.errors import ConfigError
-from imagepipe.pool.model import HostSpec
 from imagepipe.yamlsrc import Located, expand_user, load_file, path_kind
+
+if TYPE_CHECKING:  # not for reading settings: `build` never loads the pool model
+    from imagepipe.pool.model import HostSpec
 
 SYSTEM_SETTINGS = Path("/etc/imagepipe/imagepipe.yml")
 SETTINGS_NAME = "imagepipe.yml"
@@ -61,6 +63,8 @@ class HostSettings(Section):
     labels: list[Annotated[str, BeforeValidator(parse_pool_name)]] = Field(default_factory=list)
 
     def host_spec(self) -> HostSpec:
+        from imagepipe.pool.model import HostSpec
+
         return HostSpec(
             name=self.name,
             uri=self.uri,

@@ -5,10 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from imagepipe.pool.model import BaseImage
+if TYPE_CHECKING:  # the pool model's 35 dataclasses cost a build or a listing ~70 ms to make
+    from imagepipe.pool.model import BaseImage
 
 ScalarValue = str | int | float | bool
 
@@ -67,6 +69,8 @@ class VersionRecord(_Frozen):
         return self.status is Status.ACTIVE
 
     def base_image(self) -> BaseImage:
+        from imagepipe.pool.model import BaseImage
+
         return BaseImage(
             image=self.image,
             version=self.version,

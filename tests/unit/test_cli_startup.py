@@ -67,6 +67,74 @@ def test_status_imports_its_own_command_and_no_other(tmp_path: Path) -> None:
     assert not any(m.startswith("imagepipe.hypervisors.virtualbox") for m in modules)
 
 
+# What a single-host SQLite `status --json` has no use for: the PostgreSQL store and its
+# driver, leadership, the several-host adapters, the rollout driver, the keeper loop, the
+# balancers it does not have, the web entrance, the simulator's charts, the image builder.
+NOT_FOR_STATUS = {
+    "psycopg",
+    "imagepipe.stores.postgres",
+    "imagepipe.app.leadership",
+    "imagepipe.app.hosts",
+    "imagepipe.hypervisors.libvirt.multihost",
+    "imagepipe.hypervisors.libvirt.remote",
+    "imagepipe.hypervisors.libvirt.volumes",
+    "imagepipe.pool.hosts",
+    "imagepipe.pool.rollout.driver",
+    "imagepipe.pool.keeper",
+    "imagepipe.pool.executor",
+    "imagepipe.balancers.haproxy",
+    "imagepipe.balancers.ipvs",
+    "imagepipe.app.web",
+    "imagepipe.web",
+    "matplotlib",
+    "imagepipe.images.packer",
+    "rich",  # --json draws nothing
+}
+
+
+def test_status_json_on_one_host_imports_nothing_it_does_not_use(tmp_path: Path) -> None:
+    (tmp_path / "pools").mkdir()
+    (tmp_path / "pools" / "lab.yml").write_text(
+        "name: lab\nimage: tiny\nsize: {initial: 1, free: 1, max: 2}\n"
+        "display: {port_range: 5900-5901}\n"
+    )
+    config = tmp_path / "imagepipe.yml"
+    config.write_text(
+        f"pools_dir: {tmp_path / 'pools'}\nregistry: {tmp_path / 'registry'}\n"
+        f"image_store: {tmp_path / 'images'}\nstate_db: {tmp_path / 'state.db'}\n"
+        f"run_dir: {tmp_path / 'run'}\n"
+        "hypervisor: {driver: libvirt, uri: 'test:///default'}\nbalancer: {driver: none}\n"
+    )
+    require(importlib.util.find_spec("libvirt") is not None, "libvirt-python is not installed")
+    modules = imported_by(["--config", str(config), "status", "--json"], tmp_path)
+    assert "imagepipe.pool.model" in modules  # it did read the pool and observe the host
+    loaded = {m for m in modules if m in NOT_FOR_STATUS or m.split(".")[0] in NOT_FOR_STATUS}
+    assert loaded == set()
+
+
+def test_reading_settings_for_a_build_loads_neither_the_pool_model_nor_pool_files(
+    tmp_path: Path,
+) -> None:
+    """`imagepipe build` (an up-to-date one is mostly start-up) reads imagepipe.yml only."""
+    config = tmp_path / "imagepipe.yml"
+    config.write_text(f"registry: {tmp_path / 'registry'}\nimage_store: {tmp_path / 'images'}\n")
+    probe = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "import imagepipe.cli.build\n"
+        "from imagepipe.config import load_settings\n"
+        f"assert load_settings(Path({str(config)!r})).source == {str(config)!r}\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    modules = set(json.loads(done.stdout))
+    assert "imagepipe.config.settings" in modules
+    assert modules & {"imagepipe.pool.model", "imagepipe.config.pools"} == set()
+
+
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_a_commands_summary_is_how_its_own_help_begins(name: str) -> None:
     command = COMMANDS[name].load(name)
