@@ -185,7 +185,9 @@ class Runtime:
         return self._open(
             "packer",
             self.adapters.packer,
-            lambda: build_packer(packer_version_cache(self.settings)),
+            lambda: build_packer(
+                packer_version_cache(self.settings), packer_validated_cache(self.settings)
+            ),
             closes=False,
         )
 
@@ -411,16 +413,22 @@ def build_checked_images(registry: Registry) -> CheckedImages:
     return CheckedImages(registry)
 
 
-def build_packer(version_cache: Path | None = None) -> Packer:
-    """Packer on PATH; with `version_cache`, `packer version` is asked once per install."""
+def build_packer(version_cache: Path | None = None, validated_cache: Path | None = None) -> Packer:
+    """Packer on PATH; with `version_cache`, `packer version` is asked once per install; with
+    `validated_cache`, an unchanged template is validated once."""
     from imagepipe.images.packer import Packer
 
-    return Packer(version_cache=version_cache)
+    return Packer(version_cache=version_cache, validated_cache=validated_cache)
 
 
 def packer_version_cache(settings: Settings) -> Path:
     """In the image store, which a build writes to anyway."""
     return settings.image_store / ".packer-version.json"
+
+
+def packer_validated_cache(settings: Settings) -> Path:
+    """Beside the build directories (owner-only file: its digests cover secret values)."""
+    return settings.image_store / ".packer-validated.json"
 
 
 def build_domain_importer(settings: Settings) -> DomainImporter:

@@ -7,6 +7,7 @@ removes its output), then reports the interruption.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from imagepipe.errors import (
 )
 from imagepipe.images.stream import PackerEvent, StreamParser, StreamSummary, summarize
 from imagepipe.log import fields
+from imagepipe.private import FILE_MODE
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ class Packer:
 
     binary: str = "packer"
     version_cache: Path | None = None
+    validated_cache: Path | None = None  # digests of validated inputs (see `validate`)
     _version: PackerVersion | None = field(default=None, init=False, repr=False)
 
     def _path(self) -> str:
@@ -140,9 +143,19 @@ class Packer:
     def init(self, template: Path, env: Mapping[str, str]) -> None:
         self._run([self._path(), "init", template.name], template.parent, env)
 
-    def validate(self, template: Path, env: Mapping[str, str], *, syntax_only: bool) -> None:
-        """BadInputError with Packer's own message when the rendered template is wrong."""
-        argv = [self._path(), "validate", *(["-syntax-only"] if syntax_only else []), template.name]
+    def validate(self, template: Path, env: Mapping[str, str], *, syntax_only: bool) -> bool:
+        """BadInputError with Packer's own message when the rendered template is wrong.
+
+        With `validated_cache`, a template is validated once: when the rendered files, the
+        variables, the Packer binary and its plugins are exactly those of a template that
+        validated before, Packer is not asked again (False is returned; True when it was
+        asked). A failed validation is never remembered."""
+        path = self._path()
+        key = _validate_key(path, template, env, syntax_only) if self.validated_cache else ""
+        if key and key in self._validated():
+            log.info("packer validate skipped: validated before", extra=fields(template=key))
+            return False
+        argv = [path, "validate", *(["-syntax-only"] if syntax_only else []), template.name]
         done = subprocess.run(
             argv,
             cwd=template.parent,
@@ -154,6 +167,35 @@ class Packer:
         if done.returncode != 0:
             message = " ".join((done.stderr + done.stdout).split())
             raise BadInputError(f"packer validate {template}: {message}")
+        if key:
+            self._remember_validated(key)
+        return True
+
+    def _validated(self) -> list[str]:
+        assert self.validated_cache is not None
+        try:
+            data = json.loads(self.validated_cache.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []  # none yet, or unreadable: validate
+        if not isinstance(data, list):
+            return []
+        return [k for k in data if isinstance(k, str) and re.fullmatch(r"[0-9a-f]{64}", k)]
+
+    def _remember_validated(self, key: str) -> None:
+        """Best effort, owner-only (the digest covers secret values); the newest keys kept."""
+        assert self.validated_cache is not None
+        kept = [k for k in self._validated() if k != key][-(_VALIDATED_KEPT - 1) :]
+        keys = [*kept, key]
+        tmp = self.validated_cache.with_name(f".{self.validated_cache.name}.{os.getpid()}")
+        try:
+            self.validated_cache.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(keys, handle)
+            os.replace(tmp, self.validated_cache)
+        except OSError as exc:  # only slower next time
+            log.debug("packer validation not remembered", extra=fields(error=str(exc)))
+            tmp.unlink(missing_ok=True)
 
     def _run(self, argv: list[str], cwd: Path, env: Mapping[str, str]) -> None:
         done = subprocess.run(
@@ -197,6 +239,56 @@ class Packer:
                     on_event(event)
             returncode = _wait(process, interrupted)
         return RunResult(returncode, summarize(events), bool(interrupted))
+
+
+_VALIDATED_KEPT = 64
+# The version number imagepipe gives each build: part of the key only where a `validation`
+# block could look at it, else every forced build would validate again for nothing.
+_BUILD_NUMBER = "PKR_VAR_image_version"
+
+
+def _validate_key(binary: str, template: Path, env: Mapping[str, str], syntax_only: bool) -> str:
+    """sha256 over everything `packer validate` reads: the binary, its plugins and config, the
+    rendered files beside the template (at validation nothing else is there), the variables."""
+    digest = hashlib.sha256()
+
+    def add(*parts: object) -> None:
+        for part in parts:
+            data = part if isinstance(part, bytes) else str(part).encode()
+            digest.update(len(data).to_bytes(8, "big") + data)
+
+    add("validate", syntax_only, template.name, *_identity(binary))
+    mentions_validation = False
+    for path in sorted(p for p in template.parent.rglob("*") if p.is_file()):
+        content = path.read_bytes()
+        mentions_validation = mentions_validation or b"validation" in content
+        add(path.relative_to(template.parent).as_posix(), content)
+    for name, value in sorted(os.environ.items()):
+        if name.startswith(("PACKER_", "PKR_VAR_", "CHECKPOINT_")):
+            add(name, value)
+    for name, value in sorted(env.items()):
+        if name != _BUILD_NUMBER or mentions_validation:
+            add(name, value)
+    for place in _plugin_places(binary):
+        found = sorted(place.rglob("*")) if place.is_dir() else [place]
+        for path in found:
+            if path.is_file():
+                info = path.stat()
+                add(path, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    return digest.hexdigest()
+
+
+def _plugin_places(binary: str) -> list[Path]:
+    """Where Packer (1.6 and later) finds plugins and its config: `packer-*` beside the
+    binary, ~/.packer.d, ~/.config/packer, ~/.packerconfig, PACKER_PLUGIN_PATH and
+    PACKER_CONFIG_DIR."""
+    home = Path.home()
+    places = sorted(Path(os.path.realpath(binary)).parent.glob("packer-*"))
+    places += [home / ".packer.d", home / ".config" / "packer", home / ".packerconfig"]
+    places += [Path(p) for p in os.environ.get("PACKER_PLUGIN_PATH", "").split(":") if p]
+    if os.environ.get("PACKER_CONFIG_DIR"):
+        places.append(Path(os.environ["PACKER_CONFIG_DIR"]))
+    return places
 
 
 def _identity(path: str) -> list[object]:

@@ -370,3 +370,87 @@ def test_a_rendered_file_with_a_secret_is_removed_on_every_exit_and_the_logs_sta
         for path in build_dir.rglob("*"):
             if path.is_file():
                 assert "Sw0rdfish" not in path.read_text(errors="replace"), path
+
+
+def _validated(done: subprocess.CompletedProcess[str]) -> list[str]:
+    """The validate phase's text of a `build --json` run."""
+    return [
+        str(e["text"])
+        for e in _events(done.stdout)
+        if e.get("event") == "phase" and e.get("phase") == "validate"
+    ]
+
+
+@pytest.mark.real
+def test_an_unchanged_template_is_validated_once_and_a_changed_one_again(tmp_path: Path) -> None:
+    require_program("packer")
+    packer_dir = tmp_path / "packer"
+    _null_image(packer_dir, "hello", ["echo hi > out.txt"])
+    config = _config(tmp_path, packer_dir)
+    first = _cli(config, "build", "hello", "--json")
+    assert first.returncode == 0, first.stderr
+    assert _validated(first) == ["packer validate"]
+    cache = tmp_path / "images" / ".packer-validated.json"
+    assert cache.stat().st_mode & 0o777 == 0o600
+    forced = _cli(config, "build", "hello", "--force", "--json")
+    assert forced.returncode == 0, forced.stderr
+    assert _validated(forced) == ["packer validate: unchanged, validated before"]
+    assert _events(forced.stdout)[-1]["version"] == 2
+    # a changed template (here: an attribute Packer rejects) is validated again and stops
+    template = packer_dir / "hello" / "main.pkr.hcl.j2"
+    template.write_text(template.read_text().replace('communicator = "none"', "bogus = 1"))
+    broken = _cli(config, "build", "hello", "--force", "--json")
+    assert broken.returncode != 0
+    assert "packer validate" in broken.stderr and "bogus" in broken.stderr
+    assert [
+        r.version for r in Registry(tmp_path / "registry", tmp_path / "images").versions("hello")
+    ] == [1, 2]
+
+
+@pytest.mark.real
+def test_a_failed_validation_is_not_remembered_and_stops_every_build(tmp_path: Path) -> None:
+    require_program("packer")
+    packer_dir = tmp_path / "packer"
+    _null_image(packer_dir, "bad", ["echo hi > out.txt"])
+    template = packer_dir / "bad" / "main.pkr.hcl.j2"
+    template.write_text(template.read_text().replace('communicator = "none"', "bogus = 1"))
+    config = _config(tmp_path, packer_dir)
+    for _ in range(2):
+        done = _cli(config, "build", "bad", "--force")
+        assert done.returncode != 0
+        assert "packer validate" in done.stderr and "bogus" in done.stderr
+    assert not (tmp_path / "images" / ".packer-validated.json").exists()
+    assert Registry(tmp_path / "registry", tmp_path / "images").versions("bad") == []
+
+
+@pytest.mark.real
+def test_a_version_records_the_git_commit_and_dirtiness_its_folder_was_built_from(
+    tmp_path: Path,
+) -> None:
+    require_program("packer")
+    require_program("git")
+    packer_dir = tmp_path / "packer"
+    _null_image(packer_dir, "hello", ["echo hi > out.txt"])
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args],
+            cwd=packer_dir,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout.strip()
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "hello")
+    head = git("rev-parse", "HEAD")
+    config = _config(tmp_path, packer_dir)
+    assert _cli(config, "build", "hello").returncode == 0
+    (packer_dir / "hello" / "notes.txt").write_text("not committed\n")
+    assert _cli(config, "build", "hello").returncode == 0
+    registry = Registry(tmp_path / "registry", tmp_path / "images")
+    clean, dirty = registry.versions("hello")
+    assert (clean.source_commit, clean.source_dirty) == (head, False)
+    assert (dirty.source_commit, dirty.source_dirty) == (head, True)

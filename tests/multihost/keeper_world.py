@@ -31,9 +31,12 @@ from imagepipe.pool.model import (
     StartMode,
 )
 from imagepipe.stores.sqlite import SQLiteStore
+from tests.e2e.harness import write_settings
+from tests.guest import SerialConsole
 from tests.host import free_port
-from tests.multihost.lab import HostLab
+from tests.multihost.lab import HostLab, NamespacedHost
 
+POOL_IMAGE = "tinyk"
 WAIT = 240.0  # six TCG guests booting on a shared 2-core machine
 
 
@@ -45,6 +48,84 @@ class World:
     keeper: Keeper
     bind: int
     version: int
+    registry: Registry
+    store: SQLiteStore
+    workdir: Path
+    base: BaseImage
+
+    def __str__(self) -> str:
+        """The pool as the hosts, the balancer and the store have it (for failures)."""
+        ready = self.ready()
+        records = self.store.load_pool("mhk").clones
+        rows = [
+            f"{n} {c.host} v{c.version} {c.power.value} "
+            f"{'ready' if n in ready else '-'} {records[n].state.value if n in records else '?'}"
+            for n, c in sorted(self.mine().items())
+        ]
+        hosts = [
+            f"{h.name} {'up' if h.connected else 'lost'} {h.versions}" for h in self.hv.hosts()
+        ]
+        return "; ".join(rows + hosts)
+
+    def host(self, name: str) -> NamespacedHost:
+        return next(h for h in self.lab.hosts if h.name == name)
+
+    def on(self, host: str) -> set[str]:
+        """The pool's desktops the hypervisor sees on `host`."""
+        return {n for n, c in self.mine().items() if c.host == host}
+
+    def register(self) -> int:
+        """A new version of the pool's image, as a build registers it (`latest` moves to it:
+        the pool rolls onto it); its number."""
+        n = len(self.registry.versions(POOL_IMAGE))
+        record = self.registry.register(
+            NewVersion(
+                image=POOL_IMAGE,
+                fingerprint=f"multihost-keeper-test-{n + 1}",
+                builder="test",
+                packer_version="none",
+                files=built_files(self.base, self.workdir / f"build{n + 1}"),
+                disk=self.base.disk,
+                kernel=self.base.kernel,
+                initrd=self.base.initrd,
+                cmdline=self.base.cmdline,
+            )
+        )
+        self.version = record.version
+        return record.version
+
+    def settled(self) -> bool:
+        """Six free desktops of the current version ready, nothing else left of the pool."""
+        mine = self.mine()
+        return (
+            len(mine) == 6
+            and all(c.version == self.version for c in mine.values())
+            and self.ready() == set(mine)
+        )
+
+    def steer(self, host: str) -> None:
+        """Until the next pass, the balancer offers only `host`'s desktops (the others are
+        drained there): the next user lands on `host`."""
+        for name in self.ready() - self.on(host):
+            self.balancer.drain(name)
+
+    def console(self, name: str, host: str | None = None) -> SerialConsole:
+        """The serial console of a desktop (on `host`, default where it is seen): its socket
+        on the host, reached through the host's private folder, as someone at the host's
+        console would (a login there is a user the guest agent reports)."""
+        on = host if host is not None else self.mine()[name].host
+        path = self.host(on).path(f"/var/lib/libvirt/qemu/imagepipe-{name}.console")
+        return SerialConsole(path, timeout=60)
+
+    def settings(self) -> Path:
+        """An imagepipe.yml for the CLI: this world's state database and hosts."""
+        hosts = "".join(
+            f"  - {{name: {h.name}, uri: '{h.uri}', address: {h.address}}}\n"
+            for h in self.lab.hosts
+        )
+        return write_settings(
+            self.workdir, bind_port=self.bind, store=self.workdir, settings=f"hosts:\n{hosts}"
+        )
 
     def mine(self) -> dict[str, CloneInfo]:
         return {c.name: c for c in self.hv.list_clones() if c.pool == "mhk"}
@@ -54,12 +135,15 @@ class World:
 
     def until(self, what: str, check: Callable[[], bool], wait: float = WAIT) -> float:
         """Run keeper passes until `check()`; the seconds it took."""
-        started = time.monotonic()
+        started = shown = time.monotonic()
         while True:
             self.keeper.run_pass()
             if check():
                 return time.monotonic() - started
-            assert time.monotonic() - started < wait, f"not {what} after {wait:.0f} s"
+            if time.monotonic() - shown > 30:  # a slow wait says where it stands
+                shown = time.monotonic()
+                print(f"still not {what} after {shown - started:.0f} s: {self}")
+            assert time.monotonic() - started < wait, f"not {what} after {wait:.0f} s: {self}"
             time.sleep(0.5)
 
 
@@ -91,7 +175,7 @@ def _keeper_world(
     registry = Registry(workdir / "registry", workdir / "images")
     record = registry.register(
         NewVersion(
-            image="tinyk",
+            image=POOL_IMAGE,
             fingerprint="multihost-keeper-test",
             builder="test",
             packer_version="none",
@@ -113,7 +197,7 @@ def _keeper_world(
     # depend on which upload finishes first
     hv.list_clones()
     deadline = time.monotonic() + WAIT
-    base = registry.resolve("tinyk", record.version).base_image()
+    base = registry.resolve(POOL_IMAGE, record.version).base_image()
     while not all([hv.ensure_version(h.name, base) for h in hosts]):
         assert time.monotonic() < deadline, "the version did not reach every host"
         time.sleep(0.2)
@@ -125,15 +209,17 @@ def _keeper_world(
         pid_file=workdir / "haproxy.pid",
         manage=True,
     )
-    store = SQLiteStore(workdir / "state.db")
+    (workdir / "state").mkdir()
+    store = SQLiteStore(workdir / "state" / "state.db")  # where World.settings() says
     pool = PoolSpec(
         name="mhk",
-        image="tinyk",
+        image=POOL_IMAGE,
         start=StartMode.BOOT,
         initial=6,
         free=6,
         max=6,
         memory=128 * 1024**2,
+        recycle_after=5.0,  # a session's end: reset (or deleted) 5 s later, not after 60 s
         port_first=5930,
         port_last=5949,
         hosts=pool_hosts,
@@ -149,7 +235,9 @@ def _keeper_world(
         hosts=hosts,
     )
     try:
-        yield World(lab, hv, balancer, keeper, bind, record.version)
+        yield World(
+            lab, hv, balancer, keeper, bind, record.version, registry, store, workdir, lab_base
+        )
     finally:
         for host in lab.hosts:
             host.mend()

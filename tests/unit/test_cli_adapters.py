@@ -35,8 +35,9 @@ class FakePacker(Packer):
     def version(self) -> PackerVersion:
         return PackerVersion(1, 6, 6)
 
-    def validate(self, template: Path, env: Mapping[str, str], *, syntax_only: bool) -> None:
+    def validate(self, template: Path, env: Mapping[str, str], *, syntax_only: bool) -> bool:
         self.calls.append(f"validate {template.name}")
+        return True
 
     def build(
         self,

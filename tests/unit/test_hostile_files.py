@@ -169,9 +169,12 @@ def test_a_file_under_one_mebibyte_is_checked_in_well_under_a_second(
     path = tmp_path / "large.yml"
     path.write_text(text)
     assert path.stat().st_size < 1024 * 1024
-    started = time.perf_counter()
+    # CPU time of this process, not wall time: the bound is about the work a hostile file
+    # makes (an alias fan-out or a quadratic scan would take minutes), not about how busy
+    # the machine running the suite is
+    started = time.process_time()
     answer = run(["pools", "check", str(path)])
-    assert time.perf_counter() - started < 1.0
+    assert time.process_time() - started < 1.0
     check_answer(answer, file=str(path))
     assert answer.code == 2
 

@@ -252,6 +252,20 @@ def test_a_desktop_used_while_its_host_was_unseen_is_reset_before_anyone_gets_it
     assert not any(isinstance(a, BalancerEnable) for a in mine)
 
 
+def test_a_desktop_back_in_use_is_deleted_not_reset_at_logoff_when_the_pool_is_over_max() -> None:
+    """lab-2 came back in use and its user has logged off; the pool refilled to its `max`
+    of 4 meanwhile (0, 1, 4, 5), so with lab-2 it counts 5: lab-2 goes instead of being reset
+    into a fifth free desktop."""
+    records = {**lost_pool().clones}
+    records["lab-2"] = replace(records["lab-2"], lost_since=None)
+    del records["lab-3"]
+    observed = back(seen(2, "h2", backend=BackendState.DRAIN, total=1))
+    actions = plan(replace(SPEC, free=4, max=4), observed, PoolRecord("lab", records, 1), T0 + 90)
+    mine = [a for a in actions if a.clone == "lab-2"]
+    assert any(isinstance(a, DeleteClone) for a in mine)
+    assert not any(isinstance(a, ResetClone | BalancerEnable) for a in mine)
+
+
 def test_a_free_desktop_back_from_a_lost_host_serves_again_if_the_pool_needs_it() -> None:
     observed = back(seen(3, "h2", backend=BackendState.DRAIN))
     actions = plan(replace(SPEC, free=5), observed, lost_pool(), T0 + 60)

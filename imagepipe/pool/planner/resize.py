@@ -69,6 +69,7 @@ class Census:
     suspended: list[CloneRecord] = field(default_factory=list)  # can be resumed
     retries: list[CloneRecord] = field(default_factory=list)  # failed creates, due again
     returned: list[CloneRecord] = field(default_factory=list)  # free, back from a lost host
+    recycling: list[CloneRecord] = field(default_factory=list)  # session over, reset due
 
 
 def resize(
@@ -84,6 +85,7 @@ def resize(
     need = grow(d, census, need, can_create=base_ready and not breaker_open)
     if need == 0:
         drop_replaced(d, census, wanted)
+        drop_over_max(d, census)
         shrink(d, census, wanted)
 
 
@@ -138,6 +140,10 @@ def tally(c: Census, d: Decisions, name: str, rec: CloneRecord, idle_for: float)
             c.coming += 1
             if name in d.returned and _resets_only(d.actions.get(name, ())):
                 c.returned.append(rec)  # used while unseen: its reset may be spared
+        elif state is CloneState.RECYCLING and shared:
+            pending = d.actions.get(name, ())
+            if not pending or _resets_only(pending):  # nobody on it: deleted instead, over max
+                c.recycling.append(rec)
 
 
 def grow(d: Decisions, census: Census, need: int, *, can_create: bool) -> int:
@@ -196,6 +202,21 @@ def drop_replaced(d: Decisions, census: Census, wanted_free: int) -> None:
         census.running -= 1
         if rec in census.shrinkable:
             census.shrinkable.remove(rec)
+
+
+def drop_over_max(d: Decisions, census: Census) -> None:
+    """A pool over `max` (a host came back with desktops in use after the pool refilled
+    without them) deletes a desktop whose session just ended instead of resetting it into
+    one more free desktop than it may have."""
+    spec = d.ctx.spec
+    for rec in sorted(census.recycling, key=lambda r: -r.slot):
+        if census.counted <= spec.max:
+            break
+        d.actions[rec.name] = ()  # the reset it was due is not needed: it goes
+        delete = DeleteClone(pool=spec.name, clone=rec.name)
+        d.set(rec.name, moved(d.ctx, rec, CloneState.DELETING), (delete,))
+        census.counted -= 1
+        census.running -= 1
 
 
 def _resets_only(actions: tuple[Action, ...]) -> bool:
