@@ -155,10 +155,11 @@ class _Day:
         self.today(now).passes += 1
         pool = self.pool
         at = self.epoch + now
-        day, bucket = day_and_bucket(at, self.spec.timezone)
-        if self.spec.learn is not None and day != self.learned_on:
-            self.arrivals = learn(LoginHistory(BUCKET, self.history), day)
-            self.learned_on = day
+        if self.spec.learn is not None:
+            day = day_and_bucket(at, self.spec.timezone)[0]
+            if day != self.learned_on:
+                self.arrivals = learn(LoginHistory(BUCKET, self.history), day)
+                self.learned_on = day
         record = PoolRecord(
             pool=self.spec.name,
             clones=self.records,
@@ -171,7 +172,8 @@ class _Day:
         observed = self.world.observe(in_flight=frozenset(self.busy))
         actions = self.policy.plan(self.spec, observed, record, at, self.replanner)
         arrived = logins_in(record, actions)  # what the keeper writes to the store
-        if arrived:
+        if arrived:  # the keeper's login history, by local day and bucket
+            day, bucket = day_and_bucket(at, self.spec.timezone)
             counts = self.history.setdefault(day, {})
             counts[bucket] = counts.get(bucket, 0) + arrived
         self.quiet_until = now
@@ -321,7 +323,7 @@ class _Day:
     def serve(self, now: float) -> None:
         if not self.waiting:
             return
-        for clone in self.world.takers():
+        for clone in self.world.takers(len(self.waiting)):
             if not self.waiting:
                 return
             waiting = self.waiting.popleft()
@@ -364,7 +366,7 @@ class _Day:
                 at=at,
                 arrived=self.arrived,
                 in_use=sum(c.user is not None for c in self.world.clones.values()),
-                free_ready=len(self.world.takers()),
+                free_ready=self.world.taker_count(),
                 starting=starting,
                 waiting=len(self.waiting),
                 waited=self.waited + len(self.waiting),

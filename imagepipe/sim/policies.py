@@ -114,7 +114,9 @@ def _shrink_all(
     """Every free clone idle past shrink_after beyond the free size goes in one pass
     (`stored_free`: the free clones' records)."""
     assigned = set(spec.assignments.values())
-    free = [r for r in stored_free if r.slot not in assigned]
+    free = [r for r in stored_free if r.slot not in assigned] if assigned else stored_free
+    if len(free) <= spec.free:  # no surplus (the usual pass: nothing to count)
+        return []
     touched = {a.clone for a in planned}
     surplus = len(free) - spec.free - sum(1 for r in free if r.name in touched)
     if surplus <= 0:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from imagepipe.pool.model import (
     Action,
+    Arrivals,
     CloneRecord,
     CloneState,
     Observed,
@@ -45,6 +46,8 @@ from imagepipe.pool.planner import (
     context,
     decide,
     decide_missing,
+    free_target,
+    free_target_until,
     in_order,
     next_timer,
     plan,
@@ -78,6 +81,8 @@ class Replanner:
     # active clones kept as stored until a timer: (until, in flight, stored record)
     _held: dict[str, tuple[float, bool, CloneRecord]] = field(default_factory=dict)
     _held_under: tuple[bool, bool] = (False, False)  # breaker open, drain deadline passed
+    # the last free target: (spec, arrivals, from, until, value)
+    _free_target_was: tuple[PoolSpec, Arrivals | None, float, float, int] | None = None
 
     def plan(
         self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float
@@ -106,7 +111,7 @@ class Replanner:
             or (name in records and records[name].version != target)
             for name in self._active
         )  # a quiet clone is of the target version
-        ctx = context(spec, observed, record, now, old)
+        ctx = context(spec, observed, record, now, old, self._free_target(spec, record, now))
         d = Decisions(ctx=ctx, observed=by_name)
         self._still_held(ctx)
         failed = came_up = 0
@@ -130,6 +135,16 @@ class Replanner:
             self._rest(name, d.records[name])
         self._hold(d, records, eventful, out)
         return out
+
+    def _free_target(self, spec: PoolSpec, record: PoolRecord, now: float) -> int:
+        """free_target(spec, now, record.arrivals), computed again once its window ends."""
+        was, arrivals = self._free_target_was, record.arrivals
+        if was is not None and was[0] is spec and was[1] is arrivals and was[2] <= now < was[3]:
+            return was[4]
+        value = free_target(spec, now, arrivals)
+        until = free_target_until(spec, now, arrivals)
+        self._free_target_was = (spec, arrivals, now, until, value)
+        return value
 
     # ---- clones that wait for a timer --------------------------------------------------
 
@@ -261,7 +276,7 @@ class Replanner:
         c.alive += quiet
         c.running += quiet - len(self._suspended)
         c.ready_free += len(self._free)  # quiet() holds no free clone in an assigned slot
-        c.used_slots.update(self._slots)
+        c.more_used = self._slots.keys()  # read only when resize creates
         if self._idlest:
             since, _, name = self._idlest[0]
             if ctx.now - since >= idle_for:

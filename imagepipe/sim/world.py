@@ -6,6 +6,7 @@ gives the planner exactly the types the real observe() gives it.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import cast
@@ -242,7 +243,19 @@ class World:
         self._refresh()
         return len(self._idle)
 
-    def takers(self) -> list[SimClone]:
-        """The clones the balancer would send a new user to, by slot."""
+    def takers(self, most: int | None = None) -> list[SimClone]:
+        """The clones the balancer would send a new user to, by slot (the first `most`)."""
         self._refresh()
-        return sorted((self.clones[name] for name in self._takers), key=lambda c: c.slot)
+        clones = (self.clones[name] for name in self._takers)
+        if most is not None and most < len(self._takers):
+            return heapq.nsmallest(most, clones, key=_slot)  # as sorted()[:most], cheaper
+        return sorted(clones, key=_slot)
+
+    def taker_count(self) -> int:
+        """How many clones the balancer would send a new user to."""
+        self._refresh()
+        return len(self._takers)
+
+
+def _slot(clone: SimClone) -> int:
+    return clone.slot

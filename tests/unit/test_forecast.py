@@ -29,7 +29,7 @@ from imagepipe.pool.model import (
     RecordClone,
     ScheduleRule,
 )
-from imagepipe.pool.planner import free_target, next_timer, plan
+from imagepipe.pool.planner import free_target, free_target_until, next_timer, plan
 from imagepipe.pool.planner.forecast import (
     BUCKET,
     DAY_BUCKETS,
@@ -269,3 +269,34 @@ def test_a_learning_pool_never_shrinks_below_its_floor(
     floor = spec.free if min_free is None else min(min_free, spec.free)
     assert free - deleted >= min(free, floor)
     assert free - deleted >= min(free, free_target(spec, now, arrivals))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.dictionaries(st.integers(0, WEEK_BUCKETS - 1), st.floats(0, 30.0), max_size=60),
+    st.floats(0, 7 * 86400.0),
+    st.sampled_from([0.0, 60.0, 600.0, 1000.0, 3599.5]),
+    st.sampled_from(["UTC", "Europe/Berlin", "Asia/Kathmandu", "America/St_Johns"]),
+    st.booleans(),
+)
+def test_the_free_target_holds_until_the_moment_it_says(
+    busy: dict[int, float], offset: float, lead: float, timezone: str, scheduled: bool
+) -> None:
+    """The simulator reuses a pool's free target until free_target_until: a schedule rule
+    (minutes) or the learned buckets of now and now + lead (any lead; the week holds
+    Europe's spring DST change on 2024-03-31)."""
+    rule = ScheduleRule(frozenset(range(5)), 7 * 60 + 1, 12 * 60 + 7, 9)
+    spec = replace(
+        LAB,
+        timezone=timezone,
+        learn=replace(LEARN, lead=lead),
+        schedule=(rule,) if scheduled else (),
+    )
+    arrivals = Arrivals(BUCKET, tuple(busy.get(i, 0.0) for i in range(WEEK_BUCKETS)))
+    now = at(date(2024, 3, 28).toordinal(), 0) + offset
+    until = free_target_until(spec, now, arrivals)
+    value = free_target(spec, now, arrivals)
+    assert now - 1.0 < until <= now + BUCKET
+    for probe in [now + (until - now) * k / 8 for k in range(8)] + [until - 1e-6]:
+        if probe >= now:
+            assert free_target(spec, probe, arrivals) == value, (probe - now, until - now)

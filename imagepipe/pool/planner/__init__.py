@@ -60,7 +60,7 @@ from imagepipe.pool.planner.failures import (
 )
 from imagepipe.pool.planner.placement import Placer
 from imagepipe.pool.planner.resize import Census, Decisions, resize
-from imagepipe.pool.planner.schedule import free_target
+from imagepipe.pool.planner.schedule import free_target, free_target_until
 from imagepipe.pool.planner.steps import Context, remembered
 from imagepipe.pool.planner.timers import next_timer
 from imagepipe.pool.rollout.rules import (
@@ -80,6 +80,7 @@ __all__ = [
     "decide_missing",
     "failures_after",
     "free_target",
+    "free_target_until",
     "in_order",
     "next_timer",
     "plan",
@@ -109,10 +110,15 @@ def plan(spec: PoolSpec, observed: Observed, record: PoolRecord, now: float) -> 
 
 
 def context(
-    spec: PoolSpec, observed: Observed, record: PoolRecord, now: float, old: bool
+    spec: PoolSpec,
+    observed: Observed,
+    record: PoolRecord,
+    now: float,
+    old: bool,
+    free: int | None = None,
 ) -> Context:
     """The pass's context; `old`: a clone or record of another version than the target
-    exists (rollout/rules.py old_exists)."""
+    exists (rollout/rules.py old_exists); `free`: the free target, when the caller knows it."""
     target = target_of(observed, record)
     started = rollout_started(record, target, old, now)
     policy = policy_of(record, target)
@@ -131,6 +137,7 @@ def context(
         placer=Placer(observed.hosts),
         lost_hosts=observed.lost_hosts,
         draining_hosts=observed.draining_hosts,
+        known_free_target=free,
     )
 
 

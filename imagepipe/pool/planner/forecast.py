@@ -111,10 +111,15 @@ def _week_index(arrivals: Arrivals, timezone: str, at: float) -> int:
 
 def learned_free(spec: PoolSpec, arrivals: Arrivals, now: float, floor: int) -> int:
     """Free desktops for the logins expected within the lead, between floor and max."""
-    lead = min(spec.learn.lead, 86400.0) if spec.learn is not None else 0.0
+    lead = lead_of(spec)
     mean = expected_logins(arrivals, spec.timezone, now, now + lead)
     wanted = math.ceil(mean + math.sqrt(mean) - 1e-9) if mean > 0 else 0
     return max(0, min(max(wanted, floor), spec.max))
+
+
+def lead_of(spec: PoolSpec) -> float:
+    """How far ahead learning counts the logins expected (at most a day; 0: not learning)."""
+    return min(spec.learn.lead, 86400.0) if spec.learn is not None else 0.0
 
 
 def floor_free(spec: PoolSpec, scheduled: int | None) -> int:

@@ -4,7 +4,7 @@ idle clone per pass. Only clones of the target version count."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from imagepipe.pool.model import (
@@ -64,6 +64,7 @@ class Census:
     alive: int = 0  # towards initial
     running: int = 0  # alive and not suspended
     used_slots: set[int] = field(default_factory=set)  # slots any clone or record holds
+    more_used: Collection[int] = ()  # more held slots, kept by the caller (the simulator's)
     shrinkable: list[CloneRecord] = field(default_factory=list)  # idle past shrink_after
     suspended: list[CloneRecord] = field(default_factory=list)  # can be resumed
     retries: list[CloneRecord] = field(default_factory=list)  # failed creates, due again
@@ -164,8 +165,10 @@ def grow(d: Decisions, census: Census, need: int, *, can_create: bool) -> int:
         elif can_create and room > 0 and _create(d, rec.slot, rec.failures):
             room -= 1
             need -= not reserved
-    if not can_create:
-        return need
+    if not can_create or not (ctx.assigned or need > 0):
+        return need  # no slot to fill
+    if census.more_used:
+        used.update(census.more_used)
     for slot in sorted(ctx.assigned):
         if room > 0 and slot not in used and slot < spec.slots and _create(d, slot):
             used.add(slot)

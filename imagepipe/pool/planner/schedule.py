@@ -6,7 +6,16 @@ from __future__ import annotations
 from datetime import datetime
 
 from imagepipe.pool.model import Arrivals, PoolSpec
-from imagepipe.pool.planner.forecast import floor_free, learned_free, zone
+from imagepipe.pool.planner.forecast import (
+    floor_free,
+    lead_of,
+    learned_free,
+    learning,
+    next_bucket,
+    zone,
+)
+
+_EDGE_MARGIN = 1e-3  # seconds: clock readings round to microseconds, sums of floats drift
 
 
 def free_target(spec: PoolSpec, now: float, arrivals: Arrivals | None = None) -> int:
@@ -21,6 +30,19 @@ def free_target(spec: PoolSpec, now: float, arrivals: Arrivals | None = None) ->
     if spec.learn is None or arrivals is None:
         return spec.free if scheduled is None else scheduled
     return learned_free(spec, arrivals, now, floor_free(spec, scheduled))
+
+
+def free_target_until(spec: PoolSpec, now: float, arrivals: Arrivals | None = None) -> float:
+    """Until when (just before) free_target keeps the value it has at `now`: it reads the
+    local minute of `now` (schedule) and the buckets of `now` and `now + lead` (learning),
+    whose edges are whole minutes in every time zone with a whole-minute offset."""
+    until = float("inf")
+    if spec.schedule:
+        until = now - now % 60.0 + 60.0
+    if arrivals is not None and learning(spec, arrivals):
+        lead = lead_of(spec)
+        until = min(until, next_bucket(arrivals, now), next_bucket(arrivals, now + lead) - lead)
+    return until - _EDGE_MARGIN
 
 
 def scheduled_free(spec: PoolSpec, now: float) -> int | None:

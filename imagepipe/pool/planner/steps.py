@@ -39,6 +39,7 @@ class Context:
     placer: Placer | None = None  # where new desktops go (None: the only host)
     lost_hosts: frozenset[str] = frozenset()  # hosts the hypervisor cannot reach now
     draining_hosts: frozenset[str] = frozenset()  # no new desktops; free ones replaced
+    known_free_target: int | None = None  # free_target(spec, now, arrivals), when known
 
     def lost(self, rec: CloneRecord | None) -> bool:
         """The clone's host is lost: it may still exist there, in use."""
@@ -51,6 +52,8 @@ class Context:
     def free_target(self) -> int:
         """The free ready desktops the pool wants this pass (schedule and learned warm-up):
         the one number resize keeps and an active rollout's pacing never goes below."""
+        if self.known_free_target is not None:
+            return self.known_free_target
         return free_target(self.spec, self.now, self.arrivals)
 
     def persistent(self, slot: int) -> bool:
