@@ -40,6 +40,7 @@ class HostPass:
     desktops: dict[str, int] = field(default_factory=dict)
     memory: dict[str, int] = field(default_factory=dict)
     _held: dict[tuple[str, str, int], bool] = field(default_factory=dict)
+    breakers: dict[str, float] = field(default_factory=dict)  # host -> its breaker open until
 
     @property
     def lost(self) -> frozenset[str]:
@@ -73,6 +74,7 @@ class HostPass:
                 spec.may_use(host)
                 and host.name not in self.lost
                 and host.name not in self.draining
+                and host.name not in self.breakers
                 and self.states.get(host.name) is not None
                 and base is not None
                 and self._holds(host.name, base, ensure)
@@ -87,6 +89,7 @@ class HostPass:
                     max_desktops=host.max_desktops,
                     max_memory=host.max_memory,
                     upload=self._upload_of(host.name, base) if not usable else None,
+                    breaker_open_until=self.breakers.get(host.name),
                 )
             )
         return tuple(rooms)

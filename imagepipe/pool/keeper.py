@@ -23,6 +23,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -38,6 +39,7 @@ from imagepipe.pool.model import (
     BaseImage,
     CloneInfo,
     CloneState,
+    CreateClone,
     ForgetClone,
     HostSpec,
     HostState,
@@ -50,6 +52,7 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.observe import HostObservation, belongs_to, observe
 from imagepipe.pool.planner import failures_after, next_timer, plan
+from imagepipe.pool.planner.failures import HostBreaker, counts_against_pool, host_breaker_after
 from imagepipe.pool.planner.forecast import BUCKET, HISTORY_DAYS, day_and_bucket, logins_in
 from imagepipe.pool.ports import (
     Balancer,
@@ -166,6 +169,8 @@ class Keeper:
         self.specs = {s.name: s for s in specs}
         self.host_specs = tuple(hosts)
         self._lost_reported: set[str] = set()  # lost hosts already logged
+        # each host's circuit breaker (planner/failures.py HostBreaker), kept by this keeper
+        self._host_breakers: dict[str, HostBreaker] = {}
         self.other_pools = tuple(other_pools)
         self.clock = clock
         self.settings = settings
@@ -486,6 +491,12 @@ class Keeper:
             return None
         hosts = host_pass(self.hypervisor, self.host_specs, draining)
         hosts.count(host.pools, self.specs)
+        now = self.clock.now()
+        hosts.breakers = {
+            name: b.open_until
+            for name, b in self._host_breakers.items()
+            if b.open_until is not None and b.is_open(now)
+        }
         for name in sorted(hosts.lost - self._lost_reported):
             state = hosts.states[name]
             log.warning("host lost", extra=fields(host=name, since=state.since))
@@ -546,12 +557,13 @@ class Keeper:
         for outcome in execution.failed:
             failed.setdefault(outcome.action.pool, []).append(outcome.action)
         now = self.clock.now()
+        blamed = self._judge_hosts(execution, now)
         for pool, actions in failed.items():
             spec = self.specs.get(pool)
             if spec is None:
                 continue
             record = self.store.load_pool(pool)
-            memory = failures_after(spec, record, actions, now)
+            memory = failures_after(spec, record, actions, now, blamed)
             self.store.apply(pool, memory)
             for opened in memory:
                 if (
@@ -565,6 +577,52 @@ class Keeper:
                             pool=pool, failures=opened.failures, cooldown=spec.breaker_cooldown
                         ),
                     )
+
+    def _action_host(self, action: Action) -> str | None:
+        """The host a create or start ran on (None: another action, or a single host)."""
+        if not self.host_specs or not counts_against_pool(action):
+            return None
+        if isinstance(action, CreateClone):
+            return action.host
+        record = self._records.get(action.pool) or self.store.load_pool(action.pool)
+        clone = record.clones.get(action.clone)
+        return clone.host if clone is not None else None
+
+    def _judge_hosts(self, execution: ExecutionReport, now: float) -> Callable[[Action], bool]:
+        """Each host's breaker after this pass's creates and starts there; the answer says
+        which failures are the host's, not the pool's: those on a host whose breaker is open
+        while another host can still take desktops."""
+        failed: Counter[str] = Counter()
+        succeeded: Counter[str] = Counter()
+        cooldown: dict[str, float] = {}
+        for outcome in execution.outcomes:
+            where = self._action_host(outcome.action)
+            if where is None:
+                continue
+            (succeeded if outcome.ok else failed)[where] += 1
+            spec = self.specs.get(outcome.action.pool)
+            if spec is not None:
+                cooldown[where] = max(cooldown.get(where, 0.0), spec.breaker_cooldown)
+        for where in failed.keys() | succeeded.keys():
+            before = self._host_breakers.get(where, HostBreaker())
+            after = host_breaker_after(
+                before, failed[where], succeeded[where], cooldown.get(where, 600.0), now
+            )
+            self._host_breakers[where] = after
+            if after.is_open(now) and not before.is_open(now):
+                log.warning(
+                    "host circuit breaker open: no new desktops there until the cool-down ends",
+                    extra=fields(host=where, failures=after.failures, until=after.open_until),
+                )
+        closed = {h.name for h in self.host_specs} - {
+            name for name, b in self._host_breakers.items() if b.is_open(now)
+        }
+
+        def blamed(action: Action) -> bool:
+            where = self._action_host(action)
+            return where is not None and where not in closed and bool(closed)
+
+        return blamed
 
     def _adopted(self, spec: PoolSpec, observed: Observed, record: PoolRecord) -> list[str]:
         """Clones the store does not know (a lost or older store). The planner rebuilds

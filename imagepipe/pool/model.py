@@ -303,6 +303,7 @@ class HostRoom:
     max_desktops: int | None = None  # None: no limit
     max_memory: int | None = None
     upload: HostUpload | None = None  # the pool's version being sent there (not usable yet)
+    breaker_open_until: float | None = None  # its creates kept failing: not used until then
 
 
 # --------------------------------------------------------------------------------------

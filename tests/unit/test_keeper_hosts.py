@@ -6,12 +6,22 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from imagepipe.errors import HypervisorError
 from imagepipe.pool.keeper import Keeper, KeeperOptions
-from imagepipe.pool.model import BackendState, CloneState, HostSpec, PoolSpec
+from imagepipe.pool.model import (
+    BackendState,
+    CloneInfo,
+    CloneSpec,
+    CloneState,
+    HostSpec,
+    PoolSpec,
+)
+from imagepipe.pool.planner.failures import breaker_open
 from imagepipe.stores.sqlite import SQLiteStore as Store
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHosts, FakeImages
@@ -196,3 +206,43 @@ def test_a_steady_pass_reads_only_the_sessions_of_desktops_with_a_client(world: 
     keeper.run_pass()
     assert sorted(name for op, name in world.hv.calls if op == "sessions") == sorted([busy, idle])
     assert world.store.load_pool("lab").clones[idle].state is CloneState.IN_USE
+
+
+def test_a_host_where_every_create_fails_does_not_keep_the_pool_below_its_target(
+    tmp_path: Path,
+) -> None:
+    world = Hosts(tmp_path, replace(SIX, max=8))
+    create = world.hv.create_clone
+    broken = {"h3"}
+    tried: list[str] = []
+
+    def create_unless_broken(spec: CloneSpec) -> CloneInfo:
+        if spec.host in broken:  # its storage is broken: every create there fails
+            tried.append(spec.name)
+            raise HypervisorError(f"host {spec.host}: storage pool is broken")
+        return create(spec)
+
+    world.hv.create_clone = create_unless_broken  # type: ignore[method-assign]
+    keeper = world.keeper()
+    for _ in range(20):  # a few minutes of passes, the retries' backoff included
+        keeper.run_pass()
+        world.hv.tick()
+        world.clock.advance(15.0)
+    assert len(world.serving()) == 6  # the two healthy hosts took the whole pool
+    assert set(world.spread()) == {"h1", "h2"}
+    assert not breaker_open(world.store.load_pool("lab"), world.clock.now())
+    assert tried  # h3 was tried, then left alone
+    # h3 is repaired; once its cool-down is over it takes the next new desktop again
+    broken.clear()
+    world.clock.advance(SIX.breaker_cooldown)
+    name = world.lb.route()
+    assert name is not None
+    world.hv.connect(name, "10.0.0.7")
+    world.hv.login(name, "alice")
+    for _ in range(6):
+        keeper.run_pass()
+        world.hv.tick()
+        world.clock.advance(5.0)
+    assert world.spread()["h3"] == 1
+    assert len(world.serving()) == 6
+    world.store.close()

@@ -9,8 +9,8 @@ spends it marks the clone for replacement at once, not after one more backoff.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 from imagepipe.pool.model import (
     Action,
@@ -25,6 +25,7 @@ from imagepipe.pool.model import (
 )
 
 CLONE_RETRIES = 3  # failed attempts on one clone before it is deleted and replaced
+HOST_MAX_FAILURES = 3  # consecutive failed creates/starts on one host that open its breaker
 
 
 def retry_delay(spec: PoolSpec, failures: int) -> float:
@@ -63,6 +64,36 @@ def breaker_after(
     return failures, until
 
 
+@dataclass(frozen=True)
+class HostBreaker:
+    """One host's circuit breaker: its consecutive failed creates/starts (any pool) and,
+    once HOST_MAX_FAILURES of them opened it, until when placement leaves the host alone."""
+
+    failures: int = 0
+    open_until: float | None = None
+
+    def is_open(self, now: float) -> bool:
+        return self.open_until is not None and now < self.open_until
+
+
+def host_breaker_after(
+    breaker: HostBreaker, failed: int, succeeded: int, cooldown: float, now: float
+) -> HostBreaker:
+    """The host's breaker after `failed` failed and `succeeded` successful creates/starts
+    there; the same rule as the pool's (breaker_after): after the cool-down it is half-open,
+    one more failure reopens it, a success closes it."""
+    failures, until = breaker.failures, breaker.open_until
+    if until is not None and now >= until:
+        until = None
+        failures = HOST_MAX_FAILURES - 1
+    if succeeded:
+        failures = 0
+    failures += failed
+    if until is None and failed and failures >= HOST_MAX_FAILURES:
+        until = now + cooldown
+    return HostBreaker(failures, until)
+
+
 def breaker_open(record: PoolRecord, now: float) -> bool:
     return record.breaker_open_until is not None and now < record.breaker_open_until
 
@@ -73,10 +104,16 @@ def counts_against_pool(action: Action) -> bool:
 
 
 def failures_after(
-    spec: PoolSpec, record: PoolRecord, failed: Sequence[Action], now: float
+    spec: PoolSpec,
+    record: PoolRecord,
+    failed: Sequence[Action],
+    now: float,
+    host_blamed: Callable[[Action], bool] = lambda action: False,
 ) -> list[Action]:
     """The records to write for the hypervisor actions that failed in a pass. A failed
-    balancer action is not the clone's fault: the next pass simply tries again."""
+    balancer action is not the clone's fault: the next pass simply tries again. A failure
+    `host_blamed` (its host's breaker is open and other hosts can take desktops) counts for
+    its clone but not toward the pool's breaker, which is there for a broken image."""
     out: list[Action] = []
     against_pool = 0
     for action in failed:
@@ -86,7 +123,7 @@ def failures_after(
         if clone is not None:
             failed_clone = record_failure(spec, clone, now)
             out.append(RecordClone(pool=spec.name, clone=action.clone, record=failed_clone))
-        against_pool += counts_against_pool(action)
+        against_pool += counts_against_pool(action) and not host_blamed(action)
     if against_pool:
         failures, until = breaker_after(spec, record, against_pool, 0, now)
         out.append(
