@@ -297,7 +297,8 @@ class HostRoom:
 
     name: str
     address: str  # where the balancer reaches its desktops' display ports
-    usable: bool  # connected, not draining, the pool may use it, holds the target version
+    # connected, not draining, the pool may use it, holds the target version, breaker closed
+    usable: bool
     desktops: int = 0
     memory: int = 0  # bytes the desktops on it are given
     max_desktops: int | None = None  # None: no limit

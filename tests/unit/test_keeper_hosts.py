@@ -246,3 +246,13 @@ def test_a_host_where_every_create_fails_does_not_keep_the_pool_below_its_target
     assert world.spread()["h3"] == 1
     assert len(world.serving()) == 6
     world.store.close()
+
+
+def test_a_broken_image_still_opens_the_pools_breaker_across_hosts(world: Hosts) -> None:
+    world.hv.fail_next("create_clone", HypervisorError("the image's disk is corrupt"), times=99)
+    keeper = world.keeper()
+    for _ in range(4):
+        keeper.run_pass()
+        world.clock.advance(15.0)
+    assert breaker_open(world.store.load_pool("lab"), world.clock.now())
+    assert not world.hv.clones
