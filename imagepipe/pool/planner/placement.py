@@ -1,8 +1,8 @@
 """Placement: which host a new desktop goes to.
 
 A new desktop goes to a host the pool may use (connected, not draining, named by the pool,
-holding the version, its circuit breaker closed: HostRoom.usable) that has room left for one more desktop of this size
-(desktops and memory), and among those to the least loaded: fewest desktops, then least
+holding the version, its circuit breaker closed: HostRoom.usable) that has room left for
+one more desktop of this size (desktops and memory), and among those to the least loaded: fewest desktops, then least
 memory given out, then the name, so equal loads always give the same answer. No host
 qualifies: no desktop is made this pass.
 
