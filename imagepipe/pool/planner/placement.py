@@ -2,9 +2,9 @@
 
 A new desktop goes to a host the pool may use (connected, not draining, named by the pool,
 holding the version, its circuit breaker closed: HostRoom.usable) that has room left for
-one more desktop of this size (desktops and memory), and among those to the least loaded: fewest desktops, then least
-memory given out, then the name, so equal loads always give the same answer. No host
-qualifies: no desktop is made this pass.
+one more desktop of this size (desktops and memory), and among those to the least loaded:
+fewest desktops, then least memory given out, then the name, so equal loads always give the
+same answer. No host qualifies: no desktop is made this pass.
 
 Pure and linear: one Placer per pass, each pick looks at every host once and counts the new
 desktop on the chosen host, so the next pick of the same pass sees it.
