@@ -55,6 +55,7 @@ class KeeperMetrics:
         self._lock = threading.Lock()
         self._snapshot: HostStatus | None = None
         self._hosts: dict[str, bool] = {}  # several hosts: connected, as of the last pass
+        self._breakers: dict[str, float] = {}  # hosts whose breaker is open -> until
         self._previous: dict[str, dict[str, str]] = {}  # pool -> clone -> state, last pass
         self._free_before: dict[str, int] = {}  # pool -> free desktops in the last pass
         self._starved_since: dict[str, float] = {}  # pool -> when it ran out of free desktops
@@ -145,6 +146,7 @@ class KeeperMetrics:
             self.actions.labels(action.pool, action.kind, "skipped").inc()
         with self._lock:
             self._hosts = {h.name: h.connected for h in report.hosts}
+            self._breakers = dict(report.host_breakers)
         if snapshot is not None:
             self._count_logins(snapshot, now)
             with self._lock:
@@ -180,6 +182,11 @@ class KeeperMetrics:
         with self._lock:
             return dict(self._hosts)
 
+    def host_breakers(self) -> dict[str, float]:
+        """Several hosts: those whose circuit breaker was open in the last pass, until when."""
+        with self._lock:
+            return dict(self._breakers)
+
 
 class _SnapshotCollector(Collector):
     """Gauges rendered from the last pass's status snapshot."""
@@ -199,6 +206,9 @@ class _SnapshotCollector(Collector):
             for pool in snapshot.pools:
                 _pool_samples(families, pool, snapshot.generated_at)
             _host_samples(families, snapshot, self.metrics.hosts())
+            breakers = self.metrics.host_breakers()
+            for host in sorted(self.metrics.hosts()):
+                families["host_breaker"].add_metric([host], 1.0 if host in breakers else 0.0)
         return families.values()
 
 
@@ -246,6 +256,11 @@ def _families() -> dict[str, GaugeMetricFamily]:
         "host_up": g(
             "imagepipe_host_up",
             "1 while the keeper reaches the host, 0 while it is lost.",
+            ["host"],
+        ),
+        "host_breaker": g(
+            "imagepipe_host_breaker_open",
+            "1 while the host's circuit breaker keeps new desktops off it.",
             ["host"],
         ),
         "host_desktops": g(

@@ -93,6 +93,7 @@ class PassReport:
     not_planned: Mapping[str, str] = field(default_factory=dict)  # pool -> why
     notes: Mapping[str, str] = field(default_factory=dict)  # pool -> why it makes no clones
     hosts: tuple[HostState, ...] = ()  # several hosts: each one's state (lost since when)
+    host_breakers: Mapping[str, float] = field(default_factory=dict)  # open ones -> until
 
     @property
     def ok(self) -> bool:
@@ -454,6 +455,7 @@ class Keeper:
             not_planned=not_planned,
             notes=dict(host.notes),
             hosts=tuple(hosts.states.values()) if hosts is not None else (),
+            host_breakers=self.host_breakers(later),
         )
 
     def _unchanged(
@@ -491,12 +493,7 @@ class Keeper:
             return None
         hosts = host_pass(self.hypervisor, self.host_specs, draining)
         hosts.count(host.pools, self.specs)
-        now = self.clock.now()
-        hosts.breakers = {
-            name: b.open_until
-            for name, b in self._host_breakers.items()
-            if b.open_until is not None and b.is_open(now)
-        }
+        hosts.breakers = self.host_breakers(self.clock.now())
         for name in sorted(hosts.lost - self._lost_reported):
             state = hosts.states[name]
             log.warning("host lost", extra=fields(host=name, since=state.since))
@@ -577,6 +574,14 @@ class Keeper:
                             pool=pool, failures=opened.failures, cooldown=spec.breaker_cooldown
                         ),
                     )
+
+    def host_breakers(self, now: float) -> dict[str, float]:
+        """The hosts whose circuit breaker is open at `now`, with until when."""
+        return {
+            name: b.open_until
+            for name, b in sorted(self._host_breakers.items())
+            if b.open_until is not None and b.is_open(now)
+        }
 
     def _action_host(self, action: Action) -> str | None:
         """The host a create or start ran on (None: another action, or a single host)."""

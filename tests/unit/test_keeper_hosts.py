@@ -232,6 +232,7 @@ def test_a_host_where_every_create_fails_does_not_keep_the_pool_below_its_target
     assert set(world.spread()) == {"h1", "h2"}
     assert not breaker_open(world.store.load_pool("lab"), world.clock.now())
     assert tried  # h3 was tried, then left alone
+    assert set(keeper.host_breakers(world.clock.now())) == {"h3"}
     # h3 is repaired; once its cool-down is over it takes the next new desktop again
     broken.clear()
     world.clock.advance(SIX.breaker_cooldown)

@@ -51,3 +51,14 @@ def test_host_metrics_say_which_host_is_up_and_its_desktops_by_state() -> None:
     assert value("imagepipe_host_desktops", host="h1", state="in_use") == 1.0
     assert value("imagepipe_host_desktops", host="h2", state="unseen") == 1.0
     assert value("imagepipe_host_desktops", host="gone", state="free") is None
+
+
+def test_a_host_whose_breaker_is_open_shows_in_the_metrics_until_its_cooldown() -> None:
+    registry = CollectorRegistry()
+    metrics = KeeperMetrics(registry)
+    snapshot = HostStatus("imagepipe.status/1", 100.0, (), (), None)
+    hosts = (HostState("h1", True, None), HostState("h2", True, None))
+    report = PassReport(at=100.0, hosts=hosts, host_breakers={"h2": 700.0})
+    metrics.record_pass(report, snapshot, 0.1, 100.0)
+    assert registry.get_sample_value("imagepipe_host_breaker_open", {"host": "h1"}) == 0.0
+    assert registry.get_sample_value("imagepipe_host_breaker_open", {"host": "h2"}) == 1.0
