@@ -123,9 +123,9 @@ class Replanner:
         self._still_held(ctx)
         failed = came_up = 0
         eventful: set[str] = set()  # failed or came up this pass
-        for name in sorted((n for n in self._active if n in by_name), key=self.world.order):
-            if name in self._held:
-                continue
+        held = self._held
+        decided = (n for n in self._active if n in by_name and n not in held)
+        for name in sorted(decided, key=self.world.order):
             seen_failed, seen_up = decide(d, by_name[name], records.get(name))
             failed += seen_failed
             came_up += seen_up
