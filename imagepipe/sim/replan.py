@@ -112,26 +112,19 @@ class Replanner:
         else:
             for name in changed:
                 self._wake(name)
-        self._active = {n for n in self._active if n in by_name or n in records}
-        old = target is not None and any(
-            (name in by_name and by_name[name].info.version != target)
-            or (name in records and records[name].version != target)
-            for name in self._active
-        )  # a quiet clone is of the target version
+        seen, missing, old = self._sort_active(by_name, records, target)
         ctx = context(spec, observed, record, now, old, self._free_target(spec, record, now))
         d = Decisions(ctx=ctx, observed=by_name)
         self._still_held(ctx)
         failed = came_up = 0
         eventful: set[str] = set()  # failed or came up this pass
         held = self._held
-        decided = (n for n in self._active if n in by_name and n not in held)
-        for name in sorted(decided, key=self.world.order):
+        for name in sorted((n for n in seen if n not in held), key=self.world.order):
             seen_failed, seen_up = decide(d, by_name[name], records.get(name))
             failed += seen_failed
             came_up += seen_up
             if seen_failed or seen_up:
                 eventful.add(name)
-        missing = {n for n in self._active if n not in by_name}
         for name in [n for n in records if n in missing] if len(missing) > 1 else missing:
             failed += decide_missing(d, name, records[name])
         census = self._census(d) if ctx.target is not None else None
@@ -142,6 +135,34 @@ class Replanner:
             self._rest(name, d.records[name])
         self._hold(d, records, eventful, out)
         return out
+
+    def _sort_active(
+        self,
+        by_name: Mapping[str, ObservedClone],
+        records: Mapping[str, CloneRecord],
+        target: int | None,
+    ) -> tuple[list[str], set[str], bool]:
+        """In one walk over the active clones: forget those neither observed nor stored;
+        the observed ones, the stored ones not observed, and whether any is of another
+        version than the target (a quiet clone never is)."""
+        active: set[str] = set()
+        seen: list[str] = []
+        missing: set[str] = set()
+        old = False
+        for name in self._active:
+            oc, rec = by_name.get(name), records.get(name)
+            if oc is not None:
+                seen.append(name)
+                old = old or (target is not None and oc.info.version != target)
+            elif rec is None:
+                continue
+            else:
+                missing.add(name)
+            active.add(name)
+            if rec is not None and target is not None and rec.version != target:
+                old = True
+        self._active = active
+        return seen, missing, old
 
     def _free_target(self, spec: PoolSpec, record: PoolRecord, now: float) -> int:
         """free_target(spec, now, record.arrivals), computed again once its window ends."""
