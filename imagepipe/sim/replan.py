@@ -77,9 +77,16 @@ class Replanner:
     _idlest: list[tuple[float, int, str]] = field(default_factory=list)  # _free by (since, -slot)
     _suspended: dict[str, CloneRecord] = field(default_factory=dict)  # quiet and suspended
     _resumable: list[CloneRecord] | None = None  # _suspended in shared slots (None: changed)
-    _slots: dict[int, int] = field(default_factory=dict)  # the quiet clones' slots, counted
+    _slots: dict[int, int] = field(default_factory=dict)  # quiet and held clones' slots, counted
     # active clones kept as stored until a timer: (until, in flight, stored record)
     _held: dict[str, tuple[float, bool, CloneRecord]] = field(default_factory=dict)
+    # the held clones' census, as tally counted them when they were held (free ones, whose
+    # shrinkable reads the clock, are tallied every pass): counted, alive, running, coming
+    _held_each: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    _held_sums: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    _held_suspended: dict[str, CloneRecord] = field(default_factory=dict)
+    _held_recycling: dict[str, CloneRecord] = field(default_factory=dict)
+    _held_free: dict[str, CloneRecord] = field(default_factory=dict)
     _held_under: tuple[bool, bool] = (False, False)  # breaker open, drain deadline passed
     # the last free target: (spec, arrivals, from, until, value)
     _free_target_was: tuple[PoolSpec, Arrivals | None, float, float, int] | None = None
@@ -105,26 +112,19 @@ class Replanner:
         else:
             for name in changed:
                 self._wake(name)
-        self._active = {n for n in self._active if n in by_name or n in records}
-        old = target is not None and any(
-            (name in by_name and by_name[name].info.version != target)
-            or (name in records and records[name].version != target)
-            for name in self._active
-        )  # a quiet clone is of the target version
+        seen, missing, old = self._sort_active(by_name, records, target)
         ctx = context(spec, observed, record, now, old, self._free_target(spec, record, now))
         d = Decisions(ctx=ctx, observed=by_name)
         self._still_held(ctx)
         failed = came_up = 0
         eventful: set[str] = set()  # failed or came up this pass
-        for name in sorted((n for n in self._active if n in by_name), key=self.world.order):
-            if name in self._held:
-                continue
+        held = self._held
+        for name in sorted((n for n in seen if n not in held), key=self.world.order):
             seen_failed, seen_up = decide(d, by_name[name], records.get(name))
             failed += seen_failed
             came_up += seen_up
             if seen_failed or seen_up:
                 eventful.add(name)
-        missing = {n for n in self._active if n not in by_name}
         for name in [n for n in records if n in missing] if len(missing) > 1 else missing:
             failed += decide_missing(d, name, records[name])
         census = self._census(d) if ctx.target is not None else None
@@ -135,6 +135,34 @@ class Replanner:
             self._rest(name, d.records[name])
         self._hold(d, records, eventful, out)
         return out
+
+    def _sort_active(
+        self,
+        by_name: Mapping[str, ObservedClone],
+        records: Mapping[str, CloneRecord],
+        target: int | None,
+    ) -> tuple[list[str], set[str], bool]:
+        """In one walk over the active clones: forget those neither observed nor stored;
+        the observed ones, the stored ones not observed, and whether any is of another
+        version than the target (a quiet clone never is)."""
+        active: set[str] = set()
+        seen: list[str] = []
+        missing: set[str] = set()
+        old = False
+        for name in self._active:
+            oc, rec = by_name.get(name), records.get(name)
+            if oc is not None:
+                seen.append(name)
+                old = old or (target is not None and oc.info.version != target)
+            elif rec is None:
+                continue
+            else:
+                missing.add(name)
+            active.add(name)
+            if rec is not None and target is not None and rec.version != target:
+                old = True
+        self._active = active
+        return seen, missing, old
 
     def _free_target(self, spec: PoolSpec, record: PoolRecord, now: float) -> int:
         """free_target(spec, now, record.arrivals), computed again once its window ends."""
@@ -180,12 +208,50 @@ class Replanner:
                 name in ctx.in_flight,
                 rec,
             )
+            self._count_held(d, name, rec, idle_for)
         self._held_under = (ctx.breaker_open, ctx.drain_deadline_passed)
+
+    def _count_held(self, d: Decisions, name: str, rec: CloneRecord, idle_for: float) -> None:
+        """Keep what tally counts for a clone just held: while it is held its record and
+        observation stay the objects of this pass, and the target version and the reserved
+        slots those are read against are the same (a change of spec or target starts over)."""
+        if rec.state is CloneState.FREE:
+            self._held_free[name] = rec
+            return
+        c = Census()
+        tally(c, d, name, rec, idle_for)
+        each = (c.counted, c.alive, c.running, c.coming)
+        self._held_each[name] = each
+        self._held_sums = [s + n for s, n in zip(self._held_sums, each, strict=True)]
+        self._slots[rec.slot] = self._slots.get(rec.slot, 0) + 1
+        if c.suspended:
+            self._held_suspended[name] = rec
+        if c.recycling:
+            self._held_recycling[name] = rec
+
+    def _unhold(self, name: str) -> None:
+        """`name` is decided again (its hold ended, or it woke)."""
+        held = self._held.pop(name, None)
+        if held is None:
+            return
+        if self._held_free.pop(name, None) is not None:
+            return
+        each = self._held_each.pop(name)
+        self._held_sums = [s - n for s, n in zip(self._held_sums, each, strict=True)]
+        self._uncount_slot(held[2].slot)
+        self._held_suspended.pop(name, None)
+        self._held_recycling.pop(name, None)
+
+    def _uncount_slot(self, slot: int) -> None:
+        if self._slots[slot] == 1:
+            del self._slots[slot]
+        else:
+            self._slots[slot] -= 1
 
     def _still_held(self, ctx: Context) -> None:
         """Drop the holds that this pass's context or clock ends."""
         if (ctx.breaker_open, ctx.drain_deadline_passed) != self._held_under:
-            self._held.clear()
+            self._unhold_all()
             return
         now, in_flight = ctx.now, ctx.in_flight
         ended = [
@@ -194,7 +260,11 @@ class Replanner:
             if now >= until or (name in in_flight) != flying
         ]
         for name in ended:
-            del self._held[name]
+            self._unhold(name)
+
+    def _unhold_all(self) -> None:
+        for name in list(self._held):
+            self._unhold(name)
 
     def next_timer(self, spec: PoolSpec, record: PoolRecord, now: float) -> float | None:
         """What planner.next_timer answers, right after a pass of plan()."""
@@ -231,6 +301,7 @@ class Replanner:
     ) -> None:
         for name in list(self._quiet):
             self._wake(name)
+        self._unhold_all()  # held under the old target version
         self._active = set(by_name) | set(records)
         self._key = key
 
@@ -249,14 +320,11 @@ class Replanner:
     def _wake(self, name: str) -> None:
         """`name` is decided again from the next pass on (it changed, or resize acts on it)."""
         self._active.add(name)
-        self._held.pop(name, None)
+        self._unhold(name)
         rec = self._quiet.pop(name, None)
         if rec is None:
             return
-        if self._slots[rec.slot] == 1:
-            del self._slots[rec.slot]
-        else:
-            self._slots[rec.slot] -= 1
+        self._uncount_slot(rec.slot)
         if self._free.pop(name, None) is not None:
             del self._idlest[bisect_left(self._idlest, (rec.since, -rec.slot, name))]
         if self._suspended.pop(name, None) is not None:
@@ -269,14 +337,18 @@ class Replanner:
         idle_for = shrink_after(ctx.spec, ctx.arrivals)
         for name, rec in d.records.items():
             tally(c, d, name, rec, idle_for)
-        for name, (_, _, rec) in self._held.items():
+        for name, rec in self._held_free.items():
             tally(c, d, name, rec, idle_for)
+        counted, alive, running, coming = self._held_sums
+        c.suspended += self._held_suspended.values()
+        c.recycling += self._held_recycling.values()
         quiet = len(self._quiet)
-        c.counted += quiet
-        c.alive += quiet
-        c.running += quiet - len(self._suspended)
+        c.counted += quiet + counted
+        c.alive += quiet + alive
+        c.running += quiet - len(self._suspended) + running
+        c.coming += coming
         c.ready_free += len(self._free)  # quiet() holds no free clone in an assigned slot
-        c.more_used = self._slots.keys()  # read only when resize creates
+        c.more_used = self._slots.keys()  # quiet and held; read only when resize creates
         if self._idlest:
             since, _, name = self._idlest[0]
             if ctx.now - since >= idle_for:

@@ -209,6 +209,8 @@ def drop_over_max(d: Decisions, census: Census) -> None:
     without them) deletes a desktop whose session just ended instead of resetting it into
     one more free desktop than it may have."""
     spec = d.ctx.spec
+    if census.counted <= spec.max:
+        return  # the usual pass: nothing to sort
     for rec in sorted(census.recycling, key=lambda r: -r.slot):
         if census.counted <= spec.max:
             break
