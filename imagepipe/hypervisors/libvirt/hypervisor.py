@@ -96,6 +96,11 @@ POWER = {  # virDomainState -> the port's Power
     STATE_CRASHED: Power.CRASHED,
 }
 AGENT_TIMEOUT = 2  # seconds libvirt waits for the guest agent (ping, users)
+# seconds close() waits for libvirt to close a connection: libvirt 9.0's client can deadlock
+# in virConnectClose when an event arrives during it (the event's domain takes the connection
+# back from zero references and disposes it again inside the same call); seen once, hanging a
+# process's exit for good
+CLOSE_WAIT = 5.0
 PREP_TIMEOUT = 5.0  # seconds a restored guest's agent may take to reconnect
 UNIX_PATH_MAX = 107
 
@@ -263,8 +268,19 @@ class LibvirtHypervisor:
             with contextlib.suppress(lv.libvirtError):
                 deregister()
         self._deregister = []
-        with contextlib.suppress(lv.libvirtError):
-            conn.close()
+
+        def close() -> None:
+            with contextlib.suppress(lv.libvirtError):
+                conn.close()
+
+        closing = threading.Thread(target=close, name="libvirt-close", daemon=True)
+        closing.start()
+        closing.join(CLOSE_WAIT)
+        if closing.is_alive():
+            log.warning(
+                "a libvirt connection did not close in time; it is left to the process's exit",
+                extra=fields(uri=self.uri, waited=CLOSE_WAIT),
+            )
 
     def subscribe(self, callback: Callable[[HypervisorEvent], None]) -> Subscription:
         return self._hub.subscribe(callback)
