@@ -7,6 +7,7 @@ removes its output), then reports the interruption.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -121,12 +122,11 @@ class Packer:
     def _cached_version(self, key: list[object]) -> PackerVersion | None:
         if self.version_cache is None:
             return None
-        try:
+        # none yet, or unreadable: None, and Packer is asked
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, OperationFailedError):
             cached = json.loads(self.version_cache.read_text())
             if cached["binary"] == key:
                 return parse_version(f"Packer v{cached['version']}")
-        except (OSError, ValueError, KeyError, TypeError, OperationFailedError):
-            pass  # none yet, or unreadable: ask Packer
         return None
 
     def _remember_version(self, key: list[object], version: PackerVersion) -> None:

@@ -474,7 +474,7 @@ def _describe(error: BaseException) -> str:
 
 
 def _nothing() -> None:
-    pass
+    """The default `alive` hook: a keeper without a lead has nobody to tell."""
 
 
 def _always() -> bool:

@@ -292,6 +292,24 @@ class LibvirtHypervisor:
             if conn is not None:
                 self._drop(conn)
 
+    def _domain_plan(
+        self, spec: CloneSpec, meta: CloneMetadata, kernel: Path | None, initrd: Path | None
+    ) -> DomainPlan:
+        """The domain a clone of `spec` is defined as, on this host's paths."""
+        return DomainPlan(
+            name=spec.name,
+            metadata=meta,
+            memory_kib=max(spec.memory // 1024, 65536),
+            cpus=spec.cpus,
+            disk=self.disk_path(spec.name),
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=spec.base.cmdline,
+            display=spec.display,
+            console_socket=self.console_path(spec.name),
+            agent_socket=self.agent_path(spec.name),
+        )
+
     # -- helpers -------------------------------------------------------------------------
 
     def _translate(self, subject: str) -> contextlib.AbstractContextManager[None]:
@@ -641,24 +659,11 @@ class LibvirtHypervisor:
         initrd = self._base_file(spec.base, spec.base.initrd)
         self._refuse_busy_port(name, spec.display)
         self.console_path(name).parent.mkdir(parents=True, exist_ok=True)
-        memory_kib = max(spec.memory // 1024, 65536)
-        plan = DomainPlan(
-            name=name,
-            metadata=meta,
-            memory_kib=memory_kib,
-            cpus=spec.cpus,
-            disk=self.disk_path(name),
-            kernel=kernel,
-            initrd=initrd,
-            cmdline=spec.base.cmdline,
-            display=spec.display,
-            console_socket=self.console_path(name),
-            agent_socket=self.agent_path(name),
-        )
+        plan = self._domain_plan(spec, meta, kernel, initrd)
         parent = None
         if spec.start is StartMode.RESTORE:
             files = [base_disk, *(f for f in (kernel, initrd) if f is not None)]
-            key = self._warm_key(spec, memory_kib, files)
+            key = self._warm_key(spec, plan.memory_kib, files)
             parent = self._warm.ensure(key, domain_xml(plan), base_disk)
             # the key even without a parent: a reset restores once a later create made it
             meta = replace(meta, warm=key.name)

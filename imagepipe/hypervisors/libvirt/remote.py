@@ -36,7 +36,6 @@ from imagepipe.errors import (
 from imagepipe.hypervisors.common import WarmKey, check_name
 from imagepipe.hypervisors.libvirt.domain_xml import (
     CloneMetadata,
-    DomainPlan,
     domain_xml,
 )
 from imagepipe.hypervisors.libvirt.errors import error_of
@@ -212,23 +211,10 @@ class RemoteLibvirtHost(LibvirtHypervisor):
                 for f in (spec.base.kernel, spec.base.initrd)
             )
         meta = replace(meta, base_disk=disk)
-        memory_kib = max(spec.memory // 1024, 65536)
-        plan = DomainPlan(
-            name=name,
-            metadata=meta,
-            memory_kib=memory_kib,
-            cpus=spec.cpus,
-            disk=self.disk_path(name),
-            kernel=kernel,
-            initrd=initrd,
-            cmdline=spec.base.cmdline,
-            display=spec.display,
-            console_socket=self.console_path(name),
-            agent_socket=self.agent_path(name),
-        )
+        plan = self._domain_plan(spec, meta, kernel, initrd)
         parent = None
         if spec.start is StartMode.RESTORE:
-            key = self._remote_key(spec, memory_kib, [disk, kernel, initrd])
+            key = self._remote_key(spec, plan.memory_kib, [disk, kernel, initrd])
             parent = self._parents.ensure(key, domain_xml(plan), str(disk))
             # the key even without a parent: a reset restores once a later create made it
             meta = replace(meta, warm=key.name)

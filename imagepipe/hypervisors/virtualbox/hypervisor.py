@@ -207,13 +207,13 @@ class VirtualBoxHypervisor:
         """VRDEServerInfo of the running VM, through a shared session on it."""
         if self._vm.state(machine, name) not in ("Running", "Paused"):
             return None, None
-        try:
-            with self._vm.locked(machine, name, LOCK_SHARED) as session:
-                info = session.console.vrde_server_info
-                if bool(info.active) and str(info.client_ip):
-                    return str(info.client_ip), int(info.begin_time) / 1000
-        except (BusyError, InvalidStateError):
-            pass
+        with (
+            contextlib.suppress(BusyError, InvalidStateError),
+            self._vm.locked(machine, name, LOCK_SHARED) as session,
+        ):
+            info = session.console.vrde_server_info
+            if bool(info.active) and str(info.client_ip):
+                return str(info.client_ip), int(info.begin_time) / 1000
         return None, None
 
     def base_ready(self, base: BaseImage) -> bool:
