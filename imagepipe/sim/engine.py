@@ -43,7 +43,7 @@ from imagepipe.pool.model import (
     StopClone,
     SuspendClone,
 )
-from imagepipe.pool.planner.forecast import BUCKET, day_and_bucket, learn, logins_in
+from imagepipe.pool.planner.forecast import BUCKET, day_and_bucket, learn, logins_in, zone
 from imagepipe.sim.policies import Policy
 from imagepipe.sim.replan import Replanner
 from imagepipe.sim.report import SimResult, SimRun
@@ -73,8 +73,8 @@ class _Kind(IntEnum):  # order within one instant: finished work first, then use
     TICK = 4
 
 
-@dataclass(frozen=True)
-class _Event:
+@dataclass(slots=True)
+class _Event:  # not frozen: a day makes some 10^4 of them, and a frozen one is slower to build
     at: float
     kind: _Kind
     seq: int
@@ -134,9 +134,57 @@ class _Day:
     arrived: int = 0  # logins so far (for the timeline)
     waited: int = 0  # logins served after a wait so far (for the timeline)
     samples: list[Sample] = field(default_factory=list)
+    # what is asked again and again between two changes, kept until they change:
+    _today: tuple[float, float, _Stats] | None = None  # the stats of [from, until)
+    _in_flight: frozenset[str] | None = None  # `busy` as observed (None: busy changed)
+    _record: PoolRecord | None = None  # the keeper's view of the store (`records` is live)
+    _record_of: RecordPool | None = None  # the pool record `_record` was made of
+    _local: tuple[float, float, tuple[int, int]] | None = None  # day_and_bucket in [from, until)
 
     def today(self, now: float) -> _Stats:
-        return self.stats[min(max(int(now // DAY), 0), len(self.stats) - 1)]
+        kept = self._today
+        if kept is not None and kept[0] <= now < kept[1]:
+            return kept[2]
+        last = len(self.stats) - 1
+        index = min(max(int(now // DAY), 0), last)
+        since = -float("inf") if index == 0 else index * DAY
+        until = float("inf") if index == last else (index + 1) * DAY
+        self._today = (since, until, self.stats[index])
+        return self.stats[index]
+
+    def local_bucket(self, at: float) -> tuple[int, int]:
+        """day_and_bucket(at, the pool's timezone), computed again once `at` leaves the
+        bucket (as the local clock reads it) it was last computed in."""
+        kept = self._local
+        if kept is not None and kept[0] <= at < kept[1]:
+            return kept[2]
+        value = day_and_bucket(at, self.spec.timezone)
+        self._local = (at, _bucket_end(at, self.spec.timezone), value)
+        return value
+
+    def in_flight(self) -> frozenset[str]:
+        """The clones with an action chain in progress, as the keeper observes them."""
+        if self._in_flight is None:
+            self._in_flight = frozenset(self.busy)
+        return self._in_flight
+
+    def record(self) -> PoolRecord:
+        """What the keeper reads from the store: the clone records (the live `records`),
+        the pool's record and what the history taught."""
+        pool, kept = self.pool, self._record
+        if kept is not None and kept.arrivals is self.arrivals and self._record_of is pool:
+            return kept
+        self._record_of = pool
+        self._record = PoolRecord(
+            pool=self.spec.name,
+            clones=self.records,
+            target_version=pool.target_version if pool else None,
+            failures=pool.failures if pool else 0,
+            breaker_open_until=pool.breaker_open_until if pool else None,
+            rollout_started_at=pool.rollout_started_at if pool else None,
+            arrivals=self.arrivals,
+        )
+        return self._record
 
     # ---- events ----------------------------------------------------------------------
 
@@ -153,27 +201,18 @@ class _Day:
 
     def keeper_pass(self, now: float) -> None:
         self.today(now).passes += 1
-        pool = self.pool
         at = self.epoch + now
         if self.spec.learn is not None:
-            day = day_and_bucket(at, self.spec.timezone)[0]
+            day = self.local_bucket(at)[0]
             if day != self.learned_on:
                 self.arrivals = learn(LoginHistory(BUCKET, self.history), day)
                 self.learned_on = day
-        record = PoolRecord(
-            pool=self.spec.name,
-            clones=self.records,
-            target_version=pool.target_version if pool else None,
-            failures=pool.failures if pool else 0,
-            breaker_open_until=pool.breaker_open_until if pool else None,
-            rollout_started_at=pool.rollout_started_at if pool else None,
-            arrivals=self.arrivals,
-        )
-        observed = self.world.observe(in_flight=frozenset(self.busy))
+        record = self.record()
+        observed = self.world.observe(in_flight=self.in_flight())
         actions = self.policy.plan(self.spec, observed, record, at, self.replanner)
         arrived = logins_in(record, actions)  # what the keeper writes to the store
         if arrived:  # the keeper's login history, by local day and bucket
-            day, bucket = day_and_bucket(at, self.spec.timezone)
+            day, bucket = self.local_bucket(at)
             counts = self.history.setdefault(day, {})
             counts[bucket] = counts.get(bucket, 0) + arrived
         self.quiet_until = now
@@ -195,6 +234,7 @@ class _Day:
         for clone, chain in chains.items():
             if clone not in self.busy:  # the real executor skips a clone still being worked on
                 self.busy.add(clone)
+                self._in_flight = None
                 self.advance_chain(clone, chain, now)
 
     # ---- the executor ----------------------------------------------------------------
@@ -204,6 +244,7 @@ class _Day:
             self.balancer(chain.pop(0), now)
         if not chain:
             self.busy.discard(clone)
+            self._in_flight = None
             return
         if self.workers >= self.parallel:
             self.queue.append((clone, chain))
@@ -236,6 +277,7 @@ class _Day:
         rest = self.rest.pop(action.clone, None)
         if rest is None:
             self.busy.discard(action.clone)
+            self._in_flight = None
         else:
             self.advance_chain(action.clone, rest, now)
         while self.queue and self.workers < self.parallel:
@@ -376,6 +418,19 @@ class _Day:
 
 
 _STARTING = (CloneState.CREATING, CloneState.BOOTING)
+_CLOCK_ROUNDING = 1e-3  # seconds: a local clock reading rounds to microseconds
+
+
+def _bucket_end(at: float, timezone: str) -> float:
+    """Until when (just before) day_and_bucket(at, timezone) keeps its value: the end of
+    its bucket on the local clock, while the zone keeps its UTC offset (no zone changes
+    its offset twice within one bucket). A moment at the edge is computed again."""
+    local = datetime.fromtimestamp(at, zone(timezone))
+    into = (local.hour * 3600 + local.minute * 60 + local.second) % BUCKET
+    end = at - into - local.microsecond / 1e6 + BUCKET - _CLOCK_ROUNDING
+    if datetime.fromtimestamp(end, zone(timezone)).utcoffset() != local.utcoffset():
+        return at  # the offset changes within the bucket: nothing kept
+    return end
 
 
 def day_epoch(spec: PoolSpec) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import cast
 
 from imagepipe.pool.model import (
@@ -78,28 +79,40 @@ class SimClone:
     boot_id: int = 0  # bumps on every power change, so a stale "booted" event is ignored
     display: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 0))
 
+    # what observe() built for each (power, ready) and (backend state, connections): a clone
+    # goes through a few of each all day, and frozen records cost more to build than to find
+    _infos: dict[tuple[Power, bool], CloneInfo] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _backends: dict[tuple[BackendState, int], Backend] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
     def observe(self, pool: str, backend_state: BackendState | None) -> ObservedClone:
-        info = CloneInfo(
-            name=self.name,
-            pool=pool,
-            slot=self.slot,
-            image="sim",
-            version=self.version,
-            power=self.power,
-            display=self.display,
-            ready=self.ready,
-        )
-        session = GuestSession()
-        if self.user is not None:
-            session = GuestSession(client="10.0.0.1", users=(self.user,))
+        info = self._infos.get((self.power, self.ready))
+        if info is None or info.pool != pool:
+            info = self._infos[self.power, self.ready] = CloneInfo(
+                name=self.name,
+                pool=pool,
+                slot=self.slot,
+                image="sim",
+                version=self.version,
+                power=self.power,
+                display=self.display,
+                ready=self.ready,
+            )
+        session = _NOBODY if self.user is None else _session(self.user)
         backend = None
         if backend_state is not None:
-            backend = Backend(
-                name=self.name,
-                address=self.display,
-                state=backend_state,
-                connections=int(self.user is not None),
-            )
+            connections = int(self.user is not None)
+            backend = self._backends.get((backend_state, connections))
+            if backend is None:
+                backend = self._backends[backend_state, connections] = Backend(
+                    name=self.name,
+                    address=self.display,
+                    state=backend_state,
+                    connections=connections,
+                )
         return ObservedClone(info=info, session=session, backend=backend)
 
     @property
@@ -128,6 +141,7 @@ class World:
     _observed: dict[str, ObservedClone | None] = field(default_factory=dict, init=False)
     _snapshot: tuple[ObservedClone, ...] | None = field(default=None, init=False)
     _orphans: tuple[Backend, ...] | None = field(default=None, init=False)
+    _last: Observed | None = field(default=None, init=False)  # valid while the two above are
     _unseen: set[str] = field(default_factory=set, init=False)  # changed since observed
     _stale: set[str] = field(default_factory=set, init=False)  # changed since idle/takers
     _idle: set[str] = field(default_factory=set, init=False)  # running, nobody on it
@@ -167,7 +181,18 @@ class World:
         self._stale.add(clone.name)
 
     def observe(self, in_flight: frozenset[str] = frozenset()) -> Observed:
-        """What the keeper observes (`in_flight`: the clones with an operation running)."""
+        """What the keeper observes (`in_flight`: the clones with an operation running).
+        Nothing changed since the last call, with the same `in_flight` object: the same
+        observation (it is immutable)."""
+        last = self._last
+        if (
+            last is not None
+            and self._snapshot is not None
+            and self._orphans is not None
+            and last.in_flight is in_flight
+            and last.target_version == self.version
+        ):
+            return last
         if self._snapshot is None:
             observed = self._observed
             for name in self._unseen:
@@ -182,13 +207,14 @@ class World:
                 for name, state in self.backends.items()
                 if name not in self.clones
             )
-        return Observed(
+        self._last = Observed(
             clones=self._snapshot,
             orphan_backends=self._orphans,
             target_version=self.version,
             base_ready=True,
             in_flight=in_flight,
         )
+        return self._last
 
     def by_name(self) -> Mapping[str, ObservedClone]:
         """The last observe()'s clones by name (read-only; up to date until the next change)."""
@@ -255,6 +281,15 @@ class World:
         """How many clones the balancer would send a new user to."""
         self._refresh()
         return len(self._takers)
+
+
+_NOBODY = GuestSession()
+
+
+@lru_cache(maxsize=4096)
+def _session(user: str) -> GuestSession:
+    """The session of `user` on a desktop (the same record for every clone and pass)."""
+    return GuestSession(client="10.0.0.1", users=(user,))
 
 
 def _slot(clone: SimClone) -> int:
