@@ -17,6 +17,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import IntEnum
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from imagepipe.pool.model import (
@@ -139,7 +140,10 @@ class _Day:
     _in_flight: frozenset[str] | None = None  # `busy` as observed (None: busy changed)
     _record: PoolRecord | None = None  # the keeper's view of the store (`records` is live)
     _record_of: RecordPool | None = None  # the pool record `_record` was made of
-    _local: tuple[float, float, tuple[int, int]] | None = None  # day_and_bucket in [from, until)
+    local_bucket: LocalBuckets = field(init=False)  # the pool's day_and_bucket, kept
+
+    def __post_init__(self) -> None:
+        self.local_bucket = LocalBuckets(self.spec.timezone)
 
     def today(self, now: float) -> _Stats:
         kept = self._today
@@ -151,16 +155,6 @@ class _Day:
         until = float("inf") if index == last else (index + 1) * DAY
         self._today = (since, until, self.stats[index])
         return self.stats[index]
-
-    def local_bucket(self, at: float) -> tuple[int, int]:
-        """day_and_bucket(at, the pool's timezone), computed again once `at` leaves the
-        bucket (as the local clock reads it) it was last computed in."""
-        kept = self._local
-        if kept is not None and kept[0] <= at < kept[1]:
-            return kept[2]
-        value = day_and_bucket(at, self.spec.timezone)
-        self._local = (at, _bucket_end(at, self.spec.timezone), value)
-        return value
 
     def in_flight(self) -> frozenset[str]:
         """The clones with an action chain in progress, as the keeper observes them."""
@@ -240,7 +234,7 @@ class _Day:
     # ---- the executor ----------------------------------------------------------------
 
     def advance_chain(self, clone: str, chain: list[Action], now: float) -> None:
-        while chain and isinstance(chain[0], BalancerEnable | BalancerDrain | BalancerRemove):
+        while chain and isinstance(chain[0], _BALANCER):
             self.balancer(chain.pop(0), now)
         if not chain:
             self.busy.discard(clone)
@@ -285,17 +279,7 @@ class _Day:
             self.advance_chain(clone, chain, now)
 
     def duration(self, action: Action) -> float:
-        lat = self.settings.latencies
-        durations: dict[type[Action], float] = {
-            CreateClone: lat.clone,
-            StartClone: lat.start,
-            ResetClone: lat.reset,
-            DeleteClone: lat.delete,
-            SuspendClone: lat.suspend,
-            ResumeClone: lat.resume,
-            StopClone: lat.stop,
-        }
-        return durations.get(type(action), 0.0)
+        return _durations(self.settings.latencies).get(type(action), 0.0)
 
     def balancer(self, action: Action, now: float) -> None:
         self.today(now).operations[action.kind] += 1
@@ -418,19 +402,49 @@ class _Day:
 
 
 _STARTING = (CloneState.CREATING, CloneState.BOOTING)
+_BALANCER = (BalancerEnable, BalancerDrain, BalancerRemove)
+
+
+@lru_cache(maxsize=16)
+def _durations(lat: Latencies) -> dict[type[Action], float]:
+    """How long each hypervisor operation takes (read-only)."""
+    return {
+        CreateClone: lat.clone,
+        StartClone: lat.start,
+        ResetClone: lat.reset,
+        DeleteClone: lat.delete,
+        SuspendClone: lat.suspend,
+        ResumeClone: lat.resume,
+        StopClone: lat.stop,
+    }
+
+
 _CLOCK_ROUNDING = 1e-3  # seconds: a local clock reading rounds to microseconds
 
 
-def _bucket_end(at: float, timezone: str) -> float:
-    """Until when (just before) day_and_bucket(at, timezone) keeps its value: the end of
-    its bucket on the local clock, while the zone keeps its UTC offset (no zone changes
-    its offset twice within one bucket). A moment at the edge is computed again."""
-    local = datetime.fromtimestamp(at, zone(timezone))
-    into = (local.hour * 3600 + local.minute * 60 + local.second) % BUCKET
-    end = at - into - local.microsecond / 1e6 + BUCKET - _CLOCK_ROUNDING
-    if datetime.fromtimestamp(end, zone(timezone)).utcoffset() != local.utcoffset():
-        return at  # the offset changes within the bucket: nothing kept
-    return end
+@dataclass
+class LocalBuckets:
+    """day_and_bucket(at, timezone), asked at every keeper pass: computed again only once
+    `at` leaves the span it was last computed for, the rest of its bucket on the local
+    clock while the zone keeps its UTC offset (no zone changes its offset twice within one
+    bucket). A moment within a millisecond of the bucket's end is computed again."""
+
+    timezone: str
+    _kept: tuple[float, float, tuple[int, int]] | None = None  # [from, until), the value
+
+    def __call__(self, at: float) -> tuple[int, int]:
+        kept = self._kept
+        if kept is not None and kept[0] <= at < kept[1]:
+            return kept[2]
+        value = day_and_bucket(at, self.timezone)
+        tz = zone(self.timezone)
+        local = datetime.fromtimestamp(at, tz)
+        into = (local.hour * 3600 + local.minute * 60 + local.second) % BUCKET
+        until = at - into - local.microsecond / 1e6 + BUCKET - _CLOCK_ROUNDING
+        if datetime.fromtimestamp(until, tz).utcoffset() != local.utcoffset():
+            until = at  # the offset changes within the bucket: nothing kept
+        self._kept = (at, until, value)
+        return value
 
 
 def day_epoch(spec: PoolSpec) -> float:
@@ -476,9 +490,9 @@ def simulate(
             at = index * DAY + login.at
             end = max(end, at + login.length + 3600.0)
             run.push(at, _Kind.LOGIN, login=login, day=index)
-    ticks = int(end // settings.tick)
-    for i in range(ticks + 1):
-        run.push(i * settings.tick, _Kind.TICK)
+    ticks = int(end // settings.tick)  # the periodic ticks 0..ticks: the next one is kept
+    tick = 0  # here rather than in the heap, which stays small (the order is the same: a
+    tick_at = 0.0  # tick comes last in its instant, and any two ticks do the same)
     idle_now = 0
     last = 0.0
     last_pass = -settings.pass_gap
@@ -486,8 +500,10 @@ def simulate(
     deferred = False
     step = settings.sample
     sample_at = 0.0 if step else float("inf")
-    while run.events and run.events[0][0] <= end:
-        now = run.events[0][0]
+    while (run.events and run.events[0][0] <= end) or tick <= ticks:
+        now = min(run.events[0][0], tick_at) if run.events else tick_at
+        if now > end:
+            break
         while step and sample_at < now:
             run.sample(sample_at, idle_now, last)
             sample_at += step
@@ -506,6 +522,9 @@ def simulate(
             elif event.kind is _Kind.LOGIN and event.login is not None:
                 run.waiting.append(_Waiting(event.login, now, event.day))
                 run.arrived += 1
+        if now == tick_at:
+            tick += 1
+            tick_at = tick * settings.tick if tick <= ticks else float("inf")
         run.serve(now)
         dirty = dirty or woken
         if now < last_pass + settings.pass_gap:
@@ -540,6 +559,10 @@ def simulate(
 
 def _count_idle(run: _Day, idle: int, since: float, until: float) -> None:
     """Idle desktop-seconds from `since` to `until`, on the days they fall in."""
+    kept = run._today  # the usual case: both in the day last asked for
+    if kept is not None and kept[0] <= since and until <= kept[1] and since < until:
+        kept[2].idle_seconds += idle * (until - since)
+        return
     while since < until:
         day = min(int(since // DAY), len(run.stats) - 1)
         edge = until if day == len(run.stats) - 1 else min(until, (day + 1) * DAY)

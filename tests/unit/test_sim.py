@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import pytest
 from imagepipe.cli.app import main
 from imagepipe.errors import BadInputError, ConfigError
 from imagepipe.pool.model import PoolSpec
-from imagepipe.sim.engine import SimSettings, simulate_day
+from imagepipe.pool.planner.forecast import day_and_bucket
+from imagepipe.sim.engine import LocalBuckets, SimSettings, simulate_day
 from imagepipe.sim.policies import POLICIES
 from imagepipe.sim.profiles import make_profile
 from imagepipe.sim.trace import Login, parse_trace
@@ -99,3 +101,25 @@ def test_cli_rejects_missing_source(tmp_path: Path, capsys: pytest.CaptureFixtur
     pool.write_text("name: lab\nimage: win10\n")
     assert main(["simulate", str(pool)]) == 2
     assert "--trace" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("timezone", "start"),
+    [
+        ("Europe/Berlin", "2024-03-31T00:40:00+00:00"),  # clocks go forward at 01:00 UTC
+        ("Europe/Berlin", "2024-10-27T00:40:00+00:00"),  # and back
+        ("Asia/Kathmandu", "2024-01-08T18:00:00+00:00"),  # +05:45, local midnight inside
+        ("Australia/Lord_Howe", "2024-04-06T14:40:00+00:00"),  # a half-hour change
+    ],
+)
+def test_simulated_keeper_reads_the_local_day_and_bucket_of_every_moment(
+    timezone: str, start: str
+) -> None:
+    """The simulator keeps the learning keeper's (local day, bucket) between passes; it
+    answers as day_and_bucket at every moment around a clock change, edges included."""
+    buckets = LocalBuckets(timezone)
+    first = datetime.fromisoformat(start).timestamp()
+    moments = [first + i * 7.3 for i in range(1500)]  # about three hours, 7.3 s apart
+    moments += [first + 300.0 * i + d for i in range(36) for d in (-1e-3, -1e-6, -4e-7, 0.0, 1e-6)]
+    for at in moments:
+        assert buckets(at) == day_and_bucket(at, timezone), at
