@@ -60,7 +60,8 @@ from imagepipe.pool.planner.timers import clone_timer, pool_timers, soonest
 from imagepipe.pool.rollout.rules import target_of
 from imagepipe.sim.world import World
 
-_MARGIN = 1e-3  # a held clone is decided again this long before its timer (float rounding)
+_MARGIN = 1e-3  # a held clone, or a pass, is decided again this long before its timer
+# (float rounding: `now - since >= limit` may hold a little before `since + limit`)
 
 
 @dataclass
@@ -90,13 +91,49 @@ class Replanner:
     _held_under: tuple[bool, bool] = (False, False)  # breaker open, drain deadline passed
     # the last free target: (spec, arrivals, from, until, value)
     _free_target_was: tuple[PoolSpec, Arrivals | None, float, float, int] | None = None
+    # the last pass, if it answered nothing: its spec, observation, record and clock, and
+    # (once asked) its next_timer; nothing is decided again before that on the same inputs
+    _idle_pass: tuple[PoolSpec, Observed, PoolRecord, float] | None = None
+    _idle_until: float | None = None
 
     def plan(
         self, spec: PoolSpec, observed: Observed, record: PoolRecord, now: float
     ) -> list[Action]:
         """What plan(spec, observed, record, now) answers."""
-        changed = self.world.changes() | self.written
-        self.written = set()
+        changed = self.world.changes()
+        if self.written:
+            changed |= self.written
+            self.written = set()
+        idle = self._idle_pass
+        if (
+            not changed
+            and idle is not None
+            and idle[0] is spec
+            and idle[1] is observed
+            and idle[2] is record
+            and now < self._idle_since(spec, record, idle[3]) - _MARGIN
+        ):
+            return []  # the same inputs, no timer due: what the last pass answered
+        out = self._plan(spec, observed, record, now, changed)
+        self._idle_pass = None if out else (spec, observed, record, now)
+        self._idle_until = None
+        return out
+
+    def _idle_since(self, spec: PoolSpec, record: PoolRecord, at: float) -> float:
+        """When the pass at `at` that answered nothing could next answer otherwise."""
+        if self._idle_until is None:
+            wake = self._next_timer(spec, record, at)
+            self._idle_until = float("inf") if wake is None else wake
+        return self._idle_until
+
+    def _plan(
+        self,
+        spec: PoolSpec,
+        observed: Observed,
+        record: PoolRecord,
+        now: float,
+        changed: Collection[str],
+    ) -> list[Action]:
         if (
             observed.touched
             or observed.lost_hosts
@@ -268,6 +305,18 @@ class Replanner:
 
     def next_timer(self, spec: PoolSpec, record: PoolRecord, now: float) -> float | None:
         """What planner.next_timer answers, right after a pass of plan()."""
+        idle = self._idle_pass
+        if idle is None or idle[0] is not spec or idle[2] is not record:
+            return self._next_timer(spec, record, now)
+        if self._idle_until is None or now >= self._idle_until:
+            wake = self._next_timer(spec, record, now)
+            if now == idle[3]:  # right after the pass that answered nothing
+                self._idle_until = float("inf") if wake is None else wake
+            return wake
+        # after a pass on the same inputs, before the timer: the same timer
+        return None if self._idle_until == float("inf") else self._idle_until
+
+    def _next_timer(self, spec: PoolSpec, record: PoolRecord, now: float) -> float | None:
         if self._key is None:
             return next_timer(spec, record, now)
         idle_for = shrink_after(spec, record.arrivals)
