@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -31,6 +32,11 @@ class Planner(Protocol):
     def stored(self, record: PoolRecord, *states: CloneState) -> list[CloneRecord]:
         """The records of `record` in one of `states`, in no particular order (right after a
         pass of plan() on `record`)."""
+        ...
+
+    def idlest(self, record: PoolRecord) -> Iterator[CloneRecord]:
+        """The free records of `record`, the longest idle first (by `since`, then the
+        higher slot), right after a pass of plan() on `record`."""
         ...
 
 
@@ -87,8 +93,7 @@ class OriginalPolicy:
         created = [a.clone for a in actions if isinstance(a, CreateClone)]
         dropped = set(created if building else created[1:])
         kept = [a for a in actions if a.clone not in dropped or not _is_create(a)]
-        free = planner.stored(record, CloneState.FREE)
-        return kept + _shrink_all(fixed, free, kept, now)
+        return kept + _shrink_all(fixed, planner, record, kept, now)
 
     def _fixed(self, spec: PoolSpec) -> PoolSpec:
         """`spec` without schedule, standby or learning (the same object pass after pass, so
@@ -102,6 +107,10 @@ class OriginalPolicy:
         return fixed
 
 
+def _shared_free(rec: CloneRecord | None, assigned: set[int]) -> bool:
+    return rec is not None and rec.state is CloneState.FREE and rec.slot not in assigned
+
+
 def _is_create(action: Action) -> bool:
     if isinstance(action, CreateClone):
         return True
@@ -109,24 +118,29 @@ def _is_create(action: Action) -> bool:
 
 
 def _shrink_all(
-    spec: PoolSpec, stored_free: list[CloneRecord], planned: list[Action], now: float
+    spec: PoolSpec, planner: Planner, record: PoolRecord, planned: list[Action], now: float
 ) -> list[Action]:
-    """Every free clone idle past shrink_after beyond the free size goes in one pass
-    (`stored_free`: the free clones' records)."""
+    """Every free clone idle past shrink_after beyond the free size goes in one pass."""
     assigned = set(spec.assignments.values())
-    free = [r for r in stored_free if r.slot not in assigned] if assigned else stored_free
+    free = planner.stored(record, CloneState.FREE)
+    if assigned:
+        free = [r for r in free if r.slot not in assigned]
     if len(free) <= spec.free:  # no surplus (the usual pass: nothing to count)
         return []
     touched = {a.clone for a in planned}
-    surplus = len(free) - spec.free - sum(1 for r in free if r.name in touched)
+    records = record.clones
+    planned_free = sum(1 for name in touched if _shared_free(records.get(name), assigned))
+    surplus = len(free) - spec.free - planned_free
     if surplus <= 0:
         return []
-    idle = sorted(
-        (r for r in free if now - r.since >= spec.shrink_after and r.name not in touched),
-        key=lambda r: (r.since, -r.slot),
-    )
+    idle: list[CloneRecord] = []  # the `surplus` idlest past shrink_after, not planned for
+    for rec in planner.idlest(record):
+        if len(idle) == surplus or now - rec.since < spec.shrink_after:
+            break  # the rest idled less
+        if rec.name not in touched and rec.slot not in assigned:
+            idle.append(rec)
     extra: list[Action] = []
-    for rec in idle[: max(surplus, 0)]:
+    for rec in idle:
         extra.append(DeleteClone(pool=spec.name, clone=rec.name))
         extra.append(
             RecordClone(

@@ -29,8 +29,9 @@ and compares their answers.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
+from heapq import merge
 
 from imagepipe.pool.model import (
     Action,
@@ -60,6 +61,7 @@ from imagepipe.pool.planner.timers import clone_timer, pool_timers, soonest
 from imagepipe.pool.rollout.rules import target_of
 from imagepipe.sim.world import World
 
+_FREE = CloneState.FREE
 _MARGIN = 1e-3  # a held clone, or a pass, is decided again this long before its timer
 # (float rounding: `now - since >= limit` may hold a little before `since + limit`)
 
@@ -340,6 +342,19 @@ class Replanner:
             out += [r for r in self._quiet.values() if r.state is CloneState.IN_USE]
         return out
 
+    def idlest(self, record: PoolRecord) -> Iterator[CloneRecord]:
+        """The free records of `record`, the longest idle first (by `since`, then the
+        higher slot), right after a pass of plan() on it: the quiet ones are kept in that
+        order, the others are few."""
+        records = record.clones
+        names = records if self._key is None else self._active
+        free = [records[n] for n in names if n in records and records[n].state is _FREE]
+        free.sort(key=_idleness)
+        if self._key is None:
+            return iter(free)
+        quiet = (self._free[name] for _, _, name in self._idlest)
+        return merge(free, quiet, key=_idleness)
+
     # ---- the quiet clones ------------------------------------------------------------
 
     def _start_over(
@@ -430,3 +445,8 @@ class Replanner:
                 return at
             i += 1
         return None
+
+
+def _idleness(rec: CloneRecord) -> tuple[float, int]:
+    """The longest idle free clone first (shrink's order)."""
+    return rec.since, -rec.slot

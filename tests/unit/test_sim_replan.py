@@ -7,6 +7,7 @@ suspend, resume, learn and restore, and both answers (and both wake-up timers) m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import pytest
@@ -60,6 +61,12 @@ class Beside(Replanner):
         wanted = [r for r in record.clones.values() if r.state in states]
         assert sorted(got, key=lambda r: r.name) == sorted(wanted, key=lambda r: r.name)
         return got
+
+    def idlest(self, record: PoolRecord) -> Iterator[CloneRecord]:
+        got = list(super().idlest(record))
+        free = [r for r in record.clones.values() if r.state is CloneState.FREE]
+        assert got == sorted(free, key=lambda r: (r.since, -r.slot))
+        return iter(got)
 
     def next_timer(self, spec: PoolSpec, record: PoolRecord, now: float) -> float | None:
         got = super().next_timer(spec, record, now)
