@@ -61,7 +61,12 @@ from imagepipe.hypervisors.libvirt.errors import (
 from imagepipe.hypervisors.libvirt.events import EventHub, ensure_event_loop
 from imagepipe.hypervisors.libvirt.notify import notify_command
 from imagepipe.hypervisors.libvirt.parents import WarmParent, WarmParents
-from imagepipe.hypervisors.libvirt.warm import FileStamp, RestoreIdentity, warm_key
+from imagepipe.hypervisors.libvirt.warm import (
+    FileStamp,
+    RestoreIdentity,
+    fitting_parent,
+    warm_key,
+)
 from imagepipe.log import fields
 from imagepipe.pool.model import (
     BaseImage,
@@ -468,22 +473,8 @@ class LibvirtHypervisor:
     def _parent_of(self, dom: Any, name: str, meta: CloneMetadata) -> WarmParent | None:
         """The warm parent a clone restores from, when it (still) fits this host; the clone's
         own saved state is written now when the parent was made after the clone."""
-        if meta.start is not StartMode.RESTORE or meta.warm is None:
-            return None
-        parent = self._warm.load(meta.warm)
+        parent = fitting_parent(meta, self._warm.load, self._host_versions, self._warm.say_once)
         if parent is None:
-            self._warm.say_once(
-                f"make:{meta.warm}",
-                f"no warm parent of {meta.image} v{meta.version} ({meta.warm}); its desktops "
-                "boot instead (the pool's next new desktop makes it)",
-            )
-            return None
-        if (parent.libvirt_version, parent.qemu_version) != self._host_versions():
-            self._warm.say_once(
-                f"versions:{meta.warm}",
-                f"the warm parent of {meta.image} v{meta.version} was saved by another "
-                "libvirt/QEMU version; its desktops boot instead until the pool recreates them",
-            )
             return None
         if not _newer(self.saved_state_path(name), parent.memory):  # none, or an older parent's
             display = self._facts_of(dom).display

@@ -59,7 +59,12 @@ from imagepipe.hypervisors.libvirt.volumes import (
     uploads_on,
     versions_on,
 )
-from imagepipe.hypervisors.libvirt.warm import FileStamp, RestoreIdentity, warm_key
+from imagepipe.hypervisors.libvirt.warm import (
+    FileStamp,
+    RestoreIdentity,
+    fitting_parent,
+    warm_key,
+)
 from imagepipe.log import fields
 from imagepipe.pool.model import (
     BaseImage,
@@ -261,26 +266,13 @@ class RemoteLibvirtHost(LibvirtHypervisor):
 
     def _remote_parent(self, meta: CloneMetadata) -> RemoteParent | None:
         """The warm parent a clone restores from, when it is on the host and fits it."""
-        if meta.start is not StartMode.RESTORE or meta.warm is None:
-            return None
-        parent = self._parents.load(meta.warm)
-        if parent is None:
-            self._parents.say_once(
-                f"make:{meta.warm}",
-                f"no warm parent of {meta.image} v{meta.version} ({meta.warm}) on host "
-                f"{self.host.name}; its desktops boot instead (the pool's next new desktop "
-                "there makes it)",
-            )
-            return None
-        if (parent.libvirt_version, parent.qemu_version) != self._host_versions():
-            self._parents.say_once(
-                f"versions:{meta.warm}",
-                f"the warm parent of {meta.image} v{meta.version} on host {self.host.name} "
-                "was saved by another libvirt/QEMU version; its desktops boot instead until "
-                "the pool recreates them",
-            )
-            return None
-        return parent
+        return fitting_parent(
+            meta,
+            self._parents.load,
+            self._host_versions,
+            self._parents.say_once,
+            f" on host {self.host.name}",
+        )
 
     def _write_state(
         self, dom: Any, name: str, meta: CloneMetadata, parent: RemoteParent, display: Endpoint
