@@ -54,7 +54,9 @@ from imagepipe.hypervisors.libvirt.volumes import (
     clone_volume,
     clone_volume_exists,
     delete_clone_volume,
+    retire_version,
     storage_pool,
+    stored_versions,
     upload_version,
     uploads_on,
     versions_on,
@@ -154,6 +156,19 @@ class RemoteLibvirtHost(LibvirtHypervisor):
         with self._translate(f"storage pool on host {self.host.name}"):
             names = list(pool.listVolumes())
             return versions_on(names), uploads_on(self._libvirt, pool, names)
+
+    def stored_versions(self) -> tuple[tuple[str, int], ...]:
+        """Every version with a volume on the host, complete or not (what a tidy looks at)."""
+        with self._translate(f"storage pool on host {self.host.name}"):
+            return stored_versions(list(self._storage().listVolumes()))
+
+    def retire(self, image: str, version: int) -> tuple[list[str], str]:
+        """Remove a version the registry pruned, and its warm parents, from the host unless a
+        disk or a domain there still uses them: (volumes removed, why kept)."""
+        with self._translate(f"{image} v{version} on host {self.host.name}"):
+            return retire_version(
+                self._libvirt, self._connection(), self._storage(), image, version
+            )
 
     def upload(
         self, base: BaseImage, expected: Mapping[str, str], progress: Callable[[int, int], None]
