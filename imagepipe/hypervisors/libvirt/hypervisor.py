@@ -16,6 +16,7 @@ A reset restores again onto a fresh overlay. Whenever that cannot be done, the c
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import importlib
 import json
@@ -107,6 +108,9 @@ AGENT_TIMEOUT = 2  # seconds libvirt waits for the guest agent (ping, users)
 # process's exit for good
 CLOSE_WAIT = 5.0
 PREP_TIMEOUT = 5.0  # seconds a restored guest's agent may take to reconnect
+# seconds a QEMU monitor command (query-vnc) may take: libvirt waits for QEMU's reply without
+# a limit, so a stopped or wedged QEMU would hold the whole pass
+MONITOR_TIMEOUT = 10.0
 UNIX_PATH_MAX = 107
 
 
@@ -159,6 +163,9 @@ class LibvirtHypervisor:
         # when the connection was found lost (time.monotonic()); None while it works
         self._lost_at: float | None = None
         self._lost_lock = threading.Lock()
+        self.monitor_timeout = MONITOR_TIMEOUT
+        self._monitor_lock = threading.Lock()
+        self._monitor_asks: dict[str, concurrent.futures.Future[str]] = {}  # clone -> its ask
         # set by a subclass's close() that gave up waiting for a hung open: when that open
         # returns, its connection is dropped
         self._closing = False
@@ -866,9 +873,42 @@ class LibvirtHypervisor:
             self._libvirt_qemu.qemuAgentCommand(dom, notify_command(text), AGENT_TIMEOUT, 0)
 
     def _vnc_clients(self, dom: Any, name: str) -> tuple[str, ...]:
-        with self._translate(f"clone {name}"):
-            reply = self._libvirt_qemu.qemuMonitorCommand(dom, '{"execute":"query-vnc"}', 0)
-        return parse_vnc_clients(str(reply))
+        """The VNC clients QEMU has, asked in a thread of its own and waited for at most
+        MONITOR_TIMEOUT: a QEMU that does not answer (stopped, wedged) fails this read (the
+        pool is not planned this pass: nothing is decided on a session not read) instead of
+        holding the pass. While that question is still unanswered, the next read of the
+        same clone fails at once rather than asking again."""
+        with self._monitor_lock:
+            asked = self._monitor_asks.get(name)
+            if asked is None or asked.done():
+                asked = self._monitor_asks[name] = concurrent.futures.Future()
+                thread = threading.Thread(
+                    target=self._ask_monitor,
+                    args=(asked, dom, name),
+                    name=f"query-vnc-{name}",
+                    daemon=True,
+                )
+                thread.start()
+        try:
+            reply = asked.result(timeout=self.monitor_timeout)
+        except concurrent.futures.TimeoutError:
+            raise HypervisorError(
+                f"clone {name}: QEMU did not answer query-vnc within {self.monitor_timeout:g} s "
+                "(stopped or wedged?); its pool is not planned until it answers"
+            ) from None
+        finally:
+            with self._monitor_lock:
+                if asked.done() and self._monitor_asks.get(name) is asked:
+                    del self._monitor_asks[name]
+        return parse_vnc_clients(reply)
+
+    def _ask_monitor(self, asked: concurrent.futures.Future[str], dom: Any, name: str) -> None:
+        try:
+            with self._translate(f"clone {name}"):
+                reply = self._libvirt_qemu.qemuMonitorCommand(dom, '{"execute":"query-vnc"}', 0)
+            asked.set_result(str(reply))
+        except BaseException as exc:  # handed to whoever waits on the answer
+            asked.set_exception(exc)
 
     def _users(self, dom: Any, name: str) -> tuple[str, ...] | None:
         """Users logged in, from the guest agent; no agent means no users, not an error.
