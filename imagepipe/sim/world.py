@@ -6,8 +6,8 @@ gives the planner exactly the types the real observe() gives it.
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Mapping
+from bisect import bisect_left, insort
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import cast
@@ -27,6 +27,11 @@ from imagepipe.units import parse_duration
 
 # How a new or recycled desktop comes up: the pool file's `start` (boot | restore).
 Start = StartMode
+
+# what World's observations are, once each clone is observed (named once: a subscripted
+# type is built again each time the expression runs)
+_Snapshot = tuple[ObservedClone, ...]
+_ByName = Mapping[str, ObservedClone]
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,8 @@ class World:
     _unseen: set[str] = field(default_factory=set, init=False)  # changed since observed
     _stale: set[str] = field(default_factory=set, init=False)  # changed since idle/takers
     _idle: set[str] = field(default_factory=set, init=False)  # running, nobody on it
-    _takers: set[str] = field(default_factory=set, init=False)  # the balancer sends users
+    _takers: dict[str, int] = field(default_factory=dict, init=False)  # the balancer sends
+    _by_slot: list[tuple[int, str]] = field(default_factory=list, init=False)  # users: by slot
     _changed: set[str] = field(default_factory=set, init=False)  # since changes() was asked
     _orphaned: set[str] = field(default_factory=set, init=False)  # backends without a clone
     _serial: dict[str, int] = field(default_factory=dict, init=False)  # order of add()
@@ -198,7 +204,7 @@ class World:
             for name in self._unseen:
                 observed[name] = self.clones[name].observe(self.pool, self.backends.get(name))
             self._unseen.clear()
-            self._snapshot = cast(tuple[ObservedClone, ...], tuple(observed.values()))
+            self._snapshot = cast(_Snapshot, tuple(observed.values()))
         if self._orphans is None and not self._orphaned:
             self._orphans = ()  # the usual case, cheaper to tell than to scan for
         if self._orphans is None:
@@ -219,11 +225,13 @@ class World:
     def by_name(self) -> Mapping[str, ObservedClone]:
         """The last observe()'s clones by name (read-only; up to date until the next change)."""
         assert self._snapshot is not None, "by_name() reads what observe() built"
-        return cast(Mapping[str, ObservedClone], self._observed)
+        return cast(_ByName, self._observed)
 
-    def order(self, name: str) -> int:
-        """Where clone `name` is in observe()'s clones: later clones have larger numbers."""
-        return self._serial[name]
+    @property
+    def order(self) -> Callable[[str], int]:
+        """Where a clone (by name) is in observe()'s clones: later clones have larger
+        numbers (a key for sorted(), called once per clone sorted)."""
+        return self._serial.__getitem__
 
     def changes(self) -> set[str]:
         """The clones added, removed or changed since the last call (and forgets them)."""
@@ -258,10 +266,14 @@ class World:
                 self._idle.add(name)
             else:
                 self._idle.discard(name)
+            slot = self._takers.get(name)
             if clone is not None and self.takes_users(clone):
-                self._takers.add(name)
-            else:
-                self._takers.discard(name)
+                if slot is None:
+                    self._takers[name] = clone.slot
+                    insort(self._by_slot, (clone.slot, name))
+            elif slot is not None:
+                del self._takers[name]
+                del self._by_slot[bisect_left(self._by_slot, (slot, name))]
         self._stale.clear()
 
     def idle(self) -> int:
@@ -272,10 +284,7 @@ class World:
     def takers(self, most: int | None = None) -> list[SimClone]:
         """The clones the balancer would send a new user to, by slot (the first `most`)."""
         self._refresh()
-        clones = (self.clones[name] for name in self._takers)
-        if most is not None and most < len(self._takers):
-            return heapq.nsmallest(most, clones, key=_slot)  # as sorted()[:most], cheaper
-        return sorted(clones, key=_slot)
+        return [self.clones[name] for _, name in self._by_slot[:most]]
 
     def taker_count(self) -> int:
         """How many clones the balancer would send a new user to."""
@@ -290,7 +299,3 @@ _NOBODY = GuestSession()
 def _session(user: str) -> GuestSession:
     """The session of `user` on a desktop (the same record for every clone and pass)."""
     return GuestSession(client="10.0.0.1", users=(user,))
-
-
-def _slot(clone: SimClone) -> int:
-    return clone.slot
