@@ -79,7 +79,8 @@ class Replanner:
     _free: dict[str, CloneRecord] = field(default_factory=dict)  # quiet and free
     _idlest: list[tuple[float, int, str]] = field(default_factory=list)  # _free by (since, -slot)
     _suspended: dict[str, CloneRecord] = field(default_factory=dict)  # quiet and suspended
-    _resumable: list[CloneRecord] | None = None  # _suspended in shared slots (None: changed)
+    _resumable: dict[str, CloneRecord] = field(default_factory=dict)  # those in shared slots
+    _assigned: frozenset[int] = frozenset()  # the reserved slots of the key's spec
     _slots: dict[int, int] = field(default_factory=dict)  # quiet and held clones' slots, counted
     # active clones kept as stored until a timer: (until, in flight, stored record)
     _held: dict[str, tuple[float, bool, CloneRecord]] = field(default_factory=dict)
@@ -368,6 +369,7 @@ class Replanner:
         self._unhold_all()  # held under the old target version
         self._active = set(by_name) | set(records)
         self._key = key
+        self._assigned = frozenset(key[0].assignments.values())  # as context() reads them
 
     def _rest(self, name: str, rec: CloneRecord) -> None:
         """`name` was found quiet with the record `rec` (the stored one)."""
@@ -379,7 +381,8 @@ class Replanner:
             insort(self._idlest, (rec.since, -rec.slot, name))
         elif rec.state is CloneState.SUSPENDED:
             self._suspended[name] = rec
-            self._resumable = None
+            if rec.slot not in self._assigned:
+                self._resumable[name] = rec
 
     def _wake(self, name: str) -> None:
         """`name` is decided again from the next pass on (it changed, or resize acts on it)."""
@@ -392,7 +395,7 @@ class Replanner:
         if self._free.pop(name, None) is not None:
             del self._idlest[bisect_left(self._idlest, (rec.since, -rec.slot, name))]
         if self._suspended.pop(name, None) is not None:
-            self._resumable = None
+            self._resumable.pop(name, None)
 
     def _census(self, d: Decisions) -> Census:
         """count(d) for the whole pool: the clones decided this pass and the quiet ones."""
@@ -417,10 +420,7 @@ class Replanner:
             since, _, name = self._idlest[0]
             if ctx.now - since >= idle_for:
                 c.shrinkable.append(self._free[name])
-        if self._resumable is None:
-            assigned = ctx.assigned  # the same while clones stay quiet (the spec is)
-            self._resumable = [r for r in self._suspended.values() if r.slot not in assigned]
-        c.suspended += self._resumable
+        c.suspended += self._resumable.values()  # grow sorts them by slot
         return c
 
     def _in_observed_order(self, d: Decisions, by_name: Mapping[str, ObservedClone]) -> None:
