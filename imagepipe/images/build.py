@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from imagepipe.errors import (
     EnvironmentMissingError,
@@ -32,7 +32,6 @@ from imagepipe.images.packer import (
 from imagepipe.images.records import ScalarValue, VersionRecord
 from imagepipe.images.registry import NewVersion, Registry
 from imagepipe.images.source import source_state
-from imagepipe.images.stream import PackerEvent
 from imagepipe.images.templates import (
     render_image,
     render_string,
@@ -41,6 +40,9 @@ from imagepipe.images.templates import (
 )
 from imagepipe.images.variables import resolve_secrets, resolve_variables
 from imagepipe.log import fields
+
+if TYPE_CHECKING:  # the stream parser is loaded when Packer builds (an up-to-date build never)
+    from imagepipe.images.stream import PackerEvent
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +87,8 @@ class PhaseEvent:
     kind: str = "phase"
 
 
-BuildEvent = PackerEvent | PhaseEvent
-Progress = Callable[[BuildEvent], None]
+BuildEvent: TypeAlias = "PackerEvent | PhaseEvent"
+Progress: TypeAlias = Callable[[BuildEvent], None]
 
 
 class Outcome(StrEnum):

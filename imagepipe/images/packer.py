@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from imagepipe.errors import (
     BadInputError,
@@ -29,9 +30,11 @@ from imagepipe.errors import (
     EnvironmentMissingError,
     OperationFailedError,
 )
-from imagepipe.images.stream import PackerEvent, StreamParser, StreamSummary, summarize
 from imagepipe.log import fields
 from imagepipe.private import FILE_MODE
+
+if TYPE_CHECKING:  # the stream parser is loaded when Packer builds (an up-to-date build never)
+    from imagepipe.images.stream import PackerEvent, StreamSummary
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +222,8 @@ class Packer:
         `log_path` gets what Packer printed, line for line (the machine-readable stream these
         events are read from). Packer's debug log (PACKER_LOG=1) is written to `debug_log`
         only when one is given (it slows a build by a tenth), else it is switched off."""
+        from imagepipe.images.stream import StreamParser, summarize
+
         argv = [self._path(), "build", "-machine-readable", "-on-error=cleanup", "-color=false"]
         argv += [f"-only={','.join(only)}"] if only else []
         argv.append(template.name)
