@@ -153,6 +153,31 @@ def test_a_failed_build_registers_nothing_and_points_at_the_log(tmp_path: Path) 
     assert Registry(tmp_path / "registry", tmp_path / "images").versions("broken") == []
 
 
+@pytest.mark.real
+def test_an_up_to_date_build_loads_no_packer_stream_parser(tmp_path: Path) -> None:
+    """An up-to-date build is mostly start-up: it reads no Packer output, so it loads no parser
+    for it (benchmarks/bench_build.py times it)."""
+    require_program("packer")
+    _null_image(tmp_path / "packer", "ok", ["echo hello > out.txt"])
+    config = _config(tmp_path, tmp_path / "packer")
+    assert _cli(config, "build", "ok").returncode == 0
+    probe = (
+        "import atexit, json, sys\n"
+        "atexit.register(lambda: print(json.dumps(sorted(sys.modules)), file=sys.stderr))\n"
+        "from imagepipe.cli.app import run\n"
+        f"sys.argv = ['imagepipe', '--config', {str(config)!r}, 'build', 'ok']\n"
+        "run()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "up to date: ok v1"
+    modules = set(json.loads(done.stderr.strip().splitlines()[-1]))
+    assert "imagepipe.images.packer" in modules  # it did ask for Packer's version
+    assert modules & {"imagepipe.images.stream", "git", "imagepipe.pool.model"} == set()
+
+
 # A line of Packer's debug log (PACKER_LOG=1), e.g. "2026/12/07 06:01:02 [INFO] Packer version: …"
 DEBUG_LINE = "[INFO] Packer version"
 
