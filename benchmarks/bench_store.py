@@ -20,6 +20,15 @@ are not counted). Then PostgreSQL over SQLite for both. The goal (issue "No sing
 failure"): at most 1.5. On a machine shared with other busy processes the wall time of a pass
 that waits for another process (the database server) mostly measures the wait for a free
 core; the CPU time does not.
+
+With --real N, the same comparison with the real adapters, as a user runs the keeper: N tiny
+desktops on libvirt/QEMU (TCG) behind a managed HAProxy, made by a real `imagepipe keep`
+on the SQLite state, which is then stopped (the desktops and HAProxy keep running) and its
+state copied with `imagepipe store copy` into a PostgreSQL database. Two keepers are built
+in this process by the application's composition root from the two settings files (the
+second, fenced under a lease as `keep` on PostgreSQL runs), and their steady passes
+(observing the desktops through libvirt, the balancer through HAProxy's admin socket) are
+timed in alternating rounds. libvirtd's and HAProxy's CPU is not counted (the same for both).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository root is not on sys.path
@@ -45,6 +55,7 @@ from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages  # noqa
 from tests.postgres import PostgresServer, missing  # noqa: E402
 
 TICK = 5.0
+REAL_PORTS = (6440, 6459)  # the --real pool's display ports
 
 
 def spec(desktops: int) -> PoolSpec:
@@ -131,12 +142,26 @@ def main() -> None:
     parser.add_argument("--desktops", type=int, default=20)
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--passes", type=int, default=300)
+    parser.add_argument(
+        "--real",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time steady passes over N real desktops (libvirt + HAProxy)",
+    )
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds with --real")
     args = parser.parse_args()
     if not 0 <= args.users <= args.desktops or args.passes < 20:
         parser.error("--users must be 0 to --desktops, --passes at least 20")
     why = missing()
     if why is not None:
         raise SystemExit(why)
+    fakes(args)
+    if args.real:
+        real(args.real, args.passes // 10, args.rounds)
+
+
+def fakes(args: argparse.Namespace) -> None:
     server = PostgresServer.start(durable=True)
     try:
         with tempfile.TemporaryDirectory() as folder:
@@ -168,6 +193,97 @@ def main() -> None:
             f"{name} / SQLite: median {figures[name][0] / median:.2f}, "
             f"cpu {figures[name][1] / cpu:.2f}  (goal <= 1.5)"
         )
+
+
+def real(desktops: int, passes: int, rounds: int) -> None:
+    """Steady passes with the real adapters (see the module docstring)."""
+    from _host import Workspace, bench_pool, check_memory, stop_on_signals
+
+    from imagepipe.app.bootstrap import bootstrap
+    from imagepipe.app.leadership import election_for
+    from imagepipe.config.pools import load_pools
+    from imagepipe.config.settings import load_settings
+    from tests.host import free_port
+
+    stop_on_signals()
+    check_memory(desktops)
+    server = PostgresServer.start(durable=True)
+    try:
+        with Workspace.create("bst") as ws:
+            ws.build_tiny()
+            pool = bench_pool(
+                ws.pool_name("lab"), free=desktops, max=desktops, ports=REAL_PORTS, start="boot"
+            )
+            lab = ws.installation("lab", pool, free_port(), tick="5s", parallel=4)
+            lab.start_keeper()
+            lab.wait_ready(desktops, timeout=900)
+            lab.stop_keeper()  # its desktops and HAProxy keep running
+            password = ws.root / "db-password"
+            password.write_text(server.password + "\n")
+            dsn = server.fresh_dsn()
+            lab.cli("store", "copy", "--to", dsn, "--password-file", str(password))
+            shared = lab.config.with_name("shared.yml")
+            shared.write_text(
+                lab.config.read_text() + f"state: {dsn}\nstate_password_file: {password}\n"
+            )
+            keepers = {}
+            for name, config in (("SQLite", lab.config), ("PostgreSQL, fenced", shared)):
+                settings = load_settings(config)
+                runtime = bootstrap(settings)
+                keeper = runtime.keeper(load_pools([settings.pools_dir], settings.host_specs()))
+                election = election_for(settings, runtime.store, runtime.clock)
+                keeper.lead = election
+                keepers[name] = (keeper, election, runtime)
+            figures: dict[str, tuple[list[float], float, float]] = {
+                n: ([], 0.0, 0.0) for n in keepers
+            }
+            for _ in range(rounds):
+                for name, (keeper, election, _runtime) in keepers.items():
+                    seconds, client, db = _real_round(keeper, election, passes)
+                    took, c, d = figures[name]
+                    figures[name] = (took + seconds, c + client * passes, d + db * passes)
+            print(
+                f"real adapters: {desktops} desktops (libvirt, TCG) behind HAProxy, no users, "
+                f"{rounds} alternating rounds of {passes} steady passes"
+            )
+            results = {}
+            for name, (seconds, client, db) in figures.items():
+                count = len(seconds)
+                results[name] = report(name, seconds, client / count, db / count)
+            for _keeper, _election, runtime in keepers.values():
+                runtime.close()
+    finally:
+        server.stop()
+    median, cpu = results["SQLite"]
+    fenced = results["PostgreSQL, fenced"]
+    print(
+        f"real adapters, PostgreSQL / SQLite: median {fenced[0] / median:.2f}, "
+        f"cpu {fenced[1] / cpu:.2f}"
+    )
+
+
+def _real_round(keeper: Keeper, election: Any, passes: int) -> tuple[list[float], float, float]:
+    """`passes` steady passes of a keeper on the real adapters (its election stepped before
+    each, outside the timing, as its own lease loop would)."""
+    for _ in range(3):  # settle: nothing to do
+        if election is not None:
+            election.step()
+        keeper.pass_if_leading()
+    seconds = []
+    server = _server_pid(keeper.store)
+    client, cpu = 0.0, 0.0
+    for _ in range(passes):
+        if election is not None:
+            election.step()
+        began_cpu, began_db = time.process_time(), _server_cpu(server)
+        started = time.perf_counter()
+        report = keeper.pass_if_leading()
+        seconds.append(time.perf_counter() - started)
+        client += time.process_time() - began_cpu
+        cpu += _server_cpu(server) - began_db
+        if report is None or report.actions:
+            raise SystemExit("a real pass did not lead or still acts: the figures would lie")
+    return seconds, client / passes, cpu / passes
 
 
 def _fenced(dsn: str, password: str) -> Store:

@@ -28,6 +28,7 @@ passfile. Errors name the DSN (which has no password) and never the password.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import re
@@ -188,11 +189,13 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # begin_pass in one statement (one round trip, one transaction): the heartbeat's upsert,
-# fenced in itself, the state_changes generation, and, unless that is the generation the
+# fenced in itself (and who leads, only when the fence refused it), the state_changes
+# generation, and, unless that is the generation the
 # caller already read them at, every read of the pass as JSON arrays of rows (a scalar
 # subquery in a CASE branch not taken is never run). Parameters: the heartbeat's at, pid,
-# host, tick; the fence twice (NULL: none); the generation known (-1: none); the pools;
-# the active states.
+# host, tick; the fence twice (NULL: none); the generation known (-1: none); the pools, as
+# a JSON array. The active states are constants of the code, in the statement's text.
+_ACTIVE = ", ".join(f"'{state}'" for state in ACTIVE)
 BEGIN_PASS = f"""
 WITH beat AS (
     INSERT INTO keeper_heartbeat (id, at, pid, host, tick)
@@ -203,10 +206,11 @@ WITH beat AS (
     RETURNING 1
 ), known AS (
     SELECT generation, generation <> ?::bigint AS fresh FROM state_changes
-), asked AS (SELECT ?::text[] AS pools)
+), asked AS (SELECT ARRAY(SELECT json_array_elements_text(?::json)) AS pools)
 SELECT
     (SELECT count(*) FROM beat),
-    (SELECT json_build_array(epoch, holder) FROM leader),
+    CASE WHEN (SELECT count(*) FROM beat) = 0 THEN
+        (SELECT json_build_array(epoch, holder) FROM leader) END,
     (SELECT generation FROM known),
     CASE WHEN (SELECT fresh FROM known) THEN json_build_array(
         (SELECT json_agg(json_build_array(
@@ -216,7 +220,7 @@ SELECT
          FROM clones, asked WHERE pool = ANY(asked.pools)),
         (SELECT json_agg(json_build_array(pool, since, now))
          FROM pools_down, asked WHERE pool = ANY(asked.pools)),
-        (SELECT json_agg(body ORDER BY id DESC) FROM rollouts WHERE state = ANY(?::text[])),
+        (SELECT json_agg(body ORDER BY id DESC) FROM rollouts WHERE state IN ({_ACTIVE})),
         (SELECT json_agg(json_build_array(host, since) ORDER BY host) FROM hosts_draining)
     ) END
 """
@@ -335,8 +339,7 @@ class PostgresStore(SQLStore):
                 self._fence,
                 self._fence,
                 -1 if kept is None else kept.generation,
-                names,
-                list(ACTIVE),
+                json.dumps(names),  # text, not a list: psycopg dumps lists slowly
             )
             beaten, leader, generation, read = db.execute(BEGIN_PASS, parameters).fetchone()
         if self._fence is not None and beaten != 1:
