@@ -209,9 +209,15 @@ class Runtime:
         return hypervisor.describe_vm(vm)
 
     def keeper(self, specs: Sequence[PoolSpec], *, other_pools: Sequence[str] = ()) -> Keeper:
-        """A keeper for these pools on this runtime's adapters."""
+        """A keeper for these pools on this runtime's adapters. On several hosts the keeper
+        also removes the versions the registry pruned from them (never `status` or `hosts`)."""
         from imagepipe.pool.keeper import Keeper
 
+        if self.settings.hosts:
+            from imagepipe.hypervisors.libvirt.multihost import MultiHostHypervisor
+
+            if isinstance(self.hypervisor, MultiHostHypervisor):
+                self.hypervisor.tidy_with(pruned_in(self.settings))
         return Keeper(
             hypervisor=self.hypervisor,
             balancer=self.balancer,
@@ -313,6 +319,17 @@ def build_hypervisor(settings: Settings) -> Hypervisor:
         f"hypervisor driver {driver!r} is not available in this version of imagepipe; "
         "set hypervisor.driver: libvirt or virtualbox in the settings file"
     )
+
+
+def pruned_in(settings: Settings) -> Callable[[str, int], bool]:
+    """(image, version) -> the registry has pruned it (its copies on hosts may go)."""
+    from imagepipe.images.records import Status
+
+    def pruned(image: str, version: int) -> bool:
+        records = build_registry(settings).versions(image, fetch=False)
+        return any(r.version == version and r.status is Status.PRUNED for r in records)
+
+    return pruned
 
 
 def build_balancer(settings: Settings, *, manage: bool | None = None) -> Balancer:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from imagepipe.errors import HypervisorError
 from imagepipe.hypervisors.libvirt.hypervisor import LibvirtHypervisor
 from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power
 from imagepipe.pool.ports import EventKind, HypervisorEvent
@@ -298,6 +299,36 @@ def test_a_guest_agent_that_answers_late_reads_as_readiness_unknown_not_as_not_r
         assert frozen.power is Power.RUNNING
         assert frozen.ready is None
         wait_until(lambda: next(c for c in fresh.list_clones() if c.name == desktop.name).ready)
+    finally:
+        fresh.close()
+
+
+def test_a_stopped_qemu_fails_the_session_read_within_the_timeout_instead_of_holding_the_pass(
+    desktop: Desktop,
+) -> None:
+    """libvirt waits for QEMU's monitor reply without a limit: a stopped QEMU held the
+    keeper's pass for as long as it stayed stopped. Now the read fails after the monitor
+    timeout (the pool is not planned meanwhile), a second read waits for the same question
+    instead of asking again, and once QEMU runs again the session reads as before."""
+    fresh = LibvirtHypervisor(desktop.uri, state_dir=desktop.state_dir)
+    fresh.monitor_timeout = 1.0
+    pid = qemu_pid(desktop.uri, desktop.name)
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            with pytest.raises(HypervisorError, match="did not answer query-vnc within 1 s"):
+                fresh.sessions(desktop.name)
+            first = time.monotonic() - began
+            with pytest.raises(HypervisorError, match="query-vnc"):
+                fresh.sessions(desktop.name)
+            second = time.monotonic() - began - first
+            asking = [t for t in threading.enumerate() if t.name == f"query-vnc-{desktop.name}"]
+            assert len(asking) == 1
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert first < 5.0 and second < 5.0, (first, second)
+        wait_until(lambda: fresh.sessions(desktop.name).client is None)
     finally:
         fresh.close()
 

@@ -19,15 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.hypervisors.libvirt.multihost import MultiHostHypervisor
+from imagepipe.hypervisors.libvirt.multihost import TIDY_EVERY, MultiHostHypervisor
 from imagepipe.hypervisors.libvirt.remote import SOCKET_DIR
 from imagepipe.hypervisors.libvirt.volumes import POOL_NAME, write_volume
 from imagepipe.pool.model import BaseImage, CloneInfo, Power, StartMode
 from tests.guest import SerialConsole, VncClient
+from tests.multihost.conftest import remove_version
 from tests.multihost.lab import HostLab, NamespacedHost
 from tests.multihost.test_multihost_libvirt import (
     clean,
     domain_id,
+    host_specs,
     lab_spec,
     make_hv,
     volumes_of,
@@ -177,3 +179,53 @@ def test_a_desktop_whose_saved_state_on_its_host_is_damaged_boots_and_says_so_on
             vnc.close()
     finally:
         clean(hv, "mwd")
+
+
+def test_a_pruned_version_leaves_a_host_with_its_warm_parent_once_no_desktop_uses_it(
+    lab: HostLab, lab_base: BaseImage, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The registry pruned v8: the keeper's observation tidies each host every TIDY_EVERY
+    seconds. While a desktop's disk backs onto v8's warm parent on host2, v8 stays there (and
+    the log says why, once); once the desktop is gone, v8's volumes and its parent go."""
+    host2 = lab.hosts[1]
+    base = replace(lab_base, version=8)
+    now = [1_000_000.0]
+    hv = make_hv(lab, tmp_path / "state", clock=lambda: now[0])
+    hv.tidy_with(lambda image, version: (image, version) == ("tinymh", 8))
+
+    def of_v8() -> set[str]:
+        return {v for v in volumes_of(host2) if v.startswith("tinymh_v8")}
+
+    try:
+        hv.list_clones()
+        deadline = time.monotonic() + 60
+        while not hv.ensure_version("host2", lab_base):  # v1, not pruned, is there too
+            assert time.monotonic() < deadline, "v1 was not sent to host2 within 60 s"
+            time.sleep(0.1)
+        hv.create_clone(replace(lab_spec(base, "mwp", 1, host2), start=StartMode.RESTORE))
+        (key,) = {warm_key_of(host2, "mwp-1")}
+        assert key in parents_on(host2) and "tinymh_v8.ready" in of_v8()
+
+        with caplog.at_level(logging.INFO):
+            assert hv.tidy("host2") == []
+            assert hv.tidy("host2") == []
+        kept = [r for r in caplog.records if r.getMessage().startswith("pruned version kept")]
+        assert [getattr(r, "imagepipe_fields", {}).get("reason") for r in kept] == [
+            "the disk mwp-1.qcow2 backs onto it"
+        ]
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+        assert "tinymh_v8.ready" in of_v8() and key in parents_on(host2)
+
+        hv.delete("mwp-1")
+        now[0] += TIDY_EVERY
+        hv.list_clones()  # the observation starts the tidy in the background
+        deadline = time.monotonic() + 30
+        while of_v8() or key in parents_on(host2):
+            assert time.monotonic() < deadline, f"v8 still on host2: {sorted(of_v8())}"
+            time.sleep(0.2)
+        assert not {v for v in volumes_of(host2) if v.startswith(key)}
+        assert ("tinymh", 8) not in next(h for h in hv.hosts() if h.name == "host2").versions
+        assert "tinymh_v1.ready" in volumes_of(host2)  # a version not pruned stays
+    finally:
+        clean(hv, "mwp")
+        remove_version(host_specs(lab)[1], base)

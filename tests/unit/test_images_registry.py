@@ -174,3 +174,20 @@ def test_prune_keeps_newest_channels_and_versions_in_use(
     assert registry.resolve("tiny", 3).status is Status.PRUNED
     assert not (tmp_path / "images" / "tiny" / "v3").exists()
     assert (tmp_path / "images" / "tiny" / "v2" / "disk.qcow2").exists()
+
+
+def test_the_keeper_removes_from_hosts_only_versions_the_registry_pruned(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """What the keeper's host tidy asks (multihost.tidy_with): pruned → may go; active,
+    revoked or unknown → stays."""
+    from imagepipe.app.bootstrap import pruned_in
+    from imagepipe.config import Settings
+
+    for tag in "abc":
+        _register(registry, tmp_path, tag)
+    registry.prune("tiny", 1, "test")
+    registry.revoke("tiny", 2, "bad")
+    pruned = pruned_in(Settings(registry=registry.path, image_store=tmp_path / "images"))
+    assert [pruned("tiny", v) for v in (1, 2, 3, 4)] == [True, False, False, False]
+    assert pruned("other", 1) is False

@@ -13,6 +13,8 @@ from imagepipe.hypervisors.libvirt.volumes import (
     check_checksums,
     file_volume,
     ready_volume,
+    stored_versions,
+    uploading_volume,
     versions_on,
 )
 from imagepipe.pool.model import BaseImage
@@ -46,6 +48,22 @@ def test_a_host_holds_only_the_versions_whose_ready_volume_exists() -> None:
         ready_volume("other", 1),
     ]
     assert versions_on(names) == (("my_tiny", 3), ("other", 1))
+
+
+def test_a_tidy_sees_versions_being_sent_or_left_half_removed_not_only_complete_ones(
+    tmp_path: Path,
+) -> None:
+    base = version(tmp_path)
+    names = [
+        file_volume(base, "disk.qcow2"),  # its .ready marker already removed
+        uploading_volume("sent", 2),
+        ready_volume("other", 1),
+        "ipw-0123abcd.qcow2",
+        "lab-1.qcow2",
+        "lab-1.save",
+    ]
+    assert stored_versions(names) == (("my_tiny", 3), ("other", 1), ("sent", 2))
+    assert versions_on(names) == (("other", 1),)
 
 
 def test_files_that_match_the_registry_are_passed_for_upload(tmp_path: Path) -> None:

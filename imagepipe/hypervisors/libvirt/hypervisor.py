@@ -16,6 +16,7 @@ A reset restores again onto a fresh overlay. Whenever that cannot be done, the c
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import importlib
 import json
@@ -61,7 +62,12 @@ from imagepipe.hypervisors.libvirt.errors import (
 from imagepipe.hypervisors.libvirt.events import EventHub, ensure_event_loop
 from imagepipe.hypervisors.libvirt.notify import notify_command
 from imagepipe.hypervisors.libvirt.parents import WarmParent, WarmParents
-from imagepipe.hypervisors.libvirt.warm import FileStamp, RestoreIdentity, warm_key
+from imagepipe.hypervisors.libvirt.warm import (
+    FileStamp,
+    RestoreIdentity,
+    fitting_parent,
+    warm_key,
+)
 from imagepipe.log import fields
 from imagepipe.pool.model import (
     BaseImage,
@@ -102,6 +108,9 @@ AGENT_TIMEOUT = 2  # seconds libvirt waits for the guest agent (ping, users)
 # process's exit for good
 CLOSE_WAIT = 5.0
 PREP_TIMEOUT = 5.0  # seconds a restored guest's agent may take to reconnect
+# seconds a QEMU monitor command (query-vnc) may take: libvirt waits for QEMU's reply without
+# a limit, so a stopped or wedged QEMU would hold the whole pass
+MONITOR_TIMEOUT = 10.0
 UNIX_PATH_MAX = 107
 
 
@@ -154,6 +163,9 @@ class LibvirtHypervisor:
         # when the connection was found lost (time.monotonic()); None while it works
         self._lost_at: float | None = None
         self._lost_lock = threading.Lock()
+        self.monitor_timeout = MONITOR_TIMEOUT
+        self._monitor_lock = threading.Lock()
+        self._monitor_asks: dict[str, concurrent.futures.Future[str]] = {}  # clone -> its ask
         # set by a subclass's close() that gave up waiting for a hung open: when that open
         # returns, its connection is dropped
         self._closing = False
@@ -468,22 +480,8 @@ class LibvirtHypervisor:
     def _parent_of(self, dom: Any, name: str, meta: CloneMetadata) -> WarmParent | None:
         """The warm parent a clone restores from, when it (still) fits this host; the clone's
         own saved state is written now when the parent was made after the clone."""
-        if meta.start is not StartMode.RESTORE or meta.warm is None:
-            return None
-        parent = self._warm.load(meta.warm)
+        parent = fitting_parent(meta, self._warm.load, self._host_versions, self._warm.say_once)
         if parent is None:
-            self._warm.say_once(
-                f"make:{meta.warm}",
-                f"no warm parent of {meta.image} v{meta.version} ({meta.warm}); its desktops "
-                "boot instead (the pool's next new desktop makes it)",
-            )
-            return None
-        if (parent.libvirt_version, parent.qemu_version) != self._host_versions():
-            self._warm.say_once(
-                f"versions:{meta.warm}",
-                f"the warm parent of {meta.image} v{meta.version} was saved by another "
-                "libvirt/QEMU version; its desktops boot instead until the pool recreates them",
-            )
             return None
         if not _newer(self.saved_state_path(name), parent.memory):  # none, or an older parent's
             display = self._facts_of(dom).display
@@ -875,9 +873,42 @@ class LibvirtHypervisor:
             self._libvirt_qemu.qemuAgentCommand(dom, notify_command(text), AGENT_TIMEOUT, 0)
 
     def _vnc_clients(self, dom: Any, name: str) -> tuple[str, ...]:
-        with self._translate(f"clone {name}"):
-            reply = self._libvirt_qemu.qemuMonitorCommand(dom, '{"execute":"query-vnc"}', 0)
-        return parse_vnc_clients(str(reply))
+        """The VNC clients QEMU has, asked in a thread of its own and waited for at most
+        MONITOR_TIMEOUT: a QEMU that does not answer (stopped, wedged) fails this read (the
+        pool is not planned this pass: nothing is decided on a session not read) instead of
+        holding the pass. While that question is still unanswered, the next read of the
+        same clone fails at once rather than asking again."""
+        with self._monitor_lock:
+            asked = self._monitor_asks.get(name)
+            if asked is None or asked.done():
+                asked = self._monitor_asks[name] = concurrent.futures.Future()
+                thread = threading.Thread(
+                    target=self._ask_monitor,
+                    args=(asked, dom, name),
+                    name=f"query-vnc-{name}",
+                    daemon=True,
+                )
+                thread.start()
+        try:
+            reply = asked.result(timeout=self.monitor_timeout)
+        except concurrent.futures.TimeoutError:
+            raise HypervisorError(
+                f"clone {name}: QEMU did not answer query-vnc within {self.monitor_timeout:g} s "
+                "(stopped or wedged?); its pool is not planned until it answers"
+            ) from None
+        finally:
+            with self._monitor_lock:
+                if asked.done() and self._monitor_asks.get(name) is asked:
+                    del self._monitor_asks[name]
+        return parse_vnc_clients(reply)
+
+    def _ask_monitor(self, asked: concurrent.futures.Future[str], dom: Any, name: str) -> None:
+        try:
+            with self._translate(f"clone {name}"):
+                reply = self._libvirt_qemu.qemuMonitorCommand(dom, '{"execute":"query-vnc"}', 0)
+            asked.set_result(str(reply))
+        except BaseException as exc:  # handed to whoever waits on the answer
+            asked.set_exception(exc)
 
     def _users(self, dom: Any, name: str) -> tuple[str, ...] | None:
         """Users logged in, from the guest agent; no agent means no users, not an error.

@@ -6,6 +6,11 @@
                          # (this process's, or another's as the host's volumes show it)
     hv.ensure_version("host2", base)   # True once host2 holds it; starts the upload
 
+After tidy_with(retired) (the keeper's: is this version pruned from the registry?), each host
+is tidied at most every TIDY_EVERY seconds, in the background: a pruned version it holds is
+removed, with the warm parents made from it, once no disk or domain there uses them
+(volumes.retire_version).
+
 A host that does not answer within `observe_timeout` (or whose connection is lost) is
 reported lost by hosts(), and its clones are left out of list_clones(): they are not gone,
 the host is not seen. When no host answers at all, list_clones() raises
@@ -53,7 +58,9 @@ log = logging.getLogger(__name__)
 
 OBSERVE_TIMEOUT = 5.0  # seconds a host may take to list its clones before it counts as lost
 CLOSE_TIMEOUT = 5.0  # seconds close() waits for the hosts' connections to close
+TIDY_EVERY = 600.0  # seconds between two tidies of one host's pruned versions
 Checksums = Callable[[BaseImage], Mapping[str, str]]  # file name -> the registry's sha256
+Retired = Callable[[str, int], bool]  # (image, version) -> pruned from the registry
 T = TypeVar("T")
 Holdings = tuple[list[CloneInfo], tuple[tuple[str, int], ...], tuple[HostUpload, ...]]
 
@@ -109,6 +116,9 @@ class MultiHostHypervisor:
         self._observing: dict[str, concurrent.futures.Future[Holdings]] = {}
         self._state_dir = state_dir
         self._subscriptions: list[_Subscriptions] = []
+        self._retired: Retired | None = None  # tidy_with: the keeper's, never status's
+        self._tidied: dict[str, float] = {}  # host -> when its last tidy began
+        self._kept: dict[tuple[str, str, int], str] = {}  # why a pruned version stays: said once
 
     def _submit(self, kind: str, host: str, work: Callable[[], T]) -> concurrent.futures.Future[T]:
         """`work` in a daemon thread of its own: a call that hangs in libvirt (a host whose
@@ -172,6 +182,7 @@ class MultiHostHypervisor:
                 self._versions[name] = versions
                 self._seen_uploads[name] = uploads
             clones.extend(found)
+            self._tidy_when_due(name)
         if not seen:
             raise HypervisorUnavailableError(
                 f"no host answers ({', '.join(self._hosts)}); desktops keep running and the "
@@ -184,6 +195,65 @@ class MultiHostHypervisor:
             for info in clones:
                 self._where[info.name] = info.host
         return sorted(clones, key=lambda c: (c.pool, c.slot))
+
+    # -- pruned versions leave the hosts ------------------------------------------------------
+
+    def tidy_with(self, retired: Retired) -> None:
+        """Tidy the hosts from now on (the keeper): `retired` says which versions may go."""
+        self._retired = retired
+
+    def _tidy_when_due(self, name: str) -> None:
+        if self._retired is None:
+            return
+        now = self._clock()
+        with self._lock:
+            if now - self._tidied.get(name, -TIDY_EVERY) < TIDY_EVERY:
+                return
+            self._tidied[name] = now
+        self._submit("tidy", name, functools.partial(self.tidy, name))
+
+    def tidy(self, name: str) -> list[str]:
+        """Remove from host `name` every version the registry has pruned (and the warm
+        parents made from it), unless something there still uses it; a version left half
+        removed is finished. Returns the volumes removed; what stays, and why, is said once."""
+        assert self._retired is not None
+        removed: list[str] = []
+        try:
+            stored = self._hosts[name].stored_versions()
+        except (HypervisorError, KeyError) as exc:
+            log.warning(
+                "host not tidied; tried again later", extra=fields(host=name, error=str(exc))
+            )
+            return removed
+        for image, version in stored:
+            try:
+                if not self._retired(image, version):
+                    continue
+                gone, kept = self._hosts[name].retire(image, version)
+            except (HypervisorError, BadInputError, KeyError) as exc:
+                log.warning(
+                    "pruned version not removed from host; tried again later",
+                    extra=fields(host=name, image=image, version=version, error=str(exc)),
+                )
+                continue
+            removed += gone
+            if gone:
+                log.info(
+                    "pruned version removed from host",
+                    extra=fields(host=name, image=image, version=version, volumes=len(gone)),
+                )
+            elif kept and self._kept.get((name, image, version)) != kept:
+                log.info(
+                    "pruned version kept on host while in use",
+                    extra=fields(host=name, image=image, version=version, reason=kept),
+                )
+            self._kept[(name, image, version)] = kept
+        if removed:
+            held = self._hosts[name].versions()
+            with self._lock:
+                if name in self._versions:
+                    self._versions[name] = held
+        return removed
 
     def _mark(self, name: str, connected: bool, why: str | None) -> None:
         with self._lock:

@@ -54,12 +54,19 @@ from imagepipe.hypervisors.libvirt.volumes import (
     clone_volume,
     clone_volume_exists,
     delete_clone_volume,
+    retire_version,
     storage_pool,
+    stored_versions,
     upload_version,
     uploads_on,
     versions_on,
 )
-from imagepipe.hypervisors.libvirt.warm import FileStamp, RestoreIdentity, warm_key
+from imagepipe.hypervisors.libvirt.warm import (
+    FileStamp,
+    RestoreIdentity,
+    fitting_parent,
+    warm_key,
+)
 from imagepipe.log import fields
 from imagepipe.pool.model import (
     BaseImage,
@@ -149,6 +156,19 @@ class RemoteLibvirtHost(LibvirtHypervisor):
         with self._translate(f"storage pool on host {self.host.name}"):
             names = list(pool.listVolumes())
             return versions_on(names), uploads_on(self._libvirt, pool, names)
+
+    def stored_versions(self) -> tuple[tuple[str, int], ...]:
+        """Every version with a volume on the host, complete or not (what a tidy looks at)."""
+        with self._translate(f"storage pool on host {self.host.name}"):
+            return stored_versions(list(self._storage().listVolumes()))
+
+    def retire(self, image: str, version: int) -> tuple[list[str], str]:
+        """Remove a version the registry pruned, and its warm parents, from the host unless a
+        disk or a domain there still uses them: (volumes removed, why kept)."""
+        with self._translate(f"{image} v{version} on host {self.host.name}"):
+            return retire_version(
+                self._libvirt, self._connection(), self._storage(), image, version
+            )
 
     def upload(
         self, base: BaseImage, expected: Mapping[str, str], progress: Callable[[int, int], None]
@@ -261,26 +281,13 @@ class RemoteLibvirtHost(LibvirtHypervisor):
 
     def _remote_parent(self, meta: CloneMetadata) -> RemoteParent | None:
         """The warm parent a clone restores from, when it is on the host and fits it."""
-        if meta.start is not StartMode.RESTORE or meta.warm is None:
-            return None
-        parent = self._parents.load(meta.warm)
-        if parent is None:
-            self._parents.say_once(
-                f"make:{meta.warm}",
-                f"no warm parent of {meta.image} v{meta.version} ({meta.warm}) on host "
-                f"{self.host.name}; its desktops boot instead (the pool's next new desktop "
-                "there makes it)",
-            )
-            return None
-        if (parent.libvirt_version, parent.qemu_version) != self._host_versions():
-            self._parents.say_once(
-                f"versions:{meta.warm}",
-                f"the warm parent of {meta.image} v{meta.version} on host {self.host.name} "
-                "was saved by another libvirt/QEMU version; its desktops boot instead until "
-                "the pool recreates them",
-            )
-            return None
-        return parent
+        return fitting_parent(
+            meta,
+            self._parents.load,
+            self._host_versions,
+            self._parents.say_once,
+            f" on host {self.host.name}",
+        )
 
     def _write_state(
         self, dom: Any, name: str, meta: CloneMetadata, parent: RemoteParent, display: Endpoint

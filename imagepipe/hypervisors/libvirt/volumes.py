@@ -12,6 +12,10 @@ on first use), and a clone's disk is a volume made by `storageVolCreateXML` with
     <pool>/tiny_v3.ready          made last: the version is complete on this host
     <pool>/lab-1.qcow2            a clone's disk
 
+A version the registry has pruned is removed from a host (retire_version) once no volume
+there backs onto it: its warm parents (`ipw-<key>.*`, whose disk is an overlay on the
+version's disk) go with it when no desktop's disk backs onto them.
+
 Each file's sha256 is checked against the registry's record before anything is sent.
 Another process (`imagepipe status`, `imagepipe hosts`) sees an upload's progress from the
 host alone (uploads_on): the bytes its volumes hold of the bytes they will hold.
@@ -28,6 +32,7 @@ from xml.sax.saxutils import escape
 
 from imagepipe.errors import BaseMissingError, FatalHypervisorError
 from imagepipe.hypervisors.libvirt.errors import translated
+from imagepipe.hypervisors.libvirt.warm import PARENT_PREFIX
 from imagepipe.images.checksum import sha256_file
 from imagepipe.pool.model import BaseImage, CloneMode, HostUpload
 
@@ -88,6 +93,24 @@ def versions_on(volume_names: list[str], marker: str = READY) -> tuple[tuple[str
         image, _, version = name[: -len(marker)].rpartition("_v")
         if image and version.isdigit():
             found.append((image, int(version)))
+    return tuple(sorted(found))
+
+
+def stored_versions(volume_names: list[str]) -> tuple[tuple[str, int], ...]:
+    """(image, version) of every version with any volume in the pool: complete, being
+    uploaded, or left half removed."""
+    stems = {name.partition("--")[0] for name in volume_names if "--" in name}
+    stems |= {
+        name.removesuffix(m)
+        for m in (READY, UPLOADING)
+        for name in volume_names
+        if name.endswith(m)
+    }
+    found = set()
+    for stem in stems:
+        image, _, version = stem.rpartition("_v")
+        if image and version.isdigit():
+            found.add((image, int(version)))
     return tuple(sorted(found))
 
 
@@ -217,6 +240,58 @@ def delete_version(libvirt: Any, pool: Any, base: BaseImage, where: str) -> None
             *map(lambda f: file_volume(base, f), version_files(base)),
         ):
             delete_volume(libvirt, pool, name)
+
+
+def retire_version(
+    libvirt: Any, conn: Any, pool: Any, image: str, version: int
+) -> tuple[list[str], str]:
+    """Remove a version's volumes from the host, and the warm parents made from it, when no
+    other volume backs onto them and no domain (defined or running) names one of their
+    files. Returns (the volumes removed, why it was kept: "" when removed). The `.ready`
+    marker goes first: a half-removed version is never complete."""
+    prefix = f"{image}_v{version}"
+    names = list(pool.listVolumes())
+    own = [
+        n
+        for n in names
+        if n.startswith(f"{prefix}--") or n in (f"{prefix}{READY}", f"{prefix}{UPLOADING}")
+    ]
+    if not own:
+        return [], ""
+    paths = {str(pool.storageVolLookupByName(n).path()): n for n in own}
+    backing = {n: _backing_path(pool.storageVolLookupByName(n)) for n in names if n not in own}
+    parents = {
+        n.removesuffix(".qcow2")
+        for n, path in backing.items()
+        if path in paths and n.startswith(PARENT_PREFIX) and n.endswith(".qcow2")
+    }
+    parent_disks = {str(pool.storageVolLookupByName(f"{p}.qcow2").path()) for p in parents}
+    for name, path in sorted(backing.items()):
+        if name.removesuffix(".qcow2") in parents:
+            continue
+        if path in paths or path in parent_disks:
+            return [], f"the disk {name} backs onto it"
+    files = [*paths, *parent_disks]
+    for dom in conn.listAllDomains(0):
+        xml = dom.XMLDesc(0)
+        if any(f"'{path}'" in xml or f'"{path}"' in xml for path in files):
+            return [], f"the domain {dom.name()} uses it"
+    removed = []
+    for parent in sorted(parents):  # manifest first: a parent without one is incomplete
+        for suffix in (".json", SAVE, ".qcow2"):
+            if f"{parent}{suffix}" in names:
+                delete_volume(libvirt, pool, f"{parent}{suffix}")
+                removed.append(f"{parent}{suffix}")
+    for name in sorted(own, key=lambda n: (not n.endswith(READY), n)):
+        delete_volume(libvirt, pool, name)
+        removed.append(name)
+    return removed, ""
+
+
+def _backing_path(vol: Any) -> str | None:
+    """The path of the volume's backing file (a qcow2 overlay's), or None."""
+    node = ElementTree.fromstring(vol.XMLDesc(0)).find("backingStore/path")
+    return node.text if node is not None and node.text else None
 
 
 def base_volume(libvirt: Any, pool: Any, base: BaseImage, file: str, where: str) -> Any:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import struct
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from imagepipe.errors import FatalHypervisorError
 from imagepipe.hypervisors.common import WarmKey, fingerprint
@@ -48,6 +49,49 @@ HEADER_SIZE = _HEADER.size  # 92 bytes before the XML
 
 class SaveImageError(FatalHypervisorError):
     """A saved state imagepipe cannot use: the caller boots instead."""
+
+
+class SavedBy(Protocol):
+    """A warm parent, local or on a host: the libvirt and QEMU versions that saved it."""
+
+    @property
+    def libvirt_version(self) -> int: ...
+
+    @property
+    def qemu_version(self) -> int: ...
+
+
+P = TypeVar("P", bound=SavedBy)
+
+
+def fitting_parent(
+    meta: CloneMetadata,
+    load: Callable[[str], P | None],
+    host_versions: Callable[[], tuple[int, int]],
+    say_once: Callable[[str, str], None],
+    where: str = "",
+) -> P | None:
+    """The warm parent a clone restores from, when it exists and was saved by this host's
+    libvirt and QEMU; else None, and why is said once (its desktops boot instead). `where` is
+    " on host NAME" for a remote host."""
+    if meta.start is not StartMode.RESTORE or meta.warm is None:
+        return None
+    parent = load(meta.warm)
+    if parent is None:
+        say_once(
+            f"make:{meta.warm}",
+            f"no warm parent of {meta.image} v{meta.version} ({meta.warm}){where}; its desktops "
+            f"boot instead (the pool's next new desktop{' there' if where else ''} makes it)",
+        )
+        return None
+    if (parent.libvirt_version, parent.qemu_version) != host_versions():
+        say_once(
+            f"versions:{meta.warm}",
+            f"the warm parent of {meta.image} v{meta.version}{where} was saved by another "
+            "libvirt/QEMU version; its desktops boot instead until the pool recreates them",
+        )
+        return None
+    return parent
 
 
 @dataclass(frozen=True)
