@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -104,10 +105,9 @@ class Reloader:
         try:
             new = load_keeper_config(self.config, self.wanted, self.current)
         except ImagepipeError as exc:
-            first = str(exc).splitlines()[0]
             log.error(
                 "reload refused; keeping the last good configuration",
-                extra=fields(error=first),
+                extra=fields(error=every_problem(exc)),
             )
             return None
         kept = {h.name for h in new.settings.hosts}
@@ -143,3 +143,14 @@ class Reloader:
         )
         self.current = new
         return new
+
+
+def every_problem(exc: ImagepipeError) -> str:
+    """All the problems an error lists, on one log line ("; " between them): a config error
+    says one problem a line, the first ending "(and N more below)", which on a log line would
+    point at nothing."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    lines[0] = re.sub(r" \(and \d+ more below\)$", "", lines[0])
+    return "; ".join(lines)

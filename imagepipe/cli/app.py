@@ -44,7 +44,8 @@ class Command:
         if isinstance(found, typer.Typer):
             command: click.Command = typer.main.get_group(found)
         else:
-            single = typer.Typer()
+            # completion is the root's (`imagepipe --install-completion`), not each command's
+            single = typer.Typer(add_completion=False)
             single.command(name=name)(found)
             command = typer.main.get_command(single)
         command.name = name

@@ -38,6 +38,12 @@ def build(
         "--keep-build-dir",
         help="Keep the build directory (logs, rendered files without a secret).",
     ),
+    debug_log: bool = typer.Option(
+        False,
+        "--debug-log",
+        help="Have Packer write its debug log (PACKER_LOG=1) to packer-debug.log in the build "
+        "directory, beside packer.log (what Packer printed). Also on when PACKER_LOG is set.",
+    ),
     changed: bool = typer.Option(
         False, "--changed", help="Build every image whose inputs changed (what CI runs)."
     ),
@@ -61,7 +67,7 @@ def build(
                 raise BadInputError(
                     "--changed builds every changed image: give no IMAGE or options"
                 )
-            results = build_changed(runtime, progress=progress)
+            results = build_changed(runtime, debug_log=debug_log, progress=progress)
         else:
             if image is None:
                 raise BadInputError("name an image (imagepipe build tiny) or use --changed")
@@ -74,6 +80,7 @@ def build(
                 force=force,
                 dry_run=dry_run,
                 keep_build_dir=keep_build_dir,
+                debug_log=debug_log,
                 progress=progress,
             )
     if changed:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from imagepipe.errors import (
     EnvironmentMissingError,
@@ -23,11 +23,15 @@ from imagepipe.errors import (
 )
 from imagepipe.images.definition import Image, list_images, load_image
 from imagepipe.images.fingerprint import fingerprint
-from imagepipe.images.packer import BuildInterruptedError, Packer, PackerVersion
+from imagepipe.images.packer import (
+    BuildInterruptedError,
+    Packer,
+    PackerVersion,
+    debug_log_asked,
+)
 from imagepipe.images.records import ScalarValue, VersionRecord
 from imagepipe.images.registry import NewVersion, Registry
 from imagepipe.images.source import source_state
-from imagepipe.images.stream import PackerEvent
 from imagepipe.images.templates import (
     render_image,
     render_string,
@@ -37,10 +41,14 @@ from imagepipe.images.templates import (
 from imagepipe.images.variables import resolve_secrets, resolve_variables
 from imagepipe.log import fields
 
+if TYPE_CHECKING:  # the stream parser is loaded when Packer builds (an up-to-date build never)
+    from imagepipe.images.stream import PackerEvent
+
 log = logging.getLogger(__name__)
 
 PREPARE_OUTPUT = "guest-out"
-PACKER_LOG = "packer.log"
+PACKER_LOG = "packer.log"  # what Packer printed
+PACKER_DEBUG_LOG = "packer-debug.log"  # Packer's debug log (PACKER_LOG=1), when asked
 
 
 class BuildSettings(Protocol):
@@ -79,8 +87,8 @@ class PhaseEvent:
     kind: str = "phase"
 
 
-BuildEvent = PackerEvent | PhaseEvent
-Progress = Callable[[BuildEvent], None]
+BuildEvent: TypeAlias = "PackerEvent | PhaseEvent"
+Progress: TypeAlias = Callable[[BuildEvent], None]
 
 
 class Outcome(StrEnum):
@@ -132,8 +140,10 @@ def build_image(
     force: bool = False,
     dry_run: bool = False,
     keep_build_dir: bool = False,
+    debug_log: bool = False,
     progress: Progress | None = None,
 ) -> BuildResult:
+    """`debug_log` (or PACKER_LOG in the environment): Packer writes its debug log too."""
     started = time.monotonic()
     emit: Progress = progress or (lambda _event: None)
     settings, registry, packer = runtime.settings, runtime.registry, runtime.packer
@@ -192,7 +202,12 @@ def build_image(
             _prepare(loaded, build_dir)
         emit(PhaseEvent("build", f"packer build {template.name}"))
         log_path = build_dir / PACKER_LOG
-        run = packer.build(template, env=env, log_path=log_path, only=only, on_event=emit)
+        debug_path = (
+            build_dir / PACKER_DEBUG_LOG if debug_log or debug_log_asked(os.environ) else None
+        )
+        run = packer.build(
+            template, env=env, log_path=log_path, debug_log=debug_path, only=only, on_event=emit
+        )
         if run.interrupted:
             raise BuildInterruptedError(
                 f"build of {image} interrupted: Packer cleaned up, nothing was registered"
@@ -200,8 +215,13 @@ def build_image(
         if run.returncode != 0 or run.summary.error_count:
             keep = True  # the log is there
             reason = run.summary.last_error or f"packer exited with {run.returncode}"
+            more = (
+                f"Packer's debug log: {debug_path}"
+                if debug_path
+                else "run again with --debug-log for Packer's debug log"
+            )
             raise BuildFailedError(
-                f"build of {image} failed, nothing registered: {reason} (log: {log_path})"
+                f"build of {image} failed, nothing registered: {reason} (log: {log_path}); {more}"
             )
         emit(PhaseEvent("register", f"registering {name}"))
         record = registry.register(
@@ -387,14 +407,14 @@ class ChangedResult:
 
 
 def build_changed(
-    runtime: BuildRuntime, *, progress: Progress | None = None
+    runtime: BuildRuntime, *, debug_log: bool = False, progress: Progress | None = None
 ) -> list[ChangedResult]:
     """Build every image whose inputs differ from its registered versions; go on after a
     failure or an image this host cannot build."""
     results: list[ChangedResult] = []
     for name in list_images(runtime.settings.packer_dir):
         try:
-            result = build_image(runtime, name, progress=progress)
+            result = build_image(runtime, name, debug_log=debug_log, progress=progress)
         except EnvironmentMissingError as exc:
             results.append(ChangedResult(name, "unavailable", str(exc)))
             continue

@@ -12,7 +12,6 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
 from imagepipe.images.build import BuildEvent, PhaseEvent
-from imagepipe.images.stream import ArtifactEvent, ErrorEvent, StepEvent
 
 if TYPE_CHECKING:  # rich is imported by the spinner alone (a terminal), not for logs or JSON
     from rich.console import Console
@@ -30,6 +29,9 @@ def describe(event: BuildEvent) -> str | None:
     """The one line a human sees for an event, or None for detail not worth a line."""
     if isinstance(event, PhaseEvent):
         return event.text
+    # Packer's own events come only once Packer runs (an up-to-date build has none)
+    from imagepipe.images.stream import ArtifactEvent, ErrorEvent, StepEvent
+
     if isinstance(event, StepEvent):
         return f"{event.build}: {event.text}" if event.build else event.text
     if isinstance(event, ErrorEvent) and not event.final:
@@ -103,6 +105,6 @@ class SpinnerProgress:
         line = describe(event)
         if line is None or self._task is None:
             return
-        if isinstance(event, StepEvent | PhaseEvent):
+        if event.kind in ("step", "phase"):
             self._progress.update(self._task, description=line)
         self._progress.console.print(f"  {line}", markup=False, highlight=False)

@@ -390,8 +390,8 @@ class Keeper:
             parallel=max(self.settings.executor.parallel, len(self.host_specs))
             if self.host_specs
             else 1,
+            progress=self._alive,  # each host call that returns: the pass is not wedged
         )
-        self._alive()  # every host call of the observation returned
         self.hooks.observed(self, host)
         self._report_strays(host)
         self._report_notes(host)

@@ -32,6 +32,10 @@ from imagepipe.pool.ports import Balancer, BalancerInstances, Hypervisor, Images
 log = logging.getLogger(__name__)
 
 
+def _nothing() -> None:
+    """The default `progress` of observe(): nobody to tell."""
+
+
 @dataclass(frozen=True)
 class HostObservation:
     """One pass's view of the host."""
@@ -72,6 +76,7 @@ def observe(
     partial: bool = False,
     unchanged: Callable[[CloneInfo, Backend | None], bool] | None = None,
     parallel: int = 1,
+    progress: Callable[[], None] = _nothing,
 ) -> HostObservation:
     """`specs`: the pools to observe. `also_configured`: pools that exist in the
     configuration but are not looked after here (`keep --pool`); their clones are not strays.
@@ -80,8 +85,12 @@ def observe(
     `unchanged`: the running clones nobody can be on (the keeper knows them free or booting,
     the balancer has no connection and no new session on them, and no event said a client
     connected): their session is not asked for; it is empty. `parallel`: session reads run
-    this many at once (several hosts: a pass takes as long as the slowest host)."""
+    this many at once (several hosts: a pass takes as long as the slowest host).
+    `progress`: called each time a host or balancer call has returned (or failed), from the
+    thread that made it: an observation of many slow calls is alive while each one ends
+    (the keeper's wedge rule counts only a single call stuck for too long)."""
     clones = hypervisor.list_clones()
+    progress()
     balancer_error = None
     try:
         backends = balancer.list_backends()
@@ -89,6 +98,7 @@ def observe(
         balancer_error = str(exc)
         backends = []
         log.warning("cannot read the balancer", extra=fields(error=balancer_error))
+    progress()
     by_backend = {b.name: b for b in backends}
     configured = {s.name for s in specs} | set(also_configured)
     pools: dict[str, Observed] = {}
@@ -100,7 +110,13 @@ def observe(
     for spec in specs:
         mine = [c for c in clones if c.pool == spec.name]
         observed, missed, error = _observe_clones(
-            hypervisor, mine, by_backend, partial=partial, unchanged=unchanged, parallel=parallel
+            hypervisor,
+            mine,
+            by_backend,
+            partial=partial,
+            unchanged=unchanged,
+            parallel=parallel,
+            progress=progress,
         )
         if error is not None:
             unobservable[spec.name] = f"cannot read sessions: {error}"
@@ -116,6 +132,7 @@ def observe(
             b for b in backends if belongs_to(spec.name, b.name) and b.name not in names
         )
         version, ready, note = _target(hypervisor, images, spec, ready_cache)
+        progress()
         if note:
             notes[spec.name] = note
         seen = Observed(
@@ -158,6 +175,7 @@ def _observe_clones(
     partial: bool,
     unchanged: Callable[[CloneInfo, Backend | None], bool] | None = None,
     parallel: int = 1,
+    progress: Callable[[], None] = _nothing,
 ) -> tuple[list[ObservedClone], set[str], ImagepipeError | None]:
     """The clones with their sessions; the clones whose session could not be read, and the
     first error. Stops at that error unless `partial`."""
@@ -167,7 +185,7 @@ def _observe_clones(
         if info.power is Power.RUNNING
         and (unchanged is None or not unchanged(info, backends.get(info.name)))
     ]
-    answers = _sessions(hypervisor, ask, parallel, stop_at_error=not partial)
+    answers = _sessions(hypervisor, ask, parallel, stop_at_error=not partial, progress=progress)
     observed = []
     missed: set[str] = set()
     error: ImagepipeError | None = None
@@ -188,15 +206,22 @@ def _observe_clones(
 
 
 def _sessions(
-    hypervisor: Hypervisor, names: Sequence[str], parallel: int, *, stop_at_error: bool
+    hypervisor: Hypervisor,
+    names: Sequence[str],
+    parallel: int,
+    *,
+    stop_at_error: bool,
+    progress: Callable[[], None],
 ) -> dict[str, GuestSession | ImagepipeError]:
-    """Each clone's session, or the error reading it raised."""
+    """Each clone's session, or the error reading it raised; `progress` after each read."""
 
     def read(name: str) -> GuestSession | ImagepipeError:
         try:
             return hypervisor.sessions(name)
         except ImagepipeError as exc:
             return exc
+        finally:
+            progress()
 
     if parallel <= 1 or len(names) <= 1:
         answers: dict[str, GuestSession | ImagepipeError] = {}

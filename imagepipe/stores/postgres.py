@@ -28,6 +28,7 @@ passfile. Errors name the DSN (which has no password) and never the password.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import re
@@ -36,6 +37,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from imagepipe.errors import (
@@ -49,6 +51,7 @@ from imagepipe.pool.rollout.records import Heartbeat
 from imagepipe.pool.store import HISTORY_LIMIT, PassState
 from imagepipe.stores.sql import (
     ACTIVE,
+    BUMP,
     CLONE_COLUMNS,
     TABLES,
     Connection,
@@ -173,13 +176,26 @@ MIGRATIONS: tuple[str, ...] = (
         since DOUBLE PRECISION NOT NULL
     );
     """,
+    # 11: a counter every write transaction of what a pass reads adds one to (begin_pass
+    # sends those records again only when it has grown)
+    """
+    CREATE TABLE state_changes (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        generation BIGINT NOT NULL
+    );
+    INSERT INTO state_changes (id, generation) VALUES (1, 0);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # begin_pass in one statement (one round trip, one transaction): the heartbeat's upsert,
-# fenced in itself, and every read of the pass as JSON arrays of rows. Parameters: the
-# heartbeat's at, pid, host, tick; the fence twice (NULL: none); the pools; the active
-# states.
+# fenced in itself (and who leads, only when the fence refused it), the state_changes
+# generation, and, unless that is the generation the
+# caller already read them at, every read of the pass as JSON arrays of rows (a scalar
+# subquery in a CASE branch not taken is never run). Parameters: the heartbeat's at, pid,
+# host, tick; the fence twice (NULL: none); the generation known (-1: none); the pools, as
+# a JSON array. The active states are constants of the code, in the statement's text.
+_ACTIVE = ", ".join(f"'{state}'" for state in ACTIVE)
 BEGIN_PASS = f"""
 WITH beat AS (
     INSERT INTO keeper_heartbeat (id, at, pid, host, tick)
@@ -188,19 +204,25 @@ WITH beat AS (
     ON CONFLICT (id) DO UPDATE SET at = excluded.at, pid = excluded.pid,
         host = excluded.host, tick = excluded.tick
     RETURNING 1
-), asked AS (SELECT ?::text[] AS pools)
+), known AS (
+    SELECT generation, generation <> ?::bigint AS fresh FROM state_changes
+), asked AS (SELECT ARRAY(SELECT json_array_elements_text(?::json)) AS pools)
 SELECT
     (SELECT count(*) FROM beat),
-    (SELECT json_build_array(epoch, holder) FROM leader),
-    (SELECT json_agg(json_build_array(
-        pool, failures, target_version, breaker_open_until, rollout_started_at))
-     FROM pools, asked WHERE pool = ANY(asked.pools)),
-    (SELECT json_agg(json_build_array(pool, {CLONE_COLUMNS}) ORDER BY pool, slot, name)
-     FROM clones, asked WHERE pool = ANY(asked.pools)),
-    (SELECT json_agg(json_build_array(pool, since, now))
-     FROM pools_down, asked WHERE pool = ANY(asked.pools)),
-    (SELECT json_agg(body ORDER BY id DESC) FROM rollouts WHERE state = ANY(?::text[])),
-    (SELECT json_agg(json_build_array(host, since) ORDER BY host) FROM hosts_draining)
+    CASE WHEN (SELECT count(*) FROM beat) = 0 THEN
+        (SELECT json_build_array(epoch, holder) FROM leader) END,
+    (SELECT generation FROM known),
+    CASE WHEN (SELECT fresh FROM known) THEN json_build_array(
+        (SELECT json_agg(json_build_array(
+            pool, failures, target_version, breaker_open_until, rollout_started_at))
+         FROM pools, asked WHERE pool = ANY(asked.pools)),
+        (SELECT json_agg(json_build_array(pool, {CLONE_COLUMNS}) ORDER BY pool, slot, name)
+         FROM clones, asked WHERE pool = ANY(asked.pools)),
+        (SELECT json_agg(json_build_array(pool, since, now))
+         FROM pools_down, asked WHERE pool = ANY(asked.pools)),
+        (SELECT json_agg(body ORDER BY id DESC) FROM rollouts WHERE state IN ({_ACTIVE})),
+        (SELECT json_agg(json_build_array(host, since) ORDER BY host) FROM hosts_draining)
+    ) END
 """
 IDENTITY_TABLES = ("journal", "rollouts")  # their id sequences follow copied rows
 
@@ -301,34 +323,32 @@ class PostgresStore(SQLStore):
         return handle
 
     def begin_pass(self, heartbeat: Heartbeat, pools: Sequence[str]) -> PassState:
+        """See Passes.begin_pass. What the pass reads is sent, encoded and decoded only when
+        a write changed it since the last pass on this connection (state_changes): a steady
+        pass gets its heartbeat written and the fence checked, and reuses the last state."""
         names = list(pools)
-        parameters = (
-            heartbeat.at,
-            heartbeat.pid,
-            heartbeat.host,
-            heartbeat.tick,
-            self._fence,
-            self._fence,
-            names,
-            list(ACTIVE),
-        )
         with self._statement() as db:
-            row = db.execute(BEGIN_PASS, parameters).fetchone()
-        beaten, leader, pool_rows, clone_rows, down_rows, bodies, draining = row
+            kept = self._link.kept
+            if kept is not None and kept.pools != names:
+                kept = None  # other pools asked for (a reload): read them all
+            parameters = (
+                heartbeat.at,
+                heartbeat.pid,
+                heartbeat.host,
+                heartbeat.tick,
+                self._fence,
+                self._fence,
+                -1 if kept is None else kept.generation,
+                json.dumps(names),  # text, not a list: psycopg dumps lists slowly
+            )
+            beaten, leader, generation, read = db.execute(BEGIN_PASS, parameters).fetchone()
         if self._fence is not None and beaten != 1:
             raise self._refused(leader)
-        # JSON numbers: a float8 that is whole comes back as an int
-        return pass_state(
-            names,
-            [(*r[:3], _real(r[3]), _real(r[4])) for r in pool_rows or ()],
-            [
-                (*r[:5], float(r[5]), _real(r[6]), *r[7:9], _real(r[9]), *r[10:13], _real(r[13]))
-                for r in clone_rows or ()
-            ],
-            [(r[0], float(r[1]), r[2]) for r in down_rows or ()],
-            bodies or [],
-            [(r[0], float(r[1])) for r in draining or ()],
-        )
+        if read is None and kept is not None:
+            return kept.state
+        state = _pass_state(names, read)
+        self._link.kept = _Kept(int(generation), names, state)
+        return state
 
     # --- connection and schema ---------------------------------------------------------
 
@@ -344,6 +364,9 @@ class PostgresStore(SQLStore):
         if self._link.conn is not None:
             self._link.conn.close()
             self._link.conn = None
+        # what the last pass read is not kept across connections: the server answering now
+        # may be another (a failover to a replica that had not seen the last writes)
+        self._link.kept = None
         conn = _connect(self.dsn, self._password, self._timeout)
         try:
             self._check_schema(conn)
@@ -403,11 +426,12 @@ class PostgresStore(SQLStore):
             raise OperationFailedError(f"state database {self.dsn}: {self._scrub(exc)}") from exc
 
     @contextmanager
-    def _write(self, *, fenced: bool = True) -> Iterator[Connection]:
+    def _write(self, *, fenced: bool = True, changes: bool = True) -> Iterator[Connection]:
         if self.readonly:
             raise OperationFailedError(f"the state database {self.dsn} was opened read-only")
         with self._transaction() as db:
-            db.execute("SET LOCAL synchronous_commit TO on")  # see _connection
+            # see _connection; BUMP first (see SQLStore._write), in the same round trip
+            db.execute("SET LOCAL synchronous_commit TO on" + (f"; {BUMP}" if changes else ""))
             if fenced:
                 self._check_fence(db)
             yield db
@@ -477,7 +501,7 @@ class PostgresStore(SQLStore):
         """Write copied rows as they are (ids included) into this store, in one transaction,
         and move the id sequences past them. BadInputError, nothing written, when any table
         of the store has a row already."""
-        with self._write(fenced=False) as db:
+        with self._write(fenced=False) as db:  # a change (no keeper runs: it reads it all)
             for table in TABLES:
                 db.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
                 if db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None:
@@ -500,12 +524,40 @@ class PostgresStore(SQLStore):
                 )
 
 
+@dataclass(frozen=True)
+class _Kept:
+    """What the last begin_pass on a connection read, and at which state_changes generation."""
+
+    generation: int
+    pools: list[str]
+    state: PassState
+
+
+def _pass_state(names: list[str], read: Sequence[Any]) -> PassState:
+    """begin_pass's answer from its JSON array of row arrays (see BEGIN_PASS)."""
+    pool_rows, clone_rows, down_rows, bodies, draining = read
+    # JSON numbers: a float8 that is whole comes back as an int
+    return pass_state(
+        names,
+        [(*r[:3], _real(r[3]), _real(r[4])) for r in pool_rows or ()],
+        [
+            (*r[:5], float(r[5]), _real(r[6]), *r[7:9], _real(r[9]), *r[10:13], _real(r[13]))
+            for r in clone_rows or ()
+        ],
+        [(r[0], float(r[1]), r[2]) for r in down_rows or ()],
+        bodies or [],
+        [(r[0], float(r[1])) for r in draining or ()],
+    )
+
+
 class _Link:
     """The store's connection, one for a store and the handles fenced() makes of it; when
-    the call in progress on it started (monotonic), and whether the watcher cut it."""
+    the call in progress on it started (monotonic), and whether the watcher cut it; what
+    the last pass read on it (begin_pass)."""
 
     def __init__(self) -> None:
         self.conn: Any = None
+        self.kept: _Kept | None = None
         self.started: float | None = None
         self.cut = False
         self.closed = threading.Event()

@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 PRUNE_EVERY = 100  # journal_end calls between two prunes
 ACTIVE = tuple(s.value for s in RolloutState if s.active)
+# The first statement of a write transaction that changes what begin_pass reads: always
+# first, so concurrent writers queue on this one row before taking any other lock
+BUMP = "UPDATE state_changes SET generation = generation + 1"
 # a clone's columns, in the order _clone reads them
 CLONE_COLUMNS = (
     "name, slot, version, state, since, session_ended_at, last_user, failures, retry_at, "
@@ -112,8 +115,16 @@ class SQLStore(ABC):
     # --- what a subclass provides ------------------------------------------------------
 
     @abstractmethod
-    def _write(self, *, fenced: bool = True) -> AbstractContextManager[Connection]:
-        """A write transaction; with `fenced` and a fence set, check the epoch first."""
+    def _write(
+        self, *, fenced: bool = True, changes: bool = True
+    ) -> AbstractContextManager[Connection]:
+        """A write transaction; with `fenced` and a fence set, check the epoch first. With
+        `changes` (whatever may change what begin_pass reads: clone and pool records, take-
+        downs, rollouts, drained hosts) it first adds one to the state_changes generation
+        (BUMP), so a reader that kept what it read at an older generation reads again. The
+        journal, login history, heartbeat and lease are not read by begin_pass: their
+        writes leave it alone (a lease renewed every few seconds would make every pass a
+        full read)."""
 
     @abstractmethod
     def _statement(self) -> AbstractContextManager[Connection]:
@@ -220,7 +231,7 @@ class SQLStore(ABC):
     def record_logins(
         self, pool: str, day: int, bucket: int, logins: int, *, seconds: float, keep_days: int
     ) -> None:
-        with self._write() as db:
+        with self._write(changes=False) as db:
             db.execute(
                 "INSERT INTO login_history (pool, day, bucket, seconds, logins) "
                 "VALUES (?,?,?,?,?) ON CONFLICT (pool, day, seconds, bucket) "
@@ -287,7 +298,7 @@ class SQLStore(ABC):
 
     def journal_begin(self, action: Action, now: float) -> int:
         text = action_to_json(action)
-        with self._write() as db:
+        with self._write(changes=False) as db:
             row = db.execute(
                 "INSERT INTO journal (pool, clone, kind, action, started_at) VALUES (?,?,?,?,?) "
                 "RETURNING id",
@@ -296,7 +307,7 @@ class SQLStore(ABC):
         return int(row[0])
 
     def journal_end(self, entry_id: int, *, ok: bool, error: str | None, now: float) -> None:
-        with self._write() as db:
+        with self._write(changes=False) as db:
             db.execute(
                 "UPDATE journal SET ended_at = ?, ok = ?, error = ? WHERE id = ?",
                 (now, int(ok), error, entry_id),
@@ -306,7 +317,7 @@ class SQLStore(ABC):
                 self._prune(db)
 
     def prune(self) -> int:
-        with self._write() as db:
+        with self._write(changes=False) as db:
             return self._prune(db)
 
     def _prune(self, db: Connection) -> int:
@@ -453,7 +464,7 @@ class SQLStore(ABC):
     def begin_pass(self, heartbeat: Heartbeat, pools: Sequence[str]) -> PassState:
         names = list(pools)
         among = f"IN ({','.join('?' * len(names))})" if names else "IN (NULL)"
-        with self._write(fenced=False) as db:
+        with self._write(fenced=False, changes=False) as db:
             if self._beat(db, heartbeat).rowcount != 1 and self._fence is not None:
                 raise self._refused(db.execute("SELECT epoch, holder FROM leader").fetchone())
             pool_rows = db.execute(
@@ -485,7 +496,7 @@ class SQLStore(ABC):
     # --- the leader lease ----------------------------------------------------------------
 
     def try_acquire(self, holder: str, ttl: float, now: float) -> int | None:
-        with self._write(fenced=False) as db:
+        with self._write(fenced=False, changes=False) as db:
             now = self._clock(db, now)
             row = db.execute(
                 "SELECT holder, epoch, lease_until FROM leader" + self.LOCK_UPDATE
@@ -510,7 +521,7 @@ class SQLStore(ABC):
             return int(epoch) + 1
 
     def renew(self, holder: str, epoch: int, ttl: float, now: float) -> bool:
-        with self._write(fenced=False) as db:
+        with self._write(fenced=False, changes=False) as db:
             now = self._clock(db, now)
             cursor = db.execute(
                 "UPDATE leader SET lease_until = ? "
@@ -520,7 +531,7 @@ class SQLStore(ABC):
             return cursor.rowcount == 1
 
     def release(self, holder: str, epoch: int, now: float) -> None:
-        with self._write(fenced=False) as db:
+        with self._write(fenced=False, changes=False) as db:
             now = self._clock(db, now)
             db.execute(
                 "UPDATE leader SET lease_until = ? "

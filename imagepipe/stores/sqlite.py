@@ -20,7 +20,7 @@ from typing import Any
 from imagepipe.errors import EnvironmentMissingError, OperationFailedError
 from imagepipe.log import fields
 from imagepipe.pool.store import HISTORY_LIMIT
-from imagepipe.stores.sql import TABLES, Connection, SQLStore, select_all, statements
+from imagepipe.stores.sql import BUMP, TABLES, Connection, SQLStore, select_all, statements
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,15 @@ MIGRATIONS: tuple[str, ...] = (
         since REAL NOT NULL
     );
     """,
+    # 11: a counter every write transaction of what a pass reads adds one to (a shared
+    # store's keeper reads those records again only when it has grown)
+    """
+    CREATE TABLE state_changes (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        generation INTEGER NOT NULL
+    );
+    INSERT INTO state_changes (id, generation) VALUES (1, 0);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -228,7 +237,7 @@ class SQLiteStore(SQLStore):
                 f"the state database {self.path} has the old schema version {current}; "
                 "start `imagepipe keep` once to upgrade it"
             )
-        with self._write() as db:
+        with self._write(changes=False) as db:  # no state_changes table before it is made
             current = self._schema_version()  # another process may have migrated meanwhile
             for version in range(current, SCHEMA_VERSION):
                 for statement in statements(MIGRATIONS[version]):
@@ -265,16 +274,18 @@ class SQLiteStore(SQLStore):
     def _statement(self) -> AbstractContextManager[sqlite3.Connection]:
         # as durable as every commit here (synchronous=NORMAL: a power cut may lose the last
         # commits, never half of one)
-        return self._write(fenced=False)
+        return self._write(fenced=False, changes=False)
 
     @contextmanager
-    def _write(self, *, fenced: bool = True) -> Iterator[sqlite3.Connection]:
+    def _write(self, *, fenced: bool = True, changes: bool = True) -> Iterator[sqlite3.Connection]:
         if self.readonly:
             raise OperationFailedError(f"the state database {self.path} was opened read-only")
         with self._lock, self._sqlite_errors():
             db = self._db
             db.execute("BEGIN IMMEDIATE")  # the write lock: the check and the writes are one
             try:
+                if changes:
+                    db.execute(BUMP)
                 if fenced:
                     self._check_fence(db)
                 yield db
@@ -300,7 +311,7 @@ class SQLiteStore(SQLStore):
         with self._lock:
             self._db.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
         try:
-            with self._write(fenced=False) as db:
+            with self._write(fenced=False, changes=False) as db:
                 return {table: select_all(db, table) for table in TABLES}
         finally:
             with self._lock:

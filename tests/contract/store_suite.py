@@ -31,7 +31,7 @@ from imagepipe.pool.model import (
     StartClone,
 )
 from imagepipe.pool.rollout.records import Heartbeat, PoolProgress, Rollout, RolloutState
-from imagepipe.pool.store import HISTORY_LIMIT, Store
+from imagepipe.pool.store import HISTORY_LIMIT, PassState, Store
 
 TTL = 0.5  # a lease; long enough for a test's calls, short enough to wait out
 
@@ -407,6 +407,70 @@ class StoreContract:
         assert state.draining == {"h2": 7.0}
         nothing = store.begin_pass(beat, [])
         assert nothing.records == {} and nothing.down == {} and nothing.rollouts == (newer,)
+
+    def test_every_pass_sees_what_another_machine_wrote_since_the_last_one(
+        self, place: StorePlace, opened: list[Store]
+    ) -> None:
+        """A keeper's passes over a store that another keeper or an admin's `rollout`,
+        `pools down` or `hosts drain` (another connection) writes to: each pass sees every
+        write made before it, also after passes that found nothing new; and every pass
+        writes its heartbeat."""
+        keeper, admin = self.open(place, opened), self.open(place, opened)
+        pools = ["lab", "hall"]
+
+        def begin(at: float) -> PassState:
+            state = keeper.begin_pass(Heartbeat(at=at, pid=1, host="k", tick=5.0), pools)
+            assert keeper.heartbeat() == admin.heartbeat() == Heartbeat(at, 1, "k", 5.0)
+            assert state.records == {name: admin.load_pool(name) for name in pools}
+            assert state.down == {p: d for p in pools if (d := admin.pool_down(p)) is not None}
+            assert state.rollouts == tuple(admin.rollouts(active=True))
+            assert state.draining == admin.draining_hosts()
+            return state
+
+        first = begin(1.0)
+        assert begin(2.0) == first  # nothing written meanwhile
+        changes = [
+            lambda: admin.save_clone("lab", clone("lab-1", 1, dirty=True)),
+            lambda: admin.mark_down("hall", PoolDown(since=5.0, now=False)),
+            lambda: admin.add_rollout(ROLLOUT),
+            lambda: admin.update_rollout(1, lambda r: replace(r, paused=True, reason="admin")),
+            lambda: admin.set_host_draining("h2", 7.0),
+            lambda: admin.save_pool("lab", target_version=3, failures=2, breaker_open_until=None),
+            lambda: admin.mark_clean("lab", "lab-1"),
+            lambda: admin.clear_down("hall"),
+            lambda: admin.set_host_draining("h2", None),
+            lambda: admin.forget_clone("lab", "lab-1"),
+        ]
+        at, seen = 3.0, [first]
+        for change in changes:
+            change()
+            state = begin(at)
+            assert state != seen[-1]  # every change shows at the next pass
+            assert begin(at + 1) == state  # and the pass after reads what it had
+            seen.append(state)
+            at += 2
+        # the keeper's own journal and lease writes change nothing a pass reads
+        keeper.journal_end(keeper.journal_begin(create(1), now=1.0), ok=True, error=None, now=2.0)
+        assert begin(at) == seen[-1]
+
+    def test_a_pass_that_reads_nothing_new_is_still_fenced(
+        self, place: StorePlace, opened: list[Store]
+    ) -> None:
+        old, new = self.open(place, opened), self.open(place, opened)
+        clock = place.clock
+        old_epoch = old.try_acquire("old", TTL, clock.now())
+        assert old_epoch is not None
+        leader = old.fenced(old_epoch)
+        leader.begin_pass(Heartbeat(at=1.0, pid=1, host="old", tick=5.0), ["lab"])
+        leader.begin_pass(Heartbeat(at=2.0, pid=1, host="old", tick=5.0), ["lab"])
+        clock.wait(TTL * 1.5)
+        new_epoch = new.try_acquire("new", TTL, clock.now())
+        assert new_epoch == old_epoch + 1
+
+        with pytest.raises(FencedError) as refused:
+            leader.begin_pass(Heartbeat(at=3.0, pid=1, host="old", tick=5.0), ["lab"])
+        assert (refused.value.epoch, refused.value.current) == (old_epoch, new_epoch)
+        assert new.heartbeat() == Heartbeat(at=2.0, pid=1, host="old", tick=5.0)
 
     # --- the leader lease and the fencing token -----------------------------------------
 

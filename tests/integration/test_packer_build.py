@@ -154,6 +154,90 @@ def test_a_failed_build_registers_nothing_and_points_at_the_log(tmp_path: Path) 
 
 
 @pytest.mark.real
+def test_an_up_to_date_build_loads_no_packer_stream_parser(tmp_path: Path) -> None:
+    """An up-to-date build is mostly start-up: it reads no Packer output, so it loads no parser
+    for it (benchmarks/bench_build.py times it)."""
+    require_program("packer")
+    _null_image(tmp_path / "packer", "ok", ["echo hello > out.txt"])
+    config = _config(tmp_path, tmp_path / "packer")
+    assert _cli(config, "build", "ok").returncode == 0
+    probe = (
+        "import atexit, json, sys\n"
+        "atexit.register(lambda: print(json.dumps(sorted(sys.modules)), file=sys.stderr))\n"
+        "from imagepipe.cli.app import run\n"
+        f"sys.argv = ['imagepipe', '--config', {str(config)!r}, 'build', 'ok']\n"
+        "run()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "up to date: ok v1"
+    modules = set(json.loads(done.stderr.strip().splitlines()[-1]))
+    assert "imagepipe.images.packer" in modules  # it did ask for Packer's version
+    assert modules & {"imagepipe.images.stream", "git", "imagepipe.pool.model"} == set()
+
+
+# A line of Packer's debug log (PACKER_LOG=1), e.g. "2026/12/07 06:01:02 [INFO] Packer version: …"
+DEBUG_LINE = "[INFO] Packer version"
+
+
+@pytest.mark.real
+def test_packer_log_keeps_what_packer_printed_and_its_debug_log_is_written_only_when_asked(
+    tmp_path: Path,
+) -> None:
+    require_program("packer")
+    _null_image(tmp_path / "packer", "broken", ["echo starting", "echo disk full >&2; exit 3"])
+    config = _config(tmp_path, tmp_path / "packer")
+    plain = subprocess.run(
+        [sys.executable, "-c", _CLI, "--config", str(config), "build", "broken"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k not in ("PACKER_LOG", "PACKER_LOG_PATH")},
+    )
+    assert plain.returncode == 4
+    assert "run again with --debug-log for Packer's debug log" in plain.stderr
+    build_dir = Path(plain.stderr.split("(log: ")[1].split(")")[0]).parent
+    printed = (build_dir / "packer.log").read_text()
+    assert "disk full" in printed  # the script's error, as Packer printed it
+    assert ",ui,error," in printed  # Packer's machine-readable stream, line for line
+    assert DEBUG_LINE not in printed
+    assert not (build_dir / "packer-debug.log").exists()
+
+    debug = _cli(config, "build", "broken", "--debug-log")
+    assert debug.returncode == 4
+    debug_dir = Path(debug.stderr.split("(log: ")[1].split(")")[0]).parent
+    assert f"Packer's debug log: {debug_dir / 'packer-debug.log'}" in debug.stderr
+    assert DEBUG_LINE in (debug_dir / "packer-debug.log").read_text()
+    assert "disk full" in (debug_dir / "packer.log").read_text()
+    assert DEBUG_LINE not in (debug_dir / "packer.log").read_text()
+
+
+@pytest.mark.real
+def test_a_packer_log_in_the_environment_asks_for_the_debug_log_too(tmp_path: Path) -> None:
+    """An admin who exports PACKER_LOG=1 (as Packer's own docs say) gets the debug log."""
+    require_program("packer")
+    _null_image(tmp_path / "packer", "ok", ["echo hello > out.txt"])
+    config = _config(tmp_path, tmp_path / "packer")
+    done = subprocess.run(
+        [sys.executable, "-c", _CLI, "--config", str(config), "build", "ok", "--keep-build-dir"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PACKER_LOG": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    [build_dir] = (tmp_path / "images" / ".builds").iterdir()
+    assert DEBUG_LINE in (build_dir / "packer-debug.log").read_text()
+    assert DEBUG_LINE not in (build_dir / "packer.log").read_text()
+
+
+@pytest.mark.real
 def test_changed_builds_what_it_can_and_reports_images_this_host_cannot_build(
     tmp_path: Path,
 ) -> None:

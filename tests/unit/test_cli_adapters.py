@@ -45,6 +45,7 @@ class FakePacker(Packer):
         *,
         env: Mapping[str, str],
         log_path: Path,
+        debug_log: Path | None = None,
         only: Sequence[str] = (),
         on_event: Callable[[PackerEvent], None] = lambda _event: None,
     ) -> RunResult:

@@ -141,3 +141,24 @@ def test_a_commands_summary_is_how_its_own_help_begins(name: str) -> None:
     assert command.name == name
     own_help = " ".join((command.help or "").split())
     assert own_help.startswith(COMMANDS[name].summary), own_help
+
+
+def test_completion_is_installed_from_the_root_and_no_command_offers_it_again() -> None:
+    """`imagepipe --install-completion` installs it for every command; a command's own help
+    lists only its own options (and its parsing builds no validators for the root's)."""
+
+    def options(*argv: str) -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "imagepipe", *argv, "--help"],
+            capture_output=True,
+            text=True,
+            env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+            check=True,
+        )
+        return [w for line in done.stdout.splitlines() for w in line.split() if w[:2] == "--"]
+
+    assert {"--install-completion", "--show-completion"} <= set(options())
+    for name in ("status", "build"):
+        mine = options(name)
+        assert "--json" in mine
+        assert {"--install-completion", "--show-completion"} & set(mine) == set()

@@ -22,7 +22,7 @@ from imagepipe.errors import (
     StoreUnavailableError,
 )
 from imagepipe.pool.keeper import Keeper
-from imagepipe.pool.model import PoolSpec
+from imagepipe.pool.model import GuestSession, PoolSpec
 from imagepipe.stores.sqlite import SQLiteStore
 from imagepipe.yamlsrc import load_file
 from tests.fakes.balancer import FakeBalancer
@@ -317,3 +317,95 @@ def test_keep_once_with_nobody_leading_passes_under_the_lease_and_gives_it_back(
     assert store.load_pool("lab").target_version == 1  # its pass wrote under the lease
     lease = store.leader(clock.now())
     assert lease is not None and lease.holder == "host-b/2" and not lease.held
+
+
+class SlowAgents(FakeHypervisor):
+    """Each session read takes `seconds[name]` of the fake clock, during which the keeper's
+    lease loop goes on stepping its election every second, as `imagepipe keep`'s does."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock.now)
+        self.fake_clock = clock
+        self.seconds: dict[str, float] = {}
+        self.lease_loops: list[Election] = []
+
+    def sessions(self, name: str) -> GuestSession:
+        left = self.seconds.get(name, 0.0)
+        while left > 0:
+            step = min(1.0, left)
+            self.fake_clock.advance(step)
+            left -= step
+            for election in self.lease_loops:
+                election.step()
+        return super().sessions(name)
+
+
+def a_leading_keeper_of_late_agents(
+    store: SQLiteStore, clock: FakeClock, desktops: int
+) -> tuple[Keeper, SlowAgents, Election, Election]:
+    """A leader keeping `desktops` running desktops whose guest agents answer late, and a
+    standby; both elections step during each session read."""
+    images = FakeImages()
+    hv = SlowAgents(clock)
+    hv.add_base(images.publish("tiny", 1))
+    spec = PoolSpec(
+        name="lab",
+        image="tiny",
+        initial=desktops,
+        free=desktops,
+        max=desktops,
+        port_first=7400,
+        port_last=7499,
+    )
+    keeper = Keeper(
+        hypervisor=hv,
+        balancer=FakeBalancer(),
+        store=store,
+        images=images,
+        specs=[spec],
+        clock=clock,
+    )
+    leader, standby = (
+        Election(store, "host-a/1", LEASE, clock),
+        Election(store, "host-b/2", LEASE, clock),
+    )
+    keeper.lead = leader
+    assert leader.step() is Role.LEADING
+    for _ in range(10):  # the pool fills, quickly
+        keeper.pass_if_leading()
+        clock.advance(1.0)
+        assert leader.step() is Role.LEADING
+    assert len(hv.clones) == desktops and keeper.may_act()
+    hv.late_agents = set(hv.clones)  # from now on each agent ping waits for its timeout
+    hv.lease_loops = [leader, standby]
+    return keeper, hv, leader, standby
+
+
+def test_a_healthy_pass_reading_many_late_agents_one_by_one_keeps_the_lease(
+    store: SQLiteStore, clock: FakeClock
+) -> None:
+    """15 agents of 2 s each: a 30 s observation, longer than the 20 s a pass may go without
+    progress; but every answer is progress, so the leader is not taken for wedged."""
+    keeper, hv, leader, standby = a_leading_keeper_of_late_agents(store, clock, 15)
+    hv.seconds = dict.fromkeys(hv.clones, 2.0)
+    began = clock.monotonic()
+
+    report = keeper.pass_if_leading()
+
+    assert clock.monotonic() - began >= 30 > LEASE.stall
+    assert report is not None  # the pass ran to its end under its term
+    assert leader.term() == 1 and keeper.may_act() and leader.wedged is None
+    assert standby.step() is Role.STANDBY and standby.leader == "host-a/1"
+
+
+def test_a_single_host_call_stuck_past_the_limit_still_hands_the_lease_over(
+    store: SQLiteStore, clock: FakeClock
+) -> None:
+    keeper, hv, leader, standby = a_leading_keeper_of_late_agents(store, clock, 3)
+    stuck = sorted(hv.clones)[1]
+    hv.seconds = {name: 2.0 for name in hv.clones} | {stuck: LEASE.lease}
+
+    keeper.pass_if_leading()
+
+    assert leader.term() is None and not keeper.may_act()
+    assert standby.term() == 2  # the standby took over while the call was stuck

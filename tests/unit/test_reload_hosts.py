@@ -156,3 +156,20 @@ def test_a_bad_hosts_list_on_reload_names_file_line_and_key_and_keeps_the_old_ho
     assert "imagepipe.yml:8: hosts[3].name" in error and "already defined" in error, error
     assert [h.name for h in world.keeper.host_specs] == ["h1", "h2", "h3"]
     assert world.hv.host_names == ("h1", "h2", "h3")
+
+
+def test_a_refused_reload_logs_every_problem_of_the_file_not_only_the_first(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo in two hosts makes four problems (a key missing and an unknown one, twice):
+    the log line names them all, not the first with "(and 3 more below)" and nothing below."""
+    typo = [host_line(n).replace("address:", "adress:") for n in (1, 2)]
+    with caplog.at_level(logging.INFO):
+        world.reload(*typo)
+
+    (refused,) = [r for r in caplog.records if "reload refused" in r.getMessage()]
+    error = str(refused.__dict__["imagepipe_fields"]["error"])
+    assert "more below" not in error, error
+    assert error.count("unknown key; did you mean 'address'?") == 2, error
+    assert error.count("address: required key is missing") == 2, error
+    assert world.hv.host_names == ("h1", "h2", "h3")

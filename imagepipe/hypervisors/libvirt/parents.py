@@ -120,18 +120,14 @@ class WarmParents:
         """The warm parent for `key`, made now when there is none (boot until the guest agent
         answers, save). None when it cannot be made: said once in the log; the caller boots."""
         self.prune()
-        parent = self.load(key.name)
-        if parent is not None:
-            return parent
-        if self._book.waiting(key.name):
-            return None
-        with self._book.lock(key.name), self._file_lock(key.name):
-            parent = self.load(key.name)
-            if parent is not None:
-                return parent
-            return made_once(
-                self._book, self._libvirt, key, lambda: self._make(key, clone_xml, base_disk)
-            )
+        return ensure_parent(
+            self._book,
+            self._libvirt,
+            key,
+            self.load,
+            lambda: self._make(key, clone_xml, base_disk),
+            self._file_lock,  # other processes on this host (a `status`, a second keeper)
+        )
 
     def _make(self, key: WarmKey, clone_xml: str, base_disk: Path) -> WarmParent:
         final = self.directory(key.name)
@@ -241,6 +237,31 @@ class WarmParents:
             dst.flush()
             _copy_from(src, dst, parent.header.stream_offset)
         os.replace(partial, target)
+
+
+def ensure_parent(
+    book: WarmBook,
+    lv: Any,
+    key: WarmKey,
+    load: Callable[[str], P | None],
+    make: Callable[[], P],
+    also_lock: Callable[[str], contextlib.AbstractContextManager[None]] | None = None,
+) -> P | None:
+    """The parent of `key` as `load` finds it, else made once: a build that failed recently
+    is not tried again before RETRY_AFTER (None: the caller boots); one build per key at a
+    time in this process (and under `also_lock`'s lock too, when given); after the wait for
+    the lock, a parent another build made meanwhile is used."""
+    parent = load(key.name)
+    if parent is not None:
+        return parent
+    if book.waiting(key.name):
+        return None
+    extra = also_lock(key.name) if also_lock is not None else contextlib.nullcontext()
+    with book.lock(key.name), extra:
+        parent = load(key.name)
+        if parent is not None:
+            return parent
+        return made_once(book, lv, key, make)
 
 
 def made_once(book: WarmBook, lv: Any, key: WarmKey, make: Callable[[], P]) -> P | None:

@@ -34,7 +34,7 @@ from typing import Any
 from imagepipe.hypervisors.common import WarmBook, WarmKey
 from imagepipe.hypervisors.libvirt.errors import translated
 from imagepipe.hypervisors.libvirt.parents import (
-    made_once,
+    ensure_parent,
     remove_stale_parent,
     wait_for_agent,
 )
@@ -138,18 +138,9 @@ class RemoteWarmParents:
     def ensure(self, key: WarmKey, clone_xml: str, base_disk: str) -> RemoteParent | None:
         """The warm parent for `key` on the host, made now when there is none (boot until the
         guest agent answers, save). None when it cannot be made: said once; the caller boots."""
-        parent = self.load(key.name)
-        if parent is not None:
-            return parent
-        if self._book.waiting(key.name):
-            return None
-        with self._book.lock(key.name):
-            parent = self.load(key.name)
-            if parent is not None:
-                return parent
-            return made_once(
-                self._book, self._libvirt, key, lambda: self._make(key, clone_xml, base_disk)
-            )
+        return ensure_parent(
+            self._book, self._libvirt, key, self.load, lambda: self._make(key, clone_xml, base_disk)
+        )
 
     def _make(self, key: WarmKey, clone_xml: str, base_disk: str) -> RemoteParent:
         lv = self._libvirt
