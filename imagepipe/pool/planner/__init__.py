@@ -194,15 +194,22 @@ def in_order(
     ctx = d.ctx
     out = _in_order(d, record)
     out += orphan_actions(ctx.spec.name, observed.orphan_backends, _unseen(ctx, record))
-    memory = RecordPool(
-        pool=ctx.spec.name,
-        target_version=ctx.target,
-        failures=failures,
-        breaker_open_until=until,
-        rollout_started_at=ctx.rollout_started,
-    )
-    if _changed(memory, record):
-        out.append(memory)
+    memory = (ctx.target, failures, until, ctx.rollout_started)
+    if memory != (
+        record.target_version,
+        record.failures,
+        record.breaker_open_until,
+        record.rollout_started_at,
+    ):  # most passes change nothing the pool's record holds: no record to build
+        out.append(
+            RecordPool(
+                pool=ctx.spec.name,
+                target_version=ctx.target,
+                failures=failures,
+                breaker_open_until=until,
+                rollout_started_at=ctx.rollout_started,
+            )
+        )
     return out
 
 
@@ -211,20 +218,6 @@ def _unseen(ctx: Context, record: PoolRecord) -> frozenset[str]:
     if not ctx.lost_hosts:
         return frozenset()
     return frozenset(n for n, r in record.clones.items() if r.host in ctx.lost_hosts)
-
-
-def _changed(memory: RecordPool, record: PoolRecord) -> bool:
-    return (
-        memory.target_version,
-        memory.failures,
-        memory.breaker_open_until,
-        memory.rollout_started_at,
-    ) != (
-        record.target_version,
-        record.failures,
-        record.breaker_open_until,
-        record.rollout_started_at,
-    )
 
 
 def _in_order(d: Decisions, record: PoolRecord) -> list[Action]:
