@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import cached_property
 from typing import NamedTuple
 
 from imagepipe.pool.model import (
@@ -48,10 +47,12 @@ class Context:
     def draining(self, info: CloneInfo) -> bool:
         return info.host in self.draining_hosts
 
-    @cached_property
+    @property
     def free_target(self) -> int:
         """The free ready desktops the pool wants this pass (schedule and learned warm-up):
-        the one number resize keeps and an active rollout's pacing never goes below."""
+        the one number resize keeps and an active rollout's pacing never goes below. Read
+        once a pass (twice with an active rollout), so not cached: a cached_property takes
+        a lock on its first read, which cost more than the pure function it saved."""
         if self.known_free_target is not None:
             return self.known_free_target
         return free_target(self.spec, self.now, self.arrivals)
