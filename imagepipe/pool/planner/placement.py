@@ -20,7 +20,7 @@ from imagepipe.pool.model import HostRoom
 SINGLE_HOST = HostRoom(name="", address="", usable=True)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Load:
     room: HostRoom
     desktops: int
@@ -37,8 +37,15 @@ class Placer:
     """The hosts of one pass, with the desktops placed so far counted on them."""
 
     def __init__(self, hosts: Iterable[HostRoom]) -> None:
-        rooms = tuple(hosts) or (SINGLE_HOST,)
-        self._loads = [_Load(r, r.desktops, r.memory) for r in rooms if r.usable]
+        self._hosts = hosts
+        self._counted: list[_Load] | None = None  # at the first pick (most passes place none)
+
+    @property
+    def _loads(self) -> list[_Load]:
+        if self._counted is None:
+            rooms = tuple(self._hosts) or (SINGLE_HOST,)
+            self._counted = [_Load(r, r.desktops, r.memory) for r in rooms if r.usable]
+        return self._counted
 
     def pick(self, memory: int) -> HostRoom | None:
         """The host for one new desktop of `memory` bytes, counted there; None: none has
