@@ -28,7 +28,7 @@ from imagepipe.pool.planner.placement import Placer
 from imagepipe.pool.planner.steps import Context, moved
 
 
-@dataclass
+@dataclass(slots=True)
 class Decisions:
     """What one pass has decided so far, clone by clone, in the order first decided."""
 
@@ -54,7 +54,7 @@ class Decisions:
             self.records[name] = record
 
 
-@dataclass
+@dataclass(slots=True)
 class Census:
     """The pool's clones of the target version, as this pass leaves them."""
 
