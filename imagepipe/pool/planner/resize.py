@@ -167,13 +167,13 @@ def grow(d: Decisions, census: Census, need: int, *, can_create: bool) -> int:
             need -= not reserved
     if not can_create or not (ctx.assigned or need > 0):
         return need  # no slot to fill
-    if census.more_used:
-        used.update(census.more_used)
+    held = census.more_used  # read where it is kept: copying it into `used` cost more
     for slot in sorted(ctx.assigned):
-        if room > 0 and slot not in used and slot < spec.slots and _create(d, slot):
+        free = slot not in used and slot not in held
+        if room > 0 and free and slot < spec.slots and _create(d, slot):
             used.add(slot)
             room -= 1
-    free_slots = _free_slots(spec.slots, used, ctx.assigned)
+    free_slots = _free_slots(spec.slots, used, held, ctx.assigned)
     while need > 0 and room > 0:
         free_slot = next(free_slots, None)
         if free_slot is None or not _create(d, free_slot):
@@ -244,9 +244,11 @@ def shrink(d: Decisions, census: Census, wanted_free: int) -> None:
         d.set(victim.name, moved(d.ctx, victim, CloneState.DELETING), (delete,))
 
 
-def _free_slots(slots: int, used: set[int], reserved: frozenset[int]) -> Iterator[int]:
+def _free_slots(
+    slots: int, used: set[int], held: Collection[int], reserved: frozenset[int]
+) -> Iterator[int]:
     for slot in range(slots):
-        if slot not in used and slot not in reserved:
+        if slot not in used and slot not in held and slot not in reserved:
             yield slot
 
 
