@@ -17,6 +17,7 @@ import pytest
 from imagepipe.images.checksum import sha256_file
 from imagepipe.images.registry import Registry
 from tests.conftest import require, require_program
+from tests.unit.test_cli_startup import run_counting_imports
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -161,19 +162,8 @@ def test_an_up_to_date_build_loads_no_packer_stream_parser(tmp_path: Path) -> No
     _null_image(tmp_path / "packer", "ok", ["echo hello > out.txt"])
     config = _config(tmp_path, tmp_path / "packer")
     assert _cli(config, "build", "ok").returncode == 0
-    probe = (
-        "import atexit, json, sys\n"
-        "atexit.register(lambda: print(json.dumps(sorted(sys.modules)), file=sys.stderr))\n"
-        "from imagepipe.cli.app import run\n"
-        f"sys.argv = ['imagepipe', '--config', {str(config)!r}, 'build', 'ok']\n"
-        "run()\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "up to date: ok v1"
-    modules = set(json.loads(done.stderr.strip().splitlines()[-1]))
+    printed, modules = run_counting_imports(["--config", str(config), "build", "ok"], ROOT)
+    assert printed.strip() == "up to date: ok v1"
     assert "imagepipe.images.packer" in modules  # it did ask for Packer's version
     assert modules & {"imagepipe.images.stream", "git", "imagepipe.pool.model"} == set()
 

@@ -19,6 +19,12 @@ COMMAND_MODULES = {row.module for row in COMMANDS.values()}
 
 def imported_by(argv: list[str], tmp_path: Path) -> set[str]:
     """The modules a fresh `imagepipe ARGV` process has imported when it ends."""
+    return run_counting_imports(argv, tmp_path)[1]
+
+
+def run_counting_imports(argv: list[str], cwd: Path) -> tuple[str, set[str]]:
+    """A fresh `imagepipe ARGV` process in `cwd`: what it printed, and the modules it had
+    imported when it ended (it must succeed)."""
     probe = (
         "import atexit, json, sys\n"
         "atexit.register(lambda: print(json.dumps(sorted(sys.modules)), file=sys.stderr))\n"
@@ -27,10 +33,10 @@ def imported_by(argv: list[str], tmp_path: Path) -> set[str]:
         "run()\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, check=False
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=cwd, check=False
     )
     assert done.returncode == 0, done.stderr
-    return set(json.loads(done.stderr.strip().splitlines()[-1]))
+    return done.stdout, set(json.loads(done.stderr.strip().splitlines()[-1]))
 
 
 def test_help_lists_every_command_and_imports_none_of_them(tmp_path: Path) -> None:
