@@ -181,8 +181,10 @@ class Election:
     def step(self) -> Role:
         """Renew the lease (leading) or try to take it (waiting); returns the role after."""
         sent = self.clock.monotonic()
-        with self._lock:
-            epoch = self._epoch
+        # A lease already past its acting time (the whole process was paused, or the
+        # store did not answer) steps down for that reason, before the wedge rule could
+        # read the pause as a call that does not return.
+        epoch = self.term()
         wedged = self.wedged
         if wedged is not None:
             return self._hand_over(epoch, wedged)

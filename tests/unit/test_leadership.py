@@ -194,6 +194,27 @@ def test_a_leader_whose_loop_is_wedged_hands_the_lease_over_within_the_lease(
     assert len(down) == 1 and "no progress" in logged(down[0])["reason"]
 
 
+def test_a_leader_paused_mid_pass_past_its_lease_says_it_was_not_renewed_not_wedged(
+    store: SQLiteStore, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGSTOP in a pass: when the process runs again, its election loop may step before
+    the keeper's loop asks; the reason it gives is the paused lease, not a wedged call."""
+    a = Election(store, "host-a/1", LEASE, clock)
+    b = Election(store, "host-b/2", LEASE, clock)
+    assert a.step() is Role.LEADING
+    a.working(True)  # a pass begins; then the whole process is stopped
+    clock.advance(LEASE.lease + 5)
+    assert b.step() is Role.LEADING
+    caplog.set_level(logging.INFO, logger="imagepipe.app.leadership")
+
+    assert a.step() is Role.STANDBY  # resumed: the election loop runs first
+
+    down = [r for r in caplog.records if r.getMessage().startswith("stepped down")]
+    assert len(down) == 1
+    assert "not renewed in time" in logged(down[0])["reason"]
+    assert a.term() is None and b.term() == 2
+
+
 def test_a_long_pass_that_makes_progress_and_a_long_wait_keep_the_lease(
     store: SQLiteStore, clock: FakeClock
 ) -> None:
