@@ -92,8 +92,17 @@ class SimClone:
     _backends: dict[tuple[BackendState, int], Backend] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    # and the whole observation with nobody on it (free, booting, suspended, drained), by
+    # (power, ready, backend state): most observations are one of these few
+    _nobody: dict[tuple[Power, bool, BackendState | None], ObservedClone] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def observe(self, pool: str, backend_state: BackendState | None) -> ObservedClone:
+        if self.user is None:
+            kept = self._nobody.get((self.power, self.ready, backend_state))
+            if kept is not None and kept.info.pool == pool:
+                return kept
         info = self._infos.get((self.power, self.ready))
         if info is None or info.pool != pool:
             info = self._infos[self.power, self.ready] = CloneInfo(
@@ -118,7 +127,10 @@ class SimClone:
                     state=backend_state,
                     connections=connections,
                 )
-        return ObservedClone(info=info, session=session, backend=backend)
+        observed = ObservedClone(info=info, session=session, backend=backend)
+        if self.user is None:
+            self._nobody[self.power, self.ready, backend_state] = observed
+        return observed
 
     @property
     def idle(self) -> bool:
