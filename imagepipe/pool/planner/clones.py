@@ -127,11 +127,11 @@ def _with_session(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> S
     if ctx.old(info) or (rec is not None and rec.state is RETIRING):
         if ctx.drain_deadline_passed:
             return _delete(ctx, rec, oc)
-        return Step(used(enter(ctx, rec, info, RETIRING)))
+        return Step(enter(ctx, rec, info, RETIRING, **used(rec)))
     if session.client is None:
-        return Step(used(enter(ctx, rec, info, DISCONNECTED)))
+        return Step(enter(ctx, rec, info, DISCONNECTED, **used(rec)))
     user = session.users[0] if session.users else None
-    return Step(used(enter(ctx, rec, info, IN_USE), user))
+    return Step(enter(ctx, rec, info, IN_USE, **used(rec, user)))
 
 
 def _without_session(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> Step:
@@ -152,7 +152,7 @@ def _without_session(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -
         at = now
         if rec.state is DISCONNECTED:  # logged off or timed out: whichever came first
             at = min(now, rec.since + spec.disconnect_timeout)
-        rec = ended(enter(ctx, rec, info, RECYCLING), at)
+        rec = enter(ctx, rec, info, RECYCLING, **ended(at))
     if rec.state is FAILED:
         return _failed(ctx, oc, rec)
     if old:
@@ -225,7 +225,7 @@ def _ready(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> Step:
     if ctx.draining(oc.info) and not ctx.persistent(oc.info.slot):
         return _delete(ctx, rec, oc)  # its host is drained: replaced on another host
     came_up = rec is None or rec.state in COMING
-    return Step(healthy(enter(ctx, rec, oc.info, FREE)), came_up=came_up)
+    return Step(enter(ctx, rec, oc.info, FREE, **healthy()), came_up=came_up)
 
 
 def _booting(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> Step:
@@ -252,7 +252,7 @@ def _powered_off(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> St
             start = StartClone(pool=pool, clone=name)
             return Step(enter(ctx, rec, info, BOOTING), (start,))
         return Step(stopped)
-    return _recycle(ctx, oc, ended(enter(ctx, rec, info, RECYCLING), now))
+    return _recycle(ctx, oc, enter(ctx, rec, info, RECYCLING, **ended(now)))
 
 
 def _start_again(ctx: Context, oc: ObservedClone, rec: CloneRecord) -> Step:
@@ -287,7 +287,7 @@ def _recycle(ctx: Context, oc: ObservedClone, rec: CloneRecord) -> Step:
         if info.power is Power.RUNNING and info.ready is None:
             return Step(rec)  # ready or not is unread: decided when the read answers
         ready = info.power is Power.RUNNING and info.ready is True
-        return Step(ended(enter(ctx, rec, info, FREE if ready else BOOTING), None))
+        return Step(enter(ctx, rec, info, FREE if ready else BOOTING, **ended(None)))
     if spec.on_logoff is OnLogoff.DELETE or ctx.draining(info):
         return _delete(ctx, rec, oc)
     return _reset(ctx, rec, oc)
@@ -295,7 +295,7 @@ def _recycle(ctx: Context, oc: ObservedClone, rec: CloneRecord) -> Step:
 
 def _reset(ctx: Context, rec: CloneRecord | None, oc: ObservedClone) -> Step:
     """Reset now; the record stays dirty until the executor reports the reset done."""
-    nxt = ended(enter(ctx, rec, oc.info, BOOTING), None)
+    nxt = enter(ctx, rec, oc.info, BOOTING, **ended(None))
     return Step(nxt, (ResetClone(pool=ctx.spec.name, clone=oc.info.name),))
 
 

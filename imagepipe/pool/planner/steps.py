@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict, Unpack
 
 from imagepipe.pool.model import (
     Action,
@@ -75,11 +75,29 @@ class Step(NamedTuple):
     came_up: bool = False  # a new or reset clone became ready (clears the pool's count)
 
 
-def enter(ctx: Context, rec: CloneRecord | None, info: CloneInfo, state: CloneState) -> CloneRecord:
-    """The record after moving to `state`; `since` only moves when the state changes. A
-    clone the store has no record of has unknown history: its new record is dirty."""
+class Also(TypedDict, total=False):
+    """More of a clone's record that changes as it moves to a state (`ended`, `used`,
+    `healthy`): handed to `enter`, so that the move builds one record, not one per change."""
+
+    session_ended_at: float | None
+    last_user: str | None
+    dirty: bool
+    failures: int
+    retry_at: float | None
+
+
+def enter(
+    ctx: Context,
+    rec: CloneRecord | None,
+    info: CloneInfo,
+    state: CloneState,
+    **also: Unpack[Also],
+) -> CloneRecord:
+    """The record after moving to `state`, with the changes `also` holds; `since` only moves
+    when the state changes. A clone the store has no record of has unknown history: its new
+    record is dirty."""
     if rec is None:
-        return CloneRecord(
+        new = CloneRecord(
             name=info.name,
             slot=info.slot,
             version=info.version,
@@ -88,16 +106,24 @@ def enter(ctx: Context, rec: CloneRecord | None, info: CloneInfo, state: CloneSt
             dirty=True,
             host=info.host,
         )
+        return replace(new, **also) if also else new
     if (
         rec.state is state
         and rec.slot == info.slot
         and rec.version == info.version
         and rec.host == info.host
+        and all(getattr(rec, name) == value for name, value in also.items())
     ):
         return rec
     since = rec.since if rec.state is state else ctx.now
     return replace(
-        rec, slot=info.slot, version=info.version, state=state, since=since, host=info.host
+        rec,
+        slot=info.slot,
+        version=info.version,
+        state=state,
+        since=since,
+        host=info.host,
+        **also,
     )
 
 
@@ -108,16 +134,15 @@ def moved(ctx: Context, rec: CloneRecord, state: CloneState) -> CloneRecord:
     return replace(rec, state=state, since=ctx.now)
 
 
-def ended(rec: CloneRecord, at: float | None) -> CloneRecord:
-    return rec if rec.session_ended_at == at else replace(rec, session_ended_at=at)
+def ended(at: float | None) -> Also:
+    """The session ended at `at` (None: no session to account for)."""
+    return {"session_ended_at": at}
 
 
-def used(rec: CloneRecord, last_user: str | None = None) -> CloneRecord:
+def used(rec: CloneRecord | None, last_user: str | None = None) -> Also:
     """Somebody is on the clone: it must be reset before anyone else gets it."""
-    user = last_user if last_user is not None else rec.last_user
-    if rec.dirty and rec.session_ended_at is None and rec.last_user == user:
-        return rec
-    return replace(rec, session_ended_at=None, last_user=user, dirty=True)
+    user = last_user if last_user is not None or rec is None else rec.last_user
+    return {"session_ended_at": None, "last_user": user, "dirty": True}
 
 
 def remembered(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> CloneRecord | None:
@@ -149,7 +174,6 @@ def connected_since(seen: int | None, total: int | None) -> bool:
     return total > seen
 
 
-def healthy(rec: CloneRecord) -> CloneRecord:
-    if rec.session_ended_at is None and rec.failures == 0 and rec.retry_at is None:
-        return rec
-    return replace(rec, session_ended_at=None, failures=0, retry_at=None)
+def healthy() -> Also:
+    """No session to account for, no failure, no retry pending."""
+    return {"session_ended_at": None, "failures": 0, "retry_at": None}
