@@ -247,8 +247,10 @@ def shrink(d: Decisions, census: Census, wanted_free: int) -> None:
 def _free_slots(
     slots: int, used: set[int], held: Collection[int], reserved: frozenset[int]
 ) -> Iterator[int]:
+    """The slots below `slots` that no clone holds and no assignment reserves, lowest first
+    (`held` first: where the caller keeps most of the taken ones, it answers most slots)."""
     for slot in range(slots):
-        if slot not in used and slot not in held and slot not in reserved:
+        if slot not in held and slot not in used and slot not in reserved:
             yield slot
 
 
