@@ -185,7 +185,7 @@ class Replanner:
         """In one walk over the active clones: forget those neither observed nor stored;
         the observed ones, the stored ones not observed, and whether any is of another
         version than the target (a quiet clone never is)."""
-        active: set[str] = set()
+        gone: list[str] = []
         seen: list[str] = []
         missing: set[str] = set()
         old = False
@@ -195,13 +195,13 @@ class Replanner:
                 seen.append(name)
                 old = old or (target is not None and oc.info.version != target)
             elif rec is None:
+                gone.append(name)
                 continue
             else:
                 missing.add(name)
-            active.add(name)
             if rec is not None and target is not None and rec.version != target:
                 old = True
-        self._active = active
+        self._active.difference_update(gone)
         return seen, missing, old
 
     def _free_target(self, spec: PoolSpec, record: PoolRecord, now: float) -> int:
@@ -227,8 +227,7 @@ class Replanner:
         recycle): the same answer until their record's timer, while nothing about them and
         none of the pass-wide values the rules read for them changes."""
         ctx = d.ctx
-        acted = {getattr(a, "clone", None) for a in out}
-        idle_for = shrink_after(ctx.spec, ctx.arrivals)
+        acted: set[str | None] | None = None  # what `out` acts on: read once a clone may be held
         for name, actions in d.actions.items():
             rec = records.get(name)
             if (
@@ -236,12 +235,16 @@ class Replanner:
                 or actions
                 or d.records.get(name) is not rec
                 or name in d.quiet
-                or name in acted
                 or name in eventful
                 or rec.lost_since is not None
                 or name not in d.observed
             ):
                 continue
+            if acted is None:
+                acted = {getattr(a, "clone", None) for a in out}
+            if name in acted:
+                continue
+            idle_for = shrink_after(ctx.spec, ctx.arrivals)
             at = clone_timer(ctx.spec, rec, idle_for)
             self._held[name] = (
                 float("inf") if at is None else at - _MARGIN,
