@@ -89,11 +89,12 @@ class OriginalPolicy:
     ) -> list[Action]:
         fixed = self._fixed(spec)
         actions = planner.plan(fixed, observed, record, now)
-        building = bool(planner.stored(record, CloneState.CREATING, CloneState.BOOTING))
         created = [a.clone for a in actions if isinstance(a, CreateClone)]
-        dropped = set(created if building else created[1:])
-        kept = [a for a in actions if a.clone not in dropped or not _is_create(a)]
-        return kept + _shrink_all(fixed, planner, record, kept, now)
+        if created:  # one at a time: none while one is being built
+            building = bool(planner.stored(record, CloneState.CREATING, CloneState.BOOTING))
+            dropped = set(created if building else created[1:])
+            actions = [a for a in actions if a.clone not in dropped or not _is_create(a)]
+        return actions + _shrink_all(fixed, planner, record, actions, now)
 
     def _fixed(self, spec: PoolSpec) -> PoolSpec:
         """`spec` without schedule, standby or learning (the same object pass after pass, so
