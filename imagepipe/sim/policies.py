@@ -91,7 +91,7 @@ class OriginalPolicy:
         actions = planner.plan(fixed, observed, record, now)
         created = [a.clone for a in actions if isinstance(a, CreateClone)]
         if created:  # one at a time: none while one is being built
-            building = bool(planner.stored(record, CloneState.CREATING, CloneState.BOOTING))
+            building = bool(planner.stored(record, _CREATING, _BOOTING))
             dropped = set(created if building else created[1:])
             actions = [a for a in actions if a.clone not in dropped or not _is_create(a)]
         return actions + _shrink_all(fixed, planner, record, actions, now)
@@ -108,14 +108,18 @@ class OriginalPolicy:
         return fixed
 
 
+# read on every pass, named once: Python 3.11 reads a member through its Enum class slowly
+_CREATING, _BOOTING, _FREE = CloneState.CREATING, CloneState.BOOTING, CloneState.FREE
+
+
 def _shared_free(rec: CloneRecord | None, assigned: set[int]) -> bool:
-    return rec is not None and rec.state is CloneState.FREE and rec.slot not in assigned
+    return rec is not None and rec.state is _FREE and rec.slot not in assigned
 
 
 def _is_create(action: Action) -> bool:
     if isinstance(action, CreateClone):
         return True
-    return isinstance(action, RecordClone) and action.record.state is CloneState.CREATING
+    return isinstance(action, RecordClone) and action.record.state is _CREATING
 
 
 def _shrink_all(
@@ -123,7 +127,7 @@ def _shrink_all(
 ) -> list[Action]:
     """Every free clone idle past shrink_after beyond the free size goes in one pass."""
     assigned = set(spec.assignments.values())
-    free = planner.stored(record, CloneState.FREE)
+    free = planner.stored(record, _FREE)
     if assigned:
         free = [r for r in free if r.slot not in assigned]
     if len(free) <= spec.free:  # no surplus (the usual pass: nothing to count)

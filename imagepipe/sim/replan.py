@@ -61,7 +61,8 @@ from imagepipe.pool.planner.timers import clone_timer, pool_timers, soonest
 from imagepipe.pool.rollout.rules import target_of
 from imagepipe.sim.world import World
 
-_FREE = CloneState.FREE
+_FREE = CloneState.FREE  # named once: Python 3.11 reads a member through its class slowly
+_SUSPENDED, _IN_USE = CloneState.SUSPENDED, CloneState.IN_USE
 _MARGIN = 1e-3  # a held clone, or a pass, is decided again this long before its timer
 # (float rounding: `now - since >= limit` may hold a little before `since + limit`)
 
@@ -258,7 +259,7 @@ class Replanner:
         """Keep what tally counts for a clone just held: while it is held its record and
         observation stay the objects of this pass, and the target version and the reserved
         slots those are read against are the same (a change of spec or target starts over)."""
-        if rec.state is CloneState.FREE:
+        if rec.state is _FREE:
             self._held_free[name] = rec
             return
         c = Census()
@@ -338,12 +339,12 @@ class Replanner:
         if self._key is None:
             return [r for r in records.values() if r.state in states]
         out = [records[n] for n in self._active if n in records and records[n].state in states]
-        if CloneState.FREE in states:
+        if _FREE in states:
             out += self._free.values()
-        if CloneState.SUSPENDED in states:
+        if _SUSPENDED in states:
             out += self._suspended.values()
-        if CloneState.IN_USE in states:  # the other quiet clones
-            out += [r for r in self._quiet.values() if r.state is CloneState.IN_USE]
+        if _IN_USE in states:  # the other quiet clones
+            out += [r for r in self._quiet.values() if r.state is _IN_USE]
         return out
 
     def idlest(self, record: PoolRecord) -> Iterator[CloneRecord]:
@@ -379,10 +380,10 @@ class Replanner:
         self._active.discard(name)
         self._quiet[name] = rec
         self._slots[rec.slot] = self._slots.get(rec.slot, 0) + 1
-        if rec.state is CloneState.FREE:
+        if rec.state is _FREE:
             self._free[name] = rec
             insort(self._idlest, (rec.since, -rec.slot, name))
-        elif rec.state is CloneState.SUSPENDED:
+        elif rec.state is _SUSPENDED:
             self._suspended[name] = rec
             if rec.slot not in self._assigned:
                 self._resumable[name] = rec

@@ -20,6 +20,12 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.planner.steps import Context
 
+# Enum members named once: Python 3.11 reads `CloneState.FREE` through the slow path of
+# EnumType.__getattr__ (some 15 times a module name's cost), and these are read per clone,
+# per pass.
+FREE, DELETING = CloneState.FREE, CloneState.DELETING
+BACKEND_READY = BackendState.READY
+
 NOTHING: tuple[tuple[Action, ...], tuple[Action, ...]] = ((), ())
 
 
@@ -28,9 +34,9 @@ def balancer_actions(
 ) -> tuple[tuple[Action, ...], tuple[Action, ...]]:
     """(take-out actions before the clone's hypervisor actions, put-in actions after)."""
     backend, info = oc.backend, oc.info
-    state = rec.state if rec is not None else CloneState.DELETING
+    state = rec.state if rec is not None else DELETING
     serves = (
-        state is CloneState.FREE
+        state is FREE
         and not hyper
         and (info.version == ctx.target or ctx.rollout is not None)  # old: held (rollout/rules.py)
         and info.slot not in ctx.assigned
@@ -41,7 +47,7 @@ def balancer_actions(
     if serves:
         if info.ready is None:  # readiness unread: no new user is sent to it on that read
             return NOTHING
-        if backend is None or backend.state is not BackendState.READY:
+        if backend is None or backend.state is not BACKEND_READY:
             address = info.display or Endpoint(
                 ctx.spec.display_address, ctx.spec.port_for(info.slot)
             )
@@ -49,10 +55,10 @@ def balancer_actions(
         return NOTHING
     if backend is None:
         return NOTHING
-    leaving = state is CloneState.DELETING or any(isinstance(a, ResetClone) for a in hyper)
+    leaving = state is DELETING or any(isinstance(a, ResetClone) for a in hyper)
     if leaving and backend.connections == 0:
         return (BalancerRemove(pool=pool, clone=info.name),), ()
-    if backend.state is BackendState.READY:
+    if backend.state is BACKEND_READY:
         return (BalancerDrain(pool=pool, clone=info.name),), ()
     return NOTHING
 
@@ -66,10 +72,10 @@ def orphan_actions(
     out: list[Action] = []
     for backend in orphans:
         if backend.name in unseen:
-            if backend.state is BackendState.READY:
+            if backend.state is BACKEND_READY:
                 out.append(BalancerDrain(pool=pool, clone=backend.name))
         elif backend.connections == 0:
             out.append(BalancerRemove(pool=pool, clone=backend.name))
-        elif backend.state is BackendState.READY:
+        elif backend.state is BACKEND_READY:
             out.append(BalancerDrain(pool=pool, clone=backend.name))
     return out

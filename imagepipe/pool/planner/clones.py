@@ -28,6 +28,9 @@ from imagepipe.pool.planner.failures import gave_up, record_failure
 from imagepipe.pool.planner.steps import Context, Step, ended, enter, healthy, used
 from imagepipe.pool.rollout.rules import holds
 
+# Enum members named once: Python 3.11 reads `CloneState.FREE` through the slow path of
+# EnumType.__getattr__ (some 15 times a module name's cost), and these are read per clone,
+# per pass.
 CREATING = CloneState.CREATING
 BOOTING = CloneState.BOOTING
 FREE = CloneState.FREE
@@ -41,6 +44,9 @@ FAILED = CloneState.FAILED
 STOPPED = CloneState.STOPPED
 COMING = (CREATING, BOOTING)
 WITH_SESSION = (IN_USE, DISCONNECTED, RETIRING)
+RUNNING, SHUTOFF, CRASHED = Power.RUNNING, Power.SHUTOFF, Power.CRASHED
+POWER_SUSPENDED = Power.SUSPENDED
+BACKEND_READY = BackendState.READY
 BOOT_RETRIES = 3  # starts of a clone found powered off again before it counts as failed
 
 
@@ -86,7 +92,7 @@ def quiet(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> bool:
         return False
     if ctx.draining_hosts and ctx.draining(info):
         return False
-    serving = backend is not None and backend.state is BackendState.READY
+    serving = backend is not None and backend.state is BACKEND_READY
     if state is IN_USE:
         users = session.users
         return (
@@ -101,7 +107,7 @@ def quiet(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> bool:
     if state is FREE:
         return (
             serving
-            and info.power is Power.RUNNING
+            and info.power is RUNNING
             and info.ready is True
             and info.slot not in ctx.assigned
             and not rec.dirty
@@ -109,7 +115,7 @@ def quiet(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> bool:
             and rec.failures == 0
             and rec.retry_at is None
         )
-    return state is SUSPENDED and info.power is Power.SUSPENDED and not serving
+    return state is SUSPENDED and info.power is POWER_SUSPENDED and not serving
 
 
 def advance(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> Step:
@@ -159,7 +165,7 @@ def _without_session(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -
         if holds(ctx, oc, rec):  # keeps serving until a new desktop can take its place
             return Step(rec)
         return _delete(ctx, rec, oc)
-    if info.power is Power.CRASHED:
+    if info.power is CRASHED:
         return Step(record_failure(spec, rec, now), failed=True)
     if rec.state is RECYCLING:
         return _recycle(ctx, oc, rec)
@@ -171,7 +177,7 @@ def _unremembered(ctx: Context, oc: ObservedClone) -> Step:
     persistent desktop (kept as it is)."""
     if ctx.old(oc.info):
         return _delete(ctx, None, oc)
-    if oc.info.power is Power.CRASHED:
+    if oc.info.power is CRASHED:
         return Step(
             record_failure(ctx.spec, enter(ctx, None, oc.info, FAILED), ctx.now), failed=True
         )
@@ -180,13 +186,13 @@ def _unremembered(ctx: Context, oc: ObservedClone) -> Step:
 
 def _by_power(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> Step:
     power = oc.info.power
-    if power is Power.SUSPENDED:
+    if power is POWER_SUSPENDED:
         return Step(enter(ctx, rec, oc.info, SUSPENDED))
-    if power is Power.SHUTOFF:
+    if power is SHUTOFF:
         return _powered_off(ctx, oc, rec)
-    if power is Power.RUNNING and oc.info.ready is None:
+    if power is RUNNING and oc.info.ready is None:
         return _unread(ctx, oc, rec)
-    if power is Power.RUNNING and oc.info.ready:
+    if power is RUNNING and oc.info.ready:
         return _ready(ctx, oc, rec)
     return _booting(ctx, oc, rec)
 
@@ -282,11 +288,11 @@ def _recycle(ctx: Context, oc: ObservedClone, rec: CloneRecord) -> Step:
     if now - at < spec.recycle_after:
         return Step(rec)
     if ctx.persistent(info.slot):
-        if info.power is Power.SHUTOFF:
+        if info.power is SHUTOFF:
             return Step(enter(ctx, rec, info, BOOTING), (StartClone(pool=pool, clone=name),))
-        if info.power is Power.RUNNING and info.ready is None:
+        if info.power is RUNNING and info.ready is None:
             return Step(rec)  # ready or not is unread: decided when the read answers
-        ready = info.power is Power.RUNNING and info.ready is True
+        ready = info.power is RUNNING and info.ready is True
         return Step(enter(ctx, rec, info, FREE if ready else BOOTING, **ended(None)))
     if spec.on_logoff is OnLogoff.DELETE or ctx.draining(info):
         return _delete(ctx, rec, oc)

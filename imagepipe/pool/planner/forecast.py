@@ -42,6 +42,7 @@ WEEK_BUCKETS = 7 * DAY_BUCKETS
 HISTORY_WEEKS = 4  # past weeks the forecast averages over (older days are pruned)
 HISTORY_DAYS = 7 * HISTORY_WEEKS
 
+_IN_USE = CloneState.IN_USE  # read per pass: named once (slow through its Enum class)
 # a user arriving takes a desktop in one of these states (a reconnect does not count)
 _ARRIVING = frozenset(
     (CloneState.FREE, CloneState.BOOTING, CloneState.SUSPENDED, CloneState.STOPPED)
@@ -156,7 +157,7 @@ def logins_in(record: PoolRecord, actions: Iterable[Action]) -> int:
     was free (or booting, suspended, stopped) before. Reconnects and adoptions do not count."""
     count = 0
     for action in actions:
-        if isinstance(action, RecordClone) and action.record.state is CloneState.IN_USE:
+        if isinstance(action, RecordClone) and action.record.state is _IN_USE:
             before = record.clones.get(action.clone)
             if before is not None and before.state in _ARRIVING:
                 count += 1

@@ -27,6 +27,14 @@ from imagepipe.pool.planner.forecast import shrink_after
 from imagepipe.pool.planner.placement import Placer
 from imagepipe.pool.planner.steps import Context, moved
 
+# Enum members named once: Python 3.11 reads `CloneState.FREE` through the slow path of
+# EnumType.__getattr__ (some 15 times a module name's cost), and these are read per clone,
+# per pass.
+CREATING, BOOTING, FREE = CloneState.CREATING, CloneState.BOOTING, CloneState.FREE
+SUSPENDED, RECYCLING = CloneState.SUSPENDED, CloneState.RECYCLING
+DELETING, FAILED = CloneState.DELETING, CloneState.FAILED
+POWER_SUSPENDED = Power.SUSPENDED
+
 
 @dataclass(slots=True)
 class Decisions:
@@ -106,12 +114,10 @@ def tally(c: Census, d: Decisions, name: str, rec: CloneRecord, idle_for: float)
     if ctx.lost(rec) and name not in d.observed:
         return  # on a lost host: its slot is held, it is not counted (replaced)
     if name not in d.observed:  # a create in flight, or a failed one
-        due = state is CloneState.FAILED and now >= (rec.retry_at or now)
+        due = state is FAILED and now >= (rec.retry_at or now)
         if due:
             c.retries.append(rec)
-        if rec.version == target and (
-            state is CloneState.CREATING or (state is CloneState.FAILED and not due)
-        ):
+        if rec.version == target and (state is CREATING or (state is FAILED and not due)):
             c.counted += 1
             c.alive += 1
             c.coming += shared
@@ -119,7 +125,7 @@ def tally(c: Census, d: Decisions, name: str, rec: CloneRecord, idle_for: float)
     if rec.version != target:
         return
     c.counted += 1
-    if state is CloneState.FREE:
+    if state is FREE:
         c.alive += 1
         c.running += 1
         if shared and d.observed[name].info.ready is not None:  # unknown: not relied on
@@ -128,19 +134,19 @@ def tally(c: Census, d: Decisions, name: str, rec: CloneRecord, idle_for: float)
                 c.returned.append(rec)
             if now - rec.since >= idle_for:
                 c.shrinkable.append(rec)
-    elif state is CloneState.SUSPENDED:
+    elif state is SUSPENDED:
         c.alive += 1
-        if shared and not d.actions.get(name) and d.observed[name].info.power is Power.SUSPENDED:
+        if shared and not d.actions.get(name) and d.observed[name].info.power is POWER_SUSPENDED:
             c.suspended.append(rec)
-    elif state is not CloneState.DELETING:
+    elif state is not DELETING:
         c.alive += 1
         c.running += 1
-        coming = state is CloneState.BOOTING or state is CloneState.CREATING
+        coming = state is BOOTING or state is CREATING
         if shared and coming and d.observed[name].info.ready is not None:
             c.coming += 1
             if name in d.returned and _resets_only(d.actions.get(name, ())):
                 c.returned.append(rec)  # used while unseen: its reset may be spared
-        elif state is CloneState.RECYCLING and shared:
+        elif state is RECYCLING and shared:
             pending = d.actions.get(name, ())
             if not pending or _resets_only(pending):  # nobody on it: deleted instead, over max
                 c.recycling.append(rec)
@@ -154,7 +160,7 @@ def grow(d: Decisions, census: Census, need: int, *, can_create: bool) -> int:
     resumed = sorted(census.suspended, key=lambda r: r.slot)[:need] if need > 0 else []
     for rec in resumed:
         resume = ResumeClone(pool=spec.name, clone=rec.name)
-        d.set(rec.name, moved(ctx, rec, CloneState.BOOTING), (resume,))
+        d.set(rec.name, moved(ctx, rec, BOOTING), (resume,))
         need -= 1
     room = spec.max - census.counted
     used = census.used_slots
@@ -193,8 +199,8 @@ def drop_replaced(d: Decisions, census: Census, wanted_free: int) -> None:
             break
         delete = DeleteClone(pool=spec.name, clone=rec.name)
         d.actions[rec.name] = ()  # a reset it was due is not needed: it goes
-        d.set(rec.name, moved(d.ctx, rec, CloneState.DELETING), (delete,))
-        if rec.state is CloneState.FREE:
+        d.set(rec.name, moved(d.ctx, rec, DELETING), (delete,))
+        if rec.state is FREE:
             census.ready_free -= 1
         else:
             census.coming -= 1
@@ -216,7 +222,7 @@ def drop_over_max(d: Decisions, census: Census) -> None:
             break
         d.actions[rec.name] = ()  # the reset it was due is not needed: it goes
         delete = DeleteClone(pool=spec.name, clone=rec.name)
-        d.set(rec.name, moved(d.ctx, rec, CloneState.DELETING), (delete,))
+        d.set(rec.name, moved(d.ctx, rec, DELETING), (delete,))
         census.counted -= 1
         census.running -= 1
 
@@ -238,10 +244,10 @@ def shrink(d: Decisions, census: Census, wanted_free: int) -> None:
     victim = min(census.shrinkable, key=lambda r: (r.since, -r.slot))
     if spec.standby is Standby.SUSPEND:
         suspend = SuspendClone(pool=spec.name, clone=victim.name)
-        d.set(victim.name, moved(d.ctx, victim, CloneState.SUSPENDED), (suspend,))
+        d.set(victim.name, moved(d.ctx, victim, SUSPENDED), (suspend,))
     else:
         delete = DeleteClone(pool=spec.name, clone=victim.name)
-        d.set(victim.name, moved(d.ctx, victim, CloneState.DELETING), (delete,))
+        d.set(victim.name, moved(d.ctx, victim, DELETING), (delete,))
 
 
 def _free_slots(
@@ -267,7 +273,7 @@ def _create(d: Decisions, slot: int, failures: int = 0) -> bool:
         name=name,
         slot=slot,
         version=target,
-        state=CloneState.CREATING,
+        state=CREATING,
         since=now,
         failures=failures,
         host=host.name,

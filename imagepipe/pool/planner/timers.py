@@ -5,6 +5,13 @@ from __future__ import annotations
 from imagepipe.pool.model import CloneRecord, CloneState, PoolRecord, PoolSpec
 from imagepipe.pool.planner.forecast import learning, next_bucket, shrink_after
 
+# Enum members named once: Python 3.11 reads `CloneState.FREE` through the slow path of
+# EnumType.__getattr__ (some 15 times a module name's cost), and these are read per clone,
+# per pass.
+RECYCLING, STOPPED, DISCONNECTED = CloneState.RECYCLING, CloneState.STOPPED, CloneState.DISCONNECTED
+FREE, FAILED = CloneState.FREE, CloneState.FAILED
+UNDER_WAY = (CloneState.CREATING, CloneState.BOOTING, CloneState.DELETING)  # boot_timeout
+
 
 def next_timer(spec: PoolSpec, record: PoolRecord, now: float) -> float | None:
     """The next moment after `now` at which plan() could answer differently without any new
@@ -19,18 +26,18 @@ def next_timer(spec: PoolSpec, record: PoolRecord, now: float) -> float | None:
 def clone_timer(spec: PoolSpec, rec: CloneRecord, idle_for: float) -> float | None:
     """When this clone's record could next move on its own (`idle_for`: shrink_after)."""
     state = rec.state
-    if state is CloneState.RECYCLING:
+    if state is RECYCLING:
         ended = rec.session_ended_at if rec.session_ended_at is not None else rec.since
         return ended + spec.recycle_after
-    if state is CloneState.STOPPED:
+    if state is STOPPED:
         return rec.since + spec.recycle_after
-    if state is CloneState.DISCONNECTED:
+    if state is DISCONNECTED:
         return rec.since + spec.disconnect_timeout
-    if state is CloneState.FREE:
+    if state is FREE:
         return rec.since + idle_for
-    if state in (CloneState.CREATING, CloneState.BOOTING, CloneState.DELETING):
+    if state in UNDER_WAY:
         return rec.since + spec.boot_timeout
-    if state is CloneState.FAILED:
+    if state is FAILED:
         return rec.retry_at
     return None
 
