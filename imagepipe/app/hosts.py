@@ -21,6 +21,7 @@ from imagepipe.log import fields
 from imagepipe.pool.keeper import Keeper
 from imagepipe.pool.model import CloneState, HostSpec, HostState, PoolSpec
 from imagepipe.pool.ports import HostList, Hosts
+from imagepipe.pool.rollout.driver import open_host_breakers
 from imagepipe.pool.store import Store
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class HostRow:
     upload_since: float | None  # when that upload started
     max_desktops: int | None
     max_memory: int | None
+    # its circuit breaker (creates there failed) keeps new desktops off it until then, as the
+    # running keeper's heartbeat says; None: closed, or no keeper runs
+    breaker_open_until: float | None = None
 
     @property
     def state(self) -> str:
@@ -52,6 +56,8 @@ class HostRow:
             return "lost"
         if self.draining_since is not None:
             return "draining"
+        if self.breaker_open_until is not None:
+            return "breaker"
         return "up" if self.connected else "unknown"
 
     def to_json(self) -> dict[str, object]:
@@ -92,7 +98,7 @@ def host_rows(runtime: Runtime, specs: Sequence[PoolSpec]) -> list[HostRow]:
         with contextlib.suppress(HypervisorUnavailableError):
             hypervisor.list_clones()
         states = {s.name: s for s in hypervisor.hosts()}
-    return rows(hosts, states, runtime.store_reader, specs)
+    return rows(hosts, states, runtime.store_reader, specs, runtime.clock.now())
 
 
 def rows(
@@ -100,8 +106,10 @@ def rows(
     states: dict[str, HostState],
     store: Store,
     specs: Sequence[PoolSpec],
+    now: float,
 ) -> list[HostRow]:
     draining = store.draining_hosts()
+    breakers = open_host_breakers(store, now)
     kinds = ("free", "in_use", "other", "lost")
     counts = {h.name: dict.fromkeys(kinds, 0) for h in hosts}
     for spec in specs:
@@ -135,6 +143,7 @@ def rows(
                 upload_since=upload.since if upload is not None else None,
                 max_desktops=host.max_desktops,
                 max_memory=host.max_memory,
+                breaker_open_until=breakers.get(host.name),
                 **counts[host.name],
             )
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from imagepipe.app.bootstrap import Runtime
@@ -109,6 +109,8 @@ class HostStatus:
     # several hosts (settings `hosts:`): each one connected or lost, since when; empty: one host
     hosts: tuple[HostState, ...] = ()
     balancer_instances: tuple[InstanceHealth, ...] = ()  # a balancer pair: each instance
+    # several hosts: those whose circuit breaker the running keeper holds open, until when
+    host_breakers: dict[str, float] = field(default_factory=dict)
 
 
 def collect(runtime: Runtime, specs: Sequence[PoolSpec]) -> HostStatus:
@@ -126,7 +128,10 @@ def collect(runtime: Runtime, specs: Sequence[PoolSpec]) -> HostStatus:
         leader = LeaderStatus(lease.holder, lease.epoch, round(lease.until - lease.now, 1))
     status = replace(build_status(specs, host, records, now, downs), leader=leader)
     if runtime.settings.host_specs() and isinstance(hypervisor, Hosts):
-        status = replace(status, hosts=tuple(hypervisor.hosts()))
+        from imagepipe.pool.rollout.driver import open_host_breakers  # several hosts only
+
+        breakers = open_host_breakers(reader, now)
+        status = replace(status, hosts=tuple(hypervisor.hosts()), host_breakers=breakers)
     return status
 
 

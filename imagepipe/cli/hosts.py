@@ -21,8 +21,9 @@ def hosts(
 ) -> None:
     """The hosts of a keeper that spans several: list them, drain one for maintenance.
 
-    Without a subcommand: each host's state (up, draining, lost since), desktops free and in
-    use, versions present and capacity. `hosts drain HOST`, `hosts undrain HOST`."""
+    Without a subcommand: each host's state (up, draining, lost since, breaker until: its
+    creates failed, no new desktops there until then), desktops free and in use, versions
+    present and capacity. `hosts drain HOST`, `hosts undrain HOST`."""
     if ctx.invoked_subcommand is not None:
         return
     from imagepipe.app.hosts import configured, host_rows
@@ -57,6 +58,8 @@ def hosts(
         state = r.state
         if r.state == "lost" and r.since is not None:
             state += " since " + clock(r.since)
+        if r.state == "breaker" and r.breaker_open_until is not None:
+            state += " until " + clock(r.breaker_open_until)
         typer.echo(
             f"{r.name:<12} {state:<9} {r.free:>4} {r.in_use:>6} {r.other:>5} {r.lost:>6} "
             f"{capacity or 'unlimited':<14} {versions}"

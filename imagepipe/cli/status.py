@@ -79,9 +79,13 @@ def _demo_if_nothing_else(settings: Settings) -> Settings:
     return load_settings(demo)
 
 
+BREAKER_OPEN = "circuit breaker open (its creates failed): no new desktops there"
+
+
 def host_summary(snapshot: HostStatus) -> str | None:
     """One line per host over every pool (several hosts only): free, in use, unseen; lost
-    since when, an upload under way (how far, since when)."""
+    since when, an upload under way (how far, since when), new desktops held off by the
+    host's circuit breaker (until when)."""
     counts: dict[str, dict[str, int]] = {}
     for pool in snapshot.pools:
         for clone in pool.clones:
@@ -97,7 +101,8 @@ def host_summary(snapshot: HostStatus) -> str | None:
                 row["unseen"] += 1
     lost = {h.name: h.since for h in snapshot.hosts if not h.connected}
     uploads = {h.name: h.upload for h in snapshot.hosts if h.upload is not None}
-    for name in (*lost, *uploads):
+    breakers = snapshot.host_breakers
+    for name in (*lost, *uploads, *breakers):
         counts.setdefault(name, {"free": 0, "in use": 0, "unseen": 0, "all": 0})
     if not counts:
         return None
@@ -116,6 +121,9 @@ def host_summary(snapshot: HostStatus) -> str | None:
             since = upload.since
             started = f" since {time.strftime('%H:%M:%S', time.localtime(since))}" if since else ""
             line += f"; uploading {upload.describe()}{started}"
+        until = breakers.get(host)
+        if until is not None:
+            line += f"; {BREAKER_OPEN} until {time.strftime('%H:%M:%S', time.localtime(until))}"
         lines.append(line)
     return "\n".join(lines)
 

@@ -370,7 +370,9 @@ class Keeper:
             self._alive()
         now = self.clock.now()
         # the heartbeat and every read the pass plans with: one round trip to a shared store
-        state = self.store.begin_pass(self.rollouts.heartbeat(now), list(self.specs))
+        state = self.store.begin_pass(
+            self.rollouts.heartbeat(now, self.host_breakers(now)), list(self.specs)
+        )
         self.rollouts.load(state.rollouts)
         with self._touched_lock:
             touched = frozenset(self._touched)

@@ -47,7 +47,7 @@ from imagepipe.errors import (
     StoreUnavailableError,
 )
 from imagepipe.log import fields
-from imagepipe.pool.rollout.records import Heartbeat
+from imagepipe.pool.rollout.records import Heartbeat, breakers_to_json
 from imagepipe.pool.store import HISTORY_LIMIT, PassState
 from imagepipe.stores.sql import (
     ACTIVE,
@@ -185,6 +185,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     INSERT INTO state_changes (id, generation) VALUES (1, 0);
     """,
+    # 12: the hosts whose circuit breaker the keeper holds open, in its heartbeat
+    """
+    ALTER TABLE keeper_heartbeat ADD COLUMN host_breakers TEXT NOT NULL DEFAULT '{}';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -193,16 +197,17 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # generation, and, unless that is the generation the
 # caller already read them at, every read of the pass as JSON arrays of rows (a scalar
 # subquery in a CASE branch not taken is never run). Parameters: the heartbeat's at, pid,
-# host, tick; the fence twice (NULL: none); the generation known (-1: none); the pools, as
-# a JSON array. The active states are constants of the code, in the statement's text.
+# host, tick and open host breakers (JSON); the fence twice (NULL: none); the generation
+# known (-1: none); the pools, as a JSON array. The active states are constants of the
+# code, in the statement's text.
 _ACTIVE = ", ".join(f"'{state}'" for state in ACTIVE)
 BEGIN_PASS = f"""
 WITH beat AS (
-    INSERT INTO keeper_heartbeat (id, at, pid, host, tick)
-    SELECT 1, ?, ?, ?, ?
+    INSERT INTO keeper_heartbeat (id, at, pid, host, tick, host_breakers)
+    SELECT 1, ?, ?, ?, ?, ?
     WHERE ?::bigint IS NULL OR (SELECT epoch FROM leader FOR SHARE) = ?
     ON CONFLICT (id) DO UPDATE SET at = excluded.at, pid = excluded.pid,
-        host = excluded.host, tick = excluded.tick
+        host = excluded.host, tick = excluded.tick, host_breakers = excluded.host_breakers
     RETURNING 1
 ), known AS (
     SELECT generation, generation <> ?::bigint AS fresh FROM state_changes
@@ -336,6 +341,7 @@ class PostgresStore(SQLStore):
                 heartbeat.pid,
                 heartbeat.host,
                 heartbeat.tick,
+                breakers_to_json(heartbeat.host_breakers),
                 self._fence,
                 self._fence,
                 -1 if kept is None else kept.generation,

@@ -33,6 +33,8 @@ from imagepipe.pool.rollout.records import (
     Heartbeat,
     Rollout,
     RolloutState,
+    breakers_from_json,
+    breakers_to_json,
     rollout_from_json,
     rollout_to_json,
 )
@@ -82,7 +84,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "pools_down": ("pool", "since", "now"),
     "login_history": ("pool", "day", "bucket", "seconds", "logins"),
     "rollouts": ("id", "image", "body", "state", "created_at"),
-    "keeper_heartbeat": ("id", "at", "pid", "host", "tick"),
+    "keeper_heartbeat": ("id", "at", "pid", "host", "tick", "host_breakers"),
     "leader": ("id", "holder", "epoch", "lease_until"),
     "hosts_draining": ("host", "since"),
 }
@@ -440,16 +442,22 @@ class SQLStore(ABC):
     def _beat(self, db: Connection, heartbeat: Heartbeat) -> Cursor:
         """Write the heartbeat in one statement that checks the fence itself: its rowcount
         is 0 when a fenced handle's epoch is not the leader's (nothing written)."""
-        values = (heartbeat.at, heartbeat.pid, heartbeat.host, heartbeat.tick)
+        values = (
+            heartbeat.at,
+            heartbeat.pid,
+            heartbeat.host,
+            heartbeat.tick,
+            breakers_to_json(heartbeat.host_breakers),
+        )
         update = (
             "ON CONFLICT (id) DO UPDATE SET at = excluded.at, pid = excluded.pid, "
-            "host = excluded.host, tick = excluded.tick"
+            "host = excluded.host, tick = excluded.tick, host_breakers = excluded.host_breakers"
         )
-        columns = "INSERT INTO keeper_heartbeat (id, at, pid, host, tick) "
+        columns = "INSERT INTO keeper_heartbeat (id, at, pid, host, tick, host_breakers) "
         if self._fence is None:
-            return db.execute(columns + "VALUES (1,?,?,?,?) " + update, values)
+            return db.execute(columns + "VALUES (1,?,?,?,?,?) " + update, values)
         return db.execute(
-            columns + "SELECT 1, ?, ?, ?, ? "
+            columns + "SELECT 1, ?, ?, ?, ?, ? "
             f"WHERE (SELECT epoch FROM leader{self.LOCK_SHARE}) = ? " + update,
             (*values, self._fence),
         )
@@ -490,8 +498,13 @@ class SQLStore(ABC):
 
     def heartbeat(self) -> Heartbeat | None:
         with self._read() as db:
-            row = db.execute("SELECT at, pid, host, tick FROM keeper_heartbeat").fetchone()
-        return None if row is None else Heartbeat(at=row[0], pid=row[1], host=row[2], tick=row[3])
+            row = db.execute(
+                "SELECT at, pid, host, tick, host_breakers FROM keeper_heartbeat"
+            ).fetchone()
+        if row is None:
+            return None
+        breakers = breakers_from_json(row[4])
+        return Heartbeat(at=row[0], pid=row[1], host=row[2], tick=row[3], host_breakers=breakers)
 
     # --- the leader lease ----------------------------------------------------------------
 

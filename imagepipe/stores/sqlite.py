@@ -153,6 +153,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     INSERT INTO state_changes (id, generation) VALUES (1, 0);
     """,
+    # 12: the hosts whose circuit breaker the keeper holds open, in its heartbeat (JSON:
+    # host -> until), so `imagepipe hosts` can show them
+    """
+    ALTER TABLE keeper_heartbeat ADD COLUMN host_breakers TEXT NOT NULL DEFAULT '{}';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

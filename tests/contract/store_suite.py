@@ -377,6 +377,18 @@ class StoreContract:
         store.beat(Heartbeat(at=2.0, pid=11, host="h2", tick=5.0))
         assert store.heartbeat() == Heartbeat(at=2.0, pid=11, host="h2", tick=5.0)
 
+    def test_the_heartbeat_tells_which_hosts_breaker_is_open_until_when(self, store: Store) -> None:
+        """The host circuit breaker lives in the leading keeper's memory; `imagepipe hosts`
+        (another process, maybe another machine) reads it from the heartbeat."""
+        broken = Heartbeat(at=1.0, pid=10, host="k", tick=5.0, host_breakers=(("h2", 601.0),))
+        store.beat(broken)
+        assert store.heartbeat() == broken
+        healed = replace(broken, at=2.0, host_breakers=())
+        store.begin_pass(healed, ["lab"])
+        assert store.heartbeat() == healed
+        store.begin_pass(replace(broken, at=3.0), ["lab"])
+        assert store.heartbeat() == replace(broken, at=3.0)
+
     def test_a_pass_begins_with_its_heartbeat_and_reads_what_the_single_reads_give(
         self, store: Store
     ) -> None:

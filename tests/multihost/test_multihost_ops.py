@@ -103,7 +103,7 @@ def test_an_upload_under_way_shows_how_far_and_since_when_to_another_process(
         summary = host_summary(HostStatus(SCHEMA, time.time(), (), (), None, hosts=(state,)))
         assert summary is not None and "host2: 0 desktops" in summary
         assert f"; uploading tinyup v7: {upload.amount()} since " in summary
-        [row] = rows([spec], {spec.name: state}, store, [])
+        [row] = rows([spec], {spec.name: state}, store, [], time.time())
         assert row.upload == upload.describe() and row.upload_since == upload.since
 
         resume = held_upload["resume"]

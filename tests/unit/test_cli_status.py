@@ -97,9 +97,10 @@ def test_status_json_describes_every_pool_and_desktop_with_a_stable_schema(
         "balancer_instances",
         "leader",
         "hosts",
+        "host_breakers",
     }
     assert doc["leader"] is None  # one keeper on SQLite: no lease was ever taken
-    assert doc["hosts"] == []  # one host: no host list
+    assert doc["hosts"] == [] and doc["host_breakers"] == {}  # one host: no host list
     assert doc["schema"] == "imagepipe.status/1"
     assert doc["balancer_instances"] == [], "one balancer: no instances to list"
     (pool,) = doc["pools"]

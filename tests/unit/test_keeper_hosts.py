@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from imagepipe.app.hosts import rows
+from imagepipe.app.status import SCHEMA, HostStatus
+from imagepipe.cli.status import host_summary
 from imagepipe.errors import HypervisorError
 from imagepipe.pool.keeper import Keeper, KeeperOptions
 from imagepipe.pool.model import (
@@ -22,6 +25,7 @@ from imagepipe.pool.model import (
     PoolSpec,
 )
 from imagepipe.pool.planner.failures import breaker_open
+from imagepipe.pool.rollout.driver import open_host_breakers
 from imagepipe.stores.sqlite import SQLiteStore as Store
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHosts, FakeImages
@@ -246,6 +250,47 @@ def test_a_host_where_every_create_fails_does_not_keep_the_pool_below_its_target
         world.clock.advance(5.0)
     assert world.spread()["h3"] == 1
     assert len(world.serving()) == 6
+    world.store.close()
+
+
+def test_hosts_and_status_show_a_hosts_open_breaker_until_when_from_the_keepers_heartbeat(
+    tmp_path: Path,
+) -> None:
+    """The host breaker lives in the keeper's memory; `imagepipe hosts` and `status` (other
+    processes) read it from the heartbeat the keeper's next pass writes, and stop showing it
+    once its cool-down is over."""
+    world = Hosts(tmp_path, replace(SIX, max=8))
+    create = world.hv.create_clone
+
+    def create_unless_h3(spec: CloneSpec) -> CloneInfo:
+        if spec.host == "h3":
+            raise HypervisorError("host h3: storage pool is broken")
+        return create(spec)
+
+    world.hv.create_clone = create_unless_h3  # type: ignore[method-assign]
+    keeper = world.keeper()
+    for _ in range(20):
+        keeper.run_pass()
+        world.hv.tick()
+        world.clock.advance(15.0)
+    until = keeper.host_breakers(world.clock.now())["h3"]
+    reader = Store(tmp_path / "state.db")  # another process's reading of the same store
+    now = world.clock.now()
+
+    assert open_host_breakers(reader, now) == {"h3": until}
+    by_name = {r.name: r for r in rows(HOSTS, {}, reader, [SIX], now)}
+    assert by_name["h3"].state == "breaker" and by_name["h3"].breaker_open_until == until
+    assert by_name["h1"].breaker_open_until is None
+    summary = host_summary(HostStatus(SCHEMA, now, (), (), None, host_breakers={"h3": until}))
+    assert summary is not None and "h3: 0 desktops" in summary
+    assert "circuit breaker open (its creates failed): no new desktops there until" in summary
+
+    world.clock.advance(SIX.breaker_cooldown)
+    keeper.run_pass()
+    assert open_host_breakers(reader, world.clock.now()) == {}
+    world.store.beat(replace(world.store.heartbeat(), pid=0))  # type: ignore[type-var]
+    assert open_host_breakers(reader, now) == {}  # a stopped keeper holds no breaker open
+    reader.close()
     world.store.close()
 
 

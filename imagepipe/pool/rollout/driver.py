@@ -69,6 +69,16 @@ def keeper_absent(
     )
 
 
+def open_host_breakers(store: Store, now: float) -> dict[str, float]:
+    """The hosts whose circuit breaker the running keeper holds open at `now`, until when,
+    as its last heartbeat says (none when no keeper runs: a keeper starts with every
+    breaker closed)."""
+    if keeper_absent(store, now) is not None:
+        return {}
+    beat = store.heartbeat()
+    return {} if beat is None else {h: until for h, until in beat.host_breakers if until > now}
+
+
 def warning_text(rollout: Rollout, now: float) -> str:
     assert rollout.deadline_at is not None
     minutes = max(1, round((rollout.deadline_at - now) / 60))
@@ -92,9 +102,16 @@ class RolloutDriver:
         self.notifier = notifier
         self._active: dict[str, Rollout] = {}  # pool -> its active rollout (the newest)
 
-    def heartbeat(self, now: float) -> Heartbeat:
-        """The heartbeat a pass starting at `now` writes (Store.begin_pass)."""
-        return Heartbeat(at=now, pid=os.getpid(), host=socket.gethostname(), tick=self.tick)
+    def heartbeat(self, now: float, host_breakers: Mapping[str, float]) -> Heartbeat:
+        """The heartbeat a pass starting at `now` writes (Store.begin_pass), with the
+        hosts whose circuit breaker is open (until when)."""
+        return Heartbeat(
+            at=now,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            tick=self.tick,
+            host_breakers=tuple(sorted(host_breakers.items())),
+        )
 
     def stopped(self, now: float) -> None:
         """The keeper stops cleanly: `rollout` must not count on it any more."""

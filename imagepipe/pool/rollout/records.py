@@ -131,6 +131,18 @@ class Heartbeat:
     pid: int
     host: str
     tick: float
+    # several hosts: the hosts whose circuit breaker was open when the pass began, until
+    # when (the breaker lives in the leading keeper's memory; `imagepipe hosts` reads it here)
+    host_breakers: tuple[tuple[str, float], ...] = ()
+
+
+def breakers_to_json(breakers: tuple[tuple[str, float], ...]) -> str:
+    """A heartbeat's open host breakers as stored: a JSON object, host -> until."""
+    return json.dumps(dict(breakers), sort_keys=True)
+
+
+def breakers_from_json(text: str) -> tuple[tuple[str, float], ...]:
+    return tuple(sorted((str(h), float(u)) for h, u in json.loads(text).items()))
 
 
 def rollout_to_json(rollout: Rollout) -> str:
