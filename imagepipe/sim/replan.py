@@ -229,6 +229,7 @@ class Replanner:
         none of the pass-wide values the rules read for them changes."""
         ctx = d.ctx
         acted: set[str | None] | None = None  # what `out` acts on: read once a clone may be held
+        idle_for = shrink_after(ctx.spec, ctx.arrivals)
         for name, actions in d.actions.items():
             rec = records.get(name)
             if (
@@ -245,7 +246,6 @@ class Replanner:
                 acted = {getattr(a, "clone", None) for a in out}
             if name in acted:
                 continue
-            idle_for = shrink_after(ctx.spec, ctx.arrivals)
             at = clone_timer(ctx.spec, rec, idle_for)
             self._held[name] = (
                 float("inf") if at is None else at - _MARGIN,

@@ -99,16 +99,16 @@ def enter(
     when the state changes. A clone the store has no record of has unknown history: its new
     record is dirty."""
     if rec is None:
-        new = CloneRecord(
+        fresh: Also = {"dirty": True, **also}
+        return CloneRecord(
             name=info.name,
             slot=info.slot,
             version=info.version,
             state=state,
             since=ctx.now,
-            dirty=True,
             host=info.host,
+            **fresh,
         )
-        return replace(new, **also) if also else new
     if (
         rec.state is state
         and rec.slot == info.slot
