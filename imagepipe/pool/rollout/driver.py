@@ -47,19 +47,24 @@ def move_channel(channels: Channels | None, rollout: Rollout, version: int, *, b
 def keeper_absent(
     store: Store, now: float, *, alive: Callable[[int], bool] | None = None
 ) -> str | None:
-    """None when a keeper runs on the store; else why we think none does, as a sentence.
-    On this host the keeper's process is the truth; elsewhere its last pass must be recent."""
+    """None when a keeper runs on the store; else why we think none does, as a sentence."""
     beat = store.heartbeat()
     if beat is None:
         return (
             f"no keeper has run on the state database {store.location}: {START_KEEPER} and "
             "try again"
         )
+    return _stopped(beat, now, alive or _pid_alive)
+
+
+def _stopped(beat: Heartbeat, now: float, alive: Callable[[int], bool]) -> str | None:
+    """None when the keeper that wrote `beat` still runs; else why we think it does not.
+    On this host the keeper's process is the truth; elsewhere its last pass must be recent."""
     ago = round(now - beat.at)
     if beat.pid == 0:
         return f"no keeper is running: it stopped {ago} s ago; {START_KEEPER}"
     if beat.host == socket.gethostname():
-        if (alive or _pid_alive)(beat.pid):
+        if alive(beat.pid):
             return None
     elif now - beat.at <= max(3 * beat.tick, 30.0):
         return None
@@ -73,10 +78,10 @@ def open_host_breakers(store: Store, now: float) -> dict[str, float]:
     """The hosts whose circuit breaker the running keeper holds open at `now`, until when,
     as its last heartbeat says (none when no keeper runs: a keeper starts with every
     breaker closed)."""
-    if keeper_absent(store, now) is not None:
-        return {}
     beat = store.heartbeat()
-    return {} if beat is None else {h: until for h, until in beat.host_breakers if until > now}
+    if beat is None or _stopped(beat, now, _pid_alive) is not None:
+        return {}
+    return {h: until for h, until in beat.host_breakers if until > now}
 
 
 def warning_text(rollout: Rollout, now: float) -> str:
