@@ -67,6 +67,16 @@ class Key:
     def fill(self) -> Any:
         return self.factory() if self.factory is not None else self.default
 
+    @property
+    def section(self) -> type[Section] | None:
+        """The section this key holds itself (not inside an optional value or a list)."""
+        return self.read.section if isinstance(self.read, _Holds) and self.read.direct else None
+
+    @property
+    def holds(self) -> type[Section] | None:
+        """The section this key holds, itself, as an optional value or in a list."""
+        return self.read.section if isinstance(self.read, _Holds) else None
+
 
 def key(
     read: Reader | None = None,
@@ -144,6 +154,11 @@ def replace(section: S, **changes: Any) -> S:
     values = {f.attr: getattr(section, f.attr) for f in section._fields}
     values.update(changes)
     return type(section)(**values)
+
+
+def fields(cls: type[Section]) -> tuple[Key, ...]:
+    """The fields a file may give, in the order they are declared (Key.name is the key)."""
+    return tuple(cls._by_name.values())
 
 
 def keys(cls: type[Section]) -> tuple[str, ...]:
@@ -315,13 +330,35 @@ def member(enum: type[E]) -> Callable[[object], E]:
     return read_member
 
 
+class _Holds:
+    """A reader of a section: itself (direct), or inside an optional value or a list; it
+    lets documentation and checks walk the keys below a key."""
+
+    __slots__ = ("direct", "reader", "section")
+
+    def __init__(self, reader: Reader, section: type[Section], *, direct: bool) -> None:
+        self.reader = reader
+        self.section = section
+        self.direct = direct
+
+    def __call__(self, value: object) -> Any:
+        return self.reader(value)
+
+
+def _around(inner: Reader, reader: Reader) -> Reader:
+    """`reader`, which wraps `inner`, keeps saying which section `inner` holds."""
+    if isinstance(inner, _Holds):
+        return _Holds(reader, inner.section, direct=False)
+    return reader
+
+
 def optional(reader: Reader) -> Reader:
     """Nothing (null), else what `reader` reads."""
 
     def read_optional(value: object) -> Any:
         return None if value is None else reader(value)
 
-    return read_optional
+    return _around(reader, read_optional)
 
 
 def _items(reader: Reader, value: object) -> Iterator[Any]:
@@ -341,18 +378,18 @@ def _items(reader: Reader, value: object) -> Iterator[Any]:
     return iter(found)
 
 
-def list_of(reader: Reader) -> Callable[[object], list[Any]]:
+def list_of(reader: Reader) -> Reader:
     def read_list(value: object) -> list[Any]:
         return list(_items(reader, value))
 
-    return read_list
+    return _around(reader, read_list)
 
 
-def tuple_of(reader: Reader) -> Callable[[object], tuple[Any, ...]]:
+def tuple_of(reader: Reader) -> Reader:
     def read_tuple(value: object) -> tuple[Any, ...]:
         return tuple(_items(reader, value))
 
-    return read_tuple
+    return _around(reader, read_tuple)
 
 
 def mapping_of(reader: Reader) -> Callable[[object], dict[str, Any]]:
@@ -377,10 +414,10 @@ def mapping_of(reader: Reader) -> Callable[[object], dict[str, Any]]:
     return read_mapping
 
 
-def section(cls: type[S]) -> Callable[[object], S]:
+def section(cls: type[S]) -> Reader:
     """A mapping read as `cls`."""
 
     def read_section(value: object) -> S:
         return read(cls, value)
 
-    return read_section
+    return _Holds(read_section, cls, direct=True)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from imagepipe import schema
 from imagepipe.app.keeping import select_pools
 from imagepipe.config import Settings, load_pools, load_settings
 from imagepipe.errors import ImagepipeError
@@ -79,7 +80,7 @@ def _reloadable(old: Settings, new: Settings) -> Settings:
     reloadable = (*RELOADABLE, "source", *(("hosts",) if old.hosts and new.hosts else ()))
     changed = [
         name
-        for name in type(old).model_fields
+        for name in schema.field_names(type(old))
         if name not in reloadable and getattr(old, name) != getattr(new, name)
     ]
     if changed:
@@ -88,7 +89,7 @@ def _reloadable(old: Settings, new: Settings) -> Settings:
             extra=fields(keys=",".join(changed), restart="systemctl restart imagepipe-keep"),
         )
     kept = {name: getattr(old, name) for name in changed}
-    return new.model_copy(update=kept) if kept else new
+    return schema.replace(new, **kept) if kept else new
 
 
 class Reloader:

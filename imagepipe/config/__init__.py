@@ -10,7 +10,7 @@ All errors of a file are reported together (one ConfigError, one line each, firs
 first); nothing is changed when a file is bad.
 
 The package by what it holds: values (value parsers with units), settings (imagepipe.yml),
-pools (pool files), errors (pydantic's errors -> file:line: key: message). The YAML reader
+pools (pool files), errors (a file's problems -> file:line: key: message). The YAML reader
 (imagepipe/yamlsrc.py) and the name rules (imagepipe/names.py) sit beside the package, not in
 it, because the image definitions and the registry read YAML and names too.
 """

@@ -5,30 +5,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
-
-from pydantic import AfterValidator, BeforeValidator, Field, StrictBool, StrictInt, StrictStr
 
 from imagepipe.config.errors import Issue, issue_at, raise_if, top_mapping, validate
-from imagepipe.config.settings import Section
 from imagepipe.config.values import (
     DAY_NAMES,
-    Count,
-    Duration,
-    OptionalDuration,
-    Positive,
-    PositiveDuration,
-    Size,
-    TimeOfDay,
+    count,
+    duration,
     parse_days,
     parse_host_selector,
     parse_image_name,
     parse_listen_address,
     parse_optional_channel,
+    parse_optional_duration,
     parse_optional_version,
     parse_pool_name,
     parse_port_range,
+    parse_size,
+    parse_time_of_day,
     parse_timezone,
+    positive,
+    positive_duration,
 )
 from imagepipe.errors import ConfigError
 from imagepipe.pool.model import (
@@ -41,6 +37,19 @@ from imagepipe.pool.model import (
     Standby,
     StartMode,
 )
+from imagepipe.schema import (
+    Section,
+    bounded,
+    flag,
+    key,
+    list_of,
+    mapping_of,
+    member,
+    optional,
+    section,
+    text,
+    whole,
+)
 from imagepipe.units import format_size
 from imagepipe.yamlsrc import KeyPath, Located, load_file, path_kind
 
@@ -48,47 +57,47 @@ MIN_MEMORY = 32 * 1024**2
 
 
 class _SizeSection(Section):
-    initial: Count = 1
-    free: Count = 1
-    max: Positive = 5
+    initial: int = key(count, default=1)
+    free: int = key(count, default=1)
+    max: int = key(positive, default=5)
 
 
 class _MachineSection(Section):
-    cpus: Annotated[StrictInt, Field(ge=1, le=256)] = 1
-    memory: Size = 256 * 1024**2
+    cpus: int = key(whole(ge=1, le=256), default=1)
+    memory: int = key(parse_size, default=256 * 1024**2)
 
 
 class _DisplaySection(Section):
-    port_range: Annotated[tuple[int, int], BeforeValidator(parse_port_range)] = (5900, 5999)
-    address: Annotated[str, BeforeValidator(parse_listen_address)] = "127.0.0.1"
+    port_range: tuple[int, int] = key(parse_port_range, default=(5900, 5999))
+    address: str = key(parse_listen_address, default="127.0.0.1")
 
 
 class _SessionsSection(Section):
-    on_logoff: OnLogoff = OnLogoff.RESET
-    recycle_after: Duration = 60.0
-    disconnect_timeout: Duration = 8 * 3600.0
+    on_logoff: OnLogoff = key(member(OnLogoff), default=OnLogoff.RESET)
+    recycle_after: float = key(duration, default=60.0)
+    disconnect_timeout: float = key(duration, default=8 * 3600.0)
 
 
 class _IdleSection(Section):
-    shrink_after: Duration = 2 * 3600.0
-    standby: Standby = Standby.NONE
+    shrink_after: float = key(duration, default=2 * 3600.0)
+    standby: Standby = key(member(Standby), default=Standby.NONE)
 
 
 class _ScheduleRule(Section):
-    days: Annotated[frozenset[int], BeforeValidator(parse_days)]
-    from_: TimeOfDay = Field(alias="from")
-    to: TimeOfDay
-    free: Count
+    days: frozenset[int] = key(parse_days)
+    from_: int = key(parse_time_of_day, name="from")
+    to: int = key(parse_time_of_day)
+    free: int = key(count)
 
 
 class _FailuresSection(Section):
-    max: Positive = 5
-    backoff: Duration = 10.0
-    cooldown: Duration = 600.0
+    max: int = key(positive, default=5)
+    backoff: float = key(duration, default=10.0)
+    cooldown: float = key(duration, default=600.0)
 
 
 class _RolloutSection(Section):
-    drain_deadline: OptionalDuration = None
+    drain_deadline: float | None = key(parse_optional_duration, default=None)
 
 
 class _LearnSection(Section):
@@ -96,10 +105,10 @@ class _LearnSection(Section):
     On unless the pool file says `enabled: false`: it only adds free desktops within `max`
     and never keeps fewer than `size.free` (unless `min_free` allows it)."""
 
-    enabled: StrictBool = True
-    lead: Annotated[PositiveDuration, Field(le=86400)] = 600.0
-    shrink_after: Duration = 300.0
-    min_free: Count | None = None
+    enabled: bool = key(flag, default=True)
+    lead: float = key(bounded(positive_duration, le=86400), default=600.0)
+    shrink_after: float = key(duration, default=300.0)
+    min_free: int | None = key(optional(count), default=None)
 
     def spec(self) -> LearnSpec | None:
         if not self.enabled:
@@ -107,28 +116,32 @@ class _LearnSection(Section):
         return LearnSpec(lead=self.lead, shrink_after=self.shrink_after, min_free=self.min_free)
 
 
+def _timezone(value: object) -> str:
+    return parse_timezone(text(value))
+
+
 class PoolFile(Section):
     """A pool file as written; pool_spec() turns it into the planner's PoolSpec."""
 
-    name: Annotated[str, BeforeValidator(parse_pool_name)]
-    image: Annotated[str, BeforeValidator(parse_image_name)]
-    channel: Annotated[str | None, BeforeValidator(parse_optional_channel)] = None
-    version: Annotated[int | None, BeforeValidator(parse_optional_version)] = None
-    clone: CloneMode = CloneMode.LINKED
-    start: StartMode = StartMode.RESTORE
-    size: _SizeSection = _SizeSection()
-    machine: _MachineSection = _MachineSection()
-    display: _DisplaySection = _DisplaySection()
-    sessions: _SessionsSection = _SessionsSection()
-    idle: _IdleSection = _IdleSection()
-    schedule: list[_ScheduleRule] = Field(default_factory=list)
-    learn: _LearnSection = _LearnSection()
-    timezone: Annotated[StrictStr, AfterValidator(parse_timezone)] = "UTC"
-    assignments: dict[str, StrictInt] = Field(default_factory=dict)
-    failures: _FailuresSection = _FailuresSection()
-    boot_timeout: PositiveDuration = 300.0
-    rollout: _RolloutSection = _RolloutSection()
-    hosts: list[Annotated[str, BeforeValidator(parse_host_selector)]] = Field(default_factory=list)
+    name: str = key(parse_pool_name)
+    image: str = key(parse_image_name)
+    channel: str | None = key(parse_optional_channel, default=None)
+    version: int | None = key(parse_optional_version, default=None)
+    clone: CloneMode = key(member(CloneMode), default=CloneMode.LINKED)
+    start: StartMode = key(member(StartMode), default=StartMode.RESTORE)
+    size: _SizeSection = key(section(_SizeSection), default=_SizeSection())
+    machine: _MachineSection = key(section(_MachineSection), default=_MachineSection())
+    display: _DisplaySection = key(section(_DisplaySection), default=_DisplaySection())
+    sessions: _SessionsSection = key(section(_SessionsSection), default=_SessionsSection())
+    idle: _IdleSection = key(section(_IdleSection), default=_IdleSection())
+    schedule: list[_ScheduleRule] = key(list_of(section(_ScheduleRule)), default_factory=list)
+    learn: _LearnSection = key(section(_LearnSection), default=_LearnSection())
+    timezone: str = key(_timezone, default="UTC")
+    assignments: dict[str, int] = key(mapping_of(whole()), default_factory=dict)
+    failures: _FailuresSection = key(section(_FailuresSection), default=_FailuresSection())
+    boot_timeout: float = key(positive_duration, default=300.0)
+    rollout: _RolloutSection = key(section(_RolloutSection), default=_RolloutSection())
+    hosts: list[str] = key(list_of(parse_host_selector), default_factory=list)
 
     def pool_spec(self, source: str) -> PoolSpec:
         return PoolSpec(

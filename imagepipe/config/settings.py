@@ -7,17 +7,11 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
-
-from imagepipe.config.errors import Issue, issue_at, raise_if, top_mapping, unknown_key, validate
+from imagepipe.config.errors import Issue, issue_at, raise_if, top_mapping, validate
 from imagepipe.config.values import (
-    Duration,
-    FilePath,
-    Positive,
-    PositiveDuration,
-    SizeWithUnit,
+    duration,
     parse_git_remote,
     parse_host_port,
     parse_ip_address,
@@ -28,8 +22,24 @@ from imagepipe.config.values import (
     parse_pool_name,
     parse_state_dsn,
     parse_uri,
+    positive,
+    positive_duration,
+    size_with_unit,
 )
 from imagepipe.errors import ConfigError
+from imagepipe.schema import (
+    Section,
+    bounded,
+    choice,
+    flag,
+    key,
+    list_of,
+    optional,
+    replace,
+    section,
+    tuple_of,
+    whole,
+)
 from imagepipe.yamlsrc import Located, expand_user, load_file, path_kind
 
 if TYPE_CHECKING:  # not for reading settings: `build` never loads the pool model
@@ -39,28 +49,25 @@ SYSTEM_SETTINGS = Path("/etc/imagepipe/imagepipe.yml")
 SETTINGS_NAME = "imagepipe.yml"
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 class HypervisorSettings(Section):
-    driver: Literal["libvirt", "virtualbox"] = "libvirt"
-    uri: Annotated[str, BeforeValidator(parse_uri)] = "qemu:///system"
+    driver: str = key(choice("libvirt", "virtualbox"), default="libvirt")
+    uri: str = key(parse_uri, default="qemu:///system")
 
 
 class HostCapacity(Section):
-    desktops: Positive | None = None  # None: no limit
-    memory: SizeWithUnit | None = None  # memory its desktops may be given, with a unit
+    desktops: int | None = key(optional(positive), default=None)  # None: no limit
+    # memory its desktops may be given, with a unit
+    memory: int | None = key(optional(size_with_unit), default=None)
 
 
 class HostSettings(Section):
     """One libvirt host of a keeper that spans several (docs/hosts.md)."""
 
-    name: Annotated[str, BeforeValidator(parse_pool_name)]
-    uri: Annotated[str, BeforeValidator(parse_libvirt_uri)]
-    address: Annotated[str, BeforeValidator(parse_ip_address)]  # the balancer reaches it here
-    capacity: HostCapacity = HostCapacity()
-    labels: list[Annotated[str, BeforeValidator(parse_pool_name)]] = Field(default_factory=list)
+    name: str = key(parse_pool_name)
+    uri: str = key(parse_libvirt_uri)
+    address: str = key(parse_ip_address)  # the balancer reaches it here
+    capacity: HostCapacity = key(section(HostCapacity), default=HostCapacity())
+    labels: list[str] = key(list_of(parse_pool_name), default_factory=list)
 
     def host_spec(self) -> HostSpec:
         from imagepipe.pool.model import HostSpec
@@ -111,63 +118,82 @@ def parse_instance_name(value: object) -> str:
 class BalancerInstance(Section):
     """One HAProxy of a balancer pair (docs/high-availability.md "Balancer pair")."""
 
-    name: Annotated[str, BeforeValidator(parse_instance_name)]
+    name: str = key(parse_instance_name)
     # its admin socket: a unix socket on this machine (another machine's: forwarded here)
-    admin_socket: Annotated[Path, BeforeValidator(parse_admin_socket)]
-    manage: StrictBool | None = None  # None: balancer.manage
-    bind: Annotated[str, BeforeValidator(parse_host_port)] | None = None  # None: balancer.bind
+    admin_socket: Path = key(parse_admin_socket)
+    manage: bool | None = key(optional(flag), default=None)  # None: balancer.manage
+    bind: str | None = key(optional(parse_host_port), default=None)  # None: balancer.bind
     # where it exchanges stick-table entries with the other instances (HAProxy peers);
     # needed by each instance when balancer.persist is not none
-    peer: Annotated[str, BeforeValidator(parse_host_port)] | None = None
+    peer: str | None = key(optional(parse_host_port), default=None)
+
+
+IPVS_SCHEDULERS = (
+    "wlc",
+    "lc",
+    "rr",
+    "wrr",
+    "sed",
+    "nq",
+    "sh",
+    "dh",
+    "lblc",
+    "lblcr",
+    "fo",
+    "ovf",
+    "mh",
+)
 
 
 class BalancerSettings(Section):
-    driver: Literal["haproxy", "ipvs", "none"] = "haproxy"
-    bind: Annotated[str, BeforeValidator(parse_host_port)] = "127.0.0.1:5999"
+    driver: str = key(choice("haproxy", "ipvs", "none"), default="haproxy")
+    bind: str = key(parse_host_port, default="127.0.0.1:5999")
     # None: load_settings fills in run_dir/haproxy.sock
-    admin_socket: Annotated[Path | None, BeforeValidator(parse_optional_admin_socket)] = None
-    manage: StrictBool = True
-    balance: Literal["leastconn", "first"] = "leastconn"
+    admin_socket: Path | None = key(parse_optional_admin_socket, default=None)
+    manage: bool = key(flag, default=True)
+    balance: str = key(choice("leastconn", "first"), default="leastconn")
     # haproxy: a returning user reaches the desktop with their session (docs/rollouts.md)
-    persist: Literal["none", "source", "rdp-cookie"] = "none"
-    persist_expire: PositiveDuration = 8 * 3600.0
-    vip: Annotated[str | None, BeforeValidator(parse_optional_vip)] = None
-    port: Annotated[StrictInt, Field(ge=1, le=65535)] = 3389
+    persist: str = key(choice("none", "source", "rdp-cookie"), default="none")
+    persist_expire: float = key(positive_duration, default=8 * 3600.0)
+    vip: str | None = key(parse_optional_vip, default=None)
+    port: int = key(whole(ge=1, le=65535), default=3389)
     # ipvs (docs/ipvs.md): how the kernel picks, reaches and keeps a user's desktop
-    scheduler: Literal[
-        "wlc", "lc", "rr", "wrr", "sed", "nq", "sh", "dh", "lblc", "lblcr", "fo", "ovf", "mh"
-    ] = "wlc"  # fmt: skip
-    forward: Literal["masq", "droute"] = "masq"  # NAT, or direct routing on the same L2
-    persistence: Annotated[Duration, Field(le=31 * 86400)] = 0.0  # ipvsadm -p; 0 = off
-    ipvs_names_file: Annotated[Path | None, BeforeValidator(parse_optional_path)] = None
-    ipvs_sysctls: StrictBool = True  # set net.ipv4.vs.expire_nodest_conn / _quiescent_template
+    scheduler: str = key(choice(*IPVS_SCHEDULERS), default="wlc")
+    # NAT, or direct routing on the same L2
+    forward: str = key(choice("masq", "droute"), default="masq")
+    persistence: float = key(bounded(duration, le=31 * 86400), default=0.0)  # ipvsadm -p; 0 = off
+    ipvs_names_file: Path | None = key(parse_optional_path, default=None)
+    # set net.ipv4.vs.expire_nodest_conn / _quiescent_template
+    ipvs_sysctls: bool = key(flag, default=True)
     # haproxy: several instances kept in step (a pair behind a VRRP address); empty: one,
     # at admin_socket
-    instances: tuple[BalancerInstance, ...] = ()
+    instances: tuple[BalancerInstance, ...] = key(tuple_of(section(BalancerInstance)), default=())
 
 
 class KeeperSettings(Section):
-    tick: PositiveDuration = 5.0
-    parallel: Positive = 4
-    action_timeout: PositiveDuration = 600.0
+    tick: float = key(positive_duration, default=5.0)
+    parallel: int = key(positive, default=4)
+    action_timeout: float = key(positive_duration, default=600.0)
     # host:port of the Prometheus endpoint (e.g. 127.0.0.1:9464); None = no metrics
-    metrics: Annotated[str, BeforeValidator(parse_host_port)] | None = None
+    metrics: str | None = key(optional(parse_host_port), default=None)
     # several keepers on one PostgreSQL state (docs/high-availability.md): the leader lease
-    lease: PositiveDuration = 30.0  # how long a lease runs without a renewal
-    lease_loop: PositiveDuration = 10.0  # seconds between two renewals
-    lease_retry: PositiveDuration = 10.0  # how long one state database call may take
+    lease: float = key(positive_duration, default=30.0)  # how long a lease runs unrenewed
+    lease_loop: float = key(positive_duration, default=10.0)  # seconds between two renewals
+    # how long one state database call may take
+    lease_retry: float = key(positive_duration, default=10.0)
 
 
 class TlsSettings(Section):
-    cert: FilePath  # PEM certificate (chain) the web entrance presents
-    key: FilePath  # its PEM private key
+    cert: Path = key(parse_path)  # PEM certificate (chain) the web entrance presents
+    key: Path = key(parse_path)  # its PEM private key
 
 
 class WebSettings(Section):
     """The web entrance (docs/web.md): noVNC and a websocket proxy to the balancer."""
 
-    bind: Annotated[str, BeforeValidator(parse_host_port)]
-    tls: TlsSettings | None = None  # None: plain HTTP, allowed on a loopback address only
+    bind: str = key(parse_host_port)
+    # None: plain HTTP, allowed on a loopback address only
+    tls: TlsSettings | None = key(optional(section(TlsSettings)), default=None)
 
 
 def _default_pools_dir() -> Path:
@@ -178,25 +204,26 @@ def _default_pools_dir() -> Path:
 class Settings(Section):
     """Global settings; every field has a default, so no file is needed."""
 
-    pools_dir: FilePath = Field(default_factory=_default_pools_dir)
-    packer_dir: FilePath = Field(default_factory=lambda: Path.cwd() / "packer")
-    state_db: FilePath = Path("/var/lib/imagepipe/state.db")
+    pools_dir: Path = key(parse_path, default_factory=_default_pools_dir)
+    packer_dir: Path = key(parse_path, default_factory=lambda: Path.cwd() / "packer")
+    state_db: Path = key(parse_path, default=Path("/var/lib/imagepipe/state.db"))
     # the shared state in PostgreSQL (docs/high-availability.md); None: SQLite in state_db
-    state: Annotated[str | None, BeforeValidator(parse_state_dsn)] = None
-    state_password_file: Annotated[Path | None, BeforeValidator(parse_optional_path)] = None
-    registry: FilePath = Path("/var/lib/imagepipe/registry")
+    state: str | None = key(parse_state_dsn, default=None)
+    state_password_file: Path | None = key(parse_optional_path, default=None)
+    registry: Path = key(parse_path, default=Path("/var/lib/imagepipe/registry"))
     # a git URL the registry is shared through (docs/images.md); None: the registry is local
-    registry_remote: Annotated[str | None, BeforeValidator(parse_git_remote)] = None
-    registry_fetch_every: PositiveDuration = 30.0  # reads fetch the remote at most this often
-    image_store: FilePath = Path("/var/lib/imagepipe/images")
-    run_dir: FilePath = Path("/run/imagepipe")
-    hypervisor: HypervisorSettings = HypervisorSettings()
+    registry_remote: str | None = key(parse_git_remote, default=None)
+    # reads fetch the remote at most this often
+    registry_fetch_every: float = key(positive_duration, default=30.0)
+    image_store: Path = key(parse_path, default=Path("/var/lib/imagepipe/images"))
+    run_dir: Path = key(parse_path, default=Path("/run/imagepipe"))
+    hypervisor: HypervisorSettings = key(section(HypervisorSettings), default=HypervisorSettings())
     # several libvirt hosts; empty: the one host hypervisor.uri (docs/hosts.md)
-    hosts: list[HostSettings] = Field(default_factory=list)
-    balancer: BalancerSettings = BalancerSettings()
-    keeper: KeeperSettings = KeeperSettings()
-    web: WebSettings | None = None  # None: no web entrance
-    source: str = "defaults"
+    hosts: list[HostSettings] = key(list_of(section(HostSettings)), default_factory=list)
+    balancer: BalancerSettings = key(section(BalancerSettings), default=BalancerSettings())
+    keeper: KeeperSettings = key(section(KeeperSettings), default=KeeperSettings())
+    web: WebSettings | None = key(optional(section(WebSettings)), default=None)  # None: none
+    source: str = "defaults"  # the file the settings came from (set here, not in a file)
 
     def host_specs(self) -> tuple[HostSpec, ...]:
         """The configured hosts; empty for the single host `hypervisor.uri`."""
@@ -254,19 +281,15 @@ def load_settings(explicit: Path | None = None) -> Settings:
     else:
         settings = parse_settings(load_file(path), base=path.resolve().parent)
     if settings.balancer.admin_socket is None:
-        balancer = settings.balancer.model_copy(update={"admin_socket": settings.admin_socket_path})
-        settings = settings.model_copy(update={"balancer": balancer})
+        balancer = replace(settings.balancer, admin_socket=settings.admin_socket_path)
+        settings = replace(settings, balancer=balancer)
     return settings
 
 
 def parse_settings(doc: Located, *, base: Path) -> Settings:
     """Validate a parsed settings file; relative paths are taken from `base`."""
     issues: list[Issue] = []
-    raw = top_mapping(doc, issues)
-    if isinstance(raw, dict) and "source" in raw:
-        issues.append(unknown_key(doc, ("source",), Settings))
-        raw = {k: v for k, v in raw.items() if k != "source"}
-    settings = validate(Settings, raw, doc, issues)
+    settings = validate(Settings, top_mapping(doc, issues), doc, issues)
     if settings is not None:
         balancer = settings.balancer
         if balancer.driver == "ipvs" and balancer.vip is None:
@@ -314,16 +337,16 @@ def parse_settings(doc: Located, *, base: Path) -> Settings:
         balancer_update["admin_socket"] = _resolve(settings.balancer.admin_socket, base)
     if settings.balancer.instances:
         balancer_update["instances"] = tuple(
-            i.model_copy(update={"admin_socket": _resolve(i.admin_socket, base)})
+            replace(i, admin_socket=_resolve(i.admin_socket, base))
             for i in settings.balancer.instances
         )
     if balancer_update:
-        update["balancer"] = settings.balancer.model_copy(update=balancer_update)
+        update["balancer"] = replace(settings.balancer, **balancer_update)
     if settings.web is not None and settings.web.tls is not None:
         tls = settings.web.tls
         resolved = TlsSettings(cert=_resolve(tls.cert, base), key=_resolve(tls.key, base))
-        update["web"] = settings.web.model_copy(update={"tls": resolved})
-    return settings.model_copy(update=update)
+        update["web"] = replace(settings.web, tls=resolved)
+    return replace(settings, **update)
 
 
 def _instance_issues(balancer: BalancerSettings, doc: Located) -> list[Issue]:

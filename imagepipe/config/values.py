@@ -1,8 +1,8 @@
 """Value parsers for settings and pool files: durations, sizes, names, days, times, ports.
 
-Each parser raises ValueError saying what was expected; pydantic turns that into an issue
-at the key's line (see errors.py). The Annotated aliases at the bottom are the field types
-the settings and pool models use.
+Each parser raises ValueError saying what was expected; imagepipe.schema turns that into an
+issue at the key's line (see errors.py). The readers at the bottom add the bounds the
+settings and pool sections share.
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ import os
 import re
 import zoneinfo
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BeforeValidator, Field, StrictInt
-
-from imagepipe import names, units
+from imagepipe import names, schema, units
 
 
 def parse_duration(value: object) -> float:
@@ -386,12 +384,8 @@ def parse_host_port(value: object) -> str:
     )
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
-PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
-OptionalDuration = Annotated[float | None, BeforeValidator(parse_optional_duration)]
-Size = Annotated[int, BeforeValidator(parse_size)]
-SizeWithUnit = Annotated[int, BeforeValidator(parse_size_with_unit), Field(gt=0)]
-Count = Annotated[StrictInt, Field(ge=0)]
-Positive = Annotated[StrictInt, Field(ge=1)]
-TimeOfDay = Annotated[int, BeforeValidator(parse_time_of_day)]
-FilePath = Annotated[Path, BeforeValidator(parse_path)]
+duration = schema.bounded(parse_duration, ge=0)
+positive_duration = schema.bounded(parse_duration, gt=0)
+size_with_unit = schema.bounded(parse_size_with_unit, gt=0)
+count = schema.whole(ge=0)
+positive = schema.whole(ge=1)

@@ -5,25 +5,25 @@ from __future__ import annotations
 import re
 import socket
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pydantic import BaseModel
 
+from imagepipe import schema
 from imagepipe.balancers.haproxy.balancer import HAProxyBalancer
 from imagepipe.config import PoolFile, Settings
 from imagepipe.errors import EnvironmentMissingError, FatalHypervisorError
 from imagepipe.hypervisors.libvirt.hypervisor import LibvirtHypervisor
 from imagepipe.pool.model import Endpoint
+from imagepipe.schema import Section
 
 
-def key_exists(model: type[BaseModel], dotted: str) -> bool:
-    current: Any = model
+def key_exists(model: type[Section], dotted: str) -> bool:
+    current: type[Section] | None = model
     for part in dotted.split("."):
-        fields = {(f.alias or name): f for name, f in current.model_fields.items()}
+        fields = {f.name: f for f in schema.fields(current)} if current is not None else {}
         if part not in fields:
             return False
-        current = fields[part].annotation
+        current = fields[part].holds
     return True
 
 

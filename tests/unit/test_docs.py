@@ -6,19 +6,19 @@ from __future__ import annotations
 
 import itertools
 import re
-import typing
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from pydantic import BaseModel
 
+from imagepipe import schema
 from imagepipe.cli.app import main
 from imagepipe.config.pools import PoolFile, load_pool_file
 from imagepipe.config.settings import Settings, load_settings
 from imagepipe.config.values import parse_duration, parse_port_range, parse_size
+from imagepipe.schema import Section
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -239,31 +239,28 @@ def test_every_imagepipe_command_line_in_the_docs_uses_commands_and_options_that
     assert not wrong, wrong
 
 
-def _fields(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+def _fields(model: type[Section], prefix: str = "") -> dict[str, schema.Key]:
     """Every key a file may hold: dotted names of the model's leaves, with their defaults."""
-    keys: dict[str, Any] = {}
-    for name, field in model.model_fields.items():
-        key = prefix + (field.alias or name)
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            nested = annotation
-            if all(f.is_required() is False for f in nested.model_fields.values()):
-                keys.update(_fields(nested, key + "."))
-                continue
+    keys: dict[str, schema.Key] = {}
+    for field in schema.fields(model):
+        key = prefix + field.name
+        nested = field.section
+        if nested is not None and not any(f.required for f in schema.fields(nested)):
+            keys.update(_fields(nested, key + "."))
+            continue
         keys[key] = field
     return keys
 
 
-def _every_key(model: type[BaseModel], prefix: str = "") -> set[str]:
+def _every_key(model: type[Section], prefix: str = "") -> set[str]:
     """Every dotted key a file may spell, sections and the keys inside optional sections
     (`web`, `web.bind`, `web.tls.cert`) included."""
     keys = set()
-    for name, field in model.model_fields.items():
-        key = prefix + (field.alias or name)
+    for field in schema.fields(model):
+        key = prefix + field.name
         keys.add(key)
-        for nested in typing.get_args(field.annotation) or (field.annotation,):
-            if isinstance(nested, type) and issubclass(nested, BaseModel):
-                keys |= _every_key(nested, key + ".")
+        if field.holds is not None:
+            keys |= _every_key(field.holds, key + ".")
     return keys
 
 
@@ -292,7 +289,7 @@ def test_the_pool_file_reference_names_every_pool_key_and_no_other() -> None:
 
 def _pool_channel_default() -> Any:
     """What a pool file without `channel` or `version` follows (the field itself is None)."""
-    return PoolFile.model_validate({"name": "lab", "image": "tiny"}).pool_spec("lab.yml").channel
+    return schema.read(PoolFile, {"name": "lab", "image": "tiny"}).pool_spec("lab.yml").channel
 
 
 EFFECTIVE_DEFAULTS = {"channel": _pool_channel_default}
@@ -332,14 +329,14 @@ def _same_default(cell: str, default: Any) -> bool | None:
     ],
 )
 def test_the_configuration_reference_states_the_defaults_the_models_have(
-    page: str, heading: str, model: type[BaseModel]
+    page: str, heading: str, model: type[Section]
 ) -> None:
     fields = _fields(model)
     wrong = []
     compared = 0
     for key, cell in _reference(page, heading).items():
         field = fields[key]
-        if field.is_required() or field.default_factory is not None:
+        if field.required or field.factory is not None:
             continue
         effective = EFFECTIVE_DEFAULTS.get(key)
         same = _same_default(cell, effective() if effective else field.default)
@@ -369,8 +366,8 @@ def test_every_dotted_settings_or_pool_key_the_docs_name_exists(page: Path) -> N
     assert not wrong, f"{page.relative_to(ROOT)}: no such key: {sorted(wrong)}"
 
 
-SETTINGS_TOP = set(Settings.model_fields) - SETTINGS_NOT_KEYS
-POOL_TOP = {f.alias or n for n, f in PoolFile.model_fields.items()}
+SETTINGS_TOP = set(schema.keys(Settings)) - SETTINGS_NOT_KEYS
+POOL_TOP = set(schema.keys(PoolFile))
 
 
 def _yaml_examples() -> list[tuple[str, str]]:

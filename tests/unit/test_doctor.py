@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from imagepipe import doctor
+from imagepipe import doctor, schema
 from imagepipe.cli.app import main
 from imagepipe.config import BalancerInstance, BalancerSettings, HypervisorSettings, Settings
 from imagepipe.doctor import Check, Status, run_checks
@@ -51,7 +51,7 @@ def settings(tmp_path: Path, **changes: object) -> Settings:
         image_store=tmp_path / "images",
         run_dir=tmp_path / "run",
     )
-    return base.model_copy(update=changes)
+    return schema.replace(base, **changes)
 
 
 def by_name(checks: list[Check]) -> dict[str, Check]:

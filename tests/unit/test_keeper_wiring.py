@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from imagepipe import schema
 from imagepipe.app.bootstrap import bootstrap, build_balancer, build_hypervisor
 from imagepipe.balancers.ipvs.balancer import IPVSBalancer
 from imagepipe.balancers.null import NullBalancer
@@ -22,7 +23,7 @@ def settings(tmp_path: Path, **changes: object) -> Settings:
         image_store=tmp_path / "images",
         pools_dir=tmp_path / "pools",
     )
-    return base.model_copy(update=changes)
+    return schema.replace(base, **changes)
 
 
 def test_balancer_none_accepts_everything_and_reports_nothing(tmp_path: Path) -> None:
