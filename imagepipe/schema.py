@@ -23,6 +23,7 @@ type checkers so).
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
 from pathlib import PurePath
@@ -96,6 +97,7 @@ class Section:
 
     _fields: ClassVar[tuple[Key, ...]] = ()
     _by_name: ClassVar[dict[str, Key]] = {}
+    _getter: ClassVar[Callable[[Any], tuple[Any, ...]]] = staticmethod(lambda _: ())
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -114,6 +116,8 @@ class Section:
             fields[attr] = found
         cls._fields = tuple(fields.values())
         cls._by_name = {f.name: f for f in cls._fields if f.read is not None}
+        getter = operator.attrgetter(*fields) if fields else (lambda _: ())
+        cls._getter = staticmethod((lambda s: (getter(s),)) if len(fields) == 1 else getter)
 
     def __init__(self, **values: Any) -> None:
         for field in self._fields:
@@ -127,7 +131,7 @@ class Section:
             raise TypeError(f"{type(self).__name__}() has no field {next(iter(values))}")
 
     def _values(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, f.attr) for f in self._fields)
+        return type(self)._getter(self)
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
