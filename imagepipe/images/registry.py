@@ -782,8 +782,10 @@ def _tag_message(record: VersionRecord) -> str:
 
 
 def _first_error(exc: schema.Invalid) -> str:
+    """The first problem, on one short line (a key may be thousands of characters long)."""
     path, message = exc.problems[0]
-    return f"{'.'.join(str(p) for p in path)}: {message}"[:200]
+    found = f"{'.'.join(str(p) for p in path)}: {message}"
+    return found if len(found) <= 200 else f"{found[:199]}…"
 
 
 def _refuse_constant(name: str) -> Any:
