@@ -60,7 +60,9 @@ def _template(value: object) -> str:
     return name
 
 
-def _named_by_identifiers(reader: Callable[[object], dict[str, Any]]) -> Callable[[object], Any]:
+def _named_by_identifiers(
+    reader: Callable[[object], dict[str, Any]],
+) -> Callable[[object], dict[str, Any]]:
     """A mapping read by `reader` whose keys are variable names (Packer's and the shell's)."""
 
     def read_named(value: object) -> dict[str, Any]:
@@ -136,7 +138,8 @@ class ImageDefinition(schema.Section):
 
 
 class Image(schema.Section):
-    """An image folder: its name, where it lives, and its definition (set by load_image)."""
+    """An image folder: its name, where it lives, and its definition (made by load_image,
+    not read from a file: its fields have no key)."""
 
     name: str
     folder: Path
