@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from imagepipe import schema
 from imagepipe.app.bootstrap import Runtime
 from imagepipe.cli.context import cli_context
 from imagepipe.config import load_pools
@@ -61,7 +62,7 @@ def _channels_of(registry: Registry, image: str) -> dict[int, list[str]]:
 
 
 def _doc(record: VersionRecord, channels: list[str]) -> dict[str, Any]:
-    return {**record.model_dump(mode="json"), "channels": channels}
+    return {**schema.dump(record), "channels": channels}
 
 
 @app.command("list")

@@ -16,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
+from imagepipe import schema
 from imagepipe.errors import (
     EnvironmentMissingError,
     ImagepipeError,
@@ -260,7 +261,7 @@ def _plan(
         **values,
         "image": image.registers_as,
         "packer": {"version": str(version), "init": version.needs_init},
-        "parent": parent.model_dump(mode="json") if parent else None,
+        "parent": schema.dump(parent) if parent else None,
     }
     placeholders = resolve_secrets(image, placeholders=True)
     placeholders = {k: f"<secret:{k}>" for k in placeholders}

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from imagepipe import names
+from imagepipe import names, schema
 from imagepipe.errors import BadInputError, ConfigError
 from imagepipe.yamlsrc import format_path, load_text, path_kind, read_text
 
@@ -41,94 +40,93 @@ _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 ScalarValue = str | int | float | bool
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+def _registry_name(rule: Callable[[str], str | None]) -> Callable[[object], str]:
+    """Text that follows one of the registry's naming rules (names.image_error, ...)."""
+
+    def read_name(value: object) -> str:
+        name = schema.text(value)
+        error = rule(name)
+        if error is not None:
+            raise ValueError(error)
+        return name
+
+    return read_name
 
 
-class ParentRef(_Model):
-    """The registered version an update build starts from."""
-
-    image: str
-    channel: str = "latest"
-
-    @field_validator("image")
-    @classmethod
-    def _image_name(cls, value: str) -> str:
-        return _registry_name(value, names.image_error)
-
-    @field_validator("channel")
-    @classmethod
-    def _channel_name(cls, value: str) -> str:
-        return _registry_name(value, names.channel_error)
+def _template(value: object) -> str:
+    name = schema.text(value)
+    if not name.endswith(".j2"):
+        raise ValueError(f"template {name!r} must end in .j2")
+    return name
 
 
-def _registry_name(value: str, rule: Any) -> str:
-    error = rule(value)
-    if error is not None:
-        raise ValueError(error)
-    return value
+def _named_by_identifiers(
+    reader: Callable[[object], dict[str, Any]],
+) -> Callable[[object], dict[str, Any]]:
+    """A mapping read by `reader` whose keys are variable names (Packer's and the shell's)."""
 
-
-class ArtifactSpec(_Model):
-    """Which build outputs become the version, and how a hypervisor boots them."""
-
-    files: tuple[str, ...] = ()  # globs in the build directory; may be empty for a VM
-    disk: str | None = None
-    kernel: str | None = None
-    initrd: str | None = None
-    cmdline: str | None = None
-    vm: str | None = None
-    snapshot: str | None = None
-
-
-class ImageDefinition(_Model):
-    """A validated image.yml (plus where it came from)."""
-
-    description: str
-    builder: str
-    template: str
-    render: tuple[str, ...] = ()
-    copy_files: tuple[str, ...] = Field(default=(), alias="copy")
-    prepare: str | None = None
-    requires: tuple[str, ...] = ()
-    variables: dict[str, ScalarValue] = Field(default_factory=dict)
-    secrets: dict[str, str] = Field(default_factory=dict)
-    registers_as: str | None = None
-    # How `packer validate` runs on a host without `requires` (e.g. CI without VirtualBox):
-    # virtualbox-vm asks VBoxManage about the VM while validating, so it needs syntax-only.
-    validate_without_requires: Literal["full", "syntax-only"] = "full"
-    parent: ParentRef | None = None
-    artifact: ArtifactSpec
-
-    @field_validator("registers_as")
-    @classmethod
-    def _registers_as_image_name(cls, value: str | None) -> str | None:
-        return None if value is None else _registry_name(value, names.image_error)
-
-    @field_validator("template", "render")
-    @classmethod
-    def _templates_end_in_j2(cls, value: Any) -> Any:
-        names = (value,) if isinstance(value, str) else value
-        for name in names:
-            if not name.endswith(".j2"):
-                raise ValueError(f"template {name!r} must end in .j2")
-        return value
-
-    @field_validator("variables", "secrets")
-    @classmethod
-    def _names_are_identifiers(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for name in value:
+    def read_named(value: object) -> dict[str, Any]:
+        found = reader(value)
+        for name in found:
             if not _VARIABLE.fullmatch(name):
                 raise ValueError(
                     f"variable name {name!r} must be a letter or _ then letters, digits, _"
                 )
-        return value
+        return found
 
-    @model_validator(mode="after")
-    def _artifact_is_something(self) -> ImageDefinition:
-        if not self.artifact.files and not self.artifact.vm:
-            raise ValueError("artifact needs files (a disk) or a vm (a VirtualBox base VM)")
-        return self
+    return read_named
+
+
+_image_name = _registry_name(names.image_error)
+_words = schema.tuple_of(schema.text)
+_maybe_text = schema.optional(schema.text)
+
+
+class ParentRef(schema.Section):
+    """The registered version an update build starts from."""
+
+    image: str = schema.key(_image_name)
+    channel: str = schema.key(_registry_name(names.channel_error), default="latest")
+
+
+class ArtifactSpec(schema.Section):
+    """Which build outputs become the version, and how a hypervisor boots them."""
+
+    # globs in the build directory; may be empty for a VM
+    files: tuple[str, ...] = schema.key(_words, default=())
+    disk: str | None = schema.key(_maybe_text, default=None)
+    kernel: str | None = schema.key(_maybe_text, default=None)
+    initrd: str | None = schema.key(_maybe_text, default=None)
+    cmdline: str | None = schema.key(_maybe_text, default=None)
+    vm: str | None = schema.key(_maybe_text, default=None)
+    snapshot: str | None = schema.key(_maybe_text, default=None)
+
+
+class ImageDefinition(schema.Section):
+    """A validated image.yml (plus where it came from). The fields' order and keys are what
+    the build's fingerprint hashes."""
+
+    description: str = schema.key(schema.text)
+    builder: str = schema.key(schema.text)
+    template: str = schema.key(_template)
+    render: tuple[str, ...] = schema.key(schema.tuple_of(_template), default=())
+    copy_files: tuple[str, ...] = schema.key(_words, default=(), name="copy")
+    prepare: str | None = schema.key(_maybe_text, default=None)
+    requires: tuple[str, ...] = schema.key(_words, default=())
+    variables: dict[str, ScalarValue] = schema.key(
+        _named_by_identifiers(schema.mapping_of(schema.scalar)), default_factory=dict
+    )
+    secrets: dict[str, str] = schema.key(
+        _named_by_identifiers(schema.mapping_of(schema.text)), default_factory=dict
+    )
+    registers_as: str | None = schema.key(schema.optional(_image_name), default=None)
+    # How `packer validate` runs on a host without `requires` (e.g. CI without VirtualBox):
+    # virtualbox-vm asks VBoxManage about the VM while validating, so it needs syntax-only.
+    validate_without_requires: Literal["full", "syntax-only"] = schema.key(
+        schema.choice("full", "syntax-only"), default="full"
+    )
+    parent: ParentRef | None = schema.key(schema.optional(schema.section(ParentRef)), default=None)
+    artifact: ArtifactSpec = schema.key(schema.section(ArtifactSpec))
 
     @property
     def templates(self) -> tuple[str, ...]:
@@ -139,10 +137,9 @@ class ImageDefinition(_Model):
         return template.removesuffix(".j2")
 
 
-class Image(BaseModel):
-    """An image folder: its name, where it lives, and its definition."""
-
-    model_config = ConfigDict(frozen=True)
+class Image(schema.Section):
+    """An image folder: its name, where it lives, and its definition (made by load_image,
+    not read from a file: its fields have no key)."""
 
     name: str
     folder: Path
@@ -256,10 +253,17 @@ def parse_definition(text: str, source: str) -> ImageDefinition:
     if not isinstance(doc.data, dict):
         raise ConfigError("expected a mapping of settings (description, builder, ...)", file=source)
     try:
-        return ImageDefinition.model_validate(doc.data)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        loc: tuple[str | int, ...] = tuple(error["loc"])
-        key = ".".join(str(part) for part in loc) or None
-        message = str(error.get("ctx", {}).get("error", error["msg"]))
-        raise ConfigError(message, file=source, line=doc.line_of(loc), key=key) from None
+        definition = schema.read(ImageDefinition, doc.data)
+    except schema.Invalid as exc:
+        path, message = exc.problems[0]
+        raise ConfigError(
+            message, file=source, line=doc.line_of(path), key=format_path(path) or None
+        ) from None
+    if not definition.artifact.files and not definition.artifact.vm:
+        raise ConfigError(
+            "needs files (a disk) or a vm (a VirtualBox base VM)",
+            file=source,
+            line=doc.line_of(("artifact",)),
+            key="artifact",
+        )
+    return definition

@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from imagepipe import schema
 from imagepipe.images.checksum import sha256_file
 from imagepipe.images.definition import Image
 from imagepipe.images.records import ScalarValue
@@ -38,7 +39,7 @@ def fingerprint(
     parent: int | None,
 ) -> str:
     document = {
-        "definition": image.definition.model_dump(mode="json", by_alias=True),
+        "definition": schema.dump(image.definition, by_key=True),
         "folder": folder_digests(image.folder),
         "rendered": {f.path: f.sha256 for f in rendered},
         "variables": {k: variables[k] for k in sorted(variables)},

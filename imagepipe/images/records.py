@@ -7,16 +7,24 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
+from imagepipe.schema import (
+    Section,
+    flag,
+    key,
+    mapping_of,
+    member,
+    optional,
+    scalar,
+    section,
+    text,
+    tuple_of,
+    whole,
+)
 
 if TYPE_CHECKING:  # the pool model's 35 dataclasses cost a build or a listing ~70 ms to make
     from imagepipe.pool.model import BaseImage
 
 ScalarValue = str | int | float | bool
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 def now_iso() -> str:
@@ -29,36 +37,43 @@ class Status(StrEnum):
     PRUNED = "pruned"  # artifacts removed from the image store
 
 
-class ArtifactFile(_Frozen):
-    name: str
-    size: int
-    sha256: str
+class ArtifactFile(Section):
+    name: str = key(text)
+    size: int = key(whole())
+    sha256: str = key(text)
 
 
-class VersionRecord(_Frozen):
-    """One registered version of an image. Written once; only `status` changes (elsewhere)."""
+_maybe_text = optional(text)
 
-    image: str
-    version: int
-    created_at: str
-    fingerprint: str
-    builder: str
-    packer_version: str
-    source_commit: str | None = None  # commit of the repository holding packer/
-    source_dirty: bool = False  # uncommitted changes under packer/ at build time
-    parent: int | None = None
-    directory: str  # the version's folder in the image store (read-only)
-    artifacts: tuple[ArtifactFile, ...] = ()
-    disk: str | None = None
-    kernel: str | None = None
-    initrd: str | None = None
-    cmdline: str | None = None
-    vm: str | None = None  # VirtualBox base VM
-    snapshot: str | None = None  # VirtualBox snapshot clones link to
-    variables: dict[str, ScalarValue] = Field(default_factory=dict)  # secrets never included
-    status: Status = Status.ACTIVE
-    status_reason: str | None = None
-    status_at: str | None = None
+
+class VersionRecord(Section):
+    """One registered version of an image. Written once; only `status` changes (elsewhere).
+    The fields' order is the order `images show --json` prints them in."""
+
+    image: str = key(text)
+    version: int = key(whole())
+    created_at: str = key(text)
+    fingerprint: str = key(text)
+    builder: str = key(text)
+    packer_version: str = key(text)
+    # commit of the repository holding packer/
+    source_commit: str | None = key(_maybe_text, default=None)
+    # uncommitted changes under packer/ at build time
+    source_dirty: bool = key(flag, default=False)
+    parent: int | None = key(optional(whole()), default=None)
+    directory: str = key(text)  # the version's folder in the image store (read-only)
+    artifacts: tuple[ArtifactFile, ...] = key(tuple_of(section(ArtifactFile)), default=())
+    disk: str | None = key(_maybe_text, default=None)
+    kernel: str | None = key(_maybe_text, default=None)
+    initrd: str | None = key(_maybe_text, default=None)
+    cmdline: str | None = key(_maybe_text, default=None)
+    vm: str | None = key(_maybe_text, default=None)  # VirtualBox base VM
+    snapshot: str | None = key(_maybe_text, default=None)  # VirtualBox snapshot clones link to
+    # secrets never included
+    variables: dict[str, ScalarValue] = key(mapping_of(scalar), default_factory=dict)
+    status: Status = key(member(Status), default=Status.ACTIVE)
+    status_reason: str | None = key(_maybe_text, default=None)
+    status_at: str | None = key(_maybe_text, default=None)
 
     @property
     def label(self) -> str:
@@ -84,26 +99,28 @@ class VersionRecord(_Frozen):
         )
 
 
-class ChannelMove(_Frozen):
+class ChannelMove(Section):
     """A channel was pointed at `version` (by a build, promote, rollback or revoke)."""
 
-    version: int
-    at: str
-    by: str
+    version: int = key(whole())
+    at: str = key(text)
+    by: str = key(text)
 
 
-class StatusChange(_Frozen):
-    version: int
-    status: Status
-    reason: str
-    at: str
+class StatusChange(Section):
+    version: int = key(whole())
+    status: Status = key(member(Status))
+    reason: str = key(text)
+    at: str = key(text)
 
 
-class ImageState(_Frozen):
+class ImageState(Section):
     """Per image, the mutable part: channel histories and status changes."""
 
-    channels: dict[str, tuple[ChannelMove, ...]] = Field(default_factory=dict)
-    changes: tuple[StatusChange, ...] = ()
+    channels: dict[str, tuple[ChannelMove, ...]] = key(
+        mapping_of(tuple_of(section(ChannelMove))), default_factory=dict
+    )
+    changes: tuple[StatusChange, ...] = key(tuple_of(section(StatusChange)), default=())
 
     def current(self, channel: str) -> int | None:
         history = self.channels.get(channel)

@@ -24,9 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import ValidationError
-
-from imagepipe import names
+from imagepipe import names, schema
 from imagepipe.errors import BadInputError, ConfigError, OperationFailedError
 from imagepipe.images.checksum import sha256_file
 from imagepipe.images.records import (
@@ -156,12 +154,11 @@ class Registry:
         records = [self._read_record(p) for p in sorted(folder.glob("v*.json"))]
         changes = {c.version: c for c in state.changes}  # later changes win
         merged = [
-            r.model_copy(
-                update={
-                    "status": changes[r.version].status,
-                    "status_reason": changes[r.version].reason,
-                    "status_at": changes[r.version].at,
-                }
+            schema.replace(
+                r,
+                status=changes[r.version].status,
+                status_reason=changes[r.version].reason,
+                status_at=changes[r.version].at,
             )
             if r.version in changes
             else r
@@ -263,7 +260,7 @@ class Registry:
                     stored[0] = directory
             except FileExistsError:
                 raise _LostRace from None
-            _write_json(self._record_path(new.image, number), record.model_dump(mode="json"))
+            _write_json(self._record_path(new.image, number), schema.dump(record))
             state = self._state(new.image)
             self._write_state(new.image, _move(state, LATEST, number, "build"))
             self._commit(repo, f"{record.label}: register ({new.fingerprint[:12]})")
@@ -353,7 +350,7 @@ class Registry:
             change = StatusChange(
                 version=version, status=Status.REVOKED, reason=reason, at=now_iso()
             )
-            state = state.model_copy(update={"changes": (*state.changes, change)})
+            state = schema.replace(state, changes=(*state.changes, change))
             self._write_state(image, state)
             for channel in [c for c in state.channels if state.current(c) == version]:
                 previous = self._previous(image, state, channel)
@@ -376,7 +373,7 @@ class Registry:
             change = StatusChange(
                 version=version, status=Status.PRUNED, reason=reason, at=now_iso()
             )
-            self._write_state(image, state.model_copy(update={"changes": (*state.changes, change)}))
+            self._write_state(image, schema.replace(state, changes=(*state.changes, change)))
             self._commit(repo, f"{record.label}: pruned: {reason}")
             return record, None
 
@@ -602,7 +599,7 @@ class Registry:
         return state or ImageState()
 
     def _write_state(self, image: str, state: ImageState) -> None:
-        _write_json(self._image_dir(image) / "state.json", state.model_dump(mode="json"))
+        _write_json(self._image_dir(image) / "state.json", schema.dump(state))
 
     def _read_record(self, path: Path) -> VersionRecord:
         record = self._read(path, VersionRecord, missing_ok=False)
@@ -627,8 +624,8 @@ class Registry:
         if cached is not None and cached.signature == signature:
             return cached.value
         try:
-            value = model.model_validate(_read_json(path))
-        except ValidationError as exc:
+            value = schema.read(model, _read_json(path))
+        except schema.Invalid as exc:
             raise BadInputError(f"registry file {path} is corrupt: {_first_error(exc)}") from None
         self.parsed += 1
         self._cache[path] = _Cached(signature, value)
@@ -776,7 +773,7 @@ def check_image_name(image: str) -> None:
 
 def _move(state: ImageState, channel: str, version: int, by: str) -> ImageState:
     history = (*state.channels.get(channel, ()), ChannelMove(version=version, at=now_iso(), by=by))
-    return state.model_copy(update={"channels": {**state.channels, channel: history}})
+    return schema.replace(state, channels={**state.channels, channel: history})
 
 
 def _tag_message(record: VersionRecord) -> str:
@@ -784,9 +781,11 @@ def _tag_message(record: VersionRecord) -> str:
     return f"{record.label}\nfingerprint {record.fingerprint}\nartifacts: {files}\n"
 
 
-def _first_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    return f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"[:200]
+def _first_error(exc: schema.Invalid) -> str:
+    """The first problem, on one short line (a key may be thousands of characters long)."""
+    path, message = exc.problems[0]
+    found = f"{'.'.join(str(p) for p in path)}: {message}"
+    return found if len(found) <= 200 else f"{found[:199]}…"
 
 
 def _refuse_constant(name: str) -> Any:

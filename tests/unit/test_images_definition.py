@@ -38,6 +38,39 @@ def test_a_wrong_key_in_image_yml_names_file_line_and_key() -> None:
     assert str(err.value).startswith("packer/demo/image.yml:8: artifact.colour:")
 
 
+def test_a_misspelt_key_is_answered_with_the_key_meant() -> None:
+    text = GOOD.replace("  files: [out.txt]", "  fles: [out.txt]")
+    with pytest.raises(ConfigError) as err:
+        parse_definition(text, "image.yml")
+    assert str(err.value) == "image.yml:7: artifact.fles: unknown key; did you mean 'files'?"
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("memory: 256", "memory: [1]"), "image.yml:5: variables.memory: expected text, a number"),
+        (("artifact:", "render: [a.j2, b.txt]\nartifact:"), "image.yml:6: render[1]: template"),
+        (("artifact:", "copy: [1]\nartifact:"), "image.yml:6: copy[0]: expected text, got 1"),
+        (("description: test image\n", ""), "image.yml:1: description: required key is missing"),
+        (("files: [out.txt]", "files: []"), "image.yml:6: artifact: needs files (a disk) or a vm"),
+    ],
+)
+def test_a_wrong_value_names_its_entry_and_line(change: tuple[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_definition(GOOD.replace(*change), "image.yml")
+    assert str(err.value).startswith(expected)
+
+
+def test_the_definition_keeps_what_the_file_gives() -> None:
+    text = GOOD.replace("  memory: 256", "  a: 1\n  b: 1.0\n  c: true\n  d: x")
+    definition = parse_definition(text + "copy: [scripts]\nparent: {image: base}\n", "i.yml")
+    assert definition.copy_files == ("scripts",)
+    assert definition.variables == {"a": 1, "b": 1.0, "c": True, "d": "x"}
+    assert [type(v) for v in definition.variables.values()] == [int, float, bool, str]
+    assert definition.parent is not None and definition.parent.channel == "latest"
+    assert definition.artifact.files == ("out.txt",)
+
+
 def test_a_template_not_ending_in_j2_is_refused_with_its_line() -> None:
     with pytest.raises(ConfigError) as err:
         parse_definition(GOOD.replace("main.pkr.hcl.j2", "main.pkr.hcl"), "image.yml")

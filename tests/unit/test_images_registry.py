@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import stat
@@ -143,6 +144,28 @@ def test_a_corrupt_registry_file_is_reported_not_guessed(
     record.write_text('{"image": "tiny"')
     with pytest.raises(BadInputError, match=r"registry file .*v0001.json is corrupt"):
         registry.versions("tiny")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("version", "1", "version: expected a whole number, got '1'"),
+        ("source_dirty", "yes", "source_dirty: expected true or false, got 'yes'"),
+        ("status", "gone", "status: expected 'active', 'revoked' or 'pruned', got 'gone'"),
+        ("artifacts", [{"name": "a"}], "artifacts.0.size: required key is missing"),
+        ("colour", "red", "colour: unknown key"),
+    ],
+)
+def test_a_record_field_of_the_wrong_kind_is_named(
+    registry: Registry, tmp_path: Path, key: str, value: object, words: str
+) -> None:
+    """Nothing the registry wrote is coerced on reading: a wrong value is corruption."""
+    _register(registry, tmp_path, "a")
+    record = tmp_path / "registry" / "images" / "tiny" / "versions" / "v0001.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), key: value}))
+    with pytest.raises(BadInputError) as caught:
+        Registry(tmp_path / "registry", tmp_path / "images").versions("tiny")
+    assert str(caught.value).startswith(f"registry file {record} is corrupt: {words}")
 
 
 def test_a_registry_path_that_is_not_a_git_repository_is_refused(tmp_path: Path) -> None:
