@@ -4,7 +4,7 @@
 
 Measured in the same run, rounds interleaved so a loaded host slows every command alike:
   1. `python -c pass`                        the floor: an interpreter that does nothing
-  2. `python -c "import typer, pydantic, yaml"`  what any command needs before its own code
+  2. `python -c "import typer, yaml"`         what any command needs before its own code
   3. `imagepipe --help`                      the command table and typer's rich help
   4. `imagepipe status --json`               one pool file, libvirt's test:///default driver
                                              (no daemon), no balancer: start-up, settings,
@@ -51,7 +51,7 @@ def main() -> None:
         entry = [sys.executable, "-m", "imagepipe"]
         commands = {
             "python -c pass": [sys.executable, "-c", "pass"],
-            "import typer, pydantic, yaml": [sys.executable, "-c", "import typer, pydantic, yaml"],
+            "import typer, yaml": [sys.executable, "-c", "import typer, yaml"],
             "imagepipe --help": [*entry, "--help"],
             "imagepipe status --json": [*entry, "--config", str(config), "status", "--json"],
         }

@@ -155,6 +155,32 @@ def test_the_core_imports_only_itself_errors_and_log() -> None:
     assert {name: found for name, found in offending.items() if found} == {}
 
 
+def third_party_imports(source: str) -> set[str]:
+    """The top-level packages `source` imports from outside imagepipe, at any depth."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+    return found - {"imagepipe"}
+
+
+def test_no_module_loads_pydantic_which_every_command_would_pay_for() -> None:
+    """Settings, pool files, image definitions and registry records are read by
+    imagepipe/schema.py: pydantic cost each command ~3x a bare Python start (docs/benchmarks.md)."""
+    assert third_party_imports("from pydantic import BaseModel\nimport pydantic_core") == {
+        "pydantic",
+        "pydantic_core",
+    }
+    users = {
+        name: found
+        for name, path in modules().items()
+        if (found := third_party_imports(path.read_text()) & {"pydantic", "pydantic_core"})
+    }
+    assert users == {}
+
+
 def test_only_the_composition_root_imports_adapters_outside_their_own_packages() -> None:
     allowed = {COMPOSITION_ROOT, "imagepipe.doctor"}  # doctor probes each adapter
     users = {
