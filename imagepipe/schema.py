@@ -25,6 +25,8 @@ from __future__ import annotations
 import inspect
 import operator
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import fields as dc_fields
+from dataclasses import is_dataclass
 from enum import Enum
 from pathlib import PurePath
 from typing import Any, ClassVar, TypeVar, dataclass_transform
@@ -99,8 +101,12 @@ class Section:
     _by_name: ClassVar[dict[str, Key]] = {}
     _getter: ClassVar[Callable[[Any], tuple[Any, ...]]] = staticmethod(lambda _: ())
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    _positional: ClassVar[bool] = False
+
+    def __init_subclass__(cls, *, kw_only: bool = True, **kwargs: Any) -> None:
+        """`kw_only=False`: the constructor also takes the fields in order, as a dataclass's."""
         super().__init_subclass__(**kwargs)
+        cls._positional = not kw_only
         fields = {f.attr: f for f in cls._fields}
         for attr, annotation in inspect.get_annotations(cls).items():
             if attr.startswith("_") or str(annotation).startswith(("ClassVar", "typing.ClassVar")):
@@ -119,7 +125,14 @@ class Section:
         getter = operator.attrgetter(*fields) if fields else (lambda _: ())
         cls._getter = staticmethod((lambda s: (getter(s),)) if len(fields) == 1 else getter)
 
-    def __init__(self, **values: Any) -> None:
+    def __init__(self, *args: Any, **values: Any) -> None:
+        if args:
+            if not self._positional or len(args) > len(self._fields):
+                raise TypeError(f"{type(self).__name__}() takes its fields by name")
+            for field, value in zip(self._fields, args, strict=False):
+                if field.attr in values:
+                    raise TypeError(f"{type(self).__name__}() got {field.attr} twice")
+                values[field.attr] = value
         for field in self._fields:
             value = values.pop(field.attr, _MISSING)
             if value is _MISSING:
@@ -151,6 +164,9 @@ class Section:
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"{type(self).__name__} is frozen: cannot delete {name}")
+
+
+Record = Section  # the same frozen record where no field is read from a file (read models)
 
 
 def replace(section: S, **changes: Any) -> S:
@@ -217,6 +233,8 @@ def dump(value: Any, *, by_key: bool = False) -> Any:
             (f.name if by_key else f.attr): dump(getattr(value, f.attr), by_key=by_key)
             for f in value._fields
         }
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: dump(getattr(value, f.name), by_key=by_key) for f in dc_fields(value)}
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, PurePath):

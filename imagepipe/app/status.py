@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from imagepipe import schema
 from imagepipe.app.bootstrap import Runtime
 from imagepipe.pool.learning import learned
 from imagepipe.pool.model import (
@@ -33,6 +34,7 @@ from imagepipe.pool.observe import HostObservation, observe
 from imagepipe.pool.planner import classify, free_target, session_unread
 from imagepipe.pool.planner.forecast import day_and_bucket
 from imagepipe.pool.ports import Hosts
+from imagepipe.schema import Record, key
 
 if TYPE_CHECKING:
     from imagepipe.pool.store import Store
@@ -45,8 +47,7 @@ UNKNOWN = "unknown"  # a read this status needed failed (its session, its readin
 RESTS_ON_READY = (CloneState.FREE, CloneState.BOOTING)
 
 
-@dataclass(frozen=True)
-class CloneStatus:
+class CloneStatus(Record, kw_only=False):
     name: str
     slot: int
     version: int | None
@@ -63,8 +64,7 @@ class CloneStatus:
     host: str = ""  # the host it runs on ("": the only host)
 
 
-@dataclass(frozen=True)
-class PoolStatus:
+class PoolStatus(Record, kw_only=False):
     name: str
     image: str
     version: int | None  # the version the pool runs now (channel or pin resolved)
@@ -81,16 +81,14 @@ class PoolStatus:
     unknown: int = 0  # desktops whose state could not be read (counted in total, not free)
 
 
-@dataclass(frozen=True)
-class StrayClone:
+class StrayClone(Record, kw_only=False):
     name: str
     pool: str
     version: int
     power: str
 
 
-@dataclass(frozen=True)
-class LeaderStatus:
+class LeaderStatus(Record, kw_only=False):
     """Which keeper leads, when several share the state (the store's lease)."""
 
     holder: str  # host/pid of the keeper
@@ -98,8 +96,7 @@ class LeaderStatus:
     lease_left: float  # seconds; 0 or less: the lease ran out (nobody leads right now)
 
 
-@dataclass(frozen=True)
-class HostStatus:
+class HostStatus(Record, kw_only=False):
     schema: str
     generated_at: float
     pools: tuple[PoolStatus, ...]
@@ -110,7 +107,7 @@ class HostStatus:
     hosts: tuple[HostState, ...] = ()
     balancer_instances: tuple[InstanceHealth, ...] = ()  # a balancer pair: each instance
     # several hosts: those whose circuit breaker the running keeper holds open, until when
-    host_breakers: dict[str, float] = field(default_factory=dict)
+    host_breakers: dict[str, float] = key(default_factory=dict)
 
 
 def collect(runtime: Runtime, specs: Sequence[PoolSpec]) -> HostStatus:
@@ -126,12 +123,12 @@ def collect(runtime: Runtime, specs: Sequence[PoolSpec]) -> HostStatus:
     leader = None
     if lease is not None:
         leader = LeaderStatus(lease.holder, lease.epoch, round(lease.until - lease.now, 1))
-    status = replace(build_status(specs, host, records, now, downs), leader=leader)
+    status = schema.replace(build_status(specs, host, records, now, downs), leader=leader)
     if runtime.settings.host_specs() and isinstance(hypervisor, Hosts):
         from imagepipe.pool.rollout.driver import open_host_breakers  # several hosts only
 
         breakers = open_host_breakers(reader, now)
-        status = replace(status, hosts=tuple(hypervisor.hosts()), host_breakers=breakers)
+        status = schema.replace(status, hosts=tuple(hypervisor.hosts()), host_breakers=breakers)
     return status
 
 
@@ -184,8 +181,7 @@ def build_status(
     )
 
 
-@dataclass(frozen=True)
-class Unread:
+class Unread(Record, kw_only=False):
     """What this status could not read: some clones' sessions, the balancer's backends."""
 
     sessions: frozenset[str] = frozenset()
@@ -304,4 +300,4 @@ def _slot_of(name: str, seen: Mapping[str, ObservedClone], record: PoolRecord) -
 
 
 def to_json(snapshot: HostStatus) -> str:
-    return json.dumps(asdict(snapshot), indent=2, sort_keys=False)
+    return json.dumps(schema.dump(snapshot), indent=2, sort_keys=False)

@@ -10,12 +10,13 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from imagepipe import schema
 from imagepipe.app.bootstrap import Adapters, Runtime, bootstrap
 from imagepipe.app.metrics import KeeperMetrics, serve
 from imagepipe.app.notify import SystemdNotifier
@@ -362,7 +363,7 @@ def test_a_pool_whose_file_was_removed_can_still_be_taken_down(host: Host) -> No
 
 def test_each_instance_of_a_balancer_pair_has_its_up_gauge() -> None:
     metrics = KeeperMetrics()
-    snapshot = replace(
+    snapshot = schema.replace(
         _snapshot(100.0, {"lab-0": "free"}),
         balancer_instances=(
             InstanceHealth("lb1", reachable=True, backends=1),
