@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from imagepipe.errors import ConfigError
+from imagepipe.schema import Record
 
 KeyPath = tuple[str | int, ...]
 
@@ -69,8 +70,7 @@ _TAG = "tag:yaml.org,2002:"
 _SCALAR_TAGS = {f"{_TAG}{name}" for name in ("str", "int", "float", "bool", "null")}
 
 
-@dataclass(frozen=True)
-class Located:
+class Located(Record, kw_only=False):
     """A parsed YAML document and the line of every key path in it."""
 
     data: Any
@@ -279,8 +279,7 @@ class _Open:
     key_line: int = 0
 
 
-@dataclass(frozen=True)
-class _Anchor:
+class _Anchor(Record, kw_only=False):
     value: Any
     nodes: int
     height: int

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, TypeVar, cast
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 from imagepipe.errors import BadInputError, ConfigError, EnvironmentMissingError, ImagepipeError
 from imagepipe.log import fields
 from imagepipe.private import private_dir
+from imagepipe.schema import Record
 
 if TYPE_CHECKING:
     from imagepipe.config import Settings
@@ -66,8 +66,7 @@ class _Closable(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class Adapters:
+class Adapters(Record, kw_only=False):
     """Adapters to use instead of the ones the settings name: the seam for tests, the
     benchmarks and anything that embeds imagepipe. None = build from the settings.
 

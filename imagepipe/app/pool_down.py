@@ -10,20 +10,19 @@ where no service keeps the pool).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from imagepipe.app.bootstrap import Runtime
 from imagepipe.app.status import PoolStatus
 from imagepipe.errors import OperationFailedError
 from imagepipe.pool.model import PoolDown
+from imagepipe.schema import Record
 
 if TYPE_CHECKING:
     from imagepipe.pool.keeper import Keeper
 
 
-@dataclass(frozen=True)
-class DownRequest:
+class DownRequest(Record, kw_only=False):
     pool: str
     now: bool
     free: int  # desktops removed at once

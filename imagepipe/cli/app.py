@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from imagepipe import __version__
 from imagepipe.errors import ImagepipeError
+from imagepipe.schema import Record
 
 if TYPE_CHECKING:
     from typer import _click as click  # typer's own click
@@ -27,8 +27,7 @@ if TYPE_CHECKING:
     from imagepipe.app.bootstrap import Adapters
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(Record, kw_only=False):
     """A row of the command table: where the command is and what `--help` says of it."""
 
     module: str

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from imagepipe.errors import ConfigError
-from imagepipe.schema import Invalid, Section, read, show
+from imagepipe.schema import Invalid, Record, Section, read, show
 from imagepipe.yamlsrc import KeyPath, Located, format_path
 
 
-@dataclass(frozen=True)
-class Issue:
+class Issue(Record, kw_only=False):
     """One thing wrong in a file."""
 
     file: str

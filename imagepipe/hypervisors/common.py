@@ -27,12 +27,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
 from imagepipe.errors import FatalHypervisorError
 from imagepipe.log import fields
 from imagepipe.pool.model import Endpoint, Power
+from imagepipe.schema import Record
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ def fingerprint(parts: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class WarmKey:
+class WarmKey(Record, kw_only=False):
     """Which warm parent a clone can start from: image version, machine shape, and the
     fingerprint of everything else the saved state depends on (each driver hashes its own)."""
 

@@ -20,7 +20,6 @@ import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,6 +38,7 @@ from imagepipe.images.records import (
 )
 from imagepipe.log import fields
 from imagepipe.private import FILE_MODE, private_dir
+from imagepipe.schema import Record
 from imagepipe.yamlsrc import read_text
 
 if TYPE_CHECKING:  # GitPython and filelock are imported by the first write: reads need neither
@@ -69,8 +69,7 @@ _REFSPECS = ("+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*")
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class NewVersion:
+class NewVersion(Record, kw_only=False):
     """What a finished build hands the registry."""
 
     image: str
@@ -90,8 +89,7 @@ class NewVersion:
     variables: tuple[tuple[str, ScalarValue], ...] = ()
 
 
-@dataclass(frozen=True)
-class _Cached:
+class _Cached(Record, kw_only=False):
     """A parsed registry file and the stat signature it was parsed from."""
 
     signature: tuple[int, int, int, int]  # inode, size, mtime_ns, ctime_ns

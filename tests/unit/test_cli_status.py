@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
+from imagepipe import schema
 from imagepipe.app.bootstrap import Adapters
 from imagepipe.app.status import SCHEMA, HostStatus, PoolStatus
 from imagepipe.balancers.group import BalancerGroup
@@ -240,7 +240,7 @@ def test_status_shows_each_instance_of_a_balancer_pair_and_which_does_not_answer
     second = FakeBalancer()
     second.state.reachable = False
     pair = BalancerGroup([("lb1", adapters.balancer), ("lb2", second)])
-    with_pair = replace(adapters, balancer=pair)
+    with_pair = schema.replace(adapters, balancer=pair)
 
     code = main(["--config", str(settings), "status", "--json"], with_pair)
 

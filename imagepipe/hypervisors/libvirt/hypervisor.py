@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imagepipe.errors import (
     BaseMissingError,
@@ -61,13 +61,6 @@ from imagepipe.hypervisors.libvirt.errors import (
 )
 from imagepipe.hypervisors.libvirt.events import EventHub, ensure_event_loop
 from imagepipe.hypervisors.libvirt.notify import notify_command
-from imagepipe.hypervisors.libvirt.parents import WarmParent, WarmParents
-from imagepipe.hypervisors.libvirt.warm import (
-    FileStamp,
-    RestoreIdentity,
-    fitting_parent,
-    warm_key,
-)
 from imagepipe.log import fields
 from imagepipe.pool.model import (
     BaseImage,
@@ -79,6 +72,9 @@ from imagepipe.pool.model import (
     Power,
     StartMode,
 )
+
+if TYPE_CHECKING:  # warm parents are loaded when a desktop is made or restored, not to list
+    from imagepipe.hypervisors.libvirt.parents import WarmParent, WarmParents
 from imagepipe.pool.ports import HypervisorEvent, Subscription
 
 log = logging.getLogger(__name__)
@@ -172,9 +168,18 @@ class LibvirtHypervisor:
         ensure_event_loop(self._libvirt)
         self._conn: Any = None
         self._connect()
-        self._warm = WarmParents(
-            self._libvirt, self._libvirt_qemu, self._connection, self.state_dir
-        )
+        self._warm_parents: WarmParents | None = None
+
+    @property
+    def _warm(self) -> WarmParents:
+        """This host's warm parents, set up when a desktop first needs one."""
+        if self._warm_parents is None:
+            from imagepipe.hypervisors.libvirt.parents import WarmParents
+
+            self._warm_parents = WarmParents(
+                self._libvirt, self._libvirt_qemu, self._connection, self.state_dir
+            )
+        return self._warm_parents
 
     # -- connection and events ----------------------------------------------------------
 
@@ -461,6 +466,8 @@ class LibvirtHypervisor:
             return int(conn.getLibVersion()), int(conn.getVersion())
 
     def _warm_key(self, spec: CloneSpec, memory_kib: int, files: list[Path]) -> WarmKey:
+        from imagepipe.hypervisors.libvirt.warm import FileStamp, warm_key
+
         libvirt_version, qemu_version = self._host_versions()
         stamps = []
         for path in files:
@@ -478,6 +485,8 @@ class LibvirtHypervisor:
         )
 
     def _parent_of(self, dom: Any, name: str, meta: CloneMetadata) -> WarmParent | None:
+        from imagepipe.hypervisors.libvirt.warm import fitting_parent
+
         """The warm parent a clone restores from, when it (still) fits this host; the clone's
         own saved state is written now when the parent was made after the clone."""
         parent = fitting_parent(meta, self._warm.load, self._host_versions, self._warm.say_once)
@@ -493,6 +502,8 @@ class LibvirtHypervisor:
     def _write_saved_state(
         self, dom: Any, name: str, meta: CloneMetadata, parent: WarmParent, display: Endpoint
     ) -> None:
+        from imagepipe.hypervisors.libvirt.warm import RestoreIdentity
+
         who = RestoreIdentity(
             name=name,
             uuid=dom.UUIDString(),
