@@ -30,25 +30,21 @@ from typing import Protocol
 
 from imagepipe.errors import FencedError, ImagepipeError
 from imagepipe.log import fields
+from imagepipe.pool.actions import Action, CreateClone, ForgetClone, RecordClone, RecordPool
 from imagepipe.pool.executor import ExecutionReport, Executor, ExecutorSettings
 from imagepipe.pool.hosts import HostPass, ensure_of, host_pass
 from imagepipe.pool.learning import Learned, learned
 from imagepipe.pool.model import (
-    Action,
     Backend,
     BaseImage,
     CloneInfo,
     CloneState,
-    CreateClone,
-    ForgetClone,
     HostSpec,
     HostState,
     Observed,
     OnLogoff,
     PoolRecord,
     PoolSpec,
-    RecordClone,
-    RecordPool,
 )
 from imagepipe.pool.observe import HostObservation, belongs_to, observe
 from imagepipe.pool.planner import failures_after, next_timer, plan

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from imagepipe.pool.model import Action, CloneRecord, LoginHistory, PoolDown, PoolRecord
+from imagepipe.pool.actions import Action
+from imagepipe.pool.model import CloneRecord, LoginHistory, PoolDown, PoolRecord
 from imagepipe.pool.rollout.records import Heartbeat, Rollout
 
 HISTORY_LIMIT = 10_000  # finished journal rows kept for `status` / history

@@ -17,18 +17,9 @@ from typing import Any, Protocol
 
 from imagepipe.errors import FencedError
 from imagepipe.log import fields
+from imagepipe.pool.actions import Action, ForgetClone, RecordClone, RecordPool
 from imagepipe.pool.codec import CodecError, action_from_json, action_to_json
-from imagepipe.pool.model import (
-    Action,
-    CloneRecord,
-    CloneState,
-    ForgetClone,
-    LoginHistory,
-    PoolDown,
-    PoolRecord,
-    RecordClone,
-    RecordPool,
-)
+from imagepipe.pool.model import CloneRecord, CloneState, LoginHistory, PoolDown, PoolRecord
 from imagepipe.pool.rollout.records import (
     Heartbeat,
     Rollout,

@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from imagepipe.pool.actions import CreateClone, DeleteClone, RecordClone
 from imagepipe.pool.model import (
     Arrivals,
     Backend,
@@ -16,8 +17,6 @@ from imagepipe.pool.model import (
     CloneInfo,
     CloneRecord,
     CloneState,
-    CreateClone,
-    DeleteClone,
     Endpoint,
     LearnSpec,
     LoginHistory,
@@ -26,7 +25,6 @@ from imagepipe.pool.model import (
     PoolRecord,
     PoolSpec,
     Power,
-    RecordClone,
     ScheduleRule,
 )
 from imagepipe.pool.planner import free_target, free_target_until, next_timer, plan

@@ -28,18 +28,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 from imagepipe.errors import BadInputError
+from imagepipe.pool.actions import Action, BalancerEnable, ForgetClone, RecordClone, RecordPool
 from imagepipe.pool.model import (
-    Action,
-    BalancerEnable,
     CloneRecord,
     CloneState,
-    ForgetClone,
     Observed,
     ObservedClone,
     PoolRecord,
     PoolSpec,
-    RecordClone,
-    RecordPool,
     RolloutPolicy,
 )
 from imagepipe.pool.planner.balancer_rules import balancer_actions, orphan_actions

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from imagepipe.pool.actions import DeleteClone, ResetClone, StartClone
 from imagepipe.pool.model import (
     BackendState,
     CloneRecord,
     CloneState,
-    DeleteClone,
     GuestSession,
     ObservedClone,
     OnLogoff,
     PoolSpec,
     Power,
-    ResetClone,
-    StartClone,
 )
 from imagepipe.pool.planner.failures import gave_up, record_failure
 from imagepipe.pool.planner.steps import Context, Step, ended, enter, healthy, used

@@ -26,15 +26,8 @@ from datetime import date, datetime
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
-from imagepipe.pool.model import (
-    Action,
-    Arrivals,
-    CloneState,
-    LoginHistory,
-    PoolRecord,
-    PoolSpec,
-    RecordClone,
-)
+from imagepipe.pool.actions import Action, RecordClone
+from imagepipe.pool.model import Arrivals, CloneState, LoginHistory, PoolRecord, PoolSpec
 
 BUCKET = 300.0  # seconds: the history's and the forecast's resolution
 DAY_BUCKETS = int(86400 // BUCKET)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import NamedTuple, TypedDict, Unpack
 
+from imagepipe.pool.actions import Action
 from imagepipe.pool.model import (
-    Action,
     Arrivals,
     CloneInfo,
     CloneRecord,
