@@ -47,9 +47,9 @@ from imagepipe.pool.model import (
     PoolSpec,
 )
 from imagepipe.pool.observe import HostObservation, belongs_to, observe
-from imagepipe.pool.planner import failures_after, next_timer, plan
+from imagepipe.pool.planner import failures_after, logins_in, next_timer, plan
 from imagepipe.pool.planner.failures import HostBreaker, counts_against_pool, host_breaker_after
-from imagepipe.pool.planner.forecast import BUCKET, HISTORY_DAYS, day_and_bucket, logins_in
+from imagepipe.pool.planner.forecast import BUCKET, HISTORY_DAYS, day_and_bucket
 from imagepipe.pool.ports import (
     Balancer,
     Channels,

@@ -46,7 +46,8 @@ from imagepipe.pool.model import (
     PoolSpec,
     Power,
 )
-from imagepipe.pool.planner.forecast import BUCKET, day_and_bucket, learn, logins_in, zone
+from imagepipe.pool.planner import logins_in
+from imagepipe.pool.planner.forecast import BUCKET, day_and_bucket, learn, zone
 from imagepipe.sim.policies import Policy
 from imagepipe.sim.replan import Replanner
 from imagepipe.sim.report import SimResult, SimRun

@@ -27,14 +27,13 @@ from imagepipe.pool.model import (
     Power,
     ScheduleRule,
 )
-from imagepipe.pool.planner import free_target, free_target_until, next_timer, plan
+from imagepipe.pool.planner import free_target, free_target_until, logins_in, next_timer, plan
 from imagepipe.pool.planner.forecast import (
     BUCKET,
     DAY_BUCKETS,
     WEEK_BUCKETS,
     day_and_bucket,
     learn,
-    logins_in,
 )
 
 LEARN = LearnSpec(lead=600.0, shrink_after=300.0)
