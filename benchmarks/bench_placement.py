@@ -14,13 +14,13 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+from imagepipe.pool.actions import CreateClone
 from imagepipe.pool.model import (
     Backend,
     BackendState,
     CloneInfo,
     CloneRecord,
     CloneState,
-    CreateClone,
     Endpoint,
     HostRoom,
     Observed,

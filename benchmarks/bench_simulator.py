@@ -26,15 +26,8 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 
-from imagepipe.pool.model import (
-    Action,
-    LearnSpec,
-    Observed,
-    PoolRecord,
-    PoolSpec,
-    ScheduleRule,
-    Standby,
-)
+from imagepipe.pool.actions import Action
+from imagepipe.pool.model import LearnSpec, Observed, PoolRecord, PoolSpec, ScheduleRule, Standby
 from imagepipe.sim.engine import SimSettings, simulate, simulate_day
 from imagepipe.sim.policies import POLICIES, Planner, Policy
 from imagepipe.sim.profiles import make_profile

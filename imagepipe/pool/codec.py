@@ -1,6 +1,6 @@
 """Actions as JSON, for the store's journal: `{"kind": "CreateClone", "pool": "lab", ...}`.
 
-Every Action subclass in imagepipe.pool.model round-trips: action_from_json(action_to_json(a))
+Every Action subclass in imagepipe.pool.actions round-trips: action_from_json(action_to_json(a))
 == a. Nested values (Endpoint, CloneRecord) become objects, enums their values.
 """
 
@@ -14,8 +14,7 @@ from functools import cache
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from imagepipe.errors import OperationFailedError
-from imagepipe.pool import model
-from imagepipe.pool.model import Action
+from imagepipe.pool.actions import Action
 
 
 class CodecError(OperationFailedError):
@@ -73,7 +72,8 @@ def _encode(value: Any) -> Any:
 
 @cache
 def _hints(cls: type) -> dict[str, Any]:
-    return get_type_hints(cls, vars(model))
+    # each class's field types by the names of its own module (actions.py, model.py)
+    return get_type_hints(cls)
 
 
 def _decode(hint: Any, value: Any) -> Any:

@@ -35,17 +35,14 @@ from imagepipe.errors import (
     OperationFailedError,
 )
 from imagepipe.log import fields
-from imagepipe.pool.model import (
+from imagepipe.pool.actions import (
     Action,
     BalancerDrain,
     BalancerEnable,
     BalancerRemove,
-    BaseImage,
-    CloneSpec,
     CreateClone,
     DeleteClone,
     ForgetClone,
-    PoolSpec,
     RecordClone,
     RecordPool,
     ResetClone,
@@ -54,6 +51,7 @@ from imagepipe.pool.model import (
     StopClone,
     SuspendClone,
 )
+from imagepipe.pool.model import BaseImage, CloneSpec, PoolSpec
 from imagepipe.pool.ports import Balancer, Clock, Hypervisor
 from imagepipe.pool.store import Store
 

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 
 from imagepipe.errors import ImagepipeError
 from imagepipe.log import fields
+from imagepipe.pool.actions import Action, CreateClone
 from imagepipe.pool.model import (
-    Action,
     BaseImage,
-    CreateClone,
     HostRoom,
     HostSpec,
     HostState,

@@ -30,30 +30,26 @@ from typing import Protocol
 
 from imagepipe.errors import FencedError, ImagepipeError
 from imagepipe.log import fields
+from imagepipe.pool.actions import Action, CreateClone, ForgetClone, RecordClone, RecordPool
 from imagepipe.pool.executor import ExecutionReport, Executor, ExecutorSettings
 from imagepipe.pool.hosts import HostPass, ensure_of, host_pass
 from imagepipe.pool.learning import Learned, learned
 from imagepipe.pool.model import (
-    Action,
     Backend,
     BaseImage,
     CloneInfo,
     CloneState,
-    CreateClone,
-    ForgetClone,
     HostSpec,
     HostState,
     Observed,
     OnLogoff,
     PoolRecord,
     PoolSpec,
-    RecordClone,
-    RecordPool,
 )
 from imagepipe.pool.observe import HostObservation, belongs_to, observe
-from imagepipe.pool.planner import failures_after, next_timer, plan
+from imagepipe.pool.planner import failures_after, logins_in, next_timer, plan
 from imagepipe.pool.planner.failures import HostBreaker, counts_against_pool, host_breaker_after
-from imagepipe.pool.planner.forecast import BUCKET, HISTORY_DAYS, day_and_bucket, logins_in
+from imagepipe.pool.planner.forecast import BUCKET, HISTORY_DAYS, day_and_bucket
 from imagepipe.pool.ports import (
     Balancer,
     Channels,

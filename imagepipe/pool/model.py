@@ -1,5 +1,6 @@
 """Domain types of a pool: what is wanted (PoolSpec), what exists (Observed), what is
-remembered (PoolRecord), and what to do about the difference (Action).
+remembered (PoolRecord), and what a hypervisor needs to make a clone (CloneSpec). What to
+do about the difference (Action) is in imagepipe.pool.actions.
 
 Plain frozen dataclasses: no I/O, no adapter types. The planner reads these and returns
 Actions; adapters produce CloneInfo/Backend; the store persists PoolRecord.
@@ -408,7 +409,7 @@ class PoolDown:
 
 
 # --------------------------------------------------------------------------------------
-# What to do
+# What a hypervisor needs to make a clone
 # --------------------------------------------------------------------------------------
 
 
@@ -441,96 +442,3 @@ class CloneSpec:
     display: Endpoint
     start: StartMode = StartMode.RESTORE  # restore from a warm parent where the adapter can
     host: str = ""  # the host to make it on ("": the only host)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Action:
-    """Something the executor does. Every action is idempotent.
-
-    Keyword-only: CreateClone(pool="lab", clone="lab-3", slot=3, ...). Pool-level actions
-    (RecordPool) leave `clone` empty.
-    """
-
-    pool: str
-    clone: str = ""
-
-    @property
-    def kind(self) -> str:
-        return type(self).__name__
-
-
-@dataclass(frozen=True, kw_only=True)
-class CreateClone(Action):
-    slot: int
-    version: int
-    display: Endpoint
-    host: str = ""  # where placement put it ("": the only host)
-
-
-@dataclass(frozen=True, kw_only=True)
-class StartClone(Action):
-    """Power the clone on."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class StopClone(Action):
-    graceful_timeout: float = 60.0
-
-
-@dataclass(frozen=True, kw_only=True)
-class ResetClone(Action):
-    """Restore the clean state and start again."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class SuspendClone(Action):
-    """Suspend an idle clone (standby: suspend)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ResumeClone(Action):
-    """Resume a suspended clone."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class DeleteClone(Action):
-    """Power off and remove the clone with its disks."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class BalancerEnable(Action):
-    """Add the clone to the balancer, or set it ready again (cancels a drain)."""
-
-    address: Endpoint
-
-
-@dataclass(frozen=True, kw_only=True)
-class BalancerDrain(Action):
-    """No new connections; existing ones stay."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class BalancerRemove(Action):
-    """Remove the backend (only done when it has no connections)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class RecordClone(Action):
-    """Write this clone's record to the store (state transitions and timers)."""
-
-    record: CloneRecord
-
-
-@dataclass(frozen=True, kw_only=True)
-class ForgetClone(Action):
-    """Drop the clone's record: it is gone from the hypervisor."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class RecordPool(Action):
-    """Write pool-level memory: rollout target, failure count, breaker."""
-
-    target_version: int | None
-    failures: int
-    breaker_open_until: float | None
-    rollout_started_at: float | None = None

@@ -26,10 +26,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from imagepipe.pool.model import Action, CloneRecord, LoginHistory, PoolDown, PoolRecord
+from imagepipe.pool.model import CloneRecord, LoginHistory, PoolDown, PoolRecord
 from imagepipe.pool.rollout.records import Heartbeat, Rollout
+
+if TYPE_CHECKING:  # a store is handed actions; reading one (status) need not load them
+    from imagepipe.pool.actions import Action
 
 HISTORY_LIMIT = 10_000  # finished journal rows kept for `status` / history
 

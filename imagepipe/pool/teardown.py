@@ -21,21 +21,23 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from imagepipe.pool.model import (
+from imagepipe.pool.actions import (
     Action,
-    BackendState,
     BalancerDrain,
     BalancerRemove,
-    CloneRecord,
-    CloneState,
     DeleteClone,
     ForgetClone,
+    RecordClone,
+)
+from imagepipe.pool.model import (
+    BackendState,
+    CloneRecord,
+    CloneState,
     Observed,
     ObservedClone,
     PoolDown,
     PoolRecord,
     PoolSpec,
-    RecordClone,
 )
 from imagepipe.pool.planner import session_live
 

@@ -20,22 +20,14 @@ from enum import IntEnum
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
-from imagepipe.pool.model import (
+from imagepipe.pool.actions import (
     Action,
-    Arrivals,
-    BackendState,
     BalancerDrain,
     BalancerEnable,
     BalancerRemove,
-    CloneRecord,
-    CloneState,
     CreateClone,
     DeleteClone,
     ForgetClone,
-    LoginHistory,
-    PoolRecord,
-    PoolSpec,
-    Power,
     RecordClone,
     RecordPool,
     ResetClone,
@@ -44,7 +36,18 @@ from imagepipe.pool.model import (
     StopClone,
     SuspendClone,
 )
-from imagepipe.pool.planner.forecast import BUCKET, day_and_bucket, learn, logins_in, zone
+from imagepipe.pool.model import (
+    Arrivals,
+    BackendState,
+    CloneRecord,
+    CloneState,
+    LoginHistory,
+    PoolRecord,
+    PoolSpec,
+    Power,
+)
+from imagepipe.pool.planner import logins_in
+from imagepipe.pool.planner.forecast import BUCKET, day_and_bucket, learn, zone
 from imagepipe.sim.policies import Policy
 from imagepipe.sim.replan import Replanner
 from imagepipe.sim.report import SimResult, SimRun

@@ -6,18 +6,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from imagepipe.pool.model import (
-    Action,
-    CloneRecord,
-    CloneState,
-    CreateClone,
-    DeleteClone,
-    Observed,
-    PoolRecord,
-    PoolSpec,
-    RecordClone,
-    Standby,
-)
+from imagepipe.pool.actions import Action, CreateClone, DeleteClone, RecordClone
+from imagepipe.pool.model import CloneRecord, CloneState, Observed, PoolRecord, PoolSpec, Standby
 
 
 class Planner(Protocol):

@@ -33,8 +33,8 @@ from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from heapq import merge
 
+from imagepipe.pool.actions import Action
 from imagepipe.pool.model import (
-    Action,
     Arrivals,
     CloneRecord,
     CloneState,

@@ -13,22 +13,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from imagepipe.errors import FencedError
 from imagepipe.log import fields
-from imagepipe.pool.codec import CodecError, action_from_json, action_to_json
-from imagepipe.pool.model import (
-    Action,
-    CloneRecord,
-    CloneState,
-    ForgetClone,
-    LoginHistory,
-    PoolDown,
-    PoolRecord,
-    RecordClone,
-    RecordPool,
-)
+from imagepipe.pool.model import CloneRecord, CloneState, LoginHistory, PoolDown, PoolRecord
 from imagepipe.pool.rollout.records import (
     Heartbeat,
     Rollout,
@@ -47,6 +36,11 @@ from imagepipe.pool.store import (
     PassState,
     Unchanged,
 )
+
+# The actions are loaded by the methods that apply or journal them (the keeper's), not with
+# the store: reading pools and records (`imagepipe status`) does not build their classes.
+if TYPE_CHECKING:
+    from imagepipe.pool.actions import Action
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +179,8 @@ class SQLStore(ABC):
         return sorted(row[0] for row in rows)
 
     def apply(self, pool: str, actions: Sequence[Action]) -> None:
+        from imagepipe.pool.actions import ForgetClone, RecordClone, RecordPool
+
         for action in actions:
             if isinstance(action, RecordClone | ForgetClone | RecordPool) and action.pool != pool:
                 raise ValueError(f"{action.kind} for pool {action.pool!r} applied to {pool!r}")
@@ -299,6 +295,8 @@ class SQLStore(ABC):
     # --- journal ------------------------------------------------------------------------
 
     def journal_begin(self, action: Action, now: float) -> int:
+        from imagepipe.pool.codec import action_to_json
+
         text = action_to_json(action)
         with self._write(changes=False) as db:
             row = db.execute(
@@ -332,6 +330,8 @@ class SQLStore(ABC):
         return cursor.rowcount
 
     def journal_open(self) -> list[JournalEntry]:
+        from imagepipe.pool.codec import CodecError, action_from_json
+
         with self._read() as db:
             rows = db.execute(
                 "SELECT id, action, started_at FROM journal WHERE ended_at IS NULL ORDER BY id"
@@ -633,6 +633,8 @@ def _clone(row: Sequence[Any]) -> CloneRecord:
 
 
 def _try_decode(text: str) -> Action | None:
+    from imagepipe.pool.codec import CodecError, action_from_json
+
     try:
         return action_from_json(text)
     except CodecError:

@@ -17,19 +17,15 @@ from typing import Any, Protocol
 import pytest
 
 from imagepipe.errors import FencedError, ImagepipeError
-from imagepipe.pool.model import (
-    CloneRecord,
-    CloneState,
+from imagepipe.pool.actions import (
     CreateClone,
     DeleteClone,
-    Endpoint,
     ForgetClone,
-    PoolDown,
-    PoolRecord,
     RecordClone,
     RecordPool,
     StartClone,
 )
+from imagepipe.pool.model import CloneRecord, CloneState, Endpoint, PoolDown, PoolRecord
 from imagepipe.pool.rollout.records import Heartbeat, PoolProgress, Rollout, RolloutState
 from imagepipe.pool.store import HISTORY_LIMIT, PassState, Store
 

@@ -55,15 +55,9 @@ from imagepipe.app.bootstrap import Adapters, Runtime, bootstrap
 from imagepipe.config import KeeperSettings, Settings
 from imagepipe.errors import ImagepipeError
 from imagepipe.log import setup_logging
+from imagepipe.pool.actions import ForgetClone, RecordClone, RecordPool
 from imagepipe.pool.keeper import Keeper, PassReport
-from imagepipe.pool.model import (
-    BackendState,
-    ForgetClone,
-    PoolSpec,
-    Power,
-    RecordClone,
-    RecordPool,
-)
+from imagepipe.pool.model import BackendState, PoolSpec, Power
 from imagepipe.pool.planner import free_target
 from imagepipe.pool.ports import Subscription
 from tests.fakes.balancer import FakeBalancer, FakeBalancerState

@@ -29,9 +29,10 @@ from imagepipe.balancers.ipvs.parse import (
 )
 from imagepipe.config import BalancerSettings, Settings
 from imagepipe.doctor import Status
+from imagepipe.pool.actions import RecordClone
 from imagepipe.pool.executor import ExecutorSettings
 from imagepipe.pool.keeper import Keeper, KeeperOptions
-from imagepipe.pool.model import BackendState, PoolSpec, RecordClone
+from imagepipe.pool.model import BackendState, PoolSpec
 from imagepipe.stores.sqlite import SQLiteStore
 from tests.contract.balancer_suite import BalancerContract, by_name
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages

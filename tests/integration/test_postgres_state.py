@@ -17,8 +17,9 @@ from imagepipe.cli.app import main
 from imagepipe.config import load_pool_file, load_settings
 from imagepipe.doctor import Status, check_state_db
 from imagepipe.errors import StoreUnavailableError
+from imagepipe.pool.actions import CreateClone
 from imagepipe.pool.keeper import Keeper
-from imagepipe.pool.model import CloneRecord, CloneState, CreateClone, Endpoint, PoolDown
+from imagepipe.pool.model import CloneRecord, CloneState, Endpoint, PoolDown
 from imagepipe.pool.rollout.records import Heartbeat, Rollout, RolloutState
 from imagepipe.stores.postgres import PostgresStore
 from imagepipe.stores.sqlite import SQLiteStore

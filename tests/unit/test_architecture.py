@@ -1,6 +1,7 @@
 """The shape DESIGN.md and the README promise, checked on the source: the core imports no
 adapter, configuration or image code; only the composition root builds adapters; no two
-packages of imagepipe import each other, directly or around a longer circle.
+packages of imagepipe import each other, directly or around a longer circle; reading a pool's
+state (`imagepipe status`) does not load what only the keeper's passes need.
 
 Imports are read from the syntax tree at any depth (lazy imports inside functions count),
 relative ones (`from ..config import x`) resolved against the importing module, and module
@@ -10,6 +11,9 @@ paths a file hands to `importlib.import_module` (the CLI's command table) counte
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -228,6 +232,31 @@ def test_the_cli_has_no_import_circle() -> None:
 def test_no_command_reads_a_module_level_mutable_for_its_options() -> None:
     for name, path in modules("cli").items():
         assert "GLOBALS" not in path.read_text(), f"{name} still reads GLOBALS"
+
+
+def loaded_by(module: str) -> set[str]:
+    """The modules a fresh process has loaded once it imported `module` (this source tree)."""
+    probe = f"import json, sys, {module}\nprint(json.dumps(sorted(sys.modules)))\n"
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=PACKAGE.parent,
+        check=True,
+    )
+    return set(json.loads(done.stdout))
+
+
+def test_status_does_not_load_the_planners_actions() -> None:
+    # status reads states, targets and sessions from the planner; the actions a pass makes
+    # (and the rules and codec that build and journal them) are the keeper's to load
+    loaded = loaded_by("imagepipe.cli.status")
+    assert "imagepipe.pool.planner.states" in loaded  # the probe did reach the planner
+    assert {
+        "imagepipe.pool.actions",
+        "imagepipe.pool.codec",
+        "imagepipe.pool.planner.clones",
+    }.isdisjoint(loaded)
 
 
 # ---- the checks see what they must see ---------------------------------------------------

@@ -12,21 +12,17 @@ from pathlib import Path
 import pytest
 
 from imagepipe.errors import BusyError, FatalHypervisorError
-from imagepipe.pool.executor import ExecutionReport, Executor, ExecutorSettings
-from imagepipe.pool.model import (
+from imagepipe.pool.actions import (
     Action,
     BalancerEnable,
-    CloneRecord,
-    CloneSpec,
-    CloneState,
     CreateClone,
     DeleteClone,
-    Endpoint,
-    PoolSpec,
     RecordClone,
     ResetClone,
     StartClone,
 )
+from imagepipe.pool.executor import ExecutionReport, Executor, ExecutorSettings
+from imagepipe.pool.model import CloneRecord, CloneSpec, CloneState, Endpoint, PoolSpec
 from imagepipe.pool.planner import failures_after
 from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer

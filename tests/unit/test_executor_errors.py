@@ -8,15 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from imagepipe.pool.actions import CreateClone, DeleteClone, StopClone
 from imagepipe.pool.executor import Executor
-from imagepipe.pool.model import (
-    CreateClone,
-    DeleteClone,
-    Endpoint,
-    PoolSpec,
-    Power,
-    StopClone,
-)
+from imagepipe.pool.model import Endpoint, PoolSpec, Power
 from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages

@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from imagepipe.pool.actions import CreateClone, DeleteClone, RecordClone
 from imagepipe.pool.model import (
     Arrivals,
     Backend,
@@ -16,8 +17,6 @@ from imagepipe.pool.model import (
     CloneInfo,
     CloneRecord,
     CloneState,
-    CreateClone,
-    DeleteClone,
     Endpoint,
     LearnSpec,
     LoginHistory,
@@ -26,17 +25,15 @@ from imagepipe.pool.model import (
     PoolRecord,
     PoolSpec,
     Power,
-    RecordClone,
     ScheduleRule,
 )
-from imagepipe.pool.planner import free_target, free_target_until, next_timer, plan
+from imagepipe.pool.planner import free_target, free_target_until, logins_in, next_timer, plan
 from imagepipe.pool.planner.forecast import (
     BUCKET,
     DAY_BUCKETS,
     WEEK_BUCKETS,
     day_and_bucket,
     learn,
-    logins_in,
 )
 
 LEARN = LearnSpec(lead=600.0, shrink_after=300.0)

@@ -11,25 +11,27 @@ from pathlib import Path
 import pytest
 
 from imagepipe.errors import BusyError, FatalHypervisorError
-from imagepipe.pool.executor import ExecutorSettings
-from imagepipe.pool.keeper import Keeper, KeeperOptions, PassReport
-from imagepipe.pool.model import (
+from imagepipe.pool.actions import (
     Action,
-    BackendState,
     BalancerRemove,
-    CloneMode,
-    CloneSpec,
-    CloneState,
     CreateClone,
     DeleteClone,
-    Endpoint,
     ForgetClone,
-    PoolSpec,
-    Power,
     RecordClone,
     RecordPool,
     ResetClone,
     StartClone,
+)
+from imagepipe.pool.executor import ExecutorSettings
+from imagepipe.pool.keeper import Keeper, KeeperOptions, PassReport
+from imagepipe.pool.model import (
+    BackendState,
+    CloneMode,
+    CloneSpec,
+    CloneState,
+    Endpoint,
+    PoolSpec,
+    Power,
 )
 from imagepipe.pool.observe import observe
 from imagepipe.pool.planner import plan

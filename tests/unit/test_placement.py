@@ -8,20 +8,24 @@ from dataclasses import replace
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imagepipe.pool.model import (
+from imagepipe.pool.actions import (
     Action,
-    Backend,
-    BackendState,
     BalancerDrain,
     BalancerEnable,
     BalancerRemove,
+    CreateClone,
+    DeleteClone,
+    ForgetClone,
+    RecordClone,
+    ResetClone,
+)
+from imagepipe.pool.model import (
+    Backend,
+    BackendState,
     CloneInfo,
     CloneRecord,
     CloneState,
-    CreateClone,
-    DeleteClone,
     Endpoint,
-    ForgetClone,
     GuestSession,
     HostRoom,
     Observed,
@@ -29,8 +33,6 @@ from imagepipe.pool.model import (
     PoolRecord,
     PoolSpec,
     Power,
-    RecordClone,
-    ResetClone,
 )
 from imagepipe.pool.planner import plan
 from imagepipe.pool.planner.placement import Placer

@@ -12,20 +12,29 @@ from dataclasses import dataclass, field, replace
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from imagepipe.pool.model import (
+from imagepipe.pool.actions import (
     Action,
-    Backend,
-    BackendState,
     BalancerDrain,
     BalancerEnable,
     BalancerRemove,
+    CreateClone,
+    DeleteClone,
+    ForgetClone,
+    RecordClone,
+    RecordPool,
+    ResetClone,
+    ResumeClone,
+    StartClone,
+    StopClone,
+    SuspendClone,
+)
+from imagepipe.pool.model import (
+    Backend,
+    BackendState,
     CloneInfo,
     CloneRecord,
     CloneState,
-    CreateClone,
-    DeleteClone,
     Endpoint,
-    ForgetClone,
     GuestSession,
     Observed,
     ObservedClone,
@@ -33,14 +42,7 @@ from imagepipe.pool.model import (
     PoolRecord,
     PoolSpec,
     Power,
-    RecordClone,
-    RecordPool,
-    ResetClone,
-    ResumeClone,
     Standby,
-    StartClone,
-    StopClone,
-    SuspendClone,
 )
 from imagepipe.pool.planner import free_target, plan, session_live, session_unread
 

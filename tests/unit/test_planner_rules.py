@@ -7,20 +7,28 @@ from dataclasses import replace
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from imagepipe.pool.model import (
+from imagepipe.pool.actions import (
     Action,
-    Backend,
-    BackendState,
     BalancerDrain,
     BalancerEnable,
     BalancerRemove,
+    CreateClone,
+    DeleteClone,
+    ForgetClone,
+    RecordClone,
+    RecordPool,
+    ResetClone,
+    ResumeClone,
+    StartClone,
+    SuspendClone,
+)
+from imagepipe.pool.model import (
+    Backend,
+    BackendState,
     CloneInfo,
     CloneRecord,
     CloneState,
-    CreateClone,
-    DeleteClone,
     Endpoint,
-    ForgetClone,
     GuestSession,
     Observed,
     ObservedClone,
@@ -28,14 +36,8 @@ from imagepipe.pool.model import (
     PoolRecord,
     PoolSpec,
     Power,
-    RecordClone,
-    RecordPool,
-    ResetClone,
-    ResumeClone,
     ScheduleRule,
     Standby,
-    StartClone,
-    SuspendClone,
 )
 from imagepipe.pool.planner import (
     CLONE_RETRIES,

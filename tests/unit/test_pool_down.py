@@ -14,17 +14,20 @@ from imagepipe.cli import demo as demo_cli
 from imagepipe.cli.app import main
 from imagepipe.config import load_pool_file, load_settings
 from imagepipe.config import settings as settings_module
+from imagepipe.pool.actions import (
+    BalancerDrain,
+    BalancerRemove,
+    DeleteClone,
+    ForgetClone,
+    RecordClone,
+)
 from imagepipe.pool.model import (
     Backend,
     BackendState,
-    BalancerDrain,
-    BalancerRemove,
     CloneInfo,
     CloneRecord,
     CloneState,
-    DeleteClone,
     Endpoint,
-    ForgetClone,
     GuestSession,
     Observed,
     ObservedClone,
@@ -32,7 +35,6 @@ from imagepipe.pool.model import (
     PoolRecord,
     PoolSpec,
     Power,
-    RecordClone,
 )
 from imagepipe.pool.teardown import plan_down
 from tests.fakes.balancer import FakeBalancer

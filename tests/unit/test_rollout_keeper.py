@@ -15,15 +15,9 @@ from imagepipe.app.bootstrap import Adapters, Runtime
 from imagepipe.app.status import load_records
 from imagepipe.config import Settings
 from imagepipe.errors import BadInputError, EnvironmentMissingError, OperationFailedError
+from imagepipe.pool.actions import RecordClone
 from imagepipe.pool.keeper import Keeper, KeeperOptions
-from imagepipe.pool.model import (
-    BackendState,
-    CloneState,
-    LearnSpec,
-    PoolSpec,
-    Power,
-    RecordClone,
-)
+from imagepipe.pool.model import BackendState, CloneState, LearnSpec, PoolSpec, Power
 from imagepipe.pool.planner import free_target
 from imagepipe.pool.planner.forecast import BUCKET, day_and_bucket
 from imagepipe.pool.rollout.control import PoolPlan, Request, RolloutControl, Started

@@ -9,23 +9,25 @@ from dataclasses import dataclass, replace
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from imagepipe.pool.model import (
+from imagepipe.pool.actions import (
     Action,
-    BackendState,
     BalancerEnable,
-    CloneState,
     CreateClone,
     DeleteClone,
     ForgetClone,
-    Observed,
-    PoolRecord,
-    PoolSpec,
     RecordClone,
     RecordPool,
     ResetClone,
-    RolloutPolicy,
     StopClone,
     SuspendClone,
+)
+from imagepipe.pool.model import (
+    BackendState,
+    CloneState,
+    Observed,
+    PoolRecord,
+    PoolSpec,
+    RolloutPolicy,
 )
 from imagepipe.pool.planner import free_target, plan, session_live
 from imagepipe.pool.rollout.rules import BUSY

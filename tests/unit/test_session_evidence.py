@@ -11,16 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from imagepipe.pool.model import (
+from imagepipe.pool.actions import (
     Action,
-    Backend,
-    BackendState,
     BalancerEnable,
     BalancerRemove,
+    DeleteClone,
+    RecordClone,
+    ResetClone,
+    StopClone,
+)
+from imagepipe.pool.model import (
+    Backend,
+    BackendState,
     CloneInfo,
     CloneRecord,
     CloneState,
-    DeleteClone,
     Endpoint,
     GuestSession,
     Observed,
@@ -28,9 +33,6 @@ from imagepipe.pool.model import (
     PoolRecord,
     PoolSpec,
     Power,
-    RecordClone,
-    ResetClone,
-    StopClone,
 )
 from imagepipe.pool.planner import plan
 from imagepipe.pool.planner.steps import connected_since

@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 
 import pytest
 
+from imagepipe.pool.actions import Action
 from imagepipe.pool.model import (
-    Action,
     CloneRecord,
     CloneState,
     LearnSpec,

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imagepipe.pool import model
+from imagepipe.pool.actions import Action, CreateClone, RecordClone
 from imagepipe.pool.codec import CodecError, action_from_json, action_kinds, action_to_json
-from imagepipe.pool.model import Action, CloneRecord, CloneState, CreateClone, Endpoint, RecordClone
+from imagepipe.pool.model import CloneRecord, CloneState, Endpoint
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
 
@@ -28,7 +28,7 @@ def strategy_for(hint: Any) -> st.SearchStrategy[Any]:
     if isinstance(hint, type) and issubclass(hint, Enum):
         return st.sampled_from(list(hint))
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        hints = get_type_hints(hint, vars(model))
+        hints = get_type_hints(hint)
         fields = {f.name: strategy_for(hints[f.name]) for f in dataclasses.fields(hint)}
         return st.builds(hint, **fields)
     simple: dict[Any, st.SearchStrategy[Any]] = {
@@ -47,7 +47,7 @@ any_action = st.sampled_from(sorted(action_kinds().values(), key=lambda c: c.__n
 )
 
 
-def test_every_action_kind_of_the_model_is_known_to_the_codec() -> None:
+def test_every_action_kind_is_known_to_the_codec() -> None:
     kinds = set(action_kinds())
     assert {"CreateClone", "StartClone", "StopClone", "ResetClone", "SuspendClone"} <= kinds
     assert {"ResumeClone", "DeleteClone", "BalancerEnable", "BalancerDrain"} <= kinds

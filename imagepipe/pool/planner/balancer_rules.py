@@ -5,18 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
+from imagepipe.pool.actions import Action, BalancerDrain, BalancerEnable, BalancerRemove, ResetClone
 from imagepipe.pool.model import (
-    Action,
     Backend,
     BackendState,
-    BalancerDrain,
-    BalancerEnable,
-    BalancerRemove,
     CloneRecord,
     CloneState,
     Endpoint,
     ObservedClone,
-    ResetClone,
 )
 from imagepipe.pool.planner.steps import Context
 

@@ -11,20 +11,17 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from imagepipe.pool.actions import DeleteClone, ResetClone, StartClone
 from imagepipe.pool.model import (
     BackendState,
     CloneRecord,
     CloneState,
-    DeleteClone,
-    GuestSession,
     ObservedClone,
     OnLogoff,
-    PoolSpec,
     Power,
-    ResetClone,
-    StartClone,
 )
 from imagepipe.pool.planner.failures import gave_up, record_failure
+from imagepipe.pool.planner.sessions import session_live, session_unread
 from imagepipe.pool.planner.steps import Context, Step, ended, enter, healthy, used
 from imagepipe.pool.rollout.rules import holds
 
@@ -48,36 +45,6 @@ RUNNING, SHUTOFF, CRASHED = Power.RUNNING, Power.SHUTOFF, Power.CRASHED
 POWER_SUSPENDED = Power.SUSPENDED
 BACKEND_READY = BackendState.READY
 BOOT_RETRIES = 3  # starts of a clone found powered off again before it counts as failed
-
-
-def session_live(
-    spec: PoolSpec, session: GuestSession, record: CloneRecord | None, now: float
-) -> bool:
-    """Somebody is on the clone: a client is connected, or a user is logged in and
-    disconnected less than spec.disconnect_timeout ago. Such a clone is never reset,
-    deleted, stopped or suspended (except a retiring clone past the drain deadline)."""
-    if session.client is not None:
-        return True
-    if not session.users:
-        return False
-    disconnected_at = now
-    if record is not None and record.state is DISCONNECTED:
-        disconnected_at = record.since
-    return now - disconnected_at < spec.disconnect_timeout
-
-
-def session_unread(
-    spec: PoolSpec, session: GuestSession, record: CloneRecord | None, now: float
-) -> bool:
-    """Whether the clone's session hangs on a users read that did not answer in time: no
-    client connected, and the store had somebody on it (in use, retiring, or disconnected
-    within spec.disconnect_timeout). Whether that user is still logged in is unknown, so
-    nothing is decided about the clone until the guest answers."""
-    if not session.users_unread or session.client is not None or record is None:
-        return False
-    if record.state is DISCONNECTED:
-        return now - record.since < spec.disconnect_timeout
-    return record.state in WITH_SESSION
 
 
 def quiet(ctx: Context, oc: ObservedClone, rec: CloneRecord | None) -> bool:

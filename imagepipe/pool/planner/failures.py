@@ -12,17 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from imagepipe.pool.model import (
-    Action,
-    CloneRecord,
-    CloneState,
-    CreateClone,
-    PoolRecord,
-    PoolSpec,
-    RecordClone,
-    RecordPool,
-    StartClone,
-)
+from imagepipe.pool.actions import Action, CreateClone, RecordClone, RecordPool, StartClone
+from imagepipe.pool.model import CloneRecord, CloneState, PoolRecord, PoolSpec
 
 CLONE_RETRIES = 3  # failed attempts on one clone before it is deleted and replaced
 HOST_MAX_FAILURES = 3  # consecutive failed creates/starts on one host that open its breaker

@@ -21,32 +21,17 @@ applies) and by `size.max`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from datetime import date, datetime
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
-from imagepipe.pool.model import (
-    Action,
-    Arrivals,
-    CloneState,
-    LoginHistory,
-    PoolRecord,
-    PoolSpec,
-    RecordClone,
-)
+from imagepipe.pool.model import Arrivals, LoginHistory, PoolSpec
 
 BUCKET = 300.0  # seconds: the history's and the forecast's resolution
 DAY_BUCKETS = int(86400 // BUCKET)
 WEEK_BUCKETS = 7 * DAY_BUCKETS
 HISTORY_WEEKS = 4  # past weeks the forecast averages over (older days are pruned)
 HISTORY_DAYS = 7 * HISTORY_WEEKS
-
-_IN_USE = CloneState.IN_USE  # read per pass: named once (slow through its Enum class)
-# a user arriving takes a desktop in one of these states (a reconnect does not count)
-_ARRIVING = frozenset(
-    (CloneState.FREE, CloneState.BOOTING, CloneState.SUSPENDED, CloneState.STOPPED)
-)
 
 
 @lru_cache(maxsize=64)
@@ -150,15 +135,3 @@ def next_bucket(arrivals: Arrivals, now: float) -> float:
     """When the learned target can next change (bucket edges are whole minutes in every
     time zone with a whole-minute offset)."""
     return now - now % arrivals.bucket + arrivals.bucket
-
-
-def logins_in(record: PoolRecord, actions: Iterable[Action]) -> int:
-    """How many users arrived at a desktop in this pass's plan: a clone recorded in use that
-    was free (or booting, suspended, stopped) before. Reconnects and adoptions do not count."""
-    count = 0
-    for action in actions:
-        if isinstance(action, RecordClone) and action.record.state is _IN_USE:
-            before = record.clones.get(action.clone)
-            if before is not None and before.state in _ARRIVING:
-                count += 1
-    return count

@@ -7,21 +7,16 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from imagepipe.pool.model import (
+from imagepipe.pool.actions import (
     Action,
-    CloneRecord,
-    CloneState,
     CreateClone,
     DeleteClone,
-    Endpoint,
     ForgetClone,
-    ObservedClone,
-    Power,
     ResetClone,
     ResumeClone,
-    Standby,
     SuspendClone,
 )
+from imagepipe.pool.model import CloneRecord, CloneState, Endpoint, ObservedClone, Power, Standby
 from imagepipe.pool.planner.failures import gave_up
 from imagepipe.pool.planner.forecast import shrink_after
 from imagepipe.pool.planner.placement import Placer

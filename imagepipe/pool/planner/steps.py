@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import NamedTuple, TypedDict, Unpack
+from typing import TYPE_CHECKING, NamedTuple, TypedDict, Unpack
 
 from imagepipe.pool.model import (
-    Action,
     Arrivals,
     CloneInfo,
     CloneRecord,
@@ -18,6 +17,9 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.planner.placement import Placer
 from imagepipe.pool.planner.schedule import free_target
+
+if TYPE_CHECKING:  # a Step carries actions; the context and records (status) need none
+    from imagepipe.pool.actions import Action
 
 _KEEP = OnLogoff.KEEP  # read per clone: named once (a member read through its Enum class is slow)
 

@@ -22,12 +22,11 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from imagepipe.pool.actions import CreateClone, DeleteClone
 from imagepipe.pool.model import (
     BackendState,
     CloneRecord,
     CloneState,
-    CreateClone,
-    DeleteClone,
     Observed,
     ObservedClone,
     PoolRecord,
