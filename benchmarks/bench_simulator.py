@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from imagepipe.pool.actions import Action
 from imagepipe.pool.model import LearnSpec, Observed, PoolRecord, PoolSpec, ScheduleRule, Standby
+from imagepipe.record import replace
 from imagepipe.sim.engine import SimSettings, simulate, simulate_day
 from imagepipe.sim.policies import POLICIES, Planner, Policy
 from imagepipe.sim.profiles import make_profile

@@ -12,18 +12,13 @@ of the mapping (and of the mappings below it): a missing required key, a key the
 not have (with the nearest valid key), a value its reader refused. A reader is a function of
 one value that returns the value to keep or raises ValueError saying what was expected.
 
-Why not dataclasses or pydantic: on Python 3.11 a frozen dataclass compiles its six methods
-when its module is imported (about 1 ms a class) and a pydantic model builds its validator
-(about 3 ms a model, after pydantic's own 0.1 s); a Section class costs neither, so a command
-that reads its settings starts sooner (docs/benchmarks.md "Start-up"). The constructor,
-equality, hash and repr are the ones a frozen dataclass has (`dataclass_transform` tells
-type checkers so).
+A section is an imagepipe.record.Record (a frozen dataclass made at first use) whose key()
+fields are its keys. Why not pydantic: loading it and building a model's validator cost every
+command more than all of imagepipe's own start-up (docs/benchmarks.md, bench_startup.py).
 """
 
 from __future__ import annotations
 
-import inspect
-import operator
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import fields as dc_fields
 from dataclasses import is_dataclass
@@ -32,13 +27,13 @@ from pathlib import PurePath
 from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 from imagepipe.names import shown
+from imagepipe.record import MISSING, Field, Record, field
+from imagepipe.record import replace as replace  # sections are records: the same replace
 
 KeyPath = tuple[str | int, ...]
 Reader = Callable[[Any], Any]
 S = TypeVar("S", bound="Section")
 T = TypeVar("T")
-
-_MISSING: Any = object()
 
 
 class Invalid(ValueError):
@@ -49,23 +44,17 @@ class Invalid(ValueError):
         self.problems = problems
 
 
-class Key:
-    """How one field is filled: from which key of the mapping, read how, else which default."""
+class Key(Field):
+    """A field read from a file: from which key of the mapping, read how."""
 
-    __slots__ = ("attr", "default", "factory", "name", "read")
+    __slots__ = ("name", "read")
 
     def __init__(
         self, read: Reader | None, default: Any, factory: Callable[[], Any] | None, name: str
     ) -> None:
+        super().__init__(default, factory)
         self.read = read  # None: not read from a file (the program sets it)
-        self.default = default
-        self.factory = factory
-        self.name = name  # the key in the file; "" until the class names the field
-        self.attr = ""
-
-    @property
-    def required(self) -> bool:
-        return self.default is _MISSING and self.factory is None
+        self.name = name  # the key in the file; the field's name unless given
 
     def fill(self) -> Any:
         return self.factory() if self.factory is not None else self.default
@@ -84,7 +73,7 @@ class Key:
 def key(
     read: Reader | None = None,
     *,
-    default: Any = _MISSING,
+    default: Any = MISSING,
     default_factory: Callable[[], Any] | None = None,
     name: str = "",
 ) -> Any:
@@ -93,87 +82,18 @@ def key(
     return Key(read, default, default_factory, name)
 
 
-@dataclass_transform(kw_only_default=True, frozen_default=True, field_specifiers=(key,))
-class Section:
-    """A frozen record of named fields; subclasses declare them as annotated class attributes."""
+@dataclass_transform(kw_only_default=True, frozen_default=True, field_specifiers=(key, field))
+class Section(Record):
+    """A record read from a file's mapping; fields declared with key() are its keys."""
 
-    _fields: ClassVar[tuple[Key, ...]] = ()
     _by_name: ClassVar[dict[str, Key]] = {}
-    _getter: ClassVar[Callable[[Any], tuple[Any, ...]]] = staticmethod(lambda _: ())
 
-    _positional: ClassVar[bool] = False
-
-    def __init_subclass__(cls, *, kw_only: bool = True, **kwargs: Any) -> None:
-        """`kw_only=False`: the constructor also takes the fields in order, as a dataclass's."""
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._positional = not kw_only
-        fields = {f.attr: f for f in cls._fields}
-        for attr, annotation in inspect.get_annotations(cls).items():
-            if attr.startswith("_") or str(annotation).startswith(("ClassVar", "typing.ClassVar")):
-                continue  # constants and the class's own bookkeeping
-            value = cls.__dict__.get(attr, _MISSING)
-            if isinstance(value, Key):
-                found = value
-                delattr(cls, attr)
-            else:
-                found = Key(None, value, None, "")
-            found.attr = attr
-            found.name = found.name or attr
-            fields[attr] = found
-        cls._fields = tuple(fields.values())
-        cls._by_name = {f.name: f for f in cls._fields if f.read is not None}
-        getter = operator.attrgetter(*fields) if fields else (lambda _: ())
-        cls._getter = staticmethod((lambda s: (getter(s),)) if len(fields) == 1 else getter)
-
-    def __init__(self, *args: Any, **values: Any) -> None:
-        if args:
-            if not self._positional or len(args) > len(self._fields):
-                raise TypeError(f"{type(self).__name__}() takes its fields by name")
-            for field, value in zip(self._fields, args, strict=False):
-                if field.attr in values:
-                    raise TypeError(f"{type(self).__name__}() got {field.attr} twice")
-                values[field.attr] = value
-        for field in self._fields:
-            value = values.pop(field.attr, _MISSING)
-            if value is _MISSING:
-                if field.required:
-                    raise TypeError(f"{type(self).__name__}() needs {field.attr}")
-                value = field.fill()
-            object.__setattr__(self, field.attr, value)
-        if values:
-            raise TypeError(f"{type(self).__name__}() has no field {next(iter(values))}")
-
-    def _values(self) -> tuple[Any, ...]:
-        return type(self)._getter(self)
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        assert isinstance(other, Section)
-        return self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        shown_fields = ", ".join(f"{f.attr}={getattr(self, f.attr)!r}" for f in self._fields)
-        return f"{type(self).__name__}({shown_fields})"
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"{type(self).__name__} is frozen: cannot set {name}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"{type(self).__name__} is frozen: cannot delete {name}")
-
-
-Record = Section  # the same frozen record where no field is read from a file (read models)
-
-
-def replace(section: S, **changes: Any) -> S:
-    """A copy of `section` with some fields changed (not read again: as dataclasses.replace)."""
-    values = {f.attr: getattr(section, f.attr) for f in section._fields}
-    values.update(changes)
-    return type(section)(**values)
+        keyed = [f for f in cls._fields if isinstance(f, Key) and f.read is not None]
+        for f in keyed:
+            f.name = f.name or f.attr
+        cls._by_name = {f.name: f for f in keyed}
 
 
 def fields(cls: type[Section]) -> tuple[Key, ...]:
@@ -186,25 +106,20 @@ def keys(cls: type[Section]) -> tuple[str, ...]:
     return tuple(cls._by_name)
 
 
-def field_names(cls: type[Section]) -> tuple[str, ...]:
-    """Every field, read from a file or set by the program."""
-    return tuple(f.attr for f in cls._fields)
-
-
 def read(cls: type[S], raw: object) -> S:
     """`raw` (a mapping parsed from a file) as a `cls`, or Invalid naming every problem."""
     if not isinstance(raw, dict):
         raise Invalid([((), f"expected a mapping of keys, got {show(raw)}")])
     problems: list[tuple[KeyPath, str]] = []
     values: dict[str, Any] = {}
-    for name, field in cls._by_name.items():
+    for name, found in cls._by_name.items():
         if name not in raw:
-            if field.required:
+            if found.required:
                 problems.append(((name,), "required key is missing"))
             continue
-        assert field.read is not None
+        assert found.read is not None
         try:
-            values[field.attr] = field.read(raw[name])
+            values[found.attr] = found.read(raw[name])
         except Invalid as exc:
             problems += [((name, *path), message) for path, message in exc.problems]
         except ValueError as exc:
@@ -228,9 +143,11 @@ def unknown_key(name: str, valid: tuple[str, ...]) -> str:
 def dump(value: Any, *, by_key: bool = False) -> Any:
     """A section as JSON values: mappings, lists, text, numbers, true/false and null; the
     keys are the field names (or, `by_key`, the keys the file uses)."""
-    if isinstance(value, Section):
+    if isinstance(value, Record):
         return {
-            (f.name if by_key else f.attr): dump(getattr(value, f.attr), by_key=by_key)
+            (f.name if by_key and isinstance(f, Key) else f.attr): dump(
+                getattr(value, f.attr), by_key=by_key
+            )
             for f in value._fields
         }
     if is_dataclass(value) and not isinstance(value, type):

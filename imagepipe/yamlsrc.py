@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from imagepipe.errors import ConfigError
-from imagepipe.schema import Record
+from imagepipe.record import Record
 
 KeyPath = tuple[str | int, ...]
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 from imagepipe.errors import BadInputError, ConfigError, EnvironmentMissingError, ImagepipeError
 from imagepipe.log import fields
 from imagepipe.private import private_dir
-from imagepipe.schema import Record
+from imagepipe.record import Record
 
 if TYPE_CHECKING:
     from imagepipe.config import Settings

@@ -16,7 +16,7 @@ from imagepipe.app.bootstrap import Runtime
 from imagepipe.app.status import PoolStatus
 from imagepipe.errors import OperationFailedError
 from imagepipe.pool.model import PoolDown
-from imagepipe.schema import Record
+from imagepipe.record import Record
 
 if TYPE_CHECKING:
     from imagepipe.pool.keeper import Keeper

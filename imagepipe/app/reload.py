@@ -22,15 +22,16 @@ import logging
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from imagepipe import schema
+from imagepipe import record, schema
 from imagepipe.app.keeping import select_pools
 from imagepipe.config import Settings, load_pools, load_settings
 from imagepipe.errors import ImagepipeError
 from imagepipe.log import fields
 from imagepipe.pool.model import PoolSpec
+from imagepipe.record import replace
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def _reloadable(old: Settings, new: Settings) -> Settings:
     reloadable = (*RELOADABLE, "source", *(("hosts",) if old.hosts and new.hosts else ()))
     changed = [
         name
-        for name in schema.field_names(type(old))
+        for name in (f.attr for f in record.fields(old))
         if name not in reloadable and getattr(old, name) != getattr(new, name)
     ]
     if changed:

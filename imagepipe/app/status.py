@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from imagepipe import schema
@@ -34,7 +33,7 @@ from imagepipe.pool.observe import HostObservation, observe
 from imagepipe.pool.planner import classify, free_target, session_unread
 from imagepipe.pool.planner.forecast import day_and_bucket
 from imagepipe.pool.ports import Hosts
-from imagepipe.schema import Record, key
+from imagepipe.record import Record, field, replace
 
 if TYPE_CHECKING:
     from imagepipe.pool.store import Store
@@ -107,7 +106,7 @@ class HostStatus(Record, kw_only=False):
     hosts: tuple[HostState, ...] = ()
     balancer_instances: tuple[InstanceHealth, ...] = ()  # a balancer pair: each instance
     # several hosts: those whose circuit breaker the running keeper holds open, until when
-    host_breakers: dict[str, float] = key(default_factory=dict)
+    host_breakers: dict[str, float] = field(default_factory=dict)
 
 
 def collect(runtime: Runtime, specs: Sequence[PoolSpec]) -> HostStatus:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from functools import partial
 from typing import TypeVar
 
@@ -39,6 +38,7 @@ from imagepipe.errors import (
 from imagepipe.log import fields
 from imagepipe.pool.model import Backend, BackendState, Endpoint, InstanceHealth
 from imagepipe.pool.ports import Balancer
+from imagepipe.record import replace
 
 log = logging.getLogger(__name__)
 

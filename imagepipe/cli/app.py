@@ -19,7 +19,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from imagepipe import __version__
 from imagepipe.errors import ImagepipeError
-from imagepipe.schema import Record
+from imagepipe.record import Record
 
 if TYPE_CHECKING:
     from typer import _click as click  # typer's own click

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from imagepipe.errors import ConfigError
-from imagepipe.schema import Invalid, Record, Section, read, show
+from imagepipe.record import Record
+from imagepipe.schema import Invalid, Section, read, show
 from imagepipe.yamlsrc import KeyPath, Located, format_path
 
 

@@ -32,7 +32,7 @@ from typing import TypeVar
 from imagepipe.errors import FatalHypervisorError
 from imagepipe.log import fields
 from imagepipe.pool.model import Endpoint, Power
-from imagepipe.schema import Record
+from imagepipe.record import Record
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from imagepipe.images.records import (
 )
 from imagepipe.log import fields
 from imagepipe.private import FILE_MODE, private_dir
-from imagepipe.schema import Record
+from imagepipe.record import Record
 from imagepipe.yamlsrc import read_text
 
 if TYPE_CHECKING:  # GitPython and filelock are imported by the first write: reads need neither

@@ -1,7 +1,7 @@
 """What the planner asks the executor to do: Action and its kinds (CreateClone, ResetClone,
 BalancerDrain, RecordClone, ...), one per step the executor knows how to take.
 
-Plain frozen dataclasses, like imagepipe.pool.model: no I/O. plan() returns them, the
+Frozen records (imagepipe.record: dataclasses made at first use): no I/O. plan() returns them, the
 executor runs them, the store's journal keeps them as JSON (pool/codec.py) and the store
 applies the record ones (RecordClone, ForgetClone, RecordPool). Kept apart from the model so
 that reading a pool's state (`imagepipe status`) does not build these classes.
@@ -9,14 +9,12 @@ that reading a pool's state (`imagepipe status`) does not build these classes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 # needed at run time, not only for mypy: the codec reads the fields' types by name here
 from imagepipe.pool.model import CloneRecord, Endpoint
+from imagepipe.record import Record
 
 
-@dataclass(frozen=True, kw_only=True)
-class Action:
+class Action(Record):
     """Something the executor does. Every action is idempotent.
 
     Keyword-only: CreateClone(pool="lab", clone="lab-3", slot=3, ...). Pool-level actions
@@ -31,7 +29,6 @@ class Action:
         return type(self).__name__
 
 
-@dataclass(frozen=True, kw_only=True)
 class CreateClone(Action):
     slot: int
     version: int
@@ -39,66 +36,54 @@ class CreateClone(Action):
     host: str = ""  # where placement put it ("": the only host)
 
 
-@dataclass(frozen=True, kw_only=True)
 class StartClone(Action):
     """Power the clone on."""
 
 
-@dataclass(frozen=True, kw_only=True)
 class StopClone(Action):
     graceful_timeout: float = 60.0
 
 
-@dataclass(frozen=True, kw_only=True)
 class ResetClone(Action):
     """Restore the clean state and start again."""
 
 
-@dataclass(frozen=True, kw_only=True)
 class SuspendClone(Action):
     """Suspend an idle clone (standby: suspend)."""
 
 
-@dataclass(frozen=True, kw_only=True)
 class ResumeClone(Action):
     """Resume a suspended clone."""
 
 
-@dataclass(frozen=True, kw_only=True)
 class DeleteClone(Action):
     """Power off and remove the clone with its disks."""
 
 
-@dataclass(frozen=True, kw_only=True)
 class BalancerEnable(Action):
     """Add the clone to the balancer, or set it ready again (cancels a drain)."""
 
     address: Endpoint
 
 
-@dataclass(frozen=True, kw_only=True)
 class BalancerDrain(Action):
     """No new connections; existing ones stay."""
 
 
-@dataclass(frozen=True, kw_only=True)
 class BalancerRemove(Action):
     """Remove the backend (only done when it has no connections)."""
 
 
-@dataclass(frozen=True, kw_only=True)
 class RecordClone(Action):
     """Write this clone's record to the store (state transitions and timers)."""
 
     record: CloneRecord
 
 
-@dataclass(frozen=True, kw_only=True)
 class ForgetClone(Action):
     """Drop the clone's record: it is gone from the hypervisor."""
 
 
-@dataclass(frozen=True, kw_only=True)
 class RecordPool(Action):
     """Write pool-level memory: rollout target, failure count, breaker."""
 

@@ -15,6 +15,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from imagepipe.errors import OperationFailedError
 from imagepipe.pool.actions import Action
+from imagepipe.record import fields as record_fields
+from imagepipe.record import is_record
 
 
 class CodecError(OperationFailedError):
@@ -60,9 +62,19 @@ def action_from_json(text: str) -> Action:
     return value
 
 
+def _names(value: Any) -> tuple[str, ...] | None:
+    """The field names of a record or dataclass (or its class); None for anything else."""
+    if is_record(value):
+        return tuple(f.attr for f in record_fields(value))
+    if dataclasses.is_dataclass(value):
+        return tuple(f.name for f in dataclasses.fields(value))
+    return None
+
+
 def _encode(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    names = None if isinstance(value, type) else _names(value)
+    if names is not None:
+        return {name: _encode(getattr(value, name)) for name in names}
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, dict):
@@ -84,12 +96,12 @@ def _decode(hint: Any, value: Any) -> Any:
             return None
         (inner,) = [o for o in options if o is not type(None)]
         return _decode(inner, value)
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+    known = _names(hint) if isinstance(hint, type) else None
+    if known is not None:
         if not isinstance(value, dict):
             raise ValueError(f"expected an object for {hint.__name__}, got {value!r}")
         hints = _hints(hint)
-        known = {f.name for f in dataclasses.fields(hint)}
-        unknown = set(value) - known
+        unknown = set(value) - set(known)
         if unknown:
             raise ValueError(f"unknown fields {sorted(unknown)} for {hint.__name__}")
         return hint(**{name: _decode(hints[name], v) for name, v in value.items()})

@@ -25,7 +25,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from imagepipe.errors import FencedError, ImagepipeError
@@ -63,6 +63,7 @@ from imagepipe.pool.ports import (
 from imagepipe.pool.rollout.driver import RolloutDriver
 from imagepipe.pool.store import Store
 from imagepipe.pool.teardown import plan_down
+from imagepipe.record import replace
 
 log = logging.getLogger(__name__)
 

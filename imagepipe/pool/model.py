@@ -11,9 +11,10 @@ Times are float seconds since the epoch (UTC), always passed in, never read from
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+
+from imagepipe.record import Record, field
 
 # --------------------------------------------------------------------------------------
 # What is wanted
@@ -41,8 +42,7 @@ class Standby(StrEnum):
     SUSPEND = "suspend"  # idle surplus clones are suspended instead, and resumed on demand
 
 
-@dataclass(frozen=True)
-class ScheduleRule:
+class ScheduleRule(Record, kw_only=False):
     """Between start and end (minutes after local midnight) on the given weekdays
     (0 = Monday), keep `free` ready clones instead of the pool's default."""
 
@@ -52,8 +52,7 @@ class ScheduleRule:
     free: int
 
 
-@dataclass(frozen=True)
-class LearnSpec:
+class LearnSpec(Record, kw_only=False):
     """Learned warm-up (pool key `learn`): keep free the desktops for the logins expected
     within `lead`, learned from the logins of past days by time of week."""
 
@@ -62,8 +61,7 @@ class LearnSpec:
     min_free: int | None = None  # allows fewer free than `free` when quiet; None: never
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(Record, kw_only=False):
     host: str
     port: int
 
@@ -71,8 +69,7 @@ class Endpoint:
         return f"{self.host}:{self.port}"
 
 
-@dataclass(frozen=True)
-class PoolSpec:
+class PoolSpec(Record, kw_only=False):
     """A validated pool, in plain values (config.py builds it from a pool file)."""
 
     name: str
@@ -137,8 +134,7 @@ class Power(StrEnum):
     OTHER = "other"  # starting, stopping, blocked: transitional
 
 
-@dataclass(frozen=True)
-class CloneInfo:
+class CloneInfo(Record, kw_only=False):
     """One clone as the hypervisor reports it. Pool, image, version and slot come from
     the clone's own metadata, so they survive a lost state store."""
 
@@ -156,8 +152,7 @@ class CloneInfo:
     host: str = ""  # the host it runs on ("": the only host)
 
 
-@dataclass(frozen=True)
-class GuestSession:
+class GuestSession(Record, kw_only=False):
     """Who is on a clone right now."""
 
     client: str | None = None  # remote-display client address; None = nobody connected
@@ -183,8 +178,7 @@ class BackendState(StrEnum):
     MAINT = "maint"  # out of service
 
 
-@dataclass(frozen=True)
-class Backend:
+class Backend(Record, kw_only=False):
     """One desktop as the load balancer has it."""
 
     name: str
@@ -197,8 +191,7 @@ class Backend:
     sessions_total: int | None = None
 
 
-@dataclass(frozen=True)
-class InstanceHealth:
+class InstanceHealth(Record, kw_only=False):
     """One balancer instance of several kept in step (a pair behind a VRRP address), as the
     last call found it."""
 
@@ -208,8 +201,7 @@ class InstanceHealth:
     backends: int | None = None  # how many backends it holds; None when unreachable
 
 
-@dataclass(frozen=True)
-class ObservedClone:
+class ObservedClone(Record, kw_only=False):
     info: CloneInfo
     session: GuestSession = GuestSession()
     backend: Backend | None = None
@@ -219,8 +211,7 @@ class ObservedClone:
         return self.info.name
 
 
-@dataclass(frozen=True)
-class Observed:
+class Observed(Record, kw_only=False):
     """Everything observe() learned about one pool in one pass."""
 
     clones: tuple[ObservedClone, ...] = ()
@@ -244,8 +235,7 @@ class Observed:
         return {c.name: c for c in self.clones}
 
 
-@dataclass(frozen=True)
-class HostSpec:
+class HostSpec(Record, kw_only=False):
     """One hypervisor host of a keeper (settings `hosts:`). Capacity None: no limit."""
 
     name: str
@@ -256,8 +246,7 @@ class HostSpec:
     labels: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class HostUpload:
+class HostUpload(Record, kw_only=False):
     """A version being sent to a host: how far it got and since when."""
 
     image: str
@@ -280,8 +269,7 @@ class HostUpload:
         return f"{self.image} v{self.version}: {self.amount()}"
 
 
-@dataclass(frozen=True)
-class HostState:
+class HostState(Record, kw_only=False):
     """One host as the hypervisor sees it now (pool.ports.Hosts.hosts())."""
 
     name: str
@@ -291,8 +279,7 @@ class HostState:
     upload: HostUpload | None = None  # a version being sent to it
 
 
-@dataclass(frozen=True)
-class HostRoom:
+class HostRoom(Record, kw_only=False):
     """One host as the placement rule sees it in one pass: whether this pool may put a new
     desktop there, and how full it is (every pool's desktops on it)."""
 
@@ -327,8 +314,7 @@ class CloneState(StrEnum):
     STOPPED = "stopped"  # powered off and kept (persistent desktop)
 
 
-@dataclass(frozen=True)
-class CloneRecord:
+class CloneRecord(Record, kw_only=False):
     name: str
     slot: int
     version: int
@@ -354,8 +340,7 @@ class CloneRecord:
     lost_since: float | None = None
 
 
-@dataclass(frozen=True)
-class RolloutPolicy:
+class RolloutPolicy(Record, kw_only=False):
     """How a pool moves onto `to_version`: an active `imagepipe rollout` (its row in the
     store). Without one, a version change retires old clones the plain way."""
 
@@ -367,8 +352,7 @@ class RolloutPolicy:
     deadline_at: float | None = None  # old clones still in use are ended at this moment
 
 
-@dataclass(frozen=True)
-class PoolRecord:
+class PoolRecord(Record, kw_only=False):
     pool: str
     clones: Mapping[str, CloneRecord] = field(default_factory=dict)
     target_version: int | None = None  # rollout target; None = not decided yet
@@ -381,8 +365,7 @@ class PoolRecord:
     arrivals: Arrivals | None = None
 
 
-@dataclass(frozen=True)
-class Arrivals:
+class Arrivals(Record, kw_only=False):
     """Expected logins per time-of-week bucket, learned from past days (planner/forecast.py):
     `expected[i]` for the i-th `bucket`-second stretch after Monday 00:00 local time."""
 
@@ -390,16 +373,14 @@ class Arrivals:
     expected: tuple[float, ...]
 
 
-@dataclass(frozen=True)
-class LoginHistory:
+class LoginHistory(Record, kw_only=False):
     """Logins a pool saw, per local day (date ordinal) and per bucket of that day."""
 
     bucket: float
     days: Mapping[int, Mapping[int, int]] = field(default_factory=dict)  # day -> bucket -> n
 
 
-@dataclass(frozen=True)
-class PoolDown:
+class PoolDown(Record, kw_only=False):
     """An administrator asked for the pool to be taken down (`imagepipe pools down`): make no
     desktops, drain it, remove free desktops at once and the others as their sessions end
     (`now`: at once, sessions or not)."""
@@ -413,8 +394,7 @@ class PoolDown:
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BaseImage:
+class BaseImage(Record, kw_only=False):
     """A registered image version, as a hypervisor needs it to make clones."""
 
     image: str
@@ -428,8 +408,7 @@ class BaseImage:
     snapshot: str | None = None  # VirtualBox snapshot the clones are linked to
 
 
-@dataclass(frozen=True)
-class CloneSpec:
+class CloneSpec(Record, kw_only=False):
     """Everything a hypervisor needs to make one clone."""
 
     name: str

@@ -19,8 +19,6 @@ The pool is down when this returns no action and the host has none of its deskto
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from imagepipe.pool.actions import (
     Action,
     BalancerDrain,
@@ -40,6 +38,7 @@ from imagepipe.pool.model import (
     PoolSpec,
 )
 from imagepipe.pool.planner import session_live
+from imagepipe.record import replace
 
 
 def plan_down(

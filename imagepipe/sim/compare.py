@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from imagepipe.pool.model import LearnSpec, PoolSpec
+from imagepipe.record import replace
 from imagepipe.sim.engine import SimSettings, simulate
 from imagepipe.sim.policies import POLICIES
 from imagepipe.sim.report import SimRun

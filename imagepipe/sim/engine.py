@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntEnum
 from functools import lru_cache
@@ -48,6 +48,7 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.planner import logins_in
 from imagepipe.pool.planner.forecast import BUCKET, day_and_bucket, learn, zone
+from imagepipe.record import replace
 from imagepipe.sim.policies import Policy
 from imagepipe.sim.replan import Replanner
 from imagepipe.sim.report import SimResult, SimRun

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from imagepipe.pool.actions import Action, CreateClone, DeleteClone, RecordClone
 from imagepipe.pool.model import CloneRecord, CloneState, Observed, PoolRecord, PoolSpec, Standby
+from imagepipe.record import replace
 
 
 class Planner(Protocol):

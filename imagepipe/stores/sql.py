@@ -12,7 +12,6 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from imagepipe.errors import FencedError
@@ -36,6 +35,7 @@ from imagepipe.pool.store import (
     PassState,
     Unchanged,
 )
+from imagepipe.record import replace
 
 # The actions are loaded by the methods that apply or journal them (the keeper's), not with
 # the store: reading pools and records (`imagepipe status`) does not build their classes.

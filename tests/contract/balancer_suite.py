@@ -20,7 +20,6 @@ keeper's evidence of sessions it did not see, README "Dirty until reset").
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Protocol
 
 import pytest
@@ -33,6 +32,7 @@ from imagepipe.errors import (
 )
 from imagepipe.pool.model import Backend, BackendState, Endpoint
 from imagepipe.pool.ports import Balancer
+from imagepipe.record import replace
 
 
 class ClientConnection(Protocol):

@@ -36,7 +36,6 @@ import secrets
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -59,6 +58,7 @@ from imagepipe.pool.model import (
     StartMode,
 )
 from imagepipe.pool.ports import Hypervisor, HypervisorEvent, Notifier
+from imagepipe.record import replace
 
 MiB = 1024**2
 

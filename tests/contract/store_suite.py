@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any, Protocol
 
 import pytest
@@ -28,6 +27,7 @@ from imagepipe.pool.actions import (
 from imagepipe.pool.model import CloneRecord, CloneState, Endpoint, PoolDown, PoolRecord
 from imagepipe.pool.rollout.records import Heartbeat, PoolProgress, Rollout, RolloutState
 from imagepipe.pool.store import HISTORY_LIMIT, PassState, Store
+from imagepipe.record import replace
 
 TTL = 0.5  # a lease; long enough for a test's calls, short enough to wait out
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 
@@ -17,6 +17,7 @@ from imagepipe.errors import (
 )
 from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power
 from imagepipe.pool.ports import EventKind, Hypervisor, HypervisorEvent
+from imagepipe.record import replace
 from tests.contract.hypervisor_suite import (
     BaseInUse,
     ForeignVM,

@@ -36,7 +36,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagepipe.errors import (
@@ -62,6 +62,7 @@ from imagepipe.pool.model import (
     Power,
 )
 from imagepipe.pool.ports import EventKind, HypervisorEvent
+from imagepipe.record import replace
 
 
 @dataclass

@@ -48,7 +48,7 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagepipe.app.bootstrap import Adapters, Runtime, bootstrap
@@ -60,6 +60,7 @@ from imagepipe.pool.keeper import Keeper, PassReport
 from imagepipe.pool.model import BackendState, PoolSpec, Power
 from imagepipe.pool.planner import free_target
 from imagepipe.pool.ports import Subscription
+from imagepipe.record import replace
 from tests.fakes.balancer import FakeBalancer, FakeBalancerState
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages
 from tests.faults.injector import (

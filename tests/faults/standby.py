@@ -34,7 +34,7 @@ import random
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -45,6 +45,7 @@ from imagepipe.log import setup_logging
 from imagepipe.pool.keeper import Keeper, PassReport
 from imagepipe.pool.ports import Subscription
 from imagepipe.pool.store import Store
+from imagepipe.record import replace
 from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer
 from tests.faults.campaign import (

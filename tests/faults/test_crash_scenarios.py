@@ -4,13 +4,13 @@ read), and what the next keeper does. Each failed on the code it was found on.""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from imagepipe.errors import BusyError
 from imagepipe.pool.model import CloneState, Power
+from imagepipe.record import replace
 from tests.faults.campaign import Day, Profile
 from tests.faults.injector import CrashAt, CrashPoint, FaultKind
 

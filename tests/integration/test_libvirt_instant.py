@@ -10,13 +10,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from imagepipe.hypervisors.libvirt.hypervisor import LibvirtHypervisor
 from imagepipe.pool.model import BaseImage, CloneInfo, CloneMode, CloneSpec, Endpoint, StartMode
+from imagepipe.record import replace
 from tests.guest import SerialConsole, tiny_base_image
 from tests.host import free_port
 

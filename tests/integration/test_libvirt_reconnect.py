@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ from imagepipe.errors import HypervisorUnavailableError
 from imagepipe.hypervisors.libvirt.hypervisor import LibvirtHypervisor
 from imagepipe.pool.model import CloneMode, CloneSpec, Endpoint
 from imagepipe.pool.ports import EventKind, HypervisorEvent
+from imagepipe.record import replace
 from tests.conftest import libvirt_available, require
 from tests.contract.hypervisor_suite import free_port
 from tests.guest import SerialConsole, VncClient, tiny_base_image

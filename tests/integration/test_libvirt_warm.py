@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import struct
 import xml.etree.ElementTree as ET
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from imagepipe.hypervisors.libvirt.warm import (
     warm_key,
 )
 from imagepipe.pool.model import CloneMode, Endpoint, StartMode
+from imagepipe.record import replace
 
 META = CloneMetadata(
     "lab",

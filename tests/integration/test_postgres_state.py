@@ -7,7 +7,7 @@ import json
 import os
 import sqlite3
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ from imagepipe.pool.actions import CreateClone
 from imagepipe.pool.keeper import Keeper
 from imagepipe.pool.model import CloneRecord, CloneState, Endpoint, PoolDown
 from imagepipe.pool.rollout.records import Heartbeat, Rollout, RolloutState
+from imagepipe.record import replace
 from imagepipe.stores.postgres import PostgresStore
 from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer

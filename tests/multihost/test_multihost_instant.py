@@ -14,7 +14,6 @@ import logging
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from imagepipe.hypervisors.libvirt.multihost import TIDY_EVERY, MultiHostHypervi
 from imagepipe.hypervisors.libvirt.remote import SOCKET_DIR
 from imagepipe.hypervisors.libvirt.volumes import POOL_NAME, write_volume
 from imagepipe.pool.model import BaseImage, CloneInfo, Power, StartMode
+from imagepipe.record import replace
 from tests.guest import SerialConsole, VncClient
 from tests.multihost.conftest import remove_version
 from tests.multihost.lab import HostLab, NamespacedHost

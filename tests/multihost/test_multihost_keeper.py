@@ -10,12 +10,13 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 
 from imagepipe.hypervisors.libvirt.volumes import POOL_DIR, file_volume
 from imagepipe.pool.model import BaseImage, CloneState, Power
+from imagepipe.record import replace
 from tests.conftest import require_program
 from tests.e2e.harness import desktop_of, run_cli
 from tests.guest import SerialConsole, VncClient

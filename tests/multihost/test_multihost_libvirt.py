@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from imagepipe.pool.model import (
     Power,
     StartMode,
 )
+from imagepipe.record import replace
 from tests.conftest import require
 from tests.contract.hypervisor_suite import (
     BaseInUse,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from imagepipe.hypervisors.libvirt.multihost import MultiHostHypervisor
 from imagepipe.hypervisors.libvirt.volumes import CHUNK
 from imagepipe.pool.model import BaseImage, HostSpec
 from imagepipe.pool.ports import HypervisorEvent
+from imagepipe.record import replace
 from imagepipe.stores.sqlite import SQLiteStore
 from tests.multihost.conftest import registry_checksums, remove_version
 from tests.multihost.lab import HostLab, NamespacedHost

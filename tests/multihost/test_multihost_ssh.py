@@ -17,13 +17,14 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from imagepipe.hypervisors.libvirt.multihost import MultiHostHypervisor
 from imagepipe.pool.model import BaseImage, HostSpec, Power
+from imagepipe.record import replace
 from tests.conftest import require_program
 from tests.multihost.conftest import registry_checksums, remove_version
 from tests.multihost.lab import HostLab, NamespacedHost

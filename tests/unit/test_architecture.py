@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "imagepipe"
-CORE_MAY_IMPORT = ("imagepipe.pool", "imagepipe.errors", "imagepipe.log")
+CORE_MAY_IMPORT = ("imagepipe.pool", "imagepipe.errors", "imagepipe.log", "imagepipe.record")
 ADAPTER_PACKAGES = ("imagepipe.hypervisors", "imagepipe.balancers", "imagepipe.stores")
 COMPOSITION_ROOT = "imagepipe.app.bootstrap"
 # adapters whose classes live outside the adapter packages, or are built by their class name:

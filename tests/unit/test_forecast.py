@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
@@ -35,6 +34,7 @@ from imagepipe.pool.planner.forecast import (
     day_and_bucket,
     learn,
 )
+from imagepipe.record import replace
 
 LEARN = LearnSpec(lead=600.0, shrink_after=300.0)
 LAB = PoolSpec(name="lab", image="win10", initial=0, free=2, max=40, port_last=6100, learn=LEARN)

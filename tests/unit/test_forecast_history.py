@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from imagepipe.config import load_pool_file
 from imagepipe.errors import ConfigError
 from imagepipe.pool.model import CloneState, LearnSpec
 from imagepipe.pool.planner.forecast import BUCKET, HISTORY_DAYS, day_and_bucket
+from imagepipe.record import replace
 from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages

@@ -4,7 +4,6 @@ the upload of the pool's version, the rollout's waiting line says how far it got
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from imagepipe.app import rollout as use_case
@@ -24,6 +23,7 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.rollout.control import Request, RolloutControl
 from imagepipe.pool.rollout.progress import PoolView, judge
+from imagepipe.record import replace
 from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHosts, FakeImages, FakeVersion

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.planner.failures import breaker_open
 from imagepipe.pool.rollout.driver import open_host_breakers
+from imagepipe.record import replace
 from imagepipe.stores.sqlite import SQLiteStore as Store
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHosts, FakeImages

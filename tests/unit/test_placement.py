@@ -3,8 +3,6 @@ desktops of a lost host, and a drained host. The planner is pure: these drive pl
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -36,6 +34,7 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.planner import plan
 from imagepipe.pool.planner.placement import Placer
+from imagepipe.record import replace
 
 T0 = 1_700_000_000.0
 MB = 1024**2

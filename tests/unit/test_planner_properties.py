@@ -7,7 +7,7 @@ rollouts and time between passes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -45,6 +45,7 @@ from imagepipe.pool.model import (
     Standby,
 )
 from imagepipe.pool.planner import free_target, plan, session_live, session_unread
+from imagepipe.record import replace
 
 T0 = 1_700_000_000.0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -47,6 +46,7 @@ from imagepipe.pool.planner import (
     next_timer,
     plan,
 )
+from imagepipe.record import replace
 
 T0 = 1_700_000_000.0
 SPEC = PoolSpec(name="lab", image="win10", initial=2, free=2, max=4)

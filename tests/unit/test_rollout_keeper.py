@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from imagepipe.pool.planner import free_target
 from imagepipe.pool.planner.forecast import BUCKET, day_and_bucket
 from imagepipe.pool.rollout.control import PoolPlan, Request, RolloutControl, Started
 from imagepipe.pool.rollout.records import Rollout, RolloutState
+from imagepipe.record import replace
 from imagepipe.stores.sqlite import SQLiteStore
 from tests.fakes.balancer import FakeBalancer
 from tests.fakes.hypervisor import FakeClock, FakeHypervisor, FakeImages, FakeVersion

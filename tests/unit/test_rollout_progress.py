@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from imagepipe.pool.model import (
     CloneInfo,
     CloneRecord,
@@ -16,6 +14,7 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.rollout.progress import PoolView, judge
 from imagepipe.pool.rollout.records import Rollout, RolloutState
+from imagepipe.record import replace
 
 T = 1_700_000_000.0
 SPEC = PoolSpec(name="lab", image="tiny", channel="stable", free=1, max=3)

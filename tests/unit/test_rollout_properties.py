@@ -4,7 +4,7 @@ test_planner_properties.py, with a rollout policy on every version change."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -31,6 +31,7 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.planner import free_target, plan, session_live
 from imagepipe.pool.rollout.rules import BUSY
+from imagepipe.record import replace
 from tests.unit.test_planner_properties import Host, events, run_events, specs
 
 

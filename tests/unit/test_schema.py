@@ -94,7 +94,7 @@ def test_replace_and_dump_keep_the_fields_and_the_files_key_names() -> None:
         "source": "defaults",
     }
     assert "start" in schema.dump(moved)
-    with pytest.raises(TypeError, match="has no field nmae"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nmae'"):
         Outer(name="lab", nmae=1)  # type: ignore[call-arg]
-    with pytest.raises(TypeError, match="needs name"):
+    with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'name'"):
         Outer()  # type: ignore[call-arg]

@@ -6,7 +6,6 @@ user. README, "Pool lifecycle" ("Dirty until reset")."""
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -36,6 +35,7 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.planner import plan
 from imagepipe.pool.planner.steps import connected_since
+from imagepipe.record import replace
 from imagepipe.stores.sqlite import MIGRATIONS, SQLiteStore
 
 T0 = 1_700_000_000.0

@@ -12,12 +12,12 @@ change that is meant to change what the simulator answers:
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from imagepipe.pool.model import LearnSpec, PoolSpec, ScheduleRule, Standby
+from imagepipe.record import replace
 from imagepipe.sim.compare import COMPARISONS, compare_runs
 from imagepipe.sim.engine import SimSettings
 from imagepipe.sim.profiles import make_profile

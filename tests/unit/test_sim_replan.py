@@ -8,7 +8,7 @@ suspend, resume, learn and restore, and both answers (and both wake-up timers) m
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 
@@ -24,6 +24,7 @@ from imagepipe.pool.model import (
     Standby,
 )
 from imagepipe.pool.planner import next_timer, plan
+from imagepipe.record import replace
 from imagepipe.sim import engine
 from imagepipe.sim.engine import SimSettings, simulate
 from imagepipe.sim.policies import POLICIES

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from imagepipe.cli.app import main
 from imagepipe.pool.model import LearnSpec, PoolSpec
+from imagepipe.record import replace
 from imagepipe.sim.compare import compare_runs
 from imagepipe.sim.engine import SimSettings, simulate, simulate_day
 from imagepipe.sim.policies import POLICIES

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from imagepipe import record
 from imagepipe.pool.actions import Action, CreateClone, RecordClone
 from imagepipe.pool.codec import CodecError, action_from_json, action_kinds, action_to_json
 from imagepipe.pool.model import CloneRecord, CloneState, Endpoint
@@ -27,6 +28,10 @@ def strategy_for(hint: Any) -> st.SearchStrategy[Any]:
         return st.none()
     if isinstance(hint, type) and issubclass(hint, Enum):
         return st.sampled_from(list(hint))
+    if isinstance(hint, type) and record.is_record(hint):
+        hints = get_type_hints(hint)
+        fields = {f.attr: strategy_for(hints[f.attr]) for f in record.fields(hint)}
+        return st.builds(hint, **fields)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         hints = get_type_hints(hint)
         fields = {f.name: strategy_for(hints[f.name]) for f in dataclasses.fields(hint)}

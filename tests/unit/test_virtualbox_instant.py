@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from imagepipe.errors import InvalidStateError
 from imagepipe.hypervisors.virtualbox.facts import started_by, warm_key
 from imagepipe.hypervisors.virtualbox.hypervisor import VirtualBoxHypervisor
 from imagepipe.pool.model import BaseImage, CloneMode, CloneSpec, Endpoint, Power, StartMode
+from imagepipe.record import replace
 from tests import vboxsim
 from tests.host import free_port
 from tests.vboxsim import codes as C

@@ -24,7 +24,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +71,7 @@ from imagepipe.pool.model import (
     Power,
     StartMode,
 )
+from imagepipe.record import replace
 
 if TYPE_CHECKING:  # warm parents are loaded when a desktop is made or restored, not to list
     from imagepipe.hypervisors.libvirt.parents import WarmParent, WarmParents

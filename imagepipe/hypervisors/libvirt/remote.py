@@ -21,7 +21,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +76,7 @@ from imagepipe.pool.model import (
     HostUpload,
     StartMode,
 )
+from imagepipe.record import replace
 
 log = logging.getLogger(__name__)
 SOCKET_DIR = "/var/lib/libvirt/qemu"  # exists on every host with libvirt's QEMU driver

@@ -9,8 +9,6 @@ old version, it crashed, it is recycling, suspended, powered off, ready, or boot
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from imagepipe.pool.actions import DeleteClone, ResetClone, StartClone
 from imagepipe.pool.model import (
     BackendState,
@@ -24,6 +22,7 @@ from imagepipe.pool.planner.failures import gave_up, record_failure
 from imagepipe.pool.planner.sessions import session_live, session_unread
 from imagepipe.pool.planner.steps import Context, Step, ended, enter, healthy, used
 from imagepipe.pool.rollout.rules import holds
+from imagepipe.record import replace
 
 # Enum members named once: Python 3.11 reads `CloneState.FREE` through the slow path of
 # EnumType.__getattr__ (some 15 times a module name's cost), and these are read per clone,

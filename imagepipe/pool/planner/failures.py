@@ -10,10 +10,11 @@ spends it marks the clone for replacement at once, not after one more backoff.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from imagepipe.pool.actions import Action, CreateClone, RecordClone, RecordPool, StartClone
 from imagepipe.pool.model import CloneRecord, CloneState, PoolRecord, PoolSpec
+from imagepipe.record import replace
 
 CLONE_RETRIES = 3  # failed attempts on one clone before it is deleted and replaced
 HOST_MAX_FAILURES = 3  # consecutive failed creates/starts on one host that open its breaker

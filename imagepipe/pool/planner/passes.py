@@ -6,7 +6,6 @@ and logins_in, the arrivals a pass's plan records (learned warm-up counts them).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
 
 from imagepipe.pool.actions import Action, BalancerEnable, ForgetClone, RecordClone, RecordPool
 from imagepipe.pool.model import (
@@ -31,6 +30,7 @@ from imagepipe.pool.rollout.rules import (
     rollout_started,
     target_of,
 )
+from imagepipe.record import replace
 
 _IN_USE = CloneState.IN_USE  # read per pass: named once (slow through its Enum class)
 # a user arriving takes a desktop in one of these states (a reconnect does not count)

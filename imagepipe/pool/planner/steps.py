@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, TypedDict, Unpack
 
 from imagepipe.pool.model import (
@@ -17,6 +17,7 @@ from imagepipe.pool.model import (
 )
 from imagepipe.pool.planner.placement import Placer
 from imagepipe.pool.planner.schedule import free_target
+from imagepipe.record import replace
 
 if TYPE_CHECKING:  # a Step carries actions; the context and records (status) need none
     from imagepipe.pool.actions import Action

@@ -12,7 +12,7 @@ the channel says *to what*. Pools pinned with `version:` in their file are left 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from imagepipe.errors import BadInputError, EnvironmentMissingError
 from imagepipe.pool.model import Observed, PoolRecord, PoolSpec
@@ -21,6 +21,7 @@ from imagepipe.pool.ports import Channels, Clock, Images
 from imagepipe.pool.rollout.driver import keeper_absent, move_channel
 from imagepipe.pool.rollout.records import Rollout, RolloutState
 from imagepipe.pool.store import Store
+from imagepipe.record import replace
 
 WARN_BEFORE = (600.0, 60.0)  # deadline warnings: 10 and 1 minutes before
 FOLLOW_EVERY = 1.0  # seconds between two looks at a rollout that is followed

@@ -19,7 +19,6 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 
 from imagepipe.errors import EnvironmentMissingError, ImagepipeError
 from imagepipe.log import fields
@@ -29,6 +28,7 @@ from imagepipe.pool.ports import Channels, Notifier
 from imagepipe.pool.rollout.progress import PoolView, Verdict, judge
 from imagepipe.pool.rollout.records import Heartbeat, Rollout, RolloutState
 from imagepipe.pool.store import Store
+from imagepipe.record import replace
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from imagepipe.pool.model import CloneState, Observed, PoolRecord, PoolSpec
 from imagepipe.pool.planner.schedule import free_target
 from imagepipe.pool.rollout.records import PoolProgress, Rollout, RolloutState
+from imagepipe.record import replace
 
 _BOOTING = (CloneState.CREATING, CloneState.BOOTING, CloneState.FAILED)
 _IN_USE = (CloneState.IN_USE, CloneState.DISCONNECTED, CloneState.RECYCLING)

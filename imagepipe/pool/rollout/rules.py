@@ -19,7 +19,6 @@ serving until new ones are ready to take their place (`holds`, then `pace` after
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from imagepipe.pool.actions import CreateClone, DeleteClone
@@ -34,6 +33,7 @@ from imagepipe.pool.model import (
     Power,
     RolloutPolicy,
 )
+from imagepipe.record import replace
 
 if TYPE_CHECKING:  # the planner calls these rules with its pass; they never call the planner
     from imagepipe.pool.planner.resize import Decisions

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from imagepipe.pool.model import (
     Power,
     StartMode,
 )
+from imagepipe.record import replace
 from tests.guest import SerialConsole
 from tests.vboxsim.api import Host
 from tests.vboxsim.fixtures import tiny_vm, vnc_display
