@@ -151,7 +151,7 @@ def adapter_builds(source: str) -> set[str]:
 # ---- the rules -------------------------------------------------------------------------
 
 
-def test_the_core_imports_only_itself_errors_and_log() -> None:
+def test_the_core_imports_only_itself_errors_log_and_record() -> None:
     offending = {
         name: sorted(i for i in imports_of(path) if not i.startswith(CORE_MAY_IMPORT))
         for name, path in modules("pool").items()
