@@ -36,8 +36,9 @@ from tests.ipvs_director import Director, build_director
 
 HAPROXY_WAIT = 3.0  # seconds a real HAProxy gets to settle a count
 IPVS_WAIT = 5.0  # seconds the emulated machine gets to settle a count
-GREETING_WAIT = 6.0  # an IPVS client with no greeting by then got no desktop (3 s was too
-# short once on a loaded host: the director is a TCG guest whose user network relays each byte)
+GREETING_WAIT = 12.0  # an IPVS client with no greeting by then got no desktop (3 s, then 6 s,
+# were too short once each on a loaded host: the director is a TCG guest whose user network
+# relays each byte; only the three checks that no desktop answers wait this long)
 NAMES = "/var/lib/imagepipe/ipvs-test.names"
 
 
