@@ -242,3 +242,12 @@ def fields(cls: type[Record] | Record) -> tuple[Field, ...]:
 def is_record(value: object) -> bool:
     """A record or a record class."""
     return isinstance(value, Record) or (isinstance(value, type) and issubclass(value, Record))
+
+
+def field_names(value: object) -> tuple[str, ...] | None:
+    """The field names of a record or a dataclass (or of its class); None for anything else."""
+    if is_record(value):
+        return tuple(f.attr for f in value._fields)  # type: ignore[attr-defined]
+    if dataclasses.is_dataclass(value):
+        return tuple(f.name for f in dataclasses.fields(value))
+    return None

@@ -20,20 +20,17 @@ command more than all of imagepipe's own start-up (docs/benchmarks.md, bench_sta
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import fields as dc_fields
-from dataclasses import is_dataclass
 from enum import Enum
 from pathlib import PurePath
 from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 from imagepipe.names import shown
-from imagepipe.record import MISSING, Field, Record, field
+from imagepipe.record import MISSING, Field, Record, field, field_names
 from imagepipe.record import replace as replace  # sections are records: the same replace
 
 KeyPath = tuple[str | int, ...]
 Reader = Callable[[Any], Any]
 S = TypeVar("S", bound="Section")
-T = TypeVar("T")
 
 
 class Invalid(ValueError):
@@ -55,9 +52,6 @@ class Key(Field):
         super().__init__(default, factory)
         self.read = read  # None: not read from a file (the program sets it)
         self.name = name  # the key in the file; the field's name unless given
-
-    def fill(self) -> Any:
-        return self.factory() if self.factory is not None else self.default
 
     @property
     def section(self) -> type[Section] | None:
@@ -143,15 +137,14 @@ def unknown_key(name: str, valid: tuple[str, ...]) -> str:
 def dump(value: Any, *, by_key: bool = False) -> Any:
     """A section as JSON values: mappings, lists, text, numbers, true/false and null; the
     keys are the field names (or, `by_key`, the keys the file uses)."""
-    if isinstance(value, Record):
-        return {
-            (f.name if by_key and isinstance(f, Key) else f.attr): dump(
-                getattr(value, f.attr), by_key=by_key
-            )
-            for f in value._fields
-        }
-    if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: dump(getattr(value, f.name), by_key=by_key) for f in dc_fields(value)}
+    names = None if isinstance(value, type) else field_names(value)
+    if names is not None:
+        keyed = (
+            {f.attr: f.name for f in fields(type(value))}
+            if by_key and isinstance(value, Section)
+            else {}
+        )
+        return {keyed.get(n, n): dump(getattr(value, n), by_key=by_key) for n in names}
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, PurePath):

@@ -221,15 +221,8 @@ def parse_port_range(value: object) -> tuple[int, int]:
 
 
 def shown(value: object) -> str:
-    """A value for a one-line message: repr, cut when it is long."""
-    if isinstance(value, str):
-        return names.shown(value)
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:60]}… ({len(text)} characters)"
+    """A value for a one-line message: as schema.show, but null is written None."""
+    return "None" if value is None else schema.show(value)
 
 
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

@@ -6,7 +6,6 @@ Every Action subclass in imagepipe.pool.actions round-trips: action_from_json(ac
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import types
 from enum import Enum
@@ -15,8 +14,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from imagepipe.errors import OperationFailedError
 from imagepipe.pool.actions import Action
-from imagepipe.record import fields as record_fields
-from imagepipe.record import is_record
+from imagepipe.record import field_names
 
 
 class CodecError(OperationFailedError):
@@ -62,17 +60,8 @@ def action_from_json(text: str) -> Action:
     return value
 
 
-def _names(value: Any) -> tuple[str, ...] | None:
-    """The field names of a record or dataclass (or its class); None for anything else."""
-    if is_record(value):
-        return tuple(f.attr for f in record_fields(value))
-    if dataclasses.is_dataclass(value):
-        return tuple(f.name for f in dataclasses.fields(value))
-    return None
-
-
 def _encode(value: Any) -> Any:
-    names = None if isinstance(value, type) else _names(value)
+    names = None if isinstance(value, type) else field_names(value)
     if names is not None:
         return {name: _encode(getattr(value, name)) for name in names}
     if isinstance(value, Enum):
@@ -96,7 +85,7 @@ def _decode(hint: Any, value: Any) -> Any:
             return None
         (inner,) = [o for o in options if o is not type(None)]
         return _decode(inner, value)
-    known = _names(hint) if isinstance(hint, type) else None
+    known = field_names(hint) if isinstance(hint, type) else None
     if known is not None:
         if not isinstance(value, dict):
             raise ValueError(f"expected an object for {hint.__name__}, got {value!r}")
